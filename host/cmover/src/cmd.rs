@@ -1,0 +1,9 @@
+//! One module per subcommand group. Each exposes its clap arguments and an async `run`.
+
+pub mod agent;
+pub mod assignment;
+pub mod demo;
+pub mod manager;
+pub mod mctp;
+pub mod plugin;
+pub mod site;

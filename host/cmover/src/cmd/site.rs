@@ -1,0 +1,8 @@
+//! `cmover site ...`.
+
+#[derive(clap::Subcommand)]
+pub enum Command {}
+
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    match command {}
+}

@@ -1,0 +1,54 @@
+//! `cmover`: the one binary. Each subcommand group lives in its own module under `cmd/`;
+//! this file only parses the command line, sets up logging and dispatches.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cmover", version, about = "Content Mover: publish content to many servers through elected group leaders")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a local demo cluster: a manager and several segments of servers on loopback.
+    Demo(cmd::demo::Args),
+    /// Manage WebAssembly plugins: install (hot swap), list, inspect, remove, rollback.
+    #[command(subcommand)]
+    Plugin(cmd::plugin::Command),
+    /// Build and inspect assignments, and apply one to a local site.
+    #[command(subcommand)]
+    Assignment(cmd::assignment::Command),
+    /// Commit, roll back or inspect a local site's releases.
+    #[command(subcommand)]
+    Site(cmd::site::Command),
+    /// Run a server agent: join a segment's election, receive and apply assignments.
+    Agent(cmd::agent::Args),
+    /// Send or receive one file with MCTP reliable multicast.
+    #[command(subcommand)]
+    Mctp(cmd::mctp::Command),
+    /// Run the Content Control Manager.
+    Manager(cmd::manager::Args),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Demo(a) => cmd::demo::run(a).await,
+        Command::Plugin(c) => cmd::plugin::run(c).await,
+        Command::Assignment(c) => cmd::assignment::run(c).await,
+        Command::Site(c) => cmd::site::run(c).await,
+        Command::Agent(a) => cmd::agent::run(a).await,
+        Command::Mctp(c) => cmd::mctp::run(c).await,
+        Command::Manager(a) => cmd::manager::run(a).await,
+    }
+}

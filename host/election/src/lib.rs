@@ -1,0 +1,1 @@
+//! Sans-IO group-leader election and registration for one LAN segment (seed Fig. 5). No sockets, no clocks, no tokio: inputs are `(now, datagram)` and timer expiries, outputs are datagrams, timers and events.

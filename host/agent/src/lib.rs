@@ -1,1 +1,5 @@
-//! Tokio drivers that put the sans-IO protocol cores on real sockets, and the server agent (`cmover agent`).
+//! Tokio drivers that put the sans-IO protocol cores on real sockets, and the server agent
+//! (`cmover agent`). Everything here is thin: protocol decisions live in the cores.
+
+pub mod election;
+pub mod mctp;

@@ -1,0 +1,1 @@
+//! Tokio driver for `cm-election` over real UDP multicast.

@@ -1,0 +1,1 @@
+//! Tokio driver for `cm-mctp` over real UDP multicast.

@@ -1,1 +1,32 @@
-//! The Content Control Manager: database, HTTP API, jobs, scheduler and store-and-forward tree distribution.
+//! The Content Control Manager (CCM) and the store-and-forward tree of group leaders.
+//!
+//! Pure decision logic lives in small modules with no IO, testable on their own:
+//! [`scheduler`] (which due jobs start, which conflict), [`policy`] (quorum, disk space, what a
+//! failure does to a job), [`tree`] (the dynamic distribution tree of seed Fig. 7, re-parenting
+//! around dead leaders) and [`manifest`] (per-chunk BLAKE3 of an assignment so every hop verifies
+//! before it forwards).
+//!
+//! The IO around them: [`db`] (redb), [`http`] (hyper plumbing and bearer-token auth), [`blob`]
+//! (an assignment file that can be served while it is still arriving), [`server`] (the manager's
+//! HTTP API and run orchestration) and [`leader`] (a group leader's side of the tree: fetch from the
+//! parent with resume, forward to children, hand the assignment to the segment, report).
+
+
+pub mod db;
+
+
+pub mod manifest;
+pub mod model;
+pub mod policy;
+pub mod scheduler;
+
+pub mod tree;
+
+/// Milliseconds since the Unix epoch: the manager's one notion of wall-clock time. Pure logic
+/// takes `now_ms` as an argument; only the IO edges call this.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

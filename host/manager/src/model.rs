@@ -1,0 +1,261 @@
+//! The manager's records: what the database stores and the HTTP API carries (JSON via serde).
+//! See `docs/manager.md` for the schema.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use crate::manifest::Manifest;
+
+/// A backend server as the manager knows it from its segment's discovery reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerRecord {
+    pub name: String,
+    /// Segment the server was last reported in.
+    pub segment: String,
+    /// False once its GL reported it left (or the whole segment went silent).
+    pub live: bool,
+    pub last_seen_ms: u64,
+}
+
+/// What a group leader reports about its segment (seed: discovery). Sent on election, on every
+/// join or leave, and periodically.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscoveryReport {
+    /// The segment's name: stable when the GL changes (the key of the segment record).
+    pub segment: String,
+    /// The GL's server name.
+    pub leader: String,
+    /// `host:port` of the GL's tree endpoint (notifications and assignment serving).
+    pub address: String,
+    /// Location or time zone, e.g. "Europe/London"; used to keep nearby GLs together in the tree.
+    pub location: String,
+    /// Relative CPU power (higher is faster).
+    pub cpu_power: u32,
+    pub free_disk: u64,
+    pub connections: u32,
+    /// Registered members, the GL included when it also serves content.
+    pub members: Vec<String>,
+}
+
+/// A segment record. `static_rank` is the operator's override of the tree order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRecord {
+    pub name: String,
+    pub leader: String,
+    pub address: String,
+    pub location: String,
+    pub cpu_power: u32,
+    pub free_disk: u64,
+    pub connections: u32,
+    pub members: Vec<String>,
+    pub last_report_ms: u64,
+    /// Operator-pinned position in the distribution order (lower first); `None` = sorted.
+    pub static_rank: Option<u32>,
+    /// Every leader change, oldest first (server name, time): the segment outlives its GLs.
+    pub leader_history: Vec<(String, u64)>,
+}
+
+/// A content group: the servers that receive a hosted site's content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentGroup {
+    pub name: String,
+    pub servers: Vec<String>,
+}
+
+/// A hosted site: a staging tree published to one content group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostedSite {
+    pub name: String,
+    pub content_group: String,
+    /// Where the operator's staging tree is, on the manager's machine.
+    pub staging: String,
+}
+
+/// What a job carries to the servers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum Payload {
+    /// A ready-made assignment file, sent as opaque bytes.
+    File { path: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Publish,
+    Replicate,
+    Synchronize,
+    Commit,
+    Rollback,
+}
+
+/// Enough live servers for a run: at least `min_servers`, and at least `min_percent` of the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quorum {
+    pub min_percent: u8,
+    pub min_servers: u32,
+}
+
+impl Default for Quorum {
+    fn default() -> Self {
+        Quorum { min_percent: 100, min_servers: 1 }
+    }
+}
+
+/// What a failed run does to its job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "action")]
+pub enum OnFailure {
+    /// Run again after `delay_ms`, at most `max_attempts` runs in all.
+    Retry { max_attempts: u32, delay_ms: u64 },
+    Cancel,
+}
+
+/// What a due job does when it conflicts with a running one (same site, overlapping servers),
+/// or when the quorum is short before it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBlocked {
+    /// Stay idle and try again (conflict: when the other job ends; quorum: after `defer_ms`).
+    Queue,
+    Cancel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobPolicy {
+    pub quorum: Quorum,
+    pub on_failure: OnFailure,
+    pub on_conflict: OnBlocked,
+    pub on_quorum_shortfall: OnBlocked,
+    /// How long a quorum shortfall defers the job.
+    pub defer_ms: u64,
+    /// A run that has not heard from every segment after this long ends; silent servers count as missing.
+    pub run_timeout_ms: u64,
+}
+
+impl Default for JobPolicy {
+    fn default() -> Self {
+        JobPolicy {
+            quorum: Quorum::default(),
+            on_failure: OnFailure::Retry { max_attempts: 3, delay_ms: 30_000 },
+            on_conflict: OnBlocked::Queue,
+            on_quorum_shortfall: OnBlocked::Queue,
+            defer_ms: 30_000,
+            run_timeout_ms: 600_000,
+        }
+    }
+}
+
+/// What an operator submits: what, where, when, how often, and the policies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub name: String,
+    pub kind: JobKind,
+    /// The hosted site; its content group says where.
+    pub site: String,
+    pub payload: Payload,
+    /// First run at or after this time (ms since the epoch); 0 = now.
+    #[serde(default)]
+    pub start_at_ms: u64,
+    /// Repeat every this many ms after a successful run; `None` = once.
+    #[serde(default)]
+    pub every_ms: Option<u64>,
+    #[serde(default)]
+    pub policy: JobPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum JobState {
+    /// Waiting for `next_run_ms` (seed: "idle").
+    Idle,
+    Running { run: u64 },
+    Done,
+    Cancelled { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    pub spec: JobSpec,
+    pub state: JobState,
+    pub next_run_ms: u64,
+    /// Runs started since the last success.
+    pub attempts: u32,
+    /// Why the job last did not run or failed (quorum shortfall, conflict, failure), for the console.
+    pub last_reason: Option<String>,
+}
+
+/// How far one segment got in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SegmentStatus {
+    Pending,
+    /// Its GL holds the whole assignment, verified.
+    Received,
+    /// Its GL sent the consolidated report.
+    Reported,
+    /// Its GL died or could not be reached and no new GL picked the run up.
+    Lost,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRun {
+    pub leader: String,
+    pub address: String,
+    pub status: SegmentStatus,
+    /// The servers of this segment the run targets.
+    pub servers: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "phase")]
+pub enum RunPhase {
+    Distributing,
+    Succeeded,
+    Failed { reason: String },
+}
+
+/// One run of a job: persisted at every step so a manager restart resumes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    pub id: u64,
+    pub job: u64,
+    pub started_ms: u64,
+    pub deadline_ms: u64,
+    pub phase: RunPhase,
+    pub manifest: Manifest,
+    /// Disk space each server needs for this run.
+    pub disk_needed: u64,
+    pub segments: BTreeMap<String, SegmentRun>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum ServerOutcome {
+    Succeeded,
+    Failed { reason: String },
+    /// The GL never heard from it.
+    Missing,
+}
+
+/// A GL's consolidated report for one run (seed: GL Assignment Status Report).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentReport {
+    pub segment: String,
+    pub leader: String,
+    pub succeeded: Vec<String>,
+    /// (server, reason)
+    pub failed: Vec<(String, String)>,
+    pub missing: Vec<String>,
+}
+
+/// One line of the history log of every assignment run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub seq: u64,
+    pub at_ms: u64,
+    pub job: Option<u64>,
+    pub run: Option<u64>,
+    pub event: String,
+}

@@ -1,0 +1,106 @@
+//! The Content Mover plugin SDK.
+//!
+//! A plugin is a WebAssembly component targeting one world of the `contentmover:plugin` WIT
+//! package (`wit/`): `interpreter` (the default feature), `cache-invalidator` or
+//! `load-balancer`. Enable exactly one of those features.
+//!
+//! The short route, an interpreter that logs every command and then carries it out:
+//!
+//! ```ignore
+//! use cm_plugin_sdk::{Command, Interpreter, log};
+//!
+//! struct Audit;
+//!
+//! impl Interpreter for Audit {
+//!     fn command(command: Command) -> Result<(), String> {
+//!         log::write(log::Level::Info, &cm_plugin_sdk::describe(&command));
+//!         cm_plugin_sdk::execute(command)
+//!     }
+//! }
+//!
+//! cm_plugin_sdk::interpreter!(Audit);
+//! ```
+//!
+//! The raw route stays open: the generated bindings are in [`bindings`], and their `export!`
+//! macros (`export_interpreter!`, `export_cache_invalidator!`, `export_load_balancer!`) take a
+//! type implementing the generated `Guest` trait directly.
+
+#[cfg(any(
+    all(feature = "interpreter", feature = "cache-invalidator"),
+    all(feature = "interpreter", feature = "load-balancer"),
+    all(feature = "cache-invalidator", feature = "load-balancer"),
+))]
+compile_error!(
+    "a plugin targets exactly one world: enable one of the features `interpreter`, `cache-invalidator`, `load-balancer` (use `default-features = false` for the last two)"
+);
+
+pub use wit_bindgen;
+
+// The generated bindings name this crate by its public path, which must also resolve inside it.
+extern crate self as cm_plugin_sdk;
+
+/// The wit-bindgen output for the enabled world.
+pub mod bindings {
+    #[cfg(feature = "interpreter")]
+    wit_bindgen::generate!({
+        path: "wit",
+        world: "interpreter",
+        pub_export_macro: true,
+        export_macro_name: "export_interpreter",
+        default_bindings_module: "cm_plugin_sdk::bindings",
+        runtime_path: "cm_plugin_sdk::wit_bindgen::rt",
+    });
+
+    #[cfg(feature = "cache-invalidator")]
+    wit_bindgen::generate!({
+        path: "wit",
+        world: "cache-invalidator",
+        pub_export_macro: true,
+        export_macro_name: "export_cache_invalidator",
+        default_bindings_module: "cm_plugin_sdk::bindings",
+        runtime_path: "cm_plugin_sdk::wit_bindgen::rt",
+    });
+
+    #[cfg(feature = "load-balancer")]
+    wit_bindgen::generate!({
+        path: "wit",
+        world: "load-balancer",
+        pub_export_macro: true,
+        export_macro_name: "export_load_balancer",
+        default_bindings_module: "cm_plugin_sdk::bindings",
+        runtime_path: "cm_plugin_sdk::wit_bindgen::rt",
+    });
+}
+
+pub use bindings::contentmover::plugin::{endpoint, log};
+
+#[cfg(feature = "interpreter")]
+mod interpreter;
+#[cfg(feature = "interpreter")]
+pub use interpreter::*;
+
+#[cfg(feature = "cache-invalidator")]
+pub use bindings::exports::contentmover::plugin::cache_invalidation::Guest as CacheInvalidator;
+
+#[cfg(feature = "load-balancer")]
+pub use bindings::exports::contentmover::plugin::load_balancing::{
+    Guest as LoadBalancer, ServerState,
+};
+
+/// Export a type implementing [`CacheInvalidator`] as the plugin's `cache-invalidation`.
+#[cfg(feature = "cache-invalidator")]
+#[macro_export]
+macro_rules! cache_invalidator {
+    ($plugin:ident) => {
+        $crate::bindings::export_cache_invalidator!($plugin with_types_in $crate::bindings);
+    };
+}
+
+/// Export a type implementing [`LoadBalancer`] as the plugin's `load-balancing`.
+#[cfg(feature = "load-balancer")]
+#[macro_export]
+macro_rules! load_balancer {
+    ($plugin:ident) => {
+        $crate::bindings::export_load_balancer!($plugin with_types_in $crate::bindings);
+    };
+}

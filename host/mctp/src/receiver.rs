@@ -1,0 +1,405 @@
+//! A member's side of a session: listen, hand frames to the driver for writing, track which
+//! sequence numbers are held, answer solicitations after a random delay, verify, deliver.
+//!
+//! The receiver never touches the file. For each new frame [`Receiver::handle_datagram`] returns
+//! a [`Write`] (bytes and offset). The driver first handles pending events (a new session's
+//! [`RxEvent::Started`] comes before its first write), applies the write, then confirms it with
+//! [`Receiver::written`]; only a confirmed frame counts as held, so a failed write is simply
+//! asked for again (or reported with [`Receiver::storage_failed`]). When every
+//! frame is held the receiver asks the driver to hash the file ([`RxEvent::Verify`]) and only a
+//! matching BLAKE3 leads to [`RxEvent::Delivered`]: a wrong or partial assignment is never
+//! delivered. Memory per session is one bit per frame.
+
+use crate::frameset::FrameSet;
+use crate::keys::{Keys, PayloadCipher};
+use crate::time::Time;
+use crate::wire::{self, Announce, Message, Report, ReportStatus, SessionInfo, Solicit, MAX_RUNS_PER_REPORT};
+use crate::{DropCounts, MemberId};
+use cm_wire::mac::TAG_LEN;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Tunables of a receiving member.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    pub member: MemberId,
+    /// An incomplete session with no datagram for this long is abandoned (the GL died).
+    pub session_timeout: Duration,
+    /// A report with more runs than fit this many datagrams is cut short (the rest is asked for
+    /// in a later round).
+    pub max_report_parts: u16,
+}
+
+impl ReceiverConfig {
+    pub fn new(member: MemberId) -> Self {
+        ReceiverConfig { member, session_timeout: Duration::from_secs(10), max_report_parts: 256 }
+    }
+}
+
+/// Bytes for the driver to write into the session's file.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Write<'a> {
+    pub session: u64,
+    pub seq: u32,
+    pub offset: u64,
+    pub bytes: &'a [u8],
+}
+
+/// What the receiver tells its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RxEvent {
+    /// A session began. Prepare a file of `info.size` bytes keyed by `info.hash`; when `resumed`
+    /// is true, the same content was already partly received (a new GL took over): keep the file.
+    Started { session: u64, info: SessionInfo, resumed: bool },
+    /// Every frame is held: hash the file and call [`Receiver::verified`].
+    Verify { session: u64, info: SessionInfo },
+    /// The verified assignment may be handed on (to the interpreter).
+    Delivered { session: u64, info: SessionInfo },
+    /// This member already held the announced content and said so.
+    AlreadyHeld { session: u64, info: SessionInfo },
+    /// The session ended without delivery; discard its file.
+    Abandoned { session: u64, info: SessionInfo, reason: String },
+}
+
+/// Counters for operators and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReceiverStats {
+    pub frames: u64,
+    pub bytes: u64,
+    pub duplicates: u64,
+    pub reports_sent: u64,
+    pub dropped: DropCounts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Receiving,
+    Verifying,
+    Complete,
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct Session {
+    announce: Announce,
+    frames: u32,
+    held: FrameSet,
+    report_to: SocketAddr,
+    state: State,
+    last_heard: Time,
+    cipher: Option<PayloadCipher>,
+    /// (when, round) of the report we owe.
+    report_due: Option<(Time, u32)>,
+}
+
+/// The receiving state machine of one member (one session at a time).
+pub struct Receiver {
+    cfg: ReceiverConfig,
+    keys: Keys,
+    rng: ChaCha8Rng,
+    held_hashes: Vec<[u8; 32]>,
+    session: Option<Session>,
+    queue: VecDeque<(SocketAddr, Vec<u8>)>,
+    events: VecDeque<RxEvent>,
+    stats: ReceiverStats,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver").field("member", &self.cfg.member).finish()
+    }
+}
+
+impl Receiver {
+    pub fn new(cfg: ReceiverConfig, keys: Keys, rng: ChaCha8Rng) -> Self {
+        Receiver { cfg, keys, rng, held_hashes: Vec::new(), session: None, queue: VecDeque::new(), events: VecDeque::new(), stats: ReceiverStats::default() }
+    }
+
+    /// Content this member already holds: an announcement of it is answered "complete" at once.
+    pub fn add_held(&mut self, hash: [u8; 32]) {
+        if !self.held_hashes.contains(&hash) {
+            self.held_hashes.push(hash);
+        }
+    }
+
+    pub fn stats(&self) -> &ReceiverStats {
+        &self.stats
+    }
+
+    /// `(held, total)` frames of the current session.
+    pub fn progress(&self) -> Option<(u32, u32)> {
+        self.session.as_ref().map(|s| (s.held.count(), s.frames))
+    }
+
+    /// Feeds one datagram (from the data channel, a unicast, or an announcement carried by the
+    /// election heartbeat). Decrypts in place. Apply the returned [`Write`] before polling events.
+    pub fn handle_datagram<'a>(&mut self, now: Time, from: SocketAddr, datagram: &'a mut [u8]) -> Option<Write<'a>> {
+        let (header, payload_len, announce, solicit) = match wire::open(&self.keys, datagram) {
+            Err(e) => {
+                self.stats.dropped.count(&e);
+                return None;
+            }
+            Ok(Message::Data(h, p)) => (Some(h), p.len(), None, None),
+            Ok(Message::Announce(a)) => (None, 0, Some(a), None),
+            Ok(Message::Solicit(s)) => (None, 0, None, Some(s)),
+            Ok(Message::Report(_)) => {
+                self.stats.dropped.ignored += 1;
+                return None;
+            }
+        };
+        if let Some(a) = announce {
+            let inline = a.inline.as_ref().map(Vec::len);
+            if !self.on_announce(now, from, a) {
+                return None;
+            }
+            // The inline payload is the last field before the tag.
+            let n = inline?;
+            let end = datagram.len() - TAG_LEN;
+            return self.accept_frame(now, 0, &mut datagram[end - n..end]);
+        }
+        if let Some(s) = solicit {
+            self.on_solicit(now, s);
+            return None;
+        }
+        let h = header.expect("data frame");
+        let Some(sess) = self.session.as_mut().filter(|s| s.announce.session == h.session) else {
+            self.stats.dropped.foreign_session += 1;
+            return None;
+        };
+        sess.last_heard = now;
+        let fs = u64::from(sess.announce.frame_size);
+        let expected_len = if h.seq < sess.frames { (sess.announce.info.size - u64::from(h.seq) * fs).min(fs) } else { u64::MAX };
+        if u64::from(h.len) != expected_len || h.assignment != sess.announce.info.assignment {
+            self.stats.dropped.out_of_range += 1;
+            return None;
+        }
+        let end = datagram.len() - TAG_LEN;
+        self.accept_frame(now, h.seq, &mut datagram[end - payload_len..end])
+    }
+
+    /// Common path for a data frame's payload (or an inline announcement's): dedupe, decrypt,
+    /// record, and hand out the write.
+    fn accept_frame<'a>(&mut self, _now: Time, seq: u32, payload: &'a mut [u8]) -> Option<Write<'a>> {
+        let sess = self.session.as_mut()?;
+        if sess.state != State::Receiving || (sess.frames > 0 && sess.held.contains(seq)) {
+            self.stats.duplicates += 1;
+            return None;
+        }
+        let plain: &'a mut [u8] = match &sess.cipher {
+            Some(c) => match c.open_in_place(seq, payload) {
+                Some(p) => p,
+                None => {
+                    self.stats.dropped.bad_ciphertext += 1;
+                    return None;
+                }
+            },
+            None if sess.announce.encrypted => {
+                self.stats.dropped.bad_ciphertext += 1;
+                return None;
+            }
+            None => payload,
+        };
+        let offset = u64::from(seq) * u64::from(sess.announce.frame_size);
+        Some(Write { session: sess.announce.session, seq, offset, bytes: plain })
+    }
+
+    /// The driver stored `write` durably enough: the frame now counts as held. When it was the
+    /// last one, [`RxEvent::Verify`] follows.
+    pub fn written(&mut self, session: u64, seq: u32, len: usize) {
+        let Some(sess) = self.session.as_mut().filter(|s| s.announce.session == session && s.state == State::Receiving) else {
+            return;
+        };
+        if sess.frames > 0 && !sess.held.insert(seq) {
+            return;
+        }
+        self.stats.frames += 1;
+        self.stats.bytes += len as u64;
+        if sess.frames == 0 || sess.held.is_full() {
+            sess.state = State::Verifying;
+            self.events.push_back(RxEvent::Verify { session, info: sess.announce.info.clone() });
+        }
+    }
+
+    /// Returns true when an inline payload in this announcement should be accepted.
+    fn on_announce(&mut self, now: Time, from: SocketAddr, a: Announce) -> bool {
+        let report_to = SocketAddr::new(from.ip(), a.report_port);
+        if let Some(s) = self.session.as_mut()
+            && s.announce.session == a.session
+        {
+            s.report_to = report_to;
+            s.last_heard = now;
+            s.announce.pass = a.pass;
+            return s.state == State::Receiving && a.inline.is_some();
+        }
+        let cipher = a.encrypted.then(|| self.keys.payload_cipher(a.session, a.info.assignment, &a.info.hash));
+        let same_content = |s: &Session| s.announce.info == a.info && s.announce.frame_size == a.frame_size && s.frames == a.frame_count();
+        // A new GL resending the same content: keep what we have.
+        if let Some(s) = self.session.as_mut()
+            && same_content(s)
+            && matches!(s.state, State::Receiving | State::Verifying | State::Complete)
+        {
+            s.announce = a.clone();
+            s.report_to = report_to;
+            s.last_heard = now;
+            s.cipher = cipher;
+            s.report_due = None;
+            if s.state == State::Complete {
+                self.schedule_report(now, 0, Duration::from_millis(20));
+            } else {
+                self.events.push_back(RxEvent::Started { session: a.session, info: a.info.clone(), resumed: true });
+            }
+            return false;
+        }
+        if let Some(old) = self.session.take()
+            && matches!(old.state, State::Receiving | State::Verifying)
+        {
+            self.events.push_back(RxEvent::Abandoned {
+                session: old.announce.session,
+                info: old.announce.info.clone(),
+                reason: "superseded by a new session".into(),
+            });
+        }
+        let frames = a.frame_count();
+        let already = self.held_hashes.contains(&a.info.hash);
+        let info = a.info.clone();
+        let session = a.session;
+        let inline = a.inline.is_some();
+        self.session = Some(Session {
+            announce: a,
+            frames,
+            held: FrameSet::new(frames),
+            report_to,
+            state: if already { State::Complete } else { State::Receiving },
+            last_heard: now,
+            cipher,
+            report_due: None,
+        });
+        if already {
+            self.events.push_back(RxEvent::AlreadyHeld { session, info });
+            // Answer at once (spread a little so a thousand members do not collide).
+            self.schedule_report(now, 0, Duration::from_millis(20));
+            false
+        } else {
+            self.events.push_back(RxEvent::Started { session, info, resumed: false });
+            inline
+        }
+    }
+
+    fn on_solicit(&mut self, now: Time, s: Solicit) {
+        let me = self.cfg.member;
+        let Some(sess) = self.session.as_mut().filter(|x| x.announce.session == s.session) else {
+            self.stats.dropped.foreign_session += 1;
+            return;
+        };
+        sess.last_heard = now;
+        let incomplete = matches!(sess.state, State::Receiving | State::Verifying);
+        if incomplete || s.selector.selects(me) {
+            self.schedule_report(now, s.round, Duration::from_micros(u64::from(s.window_us)));
+        }
+    }
+
+    /// A report at a random multiple of window/16 from now: no report implosion.
+    fn schedule_report(&mut self, now: Time, round: u32, window: Duration) {
+        let slot = self.rng.random_range(0..16u32);
+        let at = now + window * slot / 16;
+        if let Some(s) = self.session.as_mut() {
+            s.report_due = Some((at, round));
+        }
+    }
+
+    /// The driver's answer to [`RxEvent::Verify`]: does the file's BLAKE3 match?
+    pub fn verified(&mut self, now: Time, session: u64, ok: bool) {
+        let Some(s) = self.session.as_mut().filter(|s| s.announce.session == session && s.state == State::Verifying) else {
+            return;
+        };
+        let info = s.announce.info.clone();
+        if ok {
+            s.state = State::Complete;
+            self.held_hashes.push(info.hash);
+            self.events.push_back(RxEvent::Delivered { session, info });
+        } else {
+            s.state = State::Failed("BLAKE3 of the received assignment does not match the announcement".into());
+            self.events.push_back(RxEvent::Abandoned { session, info, reason: "hash mismatch".into() });
+        }
+        // Tell the GL promptly if a report is owed (it may have been postponed for verification).
+        if let Some(s) = self.session.as_mut()
+            && let Some((at, round)) = s.report_due
+        {
+            s.report_due = Some((at.min(now), round));
+        }
+    }
+
+    /// The driver could not store the session's data (disk full, I/O error): the member gives up
+    /// on this session and says why in its reports.
+    pub fn storage_failed(&mut self, session: u64, reason: String) {
+        let Some(s) = self.session.as_mut().filter(|s| s.announce.session == session) else { return };
+        if matches!(s.state, State::Receiving | State::Verifying) {
+            s.state = State::Failed(format!("storage: {reason}"));
+            self.events.push_back(RxEvent::Abandoned { session, info: s.announce.info.clone(), reason });
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let s = self.session.as_ref()?;
+        let report = s.report_due.filter(|_| s.state != State::Verifying).map(|(t, _)| t);
+        let expiry = matches!(s.state, State::Receiving | State::Verifying).then(|| s.last_heard + self.cfg.session_timeout);
+        match (report, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Time) {
+        let Some(s) = self.session.as_mut() else { return };
+        if matches!(s.state, State::Receiving | State::Verifying) && now >= s.last_heard + self.cfg.session_timeout {
+            let s = self.session.take().expect("checked");
+            self.events.push_back(RxEvent::Abandoned { session: s.announce.session, info: s.announce.info, reason: "no datagram from the group leader within the session timeout".into() });
+            return;
+        }
+        if s.state == State::Verifying {
+            return; // the report waits for the verdict
+        }
+        if let Some((at, round)) = s.report_due
+            && now >= at
+        {
+            s.report_due = None;
+            self.send_report(round);
+        }
+    }
+
+    fn send_report(&mut self, round: u32) {
+        let me = self.cfg.member;
+        let s = self.session.as_ref().expect("caller checked");
+        let base = |part, parts, status| Report { session: s.announce.session, member: me, round, part, parts, status };
+        let reports: Vec<Report> = match &s.state {
+            State::Complete => vec![base(0, 1, ReportStatus::Complete)],
+            State::Failed(reason) => vec![base(0, 1, ReportStatus::Failed(reason.clone()))],
+            State::Verifying => return,
+            State::Receiving if s.frames == 0 => return, // inline: nothing to NACK until the announcement arrives
+            State::Receiving => {
+                let max = usize::from(self.cfg.max_report_parts) * MAX_RUNS_PER_REPORT;
+                let runs: Vec<(u32, u32)> = s.held.absent_runs().take(max).collect();
+                let chunks: Vec<&[(u32, u32)]> = runs.chunks(MAX_RUNS_PER_REPORT).collect();
+                let parts = chunks.len() as u16;
+                chunks.iter().enumerate().map(|(i, c)| base(i as u16, parts, ReportStatus::Missing(c.to_vec()))).collect()
+            }
+        };
+        let to = s.report_to;
+        for r in reports {
+            self.stats.reports_sent += 1;
+            self.queue.push_back((to, r.encode(&self.keys)));
+        }
+    }
+
+    /// The next datagram to send (always unicast to the GL's report port).
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+        self.queue.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<RxEvent> {
+        self.events.pop_front()
+    }
+}

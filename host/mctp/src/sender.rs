@@ -1,0 +1,758 @@
+//! The group leader's side of a session: announce, paced passes, NACK aggregation, rate
+//! control, report solicitation, quorum and the final report.
+//!
+//! Flow: a few announcements (members that already hold the content answer "complete"), then
+//! pass 1 sends every frame at the current rate and ends with a solicitation. Members answer
+//! after a random delay with their missing runs. The union of those runs is the next pass
+//! (NACK aggregation). When nothing is left to resend but reports are missing, the GL asks
+//! again: unicast to a few, else one multicast list (whichever is shorter: the members it
+//! lacks, or the members it has). It stops when every participant is complete, or when neither
+//! the complete count nor the missing-frame count improved for `stall_limit` rounds; then it
+//! reports success with a quorum or a problem naming who misses what.
+//!
+//! The sender never holds the assignment: it asks its driver for frame bytes by offset
+//! ([`Transmit::Frame`] then [`Sender::encode_frame`]).
+
+use crate::frameset::FrameSet;
+use crate::keys::{Keys, PayloadCipher};
+use crate::time::Time;
+use crate::wire::{self, Announce, DataHeader, Message, Report, ReportStatus, Selector, SessionInfo, Solicit};
+use crate::{DropCounts, MemberId};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Tunables of a sending group leader.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// The data channel (multicast group and port).
+    pub group: SocketAddr,
+    /// Where members send reports (a port on the GL's address).
+    pub report_port: u16,
+    /// Payload bytes per frame.
+    pub frame_size: u16,
+    /// Starting rate, bytes per second of datagrams.
+    pub initial_rate: u64,
+    /// The rate never exceeds this cap...
+    pub max_rate: u64,
+    /// ...and never falls below this floor.
+    pub min_rate: u64,
+    /// Encrypt frame payloads (ChaCha20-Poly1305) in addition to authenticating them.
+    pub encrypt: bool,
+    /// Announcements sent before pass 1, `announce_interval` apart.
+    pub announce_count: u32,
+    pub announce_interval: Duration,
+    /// The announcement is repeated this often during the session, for members that join late.
+    pub reannounce_interval: Duration,
+    /// Members spread their reports over `report_slot × participants`, capped at
+    /// `max_report_window` (the seed: "up to approximately one second").
+    pub report_slot: Duration,
+    pub max_report_window: Duration,
+    /// Extra wait after the report window for datagrams in flight.
+    pub report_grace: Duration,
+    /// Ask missing members by unicast when there are at most this many; else one multicast.
+    pub unicast_solicit_max: usize,
+    /// Rounds without progress before giving up (the seed's "ten tries").
+    pub stall_limit: u32,
+    /// Hard cap on rounds, whatever happens.
+    pub max_rounds: u32,
+    /// Complete members needed for success when some never complete (`None`: all expected).
+    pub quorum: Option<usize>,
+    /// Wait for at least this many complete participants (known or not), for senders that do
+    /// not know their members by id (the CLI's `--expect`).
+    pub min_participants: usize,
+    /// Pacing burst: up to this much sending time may go out back to back.
+    pub burst: Duration,
+}
+
+impl SenderConfig {
+    pub fn new(group: SocketAddr, report_port: u16) -> Self {
+        SenderConfig {
+            group,
+            report_port,
+            frame_size: 1400,
+            initial_rate: 50_000_000,
+            max_rate: 125_000_000,
+            min_rate: 500_000,
+            encrypt: false,
+            announce_count: 3,
+            announce_interval: Duration::from_millis(20),
+            reannounce_interval: Duration::from_millis(500),
+            report_slot: Duration::from_millis(2),
+            max_report_window: Duration::from_secs(1),
+            report_grace: Duration::from_millis(30),
+            unicast_solicit_max: 4,
+            stall_limit: 10,
+            max_rounds: 500,
+            quorum: None,
+            min_participants: 0,
+            burst: Duration::from_millis(2),
+        }
+    }
+}
+
+/// Why a sender could not be built.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SenderError {
+    #[error("frame size {0} outside {min}..={max}", min = wire::MIN_FRAME_SIZE, max = wire::MAX_FRAME_SIZE)]
+    FrameSize(u16),
+    #[error("assignment of {0} bytes needs more than 2^32 frames")]
+    TooLarge(u64),
+    #[error("assignment name longer than {} bytes", wire::MAX_NAME)]
+    NameTooLong,
+    #[error("inline payload given for {given} bytes but the assignment is {size} bytes")]
+    InlineMismatch { given: usize, size: u64 },
+    #[error("assignment of {0} bytes fits one datagram: pass its bytes as the inline payload")]
+    InlineMissing(u64),
+    #[error("rates must satisfy 0 < min_rate <= initial_rate <= max_rate")]
+    Rates,
+}
+
+/// A member the GL expects, from election registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: MemberId,
+    /// Set for a member that cannot receive multicast: it gets every datagram of the session by
+    /// unicast to this address.
+    pub unicast: Option<SocketAddr>,
+}
+
+/// Where a transmit goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dest {
+    /// The group, and every unicast-only member ([`Sender::everyone`]).
+    Everyone,
+    /// One member.
+    To(SocketAddr),
+}
+
+/// A frame for the driver to fill with `len` bytes of the assignment at `offset`, via
+/// [`Sender::encode_frame`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRequest {
+    pub header: DataHeader,
+    pub offset: u64,
+}
+
+/// One datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transmit {
+    Control { dest: Dest, bytes: Vec<u8> },
+    Frame { dest: Dest, frame: FrameRequest },
+}
+
+/// A member's state in the final report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberStatus {
+    NoReport,
+    Missing { frames: u64 },
+    Failed(String),
+    Complete,
+}
+
+/// How the session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every participant holds the verified assignment.
+    Complete,
+    /// Progress stopped, but at least the quorum is complete.
+    QuorumMet,
+    /// Progress stopped short of the quorum: report a problem upward.
+    Problem,
+}
+
+/// The comprehensive report the GL sends upward (to the manager).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionReport {
+    pub session: u64,
+    pub assignment: u64,
+    pub outcome: Outcome,
+    pub complete: Vec<MemberId>,
+    /// Every participant not complete, with what it lacks.
+    pub incomplete: Vec<(MemberId, MemberStatus)>,
+    pub passes: u32,
+    pub rounds: u32,
+}
+
+/// What the sender tells its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderEvent {
+    /// A new participant (not in the expected list) reported.
+    Joined(MemberId),
+    Finished(SessionReport),
+}
+
+/// Counters for the benchmark and operators.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SenderStats {
+    pub frames_sent: u64,
+    pub payload_bytes_sent: u64,
+    pub control_datagrams: u64,
+    pub reports: u64,
+    pub passes: u32,
+    pub rounds: u32,
+    pub dropped: DropCounts,
+}
+
+#[derive(Debug, Clone)]
+struct Peer {
+    expected: bool,
+    unicast_only: Option<SocketAddr>,
+    /// Last address a report came from.
+    addr: Option<SocketAddr>,
+    status: MemberStatus,
+    heard_round: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Announcing { left: u32, next: Time },
+    Sending,
+    Collecting { until: Time },
+    Done,
+}
+
+/// The sending state machine of one session.
+pub struct Sender {
+    cfg: SenderConfig,
+    keys: Keys,
+    cipher: Option<PayloadCipher>,
+    announce: Announce,
+    frames: u32,
+    peers: BTreeMap<MemberId, Peer>,
+    everyone: Vec<SocketAddr>,
+    phase: Phase,
+    pass: u32,
+    round: u32,
+    to_send: FrameSet,
+    cursor: u32,
+    sent_this_pass: u32,
+    /// Extra times the current pass goes through its frames (tail redundancy).
+    repeats_left: u32,
+    nacks: FrameSet,
+    rate: u64,
+    next_send: Time,
+    next_announce: Time,
+    stall: u32,
+    prev_complete: usize,
+    prev_missing: u64,
+    queue: VecDeque<Transmit>,
+    events: VecDeque<SenderEvent>,
+    stats: SenderStats,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender").field("session", &self.announce.session).field("phase", &self.phase).field("pass", &self.pass).finish()
+    }
+}
+
+impl Sender {
+    /// A session sending `info` to `members`. `inline` must hold the whole assignment when it
+    /// fits in one frame (then it rides in the announcement), and be `None` otherwise.
+    pub fn new(
+        now: Time,
+        cfg: SenderConfig,
+        keys: Keys,
+        mut rng: ChaCha8Rng,
+        info: SessionInfo,
+        members: &[Member],
+        inline: Option<&[u8]>,
+    ) -> Result<Self, SenderError> {
+        if !(wire::MIN_FRAME_SIZE..=wire::MAX_FRAME_SIZE).contains(&cfg.frame_size) {
+            return Err(SenderError::FrameSize(cfg.frame_size));
+        }
+        if info.name.len() > wire::MAX_NAME {
+            return Err(SenderError::NameTooLong);
+        }
+        if !(0 < cfg.min_rate && cfg.min_rate <= cfg.initial_rate && cfg.initial_rate <= cfg.max_rate) {
+            return Err(SenderError::Rates);
+        }
+        let fits = info.size <= u64::from(cfg.frame_size);
+        match inline {
+            Some(b) if b.len() as u64 != info.size || !fits => {
+                return Err(SenderError::InlineMismatch { given: b.len(), size: info.size });
+            }
+            None if fits => return Err(SenderError::InlineMissing(info.size)),
+            _ => {}
+        }
+        let frames = if fits { 0 } else { wire::frame_count(info.size, cfg.frame_size).ok_or(SenderError::TooLarge(info.size))? };
+        let session = rng.random::<u64>();
+        let cipher = cfg.encrypt.then(|| keys.payload_cipher(session, info.assignment, &info.hash));
+        let inline = inline.map(|b| {
+            let mut v = b.to_vec();
+            if let Some(c) = &cipher {
+                v.resize(b.len() + crate::keys::AEAD_TAG_LEN, 0);
+                c.seal_in_place(0, &mut v);
+            }
+            v
+        });
+        let announce = Announce {
+            session,
+            info,
+            frame_size: cfg.frame_size,
+            rate: cfg.initial_rate,
+            report_port: cfg.report_port,
+            encrypted: cfg.encrypt,
+            pass: 0,
+            inline,
+        };
+        let mut peers = BTreeMap::new();
+        let mut everyone = vec![cfg.group];
+        for m in members {
+            if let Some(a) = m.unicast {
+                everyone.push(a);
+            }
+            peers.insert(m.id, Peer { expected: true, unicast_only: m.unicast, addr: m.unicast, status: MemberStatus::NoReport, heard_round: 0 });
+        }
+        let rate = cfg.initial_rate;
+        Ok(Sender {
+            phase: Phase::Announcing { left: cfg.announce_count.max(1), next: now },
+            cfg,
+            keys,
+            cipher,
+            announce,
+            frames,
+            peers,
+            everyone,
+            pass: 0,
+            round: 0,
+            to_send: FrameSet::new(frames),
+            cursor: 0,
+            sent_this_pass: 0,
+            repeats_left: 0,
+            nacks: FrameSet::new(frames),
+            rate,
+            next_send: now,
+            next_announce: now,
+            stall: 0,
+            prev_complete: 0,
+            prev_missing: u64::MAX,
+            queue: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: SenderStats::default(),
+        })
+    }
+
+    pub fn session(&self) -> u64 {
+        self.announce.session
+    }
+
+    /// Frames in the session (0 when the assignment rides inline in the announcement).
+    pub fn frame_count(&self) -> u32 {
+        self.frames
+    }
+
+    /// Current sending rate, bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    pub fn stats(&self) -> &SenderStats {
+        &self.stats
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// Destinations of [`Dest::Everyone`]: the group, then every unicast-only member.
+    pub fn everyone(&self) -> &[SocketAddr] {
+        &self.everyone
+    }
+
+    /// The sealed announcement, for the election heartbeat to carry as an opaque payload. A
+    /// member hands it to [`crate::Receiver::handle_datagram`] like any MCTP datagram.
+    pub fn announcement(&self) -> Vec<u8> {
+        let mut a = self.announce.clone();
+        a.pass = self.pass;
+        a.rate = self.rate;
+        a.encode(&self.keys)
+    }
+
+    /// Replaces the expected member list (from election registration). Members already heard
+    /// keep their state; a member dropped from the list stays a participant only if it reported.
+    pub fn set_members(&mut self, members: &[Member]) {
+        for p in self.peers.values_mut() {
+            p.expected = false;
+        }
+        for m in members {
+            let p = self.peers.entry(m.id).or_insert(Peer {
+                expected: true,
+                unicast_only: None,
+                addr: None,
+                status: MemberStatus::NoReport,
+                heard_round: 0,
+            });
+            p.expected = true;
+            p.unicast_only = m.unicast;
+            if m.unicast.is_some() {
+                p.addr = m.unicast;
+            }
+        }
+        self.peers.retain(|_, p| p.expected || p.status != MemberStatus::NoReport);
+        self.everyone.truncate(1);
+        self.everyone.extend(self.peers.values().filter_map(|p| p.unicast_only));
+    }
+
+    /// Fills `out` with the datagram for `frame`; `fill` receives the payload slice to read the
+    /// assignment's bytes into (at `frame.offset`, exactly `frame.header.len` bytes).
+    pub fn encode_frame<E>(&self, frame: &FrameRequest, out: &mut Vec<u8>, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<(), E> {
+        wire::encode_data(&self.keys, self.cipher.as_ref(), &frame.header, out, fill)
+    }
+
+    /// When the driver should call [`Sender::handle_timeout`] or [`Sender::poll_transmit`] next.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let phase = match self.phase {
+            Phase::Done => return None,
+            Phase::Announcing { next, .. } => next,
+            Phase::Sending => self.next_send - self.cfg.burst,
+            Phase::Collecting { until } => until,
+        };
+        Some(phase.min(self.next_announce))
+    }
+
+    pub fn handle_timeout(&mut self, now: Time) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        if now >= self.next_announce {
+            self.announce_now(now);
+        }
+        match self.phase {
+            Phase::Announcing { left, next } if now >= next => {
+                if left > 1 {
+                    // The re-announce above covered this one.
+                    self.phase = Phase::Announcing { left: left - 1, next: now + self.cfg.announce_interval };
+                    self.next_announce = now + self.cfg.announce_interval;
+                } else if self.all_done() && self.pass_needed_done() {
+                    self.finish(Outcome::Complete);
+                } else if self.frames == 0 {
+                    // Inline: the announcements were the pass; collect reports.
+                    self.pass = 1;
+                    self.stats.passes = 1;
+                    self.solicit_end_of_pass(now);
+                } else {
+                    let all = FrameSet::full(self.frames);
+                    self.start_pass(now, all);
+                }
+            }
+            Phase::Collecting { until } if now >= until => self.end_round(now),
+            _ => {}
+        }
+    }
+
+    /// The next datagram to send, if any is due at `now`.
+    pub fn poll_transmit(&mut self, now: Time) -> Option<Transmit> {
+        if let Some(t) = self.queue.pop_front() {
+            return Some(t);
+        }
+        if self.phase != Phase::Sending || now < self.next_send - self.cfg.burst {
+            return None;
+        }
+        let next = match self.to_send.next_present(self.cursor) {
+            None if self.repeats_left > 0 => {
+                self.repeats_left -= 1;
+                self.to_send.next_present(0)
+            }
+            n => n,
+        };
+        let Some(seq) = next else {
+            self.solicit_end_of_pass(now);
+            return self.queue.pop_front();
+        };
+        self.cursor = seq + 1;
+        self.sent_this_pass += 1;
+        let fs = u64::from(self.cfg.frame_size);
+        let offset = u64::from(seq) * fs;
+        let len = (self.announce.info.size - offset).min(fs) as u16;
+        let wire_len = u64::from(len) + wire::DATA_OVERHEAD as u64;
+        // Pacing: never bank more than one burst of credit.
+        let base = self.next_send.max(now - self.cfg.burst);
+        self.next_send = base + Duration::from_nanos(wire_len * 1_000_000_000 / self.rate.max(1));
+        self.stats.frames_sent += 1;
+        self.stats.payload_bytes_sent += u64::from(len);
+        let header = DataHeader { session: self.announce.session, assignment: self.announce.info.assignment, pass: self.pass, seq, len };
+        Some(Transmit::Frame { dest: Dest::Everyone, frame: FrameRequest { header, offset } })
+    }
+
+    pub fn poll_event(&mut self) -> Option<SenderEvent> {
+        self.events.pop_front()
+    }
+
+    /// Feeds one datagram received on the report port.
+    pub fn handle_datagram(&mut self, _now: Time, from: SocketAddr, datagram: &[u8]) {
+        let msg = match wire::open(&self.keys, datagram) {
+            Ok(m) => m,
+            Err(e) => return self.stats.dropped.count(&e),
+        };
+        let Message::Report(r) = msg else {
+            // Our own multicast looped back, or another GL's traffic: not for us.
+            self.stats.dropped.ignored += 1;
+            return;
+        };
+        if r.session != self.announce.session {
+            self.stats.dropped.foreign_session += 1;
+            return;
+        }
+        if let ReportStatus::Missing(runs) = &r.status
+            && runs.iter().any(|(first, count)| u64::from(*first) + u64::from(*count) > u64::from(self.frames))
+        {
+            self.stats.dropped.out_of_range += 1;
+            return;
+        }
+        if self.phase == Phase::Done {
+            self.stats.dropped.ignored += 1;
+            return;
+        }
+        self.stats.reports += 1;
+        self.on_report(from, r);
+    }
+
+    fn on_report(&mut self, from: SocketAddr, r: Report) {
+        let round = self.round;
+        let peer = self.peers.entry(r.member).or_insert_with(|| {
+            self.events.push_back(SenderEvent::Joined(r.member));
+            Peer { expected: false, unicast_only: None, addr: None, status: MemberStatus::NoReport, heard_round: 0 }
+        });
+        if peer.unicast_only.is_none() {
+            peer.addr = Some(from);
+        }
+        match r.status {
+            // Completion and failure are final facts whatever round they answer.
+            ReportStatus::Complete => {
+                peer.status = MemberStatus::Complete;
+                peer.heard_round = peer.heard_round.max(r.round);
+            }
+            ReportStatus::Failed(reason) => {
+                peer.status = MemberStatus::Failed(reason);
+                peer.heard_round = peer.heard_round.max(r.round);
+            }
+            ReportStatus::Missing(runs) => {
+                if matches!(peer.status, MemberStatus::Complete | MemberStatus::Failed(_)) || r.round != round {
+                    return; // stale: a newer fact or an older round
+                }
+                let frames: u64 = runs.iter().map(|(_, c)| u64::from(*c)).sum();
+                // Parts of one report add up; a repeated report for the round replaces.
+                let prior = match (&peer.status, peer.heard_round == round && r.part > 0) {
+                    (MemberStatus::Missing { frames }, true) => *frames,
+                    _ => 0,
+                };
+                peer.status = MemberStatus::Missing { frames: prior + frames };
+                peer.heard_round = round;
+                for (first, count) in runs {
+                    self.nacks.insert_range(first, count);
+                }
+            }
+        }
+        // Close the round early once every participant has answered it.
+        if matches!(self.phase, Phase::Collecting { .. })
+            && self.peers.values().all(|p| p.heard_round >= self.round || matches!(p.status, MemberStatus::Complete | MemberStatus::Failed(_)))
+            && self.participants_enough()
+        {
+            self.phase = Phase::Collecting { until: Time::ZERO };
+        }
+    }
+
+    fn participants_enough(&self) -> bool {
+        self.peers.len() >= self.cfg.min_participants
+    }
+
+    fn pass_needed_done(&self) -> bool {
+        !self.peers.is_empty() || self.cfg.min_participants == 0 && self.pass > 0
+    }
+
+    fn all_done(&self) -> bool {
+        let complete = self.peers.values().filter(|p| p.status == MemberStatus::Complete).count();
+        complete >= self.cfg.min_participants && self.peers.values().all(|p| p.status == MemberStatus::Complete)
+    }
+
+    fn report_window(&self) -> Duration {
+        let n = u32::try_from(self.peers.len().max(self.cfg.min_participants).max(1)).unwrap_or(u32::MAX);
+        (self.cfg.report_slot * n).min(self.cfg.max_report_window)
+    }
+
+    fn announce_now(&mut self, now: Time) {
+        self.next_announce = now + self.cfg.reannounce_interval;
+        let bytes = self.announcement();
+        self.push_control(Dest::Everyone, bytes);
+    }
+
+    fn push_control(&mut self, dest: Dest, bytes: Vec<u8>) {
+        self.stats.control_datagrams += 1;
+        self.queue.push_back(Transmit::Control { dest, bytes });
+    }
+
+    fn start_pass(&mut self, now: Time, frames: FrameSet) {
+        self.pass += 1;
+        self.stats.passes = self.pass;
+        // A small tail that keeps getting lost is sent twice: on a very lossy segment this turns
+        // many rounds (each a report window) into one, for a few extra frames.
+        self.repeats_left = u32::from(self.pass >= 3 && frames.count() <= (self.frames / 100).max(32));
+        self.to_send = frames;
+        self.cursor = 0;
+        self.sent_this_pass = 0;
+        self.phase = Phase::Sending;
+        self.next_send = self.next_send.max(now);
+        // Members learn the new pass number (and late joiners the session) at once.
+        self.announce_now(now);
+    }
+
+    fn solicit_end_of_pass(&mut self, now: Time) {
+        self.round += 1;
+        self.stats.rounds = self.round;
+        // Members with missing frames always answer an end-of-pass solicitation; complete ones
+        // only when selected, so name the shorter list.
+        let selector = self.shorter_selector();
+        self.send_solicit(now, Dest::Everyone, selector.clone());
+        // A second copy: one lost solicitation would otherwise cost a whole report window.
+        self.send_solicit(now, Dest::Everyone, selector);
+        self.phase = Phase::Collecting { until: now + self.report_window() + self.cfg.report_grace };
+    }
+
+    fn send_solicit(&mut self, _now: Time, dest: Dest, selector: Selector) {
+        let window_us = u32::try_from(self.report_window().as_micros()).unwrap_or(u32::MAX);
+        let s = Solicit { session: self.announce.session, round: self.round, pass: self.pass, window_us, selector };
+        let bytes = s.encode(&self.keys);
+        self.push_control(dest, bytes);
+    }
+
+    /// `Only(lacking)` or `AllBut(heard)`, whichever is shorter and fits a datagram; else
+    /// `Everyone` (members then decide from their own state).
+    fn shorter_selector(&self) -> Selector {
+        let (heard, lacking): (Vec<_>, Vec<_>) = self.peers.iter().partition(|(_, p)| p.heard_round >= self.round || p.status == MemberStatus::Complete);
+        let heard: Vec<u64> = heard.into_iter().map(|(id, _)| *id).collect();
+        let lacking: Vec<u64> = lacking.into_iter().map(|(id, _)| *id).collect();
+        // Unknown joiners are not in `lacking`, so an `Only` list is only safe when we expect
+        // no one else; `AllBut` covers them.
+        if heard.len() <= wire::MAX_IDS_PER_SOLICIT && (heard.len() <= lacking.len() || self.cfg.min_participants > self.peers.len()) {
+            Selector::AllBut(heard)
+        } else if lacking.len() <= wire::MAX_IDS_PER_SOLICIT {
+            Selector::Only(lacking)
+        } else {
+            Selector::Everyone
+        }
+    }
+
+    fn end_round(&mut self, now: Time) {
+        let complete = self.peers.values().filter(|p| p.status == MemberStatus::Complete).count();
+        let missing: u64 = self
+            .peers
+            .values()
+            .map(|p| match p.status {
+                MemberStatus::Missing { frames } => frames,
+                // Silence counts as worse than missing everything, so a first report is progress.
+                MemberStatus::NoReport => u64::from(self.frames) + 1,
+                _ => 0,
+            })
+            .sum();
+        if complete > self.prev_complete || missing < self.prev_missing {
+            self.stall = 0;
+        } else {
+            self.stall += 1;
+        }
+        self.prev_complete = complete;
+        self.prev_missing = missing;
+
+        if self.all_done() && self.pass_needed_done() {
+            return self.finish(Outcome::Complete);
+        }
+        let only_failed_left = self
+            .peers
+            .values()
+            .all(|p| matches!(p.status, MemberStatus::Complete | MemberStatus::Failed(_)))
+            && self.participants_enough();
+        if self.stall >= self.cfg.stall_limit || self.round >= self.cfg.max_rounds || only_failed_left {
+            let quorum = self.cfg.quorum.unwrap_or_else(|| self.peers.values().filter(|p| p.expected).count().max(self.cfg.min_participants));
+            let outcome = if complete >= quorum && complete >= self.cfg.min_participants { Outcome::QuorumMet } else { Outcome::Problem };
+            return self.finish(outcome);
+        }
+        if !self.nacks.is_empty() {
+            self.adapt_rate();
+            let next = std::mem::replace(&mut self.nacks, FrameSet::new(self.frames));
+            if self.frames == 0 {
+                self.pass += 1;
+                self.stats.passes = self.pass;
+                self.announce_now(now);
+                return self.solicit_end_of_pass(now);
+            }
+            return self.start_pass(now, next);
+        }
+        if self.frames == 0 && self.peers.values().any(|p| matches!(p.status, MemberStatus::NoReport)) {
+            // Inline session: a silent member may simply have lost the announcement.
+            self.announce_now(now);
+        }
+        self.ask_again(now);
+    }
+
+    /// NACK share → rate. Loss on a LAN is mostly receivers overrun, so back off hard when a
+    /// large share is missing, gently when a little is, and probe upward when almost nothing is.
+    fn adapt_rate(&mut self) {
+        let share = f64::from(self.nacks.count()) / f64::from(self.sent_this_pass.max(1));
+        let factor = if share > 0.25 {
+            0.6
+        } else if share > 0.10 {
+            0.85
+        } else if share < 0.03 {
+            1.25
+        } else {
+            1.0
+        };
+        self.rate = ((self.rate as f64 * factor) as u64).clamp(self.cfg.min_rate, self.cfg.max_rate);
+    }
+
+    /// Nothing to resend but reports are missing: ask the silent members again.
+    fn ask_again(&mut self, now: Time) {
+        self.round += 1;
+        self.stats.rounds = self.round;
+        let lacking: Vec<(u64, Option<SocketAddr>)> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !matches!(p.status, MemberStatus::Complete | MemberStatus::Failed(_)))
+            .map(|(id, p)| (*id, p.addr))
+            .collect();
+        let want_more = self.peers.len() < self.cfg.min_participants;
+        // Each request goes out twice: it is tiny, and a lost one costs a whole (backed-off) wait.
+        if !want_more && lacking.len() <= self.cfg.unicast_solicit_max && lacking.iter().all(|(_, a)| a.is_some()) {
+            for (id, addr) in lacking {
+                let addr = addr.expect("checked above");
+                for _ in 0..2 {
+                    self.send_solicit(now, Dest::To(addr), Selector::Only(vec![id]));
+                }
+            }
+        } else {
+            let selector = self.shorter_selector();
+            self.send_solicit(now, Dest::Everyone, selector.clone());
+            self.send_solicit(now, Dest::Everyone, selector);
+        }
+        // Back off while nobody answers: ten tries then span seconds, not milliseconds, so a
+        // member that is rebooting gets a chance to come back.
+        let wait = (self.report_window() * (1u32 << self.stall.min(6))).min(self.cfg.max_report_window.max(self.report_window()));
+        self.phase = Phase::Collecting { until: now + wait + self.cfg.report_grace };
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        self.phase = Phase::Done;
+        let mut complete = Vec::new();
+        let mut incomplete = Vec::new();
+        for (id, p) in &self.peers {
+            if p.status == MemberStatus::Complete {
+                complete.push(*id);
+            } else {
+                incomplete.push((*id, p.status.clone()));
+            }
+        }
+        self.events.push_back(SenderEvent::Finished(SessionReport {
+            session: self.announce.session,
+            assignment: self.announce.info.assignment,
+            outcome,
+            complete,
+            incomplete,
+            passes: self.pass,
+            rounds: self.round,
+        }));
+    }
+}

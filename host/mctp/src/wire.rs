@@ -1,0 +1,472 @@
+//! MCTP datagrams: layouts, encoding and authenticated decoding (see docs/mctp.md).
+//!
+//! Every datagram is `"CM" ‖ version ‖ kind ‖ body ‖ tag`, where `tag` is the 16-byte keyed
+//! BLAKE3 of everything before it ([`cm_wire::mac`]). Nothing is parsed before the tag verifies,
+//! so an outsider's bytes never reach the field decoders; the decoders are fuzzed anyway.
+
+use crate::keys::{Keys, AEAD_TAG_LEN};
+use cm_wire::{DecodeError, Reader, Writer};
+use thiserror::Error;
+
+pub const MAGIC: [u8; 2] = *b"CM";
+pub const VERSION: u8 = 1;
+const KIND_ANNOUNCE: u8 = 1;
+const KIND_DATA: u8 = 2;
+const KIND_REPORT: u8 = 3;
+const KIND_SOLICIT: u8 = 4;
+
+/// Largest UDP payload we ever build or accept.
+pub const MAX_DATAGRAM: usize = 65_507;
+/// Fixed size of a data frame's header; the payload starts here.
+pub const DATA_HEADER_LEN: usize = 4 + 8 + 8 + 4 + 4 + 2;
+/// Bytes a datagram adds around a data frame's payload (header and MAC tag, no encryption).
+pub const DATA_OVERHEAD: usize = DATA_HEADER_LEN + cm_wire::mac::TAG_LEN;
+/// Largest frame payload: the datagram must fit in [`MAX_DATAGRAM`] even when encrypted.
+pub const MAX_FRAME_SIZE: u16 = (MAX_DATAGRAM - DATA_OVERHEAD - AEAD_TAG_LEN) as u16;
+/// Smallest frame payload we accept (keeps the frame count of a 4 GiB file within `u32`).
+pub const MIN_FRAME_SIZE: u16 = 64;
+/// Missing-frame runs in one report datagram (keeps a report near 1 300 bytes).
+pub const MAX_RUNS_PER_REPORT: usize = 160;
+/// Member ids in one solicitation datagram.
+pub const MAX_IDS_PER_SOLICIT: usize = 160;
+/// Longest assignment name.
+pub const MAX_NAME: usize = 255;
+/// Longest failure reason in a report.
+pub const MAX_REASON: usize = 512;
+
+/// Why a datagram was dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum WireError {
+    #[error("authentication tag does not verify (foreign key, forged or damaged)")]
+    BadTag,
+    #[error("not an MCTP datagram (bad magic)")]
+    BadMagic,
+    #[error("unsupported MCTP version {0}")]
+    BadVersion(u8),
+    #[error("unknown datagram kind {0}")]
+    UnknownKind(u8),
+    #[error("encrypted payload does not verify")]
+    BadCiphertext,
+    #[error("decode: {0}")]
+    Decode(#[from] DecodeError),
+}
+
+/// What a session transfers; part of every announcement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub assignment: u64,
+    pub name: String,
+    pub size: u64,
+    pub hash: [u8; 32],
+}
+
+/// "A session is starting": id, size, name, hash, rate and frame size; sent on the data
+/// channel and also carried, opaque, in the election's heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announce {
+    pub session: u64,
+    pub info: SessionInfo,
+    pub frame_size: u16,
+    /// Current sending rate in bytes per second (informational for members).
+    pub rate: u64,
+    /// UDP port on the announcer's address where members send reports.
+    pub report_port: u16,
+    pub encrypted: bool,
+    /// Pass in progress when this was sent (1 = first transmission).
+    pub pass: u32,
+    /// The whole assignment, when it fits in one datagram (then there are no data frames).
+    /// Encrypted like frame 0 when the session is encrypted.
+    pub inline: Option<Vec<u8>>,
+}
+
+impl Announce {
+    /// Frames in the session (0 when the assignment rides inline).
+    pub fn frame_count(&self) -> u32 {
+        if self.inline.is_some() { 0 } else { frame_count(self.info.size, self.frame_size).unwrap_or(0) }
+    }
+}
+
+/// Number of frames for `size` bytes in frames of `frame_size`, if it fits in `u32`.
+pub fn frame_count(size: u64, frame_size: u16) -> Option<u32> {
+    u32::try_from(size.div_ceil(u64::from(frame_size.max(1)))).ok()
+}
+
+/// Fixed header of a data frame. The payload (plaintext, or ciphertext ‖ AEAD tag) follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHeader {
+    pub session: u64,
+    pub assignment: u64,
+    pub pass: u32,
+    pub seq: u32,
+    /// Plaintext payload length.
+    pub len: u16,
+}
+
+/// A member's status for one solicitation round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportStatus {
+    /// Frames still missing, as `(first, count)` runs (a NACK). Never empty: an empty NACK is
+    /// `Complete`.
+    Missing(Vec<(u32, u32)>),
+    /// Holds the whole assignment and its BLAKE3 verified.
+    Complete,
+    /// Cannot complete (hash mismatch, disk error); the reason goes into the GL's report.
+    Failed(String),
+}
+
+/// One datagram of a member's status report. A long NACK is split into `parts` datagrams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub session: u64,
+    pub member: u64,
+    /// The solicitation round this answers (0: unsolicited, on announcement).
+    pub round: u32,
+    pub part: u16,
+    pub parts: u16,
+    pub status: ReportStatus,
+}
+
+/// Who a solicitation asks to report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// Every member (end of a pass: members with missing frames always answer).
+    Everyone,
+    /// Exactly these members.
+    Only(Vec<u64>),
+    /// Everyone except these members (the GL already has their reports).
+    AllBut(Vec<u64>),
+}
+
+/// "Send me your report": end of a pass, or the GL asking again for reports it lacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Solicit {
+    pub session: u64,
+    pub round: u32,
+    /// The pass that just ended.
+    pub pass: u32,
+    /// Members spread their answers over this many microseconds (no report implosion).
+    pub window_us: u32,
+    pub selector: Selector,
+}
+
+impl Selector {
+    /// True when the member `id` is asked to report.
+    pub fn selects(&self, id: u64) -> bool {
+        match self {
+            Selector::Everyone => true,
+            Selector::Only(ids) => ids.contains(&id),
+            Selector::AllBut(ids) => !ids.contains(&id),
+        }
+    }
+}
+
+/// A decoded, authenticated datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message<'a> {
+    Announce(Announce),
+    /// `payload` is the raw payload bytes (ciphertext ‖ tag when encrypted).
+    Data(DataHeader, &'a [u8]),
+    Report(Report),
+    Solicit(Solicit),
+}
+
+fn header(w: &mut Writer, kind: u8) {
+    w.bytes(&MAGIC).u8(VERSION).u8(kind);
+}
+
+impl Announce {
+    pub fn encode(&self, keys: &Keys) -> Vec<u8> {
+        let mut w = Writer::with_capacity(128 + self.inline.as_ref().map_or(0, Vec::len));
+        header(&mut w, KIND_ANNOUNCE);
+        w.u64(self.session).u64(self.info.assignment).u64(self.info.size).bytes(&self.info.hash);
+        w.u16(self.frame_size).u64(self.rate).u16(self.report_port).bool(self.encrypted).u32(self.pass);
+        w.str16("name", &self.info.name).expect("name length checked by the sender");
+        w.bool(self.inline.is_some());
+        if let Some(b) = &self.inline {
+            w.bytes16("inline", b).expect("inline payload fits a frame");
+        }
+        seal(keys, w)
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let session = r.u64()?;
+        let assignment = r.u64()?;
+        let size = r.u64()?;
+        let hash = r.array()?;
+        let frame_size = r.u16()?;
+        if frame_size < MIN_FRAME_SIZE || frame_size > MAX_FRAME_SIZE {
+            return Err(DecodeError::malformed("frame size out of range"));
+        }
+        if frame_count(size, frame_size).is_none() {
+            return Err(DecodeError::malformed("too many frames"));
+        }
+        let rate = r.u64()?;
+        let report_port = r.u16()?;
+        let encrypted = r.bool()?;
+        let pass = r.u32()?;
+        let name = r.str16(MAX_NAME)?.to_owned();
+        let inline = if r.bool()? {
+            let b = r.bytes16(usize::from(frame_size) + AEAD_TAG_LEN)?;
+            let want = size + if encrypted { AEAD_TAG_LEN as u64 } else { 0 };
+            if b.len() as u64 != want {
+                return Err(DecodeError::malformed("inline payload length differs from size"));
+            }
+            Some(b.to_vec())
+        } else {
+            None
+        };
+        Ok(Announce { session, info: SessionInfo { assignment, name, size, hash }, frame_size, rate, report_port, encrypted, pass, inline })
+    }
+}
+
+/// Writes a data frame into `out` (cleared first): header, then `payload_len` bytes produced by
+/// `fill`, then (when `cipher` is set) encryption, then the MAC tag. `fill` receives the exact
+/// payload slice to fill, so a driver can read the file straight into the datagram buffer.
+pub fn encode_data<E>(
+    keys: &Keys,
+    cipher: Option<&crate::keys::PayloadCipher>,
+    h: &DataHeader,
+    out: &mut Vec<u8>,
+    fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    out.clear();
+    let mut w = Writer::with_capacity(DATA_OVERHEAD + usize::from(h.len) + AEAD_TAG_LEN);
+    header(&mut w, KIND_DATA);
+    w.u64(h.session).u64(h.assignment).u32(h.pass).u32(h.seq).u16(h.len);
+    out.extend_from_slice(w.as_slice());
+    let extra = if cipher.is_some() { AEAD_TAG_LEN } else { 0 };
+    out.resize(DATA_HEADER_LEN + usize::from(h.len) + extra, 0);
+    fill(&mut out[DATA_HEADER_LEN..DATA_HEADER_LEN + usize::from(h.len)])?;
+    if let Some(c) = cipher {
+        c.seal_in_place(h.seq, &mut out[DATA_HEADER_LEN..]);
+    }
+    keys.mac().seal(out);
+    Ok(())
+}
+
+impl Report {
+    pub fn encode(&self, keys: &Keys) -> Vec<u8> {
+        let mut w = Writer::with_capacity(64);
+        header(&mut w, KIND_REPORT);
+        w.u64(self.session).u64(self.member).u32(self.round).u16(self.part).u16(self.parts);
+        match &self.status {
+            ReportStatus::Missing(runs) => {
+                w.u8(0).u16(u16::try_from(runs.len()).expect("runs bounded by MAX_RUNS_PER_REPORT"));
+                for (first, count) in runs {
+                    w.u32(*first).u32(*count);
+                }
+            }
+            ReportStatus::Complete => {
+                w.u8(1);
+            }
+            ReportStatus::Failed(reason) => {
+                let cut = truncate_utf8(reason, MAX_REASON);
+                w.u8(2).str16("reason", cut).expect("reason truncated");
+            }
+        }
+        seal(keys, w)
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let session = r.u64()?;
+        let member = r.u64()?;
+        let round = r.u32()?;
+        let part = r.u16()?;
+        let parts = r.u16()?;
+        if parts == 0 || part >= parts {
+            return Err(DecodeError::malformed("report part out of range"));
+        }
+        let status = match r.u8()? {
+            0 => {
+                let n = usize::from(r.u16()?);
+                if n == 0 || n > MAX_RUNS_PER_REPORT {
+                    return Err(DecodeError::malformed("run count out of range"));
+                }
+                let mut runs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let first = r.u32()?;
+                    let count = r.u32()?;
+                    if count == 0 || first.checked_add(count).is_none() {
+                        return Err(DecodeError::malformed("empty or overflowing run"));
+                    }
+                    runs.push((first, count));
+                }
+                ReportStatus::Missing(runs)
+            }
+            1 => ReportStatus::Complete,
+            2 => ReportStatus::Failed(r.str16(MAX_REASON)?.to_owned()),
+            _ => return Err(DecodeError::malformed("unknown report status")),
+        };
+        Ok(Report { session, member, round, part, parts, status })
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+impl Solicit {
+    pub fn encode(&self, keys: &Keys) -> Vec<u8> {
+        let mut w = Writer::with_capacity(64);
+        header(&mut w, KIND_SOLICIT);
+        w.u64(self.session).u32(self.round).u32(self.pass).u32(self.window_us);
+        let (tag, ids): (u8, &[u64]) = match &self.selector {
+            Selector::Everyone => (0, &[]),
+            Selector::Only(ids) => (1, ids),
+            Selector::AllBut(ids) => (2, ids),
+        };
+        w.u8(tag).u16(u16::try_from(ids.len()).expect("ids bounded by MAX_IDS_PER_SOLICIT"));
+        for id in ids {
+            w.u64(*id);
+        }
+        seal(keys, w)
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let session = r.u64()?;
+        let round = r.u32()?;
+        let pass = r.u32()?;
+        let window_us = r.u32()?;
+        let tag = r.u8()?;
+        let n = usize::from(r.u16()?);
+        if n > MAX_IDS_PER_SOLICIT || (tag == 0 && n != 0) {
+            return Err(DecodeError::malformed("member list length out of range"));
+        }
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            ids.push(r.u64()?);
+        }
+        let selector = match tag {
+            0 => Selector::Everyone,
+            1 => Selector::Only(ids),
+            2 => Selector::AllBut(ids),
+            _ => return Err(DecodeError::malformed("unknown selector")),
+        };
+        Ok(Solicit { session, round, pass, window_us, selector })
+    }
+}
+
+fn seal(keys: &Keys, w: Writer) -> Vec<u8> {
+    let mut v = w.into_vec();
+    keys.mac().seal(&mut v);
+    v
+}
+
+/// Verifies the tag, then decodes. The payload of a data frame is returned as it is on the wire.
+pub fn open<'a>(keys: &Keys, datagram: &'a [u8]) -> Result<Message<'a>, WireError> {
+    if datagram.len() > MAX_DATAGRAM {
+        return Err(WireError::Decode(DecodeError::malformed("datagram too long")));
+    }
+    let body = keys.mac().open(datagram).ok_or(WireError::BadTag)?;
+    decode_body(body)
+}
+
+/// Decodes an already-authenticated body (public for the fuzz target and tests).
+pub fn decode_body(body: &[u8]) -> Result<Message<'_>, WireError> {
+    let mut r = Reader::new(body);
+    if r.array::<2>()? != MAGIC {
+        return Err(WireError::BadMagic);
+    }
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(WireError::BadVersion(version));
+    }
+    let msg = match r.u8()? {
+        KIND_ANNOUNCE => Message::Announce(Announce::decode(&mut r)?),
+        KIND_DATA => {
+            let h = DataHeader { session: r.u64()?, assignment: r.u64()?, pass: r.u32()?, seq: r.u32()?, len: r.u16()? };
+            let payload = r.rest();
+            let extra = payload.len().checked_sub(usize::from(h.len));
+            if !matches!(extra, Some(0) | Some(AEAD_TAG_LEN)) {
+                return Err(WireError::Decode(DecodeError::malformed("payload length differs from header")));
+            }
+            r.bytes(payload.len())?;
+            Message::Data(h, payload)
+        }
+        KIND_REPORT => Message::Report(Report::decode(&mut r)?),
+        KIND_SOLICIT => Message::Solicit(Solicit::decode(&mut r)?),
+        k => return Err(WireError::UnknownKind(k)),
+    };
+    r.finish()?;
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn keys() -> Keys {
+        Keys::derive(b"test cluster")
+    }
+
+    fn arb_info() -> impl Strategy<Value = SessionInfo> {
+        (any::<u64>(), "[a-z/._-]{0,40}", 0u64..1 << 40, any::<[u8; 32]>())
+            .prop_map(|(assignment, name, size, hash)| SessionInfo { assignment, name, size, hash })
+    }
+
+    proptest! {
+        #[test]
+        fn announce_round_trips(session: u64, info in arb_info(), fs in MIN_FRAME_SIZE..=MAX_FRAME_SIZE, rate: u64, port: u16, pass: u32, enc: bool) {
+            let a = Announce { session, info, frame_size: fs, rate, report_port: port, encrypted: enc, pass, inline: None };
+            let bytes = a.encode(&keys());
+            prop_assert_eq!(open(&keys(), &bytes).unwrap(), Message::Announce(a));
+        }
+
+        #[test]
+        fn report_round_trips(session: u64, member: u64, round: u32, parts in 1u16..5, status in prop_oneof![
+            Just(ReportStatus::Complete),
+            "[ -~]{0,60}".prop_map(ReportStatus::Failed),
+            proptest::collection::vec((0u32..1 << 30, 1u32..1000), 1..MAX_RUNS_PER_REPORT).prop_map(ReportStatus::Missing),
+        ]) {
+            let r = Report { session, member, round, part: parts - 1, parts, status };
+            let bytes = r.encode(&keys());
+            prop_assert_eq!(open(&keys(), &bytes).unwrap(), Message::Report(r));
+        }
+
+        #[test]
+        fn solicit_round_trips(session: u64, round: u32, pass: u32, window_us: u32, ids in proptest::collection::vec(any::<u64>(), 0..MAX_IDS_PER_SOLICIT), which in 0..3) {
+            let selector = match which { 0 => Selector::Everyone, 1 => Selector::Only(ids), _ => Selector::AllBut(ids) };
+            let s = Solicit { session, round, pass, window_us, selector };
+            let bytes = s.encode(&keys());
+            prop_assert_eq!(open(&keys(), &bytes).unwrap(), Message::Solicit(s));
+        }
+
+        #[test]
+        fn data_round_trips(session: u64, assignment: u64, pass: u32, seq: u32, payload in proptest::collection::vec(any::<u8>(), 0..2000), enc: bool) {
+            let k = keys();
+            let cipher = k.payload_cipher(session, assignment, &[1; 32]);
+            let h = DataHeader { session, assignment, pass, seq, len: payload.len() as u16 };
+            let mut out = Vec::new();
+            encode_data::<()>(&k, enc.then_some(&cipher), &h, &mut out, |b| { b.copy_from_slice(&payload); Ok(()) }).unwrap();
+            let Message::Data(h2, p) = open(&k, &out).unwrap() else { panic!("not data") };
+            prop_assert_eq!(h2, h);
+            if enc {
+                let mut p = p.to_vec();
+                prop_assert_eq!(cipher.open_in_place(seq, &mut p).unwrap(), payload.as_slice());
+            } else {
+                prop_assert_eq!(p, payload.as_slice());
+            }
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_body(&body);
+            let mut with_magic = b"CM\x01".to_vec();
+            with_magic.extend_from_slice(&body);
+            let _ = decode_body(&with_magic);
+        }
+    }
+
+    #[test]
+    fn foreign_key_and_truncation_are_rejected() {
+        let s = Solicit { session: 1, round: 2, pass: 3, window_us: 9, selector: Selector::Everyone }.encode(&keys());
+        assert_eq!(open(&Keys::derive(b"other"), &s), Err(WireError::BadTag));
+        assert_eq!(open(&keys(), &s[..s.len() - 1]), Err(WireError::BadTag));
+        assert_eq!(open(&keys(), &[]), Err(WireError::BadTag));
+    }
+}

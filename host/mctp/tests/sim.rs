@@ -1,0 +1,159 @@
+//! Deterministic simulation of MCTP sessions (see `cm_mctp::sim`). Every failure prints its seed
+//! and the command that replays it.
+
+use cm_mctp::sim::{run, BurstLoss, SimConfig, SimResult};
+use cm_mctp::Outcome;
+use std::time::Duration;
+
+fn must(cfg: &SimConfig) -> SimResult {
+    match run(cfg) {
+        Ok(r) => r,
+        Err(v) => panic!("{v}\nconfig: {cfg:?}"),
+    }
+}
+
+fn seeds(n: u64) -> impl Iterator<Item = u64> {
+    // MCTP_SIM_SEEDS widens the sweep locally (e.g. 20000) without slowing CI.
+    let n = std::env::var("MCTP_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(n);
+    0..n
+}
+
+#[test]
+fn replay() {
+    let seed = std::env::var("MCTP_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let cfg = SimConfig::random(seed);
+    let r = must(&cfg);
+    println!("seed {seed}: {cfg:?}\n -> {:?} after {:?}, {} frames sent for {}", r.report, r.virtual_time, r.frames_sent, r.frames);
+}
+
+#[test]
+fn clean_network_sends_each_frame_once() {
+    for seed in 0..20 {
+        let cfg = SimConfig { members: 8, ..SimConfig::new(seed) };
+        let r = must(&cfg);
+        assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed}");
+        assert!(r.delivered.iter().all(|d| *d), "seed {seed}");
+        assert_eq!(r.frames_sent, u64::from(r.frames), "seed {seed}: no loss, no resend");
+        assert_eq!(r.report.passes, 1);
+    }
+}
+
+#[test]
+fn random_loss_up_to_fifty_percent_completes() {
+    for loss in [0.05, 0.2, 0.35, 0.5] {
+        let mut complete = 0;
+        let mut runs = 0;
+        for seed in seeds(60) {
+            let cfg = SimConfig { loss, members: 8, ..SimConfig::new(seed) };
+            let r = must(&cfg);
+            runs += 1;
+            if r.report.outcome == Outcome::Complete {
+                complete += 1;
+                assert!(r.delivered.iter().all(|d| *d), "seed {seed} loss {loss}");
+            }
+        }
+        // Every run is honest (checked in `run`); below 50 % loss every run must also succeed.
+        if loss < 0.5 {
+            assert_eq!(complete, runs, "loss {loss}: {complete}/{runs} complete");
+        } else {
+            assert!(complete * 10 >= runs * 9, "loss {loss}: only {complete}/{runs} complete");
+        }
+    }
+}
+
+#[test]
+fn burst_loss_reordering_and_duplication() {
+    for seed in seeds(150) {
+        let cfg = SimConfig {
+            loss: 0.05,
+            burst: Some(BurstLoss { enter: 0.02, leave: 0.2 }),
+            reorder: 0.3,
+            duplicate: 0.1,
+            ..SimConfig::new(seed)
+        };
+        let r = must(&cfg);
+        assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed}");
+    }
+}
+
+#[test]
+fn member_joining_mid_session_gets_everything() {
+    for seed in seeds(50) {
+        let cfg = SimConfig { loss: 0.1, late_joiner: Some((2, Duration::from_millis(5))), ..SimConfig::new(seed) };
+        let r = must(&cfg);
+        assert!(r.delivered[2], "seed {seed}: late joiner did not deliver: {:?}", r.report);
+        assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed}");
+    }
+}
+
+#[test]
+fn member_crashing_and_returning_catches_up() {
+    for seed in seeds(50) {
+        let cfg = SimConfig { loss: 0.1, crash: Some((1, Duration::from_millis(3), Duration::from_millis(400))), ..SimConfig::new(seed) };
+        let r = must(&cfg);
+        assert!(r.delivered[1], "seed {seed}: {:?}", r.report);
+        assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed}");
+    }
+}
+
+#[test]
+fn group_leader_dying_mid_session_is_replaced_and_nothing_partial_is_delivered() {
+    for seed in seeds(50) {
+        let cfg = SimConfig { loss: 0.1, gl_dies: Some(Duration::from_millis(4)), ..SimConfig::new(seed) };
+        let r = must(&cfg);
+        assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed}");
+        assert!(r.delivered.iter().all(|d| *d), "seed {seed}");
+    }
+}
+
+#[test]
+fn dead_member_yields_an_honest_problem_report_or_quorum() {
+    for seed in seeds(20) {
+        let cfg = SimConfig { loss: 0.1, dead: Some(3), ..SimConfig::new(seed) };
+        let r = must(&cfg);
+        assert_eq!(r.report.outcome, Outcome::Problem, "seed {seed}");
+        assert_eq!(r.report.incomplete.len(), 1, "seed {seed}: {:?}", r.report);
+        assert_eq!(r.report.incomplete[0].0, 1003);
+        let cfg = SimConfig { quorum: Some(5), ..cfg };
+        assert_eq!(must(&cfg).report.outcome, Outcome::QuorumMet, "seed {seed}");
+    }
+}
+
+#[test]
+fn unicast_only_member_is_served_by_unicast() {
+    for seed in seeds(30) {
+        let cfg = SimConfig { loss: 0.1, unicast_only: Some(0), ..SimConfig::new(seed) };
+        let r = must(&cfg);
+        assert!(r.delivered[0], "seed {seed}");
+        assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed}");
+    }
+}
+
+#[test]
+fn member_already_holding_the_content_answers_complete() {
+    let cfg = SimConfig { members: 1, already_holds: Some(0), ..SimConfig::new(3) };
+    let r = must(&cfg);
+    assert_eq!(r.report.outcome, Outcome::Complete);
+    assert_eq!(r.frames_sent, 0, "nothing needs sending");
+}
+
+#[test]
+fn encrypted_sessions_and_inline_assignments() {
+    for seed in seeds(30) {
+        for size in [0, 100, 256, 257, 30_000] {
+            let cfg = SimConfig { loss: 0.15, encrypt: seed % 2 == 0, size, ..SimConfig::new(seed) };
+            let r = must(&cfg);
+            assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed} size {size}");
+        }
+    }
+}
+
+#[test]
+fn random_scenarios_keep_every_invariant() {
+    let mut outcomes = [0usize; 3];
+    for seed in seeds(400) {
+        let r = must(&SimConfig::random(seed));
+        outcomes[r.report.outcome as usize] += 1;
+    }
+    println!("complete / quorum / problem: {outcomes:?}");
+}

@@ -1,0 +1,309 @@
+//! The streaming assignment reader: header checks on open, a hash pass (`verify`) before
+//! anything is applied, then commands decoded one record at a time and payloads streamed
+//! (decompressed on the fly) straight out of the file.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cm_wire::DecodeError;
+
+use crate::format::{Codec, Command, HEADER_LEN, Header, HeaderError, MAX_RECORD, Payload, TRAILER_LEN, flags};
+use crate::{SealKey, trailer_hasher};
+
+/// Why an assignment cannot be read. Positions name the command (0-based) where one is known.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{what}: {source}")]
+    Io { what: &'static str, source: io::Error },
+    #[error("truncated: the header announces {expected} bytes, the file has {actual}")]
+    Truncated { expected: u64, actual: u64 },
+    #[error("{0}")]
+    Header(#[from] HeaderError),
+    #[error("header and body do not match the trailer hash (corrupted or forged)")]
+    TrailerMismatch,
+    #[error("data part does not match the header's BLAKE3 (corrupted)")]
+    DataHashMismatch,
+    #[error("assignment is not sealed with this site's key (refusing an unauthenticated assignment)")]
+    NotSealed,
+    #[error("assignment is sealed but no key was given to check it")]
+    KeyRequired,
+    #[error("assignment is encrypted; this build has no cipher for it")]
+    Encrypted,
+    #[error("command {index}: {source}")]
+    Command { index: u64, source: DecodeError },
+    #[error("body: {0}")]
+    Body(&'static str),
+}
+
+/// A byte range of the assignment file, read with positioned reads (so many readers can
+/// share one file handle).
+pub struct Region {
+    file: Arc<File>,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for Region {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = (self.end - self.pos).min(buf.len() as u64) as usize;
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "assignment file shrank while being read"));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// An opened assignment file.
+pub struct AssignmentReader {
+    file: Arc<File>,
+    path: PathBuf,
+    header: Header,
+    header_bytes: [u8; HEADER_LEN],
+}
+
+impl AssignmentReader {
+    /// Opens `path` and checks its header and that its length is exactly what the header says.
+    pub fn open(path: &Path) -> Result<Self, ReadError> {
+        let file = File::open(path).map_err(|source| ReadError::Io { what: "opening the assignment", source })?;
+        let actual = file.metadata().map_err(|source| ReadError::Io { what: "reading metadata", source })?.len();
+        let mut hb = [0u8; HEADER_LEN];
+        let got = read_up_to(&file, &mut hb).map_err(|source| ReadError::Io { what: "reading the header", source })?;
+        let header = Header::decode(&hb[..got])?;
+        let expected = (HEADER_LEN as u64)
+            .checked_add(header.body_len)
+            .and_then(|n| n.checked_add(TRAILER_LEN as u64))
+            .and_then(|n| n.checked_add(header.data_len))
+            .ok_or(ReadError::Header(HeaderError::Decode(DecodeError::malformed("sizes overflow"))))?;
+        if expected != actual {
+            return Err(ReadError::Truncated { expected, actual });
+        }
+        Ok(AssignmentReader { file: Arc::new(file), path: path.to_owned(), header, header_bytes: hb })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn region(&self, from: u64, len: u64) -> Region {
+        Region { file: self.file.clone(), pos: from, end: from + len }
+    }
+
+    fn data_start(&self) -> u64 {
+        HEADER_LEN as u64 + self.header.body_len + TRAILER_LEN as u64
+    }
+
+    /// Checks the seal (when `key` is given, or the assignment says it is sealed), the trailer
+    /// over header and body, and the data part's hash. Reads the whole file once; call it
+    /// before applying anything.
+    pub fn verify(&self, key: Option<&SealKey>) -> Result<(), ReadError> {
+        let h = &self.header;
+        if h.flags & flags::ENCRYPTED != 0 {
+            return Err(ReadError::Encrypted);
+        }
+        let sealed = h.flags & flags::SEALED != 0;
+        match (sealed, key) {
+            (false, Some(_)) => return Err(ReadError::NotSealed),
+            (true, None) => return Err(ReadError::KeyRequired),
+            _ => {}
+        }
+        let io = |what| move |source| ReadError::Io { what, source };
+        let mut t = trailer_hasher(key);
+        t.update(&self.header_bytes);
+        let mut body = self.region(HEADER_LEN as u64, h.body_len);
+        crate::write::pump(&mut body, |b| {
+            t.update(b);
+            Ok(())
+        })
+        .map_err(io("reading the body"))?;
+        let mut stored = [0u8; TRAILER_LEN];
+        self.file.read_exact_at(&mut stored, HEADER_LEN as u64 + h.body_len).map_err(io("reading the trailer"))?;
+        // blake3::Hash compares in constant time.
+        if t.finalize() != blake3::Hash::from_bytes(stored) {
+            return Err(ReadError::TrailerMismatch);
+        }
+        let mut d = blake3::Hasher::new();
+        crate::write::copy_range(&self.file, self.data_start(), h.data_len, |b| {
+            d.update(b);
+            Ok(())
+        })
+        .map_err(io("reading the data part"))?;
+        if d.finalize() != blake3::Hash::from_bytes(h.data_hash) {
+            return Err(ReadError::DataHashMismatch);
+        }
+        Ok(())
+    }
+
+    /// The commands in order, decoded one record at a time.
+    pub fn commands(&self) -> Commands {
+        Commands {
+            body: BufReader::with_capacity(256 << 10, self.region(HEADER_LEN as u64, self.header.body_len)),
+            left: self.header.body_len,
+            index: 0,
+            count: self.header.command_count,
+            data_cursor: 0,
+            data_len: self.header.data_len,
+            record: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// A stream of the payload's bytes, decompressed, exactly `payload.len` long.
+    pub fn payload(&self, p: &Payload) -> Result<PayloadStream, ReadError> {
+        let end = p.offset.checked_add(p.stored_len).filter(|e| *e <= self.header.data_len);
+        if end.is_none() {
+            return Err(ReadError::Body("payload outside the data part"));
+        }
+        let region = self.region(self.data_start() + p.offset, p.stored_len);
+        let inner = match p.codec {
+            Codec::Raw => Inner::Raw(region),
+            Codec::Zstd => Inner::Zstd(Box::new(
+                zstd::stream::read::Decoder::new(region)
+                    .map_err(|source| ReadError::Io { what: "starting zstd", source })?,
+            )),
+        };
+        Ok(PayloadStream { inner, len: p.len, produced: 0 })
+    }
+}
+
+fn read_up_to(f: &File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], got as u64)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(got)
+}
+
+/// Iterator over the body's commands. Besides decoding each record it checks what needs
+/// context: payloads laid out in order without gaps, the command count, the body length.
+pub struct Commands {
+    body: BufReader<Region>,
+    left: u64,
+    index: u64,
+    count: u64,
+    data_cursor: u64,
+    data_len: u64,
+    record: Vec<u8>,
+    done: bool,
+}
+
+impl Commands {
+    fn next_command(&mut self) -> Result<Option<(u64, Command)>, ReadError> {
+        let index = self.index;
+        let bad = |source| ReadError::Command { index, source };
+        if self.left == 0 {
+            if self.index != self.count {
+                return Err(ReadError::Body("fewer commands than the header announces"));
+            }
+            if self.data_cursor != self.data_len {
+                return Err(ReadError::Body("data part longer than its payloads"));
+            }
+            return Ok(None);
+        }
+        if self.index == self.count {
+            return Err(ReadError::Body("more commands than the header announces"));
+        }
+        let mut len = [0u8; 4];
+        if self.left < 4 {
+            return Err(bad(DecodeError::Incomplete { needed: 4 - self.left as usize }));
+        }
+        self.body.read_exact(&mut len).map_err(|source| ReadError::Io { what: "reading the body", source })?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_RECORD {
+            return Err(bad(DecodeError::malformed("record longer than 1 MiB")));
+        }
+        if len as u64 > self.left - 4 {
+            return Err(bad(DecodeError::malformed("record runs past the body")));
+        }
+        self.record.resize(len, 0);
+        self.body.read_exact(&mut self.record).map_err(|source| ReadError::Io { what: "reading the body", source })?;
+        self.left -= 4 + len as u64;
+        let cmd = Command::decode(&self.record).map_err(bad)?;
+        if let Some(p) = cmd.payload() {
+            if p.offset != self.data_cursor {
+                return Err(bad(DecodeError::malformed("payload not where the previous one ended")));
+            }
+            self.data_cursor = p.offset + p.stored_len;
+            if self.data_cursor > self.data_len {
+                return Err(bad(DecodeError::malformed("payload runs past the data part")));
+            }
+        }
+        self.index += 1;
+        Ok(Some((index, cmd)))
+    }
+}
+
+impl Iterator for Commands {
+    type Item = Result<(u64, Command), ReadError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let r = self.next_command().transpose();
+        if !matches!(r, Some(Ok(_))) {
+            self.done = true;
+        }
+        r
+    }
+}
+
+enum Inner {
+    Raw(Region),
+    Zstd(Box<zstd::stream::read::Decoder<'static, BufReader<Region>>>),
+}
+
+/// A payload's bytes, decompressed on the fly. Fails (InvalidData) when the stored bytes
+/// decode to more or fewer bytes than the command announced.
+pub struct PayloadStream {
+    inner: Inner,
+    len: u64,
+    produced: u64,
+}
+
+impl PayloadStream {
+    /// Length after decompression.
+    pub fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn inner(&mut self) -> &mut dyn Read {
+        match &mut self.inner {
+            Inner::Raw(r) => r,
+            Inner::Zstd(d) => d.as_mut(),
+        }
+    }
+}
+
+impl Read for PayloadStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.len - self.produced;
+        if left == 0 {
+            let mut probe = [0u8; 1];
+            return match self.inner().read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(io::Error::new(io::ErrorKind::InvalidData, "payload longer than announced")),
+            };
+        }
+        let want = left.min(buf.len() as u64) as usize;
+        let n = self.inner().read(&mut buf[..want])?;
+        if n == 0 && want > 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "payload shorter than announced"));
+        }
+        self.produced += n as u64;
+        Ok(n)
+    }
+}

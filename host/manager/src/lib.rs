@@ -1,25 +1,28 @@
 //! The Content Control Manager (CCM) and the store-and-forward tree of group leaders.
 //!
 //! Pure decision logic lives in small modules with no IO, testable on their own:
-//! [`scheduler`] (which due jobs start, which conflict), [`policy`] (quorum, disk space, what a
-//! failure does to a job), [`tree`] (the dynamic distribution tree of seed Fig. 7, re-parenting
-//! around dead leaders) and [`manifest`] (per-chunk BLAKE3 of an assignment so every hop verifies
-//! before it forwards).
+//! [`scheduler`] (which due jobs start, which conflict), [`policy`] (quorum, what a failure does to
+//! a job), [`tree`] (the dynamic distribution tree of seed Fig. 7, re-parenting around dead
+//! leaders) and [`manifest`] (per-chunk BLAKE3 of an assignment so every hop verifies before it
+//! forwards).
 //!
-//! The IO around them: [`db`] (redb), [`http`] (hyper plumbing and bearer-token auth), [`blob`]
-//! (an assignment file that can be served while it is still arriving), [`server`] (the manager's
-//! HTTP API and run orchestration) and [`leader`] (a group leader's side of the tree: fetch from the
-//! parent with resume, forward to children, hand the assignment to the segment, report).
+//! The IO around them: [`db`] (redb), [`http`] (hyper plumbing and bearer-token roles), [`blob`]
+//! (an assignment file served while it still arrives), [`forward`] (one forwarding slot of a tree
+//! node), [`server`] (the manager: scheduler loop and runs), `api` (its HTTP routes) and [`leader`]
+//! (a group leader's side of the tree: fetch with resume, forward, deliver, report).
 
-
+mod api;
+pub mod blob;
+pub mod cluster;
 pub mod db;
-
-
+pub mod forward;
+pub mod http;
+pub mod leader;
 pub mod manifest;
 pub mod model;
 pub mod policy;
 pub mod scheduler;
-
+pub mod server;
 pub mod tree;
 
 /// Milliseconds since the Unix epoch: the manager's one notion of wall-clock time. Pure logic

@@ -259,3 +259,39 @@ pub struct HistoryEntry {
     pub run: Option<u64>,
     pub event: String,
 }
+
+/// Seed: the notification message. Tells a GL where to fetch the assignment and how to go on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    pub run: u64,
+    /// The recipient's segment.
+    pub segment: String,
+    /// Base URL of the parent to fetch from (`http://host:port`): the manager or another GL.
+    pub source: String,
+    /// Base URL of the manager (for "next", "received", reports).
+    pub manager: String,
+    pub manifest: Manifest,
+    /// Children the recipient serves at once; 0 = it forwards to no one (a star).
+    pub slots: usize,
+}
+
+/// Manager's answer to a GL's "whom next?": `child: null` is the seed's null address (done).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextChild {
+    pub child: Option<ChildTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildTarget {
+    pub segment: String,
+    /// `host:port` of the child's tree endpoint.
+    pub address: String,
+    pub notification: Notification,
+}
+
+/// Body of the tree endpoints a GL calls on the manager (`next`, `received`, `dead`, `reparent`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeCall {
+    /// The calling GL's segment (for `dead`: the child it could not reach).
+    pub segment: String,
+}

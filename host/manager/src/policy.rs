@@ -119,8 +119,7 @@ mod tests {
 
     #[test]
     fn failure_retries_then_cancels() {
-        let mut p = JobPolicy::default();
-        p.on_failure = OnFailure::Retry { max_attempts: 2, delay_ms: 100 };
+        let mut p = JobPolicy { on_failure: OnFailure::Retry { max_attempts: 2, delay_ms: 100 }, ..JobPolicy::default() };
         let n = after_failure(&p, 1, 1000, "x");
         assert_eq!((n.state, n.next_run_ms), (JobState::Idle, 1100));
         let n = after_failure(&p, 2, 1000, "disk full");

@@ -243,6 +243,17 @@ impl TreePlan {
         Some(p)
     }
 
+    /// `segment` could not fetch from a parent that still answers (e.g. its copy failed the checks):
+    /// it fetches from the manager, whose copy is the reference.
+    pub fn adopt_by_manager(&mut self, segment: &str) -> Option<Node> {
+        let l = self.leaders.get_mut(segment)?;
+        if l.dead || l.complete || l.parent.is_none() {
+            return None;
+        }
+        l.parent = Some(Node::Manager);
+        Some(Node::Manager)
+    }
+
     /// A segment whose GL died has a new GL (it reported discovery): it joins the queue again,
     /// first in line.
     pub fn revive(&mut self, segment: &str) {

@@ -1,0 +1,262 @@
+//! The manager's HTTP API (JSON). Operators configure and run jobs; agents (group leaders) report
+//! discovery, walk the tree and send reports. Every route except `/healthz` needs a bearer
+//! token of the right role, checked before the body is read: an unauthenticated request changes
+//! nothing. Reference: `docs/manager.md`.
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use std::sync::Arc;
+
+use crate::http::{self, Body, Role};
+use crate::leader::serve_blob;
+use crate::model::{
+    ContentGroup, DiscoveryReport, HostedSite, JobSpec, JobState, NextChild, SegmentRecord, SegmentReport, ServerRecord, TreeCall,
+};
+use crate::now_ms;
+use crate::server::{Inner, ManagerError};
+use crate::tree::{Next, Node};
+
+fn fail(e: ManagerError) -> Response<Body> {
+    let status = match e {
+        ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
+        ManagerError::Invalid(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    http::error(status, &e.to_string())
+}
+
+fn ok_or_fail<T: serde::Serialize>(r: Result<T, ManagerError>) -> Response<Body> {
+    match r {
+        Ok(v) => http::json(StatusCode::OK, &v),
+        Err(e) => fail(e),
+    }
+}
+
+/// Reads the JSON body or returns the error response from the enclosing handler.
+macro_rules! body {
+    ($req:expr) => {
+        match http::read_json($req).await {
+            Ok(v) => v,
+            Err(r) => return r,
+        }
+    };
+}
+
+#[derive(Deserialize)]
+struct GroupBody {
+    servers: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct SiteBody {
+    content_group: String,
+    staging: String,
+}
+
+#[derive(Deserialize)]
+struct RankBody {
+    rank: Option<u32>,
+}
+
+pub(crate) async fn handle(m: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    if path == "/healthz" {
+        return http::json(StatusCode::OK, &serde_json::json!({ "manager": true }));
+    }
+    let Some(role) = m.tokens.role(&req) else {
+        return http::error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+    };
+    let parts: Vec<String> = path.trim_matches('/').split('/').map(str::to_string).collect();
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let method = req.method().clone();
+    match role {
+        Role::Operator => operator(m, method, &parts, req).await,
+        Role::Agent => agent(m, method, &parts, req).await,
+    }
+}
+
+/// Parses an id path segment or returns 400 from the enclosing handler.
+macro_rules! id {
+    ($s:expr) => {
+        match $s.parse::<u64>() {
+            Ok(v) => v,
+            Err(_) => return http::error(StatusCode::BAD_REQUEST, &format!("`{}` is not an id", $s)),
+        }
+    };
+}
+
+async fn operator(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<Incoming>) -> Response<Body> {
+    let now = now_ms();
+    match (method, parts) {
+        (Method::PUT, ["api", "v1", "groups", name]) => {
+            let b: GroupBody = body!(req);
+            let g = ContentGroup { name: name.to_string(), servers: b.servers };
+            ok_or_fail(m.db.write(|t| {
+                t.put_group(&g)?;
+                t.log(now, None, None, format!("content group {} set: {} servers", g.name, g.servers.len()))?;
+                Ok::<_, ManagerError>(g.clone())
+            }))
+        }
+        (Method::GET, ["api", "v1", "groups"]) => ok_or_fail(m.db.groups().map_err(Into::into)),
+        (Method::PUT, ["api", "v1", "sites", name]) => {
+            let b: SiteBody = body!(req);
+            let s = HostedSite { name: name.to_string(), content_group: b.content_group, staging: b.staging };
+            ok_or_fail(m.db.write(|t| {
+                t.put_site(&s)?;
+                Ok::<_, ManagerError>(s.clone())
+            }))
+        }
+        (Method::GET, ["api", "v1", "sites"]) => ok_or_fail(m.db.sites().map_err(Into::into)),
+        (Method::POST, ["api", "v1", "jobs"]) => {
+            let spec: JobSpec = body!(req);
+            match m.db.write(|t| {
+                let j = t.insert_job(spec.clone(), now)?;
+                t.log(now, Some(j.id), None, format!("job {} created: {:?} of site {}", j.spec.name, j.spec.kind, j.spec.site))?;
+                Ok::<_, ManagerError>(j)
+            }) {
+                Ok(j) => http::json(StatusCode::CREATED, &j),
+                Err(e) => fail(e),
+            }
+        }
+        (Method::GET, ["api", "v1", "jobs"]) => ok_or_fail(m.db.jobs().map_err(Into::into)),
+        (Method::GET, ["api", "v1", "jobs", job]) => {
+            let job = id!(job);
+            ok_or_fail(m.db.job(job).map_err(Into::into).and_then(|j| j.ok_or_else(|| ManagerError::NotFound(format!("job {job}")))))
+        }
+        (Method::POST, ["api", "v1", "jobs", job, "cancel"]) => {
+            let job = id!(job);
+            ok_or_fail(m.db.write(|t| {
+                let mut j = m.db.job(job)?.ok_or_else(|| ManagerError::NotFound(format!("job {job}")))?;
+                if let JobState::Running { run } = j.state {
+                    return Err(ManagerError::Invalid(format!("job {job} is running (run {run}); it can be cancelled when the run ends")));
+                }
+                j.state = JobState::Cancelled { reason: "cancelled by an operator".into() };
+                t.put_job(&j)?;
+                t.log(now, Some(job), None, "cancelled by an operator")?;
+                Ok(j)
+            }))
+        }
+        (Method::GET, ["api", "v1", "runs", run]) => {
+            let run = id!(run);
+            ok_or_fail((|| {
+                let r = m.db.run(run)?.ok_or_else(|| ManagerError::NotFound(format!("run {run}")))?;
+                let reports = m.db.reports(run)?;
+                Ok(serde_json::json!({ "run": r, "reports": reports }))
+            })())
+        }
+        (Method::GET, ["api", "v1", "runs"]) => ok_or_fail(m.db.runs().map_err(Into::into)),
+        (Method::GET, ["api", "v1", "segments"]) => ok_or_fail(m.db.segments().map_err(Into::into)),
+        (Method::PUT, ["api", "v1", "segments", name, "rank"]) => {
+            let b: RankBody = body!(req);
+            ok_or_fail(m.db.write(|t| {
+                let mut s = m.db.segment(name)?.ok_or_else(|| ManagerError::NotFound(format!("segment {name}")))?;
+                s.static_rank = b.rank;
+                t.put_segment(&s)?;
+                Ok::<_, ManagerError>(s)
+            }))
+        }
+        (Method::GET, ["api", "v1", "servers"]) => ok_or_fail(m.db.servers().map_err(Into::into)),
+        (Method::GET, ["api", "v1", "history"]) => ok_or_fail(m.db.history().map_err(Into::into)),
+        _ => http::error(StatusCode::NOT_FOUND, "no such operator endpoint"),
+    }
+}
+
+async fn agent(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<Incoming>) -> Response<Body> {
+    match (method, parts) {
+        (Method::POST, ["api", "v1", "discovery"]) => {
+            let r: DiscoveryReport = body!(req);
+            ok_or_fail(discovery(&m, r))
+        }
+        (Method::GET, ["dist", run, "blob"]) => {
+            let run = id!(run);
+            match m.active(run) {
+                Some(a) => serve_blob(&a.blob, &req),
+                None => http::error(StatusCode::NOT_FOUND, &format!("run {run} is not distributing")),
+            }
+        }
+        (Method::POST, ["api", "v1", "dist", run, what]) => {
+            let run = id!(run);
+            let call: TreeCall = body!(req);
+            match *what {
+                "next" => ok_or_fail(next(&m, run, &call.segment)),
+                "received" => ok_or_fail(m.received(run, &call.segment).map(|_| serde_json::json!({}))),
+                "dead" => ok_or_fail(m.leader_unreachable(run, &call.segment).await.map(|dead| serde_json::json!({ "dead": dead }))),
+                "reparent" => ok_or_fail(m.reparent(run, &call.segment).await),
+                _ => http::error(StatusCode::NOT_FOUND, "no such tree endpoint"),
+            }
+        }
+        (Method::POST, ["api", "v1", "runs", run, "report"]) => {
+            let run = id!(run);
+            let report: SegmentReport = body!(req);
+            ok_or_fail(m.segment_report(run, &report).map(|_| serde_json::json!({})))
+        }
+        _ => http::error(StatusCode::NOT_FOUND, "no such agent endpoint"),
+    }
+}
+
+/// Seed: "the GL requests another GL address from the CCM". `child: null` ends the GL's forwarding.
+fn next(m: &Inner, run_id: u64, segment: &str) -> Result<NextChild, ManagerError> {
+    let Some(active) = m.active(run_id) else { return Ok(NextChild { child: None }) };
+    let requester = Node::Leader(segment.to_string());
+    let next = active.plan.lock().unwrap_or_else(|p| p.into_inner()).next_for(&requester);
+    let Next::Serve(child) = next else { return Ok(NextChild { child: None }) };
+    let run = m.db.run(run_id)?.ok_or_else(|| ManagerError::NotFound(format!("run {run_id}")))?;
+    Ok(NextChild { child: m.child_target(&run, &active, &child, &requester) })
+}
+
+/// A GL's discovery report: the segment (stable name), its GL, and who joined or left.
+fn discovery(m: &Inner, r: DiscoveryReport) -> Result<serde_json::Value, ManagerError> {
+    if r.segment.is_empty() || r.leader.is_empty() || r.address.is_empty() {
+        return Err(ManagerError::Invalid("discovery report needs segment, leader and address".into()));
+    }
+    let now = now_ms();
+    let old = m.db.segment(&r.segment)?;
+    let leader_changed = old.as_ref().is_none_or(|o| o.leader != r.leader || o.address != r.address);
+    m.db.write(|t| {
+        let mut history = old.as_ref().map(|o| o.leader_history.clone()).unwrap_or_default();
+        if old.as_ref().is_none_or(|o| o.leader != r.leader) {
+            history.push((r.leader.clone(), now));
+            let was = old.as_ref().map(|o| format!(" (was {})", o.leader)).unwrap_or_default();
+            t.log(now, None, None, format!("segment {}: group leader is {}{was}", r.segment, r.leader))?;
+        }
+        t.put_segment(&SegmentRecord {
+            name: r.segment.clone(),
+            leader: r.leader.clone(),
+            address: r.address.clone(),
+            location: r.location.clone(),
+            cpu_power: r.cpu_power,
+            free_disk: r.free_disk,
+            connections: r.connections,
+            members: r.members.clone(),
+            last_report_ms: now,
+            static_rank: old.as_ref().and_then(|o| o.static_rank),
+            leader_history: history,
+        })?;
+        for name in &r.members {
+            let before: Option<ServerRecord> = m.db.server(name)?;
+            if before.as_ref().is_none_or(|b| !b.live || b.segment != r.segment) {
+                t.log(now, None, None, format!("server {name} joined segment {}", r.segment))?;
+            }
+            t.put_server(&ServerRecord { name: name.clone(), segment: r.segment.clone(), live: true, last_seen_ms: now })?;
+        }
+        for name in old.as_ref().map(|o| o.members.clone()).unwrap_or_default() {
+            if r.members.contains(&name) {
+                continue;
+            }
+            if let Some(mut s) = m.db.server(&name)?
+                && s.segment == r.segment
+                && s.live
+            {
+                s.live = false;
+                t.put_server(&s)?;
+                t.log(now, None, None, format!("server {name} left segment {}", r.segment))?;
+            }
+        }
+        Ok::<_, ManagerError>(())
+    })?;
+    if leader_changed && old.is_some() {
+        m.leader_changed(&r.segment, &r.leader, &r.address)?;
+    }
+    Ok(serde_json::json!({ "segment": r.segment }))
+}

@@ -1,0 +1,313 @@
+//! A group leader's side of the tree: take a notification, fetch the assignment from the parent
+//! (verified chunk by chunk, resumed after a break, re-parented through the manager when the
+//! parent is gone), serve it to children while it still arrives, ask the manager for the next
+//! child until the null address, hand the whole assignment to the segment ([`LocalDelivery`]) and
+//! send one consolidated report.
+//!
+//! The segment side (MCTP to members, their reports) is behind [`LocalDelivery`], implemented by
+//! the agent; this module never talks to members itself.
+
+use hyper::body::Incoming;
+use hyper::header::RANGE;
+use hyper::{Method, Request, Response, StatusCode};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::blob::{Blob, BlobError, Egress};
+use crate::forward::{BoxFuture, ChildSource, forward_slot};
+use crate::http::{self, Body, JsonClient, Role, Tokens};
+use crate::manifest::Manifest;
+use crate::model::{ChildTarget, NextChild, Notification, SegmentReport, TreeCall};
+
+/// What the segment made of an assignment: the GL's consolidated report, less its names.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeliveryOutcome {
+    pub succeeded: Vec<String>,
+    pub failed: Vec<(String, String)>,
+    pub missing: Vec<String>,
+}
+
+/// Hands a whole, verified assignment to the members of the GL's segment and collects their reports.
+pub trait LocalDelivery: Send + Sync + 'static {
+    fn deliver(&self, run: u64, assignment: PathBuf, manifest: Manifest) -> BoxFuture<'static, DeliveryOutcome>;
+}
+
+#[derive(Debug, Clone)]
+pub struct LeaderConfig {
+    pub segment: String,
+    /// This GL's server name.
+    pub leader: String,
+    pub listen: SocketAddr,
+    pub agent_token: String,
+    /// Where received assignments are kept.
+    pub data_dir: PathBuf,
+    /// Longest wait for a byte from the parent before the fetch counts as broken.
+    pub stall: Duration,
+    /// Failed fetches from one parent before asking the manager for another.
+    pub retries_per_parent: u32,
+    /// Upload budget shared by all children (benchmarks simulate a NIC with it).
+    pub egress_bytes_per_sec: Option<u64>,
+}
+
+impl LeaderConfig {
+    pub fn new(segment: &str, leader: &str, agent_token: &str, data_dir: &Path) -> LeaderConfig {
+        LeaderConfig {
+            segment: segment.into(),
+            leader: leader.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            agent_token: agent_token.into(),
+            data_dir: data_dir.into(),
+            stall: Duration::from_secs(5),
+            retries_per_parent: 2,
+            egress_bytes_per_sec: None,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum LeaderError {
+    #[error("group leader of {segment}: binding {addr}: {source}")]
+    Bind { segment: String, addr: SocketAddr, source: std::io::Error },
+    #[error("group leader of {segment}: data directory {path}: {source}")]
+    DataDir { segment: String, path: PathBuf, source: std::io::Error },
+}
+
+struct RunState {
+    blob: Arc<Blob>,
+    notification: watch::Sender<Notification>,
+}
+
+struct Inner {
+    cfg: LeaderConfig,
+    tokens: Tokens,
+    client: JsonClient,
+    runs: Mutex<HashMap<u64, Arc<RunState>>>,
+    delivery: Arc<dyn LocalDelivery>,
+    egress: Option<Arc<Egress>>,
+}
+
+/// A running GL tree endpoint. Dropping it does not stop it; the tasks live on the runtime.
+pub struct LeaderNode {
+    pub addr: SocketAddr,
+    inner: Arc<Inner>,
+}
+
+impl LeaderNode {
+    /// Binds the tree endpoint and starts serving on the current tokio runtime.
+    pub async fn start(cfg: LeaderConfig, delivery: Arc<dyn LocalDelivery>) -> Result<LeaderNode, LeaderError> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|source| LeaderError::DataDir { segment: cfg.segment.clone(), path: cfg.data_dir.clone(), source })?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| LeaderError::Bind { segment: cfg.segment.clone(), addr: cfg.listen, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| LeaderError::Bind { segment: cfg.segment.clone(), addr: cfg.listen, source })?;
+        let inner = Arc::new(Inner {
+            tokens: Tokens::new("", &cfg.agent_token),
+            client: JsonClient::new(&cfg.agent_token, Duration::from_secs(10)),
+            runs: Mutex::new(HashMap::new()),
+            delivery,
+            egress: cfg.egress_bytes_per_sec.map(Egress::new),
+            cfg,
+        });
+        let h = inner.clone();
+        tokio::spawn(http::serve(listener, move |req| {
+            let h = h.clone();
+            async move { h.handle(req).await }
+        }));
+        Ok(LeaderNode { addr, inner })
+    }
+
+    /// The assignment file of `run` once it is whole and verified.
+    pub fn assignment(&self, run: u64) -> Option<PathBuf> {
+        let runs = self.inner.runs.lock().unwrap_or_else(|p| p.into_inner());
+        runs.get(&run).filter(|r| r.blob.is_complete()).map(|r| r.blob.path().to_path_buf())
+    }
+
+    /// Bytes of `run` received and verified so far.
+    pub fn progress(&self, run: u64) -> Option<u64> {
+        let runs = self.inner.runs.lock().unwrap_or_else(|p| p.into_inner());
+        runs.get(&run).map(|r| r.blob.verified())
+    }
+}
+
+impl Inner {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        if path == "/healthz" {
+            return http::json(StatusCode::OK, &serde_json::json!({ "segment": self.cfg.segment }));
+        }
+        if self.tokens.role(&req) != Some(Role::Agent) {
+            return http::error(StatusCode::UNAUTHORIZED, "agent bearer token required");
+        }
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (req.method().clone(), parts.as_slice()) {
+            (Method::POST, ["notify"]) => match http::read_json::<Notification>(req).await {
+                Ok(n) => self.on_notify(n),
+                Err(r) => r,
+            },
+            (Method::GET, ["dist", run, "blob"]) => {
+                let Ok(run) = run.parse::<u64>() else { return http::error(StatusCode::BAD_REQUEST, "bad run id") };
+                let blob = self.runs.lock().unwrap_or_else(|p| p.into_inner()).get(&run).map(|r| r.blob.clone());
+                let Some(blob) = blob else { return http::error(StatusCode::NOT_FOUND, "no such run here") };
+                serve_blob(&blob, &req)
+            }
+            _ => http::error(StatusCode::NOT_FOUND, "no such endpoint"),
+        }
+    }
+
+    fn on_notify(self: &Arc<Self>, n: Notification) -> Response<Body> {
+        if n.segment != self.cfg.segment {
+            return http::error(StatusCode::BAD_REQUEST, &format!("notification for {}, this is {}", n.segment, self.cfg.segment));
+        }
+        if let Err(e) = n.manifest.validate() {
+            return http::error(StatusCode::BAD_REQUEST, &e.to_string());
+        }
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = runs.get(&n.run) {
+            if r.blob.manifest() != &n.manifest {
+                return http::error(StatusCode::CONFLICT, "a different assignment for a run already under way");
+            }
+            // A new parent (re-parented, or the manager resumed the run): the fetch restarts from it.
+            r.notification.send_replace(n);
+            return http::json(StatusCode::ACCEPTED, &serde_json::json!({ "resumed": true }));
+        }
+        let path = self.cfg.data_dir.join(format!("run-{}.assignment", n.run));
+        let blob = match Blob::create(&path, n.manifest.clone(), self.egress.clone()) {
+            Ok(b) => b,
+            Err(e) => return http::error(StatusCode::INSUFFICIENT_STORAGE, &e.to_string()),
+        };
+        let state = Arc::new(RunState { blob, notification: watch::Sender::new(n.clone()) });
+        runs.insert(n.run, state.clone());
+        drop(runs);
+        for _ in 0..n.slots {
+            let source: Arc<dyn ChildSource> = Arc::new(ManagerChildSource { inner: self.clone(), run: state.clone() });
+            tokio::spawn(forward_slot(state.blob.clone(), self.client.clone(), source, self.cfg.stall));
+        }
+        tokio::spawn(self.clone().drive(state));
+        http::json(StatusCode::ACCEPTED, &serde_json::json!({ "accepted": true }))
+    }
+
+    fn manager_url(&self, run: &RunState, what: &str) -> String {
+        let n = run.notification.borrow();
+        format!("{}/api/v1/dist/{}/{what}", n.manager, n.run)
+    }
+
+    /// Tells the manager something, retrying a few times (it may be restarting).
+    async fn tell_manager<T: serde::Serialize>(&self, url: &str, body: &T) -> bool {
+        for attempt in 0..20u64 {
+            match self.client.post::<_, serde_json::Value>(url, body).await {
+                Ok(_) => return true,
+                Err(e) => {
+                    tracing::warn!(segment = %self.cfg.segment, "{e}");
+                    tokio::time::sleep(Duration::from_millis(100 * (attempt + 1).min(10))).await;
+                }
+            }
+        }
+        false
+    }
+
+    /// Fetch until whole (switching parents as told or when one fails), then report received,
+    /// deliver to the segment and send the consolidated report.
+    async fn drive(self: Arc<Self>, run: Arc<RunState>) {
+        let mut rx = run.notification.subscribe();
+        let mut failures = 0u32;
+        let mut total_failures = 0u32;
+        loop {
+            let n = rx.borrow_and_update().clone();
+            let url = format!("{}/dist/{}/blob?from={}", n.source, n.run, n.segment);
+            let result = tokio::select! {
+                r = run.blob.fetch_from(&self.client, &url, self.cfg.stall) => r,
+                _ = rx.changed() => { failures = 0; continue; }
+            };
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    failures += 1;
+                    total_failures += 1;
+                    tracing::warn!(segment = %self.cfg.segment, "{e}");
+                    if total_failures > 200 {
+                        tracing::error!(segment = %self.cfg.segment, run = n.run, "giving up on the run after {total_failures} failed fetches");
+                        return;
+                    }
+                    if failures >= self.cfg.retries_per_parent || matches!(e, BlobError::Corrupt { .. }) && failures >= 2 {
+                        failures = 0;
+                        let url = self.manager_url(&run, "reparent");
+                        match self.client.post::<_, Notification>(&url, &TreeCall { segment: self.cfg.segment.clone() }).await {
+                            Ok(new) => {
+                                tracing::info!(segment = %self.cfg.segment, "re-parented to {}", new.source);
+                                run.notification.send_replace(new);
+                                rx.borrow_and_update();
+                            }
+                            Err(e) => tracing::warn!(segment = %self.cfg.segment, "asking for a new parent: {e}"),
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(failures.max(1)))).await;
+                }
+            }
+        }
+        let n = run.notification.borrow().clone();
+        let call = TreeCall { segment: self.cfg.segment.clone() };
+        self.tell_manager(&self.manager_url(&run, "received"), &call).await;
+        let outcome = self.delivery.deliver(n.run, run.blob.path().to_path_buf(), n.manifest.clone()).await;
+        let report = SegmentReport {
+            segment: self.cfg.segment.clone(),
+            leader: self.cfg.leader.clone(),
+            succeeded: outcome.succeeded,
+            failed: outcome.failed,
+            missing: outcome.missing,
+        };
+        let url = format!("{}/api/v1/runs/{}/report", n.manager, n.run);
+        self.tell_manager(&url, &report).await;
+    }
+}
+
+/// Serves a blob GET: `Range: bytes=N-` resumes; `?from=<segment>` names the child pulling.
+pub fn serve_blob(blob: &Arc<Blob>, req: &Request<Incoming>) -> Response<Body> {
+    let start = match req.headers().get(RANGE).map(|v| v.to_str().ok().and_then(http::parse_range_start)) {
+        None => None,
+        Some(Some(s)) => Some(s),
+        Some(None) => return http::error(StatusCode::RANGE_NOT_SATISFIABLE, "only `Range: bytes=N-` is supported"),
+    };
+    let child = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("from="))).map(str::to_string);
+    blob.serve(start, child)
+}
+
+/// A GL's forwarding slots ask the manager over HTTP.
+struct ManagerChildSource {
+    inner: Arc<Inner>,
+    run: Arc<RunState>,
+}
+
+impl ChildSource for ManagerChildSource {
+    fn next(&self) -> BoxFuture<'_, Option<ChildTarget>> {
+        Box::pin(async move {
+            let url = self.inner.manager_url(&self.run, "next");
+            let call = TreeCall { segment: self.inner.cfg.segment.clone() };
+            for attempt in 0..20u64 {
+                match self.inner.client.post::<_, NextChild>(&url, &call).await {
+                    Ok(next) => return next.child,
+                    Err(e) => {
+                        tracing::warn!(segment = %self.inner.cfg.segment, "asking for the next GL: {e}");
+                        tokio::time::sleep(Duration::from_millis(100 * (attempt + 1).min(10))).await;
+                    }
+                }
+            }
+            None
+        })
+    }
+
+    fn unreachable(&self, child: String) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let url = self.inner.manager_url(&self.run, "dead");
+            self.inner.tell_manager(&url, &TreeCall { segment: child }).await;
+        })
+    }
+}

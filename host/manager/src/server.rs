@@ -1,0 +1,745 @@
+//! The manager process: the scheduler loop, job runs (quorum, disk space, distribution down the
+//! tree, reports, outcome per policy) and the state every HTTP handler shares. Routing is in
+//! [`crate::api`]. Every step of a run is written to the database before it is acted on, so a
+//! manager restarted mid-run resumes it ([`Manager::start`] picks up runs still distributing).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::blob::{Blob, BlobError, Egress};
+use crate::db::{Db, DbError};
+use crate::forward::{BoxFuture, ChildSource, forward_slot};
+use crate::http::{self, JsonClient, Tokens};
+use crate::manifest::{DEFAULT_CHUNK_SIZE, Manifest, ManifestError};
+use crate::model::{
+    ChildTarget, Job, JobState, Notification, OnBlocked, Payload, Run, RunPhase, SegmentReport, SegmentRun, SegmentStatus,
+    ServerOutcome,
+};
+use crate::tree::{LeaderInfo, Next, Node, TreeConfig, TreePlan, sort_leaders};
+use crate::{now_ms, policy, scheduler};
+
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub listen: SocketAddr,
+    /// Database and assignment files.
+    pub data_dir: PathBuf,
+    pub operator_token: String,
+    pub agent_token: String,
+    pub tree: TreeConfig,
+    pub chunk_size: u32,
+    /// Scheduler period.
+    pub tick: Duration,
+    /// A segment not heard from for this long counts as not live (its servers fail the quorum).
+    pub live_window: Duration,
+    /// How long a notified GL may take to start fetching before it is probed.
+    pub start_timeout: Duration,
+    /// Upload budget of the manager (benchmarks simulate a NIC with it).
+    pub egress_bytes_per_sec: Option<u64>,
+    /// How often a run probes the GLs that have not reported yet (a GL that died after its
+    /// children were served is noticed this way).
+    pub probe_interval: Duration,
+}
+
+impl ManagerConfig {
+    pub fn new(data_dir: PathBuf, operator_token: &str, agent_token: &str) -> ManagerConfig {
+        ManagerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            operator_token: operator_token.into(),
+            agent_token: agent_token.into(),
+            tree: TreeConfig::default(),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            tick: Duration::from_millis(500),
+            live_window: Duration::from_secs(90),
+            start_timeout: Duration::from_secs(5),
+            egress_bytes_per_sec: None,
+            probe_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("manager: {what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A run being distributed, in memory (its durable state is the `Run` record).
+pub(crate) struct ActiveRun {
+    pub id: u64,
+    pub job: u64,
+    pub site: String,
+    pub servers: BTreeSet<String>,
+    pub blob: Arc<Blob>,
+    pub plan: Mutex<TreePlan>,
+    pub changed: Notify,
+    pub deadline_ms: u64,
+}
+
+pub(crate) struct Inner {
+    pub cfg: ManagerConfig,
+    pub db: Db,
+    pub tokens: Tokens,
+    pub client: JsonClient,
+    pub url: String,
+    pub runs: Mutex<HashMap<u64, Arc<ActiveRun>>>,
+    egress: Option<Arc<Egress>>,
+}
+
+/// A running manager.
+pub struct Manager {
+    pub addr: SocketAddr,
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Manager {
+    /// Opens the database, resumes runs that were distributing, binds the API and starts the scheduler.
+    pub async fn start(cfg: ManagerConfig) -> Result<Manager, ManagerError> {
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |source| ManagerError::Io { what, source }
+        };
+        std::fs::create_dir_all(cfg.data_dir.join("runs")).map_err(io("creating the data directory"))?;
+        let db = Db::open(&cfg.data_dir.join("manager.redb"))?;
+        let listener = TcpListener::bind(cfg.listen).await.map_err(io("binding the API address"))?;
+        let addr = listener.local_addr().map_err(io("reading the API address"))?;
+        let inner = Arc::new(Inner {
+            tokens: Tokens::new(&cfg.operator_token, &cfg.agent_token),
+            client: JsonClient::new(&cfg.agent_token, Duration::from_secs(10)),
+            url: format!("http://{addr}"),
+            runs: Mutex::new(HashMap::new()),
+            egress: cfg.egress_bytes_per_sec.map(Egress::new),
+            db,
+            cfg,
+        });
+        for run in inner.db.runs()? {
+            if run.phase == RunPhase::Distributing {
+                tracing::info!(run = run.id, "resuming run after restart");
+                inner.db.write(|t| t.log(now_ms(), Some(run.job), Some(run.id), "manager restarted: run resumed"))?;
+                if let Err(e) = inner.clone().resume(run.clone()) {
+                    inner.finish(&run, Some(format!("could not resume after restart: {e}")))?;
+                }
+            }
+        }
+        let h = inner.clone();
+        tokio::spawn(http::serve(listener, move |req| {
+            let h = h.clone();
+            async move { crate::api::handle(h, req).await }
+        }));
+        let s = inner.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = s.clone().tick(now_ms()) {
+                    tracing::error!("scheduler: {e}");
+                }
+                tokio::time::sleep(s.cfg.tick).await;
+            }
+        });
+        Ok(Manager { addr, inner })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+}
+
+impl Inner {
+    /// One scheduler pass: start due jobs, queue or cancel conflicting ones.
+    pub(crate) fn tick(self: Arc<Self>, now: u64) -> Result<(), ManagerError> {
+        let jobs = self.db.jobs()?;
+        let due = scheduler::due(&jobs, now);
+        if due.is_empty() {
+            return Ok(());
+        }
+        let active: Vec<scheduler::Active> = lock(&self.runs)
+            .values()
+            .map(|r| scheduler::Active { job: r.job, site: r.site.clone(), servers: r.servers.clone() })
+            .collect();
+        let mut candidates = Vec::new();
+        for job in &due {
+            match self.targets(job) {
+                Ok(servers) => candidates.push(scheduler::Candidate {
+                    job: job.id,
+                    due_ms: job.next_run_ms,
+                    site: job.spec.site.clone(),
+                    servers: servers.into_iter().collect(),
+                    on_conflict: job.spec.policy.on_conflict,
+                }),
+                Err(e) => self.set_state(job, JobState::Cancelled { reason: e.to_string() }, now)?,
+            }
+        }
+        for d in scheduler::decide(candidates, &active) {
+            let job = jobs.iter().find(|j| j.id == d_job(&d)).cloned();
+            let Some(job) = job else { continue };
+            match d {
+                scheduler::Decision::Start { .. } => {
+                    if let Err(e) = self.clone().start_run(job.clone(), now) {
+                        tracing::error!(job = job.id, "starting a run: {e}");
+                        let next = policy::after_failure(&job.spec.policy, job.attempts + 1, now, &e.to_string());
+                        self.db.write(|t| {
+                            let mut j = job.clone();
+                            (j.state, j.next_run_ms, j.attempts) = (next.state, next.next_run_ms, next.attempts);
+                            j.last_reason = Some(e.to_string());
+                            t.put_job(&j)?;
+                            t.log(now, Some(j.id), None, format!("run could not start: {e}"))
+                        })?;
+                    }
+                }
+                scheduler::Decision::Queue { conflicts_with, .. } => {
+                    self.set_reason(&job, format!("queued: job {conflicts_with} is distributing to the same site on shared servers"), now)?
+                }
+                scheduler::Decision::Cancel { conflicts_with, .. } => self.set_state(
+                    &job,
+                    JobState::Cancelled { reason: format!("conflicts with running job {conflicts_with} (same site, shared servers)") },
+                    now,
+                )?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The servers a job targets: its site's content group.
+    fn targets(&self, job: &Job) -> Result<Vec<String>, ManagerError> {
+        let site = self.db.site(&job.spec.site)?.ok_or_else(|| ManagerError::NotFound(format!("hosted site {} does not exist", job.spec.site)))?;
+        let group = self
+            .db
+            .group(&site.content_group)?
+            .ok_or_else(|| ManagerError::NotFound(format!("content group {} does not exist", site.content_group)))?;
+        Ok(group.servers)
+    }
+
+    /// Records why a job did not run, once per distinct reason.
+    fn set_reason(&self, job: &Job, reason: String, now: u64) -> Result<(), ManagerError> {
+        if job.last_reason.as_deref() == Some(reason.as_str()) {
+            return Ok(());
+        }
+        self.db.write(|t| {
+            let mut j = job.clone();
+            j.last_reason = Some(reason.clone());
+            t.put_job(&j)?;
+            t.log(now, Some(j.id), None, reason.clone())
+        })?;
+        Ok(())
+    }
+
+    fn set_state(&self, job: &Job, state: JobState, now: u64) -> Result<(), ManagerError> {
+        self.db.write(|t| {
+            let mut j = job.clone();
+            let what = match &state {
+                JobState::Cancelled { reason } => format!("cancelled: {reason}"),
+                other => format!("now {other:?}"),
+            };
+            if let JobState::Cancelled { reason } = &state {
+                j.last_reason = Some(reason.clone());
+            }
+            j.state = state.clone();
+            t.put_job(&j)?;
+            t.log(now, Some(j.id), None, what)
+        })?;
+        Ok(())
+    }
+
+    /// Live servers: reported by their segment's GL as members, within the live window.
+    fn live_servers(&self, now: u64) -> Result<BTreeMap<String, String>, ManagerError> {
+        let window = self.cfg.live_window.as_millis() as u64;
+        let segments: HashMap<String, _> = self.db.segments()?.into_iter().map(|s| (s.name.clone(), s)).collect();
+        Ok(self
+            .db
+            .servers()?
+            .into_iter()
+            .filter(|s| {
+                s.live
+                    && segments
+                        .get(&s.segment)
+                        .is_some_and(|g| g.last_report_ms + window >= now && g.members.contains(&s.name))
+            })
+            .map(|s| (s.name, s.segment))
+            .collect())
+    }
+
+    /// Quorum, assignment, disk space, then the run record and the distribution.
+    fn start_run(self: Arc<Self>, job: Job, now: u64) -> Result<(), ManagerError> {
+        let targets = self.targets(&job)?;
+        let live = self.live_servers(now)?;
+        let live_names: BTreeSet<String> = live.keys().cloned().collect();
+        let quorum = job.spec.policy.quorum;
+        if let Err(short) = policy::check_quorum(quorum, &targets, &live_names) {
+            return self.blocked(&job, job.spec.policy.on_quorum_shortfall, short.to_string(), now);
+        }
+        let Payload::File { path } = &job.spec.payload;
+        let run_id = self.db.write(|t| t.next_run_id())?;
+        let copy = self.cfg.data_dir.join("runs").join(format!("{run_id}.assignment"));
+        std::fs::copy(path, &copy).map_err(|source| ManagerError::Io { what: format!("copying assignment {path}"), source })?;
+        let manifest = Manifest::of_file(&copy, self.cfg.chunk_size)?;
+        let disk_needed = manifest.size;
+
+        // Group the live targets by segment; segments without the disk space are left out.
+        let mut segments: BTreeMap<String, SegmentRun> = BTreeMap::new();
+        let mut outcomes: Vec<(String, ServerOutcome)> = Vec::new();
+        for server in &targets {
+            let Some(seg) = live.get(server) else {
+                outcomes.push((server.clone(), ServerOutcome::Missing));
+                continue;
+            };
+            let Some(rec) = self.db.segment(seg)? else { continue };
+            if rec.free_disk < disk_needed {
+                outcomes.push((
+                    server.clone(),
+                    ServerOutcome::Failed { reason: format!("segment {seg} reports {} bytes free, the run needs {disk_needed}", rec.free_disk) },
+                ));
+                continue;
+            }
+            segments
+                .entry(seg.clone())
+                .or_insert_with(|| SegmentRun { leader: rec.leader.clone(), address: rec.address.clone(), status: SegmentStatus::Pending, servers: vec![] })
+                .servers
+                .push(server.clone());
+        }
+        let eligible: BTreeSet<String> = segments.values().flat_map(|s| s.servers.iter().cloned()).collect();
+        if let Err(short) = policy::check_quorum(quorum, &targets, &eligible) {
+            let _ = std::fs::remove_file(&copy);
+            return self.blocked(&job, job.spec.policy.on_quorum_shortfall, format!("{short} (after leaving out segments short of disk space)"), now);
+        }
+        let run = Run {
+            id: run_id,
+            job: job.id,
+            started_ms: now,
+            deadline_ms: now + job.spec.policy.run_timeout_ms,
+            phase: RunPhase::Distributing,
+            manifest,
+            disk_needed,
+            segments,
+        };
+        self.db.write(|t| {
+            let mut j = job.clone();
+            j.state = JobState::Running { run: run_id };
+            j.attempts += 1;
+            j.last_reason = None;
+            t.put_job(&j)?;
+            t.put_run(&run)?;
+            for (s, o) in &outcomes {
+                t.put_report(run_id, s, o)?;
+            }
+            t.log(
+                now,
+                Some(job.id),
+                Some(run_id),
+                format!(
+                    "run started: {} bytes (blake3 {}), {} segments, {} of {} servers",
+                    run.manifest.size,
+                    &run.manifest.blake3[..16],
+                    run.segments.len(),
+                    eligible.len(),
+                    targets.len()
+                ),
+            )
+        })?;
+        self.resume(run)
+    }
+
+    /// A job blocked before it started (quorum): deferred or cancelled per policy.
+    fn blocked(&self, job: &Job, on: OnBlocked, reason: String, now: u64) -> Result<(), ManagerError> {
+        match on {
+            OnBlocked::Queue => self.db.write(|t| {
+                let mut j = job.clone();
+                j.next_run_ms = now + j.spec.policy.defer_ms;
+                j.last_reason = Some(format!("deferred: {reason}"));
+                t.put_job(&j)?;
+                t.log(now, Some(j.id), None, format!("deferred: {reason}"))
+            })?,
+            OnBlocked::Cancel => self.set_state(job, JobState::Cancelled { reason }, now)?,
+        }
+        Ok(())
+    }
+
+    /// Starts (or, after a restart, resumes) distributing a run down the tree.
+    fn resume(self: Arc<Self>, run: Run) -> Result<(), ManagerError> {
+        let job = self.db.job(run.job)?.ok_or_else(|| ManagerError::NotFound(format!("job {} of run {}", run.job, run.id)))?;
+        let copy = self.cfg.data_dir.join("runs").join(format!("{}.assignment", run.id));
+        let blob = Blob::complete(&copy, run.manifest.clone(), self.egress.clone())?;
+        let mut infos = Vec::new();
+        for (name, s) in &run.segments {
+            let rec = self.db.segment(name)?;
+            infos.push(LeaderInfo {
+                segment: name.clone(),
+                cpu_power: rec.as_ref().map_or(0, |r| r.cpu_power),
+                location: rec.as_ref().map_or(String::new(), |r| r.location.clone()),
+                static_rank: rec.and_then(|r| r.static_rank),
+            });
+            let _ = s;
+        }
+        sort_leaders(&mut infos);
+        let order: Vec<String> = infos.into_iter().map(|i| i.segment).collect();
+        let done: Vec<String> = run
+            .segments
+            .iter()
+            .filter(|(_, s)| matches!(s.status, SegmentStatus::Received | SegmentStatus::Reported))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut plan = TreePlan::new(self.cfg.tree, &order, &done);
+        for (n, s) in &run.segments {
+            if s.status == SegmentStatus::Lost {
+                plan.leader_dead(n);
+            }
+        }
+        let slots = plan.slots(&Node::Manager);
+        let active = Arc::new(ActiveRun {
+            id: run.id,
+            job: run.job,
+            site: job.spec.site.clone(),
+            servers: run.segments.values().flat_map(|s| s.servers.iter().cloned()).collect(),
+            blob: blob.clone(),
+            plan: Mutex::new(plan),
+            changed: Notify::new(),
+            deadline_ms: run.deadline_ms,
+        });
+        lock(&self.runs).insert(run.id, active.clone());
+        for _ in 0..slots {
+            let source: Arc<dyn ChildSource> = Arc::new(RootSource { inner: self.clone(), run: active.clone() });
+            tokio::spawn(forward_slot(blob.clone(), self.client.clone(), source, self.cfg.start_timeout));
+        }
+        tokio::spawn(self.monitor(active));
+        Ok(())
+    }
+
+    /// Ends the run when every segment reported or was lost, or at its deadline.
+    async fn monitor(self: Arc<Self>, active: Arc<ActiveRun>) {
+        let mut last_sweep = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = active.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            let run = match self.db.run(active.id) {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::error!(run = active.id, "reading run: {e}");
+                    continue;
+                }
+            };
+            if run.phase != RunPhase::Distributing {
+                return;
+            }
+            if last_sweep.elapsed() >= self.cfg.probe_interval {
+                last_sweep = tokio::time::Instant::now();
+                self.sweep(&run).await;
+            }
+            let settled = run.segments.values().all(|s| matches!(s.status, SegmentStatus::Reported | SegmentStatus::Lost));
+            let late = now_ms() >= active.deadline_ms;
+            if settled || late {
+                let why = (late && !settled).then(|| "deadline passed before every segment reported".to_string());
+                if let Err(e) = self.finish(&run, why) {
+                    tracing::error!(run = run.id, "finishing run: {e}");
+                    continue;
+                }
+                lock(&self.runs).remove(&active.id);
+                active.changed.notify_waiters();
+                return;
+            }
+        }
+    }
+
+    /// Probes every GL of the run that has not reported; the silent ones are routed around.
+    async fn sweep(self: &Arc<Self>, run: &Run) {
+        let mut probes = tokio::task::JoinSet::new();
+        for (name, s) in &run.segments {
+            if matches!(s.status, SegmentStatus::Pending | SegmentStatus::Received) {
+                let (me, name, address) = (self.clone(), name.clone(), s.address.clone());
+                probes.spawn(async move { (!me.probe(&address).await).then_some(name) });
+            }
+        }
+        while let Some(r) = probes.join_next().await {
+            if let Ok(Some(dead)) = r
+                && let Err(e) = self.leader_unreachable(run.id, &dead).await
+            {
+                tracing::error!(run = run.id, "{e}");
+            }
+        }
+    }
+
+    /// Counts the outcome, records it and moves the job on per its policy.
+    fn finish(&self, run: &Run, forced: Option<String>) -> Result<(), ManagerError> {
+        let now = now_ms();
+        let job = self.db.job(run.job)?.ok_or_else(|| ManagerError::NotFound(format!("job {}", run.job)))?;
+        let targets = self.targets(&job).unwrap_or_default();
+        let reports: BTreeMap<String, ServerOutcome> = self.db.reports(run.id)?.into_iter().collect();
+        let succeeded = targets.iter().filter(|s| reports.get(*s) == Some(&ServerOutcome::Succeeded)).count();
+        let ok = forced.is_none() && policy::run_succeeded(job.spec.policy.quorum, targets.len(), succeeded);
+        let summary = format!("{succeeded} of {} servers succeeded", targets.len());
+        let reason = forced.clone().unwrap_or_else(|| format!("quorum not met: {summary}"));
+        let next = if ok {
+            policy::after_success(job.spec.every_ms, now)
+        } else {
+            policy::after_failure(&job.spec.policy, job.attempts, now, &reason)
+        };
+        self.db.write(|t| {
+            for s in &targets {
+                if !reports.contains_key(s) {
+                    t.put_report(run.id, s, &ServerOutcome::Missing)?;
+                }
+            }
+            let mut r = run.clone();
+            r.phase = if ok { RunPhase::Succeeded } else { RunPhase::Failed { reason: reason.clone() } };
+            t.put_run(&r)?;
+            let mut j = job.clone();
+            (j.state, j.next_run_ms, j.attempts) = (next.state.clone(), next.next_run_ms, next.attempts);
+            j.last_reason = (!ok).then(|| reason.clone());
+            t.put_job(&j)?;
+            let verdict = if ok { format!("run succeeded: {summary}") } else { format!("run failed: {reason}") };
+            t.log(now, Some(job.id), Some(run.id), format!("{verdict}; job now {:?}", next.state))
+        })?;
+        let _ = std::fs::remove_file(self.cfg.data_dir.join("runs").join(format!("{}.assignment", run.id)));
+        Ok(())
+    }
+
+    pub(crate) fn active(&self, run: u64) -> Option<Arc<ActiveRun>> {
+        lock(&self.runs).get(&run).cloned()
+    }
+
+    /// Base URL of a tree node in a run.
+    fn node_url(&self, run: &Run, node: &Node) -> Option<String> {
+        match node {
+            Node::Manager => Some(self.url.clone()),
+            Node::Leader(s) => run.segments.get(s).map(|s| format!("http://{}", s.address)),
+        }
+    }
+
+    /// The notification for `segment` to fetch from `parent`.
+    pub(crate) fn child_target(&self, run: &Run, active: &ActiveRun, segment: &str, parent: &Node) -> Option<ChildTarget> {
+        let seg = run.segments.get(segment)?;
+        let slots = lock(&active.plan).slots(&Node::Leader(segment.to_string()));
+        Some(ChildTarget {
+            segment: segment.to_string(),
+            address: seg.address.clone(),
+            notification: Notification {
+                run: run.id,
+                segment: segment.to_string(),
+                source: self.node_url(run, parent)?,
+                manager: self.url.clone(),
+                manifest: run.manifest.clone(),
+                slots,
+            },
+        })
+    }
+
+    /// Updates one segment's status in the run record.
+    pub(crate) fn set_segment_status(&self, run: u64, segment: &str, status: SegmentStatus, event: Option<String>) -> Result<(), ManagerError> {
+        self.db.write(|t| {
+            let Some(mut r) = self.db_run_in(run)? else { return Ok(()) };
+            if let Some(s) = r.segments.get_mut(segment) {
+                // Reported is final; Received never goes back to Pending except through revival.
+                if s.status != SegmentStatus::Reported && !(s.status == SegmentStatus::Received && status == SegmentStatus::Pending) {
+                    s.status = status;
+                }
+            }
+            t.put_run(&r)?;
+            if let Some(e) = &event {
+                t.log(now_ms(), Some(r.job), Some(run), e.clone())?;
+            }
+            Ok::<_, ManagerError>(())
+        })
+    }
+
+    fn db_run_in(&self, run: u64) -> Result<Option<Run>, ManagerError> {
+        Ok(self.db.run(run)?)
+    }
+
+    /// Is a GL's tree endpoint answering?
+    async fn probe(&self, address: &str) -> bool {
+        let c = JsonClient::new("", Duration::from_secs(1));
+        c.get::<serde_json::Value>(&format!("http://{address}/healthz")).await.is_ok()
+    }
+
+    /// Someone could not reach `segment`'s GL. If it does not answer, it is dead for this run:
+    /// its unfinished children get new parents and fresh notifications.
+    pub(crate) async fn leader_unreachable(&self, run_id: u64, segment: &str) -> Result<bool, ManagerError> {
+        let Some(active) = self.active(run_id) else { return Ok(false) };
+        let Some(run) = self.db.run(run_id)? else { return Ok(false) };
+        let Some(seg) = run.segments.get(segment) else { return Ok(false) };
+        if self.probe(&seg.address).await {
+            return Ok(false);
+        }
+        let orphans = lock(&active.plan).leader_dead(segment);
+        self.set_segment_status(
+            run_id,
+            segment,
+            SegmentStatus::Lost,
+            Some(format!("group leader {} of segment {segment} unreachable; {} children re-parented", seg.leader, orphans.len())),
+        )?;
+        for (child, parent) in orphans {
+            if let Some(target) = self.child_target(&run, &active, &child, &parent) {
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    let url = format!("http://{}/notify", target.address);
+                    if let Err(e) = client.post::<_, serde_json::Value>(&url, &target.notification).await {
+                        tracing::warn!("re-parent notification to {}: {e}", target.segment);
+                    }
+                });
+            }
+        }
+        active.changed.notify_waiters();
+        Ok(true)
+    }
+
+    /// A GL cannot fetch from its parent: a new parent (the parent is checked first).
+    pub(crate) async fn reparent(&self, run_id: u64, segment: &str) -> Result<Notification, ManagerError> {
+        let active = self.active(run_id).ok_or_else(|| ManagerError::NotFound(format!("run {run_id} is not distributing")))?;
+        let parent = lock(&active.plan).parent_of(segment).cloned();
+        if let Some(Node::Leader(p)) = &parent
+            && !self.leader_unreachable(run_id, p).await?
+        {
+            // The parent answers but the child cannot use it: fetch the reference copy.
+            lock(&active.plan).adopt_by_manager(segment);
+        }
+        let run = self.db.run(run_id)?.ok_or_else(|| ManagerError::NotFound(format!("run {run_id}")))?;
+        let parent = lock(&active.plan).parent_of(segment).cloned().unwrap_or(Node::Manager);
+        self.child_target(&run, &active, segment, &parent)
+            .map(|t| t.notification)
+            .ok_or_else(|| ManagerError::NotFound(format!("segment {segment} is not in run {run_id}")))
+    }
+
+    /// A GL's consolidated report.
+    pub(crate) fn segment_report(&self, run_id: u64, report: &SegmentReport) -> Result<(), ManagerError> {
+        let run = self.db.run(run_id)?.ok_or_else(|| ManagerError::NotFound(format!("run {run_id}")))?;
+        let seg = run
+            .segments
+            .get(&report.segment)
+            .ok_or_else(|| ManagerError::Invalid(format!("segment {} is not in run {run_id}", report.segment)))?;
+        let ours = |s: &String| seg.servers.contains(s);
+        let mut outcomes: Vec<(String, ServerOutcome)> = Vec::new();
+        outcomes.extend(report.succeeded.iter().filter(|s| ours(s)).map(|s| (s.clone(), ServerOutcome::Succeeded)));
+        outcomes.extend(report.failed.iter().filter(|(s, _)| ours(s)).map(|(s, r)| (s.clone(), ServerOutcome::Failed { reason: r.clone() })));
+        outcomes.extend(report.missing.iter().filter(|s| ours(s)).map(|s| (s.clone(), ServerOutcome::Missing)));
+        // Targets the GL did not mention at all count as missing.
+        for s in &seg.servers {
+            if !outcomes.iter().any(|(o, _)| o == s) {
+                outcomes.push((s.clone(), ServerOutcome::Missing));
+            }
+        }
+        self.db.write(|t| {
+            for (s, o) in &outcomes {
+                t.put_report(run_id, s, o)?;
+            }
+            Ok::<_, ManagerError>(())
+        })?;
+        let ok = outcomes.iter().filter(|(_, o)| *o == ServerOutcome::Succeeded).count();
+        self.set_segment_status(
+            run_id,
+            &report.segment,
+            SegmentStatus::Reported,
+            Some(format!("segment {} (GL {}) reported: {ok} of {} servers succeeded", report.segment, report.leader, seg.servers.len())),
+        )?;
+        if let Some(a) = self.active(run_id) {
+            a.changed.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// A segment's GL holds the whole assignment.
+    pub(crate) fn received(&self, run_id: u64, segment: &str) -> Result<(), ManagerError> {
+        let active = self.active(run_id).ok_or_else(|| ManagerError::NotFound(format!("run {run_id} is not distributing")))?;
+        lock(&active.plan).received(segment);
+        let run = self.db.run(run_id)?;
+        if run.is_some_and(|r| r.segments.get(segment).is_some_and(|s| s.status == SegmentStatus::Pending)) {
+            self.set_segment_status(run_id, segment, SegmentStatus::Received, None)?;
+        }
+        active.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// A segment has a new GL (discovery): if a run lost it, the run picks it up again.
+    pub(crate) fn leader_changed(&self, segment: &str, leader: &str, address: &str) -> Result<(), ManagerError> {
+        let actives: Vec<Arc<ActiveRun>> = lock(&self.runs).values().cloned().collect();
+        for active in actives {
+            let Some(mut run) = self.db.run(active.id)? else { continue };
+            let Some(seg) = run.segments.get_mut(segment) else { continue };
+            if seg.status == SegmentStatus::Reported || (seg.address == address && seg.status != SegmentStatus::Lost) {
+                continue;
+            }
+            {
+                let mut plan = lock(&active.plan);
+                plan.leader_dead(segment);
+                plan.revive(segment);
+            }
+            *seg = SegmentRun { leader: leader.into(), address: address.into(), status: SegmentStatus::Pending, servers: seg.servers.clone() };
+            self.db.write(|t| {
+                t.put_run(&run)?;
+                t.log(now_ms(), Some(run.job), Some(run.id), format!("segment {segment}: new group leader {leader} picks up the run"))
+            })?;
+            active.changed.notify_waiters();
+        }
+        Ok(())
+    }
+}
+
+fn d_job(d: &scheduler::Decision) -> u64 {
+    match d {
+        scheduler::Decision::Start { job } | scheduler::Decision::Queue { job, .. } | scheduler::Decision::Cancel { job, .. } => *job,
+    }
+}
+
+/// The manager's own forwarding slots take children straight from the plan.
+struct RootSource {
+    inner: Arc<Inner>,
+    run: Arc<ActiveRun>,
+}
+
+impl ChildSource for RootSource {
+    fn next(&self) -> BoxFuture<'_, Option<ChildTarget>> {
+        Box::pin(async move {
+            loop {
+                self.inner.active(self.run.id)?;
+                let notified = self.run.changed.notified();
+                let next = lock(&self.run.plan).next_for(&Node::Manager);
+                match next {
+                    Next::Serve(seg) => {
+                        let run = self.inner.db.run(self.run.id).ok().flatten()?;
+                        if let Some(t) = self.inner.child_target(&run, &self.run, &seg, &Node::Manager) {
+                            return Some(t);
+                        }
+                    }
+                    Next::Done => return None,
+                    Next::Wait => {
+                        tokio::select! {
+                            _ = notified => {}
+                            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    fn unreachable(&self, child: String) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Err(e) = self.inner.leader_unreachable(self.run.id, &child).await {
+                tracing::error!("{e}");
+            }
+        })
+    }
+}

@@ -1,1 +1,26 @@
-//! Sans-IO group-leader election and registration for one LAN segment (seed Fig. 5). No sockets, no clocks, no tokio: inputs are `(now, datagram)` and timer expiries, outputs are datagrams, timers and events.
+//! Sans-IO group-leader election and registration for one LAN segment (seed Fig. 5).
+//!
+//! No sockets, no clocks, no tokio: inputs are `(now, from, datagram)` and timer expiries,
+//! outputs are datagrams ([`Election::poll_transmit`]), the next timer
+//! ([`Election::poll_timeout`]) and events ([`Election::poll_event`]). Randomness comes from a
+//! seed given to [`Election::new`]. The protocol, message layouts, priority formula and timing
+//! bounds are written up in `docs/election.md`.
+//!
+//! - [`machine`]: the five-state machine, registration, member liveness, channel moves.
+//! - [`priority`]: the priority formula and the order of claims.
+//! - [`wire`]: the authenticated datagram codec; [`replay`]: replay windows.
+//! - [`sim`]: the deterministic network simulator used by the tests and benches.
+
+pub mod config;
+pub mod machine;
+pub mod priority;
+pub mod replay;
+pub mod sim;
+pub mod time;
+pub mod wire;
+
+pub use config::{Config, ConfigError, DataChannelPool, Eligibility, Registration, Timing};
+pub use machine::{Destination, Election, Event, LeaveReason, Member, RequestError, State, Stats, Transmit};
+pub use priority::{ClaimKey, NodeId, Priority, PriorityInputs};
+pub use time::Instant;
+pub use wire::DropReason;

@@ -101,8 +101,17 @@ async fn operator(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<In
         (Method::GET, ["api", "v1", "groups"]) => ok_or_fail(m.db.groups().map_err(Into::into)),
         (Method::PUT, ["api", "v1", "sites", name]) => {
             let b: SiteBody = body!(req);
-            let s = HostedSite { name: name.to_string(), content_group: b.content_group, staging: b.staging };
             ok_or_fail(m.db.write(|t| {
+                // Serials and release history are the manager's; an operator edit keeps them.
+                let old = m.db.site(name)?;
+                let s = HostedSite {
+                    name: name.to_string(),
+                    content_group: b.content_group.clone(),
+                    staging: b.staging.clone(),
+                    serial: old.as_ref().map_or(0, |o| o.serial),
+                    prepared: old.as_ref().and_then(|o| o.prepared),
+                    committed: old.map(|o| o.committed).unwrap_or_default(),
+                };
                 t.put_site(&s)?;
                 Ok::<_, ManagerError>(s.clone())
             }))

@@ -21,6 +21,7 @@ pub mod leader;
 pub mod manifest;
 pub mod model;
 pub mod policy;
+pub mod prepare;
 pub mod scheduler;
 pub mod server;
 pub mod tree;

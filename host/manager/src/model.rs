@@ -69,6 +69,21 @@ pub struct HostedSite {
     pub content_group: String,
     /// Where the operator's staging tree is, on the manager's machine.
     pub staging: String,
+    /// Serial of the newest assignment built for the site (every assignment gets the next one).
+    #[serde(default)]
+    pub serial: u64,
+    /// The newest release distributed successfully and not yet committed.
+    #[serde(default)]
+    pub prepared: Option<u64>,
+    /// Releases committed, oldest first; the last is live on the servers (rollback pops it).
+    #[serde(default)]
+    pub committed: Vec<u64>,
+}
+
+impl HostedSite {
+    pub fn live(&self) -> Option<u64> {
+        self.committed.last().copied()
+    }
 }
 
 /// What a job carries to the servers.
@@ -77,6 +92,13 @@ pub struct HostedSite {
 pub enum Payload {
     /// A ready-made assignment file, sent as opaque bytes.
     File { path: String },
+    /// Built by the manager (cm-assignment): the site's staging tree against the snapshot of what
+    /// is live on the servers (the shadow copy); the new snapshot is kept for the next delta.
+    Staging,
+    /// Header only: make release `serial` live (`None`: the site's newest prepared release).
+    Commit { serial: Option<u64> },
+    /// Header only: switch back to the release committed before the live one.
+    Rollback,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,6 +246,9 @@ pub struct Run {
     pub started_ms: u64,
     pub deadline_ms: u64,
     pub phase: RunPhase,
+    /// The assignment's serial when the manager built it (publish, commit, rollback).
+    #[serde(default)]
+    pub serial: Option<u64>,
     pub manifest: Manifest,
     /// Disk space each server needs for this run.
     pub disk_needed: u64,

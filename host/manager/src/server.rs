@@ -18,11 +18,11 @@ use crate::forward::{BoxFuture, ChildSource, forward_slot};
 use crate::http::{self, JsonClient, Tokens};
 use crate::manifest::{DEFAULT_CHUNK_SIZE, Manifest, ManifestError};
 use crate::model::{
-    ChildTarget, Job, JobState, Notification, OnBlocked, Payload, Run, RunPhase, SegmentReport, SegmentRun, SegmentStatus,
+    ChildTarget, Job, JobState, Notification, OnBlocked, Run, RunPhase, SegmentReport, SegmentRun, SegmentStatus,
     ServerOutcome,
 };
 use crate::tree::{LeaderInfo, Next, Node, TreeConfig, TreePlan, sort_leaders};
-use crate::{now_ms, policy, scheduler};
+use crate::{now_ms, policy, prepare, scheduler};
 
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -44,6 +44,8 @@ pub struct ManagerConfig {
     /// How often a run probes the GLs that have not reported yet (a GL that died after its
     /// children were served is noticed this way).
     pub probe_interval: Duration,
+    /// Seals manager-built assignments (servers configured with the same key accept only those).
+    pub seal: Option<cm_assignment::SealKey>,
 }
 
 impl ManagerConfig {
@@ -60,6 +62,7 @@ impl ManagerConfig {
             start_timeout: Duration::from_secs(5),
             egress_bytes_per_sec: None,
             probe_interval: Duration::from_secs(5),
+            seal: None,
         }
     }
 }
@@ -74,6 +77,8 @@ pub enum ManagerError {
     Blob(#[from] BlobError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Prepare(#[from] crate::prepare::PrepareError),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -290,10 +295,21 @@ impl Inner {
         if let Err(short) = policy::check_quorum(quorum, &targets, &live_names) {
             return self.blocked(&job, job.spec.policy.on_quorum_shortfall, short.to_string(), now);
         }
-        let Payload::File { path } = &job.spec.payload;
+        let mut site = self.db.site(&job.spec.site)?.ok_or_else(|| ManagerError::NotFound(format!("hosted site {}", job.spec.site)))?;
         let run_id = self.db.write(|t| t.next_run_id())?;
         let copy = self.cfg.data_dir.join("runs").join(format!("{run_id}.assignment"));
-        std::fs::copy(path, &copy).map_err(|source| ManagerError::Io { what: format!("copying assignment {path}"), source })?;
+        let prepared = prepare::prepare(
+            &job.spec.payload,
+            job.spec.kind,
+            &site,
+            site.serial + 1,
+            job.id,
+            prepare::Context { data_dir: &self.cfg.data_dir, seal: self.cfg.seal.as_ref() },
+            &copy,
+        )?;
+        if let Some(s) = prepared.serial {
+            site.serial = s;
+        }
         let manifest = Manifest::of_file(&copy, self.cfg.chunk_size)?;
         let disk_needed = manifest.size;
 
@@ -330,6 +346,7 @@ impl Inner {
             started_ms: now,
             deadline_ms: now + job.spec.policy.run_timeout_ms,
             phase: RunPhase::Distributing,
+            serial: prepared.serial,
             manifest,
             disk_needed,
             segments,
@@ -341,6 +358,8 @@ impl Inner {
             j.last_reason = None;
             t.put_job(&j)?;
             t.put_run(&run)?;
+            t.put_site(&site)?;
+            t.log(now, Some(job.id), Some(run_id), format!("assignment prepared: {}", prepared.summary))?;
             for (s, o) in &outcomes {
                 t.put_report(run_id, s, o)?;
             }
@@ -510,6 +529,10 @@ impl Inner {
             (j.state, j.next_run_ms, j.attempts) = (next.state.clone(), next.next_run_ms, next.attempts);
             j.last_reason = (!ok).then(|| reason.clone());
             t.put_job(&j)?;
+            if ok && let Some(mut site) = self.db.site(&job.spec.site)? {
+                prepare::after_success(&job.spec.payload, &mut site, run.serial);
+                t.put_site(&site)?;
+            }
             let verdict = if ok { format!("run succeeded: {summary}") } else { format!("run failed: {reason}") };
             t.log(now, Some(job.id), Some(run.id), format!("{verdict}; job now {:?}", next.state))
         })?;

@@ -8,7 +8,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -61,7 +61,7 @@ fn replace_file(
     dest: &Path,
     mode: u32,
     mtime: i64,
-    hash: &[u8; 32],
+    hash: Option<&[u8; 32]>,
     fill: impl FnOnce(&mut dyn Write) -> Result<(), ApplyError>,
 ) -> Result<(), ApplyError> {
     if fs::symlink_metadata(dest).is_ok_and(|m| m.is_dir()) {
@@ -76,7 +76,7 @@ fn replace_file(
         fill(&mut hashing)?;
         w.flush()?;
     }
-    if h.finalize() != blake3::Hash::from_bytes(*hash) {
+    if hash.is_some_and(|want| h.finalize() != blake3::Hash::from_bytes(*want)) {
         return Err(refused("written bytes do not match the command's BLAKE3"));
     }
     tmp.as_file().set_permissions(fs::Permissions::from_mode(mode))?;
@@ -129,67 +129,142 @@ pub fn check_base(base: &Path, base_len: u64, base_hash: &[u8; 32]) -> Result<Fi
 }
 
 /// Executes one command in the tree at `root`. `payload` is the command's payload stream
-/// (required for write-file and apply-delta).
+/// (required for write-file and apply-delta). Hashes are checked: the base of a delta before,
+/// the written bytes after.
 pub fn apply_command(root: &Path, cmd: &Command, payload: Option<&mut dyn Read>) -> Result<(), ApplyError> {
     match cmd {
-        Command::MakeDir { path, mode } => {
-            let p = resolve(root, path)?;
-            match fs::create_dir(&p) {
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && fs::symlink_metadata(&p)?.is_dir() => {}
-                r => r?,
-            }
-            fs::set_permissions(&p, fs::Permissions::from_mode(*mode))?;
-        }
+        Command::MakeDir { path, mode } => make_dir(root, path, *mode),
         Command::WriteFile { path, mode, mtime, payload: pl, hash } => {
-            let p = resolve(root, path)?;
             let payload = payload.ok_or_else(|| refused("no payload"))?;
-            replace_file(&p, *mode, *mtime, hash, |w| copy_exact(payload, pl.len, w))?;
+            write_file(root, path, *mode, *mtime, payload, pl.len, Some(hash))
         }
         Command::ApplyDelta { path, base, base_len, base_hash, mode, mtime, ops, hash, .. } => {
-            let p = resolve(root, path)?;
-            let base_file = check_base(&resolve(root, base)?, *base_len, base_hash)?;
+            check_base(&resolve(root, base)?, *base_len, base_hash)?;
             let payload = payload.ok_or_else(|| refused("no payload"))?;
-            replace_file(&p, *mode, *mtime, hash, |w| {
-                for op in ops {
-                    match *op {
-                        DeltaOp::Copy { offset, len } => copy_range(&base_file, offset, len, |b| w.write_all(b))?,
-                        DeltaOp::Insert { len } => copy_exact(payload, len, w)?,
-                    }
-                }
-                Ok(())
-            })?;
+            apply_delta(root, path, base, *mode, *mtime, ops, payload, Some(hash))
         }
-        Command::Remove { path, recursive } => {
-            let p = resolve(root, path)?;
-            let m = fs::symlink_metadata(&p)?;
-            match (m.is_dir(), recursive) {
-                (true, true) => fs::remove_dir_all(&p)?,
-                (true, false) => fs::remove_dir(&p)?,
-                (false, _) => fs::remove_file(&p)?,
-            }
-        }
-        Command::Rename { from, to } => fs::rename(resolve(root, from)?, resolve(root, to)?)?,
-        Command::Symlink { path, target } => {
-            crate::format::check_symlink_target(path, target).map_err(refused)?;
-            let p = resolve(root, path)?;
-            if fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
-                return Err(refused("a directory is in the way"));
-            }
-            // A fresh link renamed over the old one: replacing is atomic.
-            let dir = p.parent().ok_or_else(|| refused("no parent directory"))?;
-            let tmp = dir.join(format!(".cm-link-{}", std::process::id()));
-            let _ = fs::remove_file(&tmp);
-            symlink(target, &tmp)?;
-            fs::rename(&tmp, &p)?;
-        }
-        Command::SetMode { path, mode } => {
-            let p = resolve(root, path)?;
-            if fs::symlink_metadata(&p)?.file_type().is_symlink() {
-                return Err(refused("set-mode on a symlink"));
-            }
-            fs::set_permissions(&p, fs::Permissions::from_mode(*mode))?;
-        }
+        Command::Remove { path, recursive } => remove(root, path, *recursive),
+        Command::Rename { from, to } => rename(root, from, to),
+        Command::Symlink { path, target } => make_symlink(root, path, target),
+        Command::SetMode { path, mode } => set_mode(root, path, *mode),
     }
+}
+
+/// make-dir: creates `path` (an existing directory is fine) and sets its mode.
+pub fn make_dir(root: &Path, path: &str, mode: u32) -> Result<(), ApplyError> {
+    let p = resolve(root, path)?;
+    match fs::create_dir(&p) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && fs::symlink_metadata(&p)?.is_dir() => {}
+        r => r?,
+    }
+    fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// write-file: a fresh file of exactly `len` bytes from `payload`, renamed over `path`.
+pub fn write_file(
+    root: &Path,
+    path: &str,
+    mode: u32,
+    mtime: i64,
+    payload: &mut dyn Read,
+    len: u64,
+    hash: Option<&[u8; 32]>,
+) -> Result<(), ApplyError> {
+    let p = resolve(root, path)?;
+    replace_file(&p, mode, mtime, hash, |w| copy_exact(payload, len, w))
+}
+
+/// apply-delta: a fresh file built from `base` (a file of the same tree) and `payload`
+/// following `ops`, renamed over `path`.
+#[allow(clippy::too_many_arguments)]
+pub fn apply_delta(
+    root: &Path,
+    path: &str,
+    base: &str,
+    mode: u32,
+    mtime: i64,
+    ops: &[DeltaOp],
+    payload: &mut dyn Read,
+    hash: Option<&[u8; 32]>,
+) -> Result<(), ApplyError> {
+    let p = resolve(root, path)?;
+    let base_file = File::open(resolve(root, base)?).map_err(|e| refused(format!("base file {base}: {e}")))?;
+    let base_len = base_file.metadata()?.len();
+    replace_file(&p, mode, mtime, hash, |w| {
+        for op in ops {
+            match *op {
+                DeltaOp::Copy { offset, len } => {
+                    if offset.checked_add(len).is_none_or(|end| end > base_len) {
+                        return Err(refused("copy range beyond the base file"));
+                    }
+                    copy_range(&base_file, offset, len, |b| w.write_all(b))?
+                }
+                DeltaOp::Insert { len } => copy_exact(payload, len, w)?,
+            }
+        }
+        Ok(())
+    })
+}
+
+/// remove: a file or symlink, an empty directory, or (`recursive`) any directory.
+pub fn remove(root: &Path, path: &str, recursive: bool) -> Result<(), ApplyError> {
+    let p = resolve(root, path)?;
+    let m = fs::symlink_metadata(&p)?;
+    match (m.is_dir(), recursive) {
+        (true, true) => fs::remove_dir_all(&p)?,
+        (true, false) => fs::remove_dir(&p)?,
+        (false, _) => fs::remove_file(&p)?,
+    }
+    Ok(())
+}
+
+pub fn rename(root: &Path, from: &str, to: &str) -> Result<(), ApplyError> {
+    fs::rename(resolve(root, from)?, resolve(root, to)?)?;
+    Ok(())
+}
+
+/// symlink: a fresh link renamed over `path` (replacing is atomic); the target must stay inside.
+pub fn make_symlink(root: &Path, path: &str, target: &str) -> Result<(), ApplyError> {
+    crate::format::check_symlink_target(path, target).map_err(refused)?;
+    let p = resolve(root, path)?;
+    if fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
+        return Err(refused("a directory is in the way"));
+    }
+    let dir = p.parent().ok_or_else(|| refused("no parent directory"))?;
+    let tmp = dir.join(format!(".cm-link-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    symlink(target, &tmp)?;
+    fs::rename(&tmp, &p)?;
+    Ok(())
+}
+
+/// set-mode. A file with other hard links (shared with live) is first copied to a fresh inode,
+/// so changing its mode never changes live's file.
+pub fn set_mode(root: &Path, path: &str, mode: u32) -> Result<(), ApplyError> {
+    let p = resolve(root, path)?;
+    let m = fs::symlink_metadata(&p)?;
+    if m.file_type().is_symlink() {
+        return Err(refused("set-mode on a symlink"));
+    }
+    if m.is_file() && m.nlink() > 1 {
+        let src = File::open(&p)?;
+        let len = m.len();
+        let dir = p.parent().ok_or_else(|| refused("no parent directory"))?;
+        let tmp = tempfile::Builder::new().prefix(".cm-new-").tempfile_in(dir)?;
+        {
+            let mut w = BufWriter::new(tmp.as_file());
+            copy_range(&src, 0, len, |b| w.write_all(b))?;
+            w.flush()?;
+        }
+        tmp.as_file().set_permissions(fs::Permissions::from_mode(mode))?;
+        if let Ok(t) = m.modified() {
+            tmp.as_file().set_modified(t)?;
+        }
+        tmp.persist(&p).map_err(|e| e.error)?;
+        return Ok(());
+    }
+    fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
     Ok(())
 }
 

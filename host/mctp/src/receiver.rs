@@ -324,11 +324,12 @@ impl Receiver {
             s.state = State::Failed("BLAKE3 of the received assignment does not match the announcement".into());
             self.events.push_back(RxEvent::Abandoned { session, info, reason: "hash mismatch".into() });
         }
-        // Tell the GL promptly if a report is owed (it may have been postponed for verification).
-        if let Some(s) = self.session.as_mut()
-            && let Some((at, round)) = s.report_due
-        {
-            s.report_due = Some((at.min(now), round));
+        // Tell the GL promptly: a report owed (postponed for verification) goes now, and a
+        // member nobody asked yet says "complete" unprompted after a short random delay, so a
+        // lost end-of-pass solicitation does not leave the GL guessing.
+        match self.session.as_mut().and_then(|s| s.report_due.map(|d| (s, d))) {
+            Some((s, (at, round))) => s.report_due = Some((at.min(now), round)),
+            None => self.schedule_report(now, 0, Duration::from_millis(20)),
         }
     }
 

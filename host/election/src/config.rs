@@ -13,8 +13,9 @@ use crate::priority::{NodeId, PriorityInputs};
 /// The seed gives its timers in seconds (a 5 s minimum claim delay for a deposed leader, a
 /// 10 s initial claim period, a 10–15 s voting window, a member report 3–5 s after the last
 /// registration, re-registration after a random delay up to 1 s). We keep those ratios and map
-/// one "seed second" to `heartbeat / 20`, so at a 1 s heartbeat the defaults are 20× faster than
-/// the seed and at 100 ms they give sub-second failover on a LAN.
+/// one "seed second" to `heartbeat / 40`: silence detection (three missed heartbeats) then
+/// dominates, and failover stays within VRRP's figure for the same interval (see
+/// `docs/election.md`). The voting window (h/4 … 3h/8) still dwarfs LAN latency.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timing {
     /// Interval between the leader's "Leader Alive" messages.
@@ -58,7 +59,7 @@ pub struct Timing {
 impl Timing {
     /// All timers derived from the heartbeat (see the type's documentation).
     pub fn scaled(heartbeat: Duration) -> Self {
-        let seed_second = heartbeat / 20;
+        let seed_second = heartbeat / 40;
         Timing {
             heartbeat,
             leader_timeout: heartbeat * 3,

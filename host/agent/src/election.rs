@@ -1,1 +1,310 @@
 //! Tokio driver for `cm-election` over real UDP multicast.
+//!
+//! One task per node owns the socket and the state machine: it feeds received datagrams and
+//! timer expiries in, sends what the machine emits, republishes the status on a `watch`
+//! channel and the events on a `broadcast` channel. Protocol decisions all live in the core.
+//!
+//! The socket is bound to the control channel's group address (so it only sees that group),
+//! joins the group on the configured interface, and sets `IP_MULTICAST_IF` (where we send),
+//! the TTL (1 keeps the traffic on the segment) and `IP_MULTICAST_LOOP` (needed when several
+//! nodes share a host, e.g. on loopback: each node then drops its own datagrams by id).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
+
+use cm_election::{Config, Destination, Election, Event, Instant, Member, NodeId, PriorityInputs, RequestError, State, Stats};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// How the driver uses the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DriverConfig {
+    /// The interface for sending and for the group membership (`IP_MULTICAST_IF`).
+    pub interface: Ipv4Addr,
+    /// Multicast TTL; 1 keeps the election on the LAN segment.
+    pub ttl: u32,
+    /// `IP_MULTICAST_LOOP`: deliver our datagrams to other sockets on this host.
+    pub loopback: bool,
+}
+
+impl DriverConfig {
+    /// Several nodes on one host over loopback.
+    pub fn loopback() -> Self {
+        DriverConfig { interface: Ipv4Addr::LOCALHOST, ttl: 1, loopback: true }
+    }
+}
+
+/// Why the driver could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("control channel {0} is not an IPv4 multicast address (IPv6 is not supported yet)")]
+    NotIpv4Multicast(SocketAddr),
+    #[error("cannot open control channel {channel} on interface {interface}: {source}")]
+    Socket { channel: SocketAddr, interface: Ipv4Addr, source: io::Error },
+    #[error("bad election configuration: {0}")]
+    Config(#[from] cm_election::ConfigError),
+    #[error("election request refused: {0}")]
+    Request(#[from] RequestError),
+    #[error("the election task has stopped")]
+    Stopped,
+}
+
+/// A snapshot of one node's election, republished after every input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElectionStatus {
+    pub node: NodeId,
+    pub state: State,
+    pub leader: Option<NodeId>,
+    pub is_leader: bool,
+    /// Leader side: the registered members. Empty on members.
+    pub members: Vec<Member>,
+    pub registered_with: Option<NodeId>,
+    pub control_channel: SocketAddr,
+    pub data_channels: BTreeMap<String, SocketAddr>,
+    pub stats: Stats,
+    /// Datagrams the socket failed to send (counted, the protocol copes with loss).
+    pub send_errors: u64,
+}
+
+impl ElectionStatus {
+    fn of(e: &Election, send_errors: u64) -> Self {
+        ElectionStatus {
+            node: e.node(),
+            state: e.state(),
+            leader: e.leader(),
+            is_leader: e.is_leader(),
+            members: e.members().cloned().collect(),
+            registered_with: e.registered_with(),
+            control_channel: e.control_channel(),
+            data_channels: e.data_channels().clone(),
+            stats: e.stats(),
+            send_errors,
+        }
+    }
+}
+
+enum Request {
+    MoveControlChannel(SocketAddr, oneshot::Sender<Result<(), RequestError>>),
+    SetDataChannel(String, SocketAddr, oneshot::Sender<Result<(), RequestError>>),
+    SetHeartbeatPayload(Vec<u8>, oneshot::Sender<Result<(), RequestError>>),
+    Leave(oneshot::Sender<()>),
+}
+
+/// The running election of one node.
+#[derive(Debug)]
+pub struct ElectionHandle {
+    status: watch::Receiver<ElectionStatus>,
+    events: broadcast::Sender<Event>,
+    requests: mpsc::Sender<Request>,
+    task: JoinHandle<Result<(), DriverError>>,
+}
+
+impl ElectionHandle {
+    /// The latest status.
+    pub fn status(&self) -> ElectionStatus {
+        self.status.borrow().clone()
+    }
+    /// A receiver that wakes on every status change.
+    pub fn watch_status(&self) -> watch::Receiver<ElectionStatus> {
+        self.status.clone()
+    }
+    /// Every event from now on (leader changes, member joins and leaves, channel moves, …).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, DriverError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.send(make(tx)).await.map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)
+    }
+
+    /// Leader only: moves the segment to another control channel.
+    pub async fn move_control_channel(&self, channel: SocketAddr) -> Result<(), DriverError> {
+        Ok(self.request(|tx| Request::MoveControlChannel(channel, tx)).await??)
+    }
+    /// Leader only: sets a content group's data channel.
+    pub async fn set_data_channel(&self, group: String, channel: SocketAddr) -> Result<(), DriverError> {
+        Ok(self.request(|tx| Request::SetDataChannel(group, channel, tx)).await??)
+    }
+    /// The opaque payload every Leader Alive carries from now on (e.g. an MCTP announce).
+    pub async fn set_heartbeat_payload(&self, payload: Vec<u8>) -> Result<(), DriverError> {
+        Ok(self.request(|tx| Request::SetHeartbeatPayload(payload, tx)).await??)
+    }
+    /// Leaves gracefully (a leader resigns) and stops the task.
+    pub async fn leave(self) -> Result<(), DriverError> {
+        let _ = self.request(Request::Leave).await;
+        self.task.await.map_err(|_| DriverError::Stopped)?
+    }
+    /// Stops at once without a word, like a crash.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+    /// Whether the task has ended (an error, `leave` or `abort`).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+fn ipv4_group(channel: SocketAddr) -> Result<SocketAddrV4, DriverError> {
+    match channel {
+        SocketAddr::V4(v4) if v4.ip().is_multicast() => Ok(v4),
+        other => Err(DriverError::NotIpv4Multicast(other)),
+    }
+}
+
+/// Opens a socket that receives `channel`'s group and sends with the driver's settings.
+pub fn multicast_socket(channel: SocketAddr, driver: &DriverConfig) -> Result<UdpSocket, DriverError> {
+    let group = ipv4_group(channel)?;
+    let wrap = |source| DriverError::Socket { channel, interface: driver.interface, source };
+    let open = || -> io::Result<UdpSocket> {
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        // Several nodes (and tests) on one host share the port.
+        s.set_reuse_address(true)?;
+        s.set_nonblocking(true)?;
+        // Bound to the group address, the socket receives only this group's datagrams.
+        s.bind(&SocketAddr::V4(group).into())?;
+        s.join_multicast_v4(group.ip(), &driver.interface)?;
+        s.set_multicast_if_v4(&driver.interface)?;
+        s.set_multicast_ttl_v4(driver.ttl)?;
+        s.set_multicast_loop_v4(driver.loopback)?;
+        UdpSocket::from_std(s.into())
+    };
+    open().map_err(wrap)
+}
+
+/// Starts the election of one node on a tokio task. The config's control channel must be an
+/// IPv4 multicast address. `rng_seed` seeds the protocol's random delays.
+pub fn spawn(config: Config, driver: DriverConfig, rng_seed: u64) -> Result<ElectionHandle, DriverError> {
+    let origin = tokio::time::Instant::now();
+    let socket = multicast_socket(config.control_channel, &driver)?;
+    let election = Election::new(config, Instant::ZERO, rng_seed)?;
+    let (status_tx, status) = watch::channel(ElectionStatus::of(&election, 0));
+    let (events, _) = broadcast::channel(1024);
+    let (requests, rx) = mpsc::channel(16);
+    let task = tokio::spawn(run(election, socket, driver, origin, status_tx, events.clone(), rx));
+    Ok(ElectionHandle { status, events, requests, task })
+}
+
+async fn run(
+    mut election: Election,
+    mut socket: UdpSocket,
+    driver: DriverConfig,
+    origin: tokio::time::Instant,
+    status: watch::Sender<ElectionStatus>,
+    events: broadcast::Sender<Event>,
+    mut requests: mpsc::Receiver<Request>,
+) -> Result<(), DriverError> {
+    let now = || Instant::from_origin(origin.elapsed());
+    let mut buf = vec![0u8; 65_536];
+    let mut send_errors = 0u64;
+    let mut leaving: Option<oneshot::Sender<()>> = None;
+    loop {
+        while let Some(t) = election.poll_transmit() {
+            let to = match t.destination {
+                Destination::Control => election.control_channel(),
+                Destination::Channel(c) => c,
+            };
+            if let Err(e) = socket.send_to(&t.payload, to).await {
+                send_errors += 1;
+                tracing::debug!(node = election.node(), %to, error = %e, "election send failed");
+            }
+        }
+        while let Some(ev) = election.poll_event() {
+            if let Event::ChannelMove { channel } = ev {
+                // Join the new channel before leaving the old one; if that fails, stay.
+                match multicast_socket(channel, &driver) {
+                    Ok(s) => socket = s,
+                    Err(e) => tracing::error!(node = election.node(), error = %e, "cannot follow control channel move"),
+                }
+            }
+            let _ = events.send(ev);
+        }
+        status.send_if_modified(|s| {
+            let fresh = ElectionStatus::of(&election, send_errors);
+            let changed = *s != fresh;
+            if changed {
+                *s = fresh;
+            }
+            changed
+        });
+        if let Some(done) = leaving.take() {
+            let _ = done.send(());
+            return Ok(());
+        }
+        let deadline = election.poll_timeout().map(|t| origin + t.since_origin());
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok((n, from)) => {
+                    if let Err(reason) = election.handle_datagram(now(), from, &buf[..n]) {
+                        tracing::trace!(node = election.node(), %from, %reason, "dropped election datagram");
+                    }
+                }
+                Err(e) => tracing::debug!(node = election.node(), error = %e, "election receive failed"),
+            },
+            () = sleep_until(deadline) => election.handle_timeout(now()),
+            req = requests.recv() => match req {
+                Some(Request::MoveControlChannel(ch, tx)) => { let _ = tx.send(election.move_control_channel(now(), ch)); }
+                Some(Request::SetDataChannel(g, ch, tx)) => { let _ = tx.send(election.set_data_channel(now(), g, ch)); }
+                Some(Request::SetHeartbeatPayload(p, tx)) => { let _ = tx.send(election.set_heartbeat_payload(p)); }
+                Some(Request::Leave(tx)) => { election.leave(now()); leaving = Some(tx); }
+                // Every handle is gone: nobody can see this node's status any more.
+                None => { election.leave(now()); leaving = Some(oneshot::channel().0); }
+            },
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Measures this server's priority inputs (Linux `/proc` and `statvfs` of `data_dir`); what
+/// cannot be measured stays 0. Failures, content lag and the operator weight come from the
+/// agent's configuration and state, not from here.
+pub fn measure_priority_inputs(data_dir: &Path) -> PriorityInputs {
+    let cpu_cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_mhz = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |mhz| mhz as u32);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let free_memory_mib = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024);
+    let uptime_secs = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
+        .map_or(0, |s| s as u64);
+    PriorityInputs { cpu_cores, cpu_mhz, free_memory_mib, free_disk_mib: free_disk_mib(data_dir), uptime_secs, ..Default::default() }
+}
+
+#[cfg(unix)]
+fn free_disk_mib(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return 0 };
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string and `st` a writable statvfs.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) / (1024 * 1024)
+}
+
+#[cfg(not(unix))]
+fn free_disk_mib(_dir: &Path) -> u64 {
+    0
+}

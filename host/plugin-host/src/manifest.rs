@@ -1,0 +1,277 @@
+//! The per-plugin manifest (TOML) the operator writes: which world the plugin implements,
+//! its limits, and its grants (which sites, which endpoints). A plugin gets nothing it was
+//! not granted here.
+//!
+//! ```toml
+//! name = "varnish"
+//! world = "cache-invalidator"
+//!
+//! [limits]
+//! memory-mib = 32
+//! deadline-ms = 5000
+//!
+//! [grants]
+//! sites = ["www"]            # interpreters: sites whose staging trees it may change ("*": any)
+//!
+//! [grants.endpoints.cache1]  # the plugin says "cache1", never the address
+//! http = "127.0.0.1:6081"    # or tcp = "host:port", or unix = "/run/haproxy/admin.sock"
+//! timeout-ms = 2000
+//! max-response-kib = 256
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::endpoint::{Endpoint, EndpointAddress, Endpoints};
+use crate::error::InstallError;
+
+/// The three plugin worlds of `wit/worlds.wit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum World {
+    Interpreter,
+    CacheInvalidator,
+    LoadBalancer,
+}
+
+impl World {
+    pub const ALL: [World; 3] = [World::Interpreter, World::CacheInvalidator, World::LoadBalancer];
+
+    /// The world's WIT name.
+    pub fn name(self) -> &'static str {
+        match self {
+            World::Interpreter => "interpreter",
+            World::CacheInvalidator => "cache-invalidator",
+            World::LoadBalancer => "load-balancer",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<World> {
+        World::ALL.into_iter().find(|w| w.name() == name)
+    }
+
+    /// The interface a component of this world exports (without the package version).
+    pub(crate) fn export(self) -> &'static str {
+        match self {
+            World::Interpreter => "contentmover:plugin/content-interpreter",
+            World::CacheInvalidator => "contentmover:plugin/cache-invalidation",
+            World::LoadBalancer => "contentmover:plugin/load-balancing",
+        }
+    }
+
+    /// The host interfaces a component of this world may import.
+    pub(crate) fn imports(self) -> &'static [&'static str] {
+        match self {
+            World::Interpreter => &[
+                "contentmover:plugin/log",
+                "contentmover:plugin/payload",
+                "contentmover:plugin/staging",
+                "contentmover:plugin/endpoint",
+            ],
+            World::CacheInvalidator | World::LoadBalancer => &["contentmover:plugin/log", "contentmover:plugin/endpoint"],
+        }
+    }
+}
+
+impl std::fmt::Display for World {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A plugin manifest, as parsed from TOML.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PluginManifest {
+    /// The name the plugin is installed (and hot-swapped) under.
+    pub name: String,
+    /// The world it implements: `interpreter`, `cache-invalidator` or `load-balancer`.
+    pub world: String,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub grants: Grants,
+}
+
+/// Per-call limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Limits {
+    /// Linear memory cap of one instance, MiB.
+    #[serde(default = "Limits::default_memory_mib")]
+    pub memory_mib: u64,
+    /// Deadline of one call into the plugin, milliseconds.
+    #[serde(default = "Limits::default_deadline_ms")]
+    pub deadline_ms: u64,
+}
+
+impl Limits {
+    fn default_memory_mib() -> u64 {
+        64
+    }
+    fn default_deadline_ms() -> u64 {
+        10_000
+    }
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { memory_mib: Self::default_memory_mib(), deadline_ms: Self::default_deadline_ms() }
+    }
+}
+
+/// What the plugin may touch.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Grants {
+    /// Sites whose staging trees an interpreter may change; `"*"` grants every site.
+    #[serde(default)]
+    pub sites: Vec<String>,
+    /// Endpoints by the name the plugin uses.
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, EndpointGrant>,
+}
+
+/// One endpoint: exactly one of `http`, `tcp`, `unix`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EndpointGrant {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix: Option<PathBuf>,
+    #[serde(default = "EndpointGrant::default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "EndpointGrant::default_max_response_kib")]
+    pub max_response_kib: u64,
+}
+
+impl EndpointGrant {
+    fn default_timeout_ms() -> u64 {
+        5_000
+    }
+    fn default_max_response_kib() -> u64 {
+        1_024
+    }
+}
+
+impl PluginManifest {
+    /// Parse and validate a manifest; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, InstallError> {
+        let manifest: PluginManifest =
+            toml::from_str(text).map_err(|e| InstallError::Manifest { path: origin.into(), reason: e.to_string() })?;
+        manifest.validate(origin)?;
+        Ok(manifest)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, InstallError> {
+        let text = std::fs::read_to_string(path).map_err(|e| InstallError::Manifest { path: path.display().to_string(), reason: e.to_string() })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a manifest always serializes")
+    }
+
+    /// The world this manifest names (validated by [`PluginManifest::parse`]).
+    pub fn world(&self) -> Option<World> {
+        World::from_name(&self.world)
+    }
+
+    /// Check everything that does not need the component: a usable name, a known world,
+    /// the grants that world needs, endpoints with exactly one address.
+    pub fn validate(&self, origin: &str) -> Result<(), InstallError> {
+        let bad = |reason: String| InstallError::Manifest { path: origin.into(), reason };
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !name_ok {
+            return Err(bad(format!("name `{}` must be 1-64 of [a-z0-9_-]", self.name)));
+        }
+        let world = self.world().ok_or_else(|| {
+            bad(format!("world `{}` is not one of interpreter, cache-invalidator, load-balancer", self.world))
+        })?;
+        if self.limits.memory_mib == 0 || self.limits.deadline_ms == 0 {
+            return Err(bad("limits.memory-mib and limits.deadline-ms must be positive".into()));
+        }
+        for (name, grant) in &self.grants.endpoints {
+            let kinds = [grant.http.is_some(), grant.tcp.is_some(), grant.unix.is_some()].iter().filter(|k| **k).count();
+            if kinds != 1 {
+                return Err(bad(format!("endpoint `{name}` needs exactly one of http, tcp, unix")));
+            }
+        }
+        let missing = |what: &str| InstallError::MissingGrant { plugin: self.name.clone(), what: what.into() };
+        match world {
+            World::Interpreter if self.grants.sites.is_empty() => {
+                Err(missing("an interpreter needs `grants.sites` (the sites it may change, or \"*\")"))
+            }
+            World::CacheInvalidator | World::LoadBalancer if self.grants.endpoints.is_empty() => {
+                Err(missing(&format!("a {world} needs at least one endpoint in `grants.endpoints`")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether this plugin may change `site`'s staging tree.
+    pub fn grants_site(&self, site: &str) -> bool {
+        self.grants.sites.iter().any(|s| s == "*" || s == site)
+    }
+
+    pub(crate) fn endpoints(&self) -> Endpoints {
+        let by_name = self
+            .grants
+            .endpoints
+            .iter()
+            .map(|(name, grant)| {
+                let address = match (&grant.http, &grant.tcp, &grant.unix) {
+                    (Some(http), _, _) => EndpointAddress::Http(http.clone()),
+                    (_, Some(tcp), _) => EndpointAddress::Tcp(tcp.clone()),
+                    (_, _, Some(unix)) => EndpointAddress::Unix(unix.clone()),
+                    _ => unreachable!("validated: exactly one address"),
+                };
+                let endpoint = Endpoint {
+                    address,
+                    timeout: Duration::from_millis(grant.timeout_ms),
+                    max_response_bytes: grant.max_response_kib << 10,
+                };
+                (name.clone(), endpoint)
+            })
+            .collect();
+        Endpoints::new(by_name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_validates() {
+        let m = PluginManifest::parse(
+            "name = \"lb\"\nworld = \"load-balancer\"\n[grants.endpoints.haproxy]\nunix = \"/run/haproxy.sock\"\n",
+            "lb.toml",
+        )
+        .unwrap();
+        assert_eq!(m.world(), Some(World::LoadBalancer));
+        assert_eq!(m.limits, Limits::default());
+        assert_eq!(PluginManifest::parse(&m.to_toml(), "again").unwrap(), m);
+    }
+
+    #[test]
+    fn refuses_what_is_wrong() {
+        let err = |text: &str| PluginManifest::parse(text, "m.toml").unwrap_err().to_string();
+        assert!(err("name = \"x\"\nworld = \"printer\"\n").contains("world `printer`"));
+        assert!(err("name = \"X Y\"\nworld = \"interpreter\"\n").contains("name `X Y`"));
+        assert!(err("name = \"x\"\nworld = \"interpreter\"\n").contains("grants.sites"));
+        assert!(err("name = \"x\"\nworld = \"cache-invalidator\"\n").contains("grants.endpoints"));
+        assert!(err("name = \"x\"\nworld = \"load-balancer\"\n[grants.endpoints.a]\nhttp = \"a:1\"\ntcp = \"a:2\"\n").contains("exactly one"));
+        assert!(err("name = \"x\"\nworld = \"interpreter\"\nsurprise = 1\n").contains("surprise"));
+    }
+}

@@ -1,0 +1,391 @@
+//! The plugin store: installed plugins on disk, the live version of each in memory, and hot
+//! swap.
+//!
+//! On disk (`dir/`):
+//! ```text
+//! compiled/<key>.cwasm          native code cache (see runtime.rs)
+//! <name>/manifest.toml          the operator's manifest (grants, limits)
+//! <name>/<blake3>.wasm          every installed version of the component
+//! <name>/state.toml             current = "<blake3>", previous = ["<blake3>", ...]
+//! ```
+//!
+//! Hot swap: each plugin has a [`PluginSlot`] holding an `Arc` of its current version. A call
+//! clones that `Arc` when it starts and keeps it to the end, so a swap (one pointer store under
+//! a lock) sends new calls to the new version while calls in flight finish on the old one,
+//! which is freed when the last of them ends. A new version must pass its self-check before
+//! it is swapped in; otherwise the old one stays.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{InstallError, PluginError};
+use crate::manifest::{PluginManifest, World};
+use crate::plugin::{BalancerAction, InterpreterSession, LoadedPlugin, ServerState};
+use crate::command::{Command, CommandReport};
+use crate::runtime::PluginRuntime;
+
+/// The live version of one plugin.
+pub struct PluginSlot {
+    current: RwLock<Arc<LoadedPlugin>>,
+}
+
+impl PluginSlot {
+    pub fn new(plugin: Arc<LoadedPlugin>) -> Arc<Self> {
+        Arc::new(PluginSlot { current: RwLock::new(plugin) })
+    }
+
+    /// The version new calls go to.
+    pub fn current(&self) -> Arc<LoadedPlugin> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Make `plugin` current; returns the version it replaced.
+    pub fn swap(&self, plugin: Arc<LoadedPlugin>) -> Arc<LoadedPlugin> {
+        std::mem::replace(&mut *self.current.write().unwrap_or_else(|e| e.into_inner()), plugin)
+    }
+}
+
+/// `<name>/state.toml`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct VersionState {
+    current: String,
+    #[serde(default)]
+    previous: Vec<String>,
+}
+
+/// What `install` did.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub name: String,
+    pub world: World,
+    pub version: String,
+    /// The version it replaced (hot swap), if any.
+    pub replaced: Option<String>,
+}
+
+/// One row of `list`.
+#[derive(Debug, Clone)]
+pub struct PluginInfo {
+    pub name: String,
+    pub world: World,
+    pub version: String,
+    pub size: u64,
+    /// Earlier versions, most recent last (what `rollback` restores).
+    pub previous: Vec<String>,
+}
+
+/// Installed plugins and their live versions.
+pub struct PluginStore {
+    runtime: PluginRuntime,
+    dir: PathBuf,
+    slots: RwLock<BTreeMap<String, Arc<PluginSlot>>>,
+    /// Serialises install/rollback/remove (calls never wait on it).
+    admin: std::sync::Mutex<()>,
+}
+
+fn store_error(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
+    move |source| InstallError::Store { path: path.into(), source }
+}
+
+/// Write `bytes` to `path` atomically (temp file + rename).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), InstallError> {
+    let temp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&temp, bytes).map_err(store_error(&temp))?;
+    std::fs::rename(&temp, path).map_err(store_error(path))
+}
+
+impl PluginStore {
+    /// Open (creating it if needed) the store in `dir` and load every installed plugin's
+    /// current version. A plugin that no longer loads is skipped with a warning, not fatal.
+    pub fn open(runtime: PluginRuntime, dir: &Path) -> Result<Self, InstallError> {
+        std::fs::create_dir_all(dir).map_err(store_error(dir))?;
+        let store = PluginStore { runtime, dir: dir.into(), slots: RwLock::new(BTreeMap::new()), admin: Default::default() };
+        for entry in std::fs::read_dir(dir).map_err(store_error(dir))? {
+            let entry = entry.map_err(store_error(dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == "compiled" || !entry.path().join("state.toml").exists() {
+                continue;
+            }
+            match store.load_version(&name, None) {
+                Ok(plugin) => {
+                    store.slots.write().unwrap_or_else(|e| e.into_inner()).insert(name, PluginSlot::new(plugin));
+                }
+                Err(e) => tracing::warn!("plugin store {}: skipping `{name}`: {e}", dir.display()),
+            }
+        }
+        Ok(store)
+    }
+
+    /// The default compiled-cache directory of a store in `dir`.
+    pub fn compiled_cache_dir(dir: &Path) -> PathBuf {
+        dir.join("compiled")
+    }
+
+    pub fn runtime(&self) -> &PluginRuntime {
+        &self.runtime
+    }
+
+    fn plugin_dir(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn read_state(&self, name: &str) -> Result<VersionState, InstallError> {
+        let path = self.plugin_dir(name).join("state.toml");
+        let text = std::fs::read_to_string(&path).map_err(store_error(&path))?;
+        toml::from_str(&text).map_err(|e| InstallError::Manifest { path: path.display().to_string(), reason: e.to_string() })
+    }
+
+    fn write_state(&self, name: &str, state: &VersionState) -> Result<(), InstallError> {
+        let text = toml::to_string(state).expect("state serializes");
+        write_atomic(&self.plugin_dir(name).join("state.toml"), text.as_bytes())
+    }
+
+    /// Load `name`'s version `hash` (its current one if `None`) with its stored manifest.
+    fn load_version(&self, name: &str, hash: Option<&str>) -> Result<Arc<LoadedPlugin>, InstallError> {
+        let hash = match hash {
+            Some(hash) => hash.to_string(),
+            None => self.read_state(name)?.current,
+        };
+        let manifest = PluginManifest::load(&self.plugin_dir(name).join("manifest.toml"))?;
+        let path = self.plugin_dir(name).join(format!("{hash}.wasm"));
+        let bytes = std::fs::read(&path).map_err(store_error(&path))?;
+        LoadedPlugin::load(&self.runtime, &bytes, manifest, &path.display().to_string())
+    }
+
+    /// Install `component` under `manifest.name`, hot-swapping any installed version. The
+    /// component is validated and self-checked first; on any failure nothing changes.
+    pub fn install(&self, component: &[u8], manifest: PluginManifest, file: &str) -> Result<Installed, InstallError> {
+        let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let name = manifest.name.clone();
+        let plugin = LoadedPlugin::load(&self.runtime, component, manifest.clone(), file)?;
+        plugin.self_check().map_err(|e| InstallError::SelfCheck { plugin: name.clone(), reason: e.to_string() })?;
+        let hash = plugin.hash().to_hex().to_string();
+        let dir = self.plugin_dir(&name);
+        std::fs::create_dir_all(&dir).map_err(store_error(&dir))?;
+        write_atomic(&dir.join(format!("{hash}.wasm")), component)?;
+        write_atomic(&dir.join("manifest.toml"), manifest.to_toml().as_bytes())?;
+        let mut state = self.read_state(&name).unwrap_or_default();
+        let replaced = (!state.current.is_empty() && state.current != hash).then(|| state.current.clone());
+        if let Some(old) = &replaced {
+            state.previous.retain(|h| h != old && h != &hash);
+            state.previous.push(old.clone());
+        }
+        state.current = hash;
+        self.write_state(&name, &state)?;
+        let world = plugin.world();
+        let version = plugin.version();
+        self.swap_in(&name, plugin);
+        tracing::info!(plugin = %name, %version, replaced = ?replaced, "installed plugin");
+        Ok(Installed { name, world, version, replaced: replaced.map(|h| h[..12].to_string()) })
+    }
+
+    fn swap_in(&self, name: &str, plugin: Arc<LoadedPlugin>) {
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        match slots.get(name) {
+            Some(slot) => {
+                slot.swap(plugin);
+            }
+            None => {
+                slots.insert(name.to_string(), PluginSlot::new(plugin));
+            }
+        }
+    }
+
+    /// Restore the version installed before the current one (hot swap, self-checked).
+    pub fn rollback(&self, name: &str) -> Result<Installed, InstallError> {
+        let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.read_state(name).map_err(|_| InstallError::NotInstalled { plugin: name.into() })?;
+        let previous = state.previous.pop().ok_or_else(|| InstallError::NoPrevious { plugin: name.into() })?;
+        let plugin = self.load_version(name, Some(&previous))?;
+        plugin.self_check().map_err(|e| InstallError::SelfCheck { plugin: name.into(), reason: e.to_string() })?;
+        let replaced = std::mem::replace(&mut state.current, previous);
+        self.write_state(name, &state)?;
+        let (world, version) = (plugin.world(), plugin.version());
+        self.swap_in(name, plugin);
+        tracing::info!(plugin = %name, %version, "rolled back plugin");
+        Ok(Installed { name: name.into(), world, version, replaced: Some(replaced[..12].to_string()) })
+    }
+
+    /// Uninstall `name`: new calls fail with `NotInstalled`; calls in flight finish.
+    pub fn remove(&self, name: &str) -> Result<(), InstallError> {
+        let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = self.plugin_dir(name);
+        if !dir.join("state.toml").exists() {
+            return Err(InstallError::NotInstalled { plugin: name.into() });
+        }
+        self.slots.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+        std::fs::remove_dir_all(&dir).map_err(store_error(&dir))
+    }
+
+    pub fn list(&self) -> Vec<PluginInfo> {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .map(|(name, slot)| {
+                let current = slot.current();
+                let previous = self.read_state(name).map(|s| s.previous).unwrap_or_default();
+                PluginInfo {
+                    name: name.clone(),
+                    world: current.world(),
+                    version: current.version(),
+                    size: current.size(),
+                    previous: previous.iter().map(|h| h[..12.min(h.len())].to_string()).collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// The slot of `name` (its live version).
+    pub fn slot(&self, name: &str) -> Result<Arc<PluginSlot>, PluginError> {
+        self.slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| PluginError::NotInstalled { plugin: name.into() })
+    }
+
+    /// A handle on interpreter `name` for `site` (checks the world and the site grant).
+    pub fn interpreter(&self, name: &str, site: &str) -> Result<Interpreter, PluginError> {
+        Interpreter::new(self.slot(name)?, site)
+    }
+
+    /// A handle on cache-invalidator `name`.
+    pub fn cache_invalidator(&self, name: &str) -> Result<CacheInvalidator, PluginError> {
+        let slot = self.slot(name)?;
+        expect_world(&slot, World::CacheInvalidator)?;
+        Ok(CacheInvalidator { slot })
+    }
+
+    /// A handle on load-balancer `name`.
+    pub fn load_balancer(&self, name: &str) -> Result<LoadBalancer, PluginError> {
+        let slot = self.slot(name)?;
+        expect_world(&slot, World::LoadBalancer)?;
+        Ok(LoadBalancer { slot })
+    }
+}
+
+fn expect_world(slot: &PluginSlot, world: World) -> Result<(), PluginError> {
+    let current = slot.current();
+    if current.world() != world {
+        return Err(PluginError::WrongWorld { plugin: current.name().into(), expected: world.name(), found: current.world().name().into() });
+    }
+    Ok(())
+}
+
+/// A content interpreter for one site. Every call goes to the plugin's current version.
+/// Calls block: from async code, run them on a blocking thread.
+#[derive(Clone)]
+pub struct Interpreter {
+    slot: Arc<PluginSlot>,
+    site: String,
+}
+
+impl Interpreter {
+    /// A handle on `slot`'s plugin for `site`; it must be an interpreter granted that site.
+    pub fn new(slot: Arc<PluginSlot>, site: &str) -> Result<Self, PluginError> {
+        expect_world(&slot, World::Interpreter)?;
+        let current = slot.current();
+        if !current.manifest().grants_site(site) {
+            return Err(PluginError::SiteNotGranted { plugin: current.name().into(), site: site.into() });
+        }
+        Ok(Interpreter { slot, site: site.into() })
+    }
+
+    pub fn site(&self) -> &str {
+        &self.site
+    }
+
+    /// The version new calls go to.
+    pub fn plugin(&self) -> Arc<LoadedPlugin> {
+        self.slot.current()
+    }
+
+    /// A session on `staging_root` pinned to the current version (for a stream of batches).
+    pub fn session(&self, staging_root: &Path) -> Result<InterpreterSession, PluginError> {
+        self.session_on(Some(staging_root))
+    }
+
+    fn session_on(&self, staging_root: Option<&Path>) -> Result<InterpreterSession, PluginError> {
+        let plugin = self.slot.current();
+        // The grant is re-checked per call: a hot swap may bring a manifest with other grants.
+        if !plugin.manifest().grants_site(&self.site) {
+            return Err(PluginError::SiteNotGranted { plugin: plugin.name().into(), site: self.site.clone() });
+        }
+        plugin.session_on(staging_root)
+    }
+
+    /// Apply one batch of commands to the staging tree at `staging_root`.
+    pub fn apply(&self, staging_root: &Path, batch: Vec<Command>) -> Result<Vec<CommandReport>, PluginError> {
+        self.session(staging_root)?.apply(batch)
+    }
+
+    /// The plugin's `commit` hook for release `serial`; a veto is [`PluginError::Vetoed`].
+    /// The hook gets no staging tree (use [`Interpreter::commit_in`] to grant one).
+    pub fn commit(&self, serial: u64) -> Result<(), PluginError> {
+        self.session_on(None)?.commit(serial)
+    }
+
+    /// The plugin's `rollback` hook for release `serial`, without a staging tree.
+    pub fn rollback(&self, serial: u64) -> Result<(), PluginError> {
+        self.session_on(None)?.rollback(serial)
+    }
+
+    /// The `commit` hook with the release's tree (at `release_root`) as its staging tree.
+    pub fn commit_in(&self, release_root: &Path, serial: u64) -> Result<(), PluginError> {
+        self.session(release_root)?.commit(serial)
+    }
+
+    /// The `rollback` hook with the release's tree as its staging tree.
+    pub fn rollback_in(&self, release_root: &Path, serial: u64) -> Result<(), PluginError> {
+        self.session(release_root)?.rollback(serial)
+    }
+}
+
+/// A cache invalidator; every call goes to the plugin's current version.
+#[derive(Clone)]
+pub struct CacheInvalidator {
+    slot: Arc<PluginSlot>,
+}
+
+impl CacheInvalidator {
+    pub fn invalidate(&self, site: &str, paths: &[String]) -> Result<(), PluginError> {
+        self.slot.current().invalidate(site, paths)
+    }
+
+    pub fn purge_site(&self, site: &str) -> Result<(), PluginError> {
+        self.slot.current().purge_site(site)
+    }
+}
+
+/// Load-balancer hooks; every call goes to the plugin's current version.
+#[derive(Clone)]
+pub struct LoadBalancer {
+    slot: Arc<PluginSlot>,
+}
+
+impl LoadBalancer {
+    pub fn drain(&self, server: &str) -> Result<(), PluginError> {
+        self.slot.current().balance(BalancerAction::Drain(server)).map(drop)
+    }
+
+    pub fn undrain(&self, server: &str) -> Result<(), PluginError> {
+        self.slot.current().balance(BalancerAction::Undrain(server)).map(drop)
+    }
+
+    pub fn add(&self, server: &str, address: &str) -> Result<(), PluginError> {
+        self.slot.current().balance(BalancerAction::Add { server, address }).map(drop)
+    }
+
+    pub fn remove(&self, server: &str) -> Result<(), PluginError> {
+        self.slot.current().balance(BalancerAction::Remove(server)).map(drop)
+    }
+
+    pub fn state(&self, server: &str) -> Result<ServerState, PluginError> {
+        let state = self.slot.current().balance(BalancerAction::State(server))?;
+        Ok(state.expect("`state` always yields a state"))
+    }
+}

@@ -1,1 +1,347 @@
-//! A hosted site on a server: releases, applying an assignment through the interpreter plugin into a new release, and atomic, crash-safe commit and rollback.
+//! A hosted site on a server: releases, applying an assignment through the interpreter into a
+//! new release, and atomic, crash-safe commit and rollback.
+//!
+//! The live tree is `SITE/current`, a symlink to `releases/<serial>`. Applying an assignment
+//! builds `releases/<serial>` next to live (hard links to live's unchanged files, plus the
+//! changes made by the interpreter); live is untouched until commit, which renames a new
+//! `current` link over the old one. See [`layout`] for the on-disk rules that make every step
+//! atomic and crash-safe.
+
+mod apply;
+mod clone;
+pub mod layout;
+pub mod native;
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use cm_assignment::{AssignmentReader, AssignmentType, ReadError, SealKey};
+use cm_plugin_host::{Command, CommandReport, PluginError};
+
+pub use apply::ApplyCause;
+pub use native::NativeInterpreter;
+
+/// What cm-site needs from an interpreter: the WIT `content-interpreter` world's calls. The
+/// plugin platform's interpreter handle implements it; so does [`NativeInterpreter`].
+pub trait Interpreter {
+    /// Applies one batch of commands to the staging tree at `staging_root`; one report per command.
+    fn apply(&mut self, staging_root: &Path, batch: Vec<Command>) -> Result<Vec<CommandReport>, PluginError>;
+    /// Release `serial` is about to go live; an error vetoes the commit.
+    fn commit(&mut self, serial: u64) -> Result<(), PluginError>;
+    /// Release `serial` is being abandoned or rolled back from.
+    fn rollback(&mut self, serial: u64) -> Result<(), PluginError>;
+}
+
+/// How a site is run.
+#[derive(Debug, Clone)]
+pub struct SiteConfig {
+    /// Previous releases kept for rollback (besides live and prepared ones).
+    pub backups: usize,
+    /// When set, only assignments sealed with this key are accepted.
+    pub key: Option<SealKey>,
+    /// Most commands per interpreter call.
+    pub batch_commands: usize,
+}
+
+impl Default for SiteConfig {
+    fn default() -> Self {
+        SiteConfig { backups: 2, key: None, batch_commands: 256 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    #[error("assignment {file}: {source}; nothing applied, live unchanged")]
+    Read { file: PathBuf, source: ReadError },
+    #[error("assignment {file} ({kind} serial {serial}): {cause}; release {serial} discarded, live unchanged")]
+    Apply { file: PathBuf, kind: AssignmentType, serial: u64, cause: ApplyCause },
+    #[error("site {site}: {what}: {source}")]
+    Io { site: PathBuf, what: String, source: io::Error },
+    #[error("site {site}: there is no release {serial}")]
+    NoRelease { site: PathBuf, serial: u64 },
+    #[error("site {site}: no prepared release to commit")]
+    NothingPrepared { site: PathBuf },
+    #[error("site {site}: no earlier release to roll back to")]
+    NoPrevious { site: PathBuf },
+    #[error("site {site}: the interpreter vetoed {what} of release {serial}: {source}; live unchanged")]
+    Vetoed { site: PathBuf, what: &'static str, serial: u64, source: PluginError },
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub kind: AssignmentType,
+    pub serial: u64,
+    pub commands: u64,
+    /// Files linked from live into the new release.
+    pub linked: u64,
+    /// Bytes of files written by the interpreter (checked against the assignment).
+    pub bytes_written: u64,
+    /// The release that is live afterwards, when this apply switched it.
+    pub now_live: Option<u64>,
+    /// The release already existed: the assignment had been applied before.
+    pub already_applied: bool,
+}
+
+/// A release's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseState {
+    Live,
+    /// Committed earlier; a rollback target.
+    Backup,
+    /// Built and never committed (or rolled back from): a commit or switch target.
+    Prepared,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub current: Option<u64>,
+    pub history: Vec<u64>,
+    pub releases: Vec<(u64, ReleaseState)>,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.current {
+            Some(c) => writeln!(f, "live: release {c}")?,
+            None => writeln!(f, "live: none (nothing committed yet)")?,
+        }
+        for (s, st) in &self.releases {
+            writeln!(f, "  {s:>12}  {}", match st {
+                ReleaseState::Live => "live",
+                ReleaseState::Backup => "backup",
+                ReleaseState::Prepared => "prepared",
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// One site directory.
+#[derive(Debug)]
+pub struct Site {
+    root: PathBuf,
+    config: SiteConfig,
+}
+
+/// Holds the site's lock for one operation.
+struct Locked(#[allow(dead_code)] File);
+
+impl Site {
+    /// Opens (creating if needed) the site at `root` and repairs what an interrupted operation
+    /// left: half-built releases and trash are removed, `history` is reconciled with `current`.
+    pub fn open(root: &Path, config: SiteConfig) -> Result<Site, SiteError> {
+        let site = Site { root: root.to_path_buf(), config };
+        fs::create_dir_all(root.join(layout::RELEASES)).map_err(site.io("creating the site"))?;
+        let _lock = site.lock()?;
+        site.recover()?;
+        Ok(site)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The live tree's path (follow it to read live content).
+    pub fn live_path(&self) -> PathBuf {
+        self.root.join(layout::CURRENT)
+    }
+
+    pub fn release_path(&self, serial: u64) -> PathBuf {
+        layout::release_dir(&self.root, serial)
+    }
+
+    fn io(&self, what: impl Into<String>) -> impl FnOnce(io::Error) -> SiteError {
+        let (site, what) = (self.root.clone(), what.into());
+        move |source| SiteError::Io { site, what, source }
+    }
+
+    fn lock(&self) -> Result<Locked, SiteError> {
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join(".lock"))
+            .map_err(self.io("opening the lock file"))?;
+        f.lock().map_err(self.io("locking the site"))?;
+        Ok(Locked(f))
+    }
+
+    fn recover(&self) -> Result<(), SiteError> {
+        for left in layout::leftovers(&self.root).map_err(self.io("listing releases"))? {
+            tracing::warn!(path = %left.display(), "removing what an interrupted operation left");
+            layout::remove_tree(&left).map_err(self.io(format!("removing {}", left.display())))?;
+        }
+        for e in fs::read_dir(&self.root).map_err(self.io("listing the site"))? {
+            let e = e.map_err(self.io("listing the site"))?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".current-") || name.starts_with(".history-") {
+                fs::remove_file(e.path()).map_err(self.io(format!("removing {name}")))?;
+            }
+        }
+        let current = layout::current_serial(&self.root).map_err(self.io("reading `current`"))?;
+        let mut history = layout::read_history(&self.root).map_err(self.io("reading history"))?;
+        let fixed = match current {
+            Some(c) if history.last() != Some(&c) => {
+                match history.iter().rposition(|s| *s == c) {
+                    // A rollback or switch was journalled but `current` not switched yet.
+                    Some(at) => history.truncate(at + 1),
+                    // A commit was journalled... or `current` moved without us: trust `current`.
+                    None => history.push(c),
+                }
+                true
+            }
+            None if !history.is_empty() => {
+                history.clear();
+                true
+            }
+            _ => false,
+        };
+        if fixed {
+            layout::write_history(&self.root, &history).map_err(self.io("repairing history"))?;
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> Result<Status, SiteError> {
+        let current = layout::current_serial(&self.root).map_err(self.io("reading `current`"))?;
+        let history = layout::read_history(&self.root).map_err(self.io("reading history"))?;
+        let releases = layout::list_releases(&self.root)
+            .map_err(self.io("listing releases"))?
+            .into_iter()
+            .map(|s| {
+                let st = if Some(s) == current {
+                    ReleaseState::Live
+                } else if history.contains(&s) {
+                    ReleaseState::Backup
+                } else {
+                    ReleaseState::Prepared
+                };
+                (s, st)
+            })
+            .collect();
+        Ok(Status { current, history, releases })
+    }
+
+    /// Verifies and applies the assignment at `file`: builds a release, or (commit, rollback,
+    /// switch) moves `current`. On any failure live is unchanged and the partial release is gone.
+    pub fn apply(&self, file: &Path, interp: &mut dyn Interpreter) -> Result<ApplyReport, SiteError> {
+        let _lock = self.lock()?;
+        let read_err = |source| SiteError::Read { file: file.to_path_buf(), source };
+        let reader = AssignmentReader::open(file).map_err(read_err)?;
+        reader.verify(self.config.key.as_ref()).map_err(read_err)?;
+        let h = reader.header().clone();
+        let switched = |now_live| ApplyReport {
+            kind: h.kind,
+            serial: h.serial,
+            commands: 0,
+            linked: 0,
+            bytes_written: 0,
+            now_live: Some(now_live),
+            already_applied: false,
+        };
+        match h.kind {
+            AssignmentType::Commit => {
+                let target = match h.target_serial {
+                    0 => self.newest_prepared()?.ok_or_else(|| SiteError::NothingPrepared { site: self.root.clone() })?,
+                    t => t,
+                };
+                self.commit_locked(target, interp).map(switched)
+            }
+            AssignmentType::Rollback => self.rollback_locked(interp).map(switched),
+            AssignmentType::Switch => self.commit_locked(h.target_serial, interp).map(switched),
+            _ => {
+                let mut report = apply::build_release(self, &reader, interp)?;
+                if h.kind == AssignmentType::HotContent && !report.already_applied {
+                    report.now_live = Some(self.commit_locked(h.serial, interp)?);
+                }
+                Ok(report)
+            }
+        }
+    }
+
+    fn newest_prepared(&self) -> Result<Option<u64>, SiteError> {
+        let st = self.status()?;
+        Ok(st.releases.iter().rev().find(|(_, s)| *s == ReleaseState::Prepared).map(|(s, _)| *s))
+    }
+
+    /// Makes release `serial` live (None: the newest prepared one). Returns the live serial.
+    pub fn commit(&self, serial: Option<u64>, interp: &mut dyn Interpreter) -> Result<u64, SiteError> {
+        let _lock = self.lock()?;
+        let serial = match serial {
+            Some(s) => s,
+            None => self.newest_prepared()?.ok_or_else(|| SiteError::NothingPrepared { site: self.root.clone() })?,
+        };
+        self.commit_locked(serial, interp)
+    }
+
+    /// Switches live back to the release committed before the current one.
+    pub fn rollback(&self, interp: &mut dyn Interpreter) -> Result<u64, SiteError> {
+        let _lock = self.lock()?;
+        self.rollback_locked(interp)
+    }
+
+    fn commit_locked(&self, serial: u64, interp: &mut dyn Interpreter) -> Result<u64, SiteError> {
+        if !self.release_path(serial).is_dir() {
+            return Err(SiteError::NoRelease { site: self.root.clone(), serial });
+        }
+        let current = layout::current_serial(&self.root).map_err(self.io("reading `current`"))?;
+        if current == Some(serial) {
+            return Ok(serial);
+        }
+        interp
+            .commit(serial)
+            .map_err(|source| SiteError::Vetoed { site: self.root.clone(), what: "commit", serial, source })?;
+        let mut history = layout::read_history(&self.root).map_err(self.io("reading history"))?;
+        history.push(serial);
+        // Journal first, then the atomic switch (see `layout`).
+        layout::write_history(&self.root, &history).map_err(self.io("writing history"))?;
+        layout::switch_current(&self.root, serial).map_err(self.io("switching `current`"))?;
+        self.prune(serial, &history)?;
+        Ok(serial)
+    }
+
+    fn rollback_locked(&self, interp: &mut dyn Interpreter) -> Result<u64, SiteError> {
+        let current = layout::current_serial(&self.root).map_err(self.io("reading `current`"))?;
+        let mut history = layout::read_history(&self.root).map_err(self.io("reading history"))?;
+        let (Some(cur), true) = (current, history.len() >= 2) else {
+            return Err(SiteError::NoPrevious { site: self.root.clone() });
+        };
+        let target = history[history.len() - 2];
+        if !self.release_path(target).is_dir() {
+            return Err(SiteError::NoRelease { site: self.root.clone(), serial: target });
+        }
+        interp
+            .rollback(cur)
+            .map_err(|source| SiteError::Vetoed { site: self.root.clone(), what: "rollback", serial: cur, source })?;
+        history.pop();
+        layout::write_history(&self.root, &history).map_err(self.io("writing history"))?;
+        layout::switch_current(&self.root, target).map_err(self.io("switching `current`"))?;
+        self.prune(target, &history)?;
+        Ok(target)
+    }
+
+    /// Deletes releases beyond the backup count: keeps live, the last `backups` other
+    /// committed releases, and releases newer than live that are not in the history (prepared).
+    fn prune(&self, live: u64, history: &[u64]) -> Result<(), SiteError> {
+        let mut keep = vec![live];
+        for s in history.iter().rev() {
+            if keep.len() > self.config.backups {
+                break;
+            }
+            if !keep.contains(s) {
+                keep.push(*s);
+            }
+        }
+        for s in layout::list_releases(&self.root).map_err(self.io("listing releases"))? {
+            let prepared = s > live && !history.contains(&s);
+            if !keep.contains(&s) && !prepared {
+                layout::discard(&self.root, &self.release_path(s)).map_err(self.io(format!("removing release {s}")))?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,265 @@
+//! Building a release from an assignment: hard-link clone of live, commands streamed to the
+//! interpreter in batches, every written file checked against the assignment, then the
+//! release synced and given its final name.
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use cm_assignment::format::Command as Cmd;
+use cm_assignment::reference::{ApplyError, check_base, resolve};
+use cm_assignment::{AssignmentReader, DeltaOp, PayloadStream};
+use cm_plugin_host::{Command, DeltaOp as PluginOp, PayloadReader, PluginError};
+
+use crate::{ApplyReport, Interpreter, Site, SiteError, clone, layout};
+
+/// Why building a release failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyCause {
+    #[error("built against release {base}, but live is {}", live.map_or("none".to_string(), |l| l.to_string()))]
+    WrongBase { base: u64, live: Option<u64> },
+    #[error("command {index} ({name} {path}): {why}")]
+    Command { index: u64, name: &'static str, path: String, why: String },
+    #[error("interpreter failed on the batch of commands {first}..={last}: {source}")]
+    Interpreter { first: u64, last: u64, source: PluginError },
+    #[error("reading the assignment: {0}")]
+    Read(#[from] cm_assignment::ReadError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+}
+
+fn io_cause(what: impl Into<String>) -> impl FnOnce(io::Error) -> ApplyCause {
+    let what = what.into();
+    move |source| ApplyCause::Io { what, source }
+}
+
+/// A payload of the assignment as the plugin host wants it.
+struct Payload(PayloadStream);
+
+impl Read for Payload {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl PayloadReader for Payload {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+}
+
+pub(crate) fn build_release(site: &Site, reader: &AssignmentReader, interp: &mut dyn Interpreter) -> Result<ApplyReport, SiteError> {
+    let h = reader.header().clone();
+    let root = site.root();
+    let mut report = ApplyReport {
+        kind: h.kind,
+        serial: h.serial,
+        commands: h.command_count,
+        linked: 0,
+        bytes_written: 0,
+        now_live: None,
+        already_applied: false,
+    };
+    let fail = |cause| SiteError::Apply { file: reader.path().to_path_buf(), kind: h.kind, serial: h.serial, cause };
+    if site.release_path(h.serial).is_dir() {
+        report.already_applied = true;
+        return Ok(report);
+    }
+    let live = layout::current_serial(root).map_err(|e| fail(ApplyCause::Io { what: "reading `current`".into(), source: e }))?;
+    if h.base_serial != 0 && live != Some(h.base_serial) {
+        return Err(fail(ApplyCause::WrongBase { base: h.base_serial, live }));
+    }
+    let staging = layout::building_dir(root, h.serial);
+    let built = (|| -> Result<(), ApplyCause> {
+        layout::discard(root, &staging).map_err(io_cause("removing an old partial release"))?;
+        match live {
+            Some(l) if !h.kind.builds_from_empty() => {
+                report.linked = clone::hard_link_tree(&site.release_path(l), &staging)
+                    .map_err(io_cause(format!("linking release {l} into the new release")))?;
+            }
+            _ => fs::create_dir(&staging).map_err(io_cause("creating the new release"))?,
+        }
+        report.bytes_written = Streamer::new(reader, &staging, interp, site.config.batch_commands).run()?;
+        layout::sync_filesystem(&staging).map_err(io_cause("syncing the new release"))?;
+        fs::rename(&staging, site.release_path(h.serial)).map_err(io_cause("naming the new release"))?;
+        layout::sync_dir(&root.join(layout::RELEASES)).map_err(io_cause("syncing releases/"))?;
+        Ok(())
+    })();
+    if let Err(cause) = built {
+        if let Err(e) = layout::discard(root, &staging) {
+            tracing::error!(path = %staging.display(), error = %e, "could not remove the partial release; the next open will");
+        }
+        if let Err(e) = interp.rollback(h.serial) {
+            tracing::warn!(serial = h.serial, error = %e, "interpreter rollback hook failed after an aborted apply");
+        }
+        return Err(fail(cause));
+    }
+    Ok(report)
+}
+
+/// Streams commands to the interpreter in batches and checks the results.
+struct Streamer<'a> {
+    reader: &'a AssignmentReader,
+    staging: &'a Path,
+    interp: &'a mut dyn Interpreter,
+    max: usize,
+    batch: Vec<Command>,
+    /// The assignment's commands of the pending batch (with their hashes) and their indexes.
+    pending: Vec<(u64, Cmd)>,
+    /// Paths the pending batch changes (not counting make-dir).
+    touched: Vec<String>,
+    payloads: usize,
+    written: u64,
+}
+
+/// Most payload streams open at once (each zstd decoder holds its window).
+const MAX_PAYLOADS: usize = 16;
+
+/// `a` and `b` are the same path or one contains the other.
+fn overlaps(a: &str, b: &str) -> bool {
+    let nested = |x: &str, y: &str| x.len() > y.len() && x.starts_with(y) && x.as_bytes()[y.len()] == b'/';
+    a == b || nested(a, b) || nested(b, a)
+}
+
+fn paths_of(cmd: &Cmd) -> Vec<&str> {
+    match cmd {
+        Cmd::MakeDir { .. } => vec![],
+        Cmd::ApplyDelta { path, base, .. } => vec![path, base],
+        Cmd::Rename { from, to } => vec![from, to],
+        other => vec![other.path()],
+    }
+}
+
+impl<'a> Streamer<'a> {
+    fn new(reader: &'a AssignmentReader, staging: &'a Path, interp: &'a mut dyn Interpreter, max: usize) -> Self {
+        Streamer {
+            reader,
+            staging,
+            interp,
+            max: max.max(1),
+            batch: Vec::new(),
+            pending: Vec::new(),
+            touched: Vec::new(),
+            payloads: 0,
+            written: 0,
+        }
+    }
+
+    fn run(mut self) -> Result<u64, ApplyCause> {
+        for item in self.reader.commands() {
+            let (index, cmd) = item?;
+            // A command that touches what the pending batch changes waits for it: the base of a
+            // delta is checked before the command goes out, written files after the batch.
+            if paths_of(&cmd).iter().any(|p| self.touched.iter().any(|t| overlaps(p, t))) {
+                self.flush()?;
+            }
+            if let Cmd::ApplyDelta { base, base_len, base_hash, .. } = &cmd {
+                let why = |e: ApplyError| ApplyCause::Command { index, name: "apply-delta", path: cmd.path().to_owned(), why: e.to_string() };
+                check_base(&resolve(self.staging, base).map_err(why)?, *base_len, base_hash).map_err(why)?;
+            }
+            self.touched.extend(paths_of(&cmd).into_iter().map(str::to_owned));
+            let out = self.convert(&cmd)?;
+            if cmd.payload().is_some() {
+                self.payloads += 1;
+            }
+            self.batch.push(out);
+            self.pending.push((index, cmd));
+            if self.batch.len() >= self.max || self.payloads >= MAX_PAYLOADS {
+                self.flush()?;
+            }
+        }
+        self.flush()?;
+        Ok(self.written)
+    }
+
+    fn convert(&self, cmd: &Cmd) -> Result<Command, ApplyCause> {
+        let data = |p| -> Result<Box<dyn PayloadReader>, ApplyCause> { Ok(Box::new(Payload(self.reader.payload(p)?))) };
+        Ok(match cmd {
+            Cmd::MakeDir { path, mode } => Command::MakeDir { path: path.clone(), mode: *mode },
+            Cmd::WriteFile { path, mode, mtime, payload, .. } => {
+                Command::WriteFile { path: path.clone(), mode: *mode, mtime: *mtime, data: data(payload)? }
+            }
+            Cmd::ApplyDelta { path, base, mode, mtime, ops, payload, .. } => Command::ApplyDelta {
+                path: path.clone(),
+                base: base.clone(),
+                mode: *mode,
+                mtime: *mtime,
+                ops: ops
+                    .iter()
+                    .map(|op| match *op {
+                        DeltaOp::Copy { offset, len } => PluginOp::Copy { offset, len },
+                        DeltaOp::Insert { len } => PluginOp::Insert { len },
+                    })
+                    .collect(),
+                data: data(payload)?,
+            },
+            Cmd::Remove { path, recursive } => Command::Remove { path: path.clone(), recursive: *recursive },
+            Cmd::Rename { from, to } => Command::Rename { from: from.clone(), to: to.clone() },
+            Cmd::Symlink { path, target } => Command::Symlink { path: path.clone(), target: target.clone() },
+            Cmd::SetMode { path, mode } => Command::SetMode { path: path.clone(), mode: *mode },
+        })
+    }
+
+    fn flush(&mut self) -> Result<(), ApplyCause> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let pending = std::mem::take(&mut self.pending);
+        self.touched.clear();
+        self.payloads = 0;
+        let (first, last) = (pending[0].0, pending[pending.len() - 1].0);
+        let reports = self
+            .interp
+            .apply(self.staging, batch)
+            .map_err(|source| ApplyCause::Interpreter { first, last, source })?;
+        if reports.len() != pending.len() {
+            return Err(ApplyCause::Interpreter {
+                first,
+                last,
+                source: PluginError::Runtime(format!("{} reports for {} commands", reports.len(), pending.len())),
+            });
+        }
+        for (report, (index, cmd)) in reports.iter().zip(&pending) {
+            let fail = |why: String| ApplyCause::Command { index: *index, name: cmd.name(), path: cmd.path().to_owned(), why };
+            if report.index as usize >= pending.len() {
+                return Err(fail(format!("interpreter reported on command {} of a batch of {}", report.index, pending.len())));
+            }
+            if let Err(msg) = &report.outcome {
+                return Err(fail(format!("interpreter: {msg}")));
+            }
+        }
+        for (index, cmd) in &pending {
+            self.check_result(*index, cmd)?;
+        }
+        Ok(())
+    }
+
+    /// The host does not trust the interpreter: a written file must have the assignment's
+    /// length, BLAKE3 and mode.
+    fn check_result(&mut self, index: u64, cmd: &Cmd) -> Result<(), ApplyCause> {
+        let (path, mode, len, hash) = match cmd {
+            Cmd::WriteFile { path, mode, payload, hash, .. } => (path, *mode, payload.len, hash),
+            Cmd::ApplyDelta { path, mode, len, hash, .. } => (path, *mode, *len, hash),
+            _ => return Ok(()),
+        };
+        let fail = |why: String| ApplyCause::Command { index, name: cmd.name(), path: path.clone(), why };
+        let p = resolve(self.staging, path).map_err(|e| fail(e.to_string()))?;
+        let f = fs::File::open(&p).map_err(|e| fail(format!("written file cannot be opened: {e}")))?;
+        let m = f.metadata().map_err(|e| fail(format!("written file: {e}")))?;
+        if m.len() != len {
+            return Err(fail(format!("written file is {} bytes, the assignment says {len}", m.len())));
+        }
+        if m.permissions().mode() & 0o7777 != mode {
+            return Err(fail(format!("written file has mode {:o}, the assignment says {mode:o}", m.permissions().mode() & 0o7777)));
+        }
+        let mut h = blake3::Hasher::new();
+        h.update_reader(&f).map_err(|e| fail(format!("reading the written file: {e}")))?;
+        if h.finalize() != blake3::Hash::from_bytes(*hash) {
+            return Err(fail("written file's BLAKE3 differs from the assignment".into()));
+        }
+        self.written += len;
+        Ok(())
+    }
+}

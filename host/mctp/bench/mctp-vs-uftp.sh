@@ -30,7 +30,7 @@ UFTP_PUB=239.77.9.2 UFTP_PRIV=239.77.9.3 UFTP_PORT=47310
 
 [ "$(id -u)" = 0 ] || { echo "run as root (network namespaces)"; exit 1; }
 CMOVER=$(command -v "$CMOVER" || echo "$CMOVER")
-WORK=$(mktemp -d)
+WORK=${WORK_DIR:-$(mktemp -d)}
 MAXN=0; for n in $RECEIVERS; do [ "$n" -gt "$MAXN" ] && MAXN=$n; done
 
 cleanup() {
@@ -104,7 +104,7 @@ run_mctp() { # n loss
   wait "${pids[@]}" 2>/dev/null || true
   local ok; ok=$(check_copies "$WORK/m" "$n")
   row MCTP "$n" "$2" "$t0" "$t1" "$(sent_bytes)" "$(peak_rss "$WORK"/rss-m*)" "$ok"
-  [ "$ok" = "$n" ] || { echo "  MCTP logs:"; tail -4 "$WORK/mtx.log" "$WORK/m1.log"; } >&2
+  [ "$ok" = "$n" ] || { echo "  MCTP logs:"; tail -n 4 "$WORK/mtx.log" "$WORK/m1.log" || true; } >&2
   rm -rf "$WORK"/m* "$WORK"/rss-m*
 }
 
@@ -127,11 +127,12 @@ run_uftp() { # n loss
   ip netns exec "$P-tx" uftp -I v-tx -M $UFTP_PUB -P $UFTP_PRIV -p $UFTP_PORT -R "$UFTP_RATE_KBIT" -b "$BLOCK" \
     -Y none -H "$(uftp_ids "$n")" -L "$WORK/utx.log" "$FILE" >/dev/null 2>&1 || true
   t1=$(now)
-  for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+  # /usr/bin/time ignores SIGINT while its child runs: stop each uftpd itself.
+  for p in "${pids[@]}"; do for c in $(pgrep -P "$p"); do kill -INT "$c" 2>/dev/null || true; done; done
   wait "${pids[@]}" 2>/dev/null || true
   local ok; ok=$(check_copies "$WORK/u" "$n")
   row UFTP "$n" "$2" "$t0" "$t1" "$(sent_bytes)" "$(peak_rss "$WORK"/rss-u*)" "$ok"
-  [ "$ok" = "$n" ] || { echo "  UFTP sender log:"; tail -4 "$WORK/utx.log" "$WORK/u1.log"; } >&2
+  [ "$ok" = "$n" ] || { echo "  UFTP sender log:"; tail -n 4 "$WORK/utx.log" "$WORK/u1.log" || true; } >&2
   rm -rf "$WORK"/u[0-9]* "$WORK"/rss-u*
 }
 

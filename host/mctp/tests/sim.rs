@@ -43,7 +43,7 @@ fn random_loss_up_to_fifty_percent_completes() {
     for loss in [0.05, 0.2, 0.35, 0.5] {
         let mut complete = 0;
         let mut runs = 0;
-        for seed in seeds(60) {
+        for seed in seeds(40) {
             let cfg = SimConfig { loss, members: 8, ..SimConfig::new(seed) };
             let r = must(&cfg);
             runs += 1;
@@ -63,7 +63,7 @@ fn random_loss_up_to_fifty_percent_completes() {
 
 #[test]
 fn burst_loss_reordering_and_duplication() {
-    for seed in seeds(150) {
+    for seed in seeds(100) {
         let cfg = SimConfig {
             loss: 0.05,
             burst: Some(BurstLoss { enter: 0.02, leave: 0.2 }),
@@ -151,7 +151,7 @@ fn encrypted_sessions_and_inline_assignments() {
 #[test]
 fn random_scenarios_keep_every_invariant() {
     let mut outcomes = [0usize; 3];
-    for seed in seeds(400) {
+    for seed in seeds(250) {
         let r = must(&SimConfig::random(seed));
         outcomes[r.report.outcome as usize] += 1;
     }

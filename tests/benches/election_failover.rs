@@ -1,0 +1,177 @@
+//! Failover with real UDP multicast on loopback, beside VRRP's formula, and the steady-state
+//! message rate. `cargo bench -p cm-tests --bench election_failover`
+//! (`ELECTION_BENCH_SIZES=3,10,50`, `ELECTION_BENCH_RUNS=5` change the sweep).
+//!
+//! Failover = from the leader's task being killed (at a random point of its heartbeat cycle)
+//! until every live node reports the same new leader and that node reports itself leader.
+//! VRRP (RFC 5798): master down interval = 3 × interval + (256 − priority)/256 × interval,
+//! counted from the last advertisement; shown for priority 100 (the default backup) and 254
+//! (the best possible backup).
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use cm_agent::election::{self, DriverConfig, ElectionHandle, ElectionStatus};
+use cm_election::{Config, NodeId, PriorityInputs, Timing};
+use rand::Rng;
+use tokio::sync::watch;
+
+const HEARTBEAT: Duration = Duration::from_millis(100);
+
+fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+fn fresh_channel() -> SocketAddr {
+    let mut rng = rand::rng();
+    let ip = Ipv4Addr::new(239, 78, rng.random_range(0..=255), rng.random_range(1..=254));
+    SocketAddr::V4(SocketAddrV4::new(ip, rng.random_range(40_000..50_000)))
+}
+
+fn vrrp(priority: u32) -> Duration {
+    HEARTBEAT * 3 + HEARTBEAT * (256 - priority) / 256
+}
+
+struct Cluster {
+    handles: Vec<ElectionHandle>,
+    watches: Vec<watch::Receiver<ElectionStatus>>,
+}
+
+impl Cluster {
+    fn start(n: usize) -> Result<Self> {
+        let channel = fresh_channel();
+        let mut handles = Vec::new();
+        for i in 1..=n {
+            let id = i as NodeId;
+            let mut c = Config::new(0xBE7C, id, 1, b"failover bench secret", channel, HEARTBEAT);
+            c.priority = PriorityInputs { operator_weight: i as u8, ..Default::default() };
+            handles.push(election::spawn(c, DriverConfig::loopback(), id)?);
+        }
+        let watches = handles.iter().map(|h| h.watch_status()).collect();
+        Ok(Cluster { handles, watches })
+    }
+
+    /// The leader every live node agrees on (and which leads), if any.
+    fn agreed(&self, live: &[usize], with_members: bool) -> Option<NodeId> {
+        let first = self.watches[live[0]].borrow().leader?;
+        let mut leader_ok = false;
+        for &i in live {
+            let s = self.watches[i].borrow();
+            if s.leader != Some(first) {
+                return None;
+            }
+            if s.node == first {
+                leader_ok = s.is_leader && (!with_members || s.members.len() == live.len() - 1);
+            }
+        }
+        leader_ok.then_some(first)
+    }
+
+    async fn wait_agreed(&self, live: &[usize], with_members: bool, within: Duration) -> Result<(NodeId, Instant)> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(l) = self.agreed(live, with_members) {
+                return Ok((l, Instant::now()));
+            }
+            if Instant::now() > deadline {
+                bail!("no agreement within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn sent(&self) -> (u64, u64) {
+        let total = self.watches.iter().map(|w| w.borrow().stats.sent).sum();
+        let leader = self.watches.iter().filter(|w| w.borrow().is_leader).map(|w| w.borrow().stats.sent).sum();
+        (total, leader)
+    }
+}
+
+struct Row {
+    n: usize,
+    failovers: Vec<Duration>,
+    per_node_rate: f64,
+    leader_rate: f64,
+    member_rate: f64,
+}
+
+async fn measure(n: usize, runs: usize) -> Result<Row> {
+    let mut failovers = Vec::new();
+    let (mut per_node_rate, mut leader_rate, mut member_rate) = (0.0, 0.0, 0.0);
+    for run in 0..runs {
+        let cluster = Cluster::start(n)?;
+        let all: Vec<usize> = (0..n).collect();
+        let (leader, _) = cluster.wait_agreed(&all, true, Duration::from_secs(30)).await?;
+        if leader != n as NodeId {
+            bail!("the strongest node {n} should lead, not {leader}");
+        }
+        if run == 0 {
+            // Steady state: registered, reports done; count what everyone sends.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let window = Duration::from_secs(5);
+            let (t0, l0) = cluster.sent();
+            tokio::time::sleep(window).await;
+            let (t1, l1) = cluster.sent();
+            let secs = window.as_secs_f64();
+            per_node_rate = (t1 - t0) as f64 / n as f64 / secs;
+            leader_rate = (l1 - l0) as f64 / secs;
+            member_rate = ((t1 - t0) - (l1 - l0)) as f64 / (n - 1) as f64 / secs;
+        }
+        // Kill the leader at a random point of its heartbeat cycle.
+        let phase = Duration::from_micros(rand::rng().random_range(0..HEARTBEAT.as_micros() as u64));
+        tokio::time::sleep(phase).await;
+        let killed = Instant::now();
+        cluster.handles[n - 1].abort();
+        let live: Vec<usize> = (0..n - 1).collect();
+        let (new, at) = cluster.wait_agreed(&live, false, Duration::from_secs(10)).await?;
+        if new != (n - 1) as NodeId {
+            bail!("node {} should take over, not {new}", n - 1);
+        }
+        failovers.push(at - killed);
+        for h in &cluster.handles {
+            h.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    failovers.sort();
+    Ok(Row { n, failovers, per_node_rate, leader_rate, member_rate })
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn main() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let sizes = env_list("ELECTION_BENCH_SIZES", &[3, 10, 50]);
+    let runs = env_list("ELECTION_BENCH_RUNS", &[5])[0].max(1);
+    let bound = Timing::scaled(HEARTBEAT).failover_bound(Duration::ZERO);
+    println!("election failover, real UDP multicast on loopback, heartbeat {} ms, {runs} runs per size", HEARTBEAT.as_millis());
+    println!("documented bound (from the last heartbeat heard): {}", ms(bound));
+    println!(
+        "{:>5} | {:>9} | {:>9} | {:>9} | {:>12} | {:>12} | {:>14} | {:>12} | {:>12} | {:>12}",
+        "nodes", "min", "median", "max", "VRRP p=100", "VRRP p=254", "median/VRRP100", "msg/s/node", "leader msg/s", "member msg/s"
+    );
+    for n in sizes {
+        let row = rt.block_on(measure(n, runs))?;
+        let median = row.failovers[row.failovers.len() / 2];
+        println!(
+            "{:>5} | {:>9} | {:>9} | {:>9} | {:>12} | {:>12} | {:>14.2} | {:>12.2} | {:>12.2} | {:>12.2}",
+            row.n,
+            ms(row.failovers[0]),
+            ms(median),
+            ms(*row.failovers.last().expect("runs >= 1")),
+            ms(vrrp(100)),
+            ms(vrrp(254)),
+            median.as_secs_f64() / vrrp(100).as_secs_f64(),
+            row.per_node_rate,
+            row.leader_rate,
+            row.member_rate,
+        );
+    }
+    Ok(())
+}

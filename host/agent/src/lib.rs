@@ -2,4 +2,5 @@
 //! (`cmover agent`). Everything here is thin: protocol decisions live in the cores.
 
 pub mod election;
+pub mod leader;
 pub mod mctp;

@@ -5,8 +5,9 @@
 //! — the shadow copy. Snapshots live in `<data>/snapshots/<site>/<serial>`; the live one is the
 //! base of the next delta, which is how only changed bytes travel.
 
+pub use cm_assignment::SealKey;
 use cm_assignment::write::Meta;
-use cm_assignment::{AssignmentType, BuildOptions, SealKey, build, detect::build_switch};
+use cm_assignment::{AssignmentType, BuildOptions, build, detect::build_switch};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 

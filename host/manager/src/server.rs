@@ -45,7 +45,7 @@ pub struct ManagerConfig {
     /// children were served is noticed this way).
     pub probe_interval: Duration,
     /// Seals manager-built assignments (servers configured with the same key accept only those).
-    pub seal: Option<cm_assignment::SealKey>,
+    pub seal: Option<prepare::SealKey>,
 }
 
 impl ManagerConfig {

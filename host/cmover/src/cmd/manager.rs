@@ -1,8 +1,77 @@
-//! `cmover manager`.
+//! `cmover manager`: runs the Content Control Manager (database, HTTP API, scheduler, tree root).
+
+use anyhow::{Context, bail};
+use cm_manager::server::{Manager, ManagerConfig};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Address of the HTTP API (operators and group leaders).
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// Database, assignments and snapshots live here.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// File holding the operators' bearer token (else $CMOVER_OPERATOR_TOKEN).
+    #[arg(long)]
+    pub operator_token_file: Option<PathBuf>,
+    /// File holding the agents' bearer token (else $CMOVER_AGENT_TOKEN).
+    #[arg(long)]
+    pub agent_token_file: Option<PathBuf>,
+    /// File holding the cluster secret that seals assignments (servers must share it).
+    #[arg(long)]
+    pub seal_secret_file: Option<PathBuf>,
+    /// Children the manager serves at once.
+    #[arg(long, default_value_t = 2)]
+    pub root_fanout: usize,
+    /// Children each group leader serves at once.
+    #[arg(long, default_value_t = 2)]
+    pub leader_fanout: usize,
+    /// Up to this many group leaders the manager serves each itself (a star).
+    #[arg(long, default_value_t = 3)]
+    pub star_max: usize,
+    /// Chunk size of the per-chunk BLAKE3 manifest, KiB.
+    #[arg(long, default_value_t = 1024)]
+    pub chunk_kib: u32,
+    /// Scheduler period, milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub tick_ms: u64,
+}
 
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`cmover manager` is not built yet")
+fn secret(file: Option<&Path>, env: &str, what: &str) -> anyhow::Result<String> {
+    let s = match file {
+        Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading the {what} from {}", f.display()))?,
+        None => std::env::var(env).with_context(|| format!("the {what}: pass --{}-file or set ${env}", what.replace(' ', "-")))?,
+    };
+    let s = s.trim().to_string();
+    if s.len() < 16 {
+        bail!("the {what} must be at least 16 characters");
+    }
+    Ok(s)
+}
+
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    let operator = secret(a.operator_token_file.as_deref(), "CMOVER_OPERATOR_TOKEN", "operator token")?;
+    let agent = secret(a.agent_token_file.as_deref(), "CMOVER_AGENT_TOKEN", "agent token")?;
+    if operator == agent {
+        bail!("the operator and agent tokens must differ");
+    }
+    let mut cfg = ManagerConfig::new(a.data_dir.clone(), &operator, &agent);
+    cfg.listen = a.listen;
+    cfg.tree.root_fanout = a.root_fanout;
+    cfg.tree.leader_fanout = a.leader_fanout;
+    cfg.tree.star_max = a.star_max;
+    cfg.chunk_size = a.chunk_kib.clamp(4, 65536) << 10;
+    cfg.tick = Duration::from_millis(a.tick_ms.max(10));
+    if let Some(f) = &a.seal_secret_file {
+        let s = std::fs::read(f).with_context(|| format!("reading the seal secret from {}", f.display()))?;
+        cfg.seal = Some(cm_manager::prepare::SealKey::derive(&s));
+    }
+    let m = Manager::start(cfg).await.context("starting the manager")?;
+    tracing::info!(url = m.url(), data = %a.data_dir.display(), "manager running");
+    println!("manager listening on {} (data in {})", m.url(), a.data_dir.display());
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    Ok(())
 }

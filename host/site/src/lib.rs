@@ -11,6 +11,7 @@ mod apply;
 mod clone;
 pub mod layout;
 pub mod native;
+mod plugin;
 
 use std::fmt;
 use std::fs::{self, File};

@@ -1,8 +1,54 @@
-//! `cmover site ...`.
+//! `cmover site ...`: commit, roll back or inspect a local site's releases.
+
+use std::path::PathBuf;
+
+use cm_site::NativeInterpreter;
+
+use super::assignment::SiteArgs;
 
 #[derive(clap::Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Make a prepared release live (default: the newest prepared one).
+    Commit {
+        #[arg(long)]
+        site: PathBuf,
+        #[arg(long)]
+        serial: Option<u64>,
+        #[command(flatten)]
+        site_args: SiteArgs,
+    },
+    /// Switch live back to the release committed before the current one.
+    Rollback {
+        #[arg(long)]
+        site: PathBuf,
+        #[command(flatten)]
+        site_args: SiteArgs,
+    },
+    /// Show the live release, backups and prepared releases.
+    Status {
+        #[arg(long)]
+        site: PathBuf,
+    },
+}
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
-    match command {}
+    tokio::task::spawn_blocking(move || run_blocking(command)).await?
+}
+
+fn run_blocking(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Commit { site, serial, site_args } => {
+            let live = site_args.open(&site)?.commit(serial, &mut NativeInterpreter)?;
+            println!("release {live} is live");
+        }
+        Command::Rollback { site, site_args } => {
+            let live = site_args.open(&site)?.rollback(&mut NativeInterpreter)?;
+            println!("rolled back: release {live} is live");
+        }
+        Command::Status { site } => {
+            let s = cm_site::Site::open(&site, Default::default())?;
+            print!("{}", s.status()?);
+        }
+    }
+    Ok(())
 }

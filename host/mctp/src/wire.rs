@@ -405,7 +405,9 @@ mod tests {
     }
 
     fn arb_info() -> impl Strategy<Value = SessionInfo> {
-        (any::<u64>(), "[a-z/._-]{0,40}", 0u64..1 << 40, any::<[u8; 32]>())
+        // Sizes up to the product's 4 GiB ceiling: at the smallest frame size that is 2^26 frames,
+        // well inside the u32 sequence space the decoder enforces.
+        (any::<u64>(), "[a-z/._-]{0,40}", 0u64..=1 << 32, any::<[u8; 32]>())
             .prop_map(|(assignment, name, size, hash)| SessionInfo { assignment, name, size, hash })
     }
 

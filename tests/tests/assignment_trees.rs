@@ -8,8 +8,8 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-use cm_assignment::detect::{Entry, scan};
 use cm_assignment::{AssignmentReader, AssignmentType, BuildOptions, build, reference};
+use cm_tests::observe;
 use proptest::prelude::*;
 
 /// What one path holds in a generated tree.
@@ -91,22 +91,6 @@ fn make_tree(root: &Path, nodes: &BTreeMap<&str, Node>, mtime: u64) {
     for (p, mode) in late.into_iter().rev() {
         fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
     }
-}
-
-/// A tree's observable content: kinds, modes, symlink targets, BLAKE3 of files.
-fn observe(root: &Path) -> BTreeMap<String, String> {
-    scan(root)
-        .unwrap()
-        .into_iter()
-        .map(|(p, e)| {
-            let v = match e {
-                Entry::Dir { mode } => format!("dir {mode:o}"),
-                Entry::File { mode, .. } => format!("file {mode:o} {}", blake3::hash(&fs::read(root.join(&p)).unwrap())),
-                Entry::Symlink { target } => format!("link {target}"),
-            };
-            (p, v)
-        })
-        .collect()
 }
 
 fn copy_tree(from: &Path, to: &Path) {

@@ -1,12 +1,11 @@
 //! Helpers shared by the site_*.rs tests: trees, assignments, observing a tree.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
-use cm_assignment::detect::{Entry, scan};
+pub use cm_tests::observe;
 use cm_assignment::{AssignmentType, BuildOptions, Meta, build};
 
 /// Writes `files` (path → content) under `root`, creating directories; every file gets `mtime`.
@@ -19,22 +18,6 @@ pub fn write_tree(root: &Path, files: &[(&str, &[u8])], mtime: u64) {
         let f = fs::File::options().write(true).open(&full).unwrap();
         f.set_modified(UNIX_EPOCH + Duration::from_secs(mtime)).unwrap();
     }
-}
-
-/// A tree's observable content: kinds, modes, symlink targets, BLAKE3 of files.
-pub fn observe(root: &Path) -> BTreeMap<String, String> {
-    scan(root)
-        .unwrap()
-        .into_iter()
-        .map(|(p, e)| {
-            let v = match e {
-                Entry::Dir { mode } => format!("dir {mode:o}"),
-                Entry::File { mode, .. } => format!("file {mode:o} {}", blake3::hash(&fs::read(root.join(&p)).unwrap())),
-                Entry::Symlink { target } => format!("link {target}"),
-            };
-            (p, v)
-        })
-        .collect()
 }
 
 /// Builds an assignment of `kind` turning `shadow` into `staging`.

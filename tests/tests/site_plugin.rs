@@ -53,7 +53,6 @@ fn make(root: &Path, spec: &BTreeMap<u8, (u8, u64)>, mtime: u64) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
     #[test]
-    #[ignore = "compiles, not yet run against plugins/dist/interpreter.wasm: run with --ignored"]
     fn plugin_applies_build_old_to_new(
         old in proptest::collection::btree_map(0u8..12, (0u8..4, 0u64..1_000_000), 0..10),
         new in proptest::collection::btree_map(0u8..12, (0u8..4, 0u64..1_000_000), 0..10),
@@ -80,7 +79,6 @@ proptest! {
 }
 
 #[test]
-#[ignore = "compiles, not yet run against plugins/dist/interpreter.wasm: run with --ignored"]
 fn plugin_path_delta_against_drifted_base_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

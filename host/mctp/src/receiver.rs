@@ -324,7 +324,7 @@ impl Receiver {
             s.state = State::Failed("BLAKE3 of the received assignment does not match the announcement".into());
             self.events.push_back(RxEvent::Abandoned { session, info, reason: "hash mismatch".into() });
         }
-        // Tell the GL promptly: a report owed (postponed for verification) goes now, and a
+        // Tell the GL promptly: a report owed (not yet sent) goes now, and a
         // member nobody asked yet says "complete" unprompted after a short random delay, so a
         // lost end-of-pass solicitation does not leave the GL guessing.
         match self.session.as_mut().and_then(|s| s.report_due.map(|d| (s, d))) {
@@ -345,7 +345,7 @@ impl Receiver {
 
     pub fn poll_timeout(&self) -> Option<Time> {
         let s = self.session.as_ref()?;
-        let report = s.report_due.filter(|_| s.state != State::Verifying).map(|(t, _)| t);
+        let report = s.report_due.map(|(t, _)| t);
         let expiry = matches!(s.state, State::Receiving | State::Verifying).then(|| s.last_heard + self.cfg.session_timeout);
         match (report, expiry) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -359,9 +359,6 @@ impl Receiver {
             let s = self.session.take().expect("checked");
             self.events.push_back(RxEvent::Abandoned { session: s.announce.session, info: s.announce.info, reason: "no datagram from the group leader within the session timeout".into() });
             return;
-        }
-        if s.state == State::Verifying {
-            return; // the report waits for the verdict
         }
         if let Some((at, round)) = s.report_due
             && now >= at
@@ -378,7 +375,9 @@ impl Receiver {
         let reports: Vec<Report> = match &s.state {
             State::Complete => vec![base(0, 1, ReportStatus::Complete)],
             State::Failed(reason) => vec![base(0, 1, ReportStatus::Failed(reason.clone()))],
-            State::Verifying => return,
+            // Hashing and flushing a large file takes a while: say so, or the GL counts our
+            // silence as a stalled round and may give up on a member about to deliver.
+            State::Verifying => vec![base(0, 1, ReportStatus::Verifying)],
             State::Receiving if s.frames == 0 => return, // inline: nothing to NACK until the announcement arrives
             State::Receiving => {
                 let max = usize::from(self.cfg.max_report_parts) * MAX_RUNS_PER_REPORT;

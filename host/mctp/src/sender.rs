@@ -149,6 +149,8 @@ pub enum Transmit {
 pub enum MemberStatus {
     NoReport,
     Missing { frames: u64 },
+    /// Holds every frame and was still checking the hash when last heard.
+    Verifying,
     Failed(String),
     Complete,
 }
@@ -237,6 +239,9 @@ pub struct Sender {
     next_send: Time,
     next_announce: Time,
     stall: u32,
+    /// Consecutive rounds without progress, including those excused because a member was
+    /// verifying: it paces the asking-again backoff.
+    idle: u32,
     prev_complete: usize,
     prev_missing: u64,
     queue: VecDeque<Transmit>,
@@ -329,6 +334,7 @@ impl Sender {
             next_send: now,
             next_announce: now,
             stall: 0,
+            idle: 0,
             prev_complete: 0,
             prev_missing: u64::MAX,
             queue: VecDeque::new(),
@@ -531,6 +537,13 @@ impl Sender {
                 peer.status = MemberStatus::Failed(reason);
                 peer.heard_round = peer.heard_round.max(r.round);
             }
+            ReportStatus::Verifying => {
+                if matches!(peer.status, MemberStatus::Complete | MemberStatus::Failed(_)) || r.round != round {
+                    return; // stale
+                }
+                peer.status = MemberStatus::Verifying;
+                peer.heard_round = round;
+            }
             ReportStatus::Missing(runs) => {
                 if matches!(peer.status, MemberStatus::Complete | MemberStatus::Failed(_)) || r.round != round {
                     return; // stale: a newer fact or an older round
@@ -548,9 +561,11 @@ impl Sender {
                 }
             }
         }
-        // Close the round early once every participant has answered it.
+        // Close the round early once every participant has answered it, unless someone is
+        // still verifying: asking a busy member again at once would only spin the rounds.
         if matches!(self.phase, Phase::Collecting { .. })
             && self.peers.values().all(|p| p.heard_round >= self.round || matches!(p.status, MemberStatus::Complete | MemberStatus::Failed(_)))
+            && !self.peers.values().any(|p| p.status == MemberStatus::Verifying)
             && self.participants_enough()
         {
             self.phase = Phase::Collecting { until: Time::ZERO };
@@ -649,10 +664,16 @@ impl Sender {
                 _ => 0,
             })
             .sum();
+        // A member that answered this round that it is verifying is alive and busy (hashing
+        // and flushing a large file can take longer than ten rounds): that counts as progress
+        // for the stall limit, though the asking still backs off. `max_rounds` bounds the wait.
+        let verifying = self.peers.values().any(|p| p.status == MemberStatus::Verifying && p.heard_round >= self.round);
         if complete > self.prev_complete || missing < self.prev_missing {
             self.stall = 0;
+            self.idle = 0;
         } else {
-            self.stall += 1;
+            self.idle += 1;
+            self.stall = if verifying { 0 } else { self.stall + 1 };
         }
         self.prev_complete = complete;
         self.prev_missing = missing;
@@ -730,7 +751,7 @@ impl Sender {
         }
         // Back off while nobody answers: ten tries then span seconds, not milliseconds, so a
         // member that is rebooting gets a chance to come back.
-        let wait = (self.report_window() * (1u32 << self.stall.min(6))).min(self.cfg.max_report_window.max(self.report_window()));
+        let wait = (self.report_window() * (1u32 << self.idle.min(6))).min(self.cfg.max_report_window.max(self.report_window()));
         self.phase = Phase::Collecting { until: now + wait + self.cfg.report_grace };
     }
 

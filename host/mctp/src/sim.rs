@@ -60,6 +60,9 @@ pub struct SimConfig {
     /// Member index that never comes up (it is expected but dead).
     pub dead: Option<usize>,
     pub quorum: Option<usize>,
+    /// Member index whose driver takes this long to hash and flush the file once every frame
+    /// is held (a large assignment on a slow disk); the member keeps answering meanwhile.
+    pub slow_verify: Option<(usize, Duration)>,
     /// Print every control datagram and report (for replaying a failing seed).
     pub trace: bool,
 }
@@ -85,6 +88,7 @@ impl SimConfig {
             already_holds: None,
             dead: None,
             quorum: None,
+            slow_verify: None,
             trace: std::env::var_os("MCTP_SIM_TRACE").is_some(),
         }
     }
@@ -179,6 +183,8 @@ struct SimMember {
     disk: Vec<u8>,
     delivered: bool,
     burst_bad: bool,
+    /// A verification in progress: (done at, session).
+    verifying: Option<(Time, u64)>,
 }
 
 /// The sender configuration the simulation uses (quick timers for virtual time).
@@ -215,7 +221,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimResult, Violation> {
     rng.fill(&mut content[..]);
     let info = SessionInfo { assignment: 77, name: "sim/assignment".into(), size: cfg.size, hash: *blake3::hash(&content).as_bytes() };
     let keys = Keys::derive(b"simulated cluster");
-    let members = (0..cfg.members).map(|_| SimMember { rx: None, disk: Vec::new(), delivered: false, burst_bad: false }).collect();
+    let members = (0..cfg.members).map(|_| SimMember { rx: None, disk: Vec::new(), delivered: false, burst_bad: false, verifying: None }).collect();
     let sim = Sim { cfg: cfg.clone(), keys, content, info, net: rng, now: Time::ZERO, queue: BinaryHeap::new(), seq: 0, gl: None, members, frames_sent: 0, frame_buf: Vec::new() };
     sim.go()
 }
@@ -251,6 +257,7 @@ impl Sim {
             rx.add_held(self.info.hash);
         }
         m.disk.clear();
+        m.verifying = None;
         m.rx = Some(rx);
     }
 
@@ -355,6 +362,13 @@ impl Sim {
 
     fn pump_member(&mut self, i: usize) -> Result<(), Violation> {
         let Some(mut rx) = self.members[i].rx.take() else { return Ok(()) };
+        if let Some((at, session)) = self.members[i].verifying
+            && self.now >= at
+        {
+            self.members[i].verifying = None;
+            let ok = blake3::hash(&self.members[i].disk).as_bytes() == &self.info.hash;
+            rx.verified(self.now, session, ok);
+        }
         rx.handle_timeout(self.now);
         let me = member_addr(i);
         let gl_node = self.gl.as_ref().map(|(g, _)| Node::Gl(*g));
@@ -376,6 +390,10 @@ impl Sim {
                     if !resumed {
                         self.members[i].disk = vec![0; info.size as usize];
                     }
+                }
+                RxEvent::Verify { session, .. } if self.cfg.slow_verify.is_some_and(|(m, _)| m == i) => {
+                    let delay = self.cfg.slow_verify.map(|(_, d)| d).unwrap_or_default();
+                    self.members[i].verifying = Some((self.now + delay, session));
                 }
                 RxEvent::Verify { session, .. } => {
                     let ok = blake3::hash(&self.members[i].disk).as_bytes() == &self.info.hash;
@@ -494,6 +512,7 @@ impl Sim {
             consider(self.gl.as_ref().and_then(|(_, g)| g.poll_timeout()));
             for m in &self.members {
                 consider(m.rx.as_ref().and_then(Receiver::poll_timeout));
+                consider(m.verifying.filter(|_| m.rx.is_some()).map(|(t, _)| t));
             }
             for t in [self.cfg.late_joiner.filter(|_| !joined).map(|(_, t)| t), self.cfg.crash.filter(|_| !crashed).map(|c| c.1), self.cfg.crash.filter(|_| !returned).map(|c| c.2)] {
                 consider(t.map(at));

@@ -112,6 +112,9 @@ pub enum ReportStatus {
     Complete,
     /// Cannot complete (hash mismatch, disk error); the reason goes into the GL's report.
     Failed(String),
+    /// Holds every frame and is checking the BLAKE3 (and flushing the file): alive and busy,
+    /// so the GL keeps waiting instead of counting the round as stalled.
+    Verifying,
 }
 
 /// One datagram of a member's status report. A long NACK is split into `parts` datagrams.
@@ -263,6 +266,9 @@ impl Report {
                 let cut = truncate_utf8(reason, MAX_REASON);
                 w.u8(2).str16("reason", cut).expect("reason truncated");
             }
+            ReportStatus::Verifying => {
+                w.u8(3);
+            }
         }
         seal(keys, w)
     }
@@ -295,6 +301,7 @@ impl Report {
             }
             1 => ReportStatus::Complete,
             2 => ReportStatus::Failed(r.str16(MAX_REASON)?.to_owned()),
+            3 => ReportStatus::Verifying,
             _ => return Err(DecodeError::malformed("unknown report status")),
         };
         Ok(Report { session, member, round, part, parts, status })
@@ -422,6 +429,7 @@ mod tests {
         #[test]
         fn report_round_trips(session: u64, member: u64, round: u32, parts in 1u16..5, status in prop_oneof![
             Just(ReportStatus::Complete),
+            Just(ReportStatus::Verifying),
             "[ -~]{0,60}".prop_map(ReportStatus::Failed),
             proptest::collection::vec((0u32..1 << 30, 1u32..1000), 1..MAX_RUNS_PER_REPORT).prop_map(ReportStatus::Missing),
         ]) {

@@ -157,3 +157,31 @@ fn random_scenarios_keep_every_invariant() {
     }
     println!("complete / quorum / problem: {outcomes:?}");
 }
+
+/// Regression (seen at 256 MiB on real sockets): a member that holds every frame but takes
+/// longer to hash and flush the file than the GL's ten fruitless rounds delivered, yet the GL
+/// had already given up and listed it incomplete. A verifying member now says so when asked,
+/// and such rounds do not count as stalled.
+#[test]
+fn slow_verification_is_waited_for_not_reported_missing() {
+    for seed in seeds(20) {
+        for delay in [Duration::from_secs(3), Duration::from_secs(25)] {
+            let cfg = SimConfig { loss: 0.1, members: 4, slow_verify: Some((seed as usize % 4, delay)), ..SimConfig::new(seed) };
+            let r = must(&cfg);
+            assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed} delay {delay:?}: {:?}", r.report);
+            assert!(r.delivered.iter().all(|d| *d), "seed {seed}");
+        }
+    }
+}
+
+/// Long sessions: thousands of frames, lossy reports both ways, every member reported
+/// complete (none delivered behind the GL's back).
+#[test]
+fn long_lossy_sessions_report_every_delivery() {
+    for seed in seeds(3) {
+        let cfg = SimConfig { loss: 0.2, members: 8, size: 1_500_000, frame_size: 1024, slow_verify: Some((1, Duration::from_secs(12))), ..SimConfig::new(seed) };
+        let r = must(&cfg);
+        assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed}: {:?}", r.report);
+        assert!(r.report.incomplete.is_empty(), "seed {seed}: {:?}", r.report);
+    }
+}

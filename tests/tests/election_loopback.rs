@@ -133,6 +133,15 @@ async fn leader_moves_the_control_channel_and_everyone_follows() -> Result<()> {
     let handles: Vec<ElectionHandle> = [(1, 1), (2, 3), (3, 2)].iter().map(|&(id, w)| spawn(id, w, channel)).collect::<Result<_>>()?;
     let all: Vec<&ElectionHandle> = handles.iter().collect();
     assert_eq!(agreed(&all, Duration::from_secs(10)).await?, 2);
+    // Every node offers its HTTP address; members read the leader's from its heartbeats.
+    for (i, h) in handles.iter().enumerate() {
+        h.set_heartbeat_payload(format!("http://127.0.0.{}:7720", i + 1).into_bytes()).await?;
+    }
+    for h in &handles {
+        let mut st = h.watch_status();
+        let seen = tokio::time::timeout(Duration::from_secs(5), st.wait_for(|s| s.leader_payload.as_deref() == Some(b"http://127.0.0.2:7720"))).await;
+        assert!(seen.is_ok_and(|r| r.is_ok()), "node {} learns the leader's address: {:?}", h.status().node, h.status());
+    }
     let mut moved = fresh_channel();
     while moved == channel {
         moved = fresh_channel();

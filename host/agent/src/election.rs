@@ -68,6 +68,10 @@ pub struct ElectionStatus {
     pub stats: Stats,
     /// Datagrams the socket failed to send (counted, the protocol copes with loss).
     pub send_errors: u64,
+    /// The current leader's latest heartbeat payload (see
+    /// [`ElectionHandle::set_heartbeat_payload`]): on the leader its own, on a member what its
+    /// leader's last Leader Alive carried; `None` while no leader is known.
+    pub leader_payload: Option<Vec<u8>>,
 }
 
 impl ElectionStatus {
@@ -83,6 +87,7 @@ impl ElectionStatus {
             data_channels: e.data_channels().clone(),
             stats: e.stats(),
             send_errors,
+            leader_payload: e.leader_payload().map(<[u8]>::to_vec),
         }
     }
 }
@@ -131,7 +136,26 @@ impl ElectionHandle {
     pub async fn set_data_channel(&self, group: String, channel: SocketAddr) -> Result<(), DriverError> {
         Ok(self.request(|tx| Request::SetDataChannel(group, channel, tx)).await??)
     }
-    /// The opaque payload every Leader Alive carries from now on (e.g. an MCTP announce).
+    /// The opaque payload (≤ 1024 bytes) every Leader Alive carries from now on. May be set
+    /// before this node leads: it goes out once it does. Members see the leader's latest payload
+    /// in [`ElectionStatus::leader_payload`] and get [`Event::LeaderPayload`] when it changes.
+    /// There is one payload per leader: duties that share it encode their parts together.
+    ///
+    /// How a group leader tells its members where its HTTP endpoint is:
+    ///
+    /// ```no_run
+    /// # async fn example(handle: cm_agent::election::ElectionHandle) -> Result<(), cm_agent::election::DriverError> {
+    /// // Every node sets it; only the leader's heartbeats carry it.
+    /// handle.set_heartbeat_payload(b"http://10.0.0.7:7720".to_vec()).await?;
+    ///
+    /// // Any node: wait until a leader is known and read its address.
+    /// let mut status = handle.watch_status();
+    /// let status = status.wait_for(|s| s.leader_payload.as_ref().is_some_and(|p| !p.is_empty())).await
+    ///     .map_err(|_| cm_agent::election::DriverError::Stopped)?;
+    /// let leader_http = String::from_utf8_lossy(status.leader_payload.as_deref().unwrap_or_default());
+    /// println!("leader {:?} serves at {leader_http}", status.leader);
+    /// # Ok(()) }
+    /// ```
     pub async fn set_heartbeat_payload(&self, payload: Vec<u8>) -> Result<(), DriverError> {
         Ok(self.request(|tx| Request::SetHeartbeatPayload(payload, tx)).await??)
     }

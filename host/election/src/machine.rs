@@ -294,6 +294,18 @@ impl Election {
     pub fn stats(&self) -> Stats {
         self.stats
     }
+    /// The heartbeat payload of the leader this node knows: its own (see
+    /// [`Election::set_heartbeat_payload`]) while leading, the latest one heard from its leader
+    /// while following, `None` while no leader is known. An empty payload is `Some(&[])`.
+    pub fn leader_payload(&self) -> Option<&[u8]> {
+        if self.leading {
+            Some(&self.payload)
+        } else if self.state == State::GlKnown {
+            self.leader.as_ref().map(|l| l.payload.as_slice())
+        } else {
+            None
+        }
+    }
     /// The claim this node would make now.
     pub fn claim_key(&self, now: Instant) -> ClaimKey {
         let members_known = if self.leading { self.members.len() } else { self.former_members };
@@ -424,7 +436,11 @@ impl Election {
 
     // ----- requests ---------------------------------------------------------------------
 
-    /// Sets the opaque payload carried by every Leader Alive from now on (empty: none).
+    /// Sets the opaque payload carried by every Leader Alive from now on (empty: none), at most
+    /// [`MAX_PAYLOAD`](crate::wire::MAX_PAYLOAD) bytes. It can be set at any time (also before
+    /// this node leads); members read it with [`Election::leader_payload`] and get
+    /// [`Event::LeaderPayload`] when it changes. There is one payload: duties that share it
+    /// (the GL's HTTP address, an MCTP announce) encode their parts together.
     pub fn set_heartbeat_payload(&mut self, payload: Vec<u8>) -> Result<(), RequestError> {
         if payload.len() > MAX_PAYLOAD {
             return Err(RequestError::PayloadTooLarge(payload.len()));

@@ -246,7 +246,17 @@ fn heartbeat_payload_reaches_members_once_per_change() {
     run(&mut s, HB * 10);
     let got: Vec<_> = events_of(&s, 1).into_iter().filter(|e| matches!(e, Event::LeaderPayload { .. })).collect();
     assert_eq!(got, vec![Event::LeaderPayload { leader: 2, payload: b"mctp session 7".to_vec() }]);
-    let too_big = s.with_node(1, |e, _| e.set_heartbeat_payload(vec![0; 5000])).unwrap();
+    let payload_of = |s: &Sim, i: usize| s.nodes[i].election.as_ref().unwrap().leader_payload().map(<[u8]>::to_vec);
+    assert_eq!(payload_of(&s, 0), Some(b"mctp session 7".to_vec()), "the member reads its leader's payload");
+    assert_eq!(payload_of(&s, 1), Some(b"mctp session 7".to_vec()), "the leader reads its own");
+    // The leader dies: no leader, no payload; the next leader's (empty) payload replaces it.
+    s.crash(1);
+    let no_leader = |s: &Sim| s.nodes[0].election.as_ref().unwrap().leader().is_none();
+    assert!(s.run_until_true(after(&s, HB * 10), |_| Ok(()), no_leader).unwrap().is_some());
+    assert_eq!(payload_of(&s, 0), None, "no leader known, no payload");
+    run(&mut s, HB * 10);
+    assert_eq!(payload_of(&s, 0), Some(Vec::new()), "node 1 leads itself with an empty payload");
+    let too_big = s.with_node(0, |e, _| e.set_heartbeat_payload(vec![0; 5000])).unwrap();
     assert!(too_big.is_err());
 }
 

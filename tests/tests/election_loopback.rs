@@ -2,56 +2,23 @@
 //! replayer on the same group change nothing, the leader is killed and the next strongest takes
 //! over; a leader moves the control channel and everyone follows.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+mod election_common;
+
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use cm_agent::election::{self, DriverConfig, ElectionHandle};
 use cm_election::wire::{self, Header, Message};
-use cm_election::{ClaimKey, Config, Event, NodeId, Priority, PriorityInputs};
-use rand::Rng;
+use cm_election::{ClaimKey, Config, Event, NodeId, Priority};
+use election_common::{CLUSTER, HEARTBEAT, SECRET, agreed, node};
 
-const HEARTBEAT: Duration = Duration::from_millis(100);
-const SECRET: &[u8] = b"loopback test secret";
-const CLUSTER: u64 = 0x10_0b;
-
-/// A group and port no other test uses (random within a block reserved for election tests).
 fn fresh_channel() -> SocketAddr {
-    let mut rng = rand::rng();
-    let ip = Ipv4Addr::new(239, 77, rng.random_range(0..=255), rng.random_range(1..=254));
-    SocketAddr::V4(SocketAddrV4::new(ip, rng.random_range(20_000..40_000)))
-}
-
-fn node(id: NodeId, weight: u8, channel: SocketAddr) -> Config {
-    let mut c = Config::new(CLUSTER, id, 1, SECRET, channel, HEARTBEAT);
-    c.priority = PriorityInputs { operator_weight: weight, ..Default::default() };
-    c.registration.name = format!("bes-{id}");
-    c
+    election_common::fresh_channel(77)
 }
 
 fn spawn(id: NodeId, weight: u8, channel: SocketAddr) -> Result<ElectionHandle> {
     Ok(election::spawn(node(id, weight, channel), DriverConfig::loopback(), id)?)
-}
-
-/// Waits until every handle agrees on one leader that lists all the others as members.
-async fn agreed(handles: &[&ElectionHandle], within: Duration) -> Result<NodeId> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let st: Vec<_> = handles.iter().map(|h| h.status()).collect();
-        if let Some(leader) = st[0].leader
-            && st.iter().all(|s| s.leader == Some(leader))
-            && let Some(ls) = st.iter().find(|s| s.node == leader)
-            && ls.is_leader
-            && ls.members.len() == handles.len() - 1
-            && st.iter().filter(|s| s.node != leader).all(|s| s.registered_with == Some(leader))
-        {
-            return Ok(leader);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("no agreed leader with registered members within {within:?}: {st:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,13 +8,21 @@
 //! joins the group on the configured interface, and sets `IP_MULTICAST_IF` (where we send),
 //! the TTL (1 keeps the traffic on the segment) and `IP_MULTICAST_LOOP` (needed when several
 //! nodes share a host, e.g. on loopback: each node then drops its own datagrams by id).
+//!
+//! With a [`StateFile`] ([`spawn_persistent`]) the node survives restarts: the task stores the
+//! core's restart state (incarnation, control channel, replay windows; `cm_election::restart`)
+//! before it sends what an input produced, and the next run resumes from it.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use cm_election::{Config, Destination, Election, Event, Instant, Member, NodeId, PriorityInputs, RequestError, State, Stats};
+use cm_election::{
+    Config, Destination, Election, Event, Instant, Member, NodeId, PriorityInputs, RequestError, RestartState, RestartStateError, Save, State,
+    Stats,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -51,6 +59,12 @@ pub enum DriverError {
     Request(#[from] RequestError),
     #[error("the election task has stopped")]
     Stopped,
+    #[error("cannot read the election state file {path}: {source}")]
+    StateRead { path: PathBuf, source: io::Error },
+    #[error("the election state file {path} is unusable ({reason}); it holds this node's incarnation and control channel — remove it only if this node's identity or cluster changed")]
+    StateCorrupt { path: PathBuf, reason: RestartStateError },
+    #[error("cannot store the election state in {path}: {source}")]
+    StateWrite { path: PathBuf, source: io::Error },
 }
 
 /// A snapshot of one node's election, republished after every input.
@@ -72,10 +86,13 @@ pub struct ElectionStatus {
     /// [`ElectionHandle::set_heartbeat_payload`]): on the leader its own, on a member what its
     /// leader's last Leader Alive carried; `None` while no leader is known.
     pub leader_payload: Option<Vec<u8>>,
+    /// Restart states the task failed to store (logged; the node keeps running, but a restart
+    /// would resume from an older state).
+    pub save_errors: u64,
 }
 
 impl ElectionStatus {
-    fn of(e: &Election, send_errors: u64) -> Self {
+    fn of(e: &Election, send_errors: u64, save_errors: u64) -> Self {
         ElectionStatus {
             node: e.node(),
             state: e.state(),
@@ -88,6 +105,7 @@ impl ElectionStatus {
             stats: e.stats(),
             send_errors,
             leader_payload: e.leader_payload().map(<[u8]>::to_vec),
+            save_errors,
         }
     }
 }
@@ -201,23 +219,112 @@ pub fn multicast_socket(channel: SocketAddr, driver: &DriverConfig) -> Result<Ud
     open().map_err(wrap)
 }
 
-/// Starts the election of one node on a tokio task. The config's control channel must be an
-/// IPv4 multicast address. `rng_seed` seeds the protocol's random delays.
+/// Where one node keeps its election restart state (`cm_election::restart`): one small file,
+/// replaced atomically (written beside it, then renamed). Saves that change the incarnation or
+/// the control channel are fsynced (file and directory) before anything is sent; saves that
+/// only advance replay windows are plain writes, which survive a crash of the process but may
+/// lose their last seconds to a crash of the OS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateFile {
+    path: PathBuf,
+}
+
+impl StateFile {
+    /// `election.state` in the node's data directory (created if missing).
+    pub fn in_dir(data_dir: &Path) -> Self {
+        StateFile { path: data_dir.join("election.state") }
+    }
+    pub fn at(path: PathBuf) -> Self {
+        StateFile { path }
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The saved state, `None` when this node has never run here.
+    pub fn load(&self) -> Result<Option<RestartState>, DriverError> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => RestartState::decode(&bytes)
+                .map(Some)
+                .map_err(|reason| DriverError::StateCorrupt { path: self.path.clone(), reason }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(DriverError::StateRead { path: self.path.clone(), source }),
+        }
+    }
+
+    /// Replaces the stored state with `save` (durably when `save.sync`).
+    pub fn store(&self, save: &Save) -> Result<(), DriverError> {
+        self.write(&save.state.encode(), save.sync).map_err(|source| DriverError::StateWrite { path: self.path.clone(), source })
+    }
+
+    fn write(&self, bytes: &[u8], sync: bool) -> io::Result<()> {
+        use std::io::Write;
+        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = self.path.clone().into_os_string();
+        tmp.push(".new");
+        let tmp = PathBuf::from(tmp);
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        if sync {
+            f.sync_all()?;
+        }
+        drop(f);
+        std::fs::rename(&tmp, &self.path)?;
+        if sync {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts the election of one node on a tokio task, with no memory of earlier runs (tests,
+/// benches). The config's control channel must be an IPv4 multicast address. `rng_seed` seeds
+/// the protocol's random delays. A server agent uses [`spawn_persistent`].
 pub fn spawn(config: Config, driver: DriverConfig, rng_seed: u64) -> Result<ElectionHandle, DriverError> {
-    let origin = tokio::time::Instant::now();
-    let socket = multicast_socket(config.control_channel, &driver)?;
     let election = Election::new(config, Instant::ZERO, rng_seed)?;
-    let (status_tx, status) = watch::channel(ElectionStatus::of(&election, 0));
+    start(election, driver, None)
+}
+
+/// Starts the election of one node that remembers its earlier runs in `state`: it resumes from
+/// the saved state (the control channel the segment moved to, the replay windows) with an
+/// incarnation above every earlier one — the larger of `config.incarnation`, the wall clock in
+/// µs and the saved incarnation + 1 — stored durably before the first datagram is sent.
+///
+/// ```no_run
+/// # fn example(cfg: cm_election::Config, data_dir: &std::path::Path) -> Result<(), cm_agent::election::DriverError> {
+/// use cm_agent::election::{self, DriverConfig, StateFile};
+/// let handle = election::spawn_persistent(cfg, DriverConfig::loopback(), rand::random(), StateFile::in_dir(data_dir))?;
+/// # Ok(()) }
+/// ```
+pub fn spawn_persistent(mut config: Config, driver: DriverConfig, rng_seed: u64, state: StateFile) -> Result<ElectionHandle, DriverError> {
+    let saved = state.load()?;
+    let clock = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    config.incarnation = cm_election::next_incarnation(saved.as_ref(), clock.max(config.incarnation));
+    let mut election = Election::resume(config, Instant::ZERO, rng_seed, saved.as_ref())?;
+    // The new incarnation is on disk before any datagram carries it.
+    if let Some(save) = election.poll_save() {
+        state.store(&save)?;
+    }
+    start(election, driver, Some(state))
+}
+
+fn start(election: Election, driver: DriverConfig, state: Option<StateFile>) -> Result<ElectionHandle, DriverError> {
+    let origin = tokio::time::Instant::now();
+    let socket = multicast_socket(election.control_channel(), &driver)?;
+    let (status_tx, status) = watch::channel(ElectionStatus::of(&election, 0, 0));
     let (events, _) = broadcast::channel(1024);
     let (requests, rx) = mpsc::channel(16);
-    let task = tokio::spawn(run(election, socket, driver, origin, status_tx, events.clone(), rx));
+    let task = tokio::spawn(run(election, socket, driver, state, origin, status_tx, events.clone(), rx));
     Ok(ElectionHandle { status, events, requests, task })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     mut election: Election,
     mut socket: UdpSocket,
     driver: DriverConfig,
+    state: Option<StateFile>,
     origin: tokio::time::Instant,
     status: watch::Sender<ElectionStatus>,
     events: broadcast::Sender<Event>,
@@ -226,8 +333,19 @@ async fn run(
     let now = || Instant::from_origin(origin.elapsed());
     let mut buf = vec![0u8; 65_536];
     let mut send_errors = 0u64;
+    let mut save_errors = 0u64;
     let mut leaving: Option<oneshot::Sender<()>> = None;
     loop {
+        // Stored before this input's datagrams go out and its events are passed on, so what
+        // the node acted on is never accepted again after a restart. A small blocking write
+        // (an fsync only on the rare channel moves).
+        if let Some(state) = &state
+            && let Some(save) = election.poll_save()
+            && let Err(e) = state.store(&save)
+        {
+            save_errors += 1;
+            tracing::error!(node = election.node(), error = %e, "cannot store the election state");
+        }
         while let Some(t) = election.poll_transmit() {
             let to = match t.destination {
                 Destination::Control => election.control_channel(),
@@ -249,7 +367,7 @@ async fn run(
             let _ = events.send(ev);
         }
         status.send_if_modified(|s| {
-            let fresh = ElectionStatus::of(&election, send_errors);
+            let fresh = ElectionStatus::of(&election, send_errors, save_errors);
             let changed = *s != fresh;
             if changed {
                 *s = fresh;

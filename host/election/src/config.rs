@@ -166,8 +166,9 @@ pub struct Config {
     pub cluster_id: u64,
     pub node: NodeId,
     /// Distinguishes this run of the node from earlier ones (replay protection across
-    /// restarts). Must grow across restarts: a driver uses its start time in microseconds
-    /// since the Unix epoch.
+    /// restarts). Must grow strictly across restarts: a driver uses
+    /// [`crate::restart::next_incarnation`] (its start time in microseconds since the Unix
+    /// epoch, or more when the clock stepped back) and saves it before sending.
     pub incarnation: u64,
     /// Key for the election's MACs, derived from the cluster secret (see [`Config::derive_key`]).
     pub key: MacKey,
@@ -238,6 +239,8 @@ pub enum ConfigError {
     Timing(&'static str),
     #[error("bad registration details: {0}")]
     Registration(&'static str),
+    #[error("cannot resume from the saved state: {0}")]
+    Restart(#[from] crate::restart::RestartStateError),
 }
 
 #[cfg(test)]

@@ -9,12 +9,14 @@
 //! - [`machine`]: the five-state machine, registration, member liveness, channel moves.
 //! - [`priority`]: the priority formula and the order of claims.
 //! - [`wire`]: the authenticated datagram codec; [`replay`]: replay windows.
+//! - [`restart`]: what a node carries across restarts (incarnation, control channel, windows).
 //! - [`sim`]: the deterministic network simulator used by the tests and benches.
 
 pub mod config;
 pub mod machine;
 pub mod priority;
 pub mod replay;
+pub mod restart;
 pub mod sim;
 pub mod time;
 pub mod wire;
@@ -22,5 +24,7 @@ pub mod wire;
 pub use config::{Config, ConfigError, DataChannelPool, Eligibility, Registration, Timing};
 pub use machine::{Destination, Election, Event, LeaveReason, Member, RequestError, State, Stats, Transmit};
 pub use priority::{ClaimKey, NodeId, Priority, PriorityInputs};
+pub use replay::ReplayRecord;
+pub use restart::{RestartState, RestartStateError, Save, next_incarnation};
 pub use time::Instant;
 pub use wire::DropReason;

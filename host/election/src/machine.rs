@@ -25,6 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::{Config, ConfigError, Registration};
 use crate::priority::{ClaimKey, NodeId};
 use crate::replay::ReplayGuard;
+use crate::restart::{RestartState, RestartStateError, Save};
 use crate::time::Instant;
 use crate::wire::{self, DropReason, Header, MemberReport, Message, MAX_PAYLOAD, MAX_REPORT_IDS};
 
@@ -173,6 +174,10 @@ pub struct Election {
 
     seq: u64,
     replay: ReplayGuard,
+    /// The restart state changed since the last [`Election::poll_save`]; `save_sync`: in a
+    /// part that must be durable (incarnation, control channel).
+    save_due: bool,
+    save_sync: bool,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     stats: Stats,
@@ -204,10 +209,36 @@ fn nth_channel(first: SocketAddr, i: u16) -> Option<SocketAddr> {
 impl Election {
     /// A node that has just started: it does not know a leader and listens for one for
     /// `leader_timeout` before it may claim. `rng_seed` seeds every random delay.
+    ///
+    /// A node that has run before should start with [`Election::resume`] instead.
     pub fn new(cfg: Config, now: Instant, rng_seed: u64) -> Result<Self, ConfigError> {
+        Self::resume(cfg, now, rng_seed, None)
+    }
+
+    /// A node starting again with what its previous run saved (the last [`Election::poll_save`]
+    /// the driver stored): it keeps rejecting every datagram that run accepted, and comes back
+    /// on the control channel the segment had moved to (unless the operator has since
+    /// configured another one). `cfg.incarnation` must exceed the saved one
+    /// ([`crate::restart::next_incarnation`]); a state saved by another node is refused.
+    pub fn resume(cfg: Config, now: Instant, rng_seed: u64, saved: Option<&RestartState>) -> Result<Self, ConfigError> {
         cfg.validate()?;
+        let mut control = cfg.control_channel;
+        let mut channel_epoch = 0;
+        let mut replay = ReplayGuard::default();
+        if let Some(saved) = saved {
+            if (saved.cluster_id, saved.node) != (cfg.cluster_id, cfg.node) {
+                return Err(RestartStateError::OtherNode { cluster: saved.cluster_id, node: saved.node }.into());
+            }
+            if cfg.incarnation <= saved.incarnation {
+                return Err(RestartStateError::StaleIncarnation { configured: cfg.incarnation, saved: saved.incarnation }.into());
+            }
+            if saved.configured_channel == cfg.control_channel {
+                control = saved.control_channel;
+                channel_epoch = saved.channel_epoch;
+            }
+            replay = ReplayGuard::from_records(&saved.replay);
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
-        let control = cfg.control_channel;
         let mut e = Election {
             rng: ChaCha8Rng::seed_from_u64(rng.random()),
             cfg,
@@ -233,10 +264,13 @@ impl Election {
             pool_next: 0,
             payload: Vec::new(),
             control,
-            channel_epoch: 0,
+            channel_epoch,
             linger: None,
             seq: 0,
-            replay: ReplayGuard::default(),
+            replay,
+            // The new incarnation must be stored before the first datagram carries it.
+            save_due: true,
+            save_sync: true,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
@@ -359,6 +393,7 @@ impl Election {
         if !self.replay.accept(header.sender, header.incarnation, header.seq) {
             return Err(DropReason::Replay);
         }
+        self.save_due = true;
         Ok((header, msg))
     }
 
@@ -434,6 +469,33 @@ impl Election {
         self.events.pop_front()
     }
 
+    /// The restart state to store, when it changed since the last call (always right after
+    /// start: the new incarnation). A driver calls it after every input and stores the result
+    /// *before* sending that input's datagrams or passing on its events, durably (fsync) when
+    /// [`Save::sync`] says so; it hands the last stored state to [`Election::resume`].
+    pub fn poll_save(&mut self) -> Option<Save> {
+        if !(self.save_due || self.save_sync) {
+            return None;
+        }
+        let sync = self.save_sync;
+        self.save_due = false;
+        self.save_sync = false;
+        Some(Save { state: self.restart_state(), sync })
+    }
+
+    /// What this node would need to resume now (see [`crate::restart`]).
+    pub fn restart_state(&self) -> RestartState {
+        RestartState {
+            cluster_id: self.cfg.cluster_id,
+            node: self.cfg.node,
+            incarnation: self.cfg.incarnation,
+            configured_channel: self.cfg.control_channel,
+            control_channel: self.control,
+            channel_epoch: self.channel_epoch,
+            replay: self.replay.records(),
+        }
+    }
+
     // ----- requests ---------------------------------------------------------------------
 
     /// Sets the opaque payload carried by every Leader Alive from now on (empty: none), at most
@@ -460,6 +522,8 @@ impl Election {
         let old = self.control;
         self.channel_epoch += 1;
         self.control = channel;
+        self.save_due = true;
+        self.save_sync = true;
         self.send_channel_move(Destination::Channel(old));
         self.events.push_back(Event::ChannelMove { channel });
         let t = &self.cfg.timing;
@@ -613,7 +677,6 @@ impl Election {
                     // Our leader resigned: elect now rather than after leader_timeout.
                     self.enter_unknown(now);
                 } else if leader == self.cfg.node && self.leading && self.members.remove(&sender).is_some() {
-                    self.replay.forget(sender);
                     self.member_left(now, sender, LeaveReason::Left);
                 }
             }
@@ -625,6 +688,7 @@ impl Election {
             Message::ChannelMove { epoch, channel } => {
                 if epoch > self.channel_epoch {
                     self.channel_epoch = epoch;
+                    self.save_sync = true;
                     if channel != self.control {
                         self.control = channel;
                         self.events.push_back(Event::ChannelMove { channel });

@@ -19,6 +19,17 @@ struct SenderWindow {
     seen: u64,
 }
 
+/// One sender's window as the restart state stores it (see [`crate::restart`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayRecord {
+    pub sender: NodeId,
+    pub incarnation: u64,
+    /// The highest sequence number accepted in `incarnation`.
+    pub highest: u64,
+    /// Bit i set: `highest - i` was accepted.
+    pub seen: u64,
+}
+
 /// Replay windows for every sender heard from.
 #[derive(Debug, Default, Clone)]
 pub struct ReplayGuard {
@@ -58,9 +69,23 @@ impl ReplayGuard {
         true
     }
 
-    /// Forgets a sender (e.g. a member that left).
-    pub fn forget(&mut self, sender: NodeId) {
-        self.senders.remove(&sender);
+    /// Every sender's window, by sender id. Windows are never forgotten while the node runs
+    /// (a forgotten window would accept that sender's old datagrams again); their number is
+    /// bounded by the cluster's authenticated senders.
+    pub fn records(&self) -> Vec<ReplayRecord> {
+        self.senders
+            .iter()
+            .map(|(&sender, w)| ReplayRecord { sender, incarnation: w.incarnation, highest: w.highest, seen: w.seen })
+            .collect()
+    }
+
+    /// The windows a previous run of this node saved: what it accepted stays a replay.
+    pub fn from_records(records: &[ReplayRecord]) -> Self {
+        let senders = records
+            .iter()
+            .map(|r| (r.sender, SenderWindow { incarnation: r.incarnation, highest: r.highest, seen: r.seen }))
+            .collect();
+        ReplayGuard { senders }
     }
 }
 
@@ -83,5 +108,10 @@ mod tests {
         assert!(g.accept(1, 11, 1), "restart resets the window");
         assert!(!g.accept(1, 10, 101));
         assert!(g.accept(2, 10, 5), "senders are independent");
+        // A node restarted with its saved windows still rejects everything it accepted.
+        let mut restored = ReplayGuard::from_records(&g.records());
+        assert_eq!(restored.records(), g.records());
+        assert!(!restored.accept(1, 11, 1) && !restored.accept(2, 10, 5) && !restored.accept(1, 10, 100));
+        assert!(restored.accept(1, 11, 2) && restored.accept(2, 10, 4));
     }
 }

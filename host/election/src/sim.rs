@@ -6,7 +6,7 @@
 //! Everything here is a pure function of the seed, so a failing seed replays exactly.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -16,7 +16,9 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::{Config, DataChannelPool, Eligibility, Registration};
 use crate::machine::{Destination, Election, Event, State};
 use crate::priority::{NodeId, PriorityInputs};
+use crate::restart::{RestartState, next_incarnation};
 use crate::time::Instant;
+use crate::wire;
 
 /// How the simulated network treats each datagram.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -34,6 +36,10 @@ impl NetConfig {
     }
 }
 
+/// How many of a node's most recently accepted datagrams an attacker replays to it when it
+/// restarts.
+const REPLAYED_ON_RESTART: usize = 8;
+
 /// One simulated server.
 #[derive(Debug)]
 pub struct SimNode {
@@ -42,6 +48,12 @@ pub struct SimNode {
     /// `None` while crashed.
     pub election: Option<Election>,
     pub addr: SocketAddr,
+    /// Its "disk": the last restart state it saved (a process crash keeps it).
+    pub saved: Option<RestartState>,
+    /// Every `(sender, incarnation, seq)` it ever accepted, across restarts: none twice.
+    accepted: BTreeSet<(NodeId, u64, u64)>,
+    /// Its latest accepted datagrams, which an attacker replays when it restarts.
+    recent: VecDeque<Vec<u8>>,
 }
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -71,6 +83,8 @@ pub struct Sim {
     pub trace: bool,
     /// When set, every event is recorded here with its time and node.
     pub log: Option<Vec<(Instant, NodeId, Event)>>,
+    /// A broken invariant seen while delivering (reported by [`check_local`]).
+    violation: Option<String>,
 }
 
 impl Sim {
@@ -83,6 +97,9 @@ impl Sim {
                 config,
                 election: None,
                 addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, i as u8 + 1)), 7000),
+                saved: None,
+                accepted: BTreeSet::new(),
+                recent: VecDeque::new(),
             })
             .collect();
         Sim {
@@ -97,16 +114,30 @@ impl Sim {
             delivered: 0,
             trace: std::env::var_os("SIM_TRACE").is_some(),
             log: None,
+            violation: None,
         }
     }
 
-    /// Starts (or restarts, with a new incarnation and empty memory) node `i`.
+    /// Starts (or restarts) node `i` from what it saved, as a driver does: a new incarnation
+    /// from a wall clock that is sometimes off or stepped back, the saved control channel and
+    /// replay windows. An attacker immediately replays the node's latest accepted datagrams.
     pub fn start(&mut self, i: usize) {
-        let node = &mut self.nodes[i];
-        node.config.incarnation += 1;
+        let skew_ms: i64 = if self.rng.random_bool(0.2) { -self.rng.random_range(0..2000) } else { self.rng.random_range(-20..20) };
+        let clock = (self.now.since_origin().as_micros() as i64 + 1_000_000 + skew_ms * 1000).max(0) as u64;
         let seed = self.rng.random();
-        node.election = Some(Election::new(node.config.clone(), self.now, seed).expect("simulated configs are valid"));
+        let node = &mut self.nodes[i];
+        let incarnation = next_incarnation(node.saved.as_ref(), clock);
+        if node.saved.as_ref().is_some_and(|s| incarnation <= s.incarnation) {
+            self.violation = Some(format!("node {} restarted with incarnation {incarnation}, not above its last", node.config.node));
+        }
+        node.config.incarnation = incarnation;
+        let e = Election::resume(node.config.clone(), self.now, seed, node.saved.as_ref()).expect("simulated configs are valid");
+        node.election = Some(e);
+        let replays: Vec<Vec<u8>> = node.recent.iter().cloned().collect();
         self.flush(i);
+        for bytes in replays {
+            self.inject(i, bytes);
+        }
     }
 
     /// Runs `f` on live node `i` at the current time (a request such as a channel move), then
@@ -142,7 +173,12 @@ impl Sim {
     }
 
     fn flush(&mut self, i: usize) {
-        let Some(e) = self.nodes[i].election.as_mut() else { return };
+        let node = &mut self.nodes[i];
+        let Some(e) = node.election.as_mut() else { return };
+        // Stored before anything is sent, as a driver must.
+        if let Some(save) = e.poll_save() {
+            node.saved = Some(save.state);
+        }
         let mut out = Vec::new();
         while let Some(t) = e.poll_transmit() {
             let channel = match t.destination {
@@ -235,11 +271,26 @@ impl Sim {
         if next_msg == Some(next) {
             let Reverse(d) = self.queue.pop().expect("peeked");
             let from = self.nodes[d.from].addr;
-            if let Some(e) = self.nodes[d.to].election.as_mut() {
+            let node = &mut self.nodes[d.to];
+            if let Some(e) = node.election.as_mut() {
                 self.delivered += 1;
                 let r = e.handle_datagram(self.now, from, &d.bytes);
                 if self.trace {
                     eprintln!("{:>10.1?} node {:>3}: datagram from [{}] {} bytes: {r:?}", self.now.since_origin(), e.node(), d.from, d.bytes.len());
+                }
+                if r.is_ok()
+                    && let Some(h) = wire::peek_header(&d.bytes)
+                {
+                    if !node.accepted.insert((h.sender, h.incarnation, h.seq)) {
+                        self.violation.get_or_insert(format!(
+                            "node {} accepted datagram {h:?} a second time (a replay) at {:?}",
+                            node.config.node, self.now
+                        ));
+                    }
+                    if node.recent.len() == REPLAYED_ON_RESTART {
+                        node.recent.pop_front();
+                    }
+                    node.recent.push_back(d.bytes);
                 }
                 self.flush(d.to);
             }
@@ -330,6 +381,9 @@ impl Sim {
 
 /// Invariants that hold at every step for every live node, whatever the network does.
 pub fn check_local(sim: &Sim) -> Result<(), String> {
+    if let Some(v) = &sim.violation {
+        return Err(v.clone());
+    }
     for (i, e) in sim.live() {
         let id = e.node();
         let s = e.state();

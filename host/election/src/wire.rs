@@ -112,7 +112,7 @@ fn read_key(r: &mut Reader<'_>, node: NodeId) -> Result<ClaimKey, DecodeError> {
     Ok(ClaimKey { rank: r.u8()?, incumbent: r.bool()?, priority: Priority(r.u32()?), node })
 }
 
-fn write_addr(w: &mut Writer, a: &SocketAddr) {
+pub(crate) fn write_addr(w: &mut Writer, a: &SocketAddr) {
     match a.ip() {
         IpAddr::V4(ip) => w.u8(4).bytes(&ip.octets()),
         IpAddr::V6(ip) => w.u8(6).bytes(&ip.octets()),
@@ -120,7 +120,7 @@ fn write_addr(w: &mut Writer, a: &SocketAddr) {
     w.u16(a.port());
 }
 
-fn read_addr(r: &mut Reader<'_>) -> Result<SocketAddr, DecodeError> {
+pub(crate) fn read_addr(r: &mut Reader<'_>) -> Result<SocketAddr, DecodeError> {
     let ip = match r.u8()? {
         4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>()?)),
         6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>()?)),
@@ -281,6 +281,13 @@ pub fn seal(key: &MacKey, header: &Header, msg: &Message) -> Result<Vec<u8>, Enc
     Ok(out)
 }
 
+/// The header of a datagram, read without checking its tag: only for datagrams already
+/// authenticated (e.g. one [`crate::Election::handle_datagram`] accepted), to name them cheaply.
+pub fn peek_header(datagram: &[u8]) -> Option<Header> {
+    let mut r = Reader::new(datagram.get(6..)?);
+    Some(Header { cluster: r.u64().ok()?, sender: r.u64().ok()?, incarnation: r.u64().ok()?, seq: r.u64().ok()? })
+}
+
 /// Checks and decodes one datagram for `cluster`. Never panics, whatever the input.
 pub fn open(key: &MacKey, cluster: u64, datagram: &[u8]) -> Result<(Header, Message), DropReason> {
     let mut r = Reader::new(datagram);
@@ -366,6 +373,7 @@ mod tests {
             let d = seal(&key(), &h, &msg).unwrap();
             let (h2, m2) = open(&key(), 42, &d).unwrap();
             prop_assert_eq!(h2, h);
+            prop_assert_eq!(peek_header(&d), Some(h));
             prop_assert_eq!(m2, msg.clone());
             // Any truncation is dropped, never accepted and never a panic.
             for cut in 0..d.len() {
@@ -380,6 +388,7 @@ mod tests {
         fn arbitrary_bytes_never_panic(kind: u8, body in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = decode_body(kind, 1, &body);
             let _ = open(&key(), 42, &body);
+            let _ = peek_header(&body);
         }
     }
 

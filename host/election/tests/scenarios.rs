@@ -291,3 +291,80 @@ fn forged_foreign_replayed_and_truncated_datagrams_change_nothing() {
     assert_eq!(leader_id(&s), Some(2));
     assert!(!s.log.as_ref().unwrap().iter().any(|(_, _, e)| *e == Event::LostLeadership));
 }
+
+#[test]
+fn restarted_nodes_come_back_on_the_moved_channel_without_a_split_brain() {
+    let mut s = sim(vec![node(1, 10), node(2, 30), node(3, 20)]);
+    run(&mut s, HB * 20);
+    let new: SocketAddr = "239.9.9.11:7003".parse().unwrap();
+    s.with_node(1, |e, now| e.move_control_channel(now, new).unwrap()).unwrap();
+    // Long past the lingering announcements on the old channel.
+    let linger = s.nodes[0].config.timing.channel_move_linger;
+    run(&mut s, linger + HB * 10);
+    assert!(s.nodes.iter().all(|n| n.saved.as_ref().is_some_and(|st| st.control_channel == new && st.channel_epoch == 1)));
+
+    // A member crashes and restarts: it resumes on the new channel and registers again.
+    s.crash(0);
+    run(&mut s, HB * 5);
+    s.start(0);
+    assert_eq!(s.nodes[0].election.as_ref().unwrap().control_channel(), new);
+    run(&mut s, HB * 20);
+    assert_eq!(leader_id(&s), Some(2));
+    assert!(s.members_converged(1));
+    // The datagrams it had accepted before the crash were replayed to it at once: refused.
+    assert!(s.nodes[0].election.as_ref().unwrap().stats().replayed > 0);
+
+    // The leader crashes; node 3 takes over on the new channel; the old leader restarts there
+    // and joins as a member (with no memory of the move it would claim alone on the old one).
+    s.crash(1);
+    run(&mut s, HB * 20);
+    assert_eq!(leader_id(&s), Some(3));
+    s.start(1);
+    let done = |s: &Sim| s.agreed_leader() == Some(2) && s.members_converged(2);
+    let one_leader = |s: &Sim| {
+        check_local(s)?;
+        let leaders = s.live().filter(|(_, e)| e.is_leader()).count();
+        if leaders > 1 { Err(format!("{leaders} leaders at {:?}:{}", s.now, s.describe())) } else { Ok(()) }
+    };
+    let deadline = after(&s, HB * 40);
+    assert!(s.run_until_true(deadline, one_leader, done).unwrap().is_some(), "{}", s.describe());
+    assert_eq!(s.nodes[1].election.as_ref().unwrap().control_channel(), new);
+}
+
+#[test]
+fn an_operator_configured_channel_overrides_the_saved_one() {
+    let mut s = sim(vec![node(1, 10), node(2, 30)]);
+    run(&mut s, HB * 20);
+    let moved: SocketAddr = "239.9.9.12:7004".parse().unwrap();
+    s.with_node(1, |e, now| e.move_control_channel(now, moved).unwrap()).unwrap();
+    run(&mut s, HB * 5);
+    s.crash(0);
+    s.crash(1);
+    let configured: SocketAddr = "239.9.9.13:7005".parse().unwrap();
+    for n in &mut s.nodes {
+        n.config.control_channel = configured;
+    }
+    s.start(0);
+    s.start(1);
+    run(&mut s, HB * 20);
+    for (_, e) in s.live() {
+        assert_eq!(e.control_channel(), configured);
+    }
+    assert_eq!(leader_id(&s), Some(2));
+}
+
+#[test]
+fn resume_refuses_another_nodes_state_and_a_stale_incarnation() {
+    let mut s = sim(vec![node(1, 10), node(2, 30)]);
+    run(&mut s, HB * 20);
+    let saved = s.nodes[0].saved.clone().unwrap();
+    let mut cfg = s.nodes[0].config.clone();
+    cfg.incarnation = saved.incarnation;
+    let stale = cm_election::Election::resume(cfg.clone(), Instant::ZERO, 1, Some(&saved));
+    assert!(matches!(stale, Err(cm_election::ConfigError::Restart(cm_election::RestartStateError::StaleIncarnation { .. }))));
+    cfg.incarnation = cm_election::next_incarnation(Some(&saved), 0);
+    assert!(cm_election::Election::resume(cfg.clone(), Instant::ZERO, 1, Some(&saved)).is_ok());
+    let other = s.nodes[1].saved.clone().unwrap();
+    let wrong = cm_election::Election::resume(cfg, Instant::ZERO, 1, Some(&other));
+    assert!(matches!(wrong, Err(cm_election::ConfigError::Restart(cm_election::RestartStateError::OtherNode { node: 2, .. }))));
+}

@@ -2,7 +2,8 @@
 //!
 //! - `decode_body` (the parser behind the MAC) must never panic and must round-trip whatever
 //!   it accepts;
-//! - `open` with the real key must never panic;
+//! - `open` with the real key must never panic, nor must the restart state decoder
+//!   (`RestartState::decode`), which must round-trip whatever it accepts;
 //! - the same bytes, re-sealed with the cluster key so they pass authentication, fed to an
 //!   `Election` must never panic and never leave a timer in the past.
 #![no_main]
@@ -10,10 +11,13 @@
 use std::time::Duration;
 
 use cm_election::wire::{self, Header};
-use cm_election::{Config, Election, Instant};
+use cm_election::{Config, Election, Instant, RestartState};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    if let Ok(state) = RestartState::decode(data) {
+        assert_eq!(RestartState::decode(&state.encode()), Ok(state));
+    }
     let Some((&kind, body)) = data.split_first() else { return };
     let sender = 9;
     let cfg = Config::new(1, 7, 1, b"fuzz secret", "239.1.1.1:7000".parse().unwrap(), Duration::from_millis(100));

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::http::{self, Body, Role};
 use crate::leader::serve_blob;
 use crate::model::{
-    ContentGroup, DiscoveryReport, HostedSite, JobSpec, JobState, NextChild, SegmentRecord, SegmentReport, ServerRecord, TreeCall,
+    ContentGroup, DiscoveryReport, HostedSite, default_keep_releases, JobSpec, JobState, NextChild, SegmentReport, TreeCall,
 };
 use crate::now_ms;
 use crate::server::{Inner, ManagerError};
@@ -52,6 +52,9 @@ struct GroupBody {
 struct SiteBody {
     content_group: String,
     staging: String,
+    /// Snapshots kept: the last this many committed releases (default 2, or the site's current setting).
+    #[serde(default)]
+    keep_releases: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -110,7 +113,9 @@ async fn operator(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<In
                     staging: b.staging.clone(),
                     serial: old.as_ref().map_or(0, |o| o.serial),
                     prepared: old.as_ref().and_then(|o| o.prepared),
-                    committed: old.map(|o| o.committed).unwrap_or_default(),
+                    keep_releases: b.keep_releases.or(old.as_ref().map(|o| o.keep_releases)).unwrap_or_else(default_keep_releases),
+                    committed: old.as_ref().map(|o| o.committed.clone()).unwrap_or_default(),
+                    holders: old.map(|o| o.holders).unwrap_or_default(),
                 };
                 t.put_site(&s)?;
                 Ok::<_, ManagerError>(s.clone())
@@ -175,7 +180,7 @@ async fn agent(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<Incom
     match (method, parts) {
         (Method::POST, ["api", "v1", "discovery"]) => {
             let r: DiscoveryReport = body!(req);
-            ok_or_fail(discovery(&m, r))
+            ok_or_fail(m.discovery(r))
         }
         (Method::GET, ["dist", run, "blob"]) => {
             let run = id!(run);
@@ -198,7 +203,7 @@ async fn agent(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<Incom
         (Method::POST, ["api", "v1", "runs", run, "report"]) => {
             let run = id!(run);
             let report: SegmentReport = body!(req);
-            ok_or_fail(m.segment_report(run, &report).map(|_| serde_json::json!({})))
+            ok_or_fail(m.segment_report(run, &report).map(|accepted| serde_json::json!({ "accepted": accepted })))
         }
         _ => http::error(StatusCode::NOT_FOUND, "no such agent endpoint"),
     }
@@ -212,60 +217,4 @@ fn next(m: &Inner, run_id: u64, segment: &str) -> Result<NextChild, ManagerError
     let Next::Serve(child) = next else { return Ok(NextChild { child: None }) };
     let run = m.db.run(run_id)?.ok_or_else(|| ManagerError::NotFound(format!("run {run_id}")))?;
     Ok(NextChild { child: m.child_target(&run, &active, &child, &requester) })
-}
-
-/// A GL's discovery report: the segment (stable name), its GL, and who joined or left.
-fn discovery(m: &Inner, r: DiscoveryReport) -> Result<serde_json::Value, ManagerError> {
-    if r.segment.is_empty() || r.leader.is_empty() || r.address.is_empty() {
-        return Err(ManagerError::Invalid("discovery report needs segment, leader and address".into()));
-    }
-    let now = now_ms();
-    let old = m.db.segment(&r.segment)?;
-    let leader_changed = old.as_ref().is_none_or(|o| o.leader != r.leader || o.address != r.address);
-    m.db.write(|t| {
-        let mut history = old.as_ref().map(|o| o.leader_history.clone()).unwrap_or_default();
-        if old.as_ref().is_none_or(|o| o.leader != r.leader) {
-            history.push((r.leader.clone(), now));
-            let was = old.as_ref().map(|o| format!(" (was {})", o.leader)).unwrap_or_default();
-            t.log(now, None, None, format!("segment {}: group leader is {}{was}", r.segment, r.leader))?;
-        }
-        t.put_segment(&SegmentRecord {
-            name: r.segment.clone(),
-            leader: r.leader.clone(),
-            address: r.address.clone(),
-            location: r.location.clone(),
-            cpu_power: r.cpu_power,
-            free_disk: r.free_disk,
-            connections: r.connections,
-            members: r.members.clone(),
-            last_report_ms: now,
-            static_rank: old.as_ref().and_then(|o| o.static_rank),
-            leader_history: history,
-        })?;
-        for name in &r.members {
-            let before: Option<ServerRecord> = m.db.server(name)?;
-            if before.as_ref().is_none_or(|b| !b.live || b.segment != r.segment) {
-                t.log(now, None, None, format!("server {name} joined segment {}", r.segment))?;
-            }
-            t.put_server(&ServerRecord { name: name.clone(), segment: r.segment.clone(), live: true, last_seen_ms: now })?;
-        }
-        for name in old.as_ref().map(|o| o.members.clone()).unwrap_or_default() {
-            if r.members.contains(&name) {
-                continue;
-            }
-            if let Some(mut s) = m.db.server(&name)?
-                && s.segment == r.segment
-                && s.live
-            {
-                s.live = false;
-                t.put_server(&s)?;
-                t.log(now, None, None, format!("server {name} left segment {}", r.segment))?;
-            }
-        }
-        Ok::<_, ManagerError>(())
-    })?;
-    if leader_changed && old.is_some() {
-        m.leader_changed(&r.segment, &r.leader, &r.address)?;
-    }
-    Ok(serde_json::json!({ "segment": r.segment }))
 }

@@ -103,6 +103,7 @@ impl Txn<'_> {
             state: JobState::Idle,
             attempts: 0,
             last_reason: None,
+            pending_commit: None,
         };
         self.put_job(&job)?;
         Ok(job)

@@ -22,6 +22,8 @@ pub mod manifest;
 pub mod model;
 pub mod policy;
 pub mod prepare;
+mod runs;
+mod discovery;
 pub mod scheduler;
 pub mod server;
 pub mod tree;

@@ -78,6 +78,18 @@ pub struct HostedSite {
     /// Releases committed, oldest first; the last is live on the servers (rollback pops it).
     #[serde(default)]
     pub committed: Vec<u64>,
+    /// Snapshots (shadow copies) kept: the last this many committed releases (rollback targets and
+    /// delta bases), besides the prepared one and any newer than live. The rest are pruned.
+    #[serde(default = "default_keep_releases")]
+    pub keep_releases: u32,
+    /// Per server, the release the manager last saw it commit (or roll back to): a server of the
+    /// content group without the live release gets a replicate run.
+    #[serde(default)]
+    pub holders: BTreeMap<String, u64>,
+}
+
+pub fn default_keep_releases() -> u32 {
+    2
 }
 
 impl HostedSite {
@@ -99,6 +111,13 @@ pub enum Payload {
     Commit { serial: Option<u64> },
     /// Header only: switch back to the release committed before the live one.
     Rollback,
+    /// The site's live release, whole (replicate type, built from empty) from its snapshot, with
+    /// the live serial, to `servers` of the content group (empty: all of it): brings servers that
+    /// lack it (e.g. one that just joined) up to date.
+    Live {
+        #[serde(default)]
+        servers: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,9 +162,23 @@ pub enum OnBlocked {
     Cancel,
 }
 
+/// Whether a release that reached its quorum goes live without an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommitPolicy {
+    /// The manager sends the commit assignment to the servers that hold the release, in the same job.
+    #[default]
+    Auto,
+    /// The release stays prepared until an operator's commit job.
+    Manual,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobPolicy {
     pub quorum: Quorum,
+    /// What happens after a run that builds a release reached the quorum.
+    #[serde(default)]
+    pub commit: CommitPolicy,
     pub on_failure: OnFailure,
     pub on_conflict: OnBlocked,
     pub on_quorum_shortfall: OnBlocked,
@@ -159,6 +192,7 @@ impl Default for JobPolicy {
     fn default() -> Self {
         JobPolicy {
             quorum: Quorum::default(),
+            commit: CommitPolicy::Auto,
             on_failure: OnFailure::Retry { max_attempts: 3, delay_ms: 30_000 },
             on_conflict: OnBlocked::Queue,
             on_quorum_shortfall: OnBlocked::Queue,
@@ -206,6 +240,20 @@ pub struct Job {
     pub attempts: u32,
     /// Why the job last did not run or failed (quorum shortfall, conflict, failure), for the console.
     pub last_reason: Option<String>,
+    /// A release this job distributed that still has to be committed: the job's next run is its
+    /// commit run (set when a distribution run met its quorum under `CommitPolicy::Auto`).
+    #[serde(default)]
+    pub pending_commit: Option<PendingCommit>,
+}
+
+/// A distributed release waiting for its commit run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingCommit {
+    pub release: u64,
+    /// The run that distributed it.
+    pub distributed_by: u64,
+    /// The servers that reported it built: the commit goes to them.
+    pub holders: Vec<String>,
 }
 
 /// How far one segment got in a run.
@@ -249,6 +297,12 @@ pub struct Run {
     /// The assignment's serial when the manager built it (publish, commit, rollback).
     #[serde(default)]
     pub serial: Option<u64>,
+    /// The release this run builds on the servers (what a commit makes live), when known.
+    #[serde(default)]
+    pub release: Option<u64>,
+    /// Set on a commit run that follows a distribution run automatically: that run's id.
+    #[serde(default)]
+    pub commit_of: Option<u64>,
     pub manifest: Manifest,
     /// Disk space each server needs for this run.
     pub disk_needed: u64,
@@ -298,6 +352,10 @@ pub struct Notification {
     pub manifest: Manifest,
     /// Children the recipient serves at once; 0 = it forwards to no one (a star).
     pub slots: usize,
+    /// The servers of the recipient's segment this run targets (the manager counts only their
+    /// outcomes); empty = every member (older managers).
+    #[serde(default)]
+    pub servers: Vec<String>,
 }
 
 /// Manager's answer to a GL's "whom next?": `child: null` is the seed's null address (done).

@@ -27,6 +27,10 @@ pub enum PrepareError {
     NothingPrepared { site: String },
     #[error("site {site} has no earlier committed release to roll back to")]
     NothingToRollBack { site: String },
+    #[error("site {site} has nothing live to replicate")]
+    NothingLive { site: String },
+    #[error("site {site}: the snapshot of live release {serial} is missing at {path}")]
+    SnapshotMissing { site: String, serial: u64, path: String },
 }
 
 /// What was prepared.
@@ -34,6 +38,9 @@ pub enum PrepareError {
 pub struct Prepared {
     /// The assignment's serial (manager-built payloads).
     pub serial: Option<u64>,
+    /// The release the assignment builds on the servers (what its commit makes live), when the
+    /// manager knows it: its own builds, and assignment files whose header names one.
+    pub release: Option<u64>,
     /// One line for the history log.
     pub summary: String,
 }
@@ -85,7 +92,9 @@ pub fn prepare(
     match payload {
         Payload::File { path } => {
             std::fs::copy(path, out).map_err(|source| PrepareError::Copy { path: path.clone(), source })?;
-            Ok(Prepared { serial: None, summary: format!("assignment file {path}") })
+            let release = release_of_file(out);
+            let named = release.map_or(String::new(), |r| format!(" (builds release {r})"));
+            Ok(Prepared { serial: None, release, summary: format!("assignment file {path}{named}") })
         }
         Payload::Staging => {
             let snap = snapshot_dir(data_dir, &site.name, serial);
@@ -103,6 +112,7 @@ pub fn prepare(
             let r = build(&snap, shadow.as_deref(), out, &opts).map_err(|source| PrepareError::Build { site: name.clone(), source })?;
             Ok(Prepared {
                 serial: Some(serial),
+                release: Some(serial),
                 summary: format!(
                     "release {serial} of site {name} against {}: {} new, {} changed, {} deleted, {} unchanged, {} deltas, {} literal bytes",
                     shadow.as_ref().map_or("nothing".to_string(), |_| format!("live release {}", site.live().unwrap_or(0))),
@@ -115,11 +125,34 @@ pub fn prepare(
                 ),
             })
         }
+        Payload::Live { servers } => {
+            let live = site.live().ok_or_else(|| PrepareError::NothingLive { site: name.clone() })?;
+            let snap = snapshot_dir(data_dir, &site.name, live);
+            if !snap.is_dir() {
+                return Err(PrepareError::SnapshotMissing { site: name, serial: live, path: snap.display().to_string() });
+            }
+            // Same serial as live everywhere else: a server that already has it skips the build.
+            let mut opts = BuildOptions::new(AssignmentType::Replicate, live);
+            opts.meta.job_id = job_id;
+            opts.seal = seal.cloned();
+            let r = build(&snap, None, out, &opts).map_err(|source| PrepareError::Build { site: name.clone(), source })?;
+            let to = if servers.is_empty() { "the content group".to_string() } else { servers.join(", ") };
+            Ok(Prepared {
+                serial: None,
+                release: Some(live),
+                summary: format!("live release {live} of site {name}, whole ({} files), for {to}", r.new),
+            })
+        }
         Payload::Commit { serial: target } => {
-            let target = target.or(site.prepared).ok_or_else(|| PrepareError::NothingPrepared { site: name.clone() })?;
+            // Nothing prepared since the live release (e.g. the publish already committed itself):
+            // committing live again is harmless and leaves every server where it is.
+            let target = target
+                .or(site.prepared)
+                .or(site.live())
+                .ok_or_else(|| PrepareError::NothingPrepared { site: name.clone() })?;
             let meta = Meta { kind: AssignmentType::Commit, serial, job_id, base_serial: 0, target_serial: target };
             build_switch(out, meta, seal.cloned()).map_err(|source| PrepareError::Switch { site: name.clone(), what: "commit", source })?;
-            Ok(Prepared { serial: Some(serial), summary: format!("commit of release {target} of site {name}") })
+            Ok(Prepared { serial: Some(serial), release: None, summary: format!("commit of release {target} of site {name}") })
         }
         Payload::Rollback => {
             if site.committed.len() < 2 {
@@ -128,29 +161,87 @@ pub fn prepare(
             let meta = Meta { kind: AssignmentType::Rollback, serial, job_id, base_serial: 0, target_serial: 0 };
             build_switch(out, meta, seal.cloned()).map_err(|source| PrepareError::Switch { site: name.clone(), what: "rollback", source })?;
             let back = site.committed[site.committed.len() - 2];
-            Ok(Prepared { serial: Some(serial), summary: format!("rollback of site {name} to release {back}") })
+            Ok(Prepared { serial: Some(serial), release: None, summary: format!("rollback of site {name} to release {back}") })
         }
     }
 }
 
-/// What a successful run changes in the site record: a publish is prepared, a commit goes live,
-/// a rollback returns to the release before.
-pub fn after_success(payload: &Payload, site: &mut HostedSite, serial: Option<u64>) {
+/// The release an opaque assignment file builds, read from its header; `None` when the file is
+/// not an assignment or only moves `current` (commit, rollback, switch) or commits itself (hot content).
+fn release_of_file(path: &Path) -> Option<u64> {
+    let r = cm_assignment::read::AssignmentReader::open(path).ok()?;
+    let h = r.header();
+    (!h.kind.is_switch_only() && h.kind != AssignmentType::HotContent).then_some(h.serial)
+}
+
+/// What a successful run changes in the site record: a publish is prepared, a commit goes live
+/// on `servers` (the ones that reported success), a rollback returns to the release before.
+pub fn after_success(payload: &Payload, site: &mut HostedSite, serial: Option<u64>, servers: &[String]) {
     match payload {
-        Payload::File { .. } => {}
+        Payload::File { .. } | Payload::Live { .. } => {}
         Payload::Staging => site.prepared = serial,
         Payload::Commit { serial: target } => {
-            if let Some(t) = target.or(site.prepared) {
-                site.committed.push(t);
+            if let Some(t) = target.or(site.prepared).or(site.live()) {
+                if site.live() != Some(t) {
+                    site.committed.push(t);
+                }
                 if site.prepared == Some(t) {
                     site.prepared = None;
+                }
+                for s in servers {
+                    site.holders.insert(s.clone(), t);
                 }
             }
         }
         Payload::Rollback => {
             site.committed.pop();
+            if let Some(back) = site.live() {
+                for s in servers {
+                    site.holders.insert(s.clone(), back);
+                }
+            }
         }
     }
+}
+
+/// The snapshots a site keeps: the last `keep_releases` committed releases (live, and what a
+/// rollback returns to, which is then the next delta's base), the prepared one, and every one
+/// newer than live (a publish may be under way). Everything else may go.
+pub fn snapshots_kept(site: &HostedSite, on_disk: &[u64]) -> (Vec<u64>, Vec<u64>) {
+    let mut recent: Vec<u64> = Vec::new();
+    for s in site.committed.iter().rev() {
+        if recent.len() >= site.keep_releases.max(1) as usize {
+            break;
+        }
+        if !recent.contains(s) {
+            recent.push(*s);
+        }
+    }
+    let newest_committed = site.committed.iter().max().copied().unwrap_or(0);
+    on_disk.iter().partition(|s| recent.contains(s) || site.prepared == Some(**s) || **s > newest_committed)
+}
+
+/// Deletes the snapshots of `site` that [`snapshots_kept`] lets go. Returns the serials pruned.
+pub fn prune_snapshots(data_dir: &Path, site: &HostedSite) -> std::io::Result<Vec<u64>> {
+    let dir = data_dir.join("snapshots").join(&site.name);
+    let mut on_disk = Vec::new();
+    match std::fs::read_dir(&dir) {
+        Ok(rd) => {
+            for e in rd {
+                if let Some(n) = e?.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) {
+                    on_disk.push(n);
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    }
+    on_disk.sort_unstable();
+    let (_, gone) = snapshots_kept(site, &on_disk);
+    for s in &gone {
+        std::fs::remove_dir_all(snapshot_dir(data_dir, &site.name, *s))?;
+    }
+    Ok(gone)
 }
 
 #[cfg(test)]
@@ -165,6 +256,8 @@ mod tests {
             serial: 0,
             prepared: None,
             committed: vec![],
+            keep_releases: 2,
+            holders: Default::default(),
         }
     }
 
@@ -181,22 +274,60 @@ mod tests {
         let p = prepare(&Payload::Staging, JobKind::Publish, &s, 1, 7, Context { data_dir: &data, seal: None }, &out1).unwrap();
         assert!(p.summary.contains("3 new"), "{}", p.summary);
         assert!(snapshot_dir(&data, "www", 1).join("css/site.css").is_file());
-        after_success(&Payload::Staging, &mut s, p.serial);
+        after_success(&Payload::Staging, &mut s, p.serial, &[]);
         assert_eq!(s.prepared, Some(1));
         // Commit before anything else: header only, target 1.
         let c = prepare(&Payload::Commit { serial: None }, JobKind::Commit, &s, 2, 8, Context { data_dir: &data, seal: None }, &d.path().join("c2")).unwrap();
         assert_eq!(c.summary, "commit of release 1 of site www");
-        after_success(&Payload::Commit { serial: None }, &mut s, c.serial);
+        after_success(&Payload::Commit { serial: None }, &mut s, c.serial, &["a".into()]);
         assert_eq!((s.live(), s.prepared), (Some(1), None));
+        // The live release, whole, for a server that lacks it: replicate type, live's serial.
+        let lv = d.path().join("live");
+        let l = prepare(&Payload::Live { servers: vec!["new".into()] }, JobKind::Replicate, &s, 9, 8, Context { data_dir: &data, seal: None }, &lv).unwrap();
+        assert_eq!((l.serial, l.release), (None, Some(1)));
+        let h = cm_assignment::read::AssignmentReader::open(&lv).unwrap().header().clone();
+        assert_eq!((h.kind, h.serial, h.base_serial), (AssignmentType::Replicate, 1, 0));
+        assert_eq!(release_of_file(&lv), Some(1), "a file payload names the release it builds");
+        assert_eq!(release_of_file(&d.path().join("c2")), None, "a commit builds none");
         // A one-file change: only that file travels.
         std::fs::write(staging.join("css/site.css"), "body{color:red}").unwrap();
         let p3 = prepare(&Payload::Staging, JobKind::Publish, &s, 3, 9, Context { data_dir: &data, seal: None }, &d.path().join("a3")).unwrap();
         assert!(p3.summary.contains("0 new, 1 changed, 0 deleted, 1 unchanged"), "{}", p3.summary);
         assert!(std::fs::metadata(d.path().join("a3")).unwrap().len() < std::fs::metadata(&out1).unwrap().len());
+        assert!(matches!(
+            prepare(&Payload::Live { servers: vec![] }, JobKind::Replicate, &site(&staging), 1, 1, Context { data_dir: &data, seal: None }, &lv),
+            Err(PrepareError::NothingLive { .. })
+        ));
         // Nothing committed twice yet: no rollback.
         assert!(matches!(
             prepare(&Payload::Rollback, JobKind::Rollback, &s, 4, 10, Context { data_dir: &data, seal: None }, &d.path().join("r")),
             Err(PrepareError::NothingToRollBack { .. })
         ));
+    }
+
+    #[test]
+    fn snapshots_kept_are_the_last_committed_the_prepared_and_any_newer() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = site(d.path());
+        s.committed = vec![1, 3, 5];
+        s.prepared = Some(7);
+        let (keep, gone) = snapshots_kept(&s, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!((keep, gone), (vec![3, 5, 6, 7, 8], vec![1, 2, 4]));
+        s.keep_releases = 1;
+        s.prepared = None;
+        assert_eq!(snapshots_kept(&s, &[1, 3, 5]).1, vec![1, 3]);
+        // A release committed again counts once.
+        s.keep_releases = 2;
+        s.committed = vec![1, 3, 5, 3];
+        assert_eq!(snapshots_kept(&s, &[1, 3, 5]).1, vec![1]);
+        // On disk: what is let go is deleted, the rest stays.
+        let data = d.path().join("data");
+        for n in [1, 3, 5] {
+            std::fs::create_dir_all(snapshot_dir(&data, "www", n).join("css")).unwrap();
+        }
+        assert_eq!(prune_snapshots(&data, &s).unwrap(), vec![1]);
+        assert!(!snapshot_dir(&data, "www", 1).exists());
+        assert!(snapshot_dir(&data, "www", 3).is_dir() && snapshot_dir(&data, "www", 5).is_dir());
+        assert_eq!(prune_snapshots(&data, &site(d.path())).unwrap(), Vec::<u64>::new(), "nothing committed: nothing pruned");
     }
 }

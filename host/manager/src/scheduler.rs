@@ -41,10 +41,12 @@ pub fn due(jobs: &[Job], now_ms: u64) -> Vec<&Job> {
 }
 
 /// The first running job `c` conflicts with: same hosted site and at least one shared server.
+/// A job never conflicts with its own run (a commit run follows its distribution at once, while
+/// the finished distribution may still be on its way out).
 pub fn conflict<'a>(c: &Candidate, active: impl IntoIterator<Item = &'a Active>) -> Option<u64> {
     active
         .into_iter()
-        .find(|a| a.site == c.site && !a.servers.is_disjoint(&c.servers))
+        .find(|a| a.job != c.job && a.site == c.site && !a.servers.is_disjoint(&c.servers))
         .map(|a| a.job)
 }
 
@@ -105,6 +107,12 @@ mod tests {
     }
 
     #[test]
+    fn a_job_does_not_wait_for_its_own_ending_run() {
+        let active = [Active { job: 7, site: "s".into(), servers: set(&["x"]) }];
+        assert_eq!(decide(vec![cand(7, 0, "s", &["x"], OnBlocked::Queue)], &active), vec![Decision::Start { job: 7 }]);
+    }
+
+    #[test]
     fn two_due_jobs_on_the_same_servers_do_not_start_together() {
         let out = decide(
             vec![cand(9, 2, "s", &["x"], OnBlocked::Queue), cand(8, 1, "s", &["x", "y"], OnBlocked::Queue)],
@@ -124,7 +132,7 @@ mod tests {
             every_ms: None,
             policy: Default::default(),
         };
-        let job = |id, next_run_ms, state| Job { id, spec: spec.clone(), state, next_run_ms, attempts: 0, last_reason: None };
+        let job = |id, next_run_ms, state| Job { id, spec: spec.clone(), state, next_run_ms, attempts: 0, last_reason: None, pending_commit: None };
         let jobs = vec![
             job(1, 50, JobState::Idle),
             job(2, 10, JobState::Idle),

@@ -16,13 +16,13 @@ use crate::blob::{Blob, BlobError, Egress};
 use crate::db::{Db, DbError};
 use crate::forward::{BoxFuture, ChildSource, forward_slot};
 use crate::http::{self, JsonClient, Tokens};
-use crate::manifest::{DEFAULT_CHUNK_SIZE, Manifest, ManifestError};
+use crate::manifest::{DEFAULT_CHUNK_SIZE, ManifestError};
 use crate::model::{
-    ChildTarget, Job, JobState, Notification, OnBlocked, Run, RunPhase, SegmentReport, SegmentRun, SegmentStatus,
-    ServerOutcome,
+    ChildTarget, Job, JobState, Notification, Payload, Run, RunPhase, SegmentReport, SegmentStatus, ServerOutcome,
 };
 use crate::tree::{LeaderInfo, Next, Node, TreeConfig, TreePlan, sort_leaders};
 use crate::{now_ms, policy, prepare, scheduler};
+
 
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -46,6 +46,8 @@ pub struct ManagerConfig {
     pub probe_interval: Duration,
     /// Seals manager-built assignments (servers configured with the same key accept only those).
     pub seal: Option<prepare::SealKey>,
+    /// After a replicate job for a server was cancelled, discovery creates no new one for this long.
+    pub replicate_backoff: Duration,
 }
 
 impl ManagerConfig {
@@ -63,6 +65,7 @@ impl ManagerConfig {
             egress_bytes_per_sec: None,
             probe_interval: Duration::from_secs(5),
             seal: None,
+            replicate_backoff: Duration::from_secs(600),
         }
     }
 }
@@ -104,7 +107,9 @@ pub(crate) struct Inner {
     pub client: JsonClient,
     pub url: String,
     pub runs: Mutex<HashMap<u64, Arc<ActiveRun>>>,
-    egress: Option<Arc<Egress>>,
+    pub egress: Option<Arc<Egress>>,
+    /// Wakes the scheduler before its next tick (a release is ready for its commit run).
+    pub wake: Notify,
 }
 
 /// A running manager.
@@ -134,6 +139,7 @@ impl Manager {
             url: format!("http://{addr}"),
             runs: Mutex::new(HashMap::new()),
             egress: cfg.egress_bytes_per_sec.map(Egress::new),
+            wake: Notify::new(),
             db,
             cfg,
         });
@@ -157,7 +163,10 @@ impl Manager {
                 if let Err(e) = s.clone().tick(now_ms()) {
                     tracing::error!("scheduler: {e}");
                 }
-                tokio::time::sleep(s.cfg.tick).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(s.cfg.tick) => {}
+                    _ = s.wake.notified() => {}
+                }
             }
         });
         Ok(Manager { addr, inner })
@@ -189,7 +198,9 @@ impl Inner {
             match self.targets(job) {
                 Ok(servers) => candidates.push(scheduler::Candidate {
                     job: job.id,
-                    due_ms: job.next_run_ms,
+                    // A release waiting for its commit goes first: no other job of the site may
+                    // slip in between a distribution and its commit.
+                    due_ms: if job.pending_commit.is_some() { 0 } else { job.next_run_ms },
                     site: job.spec.site.clone(),
                     servers: servers.into_iter().collect(),
                     on_conflict: job.spec.policy.on_conflict,
@@ -227,14 +238,23 @@ impl Inner {
         Ok(())
     }
 
-    /// The servers a job targets: its site's content group.
-    fn targets(&self, job: &Job) -> Result<Vec<String>, ManagerError> {
+    /// Where a run's assignment file is kept while it is distributed.
+    pub(crate) fn run_file(&self, run: u64) -> PathBuf {
+        self.cfg.data_dir.join("runs").join(format!("{run}.assignment"))
+    }
+
+    /// The servers a job targets: its site's content group (for a replicate of live to named
+    /// servers, those of them that are in the group).
+    pub(crate) fn targets(&self, job: &Job) -> Result<Vec<String>, ManagerError> {
         let site = self.db.site(&job.spec.site)?.ok_or_else(|| ManagerError::NotFound(format!("hosted site {} does not exist", job.spec.site)))?;
         let group = self
             .db
             .group(&site.content_group)?
             .ok_or_else(|| ManagerError::NotFound(format!("content group {} does not exist", site.content_group)))?;
-        Ok(group.servers)
+        Ok(match &job.spec.payload {
+            Payload::Live { servers } if !servers.is_empty() => group.servers.into_iter().filter(|s| servers.contains(s)).collect(),
+            _ => group.servers,
+        })
     }
 
     /// Records why a job did not run, once per distinct reason.
@@ -251,7 +271,7 @@ impl Inner {
         Ok(())
     }
 
-    fn set_state(&self, job: &Job, state: JobState, now: u64) -> Result<(), ManagerError> {
+    pub(crate) fn set_state(&self, job: &Job, state: JobState, now: u64) -> Result<(), ManagerError> {
         self.db.write(|t| {
             let mut j = job.clone();
             let what = match &state {
@@ -269,7 +289,7 @@ impl Inner {
     }
 
     /// Live servers: reported by their segment's GL as members, within the live window.
-    fn live_servers(&self, now: u64) -> Result<BTreeMap<String, String>, ManagerError> {
+    pub(crate) fn live_servers(&self, now: u64) -> Result<BTreeMap<String, String>, ManagerError> {
         let window = self.cfg.live_window.as_millis() as u64;
         let segments: HashMap<String, _> = self.db.segments()?.into_iter().map(|s| (s.name.clone(), s)).collect();
         Ok(self
@@ -286,119 +306,10 @@ impl Inner {
             .collect())
     }
 
-    /// Quorum, assignment, disk space, then the run record and the distribution.
-    fn start_run(self: Arc<Self>, job: Job, now: u64) -> Result<(), ManagerError> {
-        let targets = self.targets(&job)?;
-        let live = self.live_servers(now)?;
-        let live_names: BTreeSet<String> = live.keys().cloned().collect();
-        let quorum = job.spec.policy.quorum;
-        if let Err(short) = policy::check_quorum(quorum, &targets, &live_names) {
-            return self.blocked(&job, job.spec.policy.on_quorum_shortfall, short.to_string(), now);
-        }
-        let mut site = self.db.site(&job.spec.site)?.ok_or_else(|| ManagerError::NotFound(format!("hosted site {}", job.spec.site)))?;
-        let run_id = self.db.write(|t| t.next_run_id())?;
-        let copy = self.cfg.data_dir.join("runs").join(format!("{run_id}.assignment"));
-        let prepared = prepare::prepare(
-            &job.spec.payload,
-            job.spec.kind,
-            &site,
-            site.serial + 1,
-            job.id,
-            prepare::Context { data_dir: &self.cfg.data_dir, seal: self.cfg.seal.as_ref() },
-            &copy,
-        )?;
-        if let Some(s) = prepared.serial {
-            site.serial = s;
-        }
-        let manifest = Manifest::of_file(&copy, self.cfg.chunk_size)?;
-        let disk_needed = manifest.size;
-
-        // Group the live targets by segment; segments without the disk space are left out.
-        let mut segments: BTreeMap<String, SegmentRun> = BTreeMap::new();
-        let mut outcomes: Vec<(String, ServerOutcome)> = Vec::new();
-        for server in &targets {
-            let Some(seg) = live.get(server) else {
-                outcomes.push((server.clone(), ServerOutcome::Missing));
-                continue;
-            };
-            let Some(rec) = self.db.segment(seg)? else { continue };
-            if rec.free_disk < disk_needed {
-                outcomes.push((
-                    server.clone(),
-                    ServerOutcome::Failed { reason: format!("segment {seg} reports {} bytes free, the run needs {disk_needed}", rec.free_disk) },
-                ));
-                continue;
-            }
-            segments
-                .entry(seg.clone())
-                .or_insert_with(|| SegmentRun { leader: rec.leader.clone(), address: rec.address.clone(), status: SegmentStatus::Pending, servers: vec![] })
-                .servers
-                .push(server.clone());
-        }
-        let eligible: BTreeSet<String> = segments.values().flat_map(|s| s.servers.iter().cloned()).collect();
-        if let Err(short) = policy::check_quorum(quorum, &targets, &eligible) {
-            let _ = std::fs::remove_file(&copy);
-            return self.blocked(&job, job.spec.policy.on_quorum_shortfall, format!("{short} (after leaving out segments short of disk space)"), now);
-        }
-        let run = Run {
-            id: run_id,
-            job: job.id,
-            started_ms: now,
-            deadline_ms: now + job.spec.policy.run_timeout_ms,
-            phase: RunPhase::Distributing,
-            serial: prepared.serial,
-            manifest,
-            disk_needed,
-            segments,
-        };
-        self.db.write(|t| {
-            let mut j = job.clone();
-            j.state = JobState::Running { run: run_id };
-            j.attempts += 1;
-            j.last_reason = None;
-            t.put_job(&j)?;
-            t.put_run(&run)?;
-            t.put_site(&site)?;
-            t.log(now, Some(job.id), Some(run_id), format!("assignment prepared: {}", prepared.summary))?;
-            for (s, o) in &outcomes {
-                t.put_report(run_id, s, o)?;
-            }
-            t.log(
-                now,
-                Some(job.id),
-                Some(run_id),
-                format!(
-                    "run started: {} bytes (blake3 {}), {} segments, {} of {} servers",
-                    run.manifest.size,
-                    &run.manifest.blake3[..16],
-                    run.segments.len(),
-                    eligible.len(),
-                    targets.len()
-                ),
-            )
-        })?;
-        self.resume(run)
-    }
-
-    /// A job blocked before it started (quorum): deferred or cancelled per policy.
-    fn blocked(&self, job: &Job, on: OnBlocked, reason: String, now: u64) -> Result<(), ManagerError> {
-        match on {
-            OnBlocked::Queue => self.db.write(|t| {
-                let mut j = job.clone();
-                j.next_run_ms = now + j.spec.policy.defer_ms;
-                j.last_reason = Some(format!("deferred: {reason}"));
-                t.put_job(&j)?;
-                t.log(now, Some(j.id), None, format!("deferred: {reason}"))
-            })?,
-            OnBlocked::Cancel => self.set_state(job, JobState::Cancelled { reason }, now)?,
-        }
-        Ok(())
-    }
-
     /// Starts (or, after a restart, resumes) distributing a run down the tree.
-    fn resume(self: Arc<Self>, run: Run) -> Result<(), ManagerError> {
+    pub(crate) fn resume(self: Arc<Self>, run: Run) -> Result<(), ManagerError> {
         let job = self.db.job(run.job)?.ok_or_else(|| ManagerError::NotFound(format!("job {} of run {}", run.job, run.id)))?;
-        let copy = self.cfg.data_dir.join("runs").join(format!("{}.assignment", run.id));
+        let copy = self.run_file(run.id);
         let blob = Blob::complete(&copy, run.manifest.clone(), self.egress.clone())?;
         let mut infos = Vec::new();
         for (name, s) in &run.segments {
@@ -501,45 +412,6 @@ impl Inner {
         }
     }
 
-    /// Counts the outcome, records it and moves the job on per its policy.
-    fn finish(&self, run: &Run, forced: Option<String>) -> Result<(), ManagerError> {
-        let now = now_ms();
-        let job = self.db.job(run.job)?.ok_or_else(|| ManagerError::NotFound(format!("job {}", run.job)))?;
-        let targets = self.targets(&job).unwrap_or_default();
-        let reports: BTreeMap<String, ServerOutcome> = self.db.reports(run.id)?.into_iter().collect();
-        let succeeded = targets.iter().filter(|s| reports.get(*s) == Some(&ServerOutcome::Succeeded)).count();
-        let ok = forced.is_none() && policy::run_succeeded(job.spec.policy.quorum, targets.len(), succeeded);
-        let summary = format!("{succeeded} of {} servers succeeded", targets.len());
-        let reason = forced.clone().unwrap_or_else(|| format!("quorum not met: {summary}"));
-        let next = if ok {
-            policy::after_success(job.spec.every_ms, now)
-        } else {
-            policy::after_failure(&job.spec.policy, job.attempts, now, &reason)
-        };
-        self.db.write(|t| {
-            for s in &targets {
-                if !reports.contains_key(s) {
-                    t.put_report(run.id, s, &ServerOutcome::Missing)?;
-                }
-            }
-            let mut r = run.clone();
-            r.phase = if ok { RunPhase::Succeeded } else { RunPhase::Failed { reason: reason.clone() } };
-            t.put_run(&r)?;
-            let mut j = job.clone();
-            (j.state, j.next_run_ms, j.attempts) = (next.state.clone(), next.next_run_ms, next.attempts);
-            j.last_reason = (!ok).then(|| reason.clone());
-            t.put_job(&j)?;
-            if ok && let Some(mut site) = self.db.site(&job.spec.site)? {
-                prepare::after_success(&job.spec.payload, &mut site, run.serial);
-                t.put_site(&site)?;
-            }
-            let verdict = if ok { format!("run succeeded: {summary}") } else { format!("run failed: {reason}") };
-            t.log(now, Some(job.id), Some(run.id), format!("{verdict}; job now {:?}", next.state))
-        })?;
-        let _ = std::fs::remove_file(self.cfg.data_dir.join("runs").join(format!("{}.assignment", run.id)));
-        Ok(())
-    }
-
     pub(crate) fn active(&self, run: u64) -> Option<Arc<ActiveRun>> {
         lock(&self.runs).get(&run).cloned()
     }
@@ -566,6 +438,7 @@ impl Inner {
                 manager: self.url.clone(),
                 manifest: run.manifest.clone(),
                 slots,
+                servers: seg.servers.clone(),
             },
         })
     }
@@ -614,8 +487,15 @@ impl Inner {
             SegmentStatus::Lost,
             Some(format!("group leader {} of segment {segment} unreachable; {} children re-parented", seg.leader, orphans.len())),
         )?;
+        self.notify_orphans(&run, &active, orphans);
+        active.changed.notify_waiters();
+        Ok(true)
+    }
+
+    /// Sends each re-parented child its fresh notification (it resumes from its verified offset).
+    pub(crate) fn notify_orphans(&self, run: &Run, active: &ActiveRun, orphans: Vec<(String, Node)>) {
         for (child, parent) in orphans {
-            if let Some(target) = self.child_target(&run, &active, &child, &parent) {
+            if let Some(target) = self.child_target(run, active, &child, &parent) {
                 let client = self.client.clone();
                 tokio::spawn(async move {
                     let url = format!("http://{}/notify", target.address);
@@ -625,8 +505,6 @@ impl Inner {
                 });
             }
         }
-        active.changed.notify_waiters();
-        Ok(true)
     }
 
     /// A GL cannot fetch from its parent: a new parent (the parent is checked first).
@@ -646,13 +524,22 @@ impl Inner {
             .ok_or_else(|| ManagerError::NotFound(format!("segment {segment} is not in run {run_id}")))
     }
 
-    /// A GL's consolidated report.
-    pub(crate) fn segment_report(&self, run_id: u64, report: &SegmentReport) -> Result<(), ManagerError> {
+    /// A GL's consolidated report. `false`: ignored, it came from a GL the segment has replaced.
+    pub(crate) fn segment_report(&self, run_id: u64, report: &SegmentReport) -> Result<bool, ManagerError> {
         let run = self.db.run(run_id)?.ok_or_else(|| ManagerError::NotFound(format!("run {run_id}")))?;
         let seg = run
             .segments
             .get(&report.segment)
             .ok_or_else(|| ManagerError::Invalid(format!("segment {} is not in run {run_id}", report.segment)))?;
+        if seg.leader != report.leader {
+            // The segment elected another GL since, and the run went to it: its report stands.
+            let line = format!(
+                "report of segment {} from former group leader {} ignored: {} leads the segment in this run",
+                report.segment, report.leader, seg.leader
+            );
+            self.db.write(|t| t.log(now_ms(), Some(run.job), Some(run_id), line.clone()))?;
+            return Ok(false);
+        }
         let ours = |s: &String| seg.servers.contains(s);
         let mut outcomes: Vec<(String, ServerOutcome)> = Vec::new();
         outcomes.extend(report.succeeded.iter().filter(|s| ours(s)).map(|s| (s.clone(), ServerOutcome::Succeeded)));
@@ -680,7 +567,7 @@ impl Inner {
         if let Some(a) = self.active(run_id) {
             a.changed.notify_waiters();
         }
-        Ok(())
+        Ok(true)
     }
 
     /// A segment's GL holds the whole assignment.
@@ -694,30 +581,6 @@ impl Inner {
         active.changed.notify_waiters();
         Ok(())
     }
-
-    /// A segment has a new GL (discovery): if a run lost it, the run picks it up again.
-    pub(crate) fn leader_changed(&self, segment: &str, leader: &str, address: &str) -> Result<(), ManagerError> {
-        let actives: Vec<Arc<ActiveRun>> = lock(&self.runs).values().cloned().collect();
-        for active in actives {
-            let Some(mut run) = self.db.run(active.id)? else { continue };
-            let Some(seg) = run.segments.get_mut(segment) else { continue };
-            if seg.status == SegmentStatus::Reported || (seg.address == address && seg.status != SegmentStatus::Lost) {
-                continue;
-            }
-            {
-                let mut plan = lock(&active.plan);
-                plan.leader_dead(segment);
-                plan.revive(segment);
-            }
-            *seg = SegmentRun { leader: leader.into(), address: address.into(), status: SegmentStatus::Pending, servers: seg.servers.clone() };
-            self.db.write(|t| {
-                t.put_run(&run)?;
-                t.log(now_ms(), Some(run.job), Some(run.id), format!("segment {segment}: new group leader {leader} picks up the run"))
-            })?;
-            active.changed.notify_waiters();
-        }
-        Ok(())
-    }
 }
 
 fn d_job(d: &scheduler::Decision) -> u64 {
@@ -727,9 +590,9 @@ fn d_job(d: &scheduler::Decision) -> u64 {
 }
 
 /// The manager's own forwarding slots take children straight from the plan.
-struct RootSource {
-    inner: Arc<Inner>,
-    run: Arc<ActiveRun>,
+pub(crate) struct RootSource {
+    pub inner: Arc<Inner>,
+    pub run: Arc<ActiveRun>,
 }
 
 impl ChildSource for RootSource {

@@ -16,18 +16,27 @@ fn status_of<T: std::fmt::Debug>(r: Result<T, ClientError>) -> u16 {
     }
 }
 
+/// Everything an operator can read: compared before and after the refused requests.
+fn state(c: &Cluster) -> Vec<serde_json::Value> {
+    ["groups", "sites", "jobs", "runs", "segments", "servers", "history"]
+        .iter()
+        .map(|p| c.rt.block_on(c.op.get::<serde_json::Value>(&c.api(p))).unwrap())
+        .collect()
+}
+
 #[test]
-fn unauthenticated_requests_are_refused_and_change_nothing() {
+fn unauthenticated_or_wrong_role_requests_are_refused_on_every_route_and_change_nothing() {
     let c = Cluster::start(Options::new(1));
     let file = c.dir.path().join("a.bin");
     random_file(&file, 1000, 9);
-    let before_jobs: Vec<Job> = c.rt.block_on(c.op.get(&c.api("jobs"))).unwrap();
-    let before_history = c.history();
-    let before_segments: serde_json::Value = c.rt.block_on(c.op.get(&c.api("segments"))).unwrap();
+    c.setup_site("site", c.all_servers());
+    // A job that is not due yet, so there is something to cancel.
     let spec = serde_json::json!({
-        "name": "evil", "kind": "publish", "site": "site",
+        "name": "later", "kind": "publish", "site": "site", "start_at_ms": cm_manager::now_ms() + 3_600_000,
         "payload": { "type": "file", "path": file.display().to_string() }
     });
+    let job: Job = c.rt.block_on(c.op.post(&c.api("jobs"), &spec)).unwrap();
+    let before = state(&c);
     let report = DiscoveryReport {
         segment: "seg00".into(),
         leader: "intruder".into(),
@@ -36,31 +45,66 @@ fn unauthenticated_requests_are_refused_and_change_nothing() {
         cpu_power: 1,
         free_disk: 0,
         connections: 0,
-        members: vec![],
+        members: vec!["intruder".into()],
     };
-    for token in ["", "wrong-token", "operator-token-for-test"] {
-        let client = JsonClient::new(token, Duration::from_secs(5));
-        assert_eq!(status_of(c.rt.block_on(client.post::<_, serde_json::Value>(&c.api("jobs"), &spec))), 401, "token {token:?}");
-        assert_eq!(status_of(c.rt.block_on(client.get::<serde_json::Value>(&c.api("jobs")))), 401);
-        assert_eq!(status_of(c.rt.block_on(client.post::<_, serde_json::Value>(&c.api("discovery"), &report))), 401);
-        assert_eq!(
-            status_of(c.rt.block_on(client.put::<_, serde_json::Value>(&c.api("groups/g"), &serde_json::json!({ "servers": ["x"] })))),
-            401
-        );
-        // The GL's endpoint refuses notifications too.
-        let gl = format!("http://{}/notify", c.gls[0].node.addr);
-        assert_eq!(status_of(c.rt.block_on(client.post::<_, serde_json::Value>(&gl, &serde_json::json!({})))), 401);
-    }
-    // An agent may not act as an operator, nor an operator as an agent.
+    let seg_report = serde_json::json!({ "segment": "seg00", "leader": "intruder", "succeeded": ["seg00-s0"], "failed": [], "missing": [] });
+    let tree = serde_json::json!({ "segment": "seg00" });
+    let id = job.id;
+    // (method, path, body, role that may use it) for every route of the API.
+    let routes: Vec<(&str, String, serde_json::Value, &str)> = vec![
+        ("PUT", "groups/site-group".into(), serde_json::json!({ "servers": ["x"] }), "operator"),
+        ("GET", "groups".into(), serde_json::Value::Null, "operator"),
+        ("PUT", "sites/site".into(), serde_json::json!({ "content_group": "g", "staging": "/" }), "operator"),
+        ("GET", "sites".into(), serde_json::Value::Null, "operator"),
+        ("POST", "jobs".into(), spec.clone(), "operator"),
+        ("GET", "jobs".into(), serde_json::Value::Null, "operator"),
+        ("GET", format!("jobs/{id}"), serde_json::Value::Null, "operator"),
+        ("POST", format!("jobs/{id}/cancel"), serde_json::json!({}), "operator"),
+        ("GET", "runs".into(), serde_json::Value::Null, "operator"),
+        ("GET", "runs/1".into(), serde_json::Value::Null, "operator"),
+        ("GET", "segments".into(), serde_json::Value::Null, "operator"),
+        ("PUT", "segments/seg00/rank".into(), serde_json::json!({ "rank": 1 }), "operator"),
+        ("GET", "servers".into(), serde_json::Value::Null, "operator"),
+        ("GET", "history".into(), serde_json::Value::Null, "operator"),
+        ("POST", "discovery".into(), serde_json::to_value(&report).unwrap(), "agent"),
+        ("POST", "dist/1/next".into(), tree.clone(), "agent"),
+        ("POST", "dist/1/received".into(), tree.clone(), "agent"),
+        ("POST", "dist/1/dead".into(), tree.clone(), "agent"),
+        ("POST", "dist/1/reparent".into(), tree.clone(), "agent"),
+        ("POST", "runs/1/report".into(), seg_report, "agent"),
+    ];
+    let send = |client: &JsonClient, method: &str, url: &str, body: &serde_json::Value| -> Result<serde_json::Value, ClientError> {
+        let m = hyper::Method::from_bytes(method.as_bytes()).unwrap();
+        let body = (!body.is_null()).then_some(body);
+        c.rt.block_on(client.call::<serde_json::Value, serde_json::Value>(m, url, body))
+    };
     let agent = JsonClient::new(AGENT, Duration::from_secs(5));
-    assert_eq!(status_of(c.rt.block_on(agent.post::<_, serde_json::Value>(&c.api("jobs"), &spec))), 404);
-    assert_eq!(status_of(c.rt.block_on(c.op.post::<_, serde_json::Value>(&c.api("discovery"), &report))), 404);
-    let after_jobs: Vec<Job> = c.rt.block_on(c.op.get(&c.api("jobs"))).unwrap();
-    let after_segments: serde_json::Value = c.rt.block_on(c.op.get(&c.api("segments"))).unwrap();
-    assert_eq!(before_jobs, after_jobs);
-    assert_eq!(before_segments, after_segments);
-    assert_eq!(before_history, c.history());
+    for (method, path, body, role) in &routes {
+        let url = c.api(path);
+        for token in ["", "wrong-token", "operator-token-for-test", "agent-token-for-testsX"] {
+            let client = JsonClient::new(token, Duration::from_secs(5));
+            assert_eq!(status_of(send(&client, method, &url, body)), 401, "{method} {path} with token {token:?}");
+        }
+        // The other role's token: not a route of that role.
+        let other = if *role == "operator" { &agent } else { &c.op };
+        assert_eq!(status_of(send(other, method, &url, body)), 404, "{method} {path} with the wrong role");
+    }
+    // The blob of a run, on the manager and on a GL, and the GL's notify endpoint.
+    let gl = c.gls[0].node.addr;
+    for (url, operator_gets) in [(format!("{}/dist/1/blob", c.manager_url), 404), (format!("http://{gl}/dist/1/blob"), 401)] {
+        for client in [JsonClient::new("", Duration::from_secs(5)), JsonClient::new("nope", Duration::from_secs(5))] {
+            assert_eq!(status_of(send(&client, "GET", &url, &serde_json::Value::Null)), 401, "GET {url}");
+        }
+        assert_eq!(status_of(send(&c.op, "GET", &url, &serde_json::Value::Null)), operator_gets, "GET {url} as an operator");
+    }
+    for client in [JsonClient::new("", Duration::from_secs(5)), JsonClient::new("wrong", Duration::from_secs(5)), c.op.clone()] {
+        assert_eq!(status_of(send(&client, "POST", &format!("http://{gl}/notify"), &serde_json::json!({}))), 401);
+    }
+    assert_eq!(state(&c), before, "refused requests changed nothing");
     assert_eq!(c.gls[0].node.progress(1), None, "no run was started on the GL");
+    // The same requests with the right role do change things (the check above is not vacuous).
+    assert_eq!(c.rt.block_on(c.op.post::<_, Job>(&c.api(&format!("jobs/{id}/cancel")), &serde_json::json!({}))).unwrap().id, id);
+    assert_ne!(state(&c), before);
 }
 
 #[test]

@@ -4,8 +4,9 @@
 #![allow(dead_code)]
 
 use cm_manager::cluster::{CopyDelivery, NodeThread, operator_client, report_discovery};
+use cm_manager::forward::BoxFuture;
 use cm_manager::http::JsonClient;
-use cm_manager::leader::{LeaderConfig, LeaderNode};
+use cm_manager::leader::{DeliveryOutcome, LeaderConfig, LeaderNode, LocalDelivery};
 use cm_manager::model::{DiscoveryReport, Job, JobKind, JobPolicy, JobSpec, JobState, Payload};
 use cm_manager::server::{Manager, ManagerConfig};
 use std::net::SocketAddr;
@@ -34,17 +35,26 @@ pub struct Cluster {
 }
 
 pub type LeaderTweak = Box<dyn Fn(usize, &mut LeaderConfig)>;
+/// The segment side of GL `i`, given its members (server name, directory).
+pub type MakeDelivery = Box<dyn Fn(usize, &[(String, PathBuf)]) -> Arc<dyn LocalDelivery>>;
 
 pub struct Options {
     pub gls: usize,
     pub members_per_gl: usize,
     pub tweak_manager: Box<dyn Fn(&mut ManagerConfig)>,
     pub tweak_leader: LeaderTweak,
+    pub delivery: MakeDelivery,
 }
 
 impl Options {
     pub fn new(gls: usize) -> Options {
-        Options { gls, members_per_gl: 1, tweak_manager: Box::new(|_| {}), tweak_leader: Box::new(|_, _| {}) }
+        Options {
+            gls,
+            members_per_gl: 1,
+            tweak_manager: Box::new(|_| {}),
+            tweak_leader: Box::new(|_, _| {}),
+            delivery: Box::new(|_, members| Arc::new(CopyDelivery { members: members.to_vec() })),
+        }
     }
 }
 
@@ -83,7 +93,7 @@ impl Cluster {
             let mut lcfg = LeaderConfig::new(&segment, &members[0].0, AGENT, &dir.path().join("gl").join(&segment));
             lcfg.stall = Duration::from_secs(2);
             (o.tweak_leader)(i, &mut lcfg);
-            let delivery = Arc::new(CopyDelivery { members: members.clone() });
+            let delivery = (o.delivery)(i, &members);
             let (node, thread) = NodeThread::spawn(&segment, move || async move {
                 LeaderNode::start(lcfg, delivery).await.expect("GL starts")
             })
@@ -119,6 +129,11 @@ impl Cluster {
     }
 
     pub fn setup_site(&self, site: &str, servers: Vec<String>) {
+        self.setup_site_from(site, servers, Path::new("unused"));
+    }
+
+    /// Content group `{site}-group` of `servers` and hosted site `site` published from `staging`.
+    pub fn setup_site_from(&self, site: &str, servers: Vec<String>, staging: &Path) {
         let g: serde_json::Value = self
             .rt
             .block_on(self.op.put(&self.api(&format!("groups/{site}-group")), &serde_json::json!({ "servers": servers })))
@@ -128,7 +143,7 @@ impl Cluster {
             .rt
             .block_on(self.op.put(
                 &self.api(&format!("sites/{site}")),
-                &serde_json::json!({ "content_group": format!("{site}-group"), "staging": "unused" }),
+                &serde_json::json!({ "content_group": format!("{site}-group"), "staging": staging.display().to_string() }),
             ))
             .unwrap();
     }
@@ -194,4 +209,162 @@ pub fn random_file(path: &Path, len: usize, seed: u64) {
 
 pub fn hash_of(path: &Path) -> Option<blake3::Hash> {
     std::fs::read(path).ok().map(|b| blake3::hash(&b))
+}
+
+/// A segment whose servers really apply every assignment: releases built with cm-assignment's
+/// reference interpreter under `<member dir>/releases/<serial>`, `current` (the live serial) moved
+/// by commit and rollback, `history` of committed serials. Stands in for cm-site without its
+/// plugin runtime.
+pub struct SiteDelivery {
+    pub members: Vec<(String, PathBuf)>,
+    /// Members that answer; the others are missing (e.g. not joined yet).
+    pub present: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl SiteDelivery {
+    pub fn all(members: &[(String, PathBuf)]) -> SiteDelivery {
+        SiteDelivery { members: members.to_vec(), present: Arc::new(std::sync::Mutex::new(members.iter().map(|m| m.0.clone()).collect())) }
+    }
+}
+
+impl LocalDelivery for SiteDelivery {
+    fn deliver(&self, _run: u64, assignment: PathBuf, _m: cm_manager::manifest::Manifest) -> BoxFuture<'static, DeliveryOutcome> {
+        let members = self.members.clone();
+        let present = self.present.lock().unwrap().clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut out = DeliveryOutcome::default();
+                for (name, dir) in members {
+                    if !present.contains(&name) {
+                        out.missing.push(name);
+                        continue;
+                    }
+                    match apply(&dir, &assignment) {
+                        Ok(()) => out.succeeded.push(name),
+                        Err(e) => out.failed.push((name, e)),
+                    }
+                }
+                out
+            })
+            .await
+            .unwrap()
+        })
+    }
+}
+
+/// The live serial of a server applied to by [`SiteDelivery`].
+pub fn current(dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(dir.join("current")).ok()?.trim().parse().ok()
+}
+
+/// The live tree of a server applied to by [`SiteDelivery`] (empty when nothing is live).
+pub fn live_tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    match current(dir) {
+        Some(c) => tree_of(&dir.join("releases").join(c.to_string())),
+        None => Default::default(),
+    }
+}
+
+fn apply(dir: &Path, file: &Path) -> Result<(), String> {
+    use cm_assignment::AssignmentType as T;
+    let r = cm_assignment::read::AssignmentReader::open(file).map_err(|e| e.to_string())?;
+    let h = r.header().clone();
+    let releases = dir.join("releases");
+    let history_file = dir.join("history");
+    let mut history: Vec<u64> =
+        std::fs::read_to_string(&history_file).unwrap_or_default().split_whitespace().map(|s| s.parse().unwrap()).collect();
+    let set_live = |history: &[u64], serial: u64| {
+        let list: Vec<String> = history.iter().map(u64::to_string).collect();
+        std::fs::write(&history_file, list.join(" ")).unwrap();
+        std::fs::write(dir.join("current"), serial.to_string()).unwrap();
+    };
+    match h.kind {
+        T::Commit | T::Switch => {
+            if !releases.join(h.target_serial.to_string()).is_dir() {
+                return Err(format!("no release {}", h.target_serial));
+            }
+            if current(dir) != Some(h.target_serial) {
+                history.push(h.target_serial);
+                set_live(&history, h.target_serial);
+            }
+            Ok(())
+        }
+        T::Rollback => {
+            if history.len() < 2 {
+                return Err("nothing to roll back to".into());
+            }
+            history.pop();
+            let back = *history.last().unwrap();
+            set_live(&history, back);
+            Ok(())
+        }
+        _ => {
+            let out = releases.join(h.serial.to_string());
+            if out.is_dir() {
+                return Ok(()); // applied before
+            }
+            let live = current(dir);
+            if h.base_serial != 0 && live != Some(h.base_serial) {
+                return Err(format!("built against release {}, live is {live:?}", h.base_serial));
+            }
+            let building = releases.join(format!(".building-{}", h.serial));
+            let _ = std::fs::remove_dir_all(&building);
+            std::fs::create_dir_all(&building).unwrap();
+            if let (Some(l), false) = (live, h.kind.builds_from_empty()) {
+                cm_manager::prepare::copy_tree(&releases.join(l.to_string()), &building).map_err(|e| e.to_string())?;
+            }
+            cm_assignment::reference::apply_all(&r, &building).map_err(|e| e.to_string())?;
+            std::fs::rename(&building, &out).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Every file under `dir` (following `current` when given a site): relative path → bytes.
+pub fn tree_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, d: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(p.strip_prefix(root).unwrap().display().to_string(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = Default::default();
+    walk(dir, dir, &mut out);
+    out
+}
+
+impl Cluster {
+    /// GL `i` reports its segment again with these members (as after a join or leave).
+    pub fn rediscover(&self, i: usize, members: &[&str]) -> serde_json::Value {
+        let gl = &self.gls[i];
+        let report = DiscoveryReport {
+            segment: gl.segment.clone(),
+            leader: gl.members[0].0.clone(),
+            address: gl.node.addr.to_string(),
+            location: "Europe/London".into(),
+            cpu_power: 100,
+            free_disk: 1 << 40,
+            connections: 1,
+            members: members.iter().map(|m| m.to_string()).collect(),
+        };
+        let agent = JsonClient::new(AGENT, Duration::from_secs(10));
+        self.rt.block_on(agent.post(&self.api("discovery"), &report)).unwrap()
+    }
+
+    pub fn submit_spec(&self, spec: &JobSpec) -> Job {
+        self.rt.block_on(self.op.post(&self.api("jobs"), spec)).unwrap()
+    }
+
+    pub fn site(&self, name: &str) -> serde_json::Value {
+        let sites: Vec<serde_json::Value> = self.rt.block_on(self.op.get(&self.api("sites"))).unwrap();
+        sites.into_iter().find(|s| s["name"] == name).unwrap()
+    }
+
+    pub fn runs(&self) -> Vec<serde_json::Value> {
+        self.rt.block_on(self.op.get(&self.api("runs"))).unwrap()
+    }
 }

@@ -2,6 +2,8 @@
 //! channels, node configurations, and waiting for one agreed leader.
 #![allow(dead_code)]
 
+pub mod processes;
+
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 

@@ -127,6 +127,7 @@ async fn the_incarnation_grows_past_a_saved_one_from_the_future() -> Result<()> 
         configured_channel: channel,
         control_channel: channel,
         channel_epoch: 0,
+        old_channels: vec![],
         replay: vec![],
     };
     StateFile::in_dir(dir.path()).store(&Save { state, sync: true })?;

@@ -54,6 +54,10 @@ pub struct Timing {
     /// After moving the control channel the leader keeps announcing the move on the old channel
     /// for this long, so members that missed it follow.
     pub channel_move_linger: Duration,
+    /// After the linger, a leader announces the move on each earlier channel this often, for
+    /// good: a node that was down through the move, or a new one configured with the
+    /// original channel, hears it before it would claim (shorter than `leader_timeout`).
+    pub channel_reannounce: Duration,
 }
 
 impl Timing {
@@ -79,6 +83,7 @@ impl Timing {
             member_refresh: heartbeat * 10,
             member_timeout: heartbeat * 35,
             channel_move_linger: heartbeat * 10,
+            channel_reannounce: heartbeat * 2,
         }
     }
 
@@ -117,6 +122,9 @@ impl Timing {
         }
         if self.member_timeout <= self.member_refresh {
             return bad("member_timeout must exceed member_refresh");
+        }
+        if self.channel_reannounce.is_zero() || self.channel_reannounce >= self.leader_timeout {
+            return bad("channel_reannounce must be positive and shorter than leader_timeout, or a node on an old channel claims first");
         }
         if self.concede_timeout <= self.voting_window_max {
             return bad("concede_timeout must exceed the voting window");

@@ -171,6 +171,13 @@ pub struct Election {
     control: SocketAddr,
     channel_epoch: u32,
     linger: Option<Linger>,
+    /// Channels the segment has moved away from, most recent first (at most
+    /// [`MAX_OLD_CHANNELS`]): a leader keeps announcing the move there every
+    /// `channel_reannounce`,
+    /// so a node that was down through the move, or a new one configured with the original
+    /// channel, finds the segment.
+    old_channels: Vec<SocketAddr>,
+    reannounce_at: Option<Instant>,
 
     seq: u64,
     replay: ReplayGuard,
@@ -184,6 +191,9 @@ pub struct Election {
     reported_leader: Option<NodeId>,
     reported_leading: bool,
 }
+
+/// How many earlier control channels a node remembers (and a leader keeps announcing on).
+pub const MAX_OLD_CHANNELS: usize = 4;
 
 fn random_between(rng: &mut ChaCha8Rng, lo: Duration, hi: Duration) -> Duration {
     if hi <= lo {
@@ -224,6 +234,7 @@ impl Election {
         cfg.validate()?;
         let mut control = cfg.control_channel;
         let mut channel_epoch = 0;
+        let mut old_channels = Vec::new();
         let mut replay = ReplayGuard::default();
         if let Some(saved) = saved {
             if (saved.cluster_id, saved.node) != (cfg.cluster_id, cfg.node) {
@@ -235,6 +246,7 @@ impl Election {
             if saved.configured_channel == cfg.control_channel {
                 control = saved.control_channel;
                 channel_epoch = saved.channel_epoch;
+                old_channels = saved.old_channels.clone();
             }
             replay = ReplayGuard::from_records(&saved.replay);
         }
@@ -266,6 +278,8 @@ impl Election {
             control,
             channel_epoch,
             linger: None,
+            old_channels,
+            reannounce_at: None,
             seq: 0,
             replay,
             // The new incarnation must be stored before the first datagram carries it.
@@ -426,6 +440,12 @@ impl Election {
                 self.send_report(now);
             }
         }
+        if self.leading && due(self.reannounce_at, now) {
+            for old in self.old_channels.clone() {
+                self.send_channel_move(Destination::Channel(old));
+            }
+            self.reannounce_at = Some(now + self.cfg.timing.channel_reannounce);
+        }
         if let Some(l) = self.linger {
             if now >= l.until {
                 self.linger = None;
@@ -452,6 +472,7 @@ impl Election {
         }
         if self.leading {
             timers.push(self.report_at);
+            timers.push(self.reannounce_at);
             let timeout = self.cfg.timing.member_timeout;
             timers.push(self.members.values().map(|m| m.last_seen + timeout).min());
         }
@@ -492,6 +513,7 @@ impl Election {
             configured_channel: self.cfg.control_channel,
             control_channel: self.control,
             channel_epoch: self.channel_epoch,
+            old_channels: self.old_channels.clone(),
             replay: self.replay.records(),
         }
     }
@@ -521,11 +543,9 @@ impl Election {
         }
         let old = self.control;
         self.channel_epoch += 1;
-        self.control = channel;
-        self.save_due = true;
-        self.save_sync = true;
+        self.switch_channel(channel);
+        self.reannounce_at = Some(now + self.cfg.timing.channel_move_linger);
         self.send_channel_move(Destination::Channel(old));
-        self.events.push_back(Event::ChannelMove { channel });
         let t = &self.cfg.timing;
         self.linger = Some(Linger { old, until: now + t.channel_move_linger, next: now + t.heartbeat });
         Ok(())
@@ -589,9 +609,22 @@ impl Election {
         base + random_between(&mut self.rng, Duration::ZERO, jitter)
     }
 
+    /// Moves to `channel`, remembering where we were.
+    fn switch_channel(&mut self, channel: SocketAddr) {
+        let old = self.control;
+        self.old_channels.retain(|&c| c != old && c != channel);
+        self.old_channels.insert(0, old);
+        self.old_channels.truncate(MAX_OLD_CHANNELS);
+        self.control = channel;
+        self.save_due = true;
+        self.save_sync = true;
+        self.events.push_back(Event::ChannelMove { channel });
+    }
+
     fn lose_leadership(&mut self, now: Instant) {
         if self.leading {
             self.leading = false;
+            self.reannounce_at = None;
             self.led_until = Some(now);
             self.former_members = self.members.len();
             self.members.clear();
@@ -655,6 +688,10 @@ impl Election {
             self.led_until = None;
             self.members.clear();
             self.report_at = None;
+            // Tell nodes still on an earlier channel where the segment went.
+            if !self.old_channels.is_empty() {
+                self.reannounce_at = Some(now + self.cfg.timing.heartbeat);
+            }
         }
         self.leader = None;
         self.send_heartbeat(now);
@@ -690,8 +727,7 @@ impl Election {
                     self.channel_epoch = epoch;
                     self.save_sync = true;
                     if channel != self.control {
-                        self.control = channel;
-                        self.events.push_back(Event::ChannelMove { channel });
+                        self.switch_channel(channel);
                     }
                 }
             }

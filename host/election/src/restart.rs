@@ -20,6 +20,7 @@
 //! ```text
 //! magic "CMES" | version u8 = 1 | cluster u64 | node u64 | incarnation u64
 //! configured channel (addr) | control channel (addr) | channel epoch u32
+//! k u8 (≤ 4) | k × old channel (addr)
 //! n u32 | n × (sender u64 | incarnation u64 | highest u64 | seen u64)
 //! check: 16-byte keyed BLAKE3 of everything before it (cm_wire::mac, a fixed public key:
 //!        a corruption check, not authentication — whoever can write the node's data
@@ -32,6 +33,7 @@ use std::net::SocketAddr;
 use cm_wire::mac::{MacKey, TAG_LEN};
 use cm_wire::{DecodeError, Reader, Writer};
 
+use crate::machine::MAX_OLD_CHANNELS;
 use crate::priority::NodeId;
 use crate::replay::ReplayRecord;
 use crate::wire::{read_addr, write_addr};
@@ -55,6 +57,9 @@ pub struct RestartState {
     pub control_channel: SocketAddr,
     /// The epoch of the last channel move followed; older moves are ignored.
     pub channel_epoch: u32,
+    /// Channels the segment moved away from, most recent first (a leader keeps announcing
+    /// the move there); at most [`crate::machine::MAX_OLD_CHANNELS`].
+    pub old_channels: Vec<SocketAddr>,
     /// Every sender's replay window.
     pub replay: Vec<ReplayRecord>,
 }
@@ -99,6 +104,10 @@ impl RestartState {
         write_addr(&mut w, &self.configured_channel);
         write_addr(&mut w, &self.control_channel);
         w.u32(self.channel_epoch);
+        w.u8(u8::try_from(self.old_channels.len()).expect("a handful of old channels"));
+        for c in &self.old_channels {
+            write_addr(&mut w, c);
+        }
         w.u32(u32::try_from(self.replay.len()).expect("fewer than 2^32 senders"));
         for r in &self.replay {
             w.u64(r.sender).u64(r.incarnation).u64(r.highest).u64(r.seen);
@@ -129,6 +138,11 @@ impl RestartState {
         let configured_channel = read_addr(r)?;
         let control_channel = read_addr(r)?;
         let channel_epoch = r.u32()?;
+        let k = usize::from(r.u8()?);
+        if k > MAX_OLD_CHANNELS {
+            return Err(DecodeError::malformed("too many old channels"));
+        }
+        let old_channels = (0..k).map(|_| read_addr(r)).collect::<Result<Vec<_>, _>>()?;
         let n = r.u32()? as usize;
         // The count is checked against what remains before anything is sized by it.
         if n.checked_mul(RECORD_LEN) != Some(r.remaining()) {
@@ -143,7 +157,7 @@ impl RestartState {
             replay.push(rec);
         }
         r.finish()?;
-        Ok(RestartState { cluster_id, node, incarnation, configured_channel, control_channel, channel_epoch, replay })
+        Ok(RestartState { cluster_id, node, incarnation, configured_channel, control_channel, channel_epoch, old_channels, replay })
     }
 }
 
@@ -164,10 +178,11 @@ mod tests {
 
     fn arb_state() -> impl Strategy<Value = RestartState> {
         let records = proptest::collection::btree_map(any::<u64>(), any::<(u64, u64, u64)>(), 0..40);
-        (any::<(u64, u64, u64, u32)>(), arb_addr(), arb_addr(), records).prop_map(|((cluster_id, node, incarnation, channel_epoch), a, b, recs)| {
+        let olds = proptest::collection::vec(arb_addr(), 0..=MAX_OLD_CHANNELS);
+        (any::<(u64, u64, u64, u32)>(), arb_addr(), arb_addr(), olds, records).prop_map(|((cluster_id, node, incarnation, channel_epoch), a, b, old_channels, recs)| {
             let replay =
                 recs.into_iter().map(|(sender, (incarnation, highest, seen))| ReplayRecord { sender, incarnation, highest, seen }).collect();
-            RestartState { cluster_id, node, incarnation, configured_channel: a, control_channel: b, channel_epoch, replay }
+            RestartState { cluster_id, node, incarnation, configured_channel: a, control_channel: b, channel_epoch, old_channels, replay }
         })
     }
 
@@ -203,6 +218,7 @@ mod tests {
             configured_channel: channel,
             control_channel: channel,
             channel_epoch: 0,
+            old_channels: vec![],
             replay: vec![],
         };
         assert_eq!(next_incarnation(None, 5_000), 5_000);

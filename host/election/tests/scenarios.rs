@@ -47,6 +47,17 @@ fn leader_id(s: &Sim) -> Option<u64> {
     s.agreed_leader().map(|l| s.nodes[l].config.node)
 }
 
+/// Every local invariant, and nobody but node index `l` ever leads.
+fn nobody_leads_but(l: usize) -> impl Fn(&Sim) -> Result<(), String> {
+    move |s: &Sim| {
+        check_local(s)?;
+        match s.live().find(|&(i, e)| i != l && e.is_leader()) {
+            Some((_, e)) => Err(format!("node {} leads beside the incumbent", e.node())),
+            None => Ok(()),
+        }
+    }
+}
+
 fn events_of(s: &Sim, node: u64) -> Vec<Event> {
     s.log.as_ref().unwrap().iter().filter(|(_, n, _)| *n == node).map(|(_, _, e)| e.clone()).collect()
 }
@@ -367,4 +378,45 @@ fn resume_refuses_another_nodes_state_and_a_stale_incarnation() {
     let other = s.nodes[1].saved.clone().unwrap();
     let wrong = cm_election::Election::resume(cfg, Instant::ZERO, 1, Some(&other));
     assert!(matches!(wrong, Err(cm_election::ConfigError::Restart(cm_election::RestartStateError::OtherNode { node: 2, .. }))));
+}
+
+#[test]
+fn a_node_down_through_a_move_finds_the_segment_from_the_leaders_reannouncements() {
+    let mut s = sim(vec![node(1, 10), node(2, 30), node(3, 20)]);
+    run(&mut s, HB * 20);
+    s.crash(0);
+    let new: SocketAddr = "239.9.9.14:7006".parse().unwrap();
+    s.with_node(1, |e, now| e.move_control_channel(now, new).unwrap()).unwrap();
+    let t = s.nodes[0].config.timing.clone();
+    run(&mut s, t.channel_move_linger + HB * 5);
+    // Back on the channel it knew, long after the lingering announcements stopped.
+    s.start(0);
+    assert_eq!(s.nodes[0].election.as_ref().unwrap().control_channel(), channel());
+    let done = |s: &Sim| s.agreed_leader() == Some(1) && s.members_converged(1);
+    // It hears the move before it would claim: nobody else ever leads.
+    let one_leader = nobody_leads_but(1);
+    let deadline = after(&s, t.leader_timeout + t.registration_spread + t.report_delay_max + t.member_refresh);
+    assert!(s.run_until_true(deadline, one_leader, done).unwrap().is_some(), "{}", s.describe());
+    assert_eq!(s.nodes[0].election.as_ref().unwrap().control_channel(), new);
+    assert_eq!(s.nodes[0].saved.as_ref().unwrap().old_channels, vec![channel()]);
+}
+
+#[test]
+fn a_new_node_configured_with_the_original_channel_joins_after_a_move() {
+    let mut s = Sim::new(1, vec![node(1, 10), node(2, 30), node(3, 20), node(4, 40)], NetConfig::perfect());
+    for i in 0..3 {
+        s.start(i);
+    }
+    run(&mut s, HB * 20);
+    let new: SocketAddr = "239.9.9.15:7007".parse().unwrap();
+    s.with_node(1, |e, now| e.move_control_channel(now, new).unwrap()).unwrap();
+    let t = s.nodes[0].config.timing.clone();
+    run(&mut s, t.channel_move_linger * 3);
+    s.start(3);
+    let done = |s: &Sim| s.agreed_leader() == Some(1) && s.members_converged(1);
+    // It hears the move before it would claim: nobody else ever leads.
+    let one_leader = nobody_leads_but(1);
+    let deadline = after(&s, t.leader_timeout + t.registration_spread + t.report_delay_max + t.member_refresh);
+    assert!(s.run_until_true(deadline, one_leader, done).unwrap().is_some(), "{}", s.describe());
+    assert_eq!(s.nodes[3].election.as_ref().unwrap().control_channel(), new);
 }

@@ -5,6 +5,7 @@
 //!   move on the old one) comes back on the new channel and registers again; its incarnation grew;
 //! - a node restarted while its leader is dead refuses the dead leader's recorded heartbeats
 //!   that an attacker replays (it had accepted them before it stopped), and never follows it;
+//! - the killed run is recorded as a recent failure, a clean leave is not;
 //! - the incarnation grows past a saved one from the future (a wall clock that stepped back);
 //! - a corrupt or foreign state file stops the start with an error naming the file.
 
@@ -55,9 +56,16 @@ async fn a_restarted_member_resumes_on_the_moved_channel() -> Result<()> {
     assert_eq!(handles[0].status().control_channel, moved, "resumed on the moved channel");
     let after = saved(dirs[0].path())?;
     assert!(after.incarnation > before.incarnation, "incarnation grew: {} -> {}", before.incarnation, after.incarnation);
+    assert_eq!(after.failures, vec![before.incarnation], "the killed run is a recent failure");
     assert_eq!(agreed(&handles.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await?, 2);
     for h in &handles {
         assert_eq!(h.status().control_channel, moved);
+    }
+    // A clean stop is saved as one: the next run will not count it as a failure.
+    assert!(saved(dirs[2].path())?.running);
+    handles.pop().context("three handles")?.leave().await?;
+    assert!(!saved(dirs[2].path())?.running);
+    for h in &handles {
         h.abort();
     }
     Ok(())
@@ -128,6 +136,8 @@ async fn the_incarnation_grows_past_a_saved_one_from_the_future() -> Result<()> 
         control_channel: channel,
         channel_epoch: 0,
         old_channels: vec![],
+        running: false,
+        failures: vec![],
         replay: vec![],
     };
     StateFile::in_dir(dir.path()).store(&Save { state, sync: true })?;

@@ -25,6 +25,6 @@ pub use config::{Config, ConfigError, DataChannelPool, Eligibility, Registration
 pub use machine::{Destination, Election, Event, LeaveReason, Member, RequestError, State, Stats, Transmit};
 pub use priority::{ClaimKey, NodeId, Priority, PriorityInputs};
 pub use replay::ReplayRecord;
-pub use restart::{RestartState, RestartStateError, Save, next_incarnation};
+pub use restart::{RestartState, RestartStateError, Save, next_incarnation, recent_failures};
 pub use time::Instant;
 pub use wire::DropReason;

@@ -25,7 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::{Config, ConfigError, Registration};
 use crate::priority::{ClaimKey, NodeId};
 use crate::replay::ReplayGuard;
-use crate::restart::{RestartState, RestartStateError, Save};
+use crate::restart::{RestartState, RestartStateError, Save, recent_failures};
 use crate::time::Instant;
 use crate::wire::{self, DropReason, Header, MemberReport, Message, MAX_PAYLOAD, MAX_REPORT_IDS};
 
@@ -178,6 +178,8 @@ pub struct Election {
     /// channel, finds the segment.
     old_channels: Vec<SocketAddr>,
     reannounce_at: Option<Instant>,
+    /// Crashed runs of this node in the last week (see [`crate::restart::recent_failures`]).
+    failures: Vec<u64>,
 
     seq: u64,
     replay: ReplayGuard,
@@ -230,8 +232,12 @@ impl Election {
     /// on the control channel the segment had moved to (unless the operator has since
     /// configured another one). `cfg.incarnation` must exceed the saved one
     /// ([`crate::restart::next_incarnation`]); a state saved by another node is refused.
-    pub fn resume(cfg: Config, now: Instant, rng_seed: u64, saved: Option<&RestartState>) -> Result<Self, ConfigError> {
+    ///
+    /// The priority's `recent_failures` becomes the configured value plus the runs of this node
+    /// that crashed (stopped without [`Election::leave`]) in the last week.
+    pub fn resume(mut cfg: Config, now: Instant, rng_seed: u64, saved: Option<&RestartState>) -> Result<Self, ConfigError> {
         cfg.validate()?;
+        let mut failures = Vec::new();
         let mut control = cfg.control_channel;
         let mut channel_epoch = 0;
         let mut old_channels = Vec::new();
@@ -249,6 +255,9 @@ impl Election {
                 old_channels = saved.old_channels.clone();
             }
             replay = ReplayGuard::from_records(&saved.replay);
+            failures = recent_failures(saved, cfg.incarnation);
+            let measured = u32::try_from(failures.len()).unwrap_or(u32::MAX);
+            cfg.priority.recent_failures = cfg.priority.recent_failures.saturating_add(measured);
         }
         let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
         let mut e = Election {
@@ -280,6 +289,7 @@ impl Election {
             linger: None,
             old_channels,
             reannounce_at: None,
+            failures,
             seq: 0,
             replay,
             // The new incarnation must be stored before the first datagram carries it.
@@ -514,6 +524,8 @@ impl Election {
             control_channel: self.control,
             channel_epoch: self.channel_epoch,
             old_channels: self.old_channels.clone(),
+            running: !self.stopped,
+            failures: self.failures.clone(),
             replay: self.replay.records(),
         }
     }
@@ -581,6 +593,8 @@ impl Election {
         self.leader = None;
         self.set_state(State::GlUnknown);
         self.stopped = true;
+        // A clean stop: the next run does not count this one as a failure.
+        self.save_sync = true;
         self.sync_events();
     }
 

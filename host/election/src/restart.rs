@@ -21,6 +21,7 @@
 //! magic "CMES" | version u8 = 1 | cluster u64 | node u64 | incarnation u64
 //! configured channel (addr) | control channel (addr) | channel epoch u32
 //! k u8 (≤ 4) | k × old channel (addr)
+//! running u8 (0/1) | f u8 (≤ 16) | f × crashed incarnation u64
 //! n u32 | n × (sender u64 | incarnation u64 | highest u64 | seen u64)
 //! check: 16-byte keyed BLAKE3 of everything before it (cm_wire::mac, a fixed public key:
 //!        a corruption check, not authentication — whoever can write the node's data
@@ -60,8 +61,30 @@ pub struct RestartState {
     /// Channels the segment moved away from, most recent first (a leader keeps announcing
     /// the move there); at most [`crate::machine::MAX_OLD_CHANNELS`].
     pub old_channels: Vec<SocketAddr>,
+    /// True while the run that saved this is going; a clean stop ([`crate::Election::leave`])
+    /// saves false. Found true at the next start, the previous run crashed.
+    pub running: bool,
+    /// Incarnations (start times, µs) of the runs that crashed within
+    /// [`RECENT_FAILURE_WINDOW`], most recent first, at most [`MAX_FAILURES`]: the measured
+    /// "recent failures" of the priority formula.
+    pub failures: Vec<u64>,
     /// Every sender's replay window.
     pub replay: Vec<ReplayRecord>,
+}
+
+/// How long a crash counts as a recent failure: a week, the formula's uptime horizon.
+pub const RECENT_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+/// Most crashes remembered (each halves the reliability term; more change nothing).
+pub const MAX_FAILURES: usize = 16;
+
+/// The crash history a run starting with `incarnation` carries: the saved one, plus the saved
+/// run itself if it never stopped cleanly, without those older than [`RECENT_FAILURE_WINDOW`].
+pub fn recent_failures(saved: &RestartState, incarnation: u64) -> Vec<u64> {
+    let window = u64::try_from(RECENT_FAILURE_WINDOW.as_micros()).unwrap_or(u64::MAX);
+    let crashed = saved.running.then_some(saved.incarnation);
+    let mut failures: Vec<u64> = crashed.into_iter().chain(saved.failures.iter().copied()).filter(|&f| incarnation.saturating_sub(f) < window).collect();
+    failures.truncate(MAX_FAILURES);
+    failures
 }
 
 /// A restart state to store, from [`crate::Election::poll_save`].
@@ -108,6 +131,11 @@ impl RestartState {
         for c in &self.old_channels {
             write_addr(&mut w, c);
         }
+        w.bool(self.running);
+        w.u8(u8::try_from(self.failures.len()).expect("at most MAX_FAILURES"));
+        for &f in &self.failures {
+            w.u64(f);
+        }
         w.u32(u32::try_from(self.replay.len()).expect("fewer than 2^32 senders"));
         for r in &self.replay {
             w.u64(r.sender).u64(r.incarnation).u64(r.highest).u64(r.seen);
@@ -143,6 +171,12 @@ impl RestartState {
             return Err(DecodeError::malformed("too many old channels"));
         }
         let old_channels = (0..k).map(|_| read_addr(r)).collect::<Result<Vec<_>, _>>()?;
+        let running = r.bool()?;
+        let f = usize::from(r.u8()?);
+        if f > MAX_FAILURES {
+            return Err(DecodeError::malformed("too many recorded failures"));
+        }
+        let failures = (0..f).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
         let n = r.u32()? as usize;
         // The count is checked against what remains before anything is sized by it.
         if n.checked_mul(RECORD_LEN) != Some(r.remaining()) {
@@ -157,7 +191,7 @@ impl RestartState {
             replay.push(rec);
         }
         r.finish()?;
-        Ok(RestartState { cluster_id, node, incarnation, configured_channel, control_channel, channel_epoch, old_channels, replay })
+        Ok(RestartState { cluster_id, node, incarnation, configured_channel, control_channel, channel_epoch, old_channels, running, failures, replay })
     }
 }
 
@@ -179,11 +213,14 @@ mod tests {
     fn arb_state() -> impl Strategy<Value = RestartState> {
         let records = proptest::collection::btree_map(any::<u64>(), any::<(u64, u64, u64)>(), 0..40);
         let olds = proptest::collection::vec(arb_addr(), 0..=MAX_OLD_CHANNELS);
-        (any::<(u64, u64, u64, u32)>(), arb_addr(), arb_addr(), olds, records).prop_map(|((cluster_id, node, incarnation, channel_epoch), a, b, old_channels, recs)| {
-            let replay =
-                recs.into_iter().map(|(sender, (incarnation, highest, seen))| ReplayRecord { sender, incarnation, highest, seen }).collect();
-            RestartState { cluster_id, node, incarnation, configured_channel: a, control_channel: b, channel_epoch, old_channels, replay }
-        })
+        let failures = (any::<bool>(), proptest::collection::vec(any::<u64>(), 0..=MAX_FAILURES));
+        (any::<(u64, u64, u64, u32)>(), arb_addr(), arb_addr(), olds, failures, records).prop_map(
+            |((cluster_id, node, incarnation, channel_epoch), a, b, old_channels, (running, failures), recs)| {
+                let replay =
+                    recs.into_iter().map(|(sender, (incarnation, highest, seen))| ReplayRecord { sender, incarnation, highest, seen }).collect();
+                RestartState { cluster_id, node, incarnation, configured_channel: a, control_channel: b, channel_epoch, old_channels, running, failures, replay }
+            },
+        )
     }
 
     proptest! {
@@ -219,11 +256,35 @@ mod tests {
             control_channel: channel,
             channel_epoch: 0,
             old_channels: vec![],
+            running: false,
+            failures: vec![],
             replay: vec![],
         };
         assert_eq!(next_incarnation(None, 5_000), 5_000);
         assert_eq!(next_incarnation(Some(&saved(4_000)), 5_000), 5_000);
         assert_eq!(next_incarnation(Some(&saved(9_000)), 5_000), 9_001, "the clock went back");
         assert_eq!(next_incarnation(None, 0), 1);
+    }
+
+    #[test]
+    fn crashes_count_for_a_week() {
+        let day = 24 * 3600 * 1_000_000u64;
+        let mut s = RestartState {
+            cluster_id: 1,
+            node: 2,
+            incarnation: 10 * day,
+            configured_channel: "239.1.1.1:7000".parse().unwrap(),
+            control_channel: "239.1.1.1:7000".parse().unwrap(),
+            channel_epoch: 0,
+            old_channels: vec![],
+            running: true,
+            failures: vec![9 * day, 2 * day],
+            replay: vec![],
+        };
+        assert_eq!(recent_failures(&s, 11 * day), vec![10 * day, 9 * day], "the crashed run counts, the 9-day-old crash does not");
+        s.running = false;
+        assert_eq!(recent_failures(&s, 11 * day), vec![9 * day], "a clean stop is no failure");
+        s.failures = (0..40).map(|i| 10 * day - i).collect();
+        assert_eq!(recent_failures(&s, 11 * day).len(), MAX_FAILURES);
     }
 }

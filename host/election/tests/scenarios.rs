@@ -420,3 +420,24 @@ fn a_new_node_configured_with_the_original_channel_joins_after_a_move() {
     assert!(s.run_until_true(deadline, one_leader, done).unwrap().is_some(), "{}", s.describe());
     assert_eq!(s.nodes[3].election.as_ref().unwrap().control_channel(), new);
 }
+
+#[test]
+fn a_crash_counts_as_a_recent_failure_and_a_clean_leave_does_not() {
+    let mut steady = node(1, 10);
+    steady.priority.uptime_secs = 604_800;
+    let mut s = sim(vec![steady, node(2, 30)]);
+    run(&mut s, HB * 20);
+    let failures = |s: &Sim| s.nodes[0].election.as_ref().unwrap().config().priority.recent_failures;
+    let priority = |s: &Sim| s.nodes[0].election.as_ref().unwrap().claim_key(s.now).priority;
+    assert_eq!(failures(&s), 0);
+    let before = priority(&s);
+    s.crash(0);
+    s.start(0);
+    assert_eq!(failures(&s), 1, "the crashed run is a failure");
+    assert!(priority(&s) < before, "and lowers the priority");
+    run(&mut s, HB * 20);
+    s.with_node(0, |e, now| e.leave(now));
+    s.crash(0);
+    s.start(0);
+    assert_eq!(failures(&s), 1, "a clean stop is not a failure; the earlier crash still counts");
+}

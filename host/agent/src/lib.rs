@@ -2,5 +2,7 @@
 //! (`cmover agent`). Everything here is thin: protocol decisions live in the cores.
 
 pub mod election;
+pub mod launch;
 pub mod leader;
 pub mod mctp;
+pub mod node;

@@ -5,7 +5,9 @@
 //! send one consolidated report.
 //!
 //! The segment side (MCTP to members, their reports) is behind [`LocalDelivery`], implemented by
-//! the agent; this module never talks to members itself.
+//! the agent; this module never talks to members itself. It only carries the members' apply
+//! reports (`POST /members/report`, [`MemberApplyReport`]) to the delivery, because members
+//! reach their GL at the same address the tree uses.
 
 use hyper::body::Incoming;
 use hyper::header::RANGE;
@@ -36,6 +38,30 @@ pub struct DeliveryOutcome {
 /// Hands a whole, verified assignment to the members of the GL's segment and collects their reports.
 pub trait LocalDelivery: Send + Sync + 'static {
     fn deliver(&self, run: u64, assignment: PathBuf, manifest: Manifest) -> BoxFuture<'static, DeliveryOutcome>;
+
+    /// A member's apply report arrived at this GL (`POST /members/report`). Returns whether the
+    /// delivery takes such reports; the default (deliveries that end at MCTP completion) does not.
+    fn member_report(&self, _report: MemberApplyReport) -> bool {
+        false
+    }
+}
+
+/// What a member did with one run's assignment, sent to its current GL: the apply outcome
+/// (not just "received"), so the GL's consolidated report says which servers hold it applied.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemberApplyReport {
+    /// The member's server name (its election registration name).
+    pub server: String,
+    /// Its election node id (= its MCTP member id).
+    pub node: u64,
+    pub run: u64,
+    /// `None`: applied; `Some(reason)`: the apply failed and live is unchanged.
+    pub error: Option<String>,
+    /// The member site's live release after the apply.
+    pub live: Option<u64>,
+    /// One line on what the apply did (release built, live switched, already applied).
+    #[serde(default)]
+    pub summary: String,
 }
 
 #[derive(Debug, Clone)]
@@ -90,9 +116,12 @@ struct Inner {
     runs: Mutex<HashMap<u64, Arc<RunState>>>,
     delivery: Arc<dyn LocalDelivery>,
     egress: Option<Arc<Egress>>,
+    /// Every task this node started (accept loop, fetches, forwarding slots), for [`LeaderNode::stop`].
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
-/// A running GL tree endpoint. Dropping it does not stop it; the tasks live on the runtime.
+/// A running GL tree endpoint. Dropping it does not stop it (the tasks live on the runtime);
+/// [`LeaderNode::stop`] does.
 pub struct LeaderNode {
     pub addr: SocketAddr,
     inner: Arc<Inner>,
@@ -115,14 +144,24 @@ impl LeaderNode {
             runs: Mutex::new(HashMap::new()),
             delivery,
             egress: cfg.egress_bytes_per_sec.map(Egress::new),
+            tasks: Mutex::new(Vec::new()),
             cfg,
         });
         let h = inner.clone();
-        tokio::spawn(http::serve(listener, move |req| {
+        inner.spawn(http::serve(listener, move |req| {
             let h = h.clone();
             async move { h.handle(req).await }
         }));
         Ok(LeaderNode { addr, inner })
+    }
+
+    /// Stops serving: the listener closes and every fetch, forwarding slot and delivery this
+    /// node started is aborted (the GL lost its leadership; the new GL picks the runs up).
+    pub fn stop(&self) {
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            t.abort();
+        }
     }
 
     /// The assignment file of `run` once it is whole and verified.
@@ -139,6 +178,13 @@ impl LeaderNode {
 }
 
 impl Inner {
+    fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(&self, f: F) {
+        let h = tokio::spawn(f).abort_handle();
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(h);
+    }
+
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().to_string();
         if path == "/healthz" {
@@ -151,6 +197,16 @@ impl Inner {
         match (req.method().clone(), parts.as_slice()) {
             (Method::POST, ["notify"]) => match http::read_json::<Notification>(req).await {
                 Ok(n) => self.on_notify(n),
+                Err(r) => r,
+            },
+            (Method::POST, ["members", "report"]) => match http::read_json::<MemberApplyReport>(req).await {
+                Ok(r) => {
+                    if self.delivery.member_report(r) {
+                        http::json(StatusCode::ACCEPTED, &serde_json::json!({ "accepted": true }))
+                    } else {
+                        http::error(StatusCode::NOT_FOUND, "this group leader does not collect apply reports")
+                    }
+                }
                 Err(r) => r,
             },
             (Method::GET, ["dist", run, "blob"]) => {
@@ -189,9 +245,9 @@ impl Inner {
         drop(runs);
         for _ in 0..n.slots {
             let source: Arc<dyn ChildSource> = Arc::new(ManagerChildSource { inner: self.clone(), run: state.clone() });
-            tokio::spawn(forward_slot(state.blob.clone(), self.client.clone(), source, self.cfg.stall));
+            self.spawn(forward_slot(state.blob.clone(), self.client.clone(), source, self.cfg.stall));
         }
-        tokio::spawn(self.clone().drive(state));
+        self.spawn(self.clone().drive(state));
         http::json(StatusCode::ACCEPTED, &serde_json::json!({ "accepted": true }))
     }
 

@@ -1,8 +1,12 @@
-//! `cmover agent`: run a server agent that joins its segment's election; `cmover agent status`:
-//! ask a running agent for its state, its leader and (on the leader) the registered members.
+//! `cmover agent`: run a server agent (cm-agent's `ServerAgent`): it joins its segment's
+//! election, receives assignments by MCTP on the segment's data channel, applies them to its
+//! site through the WebAssembly interpreter plugin and reports each outcome to its group
+//! leader; when elected GL it serves the distribution tree, reports the segment to the manager,
+//! delivers each run to the members and sends one consolidated report. `cmover agent status`
+//! asks a running agent for its role, leader, members and the last runs it applied.
 //!
 //! Settings come from a TOML file (`--config`) and flags (flags win). The file has one section
-//! per concern so later duties (the GL's reports, MCTP receiving) add sections of their own:
+//! per concern (docs/agent.md explains each setting):
 //!
 //! ```toml
 //! [node]
@@ -34,6 +38,31 @@
 //!
 //! [status]
 //! listen = "127.0.0.1:7710"
+//!
+//! [manager]
+//! url = "http://10.0.0.1:7700"    # the manager's API (a GL reports there)
+//! token_file = "/etc/cmover/agent.token"   # the agents' bearer token (or CMOVER_AGENT_TOKEN)
+//!
+//! [site]
+//! root = "/srv/www"               # releases/<serial> and the `current` link; default data_dir/site
+//! name = "www"                    # the hosted site's name (the interpreter must be granted it)
+//!
+//! [plugins]
+//! store = "/var/lib/cmover/plugins"   # default data_dir/plugins; the bundled interpreter is
+//!                                     # installed there at first start
+//!
+//! [data]
+//! channel = "239.192.1.1:7800"    # the segment's MCTP data channel
+//! report_port = 7801              # members' MCTP reports to the GL; default channel port + 1
+//! frame_size = 8192               # MCTP payload bytes per frame (1400 on a real LAN)
+//! max_rate_mbps = 1000            # cap on the GL's MCTP sending rate
+//! session_timeout_ms = 10000      # a member abandons a silent session after this
+//!
+//! [leader]
+//! listen = "10.0.0.7:7720"        # the GL's tree endpoint; default interface:0 (any port)
+//! location = "Europe/London"      # reported to the manager
+//! report_wait_ms = 30000          # how long a GL waits for members' apply reports
+//! discovery_interval_ms = 30000   # periodic discovery re-report
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -42,6 +71,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use cm_agent::election::{self as driver, DriverConfig, ElectionStatus};
+use cm_agent::node::{AgentConfig, AgentStatus, DataChannel, ServerAgent};
 use cm_election::{Config, DataChannelPool, Eligibility, Event, Registration};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -110,6 +140,39 @@ struct RunArgs {
     /// Content group this server belongs to (repeatable).
     #[arg(long = "content-group")]
     content_groups: Vec<String>,
+    /// State directory (default for the site, plugin store, received assignments).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The manager's base URL, e.g. http://10.0.0.1:7700.
+    #[arg(long)]
+    manager: Option<String>,
+    /// File holding the agents' bearer token (else $CMOVER_AGENT_TOKEN).
+    #[arg(long)]
+    agent_token_file: Option<PathBuf>,
+    /// The site directory (releases and the `current` link).
+    #[arg(long)]
+    site_root: Option<PathBuf>,
+    /// The hosted site's name.
+    #[arg(long)]
+    site_name: Option<String>,
+    /// The plugin store directory.
+    #[arg(long)]
+    plugin_store: Option<PathBuf>,
+    /// The segment's MCTP data channel, multicast group and port.
+    #[arg(long)]
+    data_channel: Option<SocketAddr>,
+    /// UDP port on the GL for members' MCTP reports (default: data channel port + 1).
+    #[arg(long)]
+    report_port: Option<u16>,
+    /// The GL's tree endpoint address.
+    #[arg(long)]
+    leader_listen: Option<SocketAddr>,
+    /// Location or time zone reported to the manager.
+    #[arg(long)]
+    location: Option<String>,
+    /// How long a GL waits for members' apply reports, milliseconds.
+    #[arg(long)]
+    report_wait_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -119,6 +182,50 @@ struct AgentFile {
     segment: SegmentSection,
     election: ElectionSection,
     status: StatusSection,
+    manager: ManagerSection,
+    site: SiteSection,
+    plugins: PluginsSection,
+    data: DataSection,
+    leader: LeaderSection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct ManagerSection {
+    url: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct SiteSection {
+    root: Option<PathBuf>,
+    name: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct PluginsSection {
+    store: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct DataSection {
+    channel: Option<SocketAddr>,
+    report_port: Option<u16>,
+    frame_size: Option<u16>,
+    max_rate_mbps: Option<u64>,
+    session_timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct LeaderSection {
+    listen: Option<SocketAddr>,
+    location: Option<String>,
+    report_wait_ms: Option<u64>,
+    discovery_interval_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -169,6 +276,7 @@ struct AgentSettings {
     election: Config,
     driver: DriverConfig,
     status: SocketAddr,
+    agent: AgentConfig,
 }
 
 fn host_name() -> String {
@@ -195,6 +303,20 @@ fn load_secret(file: Option<&PathBuf>) -> anyhow::Result<Vec<u8>> {
     Ok(secret)
 }
 
+/// The agents' bearer token from a file or `$CMOVER_AGENT_TOKEN`.
+fn token(file: Option<&PathBuf>) -> anyhow::Result<String> {
+    let t = match file {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading the agent token from {}", p.display()))?,
+        None => std::env::var("CMOVER_AGENT_TOKEN")
+            .context("no agent token: set [manager] token_file, pass --agent-token-file, or set CMOVER_AGENT_TOKEN")?,
+    };
+    let t = t.trim().to_string();
+    if t.len() < 16 {
+        bail!("the agent token must be at least 16 characters");
+    }
+    Ok(t)
+}
+
 impl RunArgs {
     fn resolve(self) -> anyhow::Result<AgentSettings> {
         let file: AgentFile = match &self.config {
@@ -205,6 +327,7 @@ impl RunArgs {
             None => AgentFile::default(),
         };
         let (n, seg, el) = (file.node, file.segment, file.election);
+        let (mf, sf, pf, df, lf) = (file.manager, file.site, file.plugins, file.data, file.leader);
         let node = self.node_id.or(n.id).context("no node id: set [node] id or pass --node-id")?;
         let segment = self.segment.or(seg.name).context("no segment name: set [segment] name or pass --segment")?;
         let control = self
@@ -222,7 +345,7 @@ impl RunArgs {
         let cluster = self.cluster_id.or(seg.cluster_id).unwrap_or_else(|| cluster_id_of(&segment));
         let incarnation = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
         let mut cfg = Config::new(cluster, node, incarnation, &secret, control, heartbeat);
-        let data_dir = n.data_dir.unwrap_or_else(|| PathBuf::from("."));
+        let data_dir = self.data_dir.or(n.data_dir).unwrap_or_else(|| PathBuf::from("."));
         cfg.priority = driver::measure_priority_inputs(&data_dir);
         cfg.priority.operator_weight = self.weight.or(el.operator_weight).unwrap_or(0);
         cfg.priority.recent_failures = el.recent_failures;
@@ -233,8 +356,9 @@ impl RunArgs {
         cfg.preassigned = el.preassigned;
         cfg.preassigned_only = el.preassigned_only;
         let groups = if self.content_groups.is_empty() { el.content_groups } else { self.content_groups };
+        let name = self.name.or(n.name).unwrap_or_else(host_name);
         cfg.registration = Registration {
-            name: self.name.or(n.name).unwrap_or_else(host_name),
+            name: name.clone(),
             address: n.address.unwrap_or_else(|| IpAddr::V4(interface).to_string()),
             cpu_cores: u16::try_from(cfg.priority.cpu_cores).unwrap_or(u16::MAX),
             cpu_mhz: cfg.priority.cpu_mhz,
@@ -244,7 +368,38 @@ impl RunArgs {
         cfg.data_channels = el.data_channel_pool.map(|first| DataChannelPool { first, count: el.data_channel_count.unwrap_or(64) });
         cfg.validate().context("election settings")?;
         let status = self.status.or(file.status.listen).unwrap_or_else(|| DEFAULT_STATUS.parse().expect("literal"));
-        Ok(AgentSettings { segment, election: cfg, driver, status })
+        let channel = self
+            .data_channel
+            .or(df.channel)
+            .context("no data channel: set [data] channel or pass --data-channel")?;
+        let data = DataChannel {
+            channel,
+            report_port: self.report_port.or(df.report_port).unwrap_or_else(|| channel.port().wrapping_add(1)),
+            interface,
+            ttl: driver.ttl,
+            frame_size: df.frame_size.unwrap_or(1400).clamp(512, 60_000),
+            max_rate: df.max_rate_mbps.map(|m| m.saturating_mul(1_000_000 / 8)),
+            session_timeout: Duration::from_millis(df.session_timeout_ms.unwrap_or(10_000)),
+        };
+        let agent_token = token(self.agent_token_file.as_ref().or(mf.token_file.as_ref()))?;
+        let agent = AgentConfig {
+            name,
+            segment: segment.clone(),
+            location: self.location.or(lf.location).unwrap_or_else(|| "unknown".into()),
+            manager_url: self.manager.or(mf.url).map(|u| u.trim_end_matches('/').to_string()),
+            agent_token,
+            secret,
+            site_root: self.site_root.or(sf.root).unwrap_or_else(|| data_dir.join("site")),
+            site_name: self.site_name.or(sf.name).unwrap_or_else(|| "www".into()),
+            plugin_store: self.plugin_store.or(pf.store).unwrap_or_else(|| data_dir.join("plugins")),
+            default_interpreter: cm_plugin_host::bundled::INTERPRETER,
+            state_dir: data_dir.join("state"),
+            data,
+            leader_listen: self.leader_listen.or(lf.listen).unwrap_or(SocketAddr::new(IpAddr::V4(interface), 0)),
+            report_wait: Duration::from_millis(self.report_wait_ms.or(lf.report_wait_ms).unwrap_or(30_000)),
+            discovery_interval: Duration::from_millis(lf.discovery_interval_ms.unwrap_or(30_000)),
+        };
+        Ok(AgentSettings { segment, election: cfg, driver, status, agent })
     }
 }
 
@@ -259,9 +414,16 @@ async fn run_agent(s: AgentSettings) -> anyhow::Result<()> {
     let node = s.election.node;
     let listener = TcpListener::bind(s.status).await.with_context(|| format!("binding the status address {}", s.status))?;
     let control = s.election.control_channel;
-    let handle = driver::spawn(s.election, s.driver, rand::random()).context("joining the segment")?;
-    tracing::info!(node, segment = %s.segment, %control, status = %s.status, "agent joined the segment");
+    // The election's incarnation and replay windows survive restarts (the driver's state file).
+    let state = driver::StateFile::in_dir(&s.agent.state_dir);
+    std::fs::create_dir_all(&s.agent.state_dir).with_context(|| format!("creating {}", s.agent.state_dir.display()))?;
+    let handle = driver::spawn_persistent(s.election, s.driver, rand::random(), state).context("joining the segment")?;
     let mut events = handle.subscribe();
+    let agent = ServerAgent::start(s.agent, handle).await.context("starting the server agent")?;
+    tracing::info!(node, segment = %s.segment, %control, status = %s.status, "agent joined the segment");
+    // SIGTERM (a supervisor, `cmover demo`, a test) leaves as gracefully as Ctrl-C.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut check = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             ev = events.recv() => match ev {
@@ -271,20 +433,21 @@ async fn run_agent(s: AgentSettings) -> anyhow::Result<()> {
             },
             conn = listener.accept() => {
                 if let Ok((mut stream, _)) = conn {
-                    let body = status_json(&s.segment, &handle.status()).to_string();
+                    let body = status_json(&s.segment, &agent.status()).to_string();
                     tokio::spawn(async move { let _ = stream.write_all(body.as_bytes()).await; });
                 }
             }
-            _ = tokio::signal::ctrl_c() => {
-                tracing::info!(node, "leaving the segment");
-                handle.leave().await?;
-                return Ok(());
-            }
+            _ = check.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
         }
-        if handle.is_finished() {
-            bail!("the election task stopped");
+        if agent.is_finished() {
+            bail!("the agent stopped (election or agent task ended)");
         }
     }
+    tracing::info!(node, "leaving the segment");
+    agent.leave().await?;
+    Ok(())
 }
 
 fn log_event(node: u64, ev: &Event) {
@@ -295,7 +458,22 @@ fn log_event(node: u64, ev: &Event) {
     }
 }
 
-fn status_json(segment: &str, s: &ElectionStatus) -> Value {
+fn status_json(segment: &str, a: &AgentStatus) -> Value {
+    let mut v = election_json(segment, &a.election);
+    v["role"] = json!(a.role);
+    v["gl_url"] = json!(a.gl_url);
+    v["serving"] = json!(a.serving.map(|s| s.to_string()));
+    v["live"] = json!(a.live);
+    v["site_root"] = json!(a.site_root.display().to_string());
+    v["applied"] = a
+        .recent
+        .iter()
+        .map(|r| json!({ "run": r.run, "ok": r.error.is_none(), "error": r.error, "live": r.live, "summary": r.summary, "at_ms": r.at_ms }))
+        .collect();
+    v
+}
+
+fn election_json(segment: &str, s: &ElectionStatus) -> Value {
     let members: Vec<Value> = s
         .members
         .iter()
@@ -350,8 +528,8 @@ async fn show_status(addr: SocketAddr, raw: bool) -> anyhow::Result<()> {
         (l, _) => format!("node {l}"),
     };
     println!("node      {} on segment {}", v["node"], v["segment"].as_str().unwrap_or("?"));
-    println!("state     {}", v["state"].as_str().unwrap_or("?"));
-    println!("leader    {leader}");
+    println!("role      {} (election state {})", v["role"].as_str().unwrap_or("?"), v["state"].as_str().unwrap_or("?"));
+    println!("leader    {leader}{}", v["gl_url"].as_str().map(|u| format!(" at {u}")).unwrap_or_default());
     println!("control   {}", v["control_channel"].as_str().unwrap_or("?"));
     if let Some(r) = v["registered_with"].as_u64() {
         println!("registered with node {r}");
@@ -373,6 +551,20 @@ async fn show_status(addr: SocketAddr, raw: bool) -> anyhow::Result<()> {
     if let Some(dc) = v["data_channels"].as_object().filter(|d| !d.is_empty()) {
         let list: Vec<String> = dc.iter().map(|(g, a)| format!("{g}={}", a.as_str().unwrap_or("?"))).collect();
         println!("data      {}", list.join(" "));
+    }
+    match v["live"].as_u64() {
+        Some(l) => println!("site      {} (live release {l})", v["site_root"].as_str().unwrap_or("?")),
+        None => println!("site      {} (nothing live yet)", v["site_root"].as_str().unwrap_or("?")),
+    }
+    if let Some(runs) = v["applied"].as_array().filter(|r| !r.is_empty()) {
+        println!("last runs applied");
+        for r in runs {
+            let what = match r["error"].as_str() {
+                None => r["summary"].as_str().unwrap_or("").to_string(),
+                Some(e) => format!("FAILED: {e}"),
+            };
+            println!("  run {:>6}  {what}", r["run"]);
+        }
     }
     let st = &v["stats"];
     println!(

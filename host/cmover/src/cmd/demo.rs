@@ -1,30 +1,23 @@
-//! `cmover demo`: a manager and several segments of servers on loopback, in this process.
-//!
-//! Each segment has a multicast data channel of its own on 127.0.0.1 and a group leader (its
-//! first server, a pre-assigned leader) running the tree endpoint and MCTP delivery; every server
-//! receives assignments with MCTP and applies them to its own site directory with cm-site. The
-//! demo publishes `examples/site`, commits, publishes a small change, commits, rolls back, and
-//! prints where each server's live tree is.
+//! `cmover demo`: a real cluster on this machine. It starts a manager and, for each segment,
+//! real `cmover agent` processes (this binary) with their own directories and their segment's
+//! control and data multicast groups on 127.0.0.1; each segment elects its group leader (none
+//! is pre-assigned), which reports the segment to the manager. The demo then publishes
+//! `examples/site`, commits, publishes a small change, commits, rolls back, and prints each
+//! server's outcome and where its live tree is. Its children are stopped on exit (also on
+//! Ctrl-C: the process guards kill them when dropped). The children log to `<dir>/logs/`, so the
+//! progress bars here are never interleaved with log lines.
 
 use anyhow::{Context, bail};
-use cm_agent::leader::{MctpDelivery, SegmentMembers};
-use cm_agent::mctp::{ReceiveOptions, receive};
-use cm_manager::cluster::{operator_client, report_discovery};
+use cm_agent::launch::{self, AgentProcess, AgentSpec, ManagerOptions, ManagerProcess};
+use cm_manager::cluster::operator_client;
 use cm_manager::http::JsonClient;
-use cm_manager::leader::{LeaderConfig, LeaderNode};
-use cm_manager::model::{DiscoveryReport, Job, JobKind, JobPolicy, JobSpec, JobState, Payload, ServerOutcome};
+use cm_manager::model::{CommitPolicy, Job, JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload, ServerOutcome};
 use cm_manager::prepare::copy_tree;
-use cm_manager::server::{Manager, ManagerConfig};
-use cm_mctp::SenderConfig;
-use cm_site::{NativeInterpreter, Site, SiteConfig};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use rand::Rng;
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::mpsc;
+use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -32,7 +25,7 @@ pub struct Args {
     /// afterwards so the live trees can be looked at).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Segments (each with its own group leader and multicast group).
+    /// Segments (each with its own elected group leader and multicast groups).
     #[arg(long, default_value_t = 3)]
     pub segments: usize,
     /// Servers per segment.
@@ -41,168 +34,157 @@ pub struct Args {
     /// The site to publish (default: this repository's examples/site).
     #[arg(long)]
     pub site: Option<PathBuf>,
+    /// Election heartbeat of the agents, milliseconds.
+    #[arg(long, default_value_t = 200)]
+    pub heartbeat_ms: u64,
 }
 
 const SEGMENT_NAMES: [&str; 6] = ["london", "paris", "boston", "tokyo", "sydney", "lima"];
 const LOCATIONS: [&str; 6] = ["Europe/London", "Europe/Paris", "America/New_York", "Asia/Tokyo", "Australia/Sydney", "America/Lima"];
 
-/// What a server did with one assignment.
-struct Applied {
-    server: String,
-    result: Result<String, String>,
-}
-
-struct Server {
-    name: String,
-    root: PathBuf,
-}
-
-fn token() -> String {
-    let mut b = [0u8; 24];
-    rand::rng().fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// A server: receive each assignment by MCTP, apply it to the site, tell the demo.
-async fn server_loop(name: String, id: u64, group: SocketAddr, secret: Vec<u8>, root: PathBuf, tx: mpsc::UnboundedSender<Applied>) {
-    let inbox = root.with_extension("inbox");
-    loop {
-        let opts = ReceiveOptions {
-            group,
-            interface: Ipv4Addr::LOCALHOST,
-            member: id,
-            secret: secret.clone(),
-            dir: inbox.clone(),
-            timeout: Duration::from_secs(24 * 3600),
-            linger: Duration::from_millis(300),
-            session_timeout: Duration::from_secs(20),
-            inject_loss: 0.0,
-        };
-        let result = match receive(opts).await {
-            Ok(got) => {
-                let root = root.clone();
-                let path = got.path.clone();
-                let r = tokio::task::spawn_blocking(move || {
-                    let site = Site::open(&root, SiteConfig::default()).map_err(|e| e.to_string())?;
-                    let rep = site.apply(&path, &mut NativeInterpreter).map_err(|e| e.to_string())?;
-                    Ok::<_, String>(match rep.now_live {
-                        Some(l) => format!("{:?} {}: live is now release {l}", rep.kind, rep.serial),
-                        None => format!("{:?} {}: release built, {} commands, {} bytes written", rep.kind, rep.serial, rep.commands, rep.bytes_written),
-                    })
-                })
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
-                let _ = std::fs::remove_file(&got.path);
-                r
-            }
-            Err(e) => Err(e.to_string()),
-        };
-        if tx.send(Applied { server: name.clone(), result }).is_err() {
-            return;
-        }
-    }
-}
-
+/// The running cluster: dropping it kills every child process.
 struct Demo {
-    url: String,
+    manager: ManagerProcess,
     op: JsonClient,
-    leaders: Vec<(String, Arc<LeaderNode>)>,
-    servers: Vec<Server>,
-    applied: mpsc::UnboundedReceiver<Applied>,
+    agents: Vec<AgentProcess>,
+    segments: Vec<String>,
+}
+
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).map(|s| s.progress_chars("=> ")).unwrap_or_else(|_| ProgressStyle::default_bar())
 }
 
 impl Demo {
-    async fn submit(&self, name: &str, kind: JobKind, payload: Payload) -> anyhow::Result<Job> {
-        let spec = JobSpec { name: name.into(), kind, site: "www".into(), payload, start_at_ms: 0, every_ms: None, policy: JobPolicy::default() };
-        Ok(self.op.post(&format!("{}/api/v1/jobs", self.url), &spec).await?)
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1/{path}", self.manager.url)
     }
 
-    /// Runs one job to its end with a progress bar per segment, then waits for every server's apply.
-    async fn step(&mut self, title: &str, kind: JobKind, payload: Payload) -> anyhow::Result<()> {
-        println!("\n== {title}");
-        let job = self.submit(title, kind, payload).await?;
-        let multi = MultiProgress::new();
-        let style = ProgressStyle::with_template("  {prefix:>8} [{bar:30}] {bytes:>9}/{total_bytes:<9} {msg}")
-            .map(|s| s.progress_chars("=> "))
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
-        let mut bars: Vec<ProgressBar> = Vec::new();
-        let mut run = None;
-        let job = loop {
-            let j: Job = self.op.get(&format!("{}/api/v1/jobs/{}", self.url, job.id)).await?;
-            if let (None, JobState::Running { run: r }) = (run, &j.state) {
-                run = Some(*r);
-                let rr: serde_json::Value = self.op.get(&format!("{}/api/v1/runs/{r}", self.url)).await?;
-                let size = rr["run"]["manifest"]["size"].as_u64().unwrap_or(0);
-                for (seg, _) in &self.leaders {
-                    let b = multi.add(ProgressBar::new(size));
-                    b.set_style(style.clone());
-                    b.set_prefix(seg.clone());
-                    bars.push(b);
+    /// Waits until every segment has elected a GL that registered all its servers and reported
+    /// them to the manager.
+    async fn wait_for_segments(&self, servers: usize) -> anyhow::Result<()> {
+        let bar = ProgressBar::new(self.segments.len() as u64).with_style(style("  {spinner} segments ready {pos}/{len} {msg}"));
+        bar.enable_steady_tick(Duration::from_millis(100));
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let segs: Vec<serde_json::Value> = self.op.get(&self.url("segments")).await.unwrap_or_default();
+            let ready: Vec<&serde_json::Value> =
+                segs.iter().filter(|s| s["members"].as_array().is_some_and(|m| m.len() == servers)).collect();
+            bar.set_position(ready.len() as u64);
+            if ready.len() == self.segments.len() {
+                bar.finish_and_clear();
+                for s in ready {
+                    println!(
+                        "  segment {:<8} elected group leader {:<10} at {} ({} servers)",
+                        s["name"].as_str().unwrap_or("?"),
+                        s["leader"].as_str().unwrap_or("?"),
+                        s["address"].as_str().unwrap_or("?"),
+                        servers
+                    );
                 }
+                return Ok(());
+            }
+            if Instant::now() > end {
+                bar.finish_and_clear();
+                bail!("segments not ready after 30 s; see the logs in {}", self.manager.guard.log.parent().map_or(String::new(), |p| p.display().to_string()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Runs one job to its end with a progress bar per segment, then prints each server's outcome.
+    async fn step(&self, title: &str, kind: JobKind, payload: Payload) -> anyhow::Result<()> {
+        println!("\n== {title}");
+        let policy = JobPolicy { on_failure: OnFailure::Cancel, commit: CommitPolicy::Manual, ..JobPolicy::default() };
+        let spec = JobSpec { name: title.into(), kind, site: "www".into(), payload, start_at_ms: 0, every_ms: None, policy };
+        let job: Job = self.op.post(&self.url("jobs"), &spec).await?;
+        let multi = MultiProgress::new();
+        let bar_style = style("  {prefix:>8} [{bar:20}] {msg}");
+        let bars: BTreeMap<String, ProgressBar> = self
+            .segments
+            .iter()
+            .map(|s| {
+                let b = multi.add(ProgressBar::new(2).with_style(bar_style.clone()));
+                b.set_prefix(s.clone());
+                b.set_message("waiting");
+                (s.clone(), b)
+            })
+            .collect();
+        let mut run = None;
+        let end = Instant::now() + Duration::from_secs(60);
+        let job = loop {
+            let j: Job = self.op.get(&self.url(&format!("jobs/{}", job.id))).await?;
+            if let JobState::Running { run: r } = &j.state {
+                run = Some(*r);
             }
             if let Some(r) = run {
-                for ((_, gl), b) in self.leaders.iter().zip(&bars) {
-                    let p = gl.progress(r).unwrap_or(0);
-                    b.set_position(p);
-                    if p == b.length().unwrap_or(0) {
-                        b.set_message("received");
-                    }
+                let rr: serde_json::Value = self.op.get(&self.url(&format!("runs/{r}"))).await?;
+                for (seg, b) in &bars {
+                    let s = &rr["run"]["segments"][seg];
+                    let (pos, msg) = match s["status"].as_str() {
+                        Some("received") => (1, format!("GL {} holds it; delivering to members", s["leader"].as_str().unwrap_or("?"))),
+                        Some("reported") => (2, "reported".to_string()),
+                        Some("lost") => (2, "lost".to_string()),
+                        _ => (0, "fetching".to_string()),
+                    };
+                    b.set_position(pos);
+                    b.set_message(msg);
                 }
             }
             match &j.state {
                 JobState::Done | JobState::Cancelled { .. } => break j,
                 JobState::Idle if j.attempts > 0 => break j,
-                JobState::Idle if j.last_reason.is_some() => bail!("job {} did not start: {}", j.id, j.last_reason.unwrap_or_default()),
                 _ => {}
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if Instant::now() > end {
+                bail!("job {} did not finish within 60 s (state {:?})", j.id, j.state);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        for b in &bars {
+        for b in bars.values() {
             b.finish();
         }
+        let run = run.context("the job finished without a run")?;
+        self.print_reports(run).await?;
         if job.state != JobState::Done {
             bail!("job {} ended {:?}: {}", job.id, job.state, job.last_reason.unwrap_or_default());
-        }
-        let run = run.context("the job finished without a run")?;
-        // Every server applies what it received; collect that before the next step.
-        let mut applied: BTreeMap<String, Result<String, String>> = BTreeMap::new();
-        while applied.len() < self.servers.len() {
-            let a = tokio::time::timeout(Duration::from_secs(60), self.applied.recv())
-                .await
-                .context("servers did not finish applying within 60 s")?
-                .context("server tasks ended")?;
-            applied.insert(a.server, a.result);
-        }
-        let rr: serde_json::Value = self.op.get(&format!("{}/api/v1/runs/{run}", self.url)).await?;
-        let reports: Vec<(String, ServerOutcome)> = serde_json::from_value(rr["reports"].clone())?;
-        println!("  {:<12} {:<12} {}", "server", "delivery", "applied");
-        for (server, outcome) in reports {
-            let o = match outcome {
-                ServerOutcome::Succeeded => "ok".to_string(),
-                ServerOutcome::Failed { reason } => format!("failed: {reason}"),
-                ServerOutcome::Missing => "missing".to_string(),
-            };
-            let a = match applied.get(&server) {
-                Some(Ok(s)) => s.clone(),
-                Some(Err(e)) => format!("FAILED: {e}"),
-                None => "no report".into(),
-            };
-            println!("  {server:<12} {o:<12} {a}");
-        }
-        if applied.values().any(|r| r.is_err()) {
-            bail!("some servers failed to apply; see above");
         }
         Ok(())
     }
 
+    /// The manager's per-server outcome, with what each server says it did for the run.
+    async fn print_reports(&self, run: u64) -> anyhow::Result<()> {
+        let rr: serde_json::Value = self.op.get(&self.url(&format!("runs/{run}"))).await?;
+        let reports: Vec<(String, ServerOutcome)> = serde_json::from_value(rr["reports"].clone())?;
+        println!("  {:<12} {:<10} what the server did", "server", "outcome");
+        for (server, outcome) in reports {
+            let o = match &outcome {
+                ServerOutcome::Succeeded => "applied".to_string(),
+                ServerOutcome::Failed { .. } => "FAILED".to_string(),
+                ServerOutcome::Missing => "missing".to_string(),
+            };
+            let said = match &outcome {
+                ServerOutcome::Failed { reason } => reason.clone(),
+                _ => self.applied_summary(&server, run).unwrap_or_default(),
+            };
+            println!("  {server:<12} {o:<10} {said}");
+        }
+        Ok(())
+    }
+
+    fn applied_summary(&self, server: &str, run: u64) -> Option<String> {
+        let a = self.agents.iter().find(|a| a.spec.name == server)?;
+        let st = a.status().ok()?;
+        let r = st["applied"].as_array()?.iter().find(|r| r["run"].as_u64() == Some(run))?.clone();
+        Some(r["summary"].as_str().unwrap_or("").to_string())
+    }
+
     /// Every server's live index.html must contain `needle`.
     fn check_live(&self, needle: &str) -> anyhow::Result<()> {
-        for s in &self.servers {
-            let site = Site::open(&s.root, SiteConfig::default())?;
-            let index = std::fs::read_to_string(site.live_path().join("index.html"))
-                .with_context(|| format!("reading {}'s live index.html", s.name))?;
+        for a in &self.agents {
+            let index = std::fs::read_to_string(a.site_root.join("current/index.html"))
+                .with_context(|| format!("reading {}'s live index.html", a.spec.name))?;
             if !index.contains(needle) {
-                bail!("{}'s live index.html does not say {needle:?}", s.name);
+                bail!("{}'s live index.html does not say {needle:?}", a.spec.name);
             }
         }
         println!("  every server's live index.html says {needle:?}");
@@ -215,88 +197,74 @@ fn default_site() -> PathBuf {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    if a.segments == 0 || a.segments > SEGMENT_NAMES.len() || a.servers == 0 {
-        bail!("--segments must be 1..={} and --servers at least 1", SEGMENT_NAMES.len());
+    if a.segments == 0 || a.segments > SEGMENT_NAMES.len() || a.servers == 0 || a.servers > 50 {
+        bail!("--segments must be 1..={} and --servers 1..=50", SEGMENT_NAMES.len());
     }
-    let dir = a.dir.unwrap_or_else(|| std::env::temp_dir().join(format!("cmover-demo-{}", std::process::id())));
-    let site_src = a.site.unwrap_or_else(default_site);
+    let dir = a.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("cmover-demo-{}", std::process::id())));
+    // The cluster lives inside this future: Ctrl-C drops it, and the guards kill every child.
+    tokio::select! {
+        r = demo(a, dir.clone()) => r,
+        _ = tokio::signal::ctrl_c() => {
+            println!("\ninterrupted: stopping the cluster (its files stay in {})", dir.display());
+            Ok(())
+        }
+    }
+}
+
+async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let site_src = a.site.clone().unwrap_or_else(default_site);
     let staging = dir.join("staging");
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)?;
+    if dir.join("servers").exists() || dir.join("manager").exists() {
+        bail!("{} holds an earlier demo; pass another --dir or remove it", dir.display());
     }
     copy_tree(&site_src, &staging).with_context(|| format!("copying {} to the staging tree", site_src.display()))?;
-    println!("demo cluster in {}", dir.display());
+    println!("demo cluster in {} (process logs in {}/logs)", dir.display(), dir.display());
 
-    let (operator, agent) = (token(), token());
-    let mut cfg = ManagerConfig::new(dir.join("manager"), &operator, &agent);
-    cfg.tick = Duration::from_millis(100);
-    cfg.probe_interval = Duration::from_secs(1);
-    // A small tree even for three segments: the manager serves the first GL, which forwards.
-    cfg.tree.star_max = 1;
-    cfg.tree.root_fanout = 1;
-    cfg.tree.leader_fanout = 2;
-    let manager = Manager::start(cfg).await.context("starting the manager")?;
-    let url = manager.url().to_string();
-    println!("manager at {url}");
-
-    let secret: Vec<u8> = token().into_bytes();
-    let (tx, applied) = mpsc::unbounded_channel();
-    let mut leaders = Vec::new();
-    let mut servers = Vec::new();
-    // Ports from the process id so two demos on one machine do not collide.
-    let base_port = 40000 + (std::process::id() % 2000) as u16 * 10;
+    let bin = std::env::current_exe().context("locating the cmover binary")?;
+    let opts = ManagerOptions { tick_ms: 100, star_max: 1, root_fanout: 1, leader_fanout: 2, chunk_kib: 64 };
+    let manager = launch::start_manager(&bin, &dir, &opts)?;
+    println!("manager at {}", manager.url);
+    let secret = launch::write_secret(&dir)?;
+    // Groups and ports from the process id so two demos on one machine do not collide.
+    let salt = (std::process::id() % 200) as u8;
+    let base_port = 41000 + (std::process::id() % 1000) as u16 * 16;
+    let mut agents = Vec::new();
+    let mut segments = Vec::new();
     for s in 0..a.segments {
         let seg = SEGMENT_NAMES[s].to_string();
-        let group: SocketAddr = SocketAddr::from(([239, 77, 200, s as u8 + 1], base_port + s as u16 * 2));
-        let report_port = base_port + s as u16 * 2 + 1;
-        let mut members = BTreeMap::new();
+        let control = SocketAddr::from(([239, 78, salt, 2 * s as u8 + 1], base_port + 4 * s as u16));
+        let data = SocketAddr::from(([239, 78, salt, 2 * s as u8 + 2], base_port + 4 * s as u16 + 2));
         for n in 0..a.servers {
-            let name = format!("{seg}-{}", n + 1);
-            let root = dir.join("servers").join(&name);
-            members.insert(name.clone(), n as u64 + 1);
-            tokio::spawn(server_loop(name.clone(), n as u64 + 1, group, secret.clone(), root.clone(), tx.clone()));
-            servers.push(Server { name, root });
-        }
-        let names: Vec<String> = members.keys().cloned().collect();
-        let mut config = SenderConfig::new(group, report_port);
-        config.frame_size = 8192;
-        let delivery = Arc::new(MctpDelivery {
-            config,
-            interface: Ipv4Addr::LOCALHOST,
-            ttl: 0,
-            secret: secret.clone(),
-            segment: SegmentMembers { members },
-        });
-        let gl = LeaderNode::start(LeaderConfig::new(&seg, &names[0], &agent, &dir.join("gl").join(&seg)), delivery).await?;
-        report_discovery(
-            &url,
-            &agent,
-            &DiscoveryReport {
+            let spec = AgentSpec {
+                name: format!("{seg}-{}", n + 1),
+                node_id: (s * 100 + n + 1) as u64,
                 segment: seg.clone(),
-                leader: names[0].clone(),
-                address: gl.addr.to_string(),
                 location: LOCATIONS[s].into(),
-                cpu_power: 100 - s as u32,
-                free_disk: 1 << 34,
-                connections: 1,
-                members: names.clone(),
-            },
-        )
-        .await?;
-        println!("segment {seg}: group leader {} at {}, {} servers on {group}", names[0], gl.addr, names.len());
-        leaders.push((seg, Arc::new(gl)));
+                control,
+                data,
+                heartbeat_ms: a.heartbeat_ms,
+                report_wait_ms: 10_000,
+                site_name: "www".into(),
+                weight: 0,
+                max_rate_mbps: None,
+            };
+            agents.push(launch::start_agent(&bin, &dir, &manager, &secret, &spec)?);
+        }
+        println!("segment {seg}: {} agents, control channel {control}, data channel {data}", a.servers);
+        segments.push(seg);
     }
-    // Let every server join its multicast group before the first session.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let op = operator_client(&manager.operator_token);
+    let demo = Demo { manager, op, agents, segments };
+    demo.wait_for_segments(a.servers).await?;
 
-    let op = operator_client(&operator);
-    let all: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
-    let _: serde_json::Value = op.put(&format!("{url}/api/v1/groups/demo"), &serde_json::json!({ "servers": all })).await?;
-    let _: serde_json::Value = op
-        .put(&format!("{url}/api/v1/sites/www"), &serde_json::json!({ "content_group": "demo", "staging": staging.display().to_string() }))
+    let all: Vec<String> = demo.agents.iter().map(|a| a.spec.name.clone()).collect();
+    let _: serde_json::Value = demo.op.put(&demo.url("groups/demo"), &serde_json::json!({ "servers": all })).await?;
+    let _: serde_json::Value = demo
+        .op
+        .put(&demo.url("sites/www"), &serde_json::json!({ "content_group": "demo", "staging": staging.display().to_string() }))
         .await?;
 
-    let mut demo = Demo { url, op, leaders, servers, applied };
     demo.step("publish examples/site", JobKind::Publish, Payload::Staging).await?;
     demo.step("commit", JobKind::Commit, Payload::Commit { serial: None }).await?;
     demo.check_live("first publish")?;
@@ -313,13 +281,17 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     demo.check_live("first publish")?;
 
     println!("\n== where each server's live tree is");
-    for s in &demo.servers {
-        let site = Site::open(&s.root, SiteConfig::default())?;
-        let target = std::fs::read_link(site.live_path()).map(|t| t.display().to_string()).unwrap_or_default();
-        println!("  {:<12} {}  (-> {target})", s.name, site.live_path().display());
+    for a in &demo.agents {
+        let live = a.site_root.join("current");
+        let target = std::fs::read_link(&live).map(|t| t.display().to_string()).unwrap_or_default();
+        println!("  {:<12} {}  (-> {target})", a.spec.name, live.display());
     }
-    let history: Vec<serde_json::Value> = demo.op.get(&format!("{}/api/v1/history", demo.url)).await?;
-    println!("\nthe manager's history log has {} entries ({}/api/v1/history); the demo is done.", history.len(), demo.url);
-    drop(manager);
+    let history: Vec<serde_json::Value> = demo.op.get(&demo.url("history")).await?;
+    println!(
+        "\nthe manager's history log has {} entries; the demo took {:.1} s and is done (stopping {} processes).",
+        history.len(),
+        started.elapsed().as_secs_f64(),
+        demo.agents.len() + 1
+    );
     Ok(())
 }

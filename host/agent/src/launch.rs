@@ -1,0 +1,243 @@
+//! A cluster of real `cmover` processes on this machine: a manager and, per segment, agents with
+//! their own directories, control and data multicast groups on 127.0.0.1. Used by `cmover demo`
+//! and the end-to-end tests (they pass the `cmover` binary to run).
+//!
+//! Every process is held by a [`ProcessGuard`] that kills it on drop, so a panicking test or an
+//! interrupted demo leaves nothing running. Each process logs to `<dir>/logs/<name>.log`.
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct ProcessGuard {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl ProcessGuard {
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> io::Result<ProcessGuard> {
+        if let Some(dir) = log.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let out = std::fs::File::create(&log)?;
+        cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+        let child = cmd.spawn().map_err(|e| io::Error::other(format!("starting {name}: {e}")))?;
+        Ok(ProcessGuard { name: name.into(), child: Some(child), log })
+    }
+
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Kills at once, like a crash (SIGKILL), and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Asks it to stop (SIGTERM: an agent leaves its segment gracefully), kills it after `grace`.
+    pub fn terminate(&mut self, grace: Duration) {
+        let Some(mut c) = self.child.take() else { return };
+        if let Ok(pid) = i32::try_from(c.id()) {
+            // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let end = Instant::now() + grace;
+        while Instant::now() < end {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    /// The last `lines` lines of its log (for failure messages).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon after).
+pub fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+}
+
+/// A random hex token of `bytes` random bytes.
+pub fn token(bytes: usize) -> String {
+    (0..bytes).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
+}
+
+/// The manager process.
+pub struct ManagerProcess {
+    pub guard: ProcessGuard,
+    pub url: String,
+    pub operator_token: String,
+    pub agent_token: String,
+    pub agent_token_file: PathBuf,
+}
+
+/// How to run the manager.
+#[derive(Debug, Clone)]
+pub struct ManagerOptions {
+    pub tick_ms: u64,
+    pub star_max: usize,
+    pub root_fanout: usize,
+    pub leader_fanout: usize,
+    pub chunk_kib: u32,
+}
+
+impl Default for ManagerOptions {
+    fn default() -> Self {
+        ManagerOptions { tick_ms: 100, star_max: 3, root_fanout: 2, leader_fanout: 2, chunk_kib: 64 }
+    }
+}
+
+/// Starts `cmover manager` in `dir/manager` and waits until it accepts connections.
+pub fn start_manager(bin: &Path, dir: &Path, o: &ManagerOptions) -> io::Result<ManagerProcess> {
+    let (operator_token, agent_token) = (token(24), token(24));
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(&secrets)?;
+    let (op_file, agent_file) = (secrets.join("operator.token"), secrets.join("agent.token"));
+    std::fs::write(&op_file, &operator_token)?;
+    std::fs::write(&agent_file, &agent_token)?;
+    let port = free_port()?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("manager")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir.join("manager"))
+        .arg("--operator-token-file")
+        .arg(&op_file)
+        .arg("--agent-token-file")
+        .arg(&agent_file)
+        .args(["--tick-ms", &o.tick_ms.to_string()])
+        .args(["--star-max", &o.star_max.to_string()])
+        .args(["--root-fanout", &o.root_fanout.to_string()])
+        .args(["--leader-fanout", &o.leader_fanout.to_string()])
+        .args(["--chunk-kib", &o.chunk_kib.to_string()]);
+    let mut guard = ProcessGuard::spawn("manager", cmd, dir.join("logs/manager.log"))?;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let end = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if !guard.is_running() || Instant::now() > end {
+            return Err(io::Error::other(format!("the manager did not start:\n{}", guard.log_tail(20))));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(ManagerProcess { guard, url: format!("http://{addr}"), operator_token, agent_token, agent_token_file: agent_file })
+}
+
+/// One agent to start.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub name: String,
+    /// Election node id (= MCTP member id).
+    pub node_id: u64,
+    pub segment: String,
+    pub location: String,
+    pub control: SocketAddr,
+    pub data: SocketAddr,
+    pub heartbeat_ms: u64,
+    pub report_wait_ms: u64,
+    pub site_name: String,
+    /// Operator weight (0–255): the highest is elected first.
+    pub weight: u8,
+    /// Cap on the GL's MCTP rate (tests slow a distribution down with it).
+    pub max_rate_mbps: Option<u64>,
+}
+
+/// A running agent process and where its things are.
+pub struct AgentProcess {
+    pub spec: AgentSpec,
+    pub guard: ProcessGuard,
+    pub status: SocketAddr,
+    pub dir: PathBuf,
+    pub site_root: PathBuf,
+}
+
+impl AgentProcess {
+    /// Its `cmover agent status` JSON.
+    pub fn status(&self) -> io::Result<serde_json::Value> {
+        let mut s = TcpStream::connect_timeout(&self.status, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        serde_json::from_str(&body).map_err(io::Error::other)
+    }
+}
+
+/// Starts `cmover agent` for `spec` in `root/servers/<name>`, sharing the cluster secret file
+/// and the manager's agent token file.
+pub fn start_agent(bin: &Path, root: &Path, manager: &ManagerProcess, secret_file: &Path, spec: &AgentSpec) -> io::Result<AgentProcess> {
+    let dir = root.join("servers").join(&spec.name);
+    std::fs::create_dir_all(&dir)?;
+    let status = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+    let site_root = dir.join("site");
+    let config = format!(
+        "[node]\nid = {id}\nname = \"{name}\"\ndata_dir = \"{dir}\"\n\n\
+         [segment]\nname = \"{segment}\"\ncontrol_channel = \"{control}\"\ninterface = \"127.0.0.1\"\nloopback = true\nsecret_file = \"{secret}\"\n\n\
+         [election]\nheartbeat_ms = {hb}\noperator_weight = {weight}\n\n\
+         [status]\nlisten = \"{status}\"\n\n\
+         [manager]\nurl = \"{url}\"\ntoken_file = \"{token}\"\n\n\
+         [site]\nroot = \"{site}\"\nname = \"{site_name}\"\n\n\
+         [plugins]\nstore = \"{plugins}\"\n\n\
+         [data]\nchannel = \"{data}\"\nframe_size = 8192\nsession_timeout_ms = 5000\n{rate}\n\
+         [leader]\nlocation = \"{location}\"\nreport_wait_ms = {wait}\ndiscovery_interval_ms = 5000\n",
+        id = spec.node_id,
+        name = spec.name,
+        dir = dir.display(),
+        segment = spec.segment,
+        control = spec.control,
+        secret = secret_file.display(),
+        hb = spec.heartbeat_ms,
+        weight = spec.weight,
+        url = manager.url,
+        token = manager.agent_token_file.display(),
+        site = site_root.display(),
+        site_name = spec.site_name,
+        plugins = dir.join("plugins").display(),
+        data = spec.data,
+        location = spec.location,
+        wait = spec.report_wait_ms,
+        rate = spec.max_rate_mbps.map(|r| format!("max_rate_mbps = {r}\n")).unwrap_or_default(),
+    );
+    let config_file = dir.join("agent.toml");
+    std::fs::File::create(&config_file)?.write_all(config.as_bytes())?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("agent").arg("--config").arg(&config_file);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    let guard = ProcessGuard::spawn(&spec.name, cmd, root.join("logs").join(format!("{}.log", spec.name)))?;
+    Ok(AgentProcess { spec: spec.clone(), guard, status, dir, site_root })
+}
+
+/// Writes a fresh cluster secret into `dir/secrets/cluster.key`.
+pub fn write_secret(dir: &Path) -> io::Result<PathBuf> {
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(&secrets)?;
+    let f = secrets.join("cluster.key");
+    std::fs::write(&f, token(32))?;
+    Ok(f)
+}

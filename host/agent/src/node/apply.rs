@@ -1,0 +1,177 @@
+//! A server applies what it received: one assignment per run, through the site's WebAssembly
+//! interpreter plugin (cm-site + cm-plugin-host), exactly once per run.
+//!
+//! "Exactly once" matters because a run can arrive twice: a new GL elected mid-job delivers the
+//! run again, and a rollback applied twice would roll back twice. So every successful apply is
+//! journalled (`<state>/applied/<run>.json`, written atomically before the outcome is reported)
+//! and a run already journalled answers with the journalled outcome. A failed apply is not
+//! journalled: live is unchanged, and a fresh copy of the run may succeed.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cm_plugin_host::{PluginRuntime, PluginStore, RuntimeConfig};
+use cm_site::{Site, SiteConfig};
+use serde::{Deserialize, Serialize};
+
+use super::AgentError;
+
+/// The name the agent installs (and looks up) its content interpreter under.
+pub const INTERPRETER: &str = "interpreter";
+
+/// What one run did on this server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub run: u64,
+    /// `None`: applied; `Some(reason)`: failed, live unchanged.
+    pub error: Option<String>,
+    /// The live release afterwards.
+    pub live: Option<u64>,
+    pub summary: String,
+    pub at_ms: u64,
+}
+
+/// How many outcomes `cmover agent status` shows.
+const RECENT: usize = 16;
+
+/// Applies runs to one site, serialised, journalled.
+pub struct Applier {
+    site: Site,
+    interpreter: cm_plugin_host::Interpreter,
+    journal: PathBuf,
+    /// Serialises applies (the member loop and the GL's own apply may race on one run).
+    lock: Mutex<()>,
+    recent: Mutex<VecDeque<Applied>>,
+    /// Kept alive: its slots are what the interpreter handle calls into.
+    _store: PluginStore,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Applier {
+    /// Opens the site and the plugin store; installs `default_interpreter` (granted `site_name`)
+    /// when the store has no interpreter yet, so a fresh server needs nothing but the binary.
+    pub fn open(
+        site_root: &Path,
+        site_name: &str,
+        store_dir: &Path,
+        default_interpreter: &[u8],
+        state_dir: &Path,
+    ) -> Result<Applier, AgentError> {
+        let site = Site::open(site_root, SiteConfig::default()).map_err(|e| AgentError::Site(e.to_string()))?;
+        let runtime = PluginRuntime::new(RuntimeConfig {
+            compiled_cache: Some(PluginStore::compiled_cache_dir(store_dir)),
+            // One apply at a time: a small pool keeps the address-space reservation small.
+            max_instances: 4,
+            max_memory_mib: 256,
+            ..RuntimeConfig::default()
+        })
+        .map_err(|e| AgentError::Plugin(e.to_string()))?;
+        let store = PluginStore::open(runtime, store_dir).map_err(|e| AgentError::Plugin(format!("plugin store {}: {e}", store_dir.display())))?;
+        if store.slot(INTERPRETER).is_err() {
+            let manifest = cm_plugin_host::bundled::interpreter_manifest(INTERPRETER, &[site_name]);
+            store
+                .install(default_interpreter, manifest, "bundled interpreter.wasm")
+                .map_err(|e| AgentError::Plugin(format!("installing the bundled interpreter into {}: {e}", store_dir.display())))?;
+            tracing::info!(store = %store_dir.display(), site = site_name, "installed the bundled interpreter plugin");
+        }
+        let interpreter = store
+            .interpreter(INTERPRETER, site_name)
+            .map_err(|e| AgentError::Plugin(format!("interpreter for site {site_name}: {e}")))?;
+        let journal = state_dir.join("applied");
+        std::fs::create_dir_all(&journal).map_err(|e| AgentError::Io(format!("creating {}: {e}", journal.display())))?;
+        let applier = Applier { site, interpreter, journal, lock: Mutex::new(()), recent: Mutex::new(VecDeque::new()), _store: store };
+        applier.load_recent();
+        Ok(applier)
+    }
+
+    fn journal_path(&self, run: u64) -> PathBuf {
+        self.journal.join(format!("{run}.json"))
+    }
+
+    fn journalled(&self, run: u64) -> Option<Applied> {
+        let text = std::fs::read(self.journal_path(run)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    fn load_recent(&self) {
+        let mut all: Vec<Applied> = std::fs::read_dir(&self.journal)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+            .collect();
+        all.sort_by_key(|a: &Applied| (a.at_ms, a.run));
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.extend(all.into_iter().rev().take(RECENT).rev());
+    }
+
+    fn remember(&self, a: &Applied) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.retain(|r| r.run != a.run);
+        recent.push_back(a.clone());
+        while recent.len() > RECENT {
+            recent.pop_front();
+        }
+    }
+
+    /// The latest outcomes, oldest first.
+    pub fn recent(&self) -> Vec<Applied> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
+
+    /// The site's live release.
+    pub fn live(&self) -> Option<u64> {
+        self.site.status().ok().and_then(|s| s.current)
+    }
+
+    pub fn site_root(&self) -> &Path {
+        self.site.root()
+    }
+
+    /// Applies run `run`'s assignment at `file` (blocking: call from a blocking thread). A run
+    /// applied before answers with its journalled outcome and touches nothing.
+    pub fn apply(&self, run: u64, file: &Path) -> Applied {
+        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(done) = self.journalled(run) {
+            return done;
+        }
+        let mut interp = self.interpreter.clone();
+        let outcome = match self.site.apply(file, &mut interp) {
+            Ok(rep) => {
+                let what = match (rep.now_live, rep.already_applied) {
+                    (Some(l), _) => format!("{} {}: live is now release {l}", rep.kind, rep.serial),
+                    (None, true) => format!("{} {}: release already built", rep.kind, rep.serial),
+                    (None, false) => format!("{} {}: release built ({} commands, {} bytes written)", rep.kind, rep.serial, rep.commands, rep.bytes_written),
+                };
+                Applied { run, error: None, live: self.live(), summary: what, at_ms: now_ms() }
+            }
+            Err(e) => Applied { run, error: Some(e.to_string()), live: self.live(), summary: String::new(), at_ms: now_ms() },
+        };
+        if outcome.error.is_none()
+            && let Err(e) = self.write_journal(&outcome)
+        {
+            // Still applied; a second delivery of this run would apply again (harmless for a
+            // build, which finds its release; a commit finds it live).
+            tracing::error!(run, "journalling the apply: {e}");
+        }
+        match &outcome.error {
+            None => tracing::info!(run, summary = %outcome.summary, "applied"),
+            Some(e) => tracing::warn!(run, error = %e, "apply failed; live unchanged"),
+        }
+        self.remember(&outcome);
+        outcome
+    }
+
+    fn write_journal(&self, a: &Applied) -> std::io::Result<()> {
+        let path = self.journal_path(a.run);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(a).map_err(std::io::Error::other)?)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    }
+}

@@ -1,0 +1,241 @@
+//! Group-leader duties, started when this server wins its segment's election and stopped when
+//! it loses it: the tree endpoint (cm-manager's [`LeaderNode`]), discovery reports to the
+//! manager (at once, on every join or leave, and periodically), and the segment's side of each
+//! run ([`SegmentDelivery`]): apply it here, deliver it by MCTP to the members, wait (bounded)
+//! for their apply reports, and consolidate.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cm_manager::forward::BoxFuture;
+use cm_manager::leader::{DeliveryOutcome, LeaderConfig, LeaderNode, LocalDelivery, MemberApplyReport};
+use cm_manager::manifest::Manifest;
+use cm_manager::model::DiscoveryReport;
+use cm_mctp::SenderConfig;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{Shared, apply_report};
+use crate::leader::{MctpDelivery, SegmentMembers};
+
+/// The running duties of a GL.
+pub struct GlDuty {
+    node: LeaderNode,
+    discovery: JoinHandle<()>,
+}
+
+impl GlDuty {
+    pub async fn start(shared: Arc<Shared>) -> Result<GlDuty, cm_manager::leader::LeaderError> {
+        let c = &shared.cfg;
+        let mut lc = LeaderConfig::new(&c.segment, &c.name, &c.agent_token, &c.state_dir.join("gl"));
+        lc.listen = c.leader_listen;
+        let delivery = Arc::new(SegmentDelivery { shared: shared.clone() });
+        let node = LeaderNode::start(lc, delivery).await?;
+        let addr = advertised(node.addr, &shared);
+        tracing::info!(segment = %c.segment, %addr, "group leader: tree endpoint up");
+        let discovery = tokio::spawn(discovery_loop(shared.clone(), addr));
+        Ok(GlDuty { node, discovery })
+    }
+
+    /// `host:port` members and the manager reach this GL at.
+    pub fn address(&self, shared: &Shared) -> SocketAddr {
+        advertised(self.node.addr, shared)
+    }
+
+    pub fn stop(self) {
+        self.node.stop();
+        self.discovery.abort();
+    }
+}
+
+/// A wildcard listen address is advertised as the node's own interface address.
+fn advertised(bound: SocketAddr, shared: &Shared) -> SocketAddr {
+    if bound.ip().is_unspecified() { SocketAddr::new(shared.cfg.data.interface.into(), bound.port()) } else { bound }
+}
+
+/// The segment as this GL sees it now: server name → election node id (= MCTP member id),
+/// this GL included.
+fn segment_now(shared: &Shared) -> BTreeMap<String, u64> {
+    let st = shared.status.borrow();
+    let mut m: BTreeMap<String, u64> = st.members.iter().map(|m| (m.registration.name.clone(), m.node)).collect();
+    m.insert(shared.cfg.name.clone(), st.node);
+    m
+}
+
+fn discovery_report(shared: &Shared, addr: SocketAddr) -> DiscoveryReport {
+    let c = &shared.cfg;
+    let measured = crate::election::measure_priority_inputs(&c.state_dir);
+    let members: Vec<String> = segment_now(shared).into_keys().collect();
+    DiscoveryReport {
+        segment: c.segment.clone(),
+        leader: c.name.clone(),
+        address: addr.to_string(),
+        location: c.location.clone(),
+        // Cores × MHz in GHz·cores, at least 1 so an unmeasured CPU still sorts.
+        cpu_power: (measured.cpu_cores.saturating_mul(measured.cpu_mhz) / 1000).max(1),
+        free_disk: measured.free_disk_mib.saturating_mul(1 << 20),
+        // The members this GL serves: the connections its delivery fans out to.
+        connections: u32::try_from(members.len().saturating_sub(1)).unwrap_or(u32::MAX),
+        members,
+    }
+}
+
+/// Reports the segment to the manager now, again on every join or leave, and every
+/// `discovery_interval`; a failed report is retried.
+async fn discovery_loop(shared: Arc<Shared>, addr: SocketAddr) {
+    let Some(manager) = shared.cfg.manager_url.clone() else {
+        tracing::warn!("no manager URL configured: this GL reports its segment to no one");
+        return;
+    };
+    let mut status = shared.status.clone();
+    let mut last: Option<Vec<String>> = None;
+    let mut next_periodic = Instant::now();
+    let mut failures = 0u32;
+    loop {
+        let report = discovery_report(&shared, addr);
+        let due = last.as_ref() != Some(&report.members) || Instant::now() >= next_periodic;
+        if due {
+            match cm_manager::cluster::report_discovery(&manager, &shared.cfg.agent_token, &report).await {
+                Ok(()) => {
+                    tracing::info!(segment = %report.segment, members = report.members.len(), "discovery report sent");
+                    last = Some(report.members);
+                    next_periodic = Instant::now() + shared.cfg.discovery_interval;
+                    failures = 0;
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(segment = %report.segment, "discovery report: {e}");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20)))).await;
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            r = status.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep_until(next_periodic) => {}
+        }
+    }
+}
+
+/// The GL's [`LocalDelivery`]: apply here, MCTP to the members, collect apply reports.
+pub struct SegmentDelivery {
+    shared: Arc<Shared>,
+}
+
+impl LocalDelivery for SegmentDelivery {
+    fn deliver(&self, run: u64, assignment: PathBuf, manifest: Manifest) -> BoxFuture<'static, DeliveryOutcome> {
+        let shared = self.shared.clone();
+        Box::pin(async move { deliver(shared, run, assignment, manifest).await })
+    }
+
+    fn member_report(&self, report: MemberApplyReport) -> bool {
+        tracing::debug!(run = report.run, server = %report.server, ok = report.error.is_none(), "apply report");
+        self.shared.board.insert(report);
+        true
+    }
+}
+
+async fn deliver(shared: Arc<Shared>, run: u64, assignment: PathBuf, manifest: Manifest) -> DeliveryOutcome {
+    let segment = segment_now(&shared);
+    let me = shared.cfg.name.clone();
+    // This GL is a server of the segment too: it applies from the copy the tree brought.
+    let own = {
+        let (shared, file) = (shared.clone(), assignment.clone());
+        tokio::spawn(async move {
+            let report = apply_report(&shared, run, file).await;
+            shared.board.insert(report);
+        })
+    };
+    let members: BTreeMap<String, u64> = segment.iter().filter(|(n, _)| **n != me).map(|(n, id)| (n.clone(), *id)).collect();
+    let mctp = if members.is_empty() {
+        DeliveryOutcome::default()
+    } else {
+        let d = &shared.cfg.data;
+        let mut config = SenderConfig::new(d.channel, d.report_port);
+        config.frame_size = d.frame_size;
+        if let Some(r) = d.max_rate {
+            config.max_rate = r;
+            config.initial_rate = config.initial_rate.min(r);
+        }
+        let delivery = MctpDelivery {
+            config,
+            interface: d.interface,
+            ttl: d.ttl,
+            secret: shared.cfg.secret.clone(),
+            segment: SegmentMembers { members: members.clone() },
+        };
+        delivery.deliver(run, assignment, manifest).await
+    };
+    let _ = own.await;
+    // Wait for the apply report of everyone MCTP says holds the assignment (and this GL's);
+    // members MCTP never heard from are not waited for, but a report from one still counts
+    // (it applied the run before, from an earlier GL).
+    let mut wanted: BTreeSet<String> = mctp.succeeded.iter().cloned().collect();
+    wanted.insert(me);
+    let deadline = Instant::now() + shared.cfg.report_wait;
+    let reports = shared.board.wait_for(run, &wanted, deadline).await;
+    let out = consolidate(&segment, &mctp, &reports, shared.cfg.report_wait);
+    tracing::info!(run, succeeded = out.succeeded.len(), failed = out.failed.len(), missing = out.missing.len(), "segment report");
+    out
+}
+
+/// One consolidated report from the segment, the MCTP outcome and the apply reports:
+/// succeeded = applied; failed = apply error, MCTP incomplete, or received but no apply report
+/// in time (each with its reason); missing = never heard from.
+pub fn consolidate(
+    segment: &BTreeMap<String, u64>,
+    mctp: &DeliveryOutcome,
+    reports: &BTreeMap<String, MemberApplyReport>,
+    waited: Duration,
+) -> DeliveryOutcome {
+    let mut out = DeliveryOutcome::default();
+    let names: BTreeSet<&String> = segment.keys().chain(reports.keys()).collect();
+    for name in names {
+        if let Some(r) = reports.get(name) {
+            match &r.error {
+                None => out.succeeded.push(name.clone()),
+                Some(e) => out.failed.push((name.clone(), format!("apply failed: {e}"))),
+            }
+        } else if let Some((_, why)) = mctp.failed.iter().find(|(n, _)| n == name) {
+            out.failed.push((name.clone(), why.clone()));
+        } else if mctp.succeeded.contains(name) {
+            out.failed.push((name.clone(), format!("received the assignment but sent no apply report within {waited:?}")));
+        } else {
+            out.missing.push(name.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rep(server: &str, error: Option<&str>) -> MemberApplyReport {
+        MemberApplyReport { server: server.into(), node: 0, run: 1, error: error.map(str::to_string), live: Some(1), summary: String::new() }
+    }
+
+    #[test]
+    fn consolidation_names_every_server_once_with_a_reason() {
+        let segment: BTreeMap<String, u64> = [("gl", 1), ("a", 2), ("b", 3), ("c", 4), ("d", 5), ("e", 6)].map(|(n, i)| (n.to_string(), i)).into();
+        let mctp = DeliveryOutcome {
+            succeeded: vec!["a".into(), "b".into(), "c".into()],
+            failed: vec![("d".into(), "MCTP incomplete: 3 frames missing".into())],
+            missing: vec!["e".into()],
+        };
+        let reports: BTreeMap<String, MemberApplyReport> =
+            [rep("gl", None), rep("a", None), rep("b", Some("base mismatch")), rep("e", None), rep("late", None)].into_iter().map(|r| (r.server.clone(), r)).collect();
+        let out = consolidate(&segment, &mctp, &reports, Duration::from_secs(3));
+        assert_eq!(out.succeeded, ["a", "e", "gl", "late"]);
+        assert_eq!(out.failed.len(), 3);
+        assert!(out.failed.contains(&("b".into(), "apply failed: base mismatch".into())));
+        assert!(out.failed.iter().any(|(n, r)| n == "c" && r.contains("no apply report")));
+        assert!(out.failed.contains(&("d".into(), "MCTP incomplete: 3 frames missing".into())));
+        assert!(out.missing.is_empty());
+        let none = consolidate(&segment, &DeliveryOutcome::default(), &BTreeMap::new(), Duration::ZERO);
+        assert_eq!(none.missing.len(), 6);
+    }
+}

@@ -1,0 +1,67 @@
+//! The member side, which every server runs while it is not the GL: receive each assignment by
+//! MCTP on the segment's data channel (member id = election node id), apply it, report the
+//! outcome to the current GL. Receiving goes on while an apply runs (applies are queued on the
+//! [`Applier`](super::apply::Applier)'s lock, in arrival order).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::mctp::{MctpDriverError, ReceiveOptions, receive};
+
+use super::{Shared, apply_report, report};
+
+/// How long a member keeps trying to hand an apply report to a GL (across GL changes).
+const REPORT_GIVE_UP: Duration = Duration::from_secs(600);
+
+/// Runs until the agent stops.
+pub async fn member_loop(shared: Arc<Shared>) {
+    let mut status = shared.status.clone();
+    loop {
+        if status.borrow_and_update().is_leader {
+            // The GL applies from the tree's copy; its member side rests meanwhile.
+            if status.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let d = &shared.cfg.data;
+        let opts = ReceiveOptions {
+            group: d.channel,
+            interface: d.interface,
+            member: status.borrow().node,
+            secret: shared.cfg.secret.clone(),
+            dir: shared.cfg.state_dir.join("inbox"),
+            timeout: Duration::from_secs(3600),
+            linger: Duration::from_millis(300),
+            session_timeout: d.session_timeout,
+            inject_loss: 0.0,
+        };
+        let mut leadership = shared.status.clone();
+        let became_leader = async move {
+            loop {
+                if leadership.borrow_and_update().is_leader || leadership.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            r = receive(opts) => match r {
+                Ok(got) => {
+                    let (shared, run) = (shared.clone(), got.info.assignment);
+                    tracing::info!(run, path = %got.path.display(), "assignment received by MCTP");
+                    tokio::spawn(async move {
+                        let r = apply_report(&shared, run, got.path.clone()).await;
+                        let _ = std::fs::remove_file(&got.path);
+                        report::send_to_gl(shared.gl_url.subscribe(), shared.client.clone(), r, REPORT_GIVE_UP).await;
+                    });
+                }
+                Err(MctpDriverError::Timeout(_)) => {}
+                Err(e) => {
+                    tracing::warn!("receiving on the data channel: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            },
+            () = became_leader => {}
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! The server agent (`cmover agent`): what every server runs.
+//!
+//! - It joins its segment's election (the [`election`](crate::election) driver).
+//! - It is always a member ([`member`]): it receives assignments by MCTP on the segment's data
+//!   channel, applies each with cm-site through the WebAssembly interpreter plugin
+//!   ([`apply`]), and reports the outcome to its current GL ([`report`]).
+//! - When elected GL it takes up the duties in [`duty`]: the tree endpoint, discovery reports,
+//!   and per run: apply here, MCTP to the members, wait for their apply reports, one
+//!   consolidated report to the manager. When it loses the leadership it stops them.
+//!
+//! One mapping, written down: **MCTP member id = election node id**, and the server name a GL
+//! reports is the member's election registration name. A member learns its GL's HTTP address
+//! from the GL's heartbeat payload ([`beacon`], read from `ElectionStatus::leader_payload`).
+
+pub mod apply;
+pub mod beacon;
+pub mod duty;
+pub mod member;
+pub mod report;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cm_election::Event;
+use cm_manager::http::JsonClient;
+use cm_manager::leader::MemberApplyReport;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+
+use crate::election::{ElectionHandle, ElectionStatus};
+use apply::{Applied, Applier};
+use duty::GlDuty;
+use report::ReportBoard;
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("site: {0}")]
+    Site(String),
+    #[error("interpreter plugin: {0}")]
+    Plugin(String),
+    #[error("agent state: {0}")]
+    Io(String),
+    #[error("the election task has stopped")]
+    ElectionStopped,
+}
+
+/// The segment's data channel (MCTP).
+#[derive(Debug, Clone)]
+pub struct DataChannel {
+    /// Multicast group and port of the segment's MCTP sessions.
+    pub channel: SocketAddr,
+    /// UDP port on the GL where members send MCTP reports.
+    pub report_port: u16,
+    /// Interface for multicast (`IP_MULTICAST_IF`) and the GL's report socket.
+    pub interface: Ipv4Addr,
+    pub ttl: u32,
+    /// MCTP payload bytes per frame.
+    pub frame_size: u16,
+    /// Cap on the GL's sending rate, bytes per second (`None`: MCTP's default cap).
+    pub max_rate: Option<u64>,
+    /// A member abandons a session that is silent this long (its GL died).
+    pub session_timeout: Duration,
+}
+
+/// Everything the agent needs beyond its election.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This server's name (its election registration name; what reports call it).
+    pub name: String,
+    pub segment: String,
+    /// Location or time zone reported to the manager.
+    pub location: String,
+    /// The manager's base URL (`http://host:port`); a GL without one reports to no one.
+    pub manager_url: Option<String>,
+    /// The agents' bearer token (manager API, GL endpoints, apply reports).
+    pub agent_token: String,
+    /// The cluster secret (MCTP datagram authentication).
+    pub secret: Vec<u8>,
+    pub site_root: PathBuf,
+    /// The site's name (the interpreter plugin must be granted it).
+    pub site_name: String,
+    pub plugin_store: PathBuf,
+    /// Installed into an empty plugin store at first start.
+    pub default_interpreter: &'static [u8],
+    /// Received assignments, the apply journal, the GL's copies.
+    pub state_dir: PathBuf,
+    pub data: DataChannel,
+    /// The GL's tree endpoint (port 0: any).
+    pub leader_listen: SocketAddr,
+    /// How long a GL waits for its members' apply reports after MCTP delivery.
+    pub report_wait: Duration,
+    /// A GL re-sends its discovery report at least this often.
+    pub discovery_interval: Duration,
+}
+
+/// What the agent parts share.
+pub struct Shared {
+    pub cfg: AgentConfig,
+    pub applier: Arc<Applier>,
+    pub board: ReportBoard,
+    pub status: watch::Receiver<ElectionStatus>,
+    /// The current GL's base URL (this node's own while it leads).
+    pub gl_url: watch::Sender<Option<String>>,
+    /// This node's GL endpoint while it leads.
+    pub serving: watch::Sender<Option<SocketAddr>>,
+    pub client: JsonClient,
+}
+
+/// Applies `run` here (on a blocking thread) and words it as an apply report.
+async fn apply_report(shared: &Arc<Shared>, run: u64, file: PathBuf) -> MemberApplyReport {
+    let applier = shared.applier.clone();
+    let a = tokio::task::spawn_blocking(move || applier.apply(run, &file)).await.unwrap_or_else(|e| Applied {
+        run,
+        error: Some(format!("apply task failed: {e}")),
+        live: None,
+        summary: String::new(),
+        at_ms: 0,
+    });
+    MemberApplyReport { server: shared.cfg.name.clone(), node: shared.status.borrow().node, run, error: a.error, live: a.live, summary: a.summary }
+}
+
+/// A snapshot for `cmover agent status`.
+#[derive(Debug, Clone)]
+pub struct AgentStatus {
+    pub election: ElectionStatus,
+    pub role: &'static str,
+    pub gl_url: Option<String>,
+    /// This node's GL endpoint while it leads.
+    pub serving: Option<SocketAddr>,
+    pub live: Option<u64>,
+    pub site_root: PathBuf,
+    pub recent: Vec<Applied>,
+}
+
+/// A running server agent.
+pub struct ServerAgent {
+    shared: Arc<Shared>,
+    election: Arc<ElectionHandle>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ServerAgent {
+    /// Opens the site and plugin store (blocking work: the plugin is compiled on first use),
+    /// then runs the member side and the role loop on the current runtime.
+    pub async fn start(cfg: AgentConfig, election: ElectionHandle) -> Result<ServerAgent, AgentError> {
+        let applier = {
+            let c = cfg.clone();
+            tokio::task::spawn_blocking(move || Applier::open(&c.site_root, &c.site_name, &c.plugin_store, c.default_interpreter, &c.state_dir))
+                .await
+                .map_err(|e| AgentError::Io(format!("opening the site: {e}")))??
+        };
+        let events = election.subscribe();
+        let shared = Arc::new(Shared {
+            client: JsonClient::new(&cfg.agent_token, Duration::from_secs(10)),
+            applier: Arc::new(applier),
+            board: ReportBoard::default(),
+            status: election.watch_status(),
+            gl_url: watch::Sender::new(None),
+            serving: watch::Sender::new(None),
+            cfg,
+        });
+        let election = Arc::new(election);
+        let tasks = vec![
+            tokio::spawn(member::member_loop(shared.clone())),
+            tokio::spawn(role_loop(shared.clone(), election.clone(), events)),
+        ];
+        Ok(ServerAgent { shared, election, tasks })
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        let election = self.shared.status.borrow().clone();
+        let role = if election.is_leader {
+            "leader"
+        } else if election.leader.is_some() {
+            "member"
+        } else {
+            "electing"
+        };
+        AgentStatus {
+            role,
+            gl_url: self.shared.gl_url.borrow().clone(),
+            serving: *self.shared.serving.borrow(),
+            live: self.shared.applier.live(),
+            site_root: self.shared.applier.site_root().to_path_buf(),
+            recent: self.shared.applier.recent(),
+            election,
+        }
+    }
+
+    /// Whether the election task or an agent task has ended (the agent cannot go on).
+    pub fn is_finished(&self) -> bool {
+        self.election.is_finished() || self.tasks.iter().any(|t| t.is_finished())
+    }
+
+    /// Stops every duty and leaves the segment gracefully (a GL resigns at once).
+    pub async fn leave(self) -> Result<(), crate::election::DriverError> {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        match Arc::try_unwrap(self.election) {
+            Ok(e) => e.leave().await,
+            Err(e) => {
+                e.abort();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Follows the election: starts and stops the GL duties, and keeps `gl_url` pointing at the
+/// current GL (learnt from its heartbeat payload).
+async fn role_loop(shared: Arc<Shared>, election: Arc<ElectionHandle>, mut events: broadcast::Receiver<Event>) {
+    let mut status = shared.status.clone();
+    let mut duty: Option<GlDuty> = None;
+    loop {
+        let st = status.borrow_and_update().clone();
+        if st.is_leader && duty.is_none() {
+            match GlDuty::start(shared.clone()).await {
+                Ok(d) => {
+                    let addr = d.address(&shared);
+                    let url = format!("http://{addr}");
+                    match beacon::encode(&url) {
+                        Ok(p) => {
+                            if let Err(e) = election.set_heartbeat_payload(p).await {
+                                tracing::error!("cannot advertise the GL address in heartbeats: {e}");
+                            }
+                        }
+                        Err(e) => tracing::error!("GL address {url}: {e}"),
+                    }
+                    shared.serving.send_replace(Some(addr));
+                    duty = Some(d);
+                }
+                Err(e) => {
+                    tracing::error!("cannot take up the group leader's duties: {e}; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        } else if !st.is_leader
+            && let Some(d) = duty.take()
+        {
+            tracing::info!(segment = %shared.cfg.segment, "no longer group leader: stopping the GL duties");
+            d.stop();
+            shared.serving.send_replace(None);
+            let _ = election.set_heartbeat_payload(Vec::new()).await;
+        }
+        let url = if st.is_leader {
+            shared.serving.borrow().map(|a| format!("http://{a}"))
+        } else {
+            match st.leader_payload.as_deref().map(beacon::decode) {
+                Some(Ok(url)) => url,
+                Some(Err(e)) => {
+                    tracing::debug!(leader = ?st.leader, "leader heartbeat payload: {e}");
+                    None
+                }
+                None => None,
+            }
+        };
+        shared.gl_url.send_if_modified(|u| {
+            let changed = *u != url;
+            *u = url;
+            changed
+        });
+        tokio::select! {
+            r = status.changed() => if r.is_err() { break },
+            ev = events.recv() => match ev {
+                Ok(Event::MemberJoined(m)) => tracing::info!(node = m.node, name = %m.registration.name, "member joined"),
+                Ok(Event::MemberLeft { node, reason }) => tracing::info!(node, ?reason, "member left"),
+                Ok(Event::LeaderChanged { leader }) => tracing::info!(?leader, "leader changed"),
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => tracing::warn!(missed = n, "election events fell behind"),
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+        }
+    }
+    if let Some(d) = duty.take() {
+        d.stop();
+    }
+}

@@ -7,6 +7,8 @@
 //!   every call runs in a fresh instance with a deadline and a memory cap.
 //! - [`PluginStore`]: installed plugins, hot swap, rollback; hands out [`Interpreter`],
 //!   [`CacheInvalidator`] and [`LoadBalancer`] handles that always call the current version.
+//! - [`StoreFollower`]: for a long-running process (the agent), follows what other processes
+//!   (`cmover plugin install|rollback|remove`) do to the store, hot-swapping validated versions.
 //!
 //! `cm-site` drives the interpreter through [`Command`] batches; payload bytes stream from a
 //! [`PayloadReader`] and never enter the guest in one piece. All calls block the calling
@@ -16,6 +18,7 @@ mod bindings;
 mod command;
 mod endpoint;
 mod error;
+mod follow;
 mod inspect;
 mod manifest;
 mod plugin;
@@ -27,6 +30,7 @@ mod store;
 pub use command::{Command, CommandReport, DeltaOp, MemoryPayload, PayloadReader};
 pub use endpoint::{Endpoint, EndpointAddress};
 pub use error::{FailureCause, InstallError, PluginError};
+pub use follow::{FollowConfig, StoreEvent, StoreFollower};
 pub use inspect::{ComponentInfo, inspect};
 pub use manifest::{EndpointGrant, Grants, Limits, PluginManifest, World};
 pub use plugin::{BalancerAction, InterpreterSession, LoadedPlugin, ServerState};

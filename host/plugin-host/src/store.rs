@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -30,30 +31,58 @@ use crate::runtime::PluginRuntime;
 /// The live version of one plugin.
 pub struct PluginSlot {
     current: RwLock<Arc<LoadedPlugin>>,
+    /// Set while the plugin is uninstalled: handles refuse new calls until it is installed
+    /// again (then they follow the new version, like after any swap).
+    removed: AtomicBool,
 }
 
 impl PluginSlot {
     pub fn new(plugin: Arc<LoadedPlugin>) -> Arc<Self> {
-        Arc::new(PluginSlot { current: RwLock::new(plugin) })
+        Arc::new(PluginSlot { current: RwLock::new(plugin), removed: AtomicBool::new(false) })
     }
 
-    /// The version new calls go to.
+    /// The version new calls go to (the last one, even if the plugin has been removed since).
     pub fn current(&self) -> Arc<LoadedPlugin> {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Make `plugin` current; returns the version it replaced.
+    /// The version a new call goes to, or `NotInstalled` once the plugin has been removed.
+    pub fn live(&self) -> Result<Arc<LoadedPlugin>, PluginError> {
+        let current = self.current();
+        if self.removed.load(Ordering::Acquire) {
+            return Err(PluginError::NotInstalled { plugin: current.name().into() });
+        }
+        Ok(current)
+    }
+
+    /// Make `plugin` current (and the slot live again if it was removed); returns the
+    /// version it replaced.
     pub fn swap(&self, plugin: Arc<LoadedPlugin>) -> Arc<LoadedPlugin> {
-        std::mem::replace(&mut *self.current.write().unwrap_or_else(|e| e.into_inner()), plugin)
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        self.removed.store(false, Ordering::Release);
+        std::mem::replace(&mut *current, plugin)
+    }
+
+    pub(crate) fn mark_removed(&self) {
+        self.removed.store(true, Ordering::Release);
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
 }
 
-/// `<name>/state.toml`.
+/// `<name>/state.toml`: the commit record of an install or rollback (written last).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct VersionState {
-    current: String,
+pub(crate) struct VersionState {
+    pub current: String,
     #[serde(default)]
-    previous: Vec<String>,
+    pub previous: Vec<String>,
+    /// BLAKE3 of the `manifest.toml` this version was installed with, so a follower that
+    /// reads a new manifest with an old state (an install half way) waits for the state.
+    /// Empty in stores written before followers existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub manifest: String,
 }
 
 /// What `install` did.
@@ -80,13 +109,17 @@ pub struct PluginInfo {
 /// Installed plugins and their live versions.
 pub struct PluginStore {
     runtime: PluginRuntime,
-    dir: PathBuf,
-    slots: RwLock<BTreeMap<String, Arc<PluginSlot>>>,
-    /// Serialises install/rollback/remove (calls never wait on it).
-    admin: std::sync::Mutex<()>,
+    pub(crate) dir: PathBuf,
+    /// Every plugin this store has held; a removed one stays (marked) so handles on it
+    /// refuse calls, and come back to life if it is installed again.
+    pub(crate) slots: RwLock<BTreeMap<String, Arc<PluginSlot>>>,
+    /// Serialises install/rollback/remove and following the disk (calls never wait on it).
+    pub(crate) admin: std::sync::Mutex<()>,
+    /// What following the disk refused, per plugin (see `follow.rs`).
+    pub(crate) refused: std::sync::Mutex<BTreeMap<String, crate::follow::Refusal>>,
 }
 
-fn store_error(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
+pub(crate) fn store_error(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
     move |source| InstallError::Store { path: path.into(), source }
 }
 
@@ -102,7 +135,13 @@ impl PluginStore {
     /// current version. A plugin that no longer loads is skipped with a warning, not fatal.
     pub fn open(runtime: PluginRuntime, dir: &Path) -> Result<Self, InstallError> {
         std::fs::create_dir_all(dir).map_err(store_error(dir))?;
-        let store = PluginStore { runtime, dir: dir.into(), slots: RwLock::new(BTreeMap::new()), admin: Default::default() };
+        let store = PluginStore {
+            runtime,
+            dir: dir.into(),
+            slots: RwLock::new(BTreeMap::new()),
+            admin: Default::default(),
+            refused: Default::default(),
+        };
         for entry in std::fs::read_dir(dir).map_err(store_error(dir))? {
             let entry = entry.map_err(store_error(dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -128,11 +167,11 @@ impl PluginStore {
         &self.runtime
     }
 
-    fn plugin_dir(&self, name: &str) -> PathBuf {
+    pub(crate) fn plugin_dir(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
-    fn read_state(&self, name: &str) -> Result<VersionState, InstallError> {
+    pub(crate) fn read_state(&self, name: &str) -> Result<VersionState, InstallError> {
         let path = self.plugin_dir(name).join("state.toml");
         let text = std::fs::read_to_string(&path).map_err(store_error(&path))?;
         toml::from_str(&text).map_err(|e| InstallError::Manifest { path: path.display().to_string(), reason: e.to_string() })
@@ -150,6 +189,11 @@ impl PluginStore {
             None => self.read_state(name)?.current,
         };
         let manifest = PluginManifest::load(&self.plugin_dir(name).join("manifest.toml"))?;
+        self.load_component(name, &hash, manifest)
+    }
+
+    /// Load `<name>/<hash>.wasm` with `manifest`.
+    pub(crate) fn load_component(&self, name: &str, hash: &str, manifest: PluginManifest) -> Result<Arc<LoadedPlugin>, InstallError> {
         let path = self.plugin_dir(name).join(format!("{hash}.wasm"));
         let bytes = std::fs::read(&path).map_err(store_error(&path))?;
         LoadedPlugin::load(&self.runtime, &bytes, manifest, &path.display().to_string())
@@ -166,8 +210,10 @@ impl PluginStore {
         let dir = self.plugin_dir(&name);
         std::fs::create_dir_all(&dir).map_err(store_error(&dir))?;
         write_atomic(&dir.join(format!("{hash}.wasm")), component)?;
-        write_atomic(&dir.join("manifest.toml"), manifest.to_toml().as_bytes())?;
+        let manifest_text = manifest.to_toml();
+        write_atomic(&dir.join("manifest.toml"), manifest_text.as_bytes())?;
         let mut state = self.read_state(&name).unwrap_or_default();
+        state.manifest = blake3::hash(manifest_text.as_bytes()).to_hex().to_string();
         let replaced = (!state.current.is_empty() && state.current != hash).then(|| state.current.clone());
         if let Some(old) = &replaced {
             state.previous.retain(|h| h != old && h != &hash);
@@ -182,7 +228,7 @@ impl PluginStore {
         Ok(Installed { name, world, version, replaced: replaced.map(|h| h[..12].to_string()) })
     }
 
-    fn swap_in(&self, name: &str, plugin: Arc<LoadedPlugin>) {
+    pub(crate) fn swap_in(&self, name: &str, plugin: Arc<LoadedPlugin>) {
         let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
         match slots.get(name) {
             Some(slot) => {
@@ -202,6 +248,9 @@ impl PluginStore {
         let plugin = self.load_version(name, Some(&previous))?;
         plugin.self_check().map_err(|e| InstallError::SelfCheck { plugin: name.into(), reason: e.to_string() })?;
         let replaced = std::mem::replace(&mut state.current, previous);
+        let manifest_path = self.plugin_dir(name).join("manifest.toml");
+        let manifest_text = std::fs::read(&manifest_path).map_err(store_error(&manifest_path))?;
+        state.manifest = blake3::hash(&manifest_text).to_hex().to_string();
         self.write_state(name, &state)?;
         let (world, version) = (plugin.world(), plugin.version());
         self.swap_in(name, plugin);
@@ -213,10 +262,15 @@ impl PluginStore {
     pub fn remove(&self, name: &str) -> Result<(), InstallError> {
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let dir = self.plugin_dir(name);
-        if !dir.join("state.toml").exists() {
+        let state = dir.join("state.toml");
+        if !state.exists() {
             return Err(InstallError::NotInstalled { plugin: name.into() });
         }
-        self.slots.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+        if let Some(slot) = self.slots.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+            slot.mark_removed();
+        }
+        // The state file first: a follower never sees a half-removed plugin as installed.
+        std::fs::remove_file(&state).map_err(store_error(&state))?;
         std::fs::remove_dir_all(&dir).map_err(store_error(&dir))
     }
 
@@ -224,6 +278,7 @@ impl PluginStore {
         let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
         slots
             .iter()
+            .filter(|(_, slot)| !slot.is_removed())
             .map(|(name, slot)| {
                 let current = slot.current();
                 let previous = self.read_state(name).map(|s| s.previous).unwrap_or_default();
@@ -244,6 +299,7 @@ impl PluginStore {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
+            .filter(|slot| !slot.is_removed())
             .cloned()
             .ok_or_else(|| PluginError::NotInstalled { plugin: name.into() })
     }
@@ -310,7 +366,7 @@ impl Interpreter {
     }
 
     fn session_on(&self, staging_root: Option<&Path>) -> Result<InterpreterSession, PluginError> {
-        let plugin = self.slot.current();
+        let plugin = self.slot.live()?;
         // The grant is re-checked per call: a hot swap may bring a manifest with other grants.
         if !plugin.manifest().grants_site(&self.site) {
             return Err(PluginError::SiteNotGranted { plugin: plugin.name().into(), site: self.site.clone() });
@@ -353,11 +409,11 @@ pub struct CacheInvalidator {
 
 impl CacheInvalidator {
     pub fn invalidate(&self, site: &str, paths: &[String]) -> Result<(), PluginError> {
-        self.slot.current().invalidate(site, paths)
+        self.slot.live()?.invalidate(site, paths)
     }
 
     pub fn purge_site(&self, site: &str) -> Result<(), PluginError> {
-        self.slot.current().purge_site(site)
+        self.slot.live()?.purge_site(site)
     }
 }
 
@@ -369,23 +425,23 @@ pub struct LoadBalancer {
 
 impl LoadBalancer {
     pub fn drain(&self, server: &str) -> Result<(), PluginError> {
-        self.slot.current().balance(BalancerAction::Drain(server)).map(drop)
+        self.slot.live()?.balance(BalancerAction::Drain(server)).map(drop)
     }
 
     pub fn undrain(&self, server: &str) -> Result<(), PluginError> {
-        self.slot.current().balance(BalancerAction::Undrain(server)).map(drop)
+        self.slot.live()?.balance(BalancerAction::Undrain(server)).map(drop)
     }
 
     pub fn add(&self, server: &str, address: &str) -> Result<(), PluginError> {
-        self.slot.current().balance(BalancerAction::Add { server, address }).map(drop)
+        self.slot.live()?.balance(BalancerAction::Add { server, address }).map(drop)
     }
 
     pub fn remove(&self, server: &str) -> Result<(), PluginError> {
-        self.slot.current().balance(BalancerAction::Remove(server)).map(drop)
+        self.slot.live()?.balance(BalancerAction::Remove(server)).map(drop)
     }
 
     pub fn state(&self, server: &str) -> Result<ServerState, PluginError> {
-        let state = self.slot.current().balance(BalancerAction::State(server))?;
+        let state = self.slot.live()?.balance(BalancerAction::State(server))?;
         Ok(state.expect("`state` always yields a state"))
     }
 }

@@ -66,3 +66,149 @@ pub fn tree(root: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// The `cmover` binary of this build (same target directory and profile as the running
+/// test), built on first use: `cargo build` is a no-op when it is fresh, and `cargo test`
+/// has released the build lock by the time tests run.
+pub fn cmover() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // <target>/<profile>/deps/<this test>
+            let exe = std::env::current_exe().expect("test executable");
+            let profile_dir = exe.parent().and_then(Path::parent).expect("<target>/<profile>/deps").to_path_buf();
+            let target_dir = profile_dir.parent().expect("<target>");
+            let mut cargo = std::process::Command::new(env!("CARGO"));
+            cargo.args(["build", "--quiet", "-p", "cmover", "--bin", "cmover"]).env("CARGO_TARGET_DIR", target_dir);
+            cargo.current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root"));
+            if profile_dir.file_name().is_some_and(|p| p == "release") {
+                cargo.arg("--release");
+            }
+            let status = cargo.status().expect("running cargo to build cmover");
+            assert!(status.success(), "building cmover failed: {status}");
+            profile_dir.join("cmover")
+        })
+        .clone()
+}
+
+/// Run `cmover <args>`; its output (stdout and stderr) and whether it succeeded.
+pub fn run_cmover(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let output = std::process::Command::new(cmover()).args(args).output().expect("cmover runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+/// Poll `done` every 20 ms for at most `within`; whether it came true.
+pub fn wait_until(within: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < within {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    done()
+}
+
+/// A tiny HTTP origin on loopback: every request gets `"<name> <host><path> #<n>"`, where
+/// `n` counts the requests this origin served, cacheable for an hour. Stops when dropped.
+pub struct Origin {
+    pub address: String,
+    pub served: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Origin {
+    pub fn start(name: &str) -> Origin {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (name, counter, stopped) = (name.to_string(), served.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+                let mut reader = BufReader::new(stream);
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    continue;
+                }
+                let mut host = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(value) = line.to_ascii_lowercase().strip_prefix("host:") {
+                        host = value.trim().to_string();
+                    }
+                }
+                let path = request_line.split_whitespace().nth(1).unwrap_or("?").to_string();
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                let body = format!("{name} {host}{path} #{n}");
+                let mut stream = reader.into_inner();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nCache-Control: max-age=3600\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Origin { address, served, stop, thread: Some(thread) }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.address.rsplit(':').next().unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wake the accept loop so it sees the flag.
+        let _ = std::net::TcpStream::connect(&self.address);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `GET path` with `Host: host` from `address` on a fresh connection: (status, body).
+pub fn http_get(address: &str, host: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let status = answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_string();
+    Ok((status, body))
+}
+
+/// A child process killed (and reaped) when the guard drops.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free loopback TCP port (bound and released: good enough for a server started next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The first of `candidates` that exists.
+pub fn find_binary(candidates: &[&str]) -> Option<std::path::PathBuf> {
+    candidates.iter().map(std::path::PathBuf::from).find(|p| p.exists())
+}

@@ -93,11 +93,13 @@ fn varnish_plugin_reports_a_refusing_cache_and_an_unreachable_one() {
     }
 }
 
-/// A real HAProxy with one backend of two servers and its runtime API on a Unix socket.
+/// A real HAProxy with one backend (`app`) and its runtime API on a Unix socket.
 struct Haproxy {
     child: Child,
     _dir: tempfile::TempDir,
     socket: std::path::PathBuf,
+    /// The frontend's address.
+    front: String,
 }
 
 impl Drop for Haproxy {
@@ -107,7 +109,8 @@ impl Drop for Haproxy {
     }
 }
 
-fn start_haproxy() -> Option<Haproxy> {
+/// Start HAProxy with backend `app` holding `servers` (HAProxy `server` lines).
+fn start_haproxy(servers: &str) -> Option<Haproxy> {
     let binary = ["/usr/sbin/haproxy", "/usr/bin/haproxy"].into_iter().find(|p| std::path::Path::new(p).exists())?;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("admin.sock");
@@ -115,7 +118,7 @@ fn start_haproxy() -> Option<Haproxy> {
     let config = format!(
         "global\n  stats socket {} mode 600 level admin\n\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 1s\n  timeout server 1s\n\n\
          frontend web\n  bind 127.0.0.1:{port}\n  default_backend app\n\n\
-         backend app\n  server s1 127.0.0.1:9 check disabled\n  server s2 127.0.0.1:9\n",
+         backend app\n  balance roundrobin\n{servers}",
         socket.display()
     );
     let config_path = dir.path().join("haproxy.cfg");
@@ -133,7 +136,7 @@ fn start_haproxy() -> Option<Haproxy> {
         assert!(started.elapsed() < Duration::from_secs(10), "haproxy did not open its socket");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Some(Haproxy { child, _dir: dir, socket })
+    Some(Haproxy { child, _dir: dir, socket, front: format!("127.0.0.1:{port}") })
 }
 
 /// What HAProxy itself says about a server's admin state (bypassing the plugin).
@@ -149,7 +152,7 @@ fn admin_state(socket: &std::path::Path, server: &str) -> u32 {
 
 #[test]
 fn haproxy_plugin_drives_a_real_haproxy() {
-    let Some(haproxy) = start_haproxy() else {
+    let Some(haproxy) = start_haproxy("  server s1 127.0.0.1:9 check disabled\n  server s2 127.0.0.1:9\n") else {
         // `.ci/run` installs haproxy; on a bare developer machine this one test has nothing to drive.
         eprintln!("haproxy not installed: skipping the real-HAProxy test");
         return;
@@ -182,6 +185,51 @@ fn haproxy_plugin_drives_a_real_haproxy() {
         Err(PluginError::Vetoed { hook: "drain", message, .. }) => assert!(message.contains("haproxy refused"), "{message}"),
         other => panic!("expected HAProxy's refusal, got {other:?}"),
     }
+}
+
+/// Which origins answered `n` fresh requests through HAProxy's frontend.
+fn answered_by(front: &str, n: usize) -> std::collections::BTreeSet<String> {
+    (0..n)
+        .map(|_| {
+            let (status, body) = http_get(front, "www", "/").unwrap();
+            assert_eq!(status, 200, "{body}");
+            body.split_whitespace().next().unwrap().to_string()
+        })
+        .collect()
+}
+
+fn set(names: &[&str]) -> std::collections::BTreeSet<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+#[test]
+fn haproxy_plugin_changes_where_a_real_haproxy_routes_requests() {
+    let (s1, s2, s3) = (Origin::start("s1"), Origin::start("s2"), Origin::start("s3"));
+    let servers = format!("  server s1 {}\n  server s2 {}\n", s1.address, s2.address);
+    let Some(haproxy) = start_haproxy(&servers) else {
+        eprintln!("haproxy not installed: skipping the real-HAProxy routing test");
+        return;
+    };
+    let (runtime, _) = runtime();
+    let manifest = PluginManifest::parse(
+        &format!("name = \"lb\"\nworld = \"load-balancer\"\n[grants.endpoints.haproxy]\nunix = \"{}\"\n", haproxy.socket.display()),
+        "lb.toml",
+    )
+    .unwrap();
+    let lb = LoadedPlugin::load(&runtime, &component("haproxy"), manifest, "haproxy").unwrap();
+    let act = |action| lb.balance(action).unwrap();
+    use cm_plugin_host::BalancerAction::*;
+
+    assert_eq!(answered_by(&haproxy.front, 6), set(&["s1", "s2"]), "round robin over both");
+    act(Drain("app/s1"));
+    assert_eq!(answered_by(&haproxy.front, 6), set(&["s2"]), "a drained server gets no new requests");
+    act(Undrain("app/s1"));
+    assert_eq!(answered_by(&haproxy.front, 6), set(&["s1", "s2"]));
+    act(Add { server: "app/s3", address: &s3.address });
+    assert_eq!(answered_by(&haproxy.front, 9), set(&["s1", "s2", "s3"]), "an added server takes requests");
+    act(Remove("app/s1"));
+    assert_eq!(answered_by(&haproxy.front, 6), set(&["s2", "s3"]), "a removed server takes none");
+    assert_eq!(act(State("app/s1")), Some(ServerState::Absent));
 }
 
 #[test]

@@ -106,7 +106,13 @@ fn http(name: &str, endpoint: &Endpoint, request: HttpRequest) -> Result<HttpRes
     let EndpointAddress::Http(address) = &endpoint.address else {
         return Err(fail(ErrorKind::WrongKind, name, "is a stream endpoint; use `exchange`"));
     };
-    let mut builder = hyper::Request::builder().method(request.method.as_str()).uri(request.path.as_str()).header(hyper::header::HOST, address.as_str());
+    let mut builder = hyper::Request::builder().method(request.method.as_str()).uri(request.path.as_str());
+    // `Host` is the endpoint's address unless the plugin names the virtual host itself (a
+    // cache purges by site): exactly one `Host` either way — servers refuse two. Only the
+    // header changes; the connection still goes to the operator's address.
+    if !request.headers.iter().any(|(header, _)| header.eq_ignore_ascii_case("host")) {
+        builder = builder.header(hyper::header::HOST, address.as_str());
+    }
     for (header, value) in &request.headers {
         builder = builder.header(header.as_str(), value.as_str());
     }

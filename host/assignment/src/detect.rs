@@ -12,7 +12,7 @@ use crate::format::{AssignmentType, Header, check_symlink_target};
 use crate::policy::CompressionPolicy;
 use crate::reference::mtime_secs;
 use crate::write::{AssignmentWriter, ChangeOutcome, Meta, WriteError};
-use crate::SealKey;
+use crate::{CipherKey, SealKey};
 
 /// One entry of a scanned tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +60,8 @@ pub struct BuildOptions {
     pub meta: Meta,
     pub policy: CompressionPolicy,
     pub seal: Option<SealKey>,
+    /// When set, the data part is encrypted under this key.
+    pub cipher: Option<CipherKey>,
     /// Files at least this long are sent as deltas when that saves bytes.
     pub delta_min: u64,
 }
@@ -70,6 +72,7 @@ impl BuildOptions {
             meta: Meta { kind, serial, job_id: 0, base_serial: 0, target_serial: 0 },
             policy: CompressionPolicy::default(),
             seal: None,
+            cipher: None,
             delta_min: 256,
         }
     }
@@ -129,6 +132,9 @@ pub fn build(staging: &Path, shadow: Option<&Path>, out: &Path, opts: &BuildOpti
         None => BTreeMap::new(),
     };
     let mut w = AssignmentWriter::create(out, opts.meta, opts.policy.clone(), opts.seal.clone())?;
+    if let Some(k) = &opts.cipher {
+        w.encrypt_with(k.clone());
+    }
     let mut report = BuildReport::default();
 
     // Removals first (also of entries whose kind changed), outermost only.

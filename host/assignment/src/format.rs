@@ -100,8 +100,8 @@ impl std::fmt::Display for AssignmentType {
 pub mod flags {
     /// At least one payload is zstd-compressed.
     pub const COMPRESSED: u8 = 1;
-    /// Payloads are encrypted. This version defines the bit but no cipher, so a reader
-    /// refuses such an assignment with a clear error instead of misreading it.
+    /// The data part is encrypted (ChaCha20-Poly1305 per 64 KiB chunk, see [`crate::cipher`]);
+    /// payload offsets stay in plaintext coordinates.
     pub const ENCRYPTED: u8 = 2;
     /// The trailer is a keyed BLAKE3 under the cluster's assignment key (see [`crate::SealKey`]).
     pub const SEALED: u8 = 4;
@@ -211,7 +211,9 @@ pub struct Payload {
 /// One piece of a delta: bytes from the base file, or the next bytes of the payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeltaOp {
+    /// Append `len` bytes of the base file starting at `offset`.
     Copy { offset: u64, len: u64 },
+    /// Append the next `len` bytes of the command's payload.
     Insert { len: u64 },
 }
 

@@ -7,9 +7,11 @@
 //! - [`delta`]: the delta engine (prefix/suffix, then rolling hash + BLAKE3 blocks).
 //! - [`detect`]: staging vs shadow → an assignment.
 //! - [`policy`]: per-file compression policy.
+//! - [`cipher`]: optional ChaCha20-Poly1305 encryption of the data part, chunk by chunk.
 //! - [`reference`]: a native interpreter giving each command its exact meaning; tests compare
 //!   the plugin interpreter's results against it.
 
+pub mod cipher;
 pub mod delta;
 pub mod detect;
 pub mod format;
@@ -18,6 +20,7 @@ pub mod read;
 pub mod reference;
 pub mod write;
 
+pub use cipher::CipherKey;
 pub use detect::{BuildOptions, BuildReport, build};
 pub use format::{AssignmentType, Codec, Command, DeltaOp, Header, Payload};
 pub use policy::CompressionPolicy;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use cm_wire::DecodeError;
 
+use crate::cipher::{self, CipherKey, DataCipher};
 use crate::format::{Codec, Command, HEADER_LEN, Header, HeaderError, MAX_RECORD, Payload, TRAILER_LEN, flags};
 use crate::{SealKey, trailer_hasher};
 
@@ -30,8 +31,10 @@ pub enum ReadError {
     NotSealed,
     #[error("assignment is sealed but no key was given to check it")]
     KeyRequired,
-    #[error("assignment is encrypted; this build has no cipher for it")]
-    Encrypted,
+    #[error("assignment is encrypted but no key was given to decrypt it")]
+    CipherKeyRequired,
+    #[error("data chunk {chunk} does not decrypt with this key (wrong key, or the data part was altered)")]
+    Undecryptable { chunk: u64 },
     #[error("command {index}: {source}")]
     Command { index: u64, source: DecodeError },
     #[error("body: {0}")]
@@ -61,12 +64,81 @@ impl Read for Region {
     }
 }
 
+/// A plaintext byte range of an encrypted data part: chunks are read, authenticated and
+/// decrypted one at a time (one chunk buffered).
+pub struct DecryptingRegion {
+    file: Arc<File>,
+    aead: Arc<DataCipher>,
+    /// Where the data part starts in the file.
+    data_start: u64,
+    /// Plaintext length of the whole data part.
+    plain_len: u64,
+    pos: u64,
+    end: u64,
+    /// The decrypted chunk `chunk` (empty: none yet).
+    buf: Vec<u8>,
+    chunk: u64,
+}
+
+impl DecryptingRegion {
+    fn load(&mut self, index: u64) -> io::Result<()> {
+        let chunks = self.plain_len.div_ceil(cipher::CHUNK);
+        let n = (self.plain_len - index * cipher::CHUNK).min(cipher::CHUNK) as usize;
+        self.buf.resize(n + cipher::TAG as usize, 0);
+        self.file.read_exact_at(&mut self.buf, self.data_start + cipher::chunk_offset(index))?;
+        let (data, tag) = self.buf.split_at_mut(n);
+        if !self.aead.open(index, index + 1 == chunks, data, tag) {
+            self.buf.clear();
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("data chunk {index} does not decrypt")));
+        }
+        self.buf.truncate(n);
+        self.chunk = index;
+        Ok(())
+    }
+}
+
+impl Read for DecryptingRegion {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.end || out.is_empty() {
+            return Ok(0);
+        }
+        let index = self.pos / cipher::CHUNK;
+        if self.buf.is_empty() || self.chunk != index {
+            self.load(index)?;
+        }
+        let at = (self.pos - index * cipher::CHUNK) as usize;
+        let n = (self.buf.len() - at).min(out.len()).min((self.end - self.pos) as usize);
+        out[..n].copy_from_slice(&self.buf[at..at + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// The stored bytes of a payload: straight from the file, or decrypted.
+enum DataRegion {
+    Plain(Region),
+    Encrypted(DecryptingRegion),
+}
+
+impl Read for DataRegion {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            DataRegion::Plain(r) => r.read(buf),
+            DataRegion::Encrypted(r) => r.read(buf),
+        }
+    }
+}
+
 /// An opened assignment file.
 pub struct AssignmentReader {
     file: Arc<File>,
     path: PathBuf,
     header: Header,
     header_bytes: [u8; HEADER_LEN],
+    /// Plaintext length of the data part (what payload offsets refer to).
+    plain_data_len: u64,
+    /// The data part's AEAD, once a key was given ([`AssignmentReader::decrypt_with`]).
+    aead: Option<Arc<DataCipher>>,
 }
 
 impl AssignmentReader {
@@ -85,7 +157,29 @@ impl AssignmentReader {
         if expected != actual {
             return Err(ReadError::Truncated { expected, actual });
         }
-        Ok(AssignmentReader { file: Arc::new(file), path: path.to_owned(), header, header_bytes: hb })
+        let plain_data_len = if header.flags & flags::ENCRYPTED != 0 {
+            cipher::plain_len(header.data_len)
+                .ok_or(ReadError::Header(HeaderError::Decode(DecodeError::malformed("encrypted data part of impossible length"))))?
+        } else {
+            header.data_len
+        };
+        Ok(AssignmentReader { file: Arc::new(file), path: path.to_owned(), header, header_bytes: hb, plain_data_len, aead: None })
+    }
+
+    /// Gives the key to decrypt an encrypted data part (does nothing for a plain one).
+    /// [`verify`](Self::verify) then authenticates every chunk under it.
+    pub fn decrypt_with(&mut self, key: &CipherKey) -> Result<(), ReadError> {
+        if !self.is_encrypted() {
+            return Ok(());
+        }
+        let mut salt = [0u8; cipher::SALT as usize];
+        self.file.read_exact_at(&mut salt, self.data_start()).map_err(|source| ReadError::Io { what: "reading the salt", source })?;
+        self.aead = Some(Arc::new(key.for_salt(&salt)));
+        Ok(())
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.header.flags & flags::ENCRYPTED != 0
     }
 
     pub fn header(&self) -> &Header {
@@ -100,6 +194,24 @@ impl AssignmentReader {
         Region { file: self.file.clone(), pos: from, end: from + len }
     }
 
+    /// Plaintext bytes `from..from + len` of the data part.
+    fn data_region(&self, from: u64, len: u64) -> Result<DataRegion, ReadError> {
+        if !self.is_encrypted() {
+            return Ok(DataRegion::Plain(self.region(self.data_start() + from, len)));
+        }
+        let aead = self.aead.clone().ok_or(ReadError::CipherKeyRequired)?;
+        Ok(DataRegion::Encrypted(DecryptingRegion {
+            file: self.file.clone(),
+            aead,
+            data_start: self.data_start(),
+            plain_len: self.plain_data_len,
+            pos: from,
+            end: from + len,
+            buf: Vec::new(),
+            chunk: 0,
+        }))
+    }
+
     fn data_start(&self) -> u64 {
         HEADER_LEN as u64 + self.header.body_len + TRAILER_LEN as u64
     }
@@ -109,8 +221,8 @@ impl AssignmentReader {
     /// before applying anything.
     pub fn verify(&self, key: Option<&SealKey>) -> Result<(), ReadError> {
         let h = &self.header;
-        if h.flags & flags::ENCRYPTED != 0 {
-            return Err(ReadError::Encrypted);
+        if self.is_encrypted() && self.aead.is_none() {
+            return Err(ReadError::CipherKeyRequired);
         }
         let sealed = h.flags & flags::SEALED != 0;
         match (sealed, key) {
@@ -133,16 +245,45 @@ impl AssignmentReader {
         if t.finalize() != blake3::Hash::from_bytes(stored) {
             return Err(ReadError::TrailerMismatch);
         }
-        let mut d = blake3::Hasher::new();
-        crate::write::copy_range(&self.file, self.data_start(), h.data_len, |b| {
-            d.update(b);
-            Ok(())
-        })
-        .map_err(io("reading the data part"))?;
-        if d.finalize() != blake3::Hash::from_bytes(h.data_hash) {
+        let data_hash = match &self.aead {
+            None => {
+                let mut d = blake3::Hasher::new();
+                crate::write::copy_range(&self.file, self.data_start(), h.data_len, |b| {
+                    d.update(b);
+                    Ok(())
+                })
+                .map_err(io("reading the data part"))?;
+                d.finalize()
+            }
+            Some(aead) => self.hash_and_authenticate(aead)?,
+        };
+        if data_hash != blake3::Hash::from_bytes(h.data_hash) {
             return Err(ReadError::DataHashMismatch);
         }
         Ok(())
+    }
+
+    /// One pass over an encrypted data part: its BLAKE3, and every chunk's tag checked.
+    fn hash_and_authenticate(&self, aead: &DataCipher) -> Result<blake3::Hash, ReadError> {
+        let io = |source| ReadError::Io { what: "reading the data part", source };
+        let start = self.data_start();
+        let mut d = blake3::Hasher::new();
+        let mut buf = vec![0u8; (cipher::CHUNK + cipher::TAG) as usize];
+        self.file.read_exact_at(&mut buf[..cipher::SALT as usize], start).map_err(io)?;
+        d.update(&buf[..cipher::SALT as usize]);
+        let plain = self.plain_data_len;
+        let chunks = plain.div_ceil(cipher::CHUNK);
+        for i in 0..chunks {
+            let n = (plain - i * cipher::CHUNK).min(cipher::CHUNK) as usize;
+            let piece = &mut buf[..n + cipher::TAG as usize];
+            self.file.read_exact_at(piece, start + cipher::chunk_offset(i)).map_err(io)?;
+            d.update(piece);
+            let (data, tag) = piece.split_at_mut(n);
+            if !aead.open(i, i + 1 == chunks, data, tag) {
+                return Err(ReadError::Undecryptable { chunk: i });
+            }
+        }
+        Ok(d.finalize())
     }
 
     /// The commands in order, decoded one record at a time.
@@ -153,7 +294,7 @@ impl AssignmentReader {
             index: 0,
             count: self.header.command_count,
             data_cursor: 0,
-            data_len: self.header.data_len,
+            data_len: self.plain_data_len,
             record: Vec::new(),
             done: false,
         }
@@ -161,11 +302,11 @@ impl AssignmentReader {
 
     /// A stream of the payload's bytes, decompressed, exactly `payload.len` long.
     pub fn payload(&self, p: &Payload) -> Result<PayloadStream, ReadError> {
-        let end = p.offset.checked_add(p.stored_len).filter(|e| *e <= self.header.data_len);
+        let end = p.offset.checked_add(p.stored_len).filter(|e| *e <= self.plain_data_len);
         if end.is_none() {
             return Err(ReadError::Body("payload outside the data part"));
         }
-        let region = self.region(self.data_start() + p.offset, p.stored_len);
+        let region = self.data_region(p.offset, p.stored_len)?;
         let inner = match p.codec {
             Codec::Raw => Inner::Raw(region),
             Codec::Zstd => Inner::Zstd(Box::new(
@@ -262,8 +403,8 @@ impl Iterator for Commands {
 }
 
 enum Inner {
-    Raw(Region),
-    Zstd(Box<zstd::stream::read::Decoder<'static, BufReader<Region>>>),
+    Raw(DataRegion),
+    Zstd(Box<zstd::stream::read::Decoder<'static, BufReader<DataRegion>>>),
 }
 
 /// A payload's bytes, decompressed on the fly. Fails (InvalidData) when the stored bytes

@@ -17,6 +17,7 @@ use crate::format::{
     AssignmentType, Codec, Command, HEADER_LEN, Header, MAX_RECORD, Payload, TRAILER_LEN, check_path,
     check_symlink_target, flags,
 };
+use crate::cipher::{self, CipherKey};
 use crate::policy::CompressionPolicy;
 use crate::{SealKey, trailer_hasher};
 
@@ -87,6 +88,7 @@ pub struct AssignmentWriter {
     data: BufWriter<File>,
     data_len: u64,
     compressed: bool,
+    cipher: Option<CipherKey>,
     record: Writer,
 }
 
@@ -106,8 +108,14 @@ impl AssignmentWriter {
             data: BufWriter::with_capacity(1 << 20, spool()?),
             data_len: 0,
             compressed: false,
+            cipher: None,
             record: Writer::new(),
         })
+    }
+
+    /// Encrypts the data part under `key` (see [`crate::cipher`]); the header gets `ENCRYPTED`.
+    pub fn encrypt_with(&mut self, key: CipherKey) {
+        self.cipher = Some(key);
     }
 
     fn push(&mut self, cmd: &Command) -> Result<(), WriteError> {
@@ -291,18 +299,30 @@ impl AssignmentWriter {
         let data_start = HEADER_LEN as u64 + self.body_len + TRAILER_LEN as u64;
         // The data part first, hashed on the way; header and trailer depend on its hash.
         let data = self.data.get_ref();
-        let mut hasher = blake3::Hasher::new();
-        let mut at = 0u64;
-        copy_range(data, 0, self.data_len, |b| {
-            hasher.update(b);
-            out.as_file().write_all_at(b, data_start + at)?;
-            at += b.len() as u64;
-            Ok(())
-        })
-        .map_err(io_err("writing the data part"))?;
+        let (data_hash, stored_len) = match &self.cipher {
+            None => {
+                let mut hasher = blake3::Hasher::new();
+                let mut at = 0u64;
+                copy_range(data, 0, self.data_len, |b| {
+                    hasher.update(b);
+                    out.as_file().write_all_at(b, data_start + at)?;
+                    at += b.len() as u64;
+                    Ok(())
+                })
+                .map_err(io_err("writing the data part"))?;
+                (hasher.finalize(), self.data_len)
+            }
+            Some(key) => (
+                write_encrypted(key, data, self.data_len, out.as_file(), data_start).map_err(io_err("encrypting the data part"))?,
+                cipher::stored_len(self.data_len),
+            ),
+        };
         let mut f = self.flags_byte();
         if self.seal.is_some() {
             f |= flags::SEALED;
+        }
+        if self.cipher.is_some() {
+            f |= flags::ENCRYPTED;
         }
         let header = Header {
             kind: self.meta.kind,
@@ -313,8 +333,8 @@ impl AssignmentWriter {
             target_serial: self.meta.target_serial,
             command_count: self.count,
             body_len: self.body_len,
-            data_len: self.data_len,
-            data_hash: *hasher.finalize().as_bytes(),
+            data_len: stored_len,
+            data_hash: *data_hash.as_bytes(),
         };
         let hb = header.encode();
         let mut trailer = trailer_hasher(self.seal.as_ref());
@@ -338,6 +358,28 @@ impl AssignmentWriter {
     fn flags_byte(&self) -> u8 {
         if self.compressed { flags::COMPRESSED } else { 0 }
     }
+}
+
+/// Writes the `len` plaintext bytes of `spool` encrypted (salt, then chunk ‖ tag …) at `at` in
+/// `out`; returns the BLAKE3 of what was written.
+fn write_encrypted(key: &CipherKey, spool: &File, len: u64, out: &File, at: u64) -> io::Result<blake3::Hash> {
+    let salt: [u8; cipher::SALT as usize] = rand::random();
+    let aead = key.for_salt(&salt);
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&salt);
+    out.write_all_at(&salt, at)?;
+    let mut buf = vec![0u8; (cipher::CHUNK + cipher::TAG) as usize];
+    let chunks = len.div_ceil(cipher::CHUNK);
+    for i in 0..chunks {
+        let n = (len - i * cipher::CHUNK).min(cipher::CHUNK) as usize;
+        spool.read_exact_at(&mut buf[..n], i * cipher::CHUNK)?;
+        let tag = aead.seal(i, i + 1 == chunks, &mut buf[..n]);
+        buf[n..n + tag.len()].copy_from_slice(&tag);
+        let piece = &buf[..n + tag.len()];
+        hasher.update(piece);
+        out.write_all_at(piece, at + cipher::chunk_offset(i))?;
+    }
+    Ok(hasher.finalize())
 }
 
 fn parent_dir(p: &Path) -> &Path {

@@ -44,14 +44,9 @@ impl PayloadReader for MemoryPayload {
     }
 }
 
-/// One instruction of a delta, applied in order to build the new file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeltaOp {
-    /// Append `len` bytes of the base file starting at `offset`.
-    Copy { offset: u64, len: u64 },
-    /// Append the next `len` bytes of the command's data.
-    Insert { len: u64 },
-}
+/// One instruction of a delta, applied in order to build the new file: the assignment
+/// format's own type (an apply-delta record's ops go to the interpreter unchanged).
+pub use cm_assignment::DeltaOp;
 
 /// One assignment command primitive (the WIT `command` variant).
 pub enum Command {

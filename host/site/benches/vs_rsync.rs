@@ -329,9 +329,29 @@ fn main() {
         let out = s.join("rss.cma");
         let build_rss = rss_of(&["build", big.to_str().unwrap(), out.to_str().unwrap()]);
         let size = fs::metadata(&out).unwrap().len();
-        let apply_rss = rss_of(&["apply", out.to_str().unwrap(), s.join("site-rss").to_str().unwrap()]);
-        t.row(&format!("peak RSS, build {} MiB assignment", size / MB), format!("{} MiB", build_rss / 1024), "-".into(), "child process".into());
-        t.row(&format!("peak RSS, apply {} MiB assignment", size / MB), format!("{} MiB", apply_rss / 1024), "-".into(), "child process".into());
+        let site_dir = s.join("site-rss");
+        let apply_rss = rss_of(&["apply", out.to_str().unwrap(), site_dir.to_str().unwrap(), "commit"]);
+        let _ = fs::remove_file(&out);
+        t.row(&format!("peak RSS, build {} MiB replicate assignment", size / MB), format!("{} MiB", build_rss / 1024), "-".into(), "child process, VmHWM".into());
+        t.row(&format!("peak RSS, apply {} MiB replicate assignment", size / MB), format!("{} MiB", apply_rss / 1024), "-".into(), "child process, VmHWM".into());
+        // A delta build and apply of the same big files: 1 MiB changed in the middle of each.
+        let big2 = s.join("rss-src2");
+        cp_a(&big, &big2);
+        for name in ["huge.bin", "huge.html"] {
+            let f = fs::File::options().write(true).open(big2.join(name)).unwrap();
+            let len = f.metadata().unwrap().len();
+            f.write_all_at(&g.noise(MB.min(len / 4) as usize), len / 2).unwrap();
+            drop(f);
+            set_mtime(&big2.join(name), 3_000_000);
+        }
+        let out = s.join("rss-delta.cma");
+        let delta_rss = rss_of(&["build-delta", big2.to_str().unwrap(), big.to_str().unwrap(), out.to_str().unwrap()]);
+        let apply_delta_rss = rss_of(&["apply", out.to_str().unwrap(), site_dir.to_str().unwrap()]);
+        t.row(&format!("peak RSS, build delta of {} MiB of files", (rss_mb + rss_mb / 4)), format!("{} MiB", delta_rss / 1024), "-".into(), "child process, VmHWM".into());
+        t.row(&format!("peak RSS, apply that delta ({} KiB assignment)", fs::metadata(&out).unwrap().len() / 1024), format!("{} MiB", apply_delta_rss / 1024), "-".into(), "child process, VmHWM".into());
+        for p in [&big, &big2, &site_dir] {
+            drop_dir(p);
+        }
     }
 
     println!("\n{:<72} {:>16} {:>32}  {}", "figure", "ours", "rsync", "note");
@@ -340,14 +360,24 @@ fn main() {
     }
 }
 
-/// Runs this bench binary as a child doing one step; returns the child's peak RSS in KiB.
+/// Runs this bench binary as a child doing one step; returns the child's peak RSS in KiB
+/// (its own `VmHWM`, printed as its last line: `getrusage(RUSAGE_CHILDREN)` would report the
+/// largest of all children so far, not this one).
 fn rss_of(args: &[&str]) -> u64 {
-    let st = Command::new(std::env::current_exe().unwrap()).arg("--rss-child").args(args).status().unwrap();
-    assert!(st.success());
-    // SAFETY: getrusage fills the struct we pass; RUSAGE_CHILDREN covers waited-for children.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
-    ru.ru_maxrss as u64
+    let out = Command::new(std::env::current_exe().unwrap()).arg("--rss-child").args(args).output().unwrap();
+    assert!(out.status.success(), "child {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().rev().find_map(|l| l.strip_prefix("VmHWM-KiB ")).and_then(|v| v.trim().parse().ok()).expect("child prints VmHWM-KiB")
+}
+
+/// Peak resident set of this process so far, in KiB.
+fn vm_hwm_kib() -> u64 {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("/proc/self/status has VmHWM")
 }
 
 fn rss_child() {
@@ -356,10 +386,18 @@ fn rss_child() {
         "build" => {
             build(Path::new(&a[1]), None, Path::new(&a[2]), &BuildOptions::new(AssignmentType::Replicate, 1)).unwrap();
         }
+        "build-delta" => {
+            // a[1] = staging, a[2] = shadow, a[3] = output
+            build(Path::new(&a[1]), Some(Path::new(&a[2])), Path::new(&a[3]), &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
+        }
         "apply" => {
             let site = Site::open(Path::new(&a[2]), SiteConfig::default()).unwrap();
             site.apply(Path::new(&a[1]), &mut NativeInterpreter).unwrap();
+            if a.get(3).map(String::as_str) == Some("commit") {
+                site.commit(None, &mut NativeInterpreter).unwrap();
+            }
         }
         other => panic!("unknown child step {other}"),
     }
+    println!("VmHWM-KiB {}", vm_hwm_kib());
 }

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use cm_assignment::format::Command as Cmd;
 use cm_assignment::reference::{ApplyError, check_base, resolve};
-use cm_assignment::{AssignmentReader, DeltaOp, PayloadStream};
-use cm_plugin_host::{Command, DeltaOp as PluginOp, PayloadReader, PluginError};
+use cm_assignment::{AssignmentReader, PayloadStream};
+use cm_plugin_host::{Command, PayloadReader, PluginError};
 
 use crate::{ApplyReport, Interpreter, Site, SiteError, clone, layout};
 
@@ -185,13 +185,7 @@ impl<'a> Streamer<'a> {
                 base: base.clone(),
                 mode: *mode,
                 mtime: *mtime,
-                ops: ops
-                    .iter()
-                    .map(|op| match *op {
-                        DeltaOp::Copy { offset, len } => PluginOp::Copy { offset, len },
-                        DeltaOp::Insert { len } => PluginOp::Insert { len },
-                    })
-                    .collect(),
+                ops: ops.clone(),
                 data: data(payload)?,
             },
             Cmd::Remove { path, recursive } => Command::Remove { path: path.clone(), recursive: *recursive },

@@ -18,7 +18,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use cm_assignment::{AssignmentReader, AssignmentType, ReadError, SealKey};
+use cm_assignment::{AssignmentReader, AssignmentType, CipherKey, ReadError, SealKey};
 use cm_plugin_host::{Command, CommandReport, PluginError};
 
 pub use apply::ApplyCause;
@@ -42,13 +42,15 @@ pub struct SiteConfig {
     pub backups: usize,
     /// When set, only assignments sealed with this key are accepted.
     pub key: Option<SealKey>,
+    /// Decrypts encrypted assignments (one without it is refused before anything is applied).
+    pub cipher: Option<CipherKey>,
     /// Most commands per interpreter call.
     pub batch_commands: usize,
 }
 
 impl Default for SiteConfig {
     fn default() -> Self {
-        SiteConfig { backups: 2, key: None, batch_commands: 256 }
+        SiteConfig { backups: 2, key: None, cipher: None, batch_commands: 256 }
     }
 }
 
@@ -232,7 +234,10 @@ impl Site {
     pub fn apply(&self, file: &Path, interp: &mut dyn Interpreter) -> Result<ApplyReport, SiteError> {
         let _lock = self.lock()?;
         let read_err = |source| SiteError::Read { file: file.to_path_buf(), source };
-        let reader = AssignmentReader::open(file).map_err(read_err)?;
+        let mut reader = AssignmentReader::open(file).map_err(read_err)?;
+        if let Some(k) = &self.config.cipher {
+            reader.decrypt_with(k).map_err(read_err)?;
+        }
         reader.verify(self.config.key.as_ref()).map_err(read_err)?;
         let h = reader.header().clone();
         let switched = |now_live| ApplyReport {

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use cm_assignment::reference;
-use cm_plugin_host::{Command, CommandReport, DeltaOp as PluginOp, PluginError};
+use cm_plugin_host::{Command, CommandReport, PluginError};
 
 use crate::Interpreter;
 
@@ -44,13 +44,6 @@ fn run(root: &Path, cmd: Command) -> Result<(), (String, reference::ApplyError)>
             reference::write_file(root, &path, mode, mtime, &mut data, len, None)
         }
         Command::ApplyDelta { path, base, mode, mtime, ops, mut data } => {
-            let ops: Vec<cm_assignment::DeltaOp> = ops
-                .into_iter()
-                .map(|op| match op {
-                    PluginOp::Copy { offset, len } => cm_assignment::DeltaOp::Copy { offset, len },
-                    PluginOp::Insert { len } => cm_assignment::DeltaOp::Insert { len },
-                })
-                .collect();
             reference::apply_delta(root, &path, &base, mode, mtime, &ops, &mut data, None)
         }
         Command::Remove { path, recursive } => reference::remove(root, &path, recursive),

@@ -3,16 +3,24 @@
 #
 # Topology (created here, removed on exit): one namespace per host, every veth on one bridge
 # (multicast snooping off, MTU 9000), sender 10.77.0.1, receivers 10.77.0.11... Loss is made
-# with nftables in the sender's namespace: `numgen random mod 100 < LOSS drop` on every UDP
-# datagram the sender emits (data and control, both tools alike), so all receivers see the same
-# loss pattern. The same nft rule counts the bytes the sender emitted (before the drop), which is
-# the "bytes sent ÷ payload" column for both tools (IP+UDP headers included).
+# with nftables on the bridge: `numgen random mod 100 < LOSS drop` on every UDP datagram the
+# sender emits (data and control, both tools alike) as it enters the bridge, so all receivers
+# see the same loss pattern. The rule before it counts the bytes the sender emitted (before the
+# drop), which is the "bytes sent ÷ payload" column for both tools (IP+UDP headers included).
+#
+# LINK_MBIT, when set, makes the sender's link a real bottleneck: a `tbf` qdisc at that rate on
+# its veth (a switch port of that speed: what exceeds it queues for 5 ms, then is dropped).
+# Without it the "link" is as fast as the CPUs can copy, and the machine's CPU share decides.
+#
+# Every (loss, receivers) point runs REPEAT times, the tools alternating, and a summary gives
+# the median wall time of each tool and the ratio UFTP time ÷ MCTP time (= MCTP's throughput
+# as a multiple of UFTP's): on a shared machine single runs differ by more than the tools do.
 #
 # Usage (root): mctp-vs-uftp.sh            # 256 MiB, 1/4/16 receivers, 0 % and 5 % loss
 #   SIZE_MIB=16 RECEIVERS="1 4" LOSSES="0 5" CMOVER=target/release/cmover mctp-vs-uftp.sh
 # Env: SIZE_MIB, RECEIVERS, LOSSES, CMOVER (path to cmover), RATE_MBIT (MCTP start rate, cap is
-# 2x), UFTP_RATE_KBIT (UFTP fixed rate), BLOCK (frame/block payload bytes for both tools),
-# TOOLS ("mctp uftp").
+# 2x, or LINK_MBIT when set), UFTP_RATE_KBIT (UFTP fixed rate), BLOCK (frame/block payload
+# bytes for both tools), TOOLS ("mctp uftp"), REPEAT (1), LINK_MBIT (unset).
 set -euo pipefail
 
 SIZE_MIB=${SIZE_MIB:-256}
@@ -23,6 +31,13 @@ RATE_MBIT=${RATE_MBIT:-2000}
 UFTP_RATE_KBIT=${UFTP_RATE_KBIT:-2000000}
 BLOCK=${BLOCK:-8800}
 TOOLS=${TOOLS:-"mctp uftp"}
+REPEAT=${REPEAT:-1}
+LINK_MBIT=${LINK_MBIT:-}
+MAX_RATE_MBIT=$((RATE_MBIT * 2))
+if [ -n "$LINK_MBIT" ]; then
+  # Both tools paced at the link's speed (MCTP may not exceed it; UFTP is told exactly it).
+  RATE_MBIT=$LINK_MBIT MAX_RATE_MBIT=$LINK_MBIT UFTP_RATE_KBIT=$((LINK_MBIT * 1000))
+fi
 MTU=9000
 P=cmb                      # namespace / interface prefix
 GROUP=239.77.9.1:47300     # MCTP data channel
@@ -55,6 +70,7 @@ add_host() { # name addr
   ip -n "$P-$1" route add 224.0.0.0/4 dev "v-$1"
 }
 add_host tx 10.77.0.1
+[ -z "$LINK_MBIT" ] || ip netns exec "$P-tx" tc qdisc add dev v-tx root tbf rate "${LINK_MBIT}mbit" burst 512kb latency 5ms
 for i in $(seq 1 "$MAXN"); do add_host "rx$i" "10.77.0.$((10 + i))"; done
 
 FILE=$WORK/payload.bin
@@ -62,18 +78,22 @@ head -c $((SIZE_MIB << 20)) /dev/urandom > "$FILE"
 SIZE=$(stat -c %s "$FILE")
 
 set_loss() { # percent
-  ip netns exec "$P-tx" nft delete table inet $P 2>/dev/null || true
-  ip netns exec "$P-tx" nft -f - <<NFT
-table inet $P {
-  chain out {
-    type filter hook output priority 0;
-    meta l4proto udp counter
-    meta l4proto udp numgen random mod 100 < $1 drop
+  # On the bridge, where the sender's port enters it (prerouting: once per datagram, before the
+  # bridge floods it), so every receiver sees the same loss and the sender never sees an error.
+  # Dropping in the sender's own output hook instead makes sendmsg fail with EPERM, which UFTP
+  # treats as fatal.
+  ip netns exec "$P-br" nft delete table bridge $P 2>/dev/null || true
+  ip netns exec "$P-br" nft -f - <<NFT
+table bridge $P {
+  chain pre {
+    type filter hook prerouting priority 0;
+    iifname "p-tx" ether type ip ip protocol udp counter
+    iifname "p-tx" ether type ip ip protocol udp numgen random mod 100 < $1 drop
   }
 }
 NFT
 }
-sent_bytes() { ip netns exec "$P-tx" nft list chain inet $P out | awk '/counter/ { for (i = 1; i <= NF; i++) if ($i == "bytes") { print $(i + 1); exit } }'; }
+sent_bytes() { ip netns exec "$P-br" nft list chain bridge $P pre | awk '/counter/ { for (i = 1; i <= NF; i++) if ($i == "bytes") { print $(i + 1); exit } }'; }
 now() { date +%s.%N; }
 peak_rss() { sort -n "$@" | tail -1; }
 check_copies() { # dir-prefix n
@@ -99,7 +119,7 @@ run_mctp() { # n loss
   local t0 t1
   t0=$(now)
   CM_CLUSTER_SECRET=bench ip netns exec "$P-tx" "$CMOVER" mctp send "$FILE" --group $GROUP --interface 10.77.0.1 \
-    --expect "$n" --frame-size "$BLOCK" --rate-mbit "$RATE_MBIT" --max-rate-mbit $((RATE_MBIT * 2)) >"$WORK/mtx.log" 2>&1 || true
+    --expect "$n" --frame-size "$BLOCK" --rate-mbit "$RATE_MBIT" --max-rate-mbit "$MAX_RATE_MBIT" >"$WORK/mtx.log" 2>&1 || true
   t1=$(now)
   wait "${pids[@]}" 2>/dev/null || true
   local ok; ok=$(check_copies "$WORK/m" "$n")
@@ -139,13 +159,31 @@ run_uftp() { # n loss
 row() { # tool n loss t0 t1 bytes rss_kb copies
   awk -v tool="$1" -v n="$2" -v loss="$3" -v t0="$4" -v t1="$5" -v b="$6" -v rss="$7" -v ok="$8" -v size="$SIZE" 'BEGIN {
     s = t1 - t0;
-    printf "%-5s %4d %5s%% %9.2f %10.1f %9.3f %10.1f %6d/%d\n", tool, n, loss, s, size / s / 1e6, b / size, rss / 1024, ok, n }'
+    printf "%-5s %4d %5s%% %9.2f %10.1f %9.3f %10.1f %6d/%d\n", tool, n, loss, s, size / s / 1e6, b / size, rss / 1024, ok, n }' | tee -a "$WORK/rows"
 }
 
-printf "%s MiB, block %s bytes, MTU %s, loss at the sender's egress (nft numgen random)\n" "$SIZE_MIB" "$BLOCK" $MTU
+# Median wall time per tool and point, over runs where every copy arrived; ratio = UFTP ÷ MCTP.
+summary() {
+  echo
+  echo "median over $REPEAT run(s) (runs with every copy only)   ratio = UFTP time / MCTP time"
+  printf "%4s %6s %9s %9s %7s %9s %9s\n" rcv loss "MCTP s" "UFTP s" ratio "MCTP s/p" "UFTP s/p"
+  awk '{ split($8, c, "/"); if (c[1] == c[2]) { k = $2 " " $3; t[$1, k] = t[$1, k] " " $4; r[$1, k] = r[$1, k] " " $6; keys[k] = 1 } }
+    function med(list,   a, n, i, j, x) { n = split(list, a, " "); if (n == 0) return -1
+      for (i = 2; i <= n; i++) { x = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > x; j--) a[j + 1] = a[j]; a[j + 1] = x }
+      return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
+    END { for (k in keys) { split(k, p, " "); m = med(t["MCTP", k]); u = med(t["UFTP", k])
+      printf "%4d %6s %9.2f %9.2f %7s %9.3f %9.3f\n", p[1], p[2], m, u, (m > 0 && u > 0) ? sprintf("%.2f", u / m) : "-", med(r["MCTP", k]), med(r["UFTP", k]) } }' "$WORK/rows" | sort -k2,2n -k1,1n
+}
+
+printf "%s MiB, block %s bytes, MTU %s, link %s, loss where the sender's port enters the bridge (nft numgen random)\n" \
+  "$SIZE_MIB" "$BLOCK" $MTU "${LINK_MBIT:+$LINK_MBIT Mbit/s tbf}${LINK_MBIT:-unshaped}"
+: > "$WORK/rows"
 printf "%-5s %4s %6s %9s %10s %9s %10s %8s\n" tool rcv loss "wall s" "goodput MB/s" "sent/pay" "rx RSS MiB" copies
 for loss in $LOSSES; do
   for n in $RECEIVERS; do
-    for tool in $TOOLS; do "run_$tool" "$n" "$loss"; done
+    for r in $(seq 1 "$REPEAT"); do
+      for tool in $TOOLS; do "run_$tool" "$n" "$loss"; done
+    done
   done
 done
+summary

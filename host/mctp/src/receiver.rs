@@ -399,6 +399,12 @@ impl Receiver {
         self.queue.pop_front()
     }
 
+    /// True when [`Receiver::poll_event`] has something: a driver that batches writes applies
+    /// them before handling a new session's events.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     pub fn poll_event(&mut self) -> Option<RxEvent> {
         self.events.pop_front()
     }

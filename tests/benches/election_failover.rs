@@ -2,6 +2,10 @@
 //! message rate. `cargo bench -p cm-tests --bench election_failover`
 //! (`ELECTION_BENCH_SIZES=3,10,50`, `ELECTION_BENCH_RUNS=5` change the sweep).
 //!
+//! Each size runs twice, side by side: nodes without memory (`spawn`) and nodes that store
+//! their restart state in a file after every input (`spawn_persistent`, as `cmover agent`
+//! does), to show what the state file costs.
+//!
 //! Failover = from the leader's task being killed (at a random point of its heartbeat cycle)
 //! until every live node reports the same new leader and that node reports itself leader.
 //! VRRP (RFC 5798): master down interval = 3 × interval + (256 − priority)/256 × interval,
@@ -9,10 +13,11 @@
 //! (the best possible backup).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use cm_agent::election::{self, DriverConfig, ElectionHandle, ElectionStatus};
+use cm_agent::election::{self, DriverConfig, ElectionHandle, ElectionStatus, StateFile};
 use cm_election::{Config, NodeId, PriorityInputs, Timing};
 use rand::Rng;
 use tokio::sync::watch;
@@ -42,14 +47,19 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(n: usize) -> Result<Self> {
+    /// `n` nodes; with `state_dir`, each keeps its restart state in a file there.
+    fn start(n: usize, state_dir: Option<&Path>) -> Result<Self> {
         let channel = fresh_channel();
         let mut handles = Vec::new();
         for i in 1..=n {
             let id = i as NodeId;
             let mut c = Config::new(0xBE7C, id, 1, b"failover bench secret", channel, HEARTBEAT);
             c.priority = PriorityInputs { operator_weight: i as u8, ..Default::default() };
-            handles.push(election::spawn(c, DriverConfig::loopback(), id)?);
+            let handle = match state_dir {
+                Some(dir) => election::spawn_persistent(c, DriverConfig::loopback(), id, StateFile::at(dir.join(format!("node-{id}.state"))))?,
+                None => election::spawn(c, DriverConfig::loopback(), id)?,
+            };
+            handles.push(handle);
         }
         let watches = handles.iter().map(|h| h.watch_status()).collect();
         Ok(Cluster { handles, watches })
@@ -93,6 +103,7 @@ impl Cluster {
 
 struct Row {
     n: usize,
+    persistent: bool,
     failovers: Vec<Duration>,
     per_node_rate: f64,
     leader_rate: f64,
@@ -100,17 +111,19 @@ struct Row {
     strongest_won: usize,
 }
 
-async fn measure(n: usize, runs: usize) -> Result<Row> {
+async fn measure(n: usize, runs: usize, persistent: bool) -> Result<Row> {
     let mut failovers = Vec::new();
     let (mut per_node_rate, mut leader_rate, mut member_rate) = (0.0, 0.0, 0.0);
     let mut strongest_won = 0;
     for run in 0..runs {
-        let cluster = Cluster::start(n)?;
+        let dir = tempfile::tempdir()?;
+        let cluster = Cluster::start(n, persistent.then_some(dir.path()))?;
         let all: Vec<usize> = (0..n).collect();
+        // Usually the strongest (node n) leads. Nodes that store their state start one after
+        // the other (an fsync each), and a weaker early node may win before the strongest has
+        // started (a starting node then joins the working leader): kill whoever leads.
         let (leader, _) = cluster.wait_agreed(&all, true, Duration::from_secs(30)).await?;
-        if leader != n as NodeId {
-            bail!("the strongest node {n} should lead, not {leader}");
-        }
+        let leader_index = (leader - 1) as usize;
         if run == 0 {
             // Steady state: registered, reports done; count what everyone sends.
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -127,12 +140,13 @@ async fn measure(n: usize, runs: usize) -> Result<Row> {
         let phase = Duration::from_micros(rand::rng().random_range(0..HEARTBEAT.as_micros() as u64));
         tokio::time::sleep(phase).await;
         let killed = Instant::now();
-        cluster.handles[n - 1].abort();
-        let live: Vec<usize> = (0..n - 1).collect();
+        cluster.handles[leader_index].abort();
+        let live: Vec<usize> = (0..n).filter(|&i| i != leader_index).collect();
+        let strongest_survivor = live.iter().map(|&i| (i + 1) as NodeId).max().expect("n >= 2");
         let (new, at) = cluster.wait_agreed(&live, false, Duration::from_secs(10)).await?;
         // On a loaded host a weaker node can claim first and keep the role (sticky incumbent);
         // count how often the strongest survivor won rather than fail the run.
-        if new == (n - 1) as NodeId {
+        if new == strongest_survivor {
             strongest_won += 1;
         }
         failovers.push(at - killed);
@@ -142,7 +156,7 @@ async fn measure(n: usize, runs: usize) -> Result<Row> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     failovers.sort();
-    Ok(Row { n, failovers, per_node_rate, leader_rate, member_rate, strongest_won })
+    Ok(Row { n, persistent, failovers, per_node_rate, leader_rate, member_rate, strongest_won })
 }
 
 fn ms(d: Duration) -> String {
@@ -157,15 +171,16 @@ fn main() -> Result<()> {
     println!("election failover, real UDP multicast on loopback, heartbeat {} ms, {runs} runs per size", HEARTBEAT.as_millis());
     println!("documented bound (from the last heartbeat heard): {}", ms(bound));
     println!(
-        "{:>5} | {:>9} | {:>9} | {:>9} | {:>12} | {:>12} | {:>14} | {:>12} | {:>12} | {:>12} | {:>9}",
-        "nodes", "min", "median", "max", "VRRP p=100", "VRRP p=254", "median/VRRP100", "msg/s/node", "leader msg/s", "member msg/s", "strongest"
+        "{:>5} | {:>6} | {:>9} | {:>9} | {:>9} | {:>12} | {:>12} | {:>14} | {:>12} | {:>12} | {:>12} | {:>9}",
+        "nodes", "state", "min", "median", "max", "VRRP p=100", "VRRP p=254", "median/VRRP100", "msg/s/node", "leader msg/s", "member msg/s", "strongest"
     );
-    for n in sizes {
-        let row = rt.block_on(measure(n, runs))?;
+    for (n, persistent) in sizes.into_iter().flat_map(|n| [(n, false), (n, true)]) {
+        let row = rt.block_on(measure(n, runs, persistent))?;
         let median = row.failovers[row.failovers.len() / 2];
         println!(
-            "{:>5} | {:>9} | {:>9} | {:>9} | {:>12} | {:>12} | {:>14.2} | {:>12.2} | {:>12.2} | {:>12.2} | {:>9}",
+            "{:>5} | {:>6} | {:>9} | {:>9} | {:>9} | {:>12} | {:>12} | {:>14.2} | {:>12.2} | {:>12.2} | {:>12.2} | {:>9}",
             row.n,
+            if row.persistent { "file" } else { "memory" },
             ms(row.failovers[0]),
             ms(median),
             ms(*row.failovers.last().expect("runs >= 1")),

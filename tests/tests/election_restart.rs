@@ -151,25 +151,36 @@ async fn the_incarnation_grows_past_a_saved_one_from_the_future() -> Result<()> 
 async fn a_corrupt_or_foreign_state_file_stops_the_start_and_names_the_file() -> Result<()> {
     let channel = fresh_channel();
     let dir = tempfile::tempdir()?;
-    let h = spawn(6, 1, channel, dir.path())?;
-    tokio::time::sleep(HEARTBEAT).await;
-    h.abort();
+    // Two runs: each start saves its incarnation, to the other slot.
+    for _ in 0..2 {
+        let h = spawn(6, 1, channel, dir.path())?;
+        tokio::time::sleep(HEARTBEAT).await;
+        h.abort();
+    }
     let file = StateFile::in_dir(dir.path());
-    let mut bytes = std::fs::read(file.path())?;
-    let good = bytes.clone();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x40;
-    std::fs::write(file.path(), &bytes)?;
+    let slots = file.slot_paths();
+    let good: Vec<Vec<u8>> = slots.iter().map(std::fs::read).collect::<Result<_, _>>()?;
+    assert!(good.iter().all(|g| !g.is_empty()), "two starts fill both slots");
+    let newest = file.load()?.context("a saved state")?;
+    // One torn slot: the other one is used.
+    let mut torn = good[0].clone();
+    let mid = torn.len() / 2;
+    torn[mid] ^= 0x40;
+    std::fs::write(&slots[0], &torn)?;
+    assert!(file.load()?.is_some(), "the intact slot is used");
+    // Both corrupt (one flipped, one truncated): the start stops and names a slot file.
+    std::fs::write(&slots[1], &good[1][..good[1].len() / 2])?;
     match spawn(6, 1, channel, dir.path()).map_err(|e| e.downcast::<DriverError>()) {
         Err(Ok(e @ DriverError::StateCorrupt { .. })) => {
-            assert!(e.to_string().contains(&file.path().display().to_string()), "{e}");
+            assert!(e.to_string().contains(&slots[0].display().to_string()), "{e}");
         }
         other => bail!("a corrupt state file was accepted: {:?}", other.map(|h| h.status())),
     }
-    std::fs::write(file.path(), &good[..good.len() - 3])?;
-    assert!(spawn(6, 1, channel, dir.path()).is_err(), "a truncated state file is refused");
     // Another node's state (a copied data directory) is refused too.
-    std::fs::write(file.path(), &good)?;
+    for (slot, bytes) in slots.iter().zip(&good) {
+        std::fs::write(slot, bytes)?;
+    }
+    assert_eq!(file.load()?.as_ref(), Some(&newest));
     let err = spawn(7, 1, channel, dir.path()).err().context("another node's state was accepted")?;
     assert!(err.to_string().contains("node 6"), "{err}");
     Ok(())

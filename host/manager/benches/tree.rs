@@ -1,15 +1,18 @@
 //! Tree distribution benchmark: one assignment from the manager to N group leaders on loopback.
 //!
-//! Prints one table, every row measured in this run: a single transfer (1 GL), the dynamic tree
-//! (fan-out 2), a chain (fan-out 1, fully pipelined) and a star (the manager sends to each GL
-//! itself). Time is measured from the first byte any GL verifies to the last GL holding the whole
+//! For each upload configuration, every row measured in this run: a single transfer (1 GL), the
+//! dynamic tree (fan-out 2), a chain (fan-out 1, fully pipelined: the fan-out
+//! `TreeConfig::for_links` picks when uploads are as fast as downloads) and a star (the manager
+//! sends to each GL itself); then one summary of the ratios to the single transfer side by side.
+//! Time is measured from the first byte any GL verifies to the last GL holding the whole
 //! assignment; the manager's preparation (copy + chunk hashes) is shown apart.
 //!
 //! ```text
-//! cargo bench -p cm-manager --bench tree -- [--size-mib 512] [--gls 16] [--egress-mib 0] [--chunk-kib 1024]
+//! cargo bench -p cm-manager --bench tree -- [--size-mib 512] [--gls 16] [--egress-mib 0,64] [--chunk-kib 1024]
 //! ```
-//! `--egress-mib N` gives every node an upload budget of N MiB/s shared by all its children (a
-//! simulated NIC); 0 = unlimited (then the 2 shared cores are the bottleneck, not the links).
+//! `--egress-mib N[,M..]` gives every node an upload budget of N MiB/s shared by all its children
+//! (a simulated NIC), one configuration per value; 0 = unlimited (then the 2 shared cores are the
+//! bottleneck, not the links: 16 receivers do 16 times the hashing, copying and writing of one).
 
 use cm_manager::cluster::{NodeThread, operator_client, report_discovery};
 use cm_manager::forward::BoxFuture;
@@ -39,12 +42,12 @@ impl LocalDelivery for ReportOnlyDelivery {
 struct Args {
     size_mib: u64,
     gls: usize,
-    egress_mib: u64,
+    egress_mib: Vec<u64>,
     chunk_kib: u32,
 }
 
 fn args() -> Args {
-    let mut a = Args { size_mib: 512, gls: 16, egress_mib: 0, chunk_kib: 1024 };
+    let mut a = Args { size_mib: 512, gls: 16, egress_mib: vec![0, 64], chunk_kib: 1024 };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < v.len() {
@@ -52,7 +55,12 @@ fn args() -> Args {
         match v[i].as_str() {
             "--size-mib" => a.size_mib = next().unwrap_or(a.size_mib),
             "--gls" => a.gls = next().map_or(a.gls, |n| n as usize),
-            "--egress-mib" => a.egress_mib = next().unwrap_or(0),
+            "--egress-mib" => {
+                a.egress_mib = v.get(i + 1).map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect()).unwrap_or_default();
+                if a.egress_mib.is_empty() {
+                    a.egress_mib = vec![0];
+                }
+            }
             "--chunk-kib" => a.chunk_kib = next().map_or(a.chunk_kib, |n| n as u32),
             _ => {
                 i += 1;
@@ -69,10 +77,10 @@ struct Measured {
     transfer: Duration,
 }
 
-fn run_one(a: &Args, file: &Path, gls: usize, tree: TreeConfig) -> Measured {
+fn run_one(a: &Args, egress_mib: u64, file: &Path, gls: usize, tree: TreeConfig) -> Measured {
     let dir = tempfile::tempdir().expect("tempdir");
     let size = a.size_mib << 20;
-    let egress = (a.egress_mib > 0).then_some(a.egress_mib << 20);
+    let egress = (egress_mib > 0).then_some(egress_mib << 20);
     let mut cfg = ManagerConfig::new(dir.path().join("manager"), OP, AGENT);
     cfg.tree = tree;
     cfg.chunk_size = a.chunk_kib << 10;
@@ -160,26 +168,38 @@ fn main() {
         }
     }
     let n = a.gls;
-    let egress = if a.egress_mib == 0 { "unlimited".to_string() } else { format!("{} MiB/s per node", a.egress_mib) };
-    println!("tree distribution: {} MiB to {n} GLs on loopback, chunk {} KiB, upload {egress}", a.size_mib, a.chunk_kib);
-    let rows: Vec<(&str, usize, TreeConfig)> = vec![
-        ("single transfer (1 GL)", 1, TreeConfig { root_fanout: 1, leader_fanout: 1, star_max: 1 }),
-        ("dynamic tree, fan-out 2", n, TreeConfig { root_fanout: 2, leader_fanout: 2, star_max: 0 }),
-        ("chain, fan-out 1 (pipelined)", n, TreeConfig { root_fanout: 1, leader_fanout: 1, star_max: 0 }),
-        ("star (manager sends to each)", n, TreeConfig { root_fanout: n, leader_fanout: 0, star_max: n }),
-    ];
-    println!("{:<32} {:>6} {:>10} {:>10} {:>12} {:>10}", "shape", "GLs", "prep s", "transfer s", "MiB/s per GL", "vs single");
-    let mut single = None;
-    for (name, gls, tree) in rows {
-        let m = run_one(&a, &file, gls, tree);
-        let t = m.transfer.as_secs_f64();
-        let base = *single.get_or_insert(t);
-        println!(
-            "{name:<32} {gls:>6} {:>10.2} {:>10.2} {:>12.1} {:>9.2}x",
-            m.prep.as_secs_f64(),
-            t,
-            a.size_mib as f64 / t,
-            t / base
-        );
+    let mut summary = Vec::new();
+    for &egress_mib in &a.egress_mib {
+        let egress = if egress_mib == 0 { "unlimited".to_string() } else { format!("{egress_mib} MiB/s per node") };
+        println!("\ntree distribution: {} MiB to {n} GLs on loopback, chunk {} KiB, upload {egress}", a.size_mib, a.chunk_kib);
+        let chain = TreeConfig::for_links(1, 1, 1, n);
+        let rows: Vec<(&str, usize, TreeConfig)> = vec![
+            ("single transfer (1 GL)", 1, TreeConfig { root_fanout: 1, leader_fanout: 1, star_max: 1 }),
+            ("dynamic tree, fan-out 2", n, TreeConfig { root_fanout: 2, leader_fanout: 2, star_max: 0 }),
+            ("chain, fan-out 1 (pipelined)", n, chain),
+            ("star (manager sends to each)", n, TreeConfig { root_fanout: n, leader_fanout: 0, star_max: n }),
+        ];
+        println!("{:<32} {:>6} {:>10} {:>10} {:>12} {:>10}", "shape", "GLs", "prep s", "transfer s", "MiB/s per GL", "vs single");
+        let mut single = None;
+        let mut ratios = Vec::new();
+        for (name, gls, tree) in rows {
+            let m = run_one(&a, egress_mib, &file, gls, tree);
+            let t = m.transfer.as_secs_f64();
+            let base = *single.get_or_insert(t);
+            println!(
+                "{name:<32} {gls:>6} {:>10.2} {:>10.2} {:>12.1} {:>9.2}x",
+                m.prep.as_secs_f64(),
+                t,
+                a.size_mib as f64 / t,
+                t / base
+            );
+            ratios.push(t / base);
+        }
+        summary.push((egress, single.unwrap_or(0.0), ratios));
+    }
+    println!("\nsummary ({} MiB to {n} GLs): total time / one single transfer of the same bytes, same run", a.size_mib);
+    println!("{:<24} {:>10} {:>12} {:>12} {:>12}", "upload per node", "single s", "tree/single", "chain/single", "star/single");
+    for (egress, single, r) in summary {
+        println!("{egress:<24} {single:>10.2} {:>11.2}x {:>11.2}x {:>11.2}x", r[1], r[2], r[3]);
     }
 }

@@ -21,8 +21,18 @@ use tokio::time::Instant;
 use crate::http::{Body, ClientError, JsonClient};
 use crate::manifest::{Manifest, ManifestError};
 
-/// Frames a served stream is cut into.
-const FRAME: u64 = 256 << 10;
+/// Frames a served stream read from disk is cut into.
+const FRAME: u64 = 1 << 20;
+/// Newest verified chunks a receiving node keeps in memory, as received: children a few chunks
+/// behind (the usual case in a pipelined tree) are served from them without reading the file.
+const WINDOW_CHUNKS: usize = 8;
+
+/// One verified chunk in the in-memory window.
+struct Held {
+    at: u64,
+    len: u64,
+    pieces: Vec<Bytes>,
+}
 
 #[derive(Debug, Error)]
 pub enum BlobError {
@@ -81,6 +91,7 @@ pub struct Blob {
     /// Per child segment: the state of the stream it is pulling from this node.
     streams: Mutex<HashMap<String, watch::Sender<StreamState>>>,
     egress: Option<Arc<Egress>>,
+    window: Mutex<std::collections::VecDeque<Held>>,
 }
 
 impl Blob {
@@ -113,6 +124,7 @@ impl Blob {
             verified: watch::Sender::new(verified),
             streams: Mutex::new(HashMap::new()),
             egress,
+            window: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 
@@ -173,6 +185,24 @@ impl Blob {
                     }
                     continue;
                 }
+                if let Some(pieces) = blob.from_window(pos) {
+                    let mut hung_up = false;
+                    for p in pieces {
+                        let n = p.len() as u64;
+                        if let Some(e) = &blob.egress {
+                            e.take(n).await;
+                        }
+                        if tx.send_data(p).await.is_err() {
+                            hung_up = true;
+                            break;
+                        }
+                        pos += n;
+                    }
+                    if hung_up {
+                        break; // the child hung up
+                    }
+                    continue;
+                }
                 let n = (avail - pos).min(FRAME);
                 if let Some(e) = &blob.egress {
                     e.take(n).await;
@@ -213,19 +243,53 @@ impl Blob {
         r
     }
 
-    /// Appends one verified chunk at `verified`.
-    async fn store_chunk(&self, index: u64, data: Vec<u8>) -> Result<(), BlobError> {
+    /// Appends one verified chunk at `verified`, given as the pieces it arrived in (written as
+    /// they are, never copied into one buffer), and keeps it in the in-memory window.
+    async fn store_chunk(&self, index: u64, pieces: Vec<Bytes>) -> Result<(), BlobError> {
         let at = self.verified();
         let file = self.file.clone();
         let path = self.path.clone();
-        let n = data.len() as u64;
-        tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-            .map_err(|source| BlobError::Io { path, source })?;
+        let n: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        let pieces = tokio::task::spawn_blocking(move || {
+            let mut pos = at;
+            for p in &pieces {
+                file.write_all_at(p, pos)?;
+                pos += p.len() as u64;
+            }
+            Ok(pieces)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(|source| BlobError::Io { path, source })?;
         debug_assert_eq!(at, index * u64::from(self.manifest.chunk_size));
+        {
+            let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+            w.push_back(Held { at, len: n, pieces });
+            while w.len() > WINDOW_CHUNKS {
+                w.pop_front();
+            }
+        }
         self.verified.send_replace(at + n);
         Ok(())
+    }
+
+    /// The verified bytes from `pos` to the end of their chunk, if that chunk is still in the
+    /// in-memory window: pieces shared with the receive path (no read, no copy).
+    fn from_window(&self, pos: u64) -> Option<Vec<Bytes>> {
+        let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let held = w.iter().find(|h| h.at <= pos && pos < h.at + h.len)?;
+        let mut skip = pos - held.at;
+        let mut out = Vec::with_capacity(held.pieces.len());
+        for p in &held.pieces {
+            let len = p.len() as u64;
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            out.push(p.slice(skip as usize..));
+            skip = 0;
+        }
+        Some(out)
     }
 
     /// Fetches the rest of the blob from `url` (resuming at `verified`), verifying each chunk
@@ -240,7 +304,10 @@ impl Blob {
         let mut body: Incoming = resp.into_body();
         let chunk_size = u64::from(self.manifest.chunk_size);
         let mut index = start / chunk_size;
-        let mut buf: Vec<u8> = Vec::with_capacity(self.manifest.chunk_len(index) as usize);
+        // The chunk being received: its pieces as they came off the wire, hashed as they arrive.
+        let mut pieces: Vec<Bytes> = Vec::new();
+        let mut have = 0u64;
+        let mut hasher = blake3::Hasher::new();
         let interrupted = |why: String| BlobError::Interrupted { url: url.into(), at: self.verified(), size, why };
         while self.verified() < size {
             let frame = match tokio::time::timeout(stall, body.frame()).await {
@@ -251,16 +318,18 @@ impl Blob {
             };
             let Ok(mut data) = frame.into_data() else { continue };
             while !data.is_empty() {
-                let want = self.manifest.chunk_len(index) as usize - buf.len();
-                let take = want.min(data.len());
-                buf.extend_from_slice(&data.split_to(take));
-                if buf.len() as u64 == self.manifest.chunk_len(index) {
-                    if self.manifest.verify_chunk(index, &buf).is_err() {
+                let want = self.manifest.chunk_len(index) - have;
+                let piece = data.split_to(want.min(data.len() as u64) as usize);
+                hasher.update(&piece);
+                have += piece.len() as u64;
+                pieces.push(piece);
+                if have == self.manifest.chunk_len(index) {
+                    if self.manifest.verify_chunk_hash(index, have, &hasher.finalize()).is_err() {
                         return Err(BlobError::Corrupt { url: url.into(), index });
                     }
-                    let next_len = if index + 1 < self.manifest.chunk_count() { self.manifest.chunk_len(index + 1) } else { 0 };
-                    let chunk = std::mem::replace(&mut buf, Vec::with_capacity(next_len as usize));
-                    self.store_chunk(index, chunk).await?;
+                    hasher.reset();
+                    have = 0;
+                    self.store_chunk(index, std::mem::take(&mut pieces)).await?;
                     index += 1;
                     if index == self.manifest.chunk_count() && !data.is_empty() {
                         return Err(interrupted("the source sent more bytes than the manifest says".into()));
@@ -275,6 +344,30 @@ impl Blob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn recent_chunks_are_served_from_memory_exactly_and_old_ones_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(WINDOW_CHUNKS as u32 + 3) * 1000).map(|i| (i * 31 % 251) as u8).collect();
+        let m = Manifest::of_bytes(&data, 1000);
+        let blob = Blob::create(&dir.path().join("a"), m.clone(), None).unwrap();
+        for i in 0..m.chunk_count() {
+            let c = &data[(i * 1000) as usize..((i + 1) * 1000) as usize];
+            // Arrived in three uneven pieces, as frames off the wire do.
+            let pieces = vec![Bytes::copy_from_slice(&c[..7]), Bytes::copy_from_slice(&c[7..600]), Bytes::copy_from_slice(&c[600..])];
+            blob.store_chunk(i, pieces).await.unwrap();
+        }
+        assert!(blob.is_complete());
+        assert_eq!(std::fs::read(blob.path()).unwrap(), data, "the file holds every piece at its offset");
+        let first_held = (m.chunk_count() - WINDOW_CHUNKS as u64) * 1000;
+        assert!(blob.from_window(first_held - 1).is_none(), "chunks beyond the window are read from the file");
+        for pos in [first_held, first_held + 5, first_held + 7, first_held + 650, data.len() as u64 - 1] {
+            let got: Vec<u8> = blob.from_window(pos).unwrap().concat();
+            let end = (pos / 1000 + 1) * 1000;
+            assert_eq!(got, &data[pos as usize..end as usize], "from {pos} to the end of its chunk");
+        }
+        assert!(blob.from_window(data.len() as u64).is_none());
+    }
 
     #[tokio::test]
     async fn egress_spaces_out_bytes() {

@@ -104,12 +104,18 @@ impl Manifest {
 
     /// Verifies chunk `index`. Compares `blake3::Hash` values, which is constant time.
     pub fn verify_chunk(&self, index: u64, data: &[u8]) -> Result<(), ManifestError> {
+        self.verify_chunk_hash(index, data.len() as u64, &blake3::hash(data))
+    }
+
+    /// Verifies chunk `index` from its length and hash, for a receiver that hashed the chunk
+    /// piece by piece as it arrived (no copy into one buffer).
+    pub fn verify_chunk_hash(&self, index: u64, len: u64, hash: &blake3::Hash) -> Result<(), ManifestError> {
         let expected = self
             .chunks
             .get(index as usize)
             .and_then(|h| blake3::Hash::from_hex(h).ok())
             .ok_or(ManifestError::Invalid("chunk index out of range"))?;
-        if data.len() as u64 != self.chunk_len(index) || blake3::hash(data) != expected {
+        if len != self.chunk_len(index) || *hash != expected {
             return Err(ManifestError::ChunkMismatch { index });
         }
         Ok(())

@@ -61,6 +61,18 @@ impl Default for TreeConfig {
 }
 
 impl TreeConfig {
+    /// The shape for `n` GLs from link speeds (bytes/s): with pipelined forwarding a node's
+    /// upload is shared by the children it serves at once, so each node serves as many children
+    /// as its upload can feed at their download speed, at least one. Uploads as fast as
+    /// downloads (symmetric NICs) give fan-out 1: a chain, where every GL receives at full speed
+    /// and the whole run takes one transfer plus a chunk per hop. Few GLs stay a star only when
+    /// the manager can feed them all at once.
+    pub fn for_links(manager_upload: u64, leader_upload: u64, leader_download: u64, n: usize) -> TreeConfig {
+        let fan = |up: u64| usize::try_from(up / leader_download.max(1)).unwrap_or(usize::MAX).max(1);
+        let root_fanout = fan(manager_upload);
+        TreeConfig { root_fanout, leader_fanout: fan(leader_upload), star_max: if root_fanout >= n { n } else { 0 } }
+    }
+
     /// Worker slots a node runs for `n` GLs: each slot asks for a child, serves it, asks again.
     pub fn slots(&self, node: &Node, n: usize) -> usize {
         let star = n <= self.star_max;
@@ -309,6 +321,14 @@ mod tests {
         sort_leaders(&mut v);
         let names: Vec<&str> = v.iter().map(|l| l.segment.as_str()).collect();
         assert_eq!(names, ["e", "d", "c", "b", "a"]);
+    }
+
+    #[test]
+    fn fan_out_follows_link_speeds() {
+        let mib = 1 << 20;
+        assert_eq!(TreeConfig::for_links(100 * mib, 100 * mib, 100 * mib, 16), TreeConfig { root_fanout: 1, leader_fanout: 1, star_max: 0 });
+        assert_eq!(TreeConfig::for_links(1000 * mib, 250 * mib, 100 * mib, 16), TreeConfig { root_fanout: 10, leader_fanout: 2, star_max: 0 });
+        assert_eq!(TreeConfig::for_links(1000 * mib, 50 * mib, 100 * mib, 4), TreeConfig { root_fanout: 10, leader_fanout: 1, star_max: 4 });
     }
 
     #[test]

@@ -66,6 +66,9 @@ impl Agent {
         // A free port for the status listener (the agent binds it right away).
         let status = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let config = data.join("agent.toml");
+        // The agent also receives content on its segment's data channel (MCTP); the election
+        // tests do not use it, but `cmover agent` requires one: the control group, port + 1000.
+        let data_channel = SocketAddr::new(channel.ip(), channel.port().wrapping_add(1000));
         std::fs::write(
             &config,
             format!(
@@ -73,7 +76,8 @@ impl Agent {
                  [segment]\nname = {segment:?}\ncluster_id = {CLUSTER}\ncontrol_channel = \"{channel}\"\n\
                  interface = \"{interface}\"\nloopback = true\nsecret_file = {secret:?}\n\n\
                  [election]\nheartbeat_ms = {HEARTBEAT_MS}\noperator_weight = {weight}\n\n\
-                 [status]\nlisten = \"{status}\"\n"
+                 [status]\nlisten = \"{status}\"\n\n\
+                 [data]\nchannel = \"{data_channel}\"\n"
             ),
         )?;
         let mut agent = Agent { id, config, log: data.join("agent.log"), status, child: None, netns: netns.map(str::to_owned) };
@@ -96,6 +100,8 @@ impl Agent {
             .args(["agent", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            // `cmover agent` insists on an agent token even with no manager configured.
+            .env("CMOVER_AGENT_TOKEN", "election test agent token")
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

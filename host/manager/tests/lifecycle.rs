@@ -293,3 +293,49 @@ fn a_new_leader_elected_mid_run_is_notified_and_the_old_leaders_report_is_ignore
     }
     assert!(c.run(1)["reports"].as_array().unwrap().iter().all(|r| r[1]["status"] == "succeeded"));
 }
+
+/// Holds every delivery for a while before the servers apply it (slow servers).
+struct SlowDelivery(SiteDelivery, Duration);
+
+impl LocalDelivery for SlowDelivery {
+    fn deliver(&self, run: u64, a: PathBuf, m: Manifest) -> BoxFuture<'static, DeliveryOutcome> {
+        let inner = self.0.deliver(run, a, m);
+        let wait = self.1;
+        Box::pin(async move {
+            tokio::time::sleep(wait).await;
+            inner.await
+        })
+    }
+}
+
+#[test]
+fn a_manager_restarted_during_the_commit_run_finishes_the_commit() {
+    let mut o = Options::new(2);
+    o.tweak_manager = Box::new(|c| c.chunk_size = 64 << 10);
+    o.delivery = Box::new(|_, m| Arc::new(SlowDelivery(SiteDelivery::all(m), Duration::from_millis(1500))));
+    let mut c = Cluster::start(o);
+    let stage = staging(c.dir.path());
+    c.setup_site_from("www", c.all_servers(), &stage);
+    let job = c.submit_spec(&spec(JobKind::Publish, Payload::Staging, JobPolicy::default()));
+    // The commit run (run 2) is under way: the servers are holding its assignment.
+    c.wait_job(job.id, Duration::from_secs(60), |j| j.state == JobState::Running { run: 2 });
+    assert_eq!(current(&c.gls[0].members[0].1), None, "not live before the commit");
+    c.manager.kill();
+    let mut cfg = cm_manager::server::ManagerConfig::new(c.dir.path().join("manager"), OP, AGENT);
+    cfg.listen = c.manager_addr;
+    cfg.tick = Duration::from_millis(50);
+    cfg.probe_interval = Duration::from_millis(300);
+    cfg.chunk_size = 64 << 10;
+    let (_, _, thread) = start_manager(cfg);
+    c.manager = thread;
+    c.op = cm_manager::cluster::operator_client(OP);
+    let done = c.wait_finished(job.id, Duration::from_secs(60));
+    assert_eq!(done.state, JobState::Done, "{:#?}", c.history());
+    let want = tree_of(&stage);
+    for gl in &c.gls {
+        assert!(live_tree(&gl.members[0].1) == want, "{} is live after the restart", gl.members[0].0);
+    }
+    assert_eq!(c.runs().len(), 2, "the commit run was resumed, not started again");
+    assert_eq!(c.site("www")["committed"], serde_json::json!([1]));
+    assert!(c.history().iter().any(|e| e == "manager restarted: run resumed"));
+}

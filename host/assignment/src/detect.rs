@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::format::{AssignmentType, Header, check_symlink_target};
@@ -18,7 +18,9 @@ use crate::{CipherKey, SealKey};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
     Dir { mode: u32 },
-    File { len: u64, mtime: i64, mode: u32 },
+    /// `mtime` in whole seconds (what assignments carry); `mtime_nsec` its sub-second part,
+    /// compared only when both trees have one (a copy made through an assignment has none).
+    File { len: u64, mtime: i64, mode: u32, mtime_nsec: u32 },
     Symlink { target: String },
 }
 
@@ -44,7 +46,7 @@ pub fn scan(root: &Path) -> Result<BTreeMap<String, Entry>, BuildError> {
                 stack.push((full, path.clone()));
                 Entry::Dir { mode }
             } else if m.is_file() {
-                Entry::File { len: m.len(), mtime: mtime_secs(&m), mode }
+                Entry::File { len: m.len(), mtime: mtime_secs(&m), mode, mtime_nsec: m.mtime_nsec() as u32 }
             } else {
                 return Err(BuildError::Unsupported { path: full });
             };
@@ -188,9 +190,15 @@ pub fn build(staging: &Path, shadow: Option<&Path>, out: &Path, opts: &BuildOpti
                 w.write_file(path, *mode, *mtime, &open(staging, path)?)?;
                 report.new += 1;
             }
-            (Entry::File { len, mtime, mode }, Some(Entry::File { len: was_len, mtime: was_mtime, mode: was_mode })) => {
+            (
+                Entry::File { len, mtime, mode, mtime_nsec },
+                Some(Entry::File { len: was_len, mtime: was_mtime, mode: was_mode, mtime_nsec: was_nsec }),
+            ) => {
                 let shadow = shadow.expect("an old entry implies a shadow tree");
-                let content_same = if len == was_len && mtime == was_mtime {
+                // The quick check: same size and mtime (to the nanosecond when both sides
+                // keep nanoseconds, so a file rewritten within the same second is still seen).
+                let same_nsec = mtime_nsec == was_nsec || *mtime_nsec == 0 || *was_nsec == 0;
+                let content_same = if len == was_len && mtime == was_mtime && same_nsec {
                     true
                 } else if *len >= opts.delta_min && *was_len >= opts.delta_min.min(*len) {
                     let outcome = w.file_change(path, path, &open(shadow, path)?, &open(staging, path)?, *mode, *mtime)?;
@@ -244,4 +252,31 @@ fn same_content(a: &Path, b: &Path) -> Result<bool, BuildError> {
 /// Writes a header-only assignment (commit, rollback, switch).
 pub fn build_switch(out: &Path, meta: Meta, seal: Option<SealKey>) -> Result<Header, WriteError> {
     AssignmentWriter::create(out, meta, CompressionPolicy::none(), seal)?.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn file(root: &Path, name: &str, content: &[u8], secs: u64, nanos: u32) {
+        fs::create_dir_all(root).unwrap();
+        fs::write(root.join(name), content).unwrap();
+        let f = File::options().write(true).open(root.join(name)).unwrap();
+        f.set_modified(UNIX_EPOCH + Duration::new(secs, nanos)).unwrap();
+    }
+
+    #[test]
+    fn a_file_rewritten_within_the_same_second_is_seen() {
+        let d = tempfile::tempdir().unwrap();
+        let (old, new) = (d.path().join("old"), d.path().join("new"));
+        file(&old, "a.txt", b"one", 1000, 100);
+        file(&new, "a.txt", b"two", 1000, 200);
+        // Same second and size, no sub-second part on one side (a copy made by applying an
+        // assignment): the quick check trusts it, as rsync's does.
+        file(&old, "b.txt", b"bbb", 1000, 0);
+        file(&new, "b.txt", b"bbb", 1000, 300);
+        let r = build(&new, Some(&old), &d.path().join("out.cma"), &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
+        assert_eq!((r.changed, r.unchanged), (1, 1), "{r:?}");
+    }
 }

@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use cm_assignment::{AssignmentReader, AssignmentType, BuildOptions, Command as Cmd, CompressionPolicy, Meta, SealKey};
-use cm_site::{NativeInterpreter, Site, SiteConfig};
+use cm_assignment::{AssignmentReader, AssignmentType, BuildOptions, CipherKey, Command as Cmd, CompressionPolicy, Meta, SealKey};
+use cm_plugin_host::{LoadedPlugin, PluginManifest, PluginRuntime, PluginSlot, PluginStore, RuntimeConfig, bundled};
+use cm_site::{Interpreter, NativeInterpreter, Site, SiteConfig};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -14,7 +15,7 @@ pub enum Command {
     /// Print an assignment's header and commands (checking its hashes).
     Show {
         file: PathBuf,
-        /// Check the seal with the key derived from this secret file.
+        /// Check the seal (and decrypt) with the keys derived from this secret file.
         #[arg(long)]
         secret_file: Option<PathBuf>,
     },
@@ -26,13 +27,15 @@ pub enum Command {
         site: PathBuf,
         #[command(flatten)]
         site_args: SiteArgs,
+        #[command(flatten)]
+        interpreter: InterpreterArgs,
     },
 }
 
 #[derive(clap::Args)]
 pub struct BuildArgs {
-    /// The new content.
-    #[arg(long, required_unless_present_any = ["no_body"])]
+    /// The new content (not for the header-only types: rollback, switch, commit).
+    #[arg(long)]
     staging: Option<PathBuf>,
     /// What the servers hold now; omitted: an empty tree (replicate, restore).
     #[arg(long)]
@@ -56,12 +59,12 @@ pub struct BuildArgs {
     /// Seal with the key derived from this secret file.
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Also encrypt the data part with the cipher key derived from --secret-file.
+    #[arg(long, requires = "secret_file")]
+    encrypt: bool,
     /// Store every payload raw.
     #[arg(long)]
     no_compress: bool,
-    /// Build a header-only assignment (rollback, switch, commit).
-    #[arg(long, hide = true, default_value_t = false)]
-    no_body: bool,
 }
 
 /// Site options shared with `cmover site`.
@@ -70,24 +73,96 @@ pub struct SiteArgs {
     /// Previous releases kept for rollback.
     #[arg(long, default_value_t = 2)]
     pub backups: usize,
-    /// Accept only assignments sealed with the key derived from this secret file.
+    /// Accept only assignments sealed with the key derived from this secret file (and decrypt
+    /// encrypted ones with the cipher key derived from it).
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
 }
 
 impl SiteArgs {
     pub fn open(&self, dir: &std::path::Path) -> anyhow::Result<Site> {
-        let config = SiteConfig { backups: self.backups, key: key(&self.secret_file)?, ..SiteConfig::default() };
+        let secret = read_secret(&self.secret_file)?;
+        let config = SiteConfig {
+            backups: self.backups,
+            key: secret.as_deref().map(SealKey::derive),
+            cipher: secret.as_deref().map(CipherKey::derive),
+            ..SiteConfig::default()
+        };
         Ok(Site::open(dir, config)?)
     }
 }
 
-fn key(secret_file: &Option<PathBuf>) -> anyhow::Result<Option<SealKey>> {
-    secret_file
-        .as_ref()
-        .map(|f| std::fs::read(f).map(|s| SealKey::derive(&s)).with_context(|| format!("reading {}", f.display())))
-        .transpose()
+/// Which interpreter carries out the commands (shared with `cmover site`).
+#[derive(clap::Args, Clone)]
+pub struct InterpreterArgs {
+    /// The interpreter plugin: a component file (`.wasm`), or the name of a plugin installed in
+    /// --plugin-store. Default: the bundled default interpreter plugin.
+    #[arg(long, conflicts_with = "native")]
+    pub interpreter: Option<String>,
+    /// The plugin store holding --interpreter NAME.
+    #[arg(long)]
+    pub plugin_store: Option<PathBuf>,
+    /// Carry out commands natively in this process instead of in the plugin sandbox.
+    #[arg(long)]
+    pub native: bool,
 }
+
+/// The chosen interpreter; a plugin keeps its runtime alive beside it.
+pub enum ChosenInterpreter {
+    Native(NativeInterpreter),
+    Plugin { interp: cm_plugin_host::Interpreter, _runtime: PluginRuntime },
+}
+
+impl ChosenInterpreter {
+    pub fn get(&mut self) -> &mut dyn Interpreter {
+        match self {
+            ChosenInterpreter::Native(n) => n,
+            ChosenInterpreter::Plugin { interp, .. } => interp,
+        }
+    }
+}
+
+impl InterpreterArgs {
+    /// Loads the interpreter for the site at `site_dir`. A plugin is granted that site by its
+    /// directory name (a store plugin's own manifest must grant it).
+    pub fn load(&self, site_dir: &std::path::Path) -> anyhow::Result<ChosenInterpreter> {
+        if self.native {
+            return Ok(ChosenInterpreter::Native(NativeInterpreter));
+        }
+        let site = std::fs::canonicalize(site_dir)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "site".into());
+        let component = |runtime: &PluginRuntime, bytes: &[u8], origin: &str| -> anyhow::Result<cm_plugin_host::Interpreter> {
+            let manifest: PluginManifest = bundled::interpreter_manifest("interpreter", &[site.as_str()]);
+            let plugin = LoadedPlugin::load(runtime, bytes, manifest, origin).with_context(|| format!("loading interpreter {origin}"))?;
+            Ok(cm_plugin_host::Interpreter::new(PluginSlot::new(plugin), &site)?)
+        };
+        let (interp, runtime) = match (&self.interpreter, &self.plugin_store) {
+            (None, _) => {
+                let runtime = PluginRuntime::new(RuntimeConfig::default())?;
+                (component(&runtime, bundled::INTERPRETER, "bundled interpreter.wasm")?, runtime)
+            }
+            (Some(name), Some(store)) if !name.ends_with(".wasm") => {
+                let config = RuntimeConfig { compiled_cache: Some(PluginStore::compiled_cache_dir(store)), ..RuntimeConfig::default() };
+                let runtime = PluginRuntime::new(config)?;
+                let store = PluginStore::open(runtime.clone(), store).with_context(|| format!("plugin store {}", store.display()))?;
+                (store.interpreter(name, &site).with_context(|| format!("interpreter plugin {name:?}"))?, runtime)
+            }
+            (Some(file), _) => {
+                let bytes = std::fs::read(file).with_context(|| format!("reading interpreter component {file} (give --plugin-store to name an installed plugin)"))?;
+                let runtime = PluginRuntime::new(RuntimeConfig::default())?;
+                (component(&runtime, &bytes, file)?, runtime)
+            }
+        };
+        Ok(ChosenInterpreter::Plugin { interp, _runtime: runtime })
+    }
+}
+
+fn read_secret(secret_file: &Option<PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
+    secret_file.as_ref().map(|f| std::fs::read(f).with_context(|| format!("reading {}", f.display()))).transpose()
+}
+
 
 fn parse_kind(s: &str) -> anyhow::Result<AssignmentType> {
     AssignmentType::ALL.into_iter().find(|t| t.name() == s).with_context(|| format!("unknown assignment type {s:?}"))
@@ -101,10 +176,11 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
 fn run_blocking(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Build(a) => build(a),
-        Command::Show { file, secret_file } => show(&file, key(&secret_file)?),
-        Command::Apply { file, site, site_args } => {
+        Command::Show { file, secret_file } => show(&file, read_secret(&secret_file)?),
+        Command::Apply { file, site, site_args, interpreter } => {
             let site = site_args.open(&site)?;
-            let r = site.apply(&file, &mut NativeInterpreter)?;
+            let mut interp = interpreter.load(site.root())?;
+            let r = site.apply(&file, interp.get())?;
             if r.already_applied {
                 println!("release {} already built; nothing to do", r.serial);
             } else if let Some(live) = r.now_live {
@@ -124,7 +200,8 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
     let kind = parse_kind(&a.kind)?;
     let serial = a.serial.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs()));
     let meta = Meta { kind, serial, job_id: a.job, base_serial: a.base_serial, target_serial: a.target };
-    let seal = key(&a.secret_file)?;
+    let secret = read_secret(&a.secret_file)?;
+    let seal = secret.as_deref().map(SealKey::derive);
     if kind.is_switch_only() {
         let h = cm_assignment::detect::build_switch(&a.output, meta, seal)?;
         println!("{} assignment {} written to {}", h.kind, h.serial, a.output.display());
@@ -134,6 +211,9 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
     let mut opts = BuildOptions::new(kind, serial);
     opts.meta = meta;
     opts.seal = seal;
+    if a.encrypt {
+        opts.cipher = secret.as_deref().map(CipherKey::derive);
+    }
     if a.no_compress {
         opts.policy = CompressionPolicy::none();
     }
@@ -155,8 +235,12 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn show(file: &std::path::Path, key: Option<SealKey>) -> anyhow::Result<()> {
-    let r = AssignmentReader::open(file).with_context(|| format!("assignment {}", file.display()))?;
+fn show(file: &std::path::Path, secret: Option<Vec<u8>>) -> anyhow::Result<()> {
+    let mut r = AssignmentReader::open(file).with_context(|| format!("assignment {}", file.display()))?;
+    if let Some(s) = &secret {
+        r.decrypt_with(&CipherKey::derive(s)).with_context(|| format!("assignment {}", file.display()))?;
+    }
+    let key = secret.as_deref().map(SealKey::derive);
     let h = r.header();
     println!("assignment {}", file.display());
     println!("  type {}  serial {}  job {}  base {}  target {}", h.kind, h.serial, h.job_id, h.base_serial, h.target_serial);

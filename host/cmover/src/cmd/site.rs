@@ -2,9 +2,7 @@
 
 use std::path::PathBuf;
 
-use cm_site::NativeInterpreter;
-
-use super::assignment::SiteArgs;
+use super::assignment::{InterpreterArgs, SiteArgs};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -16,6 +14,8 @@ pub enum Command {
         serial: Option<u64>,
         #[command(flatten)]
         site_args: SiteArgs,
+        #[command(flatten)]
+        interpreter: InterpreterArgs,
     },
     /// Switch live back to the release committed before the current one.
     Rollback {
@@ -23,6 +23,8 @@ pub enum Command {
         site: PathBuf,
         #[command(flatten)]
         site_args: SiteArgs,
+        #[command(flatten)]
+        interpreter: InterpreterArgs,
     },
     /// Show the live release, backups and prepared releases.
     Status {
@@ -37,12 +39,14 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
 
 fn run_blocking(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Commit { site, serial, site_args } => {
-            let live = site_args.open(&site)?.commit(serial, &mut NativeInterpreter)?;
+        Command::Commit { site, serial, site_args, interpreter } => {
+            let site = site_args.open(&site)?;
+            let live = site.commit(serial, interpreter.load(site.root())?.get())?;
             println!("release {live} is live");
         }
-        Command::Rollback { site, site_args } => {
-            let live = site_args.open(&site)?.rollback(&mut NativeInterpreter)?;
+        Command::Rollback { site, site_args, interpreter } => {
+            let site = site_args.open(&site)?;
+            let live = site.rollback(interpreter.load(site.root())?.get())?;
             println!("rolled back: release {live} is live");
         }
         Command::Status { site } => {

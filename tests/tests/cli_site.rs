@@ -1,0 +1,167 @@
+//! `cmover assignment build|show|apply` and `cmover site commit|rollback|status`, driven as a
+//! user would: the real binary, real trees, the bundled interpreter plugin by default, a
+//! component file, an installed plugin, `--native`, sealing and encryption, and refusals that
+//! leave live as it was.
+
+mod site_common;
+
+use std::fs;
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use site_common::{noise, observe, write_tree};
+
+/// The `cmover` binary of this target directory and profile, built once per test process
+/// (`cargo build` is a no-op when `cargo test --workspace` built it already).
+fn cmover_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        // Test executables live in <target>/<profile>/deps/.
+        let profile = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.current_dir(cm_tests::workspace_root()).args(["build", "--quiet", "-p", "cmover", "--bin", "cmover"]);
+        cargo.env("CARGO_TARGET_DIR", profile.parent().unwrap());
+        if profile.ends_with("release") {
+            cargo.arg("--release");
+        }
+        assert!(cargo.status().unwrap().success(), "building cmover");
+        profile.join("cmover")
+    })
+    .clone()
+}
+
+/// Runs `cmover ARGS` in `dir`; returns (success, stdout + stderr).
+fn cmover(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmover_bin()).current_dir(dir).args(args).env("RUST_BACKTRACE", "0").output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let (success, text) = cmover(dir, args);
+    assert!(success, "cmover {args:?} failed:\n{text}");
+    text
+}
+
+fn fails(dir: &Path, args: &[&str]) -> String {
+    let (success, text) = cmover(dir, args);
+    assert!(!success, "cmover {args:?} should have failed:\n{text}");
+    text
+}
+
+/// v1 and v2 (index changed, big.bin edited in the middle, a new file, a symlink).
+fn trees(d: &Path) {
+    let big = noise(300_000, 1);
+    write_tree(&d.join("v1"), &[("index.html", b"<h1>one</h1>"), ("big.bin", &big), ("sub/a.txt", b"a")], 1000);
+    let mut big2 = big.clone();
+    big2[150_000..150_010].copy_from_slice(b"0123456789");
+    write_tree(&d.join("v2"), &[("index.html", b"<h1>two</h1>"), ("big.bin", &big2), ("sub/a.txt", b"a"), ("sub/new.txt", b"new")], 2000);
+    std::os::unix::fs::symlink("../index.html", d.join("v2/sub/link")).unwrap();
+}
+
+#[test]
+fn build_show_apply_commit_rollback_with_the_bundled_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    trees(d);
+    let out = ok(d, &["assignment", "build", "--type", "replicate", "--serial", "1", "--staging", "v1", "-o", "1.cma"]);
+    assert!(out.contains("replicate 1") && out.contains("4 new"), "{out}");
+    let out = ok(d, &["assignment", "build", "--serial", "2", "--base-serial", "1", "--staging", "v2", "--shadow", "v1", "-o", "2.cma"]);
+    assert!(out.contains("2 new, 2 changed (1 as deltas, 10 literal bytes)"), "{out}");
+    let out = ok(d, &["assignment", "show", "2.cma"]);
+    assert!(out.contains("type publish  serial 2") && out.contains("hashes: ok") && out.contains("apply-delta big.bin base=big.bin"), "{out}");
+
+    // Default interpreter: the bundled plugin.
+    let out = ok(d, &["assignment", "apply", "1.cma", "--site", "site"]);
+    assert!(out.contains("release 1 built"), "{out}");
+    let out = ok(d, &["site", "status", "--site", "site"]);
+    assert!(out.contains("live: none") && out.contains("prepared"), "{out}");
+    ok(d, &["site", "commit", "--site", "site"]);
+    assert_eq!(observe(&d.join("site/current")), observe(&d.join("v1")));
+
+    // A component file as the interpreter.
+    let wasm = cm_plugin_host::bundled::dist_dir().join("interpreter.wasm");
+    ok(d, &["assignment", "apply", "2.cma", "--site", "site", "--interpreter", wasm.to_str().unwrap()]);
+    assert_eq!(observe(&d.join("site/current")), observe(&d.join("v1")), "live untouched before commit");
+    let out = ok(d, &["site", "commit", "--site", "site", "--serial", "2", "--native"]);
+    assert!(out.contains("release 2 is live"), "{out}");
+    assert_eq!(observe(&d.join("site/current")), observe(&d.join("v2")));
+    let out = ok(d, &["site", "status", "--site", "site"]);
+    assert!(out.contains("live: release 2") && out.contains("backup"), "{out}");
+
+    let out = ok(d, &["site", "rollback", "--site", "site"]);
+    assert!(out.contains("release 1 is live"), "{out}");
+    assert_eq!(observe(&d.join("site/current")), observe(&d.join("v1")));
+
+    // Header-only assignments: commit 2 again, then roll back through an assignment.
+    ok(d, &["assignment", "build", "--type", "commit", "--serial", "3", "--target", "2", "-o", "c.cma"]);
+    let out = ok(d, &["assignment", "apply", "c.cma", "--site", "site"]);
+    assert!(out.contains("release 2 is live"), "{out}");
+    ok(d, &["assignment", "build", "--type", "rollback", "--serial", "4", "-o", "r.cma"]);
+    ok(d, &["assignment", "apply", "r.cma", "--site", "site", "--native"]);
+    assert_eq!(observe(&d.join("site/current")), observe(&d.join("v1")));
+
+    // A publish without --staging, an unknown type, a missing component: clear refusals.
+    let out = fails(d, &["assignment", "build", "--serial", "9", "-o", "x.cma"]);
+    assert!(out.contains("--staging is required"), "{out}");
+    let out = fails(d, &["assignment", "build", "--type", "bogus", "--staging", "v1", "-o", "x.cma"]);
+    assert!(out.contains("unknown assignment type"), "{out}");
+    let out = fails(d, &["assignment", "apply", "2.cma", "--site", "site", "--interpreter", "missing.wasm"]);
+    assert!(out.contains("missing.wasm"), "{out}");
+}
+
+#[test]
+fn installed_plugin_sealing_encryption_and_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    trees(d);
+    fs::write(d.join("secret"), "cluster secret").unwrap();
+    fs::write(d.join("m.toml"), "name = \"interp\"\nworld = \"interpreter\"\n[grants]\nsites = [\"www\"]\n").unwrap();
+    let wasm = cm_plugin_host::bundled::dist_dir().join("interpreter.wasm");
+    ok(d, &["plugin", "install", "--manifest", "m.toml", "--store", "store", wasm.to_str().unwrap()]);
+    let with_plugin = ["--interpreter", "interp", "--plugin-store", "store", "--secret-file", "secret"];
+
+    let build = |serial: &str, staging: &str, shadow: Option<&str>, out: &str| {
+        let mut args = vec!["assignment", "build", "--serial", serial, "--staging", staging, "-o", out, "--secret-file", "secret", "--encrypt"];
+        if let Some(s) = shadow {
+            args.extend(["--shadow", s]);
+        }
+        ok(d, &args);
+    };
+    build("1", "v1", None, "1.cma");
+    build("2", "v2", Some("v1"), "2.cma");
+    let out = ok(d, &["assignment", "show", "2.cma", "--secret-file", "secret"]);
+    assert!(out.contains("flags 0x06") && out.contains("hashes: ok"), "sealed and encrypted: {out}");
+
+    let apply = |file: &str, extra: &[&str]| {
+        let mut args = vec!["assignment", "apply", file, "--site", "www"];
+        args.extend(extra);
+        cmover(d, &args)
+    };
+    let (success, out) = apply("1.cma", &with_plugin);
+    assert!(success, "{out}");
+    ok(d, &["site", "commit", "--site", "www", "--interpreter", "interp", "--plugin-store", "store", "--secret-file", "secret"]);
+    assert_eq!(observe(&d.join("www/current")), observe(&d.join("v1")));
+
+    // Without the secret: refused before anything is applied.
+    let (success, out) = apply("2.cma", &["--interpreter", "interp", "--plugin-store", "store"]);
+    assert!(!success && out.contains("2.cma") && out.contains("no key was given to decrypt"), "{out}");
+    // With another cluster's secret: the seal does not match.
+    fs::write(d.join("other"), "another secret").unwrap();
+    let (success, out) = apply("2.cma", &["--interpreter", "interp", "--plugin-store", "store", "--secret-file", "other"]);
+    assert!(!success && out.contains("2.cma"), "{out}");
+    // A plugin whose grants do not name the site.
+    let (success, out) = cmover(d, &["assignment", "apply", "2.cma", "--site", "elsewhere", "--interpreter", "interp", "--plugin-store", "store", "--secret-file", "secret"]);
+    assert!(!success && out.contains("not granted site `elsewhere`"), "{out}");
+    let out = ok(d, &["site", "status", "--site", "www"]);
+    assert!(out.contains("live: release 1") && !out.contains("prepared"), "{out}");
+    assert_eq!(observe(&d.join("www/current")), observe(&d.join("v1")));
+
+    let (success, out) = apply("2.cma", &with_plugin);
+    assert!(success, "{out}");
+    ok(d, &["site", "commit", "--site", "www", "--native", "--secret-file", "secret"]);
+    assert_eq!(observe(&d.join("www/current")), observe(&d.join("v2")));
+}

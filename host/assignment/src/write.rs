@@ -219,9 +219,29 @@ impl AssignmentWriter {
     }
 
     /// Writes the bytes of `src` as one payload, compressed when the policy says so and it
-    /// helps; returns the payload and the BLAKE3 of the raw bytes.
+    /// helps; returns the payload and the BLAKE3 of the raw bytes. A file the policy compresses
+    /// is compressed straight from the source (one read, no raw copy in the spool); only when
+    /// zstd did not shrink it is it read again and stored raw.
     fn file_payload(&mut self, path: &str, src: &File, len: u64) -> Result<(Payload, [u8; 32]), WriteError> {
         let offset = self.data_len;
+        if self.policy.choose(path, len) == Codec::Zstd && len >= self.policy.min_size {
+            let mut h = blake3::Hasher::new();
+            let mut counting = Counting { inner: &mut self.data, n: 0 };
+            let mut enc = zstd::stream::Encoder::new(&mut counting, self.policy.level).map_err(io_err("starting zstd"))?;
+            copy_range(src, 0, len, |b| {
+                h.update(b);
+                enc.write_all(b)
+            })
+            .map_err(io_err(format!("compressing {path}")))?;
+            enc.finish().map_err(io_err(format!("compressing {path}")))?;
+            let stored = counting.n;
+            self.data_len += stored;
+            if stored < len {
+                self.compressed = true;
+                return Ok((Payload { offset, stored_len: stored, len, codec: Codec::Zstd }, *h.finalize().as_bytes()));
+            }
+            self.truncate_data(offset)?;
+        }
         let mut h = blake3::Hasher::new();
         self.raw_payload(|w| {
             copy_range(src, 0, len, |b| {
@@ -229,8 +249,7 @@ impl AssignmentWriter {
                 w.write_all(b)
             })
         })?;
-        let (codec, stored_len) = self.maybe_compress(offset, len, self.policy.choose(path, len))?;
-        Ok((Payload { offset, stored_len, len, codec }, *h.finalize().as_bytes()))
+        Ok((Payload { offset, stored_len: len, len, codec: Codec::Raw }, *h.finalize().as_bytes()))
     }
 
     /// Adds a create-or-replace of `path` with the content of `src`.

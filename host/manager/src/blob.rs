@@ -185,7 +185,7 @@ impl Blob {
                     }
                     continue;
                 }
-                if let Some(pieces) = blob.from_window(pos) {
+                if let Some(pieces) = blob.window_from(pos) {
                     let mut hung_up = false;
                     for p in pieces {
                         let n = p.len() as u64;
@@ -275,7 +275,7 @@ impl Blob {
 
     /// The verified bytes from `pos` to the end of their chunk, if that chunk is still in the
     /// in-memory window: pieces shared with the receive path (no read, no copy).
-    fn from_window(&self, pos: u64) -> Option<Vec<Bytes>> {
+    fn window_from(&self, pos: u64) -> Option<Vec<Bytes>> {
         let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
         let held = w.iter().find(|h| h.at <= pos && pos < h.at + h.len)?;
         let mut skip = pos - held.at;
@@ -360,13 +360,13 @@ mod tests {
         assert!(blob.is_complete());
         assert_eq!(std::fs::read(blob.path()).unwrap(), data, "the file holds every piece at its offset");
         let first_held = (m.chunk_count() - WINDOW_CHUNKS as u64) * 1000;
-        assert!(blob.from_window(first_held - 1).is_none(), "chunks beyond the window are read from the file");
+        assert!(blob.window_from(first_held - 1).is_none(), "chunks beyond the window are read from the file");
         for pos in [first_held, first_held + 5, first_held + 7, first_held + 650, data.len() as u64 - 1] {
-            let got: Vec<u8> = blob.from_window(pos).unwrap().concat();
+            let got: Vec<u8> = blob.window_from(pos).unwrap().concat();
             let end = (pos / 1000 + 1) * 1000;
             assert_eq!(got, &data[pos as usize..end as usize], "from {pos} to the end of its chunk");
         }
-        assert!(blob.from_window(data.len() as u64).is_none());
+        assert!(blob.window_from(data.len() as u64).is_none());
     }
 
     #[tokio::test]

@@ -183,5 +183,10 @@ async fn a_corrupt_or_foreign_state_file_stops_the_start_and_names_the_file() ->
     assert_eq!(file.load()?.as_ref(), Some(&newest));
     let err = spawn(7, 1, channel, dir.path()).err().context("another node's state was accepted")?;
     assert!(err.to_string().contains("node 6"), "{err}");
+    // Slot files created by a start that stopped before its first save count as absent.
+    for slot in &slots {
+        std::fs::write(slot, b"")?;
+    }
+    assert_eq!(file.load()?, None);
     Ok(())
 }

@@ -275,6 +275,8 @@ impl StateFile {
         let mut first_error = None;
         for path in self.slot_paths() {
             let bytes = match std::fs::read(&path) {
+                // Created but never written (a start stopped before its first save): absent.
+                Ok(b) if b.is_empty() => continue,
                 Ok(b) => b,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(source) => return Err(DriverError::StateRead { path, source }),

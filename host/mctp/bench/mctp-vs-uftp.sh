@@ -176,7 +176,7 @@ summary() {
 }
 
 printf "%s MiB, block %s bytes, MTU %s, link %s, loss where the sender's port enters the bridge (nft numgen random)\n" \
-  "$SIZE_MIB" "$BLOCK" $MTU "${LINK_MBIT:+$LINK_MBIT Mbit/s tbf}${LINK_MBIT:-unshaped}"
+  "$SIZE_MIB" "$BLOCK" $MTU "$( [ -n "$LINK_MBIT" ] && echo "$LINK_MBIT Mbit/s (tbf)" || echo unshaped )"
 : > "$WORK/rows"
 printf "%-5s %4s %6s %9s %10s %9s %10s %8s\n" tool rcv loss "wall s" "goodput MB/s" "sent/pay" "rx RSS MiB" copies
 for loss in $LOSSES; do

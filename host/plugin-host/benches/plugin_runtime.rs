@@ -118,6 +118,15 @@ fn main() {
         }
         t.elapsed()
     }).collect());
+    // A whole stateless call as the cache-invalidator and load-balancer handles make it:
+    // fresh store + instance from the `InstancePre`, deadline, memory cap, one call, teardown.
+    let fresh_call = median((0..ROUNDS).map(|_| {
+        let t = Instant::now();
+        for _ in 0..INSTANTIATIONS {
+            plugin.interpreter_session(scratch.path()).unwrap().self_check().unwrap();
+        }
+        t.elapsed()
+    }).collect());
     const CALLS: usize = 100_000;
     let mut session = plugin.interpreter_session(scratch.path()).unwrap();
     let call = median((0..ROUNDS).map(|_| {
@@ -145,6 +154,7 @@ fn main() {
     println!("{:<58} {:>12}", "load from the compiled cache (same, deserialize_file)", per(from_cache, 1));
     println!("{:<58} {:>12}", "instantiate from InstancePre (store + staging dir + inst.)", per(instantiate, INSTANTIATIONS));
     println!("{:<58} {:>12}", "empty call (self-check on a live instance)", per(call, CALLS));
+    println!("{:<58} {:>12}", "fresh instance + empty call + teardown", per(fresh_call, INSTANTIATIONS));
     println!("{:<58} {:>12}", "apply 10,000 x 4 KiB through the plugin", per(through_plugin, 1));
     println!("{:<58} {:>12}", "native loop, same semantics (temp, mode, mtime, rename)", per(native, 1));
     println!("{:<58} {:>12}", "native loop, plain std::fs::write", per(plain, 1));

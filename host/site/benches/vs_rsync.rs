@@ -106,6 +106,8 @@ struct Table(Vec<[String; 4]>);
 
 impl Table {
     fn row(&mut self, what: &str, ours: String, rsync: String, note: String) {
+        // Also at once on stderr, so a long run shows progress.
+        eprintln!("{what}: {ours} | {rsync} | {note}");
         self.0.push([what.into(), ours, rsync, note]);
     }
 }
@@ -286,7 +288,7 @@ fn main() {
     let site_tree = s.join("site-src");
     for i in 0..site_files {
         let p = site_tree.join(format!("d{:03}/f{i:06}.html", i % 100));
-        if i % 100 == 0 {
+        if i < 100 {
             fs::create_dir_all(p.parent().unwrap()).unwrap();
         }
         fs::write(&p, g.text(512)).unwrap();

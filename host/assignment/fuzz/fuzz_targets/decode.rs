@@ -1,12 +1,13 @@
 //! Fuzzes every decoder of the assignment format: the header and command records on raw
 //! slices, and the whole streaming reader (open, verify, commands, payloads) on a file.
-//! Run: `cargo +nightly fuzz run decode` in host/assignment/fuzz.
+//! Run (see docs/assignment-format.md): `cargo +nightly fuzz run decode` in host/assignment/fuzz,
+//! or with the stable toolchain `RUSTC_BOOTSTRAP=1 cargo fuzz run decode`.
 #![no_main]
 
 use std::io::{Read, Write};
 
 use cm_assignment::format::{Command, Header};
-use cm_assignment::AssignmentReader;
+use cm_assignment::{AssignmentReader, CipherKey};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -14,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     let _ = Command::decode(data);
     let mut f = tempfile::NamedTempFile::new().expect("temp file");
     f.write_all(data).expect("write");
-    let Ok(r) = AssignmentReader::open(f.path()) else { return };
+    let Ok(mut r) = AssignmentReader::open(f.path()) else { return };
+    // Encrypted inputs go through the chunk decryption too (tags will not match, which is
+    // exactly the path that must fail cleanly).
+    let _ = r.decrypt_with(&CipherKey::derive(b"fuzz"));
     // Decode everything even when the hashes fail: the decoder must never panic or
     // over-allocate on bytes nobody vouched for.
     let _ = r.verify(None);

@@ -44,6 +44,8 @@ GROUP=239.77.9.1:47300     # MCTP data channel
 UFTP_PUB=239.77.9.2 UFTP_PRIV=239.77.9.3 UFTP_PORT=47310
 
 [ "$(id -u)" = 0 ] || { echo "run as root (network namespaces)"; exit 1; }
+# Errors in the logs as one line each, not as backtraces.
+export RUST_BACKTRACE=0 RUST_LIB_BACKTRACE=0
 CMOVER=$(command -v "$CMOVER" || echo "$CMOVER")
 WORK=${WORK_DIR:-$(mktemp -d)}
 MAXN=0; for n in $RECEIVERS; do [ "$n" -gt "$MAXN" ] && MAXN=$n; done
@@ -124,7 +126,11 @@ run_mctp() { # n loss
   wait "${pids[@]}" 2>/dev/null || true
   local ok; ok=$(check_copies "$WORK/m" "$n")
   row MCTP "$n" "$2" "$t0" "$t1" "$(sent_bytes)" "$(peak_rss "$WORK"/rss-m*)" "$ok"
-  [ "$ok" = "$n" ] || { echo "  MCTP logs:"; tail -n 4 "$WORK/mtx.log" "$WORK/m1.log" || true; } >&2
+  if [ "$ok" != "$n" ]; then # the sender's and every receiver's last words, kept for a look
+    local keep; keep="$WORK/failed-$(date +%s%N)"; mkdir -p "$keep"; cp "$WORK"/m*.log "$keep/" 2>/dev/null || true
+    { echo "  MCTP logs (all in $WORK/failed-*, kept with KEEP=1):"
+      for f in "$WORK"/mtx.log "$WORK"/m[0-9]*.log; do echo "  $(basename "$f"): $(tail -n 3 "$f" | tr '\n' ' ')"; done; } >&2
+  fi
   rm -rf "$WORK"/m* "$WORK"/rss-m*
 }
 

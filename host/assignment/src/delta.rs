@@ -203,7 +203,10 @@ fn common_suffix(base: &File, bl: u64, new: &File, nl: u64, prefix: u64) -> io::
         let n = ((max - done) as usize).min(CHUNK);
         base.read_exact_at(&mut bb[..n], bl - done - n as u64)?;
         new.read_exact_at(&mut nb[..n], nl - done - n as u64)?;
-        if let Some(i) = bb[..n].iter().rev().zip(nb[..n].iter().rev()).position(|(p, q)| p != q) {
+        // Slice equality is a vectorised memcmp; the byte loop runs only on the piece that differs.
+        if bb[..n] != nb[..n]
+            && let Some(i) = bb[..n].iter().rev().zip(nb[..n].iter().rev()).position(|(p, q)| p != q)
+        {
             return Ok(done + i as u64);
         }
         done += n as u64;
@@ -404,7 +407,7 @@ impl Scanner<'_> {
             };
             let back = self.extend_backward(lit_start, pos, bo)?;
             sink.emit(lit_start, pos - back, ops)?;
-            let fwd = self.extend_forward(&mut win, pos + block, bo + block)?;
+            let fwd = self.extend_forward(pos + block, bo + block)?;
             ops.copy(bo - back, back + block + fwd);
             pos += block + fwd;
             lit_start = pos;
@@ -425,7 +428,9 @@ impl Scanner<'_> {
             bb.resize(n, 0);
             self.new.read_exact_at(&mut nb, pos - done - n as u64)?;
             self.base.read_exact_at(&mut bb, bo - done - n as u64)?;
-            if let Some(i) = nb.iter().rev().zip(bb.iter().rev()).position(|(p, q)| p != q) {
+            if nb != bb
+                && let Some(i) = nb.iter().rev().zip(bb.iter().rev()).position(|(p, q)| p != q)
+            {
                 return Ok(done + i as u64);
             }
             done += n as u64;
@@ -435,22 +440,25 @@ impl Scanner<'_> {
     }
 
     /// How many bytes from new `n` / base `b` on are equal (staying inside the new middle).
-    fn extend_forward(&self, win: &mut Window, n: u64, b: u64) -> io::Result<u64> {
+    /// Reads both files directly in growing pieces (not through the scan window, whose
+    /// front would be shifted down at every step of a long match).
+    fn extend_forward(&self, n: u64, b: u64) -> io::Result<u64> {
         let max = (self.ne - n).min(self.bl - b);
         let mut done = 0u64;
-        let mut bb = vec![0u8; 0];
+        let (mut nb, mut bb) = (vec![0u8; 0], vec![0u8; 0]);
         let mut step = 4096u64;
         while done < max {
-            let len = step.min(max - done);
-            win.fill(self.new, n + done, n + done + len, self.ne)?;
-            let at = (n + done - win.off) as usize;
-            let ours = &win.buf[at..at + len as usize];
-            bb.resize(len as usize, 0);
+            let len = step.min(max - done) as usize;
+            nb.resize(len, 0);
+            bb.resize(len, 0);
+            self.new.read_exact_at(&mut nb, n + done)?;
             self.base.read_exact_at(&mut bb, b + done)?;
-            if let Some(i) = ours.iter().zip(&bb).position(|(p, q)| p != q) {
+            if nb != bb
+                && let Some(i) = nb.iter().zip(&bb).position(|(p, q)| p != q)
+            {
                 return Ok(done + i as u64);
             }
-            done += len;
+            done += len as u64;
             step = (step * 2).min(CHUNK as u64);
         }
         Ok(done)

@@ -6,12 +6,19 @@ use std::collections::HashSet;
 
 use crate::format::Codec;
 
+/// Largest zstd window (log2 bytes) a reader accepts: 8 MiB, what level 19 uses at most, so
+/// decompressing a payload never needs more memory than that however the frame was forged.
+pub const MAX_WINDOW_LOG: u32 = 23;
+/// Highest level the writer uses (levels above 19 want windows past [`MAX_WINDOW_LOG`]).
+pub const MAX_LEVEL: i32 = 19;
+
 /// Per-file compression policy.
 #[derive(Debug, Clone)]
 pub struct CompressionPolicy {
     /// Lower-case extensions (without the dot) that are stored raw.
     pub never: HashSet<String>,
-    /// zstd level (1–22; 3 is zstd's default and streams at several hundred MB/s).
+    /// zstd level (1–19, higher is clamped to 19 so frames fit [`MAX_WINDOW_LOG`]; 3 is
+    /// zstd's default and streams at several hundred MB/s).
     pub level: i32,
     /// Files smaller than this are stored raw: compression cannot win much on them.
     pub min_size: u64,

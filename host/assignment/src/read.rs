@@ -309,10 +309,14 @@ impl AssignmentReader {
         let region = self.data_region(p.offset, p.stored_len)?;
         let inner = match p.codec {
             Codec::Raw => Inner::Raw(region),
-            Codec::Zstd => Inner::Zstd(Box::new(
-                zstd::stream::read::Decoder::new(region)
-                    .map_err(|source| ReadError::Io { what: "starting zstd", source })?,
-            )),
+            Codec::Zstd => {
+                let start = |source| ReadError::Io { what: "starting zstd", source };
+                let mut d = zstd::stream::read::Decoder::new(region).map_err(start)?;
+                // A frame asking for a bigger window (up to 2 GiB in zstd) is refused, so a
+                // payload cannot make the reader allocate more than this (see MAX_WINDOW_LOG).
+                d.window_log_max(crate::policy::MAX_WINDOW_LOG).map_err(start)?;
+                Inner::Zstd(Box::new(d))
+            }
         };
         Ok(PayloadStream { inner, len: p.len, produced: 0 })
     }

@@ -195,7 +195,7 @@ impl AssignmentWriter {
         let spool = self.data.get_ref().try_clone().map_err(io_err("reopening the data spool"))?;
         let end = offset + len;
         let mut counting = Counting { inner: &mut self.data, n: 0 };
-        let mut enc = zstd::stream::Encoder::new(&mut counting, self.policy.level).map_err(io_err("starting zstd"))?;
+        let mut enc = zstd::stream::Encoder::new(&mut counting, self.policy.level.min(crate::policy::MAX_LEVEL)).map_err(io_err("starting zstd"))?;
         copy_range(&spool, offset, len, |b| enc.write_all(b)).map_err(io_err("compressing a payload"))?;
         enc.finish().map_err(io_err("compressing a payload"))?;
         let stored = counting.n;
@@ -227,7 +227,7 @@ impl AssignmentWriter {
         if self.policy.choose(path, len) == Codec::Zstd && len >= self.policy.min_size {
             let mut h = blake3::Hasher::new();
             let mut counting = Counting { inner: &mut self.data, n: 0 };
-            let mut enc = zstd::stream::Encoder::new(&mut counting, self.policy.level).map_err(io_err("starting zstd"))?;
+            let mut enc = zstd::stream::Encoder::new(&mut counting, self.policy.level.min(crate::policy::MAX_LEVEL)).map_err(io_err("starting zstd"))?;
             copy_range(src, 0, len, |b| {
                 h.update(b);
                 enc.write_all(b)

@@ -283,6 +283,11 @@ fn main() {
     t.row("apply the 1 MiB-change delta to the big file", format!("{secs:.3} s"), "-".into(), format!("{} of file rebuilt+checked", gib_s(r.bytes_written, secs)));
     drop(site);
     drop_dir(&s.join("site-file"));
+    // Disk is shared: free the big file's trees before the next sections.
+    for p in [&shadow, &staging] {
+        drop_dir(p);
+    }
+    let _ = fs::remove_file(s.join("file.cma"));
 
     // 3. Commit duration for a site of N files.
     let site_tree = s.join("site-src");

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests in `tests/tests/`: locating the `cmover` binary,
 //! temporary sites, and process guards that kill what a test started.
 
+pub mod cluster;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};

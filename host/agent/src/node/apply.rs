@@ -6,13 +6,18 @@
 //! journalled (`<state>/applied/<run>.json`, written atomically before the outcome is reported)
 //! and a run already journalled answers with the journalled outcome. A failed apply is not
 //! journalled: live is unchanged, and a fresh copy of the run may succeed.
+//!
+//! The plugin store is followed ([`StoreFollower`]): `cmover plugin install|rollback` into the
+//! agent's store from another process hot-swaps the running agent's interpreter (validated and
+//! self-checked first; a refused version leaves the live one in place). An apply in flight
+//! finishes on the version it started with; each outcome names the version that applied it.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use cm_plugin_host::{PluginRuntime, PluginStore, RuntimeConfig};
+use cm_plugin_host::{FollowConfig, PluginRuntime, PluginStore, RuntimeConfig, StoreFollower};
 use cm_site::{Site, SiteConfig};
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +36,9 @@ pub struct Applied {
     pub live: Option<u64>,
     pub summary: String,
     pub at_ms: u64,
+    /// The interpreter version (short hash) live when the apply started.
+    #[serde(default)]
+    pub interpreter: Option<String>,
 }
 
 /// How many outcomes `cmover agent status` shows.
@@ -44,8 +52,8 @@ pub struct Applier {
     /// Serialises applies (the member loop and the GL's own apply may race on one run).
     lock: Mutex<()>,
     recent: Mutex<VecDeque<Applied>>,
-    /// Kept alive: its slots are what the interpreter handle calls into.
-    _store: PluginStore,
+    /// Follows the store on disk; its slots are what the interpreter handle calls into.
+    plugins: StoreFollower,
 }
 
 fn now_ms() -> u64 {
@@ -84,7 +92,9 @@ impl Applier {
             .map_err(|e| AgentError::Plugin(format!("interpreter for site {site_name}: {e}")))?;
         let journal = state_dir.join("applied");
         std::fs::create_dir_all(&journal).map_err(|e| AgentError::Io(format!("creating {}: {e}", journal.display())))?;
-        let applier = Applier { site, interpreter, journal, lock: Mutex::new(()), recent: Mutex::new(VecDeque::new()), _store: store };
+        let plugins = StoreFollower::start(Arc::new(store), FollowConfig::default())
+            .map_err(|e| AgentError::Plugin(format!("following the plugin store {}: {e}", store_dir.display())))?;
+        let applier = Applier { site, interpreter, journal, lock: Mutex::new(()), recent: Mutex::new(VecDeque::new()), plugins };
         applier.load_recent();
         Ok(applier)
     }
@@ -129,6 +139,11 @@ impl Applier {
         self.site.status().ok().and_then(|s| s.current)
     }
 
+    /// The interpreter version new applies go to (short hash), if it is installed.
+    pub fn interpreter_version(&self) -> Option<String> {
+        self.plugins.store().slot(INTERPRETER).ok().and_then(|s| s.live().ok()).map(|p| p.version())
+    }
+
     pub fn site_root(&self) -> &Path {
         self.site.root()
     }
@@ -141,6 +156,7 @@ impl Applier {
             return done;
         }
         let mut interp = self.interpreter.clone();
+        let version = self.interpreter_version();
         let outcome = match self.site.apply(file, &mut interp) {
             Ok(rep) => {
                 let what = match (rep.now_live, rep.already_applied) {
@@ -148,9 +164,9 @@ impl Applier {
                     (None, true) => format!("{} {}: release already built", rep.kind, rep.serial),
                     (None, false) => format!("{} {}: release built ({} commands, {} bytes written)", rep.kind, rep.serial, rep.commands, rep.bytes_written),
                 };
-                Applied { run, error: None, live: self.live(), summary: what, at_ms: now_ms() }
+                Applied { run, error: None, live: self.live(), summary: what, at_ms: now_ms(), interpreter: version }
             }
-            Err(e) => Applied { run, error: Some(e.to_string()), live: self.live(), summary: String::new(), at_ms: now_ms() },
+            Err(e) => Applied { run, error: Some(e.to_string()), live: self.live(), summary: String::new(), at_ms: now_ms(), interpreter: version },
         };
         if outcome.error.is_none()
             && let Err(e) = self.write_journal(&outcome)
@@ -160,7 +176,7 @@ impl Applier {
             tracing::error!(run, "journalling the apply: {e}");
         }
         match &outcome.error {
-            None => tracing::info!(run, summary = %outcome.summary, "applied"),
+            None => tracing::info!(run, summary = %outcome.summary, interpreter = ?outcome.interpreter, "applied"),
             Some(e) => tracing::warn!(run, error = %e, "apply failed; live unchanged"),
         }
         self.remember(&outcome);

@@ -118,6 +118,7 @@ async fn apply_report(shared: &Arc<Shared>, run: u64, file: PathBuf) -> MemberAp
         live: None,
         summary: String::new(),
         at_ms: 0,
+        interpreter: None,
     });
     MemberApplyReport { server: shared.cfg.name.clone(), node: shared.status.borrow().node, run, error: a.error, live: a.live, summary: a.summary }
 }
@@ -132,6 +133,8 @@ pub struct AgentStatus {
     pub serving: Option<SocketAddr>,
     pub live: Option<u64>,
     pub site_root: PathBuf,
+    /// The interpreter version the next apply goes to (follows `cmover plugin install`).
+    pub interpreter: Option<String>,
     pub recent: Vec<Applied>,
 }
 
@@ -185,6 +188,7 @@ impl ServerAgent {
             serving: *self.shared.serving.borrow(),
             live: self.shared.applier.live(),
             site_root: self.shared.applier.site_root().to_path_buf(),
+            interpreter: self.shared.applier.interpreter_version(),
             recent: self.shared.applier.recent(),
             election,
         }

@@ -465,10 +465,11 @@ fn status_json(segment: &str, a: &AgentStatus) -> Value {
     v["serving"] = json!(a.serving.map(|s| s.to_string()));
     v["live"] = json!(a.live);
     v["site_root"] = json!(a.site_root.display().to_string());
+    v["interpreter"] = json!(a.interpreter);
     v["applied"] = a
         .recent
         .iter()
-        .map(|r| json!({ "run": r.run, "ok": r.error.is_none(), "error": r.error, "live": r.live, "summary": r.summary, "at_ms": r.at_ms }))
+        .map(|r| json!({ "run": r.run, "ok": r.error.is_none(), "error": r.error, "live": r.live, "summary": r.summary, "at_ms": r.at_ms, "interpreter": r.interpreter }))
         .collect();
     v
 }
@@ -556,6 +557,7 @@ async fn show_status(addr: SocketAddr, raw: bool) -> anyhow::Result<()> {
         Some(l) => println!("site      {} (live release {l})", v["site_root"].as_str().unwrap_or("?")),
         None => println!("site      {} (nothing live yet)", v["site_root"].as_str().unwrap_or("?")),
     }
+    println!("interpreter {}", v["interpreter"].as_str().unwrap_or("not installed"));
     if let Some(runs) = v["applied"].as_array().filter(|r| !r.is_empty()) {
         println!("last runs applied");
         for r in runs {
@@ -563,7 +565,8 @@ async fn show_status(addr: SocketAddr, raw: bool) -> anyhow::Result<()> {
                 None => r["summary"].as_str().unwrap_or("").to_string(),
                 Some(e) => format!("FAILED: {e}"),
             };
-            println!("  run {:>6}  {what}", r["run"]);
+            let by = r["interpreter"].as_str().map(|v| format!(" (interpreter {v})")).unwrap_or_default();
+            println!("  run {:>6}  {what}{by}", r["run"]);
         }
     }
     let st = &v["stats"];

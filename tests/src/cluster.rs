@@ -1,0 +1,226 @@
+//! Real-process clusters for the end-to-end tests (`tests/e2e_*.rs`): the `cmover` binary as a
+//! manager and agents on loopback (cm-agent's `launch`), each test on multicast groups and
+//! ports of its own, everything killed when the [`TestCluster`] drops.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use cm_agent::launch::{self, AgentProcess, AgentSpec, ManagerOptions, ManagerProcess};
+use cm_manager::http::JsonClient;
+use cm_manager::model::{CommitPolicy, Job, JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload, Quorum, ServerOutcome};
+use serde_json::Value;
+
+/// The `cmover` binary of this workspace and profile, built once per test process (a no-op
+/// when `cargo test --workspace` built it already).
+pub fn cmover_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // Test executables live in <target>/<profile>/deps/.
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps").to_path_buf();
+        let target = profile_dir.parent().expect("target dir").to_path_buf();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.current_dir(crate::workspace_root()).args(["build", "--quiet", "-p", "cmover", "--bin", "cmover"]).env("CARGO_TARGET_DIR", &target);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for cmover");
+        assert!(status.success(), "building cmover failed");
+        profile_dir.join("cmover")
+    })
+    .clone()
+}
+
+/// A manager and segments of agents, all real processes; dropped → all killed, files removed.
+pub struct TestCluster {
+    pub manager: ManagerProcess,
+    pub agents: Vec<AgentProcess>,
+    pub op: JsonClient,
+    pub staging: PathBuf,
+    pub segments: Vec<String>,
+    /// The cluster secret file every agent shares.
+    pub secret: PathBuf,
+    // Last: the directory goes after the processes are dead.
+    pub dir: tempfile::TempDir,
+}
+
+/// What a test cluster looks like.
+pub struct Layout {
+    /// Distinct per test (multicast groups 239.203.<test>.x and ports derived from it).
+    pub test: u8,
+    pub segments: usize,
+    pub servers: usize,
+    pub heartbeat_ms: u64,
+    pub report_wait_ms: u64,
+    /// Cap on each GL's MCTP rate (slows a distribution down).
+    pub max_rate_mbps: Option<u64>,
+}
+
+impl Layout {
+    pub fn new(test: u8, segments: usize, servers: usize) -> Layout {
+        Layout { test, segments, servers, heartbeat_ms: 100, report_wait_ms: 5000, max_rate_mbps: None }
+    }
+}
+
+impl TestCluster {
+    /// Starts everything, publishes nothing yet; returns once every segment has an elected GL
+    /// that reported all its servers to the manager.
+    pub async fn start(layout: &Layout, site: &std::path::Path) -> anyhow::Result<TestCluster> {
+        let bin = cmover_bin();
+        let dir = tempfile::tempdir()?;
+        let manager = launch::start_manager(&bin, dir.path(), &ManagerOptions::default())?;
+        let secret = launch::write_secret(dir.path())?;
+        let staging = dir.path().join("staging");
+        cm_manager::prepare::copy_tree(site, &staging)?;
+        let mut agents = Vec::new();
+        let mut segments = Vec::new();
+        let port = 43_000 + u16::from(layout.test) * 40;
+        for s in 0..layout.segments {
+            let seg = format!("seg{s}");
+            let control = SocketAddr::from(([239, 203, layout.test, 2 * s as u8 + 1], port + 4 * s as u16));
+            let data = SocketAddr::from(([239, 203, layout.test, 2 * s as u8 + 2], port + 4 * s as u16 + 2));
+            for n in 0..layout.servers {
+                let spec = AgentSpec {
+                    name: format!("{seg}-{n}"),
+                    node_id: (s * 100 + n + 1) as u64,
+                    segment: seg.clone(),
+                    location: "Etc/UTC".into(),
+                    control,
+                    data,
+                    heartbeat_ms: layout.heartbeat_ms,
+                    report_wait_ms: layout.report_wait_ms,
+                    site_name: "www".into(),
+                    weight: 0,
+                    max_rate_mbps: layout.max_rate_mbps,
+                };
+                let a = launch::start_agent(&bin, dir.path(), &manager, &secret, &spec)?;
+                agents.push(a);
+            }
+            segments.push(seg);
+        }
+        let op = cm_manager::cluster::operator_client(&manager.operator_token);
+        let c = TestCluster { manager, agents, op, staging, segments, secret, dir };
+        c.wait_segments(layout.servers, Duration::from_secs(30)).await?;
+        let all: Vec<String> = c.agents.iter().map(|a| a.spec.name.clone()).collect();
+        let _: Value = c.op.put(&c.url("groups/g"), &serde_json::json!({ "servers": all })).await?;
+        let _: Value =
+            c.op.put(&c.url("sites/www"), &serde_json::json!({ "content_group": "g", "staging": c.staging.display().to_string() })).await?;
+        Ok(c)
+    }
+
+    /// Starts agent `i` again (same spec and directory) after it was killed.
+    pub fn restart_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let spec = self.agents[i].spec.clone();
+        self.agents[i].guard.kill();
+        self.agents[i] = launch::start_agent(&cmover_bin(), self.dir.path(), &self.manager, &self.secret, &spec)?;
+        Ok(())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/api/v1/{path}", self.manager.url)
+    }
+
+    /// Waits until the manager knows every segment with `servers` members.
+    pub async fn wait_segments(&self, servers: usize, limit: Duration) -> anyhow::Result<Vec<Value>> {
+        let end = Instant::now() + limit;
+        loop {
+            let segs: Vec<Value> = self.op.get(&self.url("segments")).await.unwrap_or_default();
+            let ready = segs.iter().filter(|s| s["members"].as_array().is_some_and(|m| m.len() == servers)).count();
+            if ready == self.segments.len() {
+                return Ok(segs);
+            }
+            if Instant::now() > end {
+                bail!("segments not ready: {segs:?}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The tail of every process's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = format!("--- manager\n{}\n", self.manager.guard.log_tail(15));
+        for a in &self.agents {
+            s += &format!("--- {}\n{}\n", a.spec.name, a.guard.log_tail(15));
+        }
+        s
+    }
+
+    /// Submits a job (cancelled on failure, committed only by an explicit commit job, quorum
+    /// `min_percent`).
+    pub async fn submit(&self, kind: JobKind, payload: Payload, min_percent: u8) -> anyhow::Result<Job> {
+        let policy = JobPolicy {
+            on_failure: OnFailure::Cancel,
+            commit: CommitPolicy::Manual,
+            quorum: Quorum { min_percent, min_servers: 1 },
+            ..JobPolicy::default()
+        };
+        self.submit_with(kind, payload, policy).await
+    }
+
+    /// Submits a job with the given policy.
+    pub async fn submit_with(&self, kind: JobKind, payload: Payload, policy: JobPolicy) -> anyhow::Result<Job> {
+        let spec = JobSpec { name: format!("{kind:?}"), kind, site: "www".into(), payload, start_at_ms: 0, every_ms: None, policy };
+        Ok(self.op.post(&self.url("jobs"), &spec).await?)
+    }
+
+    /// The job's run once it started.
+    pub async fn run_of(&self, job: u64, limit: Duration) -> anyhow::Result<u64> {
+        let end = Instant::now() + limit;
+        loop {
+            let j: Job = self.op.get(&self.url(&format!("jobs/{job}"))).await?;
+            if let JobState::Running { run } = j.state {
+                return Ok(run);
+            }
+            let runs: Vec<Value> = self.op.get(&self.url("runs")).await?;
+            if let Some(r) = runs.iter().rev().find(|r| r["job"].as_u64() == Some(job)) {
+                return r["id"].as_u64().context("run id");
+            }
+            if Instant::now() > end {
+                bail!("job {job} did not start: {:?}", j.last_reason);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for the job to end; returns it and its last run's per-server outcomes.
+    pub async fn finish(&self, job: u64, limit: Duration) -> anyhow::Result<(Job, Vec<(String, ServerOutcome)>)> {
+        let end = Instant::now() + limit;
+        loop {
+            let j: Job = self.op.get(&self.url(&format!("jobs/{job}"))).await?;
+            let over = matches!(j.state, JobState::Done | JobState::Cancelled { .. }) || (j.state == JobState::Idle && j.attempts > 0);
+            if over {
+                let run = self.run_of(job, Duration::from_secs(1)).await?;
+                let rr: Value = self.op.get(&self.url(&format!("runs/{run}"))).await?;
+                let reports: Vec<(String, ServerOutcome)> = serde_json::from_value(rr["reports"].clone())?;
+                return Ok((j, reports));
+            }
+            if Instant::now() > end {
+                bail!("job {job} still {:?} after {limit:?}\n{}", j.state, self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Runs a job to its end and requires success on every server.
+    pub async fn run_ok(&self, kind: JobKind, payload: Payload) -> anyhow::Result<()> {
+        let job = self.submit(kind, payload, 100).await?;
+        let (j, reports) = self.finish(job.id, Duration::from_secs(60)).await?;
+        if j.state != JobState::Done {
+            bail!("{kind:?} ended {:?}: {:?}; reports {reports:?}\n{}", j.state, j.last_reason, self.logs());
+        }
+        let bad: Vec<_> = reports.iter().filter(|(_, o)| *o != ServerOutcome::Succeeded).collect();
+        if !bad.is_empty() || reports.len() != self.agents.len() {
+            bail!("{kind:?}: not every server applied: {reports:?}");
+        }
+        Ok(())
+    }
+
+    /// Index of the agent that leads `segment` now.
+    pub fn leader_of(&self, segment: &str) -> Option<usize> {
+        self.agents.iter().position(|a| a.spec.segment == segment && a.status().is_ok_and(|s| s["is_leader"] == Value::Bool(true)))
+    }
+}

@@ -32,7 +32,7 @@ impl GlDuty {
         let c = &shared.cfg;
         let mut lc = LeaderConfig::new(&c.segment, &c.name, &c.agent_token, &c.state_dir.join("gl"));
         lc.listen = c.leader_listen;
-        let delivery = Arc::new(SegmentDelivery { shared: shared.clone() });
+        let delivery = Arc::new(SegmentDelivery { shared: shared.clone(), settled: Instant::now() + c.registration_settle });
         let node = LeaderNode::start(lc, delivery).await?;
         let addr = advertised(node.addr, &shared);
         tracing::info!(segment = %c.segment, %addr, "group leader: tree endpoint up");
@@ -123,12 +123,22 @@ async fn discovery_loop(shared: Arc<Shared>, addr: SocketAddr) {
 /// The GL's [`LocalDelivery`]: apply here, MCTP to the members, collect apply reports.
 pub struct SegmentDelivery {
     shared: Arc<Shared>,
+    /// Before this, members may still be registering with this new GL.
+    settled: Instant,
 }
 
 impl LocalDelivery for SegmentDelivery {
     fn deliver(&self, run: u64, assignment: PathBuf, manifest: Manifest) -> BoxFuture<'static, DeliveryOutcome> {
-        let shared = self.shared.clone();
-        Box::pin(async move { deliver(shared, run, assignment, manifest).await })
+        let (shared, settled) = (self.shared.clone(), self.settled);
+        Box::pin(async move {
+            // A GL elected mid-job is re-notified at once; its members re-register within a
+            // heartbeat or so. Delivering before they did would leave them out of the run.
+            if Instant::now() < settled {
+                tracing::info!(run, "new group leader: letting the members register before delivering");
+                tokio::time::sleep_until(settled).await;
+            }
+            deliver(shared, run, assignment, manifest).await
+        })
     }
 
     fn member_report(&self, report: MemberApplyReport) -> bool {

@@ -94,6 +94,10 @@ pub struct AgentConfig {
     pub report_wait: Duration,
     /// A GL re-sends its discovery report at least this often.
     pub discovery_interval: Duration,
+    /// How long a newly elected GL lets its members register before it delivers a run (they
+    /// register within the election's `registration_spread`, one heartbeat; a run delivered
+    /// earlier would miss them). A few heartbeats.
+    pub registration_settle: Duration,
 }
 
 /// What the agent parts share.

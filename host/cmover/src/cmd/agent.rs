@@ -398,6 +398,7 @@ impl RunArgs {
             leader_listen: self.leader_listen.or(lf.listen).unwrap_or(SocketAddr::new(IpAddr::V4(interface), 0)),
             report_wait: Duration::from_millis(self.report_wait_ms.or(lf.report_wait_ms).unwrap_or(30_000)),
             discovery_interval: Duration::from_millis(lf.discovery_interval_ms.unwrap_or(30_000)),
+            registration_settle: heartbeat * 3,
         };
         Ok(AgentSettings { segment, election: cfg, driver, status, agent })
     }

@@ -4,8 +4,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -14,26 +12,7 @@ use cm_manager::http::JsonClient;
 use cm_manager::model::{CommitPolicy, Job, JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload, Quorum, ServerOutcome};
 use serde_json::Value;
 
-/// The `cmover` binary of this workspace and profile, built once per test process (a no-op
-/// when `cargo test --workspace` built it already).
-pub fn cmover_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // Test executables live in <target>/<profile>/deps/.
-        let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps").to_path_buf();
-        let target = profile_dir.parent().expect("target dir").to_path_buf();
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.current_dir(crate::workspace_root()).args(["build", "--quiet", "-p", "cmover", "--bin", "cmover"]).env("CARGO_TARGET_DIR", &target);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build for cmover");
-        assert!(status.success(), "building cmover failed");
-        profile_dir.join("cmover")
-    })
-    .clone()
-}
+pub use crate::cmover_bin;
 
 /// A manager and segments of agents, all real processes; dropped → all killed, files removed.
 pub struct TestCluster {

@@ -6,12 +6,40 @@ pub mod cluster;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
 
 use cm_assignment::detect::{Entry, scan};
 
 /// The workspace root (the directory holding the top-level `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// The `cmover` binary of this target directory and profile, built once per test process.
+///
+/// It is built with the same target selection as `cargo test --workspace` (`--workspace --tests
+/// --bins`), so cargo resolves the same features and reuses every dependency the test build
+/// compiled: only `cmover` itself is linked. (`cargo build -p cmover` would resolve features for
+/// that one package and rebuild most of the dependency graph.) `cargo test` has released the
+/// build lock by the time tests run.
+pub fn cmover_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // Test executables live in <target>/<profile>/deps/.
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("<target>/<profile>/deps").to_path_buf();
+        let target = profile_dir.parent().expect("<target>").to_path_buf();
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.current_dir(workspace_root()).args(["build", "--quiet", "--workspace", "--tests", "--bins"]).env("CARGO_TARGET_DIR", &target);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("running cargo build for cmover");
+        assert!(status.success(), "building cmover failed: {status}");
+        profile_dir.join("cmover")
+    })
+    .clone()
 }
 
 /// A tree's observable content, path by path: kind, mode, symlink target, BLAKE3 of file bytes.

@@ -7,35 +7,13 @@ mod site_common;
 
 use std::fs;
 use std::path::Path;
-use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 
 use site_common::{noise, observe, write_tree};
 
-/// The `cmover` binary of this target directory and profile, built once per test process
-/// (`cargo build` is a no-op when `cargo test --workspace` built it already).
-fn cmover_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        // Test executables live in <target>/<profile>/deps/.
-        let profile = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.current_dir(cm_tests::workspace_root()).args(["build", "--quiet", "-p", "cmover", "--bin", "cmover"]);
-        cargo.env("CARGO_TARGET_DIR", profile.parent().unwrap());
-        if profile.ends_with("release") {
-            cargo.arg("--release");
-        }
-        assert!(cargo.status().unwrap().success(), "building cmover");
-        profile.join("cmover")
-    })
-    .clone()
-}
-
 /// Runs `cmover ARGS` in `dir`; returns (success, stdout + stderr).
 fn cmover(dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(cmover_bin()).current_dir(dir).args(args).env("RUST_BACKTRACE", "0").output().unwrap();
+    let out = Command::new(cm_tests::cmover_bin()).current_dir(dir).args(args).env("RUST_BACKTRACE", "0").output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
 }

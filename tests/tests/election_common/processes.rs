@@ -19,24 +19,9 @@ pub const CLUSTER: u64 = 0xE1EC;
 /// Everything that waits gives up after this (a broken election fails the test, never hangs it).
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
-/// The `cmover` binary next to this test's executable (`<target>/<profile>/cmover`), built
-/// first when it is missing.
+/// The `cmover` binary of this build (see `cm_tests::cmover_bin`).
 pub fn cmover_bin() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe.parent().and_then(Path::parent).context("tests run from <target>/<profile>/deps")?;
-    let bin = profile_dir.join("cmover");
-    if !bin.exists() {
-        let target = profile_dir.parent().context("target dir")?;
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.current_dir(cm_tests::workspace_root()).args(["build", "--quiet", "-p", "cmover", "--bin", "cmover"]).env("CARGO_TARGET_DIR", target);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        if !cmd.status().context("running cargo build for cmover")?.success() {
-            bail!("building cmover failed");
-        }
-    }
-    Ok(bin)
+    Ok(cm_tests::cmover_bin())
 }
 
 /// A running `cmover agent`, killed (SIGKILL) and reaped when dropped.

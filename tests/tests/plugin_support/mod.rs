@@ -67,28 +67,9 @@ pub fn tree(root: &Path) -> Vec<String> {
     out
 }
 
-/// The `cmover` binary of this build (same target directory and profile as the running
-/// test), built on first use: `cargo build` is a no-op when it is fresh, and `cargo test`
-/// has released the build lock by the time tests run.
+/// The `cmover` binary of this build (see `cm_tests::cmover_bin`).
 pub fn cmover() -> std::path::PathBuf {
-    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            // <target>/<profile>/deps/<this test>
-            let exe = std::env::current_exe().expect("test executable");
-            let profile_dir = exe.parent().and_then(Path::parent).expect("<target>/<profile>/deps").to_path_buf();
-            let target_dir = profile_dir.parent().expect("<target>");
-            let mut cargo = std::process::Command::new(env!("CARGO"));
-            cargo.args(["build", "--quiet", "-p", "cmover", "--bin", "cmover"]).env("CARGO_TARGET_DIR", target_dir);
-            cargo.current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root"));
-            if profile_dir.file_name().is_some_and(|p| p == "release") {
-                cargo.arg("--release");
-            }
-            let status = cargo.status().expect("running cargo to build cmover");
-            assert!(status.success(), "building cmover failed: {status}");
-            profile_dir.join("cmover")
-        })
-        .clone()
+    cm_tests::cmover_bin()
 }
 
 /// Run `cmover <args>`; its output (stdout and stderr) and whether it succeeded.

@@ -128,18 +128,7 @@ async fn the_incarnation_grows_past_a_saved_one_from_the_future() -> Result<()> 
     let channel = fresh_channel();
     let dir = tempfile::tempdir()?;
     let future = u64::MAX / 2;
-    let state = RestartState {
-        cluster_id: CLUSTER,
-        node: 5,
-        incarnation: future,
-        configured_channel: channel,
-        control_channel: channel,
-        channel_epoch: 0,
-        old_channels: vec![],
-        running: false,
-        failures: vec![],
-        replay: vec![],
-    };
+    let state = RestartState::first_run(CLUSTER, 5, future, channel);
     StateFile::in_dir(dir.path()).store(&Save { state, sync: true })?;
     let h = spawn(5, 1, channel, dir.path())?;
     assert_eq!(saved(dir.path())?.incarnation, future + 1);

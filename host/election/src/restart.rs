@@ -121,6 +121,23 @@ fn check_key() -> MacKey {
 }
 
 impl RestartState {
+    /// The state of a node that has never moved channel, failed or heard a peer: where a saved
+    /// state's history starts (tests and tools build on it with struct update syntax).
+    pub fn first_run(cluster_id: u64, node: u64, incarnation: u64, channel: SocketAddr) -> RestartState {
+        RestartState {
+            cluster_id,
+            node,
+            incarnation,
+            configured_channel: channel,
+            control_channel: channel,
+            channel_epoch: 0,
+            old_channels: vec![],
+            running: false,
+            failures: vec![],
+            replay: vec![],
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(80 + self.replay.len() * RECORD_LEN + CHECK_LEN);
         w.bytes(&MAGIC).u8(VERSION).u64(self.cluster_id).u64(self.node).u64(self.incarnation);
@@ -248,18 +265,7 @@ mod tests {
     #[test]
     fn incarnations_grow_even_when_the_clock_steps_back() {
         let channel: SocketAddr = "239.1.1.1:7000".parse().unwrap();
-        let saved = |incarnation| RestartState {
-            cluster_id: 1,
-            node: 2,
-            incarnation,
-            configured_channel: channel,
-            control_channel: channel,
-            channel_epoch: 0,
-            old_channels: vec![],
-            running: false,
-            failures: vec![],
-            replay: vec![],
-        };
+        let saved = |incarnation| RestartState::first_run(1, 2, incarnation, channel);
         assert_eq!(next_incarnation(None, 5_000), 5_000);
         assert_eq!(next_incarnation(Some(&saved(4_000)), 5_000), 5_000);
         assert_eq!(next_incarnation(Some(&saved(9_000)), 5_000), 9_001, "the clock went back");
@@ -270,16 +276,9 @@ mod tests {
     fn crashes_count_for_a_week() {
         let day = 24 * 3600 * 1_000_000u64;
         let mut s = RestartState {
-            cluster_id: 1,
-            node: 2,
-            incarnation: 10 * day,
-            configured_channel: "239.1.1.1:7000".parse().unwrap(),
-            control_channel: "239.1.1.1:7000".parse().unwrap(),
-            channel_epoch: 0,
-            old_channels: vec![],
             running: true,
             failures: vec![9 * day, 2 * day],
-            replay: vec![],
+            ..RestartState::first_run(1, 2, 10 * day, "239.1.1.1:7000".parse().unwrap())
         };
         assert_eq!(recent_failures(&s, 11 * day), vec![10 * day, 9 * day], "the crashed run counts, the 9-day-old crash does not");
         s.running = false;

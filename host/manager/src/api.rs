@@ -1,7 +1,7 @@
 //! The manager's HTTP API (JSON). Operators configure and run jobs; agents (group leaders) report
-//! discovery, walk the tree and send reports. Every route except `/healthz` needs a bearer
-//! token of the right role, checked before the body is read: an unauthenticated request changes
-//! nothing. Reference: `docs/manager.md`.
+//! discovery, walk the tree and send reports. Every route except `/healthz` needs the right
+//! role — from a bearer token, or over mutual TLS from the client certificate — checked before
+//! the body is read: an unauthenticated request changes nothing. Reference: `docs/manager.md`.
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -68,7 +68,7 @@ pub(crate) async fn handle(m: Arc<Inner>, req: Request<Incoming>) -> Response<Bo
         return http::json(StatusCode::OK, &serde_json::json!({ "manager": true }));
     }
     let Some(role) = m.tokens.role(&req) else {
-        return http::error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+        return http::error(StatusCode::UNAUTHORIZED, "a valid bearer token (or a client certificate naming a role) is required");
     };
     let parts: Vec<String> = path.trim_matches('/').split('/').map(str::to_string).collect();
     let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
@@ -76,6 +76,8 @@ pub(crate) async fn handle(m: Arc<Inner>, req: Request<Incoming>) -> Response<Bo
     match role {
         Role::Operator => operator(m, method, &parts, req).await,
         Role::Agent => agent(m, method, &parts, req).await,
+        // The manager's own certificate opens the group leaders' endpoints, not its API.
+        Role::Manager => http::error(StatusCode::FORBIDDEN, "a manager certificate has no routes on the manager's API"),
     }
 }
 

@@ -25,7 +25,7 @@ pub trait ChildSource: Send + Sync + 'static {
 pub async fn forward_slot(blob: Arc<Blob>, client: JsonClient, source: Arc<dyn ChildSource>, start_timeout: Duration) {
     while let Some(child) = source.next().await {
         let mut stream = blob.expect_stream(&child.segment);
-        let url = format!("http://{}/notify", child.address);
+        let url = format!("{}/notify", client.base_url(&child.address));
         if let Err(e) = client.post::<_, serde_json::Value>(&url, &child.notification).await {
             tracing::warn!(child = %child.segment, "notification failed: {e}");
             source.unreachable(child.segment).await;

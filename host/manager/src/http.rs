@@ -1,18 +1,22 @@
-//! HTTP plumbing shared by the manager and group leaders: a hyper/1 accept loop, JSON bodies with a
-//! size limit, bearer-token roles compared in constant time, and a small JSON client.
+//! HTTP plumbing shared by the manager and group leaders: a hyper/1 accept loop (plain, or mutual
+//! TLS: [`crate::tls`]), JSON bodies with a size limit, roles from bearer tokens compared in
+//! constant time or from the verified client certificate, and a small JSON client.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Serialize, de::DeserializeOwned};
 use std::future::Future;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpListener;
+
+use crate::tls::{CertRole, Tls};
 
 /// Every response body: in-memory JSON or a streamed assignment.
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -60,7 +64,24 @@ pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T,
 pub enum Role {
     Operator,
     Agent,
+    /// The manager calling a group leader (with tokens it uses the agent token: `Agent`).
+    Manager,
 }
+
+impl From<CertRole> for Role {
+    fn from(r: CertRole) -> Role {
+        match r {
+            CertRole::Operator => Role::Operator,
+            CertRole::Agent => Role::Agent,
+            CertRole::Manager => Role::Manager,
+        }
+    }
+}
+
+/// Set on every request that arrived over mutual TLS: the role its verified client certificate
+/// names (`None`: it names none). On such a request the certificate alone decides.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerRole(pub Option<Role>);
 
 /// The bearer tokens. Only their BLAKE3 hashes are kept; `blake3::Hash` equality is constant
 /// time, so comparing a presented token leaks nothing about the right one through timing.
@@ -75,8 +96,12 @@ impl Tokens {
         Tokens { operator: blake3::hash(operator.as_bytes()), agent: blake3::hash(agent.as_bytes()) }
     }
 
-    /// The role the request's `Authorization: Bearer` token grants, if any.
+    /// The role a request has: over mutual TLS the one its client certificate names (tokens
+    /// are not consulted), else the one its `Authorization: Bearer` token grants, if any.
     pub fn role<B>(&self, req: &Request<B>) -> Option<Role> {
+        if let Some(PeerRole(role)) = req.extensions().get::<PeerRole>() {
+            return *role;
+        }
         let presented = bearer(req)?;
         let h = blake3::hash(presented.as_bytes());
         // Both comparisons always run, so timing does not tell which role was close.
@@ -101,8 +126,23 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_tls(listener, None, handler).await
+}
+
+/// How long a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`serve`], over mutual TLS when `tls` is given: a connection without a client certificate
+/// signed by the cluster CA ends in the handshake, before any request is read; every request
+/// of an accepted connection carries the certificate's [`PeerRole`].
+pub async fn serve_tls<F, Fut>(listener: TcpListener, tls: Option<Tls>, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let acceptor = tls.as_ref().map(Tls::acceptor);
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("accept: {e}");
@@ -112,15 +152,44 @@ where
         };
         let _ = stream.set_nodelay(true);
         let h = handler.clone();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let h = h.clone();
-                async move { Ok::<_, std::convert::Infallible>(h(req).await) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
-                tracing::debug!("connection: {e}");
-            }
+            let Some(acceptor) = acceptor else {
+                serve_connection(TokioIo::new(stream), None, h).await;
+                return;
+            };
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, "TLS handshake refused: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let role = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(crate::tls::role_of).map(Role::from);
+            serve_connection(TokioIo::new(tls), Some(PeerRole(role)), h).await;
         });
+    }
+}
+
+async fn serve_connection<I, F, Fut>(io: I, peer: Option<PeerRole>, h: F)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let h = h.clone();
+        if let Some(p) = peer {
+            req.extensions_mut().insert(p);
+        }
+        async move { Ok::<_, std::convert::Infallible>(h(req).await) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
+        tracing::debug!("connection: {e}");
     }
 }
 
@@ -140,20 +209,68 @@ pub enum ClientError {
     Request { url: String, what: String },
 }
 
+/// Plain HTTP, or HTTPS only (with a client certificate).
+#[derive(Clone)]
+enum Transport {
+    Plain(Client<HttpConnector, Full<Bytes>>),
+    Tls(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
+}
+
+impl Transport {
+    fn request(&self, req: Request<Full<Bytes>>) -> ResponseFuture {
+        match self {
+            Transport::Plain(c) => c.request(req),
+            Transport::Tls(c) => c.request(req),
+        }
+    }
+}
+
 /// A JSON-over-HTTP client with a bearer token and a per-request timeout.
 #[derive(Clone)]
 pub struct JsonClient {
-    inner: Client<HttpConnector, Full<Bytes>>,
+    inner: Transport,
     token: String,
     timeout: Duration,
 }
 
 impl JsonClient {
+    /// A plain-HTTP client presenting `token` (empty: none).
     pub fn new(token: &str, timeout: Duration) -> JsonClient {
+        JsonClient::with_tls(token, timeout, None)
+    }
+
+    /// With `tls`, an HTTPS-only client that presents the node's certificate and trusts only
+    /// servers certified by the cluster CA for the URL's host; without, plain HTTP.
+    pub fn with_tls(token: &str, timeout: Duration, tls: Option<&Tls>) -> JsonClient {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         conn.set_connect_timeout(Some(timeout));
-        JsonClient { inner: Client::builder(TokioExecutor::new()).build(conn), token: token.to_string(), timeout }
+        let inner = match tls {
+            None => Transport::Plain(Client::builder(TokioExecutor::new()).build(conn)),
+            Some(t) => {
+                conn.enforce_http(false);
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config((*t.client_config()).clone())
+                    .https_only()
+                    .enable_http1()
+                    .wrap_connector(conn);
+                Transport::Tls(Client::builder(TokioExecutor::new()).build(https))
+            }
+        };
+        JsonClient { inner, token: token.to_string(), timeout }
+    }
+
+    /// `https` for a TLS client, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        match self.inner {
+            Transport::Plain(_) => "http",
+            Transport::Tls(_) => "https",
+        }
+    }
+
+    /// The base URL of a node at `host:port`, in this client's scheme.
+    pub fn base_url(&self, address: &str) -> String {
+        format!("{}://{address}", self.scheme())
     }
 
     /// Sends a request; `extra` adds headers (e.g. `Range`). Returns the response once its head

@@ -79,6 +79,8 @@ pub struct LeaderConfig {
     pub retries_per_parent: u32,
     /// Upload budget shared by all children (benchmarks simulate a NIC with it).
     pub egress_bytes_per_sec: Option<u64>,
+    /// Mutual TLS for the endpoint and this GL's calls (`None`: plain HTTP, agent token).
+    pub tls: Option<crate::tls::Tls>,
 }
 
 impl LeaderConfig {
@@ -92,6 +94,7 @@ impl LeaderConfig {
             stall: Duration::from_secs(5),
             retries_per_parent: 2,
             egress_bytes_per_sec: None,
+            tls: None,
         }
     }
 }
@@ -140,7 +143,7 @@ impl LeaderNode {
             .map_err(|source| LeaderError::Bind { segment: cfg.segment.clone(), addr: cfg.listen, source })?;
         let inner = Arc::new(Inner {
             tokens: Tokens::new("", &cfg.agent_token),
-            client: JsonClient::new(&cfg.agent_token, Duration::from_secs(10)),
+            client: JsonClient::with_tls(&cfg.agent_token, Duration::from_secs(10), cfg.tls.as_ref()),
             runs: Mutex::new(HashMap::new()),
             delivery,
             egress: cfg.egress_bytes_per_sec.map(Egress::new),
@@ -148,7 +151,7 @@ impl LeaderNode {
             cfg,
         });
         let h = inner.clone();
-        inner.spawn(http::serve(listener, move |req| {
+        inner.spawn(http::serve_tls(listener, inner.cfg.tls.clone(), move |req| {
             let h = h.clone();
             async move { h.handle(req).await }
         }));
@@ -190,7 +193,8 @@ impl Inner {
         if path == "/healthz" {
             return http::json(StatusCode::OK, &serde_json::json!({ "segment": self.cfg.segment }));
         }
-        if self.tokens.role(&req) != Some(Role::Agent) {
+        // Agents (parent GLs, members) and the manager (notifications) call a GL.
+        if !matches!(self.tokens.role(&req), Some(Role::Agent | Role::Manager)) {
             return http::error(StatusCode::UNAUTHORIZED, "agent bearer token required");
         }
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();

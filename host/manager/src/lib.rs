@@ -6,7 +6,8 @@
 //! leaders) and [`manifest`] (per-chunk BLAKE3 of an assignment so every hop verifies before it
 //! forwards).
 //!
-//! The IO around them: [`db`] (redb), [`http`] (hyper plumbing and bearer-token roles), [`blob`]
+//! The IO around them: [`db`] (redb), [`http`] (hyper plumbing, roles from bearer tokens or
+//! client certificates), [`tls`] (mutual TLS and the cluster CA), [`blob`]
 //! (an assignment file served while it still arrives), [`forward`] (one forwarding slot of a tree
 //! node), [`server`] (the manager: scheduler loop and runs), `api` (its HTTP routes) and [`leader`]
 //! (a group leader's side of the tree: fetch with resume, forward, deliver, report).
@@ -26,6 +27,7 @@ mod runs;
 mod discovery;
 pub mod scheduler;
 pub mod server;
+pub mod tls;
 pub mod tree;
 
 /// Milliseconds since the Unix epoch: the manager's one notion of wall-clock time. Pure logic

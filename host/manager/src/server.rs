@@ -17,6 +17,7 @@ use crate::db::{Db, DbError};
 use crate::forward::{BoxFuture, ChildSource, forward_slot};
 use crate::http::{self, JsonClient, Tokens};
 use crate::manifest::{DEFAULT_CHUNK_SIZE, ManifestError};
+use crate::tls::Tls;
 use crate::model::{
     ChildTarget, Job, JobState, Notification, Payload, Run, RunPhase, SegmentReport, SegmentStatus, ServerOutcome,
 };
@@ -48,6 +49,10 @@ pub struct ManagerConfig {
     pub seal: Option<prepare::SealKey>,
     /// After a replicate job for a server was cancelled, discovery creates no new one for this long.
     pub replicate_backoff: Duration,
+    /// Mutual TLS (`None`: plain HTTP with bearer tokens). With it the API takes only clients
+    /// whose certificate the cluster CA signed, and the certificate's role stands in for a token;
+    /// the tree (the manager to GLs, GL to GL) runs over it too.
+    pub tls: Option<Tls>,
 }
 
 impl ManagerConfig {
@@ -66,6 +71,7 @@ impl ManagerConfig {
             probe_interval: Duration::from_secs(5),
             seal: None,
             replicate_backoff: Duration::from_secs(600),
+            tls: None,
         }
     }
 }
@@ -135,8 +141,8 @@ impl Manager {
         let addr = listener.local_addr().map_err(io("reading the API address"))?;
         let inner = Arc::new(Inner {
             tokens: Tokens::new(&cfg.operator_token, &cfg.agent_token),
-            client: JsonClient::new(&cfg.agent_token, Duration::from_secs(10)),
-            url: format!("http://{addr}"),
+            client: JsonClient::with_tls(&cfg.agent_token, Duration::from_secs(10), cfg.tls.as_ref()),
+            url: format!("{}://{addr}", if cfg.tls.is_some() { "https" } else { "http" }),
             runs: Mutex::new(HashMap::new()),
             egress: cfg.egress_bytes_per_sec.map(Egress::new),
             wake: Notify::new(),
@@ -153,7 +159,7 @@ impl Manager {
             }
         }
         let h = inner.clone();
-        tokio::spawn(http::serve(listener, move |req| {
+        tokio::spawn(http::serve_tls(listener, inner.cfg.tls.clone(), move |req| {
             let h = h.clone();
             async move { crate::api::handle(h, req).await }
         }));
@@ -420,7 +426,7 @@ impl Inner {
     fn node_url(&self, run: &Run, node: &Node) -> Option<String> {
         match node {
             Node::Manager => Some(self.url.clone()),
-            Node::Leader(s) => run.segments.get(s).map(|s| format!("http://{}", s.address)),
+            Node::Leader(s) => run.segments.get(s).map(|s| self.client.base_url(&s.address)),
         }
     }
 
@@ -467,8 +473,8 @@ impl Inner {
 
     /// Is a GL's tree endpoint answering?
     async fn probe(&self, address: &str) -> bool {
-        let c = JsonClient::new("", Duration::from_secs(1));
-        c.get::<serde_json::Value>(&format!("http://{address}/healthz")).await.is_ok()
+        let c = JsonClient::with_tls("", Duration::from_secs(1), self.cfg.tls.as_ref());
+        c.get::<serde_json::Value>(&format!("{}/healthz", c.base_url(address))).await.is_ok()
     }
 
     /// Someone could not reach `segment`'s GL. If it does not answer, it is dead for this run:
@@ -498,7 +504,7 @@ impl Inner {
             if let Some(target) = self.child_target(run, active, &child, &parent) {
                 let client = self.client.clone();
                 tokio::spawn(async move {
-                    let url = format!("http://{}/notify", target.address);
+                    let url = format!("{}/notify", client.base_url(&target.address));
                     if let Err(e) = client.post::<_, serde_json::Value>(&url, &target.notification).await {
                         tracing::warn!("re-parent notification to {}: {e}", target.segment);
                     }

@@ -35,17 +35,12 @@ fn status_of<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Option<u16> {
 }
 
 fn report(leader: &str) -> DiscoveryReport {
-    DiscoveryReport {
-        segment: "seg-a".into(),
-        leader: leader.into(),
-        address: "127.0.0.1:9".into(),
-        location: "Etc/UTC".into(),
-        cpu_power: 1,
-        free_disk: 1 << 30,
-        connections: 0,
-        members: vec![leader.into()],
-        links: None,
-    }
+    // From JSON, as an agent sends it (fields added later default).
+    serde_json::from_value(serde_json::json!({
+        "segment": "seg-a", "leader": leader, "address": "127.0.0.1:9", "location": "Etc/UTC",
+        "cpu_power": 1, "free_disk": 1u64 << 30, "connections": 0, "members": [leader],
+    }))
+    .unwrap()
 }
 
 /// Everything an operator can read.

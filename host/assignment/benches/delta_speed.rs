@@ -1,25 +1,97 @@
 //! Delta computation speed on one core, without the site or the plugin host around it:
 //! `cargo bench -p cm-assignment --bench delta_speed [-- MiB]` (default 256 MiB per file).
-//! Rows: two unrelated files (the worst case: every byte goes through the rolling scan), and a
-//! file with a few in-place edits and a 1-byte insertion (the scan runs from the first edit).
+//! Throughput is one file's size over the time (wall clock, and this process's CPU time, which
+//! the other load of a shared machine disturbs less). The first row is the floor every case
+//! pays: reading both files and hashing them with BLAKE3; "× floor" is each row's time over it.
 
+use std::io::Read;
 use std::time::Instant;
+
+fn cpu_secs() -> f64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes the struct it is given.
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) }, 0);
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn hash_both(a: &std::path::Path, b: &std::path::Path) -> u64 {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0;
+    for p in [a, b] {
+        let mut f = std::fs::File::open(p).unwrap();
+        let mut h = blake3::Hasher::new();
+        loop {
+            let n = f.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        total += h.finalize().as_bytes()[0] as u64;
+    }
+    total
+}
+
 fn main() {
     let mb: usize = std::env::args().skip(1).find(|a| !a.starts_with("--")).map(|s| s.parse().expect("size in MiB")).unwrap_or(256);
     let dir = tempfile::tempdir().unwrap();
     let mut s: u64 = 1;
-    let mut rnd = |n: usize| { let mut v = vec![0u8; n]; for c in v.chunks_mut(8) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; c.copy_from_slice(&s.to_le_bytes()[..c.len()]); } v };
-    let a = rnd(mb << 20); let b = rnd(mb << 20);
-    let mut c = a.clone(); c[1000] ^= 1; c.insert(5 << 20, 7); c[(mb << 20) - 77] ^= 3;
-    std::fs::write(dir.path().join("a"), &a).unwrap();
-    std::fs::write(dir.path().join("b"), &b).unwrap();
-    std::fs::write(dir.path().join("c"), &c).unwrap();
-    for (name, other) in [("nothing in common", "b"), ("edits + 1-byte insert", "c")] {
-        let fa = std::fs::File::open(dir.path().join("a")).unwrap();
-        let fb = std::fs::File::open(dir.path().join(other)).unwrap();
-        let t = Instant::now();
+    let mut rnd = |n: usize| {
+        let mut v = vec![0u8; n];
+        for c in v.chunks_mut(8) {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            c.copy_from_slice(&s.to_le_bytes()[..c.len()]);
+        }
+        v
+    };
+    let len = mb << 20;
+    let a = rnd(len);
+    let path = |n: &str| dir.path().join(n);
+    std::fs::write(path("a"), &a).unwrap();
+    std::fs::write(path("unrelated"), rnd(len)).unwrap();
+    let mut c = a.clone();
+    c[1000] ^= 1;
+    c.insert(5 << 20.min(len / 2), 7);
+    c[len - 77] ^= 3;
+    std::fs::write(path("edits"), &c).unwrap();
+    let mut c = a.clone();
+    let mid = len / 2;
+    c[mid..mid + 4096].copy_from_slice(&rnd(4096));
+    std::fs::write(path("in-place"), &c).unwrap();
+    let mut c = vec![b'!'];
+    c.extend_from_slice(&a);
+    std::fs::write(path("shifted"), &c).unwrap();
+    // Repeated content: a 4 KiB pattern over the whole file, with a few bytes changed.
+    let pattern = rnd(4096);
+    let rep: Vec<u8> = pattern.iter().copied().cycle().take(len).collect();
+    std::fs::write(path("repeated"), &rep).unwrap();
+    let mut c = rep.clone();
+    c.splice(len / 3..len / 3, *b"xyz");
+    std::fs::write(path("repeated-edit"), &c).unwrap();
+    drop((a, c, rep));
+
+    println!("| case | size | wall | wall GiB/s | CPU GiB/s | × floor (CPU) | literal bytes | ops |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let gib = mb as f64 / 1024.0;
+    let (t, c0) = (Instant::now(), cpu_secs());
+    std::hint::black_box(hash_both(&path("a"), &path("unrelated")));
+    let (floor_wall, floor_cpu) = (t.elapsed().as_secs_f64(), cpu_secs() - c0);
+    println!("| floor: read + BLAKE3 of both files | {mb} MiB | {floor_wall:.3} s | {:.2} | {:.2} | 1.00 | - | - |", gib / floor_wall, gib / floor_cpu);
+    for (name, base, other) in [
+        ("nothing in common", "a", "unrelated"),
+        ("edits + 1-byte insert", "a", "edits"),
+        ("in-place 4 KiB change", "a", "in-place"),
+        ("1 byte inserted at the front", "a", "shifted"),
+        ("repeated 4 KiB pattern, 3 bytes inserted", "repeated", "repeated-edit"),
+    ] {
+        let fa = std::fs::File::open(path(base)).unwrap();
+        let fb = std::fs::File::open(path(other)).unwrap();
+        let (t, c0) = (Instant::now(), cpu_secs());
         let d = cm_assignment::delta::compute(&fa, &fb, &mut std::io::sink()).unwrap();
-        let e = t.elapsed().as_secs_f64();
-        println!("| {name:<22} | {mb:>5} MiB | {e:>7.3} s | {:>5.2} GiB/s | literal {:>10} B |", (mb as f64 / 1024.0) / e, d.literal);
+        let (wall, cpu) = (t.elapsed().as_secs_f64(), cpu_secs() - c0);
+        println!("| {name} | {mb} MiB | {wall:.3} s | {:.2} | {:.2} | {:.2} | {} | {} |", gib / wall, gib / cpu, cpu / floor_cpu, d.literal, d.ops.len());
     }
 }

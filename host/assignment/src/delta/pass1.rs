@@ -1,0 +1,170 @@
+//! The first pass over both files: BLAKE3 of each, the comparison at equal offsets and, where
+//! that cannot settle the difference, the base's content-defined cuts — all from the same
+//! buffers, so each file is read once here.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use super::chunk::{Chunker, Chunking};
+use super::{CMP_BLOCK, PIECE, common_tail, first_diff, read_full_at};
+
+/// A differing range longer than this at equal offsets is taken for moved content.
+const RUN_BUDGET: u64 = 64 << 10;
+/// More differing ranges than this (a delta past the record limit anyway) are matched by content
+/// from the last one on instead; this bounds the memory too (16 bytes a range).
+const MAX_RUNS: usize = 16384;
+/// Differing ranges closer than this are merged: a copy op between them would cost about as much.
+const RUN_GAP: u64 = 32;
+
+pub(super) struct Scan {
+    pub base_hash: [u8; 32],
+    pub new_hash: [u8; 32],
+    /// Equal lengths: the ranges (before `Rest::Match::from`, if any) that differ at equal
+    /// offsets, to be sent literally; every other byte there is copied from the same offset.
+    pub runs: Vec<(u64, u64)>,
+    /// The base's cuts from `Rest::Match::from` on: (position, hash of the 64 bytes before it).
+    pub cuts: Vec<(u64, u64)>,
+    pub rest: Rest,
+}
+
+pub(super) enum Rest {
+    /// `runs` describe every difference.
+    Settled,
+    /// New bytes `[from, new_end)` are to be matched against the base's cuts; new bytes from
+    /// `new_end` on equal base bytes from `base_end` on.
+    Match { from: u64, new_end: u64, base_end: u64, chunking: Chunking },
+}
+
+pub(super) fn run(base: &File, bl: u64, new: &File, nl: u64) -> io::Result<Scan> {
+    let equal = bl == nl;
+    let (mut hb, mut hn) = (blake3::Hasher::new(), blake3::Hasher::new());
+    let (mut bb, mut nb) = (vec![0u8; PIECE], vec![0u8; PIECE]);
+    let mut runs = Vec::new();
+    let mut cuts = Vec::new();
+    // Set once comparing at equal offsets stops: where matching starts, and the base's chunker.
+    let mut matching: Option<(u64, Chunker)> = None;
+    // Equal lengths, once matching: the last differing offset.
+    let mut last_diff: Option<u64> = None;
+    let mut at = 0u64;
+    while at < bl.max(nl) {
+        let b = if at < bl { read_full_at(base, &mut bb, at)? } else { 0 };
+        let n = if at < nl { read_full_at(new, &mut nb, at)? } else { 0 };
+        if b == 0 && n == 0 {
+            // A file shrank while being read: treat what we saw as its end.
+            break;
+        }
+        hb.update(&bb[..b]);
+        hn.update(&nb[..n]);
+        let common = b.min(n);
+        let (x, y) = (&bb[..common], &nb[..common]);
+        match &matching {
+            None if equal => {
+                diff_runs(x, y, at, &mut runs);
+                let over = runs.len() > MAX_RUNS || runs.last().is_some_and(|&(s, e)| e - s > RUN_BUDGET);
+                if over {
+                    // Content moved: match from the start of the last range on.
+                    let (from, end) = runs.pop().expect("a range went over");
+                    last_diff = Some(end - 1);
+                    let mut ch = Chunker::new(Chunking::for_len(bl - from), from);
+                    feed_from_file(base, &mut ch, at, &mut cuts)?;
+                    matching = Some((from, ch));
+                }
+            }
+            None => {
+                if let Some(i) = first_diff(x, y) {
+                    let from = at + i as u64;
+                    matching = Some((from, Chunker::new(Chunking::for_len(bl - from), from)));
+                }
+            }
+            Some(_) if equal => {
+                if x != y {
+                    last_diff = Some(at + (common - 1 - common_tail(x, y)) as u64);
+                }
+            }
+            Some(_) => {}
+        }
+        if let Some((_, ch)) = &mut matching
+            && b > 0
+        {
+            while let Some(cut) = ch.next(&bb[..b], at) {
+                cuts.push(cut);
+            }
+        }
+        at += b.max(n) as u64;
+    }
+    let rest = match matching {
+        None if equal => Rest::Settled,
+        None => {
+            // One file is the other plus a tail (or they are equal up to where one shrank).
+            let from = bl.min(nl);
+            Rest::Match { from, new_end: nl, base_end: bl, chunking: Chunking::for_len(bl - from) }
+        }
+        Some((from, ch)) if equal => {
+            let end = last_diff.map_or(from, |l| l + 1);
+            Rest::Match { from, new_end: end, base_end: end, chunking: ch.chunking() }
+        }
+        Some((from, ch)) => {
+            let suffix = common_suffix(base, bl, new, nl, from)?;
+            Rest::Match { from, new_end: nl - suffix, base_end: bl - suffix, chunking: ch.chunking() }
+        }
+    };
+    Ok(Scan { base_hash: *hb.finalize().as_bytes(), new_hash: *hn.finalize().as_bytes(), runs, cuts, rest })
+}
+
+/// Feeds the chunker the file's bytes from where it needs them up to `to`.
+fn feed_from_file(f: &File, ch: &mut Chunker, to: u64, cuts: &mut Vec<(u64, u64)>) -> io::Result<()> {
+    let mut buf = vec![0u8; PIECE];
+    loop {
+        let from = ch.needs_from();
+        if from >= to {
+            return Ok(());
+        }
+        let n = ((to - from) as usize).min(PIECE);
+        f.read_exact_at(&mut buf[..n], from)?;
+        while let Some(cut) = ch.next(&buf[..n], from) {
+            cuts.push(cut);
+        }
+    }
+}
+
+/// Appends the ranges where `x` and `y` (both at file offset `at`) differ to `runs`, merging
+/// ranges less than `RUN_GAP` apart (also with the last range already there).
+fn diff_runs(x: &[u8], y: &[u8], at: u64, runs: &mut Vec<(u64, u64)>) {
+    const FINE: usize = 64;
+    for (i, (xb, yb)) in x.chunks(CMP_BLOCK).zip(y.chunks(CMP_BLOCK)).enumerate() {
+        if xb == yb {
+            continue;
+        }
+        for (j, (xf, yf)) in xb.chunks(FINE).zip(yb.chunks(FINE)).enumerate() {
+            if xf == yf {
+                continue;
+            }
+            let off = at + (i * CMP_BLOCK + j * FINE) as u64;
+            let s = off + xf.iter().zip(yf).position(|(p, q)| p != q).expect("differ") as u64;
+            let e = off + xf.iter().zip(yf).rposition(|(p, q)| p != q).expect("differ") as u64 + 1;
+            match runs.last_mut() {
+                Some(last) if last.1 + RUN_GAP >= s => last.1 = e,
+                _ => runs.push((s, e)),
+            }
+        }
+    }
+}
+
+/// Length of the common suffix of files of different lengths, not overlapping `prefix`.
+fn common_suffix(base: &File, bl: u64, new: &File, nl: u64, prefix: u64) -> io::Result<u64> {
+    let max = bl.min(nl) - prefix;
+    let (mut bb, mut nb) = (vec![0u8; PIECE], vec![0u8; PIECE]);
+    let mut done = 0u64;
+    while done < max {
+        let n = ((max - done) as usize).min(PIECE);
+        base.read_exact_at(&mut bb[..n], bl - done - n as u64)?;
+        new.read_exact_at(&mut nb[..n], nl - done - n as u64)?;
+        let tail = common_tail(&bb[..n], &nb[..n]);
+        if tail < n {
+            return Ok(done + tail as u64);
+        }
+        done += n as u64;
+    }
+    Ok(max)
+}

@@ -60,6 +60,29 @@ impl FrameSet {
         true
     }
 
+    /// Removes `seq`; returns false when it was not present.
+    pub fn remove(&mut self, seq: u32) -> bool {
+        if !self.contains(seq) {
+            return false;
+        }
+        self.words[(seq / 64) as usize] &= !(1u64 << (seq % 64));
+        self.count -= 1;
+        true
+    }
+
+    /// Members present within `from..upto`.
+    pub fn count_in(&self, from: u32, upto: u32) -> u32 {
+        let upto = upto.min(self.len);
+        let mut n = 0;
+        let mut at = from;
+        while let Some(p) = self.next_present(at).filter(|p| *p < upto) {
+            let end = self.next_absent(p).unwrap_or(self.len).min(upto);
+            n += end - p;
+            at = end;
+        }
+        n
+    }
+
     /// Inserts `start..start+len`, clipped to the universe.
     pub fn insert_range(&mut self, start: u32, len: u32) {
         let end = start.saturating_add(len).min(self.len);
@@ -105,10 +128,16 @@ impl FrameSet {
 
     /// Maximal runs of absent members, as `(start, len)`, in order.
     pub fn absent_runs(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
-        let mut at = 0;
+        self.absent_runs_in(0, self.len)
+    }
+
+    /// Runs of absent members within `from..upto` (clipped to the universe), in order.
+    pub fn absent_runs_in(&self, from: u32, upto: u32) -> impl Iterator<Item = (u32, u32)> + '_ {
+        let upto = upto.min(self.len);
+        let mut at = from;
         std::iter::from_fn(move || {
-            let start = self.next_absent(at)?;
-            let end = self.next_present(start).unwrap_or(self.len);
+            let start = self.next_absent(at).filter(|s| *s < upto)?;
+            let end = self.next_present(start).unwrap_or(self.len).min(upto);
             at = end;
             Some((start, end - start))
         })
@@ -132,6 +161,20 @@ mod tests {
             }
             prop_assert_eq!(absent.count() + s.count(), len);
             prop_assert_eq!(s.count() as usize, present.iter().filter(|p| **p < len).collect::<std::collections::BTreeSet<_>>().len());
+        }
+
+        #[test]
+        fn runs_in_a_window_are_the_absent_members_there(len in 0u32..400, present in proptest::collection::vec(0u32..400, 0..300), a in 0u32..450, b in 0u32..450) {
+            let (from, upto) = (a.min(b), a.max(b));
+            let mut s = FrameSet::new(len);
+            for p in &present { s.insert(*p); }
+            let got: Vec<u32> = s.absent_runs_in(from, upto).flat_map(|(start, n)| start..start + n).collect();
+            let want: Vec<u32> = (from..upto.min(len)).filter(|q| !s.contains(*q)).collect();
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(s.count_in(from, upto), (from..upto.min(len)).filter(|q| s.contains(*q)).count() as u32);
+            let mut r = s.clone();
+            for q in from..upto { r.remove(q); }
+            prop_assert_eq!(r.count() + s.count_in(from, upto), s.count());
         }
     }
 

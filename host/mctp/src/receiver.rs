@@ -13,7 +13,7 @@
 use crate::frameset::FrameSet;
 use crate::keys::{Keys, PayloadCipher};
 use crate::time::Time;
-use crate::wire::{self, Announce, Message, Report, ReportStatus, SessionInfo, Solicit, MAX_RUNS_PER_REPORT};
+use crate::wire::{self, Announce, Checkpoint, Message, Report, ReportStatus, SessionInfo, Solicit, MAX_RUNS_PER_REPORT};
 use crate::{DropCounts, MemberId};
 use cm_wire::mac::TAG_LEN;
 use rand::Rng;
@@ -93,7 +93,21 @@ struct Session {
     cipher: Option<PayloadCipher>,
     /// (when, round) of the report we owe.
     report_due: Option<(Time, u32)>,
+    /// The checkpoint answer we owe: when, and the checkpoint's number and window (merged with
+    /// any earlier one not yet answered).
+    gaps_due: Option<GapsDue>,
 }
+
+#[derive(Debug, Clone, Copy)]
+struct GapsDue {
+    at: Time,
+    checkpoint: u32,
+    from: u32,
+    upto: u32,
+}
+
+/// Datagrams one checkpoint answer may take; more gaps than fit wait for the end of the pass.
+const MAX_GAP_PARTS: usize = 4;
 
 /// The receiving state machine of one member (one session at a time).
 pub struct Receiver {
@@ -129,6 +143,32 @@ impl Receiver {
         &self.stats
     }
 
+    /// The content of an authenticated announcement that would start a session this receiver
+    /// is not in and does not know it holds, without acting on it: the driver can look in its
+    /// store and call [`Receiver::add_held`] before handing the datagram over, so a member that
+    /// already holds the assignment answers "complete" at once. Cheap for every other datagram
+    /// (only announcements have their tag checked).
+    pub fn new_announcement(&self, datagram: &[u8]) -> Option<SessionInfo> {
+        if !wire::is_announce(datagram) {
+            return None;
+        }
+        let Ok(Message::Announce(a)) = wire::open(&self.keys, datagram) else { return None };
+        let known = self.session.as_ref().is_some_and(|s| s.announce.session == a.session || s.announce.info == a.info);
+        (!known && !self.held_hashes.contains(&a.info.hash)).then_some(a.info)
+    }
+
+    /// End of the run of held frames that starts at byte `offset` of the current session
+    /// (`offset` itself when that frame is not held or `offset` is not a frame boundary). A
+    /// driver that hashes the file as it arrives uses it to catch up over frames that arrived
+    /// ahead of a repaired one.
+    pub fn held_through(&self, offset: u64) -> u64 {
+        let Some(s) = self.session.as_ref().filter(|s| s.frames > 0) else { return offset };
+        let fs = u64::from(s.announce.frame_size);
+        let Some(seq) = u32::try_from(offset / fs).ok().filter(|_| offset % fs == 0) else { return offset };
+        let end = s.held.next_absent(seq).unwrap_or(s.frames);
+        (u64::from(end) * fs).min(s.announce.info.size).max(offset)
+    }
+
     /// `(held, total)` frames of the current session.
     pub fn progress(&self) -> Option<(u32, u32)> {
         self.session.as_ref().map(|s| (s.held.count(), s.frames))
@@ -140,6 +180,10 @@ impl Receiver {
         let (header, payload_len, announce, solicit) = match wire::open(&self.keys, datagram) {
             Err(e) => {
                 self.stats.dropped.count(&e);
+                return None;
+            }
+            Ok(Message::Checkpoint(c)) => {
+                self.on_checkpoint(now, c);
                 return None;
             }
             Ok(Message::Data(h, p)) => (Some(h), p.len(), None, None),
@@ -276,6 +320,7 @@ impl Receiver {
             last_heard: now,
             cipher,
             report_due: None,
+            gaps_due: None,
         });
         if already {
             self.events.push_back(RxEvent::AlreadyHeld { session, info });
@@ -299,6 +344,26 @@ impl Receiver {
         if incomplete || s.selector.selects(me) {
             self.schedule_report(now, s.round, Duration::from_micros(u64::from(s.window_us)));
         }
+    }
+
+    /// Mid-pass: answer with the window's gaps (possibly none) after a random delay. Only a
+    /// member still receiving answers; one that holds every frame has nothing to say.
+    fn on_checkpoint(&mut self, now: Time, c: Checkpoint) {
+        let Some(sess) = self.session.as_mut().filter(|x| x.announce.session == c.session) else {
+            self.stats.dropped.foreign_session += 1;
+            return;
+        };
+        sess.last_heard = now;
+        if sess.state != State::Receiving || sess.frames == 0 {
+            return;
+        }
+        let window = Duration::from_micros(u64::from(c.window_us));
+        let at = now + window * self.rng.random_range(0..16u32) / 16;
+        sess.gaps_due = Some(match sess.gaps_due {
+            // Not answered yet: one answer covers both windows, at the earlier time.
+            Some(d) => GapsDue { at: d.at.min(at), checkpoint: c.checkpoint.max(d.checkpoint), from: d.from.min(c.from), upto: d.upto.max(c.upto) },
+            None => GapsDue { at, checkpoint: c.checkpoint, from: c.from, upto: c.upto },
+        });
     }
 
     /// A report at a random multiple of window/16 from now: no report implosion.
@@ -345,7 +410,11 @@ impl Receiver {
 
     pub fn poll_timeout(&self) -> Option<Time> {
         let s = self.session.as_ref()?;
-        let report = s.report_due.map(|(t, _)| t);
+        let gaps = s.gaps_due.filter(|_| s.state == State::Receiving).map(|g| g.at);
+        let report = match (s.report_due.map(|(t, _)| t), gaps) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let expiry = matches!(s.state, State::Receiving | State::Verifying).then(|| s.last_heard + self.cfg.session_timeout);
         match (report, expiry) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -360,11 +429,34 @@ impl Receiver {
             self.events.push_back(RxEvent::Abandoned { session: s.announce.session, info: s.announce.info, reason: "no datagram from the group leader within the session timeout".into() });
             return;
         }
+        if let Some(g) = s.gaps_due
+            && now >= g.at
+        {
+            s.gaps_due = None;
+            if s.state == State::Receiving {
+                self.send_gaps(g);
+            }
+        }
+        let Some(s) = self.session.as_mut() else { return };
         if let Some((at, round)) = s.report_due
             && now >= at
         {
             s.report_due = None;
             self.send_report(round);
+        }
+    }
+
+    fn send_gaps(&mut self, g: GapsDue) {
+        let me = self.cfg.member;
+        let s = self.session.as_ref().expect("caller checked");
+        let runs: Vec<(u32, u32)> = s.held.absent_runs_in(g.from, g.upto).take(MAX_GAP_PARTS * MAX_RUNS_PER_REPORT).collect();
+        let chunks: Vec<&[(u32, u32)]> = if runs.is_empty() { vec![&[]] } else { runs.chunks(MAX_RUNS_PER_REPORT).collect() };
+        let parts = chunks.len() as u16;
+        let to = s.report_to;
+        for (i, c) in chunks.into_iter().enumerate() {
+            let r = Report { session: s.announce.session, member: me, round: g.checkpoint, part: i as u16, parts, status: ReportStatus::Gaps(c.to_vec()) };
+            self.stats.reports_sent += 1;
+            self.queue.push_back((to, r.encode(&self.keys)));
         }
     }
 

@@ -16,7 +16,7 @@
 use crate::frameset::FrameSet;
 use crate::keys::{Keys, PayloadCipher};
 use crate::time::Time;
-use crate::wire::{self, Announce, DataHeader, Message, Report, ReportStatus, Selector, SessionInfo, Solicit};
+use crate::wire::{self, Announce, Checkpoint, DataHeader, Message, Report, ReportStatus, Selector, SessionInfo, Solicit};
 use crate::{DropCounts, MemberId};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -66,6 +66,13 @@ pub struct SenderConfig {
     pub min_participants: usize,
     /// Pacing burst: up to this much sending time may go out back to back.
     pub burst: Duration,
+    /// Mid-pass feedback: after this many payload bytes of a pass the GL sends a checkpoint;
+    /// members answer with the window's gaps, which are repaired at once, and the rate follows
+    /// their answers. 0 turns checkpoints off (feedback only at the end of each pass).
+    pub checkpoint_bytes: u64,
+    /// A member whose last checkpoint answer is this many payload bytes behind the sender is
+    /// falling behind (its socket buffer fills): the rate goes down before it overflows.
+    pub max_lag_bytes: u64,
 }
 
 impl SenderConfig {
@@ -90,6 +97,8 @@ impl SenderConfig {
             quorum: None,
             min_participants: 0,
             burst: Duration::from_millis(2),
+            checkpoint_bytes: 2 << 20,
+            max_lag_bytes: 8 << 20,
         }
     }
 }
@@ -196,6 +205,10 @@ pub struct SenderStats {
     pub reports: u64,
     pub passes: u32,
     pub rounds: u32,
+    /// Checkpoints sent (mid-pass feedback requests).
+    pub checkpoints: u32,
+    /// Frames resent during a pass because a checkpoint answer named them.
+    pub repairs: u64,
     pub dropped: DropCounts,
 }
 
@@ -207,7 +220,24 @@ struct Peer {
     addr: Option<SocketAddr>,
     status: MemberStatus,
     heard_round: u32,
+    /// Latest checkpoint this member answered.
+    acked_checkpoint: Option<u32>,
 }
+
+/// A checkpoint of the current pass, kept while its answers may still come.
+#[derive(Debug, Clone)]
+struct CheckpointLog {
+    number: u32,
+    /// Payload bytes of the pass sent when it went out.
+    sent_at: u64,
+    /// Frames in its window.
+    frames: u32,
+    /// Gap frames per member that answered (parts add up).
+    gaps: BTreeMap<MemberId, u32>,
+}
+
+/// Checkpoints remembered per pass (older answers only count for repairs).
+const CHECKPOINT_LOG: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -236,6 +266,18 @@ pub struct Sender {
     repeats_left: u32,
     nacks: FrameSet,
     rate: u64,
+    /// Mid-pass feedback: next checkpoint number, start of its window, payload bytes since the
+    /// last one and in the whole pass, the recent checkpoints, and the worst gap share and lag
+    /// heard since the rate was last adapted.
+    checkpoint: u32,
+    pass_first_checkpoint: u32,
+    window_from: u32,
+    window_bytes: u64,
+    pass_bytes: u64,
+    checkpoints: VecDeque<CheckpointLog>,
+    worst_share: Option<f64>,
+    /// Frames named by checkpoint answers, sent before the pass goes on.
+    repairs: FrameSet,
     next_send: Time,
     next_announce: Time,
     stall: u32,
@@ -311,7 +353,7 @@ impl Sender {
             if let Some(a) = m.unicast {
                 everyone.push(a);
             }
-            peers.insert(m.id, Peer { expected: true, unicast_only: m.unicast, addr: m.unicast, status: MemberStatus::NoReport, heard_round: 0 });
+            peers.insert(m.id, Peer { expected: true, unicast_only: m.unicast, addr: m.unicast, status: MemberStatus::NoReport, heard_round: 0, acked_checkpoint: None });
         }
         let rate = cfg.initial_rate;
         Ok(Sender {
@@ -331,6 +373,14 @@ impl Sender {
             repeats_left: 0,
             nacks: FrameSet::new(frames),
             rate,
+            checkpoint: 0,
+            pass_first_checkpoint: 0,
+            window_from: 0,
+            window_bytes: 0,
+            pass_bytes: 0,
+            checkpoints: VecDeque::new(),
+            worst_share: None,
+            repairs: FrameSet::new(frames),
             next_send: now,
             next_announce: now,
             stall: 0,
@@ -392,6 +442,7 @@ impl Sender {
                 addr: None,
                 status: MemberStatus::NoReport,
                 heard_round: 0,
+                acked_checkpoint: None,
             });
             p.expected = true;
             p.unicast_only = m.unicast;
@@ -459,18 +510,27 @@ impl Sender {
         if self.phase != Phase::Sending || now < self.next_send - self.cfg.burst {
             return None;
         }
-        let next = match self.to_send.next_present(self.cursor) {
-            None if self.repeats_left > 0 => {
-                self.repeats_left -= 1;
-                self.to_send.next_present(0)
-            }
-            n => n,
+        // Repairs named by checkpoint answers go first: they are the oldest frames owed.
+        let seq = if let Some(seq) = self.repairs.next_present(0) {
+            self.repairs.remove(seq);
+            self.stats.repairs += 1;
+            seq
+        } else {
+            let next = match self.to_send.next_present(self.cursor) {
+                None if self.repeats_left > 0 => {
+                    self.repeats_left -= 1;
+                    self.window_from = 0;
+                    self.to_send.next_present(0)
+                }
+                n => n,
+            };
+            let Some(seq) = next else {
+                self.solicit_end_of_pass(now);
+                return self.queue.pop_front();
+            };
+            self.cursor = seq + 1;
+            seq
         };
-        let Some(seq) = next else {
-            self.solicit_end_of_pass(now);
-            return self.queue.pop_front();
-        };
-        self.cursor = seq + 1;
         self.sent_this_pass += 1;
         let fs = u64::from(self.cfg.frame_size);
         let offset = u64::from(seq) * fs;
@@ -481,6 +541,11 @@ impl Sender {
         self.next_send = base + Duration::from_nanos(wire_len * 1_000_000_000 / self.rate.max(1));
         self.stats.frames_sent += 1;
         self.stats.payload_bytes_sent += u64::from(len);
+        self.pass_bytes += u64::from(len);
+        self.window_bytes += u64::from(len);
+        if self.cfg.checkpoint_bytes > 0 && self.window_bytes >= self.cfg.checkpoint_bytes && self.cursor > self.window_from {
+            self.send_checkpoint();
+        }
         let header = DataHeader { session: self.announce.session, assignment: self.announce.info.assignment, pass: self.pass, seq, len };
         Some(Transmit::Frame { dest: Dest::Everyone, frame: FrameRequest { header, offset } })
     }
@@ -504,7 +569,7 @@ impl Sender {
             self.stats.dropped.foreign_session += 1;
             return;
         }
-        if let ReportStatus::Missing(runs) = &r.status
+        if let ReportStatus::Missing(runs) | ReportStatus::Gaps(runs) = &r.status
             && runs.iter().any(|(first, count)| u64::from(*first) + u64::from(*count) > u64::from(self.frames))
         {
             self.stats.dropped.out_of_range += 1;
@@ -522,12 +587,19 @@ impl Sender {
         let round = self.round;
         let peer = self.peers.entry(r.member).or_insert_with(|| {
             self.events.push_back(SenderEvent::Joined(r.member));
-            Peer { expected: false, unicast_only: None, addr: None, status: MemberStatus::NoReport, heard_round: 0 }
+            Peer { expected: false, unicast_only: None, addr: None, status: MemberStatus::NoReport, heard_round: 0, acked_checkpoint: None }
         });
         if peer.unicast_only.is_none() {
             peer.addr = Some(from);
         }
         match r.status {
+            ReportStatus::Gaps(runs) => {
+                if matches!(peer.status, MemberStatus::Complete | MemberStatus::Failed(_)) || r.round < self.pass_first_checkpoint {
+                    return; // a newer fact, or an answer from an earlier pass
+                }
+                peer.acked_checkpoint = Some(peer.acked_checkpoint.map_or(r.round, |a| a.max(r.round)));
+                return self.on_gaps(r.member, r.round, &runs);
+            }
             // Completion and failure are final facts whatever round they answer.
             ReportStatus::Complete => {
                 peer.status = MemberStatus::Complete;
@@ -572,6 +644,89 @@ impl Sender {
         }
     }
 
+    /// A checkpoint answer: repair its gaps during the pass (or in the next one, if this pass
+    /// has ended) and note the member's gap share for the rate.
+    fn on_gaps(&mut self, member: MemberId, checkpoint: u32, runs: &[(u32, u32)]) {
+        let sending = self.phase == Phase::Sending;
+        for &(first, count) in runs {
+            for seq in first..first + count {
+                if !sending {
+                    self.nacks.insert(seq);
+                } else if !(seq >= self.cursor && self.to_send.contains(seq)) {
+                    // Not still ahead in this pass: resend it now.
+                    self.repairs.insert(seq);
+                }
+            }
+        }
+        if let Some(log) = self.checkpoints.iter_mut().find(|c| c.number == checkpoint) {
+            let gaps: u32 = runs.iter().map(|(_, c)| *c).sum();
+            let total = log.gaps.entry(member).or_insert(0);
+            *total = total.saturating_add(gaps);
+            let share = f64::from(*total) / f64::from(log.frames.max(1));
+            self.worst_share = Some(self.worst_share.map_or(share, |w| w.max(share)));
+        }
+    }
+
+    /// Mid-pass: ask where members are, and adapt the rate to what the last answers said.
+    fn send_checkpoint(&mut self) {
+        self.adapt_rate_mid_pass();
+        let frames = self.to_send.count_in(self.window_from, self.cursor).max(1);
+        let n = u32::try_from(self.peers.len().max(self.cfg.min_participants).max(1)).unwrap_or(u32::MAX);
+        let window = (self.cfg.report_slot * n).min(Duration::from_millis(20));
+        let c = Checkpoint {
+            session: self.announce.session,
+            pass: self.pass,
+            checkpoint: self.checkpoint,
+            from: self.window_from,
+            upto: self.cursor,
+            window_us: u32::try_from(window.as_micros()).unwrap_or(u32::MAX),
+        };
+        let bytes = c.encode(&self.keys);
+        self.push_control(Dest::Everyone, bytes);
+        if self.checkpoints.len() == CHECKPOINT_LOG {
+            self.checkpoints.pop_front();
+        }
+        self.checkpoints.push_back(CheckpointLog { number: self.checkpoint, sent_at: self.pass_bytes, frames, gaps: BTreeMap::new() });
+        self.stats.checkpoints += 1;
+        self.checkpoint += 1;
+        self.window_from = self.cursor;
+        self.window_bytes = 0;
+    }
+
+    /// Rate from checkpoint answers: down when a member's window misses a large share (it is
+    /// overrun, or the network is congested) or when a member lags far behind the sender (its
+    /// socket buffer is filling: it would soon drop), gently up when every answer is good.
+    /// No answer since the last adaptation: the rate stays.
+    fn adapt_rate_mid_pass(&mut self) {
+        let Some(share) = self.worst_share.take() else { return };
+        let log = &self.checkpoints;
+        let sent_at = |n: u32| log.iter().find(|c| c.number == n).map(|c| c.sent_at);
+        // Lag of members that answered in this pass; one that fell far behind (crashed, or
+        // overflowed long ago) is left to the end-of-pass repair rather than stall everyone.
+        let lag = self
+            .peers
+            .values()
+            .filter(|p| !matches!(p.status, MemberStatus::Complete | MemberStatus::Failed(_)))
+            .filter_map(|p| p.acked_checkpoint.filter(|a| *a >= self.pass_first_checkpoint).and_then(sent_at))
+            .map(|at| self.pass_bytes.saturating_sub(at))
+            .filter(|lag| *lag <= 4 * self.cfg.max_lag_bytes)
+            .max()
+            .unwrap_or(0);
+        let mut factor: f64 = if share > 0.25 {
+            0.6
+        } else if share > 0.10 {
+            0.85
+        } else {
+            1.1
+        };
+        if lag > self.cfg.max_lag_bytes {
+            factor = factor.min(0.8);
+        } else if lag > self.cfg.max_lag_bytes / 2 {
+            factor = factor.min(1.0);
+        }
+        self.rate = ((self.rate as f64 * factor) as u64).clamp(self.cfg.min_rate, self.cfg.max_rate);
+    }
+
     fn participants_enough(&self) -> bool {
         self.peers.len() >= self.cfg.min_participants
     }
@@ -610,6 +765,12 @@ impl Sender {
         self.to_send = frames;
         self.cursor = 0;
         self.sent_this_pass = 0;
+        self.window_from = 0;
+        self.window_bytes = 0;
+        self.pass_bytes = 0;
+        self.pass_first_checkpoint = self.checkpoint;
+        self.checkpoints.clear();
+        self.worst_share = None;
         self.phase = Phase::Sending;
         self.next_send = self.next_send.max(now);
         // Members learn the new pass number (and late joiners the session) at once.

@@ -63,6 +63,12 @@ pub struct SimConfig {
     /// Member index whose driver takes this long to hash and flush the file once every frame
     /// is held (a large assignment on a slow disk); the member keeps answering meanwhile.
     pub slow_verify: Option<(usize, Duration)>,
+    /// Every member processes at most this many bytes per second and queues at most the
+    /// second number of bytes (its socket buffer); what arrives beyond that is dropped — a
+    /// member overrun by a sender faster than its CPU, the loss rate control must avoid.
+    pub capacity: Option<(u64, u64)>,
+    /// Changes to the GL's configuration (e.g. checkpoints off, for a comparison).
+    pub tune: Option<fn(&mut SenderConfig)>,
     /// Print every control datagram and report (for replaying a failing seed).
     pub trace: bool,
 }
@@ -89,6 +95,8 @@ impl SimConfig {
             dead: None,
             quorum: None,
             slow_verify: None,
+            capacity: None,
+            tune: None,
             trace: std::env::var_os("MCTP_SIM_TRACE").is_some(),
         }
     }
@@ -144,6 +152,10 @@ pub struct SimResult {
     /// Data frames the GLs sent, and the frames in the assignment.
     pub frames_sent: u64,
     pub frames: u32,
+    /// Datagrams dropped because a member's queue was full (with [`SimConfig::capacity`]).
+    pub overrun: u64,
+    /// The finishing GL's counters.
+    pub stats: crate::SenderStats,
 }
 
 /// A broken invariant, with the seed that replays it.
@@ -185,6 +197,8 @@ struct SimMember {
     burst_bad: bool,
     /// A verification in progress: (done at, session).
     verifying: Option<(Time, u64)>,
+    /// With a capacity: when this member will have processed everything queued for it.
+    busy_until: Time,
 }
 
 /// The sender configuration the simulation uses (quick timers for virtual time).
@@ -196,6 +210,9 @@ pub fn sim_sender_config() -> SenderConfig {
     c.report_slot = Duration::from_millis(2);
     c.report_grace = Duration::from_millis(20);
     c.reannounce_interval = Duration::from_millis(200);
+    // Sim assignments are tens of kilobytes: checkpoints every few frames exercise them.
+    c.checkpoint_bytes = 4096;
+    c.max_lag_bytes = 16_384;
     c
 }
 
@@ -212,6 +229,7 @@ struct Sim {
     members: Vec<SimMember>,
     frames_sent: u64,
     frame_buf: Vec<u8>,
+    overrun: u64,
 }
 
 /// Runs one seeded session to its end and checks the invariants.
@@ -221,8 +239,8 @@ pub fn run(cfg: &SimConfig) -> Result<SimResult, Violation> {
     rng.fill(&mut content[..]);
     let info = SessionInfo { assignment: 77, name: "sim/assignment".into(), size: cfg.size, hash: *blake3::hash(&content).as_bytes() };
     let keys = Keys::derive(b"simulated cluster");
-    let members = (0..cfg.members).map(|_| SimMember { rx: None, disk: Vec::new(), delivered: false, burst_bad: false, verifying: None }).collect();
-    let sim = Sim { cfg: cfg.clone(), keys, content, info, net: rng, now: Time::ZERO, queue: BinaryHeap::new(), seq: 0, gl: None, members, frames_sent: 0, frame_buf: Vec::new() };
+    let members = (0..cfg.members).map(|_| SimMember { rx: None, disk: Vec::new(), delivered: false, burst_bad: false, verifying: None, busy_until: Time::ZERO }).collect();
+    let sim = Sim { cfg: cfg.clone(), keys, content, info, net: rng, now: Time::ZERO, queue: BinaryHeap::new(), seq: 0, gl: None, members, frames_sent: 0, frame_buf: Vec::new(), overrun: 0 };
     sim.go()
 }
 
@@ -236,6 +254,9 @@ impl Sim {
         c.frame_size = self.cfg.frame_size;
         c.encrypt = self.cfg.encrypt;
         c.quorum = self.cfg.quorum;
+        if let Some(tune) = self.cfg.tune {
+            tune(&mut c);
+        }
         let members: Vec<Member> = (0..self.cfg.members)
             .map(|i| Member { id: member_id(i), unicast: (self.cfg.unicast_only == Some(i)).then(|| member_addr(i)) })
             .collect();
@@ -295,8 +316,20 @@ impl Sim {
                 if self.net.random_bool(self.cfg.reorder) {
                     delay += self.cfg.jitter.mul_f64(self.net.random::<f64>());
                 }
+                let mut at = self.now + delay;
+                if let (Node::Member(i), Some((rate, buffer))) = (node, self.cfg.capacity) {
+                    // A FIFO queue drained at `rate`: full means dropped.
+                    let m = &mut self.members[i];
+                    let queued = m.busy_until.since_origin().saturating_sub(at.since_origin()).as_nanos() as u64 * rate / 1_000_000_000;
+                    if queued + bytes.len() as u64 > buffer {
+                        self.overrun += 1;
+                        continue;
+                    }
+                    m.busy_until = m.busy_until.max(at) + Duration::from_nanos(bytes.len() as u64 * 1_000_000_000 / rate);
+                    at = m.busy_until;
+                }
                 self.seq += 1;
-                self.queue.push(Reverse((self.now + delay, self.seq, node, from, bytes.to_vec())));
+                self.queue.push(Reverse((at, self.seq, node, from, bytes.to_vec())));
             }
         }
     }
@@ -558,6 +591,7 @@ impl Sim {
             return Err(self.violation("outcome Complete while a live member lacks the assignment"));
         }
         let frames = self.gl.as_ref().map_or(0, |(_, g)| g.frame_count());
-        Ok(SimResult { report, delivered, alive, virtual_time: self.now.since_origin(), frames_sent: self.frames_sent, frames })
+        let stats = self.gl.as_ref().map(|(_, g)| g.stats().clone()).unwrap_or_default();
+        Ok(SimResult { report, delivered, alive, virtual_time: self.now.since_origin(), frames_sent: self.frames_sent, frames, overrun: self.overrun, stats })
     }
 }

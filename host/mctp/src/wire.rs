@@ -14,6 +14,7 @@ const KIND_ANNOUNCE: u8 = 1;
 const KIND_DATA: u8 = 2;
 const KIND_REPORT: u8 = 3;
 const KIND_SOLICIT: u8 = 4;
+const KIND_CHECKPOINT: u8 = 5;
 
 /// Largest UDP payload we ever build or accept.
 pub const MAX_DATAGRAM: usize = 65_507;
@@ -115,6 +116,10 @@ pub enum ReportStatus {
     /// Holds every frame and is checking the BLAKE3 (and flushing the file): alive and busy,
     /// so the GL keeps waiting instead of counting the round as stalled.
     Verifying,
+    /// The answer to a [`Checkpoint`] (`round` carries its number): the frames of the
+    /// checkpoint's window this member lacks, possibly none. It tells the GL what to repair
+    /// while the pass goes on and how far behind the sender this member is.
+    Gaps(Vec<(u32, u32)>),
 }
 
 /// One datagram of a member's status report. A long NACK is split into `parts` datagrams.
@@ -163,6 +168,22 @@ impl Selector {
     }
 }
 
+/// "Where are you?" in the middle of a pass: members still receiving answer with the frames of
+/// `from..upto` they lack ([`ReportStatus::Gaps`], possibly empty), so the GL repairs during
+/// the pass and adapts its rate to how far its slowest members lag behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub session: u64,
+    pub pass: u32,
+    /// Increases by one per checkpoint over the whole session.
+    pub checkpoint: u32,
+    /// The window: every frame of the pass before `upto` was sent before this datagram.
+    pub from: u32,
+    pub upto: u32,
+    /// Members spread their answers over this many microseconds.
+    pub window_us: u32,
+}
+
 /// A decoded, authenticated datagram.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message<'a> {
@@ -171,6 +192,7 @@ pub enum Message<'a> {
     Data(DataHeader, &'a [u8]),
     Report(Report),
     Solicit(Solicit),
+    Checkpoint(Checkpoint),
 }
 
 fn header(w: &mut Writer, kind: u8) {
@@ -254,10 +276,8 @@ impl Report {
         w.u64(self.session).u64(self.member).u32(self.round).u16(self.part).u16(self.parts);
         match &self.status {
             ReportStatus::Missing(runs) => {
-                w.u8(0).u16(u16::try_from(runs.len()).expect("runs bounded by MAX_RUNS_PER_REPORT"));
-                for (first, count) in runs {
-                    w.u32(*first).u32(*count);
-                }
+                w.u8(0);
+                runs_out(&mut w, runs);
             }
             ReportStatus::Complete => {
                 w.u8(1);
@@ -268,6 +288,10 @@ impl Report {
             }
             ReportStatus::Verifying => {
                 w.u8(3);
+            }
+            ReportStatus::Gaps(runs) => {
+                w.u8(4);
+                runs_out(&mut w, runs);
             }
         }
         seal(keys, w)
@@ -283,29 +307,40 @@ impl Report {
             return Err(DecodeError::malformed("report part out of range"));
         }
         let status = match r.u8()? {
-            0 => {
-                let n = usize::from(r.u16()?);
-                if n == 0 || n > MAX_RUNS_PER_REPORT {
-                    return Err(DecodeError::malformed("run count out of range"));
-                }
-                let mut runs = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let first = r.u32()?;
-                    let count = r.u32()?;
-                    if count == 0 || first.checked_add(count).is_none() {
-                        return Err(DecodeError::malformed("empty or overflowing run"));
-                    }
-                    runs.push((first, count));
-                }
-                ReportStatus::Missing(runs)
-            }
+            0 => ReportStatus::Missing(runs_in(r, 1)?),
             1 => ReportStatus::Complete,
             2 => ReportStatus::Failed(r.str16(MAX_REASON)?.to_owned()),
             3 => ReportStatus::Verifying,
+            4 => ReportStatus::Gaps(runs_in(r, 0)?),
             _ => return Err(DecodeError::malformed("unknown report status")),
         };
         Ok(Report { session, member, round, part, parts, status })
     }
+}
+
+fn runs_out(w: &mut Writer, runs: &[(u32, u32)]) {
+    w.u16(u16::try_from(runs.len()).expect("runs bounded by MAX_RUNS_PER_REPORT"));
+    for (first, count) in runs {
+        w.u32(*first).u32(*count);
+    }
+}
+
+/// At least `min` and at most [`MAX_RUNS_PER_REPORT`] runs, none empty or overflowing.
+fn runs_in(r: &mut Reader<'_>, min: usize) -> Result<Vec<(u32, u32)>, DecodeError> {
+    let n = usize::from(r.u16()?);
+    if n < min || n > MAX_RUNS_PER_REPORT {
+        return Err(DecodeError::malformed("run count out of range"));
+    }
+    let mut runs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let first = r.u32()?;
+        let count = r.u32()?;
+        if count == 0 || first.checked_add(count).is_none() {
+            return Err(DecodeError::malformed("empty or overflowing run"));
+        }
+        runs.push((first, count));
+    }
+    Ok(runs)
 }
 
 fn truncate_utf8(s: &str, max: usize) -> &str {
@@ -357,10 +392,33 @@ impl Solicit {
     }
 }
 
+impl Checkpoint {
+    pub fn encode(&self, keys: &Keys) -> Vec<u8> {
+        let mut w = Writer::with_capacity(48);
+        header(&mut w, KIND_CHECKPOINT);
+        w.u64(self.session).u32(self.pass).u32(self.checkpoint).u32(self.from).u32(self.upto).u32(self.window_us);
+        seal(keys, w)
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let c = Checkpoint { session: r.u64()?, pass: r.u32()?, checkpoint: r.u32()?, from: r.u32()?, upto: r.u32()?, window_us: r.u32()? };
+        if c.from > c.upto {
+            return Err(DecodeError::malformed("checkpoint window ends before it starts"));
+        }
+        Ok(c)
+    }
+}
+
 fn seal(keys: &Keys, w: Writer) -> Vec<u8> {
     let mut v = w.into_vec();
     keys.mac().seal(&mut v);
     v
+}
+
+/// True when `datagram` claims to be an announcement (its plaintext header says so; nothing
+/// is verified).
+pub fn is_announce(datagram: &[u8]) -> bool {
+    datagram.len() > 4 && datagram[..2] == MAGIC && datagram[2] == VERSION && datagram[3] == KIND_ANNOUNCE
 }
 
 /// Verifies the tag, then decodes. The payload of a data frame is returned as it is on the wire.
@@ -396,6 +454,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message<'_>, WireError> {
         }
         KIND_REPORT => Message::Report(Report::decode(&mut r)?),
         KIND_SOLICIT => Message::Solicit(Solicit::decode(&mut r)?),
+        KIND_CHECKPOINT => Message::Checkpoint(Checkpoint::decode(&mut r)?),
         k => return Err(WireError::UnknownKind(k)),
     };
     r.finish()?;
@@ -432,6 +491,7 @@ mod tests {
             Just(ReportStatus::Verifying),
             "[ -~]{0,60}".prop_map(ReportStatus::Failed),
             proptest::collection::vec((0u32..1 << 30, 1u32..1000), 1..MAX_RUNS_PER_REPORT).prop_map(ReportStatus::Missing),
+            proptest::collection::vec((0u32..1 << 30, 1u32..1000), 0..MAX_RUNS_PER_REPORT).prop_map(ReportStatus::Gaps),
         ]) {
             let r = Report { session, member, round, part: parts - 1, parts, status };
             let bytes = r.encode(&keys());
@@ -444,6 +504,19 @@ mod tests {
             let s = Solicit { session, round, pass, window_us, selector };
             let bytes = s.encode(&keys());
             prop_assert_eq!(open(&keys(), &bytes).unwrap(), Message::Solicit(s));
+        }
+
+        #[test]
+        fn checkpoint_round_trips(session: u64, pass: u32, checkpoint: u32, a: u32, b: u32, window_us: u32) {
+            let c = Checkpoint { session, pass, checkpoint, from: a.min(b), upto: a.max(b), window_us };
+            let bytes = c.encode(&keys());
+            prop_assert_eq!(open(&keys(), &bytes).unwrap(), Message::Checkpoint(c));
+            // Flipping any bit breaks the tag.
+            for i in 0..bytes.len() {
+                let mut bad = bytes.clone();
+                bad[i] ^= 1 << (i % 8);
+                prop_assert_eq!(open(&keys(), &bad), Err(WireError::BadTag));
+            }
         }
 
         #[test]

@@ -1,5 +1,7 @@
 //! MCTP over real UDP multicast on loopback: one sender, eight receivers, 64 MiB, identical
-//! copies; and a sender with a foreign key cannot get anything delivered.
+//! copies; a sender with a foreign key cannot get anything delivered; a member that already
+//! holds the assignment answers "complete" without receiving it; a member that cannot receive
+//! multicast gets the session by unicast on its configured port, beside multicast members.
 //!
 //! Each test uses its own group and ports (239.77.x.y, 471xx) so parallel tests never collide.
 
@@ -21,17 +23,17 @@ fn random_file(path: &Path, size: usize, seed: u64) -> [u8; 32] {
 }
 
 fn receive_options(group: SocketAddr, member: u64, secret: &[u8], dir: &Path, timeout: Duration) -> ReceiveOptions {
-    ReceiveOptions {
-        group,
-        interface: LOOPBACK,
-        member,
-        secret: secret.to_vec(),
-        dir: dir.to_owned(),
-        timeout,
-        linger: Duration::from_secs(1),
-        session_timeout: Duration::from_secs(10),
-        inject_loss: 0.0,
-    }
+    let mut o = ReceiveOptions::new(group, LOOPBACK, member, secret.to_vec(), dir.to_owned());
+    o.timeout = timeout;
+    o
+}
+
+fn sender_config(group: SocketAddr, report_port: u16) -> SenderConfig {
+    let mut config = SenderConfig::new(group, report_port);
+    config.frame_size = 8192;
+    config.initial_rate = 100_000_000;
+    config.max_rate = 400_000_000;
+    config
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,10 +52,7 @@ async fn one_sender_eight_receivers_64_mib_identical_copies() -> anyhow::Result<
     // Let every receiver join the group before the first announcement.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let mut config = SenderConfig::new(group, 47111);
-    config.frame_size = 8192;
-    config.initial_rate = 100_000_000;
-    config.max_rate = 400_000_000;
+    let config = sender_config(group, 47111);
     let members: Vec<Member> = (0..8).map(|i| Member { id: 100 + i, unicast: None }).collect();
     let opts = SendOptions { config, interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 42, name: "site-update.bin".into(), members };
     let out = tokio::time::timeout(Duration::from_secs(240), send_file(&source, opts)).await??;
@@ -92,4 +91,82 @@ async fn a_sender_without_the_cluster_key_delivers_nothing() -> anyhow::Result<(
     assert!(err.to_string().contains("no assignment was delivered"), "{err}");
     assert_eq!(std::fs::read_dir(&dir)?.count(), 0, "no file, partial or whole, is left");
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_already_holds_the_assignment_answers_complete_without_receiving() -> anyhow::Result<()> {
+    let group: SocketAddr = "239.77.41.9:47130".parse()?;
+    let tmp = tempfile::tempdir()?;
+    let source = tmp.path().join("held.bin");
+    let hash = random_file(&source, 3 << 20, 9);
+    let secret = b"held test cluster".to_vec();
+    // Member 1 holds the assignment already (a delivery's file name, same bytes); member 2 has
+    // a file of that name and size with other bytes, which must not count; member 3 has nothing.
+    let dirs: Vec<_> = (1..=3).map(|i| tmp.path().join(format!("member-{i}"))).collect();
+    for d in &dirs {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::copy(&source, dirs[0].join("held.bin"))?;
+    random_file(&dirs[1].join("held.bin"), 3 << 20, 10);
+    let receivers: Vec<_> = dirs.iter().zip(1u64..).map(|(d, id)| tokio::spawn(receive(receive_options(group, id, &secret, d, Duration::from_secs(60))))).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let members: Vec<Member> = (1..=3).map(|id| Member { id, unicast: None }).collect();
+    let opts = SendOptions { config: sender_config(group, 47131), interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 5, name: "held.bin".into(), members };
+    let out = tokio::time::timeout(Duration::from_secs(60), send_file(&source, opts)).await??;
+    assert_eq!(out.report.outcome, Outcome::Complete, "report: {:?}", out.report);
+
+    let got: Vec<Received> = futures_join(receivers).await?;
+    assert!(got[0].already_held, "member 1 holds it");
+    assert_eq!(got[0].stats.frames, 0, "member 1 wrote no frame");
+    assert_eq!(got[0].path, dirs[0].join("held.bin"));
+    for g in &got[1..] {
+        assert!(!g.already_held, "{}: a same-named file with other bytes is not the assignment", g.path.display());
+        assert!(g.stats.frames > 0);
+    }
+    for g in &got {
+        assert_eq!(blake3::hash(&std::fs::read(&g.path)?).as_bytes(), &hash, "{}", g.path.display());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unicast_only_member_on_its_configured_port_receives_beside_multicast_members() -> anyhow::Result<()> {
+    let group: SocketAddr = "239.77.41.10:47140".parse()?;
+    let unicast_port = 47142;
+    let tmp = tempfile::tempdir()?;
+    let source = tmp.path().join("mixed.bin");
+    let hash = random_file(&source, 8 << 20, 11);
+    let secret = b"mixed test cluster".to_vec();
+    let mut receivers = Vec::new();
+    for id in 1..=3u64 {
+        receivers.push(tokio::spawn(receive(receive_options(group, id, &secret, &tmp.path().join(format!("m{id}")), Duration::from_secs(60)))));
+    }
+    // Member 4 never joins the group: everything reaches it on its fixed unicast port.
+    let mut unicast = receive_options(group, 4, &secret, &tmp.path().join("u4"), Duration::from_secs(60));
+    unicast.join_group = false;
+    unicast.unicast_port = unicast_port;
+    receivers.push(tokio::spawn(receive(unicast)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut members: Vec<Member> = (1..=3).map(|id| Member { id, unicast: None }).collect();
+    members.push(Member { id: 4, unicast: Some(SocketAddr::new(LOOPBACK.into(), unicast_port)) });
+    let opts = SendOptions { config: sender_config(group, 47141), interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 6, name: "mixed.bin".into(), members };
+    let out = tokio::time::timeout(Duration::from_secs(60), send_file(&source, opts)).await??;
+    assert_eq!(out.report.outcome, Outcome::Complete, "report: {:?}", out.report);
+    assert_eq!(out.report.complete, vec![1, 2, 3, 4]);
+    let got = futures_join(receivers).await?;
+    for g in &got {
+        assert_eq!(blake3::hash(&std::fs::read(&g.path)?).as_bytes(), &hash, "{}", g.path.display());
+    }
+    assert_eq!(got[3].stats.frames, 1024, "the unicast-only member received every frame itself");
+    Ok(())
+}
+
+async fn futures_join(handles: Vec<tokio::task::JoinHandle<Result<Received, cm_agent::mctp::MctpDriverError>>>) -> anyhow::Result<Vec<Received>> {
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await??);
+    }
+    Ok(out)
 }

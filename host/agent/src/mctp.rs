@@ -14,8 +14,13 @@
 //!
 //! Sockets: the sender uses one socket for frames to the group and for reports. A receiver uses
 //! a group socket (bound to the group address and port, joined on the chosen interface, shared
-//! with `SO_REUSEPORT` so several receivers can run on one host) and a unicast socket on an
-//! ephemeral port, from which it reports and on which the GL reaches it alone.
+//! with `SO_REUSEPORT` so several receivers can run on one host) and a unicast socket
+//! (`ReceiveOptions::unicast_port`, ephemeral when 0), from which it reports and on which the GL
+//! reaches it alone. A member that cannot receive multicast (`join_group: false`) has only the
+//! unicast socket; the GL names it `ID@ADDR:PORT` with that port.
+//!
+//! A receiver that already holds an announced assignment in its directory (the file a delivery
+//! would produce, same size and BLAKE3) answers "complete" at once and receives nothing.
 
 mod sys;
 
@@ -49,6 +54,9 @@ const BATCH: usize = 64;
 const RX_BATCH: usize = 16;
 /// Start writeback of a receiving file after this many new bytes.
 const WRITEBACK_EVERY: u64 = 16 << 20;
+/// Bytes of already-written frames a receiver reads back and hashes per batch, once a repaired
+/// frame lets its in-order hash move on (bounded so receiving never waits long for it).
+const CATCH_UP_PER_BATCH: u64 = 2 << 20;
 /// Longest sleep of a driver loop (how soon a dropped future stops its thread).
 const MAX_WAIT: Duration = Duration::from_millis(200);
 
@@ -143,6 +151,8 @@ pub struct SendOutcome {
     /// UDP payload bytes put on the wire (all datagrams, every destination).
     pub wire_bytes: u64,
     pub elapsed: Duration,
+    /// The sending rate at the end (bytes per second), after the adaptation.
+    pub final_rate: u64,
 }
 
 /// Sends `path` to the group and returns the GL's final report.
@@ -263,7 +273,7 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
             match e {
                 SenderEvent::Joined(id) => tracing::info!(member = id, "member joined the session"),
                 SenderEvent::Finished(report) => {
-                    return Ok(SendOutcome { report, stats: sender.stats().clone(), wire_bytes, elapsed: start.elapsed() });
+                    return Ok(SendOutcome { report, stats: sender.stats().clone(), wire_bytes, elapsed: start.elapsed(), final_rate: sender.rate() });
                 }
             }
         }
@@ -327,6 +337,38 @@ pub struct ReceiveOptions {
     /// Benchmarks and tests only: drop this share of incoming datagrams before the core sees
     /// them (loss injected in the driver, where network namespaces are not available).
     pub inject_loss: f64,
+    /// Port of the unicast socket (reports go out from it; a unicast-only member receives the
+    /// whole session on it). 0: an ephemeral port.
+    pub unicast_port: u16,
+    /// Join the multicast group (false for a member that cannot receive multicast: the GL
+    /// must then list it with this member's unicast address and port).
+    pub join_group: bool,
+    /// `fsync` the file before reporting complete, so "complete" survives a crash of this
+    /// host. Off, the copy sits in the page cache at delivery (like any file just written);
+    /// whoever uses it verifies its BLAKE3 again (the site's apply does).
+    pub durable: bool,
+}
+
+impl ReceiveOptions {
+    /// Defaults for everything but the channel, the member and where files go: no timeout to
+    /// speak of, 1 s linger, 10 s session timeout, no injected loss, an ephemeral unicast port,
+    /// the group joined, not durable.
+    pub fn new(group: SocketAddr, interface: Ipv4Addr, member: u64, secret: Vec<u8>, dir: PathBuf) -> Self {
+        ReceiveOptions {
+            group,
+            interface,
+            member,
+            secret,
+            dir,
+            timeout: Duration::from_secs(3600),
+            linger: Duration::from_secs(1),
+            session_timeout: Duration::from_secs(10),
+            inject_loss: 0.0,
+            unicast_port: 0,
+            join_group: true,
+            durable: false,
+        }
+    }
 }
 
 /// What a receive produced.
@@ -335,6 +377,9 @@ pub struct Received {
     pub path: PathBuf,
     pub info: SessionInfo,
     pub stats: cm_mctp::ReceiverStats,
+    /// The assignment was already in the directory: nothing was received, the GL was told
+    /// "complete" at once.
+    pub already_held: bool,
 }
 
 /// The file a session is being written into.
@@ -348,17 +393,18 @@ struct Part {
     hashed: u64,
     /// Bytes written since writeback was last started.
     dirty: u64,
+    durable: bool,
 }
 
 impl Part {
-    fn new(session: u64, path: PathBuf, file: File) -> Self {
-        Part { session, path, file: Arc::new(file), hasher: blake3::Hasher::new(), hashed: 0, dirty: 0 }
+    fn new(session: u64, path: PathBuf, file: File, durable: bool) -> Self {
+        Part { session, path, file: Arc::new(file), hasher: blake3::Hasher::new(), hashed: 0, dirty: 0, durable }
     }
 }
 
-/// Finishes a part's hash (reads `hashed..size` back) and flushes the file: the slow end of a
-/// transfer, run on a helper thread so the receiver keeps answering meanwhile.
-fn finish_and_flush(file: &File, mut hasher: blake3::Hasher, mut hashed: u64, size: u64) -> io::Result<[u8; 32]> {
+/// Finishes a part's hash (reads `hashed..size` back) and, when `durable`, flushes the file:
+/// the slow end of a transfer, run on a helper thread so the receiver keeps answering meanwhile.
+fn finish_and_flush(file: &File, mut hasher: blake3::Hasher, mut hashed: u64, size: u64, durable: bool) -> io::Result<[u8; 32]> {
     let mut buf = vec![0u8; 1 << 20];
     while hashed < size {
         let n = (size - hashed).min(buf.len() as u64) as usize;
@@ -366,7 +412,9 @@ fn finish_and_flush(file: &File, mut hasher: blake3::Hasher, mut hashed: u64, si
         hasher.update(&buf[..n]);
         hashed += n as u64;
     }
-    file.sync_all()?;
+    if durable {
+        file.sync_all()?;
+    }
     Ok(*hasher.finalize().as_bytes())
 }
 
@@ -384,6 +432,10 @@ struct PendingWrite {
 struct RxDriver {
     rx: Receiver,
     dir: PathBuf,
+    durable: bool,
+    /// Announced hashes already looked up in `dir` and not found there.
+    not_held: Vec<[u8; 32]>,
+    already_held: bool,
     part: Option<Part>,
     delivered: Option<(PathBuf, SessionInfo)>,
     /// A verification running on a helper thread: (session, verdict channel).
@@ -398,19 +450,26 @@ pub async fn receive(opts: ReceiveOptions) -> Result<Received, MctpDriverError> 
 
 fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received, MctpDriverError> {
     let group = v4(opts.group)?;
-    let gsock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io_err("socket"))?;
-    gsock.set_reuse_address(true).map_err(io_err("SO_REUSEADDR"))?;
-    gsock.set_reuse_port(true).map_err(io_err("SO_REUSEPORT"))?;
-    big_buffers(&gsock, SOCKET_BUFFER);
-    gsock.bind(&SocketAddr::V4(group).into()).map_err(io_err(format!("bind {group}")))?;
-    gsock.join_multicast_v4(group.ip(), &opts.interface).map_err(io_err(format!("join {} on {}", group.ip(), opts.interface)))?;
-    gsock.set_nonblocking(true).map_err(io_err("nonblocking"))?;
+    let gsock = if opts.join_group {
+        let gsock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io_err("socket"))?;
+        gsock.set_reuse_address(true).map_err(io_err("SO_REUSEADDR"))?;
+        gsock.set_reuse_port(true).map_err(io_err("SO_REUSEPORT"))?;
+        big_buffers(&gsock, SOCKET_BUFFER);
+        gsock.bind(&SocketAddr::V4(group).into()).map_err(io_err(format!("bind {group}")))?;
+        gsock.join_multicast_v4(group.ip(), &opts.interface).map_err(io_err(format!("join {} on {}", group.ip(), opts.interface)))?;
+        gsock.set_nonblocking(true).map_err(io_err("nonblocking"))?;
+        Some(gsock)
+    } else {
+        None
+    };
     let usock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io_err("socket"))?;
-    big_buffers(&usock, 4 << 20);
-    usock.bind(&SocketAddr::V4(SocketAddrV4::new(opts.interface, 0)).into()).map_err(io_err("bind unicast"))?;
+    // A unicast-only member gets the whole session here.
+    big_buffers(&usock, if opts.join_group { 4 << 20 } else { SOCKET_BUFFER });
+    let ubind = SocketAddrV4::new(opts.interface, opts.unicast_port);
+    usock.bind(&SocketAddr::V4(ubind).into()).map_err(io_err(format!("bind {ubind}")))?;
     usock.set_nonblocking(true).map_err(io_err("nonblocking"))?;
-    let (gfd, ufd) = (gsock.as_raw_fd(), usock.as_raw_fd());
-    let gro = sys::enable_gro(gfd) && sys::enable_gro(ufd);
+    let fds: Vec<std::os::fd::RawFd> = gsock.iter().map(AsRawFd::as_raw_fd).chain([usock.as_raw_fd()]).collect();
+    let gro = fds.iter().all(|fd| sys::enable_gro(*fd));
     tracing::debug!(gro, "receive sockets ready");
 
     std::fs::create_dir_all(&opts.dir).map_err(io_err(format!("create {}", opts.dir.display())))?;
@@ -418,7 +477,7 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
     let mut cfg = ReceiverConfig::new(opts.member);
     cfg.session_timeout = opts.session_timeout;
     let rx = Receiver::new(cfg, Keys::derive(&opts.secret), ChaCha8Rng::from_os_rng());
-    let mut d = RxDriver { rx, dir: opts.dir.clone(), part: None, delivered: None, verifying: None };
+    let mut d = RxDriver { rx, dir: opts.dir.clone(), durable: opts.durable, not_held: Vec::new(), already_held: false, part: None, delivered: None, verifying: None };
     let mut loss = ChaCha8Rng::from_os_rng();
     let mut last_heard = Instant::now();
     let mut batch = sys::RecvBatch::new(RX_BATCH, 65_536);
@@ -427,7 +486,7 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
         if let Some((path, info)) = &d.delivered
             && last_heard.elapsed() >= opts.linger
         {
-            return Ok(Received { path: path.clone(), info: info.clone(), stats: d.rx.stats().clone() });
+            return Ok(Received { path: path.clone(), info: info.clone(), stats: d.rx.stats().clone(), already_held: d.already_held });
         }
         if stop.load(Ordering::Relaxed) || (d.delivered.is_none() && start.elapsed() >= opts.timeout) {
             if let Some(p) = d.part.take() {
@@ -439,8 +498,9 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
         if d.verifying.is_some() {
             wake = wake.min(Instant::now() + Duration::from_millis(2));
         }
-        let ready = sys::wait(&[(gfd, libc::POLLIN), (ufd, libc::POLLIN)], wake.saturating_duration_since(Instant::now())).map_err(io_err("poll"))?;
-        for (fd, is_ready) in [(gfd, ready[0]), (ufd, ready[1])] {
+        let polls: Vec<(std::os::fd::RawFd, libc::c_short)> = fds.iter().map(|fd| (*fd, libc::POLLIN)).collect();
+        let ready = sys::wait(&polls, wake.saturating_duration_since(Instant::now())).map_err(io_err("poll"))?;
+        for (&fd, is_ready) in fds.iter().zip(ready) {
             if !is_ready {
                 continue;
             }
@@ -459,6 +519,9 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
                     for datagram in buf.chunks_mut(seg) {
                         if opts.inject_loss > 0.0 && loss.random_bool(opts.inject_loss) {
                             continue;
+                        }
+                        if let Some(info) = d.rx.new_announcement(datagram) {
+                            d.look_up(&info);
                         }
                         let w = d.rx.handle_datagram(now, SocketAddr::V4(from), datagram).map(|w| PendingWrite {
                             session: w.session,
@@ -479,6 +542,7 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
                 }
                 d.flush(&mut pending, &batch);
                 d.handle_events(now)?;
+                d.catch_up(CATCH_UP_PER_BATCH);
                 if n < RX_BATCH {
                     break;
                 }
@@ -497,6 +561,45 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
 }
 
 impl RxDriver {
+    /// An announced assignment we may hold already: the file a delivery would have produced,
+    /// with the announced size and BLAKE3. Looked up once per content (announcements repeat).
+    fn look_up(&mut self, info: &SessionInfo) {
+        if self.not_held.contains(&info.hash) {
+            return;
+        }
+        let path = final_path(&self.dir, info);
+        let held = File::open(&path)
+            .ok()
+            .filter(|f| f.metadata().is_ok_and(|m| m.is_file() && m.len() == info.size))
+            .is_some_and(|f| hash_file(&f, &path).is_ok_and(|h| h == info.hash));
+        if held {
+            tracing::debug!(path = %path.display(), "announced assignment already held");
+            self.rx.add_held(info.hash);
+        } else {
+            self.not_held.push(info.hash);
+        }
+    }
+
+    /// Moves the in-order hash over frames that arrived ahead of a gap now filled (reading
+    /// them back from the page cache, at most `budget` bytes), so the verification at the end
+    /// has little left to read; the CPU is spent while the GL is still sending.
+    fn catch_up(&mut self, budget: u64) {
+        if self.verifying.is_some() || self.rx.progress().is_none() {
+            return;
+        }
+        let Some(p) = self.part.as_mut() else { return };
+        let end = self.rx.held_through(p.hashed).min(p.hashed + budget);
+        let mut buf = [0u8; 64 << 10];
+        while p.hashed < end {
+            let n = (end - p.hashed).min(buf.len() as u64) as usize;
+            if p.file.read_exact_at(&mut buf[..n], p.hashed).is_err() {
+                return; // the verification reads it again and decides
+            }
+            p.hasher.update(&buf[..n]);
+            p.hashed += n as u64;
+        }
+    }
+
     /// Writes the pending frames (runs of contiguous ones with one `pwritev`), then confirms
     /// each to the core.
     fn flush(&mut self, pending: &mut Vec<PendingWrite>, batch: &sys::RecvBatch) {
@@ -521,7 +624,7 @@ impl RxDriver {
                                 }
                             }
                             p.dirty += pieces.iter().map(|b| b.len() as u64).sum::<u64>();
-                            if p.dirty >= WRITEBACK_EVERY {
+                            if p.durable && p.dirty >= WRITEBACK_EVERY {
                                 p.dirty = 0;
                                 sys::start_writeback(&p.file);
                             }
@@ -573,18 +676,18 @@ impl RxDriver {
                         // A resumed file's prefix hash is rebuilt from disk at verification.
                         Ok(file) => {
                             tracing::debug!(session, resumed, "session started");
-                            self.part = Some(Part::new(session, path, file));
+                            self.part = Some(Part::new(session, path, file, self.durable));
                         }
                         Err(e) => self.rx.storage_failed(session, format!("create {}: {e}", path.display())),
                     }
                 }
                 RxEvent::Verify { session, info } => match self.part.as_ref().filter(|p| p.session == session) {
                     Some(p) => {
-                        let (file, hasher, hashed) = (p.file.clone(), p.hasher.clone(), p.hashed);
+                        let (file, hasher, hashed, durable) = (p.file.clone(), p.hasher.clone(), p.hashed, p.durable);
                         tracing::debug!(session, "every frame held; verifying");
                         let (tx, verdict) = mpsc::channel();
                         std::thread::spawn(move || {
-                            let ok = finish_and_flush(&file, hasher, hashed, info.size).is_ok_and(|h| h == info.hash);
+                            let ok = finish_and_flush(&file, hasher, hashed, info.size, durable).is_ok_and(|h| h == info.hash);
                             let _ = tx.send(ok);
                         });
                         self.verifying = Some((session, verdict));
@@ -594,7 +697,7 @@ impl RxDriver {
                 RxEvent::Delivered { info, .. } => {
                     let from = part_path(&self.dir, &info);
                     let to = final_path(&self.dir, &info);
-                    // Already flushed by the verification.
+                    // Flushed by the verification when durable.
                     self.part = None;
                     std::fs::rename(&from, &to).map_err(io_err(format!("rename {} to {}", from.display(), to.display())))?;
                     tracing::info!(path = %to.display(), size = info.size, "assignment delivered");
@@ -602,6 +705,8 @@ impl RxDriver {
                 }
                 RxEvent::AlreadyHeld { info, .. } => {
                     tracing::info!(name = %info.name, "already hold this assignment; answered complete");
+                    self.delivered = Some((final_path(&self.dir, &info), info));
+                    self.already_held = true;
                 }
                 RxEvent::Abandoned { info, reason, .. } => {
                     tracing::warn!(name = %info.name, %reason, "session abandoned");

@@ -7,14 +7,20 @@
 # sender emits (data and control, both tools alike) as it enters the bridge, so all receivers
 # see the same loss pattern. The rule before it counts the bytes the sender emitted (before the
 # drop), which is the "bytes sent ÷ payload" column for both tools (IP+UDP headers included).
+# LOSS_MODE=independent drops instead on each receiver's port (bridge forward hook, once per
+# copy), so every receiver loses its own random share and the union of losses grows with the
+# receivers.
 #
 # LINK_MBIT, when set, makes the sender's link a real bottleneck: a `tbf` qdisc at that rate on
 # its veth (a switch port of that speed: what exceeds it queues for 5 ms, then is dropped).
 # Without it the "link" is as fast as the CPUs can copy, and the machine's CPU share decides.
 #
-# Every (loss, receivers) point runs REPEAT times, the tools alternating, and a summary gives
-# the median wall time of each tool and the ratio UFTP time ÷ MCTP time (= MCTP's throughput
-# as a multiple of UFTP's): on a shared machine single runs differ by more than the tools do.
+# Every (loss, receivers) point runs REPEAT times, the tools interleaved (MCTP first in odd
+# repeats, UFTP first in even ones, so neither always gets the warmer or quieter slot), and a
+# summary gives per tool the median wall time with its min–max spread, the ratio of medians
+# UFTP ÷ MCTP (= MCTP's throughput as a multiple of UFTP's) and the range of the per-repeat
+# ratios: on a shared machine single runs differ by more than the tools do. MCTP's sender line
+# (passes, repairs during the pass, checkpoints, final rate) is kept per run in the rows.
 #
 # Usage (root): mctp-vs-uftp.sh            # 256 MiB, 1/4/16 receivers, 0 % and 5 % loss
 #   SIZE_MIB=16 RECEIVERS="1 4" LOSSES="0 5" CMOVER=target/release/cmover mctp-vs-uftp.sh
@@ -33,6 +39,7 @@ BLOCK=${BLOCK:-8800}
 TOOLS=${TOOLS:-"mctp uftp"}
 REPEAT=${REPEAT:-1}
 LINK_MBIT=${LINK_MBIT:-}
+LOSS_MODE=${LOSS_MODE:-same}
 MAX_RATE_MBIT=$((RATE_MBIT * 2))
 if [ -n "$LINK_MBIT" ]; then
   # Both tools paced at the link's speed (MCTP may not exceed it; UFTP is told exactly it).
@@ -85,12 +92,22 @@ set_loss() { # percent
   # Dropping in the sender's own output hook instead makes sendmsg fail with EPERM, which UFTP
   # treats as fatal.
   ip netns exec "$P-br" nft delete table bridge $P 2>/dev/null || true
+  local pre="" fwd=""
+  if [ "$LOSS_MODE" = independent ]; then
+    fwd="iifname \"p-tx\" ether type ip ip protocol udp numgen random mod 100 < $1 drop"
+  else
+    pre="iifname \"p-tx\" ether type ip ip protocol udp numgen random mod 100 < $1 drop"
+  fi
   ip netns exec "$P-br" nft -f - <<NFT
 table bridge $P {
   chain pre {
     type filter hook prerouting priority 0;
     iifname "p-tx" ether type ip ip protocol udp counter
-    iifname "p-tx" ether type ip ip protocol udp numgen random mod 100 < $1 drop
+    $pre
+  }
+  chain out {
+    type filter hook forward priority 0;
+    $fwd
   }
 }
 NFT
@@ -125,7 +142,8 @@ run_mctp() { # n loss
   t1=$(now)
   wait "${pids[@]}" 2>/dev/null || true
   local ok; ok=$(check_copies "$WORK/m" "$n")
-  row MCTP "$n" "$2" "$t0" "$t1" "$(sent_bytes)" "$(peak_rss "$WORK"/rss-m*)" "$ok"
+  row MCTP "$n" "$2" "$t0" "$t1" "$(sent_bytes)" "$(peak_rss "$WORK"/rss-m*)" "$ok" \
+    "$(grep -o 'passes=[0-9]*\|repairs=[0-9]*\|checkpoints=[0-9]*\|final_rate_mbit=[0-9]*' "$WORK/mtx.log" | paste -sd' ')"
   if [ "$ok" != "$n" ]; then # the sender's and every receiver's last words, kept for a look
     local keep; keep="$WORK/failed-$(date +%s%N)"; mkdir -p "$keep"; cp "$WORK"/m*.log "$keep/" 2>/dev/null || true
     { echo "  MCTP logs (all in $WORK/failed-*, kept with KEEP=1):"
@@ -162,33 +180,43 @@ run_uftp() { # n loss
   rm -rf "$WORK"/u[0-9]* "$WORK"/rss-u*
 }
 
-row() { # tool n loss t0 t1 bytes rss_kb copies
-  awk -v tool="$1" -v n="$2" -v loss="$3" -v t0="$4" -v t1="$5" -v b="$6" -v rss="$7" -v ok="$8" -v size="$SIZE" 'BEGIN {
+row() { # tool n loss t0 t1 bytes rss_kb copies [notes]
+  awk -v tool="$1" -v n="$2" -v loss="$3" -v t0="$4" -v t1="$5" -v b="$6" -v rss="$7" -v ok="$8" -v notes="${9:-}" -v rep="$r" -v size="$SIZE" 'BEGIN {
     s = t1 - t0;
-    printf "%-5s %4d %5s%% %9.2f %10.1f %9.3f %10.1f %6d/%d\n", tool, n, loss, s, size / s / 1e6, b / size, rss / 1024, ok, n }' | tee -a "$WORK/rows"
+    printf "%-5s %4d %5s%% %9.2f %10.1f %9.3f %10.1f %6d/%d %3d  %s\n", tool, n, loss, s, size / s / 1e6, b / size, rss / 1024, ok, n, rep, notes }' | tee -a "$WORK/rows"
 }
 
-# Median wall time per tool and point, over runs where every copy arrived; ratio = UFTP ÷ MCTP.
+# Per point: each tool's median wall time (runs where every copy arrived) with its min–max,
+# the ratio of the medians UFTP ÷ MCTP, and the min–max of the per-repeat ratios (MCTP and UFTP
+# runs of the same repeat, both complete).
 summary() {
   echo
-  echo "median over $REPEAT run(s) (runs with every copy only)   ratio = UFTP time / MCTP time"
-  printf "%4s %6s %9s %9s %7s %9s %9s\n" rcv loss "MCTP s" "UFTP s" ratio "MCTP s/p" "UFTP s/p"
-  awk '{ split($8, c, "/"); if (c[1] == c[2]) { k = $2 " " $3; t[$1, k] = t[$1, k] " " $4; r[$1, k] = r[$1, k] " " $6; keys[k] = 1 } }
-    function med(list,   a, n, i, j, x) { n = split(list, a, " "); if (n == 0) return -1
+  echo "over $REPEAT repeat(s), runs with every copy only; ratio = UFTP time / MCTP time (median of each; per-repeat range)"
+  printf "%4s %6s %19s %19s %6s %13s %9s %9s\n" rcv loss "MCTP s med [min-max]" "UFTP s med [min-max]" ratio "[rep. range]" "MCTP s/p" "UFTP s/p"
+  awk '{ split($8, c, "/"); if (c[1] == c[2]) { k = $2 " " $3; t[$1, k] = t[$1, k] " " $4; r[$1, k] = r[$1, k] " " $6; by[$1, k, $9] = $4; reps[k, $9] = 1; keys[k] = 1 } }
+    function sort(list, a,   n, i, j, x) { n = split(list, a, " ")
       for (i = 2; i <= n; i++) { x = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > x; j--) a[j + 1] = a[j]; a[j + 1] = x }
-      return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
-    END { for (k in keys) { split(k, p, " "); m = med(t["MCTP", k]); u = med(t["UFTP", k])
-      printf "%4d %6s %9.2f %9.2f %7s %9.3f %9.3f\n", p[1], p[2], m, u, (m > 0 && u > 0) ? sprintf("%.2f", u / m) : "-", med(r["MCTP", k]), med(r["UFTP", k]) } }' "$WORK/rows" | sort -k2,2n -k1,1n
+      return n }
+    function med(list,   a, n) { n = sort(list, a); if (n == 0) return -1; return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
+    function lo(list,   a, n) { n = sort(list, a); return n ? a[1] : -1 }
+    function hi(list,   a, n) { n = sort(list, a); return n ? a[n] : -1 }
+    END { for (k in keys) { split(k, p, " "); m = med(t["MCTP", k]); u = med(t["UFTP", k]); rl = ""
+      for (q in reps) { split(q, qq, SUBSEP); if (qq[1] == k && (("MCTP", k, qq[2]) in by) && (("UFTP", k, qq[2]) in by)) rl = rl " " by["UFTP", k, qq[2]] / by["MCTP", k, qq[2]] }
+      printf "%4d %6s %6.2f [%5.2f-%5.2f] %6.2f [%5.2f-%5.2f] %6s %13s %9.3f %9.3f\n", p[1], p[2], m, lo(t["MCTP", k]), hi(t["MCTP", k]), u, lo(t["UFTP", k]), hi(t["UFTP", k]),
+        (m > 0 && u > 0) ? sprintf("%.2f", u / m) : "-", rl == "" ? "-" : sprintf("[%.2f-%.2f]", lo(rl), hi(rl)), med(r["MCTP", k]), med(r["UFTP", k]) } }' "$WORK/rows" | sort -k2,2n -k1,1n
 }
 
-printf "%s MiB, block %s bytes, MTU %s, link %s, loss where the sender's port enters the bridge (nft numgen random)\n" \
-  "$SIZE_MIB" "$BLOCK" $MTU "$( [ -n "$LINK_MBIT" ] && echo "$LINK_MBIT Mbit/s (tbf)" || echo unshaped )"
+printf "%s MiB, block %s bytes, MTU %s, link %s, loss %s (nft numgen random)\n" \
+  "$SIZE_MIB" "$BLOCK" $MTU "$( [ -n "$LINK_MBIT" ] && echo "$LINK_MBIT Mbit/s (tbf)" || echo unshaped )" \
+  "$( [ "$LOSS_MODE" = independent ] && echo "per receiver, independent" || echo "where the sender's port enters the bridge (same for all)" )"
 : > "$WORK/rows"
-printf "%-5s %4s %6s %9s %10s %9s %10s %8s\n" tool rcv loss "wall s" "goodput MB/s" "sent/pay" "rx RSS MiB" copies
+printf "%-5s %4s %6s %9s %10s %9s %10s %8s %3s  %s\n" tool rcv loss "wall s" "goodput MB/s" "sent/pay" "rx RSS MiB" copies rep "MCTP sender"
 for loss in $LOSSES; do
   for n in $RECEIVERS; do
     for r in $(seq 1 "$REPEAT"); do
-      for tool in $TOOLS; do "run_$tool" "$n" "$loss"; done
+      order=$TOOLS
+      [ $((r % 2)) = 0 ] && order=$(echo "$TOOLS" | tr ' ' '\n' | tac | paste -sd' ')
+      for tool in $order; do "run_$tool" "$n" "$loss"; done
     done
   done
 done

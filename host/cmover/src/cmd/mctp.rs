@@ -87,6 +87,17 @@ pub enum Command {
         /// Benchmarks only: drop this share of incoming datagrams in the driver.
         #[arg(long, default_value_t = 0.0)]
         inject_loss: f64,
+        /// Port of this member's unicast socket (reports leave from it; with --no-multicast the
+        /// whole session arrives on it, and the sender names it in --members ID@ADDR:PORT).
+        /// 0: any free port.
+        #[arg(long, default_value_t = 0)]
+        unicast_port: u16,
+        /// Do not join the multicast group: receive the session by unicast only.
+        #[arg(long)]
+        no_multicast: bool,
+        /// fsync the file before reporting complete (survives a crash of this host).
+        #[arg(long)]
+        fsync: bool,
         #[command(flatten)]
         secret: Secret,
     },
@@ -119,13 +130,16 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             let size = std::fs::metadata(&file)?.len();
             let secs = out.elapsed.as_secs_f64();
             println!(
-                "mctp-send outcome={:?} size={size} elapsed_ms={} goodput_mbit={:.1} wire_bytes={} wire_ratio={:.4} frames_sent={} passes={} rounds={} complete={} incomplete={}",
+                "mctp-send outcome={:?} size={size} elapsed_ms={} goodput_mbit={:.1} wire_bytes={} wire_ratio={:.4} frames_sent={} repairs={} checkpoints={} final_rate_mbit={} passes={} rounds={} complete={} incomplete={}",
                 r.outcome,
                 out.elapsed.as_millis(),
                 size as f64 * 8.0 / secs / 1e6,
                 out.wire_bytes,
                 out.wire_bytes as f64 / size.max(1) as f64,
                 out.stats.frames_sent,
+                out.stats.repairs,
+                out.stats.checkpoints,
+                out.final_rate * 8 / 1_000_000,
                 r.passes,
                 r.rounds,
                 r.complete.len(),
@@ -139,20 +153,24 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Receive { group, dir, interface, member_id, timeout_secs, inject_loss, secret } => {
-            let opts = ReceiveOptions {
-                group,
-                interface,
-                member: member_id.unwrap_or_else(rand::random),
-                secret: secret.load()?,
-                dir,
-                timeout: Duration::from_secs(timeout_secs),
-                linger: Duration::from_secs(3),
-                session_timeout: Duration::from_secs(10),
-                inject_loss,
-            };
+        Command::Receive { group, dir, interface, member_id, timeout_secs, inject_loss, unicast_port, no_multicast, fsync, secret } => {
+            let mut opts = ReceiveOptions::new(group, interface, member_id.unwrap_or_else(rand::random), secret.load()?, dir);
+            opts.timeout = Duration::from_secs(timeout_secs);
+            opts.linger = Duration::from_secs(3);
+            opts.inject_loss = inject_loss;
+            opts.unicast_port = unicast_port;
+            opts.join_group = !no_multicast;
+            opts.durable = fsync;
             let got = receive(opts).await?;
-            println!("mctp-receive path={} size={} frames={} duplicates={} dropped={}", got.path.display(), got.info.size, got.stats.frames, got.stats.duplicates, got.stats.dropped.total());
+            println!(
+                "mctp-receive path={} size={} already_held={} frames={} duplicates={} dropped={}",
+                got.path.display(),
+                got.info.size,
+                got.already_held,
+                got.stats.frames,
+                got.stats.duplicates,
+                got.stats.dropped.total()
+            );
             Ok(())
         }
     }

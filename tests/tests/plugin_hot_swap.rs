@@ -137,3 +137,33 @@ fn a_reopened_store_loads_from_the_compiled_cache() {
     assert!(store.interpreter("default", "www").is_err());
     assert!(store.list().is_empty());
 }
+
+#[test]
+fn each_version_keeps_its_manifest_across_rollback_and_a_torn_install() {
+    let (runtime, _) = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let with_deadline = |ms| interpreter_manifest("site-interpreter", 64, ms);
+    let live_deadline = |store: &PluginStore| store.slot("site-interpreter").unwrap().current().manifest().limits.deadline_ms;
+    {
+        let store = PluginStore::open(runtime.clone(), dir.path()).unwrap();
+        store.install(&component("test-swap-v1"), with_deadline(5_000), "v1").unwrap();
+        store.install(&component("test-swap-v2"), with_deadline(7_000), "v2").unwrap();
+        assert_eq!(live_deadline(&store), 7_000);
+        // Version 1 comes back with the limits it was installed with, on disk too.
+        store.rollback("site-interpreter").unwrap();
+        assert_eq!(live_deadline(&store), 5_000);
+        let on_disk = PluginManifest::load(&dir.path().join("site-interpreter/manifest.toml")).unwrap();
+        assert_eq!(on_disk.limits.deadline_ms, 5_000);
+    }
+    // An install that stopped after writing its manifest but before its state: the store
+    // still runs version 1, with version 1's manifest.
+    let torn = with_deadline(9_000).to_toml();
+    std::fs::write(dir.path().join("site-interpreter/manifest.toml"), &torn).unwrap();
+    let hash = blake3::hash(torn.as_bytes()).to_hex();
+    std::fs::write(dir.path().join(format!("site-interpreter/manifest-{hash}.toml")), &torn).unwrap();
+    let store = PluginStore::open(runtime, dir.path()).unwrap();
+    assert_eq!(live_deadline(&store), 5_000, "a torn install's manifest was applied to the old version");
+    let staging = tempfile::tempdir().unwrap();
+    store.interpreter("site-interpreter", "www").unwrap().apply(staging.path(), vec![]).unwrap();
+    assert_eq!(answered_by(staging.path()), "1");
+}

@@ -4,10 +4,18 @@
 //! On disk (`dir/`):
 //! ```text
 //! compiled/<key>.cwasm          native code cache (see runtime.rs)
-//! <name>/manifest.toml          the operator's manifest (grants, limits)
+//! <name>/manifest.toml          the operator's manifest (grants, limits) of the current version
+//! <name>/manifest-<blake3>.toml every manifest ever installed, named by its own hash
 //! <name>/<blake3>.wasm          every installed version of the component
-//! <name>/state.toml             current = "<blake3>", previous = ["<blake3>", ...]
+//! <name>/state.toml             current = "<blake3>", previous = ["<blake3>", ...],
+//!                               manifest = "<blake3>", manifests = { <wasm> = <manifest> }
 //! ```
+//!
+//! `state.toml` is the commit record, written last. Everything it names is on disk before it
+//! is written, so a crash at any point of an install or rollback leaves the store at the old
+//! or the new version, each with the manifest it was installed with: a version is loaded with
+//! the manifest its state names (`manifest-<hash>.toml`), never with whatever `manifest.toml`
+//! a torn install left behind.
 //!
 //! Hot swap: each plugin has a [`PluginSlot`] holding an `Arc` of its current version. A call
 //! clones that `Arc` when it starts and keeps it to the end, so a swap (one pointer store under
@@ -83,6 +91,11 @@ pub(crate) struct VersionState {
     /// Empty in stores written before followers existed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub manifest: String,
+    /// For each installed version, the BLAKE3 of the manifest it was installed with, so a
+    /// rollback brings back the grants and limits that version ran with. Absent for versions
+    /// installed before manifests were kept per version.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub manifests: BTreeMap<String, String>,
 }
 
 /// What `install` did.
@@ -184,12 +197,35 @@ impl PluginStore {
 
     /// Load `name`'s version `hash` (its current one if `None`) with its stored manifest.
     fn load_version(&self, name: &str, hash: Option<&str>) -> Result<Arc<LoadedPlugin>, InstallError> {
-        let hash = match hash {
-            Some(hash) => hash.to_string(),
-            None => self.read_state(name)?.current,
+        let state = self.read_state(name)?;
+        let hash = hash.unwrap_or(&state.current);
+        let (manifest, _) = self.version_manifest(name, &state, hash)?;
+        self.load_component(name, hash, manifest)
+    }
+
+    /// The manifest version `hash` of `name` was installed with, and that manifest's text.
+    ///
+    /// Stores written before manifests were kept per version only have `manifest.toml`; it is
+    /// used when the state does not say otherwise, and refused when its hash is not the one
+    /// the state recorded (an install that stopped half way overwrote it).
+    fn version_manifest(&self, name: &str, state: &VersionState, hash: &str) -> Result<(PluginManifest, Vec<u8>), InstallError> {
+        let dir = self.plugin_dir(name);
+        let recorded = state.manifests.get(hash).or((hash == state.current).then_some(&state.manifest)).filter(|m| !m.is_empty());
+        let path = match recorded {
+            Some(m) if dir.join(format!("manifest-{m}.toml")).exists() => dir.join(format!("manifest-{m}.toml")),
+            _ => dir.join("manifest.toml"),
         };
-        let manifest = PluginManifest::load(&self.plugin_dir(name).join("manifest.toml"))?;
-        self.load_component(name, &hash, manifest)
+        let text = std::fs::read(&path).map_err(store_error(&path))?;
+        if let Some(m) = recorded
+            && blake3::hash(&text).to_hex().as_str() != m
+        {
+            return Err(InstallError::Manifest {
+                path: path.display().to_string(),
+                reason: format!("is not the manifest version {} was installed with (an install stopped half way?)", &hash[..12.min(hash.len())]),
+            });
+        }
+        let manifest = PluginManifest::parse(&String::from_utf8_lossy(&text), &path.display().to_string())?;
+        Ok((manifest, text))
     }
 
     /// Load `<name>/<hash>.wasm` with `manifest`.
@@ -211,9 +247,12 @@ impl PluginStore {
         std::fs::create_dir_all(&dir).map_err(store_error(&dir))?;
         write_atomic(&dir.join(format!("{hash}.wasm")), component)?;
         let manifest_text = manifest.to_toml();
+        let manifest_hash = blake3::hash(manifest_text.as_bytes()).to_hex().to_string();
+        write_atomic(&dir.join(format!("manifest-{manifest_hash}.toml")), manifest_text.as_bytes())?;
         write_atomic(&dir.join("manifest.toml"), manifest_text.as_bytes())?;
         let mut state = self.read_state(&name).unwrap_or_default();
-        state.manifest = blake3::hash(manifest_text.as_bytes()).to_hex().to_string();
+        state.manifests.insert(hash.clone(), manifest_hash.clone());
+        state.manifest = manifest_hash;
         let replaced = (!state.current.is_empty() && state.current != hash).then(|| state.current.clone());
         if let Some(old) = &replaced {
             state.previous.retain(|h| h != old && h != &hash);
@@ -245,11 +284,12 @@ impl PluginStore {
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let mut state = self.read_state(name).map_err(|_| InstallError::NotInstalled { plugin: name.into() })?;
         let previous = state.previous.pop().ok_or_else(|| InstallError::NoPrevious { plugin: name.into() })?;
-        let plugin = self.load_version(name, Some(&previous))?;
+        // The previous version comes back with the manifest it was installed with.
+        let (manifest, manifest_text) = self.version_manifest(name, &state, &previous)?;
+        let plugin = self.load_component(name, &previous, manifest)?;
         plugin.self_check().map_err(|e| InstallError::SelfCheck { plugin: name.into(), reason: e.to_string() })?;
         let replaced = std::mem::replace(&mut state.current, previous);
-        let manifest_path = self.plugin_dir(name).join("manifest.toml");
-        let manifest_text = std::fs::read(&manifest_path).map_err(store_error(&manifest_path))?;
+        write_atomic(&self.plugin_dir(name).join("manifest.toml"), &manifest_text)?;
         state.manifest = blake3::hash(&manifest_text).to_hex().to_string();
         self.write_state(name, &state)?;
         let (world, version) = (plugin.world(), plugin.version());

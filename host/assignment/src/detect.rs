@@ -1,6 +1,8 @@
 //! Change detection (manager side): staging tree vs the shadow copy of what servers hold, turned
 //! into an assignment. Size and mtime decide first; a file whose size or mtime differs is
 //! compared by content (the delta pass hashes both), so a touched-but-equal file costs no bytes.
+//! The two trees are walked together a directory at a time (entries sorted by name), so memory
+//! grows with the depth and the widest directory, not with the number of files.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -25,34 +27,52 @@ pub enum Entry {
 }
 
 /// Every entry below `root` by relative '/'-separated path (parents sort before children).
-/// Names that are not UTF-8 are refused: the format carries UTF-8 paths.
+/// Names that are not UTF-8 are refused: the format carries UTF-8 paths. This holds the whole
+/// tree in memory; [`build`] walks both trees a directory at a time instead.
 pub fn scan(root: &Path) -> Result<BTreeMap<String, Entry>, BuildError> {
     let mut out = BTreeMap::new();
-    let mut stack = vec![(root.to_path_buf(), String::new())];
-    while let Some((dir, rel)) = stack.pop() {
-        let rd = fs::read_dir(&dir).map_err(|e| BuildError::io(format!("listing {}", dir.display()), e))?;
-        for ent in rd {
-            let ent = ent.map_err(|e| BuildError::io(format!("listing {}", dir.display()), e))?;
-            let name = ent.file_name().into_string().map_err(|n| BuildError::NotUtf8 { path: dir.join(n) })?;
-            let path = if rel.is_empty() { name } else { format!("{rel}/{name}") };
-            let full = ent.path();
-            let m = fs::symlink_metadata(&full).map_err(|e| BuildError::io(format!("stat {}", full.display()), e))?;
-            let mode = m.permissions().mode() & 0o7777;
-            let entry = if m.file_type().is_symlink() {
-                let t = fs::read_link(&full).map_err(|e| BuildError::io(format!("readlink {}", full.display()), e))?;
-                let target = t.into_os_string().into_string().map_err(|_| BuildError::NotUtf8 { path: full.clone() })?;
-                Entry::Symlink { target }
-            } else if m.is_dir() {
-                stack.push((full, path.clone()));
-                Entry::Dir { mode }
-            } else if m.is_file() {
-                Entry::File { len: m.len(), mtime: mtime_secs(&m), mode, mtime_nsec: m.mtime_nsec() as u32 }
-            } else {
-                return Err(BuildError::Unsupported { path: full });
-            };
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        for (name, entry) in list_dir(root, &rel)? {
+            let path = join(&rel, &name);
+            if matches!(entry, Entry::Dir { .. }) {
+                stack.push(path.clone());
+            }
             out.insert(path, entry);
         }
     }
+    Ok(out)
+}
+
+fn join(rel: &str, name: &str) -> String {
+    if rel.is_empty() { name.to_owned() } else { format!("{rel}/{name}") }
+}
+
+/// The entries of directory `rel` below `root`, sorted by name (bytewise).
+fn list_dir(root: &Path, rel: &str) -> Result<Vec<(String, Entry)>, BuildError> {
+    let dir = root.join(rel);
+    let rd = fs::read_dir(&dir).map_err(|e| BuildError::io(format!("listing {}", dir.display()), e))?;
+    let mut out = Vec::new();
+    for ent in rd {
+        let ent = ent.map_err(|e| BuildError::io(format!("listing {}", dir.display()), e))?;
+        let name = ent.file_name().into_string().map_err(|n| BuildError::NotUtf8 { path: dir.join(n) })?;
+        let full = ent.path();
+        let m = fs::symlink_metadata(&full).map_err(|e| BuildError::io(format!("stat {}", full.display()), e))?;
+        let mode = m.permissions().mode() & 0o7777;
+        let entry = if m.file_type().is_symlink() {
+            let t = fs::read_link(&full).map_err(|e| BuildError::io(format!("readlink {}", full.display()), e))?;
+            let target = t.into_os_string().into_string().map_err(|_| BuildError::NotUtf8 { path: full.clone() })?;
+            Entry::Symlink { target }
+        } else if m.is_dir() {
+            Entry::Dir { mode }
+        } else if m.is_file() {
+            Entry::File { len: m.len(), mtime: mtime_secs(&m), mode, mtime_nsec: m.mtime_nsec() as u32 }
+        } else {
+            return Err(BuildError::Unsupported { path: full });
+        };
+        out.push((name, entry));
+    }
+    out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 
@@ -91,6 +111,9 @@ pub struct BuildReport {
     pub literal_bytes: u64,
     pub header: Option<Header>,
     pub file_len: u64,
+    /// The most directory entries the walk held at once (both trees, every level): the
+    /// memory bound of change detection, independent of the number of files.
+    pub peak_entries_held: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,59 +150,110 @@ fn open(root: &Path, rel: &str) -> Result<File, BuildError> {
 }
 
 /// Builds the assignment that turns `shadow` (None: an empty tree) into `staging`, written to `out`.
+///
+/// Both trees are walked together, one directory at a time with its entries sorted by name, so
+/// memory is one listing of each tree per level of the walk, whatever the number of files.
 pub fn build(staging: &Path, shadow: Option<&Path>, out: &Path, opts: &BuildOptions) -> Result<BuildReport, BuildError> {
-    let new = scan(staging)?;
-    let old = match shadow {
-        Some(s) => scan(s)?,
-        None => BTreeMap::new(),
-    };
     let mut w = AssignmentWriter::create(out, opts.meta, opts.policy.clone(), opts.seal.clone())?;
     if let Some(k) = &opts.cipher {
         w.encrypt_with(k.clone());
     }
-    let mut report = BuildReport::default();
+    let mut walk = Walk { staging, shadow, opts, w, report: BuildReport::default(), held: 0 };
+    walk.dir("", shadow.is_some())?;
+    let Walk { w, mut report, .. } = walk;
+    let header = w.finish()?;
+    report.file_len = fs::metadata(out).map_err(|e| BuildError::io(format!("stat {}", out.display()), e))?.len();
+    report.header = Some(header);
+    Ok(report)
+}
 
-    // Removals first (also of entries whose kind changed), outermost only.
-    let mut removed_dir: Option<&str> = None;
-    for (path, e) in &old {
-        if removed_dir.is_some_and(|d| path.len() > d.len() && path.starts_with(d) && path.as_bytes()[d.len()] == b'/') {
-            continue;
-        }
-        let gone = new.get(path).is_none_or(|n| kind_of(n) != kind_of(e));
-        if gone {
-            let is_dir = matches!(e, Entry::Dir { .. });
-            w.remove(path, is_dir)?;
-            report.deleted += 1;
-            if is_dir {
-                removed_dir = Some(path);
+/// The merged walk of staging and shadow behind [`build`].
+struct Walk<'a> {
+    staging: &'a Path,
+    shadow: Option<&'a Path>,
+    opts: &'a BuildOptions,
+    w: AssignmentWriter,
+    report: BuildReport,
+    /// Directory entries held right now (both trees, every level of the walk).
+    held: u64,
+}
+
+impl Walk<'_> {
+    /// Emits the changes below staging's directory `rel`; `in_shadow`: the shadow has a
+    /// directory there too. For each name, in order: the shadow's entry removed (when staging
+    /// has none, or one of another kind), then staging's entry added or changed; a directory's
+    /// content is handled before its final mode is set.
+    fn dir(&mut self, rel: &str, in_shadow: bool) -> Result<(), BuildError> {
+        let new = list_dir(self.staging, rel)?;
+        let old = match self.shadow {
+            Some(s) if in_shadow => list_dir(s, rel)?,
+            _ => Vec::new(),
+        };
+        let held = (new.len() + old.len()) as u64;
+        self.held += held;
+        self.report.peak_entries_held = self.report.peak_entries_held.max(self.held);
+        let (mut new, mut old) = (new.into_iter().peekable(), old.into_iter().peekable());
+        loop {
+            let order = match (new.peek(), old.peek()) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((n, _)), Some((o, _))) => n.cmp(o),
+            };
+            let (was, now) = match order {
+                std::cmp::Ordering::Less => (None, new.next()),
+                std::cmp::Ordering::Greater => (old.next(), None),
+                std::cmp::Ordering::Equal => (old.next(), new.next()),
+            };
+            let name = now.as_ref().or(was.as_ref()).map(|(n, _)| n.clone()).expect("one side has the name");
+            let path = join(rel, &name);
+            let was = was.map(|(_, e)| e);
+            let before = match (&was, &now) {
+                (Some(o), Some((_, n))) if kind_of(o) == kind_of(n) => was.clone(),
+                (Some(o), _) => {
+                    let is_dir = matches!(o, Entry::Dir { .. });
+                    self.w.remove(&path, is_dir)?;
+                    self.report.deleted += 1;
+                    None
+                }
+                (None, _) => None,
+            };
+            if let Some((_, entry)) = now {
+                self.entry(&path, &entry, before.as_ref())?;
             }
         }
+        self.held -= held;
+        Ok(())
     }
 
-    // Directories made writable first, their final mode set once their content is in.
-    let mut late_modes = Vec::new();
-    for (path, e) in &new {
-        let before = old.get(path).filter(|o| kind_of(o) == kind_of(e));
-        match (e, before) {
+    /// Adds or changes staging's `entry` at `path` (`before`: the shadow's, of the same kind).
+    fn entry(&mut self, path: &str, entry: &Entry, before: Option<&Entry>) -> Result<(), BuildError> {
+        let (staging, opts) = (self.staging, self.opts);
+        let report = &mut self.report;
+        let w = &mut self.w;
+        match (entry, before) {
             (Entry::Dir { mode }, None) => {
+                // Made owner-writable so its content can go in; the final mode once it has.
                 w.make_dir(path, mode | 0o700)?;
-                if mode & 0o700 != 0o700 {
-                    late_modes.push((path, *mode));
-                }
                 report.new += 1;
+                self.dir(path, false)?;
+                if mode & 0o700 != 0o700 {
+                    self.w.set_mode(path, *mode)?;
+                }
             }
             (Entry::Dir { mode }, Some(Entry::Dir { mode: was })) => {
+                self.dir(path, true)?;
                 if mode != was {
-                    late_modes.push((path, *mode));
+                    self.w.set_mode(path, *mode)?;
                 }
             }
             (Entry::Symlink { target }, before) => {
                 check_symlink_target(path, target).map_err(|why| BuildError::SymlinkEscapes {
-                    path: path.clone(),
+                    path: path.to_owned(),
                     target: target.clone(),
                     why,
                 })?;
-                if before != Some(e) {
+                if before != Some(entry) {
                     w.symlink(path, target)?;
                     if before.is_some() { report.changed += 1 } else { report.new += 1 }
                 } else {
@@ -194,7 +268,7 @@ pub fn build(staging: &Path, shadow: Option<&Path>, out: &Path, opts: &BuildOpti
                 Entry::File { len, mtime, mode, mtime_nsec },
                 Some(Entry::File { len: was_len, mtime: was_mtime, mode: was_mode, mtime_nsec: was_nsec }),
             ) => {
-                let shadow = shadow.expect("an old entry implies a shadow tree");
+                let shadow = self.shadow.expect("an old entry implies a shadow tree");
                 // The quick check: same size and mtime (to the nanosecond when both sides
                 // keep nanoseconds, so a file rewritten within the same second is still seen).
                 let same_nsec = mtime_nsec == was_nsec || *mtime_nsec == 0 || *was_nsec == 0;
@@ -222,16 +296,10 @@ pub fn build(staging: &Path, shadow: Option<&Path>, out: &Path, opts: &BuildOpti
                     report.changed += 1;
                 }
             }
-            _ => unreachable!("kinds matched above"),
+            _ => unreachable!("kinds matched in dir()"),
         }
+        Ok(())
     }
-    for (path, mode) in late_modes.into_iter().rev() {
-        w.set_mode(path, mode)?;
-    }
-    let header = w.finish()?;
-    report.file_len = fs::metadata(out).map_err(|e| BuildError::io(format!("stat {}", out.display()), e))?.len();
-    report.header = Some(header);
-    Ok(report)
 }
 
 fn same_content(a: &Path, b: &Path) -> Result<bool, BuildError> {
@@ -278,5 +346,81 @@ mod tests {
         file(&new, "b.txt", b"bbb", 1000, 300);
         let r = build(&new, Some(&old), &d.path().join("out.cma"), &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
         assert_eq!((r.changed, r.unchanged), (1, 1), "{r:?}");
+    }
+
+    /// What a tree holds, as comparable lines (path, kind, mode, content hash or target).
+    fn observe(root: &Path) -> Vec<String> {
+        scan(root)
+            .unwrap()
+            .into_iter()
+            .map(|(p, e)| match e {
+                Entry::Dir { mode } => format!("{p} dir {mode:o}"),
+                Entry::File { mode, .. } => format!("{p} file {mode:o} {}", blake3::hash(&fs::read(root.join(&p)).unwrap())),
+                Entry::Symlink { target } => format!("{p} link {target}"),
+            })
+            .collect()
+    }
+
+    fn apply(assignment: &Path, root: &Path) {
+        let r = crate::AssignmentReader::open(assignment).unwrap();
+        r.verify(None).unwrap();
+        crate::reference::apply_all(&r, root).unwrap();
+    }
+
+    #[test]
+    fn the_walk_handles_kind_changes_removed_trees_and_modes() {
+        let d = tempfile::tempdir().unwrap();
+        let (old, new) = (d.path().join("old"), d.path().join("new"));
+        // old: a (file), b/ (dir with content), c/ (dir that becomes a symlink), keep/x
+        file(&old, "a", b"file a", 10, 0);
+        file(&old.join("b/deep/er"), "f", b"deep", 10, 0);
+        file(&old.join("c"), "g", b"in c", 10, 0);
+        file(&old.join("keep"), "x", &vec![7u8; 5000], 10, 0);
+        file(&old, "a.txt", b"sorts between a and a/ by string, after a by name", 10, 0);
+        // new: a/ (dir), b (file), c -> keep (symlink), keep/x changed, ro/ read-only with content
+        file(&new.join("a"), "inner", b"now a dir", 20, 0);
+        file(&new, "b", b"now a file", 20, 0);
+        file(&new.join("keep"), "x", &{
+            let mut v = vec![7u8; 5000];
+            v[2500] = 8;
+            v
+        }, 20, 0);
+        file(&new, "a.txt", b"sorts between a and a/ by string, after a by name", 10, 0);
+        file(&new.join("ro/sub"), "y", b"read-only dir content", 20, 0);
+        std::os::unix::fs::symlink("keep", new.join("c")).unwrap();
+        fs::set_permissions(new.join("ro/sub"), fs::Permissions::from_mode(0o555)).unwrap();
+        fs::set_permissions(new.join("ro"), fs::Permissions::from_mode(0o500)).unwrap();
+
+        let out = d.path().join("out.cma");
+        let r = build(&new, Some(&old), &out, &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
+        assert_eq!((r.deleted, r.deltas, r.unchanged), (3, 1, 1), "{r:?}");
+        let site = d.path().join("site");
+        copy_tree(&old, &site);
+        apply(&out, &site);
+        assert_eq!(observe(&site), observe(&new));
+        for p in [&new.join("ro"), &new.join("ro/sub"), &site.join("ro"), &site.join("ro/sub")] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+
+    fn copy_tree(from: &Path, to: &Path) {
+        assert!(std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap().success());
+    }
+
+    #[test]
+    fn memory_follows_the_widest_directory_not_the_file_count() {
+        let d = tempfile::tempdir().unwrap();
+        let (old, new) = (d.path().join("old"), d.path().join("new"));
+        for i in 0..30 {
+            for j in 0..40 {
+                file(&old.join(format!("d{i}")), &format!("f{j}"), format!("{i} {j}").as_bytes(), 10, 0);
+            }
+        }
+        copy_tree(&old, &new);
+        file(&new.join("d7"), "f3", b"changed", 20, 0);
+        let r = build(&new, Some(&old), &d.path().join("out.cma"), &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
+        assert_eq!((r.changed, r.unchanged), (1, 1199), "{r:?}");
+        // The root listing (30) and one directory's (40), in both trees.
+        assert_eq!(r.peak_entries_held, 2 * (30 + 40), "{r:?}");
     }
 }

@@ -3,7 +3,7 @@
 //! `cargo bench -p cm-site --bench vs_rsync` runs the full sizes (1 GiB tree, 1 GiB file,
 //! 10,000-file site); environment variables shrink them:
 //! `CM_BENCH_TREE_MB`, `CM_BENCH_FILE_MB`, `CM_BENCH_SITE_FILES`, `CM_BENCH_RSS_MB` (0 skips
-//! the peak-RSS runs). Data lives under a temporary directory (`TMPDIR` to move it).
+//! the peak-RSS runs), `CM_BENCH_DETECT_FILES` (files in the change-detection memory run, 0 skips it). Data lives under a temporary directory (`TMPDIR` to move it).
 //! rsync is run as `rsync -a --no-whole-file --stats` (and with `-z`) from staging into a copy
 //! of the shadow tree: the delta algorithm, as between two hosts.
 
@@ -167,6 +167,7 @@ fn main() {
     let file_mb = env("CM_BENCH_FILE_MB", 1024);
     let site_files = env("CM_BENCH_SITE_FILES", 10_000);
     let rss_mb = env("CM_BENCH_RSS_MB", 1024);
+    let detect_files = env("CM_BENCH_DETECT_FILES", 100_000);
     let scratch = tempfile::tempdir().unwrap();
     let s = scratch.path();
     let mut g = Gen(0x1234_5678_9abc_def1);
@@ -230,8 +231,9 @@ fn main() {
     t.row(&format!("{what}: bytes"), a_bytes.to_string(), r_bytes.to_string(), format!("{:.3}× rsync", a_bytes as f64 / r_bytes as f64));
     t.row(&format!("{what}: seconds"), format!("{a_secs:.3}"), format!("{r_secs:.3}"), format!("{:.2}× rsync", a_secs / r_secs));
 
-    // Delta throughput, one core: in-place change (prefix/suffix), a byte inserted at the front
-    // (every block matched through the index), and unrelated content (rolling scan everywhere).
+    // Delta throughput, one core (both files' bytes over the time): in-place change (settled by
+    // the comparison at equal offsets), a byte inserted at the front (settled by prefix and
+    // suffix), and unrelated content (the base cut and indexed, the new file cut in bursts).
     let base = fs::File::open(shadow.join("big.bin")).unwrap();
     let new = fs::File::open(staging.join("big.bin")).unwrap();
     let t0 = Instant::now();
@@ -265,7 +267,7 @@ fn main() {
     .unwrap();
     let t0 = Instant::now();
     delta::compute(&fs::File::open(&base_part).unwrap(), &unrelated, &mut std::io::sink()).unwrap();
-    t.row(&format!("delta, {unrelated_mb} MiB of unrelated content (per core, worst case)"), gib_s(2 * unrelated_mb * MB, t0.elapsed().as_secs_f64()), "-".into(), "rolling hash at every byte".into());
+    t.row(&format!("delta, {unrelated_mb} MiB of unrelated content (per core, worst case)"), gib_s(2 * unrelated_mb * MB, t0.elapsed().as_secs_f64()), "-".into(), "every cut of the new file missing".into());
     for p in [&shifted_path, &unrelated_path, &base_part] {
         let _ = fs::remove_file(p);
     }
@@ -361,6 +363,40 @@ fn main() {
         }
     }
 
+    // 5. Change detection's memory over a tree of many small files (1 % changed), each in a
+    // child process: the build (both trees walked a directory at a time) next to merely
+    // scanning both trees into maps, what the build did before.
+    if detect_files > 0 {
+        let (shadow, staging) = (s.join("detect-shadow"), s.join("detect-staging"));
+        for i in 0..detect_files {
+            let p = shadow.join(format!("d{:03}/s{:02}/f{i:06}.html", i % 500, i % 20));
+            if i < 10_000 {
+                fs::create_dir_all(p.parent().unwrap()).unwrap();
+            }
+            fs::write(&p, g.text(200)).unwrap();
+        }
+        cp_a(&shadow, &staging);
+        for i in (0..detect_files).step_by(100) {
+            let p = staging.join(format!("d{:03}/s{:02}/f{i:06}.html", i % 500, i % 20));
+            fs::write(&p, g.text(210)).unwrap();
+        }
+        let out = s.join("detect.cma");
+        let (sh, st, o) = (shadow.to_str().unwrap(), staging.to_str().unwrap(), out.to_str().unwrap());
+        let scan_rss = rss_of(&["scan-both", st, sh]);
+        let build_rss = rss_of(&["build-delta", st, sh, o]);
+        let base_rss = rss_of(&["nothing"]);
+        t.row(
+            &format!("peak RSS, change detection over two {detect_files}-file trees"),
+            format!("{} MiB", build_rss / 1024),
+            "-".into(),
+            format!("both trees scanned into maps: {} MiB; an idle child: {} MiB", scan_rss / 1024, base_rss / 1024),
+        );
+        let _ = fs::remove_file(&out);
+        for p in [&shadow, &staging] {
+            drop_dir(p);
+        }
+    }
+
     println!("\n{:<72} {:>16} {:>32}  {}", "figure", "ours", "rsync", "note");
     for [a, b, c, d] in &t.0 {
         println!("{a:<72} {b:>16} {c:>32}  {d}");
@@ -397,6 +433,12 @@ fn rss_child() {
             // a[1] = staging, a[2] = shadow, a[3] = output
             build(Path::new(&a[1]), Some(Path::new(&a[2])), Path::new(&a[3]), &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
         }
+        "scan-both" => {
+            // a[1], a[2]: the trees; what change detection held before it walked them.
+            let (x, y) = (cm_assignment::detect::scan(Path::new(&a[1])).unwrap(), cm_assignment::detect::scan(Path::new(&a[2])).unwrap());
+            std::hint::black_box((x.len(), y.len()));
+        }
+        "nothing" => {}
         "apply" => {
             let site = Site::open(Path::new(&a[2]), SiteConfig::default()).unwrap();
             site.apply(Path::new(&a[1]), &mut NativeInterpreter).unwrap();

@@ -3,7 +3,9 @@
 //! `cargo bench -p cm-site --bench vs_rsync` runs the full sizes (1 GiB tree, 1 GiB file,
 //! 10,000-file site); environment variables shrink them:
 //! `CM_BENCH_TREE_MB`, `CM_BENCH_FILE_MB`, `CM_BENCH_SITE_FILES`, `CM_BENCH_RSS_MB` (0 skips
-//! the peak-RSS runs), `CM_BENCH_DETECT_FILES` (files in the change-detection memory run, 0 skips it). Data lives under a temporary directory (`TMPDIR` to move it).
+//! the peak-RSS runs; `CM_BENCH_RSS_DELTA=0` skips their delta half, so the source is removed
+//! before the apply and the disk holds at most the source and the assignment, or the assignment and
+//! the site), `CM_BENCH_DETECT_FILES` (files in the change-detection memory run, 0 skips it). Data lives under a temporary directory (`TMPDIR` to move it).
 //! rsync is run as `rsync -a --no-whole-file --stats` (and with `-z`) from staging into a copy
 //! of the shadow tree: the delta algorithm, as between two hosts.
 
@@ -168,6 +170,7 @@ fn main() {
     let site_files = env("CM_BENCH_SITE_FILES", 10_000);
     let rss_mb = env("CM_BENCH_RSS_MB", 1024);
     let detect_files = env("CM_BENCH_DETECT_FILES", 100_000);
+    let rss_delta = env("CM_BENCH_RSS_DELTA", 1) != 0;
     let scratch = tempfile::tempdir().unwrap();
     let s = scratch.path();
     let mut g = Gen(0x1234_5678_9abc_def1);
@@ -338,26 +341,31 @@ fn main() {
         let out = s.join("rss.cma");
         let build_rss = rss_of(&["build", big.to_str().unwrap(), out.to_str().unwrap()]);
         let size = fs::metadata(&out).unwrap().len();
+        if !rss_delta {
+            drop_dir(&big);
+        }
         let site_dir = s.join("site-rss");
         let apply_rss = rss_of(&["apply", out.to_str().unwrap(), site_dir.to_str().unwrap(), "commit"]);
         let _ = fs::remove_file(&out);
         t.row(&format!("peak RSS, build {} MiB replicate assignment", size / MB), format!("{} MiB", build_rss / 1024), "-".into(), "child process, VmHWM".into());
         t.row(&format!("peak RSS, apply {} MiB replicate assignment", size / MB), format!("{} MiB", apply_rss / 1024), "-".into(), "child process, VmHWM".into());
-        // A delta build and apply of the same big files: 1 MiB changed in the middle of each.
         let big2 = s.join("rss-src2");
-        cp_a(&big, &big2);
-        for name in ["huge.bin", "huge.html"] {
-            let f = fs::File::options().write(true).open(big2.join(name)).unwrap();
-            let len = f.metadata().unwrap().len();
-            f.write_all_at(&g.noise(MB.min(len / 4) as usize), len / 2).unwrap();
-            drop(f);
-            set_mtime(&big2.join(name), 3_000_000);
+        if rss_delta {
+            // A delta build and apply of the same big files: 1 MiB changed in the middle of each.
+            cp_a(&big, &big2);
+            for name in ["huge.bin", "huge.html"] {
+                let f = fs::File::options().write(true).open(big2.join(name)).unwrap();
+                let len = f.metadata().unwrap().len();
+                f.write_all_at(&g.noise(MB.min(len / 4) as usize), len / 2).unwrap();
+                drop(f);
+                set_mtime(&big2.join(name), 3_000_000);
+            }
+            let out = s.join("rss-delta.cma");
+            let delta_rss = rss_of(&["build-delta", big2.to_str().unwrap(), big.to_str().unwrap(), out.to_str().unwrap()]);
+            let apply_delta_rss = rss_of(&["apply", out.to_str().unwrap(), site_dir.to_str().unwrap()]);
+            t.row(&format!("peak RSS, build delta of {} MiB of files", (rss_mb + rss_mb / 4)), format!("{} MiB", delta_rss / 1024), "-".into(), "child process, VmHWM".into());
+            t.row(&format!("peak RSS, apply that delta ({} KiB assignment)", fs::metadata(&out).unwrap().len() / 1024), format!("{} MiB", apply_delta_rss / 1024), "-".into(), "child process, VmHWM".into());
         }
-        let out = s.join("rss-delta.cma");
-        let delta_rss = rss_of(&["build-delta", big2.to_str().unwrap(), big.to_str().unwrap(), out.to_str().unwrap()]);
-        let apply_delta_rss = rss_of(&["apply", out.to_str().unwrap(), site_dir.to_str().unwrap()]);
-        t.row(&format!("peak RSS, build delta of {} MiB of files", (rss_mb + rss_mb / 4)), format!("{} MiB", delta_rss / 1024), "-".into(), "child process, VmHWM".into());
-        t.row(&format!("peak RSS, apply that delta ({} KiB assignment)", fs::metadata(&out).unwrap().len() / 1024), format!("{} MiB", apply_delta_rss / 1024), "-".into(), "child process, VmHWM".into());
         for p in [&big, &big2, &site_dir] {
             drop_dir(p);
         }

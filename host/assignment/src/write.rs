@@ -275,23 +275,29 @@ impl AssignmentWriter {
         Self::checked(base_path)?;
         let offset = self.data_len;
         let new_len = new.metadata().map_err(io_err(format!("reading metadata of {path}")))?.len();
+        // A delta is sent when it saves at least a fifth: past this many literal bytes it cannot.
+        let max_literal = (new_len - new_len / 5).saturating_sub(128);
         let mut result = None;
         self.raw_payload(|w| {
-            result = Some(delta::compute(base, new, w)?);
+            result = delta::compute_bounded(base, new, w, max_literal)?;
             Ok(())
         })?;
-        let d = result.expect("delta computed");
-        if d.base_hash == d.new_hash && d.base_len == d.new_len {
+        let worthwhile = |d: &delta::FileDelta| {
+            let ops_bytes = d.ops.len() as u64 * 17;
+            d.literal + ops_bytes + 128 < new_len - new_len / 5 && ops_bytes < (MAX_RECORD as u64) / 2
+        };
+        if let Some(d) = &result
+            && d.base_hash == d.new_hash
+            && d.base_len == d.new_len
+        {
             self.truncate_data(offset)?;
             return Ok(ChangeOutcome::Identical);
         }
-        let ops_bytes = d.ops.len() as u64 * 17;
-        let worthwhile = d.literal + ops_bytes + 128 < new_len - new_len / 5 && ops_bytes < (MAX_RECORD as u64) / 2;
-        if !worthwhile {
+        let Some(d) = result.filter(worthwhile) else {
             self.truncate_data(offset)?;
             self.write_file(path, mode, mtime, new)?;
             return Ok(ChangeOutcome::Full);
-        }
+        };
         let (codec, stored) = self.maybe_compress(offset, d.literal, self.policy.choose(path, new_len))?;
         let payload = Payload { offset, stored_len: stored, len: d.literal, codec };
         self.push(&Command::ApplyDelta {

@@ -49,11 +49,36 @@ pub struct FileDelta {
 
 /// Computes the delta turning `base` into `new`, writing the inserted bytes to `literal`.
 pub fn compute(base: &File, new: &File, literal: &mut dyn Write) -> io::Result<FileDelta> {
+    Ok(compute_bounded(base, new, literal, u64::MAX)?.expect("no literal limit"))
+}
+
+/// Like [`compute`], but gives up (`None`) as soon as the literal bytes would pass `max_literal`
+/// (a delta that large is not worth sending): no time or spool space is spent on the rest.
+pub fn compute_bounded(base: &File, new: &File, literal: &mut dyn Write, max_literal: u64) -> io::Result<Option<FileDelta>> {
+    match compute_inner(base, new, literal, max_literal) {
+        Err(e) if e.get_ref().is_some_and(|inner| inner.is::<LiteralLimit>()) => Ok(None),
+        other => other.map(Some),
+    }
+}
+
+/// The marker error [`LiteralSink`] stops with at its limit.
+#[derive(Debug)]
+struct LiteralLimit;
+
+impl std::fmt::Display for LiteralLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("delta literal over its limit")
+    }
+}
+
+impl std::error::Error for LiteralLimit {}
+
+fn compute_inner(base: &File, new: &File, literal: &mut dyn Write, max_literal: u64) -> io::Result<FileDelta> {
     let bl = base.metadata()?.len();
     let nl = new.metadata()?.len();
     let scan = pass1::run(base, bl, new, nl)?;
     let mut out = Ops::default();
-    let mut sink = LiteralSink { new, out: literal, written: 0, buf: Vec::new() };
+    let mut sink = LiteralSink { new, out: literal, written: 0, limit: max_literal, buf: Vec::new() };
     // Ranges settled by comparing at equal offsets.
     let mut done = 0;
     for &(s, e) in &scan.runs {
@@ -117,12 +142,22 @@ struct LiteralSink<'a> {
     new: &'a File,
     out: &'a mut dyn Write,
     written: u64,
+    /// More literal bytes than this end the computation with [`LiteralLimit`].
+    limit: u64,
     buf: Vec<u8>,
 }
 
 impl LiteralSink<'_> {
+    fn check(&self, from: u64, to: u64) -> io::Result<()> {
+        if self.written + (to - from) > self.limit {
+            return Err(io::Error::other(LiteralLimit));
+        }
+        Ok(())
+    }
+
     /// Inserts new bytes `[from, to)`, read from the file.
     fn emit(&mut self, from: u64, to: u64, ops: &mut Ops) -> io::Result<()> {
+        self.check(from, to)?;
         let mut at = from;
         while at < to {
             let n = ((to - at) as usize).min(PIECE);
@@ -142,6 +177,7 @@ impl LiteralSink<'_> {
         if from < held_off || to > held_off + held.len() as u64 {
             return self.emit(from, to, ops);
         }
+        self.check(from, to)?;
         self.out.write_all(&held[(from - held_off) as usize..(to - held_off) as usize])?;
         self.written += to - from;
         ops.insert(to - from);
@@ -330,6 +366,19 @@ mod tests {
         let new: Vec<u8> = base[50_000..60_000].iter().copied().cycle().take(300_000).collect();
         let d = check(&base, &new);
         assert!(d.literal < 20_000, "{}", d.literal);
+    }
+
+    #[test]
+    fn a_bounded_delta_gives_up_past_its_literal_limit() {
+        let (base, new) = (pseudo(1 << 20, 40), pseudo(1 << 20, 41));
+        let mut lit = Vec::new();
+        assert!(compute_bounded(&file(&base), &file(&new), &mut lit, 100_000).unwrap().is_none());
+        assert!(lit.len() <= 100_000, "{}", lit.len());
+        let mut edited = base.clone();
+        edited[5000..5100].fill(0);
+        let mut lit = Vec::new();
+        let d = compute_bounded(&file(&base), &file(&edited), &mut lit, 100).unwrap().expect("within the limit");
+        assert_eq!(apply(&base, &d.ops, &lit), edited);
     }
 
     #[test]

@@ -7,12 +7,46 @@ use std::sync::Arc;
 
 use crate::forward::{ChildSource, forward_slot};
 use crate::model::{
-    CommitPolicy, DiscoveryReport, Job, JobKind, JobPolicy, JobSpec, JobState, Payload, SegmentRecord, SegmentStatus, ServerRecord,
+    CommitPolicy, DiscoveryReport, Job, JobKind, JobPolicy, JobSpec, JobState, LinkRates, Payload, Run, SegmentRecord, SegmentStatus,
+    ServerRecord,
 };
+use crate::tree::{LeaderInfo, TreeConfig};
 use crate::now_ms;
 use crate::server::{Inner, ManagerError, RootSource};
 
+/// One line on a run's tree shape and where it came from, for the history.
+pub(crate) fn describe_shape(shape: &TreeConfig, n: usize, leaders: &[LeaderInfo], measured: bool) -> String {
+    let form = if n <= shape.star_max {
+        format!("a star (the manager serves all {n})")
+    } else if shape.root_fanout == 1 && shape.leader_fanout == 1 {
+        "a chain (fan-out 1, pipelined)".to_string()
+    } else {
+        format!("a tree (manager fan-out {}, GL fan-out {})", shape.root_fanout, shape.leader_fanout)
+    };
+    let source = if measured {
+        let mib = |v: u64| v as f64 / f64::from(1 << 20);
+        let rates: Vec<LinkRates> = leaders.iter().filter_map(|l| l.links).collect();
+        let list: Vec<String> = rates.iter().map(|r| format!("{:.0}/{:.0}", mib(r.upload_bps), mib(r.download_bps))).collect();
+        format!("from the links {} of {n} GLs measured (upload/download MiB/s: {})", rates.len(), list.join(", "))
+    } else {
+        "configured: no GL of the run has measured its links yet".to_string()
+    };
+    format!("tree for {n} GLs: {form}, {source}")
+}
+
 impl Inner {
+    /// The tree shape for a run: from the link rates its GLs measured in earlier runs
+    /// ([`TreeConfig::for_measured`]; the manager's own upload is its configured egress, if any),
+    /// else the configured shape. Written to the run's history.
+    pub(crate) fn tree_shape(&self, run: &Run, leaders: &[LeaderInfo]) -> Result<TreeConfig, ManagerError> {
+        let measured = TreeConfig::for_measured(self.cfg.egress_bytes_per_sec, leaders);
+        let shape = measured.unwrap_or(self.cfg.tree);
+        let line = describe_shape(&shape, leaders.len(), leaders, measured.is_some());
+        tracing::info!(run = run.id, "{line}");
+        self.db.write(|t| t.log(now_ms(), Some(run.job), Some(run.id), line.clone()))?;
+        Ok(shape)
+    }
+
     /// A GL's discovery report: the segment (stable name), its GL, and who joined or left.
     pub(crate) fn discovery(self: &Arc<Self>, r: DiscoveryReport) -> Result<serde_json::Value, ManagerError> {
         if r.segment.is_empty() || r.leader.is_empty() || r.address.is_empty() {
@@ -39,6 +73,7 @@ impl Inner {
                 last_report_ms: now,
                 static_rank: old.as_ref().and_then(|o| o.static_rank),
                 leader_history: history,
+                links: r.links.or_else(|| old.as_ref().and_then(|o| o.links)),
             })?;
             for name in &r.members {
                 let before: Option<ServerRecord> = self.db.server(name)?;

@@ -22,10 +22,18 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::blob::{Blob, BlobError, Egress};
+use http_body_util::BodyExt;
 use crate::forward::{BoxFuture, ChildSource, forward_slot};
 use crate::http::{self, Body, JsonClient, Role, Tokens};
 use crate::manifest::Manifest;
 use crate::model::{ChildTarget, NextChild, Notification, SegmentReport, TreeCall};
+use crate::tree::{LinkRates, UploadMeter};
+
+/// Transfers smaller than this are not timed: connection set-up and the pipeline's last chunk
+/// would say more than the link.
+const MIN_MEASURED_BYTES: u64 = 1 << 20;
+/// How long a GL keeps offering its consolidated report to a manager that does not answer.
+const REPORT_PATIENCE: Duration = Duration::from_secs(600);
 
 /// What the segment made of an assignment: the GL's consolidated report, less its names.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -121,6 +129,51 @@ struct Inner {
     egress: Option<Arc<Egress>>,
     /// Every task this node started (accept loop, fetches, forwarding slots), for [`LeaderNode::stop`].
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    links: Mutex<LinkMeasure>,
+}
+
+/// What this GL measured of its links (see [`LinkRates`]).
+struct LinkMeasure {
+    epoch: std::time::Instant,
+    /// Everything sent to children, over the time any child was pulling.
+    upload: UploadMeter,
+    /// The last whole fetch's bytes/s.
+    download: Option<u64>,
+}
+
+impl LinkMeasure {
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Reads a GL's measured link rates (for its discovery reports) while it runs.
+#[derive(Clone)]
+pub struct LinkWatch(Arc<Inner>);
+
+impl LinkWatch {
+    /// `None` until the GL timed a fetch or a send of at least a MiB.
+    pub fn rates(&self) -> Option<LinkRates> {
+        let m = lock(&self.0.links);
+        let upload = m.upload.rate(m.now(), MIN_MEASURED_BYTES);
+        (upload.is_some() || m.download.is_some())
+            .then(|| LinkRates { upload_bps: upload.unwrap_or(0), download_bps: m.download.unwrap_or(0) })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Closes its child stream in the upload meter when the response body is dropped (sent or not).
+struct OpenStream(Arc<Inner>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let mut m = lock(&self.0.links);
+        let now = m.now();
+        m.upload.stream_closed(now);
+    }
 }
 
 /// A running GL tree endpoint. Dropping it does not stop it (the tasks live on the runtime);
@@ -148,6 +201,7 @@ impl LeaderNode {
             delivery,
             egress: cfg.egress_bytes_per_sec.map(Egress::new),
             tasks: Mutex::new(Vec::new()),
+            links: Mutex::new(LinkMeasure { epoch: std::time::Instant::now(), upload: UploadMeter::default(), download: None }),
             cfg,
         });
         let h = inner.clone();
@@ -171,6 +225,11 @@ impl LeaderNode {
     pub fn assignment(&self, run: u64) -> Option<PathBuf> {
         let runs = self.inner.runs.lock().unwrap_or_else(|p| p.into_inner());
         runs.get(&run).filter(|r| r.blob.is_complete()).map(|r| r.blob.path().to_path_buf())
+    }
+
+    /// What this GL measured of its links so far, readable while it runs.
+    pub fn links(&self) -> LinkWatch {
+        LinkWatch(self.inner.clone())
     }
 
     /// Bytes of `run` received and verified so far.
@@ -217,10 +276,32 @@ impl Inner {
                 let Ok(run) = run.parse::<u64>() else { return http::error(StatusCode::BAD_REQUEST, "bad run id") };
                 let blob = self.runs.lock().unwrap_or_else(|p| p.into_inner()).get(&run).map(|r| r.blob.clone());
                 let Some(blob) = blob else { return http::error(StatusCode::NOT_FOUND, "no such run here") };
-                serve_blob(&blob, &req)
+                self.metered(serve_blob(&blob, &req))
             }
             _ => http::error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
+    }
+
+    /// Counts a blob response's bytes in the upload meter as hyper sends them.
+    fn metered(self: &Arc<Self>, response: Response<Body>) -> Response<Body> {
+        if !response.status().is_success() {
+            return response;
+        }
+        {
+            let mut m = lock(&self.links);
+            let now = m.now();
+            m.upload.stream_opened(now);
+        }
+        let open = OpenStream(self.clone());
+        response.map(move |body| {
+            body.map_frame(move |frame| {
+                if let Some(data) = frame.data_ref() {
+                    lock(&open.0.links).upload.sent(data.len() as u64);
+                }
+                frame
+            })
+            .boxed()
+        })
     }
 
     fn on_notify(self: &Arc<Self>, n: Notification) -> Response<Body> {
@@ -260,13 +341,18 @@ impl Inner {
         format!("{}/api/v1/dist/{}/{what}", n.manager, n.run)
     }
 
-    /// Tells the manager something, retrying a few times (it may be restarting).
-    async fn tell_manager<T: serde::Serialize>(&self, url: &str, body: &T) -> bool {
-        for attempt in 0..20u64 {
+    /// Tells the manager something, retrying with a growing pause (up to a second) for as long
+    /// as `patience` (it may be restarting).
+    async fn tell_manager<T: serde::Serialize>(&self, url: &str, body: &T, patience: Duration) -> bool {
+        let end = tokio::time::Instant::now() + patience;
+        for attempt in 0u64.. {
             match self.client.post::<_, serde_json::Value>(url, body).await {
                 Ok(_) => return true,
                 Err(e) => {
                     tracing::warn!(segment = %self.cfg.segment, "{e}");
+                    if tokio::time::Instant::now() >= end {
+                        return false;
+                    }
                     tokio::time::sleep(Duration::from_millis(100 * (attempt + 1).min(10))).await;
                 }
             }
@@ -278,6 +364,7 @@ impl Inner {
     /// deliver to the segment and send the consolidated report.
     async fn drive(self: Arc<Self>, run: Arc<RunState>) {
         let mut rx = run.notification.subscribe();
+        let (started, from) = (std::time::Instant::now(), run.blob.verified());
         let mut failures = 0u32;
         let mut total_failures = 0u32;
         loop {
@@ -295,6 +382,9 @@ impl Inner {
                     tracing::warn!(segment = %self.cfg.segment, "{e}");
                     if total_failures > 200 {
                         tracing::error!(segment = %self.cfg.segment, run = n.run, "giving up on the run after {total_failures} failed fetches");
+                        // Forgotten, so a later notification (the manager resuming the run)
+                        // starts it afresh instead of finding a run nobody fetches.
+                        lock(&self.runs).remove(&n.run);
                         return;
                     }
                     if failures >= self.cfg.retries_per_parent || matches!(e, BlobError::Corrupt { .. }) && failures >= 2 {
@@ -313,9 +403,14 @@ impl Inner {
                 }
             }
         }
+        let fetched = run.blob.manifest().size - from;
+        if fetched >= MIN_MEASURED_BYTES {
+            let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            lock(&self.links).download = Some(LinkRates::rate(fetched, micros));
+        }
         let n = run.notification.borrow().clone();
         let call = TreeCall { segment: self.cfg.segment.clone() };
-        self.tell_manager(&self.manager_url(&run, "received"), &call).await;
+        self.tell_manager(&self.manager_url(&run, "received"), &call, Duration::from_secs(15)).await;
         let outcome = self.delivery.deliver(n.run, run.blob.path().to_path_buf(), n.manifest.clone()).await;
         let report = SegmentReport {
             segment: self.cfg.segment.clone(),
@@ -325,7 +420,10 @@ impl Inner {
             missing: outcome.missing,
         };
         let url = format!("{}/api/v1/runs/{}/report", n.manager, n.run);
-        self.tell_manager(&url, &report).await;
+        // The segment's outcome exists nowhere else: keep trying through a manager restart.
+        if !self.tell_manager(&url, &report, REPORT_PATIENCE).await {
+            tracing::error!(segment = %self.cfg.segment, run = n.run, "the manager never took the segment's report");
+        }
     }
 }
 
@@ -367,7 +465,7 @@ impl ChildSource for ManagerChildSource {
     fn unreachable(&self, child: String) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let url = self.inner.manager_url(&self.run, "dead");
-            self.inner.tell_manager(&url, &TreeCall { segment: child }).await;
+            self.inner.tell_manager(&url, &TreeCall { segment: child }, Duration::from_secs(15)).await;
         })
     }
 }

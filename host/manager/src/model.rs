@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use crate::manifest::Manifest;
+pub use crate::tree::LinkRates;
 
 /// A backend server as the manager knows it from its segment's discovery reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +36,9 @@ pub struct DiscoveryReport {
     pub connections: u32,
     /// Registered members, the GL included when it also serves content.
     pub members: Vec<String>,
+    /// The GL's link speeds as measured from its transfers; the manager shapes the tree with them.
+    #[serde(default)]
+    pub links: Option<LinkRates>,
 }
 
 /// A segment record. `static_rank` is the operator's override of the tree order.
@@ -53,6 +57,9 @@ pub struct SegmentRecord {
     pub static_rank: Option<u32>,
     /// Every leader change, oldest first (server name, time): the segment outlives its GLs.
     pub leader_history: Vec<(String, u64)>,
+    /// The link speeds its GL last reported (kept across GL changes until the new GL measures).
+    #[serde(default)]
+    pub links: Option<LinkRates>,
 }
 
 /// A content group: the servers that receive a hosted site's content.

@@ -324,11 +324,13 @@ impl Inner {
                 segment: name.clone(),
                 cpu_power: rec.as_ref().map_or(0, |r| r.cpu_power),
                 location: rec.as_ref().map_or(String::new(), |r| r.location.clone()),
-                static_rank: rec.and_then(|r| r.static_rank),
+                static_rank: rec.as_ref().and_then(|r| r.static_rank),
+                links: rec.and_then(|r| r.links),
             });
             let _ = s;
         }
         sort_leaders(&mut infos);
+        let tree = self.tree_shape(&run, &infos)?;
         let order: Vec<String> = infos.into_iter().map(|i| i.segment).collect();
         let done: Vec<String> = run
             .segments
@@ -336,7 +338,7 @@ impl Inner {
             .filter(|(_, s)| matches!(s.status, SegmentStatus::Received | SegmentStatus::Reported))
             .map(|(n, _)| n.clone())
             .collect();
-        let mut plan = TreePlan::new(self.cfg.tree, &order, &done);
+        let mut plan = TreePlan::new(tree, &order, &done);
         for (n, s) in &run.segments {
             if s.status == SegmentStatus::Lost {
                 plan.leader_dead(n);

@@ -19,7 +19,7 @@ pub enum Node {
     Leader(String),
 }
 
-/// What sorting needs to know of a GL (from its segment's discovery report).
+/// What sorting and shaping need to know of a GL (from its segment's discovery report).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaderInfo {
     pub segment: String,
@@ -27,6 +27,64 @@ pub struct LeaderInfo {
     pub location: String,
     /// Operator's pinned position; pinned GLs come first, in rank order.
     pub static_rank: Option<u32>,
+    /// What the GL measured of its links in earlier runs, if anything.
+    pub links: Option<LinkRates>,
+}
+
+/// Link speeds a GL measured passively from the transfers it did (bytes/s; 0 = not measured):
+/// what it received from its parent, per second of fetching, and what it sent to all its
+/// children together, per second during which at least one child was pulling. Both are lower
+/// bounds on the link: a pipelined GL receives no faster than its parent sends, and sends no
+/// faster than it receives or its children take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct LinkRates {
+    pub upload_bps: u64,
+    pub download_bps: u64,
+}
+
+impl LinkRates {
+    /// `bytes` moved in `micros` microseconds, as bytes/s (0 when nothing was timed).
+    pub fn rate(bytes: u64, micros: u64) -> u64 {
+        if micros == 0 { 0 } else { u64::try_from(u128::from(bytes) * 1_000_000 / u128::from(micros)).unwrap_or(u64::MAX) }
+    }
+}
+
+/// Accumulates one node's sending: bytes handed to children and the time during which at least
+/// one child stream was open. Sans-IO: the driver passes the time (microseconds on any clock
+/// that only moves forward).
+#[derive(Debug, Clone, Default)]
+pub struct UploadMeter {
+    open: usize,
+    busy_since: u64,
+    busy_micros: u64,
+    bytes: u64,
+}
+
+impl UploadMeter {
+    pub fn stream_opened(&mut self, now: u64) {
+        if self.open == 0 {
+            self.busy_since = now;
+        }
+        self.open += 1;
+    }
+
+    pub fn sent(&mut self, bytes: u64) {
+        self.bytes += bytes;
+    }
+
+    pub fn stream_closed(&mut self, now: u64) {
+        self.open = self.open.saturating_sub(1);
+        if self.open == 0 {
+            self.busy_micros += now.saturating_sub(self.busy_since);
+        }
+    }
+
+    /// Bytes/s over the busy time so far (streams still open count up to `now`); `None` below
+    /// `min_bytes`, where connection set-up and the last chunk's wait say more than the link.
+    pub fn rate(&self, now: u64, min_bytes: u64) -> Option<u64> {
+        let busy = self.busy_micros + if self.open > 0 { now.saturating_sub(self.busy_since) } else { 0 };
+        (self.bytes >= min_bytes && busy > 0).then(|| LinkRates::rate(self.bytes, busy))
+    }
 }
 
 /// Sorts GLs for distribution: operator-pinned first (by rank), then CPU power (fastest first),
@@ -42,6 +100,10 @@ pub fn sort_leaders(leaders: &mut [LeaderInfo]) {
         ))
     });
 }
+
+/// How much faster (percent) measured upload must be than download before a node serves one
+/// more child at once (see [`TreeConfig::for_measured`]).
+pub const FAN_OUT_MARGIN_PERCENT: u64 = 25;
 
 /// Shape of the tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +133,29 @@ impl TreeConfig {
         let fan = |up: u64| usize::try_from(up / leader_download.max(1)).unwrap_or(usize::MAX).max(1);
         let root_fanout = fan(manager_upload);
         TreeConfig { root_fanout, leader_fanout: fan(leader_upload), star_max: if root_fanout >= n { n } else { 0 } }
+    }
+
+    /// The shape for a run over `leaders` (sorted or not) from the link rates they measured,
+    /// `None` while no GL has measured both directions (then the configured shape stands).
+    ///
+    /// Upload and download are the medians over the GLs that measured them; the manager's upload
+    /// is `manager_upload` when the operator gave it, else taken to be like a GL's. Measured
+    /// rates are lower bounds taken inside a tree: a GL in a fan-out `k` tree whose parent's
+    /// upload is the limit receives `1/k` of it and sends `k` times that, which on its own would
+    /// call for fan-out `k` again. So fanning out needs upload to beat download by a margin
+    /// (`FAN_OUT_MARGIN`); without it the tree is a chain, whose cost when the links could
+    /// have fanned out is one chunk per hop, while a fan-out the links cannot feed divides
+    /// every GL's rate.
+    pub fn for_measured(manager_upload: Option<u64>, leaders: &[LeaderInfo]) -> Option<TreeConfig> {
+        let median = |mut v: Vec<u64>| -> Option<u64> {
+            v.sort_unstable();
+            v.get(v.len() / 2).copied()
+        };
+        let measured: Vec<LinkRates> = leaders.iter().filter_map(|l| l.links).collect();
+        let down = median(measured.iter().map(|r| r.download_bps).filter(|d| *d > 0).collect())?;
+        let up = median(measured.iter().map(|r| r.upload_bps).filter(|u| *u > 0).collect()).unwrap_or(down);
+        let damp = |u: u64| u64::try_from(u128::from(u) * 100 / (100 + u128::from(FAN_OUT_MARGIN_PERCENT))).unwrap_or(u64::MAX);
+        Some(TreeConfig::for_links(damp(manager_upload.unwrap_or(up)), damp(up), down, leaders.len()))
     }
 
     /// Worker slots a node runs for `n` GLs: each slot asks for a child, serves it, asks again.
@@ -316,7 +401,7 @@ mod tests {
 
     #[test]
     fn sorting_pins_then_cpu_then_location() {
-        let li = |s: &str, cpu, loc: &str, rank| LeaderInfo { segment: s.into(), cpu_power: cpu, location: loc.into(), static_rank: rank };
+        let li = |s: &str, cpu, loc: &str, rank| LeaderInfo { segment: s.into(), cpu_power: cpu, location: loc.into(), static_rank: rank, links: None };
         let mut v = vec![li("a", 10, "UTC", None), li("b", 50, "UTC+1", None), li("c", 50, "UTC", None), li("d", 1, "X", Some(2)), li("e", 1, "X", Some(1))];
         sort_leaders(&mut v);
         let names: Vec<&str> = v.iter().map(|l| l.segment.as_str()).collect();
@@ -329,6 +414,71 @@ mod tests {
         assert_eq!(TreeConfig::for_links(100 * mib, 100 * mib, 100 * mib, 16), TreeConfig { root_fanout: 1, leader_fanout: 1, star_max: 0 });
         assert_eq!(TreeConfig::for_links(1000 * mib, 250 * mib, 100 * mib, 16), TreeConfig { root_fanout: 10, leader_fanout: 2, star_max: 0 });
         assert_eq!(TreeConfig::for_links(1000 * mib, 50 * mib, 100 * mib, 4), TreeConfig { root_fanout: 10, leader_fanout: 1, star_max: 4 });
+    }
+
+    fn measured(up_mib: u64, down_mib: u64) -> LeaderInfo {
+        let mib = 1 << 20;
+        LeaderInfo {
+            segment: format!("gl-{up_mib}-{down_mib}"),
+            cpu_power: 1,
+            location: String::new(),
+            static_rank: None,
+            links: Some(LinkRates { upload_bps: up_mib * mib, download_bps: down_mib * mib }),
+        }
+    }
+
+    #[test]
+    fn shape_from_measured_links() {
+        let mib = 1 << 20;
+        let unmeasured = LeaderInfo { links: None, ..measured(1, 1) };
+        assert_eq!(TreeConfig::for_measured(None, &vec![unmeasured.clone(); 16]), None, "nothing measured: the configured shape");
+        let no_download = LeaderInfo { links: Some(LinkRates { upload_bps: mib, download_bps: 0 }), ..unmeasured.clone() };
+        assert_eq!(TreeConfig::for_measured(None, &[no_download]), None, "an upload alone says nothing about fan-out");
+        let chain = TreeConfig { root_fanout: 1, leader_fanout: 1, star_max: 0 };
+        // Symmetric links: a chain.
+        assert_eq!(TreeConfig::for_measured(None, &vec![measured(64, 64); 16]), Some(chain));
+        // What a fan-out 2 tree of upload-bound GLs measures (each receives half its parent's
+        // upload, sends its whole upload to two children): still a chain, not fan-out 2 again.
+        let mut fan2 = vec![measured(64, 32); 8];
+        fan2.extend(vec![LeaderInfo { links: Some(LinkRates { upload_bps: 0, download_bps: 32 * mib }), ..measured(0, 32) }; 8]);
+        assert_eq!(TreeConfig::for_measured(None, &fan2), Some(chain));
+        // Uploads clearly faster than downloads: fan out; a manager with a big NIC feeds more.
+        assert_eq!(TreeConfig::for_measured(None, &vec![measured(300, 100); 16]), Some(TreeConfig { root_fanout: 2, leader_fanout: 2, star_max: 0 }));
+        assert_eq!(
+            TreeConfig::for_measured(Some(1000 * mib), &vec![measured(64, 64); 16]),
+            Some(TreeConfig { root_fanout: 12, leader_fanout: 1, star_max: 0 })
+        );
+        // A manager that can feed every GL at its download speed: a star.
+        assert_eq!(
+            TreeConfig::for_measured(Some(1000 * mib), &vec![measured(64, 64); 4]),
+            Some(TreeConfig { root_fanout: 12, leader_fanout: 1, star_max: 4 })
+        );
+        // GLs that never served a child measured no upload: taken to be like their download.
+        let leaves = vec![LeaderInfo { links: Some(LinkRates { upload_bps: 0, download_bps: 50 * mib }), ..unmeasured.clone() }; 3];
+        assert_eq!(TreeConfig::for_measured(None, &leaves), Some(TreeConfig { root_fanout: 1, leader_fanout: 1, star_max: 0 }));
+        // Medians: one odd GL does not change the shape.
+        let mut mixed = vec![measured(64, 64); 5];
+        mixed.push(measured(10_000, 64));
+        assert_eq!(TreeConfig::for_measured(None, &mixed), Some(chain));
+    }
+
+    #[test]
+    fn upload_meter_counts_busy_time_once_for_overlapping_streams() {
+        let mut m = UploadMeter::default();
+        assert_eq!(m.rate(10, 0), None);
+        m.stream_opened(1_000_000);
+        m.stream_opened(1_500_000);
+        m.sent(3_000_000);
+        m.stream_closed(2_000_000);
+        assert_eq!(m.rate(2_500_000, 1), Some(2_000_000), "one busy second and a half so far, counted once");
+        m.stream_closed(3_000_000);
+        assert_eq!(m.rate(9_000_000, 1), Some(1_500_000), "idle time after the last stream does not count");
+        assert_eq!(m.rate(9_000_000, 4_000_000), None, "too few bytes to say");
+        m.stream_opened(10_000_000);
+        m.sent(1_000_000);
+        m.stream_closed(11_000_000);
+        assert_eq!(m.rate(12_000_000, 1), Some(1_333_333));
+        assert_eq!(LinkRates::rate(5, 0), 0);
     }
 
     #[test]

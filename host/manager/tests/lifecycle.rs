@@ -253,6 +253,7 @@ fn a_new_leader_elected_mid_run_is_notified_and_the_old_leaders_report_is_ignore
         free_disk: 1 << 40,
         connections: 1,
         members: members.iter().map(|m| m.0.clone()).collect(),
+        links: None,
     };
     c.rt.block_on(cm_manager::cluster::report_discovery(&c.manager_url, AGENT, &report)).unwrap();
     // The old GL's report (it is still alive and finishes its own copy) must not count; here one

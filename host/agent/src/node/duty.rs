@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cm_manager::forward::BoxFuture;
-use cm_manager::leader::{DeliveryOutcome, LeaderConfig, LeaderNode, LocalDelivery, MemberApplyReport};
+use cm_manager::leader::{DeliveryOutcome, LeaderConfig, LeaderNode, LinkWatch, LocalDelivery, MemberApplyReport};
 use cm_manager::manifest::Manifest;
 use cm_manager::model::DiscoveryReport;
 use cm_mctp::SenderConfig;
@@ -36,7 +36,7 @@ impl GlDuty {
         let node = LeaderNode::start(lc, delivery).await?;
         let addr = advertised(node.addr, &shared);
         tracing::info!(segment = %c.segment, %addr, "group leader: tree endpoint up");
-        let discovery = tokio::spawn(discovery_loop(shared.clone(), addr));
+        let discovery = tokio::spawn(discovery_loop(shared.clone(), addr, node.links()));
         Ok(GlDuty { node, discovery })
     }
 
@@ -65,7 +65,7 @@ fn segment_now(shared: &Shared) -> BTreeMap<String, u64> {
     m
 }
 
-fn discovery_report(shared: &Shared, addr: SocketAddr) -> DiscoveryReport {
+fn discovery_report(shared: &Shared, addr: SocketAddr, links: &LinkWatch) -> DiscoveryReport {
     let c = &shared.cfg;
     let measured = crate::election::measure_priority_inputs(&c.state_dir);
     let members: Vec<String> = segment_now(shared).into_keys().collect();
@@ -80,12 +80,15 @@ fn discovery_report(shared: &Shared, addr: SocketAddr) -> DiscoveryReport {
         // The members this GL serves: the connections its delivery fans out to.
         connections: u32::try_from(members.len().saturating_sub(1)).unwrap_or(u32::MAX),
         members,
+        // Measured from this GL's own transfers (the manager shapes the tree with them).
+        links: links.rates(),
     }
 }
 
 /// Reports the segment to the manager now, again on every join or leave, and every
-/// `discovery_interval`; a failed report is retried.
-async fn discovery_loop(shared: Arc<Shared>, addr: SocketAddr) {
+/// `discovery_interval` (which also carries the link rates measured meanwhile); a failed report
+/// is retried.
+async fn discovery_loop(shared: Arc<Shared>, addr: SocketAddr, links: LinkWatch) {
     let Some(manager) = shared.cfg.manager_url.clone() else {
         tracing::warn!("no manager URL configured: this GL reports its segment to no one");
         return;
@@ -95,7 +98,7 @@ async fn discovery_loop(shared: Arc<Shared>, addr: SocketAddr) {
     let mut next_periodic = Instant::now();
     let mut failures = 0u32;
     loop {
-        let report = discovery_report(&shared, addr);
+        let report = discovery_report(&shared, addr, &links);
         let due = last.as_ref() != Some(&report.members) || Instant::now() >= next_periodic;
         if due {
             match cm_manager::cluster::report_discovery(&manager, &shared.cfg.agent_token, &report).await {

@@ -107,6 +107,7 @@ impl Cluster {
                 free_disk: 1 << 40,
                 connections: 1,
                 members: members.iter().map(|m| m.0.clone()).collect(),
+                links: None,
             };
             rt.block_on(report_discovery(&manager_url, AGENT, &report)).unwrap();
             gls.push(Gl { segment, node, thread, members });
@@ -340,6 +341,11 @@ pub fn tree_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 impl Cluster {
     /// GL `i` reports its segment again with these members (as after a join or leave).
     pub fn rediscover(&self, i: usize, members: &[&str]) -> serde_json::Value {
+        self.rediscover_with_links(i, members, None)
+    }
+
+    /// [`Cluster::rediscover`], carrying the link rates the GL measured.
+    pub fn rediscover_with_links(&self, i: usize, members: &[&str], links: Option<cm_manager::model::LinkRates>) -> serde_json::Value {
         let gl = &self.gls[i];
         let report = DiscoveryReport {
             segment: gl.segment.clone(),
@@ -350,6 +356,7 @@ impl Cluster {
             free_disk: 1 << 40,
             connections: 1,
             members: members.iter().map(|m| m.to_string()).collect(),
+            links,
         };
         let agent = JsonClient::new(AGENT, Duration::from_secs(10));
         self.rt.block_on(agent.post(&self.api("discovery"), &report)).unwrap()

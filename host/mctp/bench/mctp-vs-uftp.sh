@@ -19,7 +19,9 @@
 # repeats, UFTP first in even ones, so neither always gets the warmer or quieter slot), and a
 # summary gives per tool the median wall time with its min–max spread, the ratio of medians
 # UFTP ÷ MCTP (= MCTP's throughput as a multiple of UFTP's) and the range of the per-repeat
-# ratios: on a shared machine single runs differ by more than the tools do. MCTP's sender line
+# ratios: on a shared machine single runs differ by more than the tools do. "rx CPU s" is the
+# user + system CPU time of all receiver processes together (and "tx CPU s" the sender's): on a
+# host whose cores are shared, what each tool costs is steadier than its wall time. MCTP's sender line
 # (passes, repairs during the pass, checkpoints, final rate) is kept per run in the rows.
 #
 # Usage (root): mctp-vs-uftp.sh            # 256 MiB, 1/4/16 receivers, 0 % and 5 % loss
@@ -114,7 +116,9 @@ NFT
 }
 sent_bytes() { ip netns exec "$P-br" nft list chain bridge $P pre | awk '/counter/ { for (i = 1; i <= NF; i++) if ($i == "bytes") { print $(i + 1); exit } }'; }
 now() { date +%s.%N; }
-peak_rss() { sort -n "$@" | tail -1; }
+peak_rss() { awk '{ print $1 }' "$@" | sort -n | tail -1; }
+# CPU seconds (user + system) summed over the files of `/usr/bin/time -f "%M %U %S"` given.
+cpu_sum() { awk '{ s += $2 + $3 } END { printf "%.2f", s }' "$@"; }
 check_copies() { # dir-prefix n
   local ok=0
   for i in $(seq 1 "$2"); do
@@ -129,7 +133,7 @@ run_mctp() { # n loss
   set_loss "$2"
   for i in $(seq 1 "$n"); do
     mkdir -p "$WORK/m$i"
-    CM_CLUSTER_SECRET=bench ip netns exec "$P-rx$i" /usr/bin/time -f %M -o "$WORK/rss-m$i" \
+    CM_CLUSTER_SECRET=bench ip netns exec "$P-rx$i" /usr/bin/time -f "%M %U %S" -o "$WORK/rss-m$i" \
       "$CMOVER" mctp receive --group $GROUP --interface "10.77.0.$((10 + i))" --dir "$WORK/m$i" --member-id "$i" \
       --timeout-secs 900 >"$WORK/m$i.log" 2>&1 &
     pids+=($!)
@@ -137,19 +141,19 @@ run_mctp() { # n loss
   sleep 0.5
   local t0 t1
   t0=$(now)
-  CM_CLUSTER_SECRET=bench ip netns exec "$P-tx" "$CMOVER" mctp send "$FILE" --group $GROUP --interface 10.77.0.1 \
+  CM_CLUSTER_SECRET=bench ip netns exec "$P-tx" /usr/bin/time -f "0 %U %S" -o "$WORK/cpu-tx" "$CMOVER" mctp send "$FILE" --group $GROUP --interface 10.77.0.1 \
     --expect "$n" --frame-size "$BLOCK" --rate-mbit "$RATE_MBIT" --max-rate-mbit "$MAX_RATE_MBIT" >"$WORK/mtx.log" 2>&1 || true
   t1=$(now)
   wait "${pids[@]}" 2>/dev/null || true
   local ok; ok=$(check_copies "$WORK/m" "$n")
-  row MCTP "$n" "$2" "$t0" "$t1" "$(sent_bytes)" "$(peak_rss "$WORK"/rss-m*)" "$ok" \
+  row MCTP "$n" "$2" "$t0" "$t1" "$(sent_bytes)" "$(peak_rss "$WORK"/rss-m*)" "$ok" "$(cpu_sum "$WORK"/rss-m*)" "$(cpu_sum "$WORK/cpu-tx")" \
     "$(grep -o 'passes=[0-9]*\|repairs=[0-9]*\|checkpoints=[0-9]*\|final_rate_mbit=[0-9]*' "$WORK/mtx.log" | paste -sd' ')"
   if [ "$ok" != "$n" ]; then # the sender's and every receiver's last words, kept for a look
     local keep; keep="$WORK/failed-$(date +%s%N)"; mkdir -p "$keep"; cp "$WORK"/m*.log "$keep/" 2>/dev/null || true
     { echo "  MCTP logs (all in $WORK/failed-*, kept with KEEP=1):"
       for f in "$WORK"/mtx.log "$WORK"/m[0-9]*.log; do echo "  $(basename "$f"): $(tail -n 3 "$f" | tr '\n' ' ')"; done; } >&2
   fi
-  rm -rf "$WORK"/m* "$WORK"/rss-m*
+  rm -rf "$WORK"/m* "$WORK"/rss-m* "$WORK/cpu-tx"
 }
 
 # UFTP client ids default to the client's IPv4 address in hex (closed group: start as soon as
@@ -161,29 +165,29 @@ run_uftp() { # n loss
   set_loss "$2"
   for i in $(seq 1 "$n"); do
     mkdir -p "$WORK/u$i"
-    ip netns exec "$P-rx$i" /usr/bin/time -f %M -o "$WORK/rss-u$i" \
+    ip netns exec "$P-rx$i" /usr/bin/time -f "%M %U %S" -o "$WORK/rss-u$i" \
       uftpd -d -D "$WORK/u$i" -I "v-rx$i" -M $UFTP_PUB -p $UFTP_PORT -L "$WORK/u$i.log" >/dev/null 2>&1 &
     pids+=($!)
   done
   sleep 0.5
   local t0 t1
   t0=$(now)
-  ip netns exec "$P-tx" uftp -I v-tx -M $UFTP_PUB -P $UFTP_PRIV -p $UFTP_PORT -R "$UFTP_RATE_KBIT" -b "$BLOCK" \
+  ip netns exec "$P-tx" /usr/bin/time -f "0 %U %S" -o "$WORK/cpu-tx" uftp -I v-tx -M $UFTP_PUB -P $UFTP_PRIV -p $UFTP_PORT -R "$UFTP_RATE_KBIT" -b "$BLOCK" \
     -Y none -H "$(uftp_ids "$n")" -L "$WORK/utx.log" "$FILE" >/dev/null 2>&1 || true
   t1=$(now)
   # /usr/bin/time ignores SIGINT while its child runs: stop each uftpd itself.
   for p in "${pids[@]}"; do for c in $(pgrep -P "$p"); do kill -INT "$c" 2>/dev/null || true; done; done
   wait "${pids[@]}" 2>/dev/null || true
   local ok; ok=$(check_copies "$WORK/u" "$n")
-  row UFTP "$n" "$2" "$t0" "$t1" "$(sent_bytes)" "$(peak_rss "$WORK"/rss-u*)" "$ok"
+  row UFTP "$n" "$2" "$t0" "$t1" "$(sent_bytes)" "$(peak_rss "$WORK"/rss-u*)" "$ok" "$(cpu_sum "$WORK"/rss-u*)" "$(cpu_sum "$WORK/cpu-tx")"
   [ "$ok" = "$n" ] || { echo "  UFTP sender log:"; tail -n 4 "$WORK/utx.log" "$WORK/u1.log" || true; } >&2
-  rm -rf "$WORK"/u[0-9]* "$WORK"/rss-u*
+  rm -rf "$WORK"/u[0-9]* "$WORK"/rss-u* "$WORK/cpu-tx"
 }
 
-row() { # tool n loss t0 t1 bytes rss_kb copies [notes]
-  awk -v tool="$1" -v n="$2" -v loss="$3" -v t0="$4" -v t1="$5" -v b="$6" -v rss="$7" -v ok="$8" -v notes="${9:-}" -v rep="$r" -v size="$SIZE" 'BEGIN {
+row() { # tool n loss t0 t1 bytes rss_kb copies rx_cpu tx_cpu [notes]
+  awk -v tool="$1" -v n="$2" -v loss="$3" -v t0="$4" -v t1="$5" -v b="$6" -v rss="$7" -v ok="$8" -v rxc="$9" -v txc="${10}" -v notes="${11:-}" -v rep="$r" -v size="$SIZE" 'BEGIN {
     s = t1 - t0;
-    printf "%-5s %4d %5s%% %9.2f %10.1f %9.3f %10.1f %6d/%d %3d  %s\n", tool, n, loss, s, size / s / 1e6, b / size, rss / 1024, ok, n, rep, notes }' | tee -a "$WORK/rows"
+    printf "%-5s %4d %5s%% %9.2f %10.1f %9.3f %10.1f %6d/%d %3d %8.2f %8.2f  %s\n", tool, n, loss, s, size / s / 1e6, b / size, rss / 1024, ok, n, rep, rxc, txc, notes }' | tee -a "$WORK/rows"
 }
 
 # Per point: each tool's median wall time (runs where every copy arrived) with its min–max,
@@ -192,8 +196,8 @@ row() { # tool n loss t0 t1 bytes rss_kb copies [notes]
 summary() {
   echo
   echo "over $REPEAT repeat(s), runs with every copy only; ratio = UFTP time / MCTP time (median of each; per-repeat range)"
-  printf "%4s %6s %19s %19s %6s %13s %9s %9s\n" rcv loss "MCTP s med [min-max]" "UFTP s med [min-max]" ratio "[rep. range]" "MCTP s/p" "UFTP s/p"
-  awk '{ split($8, c, "/"); if (c[1] == c[2]) { k = $2 " " $3; t[$1, k] = t[$1, k] " " $4; r[$1, k] = r[$1, k] " " $6; by[$1, k, $9] = $4; reps[k, $9] = 1; keys[k] = 1 } }
+  printf "%4s %6s %19s %19s %6s %13s %9s %9s %15s\n" rcv loss "MCTP s med [min-max]" "UFTP s med [min-max]" ratio "[rep. range]" "MCTP s/p" "UFTP s/p" "rx CPU s M / U"
+  awk '{ split($8, c, "/"); if (c[1] == c[2]) { k = $2 " " $3; t[$1, k] = t[$1, k] " " $4; r[$1, k] = r[$1, k] " " $6; cpu[$1, k] = cpu[$1, k] " " $10; by[$1, k, $9] = $4; reps[k, $9] = 1; keys[k] = 1 } }
     function sort(list, a,   n, i, j, x) { n = split(list, a, " ")
       for (i = 2; i <= n; i++) { x = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > x; j--) a[j + 1] = a[j]; a[j + 1] = x }
       return n }
@@ -202,15 +206,15 @@ summary() {
     function hi(list,   a, n) { n = sort(list, a); return n ? a[n] : -1 }
     END { for (k in keys) { split(k, p, " "); m = med(t["MCTP", k]); u = med(t["UFTP", k]); rl = ""
       for (q in reps) { split(q, qq, SUBSEP); if (qq[1] == k && (("MCTP", k, qq[2]) in by) && (("UFTP", k, qq[2]) in by)) rl = rl " " by["UFTP", k, qq[2]] / by["MCTP", k, qq[2]] }
-      printf "%4d %6s %6.2f [%5.2f-%5.2f] %6.2f [%5.2f-%5.2f] %6s %13s %9.3f %9.3f\n", p[1], p[2], m, lo(t["MCTP", k]), hi(t["MCTP", k]), u, lo(t["UFTP", k]), hi(t["UFTP", k]),
-        (m > 0 && u > 0) ? sprintf("%.2f", u / m) : "-", rl == "" ? "-" : sprintf("[%.2f-%.2f]", lo(rl), hi(rl)), med(r["MCTP", k]), med(r["UFTP", k]) } }' "$WORK/rows" | sort -k2,2n -k1,1n
+      printf "%4d %6s %6.2f [%5.2f-%5.2f] %6.2f [%5.2f-%5.2f] %6s %13s %9.3f %9.3f %7.2f / %5.2f\n", p[1], p[2], m, lo(t["MCTP", k]), hi(t["MCTP", k]), u, lo(t["UFTP", k]), hi(t["UFTP", k]),
+        (m > 0 && u > 0) ? sprintf("%.2f", u / m) : "-", rl == "" ? "-" : sprintf("[%.2f-%.2f]", lo(rl), hi(rl)), med(r["MCTP", k]), med(r["UFTP", k]), med(cpu["MCTP", k]), med(cpu["UFTP", k]) } }' "$WORK/rows" | sort -k2,2n -k1,1n
 }
 
 printf "%s MiB, block %s bytes, MTU %s, link %s, loss %s (nft numgen random)\n" \
   "$SIZE_MIB" "$BLOCK" $MTU "$( [ -n "$LINK_MBIT" ] && echo "$LINK_MBIT Mbit/s (tbf)" || echo unshaped )" \
   "$( [ "$LOSS_MODE" = independent ] && echo "per receiver, independent" || echo "where the sender's port enters the bridge (same for all)" )"
 : > "$WORK/rows"
-printf "%-5s %4s %6s %9s %10s %9s %10s %8s %3s  %s\n" tool rcv loss "wall s" "goodput MB/s" "sent/pay" "rx RSS MiB" copies rep "MCTP sender"
+printf "%-5s %4s %6s %9s %10s %9s %10s %8s %3s %8s %8s  %s\n" tool rcv loss "wall s" "goodput MB/s" "sent/pay" "rx RSS MiB" copies rep "rx CPU s" "tx CPU s" "MCTP sender"
 for loss in $LOSSES; do
   for n in $RECEIVERS; do
     for r in $(seq 1 "$REPEAT"); do

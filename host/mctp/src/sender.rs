@@ -71,7 +71,8 @@ pub struct SenderConfig {
     /// their answers. 0 turns checkpoints off (feedback only at the end of each pass).
     pub checkpoint_bytes: u64,
     /// A member whose last checkpoint answer is this many payload bytes behind the sender is
-    /// falling behind (its socket buffer fills): the rate goes down before it overflows.
+    /// falling behind (its socket buffer fills): the rate goes down before it overflows. About
+    /// a third of the members' socket buffer (the driver's is 32 MiB).
     pub max_lag_bytes: u64,
 }
 
@@ -98,7 +99,7 @@ impl SenderConfig {
             min_participants: 0,
             burst: Duration::from_millis(2),
             checkpoint_bytes: 2 << 20,
-            max_lag_bytes: 8 << 20,
+            max_lag_bytes: 12 << 20,
         }
     }
 }
@@ -222,6 +223,26 @@ struct Peer {
     heard_round: u32,
     /// Latest checkpoint this member answered.
     acked_checkpoint: Option<u32>,
+    /// When its recent checkpoint answers arrived, with the pass's payload bytes sent at each
+    /// checkpoint: how fast this member really takes in data (newest last).
+    answers: VecDeque<(Time, u64)>,
+}
+
+/// Checkpoint answers a member's intake rate is measured over (a few, so the random answer
+/// delay averages out).
+const INTAKE_SAMPLES: usize = 8;
+
+impl Peer {
+    fn new(expected: bool, unicast: Option<SocketAddr>) -> Self {
+        Peer { expected, unicast_only: unicast, addr: unicast, status: MemberStatus::NoReport, heard_round: 0, acked_checkpoint: None, answers: VecDeque::new() }
+    }
+
+    /// Payload bytes per second this member took in over its recent checkpoint answers.
+    fn intake(&self) -> Option<f64> {
+        let (&(t0, s0), &(t1, s1)) = (self.answers.front()?, self.answers.back()?);
+        let secs = t1.saturating_since(t0).as_secs_f64();
+        (self.answers.len() >= 3 && secs > 0.0 && s1 > s0).then(|| (s1 - s0) as f64 / secs)
+    }
 }
 
 /// A checkpoint of the current pass, kept while its answers may still come.
@@ -353,7 +374,7 @@ impl Sender {
             if let Some(a) = m.unicast {
                 everyone.push(a);
             }
-            peers.insert(m.id, Peer { expected: true, unicast_only: m.unicast, addr: m.unicast, status: MemberStatus::NoReport, heard_round: 0, acked_checkpoint: None });
+            peers.insert(m.id, Peer::new(true, m.unicast));
         }
         let rate = cfg.initial_rate;
         Ok(Sender {
@@ -436,14 +457,7 @@ impl Sender {
             p.expected = false;
         }
         for m in members {
-            let p = self.peers.entry(m.id).or_insert(Peer {
-                expected: true,
-                unicast_only: None,
-                addr: None,
-                status: MemberStatus::NoReport,
-                heard_round: 0,
-                acked_checkpoint: None,
-            });
+            let p = self.peers.entry(m.id).or_insert_with(|| Peer::new(true, None));
             p.expected = true;
             p.unicast_only = m.unicast;
             if m.unicast.is_some() {
@@ -555,7 +569,7 @@ impl Sender {
     }
 
     /// Feeds one datagram received on the report port.
-    pub fn handle_datagram(&mut self, _now: Time, from: SocketAddr, datagram: &[u8]) {
+    pub fn handle_datagram(&mut self, now: Time, from: SocketAddr, datagram: &[u8]) {
         let msg = match wire::open(&self.keys, datagram) {
             Ok(m) => m,
             Err(e) => return self.stats.dropped.count(&e),
@@ -580,14 +594,14 @@ impl Sender {
             return;
         }
         self.stats.reports += 1;
-        self.on_report(from, r);
+        self.on_report(now, from, r);
     }
 
-    fn on_report(&mut self, from: SocketAddr, r: Report) {
+    fn on_report(&mut self, now: Time, from: SocketAddr, r: Report) {
         let round = self.round;
         let peer = self.peers.entry(r.member).or_insert_with(|| {
             self.events.push_back(SenderEvent::Joined(r.member));
-            Peer { expected: false, unicast_only: None, addr: None, status: MemberStatus::NoReport, heard_round: 0, acked_checkpoint: None }
+            Peer::new(false, None)
         });
         if peer.unicast_only.is_none() {
             peer.addr = Some(from);
@@ -597,7 +611,15 @@ impl Sender {
                 if matches!(peer.status, MemberStatus::Complete | MemberStatus::Failed(_)) || r.round < self.pass_first_checkpoint {
                     return; // a newer fact, or an answer from an earlier pass
                 }
-                peer.acked_checkpoint = Some(peer.acked_checkpoint.map_or(r.round, |a| a.max(r.round)));
+                if peer.acked_checkpoint.is_none_or(|a| r.round > a) {
+                    peer.acked_checkpoint = Some(r.round);
+                    if let Some(c) = self.checkpoints.iter().find(|c| c.number == r.round) {
+                        if peer.answers.len() == INTAKE_SAMPLES {
+                            peer.answers.pop_front();
+                        }
+                        peer.answers.push_back((now, c.sent_at));
+                    }
+                }
                 return self.on_gaps(r.member, r.round, &runs);
             }
             // Completion and failure are final facts whatever round they answer.
@@ -672,7 +694,9 @@ impl Sender {
         self.adapt_rate_mid_pass();
         let frames = self.to_send.count_in(self.window_from, self.cursor).max(1);
         let n = u32::try_from(self.peers.len().max(self.cfg.min_participants).max(1)).unwrap_or(u32::MAX);
-        let window = (self.cfg.report_slot * n).min(Duration::from_millis(20));
+        // Short: an answer's delay counts as lag. These answers are tiny, and only members
+        // still receiving send them, so a burst of them costs the GL little.
+        let window = (self.cfg.report_slot * n / 8).min(Duration::from_millis(3));
         let c = Checkpoint {
             session: self.announce.session,
             pass: self.pass,
@@ -703,15 +727,20 @@ impl Sender {
         let sent_at = |n: u32| log.iter().find(|c| c.number == n).map(|c| c.sent_at);
         // Lag of members that answered in this pass; one that fell far behind (crashed, or
         // overflowed long ago) is left to the end-of-pass repair rather than stall everyone.
-        let lag = self
+        let (lag, intake) = self
             .peers
             .values()
             .filter(|p| !matches!(p.status, MemberStatus::Complete | MemberStatus::Failed(_)))
-            .filter_map(|p| p.acked_checkpoint.filter(|a| *a >= self.pass_first_checkpoint).and_then(sent_at))
-            .map(|at| self.pass_bytes.saturating_sub(at))
-            .filter(|lag| *lag <= 4 * self.cfg.max_lag_bytes)
-            .max()
-            .unwrap_or(0);
+            .filter_map(|p| p.acked_checkpoint.filter(|a| *a >= self.pass_first_checkpoint).and_then(sent_at).map(|at| (self.pass_bytes.saturating_sub(at), p)))
+            .filter(|(lag, _)| *lag <= 4 * self.cfg.max_lag_bytes)
+            .fold((0, None::<f64>), |(lag, intake), (l, p)| {
+                // The intake that matters is that of the members falling behind.
+                let i = if l > self.cfg.max_lag_bytes / 2 { p.intake() } else { None };
+                (lag.max(l), match (intake, i) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                })
+            });
         let mut factor: f64 = if share > 0.25 {
             0.6
         } else if share > 0.10 {
@@ -719,12 +748,21 @@ impl Sender {
         } else {
             1.1
         };
-        if lag > self.cfg.max_lag_bytes {
-            factor = factor.min(0.8);
-        } else if lag > self.cfg.max_lag_bytes / 2 {
+        if lag > self.cfg.max_lag_bytes / 2 {
             factor = factor.min(1.0);
         }
-        self.rate = ((self.rate as f64 * factor) as u64).clamp(self.cfg.min_rate, self.cfg.max_rate);
+        let mut rate = self.rate as f64 * factor;
+        if lag > self.cfg.max_lag_bytes {
+            // Falling behind: send a little slower than the slowest lagging member takes data
+            // in, so its backlog drains — a measured target, not a cut per checkpoint (the
+            // answers come late, by the backlog itself, and repeated cuts would overshoot).
+            let wire = f64::from(self.cfg.frame_size) + wire::DATA_OVERHEAD as f64;
+            rate = match intake {
+                Some(i) => rate.min(0.9 * i * wire / f64::from(self.cfg.frame_size)),
+                None => rate * 0.8,
+            };
+        }
+        self.rate = (rate as u64).clamp(self.cfg.min_rate, self.cfg.max_rate);
     }
 
     fn participants_enough(&self) -> bool {

@@ -3,7 +3,8 @@
 //! a member holding the key could send), not only the tag check.
 //!
 //! The input is a sequence of datagrams (`len u16 | bytes`, big-endian): each goes through the
-//! raw decoders, then, sealed, into one receiver and one sender that live for the whole input,
+//! raw decoders (checkpoints and gap reports included), then, sealed, into one receiver and one
+//! sender that live for the whole input,
 //! with time advancing between datagrams. So an announcement followed by frames, solicitations
 //! and reports reaches the deeper states. Checked on the way: a receiver never asks to write
 //! outside the announced size, and never delivers bytes whose BLAKE3 differs from the announced.
@@ -41,6 +42,12 @@ fuzz_target!(|data: &[u8]| {
         let mut sealed = datagram.to_vec();
         keys.mac().seal(&mut sealed);
 
+        // What a driver asks before handing a datagram over, and while hashing as frames arrive.
+        if let Some(info) = rx.new_announcement(&sealed) {
+            assert!(wire::is_announce(&sealed), "only announcements start sessions");
+            let _ = info;
+        }
+        let _ = rx.held_through(u64::from(datagram.len() as u32) * 64);
         let mut buf = sealed.clone();
         let write = rx.handle_datagram(now, from, &mut buf).map(|w| (w.session, w.seq, w.offset, w.bytes.to_vec()));
         events(&mut rx, now, &mut disk, &mut size, &mut hash);

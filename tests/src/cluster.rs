@@ -23,6 +23,8 @@ pub struct TestCluster {
     pub segments: Vec<String>,
     /// The cluster secret file every agent shares.
     pub secret: PathBuf,
+    /// Times the manager was started again ([`TestCluster::start_manager_again`]).
+    pub restarts: u32,
     // Last: the directory goes after the processes are dead.
     pub dir: tempfile::TempDir,
 }
@@ -82,7 +84,7 @@ impl TestCluster {
             segments.push(seg);
         }
         let op = cm_manager::cluster::operator_client(&manager.operator_token);
-        let c = TestCluster { manager, agents, op, staging, segments, secret, dir };
+        let c = TestCluster { manager, agents, op, staging, segments, secret, restarts: 0, dir };
         c.wait_segments(layout.servers, Duration::from_secs(30)).await?;
         let all: Vec<String> = c.agents.iter().map(|a| a.spec.name.clone()).collect();
         let _: Value = c.op.put(&c.url("groups/g"), &serde_json::json!({ "servers": all })).await?;
@@ -96,6 +98,45 @@ impl TestCluster {
         let spec = self.agents[i].spec.clone();
         self.agents[i].guard.kill();
         self.agents[i] = launch::start_agent(&cmover_bin(), self.dir.path(), &self.manager, &self.secret, &spec)?;
+        Ok(())
+    }
+
+    /// Kills the manager at once (SIGKILL, like a crash); [`TestCluster::start_manager_again`]
+    /// brings it back.
+    pub fn kill_manager(&mut self) {
+        self.manager.guard.kill();
+    }
+
+    /// Starts the manager again after [`TestCluster::kill_manager`]: same port, tokens, database
+    /// and options, as an operator restarting it would (its log goes to `logs/manager-<n>.log`).
+    pub fn start_manager_again(&mut self) -> anyhow::Result<()> {
+        let m = &self.manager;
+        let port = m.url.rsplit(':').next().context("manager URL without a port")?.to_string();
+        let secrets = self.dir.path().join("secrets");
+        let o = ManagerOptions::default();
+        let mut cmd = std::process::Command::new(cmover_bin());
+        cmd.arg("manager")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("manager"))
+            .arg("--operator-token-file")
+            .arg(secrets.join("operator.token"))
+            .arg("--agent-token-file")
+            .arg(&m.agent_token_file)
+            .args(["--tick-ms", &o.tick_ms.to_string(), "--star-max", &o.star_max.to_string()])
+            .args(["--root-fanout", &o.root_fanout.to_string(), "--leader-fanout", &o.leader_fanout.to_string()])
+            .args(["--chunk-kib", &o.chunk_kib.to_string()]);
+        self.restarts += 1;
+        let log = self.dir.path().join("logs").join(format!("manager-{}.log", self.restarts));
+        self.manager.guard = launch::ProcessGuard::spawn("manager", cmd, log)?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let end = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if !self.manager.guard.is_running() || Instant::now() > end {
+                bail!("the manager did not start again:\n{}", self.manager.guard.log_tail(20));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Ok(())
     }
 

@@ -26,6 +26,10 @@ pub fn workspace_root() -> PathBuf {
 pub fn cmover_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        // A prebuilt binary (e.g. a release build for the benchmarks) skips the build below.
+        if let Some(bin) = std::env::var_os("CMOVER_BIN") {
+            return PathBuf::from(bin);
+        }
         // Test executables live in <target>/<profile>/deps/.
         let exe = std::env::current_exe().expect("test executable path");
         let profile_dir = exe.parent().and_then(Path::parent).expect("<target>/<profile>/deps").to_path_buf();

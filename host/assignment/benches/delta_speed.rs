@@ -1,8 +1,10 @@
 //! Delta computation speed on one core, without the site or the plugin host around it:
-//! `cargo bench -p cm-assignment --bench delta_speed [-- MiB]` (default 256 MiB per file).
-//! Throughput is one file's size over the time (wall clock, and this process's CPU time, which
-//! the other load of a shared machine disturbs less). The first row is the floor every case
-//! pays: reading both files and hashing them with BLAKE3; "× floor" is each row's time over it.
+//! `cargo bench -p cm-assignment --bench delta_speed [-- MiB [runs]]` (default 256 MiB per
+//! file, 3 runs). Throughput is one file's size over the time (wall clock, and this process's
+//! CPU time, which the other load of a shared machine disturbs less), the median of the runs.
+//! The first row is the floor every case pays: reading both files and hashing them with
+//! BLAKE3; "× floor" is each row's CPU time over the floor's, measured right before it in
+//! each run (the median of those ratios).
 
 use std::io::Read;
 use std::time::Instant;
@@ -34,7 +36,30 @@ fn hash_both(a: &std::path::Path, b: &std::path::Path) -> u64 {
 }
 
 fn main() {
-    let mb: usize = std::env::args().skip(1).find(|a| !a.starts_with("--")).map(|s| s.parse().expect("size in MiB")).unwrap_or(256);
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let mb: usize = args.first().map(|s| s.parse().expect("size in MiB")).unwrap_or(256);
+    let runs: usize = args.get(1).map(|s| s.parse().expect("number of runs")).unwrap_or(3);
+    // Median (wall, CPU) seconds of `f` over the runs, and the median ratio of its CPU time to
+    // the floor's, measured right before it in each run (the load of a shared machine changes
+    // from second to second).
+    let timed = |f: &mut dyn FnMut(), floor: &mut dyn FnMut()| -> (f64, f64, f64) {
+        let (mut walls, mut cpus, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs.max(1) {
+            let c0 = cpu_secs();
+            floor();
+            let floor_cpu = cpu_secs() - c0;
+            let (t, c0) = (Instant::now(), cpu_secs());
+            f();
+            walls.push(t.elapsed().as_secs_f64());
+            cpus.push(cpu_secs() - c0);
+            ratios.push(cpus[cpus.len() - 1] / floor_cpu);
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        (median(walls), median(cpus), median(ratios))
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut s: u64 = 1;
     let mut rnd = |n: usize| {
@@ -73,12 +98,14 @@ fn main() {
     std::fs::write(path("repeated-edit"), &c).unwrap();
     drop((a, c, rep));
 
+    println!("{runs} runs each, medians");
     println!("| case | size | wall | wall GiB/s | CPU GiB/s | × floor (CPU) | literal bytes | ops |");
     println!("|---|---|---|---|---|---|---|---|");
     let gib = mb as f64 / 1024.0;
-    let (t, c0) = (Instant::now(), cpu_secs());
-    std::hint::black_box(hash_both(&path("a"), &path("unrelated")));
-    let (floor_wall, floor_cpu) = (t.elapsed().as_secs_f64(), cpu_secs() - c0);
+    let mut floor = || {
+        std::hint::black_box(hash_both(&path("a"), &path("unrelated")));
+    };
+    let (floor_wall, floor_cpu, _) = timed(&mut floor, &mut || {});
     println!("| floor: read + BLAKE3 of both files | {mb} MiB | {floor_wall:.3} s | {:.2} | {:.2} | 1.00 | - | - |", gib / floor_wall, gib / floor_cpu);
     for (name, base, other) in [
         ("nothing in common", "a", "unrelated"),
@@ -89,9 +116,9 @@ fn main() {
     ] {
         let fa = std::fs::File::open(path(base)).unwrap();
         let fb = std::fs::File::open(path(other)).unwrap();
-        let (t, c0) = (Instant::now(), cpu_secs());
-        let d = cm_assignment::delta::compute(&fa, &fb, &mut std::io::sink()).unwrap();
-        let (wall, cpu) = (t.elapsed().as_secs_f64(), cpu_secs() - c0);
-        println!("| {name} | {mb} MiB | {wall:.3} s | {:.2} | {:.2} | {:.2} | {} | {} |", gib / wall, gib / cpu, cpu / floor_cpu, d.literal, d.ops.len());
+        let mut d = None;
+        let (wall, cpu, ratio) = timed(&mut || d = Some(cm_assignment::delta::compute(&fa, &fb, &mut std::io::sink()).unwrap()), &mut floor);
+        let d = d.expect("ran");
+        println!("| {name} | {mb} MiB | {wall:.3} s | {:.2} | {:.2} | {ratio:.2} | {} | {} |", gib / wall, gib / cpu, d.literal, d.ops.len());
     }
 }

@@ -382,6 +382,23 @@ mod tests {
     }
 
     #[test]
+    fn insertions_and_deletions_around_piece_boundaries() {
+        let base = pseudo(3 * PIECE + 1000, 42);
+        for shift in [1, 999, PIECE - 1, PIECE, PIECE + 7] {
+            for at in [0, 5, PIECE - 3, PIECE, 2 * PIECE + 5, base.len() - 10] {
+                let mut longer = base.clone();
+                longer.splice(at..at, pseudo(shift, at as u64));
+                let d = check(&base, &longer);
+                assert!(d.literal <= shift as u64 + 8, "insert {shift} at {at}: {} {:?}", d.literal, d.ops);
+                let mut shorter = base.clone();
+                shorter.drain(at..(at + shift).min(base.len()));
+                let d = check(&base, &shorter);
+                assert!(d.literal <= 8, "delete {shift} at {at}: {} {:?}", d.literal, d.ops);
+            }
+        }
+    }
+
+    #[test]
     fn tiny_files_and_appends() {
         for (a, b) in [(0, 1), (1, 0), (1, 1), (63, 64), (64, 63), (255, 300), (1000, 1)] {
             check(&pseudo(a, 26), &pseudo(b, 26));

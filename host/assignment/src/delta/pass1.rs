@@ -40,6 +40,10 @@ pub(super) fn run(base: &File, bl: u64, new: &File, nl: u64) -> io::Result<Scan>
     let equal = bl == nl;
     let (mut hb, mut hn) = (blake3::Hasher::new(), blake3::Hasher::new());
     let (mut bb, mut nb) = (vec![0u8; PIECE], vec![0u8; PIECE]);
+    // Unequal lengths whose last piece is equal (an insertion or deletion, most likely): the
+    // common suffix is probably long, so the base is cut after this pass, only up to it.
+    let defer_cuts = !equal && tail_is_equal(base, bl, new, nl, &mut bb, &mut nb)?;
+    let mut shift = ShiftCompare::new(bl, nl);
     let mut runs = Vec::new();
     let mut cuts = Vec::new();
     // Set once comparing at equal offsets stops: where matching starts, and the base's chunker.
@@ -86,10 +90,17 @@ pub(super) fn run(base: &File, bl: u64, new: &File, nl: u64) -> io::Result<Scan>
         }
         if let Some((_, ch)) = &mut matching
             && b > 0
+            && !defer_cuts
         {
             while let Some(cut) = ch.next(&bb[..b], at) {
                 cuts.push(cut);
             }
+        }
+        if let Some(sc) = &mut shift {
+            let (long, short) = if nl > bl { (&mut nb, &mut bb) } else { (&mut bb, &mut nb) };
+            sc.piece(at, &long[..b.max(n)], &short[..b.min(n)]);
+            // The shorter file's piece is kept for the next one (its buffer is read into next).
+            std::mem::swap(short, &mut sc.prev);
         }
         at += b.max(n) as u64;
     }
@@ -104,12 +115,81 @@ pub(super) fn run(base: &File, bl: u64, new: &File, nl: u64) -> io::Result<Scan>
             let end = last_diff.map_or(from, |l| l + 1);
             Rest::Match { from, new_end: end, base_end: end, chunking: ch.chunking() }
         }
-        Some((from, ch)) => {
-            let suffix = common_suffix(base, bl, new, nl, from)?;
+        Some((from, mut ch)) => {
+            let suffix = match &shift {
+                Some(sc) => sc.suffix(bl.max(nl)).min(bl.min(nl) - from),
+                None => common_suffix(base, bl, new, nl, from)?,
+            };
+            if defer_cuts {
+                feed_from_file(base, &mut ch, bl - suffix, &mut cuts)?;
+            }
             Rest::Match { from, new_end: nl - suffix, base_end: bl - suffix, chunking: ch.chunking() }
         }
     };
     Ok(Scan { base_hash: *hb.finalize().as_bytes(), new_hash: *hn.finalize().as_bytes(), runs, cuts, rest })
+}
+
+/// For lengths that differ by less than a piece: the longer file compared with the shorter one
+/// shifted by the difference as the pieces go by, which finds the common suffix (what an
+/// insertion or a deletion leaves) without reading the files again.
+struct ShiftCompare {
+    shift: usize,
+    /// The shorter file's previous piece.
+    prev: Vec<u8>,
+    /// The last offset of the longer file whose byte differs from the shorter file's, shifted
+    /// (the first `shift` bytes have no counterpart: they differ).
+    last_diff: Option<u64>,
+}
+
+impl ShiftCompare {
+    fn new(bl: u64, nl: u64) -> Option<ShiftCompare> {
+        let shift = bl.abs_diff(nl);
+        (bl != nl && shift < PIECE as u64).then(|| ShiftCompare { shift: shift as usize, prev: vec![0u8; PIECE], last_diff: None })
+    }
+
+    /// `long`, `short`: the pieces at `at` of the longer and the shorter file (`short` may end
+    /// early, where that file ends).
+    fn piece(&mut self, at: u64, long: &[u8], short: &[u8]) {
+        let s = self.shift;
+        // long[s..] against short's bytes at the same offsets minus s: the start of this piece.
+        if long.len() > s {
+            if short.len() < long.len() - s {
+                // Only if a file changed length while being read: count this piece as different.
+                self.last_diff = Some(at + long.len() as u64 - 1);
+                return;
+            }
+            let (x, y) = (&long[s..], &short[..long.len() - s]);
+            if x != y {
+                self.last_diff = Some(at + (long.len() - 1 - common_tail(x, y)) as u64);
+                return;
+            }
+        }
+        // long[..s] against the end of short's previous piece.
+        let k = s.min(long.len());
+        if at == 0 {
+            if k > 0 {
+                self.last_diff = Some(k as u64 - 1);
+            }
+            return;
+        }
+        let (x, y) = (&long[..k], &self.prev[PIECE - s..PIECE - s + k]);
+        if x != y {
+            self.last_diff = Some(at + (k - 1 - common_tail(x, y)) as u64);
+        }
+    }
+
+    /// The common suffix's length, for a longer file of `long_len` bytes.
+    fn suffix(&self, long_len: u64) -> u64 {
+        long_len - self.last_diff.map_or(0, |l| l + 1)
+    }
+}
+
+/// Whether the last `PIECE` bytes (or all of the shorter file) of both files are equal.
+fn tail_is_equal(base: &File, bl: u64, new: &File, nl: u64, bb: &mut [u8], nb: &mut [u8]) -> io::Result<bool> {
+    let n = (bl.min(nl) as usize).min(PIECE);
+    base.read_exact_at(&mut bb[..n], bl - n as u64)?;
+    new.read_exact_at(&mut nb[..n], nl - n as u64)?;
+    Ok(bb[..n] == nb[..n])
 }
 
 /// Feeds the chunker the file's bytes from where it needs them up to `to`.

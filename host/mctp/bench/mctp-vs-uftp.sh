@@ -153,6 +153,7 @@ run_mctp() { # n loss
     { echo "  MCTP logs (all in $WORK/failed-*, kept with KEEP=1):"
       for f in "$WORK"/mtx.log "$WORK"/m[0-9]*.log; do echo "  $(basename "$f"): $(tail -n 3 "$f" | tr '\n' ' ')"; done; } >&2
   fi
+  cp "$WORK/mtx.log" "$WORK/last-mctp-sender.log" # (set RUST_LOG=debug to see its passes)
   rm -rf "$WORK"/m* "$WORK"/rss-m* "$WORK/cpu-tx"
 }
 

@@ -746,7 +746,7 @@ impl Sender {
         } else if share > 0.10 {
             0.85
         } else {
-            1.1
+            1.15
         };
         if lag > self.cfg.max_lag_bytes / 2 {
             factor = factor.min(1.0);

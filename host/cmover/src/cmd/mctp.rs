@@ -54,6 +54,13 @@ pub enum Command {
         /// Starting rate in megabits per second.
         #[arg(long, default_value_t = 2000)]
         rate_mbit: u64,
+        /// Slow down when a receiver's checkpoint answers lag this many MiB behind (receivers
+        /// of this driver buffer 32 MiB).
+        #[arg(long, default_value_t = 20)]
+        max_lag_mib: u64,
+        /// MiB of a pass between two checkpoints (0: no mid-pass feedback).
+        #[arg(long, default_value_t = 2)]
+        checkpoint_mib: u64,
         /// Payload bytes per frame (1400 fits a 1500-byte MTU; up to 65 000 on loopback).
         #[arg(long, default_value_t = 1400)]
         frame_size: u16,
@@ -113,11 +120,13 @@ fn parse_member(s: &str) -> anyhow::Result<Member> {
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Send { file, group, interface, report_port, expect, members, max_rate_mbit, rate_mbit, frame_size, encrypt, quorum, assignment_id, ttl, secret } => {
+        Command::Send { file, group, interface, report_port, expect, members, max_rate_mbit, rate_mbit, max_lag_mib, checkpoint_mib, frame_size, encrypt, quorum, assignment_id, ttl, secret } => {
             let mut config = SenderConfig::new(group, report_port);
             config.max_rate = max_rate_mbit * 125_000;
             config.initial_rate = rate_mbit.min(max_rate_mbit) * 125_000;
             config.min_rate = config.min_rate.min(config.initial_rate);
+            config.max_lag_bytes = max_lag_mib << 20;
+            config.checkpoint_bytes = checkpoint_mib << 20;
             config.frame_size = frame_size;
             config.encrypt = encrypt;
             config.quorum = quorum;

@@ -7,7 +7,9 @@
 //! 1. One sequential pass over both files (`pass1.rs`) computes their BLAKE3 hashes and compares
 //!    them at equal offsets. For equal lengths it records the differing ranges, so in-place
 //!    edits are settled here at memory bandwidth; for unequal lengths it finds the common
-//!    prefix, and the common suffix is then found by comparing backwards from the ends.
+//!    prefix and, when the lengths differ by less than 256 KiB, the common suffix too, by
+//!    comparing at offsets shifted by the difference (else it is found afterwards, comparing
+//!    backwards from the ends).
 //! 2. Where that does not settle the difference (unequal lengths, or equal lengths with a
 //!    differing range over 64 KiB — content that moved — or more than 16384 of them), the same
 //!    pass cuts the rest of the base into content-defined chunks (`chunk.rs`: a gear hash that

@@ -70,6 +70,9 @@ pub struct SenderConfig {
     /// members answer with the window's gaps, which are repaired at once, and the rate follows
     /// their answers. 0 turns checkpoints off (feedback only at the end of each pass).
     pub checkpoint_bytes: u64,
+    /// ...or after this long, whichever comes first (so the feedback loop keeps its pace when
+    /// the rate is low).
+    pub checkpoint_interval: Duration,
     /// A member whose last checkpoint answer is this many payload bytes behind the sender is
     /// falling behind (its socket buffer fills): the rate goes down before it overflows. About
     /// a third of the members' socket buffer (the driver's is 32 MiB).
@@ -99,6 +102,7 @@ impl SenderConfig {
             min_participants: 0,
             burst: Duration::from_millis(2),
             checkpoint_bytes: 2 << 20,
+            checkpoint_interval: Duration::from_millis(20),
             max_lag_bytes: 12 << 20,
         }
     }
@@ -294,6 +298,7 @@ pub struct Sender {
     pass_first_checkpoint: u32,
     window_from: u32,
     window_bytes: u64,
+    window_started: Time,
     pass_bytes: u64,
     checkpoints: VecDeque<CheckpointLog>,
     worst_share: Option<f64>,
@@ -398,6 +403,7 @@ impl Sender {
             pass_first_checkpoint: 0,
             window_from: 0,
             window_bytes: 0,
+            window_started: now,
             pass_bytes: 0,
             checkpoints: VecDeque::new(),
             worst_share: None,
@@ -557,8 +563,11 @@ impl Sender {
         self.stats.payload_bytes_sent += u64::from(len);
         self.pass_bytes += u64::from(len);
         self.window_bytes += u64::from(len);
-        if self.cfg.checkpoint_bytes > 0 && self.window_bytes >= self.cfg.checkpoint_bytes && self.cursor > self.window_from {
-            self.send_checkpoint();
+        if self.cfg.checkpoint_bytes > 0
+            && (self.window_bytes >= self.cfg.checkpoint_bytes || now >= self.window_started + self.cfg.checkpoint_interval)
+            && self.cursor > self.window_from
+        {
+            self.send_checkpoint(now);
         }
         let header = DataHeader { session: self.announce.session, assignment: self.announce.info.assignment, pass: self.pass, seq, len };
         Some(Transmit::Frame { dest: Dest::Everyone, frame: FrameRequest { header, offset } })
@@ -690,7 +699,7 @@ impl Sender {
     }
 
     /// Mid-pass: ask where members are, and adapt the rate to what the last answers said.
-    fn send_checkpoint(&mut self) {
+    fn send_checkpoint(&mut self, now: Time) {
         self.adapt_rate_mid_pass();
         let frames = self.to_send.count_in(self.window_from, self.cursor).max(1);
         let n = u32::try_from(self.peers.len().max(self.cfg.min_participants).max(1)).unwrap_or(u32::MAX);
@@ -715,6 +724,7 @@ impl Sender {
         self.checkpoint += 1;
         self.window_from = self.cursor;
         self.window_bytes = 0;
+        self.window_started = now;
     }
 
     /// Rate from checkpoint answers: down when a member's window misses a large share (it is
@@ -757,8 +767,10 @@ impl Sender {
             // in, so its backlog drains — a measured target, not a cut per checkpoint (the
             // answers come late, by the backlog itself, and repeated cuts would overshoot).
             let wire = f64::from(self.cfg.frame_size) + wire::DATA_OVERHEAD as f64;
+            // At most halved per checkpoint: one member descheduled for a while measures a
+            // tiny intake that says little about the next moment.
             rate = match intake {
-                Some(i) => rate.min(0.9 * i * wire / f64::from(self.cfg.frame_size)),
+                Some(i) => rate.min(0.9 * i * wire / f64::from(self.cfg.frame_size)).max(self.rate as f64 * 0.5),
                 None => rate * 0.8,
             };
         }
@@ -805,6 +817,7 @@ impl Sender {
         self.sent_this_pass = 0;
         self.window_from = 0;
         self.window_bytes = 0;
+        self.window_started = now;
         self.pass_bytes = 0;
         self.pass_first_checkpoint = self.checkpoint;
         self.checkpoints.clear();

@@ -159,7 +159,7 @@ pub fn build(staging: &Path, shadow: Option<&Path>, out: &Path, opts: &BuildOpti
         w.encrypt_with(k.clone());
     }
     let mut walk = Walk { staging, shadow, opts, w, report: BuildReport::default(), held: 0 };
-    walk.dir("", shadow.is_some())?;
+    walk.run()?;
     let Walk { w, mut report, .. } = walk;
     let header = w.finish()?;
     report.file_len = fs::metadata(out).map_err(|e| BuildError::io(format!("stat {}", out.display()), e))?.len();
@@ -178,75 +178,94 @@ struct Walk<'a> {
     held: u64,
 }
 
+/// One directory being walked: the rest of its entries in both trees, sorted by name.
+struct Frame {
+    rel: String,
+    new: std::iter::Peekable<std::vec::IntoIter<(String, Entry)>>,
+    old: std::iter::Peekable<std::vec::IntoIter<(String, Entry)>>,
+    held: u64,
+    /// The directory's mode, set once its content is in.
+    final_mode: Option<u32>,
+}
+
 impl Walk<'_> {
-    /// Emits the changes below staging's directory `rel`; `in_shadow`: the shadow has a
-    /// directory there too. For each name, in order: the shadow's entry removed (when staging
+    /// Emits the changes, depth first with an explicit stack (a tree may be as deep as paths
+    /// allow, ~2000 levels). For each name, in order: the shadow's entry removed (when staging
     /// has none, or one of another kind), then staging's entry added or changed; a directory's
     /// content is handled before its final mode is set.
-    fn dir(&mut self, rel: &str, in_shadow: bool) -> Result<(), BuildError> {
-        let new = list_dir(self.staging, rel)?;
-        let old = match self.shadow {
-            Some(s) if in_shadow => list_dir(s, rel)?,
-            _ => Vec::new(),
-        };
-        let held = (new.len() + old.len()) as u64;
-        self.held += held;
-        self.report.peak_entries_held = self.report.peak_entries_held.max(self.held);
-        let (mut new, mut old) = (new.into_iter().peekable(), old.into_iter().peekable());
-        loop {
-            let order = match (new.peek(), old.peek()) {
-                (None, None) => break,
+    fn run(&mut self) -> Result<(), BuildError> {
+        let mut stack = vec![self.frame(String::new(), self.shadow.is_some(), None)?];
+        while let Some(top) = stack.last_mut() {
+            let order = match (top.new.peek(), top.old.peek()) {
+                (None, None) => {
+                    let done = stack.pop().expect("a frame");
+                    self.held -= done.held;
+                    if let Some(mode) = done.final_mode {
+                        self.w.set_mode(&done.rel, mode)?;
+                    }
+                    continue;
+                }
                 (Some(_), None) => std::cmp::Ordering::Less,
                 (None, Some(_)) => std::cmp::Ordering::Greater,
                 (Some((n, _)), Some((o, _))) => n.cmp(o),
             };
             let (was, now) = match order {
-                std::cmp::Ordering::Less => (None, new.next()),
-                std::cmp::Ordering::Greater => (old.next(), None),
-                std::cmp::Ordering::Equal => (old.next(), new.next()),
+                std::cmp::Ordering::Less => (None, top.new.next()),
+                std::cmp::Ordering::Greater => (top.old.next(), None),
+                std::cmp::Ordering::Equal => (top.old.next(), top.new.next()),
             };
-            let name = now.as_ref().or(was.as_ref()).map(|(n, _)| n.clone()).expect("one side has the name");
-            let path = join(rel, &name);
+            let name = now.as_ref().or(was.as_ref()).map(|(n, _)| n.as_str()).expect("one side has the name");
+            let path = join(&top.rel, name);
             let was = was.map(|(_, e)| e);
-            let before = match (&was, &now) {
-                (Some(o), Some((_, n))) if kind_of(o) == kind_of(n) => was.clone(),
+            let before = match (was, &now) {
+                (Some(o), Some((_, n))) if kind_of(&o) == kind_of(n) => Some(o),
                 (Some(o), _) => {
-                    let is_dir = matches!(o, Entry::Dir { .. });
-                    self.w.remove(&path, is_dir)?;
+                    self.w.remove(&path, matches!(o, Entry::Dir { .. }))?;
                     self.report.deleted += 1;
                     None
                 }
                 (None, _) => None,
             };
-            if let Some((_, entry)) = now {
-                self.entry(&path, &entry, before.as_ref())?;
+            match (now, before) {
+                (None, _) => {}
+                (Some((_, Entry::Dir { mode })), None) => {
+                    // Made owner-writable so its content can go in; the final mode once it has.
+                    self.w.make_dir(&path, mode | 0o700)?;
+                    self.report.new += 1;
+                    let late = (mode & 0o700 != 0o700).then_some(mode);
+                    let frame = self.frame(path, false, late)?;
+                    stack.push(frame);
+                }
+                (Some((_, Entry::Dir { mode })), Some(Entry::Dir { mode: was })) => {
+                    let frame = self.frame(path, true, (mode != was).then_some(mode))?;
+                    stack.push(frame);
+                }
+                (Some((_, entry)), before) => self.entry(&path, &entry, before.as_ref())?,
             }
         }
-        self.held -= held;
         Ok(())
     }
 
-    /// Adds or changes staging's `entry` at `path` (`before`: the shadow's, of the same kind).
+    /// Lists staging's directory `rel` (and the shadow's, when `in_shadow`) for the walk.
+    fn frame(&mut self, rel: String, in_shadow: bool, final_mode: Option<u32>) -> Result<Frame, BuildError> {
+        let new = list_dir(self.staging, &rel)?;
+        let old = match self.shadow {
+            Some(s) if in_shadow => list_dir(s, &rel)?,
+            _ => Vec::new(),
+        };
+        let held = (new.len() + old.len()) as u64;
+        self.held += held;
+        self.report.peak_entries_held = self.report.peak_entries_held.max(self.held);
+        Ok(Frame { rel, new: new.into_iter().peekable(), old: old.into_iter().peekable(), held, final_mode })
+    }
+
+    /// Adds or changes staging's file or symlink `entry` at `path` (`before`: the shadow's, of
+    /// the same kind).
     fn entry(&mut self, path: &str, entry: &Entry, before: Option<&Entry>) -> Result<(), BuildError> {
         let (staging, opts) = (self.staging, self.opts);
         let report = &mut self.report;
         let w = &mut self.w;
         match (entry, before) {
-            (Entry::Dir { mode }, None) => {
-                // Made owner-writable so its content can go in; the final mode once it has.
-                w.make_dir(path, mode | 0o700)?;
-                report.new += 1;
-                self.dir(path, false)?;
-                if mode & 0o700 != 0o700 {
-                    self.w.set_mode(path, *mode)?;
-                }
-            }
-            (Entry::Dir { mode }, Some(Entry::Dir { mode: was })) => {
-                self.dir(path, true)?;
-                if mode != was {
-                    self.w.set_mode(path, *mode)?;
-                }
-            }
             (Entry::Symlink { target }, before) => {
                 check_symlink_target(path, target).map_err(|why| BuildError::SymlinkEscapes {
                     path: path.to_owned(),
@@ -296,7 +315,7 @@ impl Walk<'_> {
                     report.changed += 1;
                 }
             }
-            _ => unreachable!("kinds matched in dir()"),
+            _ => unreachable!("directories are walked in run(); kinds matched there"),
         }
         Ok(())
     }
@@ -422,5 +441,24 @@ mod tests {
         assert_eq!((r.changed, r.unchanged), (1, 1199), "{r:?}");
         // The root listing (30) and one directory's (40), in both trees.
         assert_eq!(r.peak_entries_held, 2 * (30 + 40), "{r:?}");
+    }
+
+    #[test]
+    fn a_tree_as_deep_as_paths_allow_walks_on_a_small_stack() {
+        // Paths are at most 4096 bytes, so at most ~2048 levels; the walk recurses once per level.
+        let d = tempfile::tempdir().unwrap();
+        let (old, new) = (d.path().join("old"), d.path().join("new"));
+        let deep = ["a"; 2000].join("/");
+        fs::create_dir_all(old.join(&deep)).unwrap();
+        fs::create_dir_all(new.join(&deep)).unwrap();
+        file(&new.join(&deep), "f", b"at the bottom", 10, 0);
+        let out = d.path().join("out.cma");
+        let r = std::thread::Builder::new()
+            .stack_size(1 << 20)
+            .spawn(move || build(&new, Some(&old), &out, &BuildOptions::new(AssignmentType::Publish, 2)).unwrap())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!((r.new, r.unchanged), (1, 0), "{r:?}");
     }
 }

@@ -67,9 +67,10 @@ impl Matcher<'_> {
     /// The new file is cut densely in bursts: one right where matching (re)starts — after a
     /// short edit the base's next cut is inside it — then one every `8 · max` bytes. A burst
     /// spans `max + 128` bytes, and the base's cuts are at most `max` apart, so a burst inside
-    /// content both files share always holds one of the base's cuts: an equal run of
-    /// `9 · max` bytes or more is always found, and about seven bytes in eight of content
-    /// without a match are never hashed.
+    /// content both files share holds one of the base's cuts: an equal run of `9 · max` bytes
+    /// or more is found (unless every base cut in it was forced, which random content makes
+    /// rare; a forced cut of the burst finds those in runs of one repeated pattern), and about
+    /// seven bytes in eight of content without a match are never hashed.
     pub fn run(&self, start: u64, ops: &mut Ops, sink: &mut LiteralSink<'_>) -> io::Result<()> {
         if self.index.is_empty() || self.ne < start + 2 * WINDOW {
             return sink.emit(start, self.ne, ops);

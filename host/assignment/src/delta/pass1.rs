@@ -1,6 +1,8 @@
-//! The first pass over both files: BLAKE3 of each, the comparison at equal offsets and, where
-//! that cannot settle the difference, the base's content-defined cuts — all from the same
-//! buffers, so each file is read once here.
+//! The first pass over both files: BLAKE3 of each, the comparison at equal offsets (and, for
+//! lengths that differ a little, at offsets shifted by the difference) and, where that cannot
+//! settle the difference, the base's content-defined cuts — all from the same buffers, so each
+//! file is read once here (but for an insertion or deletion, whose base middle is cut after
+//! the pass, up to the common suffix only).
 
 use std::fs::File;
 use std::io;

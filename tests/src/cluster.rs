@@ -39,11 +39,13 @@ pub struct Layout {
     pub report_wait_ms: u64,
     /// Cap on each GL's MCTP rate (slows a distribution down).
     pub max_rate_mbps: Option<u64>,
+    /// Mutual TLS between every process (`cmover cert` certificates) instead of tokens.
+    pub tls: bool,
 }
 
 impl Layout {
     pub fn new(test: u8, segments: usize, servers: usize) -> Layout {
-        Layout { test, segments, servers, heartbeat_ms: 100, report_wait_ms: 5000, max_rate_mbps: None }
+        Layout { test, segments, servers, heartbeat_ms: 100, report_wait_ms: 5000, max_rate_mbps: None, tls: false }
     }
 }
 
@@ -53,7 +55,7 @@ impl TestCluster {
     pub async fn start(layout: &Layout, site: &std::path::Path) -> anyhow::Result<TestCluster> {
         let bin = cmover_bin();
         let dir = tempfile::tempdir()?;
-        let manager = launch::start_manager(&bin, dir.path(), &ManagerOptions::default())?;
+        let manager = launch::start_manager(&bin, dir.path(), &ManagerOptions { tls: layout.tls, ..ManagerOptions::default() })?;
         let secret = launch::write_secret(dir.path())?;
         let staging = dir.path().join("staging");
         cm_manager::prepare::copy_tree(site, &staging)?;
@@ -83,7 +85,7 @@ impl TestCluster {
             }
             segments.push(seg);
         }
-        let op = cm_manager::cluster::operator_client(&manager.operator_token);
+        let op = manager.operator_client()?;
         let c = TestCluster { manager, agents, op, staging, segments, secret, restarts: 0, dir };
         c.wait_segments(layout.servers, Duration::from_secs(30)).await?;
         let all: Vec<String> = c.agents.iter().map(|a| a.spec.name.clone()).collect();
@@ -138,6 +140,14 @@ impl TestCluster {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+
+    /// Starts one more agent like agent `like` (same segment, channels and settings) named
+    /// `name` with node id `node_id`; returns its index.
+    pub fn add_agent(&mut self, like: usize, name: &str, node_id: u64) -> anyhow::Result<usize> {
+        let spec = AgentSpec { name: name.into(), node_id, ..self.agents[like].spec.clone() };
+        self.agents.push(launch::start_agent(&cmover_bin(), self.dir.path(), &self.manager, &self.secret, &spec)?);
+        Ok(self.agents.len() - 1)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -235,6 +245,18 @@ impl TestCluster {
         let bad: Vec<_> = reports.iter().filter(|(_, o)| *o != ServerOutcome::Succeeded).collect();
         if !bad.is_empty() || reports.len() != self.agents.len() {
             bail!("{kind:?}: not every server applied: {reports:?}");
+        }
+        Ok(())
+    }
+
+    /// Publishes the staging tree with the default automatic commit (quorum 100 %) and requires
+    /// the job done with every server's commit succeeded.
+    pub async fn publish_committed_everywhere(&self) -> anyhow::Result<()> {
+        let policy = JobPolicy { on_failure: OnFailure::Cancel, quorum: Quorum { min_percent: 100, min_servers: 1 }, ..JobPolicy::default() };
+        let job = self.submit_with(JobKind::Publish, Payload::Staging, policy).await?;
+        let (j, reports) = self.finish(job.id, Duration::from_secs(60)).await?;
+        if j.state != JobState::Done || reports.len() != self.agents.len() || reports.iter().any(|(_, o)| *o != ServerOutcome::Succeeded) {
+            bail!("publish with automatic commit ended {:?} ({:?}); commit run reports {reports:?}\n{}", j.state, j.last_reason, self.logs());
         }
         Ok(())
     }

@@ -95,6 +95,42 @@ pub struct ManagerProcess {
     pub operator_token: String,
     pub agent_token: String,
     pub agent_token_file: PathBuf,
+    /// With mutual TLS: the cluster CA's directory (`cmover cert init`), from which each agent
+    /// gets its certificate, and the operator's certificate files.
+    pub tls: Option<ClusterTls>,
+}
+
+/// A cluster's TLS material on disk.
+#[derive(Debug, Clone)]
+pub struct ClusterTls {
+    pub ca_dir: PathBuf,
+    pub operator: cm_manager::tls::TlsFiles,
+}
+
+impl ManagerProcess {
+    /// A client for the operator's API: the operator's certificate over TLS, else its token.
+    pub fn operator_client(&self) -> io::Result<cm_manager::http::JsonClient> {
+        let tls = match &self.tls {
+            Some(t) => Some(cm_manager::tls::Tls::load(&t.operator).map_err(io::Error::other)?),
+            None => None,
+        };
+        Ok(cm_manager::http::JsonClient::with_tls(&self.operator_token, Duration::from_secs(30), tls.as_ref()))
+    }
+}
+
+/// `cmover cert issue`: a certificate for `name` with `role` into `out`, valid at 127.0.0.1.
+pub fn issue_cert(bin: &Path, ca_dir: &Path, name: &str, role: &str, out: &Path) -> io::Result<cm_manager::tls::TlsFiles> {
+    run_cmover(bin, &["cert", "issue", "--ca", &ca_dir.display().to_string(), "--name", name, "--role", role, "--host", "127.0.0.1", "--host", "localhost", "--out", &out.display().to_string()])?;
+    Ok(cm_manager::tls::TlsFiles::in_dir(out, name))
+}
+
+/// Runs a short `cmover` command to its end; its output is in the error when it fails.
+fn run_cmover(bin: &Path, args: &[&str]) -> io::Result<()> {
+    let out = Command::new(bin).args(args).stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!("cmover {}: {}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))));
+    }
+    Ok(())
 }
 
 /// How to run the manager.
@@ -105,11 +141,14 @@ pub struct ManagerOptions {
     pub root_fanout: usize,
     pub leader_fanout: usize,
     pub chunk_kib: u32,
+    /// Mutual TLS: a cluster CA in `dir/ca`, certificates for the manager, the operator and
+    /// each agent (`cmover cert`); the API and the tree over HTTPS.
+    pub tls: bool,
 }
 
 impl Default for ManagerOptions {
     fn default() -> Self {
-        ManagerOptions { tick_ms: 100, star_max: 3, root_fanout: 2, leader_fanout: 2, chunk_kib: 64 }
+        ManagerOptions { tick_ms: 100, star_max: 3, root_fanout: 2, leader_fanout: 2, chunk_kib: 64, tls: false }
     }
 }
 
@@ -136,6 +175,17 @@ pub fn start_manager(bin: &Path, dir: &Path, o: &ManagerOptions) -> io::Result<M
         .args(["--root-fanout", &o.root_fanout.to_string()])
         .args(["--leader-fanout", &o.leader_fanout.to_string()])
         .args(["--chunk-kib", &o.chunk_kib.to_string()]);
+    let tls = if o.tls {
+        let ca_dir = dir.join("ca");
+        run_cmover(bin, &["cert", "init", "--dir", &ca_dir.display().to_string()])?;
+        let certs = dir.join("certs");
+        let m = issue_cert(bin, &ca_dir, "manager", "manager", &certs.join("manager"))?;
+        cmd.arg("--tls-ca").arg(&m.ca).arg("--tls-cert").arg(&m.cert).arg("--tls-key").arg(&m.key);
+        let operator = issue_cert(bin, &ca_dir, "operator", "operator", &certs.join("operator"))?;
+        Some(ClusterTls { ca_dir, operator })
+    } else {
+        None
+    };
     let mut guard = ProcessGuard::spawn("manager", cmd, dir.join("logs/manager.log"))?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let end = Instant::now() + Duration::from_secs(30);
@@ -145,7 +195,8 @@ pub fn start_manager(bin: &Path, dir: &Path, o: &ManagerOptions) -> io::Result<M
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(ManagerProcess { guard, url: format!("http://{addr}"), operator_token, agent_token, agent_token_file: agent_file })
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    Ok(ManagerProcess { guard, url: format!("{scheme}://{addr}"), operator_token, agent_token, agent_token_file: agent_file, tls })
 }
 
 /// One agent to start.
@@ -194,6 +245,18 @@ pub fn start_agent(bin: &Path, root: &Path, manager: &ManagerProcess, secret_fil
     std::fs::create_dir_all(&dir)?;
     let status = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
     let site_root = dir.join("site");
+    // With TLS, the agent's own certificate (its server name, valid at 127.0.0.1).
+    let tls = match &manager.tls {
+        Some(t) => {
+            // A restarted agent keeps the certificate it had.
+            let mut f = cm_manager::tls::TlsFiles::in_dir(&dir.join("certs"), &spec.name);
+            if !f.cert.exists() {
+                f = issue_cert(bin, &t.ca_dir, &spec.name, "agent", &dir.join("certs"))?;
+            }
+            format!("\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n", f.ca.display(), f.cert.display(), f.key.display())
+        }
+        None => String::new(),
+    };
     let config = format!(
         "[node]\nid = {id}\nname = \"{name}\"\ndata_dir = \"{dir}\"\n\n\
          [segment]\nname = \"{segment}\"\ncontrol_channel = \"{control}\"\ninterface = \"127.0.0.1\"\nloopback = true\nsecret_file = \"{secret}\"\n\n\
@@ -203,7 +266,7 @@ pub fn start_agent(bin: &Path, root: &Path, manager: &ManagerProcess, secret_fil
          [site]\nroot = \"{site}\"\nname = \"{site_name}\"\n\n\
          [plugins]\nstore = \"{plugins}\"\n\n\
          [data]\nchannel = \"{data}\"\nframe_size = 8192\nsession_timeout_ms = 5000\n{rate}\n\
-         [leader]\nlocation = \"{location}\"\nreport_wait_ms = {wait}\ndiscovery_interval_ms = 5000\n",
+         [leader]\nlocation = \"{location}\"\nreport_wait_ms = {wait}\ndiscovery_interval_ms = 5000\n{tls}",
         id = spec.node_id,
         name = spec.name,
         dir = dir.display(),

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod assignment;
+pub mod cert;
 pub mod demo;
 pub mod manager;
 pub mod mctp;

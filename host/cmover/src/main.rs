@@ -32,17 +32,48 @@ enum Command {
     Mctp(cmd::mctp::Command),
     /// Run the Content Control Manager.
     Manager(cmd::manager::Args),
+    /// The cluster's certificate authority for mutual TLS: create it, issue certificates.
+    #[command(subcommand)]
+    Cert(cmd::cert::Command),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Whether the command runs for a long time and must outlive a closed stdout (the manager, an
+/// agent, the demo with its child processes to clean up).
+fn long_running(c: &Command) -> bool {
+    match c {
+        Command::Demo(_) | Command::Manager(_) => true,
+        Command::Agent(a) => !a.is_status(),
+        _ => false,
+    }
+}
+
+/// `cmover … | head`: Rust ignores SIGPIPE, so a write to a closed pipe is an error and
+/// `println!` panics on it. A short command whose reader went away should just stop, quietly,
+/// as other command-line tools do: the default action (termination) is restored for it.
+/// Sockets are unaffected (std and tokio send with `MSG_NOSIGNAL`).
+fn stop_quietly_on_closed_stdout() {
+    // SAFETY: signal(2) with SIG_DFL, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if !long_running(&cli.command) {
+        stop_quietly_on_closed_stdout();
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match command {
         Command::Demo(a) => cmd::demo::run(a).await,
         Command::Plugin(c) => cmd::plugin::run(c).await,
         Command::Assignment(c) => cmd::assignment::run(c).await,
@@ -50,5 +81,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Agent(a) => cmd::agent::run(a).await,
         Command::Mctp(c) => cmd::mctp::run(c).await,
         Command::Manager(a) => cmd::manager::run(a).await,
+        Command::Cert(c) => cmd::cert::run(c).await,
     }
 }

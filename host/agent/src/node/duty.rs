@@ -32,6 +32,7 @@ impl GlDuty {
         let c = &shared.cfg;
         let mut lc = LeaderConfig::new(&c.segment, &c.name, &c.agent_token, &c.state_dir.join("gl"));
         lc.listen = c.leader_listen;
+        lc.tls = c.tls.clone();
         let delivery = Arc::new(SegmentDelivery { shared: shared.clone(), settled: Instant::now() + c.registration_settle });
         let node = LeaderNode::start(lc, delivery).await?;
         let addr = advertised(node.addr, &shared);
@@ -101,8 +102,8 @@ async fn discovery_loop(shared: Arc<Shared>, addr: SocketAddr, links: LinkWatch)
         let report = discovery_report(&shared, addr, &links);
         let due = last.as_ref() != Some(&report.members) || Instant::now() >= next_periodic;
         if due {
-            match cm_manager::cluster::report_discovery(&manager, &shared.cfg.agent_token, &report).await {
-                Ok(()) => {
+            match shared.client.post::<_, serde_json::Value>(&format!("{manager}/api/v1/discovery"), &report).await {
+                Ok(_) => {
                     tracing::info!(segment = %report.segment, members = report.members.len(), "discovery report sent");
                     last = Some(report.members);
                     next_periodic = Instant::now() + shared.cfg.discovery_interval;

@@ -77,6 +77,9 @@ pub struct AgentConfig {
     pub manager_url: Option<String>,
     /// The agents' bearer token (manager API, GL endpoints, apply reports).
     pub agent_token: String,
+    /// Mutual TLS (this server's agent certificate) for the manager's API, the GL endpoints
+    /// and apply reports; `None`: plain HTTP with `agent_token`.
+    pub tls: Option<cm_manager::tls::Tls>,
     /// The cluster secret (MCTP datagram authentication).
     pub secret: Vec<u8>,
     pub site_root: PathBuf,
@@ -161,7 +164,7 @@ impl ServerAgent {
         };
         let events = election.subscribe();
         let shared = Arc::new(Shared {
-            client: JsonClient::new(&cfg.agent_token, Duration::from_secs(10)),
+            client: JsonClient::with_tls(&cfg.agent_token, Duration::from_secs(10), cfg.tls.as_ref()),
             applier: Arc::new(applier),
             board: ReportBoard::default(),
             status: election.watch_status(),
@@ -177,17 +180,21 @@ impl ServerAgent {
         Ok(ServerAgent { shared, election, tasks })
     }
 
-    pub fn status(&self) -> AgentStatus {
-        let election = self.shared.status.borrow().clone();
-        let role = if election.is_leader {
+    /// The role an election status amounts to: `leader`, `member` or `electing`.
+    pub fn role_of(election: &ElectionStatus) -> &'static str {
+        if election.is_leader {
             "leader"
         } else if election.leader.is_some() {
             "member"
         } else {
             "electing"
-        };
+        }
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        let election = self.shared.status.borrow().clone();
         AgentStatus {
-            role,
+            role: Self::role_of(&election),
             gl_url: self.shared.gl_url.borrow().clone(),
             serving: *self.shared.serving.borrow(),
             live: self.shared.applier.live(),
@@ -232,7 +239,7 @@ async fn role_loop(shared: Arc<Shared>, election: Arc<ElectionHandle>, mut event
             match GlDuty::start(shared.clone()).await {
                 Ok(d) => {
                     let addr = d.address(&shared);
-                    let url = format!("http://{addr}");
+                    let url = shared.client.base_url(&addr.to_string());
                     match beacon::encode(&url) {
                         Ok(p) => {
                             if let Err(e) = election.set_heartbeat_payload(p).await {
@@ -259,7 +266,7 @@ async fn role_loop(shared: Arc<Shared>, election: Arc<ElectionHandle>, mut event
             let _ = election.set_heartbeat_payload(Vec::new()).await;
         }
         let url = if st.is_leader {
-            shared.serving.borrow().map(|a| format!("http://{a}"))
+            shared.serving.borrow().map(|a| shared.client.base_url(&a.to_string()))
         } else {
             match st.leader_payload.as_deref().map(beacon::decode) {
                 Some(Ok(url)) => url,

@@ -58,6 +58,11 @@
 //! max_rate_mbps = 1000            # cap on the GL's MCTP sending rate
 //! session_timeout_ms = 10000      # a member abandons a silent session after this
 //!
+//! [tls]                           # mutual TLS (`cmover cert`); then no agent token is needed
+//! ca = "/etc/cmover/ca.pem"
+//! cert = "/etc/cmover/bes-7.pem"  # an agent certificate valid at this server's address
+//! key = "/etc/cmover/bes-7.key"
+//!
 //! [leader]
 //! listen = "10.0.0.7:7720"        # the GL's tree endpoint; default interface:0 (any port)
 //! location = "Europe/London"      # reported to the manager
@@ -73,6 +78,7 @@ use anyhow::{Context, bail};
 use cm_agent::election::{self as driver, DriverConfig, ElectionStatus};
 use cm_agent::node::{AgentConfig, AgentStatus, DataChannel, ServerAgent};
 use cm_election::{Config, DataChannelPool, Eligibility, Event, Registration};
+use cm_manager::tls::{CertRole, TlsFiles};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -173,6 +179,8 @@ struct RunArgs {
     /// How long a GL waits for members' apply reports, milliseconds.
     #[arg(long)]
     report_wait_ms: Option<u64>,
+    #[command(flatten)]
+    tls: super::manager::TlsArgs,
 }
 
 #[derive(Deserialize, Default)]
@@ -187,6 +195,15 @@ struct AgentFile {
     plugins: PluginsSection,
     data: DataSection,
     leader: LeaderSection,
+    tls: TlsSection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct TlsSection {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -276,7 +293,11 @@ struct AgentSettings {
     election: Config,
     driver: DriverConfig,
     status: SocketAddr,
-    agent: AgentConfig,
+    /// The election's restart state lives here (`data_dir/state`).
+    state_dir: PathBuf,
+    /// `None`: an election-only agent (no manager and no data channel configured): it takes
+    /// part in its segment's election and answers `cmover agent status`, and carries no content.
+    agent: Option<AgentConfig>,
 }
 
 fn host_name() -> String {
@@ -328,6 +349,12 @@ impl RunArgs {
         };
         let (n, seg, el) = (file.node, file.segment, file.election);
         let (mf, sf, pf, df, lf) = (file.manager, file.site, file.plugins, file.data, file.leader);
+        let tls_files = match (self.tls.files(), file.tls) {
+            (Some(f), _) => Some(f),
+            (None, TlsSection { ca: Some(ca), cert: Some(cert), key: Some(key) }) => Some(TlsFiles { ca, cert, key }),
+            (None, TlsSection { ca: None, cert: None, key: None }) => None,
+            (None, _) => bail!("[tls] needs all of ca, cert and key"),
+        };
         let node = self.node_id.or(n.id).context("no node id: set [node] id or pass --node-id")?;
         let segment = self.segment.or(seg.name).context("no segment name: set [segment] name or pass --segment")?;
         let control = self
@@ -368,10 +395,13 @@ impl RunArgs {
         cfg.data_channels = el.data_channel_pool.map(|first| DataChannelPool { first, count: el.data_channel_count.unwrap_or(64) });
         cfg.validate().context("election settings")?;
         let status = self.status.or(file.status.listen).unwrap_or_else(|| DEFAULT_STATUS.parse().expect("literal"));
-        let channel = self
-            .data_channel
-            .or(df.channel)
-            .context("no data channel: set [data] channel or pass --data-channel")?;
+        let manager_url = self.manager.or(mf.url).map(|u| u.trim_end_matches('/').to_string());
+        let channel = match (self.data_channel.or(df.channel), &manager_url) {
+            (Some(c), _) => c,
+            // Nothing to receive content on and no one to take it from: election only.
+            (None, None) => return Ok(AgentSettings { segment, election: cfg, driver, status, state_dir: data_dir.join("state"), agent: None }),
+            (None, Some(_)) => bail!("no data channel: set [data] channel or pass --data-channel (a server agent with a manager receives content on it)"),
+        };
         let data = DataChannel {
             channel,
             report_port: self.report_port.or(df.report_port).unwrap_or_else(|| channel.port().wrapping_add(1)),
@@ -381,13 +411,25 @@ impl RunArgs {
             max_rate: df.max_rate_mbps.map(|m| m.saturating_mul(1_000_000 / 8)),
             session_timeout: Duration::from_millis(df.session_timeout_ms.unwrap_or(10_000)),
         };
-        let agent_token = token(self.agent_token_file.as_ref().or(mf.token_file.as_ref()))?;
+        let tls = tls_files.map(|f| super::manager::load_tls(&f, CertRole::Agent)).transpose()?;
+        if let (Some(_), Some(url)) = (&tls, &manager_url)
+            && !url.starts_with("https://")
+        {
+            bail!("with [tls] the manager's URL must be https:// (it is {url})");
+        }
+        let token_file = self.agent_token_file.as_ref().or(mf.token_file.as_ref());
+        // Over mutual TLS the agent certificate stands in for the token.
+        let agent_token = match (&tls, token_file, std::env::var_os("CMOVER_AGENT_TOKEN")) {
+            (Some(_), None, None) => String::new(),
+            _ => token(token_file)?,
+        };
         let agent = AgentConfig {
             name,
             segment: segment.clone(),
             location: self.location.or(lf.location).unwrap_or_else(|| "unknown".into()),
-            manager_url: self.manager.or(mf.url).map(|u| u.trim_end_matches('/').to_string()),
+            manager_url,
             agent_token,
+            tls,
             secret,
             site_root: self.site_root.or(sf.root).unwrap_or_else(|| data_dir.join("site")),
             site_name: self.site_name.or(sf.name).unwrap_or_else(|| "www".into()),
@@ -400,7 +442,14 @@ impl RunArgs {
             discovery_interval: Duration::from_millis(lf.discovery_interval_ms.unwrap_or(30_000)),
             registration_settle: heartbeat * 3,
         };
-        Ok(AgentSettings { segment, election: cfg, driver, status, agent })
+        Ok(AgentSettings { segment, election: cfg, driver, status, state_dir: data_dir.join("state"), agent: Some(agent) })
+    }
+}
+
+impl Args {
+    /// `cmover agent status` (a short command), not a running agent.
+    pub fn is_status(&self) -> bool {
+        matches!(self.command, Some(Command::Status { .. }))
     }
 }
 
@@ -416,11 +465,18 @@ async fn run_agent(s: AgentSettings) -> anyhow::Result<()> {
     let listener = TcpListener::bind(s.status).await.with_context(|| format!("binding the status address {}", s.status))?;
     let control = s.election.control_channel;
     // The election's incarnation and replay windows survive restarts (the driver's state file).
-    let state = driver::StateFile::in_dir(&s.agent.state_dir);
-    std::fs::create_dir_all(&s.agent.state_dir).with_context(|| format!("creating {}", s.agent.state_dir.display()))?;
+    let state = driver::StateFile::in_dir(&s.state_dir);
+    std::fs::create_dir_all(&s.state_dir).with_context(|| format!("creating {}", s.state_dir.display()))?;
     let handle = driver::spawn_persistent(s.election, s.driver, rand::random(), state).context("joining the segment")?;
     let mut events = handle.subscribe();
-    let agent = ServerAgent::start(s.agent, handle).await.context("starting the server agent")?;
+    let election_status = handle.watch_status();
+    let (agent, election_only) = match s.agent {
+        Some(cfg) => (Some(ServerAgent::start(cfg, handle).await.context("starting the server agent")?), None),
+        None => {
+            tracing::info!(node, "no manager and no data channel configured: election only");
+            (None, Some(handle))
+        }
+    };
     tracing::info!(node, segment = %s.segment, %control, status = %s.status, "agent joined the segment");
     // SIGTERM (a supervisor, `cmover demo`, a test) leaves as gracefully as Ctrl-C.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -434,7 +490,11 @@ async fn run_agent(s: AgentSettings) -> anyhow::Result<()> {
             },
             conn = listener.accept() => {
                 if let Ok((mut stream, _)) = conn {
-                    let body = status_json(&s.segment, &agent.status()).to_string();
+                    let body = match &agent {
+                        Some(a) => status_json(&s.segment, &a.status()),
+                        None => election_only_json(&s.segment, &election_status.borrow()),
+                    }
+                    .to_string();
                     tokio::spawn(async move { let _ = stream.write_all(body.as_bytes()).await; });
                 }
             }
@@ -442,13 +502,29 @@ async fn run_agent(s: AgentSettings) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         }
-        if agent.is_finished() {
+        let finished = match (&agent, &election_only) {
+            (Some(a), _) => a.is_finished(),
+            (None, Some(h)) => h.is_finished(),
+            (None, None) => true,
+        };
+        if finished {
             bail!("the agent stopped (election or agent task ended)");
         }
     }
     tracing::info!(node, "leaving the segment");
-    agent.leave().await?;
+    match (agent, election_only) {
+        (Some(a), _) => a.leave().await?,
+        (None, Some(h)) => h.leave().await?,
+        (None, None) => {}
+    }
     Ok(())
+}
+
+/// The status of an election-only agent: the election, and its role named as a server agent's is.
+fn election_only_json(segment: &str, st: &ElectionStatus) -> Value {
+    let mut v = election_json(segment, st);
+    v["role"] = json!(ServerAgent::role_of(st));
+    v
 }
 
 fn log_event(node: u64, ev: &Event) {
@@ -507,6 +583,7 @@ fn election_json(segment: &str, s: &ElectionStatus) -> Value {
             "foreign": st.foreign, "forged": st.forged, "replayed": st.replayed,
             "sent": st.sent, "send_errors": s.send_errors,
         },
+        "save_errors": s.save_errors,
     })
 }
 
@@ -554,11 +631,14 @@ async fn show_status(addr: SocketAddr, raw: bool) -> anyhow::Result<()> {
         let list: Vec<String> = dc.iter().map(|(g, a)| format!("{g}={}", a.as_str().unwrap_or("?"))).collect();
         println!("data      {}", list.join(" "));
     }
-    match v["live"].as_u64() {
-        Some(l) => println!("site      {} (live release {l})", v["site_root"].as_str().unwrap_or("?")),
-        None => println!("site      {} (nothing live yet)", v["site_root"].as_str().unwrap_or("?")),
+    match (v["site_root"].as_str(), v["live"].as_u64()) {
+        (None, _) => println!("site      none: election only (no manager, no data channel)"),
+        (Some(root), Some(l)) => println!("site      {root} (live release {l})"),
+        (Some(root), None) => println!("site      {root} (nothing live yet)"),
     }
-    println!("interpreter {}", v["interpreter"].as_str().unwrap_or("not installed"));
+    if v["site_root"].is_string() {
+        println!("interpreter {}", v["interpreter"].as_str().unwrap_or("not installed"));
+    }
     if let Some(runs) = v["applied"].as_array().filter(|r| !r.is_empty()) {
         println!("last runs applied");
         for r in runs {
@@ -569,6 +649,9 @@ async fn show_status(addr: SocketAddr, raw: bool) -> anyhow::Result<()> {
             let by = r["interpreter"].as_str().map(|v| format!(" (interpreter {v})")).unwrap_or_default();
             println!("  run {:>6}  {what}{by}", r["run"]);
         }
+    }
+    if let Some(n) = v["save_errors"].as_u64().filter(|n| *n > 0) {
+        println!("WARNING   {n} election restart states could not be saved (see the agent's log): a restart resumes from an older state");
     }
     let st = &v["stats"];
     println!(

@@ -9,7 +9,6 @@
 
 use anyhow::{Context, bail};
 use cm_agent::launch::{self, AgentProcess, AgentSpec, ManagerOptions, ManagerProcess};
-use cm_manager::cluster::operator_client;
 use cm_manager::http::JsonClient;
 use cm_manager::model::{CommitPolicy, Job, JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload, ServerOutcome};
 use cm_manager::prepare::copy_tree;
@@ -37,6 +36,9 @@ pub struct Args {
     /// Election heartbeat of the agents, milliseconds.
     #[arg(long, default_value_t = 200)]
     pub heartbeat_ms: u64,
+    /// Mutual TLS everywhere: a cluster CA in <dir>/ca and a certificate per process.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 const SEGMENT_NAMES: [&str; 6] = ["london", "paris", "boston", "tokyo", "sydney", "lima"];
@@ -222,7 +224,7 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
     println!("demo cluster in {} (process logs in {}/logs)", dir.display(), dir.display());
 
     let bin = std::env::current_exe().context("locating the cmover binary")?;
-    let opts = ManagerOptions { tick_ms: 100, star_max: 1, root_fanout: 1, leader_fanout: 2, chunk_kib: 64 };
+    let opts = ManagerOptions { tick_ms: 100, star_max: 1, root_fanout: 1, leader_fanout: 2, chunk_kib: 64, tls: a.tls };
     let manager = launch::start_manager(&bin, &dir, &opts)?;
     println!("manager at {}", manager.url);
     let secret = launch::write_secret(&dir)?;
@@ -254,7 +256,7 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
         println!("segment {seg}: {} agents, control channel {control}, data channel {data}", a.servers);
         segments.push(seg);
     }
-    let op = operator_client(&manager.operator_token);
+    let op = manager.operator_client()?;
     let demo = Demo { manager, op, agents, segments };
     demo.wait_for_segments(a.servers).await?;
 

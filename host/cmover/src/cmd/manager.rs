@@ -2,6 +2,7 @@
 
 use anyhow::{Context, bail};
 use cm_manager::server::{Manager, ManagerConfig};
+use cm_manager::tls::{CertRole, Tls, TlsFiles};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -38,6 +39,48 @@ pub struct Args {
     /// Scheduler period, milliseconds.
     #[arg(long, default_value_t = 500)]
     pub tick_ms: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// Mutual TLS (`cmover cert`): all three files, or none for plain HTTP with bearer tokens.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct TlsArgs {
+    /// The cluster CA's certificate: clients must present a certificate it signed.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (`cmover cert issue`).
+    #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key.
+    #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles { ca: self.tls_ca.clone()?, cert: self.tls_cert.clone()?, key: self.tls_key.clone()? })
+    }
+}
+
+/// Loads a node's TLS identity and checks its role is `want`.
+pub fn load_tls(files: &TlsFiles, want: CertRole) -> anyhow::Result<Tls> {
+    let tls = Tls::load(files).context("loading the TLS certificate")?;
+    if tls.role != Some(want) {
+        bail!(
+            "{} is not a {} certificate (it names {}); issue one with `cmover cert issue --role {}`",
+            files.cert.display(),
+            want.name(),
+            tls.role.map_or("no role", |r| r.name()),
+            want.name()
+        );
+    }
+    Ok(tls)
+}
+
+/// A token nobody knows (TLS mode without token files).
+fn random_token() -> String {
+    (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
 }
 
 fn secret(file: Option<&Path>, env: &str, what: &str) -> anyhow::Result<String> {
@@ -53,12 +96,19 @@ fn secret(file: Option<&Path>, env: &str, what: &str) -> anyhow::Result<String> 
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    let operator = secret(a.operator_token_file.as_deref(), "CMOVER_OPERATOR_TOKEN", "operator token")?;
-    let agent = secret(a.agent_token_file.as_deref(), "CMOVER_AGENT_TOKEN", "agent token")?;
+    let tls = a.tls.files().map(|f| load_tls(&f, CertRole::Manager)).transpose()?;
+    let token = |file: Option<&Path>, env: &str, what: &str| match (&tls, file, std::env::var_os(env)) {
+        // Over mutual TLS the certificates carry the roles; tokens are not needed (nor consulted).
+        (Some(_), None, None) => Ok(random_token()),
+        _ => secret(file, env, what),
+    };
+    let operator = token(a.operator_token_file.as_deref(), "CMOVER_OPERATOR_TOKEN", "operator token")?;
+    let agent = token(a.agent_token_file.as_deref(), "CMOVER_AGENT_TOKEN", "agent token")?;
     if operator == agent {
         bail!("the operator and agent tokens must differ");
     }
     let mut cfg = ManagerConfig::new(a.data_dir.clone(), &operator, &agent);
+    cfg.tls = tls;
     cfg.listen = a.listen;
     cfg.tree.root_fanout = a.root_fanout;
     cfg.tree.leader_fanout = a.leader_fanout;

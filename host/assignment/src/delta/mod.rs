@@ -454,9 +454,14 @@ mod tests {
             }
             check(&base, &new);
         }
+    }
+
+    proptest::proptest! {
+        // Files over several read pieces: fewer cases, each bigger.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
 
         #[test]
-        fn structured_content_round_trips(seed: u64, size in 0usize..300_000, kind in 0u8..3, edits in proptest::collection::vec((0usize..300_000, 0usize..5000, 0usize..5000), 0..6)) {
+        fn structured_content_round_trips(seed: u64, size in 0usize..1_200_000, kind in 0u8..3, edits in proptest::collection::vec((0usize..1_200_000, 0usize..5000, 0usize..5000), 0..6)) {
             let base = match kind {
                 0 => pseudo(size, seed),
                 1 => text(size, seed),

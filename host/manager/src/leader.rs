@@ -47,6 +47,13 @@ pub struct DeliveryOutcome {
 pub trait LocalDelivery: Send + Sync + 'static {
     fn deliver(&self, run: u64, assignment: PathBuf, manifest: Manifest) -> BoxFuture<'static, DeliveryOutcome>;
 
+    /// Delivers to `servers` only (the notification's targets; empty: every member). The
+    /// default delivers to everyone; a delivery that can leave servers out overrides it.
+    fn deliver_to(&self, run: u64, assignment: PathBuf, manifest: Manifest, servers: Vec<String>) -> BoxFuture<'static, DeliveryOutcome> {
+        let _ = servers;
+        self.deliver(run, assignment, manifest)
+    }
+
     /// A member's apply report arrived at this GL (`POST /members/report`). Returns whether the
     /// delivery takes such reports; the default (deliveries that end at MCTP completion) does not.
     fn member_report(&self, _report: MemberApplyReport) -> bool {
@@ -272,6 +279,15 @@ impl Inner {
                 }
                 Err(r) => r,
             },
+            // A member that received a run asks whether it is one of the run's targets.
+            (Method::GET, ["dist", run, "servers"]) => {
+                let Ok(run) = run.parse::<u64>() else { return http::error(StatusCode::BAD_REQUEST, "bad run id") };
+                let servers = self.runs.lock().unwrap_or_else(|p| p.into_inner()).get(&run).map(|r| r.notification.borrow().servers.clone());
+                match servers {
+                    Some(servers) => http::json(StatusCode::OK, &serde_json::json!({ "run": run, "servers": servers })),
+                    None => http::error(StatusCode::NOT_FOUND, "no such run here"),
+                }
+            }
             (Method::GET, ["dist", run, "blob"]) => {
                 let Ok(run) = run.parse::<u64>() else { return http::error(StatusCode::BAD_REQUEST, "bad run id") };
                 let blob = self.runs.lock().unwrap_or_else(|p| p.into_inner()).get(&run).map(|r| r.blob.clone());
@@ -411,7 +427,7 @@ impl Inner {
         let n = run.notification.borrow().clone();
         let call = TreeCall { segment: self.cfg.segment.clone() };
         self.tell_manager(&self.manager_url(&run, "received"), &call, Duration::from_secs(15)).await;
-        let outcome = self.delivery.deliver(n.run, run.blob.path().to_path_buf(), n.manifest.clone()).await;
+        let outcome = self.delivery.deliver_to(n.run, run.blob.path().to_path_buf(), n.manifest.clone(), n.servers.clone()).await;
         let report = SegmentReport {
             segment: self.cfg.segment.clone(),
             leader: self.cfg.leader.clone(),

@@ -133,6 +133,10 @@ pub struct SegmentDelivery {
 
 impl LocalDelivery for SegmentDelivery {
     fn deliver(&self, run: u64, assignment: PathBuf, manifest: Manifest) -> BoxFuture<'static, DeliveryOutcome> {
+        self.deliver_to(run, assignment, manifest, Vec::new())
+    }
+
+    fn deliver_to(&self, run: u64, assignment: PathBuf, manifest: Manifest, servers: Vec<String>) -> BoxFuture<'static, DeliveryOutcome> {
         let (shared, settled) = (self.shared.clone(), self.settled);
         Box::pin(async move {
             // A GL elected mid-job is re-notified at once; its members re-register within a
@@ -141,7 +145,7 @@ impl LocalDelivery for SegmentDelivery {
                 tracing::info!(run, "new group leader: letting the members register before delivering");
                 tokio::time::sleep_until(settled).await;
             }
-            deliver(shared, run, assignment, manifest).await
+            deliver(shared, run, assignment, manifest, servers).await
         })
     }
 
@@ -152,17 +156,22 @@ impl LocalDelivery for SegmentDelivery {
     }
 }
 
-async fn deliver(shared: Arc<Shared>, run: u64, assignment: PathBuf, manifest: Manifest) -> DeliveryOutcome {
-    let segment = segment_now(&shared);
+/// Delivers `run` to the servers of the segment it targets (`servers`; empty: all of them):
+/// the others are left out of the MCTP session and skip it (they ask, see `member.rs`).
+async fn deliver(shared: Arc<Shared>, run: u64, assignment: PathBuf, manifest: Manifest, servers: Vec<String>) -> DeliveryOutcome {
+    let mut segment = segment_now(&shared);
+    if !servers.is_empty() {
+        segment.retain(|name, _| servers.contains(name));
+    }
     let me = shared.cfg.name.clone();
     // This GL is a server of the segment too: it applies from the copy the tree brought.
-    let own = {
+    let own = segment.contains_key(&me).then(|| {
         let (shared, file) = (shared.clone(), assignment.clone());
         tokio::spawn(async move {
             let report = apply_report(&shared, run, file).await;
             shared.board.insert(report);
         })
-    };
+    });
     let members: BTreeMap<String, u64> = segment.iter().filter(|(n, _)| **n != me).map(|(n, id)| (n.clone(), *id)).collect();
     let mctp = if members.is_empty() {
         DeliveryOutcome::default()
@@ -183,14 +192,20 @@ async fn deliver(shared: Arc<Shared>, run: u64, assignment: PathBuf, manifest: M
         };
         delivery.deliver(run, assignment, manifest).await
     };
-    let _ = own.await;
+    let applies_here = own.is_some();
+    if let Some(own) = own {
+        let _ = own.await;
+    }
     // Wait for the apply report of everyone MCTP says holds the assignment (and this GL's);
     // members MCTP never heard from are not waited for, but a report from one still counts
     // (it applied the run before, from an earlier GL).
     let mut wanted: BTreeSet<String> = mctp.succeeded.iter().cloned().collect();
-    wanted.insert(me);
+    if applies_here {
+        wanted.insert(me);
+    }
     let deadline = Instant::now() + shared.cfg.report_wait;
-    let reports = shared.board.wait_for(run, &wanted, deadline).await;
+    let mut reports = shared.board.wait_for(run, &wanted, deadline).await;
+    reports.retain(|name, _| servers.is_empty() || servers.contains(name));
     let out = consolidate(&segment, &mctp, &reports, shared.cfg.report_wait);
     tracing::info!(run, succeeded = out.succeeded.len(), failed = out.failed.len(), missing = out.missing.len(), "segment report");
     out

@@ -12,6 +12,9 @@ use super::{Shared, apply_report, report};
 
 /// How long a member keeps trying to hand an apply report to a GL (across GL changes).
 const REPORT_GIVE_UP: Duration = Duration::from_secs(600);
+/// How long a member that received a run keeps asking for the run's targets. A run nobody
+/// confirms is skipped: a GL that wants it here delivers it again.
+const TARGETS_GIVE_UP: Duration = Duration::from_secs(60);
 
 /// Runs until the agent stops.
 pub async fn member_loop(shared: Arc<Shared>) {
@@ -53,6 +56,17 @@ pub async fn member_loop(shared: Arc<Shared>) {
                     let (shared, run) = (shared.clone(), got.info.assignment);
                     tracing::info!(run, path = %got.path.display(), "assignment received by MCTP");
                     tokio::spawn(async move {
+                        // The data channel is multicast: every member hears every run, and
+                        // applies only those that target it (a replicate names its servers).
+                        let targeted = report::is_target(shared.gl_url.subscribe(), &shared.client, run, &shared.cfg.name, TARGETS_GIVE_UP).await;
+                        if targeted != Some(true) {
+                            match targeted {
+                                Some(_) => tracing::info!(run, "the run targets other servers of the segment: skipped"),
+                                None => tracing::warn!(run, "no group leader said whether the run targets this server within {TARGETS_GIVE_UP:?}: skipped"),
+                            }
+                            let _ = std::fs::remove_file(&got.path);
+                            return;
+                        }
                         let r = apply_report(&shared, run, got.path.clone()).await;
                         let _ = std::fs::remove_file(&got.path);
                         report::send_to_gl(shared.gl_url.subscribe(), shared.client.clone(), r, REPORT_GIVE_UP).await;

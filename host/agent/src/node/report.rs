@@ -56,9 +56,13 @@ impl ReportBoard {
     }
 }
 
-/// Member side: sends `report` to the current GL (`gl` holds its base URL, `None` while no GL
-/// is known), retrying on failure and following GL changes, for at most `give_up`.
-pub async fn send_to_gl(mut gl: watch::Receiver<Option<String>>, client: JsonClient, report: MemberApplyReport, give_up: Duration) -> bool {
+/// Calls the current GL (`gl` holds its base URL, `None` while no GL is known) until a call
+/// succeeds, retrying on failure and following GL changes, for at most `give_up`.
+async fn with_current_gl<T, F, Fut>(mut gl: watch::Receiver<Option<String>>, give_up: Duration, what: &str, mut call: F) -> Option<T>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<T, cm_manager::http::ClientError>>,
+{
     let deadline = Instant::now() + give_up;
     let mut attempt = 0u64;
     while Instant::now() < deadline {
@@ -68,22 +72,43 @@ pub async fn send_to_gl(mut gl: watch::Receiver<Option<String>>, client: JsonCli
             let _ = tokio::time::timeout_at(deadline, gl.changed()).await;
             continue;
         };
-        match client.post::<_, serde_json::Value>(&format!("{url}/members/report"), &report).await {
-            Ok(_) => {
-                tracing::debug!(run = report.run, %url, "apply report delivered");
-                return true;
-            }
+        match call(url.clone()).await {
+            Ok(v) => return Some(v),
             Err(e) => {
                 attempt += 1;
-                tracing::debug!(run = report.run, %url, "apply report not delivered yet: {e}");
+                tracing::debug!(%url, "{what}: not yet: {e}");
                 // A new GL address ends the wait early.
                 let pause = Duration::from_millis(100 * attempt.min(10));
                 let _ = tokio::time::timeout(pause, gl.changed()).await;
             }
         }
     }
-    tracing::warn!(run = report.run, "gave up delivering the apply report after {give_up:?}");
-    false
+    tracing::warn!("{what}: gave up after {give_up:?}");
+    None
+}
+
+/// Member side: sends `report` to the current GL, retrying across GL changes for at most
+/// `give_up`.
+pub async fn send_to_gl(gl: watch::Receiver<Option<String>>, client: JsonClient, report: MemberApplyReport, give_up: Duration) -> bool {
+    let what = format!("apply report of run {}", report.run);
+    let sent = with_current_gl(gl, give_up, &what, |url| {
+        let (client, report) = (&client, &report);
+        async move { client.post::<_, serde_json::Value>(&format!("{url}/members/report"), report).await }
+    })
+    .await;
+    sent.is_some()
+}
+
+/// Member side: whether the current GL says `run` targets this server (`name`): the run's
+/// `servers` (`GET /dist/{run}/servers`; empty = every member). `None`: no GL said, within `give_up`.
+pub async fn is_target(gl: watch::Receiver<Option<String>>, client: &JsonClient, run: u64, name: &str, give_up: Duration) -> Option<bool> {
+    let what = format!("targets of run {run}");
+    let answer = with_current_gl(gl, give_up, &what, |url| async move {
+        client.get::<serde_json::Value>(&format!("{url}/dist/{run}/servers")).await
+    })
+    .await?;
+    let servers: Vec<&str> = answer["servers"].as_array()?.iter().filter_map(|s| s.as_str()).collect();
+    Some(servers.is_empty() || servers.contains(&name))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use super::chunk::{Chunker, Chunking, CutIndex, WINDOW};
+use super::pass1::ShiftedEqual;
 use super::{CMP_BLOCK, LiteralSink, Ops, PIECE, common_tail, first_diff};
 
 /// How much of the new file the scan reads at a time.
@@ -20,6 +21,8 @@ pub(super) struct Matcher<'a> {
     pub ne: u64,
     pub index: &'a CutIndex,
     pub chunking: Chunking,
+    /// What pass 1 found equal at the lengths' difference, if it kept track.
+    pub shifted: Option<&'a ShiftedEqual>,
 }
 
 /// Bytes `[off, off + len)` of the new file, in a buffer reused as the scan moves on.
@@ -107,7 +110,9 @@ impl Matcher<'_> {
                     continue;
                 };
                 let back = ext.backward(self.new, self.base, (n - lit).min(b), n, b)?;
-                let fwd = ext.forward(self.new, self.base, (self.ne - n).min(self.bl - b), n, b)?;
+                let max = (self.ne - n).min(self.bl - b);
+                let known = self.shifted.map_or(0, |se| se.known_equal(n, b)).min(max);
+                let fwd = known + ext.forward(self.new, self.base, max - known, n + known, b + known)?;
                 if back + fwd < MIN_MATCH {
                     continue;
                 }

@@ -94,7 +94,8 @@ fn compute_inner(base: &File, new: &File, literal: &mut dyn Write, max_literal: 
             out.copy(done, from - done);
             let index = chunk::CutIndex::build(&scan.cuts);
             drop(scan.cuts);
-            matcher::Matcher { base, bl, new, ne: new_end, index: &index, chunking }.run(from, &mut out, &mut sink)?;
+            let shifted = scan.shifted.as_ref();
+            matcher::Matcher { base, bl, new, ne: new_end, index: &index, chunking, shifted }.run(from, &mut out, &mut sink)?;
             out.copy(base_end, bl - base_end);
         }
     }
@@ -397,6 +398,24 @@ mod tests {
                 let d = check(&base, &shorter);
                 assert!(d.literal <= 8, "delete {shift} at {at}: {} {:?}", d.literal, d.ops);
             }
+        }
+    }
+
+    #[test]
+    fn edits_after_an_insertion_or_a_deletion() {
+        // After the insertion, the match runs at the lengths' difference: the extension skips
+        // what pass 1 found equal there, and stops at each later edit all the same.
+        let base = pseudo(3 << 20, 43);
+        for (at, ins, del) in [(1 << 20, 5usize, 0usize), (1 << 20, 0, 9), (100, 4000, 0), (PIECE - 1, 0, 300)] {
+            let mut new = base.clone();
+            new[2 << 20] ^= 0x10;
+            new[(5 << 19) + 3] ^= 0x20;
+            new.splice(at..at + del, pseudo(ins, 44));
+            new[50] ^= 1;
+            let d = check(&base, &new);
+            // (An equal stretch shorter than a cut's 64-byte window, like the 49 bytes between
+            // offsets 50 and 100, may go literal too.)
+            assert!(d.literal <= ins as u64 + 3 + 64, "insert {ins} / delete {del} at {at}: {} {:?}", d.literal, d.ops);
         }
     }
 

@@ -27,6 +27,8 @@ pub(super) struct Scan {
     pub runs: Vec<(u64, u64)>,
     /// The base's cuts from `Rest::Match::from` on: (position, hash of the 64 bytes before it).
     pub cuts: Vec<(u64, u64)>,
+    /// Unequal lengths: what comparing at the shifted offsets found equal, if it kept track.
+    pub shifted: Option<ShiftedEqual>,
     pub rest: Rest,
 }
 
@@ -57,7 +59,11 @@ pub(super) fn run(base: &File, bl: u64, new: &File, nl: u64) -> io::Result<Scan>
         let b = if at < bl { read_full_at(base, &mut bb, at)? } else { 0 };
         let n = if at < nl { read_full_at(new, &mut nb, at)? } else { 0 };
         if b == 0 && n == 0 {
-            // A file shrank while being read: treat what we saw as its end.
+            // A file shrank while being read: treat what we saw as its end (and claim nothing
+            // equal past it).
+            if let Some(sc) = &mut shift {
+                sc.runs = None;
+            }
             break;
         }
         hb.update(&bb[..b]);
@@ -128,7 +134,8 @@ pub(super) fn run(base: &File, bl: u64, new: &File, nl: u64) -> io::Result<Scan>
             Rest::Match { from, new_end: nl - suffix, base_end: bl - suffix, chunking: ch.chunking() }
         }
     };
-    Ok(Scan { base_hash: *hb.finalize().as_bytes(), new_hash: *hn.finalize().as_bytes(), runs, cuts, rest })
+    let shifted = shift.and_then(|sc| sc.runs).map(|runs| ShiftedEqual { shift: nl as i64 - bl as i64, runs });
+    Ok(Scan { base_hash: *hb.finalize().as_bytes(), new_hash: *hn.finalize().as_bytes(), runs, cuts, shifted, rest })
 }
 
 /// For lengths that differ by less than a piece: the longer file compared with the shorter one
@@ -141,33 +148,60 @@ struct ShiftCompare {
     /// The last offset of the longer file whose byte differs from the shorter file's, shifted
     /// (the first `shift` bytes have no counterpart: they differ).
     last_diff: Option<u64>,
+    /// Every such differing range, in the longer file's offsets, while there are at most
+    /// `MAX_RUNS` (after an insertion or deletion the bytes before it differ in one long range):
+    /// the matcher skips the byte-wise extension of a match at this shift over what is known equal.
+    runs: Option<Vec<(u64, u64)>>,
 }
 
 impl ShiftCompare {
     fn new(bl: u64, nl: u64) -> Option<ShiftCompare> {
         let shift = bl.abs_diff(nl);
-        (bl != nl && shift < PIECE as u64).then(|| ShiftCompare { shift: shift as usize, prev: vec![0u8; PIECE], last_diff: None })
+        (bl != nl && shift < PIECE as u64).then(|| ShiftCompare {
+            shift: shift as usize,
+            prev: vec![0u8; PIECE],
+            last_diff: None,
+            runs: Some(Vec::new()),
+        })
     }
 
     /// `long`, `short`: the pieces at `at` of the longer and the shorter file (`short` may end
     /// early, where that file ends).
     fn piece(&mut self, at: u64, long: &[u8], short: &[u8]) {
         let s = self.shift;
-        // long[s..] against short's bytes at the same offsets minus s: the start of this piece.
-        if long.len() > s {
-            if short.len() < long.len() - s {
-                // Only if a file changed length while being read: count this piece as different.
-                self.last_diff = Some(at + long.len() as u64 - 1);
-                return;
+        if long.len() > s && short.len() < long.len() - s {
+            // Only if a file changed length while being read: count this piece as different.
+            self.last_diff = Some(at + long.len() as u64 - 1);
+            self.runs = None;
+            return;
+        }
+        let k = s.min(long.len());
+        if let Some(runs) = &mut self.runs {
+            // long[..s] against the end of short's previous piece (nothing before offset s),
+            // then long[s..] against short's bytes at the same offsets minus s.
+            if at == 0 {
+                if k > 0 {
+                    runs.push((0, k as u64));
+                }
+            } else {
+                diff_runs(&long[..k], &self.prev[PIECE - s..PIECE - s + k], at, runs);
             }
+            if long.len() > s {
+                diff_runs(&long[s..], &short[..long.len() - s], at + s as u64, runs);
+            }
+            self.last_diff = runs.last().map(|&(_, e)| e - 1);
+            if runs.len() > MAX_RUNS {
+                self.runs = None;
+            }
+            return;
+        }
+        if long.len() > s {
             let (x, y) = (&long[s..], &short[..long.len() - s]);
             if x != y {
                 self.last_diff = Some(at + (long.len() - 1 - common_tail(x, y)) as u64);
                 return;
             }
         }
-        // long[..s] against the end of short's previous piece.
-        let k = s.min(long.len());
         if at == 0 {
             if k > 0 {
                 self.last_diff = Some(k as u64 - 1);
@@ -183,6 +217,29 @@ impl ShiftCompare {
     /// The common suffix's length, for a longer file of `long_len` bytes.
     fn suffix(&self, long_len: u64) -> u64 {
         long_len - self.last_diff.map_or(0, |l| l + 1)
+    }
+}
+
+/// What the shifted comparison found equal: a match at that shift extends over it unread.
+pub(super) struct ShiftedEqual {
+    /// `nl - bl`, not 0, less than a piece either way.
+    pub shift: i64,
+    /// The differing ranges, in the longer file's offsets, sorted.
+    pub runs: Vec<(u64, u64)>,
+}
+
+impl ShiftedEqual {
+    /// For a match of new `n` with base `b`: how many bytes from there on are known equal.
+    pub fn known_equal(&self, n: u64, b: u64) -> u64 {
+        if n as i64 - b as i64 != self.shift {
+            return 0;
+        }
+        let x = if self.shift > 0 { n } else { b };
+        let next = self.runs.partition_point(|&(_, e)| e <= x);
+        match self.runs.get(next) {
+            Some(&(s, _)) => s.saturating_sub(x),
+            None => u64::MAX,
+        }
     }
 }
 

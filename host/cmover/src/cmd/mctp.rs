@@ -55,8 +55,8 @@ pub enum Command {
         #[arg(long, default_value_t = 2000)]
         rate_mbit: u64,
         /// Slow down when a receiver's checkpoint answers lag this many MiB behind (receivers
-        /// of this driver buffer 32 MiB).
-        #[arg(long, default_value_t = 20)]
+        /// of this driver buffer 32 MiB; much closer to that and bursts overrun them).
+        #[arg(long, default_value_t = 12)]
         max_lag_mib: u64,
         /// MiB of a pass between two checkpoints (0: no mid-pass feedback).
         #[arg(long, default_value_t = 2)]

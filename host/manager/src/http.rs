@@ -160,6 +160,11 @@ where
             };
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => s,
+                // A connection closed before any handshake (a port probe) is not worth a warning.
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!(%peer, "connection closed before the TLS handshake: {e}");
+                    return;
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(%peer, "TLS handshake refused: {e}");
                     return;

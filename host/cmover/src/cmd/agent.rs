@@ -5,6 +5,9 @@
 //! delivers each run to the members and sends one consolidated report. `cmover agent status`
 //! asks a running agent for its role, leader, members and the last runs it applied.
 //!
+//! With neither a manager URL nor a data channel it runs the election only (no agent token,
+//! no site): a segment's election and `cmover agent status`, nothing else.
+//!
 //! Settings come from a TOML file (`--config`) and flags (flags win). The file has one section
 //! per concern (docs/agent.md explains each setting):
 //!

@@ -11,7 +11,8 @@
 //! the CA's signature. A certificate naming no role, or more than one, grants nothing.
 //!
 //! Clients verify the server's certificate against the same CA and the host of the URL, so a
-//! certificate carries the host names and IP addresses its holder serves at.
+//! certificate carries the host names and IP addresses its holder serves at; and only a
+//! `manager` or `agent` certificate may serve (an operator's certificate cannot pose as a node).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,8 +22,10 @@ use rcgen::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use thiserror::Error;
 
 /// What a certificate lets its holder do.
@@ -139,10 +142,14 @@ impl Tls {
             .with_client_cert_verifier(verifier.clone())
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(|e| TlsError::Config(format!("the certificate and key: {e}")))?;
+        let servers = WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| TlsError::Config(format!("server verifier: {e}")))?;
         let client = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_root_certificates(roots)
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NodeVerifier(servers)))
             .with_client_auth_cert(chain, key)
             .map_err(|e| TlsError::Config(format!("the certificate and key: {e}")))?;
         // Our own certificate must pass the check every peer will make of it.
@@ -158,6 +165,43 @@ impl Tls {
 
     pub fn client_config(&self) -> Arc<ClientConfig> {
         self.client.clone()
+    }
+}
+
+/// The CA's own server check, then: the server's certificate names a node's role (`manager` or
+/// `agent`), never an operator's.
+#[derive(Debug)]
+struct NodeVerifier(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for NodeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        match role_of(end_entity) {
+            Some(CertRole::Manager | CertRole::Agent) => Ok(verified),
+            other => Err(rustls::Error::General(format!(
+                "the server's certificate is not a node's (role {}): only manager and agent certificates may serve",
+                other.map_or("none", CertRole::name)
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
     }
 }
 

@@ -161,4 +161,13 @@ async fn a_group_leaders_endpoint_over_tls_takes_manager_and_agent_certificates_
     let foreign = client(&identity(&other, &other.cert_pem, "m-1", CertRole::Agent), AGENT);
     assert!(matches!(foreign.post::<_, serde_json::Value>(&url, &apply_report).await, Err(ClientError::Transport { .. })));
     gl.stop();
+
+    // A node never talks to a server holding an operator's certificate (CA-signed, right host).
+    let mut fake = LeaderConfig::new("seg-a", "gl-fake", AGENT, &dir.path().join("fake"));
+    fake.tls = Some(identity(&ca, &pem, "alice", CertRole::Operator));
+    let fake = LeaderNode::start(fake, Arc::new(NoDelivery)).await.unwrap();
+    let agent = client(&identity(&ca, &pem, "m-2", CertRole::Agent), "");
+    let r = agent.post::<_, serde_json::Value>(&format!("https://{}/members/report", fake.addr), &apply_report).await;
+    assert!(matches!(r, Err(ClientError::Transport { .. })), "an operator's certificate served a node: {r:?}");
+    fake.stop();
 }

@@ -261,6 +261,11 @@ struct CheckpointLog {
     gaps: BTreeMap<MemberId, u32>,
 }
 
+/// Fewest new frames in a window that a checkpoint's interval alone may close. The gap share
+/// of a window of a few frames is noise (one lost frame of two is 50 %), and the worst of many
+/// members' noisy shares would cut the rate, shrinking the windows further, down to the floor.
+const MIN_WINDOW_FRAMES: u32 = 128;
+
 /// Checkpoints remembered per pass (older answers only count for repairs).
 const CHECKPOINT_LOG: usize = 64;
 
@@ -298,10 +303,14 @@ pub struct Sender {
     pass_first_checkpoint: u32,
     window_from: u32,
     window_bytes: u64,
+    /// New frames (not repairs) sent in the current window.
+    window_frames: u32,
     window_started: Time,
     pass_bytes: u64,
     checkpoints: VecDeque<CheckpointLog>,
     worst_share: Option<f64>,
+    /// A checkpoint answer came since the rate was last adapted.
+    answered: bool,
     /// Frames named by checkpoint answers, sent before the pass goes on.
     repairs: FrameSet,
     next_send: Time,
@@ -403,10 +412,12 @@ impl Sender {
             pass_first_checkpoint: 0,
             window_from: 0,
             window_bytes: 0,
+            window_frames: 0,
             window_started: now,
             pass_bytes: 0,
             checkpoints: VecDeque::new(),
             worst_share: None,
+            answered: false,
             repairs: FrameSet::new(frames),
             next_send: now,
             next_announce: now,
@@ -549,6 +560,7 @@ impl Sender {
                 return self.queue.pop_front();
             };
             self.cursor = seq + 1;
+            self.window_frames += 1;
             seq
         };
         self.sent_this_pass += 1;
@@ -564,7 +576,8 @@ impl Sender {
         self.pass_bytes += u64::from(len);
         self.window_bytes += u64::from(len);
         if self.cfg.checkpoint_bytes > 0
-            && (self.window_bytes >= self.cfg.checkpoint_bytes || now >= self.window_started + self.cfg.checkpoint_interval)
+            && (self.window_bytes >= self.cfg.checkpoint_bytes
+                || (now >= self.window_started + self.cfg.checkpoint_interval && self.window_frames >= MIN_WINDOW_FRAMES))
             && self.cursor > self.window_from
         {
             self.send_checkpoint(now);
@@ -693,8 +706,13 @@ impl Sender {
             let gaps: u32 = runs.iter().map(|(_, c)| *c).sum();
             let total = log.gaps.entry(member).or_insert(0);
             *total = total.saturating_add(gaps);
-            let share = f64::from(*total) / f64::from(log.frames.max(1));
-            self.worst_share = Some(self.worst_share.map_or(share, |w| w.max(share)));
+            // A short window (the end of a pass, a repeat) says too little about the rate.
+            self.answered = true;
+            let enough = u32::try_from(self.cfg.checkpoint_bytes / u64::from(self.cfg.frame_size) / 2).unwrap_or(u32::MAX);
+            if log.frames >= MIN_WINDOW_FRAMES.min(enough).max(1) {
+                let share = f64::from(*total) / f64::from(log.frames);
+                self.worst_share = Some(self.worst_share.map_or(share, |w| w.max(share)));
+            }
         }
     }
 
@@ -724,6 +742,7 @@ impl Sender {
         self.checkpoint += 1;
         self.window_from = self.cursor;
         self.window_bytes = 0;
+        self.window_frames = 0;
         self.window_started = now;
     }
 
@@ -732,7 +751,10 @@ impl Sender {
     /// socket buffer is filling: it would soon drop), gently up when every answer is good.
     /// No answer since the last adaptation: the rate stays.
     fn adapt_rate_mid_pass(&mut self) {
-        let Some(share) = self.worst_share.take() else { return };
+        let share = self.worst_share.take().unwrap_or(0.0);
+        if !std::mem::take(&mut self.answered) {
+            return;
+        }
         let log = &self.checkpoints;
         let sent_at = |n: u32| log.iter().find(|c| c.number == n).map(|c| c.sent_at);
         // Lag of members that answered in this pass; one that fell far behind (crashed, or
@@ -817,11 +839,13 @@ impl Sender {
         self.sent_this_pass = 0;
         self.window_from = 0;
         self.window_bytes = 0;
+        self.window_frames = 0;
         self.window_started = now;
         self.pass_bytes = 0;
         self.pass_first_checkpoint = self.checkpoint;
         self.checkpoints.clear();
         self.worst_share = None;
+        self.answered = false;
         self.phase = Phase::Sending;
         self.next_send = self.next_send.max(now);
         // Members learn the new pass number (and late joiners the session) at once.

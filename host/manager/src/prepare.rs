@@ -69,6 +69,42 @@ pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Snapshots the staging tree `from` into `to`. A file whose size, mtime (to the nanosecond)
+/// and mode equal those of the same path in `previous` (the live release's snapshot) is
+/// hard-linked from it; any other file is copied with its mtime kept. Snapshots are the
+/// manager's own and never written after they are made, so sharing inodes between them is safe
+/// (staging's are never shared: the operator may edit a file in place). Unchanged files then
+/// cost a link instead of a copy, and the build's size+mtime check sees them unchanged without
+/// reading them: a small change to a large site costs what changed, not the site's size.
+pub fn snapshot_tree(from: &Path, previous: Option<&Path>, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let prev = previous.map(|p| p.join(e.file_name()));
+        let m = std::fs::symlink_metadata(&src)?;
+        if m.file_type().is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+        } else if m.is_dir() {
+            snapshot_tree(&src, prev.as_deref().filter(|p| p.is_dir()), &dst)?;
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(m.permissions().mode()))?;
+        } else {
+            let same = prev.as_ref().and_then(|p| std::fs::symlink_metadata(p).ok()).is_some_and(|pm| {
+                pm.is_file() && pm.len() == m.len() && pm.mtime() == m.mtime() && pm.mtime_nsec() == m.mtime_nsec() && pm.mode() == m.mode()
+            });
+            match prev.filter(|_| same) {
+                Some(p) => std::fs::hard_link(p, &dst)?,
+                None => {
+                    std::fs::copy(&src, &dst)?;
+                    std::fs::File::options().write(true).open(&dst)?.set_modified(m.modified()?)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Where the manager keeps snapshots, and its sealing key.
 #[derive(Clone, Copy)]
 pub struct Context<'a> {
@@ -102,9 +138,9 @@ pub fn prepare(
             if snap.exists() {
                 std::fs::remove_dir_all(&snap).map_err(snap_err)?;
             }
-            copy_tree(Path::new(&site.staging), &snap).map_err(snap_err)?;
             let replicate = kind == JobKind::Replicate;
             let shadow = site.live().map(|l| snapshot_dir(data_dir, &site.name, l)).filter(|_| !replicate);
+            snapshot_tree(Path::new(&site.staging), shadow.as_deref().filter(|s| s.is_dir()), &snap).map_err(snap_err)?;
             let mut opts = BuildOptions::new(if replicate { AssignmentType::Replicate } else { AssignmentType::Publish }, serial);
             opts.meta.job_id = job_id;
             opts.meta.base_serial = if replicate { 0 } else { site.live().unwrap_or(0) };
@@ -303,6 +339,45 @@ mod tests {
             prepare(&Payload::Rollback, JobKind::Rollback, &s, 4, 10, Context { data_dir: &data, seal: None }, &d.path().join("r")),
             Err(PrepareError::NothingToRollBack { .. })
         ));
+    }
+
+    #[test]
+    fn snapshots_link_unchanged_files_from_the_previous_one_and_copy_the_rest_with_their_mtime() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let d = tempfile::tempdir().unwrap();
+        let (staging, one, two) = (d.path().join("staging"), d.path().join("1"), d.path().join("2"));
+        std::fs::create_dir_all(staging.join("css")).unwrap();
+        for (p, c) in [("index.html", "a"), ("css/site.css", "b"), ("mode.sh", "c"), ("gone.txt", "d")] {
+            std::fs::write(staging.join(p), c).unwrap();
+        }
+        std::os::unix::fs::symlink("index.html", staging.join("home")).unwrap();
+        snapshot_tree(&staging, None, &one).unwrap();
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        let mt = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+        assert_ne!(ino(&one.join("index.html")), ino(&staging.join("index.html")), "staging's inodes are never shared");
+        assert_eq!(mt(&one.join("css/site.css")), mt(&staging.join("css/site.css")), "mtime kept on copy");
+        // Edit one file (same size, new mtime), change a mode, remove one, add one.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(staging.join("index.html"), "z").unwrap();
+        std::fs::set_permissions(staging.join("mode.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::remove_file(staging.join("gone.txt")).unwrap();
+        std::fs::write(staging.join("new.txt"), "n").unwrap();
+        snapshot_tree(&staging, Some(&one), &two).unwrap();
+        assert_eq!(ino(&two.join("css/site.css")), ino(&one.join("css/site.css")), "unchanged: linked");
+        assert_ne!(ino(&two.join("index.html")), ino(&one.join("index.html")), "edited: copied");
+        assert_ne!(ino(&two.join("mode.sh")), ino(&one.join("mode.sh")), "mode changed: copied");
+        assert_eq!(std::fs::read_to_string(one.join("index.html")).unwrap(), "a", "the older snapshot is untouched");
+        assert_eq!(std::fs::read_link(two.join("home")).unwrap(), Path::new("index.html"));
+        assert!(!two.join("gone.txt").exists());
+        let observe = |root: &Path| -> Vec<(String, String, u32)> {
+            let mut v: Vec<_> = ["index.html", "css/site.css", "mode.sh", "new.txt"]
+                .iter()
+                .map(|p| (p.to_string(), std::fs::read_to_string(root.join(p)).unwrap(), std::fs::metadata(root.join(p)).unwrap().mode()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(observe(&two), observe(&staging), "the snapshot is the staging tree");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! outcome to the current GL. Receiving goes on while an apply runs (applies are queued on the
 //! [`Applier`](super::apply::Applier)'s lock, in arrival order).
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::mctp::{MctpDriverError, ReceiveOptions, receive};
@@ -19,6 +20,10 @@ const TARGETS_GIVE_UP: Duration = Duration::from_secs(60);
 /// Runs until the agent stops.
 pub async fn member_loop(shared: Arc<Shared>) {
     let mut status = shared.status.clone();
+    // Runs received and not yet applied and reported. A GL that announces one of them again
+    // (a new GL, a restarted session) finds the file in the inbox and is told "complete" at
+    // once; the task already applying it reports, so it must not be applied a second time.
+    let in_flight: Arc<Mutex<HashSet<u64>>> = Default::default();
     loop {
         if status.borrow_and_update().is_leader {
             // The GL applies from the tree's copy; its member side rests meanwhile.
@@ -54,8 +59,14 @@ pub async fn member_loop(shared: Arc<Shared>) {
             r = receive(opts) => match r {
                 Ok(got) => {
                     let (shared, run) = (shared.clone(), got.info.assignment);
-                    tracing::info!(run, path = %got.path.display(), "assignment received by MCTP");
+                    if !in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(run) {
+                        tracing::info!(run, already_held = got.already_held, "assignment announced again while it is being applied: left to that apply");
+                        continue;
+                    }
+                    tracing::info!(run, path = %got.path.display(), already_held = got.already_held, "assignment received by MCTP");
+                    let in_flight = in_flight.clone();
                     tokio::spawn(async move {
+                        let _done = InFlight { runs: in_flight, run };
                         // The data channel is multicast: every member hears every run, and
                         // applies only those that target it (a replicate names its servers).
                         let targeted = report::is_target(shared.gl_url.subscribe(), &shared.client, run, &shared.cfg.name, TARGETS_GIVE_UP).await;
@@ -80,5 +91,17 @@ pub async fn member_loop(shared: Arc<Shared>) {
             },
             () = became_leader => {}
         }
+    }
+}
+
+/// Takes a run out of the member's in-flight set when its task ends, however it ends.
+struct InFlight {
+    runs: Arc<Mutex<HashSet<u64>>>,
+    run: u64,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.run);
     }
 }

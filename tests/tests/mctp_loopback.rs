@@ -71,6 +71,40 @@ async fn one_sender_eight_receivers_64_mib_identical_copies() -> anyhow::Result<
     Ok(())
 }
 
+/// Loss injected in each receiver's driver (its own 8 %): frames arrive past gaps, the repaired
+/// ones fill them, and the receiver's hash follows both ways of tagging frames — tree tags
+/// (the hash assembled from the frames' chaining values, frames past a gap waiting) and plain
+/// tags (the prefix hash reading repaired stretches back from the file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossy_receivers_verify_with_tree_tags_and_with_plain_tags() -> anyhow::Result<()> {
+    for (k, tree_tags) in [true, false].into_iter().enumerate() {
+        let group: SocketAddr = format!("239.77.41.{}:{}", 20 + k, 47130 + 2 * k).parse()?;
+        let tmp = tempfile::tempdir()?;
+        let source = tmp.path().join("lossy.bin");
+        let hash = random_file(&source, (12 << 20) + 777, 11 + k as u64);
+        let secret = b"loopback test cluster".to_vec();
+        let mut receivers = Vec::new();
+        for i in 0..3u64 {
+            let mut o = receive_options(group, 300 + i, &secret, &tmp.path().join(format!("member-{i}")), Duration::from_secs(120));
+            o.inject_loss = 0.08;
+            receivers.push(tokio::spawn(receive(o)));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut config = sender_config(group, 47131 + 2 * k as u16);
+        config.tree_tags = tree_tags;
+        let members: Vec<Member> = (0..3).map(|i| Member { id: 300 + i, unicast: None }).collect();
+        let opts = SendOptions { config, interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 43, name: "lossy.bin".into(), members };
+        let out = tokio::time::timeout(Duration::from_secs(120), send_file(&source, opts)).await??;
+        assert_eq!(out.report.outcome, Outcome::Complete, "tree tags {tree_tags}: {:?}", out.report);
+        assert!(out.stats.frames_sent > (12 << 20) / 8192, "tree tags {tree_tags}: loss made repairs");
+        for r in receivers {
+            let got: Received = r.await??;
+            assert_eq!(blake3::hash(&std::fs::read(&got.path)?).as_bytes(), &hash, "tree tags {tree_tags}");
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_without_the_cluster_key_delivers_nothing() -> anyhow::Result<()> {
     let group: SocketAddr = "239.77.41.8:47120".parse()?;

@@ -25,6 +25,7 @@
 mod sys;
 
 use cm_mctp::sender::SenderStats;
+use cm_mctp::tree::{frame_cv, FrameTree, TreeLayout};
 use cm_mctp::{
     Dest, Keys, Member, Receiver, ReceiverConfig, RxEvent, Sender, SenderConfig, SenderError, SenderEvent, SessionInfo, SessionReport, Time,
     Transmit,
@@ -387,35 +388,108 @@ struct Part {
     session: u64,
     path: PathBuf,
     file: Arc<File>,
-    /// BLAKE3 of the file's contiguous prefix `..hashed`, fed as frames arrive in order, so the
-    /// final verification only reads back what came out of order (nothing, on a clean pass).
-    hasher: blake3::Hasher,
-    hashed: u64,
+    size: u64,
+    /// The file's hash so far, fed as frames are written, so the final verification only reads
+    /// back what it could not follow (nothing, on a clean pass).
+    hash: PrefixHash,
     /// Bytes written since writeback was last started.
     dirty: u64,
     durable: bool,
 }
 
+/// How a receiver follows the file's BLAKE3 while frames arrive.
+#[derive(Clone)]
+enum PrefixHash {
+    /// Plain-tagged frames: BLAKE3 of the contiguous prefix `..hashed`, fed in order (frames
+    /// past a gap are read back from the page cache once it is filled).
+    Linear { hasher: blake3::Hasher, hashed: u64 },
+    /// Tree-tagged frames: their chaining values (computed when the tag was checked), merged
+    /// in order; no byte is hashed twice.
+    Tree { layout: TreeLayout, tree: FrameTree },
+}
+
 impl Part {
-    fn new(session: u64, path: PathBuf, file: File, durable: bool) -> Self {
-        Part { session, path, file: Arc::new(file), hasher: blake3::Hasher::new(), hashed: 0, dirty: 0, durable }
+    fn new(session: u64, path: PathBuf, file: File, size: u64, tree: Option<TreeLayout>, durable: bool) -> Self {
+        let hash = match tree {
+            Some(layout) => PrefixHash::Tree { layout, tree: FrameTree::new(layout.frames) },
+            None => PrefixHash::Linear { hasher: blake3::Hasher::new(), hashed: 0 },
+        };
+        Part { session, path, file: Arc::new(file), size, hash, dirty: 0, durable }
     }
 }
 
-/// Finishes a part's hash (reads `hashed..size` back) and, when `durable`, flushes the file:
-/// the slow end of a transfer, run on a helper thread so the receiver keeps answering meanwhile.
-fn finish_and_flush(file: &File, mut hasher: blake3::Hasher, mut hashed: u64, size: u64, durable: bool) -> io::Result<[u8; 32]> {
-    let mut buf = vec![0u8; 1 << 20];
-    while hashed < size {
-        let n = (size - hashed).min(buf.len() as u64) as usize;
-        file.read_exact_at(&mut buf[..n], hashed)?;
-        hasher.update(&buf[..n]);
-        hashed += n as u64;
+impl PrefixHash {
+    /// A frame was written: follow it.
+    fn written(&mut self, offset: u64, seq: u32, bytes: &[u8], cv: Option<[u8; 32]>) {
+        match self {
+            PrefixHash::Linear { hasher, hashed } => {
+                if offset == *hashed {
+                    hasher.update(bytes);
+                    *hashed += bytes.len() as u64;
+                }
+            }
+            // A frame without a CV (a plain-tagged repair from an older GL) is read back.
+            PrefixHash::Tree { tree, .. } => {
+                if let Some(cv) = cv {
+                    tree.add(seq, cv);
+                }
+            }
+        }
     }
+
+    /// Reads back from `file` what the hash could not follow, from where it stands up to byte
+    /// `upto` (the end of what is written contiguously from there, per `held_through`), at most
+    /// `budget` bytes.
+    fn catch_up(&mut self, file: &File, size: u64, budget: u64, held_through: impl Fn(u64) -> u64) -> io::Result<()> {
+        match self {
+            PrefixHash::Linear { hasher, hashed } => {
+                let end = held_through(*hashed).min(hashed.saturating_add(budget));
+                let mut buf = vec![0u8; (end - *hashed).min(1 << 20) as usize];
+                while *hashed < end {
+                    let n = (end - *hashed).min(buf.len() as u64) as usize;
+                    file.read_exact_at(&mut buf[..n], *hashed)?;
+                    hasher.update(&buf[..n]);
+                    *hashed += n as u64;
+                }
+            }
+            PrefixHash::Tree { layout, tree } => {
+                let fs = u64::from(layout.frame_size);
+                let mut buf = Vec::new();
+                let mut spent = 0;
+                while let Some(seq) = tree.needs() {
+                    let offset = u64::from(seq) * fs;
+                    if spent >= budget || held_through(offset) <= offset {
+                        break;
+                    }
+                    let n = (size - offset).min(fs) as usize;
+                    buf.resize(n, 0);
+                    file.read_exact_at(&mut buf[..n], offset)?;
+                    tree.add(seq, frame_cv(offset, &buf[..n]));
+                    spent += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The file's BLAKE3 once everything up to `size` has been followed.
+    fn root(&self) -> Option<[u8; 32]> {
+        match self {
+            PrefixHash::Linear { hasher, .. } => Some(*hasher.finalize().as_bytes()),
+            PrefixHash::Tree { tree, .. } => tree.root(),
+        }
+    }
+}
+
+/// Finishes a part's hash (reads back whatever it did not follow; every frame is written by
+/// now) and, when `durable`, flushes the file: the slow end of a transfer, run on a helper
+/// thread so the receiver keeps answering meanwhile.
+fn finish_and_flush(file: &File, mut hash: PrefixHash, size: u64, durable: bool) -> io::Result<[u8; 32]> {
+    hash.catch_up(file, size, u64::MAX, |_| size)?;
     if durable {
         file.sync_all()?;
     }
-    Ok(*hasher.finalize().as_bytes())
+    hash.root().ok_or_else(|| io::Error::other("hash incomplete after reading the whole file"))
 }
 
 /// One frame received and not yet written: where its bytes sit in the receive batch.
@@ -426,6 +500,7 @@ struct PendingWrite {
     slot: usize,
     start: usize,
     len: usize,
+    cv: Option<[u8; 32]>,
 }
 
 /// The receiving side's state between datagrams.
@@ -530,6 +605,7 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
                             slot,
                             start: w.bytes.as_ptr() as usize - base,
                             len: w.bytes.len(),
+                            cv: w.cv,
                         });
                         // A new session's file is opened before its first write is flushed;
                         // writes still pending for a session that just ended are refused at
@@ -588,16 +664,9 @@ impl RxDriver {
             return;
         }
         let Some(p) = self.part.as_mut() else { return };
-        let end = self.rx.held_through(p.hashed).min(p.hashed + budget);
-        let mut buf = [0u8; 64 << 10];
-        while p.hashed < end {
-            let n = (end - p.hashed).min(buf.len() as u64) as usize;
-            if p.file.read_exact_at(&mut buf[..n], p.hashed).is_err() {
-                return; // the verification reads it again and decides
-            }
-            p.hasher.update(&buf[..n]);
-            p.hashed += n as u64;
-        }
+        let rx = &self.rx;
+        // A read error leaves the hash where it stands: the verification reads again and decides.
+        let _ = p.hash.catch_up(&p.file, p.size, budget, |offset| rx.held_through(offset));
     }
 
     /// Writes the pending frames (runs of contiguous ones with one `pwritev`), then confirms
@@ -618,10 +687,7 @@ impl RxDriver {
                     match sys::pwrite_all(&p.file, &pieces, run[0].offset) {
                         Ok(()) => {
                             for (w, bytes) in run.iter().zip(&pieces) {
-                                if w.offset == p.hashed {
-                                    p.hasher.update(bytes);
-                                    p.hashed += bytes.len() as u64;
-                                }
+                                p.hash.written(w.offset, w.seq, bytes, w.cv);
                             }
                             p.dirty += pieces.iter().map(|b| b.len() as u64).sum::<u64>();
                             if p.durable && p.dirty >= WRITEBACK_EVERY {
@@ -665,7 +731,7 @@ impl RxDriver {
     fn handle_events(&mut self, now: Time) -> Result<(), MctpDriverError> {
         while let Some(e) = self.rx.poll_event() {
             match e {
-                RxEvent::Started { session, info, resumed } => {
+                RxEvent::Started { session, info, resumed, tree } => {
                     let path = part_path(&self.dir, &info);
                     let open = if resumed && path.exists() {
                         std::fs::OpenOptions::new().write(true).read(true).open(&path)
@@ -676,18 +742,18 @@ impl RxDriver {
                         // A resumed file's prefix hash is rebuilt from disk at verification.
                         Ok(file) => {
                             tracing::debug!(session, resumed, "session started");
-                            self.part = Some(Part::new(session, path, file, self.durable));
+                            self.part = Some(Part::new(session, path, file, info.size, tree, self.durable));
                         }
                         Err(e) => self.rx.storage_failed(session, format!("create {}: {e}", path.display())),
                     }
                 }
                 RxEvent::Verify { session, info } => match self.part.as_ref().filter(|p| p.session == session) {
                     Some(p) => {
-                        let (file, hasher, hashed, durable) = (p.file.clone(), p.hasher.clone(), p.hashed, p.durable);
+                        let (file, hash, durable) = (p.file.clone(), p.hash.clone(), p.durable);
                         tracing::debug!(session, "every frame held; verifying");
                         let (tx, verdict) = mpsc::channel();
                         std::thread::spawn(move || {
-                            let ok = finish_and_flush(&file, hasher, hashed, info.size, durable).is_ok_and(|h| h == info.hash);
+                            let ok = finish_and_flush(&file, hash, info.size, durable).is_ok_and(|h| h == info.hash);
                             let _ = tx.send(ok);
                         });
                         self.verifying = Some((session, verdict));

@@ -17,6 +17,7 @@ pub mod receiver;
 pub mod sender;
 pub mod sim;
 pub mod time;
+pub mod tree;
 pub mod wire;
 
 pub use keys::Keys;

@@ -13,6 +13,7 @@
 use crate::frameset::FrameSet;
 use crate::keys::{Keys, PayloadCipher};
 use crate::time::Time;
+use crate::tree::TreeLayout;
 use crate::wire::{self, Announce, Checkpoint, Message, Report, ReportStatus, SessionInfo, Solicit, MAX_RUNS_PER_REPORT};
 use crate::{DropCounts, MemberId};
 use cm_wire::mac::TAG_LEN;
@@ -46,6 +47,8 @@ pub struct Write<'a> {
     pub seq: u32,
     pub offset: u64,
     pub bytes: &'a [u8],
+    /// The payload's BLAKE3 chaining value, in a tree-tagged session (see [`crate::tree`]).
+    pub cv: Option<[u8; 32]>,
 }
 
 /// What the receiver tells its driver.
@@ -53,7 +56,9 @@ pub struct Write<'a> {
 pub enum RxEvent {
     /// A session began. Prepare a file of `info.size` bytes keyed by `info.hash`; when `resumed`
     /// is true, the same content was already partly received (a new GL took over): keep the file.
-    Started { session: u64, info: SessionInfo, resumed: bool },
+    /// `tree` is set when frames come tree-tagged: the file's hash can then be assembled from
+    /// the writes' [`Write::cv`] instead of hashing the file.
+    Started { session: u64, info: SessionInfo, resumed: bool, tree: Option<TreeLayout> },
     /// Every frame is held: hash the file and call [`Receiver::verified`].
     Verify { session: u64, info: SessionInfo },
     /// The verified assignment may be handed on (to the interpreter).
@@ -104,6 +109,20 @@ struct GapsDue {
     checkpoint: u32,
     from: u32,
     upto: u32,
+}
+
+impl Session {
+    /// The frame belongs to this session's assignment, its sequence number is in range and its
+    /// length is exactly that frame's.
+    fn frame_in_range(&self, h: &wire::DataHeader) -> bool {
+        let fs = u64::from(self.announce.frame_size);
+        h.seq < self.frames && h.assignment == self.announce.info.assignment && u64::from(h.len) == (self.announce.info.size - u64::from(h.seq) * fs).min(fs)
+    }
+}
+
+/// The layout a member assembles the hash with, when the session is tree-tagged.
+fn tree_layout(a: &Announce) -> Option<TreeLayout> {
+    a.tree.then(|| TreeLayout { frame_size: a.frame_size, frames: a.frame_count() })
 }
 
 /// Datagrams one checkpoint answer may take; more gaps than fit wait for the end of the pass.
@@ -177,6 +196,9 @@ impl Receiver {
     /// Feeds one datagram (from the data channel, a unicast, or an announcement carried by the
     /// election heartbeat). Decrypts in place. Apply the returned [`Write`] before polling events.
     pub fn handle_datagram<'a>(&mut self, now: Time, from: SocketAddr, datagram: &'a mut [u8]) -> Option<Write<'a>> {
+        if let Some((session, seq)) = wire::tree_frame_claim(datagram) {
+            return self.on_tree_frame(now, session, seq, datagram);
+        }
         let (header, payload_len, announce, solicit) = match wire::open(&self.keys, datagram) {
             Err(e) => {
                 self.stats.dropped.count(&e);
@@ -214,14 +236,43 @@ impl Receiver {
             return None;
         };
         sess.last_heard = now;
-        let fs = u64::from(sess.announce.frame_size);
-        let expected_len = if h.seq < sess.frames { (sess.announce.info.size - u64::from(h.seq) * fs).min(fs) } else { u64::MAX };
-        if u64::from(h.len) != expected_len || h.assignment != sess.announce.info.assignment {
+        if !sess.frame_in_range(&h) {
             self.stats.dropped.out_of_range += 1;
             return None;
         }
         let end = datagram.len() - TAG_LEN;
         self.accept_frame(now, h.seq, &mut datagram[end - payload_len..end])
+    }
+
+    /// A tree-tagged data frame: found by its (unverified) session and sequence number, then
+    /// verified with the session's frame size.
+    fn on_tree_frame<'a>(&mut self, now: Time, session: u64, seq: u32, datagram: &'a mut [u8]) -> Option<Write<'a>> {
+        let Some(sess) = self.session.as_mut().filter(|s| s.announce.session == session && s.announce.tree) else {
+            // Unverifiable without the session's frame size: foreign, stale or forged.
+            self.stats.dropped.foreign_session += 1;
+            return None;
+        };
+        if sess.state != State::Receiving || sess.held.contains(seq) {
+            // A repair of a frame we hold: skipped before hashing it (the claim is unverified,
+            // so a forgery lands here too, and changes nothing).
+            self.stats.duplicates += 1;
+            return None;
+        }
+        let frame = match wire::open_tree_data(&self.keys, datagram, sess.announce.frame_size) {
+            Ok(f) => f,
+            Err(e) => {
+                self.stats.dropped.count(&e);
+                return None;
+            }
+        };
+        sess.last_heard = now;
+        let h = frame.header;
+        if !sess.frame_in_range(&h) {
+            self.stats.dropped.out_of_range += 1;
+            return None;
+        }
+        let cv = frame.cv;
+        self.accept_frame(now, h.seq, &mut datagram[frame.payload]).map(|w| Write { cv: Some(cv), ..w })
     }
 
     /// Common path for a data frame's payload (or an inline announcement's): dedupe, decrypt,
@@ -247,7 +298,7 @@ impl Receiver {
             None => payload,
         };
         let offset = u64::from(seq) * u64::from(sess.announce.frame_size);
-        Some(Write { session: sess.announce.session, seq, offset, bytes: plain })
+        Some(Write { session: sess.announce.session, seq, offset, bytes: plain, cv: None })
     }
 
     /// The driver stored `write` durably enough: the frame now counts as held. When it was the
@@ -293,7 +344,7 @@ impl Receiver {
             if s.state == State::Complete {
                 self.schedule_report(now, 0, Duration::from_millis(20));
             } else {
-                self.events.push_back(RxEvent::Started { session: a.session, info: a.info.clone(), resumed: true });
+                self.events.push_back(RxEvent::Started { session: a.session, info: a.info.clone(), resumed: true, tree: tree_layout(&a) });
             }
             return false;
         }
@@ -307,6 +358,7 @@ impl Receiver {
             });
         }
         let frames = a.frame_count();
+        let tree = tree_layout(&a);
         let already = self.held_hashes.contains(&a.info.hash);
         let info = a.info.clone();
         let session = a.session;
@@ -328,7 +380,7 @@ impl Receiver {
             self.schedule_report(now, 0, Duration::from_millis(20));
             false
         } else {
-            self.events.push_back(RxEvent::Started { session, info, resumed: false });
+            self.events.push_back(RxEvent::Started { session, info, resumed: false, tree });
             inline
         }
     }

@@ -42,6 +42,10 @@ pub struct SenderConfig {
     pub min_rate: u64,
     /// Encrypt frame payloads (ChaCha20-Poly1305) in addition to authenticating them.
     pub encrypt: bool,
+    /// Tree-tag the frames (see [`crate::tree`]) when the session allows it: not encrypted, a
+    /// power-of-two frame size of at least 1 KiB, more than one frame. Members then hash each
+    /// payload once instead of twice. Off only to compare or to test the plain tags.
+    pub tree_tags: bool,
     /// Announcements sent before pass 1, `announce_interval` apart.
     pub announce_count: u32,
     pub announce_interval: Duration,
@@ -89,6 +93,7 @@ impl SenderConfig {
             max_rate: 125_000_000,
             min_rate: 500_000,
             encrypt: false,
+            tree_tags: true,
             announce_count: 3,
             announce_interval: Duration::from_millis(20),
             reannounce_interval: Duration::from_millis(500),
@@ -379,6 +384,7 @@ impl Sender {
             rate: cfg.initial_rate,
             report_port: cfg.report_port,
             encrypted: cfg.encrypt,
+            tree: cfg.tree_tags && !cfg.encrypt && frames > 0 && crate::tree::frame_size_fits_tree(cfg.frame_size),
             pass: 0,
             inline,
         };
@@ -489,7 +495,8 @@ impl Sender {
     /// Fills `out` with the datagram for `frame`; `fill` receives the payload slice to read the
     /// assignment's bytes into (at `frame.offset`, exactly `frame.header.len` bytes).
     pub fn encode_frame<E>(&self, frame: &FrameRequest, out: &mut Vec<u8>, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<(), E> {
-        wire::encode_data(&self.keys, self.cipher.as_ref(), &frame.header, out, fill)
+        let tag = if self.announce.tree { wire::FrameTag::Tree { offset: frame.offset } } else { wire::FrameTag::Plain };
+        wire::encode_data(&self.keys, self.cipher.as_ref(), tag, &frame.header, out, fill)
     }
 
     /// When the driver should call [`Sender::handle_timeout`] or [`Sender::poll_transmit`] next.

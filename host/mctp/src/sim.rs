@@ -14,6 +14,7 @@
 //! - the session ends (the GL finishes) within a bounded virtual time.
 
 use crate::sender::{Dest, Member, Outcome, Sender, SenderConfig, SenderEvent, SessionReport, Transmit};
+use crate::tree::{frame_cv, FrameTree, TreeLayout};
 use crate::{Keys, Receiver, ReceiverConfig, RxEvent, SessionInfo, Time};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -109,7 +110,8 @@ impl SimConfig {
         let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0xc0ff_ee00);
         let mut c = SimConfig::new(seed);
         c.members = r.random_range(1..=10);
-        c.frame_size = r.random_range(64..=512);
+        // Sometimes a power of two of at least 1 KiB, so frames come tree-tagged.
+        c.frame_size = if r.random_bool(0.3) { 1024 << r.random_range(0..2) } else { r.random_range(64..=512) };
         c.size = match r.random_range(0..10) {
             0 => r.random_range(0..=u64::from(c.frame_size)), // inline
             _ => r.random_range(1..=40_000),
@@ -156,6 +158,8 @@ pub struct SimResult {
     pub overrun: u64,
     /// The finishing GL's counters.
     pub stats: crate::SenderStats,
+    /// Frames members wrote that came tree-tagged (with a chaining value).
+    pub tree_writes: u64,
 }
 
 /// A broken invariant, with the seed that replays it.
@@ -199,6 +203,8 @@ struct SimMember {
     verifying: Option<(Time, u64)>,
     /// With a capacity: when this member will have processed everything queued for it.
     busy_until: Time,
+    /// In a tree-tagged session: the hash assembled from the writes' CVs, as the driver does.
+    tree: Option<(TreeLayout, FrameTree)>,
 }
 
 /// The sender configuration the simulation uses (quick timers for virtual time).
@@ -230,6 +236,7 @@ struct Sim {
     frames_sent: u64,
     frame_buf: Vec<u8>,
     overrun: u64,
+    tree_writes: u64,
 }
 
 /// Runs one seeded session to its end and checks the invariants.
@@ -239,8 +246,8 @@ pub fn run(cfg: &SimConfig) -> Result<SimResult, Violation> {
     rng.fill(&mut content[..]);
     let info = SessionInfo { assignment: 77, name: "sim/assignment".into(), size: cfg.size, hash: *blake3::hash(&content).as_bytes() };
     let keys = Keys::derive(b"simulated cluster");
-    let members = (0..cfg.members).map(|_| SimMember { rx: None, disk: Vec::new(), delivered: false, burst_bad: false, verifying: None, busy_until: Time::ZERO }).collect();
-    let sim = Sim { cfg: cfg.clone(), keys, content, info, net: rng, now: Time::ZERO, queue: BinaryHeap::new(), seq: 0, gl: None, members, frames_sent: 0, frame_buf: Vec::new(), overrun: 0 };
+    let members = (0..cfg.members).map(|_| SimMember { rx: None, disk: Vec::new(), delivered: false, burst_bad: false, verifying: None, busy_until: Time::ZERO, tree: None }).collect();
+    let sim = Sim { cfg: cfg.clone(), keys, content, info, net: rng, now: Time::ZERO, queue: BinaryHeap::new(), seq: 0, gl: None, members, frames_sent: 0, frame_buf: Vec::new(), overrun: 0, tree_writes: 0 };
     sim.go()
 }
 
@@ -399,7 +406,7 @@ impl Sim {
             && self.now >= at
         {
             self.members[i].verifying = None;
-            let ok = blake3::hash(&self.members[i].disk).as_bytes() == &self.info.hash;
+            let ok = self.member_hash_ok(i);
             rx.verified(self.now, session, ok);
         }
         rx.handle_timeout(self.now);
@@ -416,20 +423,41 @@ impl Sim {
         result
     }
 
+    /// The member's verification: the tree's root (CVs it lacks computed from its disk, as the
+    /// driver reads them back), or BLAKE3 of its disk.
+    fn member_hash_ok(&mut self, i: usize) -> bool {
+        let m = &mut self.members[i];
+        match m.tree.as_mut() {
+            Some((layout, tree)) => {
+                let fs = usize::from(layout.frame_size);
+                while let Some(seq) = tree.needs() {
+                    let at = seq as usize * fs;
+                    let Some(bytes) = m.disk.get(at..(at + fs).min(m.disk.len())) else { return false };
+                    tree.add(seq, frame_cv(at as u64, bytes));
+                }
+                tree.root() == Some(self.info.hash)
+            }
+            None => blake3::hash(&m.disk).as_bytes() == &self.info.hash,
+        }
+    }
+
     fn member_events(&mut self, i: usize, rx: &mut Receiver) -> Result<(), Violation> {
         while let Some(e) = rx.poll_event() {
             match e {
-                RxEvent::Started { info, resumed, .. } => {
+                RxEvent::Started { info, resumed, tree, .. } => {
                     if !resumed {
                         self.members[i].disk = vec![0; info.size as usize];
                     }
+                    // Like the driver: a resumed file's earlier frames have no CVs here and are
+                    // hashed from the file at verification.
+                    self.members[i].tree = tree.map(|l| (l, FrameTree::new(l.frames)));
                 }
                 RxEvent::Verify { session, .. } if self.cfg.slow_verify.is_some_and(|(m, _)| m == i) => {
                     let delay = self.cfg.slow_verify.map(|(_, d)| d).unwrap_or_default();
                     self.members[i].verifying = Some((self.now + delay, session));
                 }
                 RxEvent::Verify { session, .. } => {
-                    let ok = blake3::hash(&self.members[i].disk).as_bytes() == &self.info.hash;
+                    let ok = self.member_hash_ok(i);
                     rx.verified(self.now, session, ok);
                 }
                 RxEvent::Delivered { .. } => {
@@ -470,6 +498,10 @@ impl Sim {
                         return Err(self.violation(format!("member {i} asked to write past the end of the assignment")));
                     }
                     disk[at..at + w.bytes.len()].copy_from_slice(w.bytes);
+                    if let (Some((_, tree)), Some(cv)) = (self.members[i].tree.as_mut(), w.cv) {
+                        tree.add(w.seq, cv);
+                        self.tree_writes += 1;
+                    }
                     rx.written(w.session, w.seq, w.bytes.len());
                 }
                 self.members[i].rx = Some(rx);
@@ -592,6 +624,6 @@ impl Sim {
         }
         let frames = self.gl.as_ref().map_or(0, |(_, g)| g.frame_count());
         let stats = self.gl.as_ref().map(|(_, g)| g.stats().clone()).unwrap_or_default();
-        Ok(SimResult { report, delivered, alive, virtual_time: self.now.since_origin(), frames_sent: self.frames_sent, frames, overrun: self.overrun, stats })
+        Ok(SimResult { report, delivered, alive, virtual_time: self.now.since_origin(), frames_sent: self.frames_sent, frames, overrun: self.overrun, stats, tree_writes: self.tree_writes })
     }
 }

@@ -29,7 +29,9 @@ impl MacKey {
         MacKey(key)
     }
 
-    fn tag(&self, body: &[u8]) -> [u8; TAG_LEN] {
+    /// The tag of `body` (for layouts that authenticate something other than the datagram's
+    /// own bytes, e.g. a header and a digest of the payload).
+    pub fn tag(&self, body: &[u8]) -> [u8; TAG_LEN] {
         let full = blake3::keyed_hash(&self.0, body);
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&full.as_bytes()[..TAG_LEN]);
@@ -47,10 +49,14 @@ impl MacKey {
     pub fn open<'a>(&self, datagram: &'a [u8]) -> Option<&'a [u8]> {
         let split = datagram.len().checked_sub(TAG_LEN)?;
         let (body, tag) = datagram.split_at(split);
+        self.verify(body, tag).then_some(body)
+    }
+
+    /// True when `tag` is the tag of `body`. Comparison is constant-time.
+    pub fn verify(&self, body: &[u8], tag: &[u8]) -> bool {
         let want = self.tag(body);
         // Constant-time compare: fold the XOR of every byte.
-        let diff = want.iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        (diff == 0).then_some(body)
+        tag.len() == TAG_LEN && want.iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
     }
 }
 

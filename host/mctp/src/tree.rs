@@ -1,0 +1,204 @@
+//! The file's BLAKE3, assembled from its frames' chaining values ("tree-tagged" sessions).
+//!
+//! When the frame size is a power of two of at least one BLAKE3 chunk (1 KiB), every frame is
+//! a whole subtree of the file's BLAKE3 tree: its chaining value (CV) depends only on its bytes
+//! and its offset. A tree-tagged data frame is authenticated by a tag over its header and that
+//! CV (see [`crate::wire`]), so a member hashes each payload once, and the same CVs, merged,
+//! give the file's BLAKE3: no second pass over the content to verify it.
+//!
+//! [`FrameTree`] merges CVs in frame order exactly as BLAKE3's own incremental hasher merges
+//! chunk CVs (a stack of power-of-two subtrees, merged lazily so the last merge can be the
+//! root). Frames that arrive ahead of a gap wait in a bounded map; past the bound their CVs are
+//! dropped and the driver recomputes them from the file when the gap is filled.
+//!
+//! Invariant: the root is only ever produced from the CVs of every frame `0..frames`, merged in
+//! order, so it equals `blake3::hash(file)` exactly when every CV was computed over the bytes
+//! that were written (which the driver guarantees by adding a CV only after its write).
+
+use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode};
+use std::collections::BTreeMap;
+
+/// Most CVs held for frames ahead of the in-order point (32 bytes each plus the map's own
+/// overhead: about 4 MiB at the bound). Frames past it are re-read from the file instead.
+pub const MAX_AHEAD: usize = 65_536;
+
+/// What a member needs to assemble a tree-tagged session's hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TreeLayout {
+    pub frame_size: u16,
+    pub frames: u32,
+}
+
+/// True when frames of `frame_size` bytes are whole subtrees of the BLAKE3 tree.
+pub fn frame_size_fits_tree(frame_size: u16) -> bool {
+    frame_size.is_power_of_two() && usize::from(frame_size) >= blake3::CHUNK_LEN
+}
+
+/// The chaining value of `bytes` as the subtree of the file's BLAKE3 tree starting at `offset`.
+///
+/// The caller guarantees `offset` is a multiple of the frame size (a power of two of at least
+/// one chunk), `bytes.len()` is at most the frame size, and the file spans more than one frame
+/// (so no frame is the root).
+pub fn frame_cv(offset: u64, bytes: &[u8]) -> ChainingValue {
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset(offset);
+    h.update(bytes);
+    h.finalize_non_root()
+}
+
+/// The in-order assembly of a file's BLAKE3 from its frames' CVs.
+#[derive(Debug, Clone)]
+pub struct FrameTree {
+    frames: u32,
+    /// Frames `0..next` are merged into `stack`.
+    next: u32,
+    stack: Vec<ChainingValue>,
+    ahead: BTreeMap<u32, ChainingValue>,
+    /// CVs dropped because `ahead` was full (the driver recomputes them from the file).
+    pub dropped: u64,
+}
+
+impl FrameTree {
+    /// A tree of `frames` frames; `frames` must be at least 2 (a smaller file has no frames).
+    pub fn new(frames: u32) -> Self {
+        assert!(frames >= 2, "a tree-tagged session has at least two frames");
+        FrameTree { frames, next: 0, stack: Vec::with_capacity(33), ahead: BTreeMap::new(), dropped: 0 }
+    }
+
+    /// Records frame `seq`'s CV. Duplicates and frames out of range are ignored.
+    pub fn add(&mut self, seq: u32, cv: ChainingValue) {
+        if seq < self.next || seq >= self.frames {
+            return;
+        }
+        if seq > self.next {
+            if self.ahead.len() < MAX_AHEAD {
+                self.ahead.insert(seq, cv);
+            } else if !self.ahead.contains_key(&seq) {
+                self.dropped += 1;
+            }
+            return;
+        }
+        self.push(cv);
+        while let Some(cv) = self.ahead.remove(&self.next) {
+            self.push(cv);
+        }
+    }
+
+    fn push(&mut self, cv: ChainingValue) {
+        // Before frame `next` joins, merge the completed subtrees of the `next` frames already
+        // in: after merging, the stack holds one subtree per set bit of `next` (BLAKE3's rule).
+        // The newest subtree is never merged until a later frame arrives, so the final merge
+        // can be the root.
+        let keep = self.next.count_ones() as usize;
+        while self.stack.len() > keep {
+            let right = self.stack.pop().expect("stack longer than keep");
+            let left = self.stack.pop().expect("stack longer than keep");
+            self.stack.push(merge_subtrees_non_root(&left, &right, Mode::Hash));
+        }
+        self.stack.push(cv);
+        self.next += 1;
+    }
+
+    /// The first frame not yet merged, when its CV is not waiting ahead (the driver must
+    /// compute it from the file once that frame is held). `None` when every frame is merged
+    /// or the next one's CV is already here.
+    pub fn needs(&self) -> Option<u32> {
+        (self.next < self.frames && !self.ahead.contains_key(&self.next)).then_some(self.next)
+    }
+
+    /// Frames merged in order so far.
+    pub fn merged(&self) -> u32 {
+        self.next
+    }
+
+    /// The file's BLAKE3, once every frame is merged.
+    pub fn root(&self) -> Option<[u8; 32]> {
+        if self.next < self.frames {
+            return None;
+        }
+        let mut stack = self.stack.clone();
+        while stack.len() > 2 {
+            let right = stack.pop()?;
+            let left = stack.pop()?;
+            stack.push(merge_subtrees_non_root(&left, &right, Mode::Hash));
+        }
+        let [left, right] = stack.as_slice() else { return None };
+        Some(*merge_subtrees_root(left, right, Mode::Hash).as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+
+    fn cvs(data: &[u8], fs: usize) -> Vec<ChainingValue> {
+        data.chunks(fs).enumerate().map(|(i, c)| frame_cv((i * fs) as u64, c)).collect()
+    }
+
+    #[test]
+    fn fitting_frame_sizes() {
+        assert!(frame_size_fits_tree(1024) && frame_size_fits_tree(8192) && frame_size_fits_tree(32768));
+        assert!(!frame_size_fits_tree(512) && !frame_size_fits_tree(1400) && !frame_size_fits_tree(8800));
+    }
+
+    #[test]
+    fn exact_powers_and_one_byte_over() {
+        for fs in [1024usize, 2048, 8192] {
+            for frames in [2usize, 3, 4, 5, 7, 8, 9, 16, 17, 33] {
+                for extra in [0usize, 1] {
+                    let len = fs * frames + extra;
+                    let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+                    let n = len.div_ceil(fs) as u32;
+                    let mut t = FrameTree::new(n);
+                    for (i, cv) in cvs(&data, fs).into_iter().enumerate() {
+                        t.add(i as u32, cv);
+                    }
+                    assert_eq!(t.root(), Some(*blake3::hash(&data).as_bytes()), "fs {fs} len {len}");
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Any length, any fitting frame size, frames in any order (with duplicates): the root
+        /// is BLAKE3 of the whole.
+        #[test]
+        fn root_is_blake3_in_any_order(len in 1025usize..200_000, shift in 0u32..4, seed: u64, dups in 0usize..20) {
+            let fs = 1024usize << shift;
+            prop_assume!(len > fs);
+            let data: Vec<u8> = (0..len).map(|i| (i as u64).wrapping_mul(seed | 1).to_le_bytes()[3]).collect();
+            let all = cvs(&data, fs);
+            let mut order: Vec<u32> = (0..all.len() as u32).collect();
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            order.shuffle(&mut rng);
+            order.extend(order.clone().into_iter().take(dups));
+            let mut t = FrameTree::new(all.len() as u32);
+            for (k, seq) in order.iter().enumerate() {
+                prop_assert_eq!(t.root().is_some(), k >= all.len() && t.merged() == all.len() as u32);
+                t.add(*seq, all[*seq as usize]);
+            }
+            prop_assert_eq!(t.root(), Some(*blake3::hash(&data).as_bytes()));
+        }
+    }
+
+    #[test]
+    fn wrong_cv_gives_wrong_root_and_dropped_cvs_are_asked_for() {
+        let fs = 1024;
+        let data = vec![7u8; fs * 5 + 10];
+        let all = cvs(&data, fs);
+        let mut t = FrameTree::new(all.len() as u32);
+        t.add(1, all[1]);
+        assert_eq!(t.needs(), Some(0));
+        t.add(0, all[0]);
+        assert_eq!(t.needs(), Some(2), "frame 1 was waiting ahead and merged");
+        for (i, cv) in all.iter().enumerate().skip(2) {
+            t.add(i as u32, if i == 4 { [0; 32] } else { *cv });
+        }
+        assert_eq!(t.needs(), None);
+        assert_ne!(t.root(), Some(*blake3::hash(&data).as_bytes()));
+    }
+}

@@ -120,6 +120,9 @@ impl Session {
     }
 }
 
+/// How long a member that already holds an announced assignment may wait to say so.
+const HELD_ANSWER_SPREAD: Duration = Duration::from_millis(4);
+
 /// The layout a member assembles the hash with, when the session is tree-tagged.
 fn tree_layout(a: &Announce) -> Option<TreeLayout> {
     a.tree.then(|| TreeLayout { frame_size: a.frame_size, frames: a.frame_count() })
@@ -376,8 +379,10 @@ impl Receiver {
         });
         if already {
             self.events.push_back(RxEvent::AlreadyHeld { session, info });
-            // Answer at once (spread a little so a thousand members do not collide).
-            self.schedule_report(now, 0, Duration::from_millis(20));
+            // Answer at once, spread over a few milliseconds so a thousand members do not
+            // collide, yet inside the GL's announcing phase (announcements 5 ms apart), so a GL
+            // whose members all hold the content sends none of it.
+            self.schedule_report(now, 0, HELD_ANSWER_SPREAD);
             false
         } else {
             self.events.push_back(RxEvent::Started { session, info, resumed: false, tree });

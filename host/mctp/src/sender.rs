@@ -46,7 +46,9 @@ pub struct SenderConfig {
     /// power-of-two frame size of at least 1 KiB, more than one frame. Members then hash each
     /// payload once instead of twice. Off only to compare or to test the plain tags.
     pub tree_tags: bool,
-    /// Announcements sent before pass 1, `announce_interval` apart.
+    /// Announcements sent before pass 1, `announce_interval` apart. The interval is short (a
+    /// LAN's round trip is well under a millisecond): members that already hold the content
+    /// answer within it, and every session's first frame waits `(count − 1) × interval`.
     pub announce_count: u32,
     pub announce_interval: Duration,
     /// The announcement is repeated this often during the session, for members that join late.
@@ -84,6 +86,11 @@ pub struct SenderConfig {
 }
 
 impl SenderConfig {
+    /// Whether a session of `size` bytes under this configuration sends tree-tagged frames.
+    pub fn tree_tagged(&self, size: u64) -> bool {
+        self.tree_tags && !self.encrypt && size > u64::from(self.frame_size) && crate::tree::frame_size_fits_tree(self.frame_size)
+    }
+
     pub fn new(group: SocketAddr, report_port: u16) -> Self {
         SenderConfig {
             group,
@@ -95,7 +102,7 @@ impl SenderConfig {
             encrypt: false,
             tree_tags: true,
             announce_count: 3,
-            announce_interval: Duration::from_millis(20),
+            announce_interval: Duration::from_millis(5),
             reannounce_interval: Duration::from_millis(500),
             report_slot: Duration::from_millis(2),
             max_report_window: Duration::from_secs(1),
@@ -320,6 +327,8 @@ pub struct Sender {
     repairs: FrameSet,
     next_send: Time,
     next_announce: Time,
+    /// Every frame's chaining value when the driver provided them (tree-tagged sessions).
+    frame_cvs: Vec<[u8; 32]>,
     stall: u32,
     /// Consecutive rounds without progress, including those excused because a member was
     /// verifying: it paces the asking-again backoff.
@@ -377,6 +386,7 @@ impl Sender {
             }
             v
         });
+        let size = info.size;
         let announce = Announce {
             session,
             info,
@@ -384,7 +394,7 @@ impl Sender {
             rate: cfg.initial_rate,
             report_port: cfg.report_port,
             encrypted: cfg.encrypt,
-            tree: cfg.tree_tags && !cfg.encrypt && frames > 0 && crate::tree::frame_size_fits_tree(cfg.frame_size),
+            tree: cfg.tree_tagged(size),
             pass: 0,
             inline,
         };
@@ -427,6 +437,7 @@ impl Sender {
             repairs: FrameSet::new(frames),
             next_send: now,
             next_announce: now,
+            frame_cvs: Vec::new(),
             stall: 0,
             idle: 0,
             prev_complete: 0,
@@ -495,8 +506,30 @@ impl Sender {
     /// Fills `out` with the datagram for `frame`; `fill` receives the payload slice to read the
     /// assignment's bytes into (at `frame.offset`, exactly `frame.header.len` bytes).
     pub fn encode_frame<E>(&self, frame: &FrameRequest, out: &mut Vec<u8>, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<(), E> {
-        let tag = if self.announce.tree { wire::FrameTag::Tree { offset: frame.offset } } else { wire::FrameTag::Plain };
+        let tag = if self.announce.tree {
+            wire::FrameTag::Tree { offset: frame.offset, cv: self.frame_cvs.get(frame.header.seq as usize).copied() }
+        } else {
+            wire::FrameTag::Plain
+        };
         wire::encode_data(&self.keys, self.cipher.as_ref(), tag, &frame.header, out, fill)
+    }
+
+    /// True when frames are tree-tagged (see [`crate::tree`]).
+    pub fn tree_tagged(&self) -> bool {
+        self.announce.tree
+    }
+
+    /// Hands over every frame's chaining value, computed when the driver hashed the file
+    /// ([`crate::tree::hash_frames`]), so tagging a frame no longer hashes its payload. Refused
+    /// (false) unless the session is tree-tagged and there is one per frame. The driver must
+    /// send the same bytes it hashed: a frame whose content changed since fails its tag at
+    /// every member and the session ends with a problem report.
+    pub fn set_frame_cvs(&mut self, cvs: Vec<[u8; 32]>) -> bool {
+        let ok = self.announce.tree && cvs.len() == self.frames as usize;
+        if ok {
+            self.frame_cvs = cvs;
+        }
+        ok
     }
 
     /// When the driver should call [`Sender::handle_timeout`] or [`Sender::poll_transmit`] next.

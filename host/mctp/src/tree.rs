@@ -46,6 +46,69 @@ pub fn frame_cv(offset: u64, bytes: &[u8]) -> ChainingValue {
     h.finalize_non_root()
 }
 
+/// Most frames whose CVs [`hash_frames`] keeps (32 bytes each: 16 MiB, a 4 GiB assignment in
+/// 8 KiB frames). Past it a sender computes each frame's CV when it tags the frame.
+pub const MAX_KEPT_CVS: u32 = 1 << 19;
+
+/// BLAKE3 of `size` bytes read by `read(offset, buf)` in frames of `frame_size`, on `threads`
+/// threads (each hashes a contiguous range of frames), and every frame's CV when there are at
+/// most [`MAX_KEPT_CVS`] frames. `frame_size` must fit the tree and `size` exceed one frame.
+/// `read` must fill `buf` exactly (an error stops every thread).
+pub fn hash_frames<E: Send>(
+    size: u64,
+    frame_size: u16,
+    threads: usize,
+    read: impl Fn(u64, &mut [u8]) -> Result<(), E> + Sync,
+) -> Result<([u8; 32], Option<Vec<ChainingValue>>), E> {
+    assert!(frame_size_fits_tree(frame_size) && size > u64::from(frame_size));
+    let fs = u64::from(frame_size);
+    let frames = u32::try_from(size.div_ceil(fs)).expect("frame count fits u32");
+    let threads = u32::try_from(threads.clamp(1, 16)).unwrap_or(1).min(frames);
+    let per = frames.div_ceil(threads);
+    // Reads of 1 MiB (whole frames), hashed frame by frame.
+    let frames_per_read = ((1u64 << 20) / fs).max(1) as u32;
+    let ranges: Vec<(u32, u32)> = (0..threads).map(|t| (t * per, ((t + 1) * per).min(frames))).filter(|(a, b)| a < b).collect();
+    let parts: Vec<Result<Vec<ChainingValue>, E>> = std::thread::scope(|scope| {
+        let read = &read;
+        let handles: Vec<_> = ranges
+            .iter()
+            .map(|&(first, end)| {
+                scope.spawn(move || {
+                    let mut cvs = Vec::with_capacity((end - first) as usize);
+                    let mut buf = vec![0u8; (u64::from(frames_per_read) * fs) as usize];
+                    let mut seq = first;
+                    while seq < end {
+                        let n = frames_per_read.min(end - seq);
+                        let offset = u64::from(seq) * fs;
+                        let len = (u64::from(n) * fs).min(size - offset) as usize;
+                        read(offset, &mut buf[..len])?;
+                        for (i, frame) in buf[..len].chunks(fs as usize).enumerate() {
+                            cvs.push(frame_cv(offset + i as u64 * fs, frame));
+                        }
+                        seq += n;
+                    }
+                    Ok(cvs)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("hashing thread panicked")).collect()
+    });
+    let mut tree = FrameTree::new(frames);
+    let mut all = Vec::with_capacity(if frames <= MAX_KEPT_CVS { frames as usize } else { 0 });
+    let mut seq = 0;
+    for part in parts {
+        for cv in part? {
+            tree.add(seq, cv);
+            if frames <= MAX_KEPT_CVS {
+                all.push(cv);
+            }
+            seq += 1;
+        }
+    }
+    let root = tree.root().expect("every frame hashed");
+    Ok((root, (frames <= MAX_KEPT_CVS).then_some(all)))
+}
+
 /// The in-order assembly of a file's BLAKE3 from its frames' CVs.
 #[derive(Debug, Clone)]
 pub struct FrameTree {
@@ -183,6 +246,24 @@ mod tests {
             }
             prop_assert_eq!(t.root(), Some(*blake3::hash(&data).as_bytes()));
         }
+    }
+
+    #[test]
+    fn hash_frames_matches_blake3_on_any_thread_count() {
+        for (len, fs) in [(2049usize, 1024u16), (5 << 20, 8192), ((3 << 20) + 17, 2048), (70_000, 32768)] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+            for threads in [1, 2, 3, 7] {
+                let (root, kept) = hash_frames::<()>(len as u64, fs, threads, |off, buf| {
+                    buf.copy_from_slice(&data[off as usize..off as usize + buf.len()]);
+                    Ok(())
+                })
+                .unwrap();
+                assert_eq!(root, *blake3::hash(&data).as_bytes(), "len {len} fs {fs} threads {threads}");
+                assert_eq!(kept.unwrap(), cvs(&data, usize::from(fs)));
+            }
+        }
+        let failed = hash_frames(10_000, 1024, 2, |off, _| if off >= 4096 { Err("disk") } else { Ok(()) });
+        assert_eq!(failed, Err("disk"));
     }
 
     #[test]

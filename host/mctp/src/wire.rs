@@ -275,8 +275,9 @@ pub enum FrameTag {
     /// Tag over the whole datagram (optionally with an encrypted payload).
     Plain,
     /// Tag over the header and the payload's chaining value as the subtree of the file at this
-    /// byte offset (`seq × frame_size`).
-    Tree { offset: u64 },
+    /// byte offset (`seq × frame_size`); `cv` when the sender already has it (computed when it
+    /// hashed the file), else it is computed from the payload.
+    Tree { offset: u64, cv: Option<[u8; 32]> },
 }
 
 /// Writes a data frame into `out` (cleared first): header, then `payload_len` bytes produced by
@@ -305,9 +306,9 @@ pub fn encode_data<E>(
             }
             keys.mac().seal(out);
         }
-        FrameTag::Tree { offset } => {
+        FrameTag::Tree { offset, cv } => {
             debug_assert!(cipher.is_none(), "tree-tagged frames are never encrypted");
-            let cv = crate::tree::frame_cv(offset, &out[DATA_HEADER_LEN..]);
+            let cv = cv.unwrap_or_else(|| crate::tree::frame_cv(offset, &out[DATA_HEADER_LEN..]));
             let t = keys.mac().tag(&tree_tag_body(&out[..DATA_HEADER_LEN], &cv));
             out.extend_from_slice(&t);
         }
@@ -321,6 +322,21 @@ fn tree_tag_body(header: &[u8], cv: &[u8; 32]) -> [u8; DATA_HEADER_LEN + 32] {
     b[..DATA_HEADER_LEN].copy_from_slice(header);
     b[DATA_HEADER_LEN..].copy_from_slice(cv);
     b
+}
+
+/// Appends the tree tag to `datagram` (a tree-tagged data frame's header and payload, without
+/// a tag) as a sender of a session with `frame_size` frames would; false, leaving it unchanged,
+/// when it is not laid out as one. For tests and the fuzz target (a sender uses [`encode_data`]).
+pub fn seal_tree_data(keys: &Keys, datagram: &mut Vec<u8>, frame_size: u16) -> bool {
+    let Some(seq) = datagram.get(24..28).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes) else { return false };
+    let payload_len = datagram.len() - DATA_HEADER_LEN;
+    if datagram[..4] != [MAGIC[0], MAGIC[1], VERSION, KIND_DATA_TREE] || payload_len == 0 || payload_len > usize::from(frame_size) || !crate::tree::frame_size_fits_tree(frame_size) {
+        return false;
+    }
+    let cv = crate::tree::frame_cv(u64::from(seq) * u64::from(frame_size), &datagram[DATA_HEADER_LEN..]);
+    let t = keys.mac().tag(&tree_tag_body(&datagram[..DATA_HEADER_LEN], &cv));
+    datagram.extend_from_slice(&t);
+    true
 }
 
 /// The session id and sequence number of what claims to be a tree-tagged data frame. Nothing
@@ -649,12 +665,15 @@ mod tests {
             let h = DataHeader { session, assignment, pass, seq, len: len as u16 };
             let offset = u64::from(seq) * u64::from(fs);
             let mut out = Vec::new();
-            encode_data::<()>(&k, None, FrameTag::Tree { offset }, &h, &mut out, |b| { b.copy_from_slice(&payload); Ok(()) }).unwrap();
+            encode_data::<()>(&k, None, FrameTag::Tree { offset, cv: None }, &h, &mut out, |b| { b.copy_from_slice(&payload); Ok(()) }).unwrap();
             prop_assert_eq!(tree_frame_claim(&out), Some((session, seq)));
             let f = open_tree_data(&k, &out, fs).unwrap();
             prop_assert_eq!(f.header, h);
             prop_assert_eq!(&out[f.payload.clone()], payload.as_slice());
             prop_assert_eq!(f.cv, crate::tree::frame_cv(offset, &payload));
+            let mut resealed = out[..out.len() - cm_wire::mac::TAG_LEN].to_vec();
+            prop_assert!(seal_tree_data(&k, &mut resealed, fs));
+            prop_assert_eq!(&resealed, &out);
             // The generic opener refuses it (its tag is not over the datagram), another frame
             // size (another offset) or key refuses it, and so does any flipped bit.
             prop_assert_eq!(open(&k, &out), Err(WireError::BadTag));

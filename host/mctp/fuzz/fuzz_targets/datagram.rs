@@ -3,7 +3,7 @@
 //! a member holding the key could send), not only the tag check.
 //!
 //! The input is a sequence of datagrams (`len u16 | bytes`, big-endian): each goes through the
-//! raw decoders (checkpoints and gap reports included), then, sealed, into one receiver and one
+//! raw decoders (checkpoints, gap reports and tree-tagged frames included), then, sealed, into one receiver and one
 //! sender that live for the whole input,
 //! with time advancing between datagrams. So an announcement followed by frames, solicitations
 //! and reports reaches the deeper states. Checked on the way: a receiver never asks to write
@@ -29,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
     let mut size = 0u64;
     let mut hash = [0u8; 32];
 
+    let mut tree_frame_size = 1024u16;
     let mut now = Time::ZERO;
     let mut rest = data;
     while rest.len() >= 2 {
@@ -39,8 +40,20 @@ fuzz_target!(|data: &[u8]| {
 
         let _ = wire::decode_body(datagram);
         let _ = wire::open(&keys, datagram);
+        let _ = wire::open_tree_data(&keys, datagram, 1024 << (datagram.len() % 6));
+        // Sealed as the datagram's kind wants: a tree-tagged frame with the frame size of the
+        // last tree-tagged announcement seen (so it reaches the receiver's tree path), anything
+        // else with the plain tag.
+        if let Ok(wire::Message::Announce(a)) = wire::decode_body(datagram)
+            && a.tree
+        {
+            tree_frame_size = a.frame_size;
+        }
         let mut sealed = datagram.to_vec();
-        keys.mac().seal(&mut sealed);
+        if !(wire::tree_frame_claim(&[datagram, &[0; 16]].concat()).is_some() && wire::seal_tree_data(&keys, &mut sealed, tree_frame_size)) {
+            sealed = datagram.to_vec();
+            keys.mac().seal(&mut sealed);
+        }
 
         // What a driver asks before handing a datagram over, and while hashing as frames arrive.
         if let Some(info) = rx.new_announcement(&sealed) {

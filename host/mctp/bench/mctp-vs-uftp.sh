@@ -91,6 +91,15 @@ FILE=$WORK/payload.bin
 head -c $((SIZE_MIB << 20)) /dev/urandom > "$FILE"
 SIZE=$(stat -c %s "$FILE")
 
+# Before each run, outside its timing: only the bridge ports of this point's n receivers are
+# up (the bridge floods multicast to every port; the idle namespaces of larger points would
+# otherwise cost every datagram a copy and a drop each), and the previous run's copies
+# (deleted, but possibly still being written back) are flushed, so no run pays for another.
+settle() { # n
+  for i in $(seq 1 "$MAXN"); do ip -n "$P-br" link set "p-rx$i" "$( [ "$i" -le "$1" ] && echo up || echo down )"; done
+  sync; sleep 0.5
+}
+
 set_loss() { # percent
   # On the bridge, where the sender's port enters it (prerouting: once per datagram, before the
   # bridge floods it), so every receiver sees the same loss and the sender never sees an error.
@@ -134,6 +143,7 @@ check_copies() { # dir-prefix n
 run_mctp() { # n loss
   local n=$1 pids=()
   set_loss "$2"
+  settle "$n"
   for i in $(seq 1 "$n"); do
     mkdir -p "$WORK/m$i"
     CM_CLUSTER_SECRET=bench ip netns exec "$P-rx$i" /usr/bin/time -f "%M %U %S" -o "$WORK/rss-m$i" \
@@ -167,6 +177,7 @@ uftp_ids() { for i in $(seq 1 "$1"); do printf "0x0A4D00%02X\n" $((10 + i)); don
 run_uftp() { # n loss
   local n=$1 pids=()
   set_loss "$2"
+  settle "$n"
   for i in $(seq 1 "$n"); do
     mkdir -p "$WORK/u$i"
     ip netns exec "$P-rx$i" /usr/bin/time -f "%M %U %S" -o "$WORK/rss-u$i" \

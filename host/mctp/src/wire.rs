@@ -280,7 +280,7 @@ pub enum FrameTag {
     Tree { offset: u64, cv: Option<[u8; 32]> },
 }
 
-/// Writes a data frame into `out` (cleared first): header, then `payload_len` bytes produced by
+/// Writes a data frame into `out` (replacing what it held): header, then `payload_len` bytes produced by
 /// `fill`, then (when `cipher` is set) encryption, then the MAC tag. `fill` receives the exact
 /// payload slice to fill, so a driver can read the file straight into the datagram buffer.
 pub fn encode_data<E>(
@@ -291,13 +291,14 @@ pub fn encode_data<E>(
     out: &mut Vec<u8>,
     fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
 ) -> Result<(), E> {
-    out.clear();
-    let mut w = Writer::with_capacity(DATA_OVERHEAD + usize::from(h.len) + AEAD_TAG_LEN);
+    let mut w = Writer::with_capacity(DATA_HEADER_LEN);
     header(&mut w, if matches!(tag, FrameTag::Tree { .. }) { KIND_DATA_TREE } else { KIND_DATA });
     w.u64(h.session).u64(h.assignment).u32(h.pass).u32(h.seq).u16(h.len);
-    out.extend_from_slice(w.as_slice());
     let extra = if cipher.is_some() { AEAD_TAG_LEN } else { 0 };
+    // Resized, not cleared: a reused buffer keeps its bytes (every one is overwritten below),
+    // so a sender does not zero each payload before reading the file into it.
     out.resize(DATA_HEADER_LEN + usize::from(h.len) + extra, 0);
+    out[..DATA_HEADER_LEN].copy_from_slice(w.as_slice());
     fill(&mut out[DATA_HEADER_LEN..DATA_HEADER_LEN + usize::from(h.len)])?;
     match tag {
         FrameTag::Plain => {

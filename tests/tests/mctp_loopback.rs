@@ -72,9 +72,10 @@ async fn one_sender_eight_receivers_64_mib_identical_copies() -> anyhow::Result<
 }
 
 /// Loss injected in each receiver's driver (its own 8 %): frames arrive past gaps, the repaired
-/// ones fill them, and the receiver's hash follows both ways of tagging frames — tree tags
-/// (the hash assembled from the frames' chaining values, frames past a gap waiting) and plain
-/// tags (the prefix hash reading repaired stretches back from the file).
+/// ones fill them (many recovered from coded repairs, XORed with frames read back from the
+/// file), and the receiver's hash follows both ways of tagging frames — tree tags (the hash
+/// assembled from the frames' chaining values, frames past a gap waiting) and plain tags (the
+/// prefix hash reading repaired stretches back from the file).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lossy_receivers_verify_with_tree_tags_and_with_plain_tags() -> anyhow::Result<()> {
     for (k, tree_tags) in [true, false].into_iter().enumerate() {
@@ -97,10 +98,15 @@ async fn lossy_receivers_verify_with_tree_tags_and_with_plain_tags() -> anyhow::
         let out = tokio::time::timeout(Duration::from_secs(120), send_file(&source, opts)).await??;
         assert_eq!(out.report.outcome, Outcome::Complete, "tree tags {tree_tags}: {:?}", out.report);
         assert!(out.stats.frames_sent > (12 << 20) / 8192, "tree tags {tree_tags}: loss made repairs");
+        // Each receiver loses its own frames: repairs combine them.
+        assert!(out.stats.coded > 0, "tree tags {tree_tags}: no coded repair in {:?}", out.stats);
+        let mut recovered = 0;
         for r in receivers {
             let got: Received = r.await??;
             assert_eq!(blake3::hash(&std::fs::read(&got.path)?).as_bytes(), &hash, "tree tags {tree_tags}");
+            recovered += got.stats.coded_used;
         }
+        assert!(recovered > 0, "tree tags {tree_tags}: no member used a coded repair");
     }
     Ok(())
 }

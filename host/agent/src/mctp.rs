@@ -237,6 +237,12 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
                         order.push((true, used, dest));
                         used += 1;
                     }
+                    Transmit::Coded { dest, coded } => {
+                        let buf = &mut frames[used];
+                        sender.encode_coded(&coded, buf, |offset, p| file.read_exact_at(p, offset)).map_err(io_err(format!("read {} for a coded repair", path.display())))?;
+                        order.push((true, used, dest));
+                        used += 1;
+                    }
                 }
             }
             if order.is_empty() {
@@ -610,22 +616,26 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
                         if let Some(info) = d.rx.new_announcement(datagram) {
                             d.look_up(&info);
                         }
-                        let w = d.rx.handle_datagram(now, SocketAddr::V4(from), datagram).map(|w| PendingWrite {
-                            session: w.session,
-                            seq: w.seq,
-                            offset: w.offset,
-                            slot,
-                            start: w.bytes.as_ptr() as usize - base,
-                            len: w.bytes.len(),
-                            cv: w.cv,
-                        });
+                        let w = d.rx.handle_datagram(now, SocketAddr::V4(from), datagram);
                         // A new session's file is opened before its first write is flushed;
                         // writes still pending for a session that just ended are refused at
                         // the flush and change nothing.
                         if d.rx.has_events() {
                             d.handle_events(now)?;
                         }
-                        pending.extend(w);
+                        match w {
+                            Some(w) if w.coded.is_some() => d.write_coded(&w),
+                            Some(w) => pending.push(PendingWrite {
+                                session: w.session,
+                                seq: w.seq,
+                                offset: w.offset,
+                                slot,
+                                start: w.bytes.as_ptr() as usize - base,
+                                len: w.bytes.len(),
+                                cv: w.cv,
+                            }),
+                            None => {}
+                        }
                     }
                 }
                 d.flush(&mut pending, &batch);
@@ -719,6 +729,36 @@ impl RxDriver {
             i = j;
         }
         pending.clear();
+    }
+
+    /// A frame recovered from a coded repair: the repair's payload XOR the other frames (read
+    /// back from the file, where they were written), written at once. Repairs are few, so this
+    /// path favours simplicity over batching.
+    fn write_coded(&mut self, w: &cm_mctp::Write<'_>) {
+        let Some(coded) = &w.coded else { return };
+        let result = match self.part.as_mut().filter(|p| p.session == w.session) {
+            None => Err("no file open for the session".to_string()),
+            Some(p) => {
+                let mut recover = || -> io::Result<()> {
+                    let mut frame = w.bytes.to_vec();
+                    let mut other = vec![0u8; frame.len()];
+                    for &(offset, len) in &coded.xor {
+                        p.file.read_exact_at(&mut other[..len], offset)?;
+                        frame.iter_mut().zip(&other[..len]).for_each(|(a, b)| *a ^= b);
+                    }
+                    frame.truncate(coded.len);
+                    p.file.write_all_at(&frame, w.offset)?;
+                    let cv = matches!(p.hash, PrefixHash::Tree { .. }).then(|| frame_cv(w.offset, &frame));
+                    p.hash.written(w.offset, w.seq, &frame, cv);
+                    Ok(())
+                };
+                recover().map_err(|e| format!("coded repair of frame {} in {}: {e}", w.seq, p.path.display()))
+            }
+        };
+        match result {
+            Ok(()) => self.rx.written(w.session, w.seq, coded.len),
+            Err(reason) => self.rx.storage_failed(w.session, reason),
+        }
     }
 
     /// The verdict of a verification running on the helper thread, if it is in.

@@ -21,8 +21,8 @@ pub mod tree;
 pub mod wire;
 
 pub use keys::Keys;
-pub use receiver::{Receiver, ReceiverConfig, ReceiverStats, RxEvent, Write};
-pub use sender::{Dest, FrameRequest, Member, MemberStatus, Outcome, Sender, SenderConfig, SenderError, SenderEvent, SenderStats, SessionReport, Transmit};
+pub use receiver::{Coded, Receiver, ReceiverConfig, ReceiverStats, RxEvent, Write};
+pub use sender::{CodedRequest, Dest, FrameRequest, Member, MemberStatus, Outcome, Sender, SenderConfig, SenderError, SenderEvent, SenderStats, SessionReport, Transmit};
 pub use time::Time;
 pub use wire::{Announce, SessionInfo, WireError};
 

@@ -49,6 +49,18 @@ pub struct Write<'a> {
     pub bytes: &'a [u8],
     /// The payload's BLAKE3 chaining value, in a tree-tagged session (see [`crate::tree`]).
     pub cv: Option<[u8; 32]>,
+    /// Set when the frame comes out of a coded repair: `bytes` is then the XOR of several
+    /// frames, not the frame itself.
+    pub coded: Option<Coded>,
+}
+
+/// How to recover a frame from a coded repair: XOR into the repair's payload each listed
+/// stretch of the file `(offset, len)` (frames this member holds, zero-padded to the payload's
+/// length), then keep the first `len` bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coded {
+    pub len: usize,
+    pub xor: Vec<(u64, usize)>,
 }
 
 /// What the receiver tells its driver.
@@ -76,6 +88,10 @@ pub struct ReceiverStats {
     pub bytes: u64,
     pub duplicates: u64,
     pub reports_sent: u64,
+    /// Coded repairs that gave this member a frame, and those it could not use (it lacked
+    /// none, or more than one, of their frames).
+    pub coded_used: u64,
+    pub coded_useless: u64,
     pub dropped: DropCounts,
 }
 
@@ -212,6 +228,10 @@ impl Receiver {
                 return None;
             }
             Ok(Message::Data(h, p)) => (Some(h), p.len(), None, None),
+            Ok(Message::Coded(h, p)) => {
+                let n = p.len();
+                return self.on_coded(now, h, n, datagram);
+            }
             Ok(Message::Announce(a)) => (None, 0, Some(a), None),
             Ok(Message::Solicit(s)) => (None, 0, None, Some(s)),
             Ok(Message::Report(_)) => {
@@ -245,6 +265,41 @@ impl Receiver {
         }
         let end = datagram.len() - TAG_LEN;
         self.accept_frame(now, h.seq, &mut datagram[end - payload_len..end])
+    }
+
+    /// A coded repair: usable when this member lacks exactly one of its frames (the driver
+    /// XORs the others, read from the file, out of the payload).
+    fn on_coded<'a>(&mut self, now: Time, h: wire::CodedHeader, payload_len: usize, datagram: &'a mut [u8]) -> Option<Write<'a>> {
+        let Some(sess) = self.session.as_mut().filter(|s| s.announce.session == h.session) else {
+            self.stats.dropped.foreign_session += 1;
+            return None;
+        };
+        let fs = u64::from(sess.announce.frame_size);
+        let (size, frames) = (sess.announce.info.size, sess.frames);
+        let frame_len = |seq: u32| (size - u64::from(seq) * fs).min(fs);
+        if sess.announce.encrypted
+            || h.assignment != sess.announce.info.assignment
+            || h.seqs.iter().any(|s| *s >= frames)
+            || h.seqs.iter().map(|s| frame_len(*s)).max() != Some(u64::from(h.len))
+        {
+            self.stats.dropped.out_of_range += 1;
+            return None;
+        }
+        sess.last_heard = now;
+        let mut missing = h.seqs.iter().filter(|s| !sess.held.contains(**s));
+        let (Some(&target), None) = (missing.next(), missing.next()) else {
+            self.stats.coded_useless += 1;
+            return None;
+        };
+        if sess.state != State::Receiving {
+            self.stats.duplicates += 1;
+            return None;
+        }
+        let xor = h.seqs.iter().filter(|s| **s != target).map(|s| (u64::from(*s) * fs, frame_len(*s) as usize)).collect();
+        self.stats.coded_used += 1;
+        let end = datagram.len() - TAG_LEN;
+        let bytes: &'a [u8] = &datagram[end - payload_len..end];
+        Some(Write { session: h.session, seq: target, offset: u64::from(target) * fs, bytes, cv: None, coded: Some(Coded { len: frame_len(target) as usize, xor }) })
     }
 
     /// A tree-tagged data frame: found by its (unverified) session and sequence number, then
@@ -301,7 +356,7 @@ impl Receiver {
             None => payload,
         };
         let offset = u64::from(seq) * u64::from(sess.announce.frame_size);
-        Some(Write { session: sess.announce.session, seq, offset, bytes: plain, cv: None })
+        Some(Write { session: sess.announce.session, seq, offset, bytes: plain, cv: None, coded: None })
     }
 
     /// The driver stored `write` durably enough: the frame now counts as held. When it was the

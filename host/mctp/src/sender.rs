@@ -16,7 +16,7 @@
 use crate::frameset::FrameSet;
 use crate::keys::{Keys, PayloadCipher};
 use crate::time::Time;
-use crate::wire::{self, Announce, Checkpoint, DataHeader, Message, Report, ReportStatus, Selector, SessionInfo, Solicit};
+use crate::wire::{self, Announce, Checkpoint, CodedHeader, DataHeader, Message, Report, ReportStatus, Selector, SessionInfo, Solicit};
 use crate::{DropCounts, MemberId};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -46,6 +46,11 @@ pub struct SenderConfig {
     /// power-of-two frame size of at least 1 KiB, more than one frame. Members then hash each
     /// payload once instead of twice. Off only to compare or to test the plain tags.
     pub tree_tags: bool,
+    /// Repair with coded frames where it helps: one datagram carrying the XOR of frames that
+    /// different members lack (each lacking one of them and holding the others), so members
+    /// losing different frames are repaired together. Plaintext sessions with at most
+    /// [`MAX_CODED_PEERS`] members (the GL keeps each member's gaps).
+    pub coded_repairs: bool,
     /// Announcements sent before pass 1, `announce_interval` apart. The interval is short (a
     /// LAN's round trip is well under a millisecond): members that already hold the content
     /// answer within it, and every session's first frame waits `(count − 1) × interval`.
@@ -101,6 +106,7 @@ impl SenderConfig {
             min_rate: 500_000,
             encrypt: false,
             tree_tags: true,
+            coded_repairs: true,
             announce_count: 3,
             announce_interval: Duration::from_millis(5),
             reannounce_interval: Duration::from_millis(500),
@@ -168,6 +174,15 @@ pub struct FrameRequest {
 pub enum Transmit {
     Control { dest: Dest, bytes: Vec<u8> },
     Frame { dest: Dest, frame: FrameRequest },
+    /// A coded repair, for the driver to fill via [`Sender::encode_coded`].
+    Coded { dest: Dest, coded: CodedRequest },
+}
+
+/// A coded repair: the XOR of several frames, each `(offset, len)` of the assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodedRequest {
+    pub header: CodedHeader,
+    pub parts: Vec<(u64, u16)>,
 }
 
 /// A member's state in the final report.
@@ -226,6 +241,9 @@ pub struct SenderStats {
     pub checkpoints: u32,
     /// Frames resent during a pass because a checkpoint answer named them.
     pub repairs: u64,
+    /// Coded repairs sent, and the frames they carried (each usable by the members lacking it).
+    pub coded: u64,
+    pub coded_frames: u64,
     pub dropped: DropCounts,
 }
 
@@ -242,15 +260,26 @@ struct Peer {
     /// When its recent checkpoint answers arrived, with the pass's payload bytes sent at each
     /// checkpoint: how fast this member really takes in data (newest last).
     answers: VecDeque<(Time, u64)>,
+    /// Frames it said it lacks that were not sent since (for coded repairs; created at its
+    /// first gap, dropped when it completes).
+    missing: Option<FrameSet>,
 }
 
 /// Checkpoint answers a member's intake rate is measured over (a few, so the random answer
 /// delay averages out).
 const INTAKE_SAMPLES: usize = 8;
 
+/// Coded repairs only with at most this many members (the GL keeps one bit per frame for each).
+pub const MAX_CODED_PEERS: usize = 256;
+/// How long named repairs wait for other members' answers before going out (coded repairs:
+/// a checkpoint's answers come within its window of at most 3 ms).
+const REPAIR_HOLD: Duration = Duration::from_millis(4);
+/// Frames owed that are looked at, after the first, for a coded repair's other frames.
+const CODED_LOOKAHEAD: u32 = 64;
+
 impl Peer {
     fn new(expected: bool, unicast: Option<SocketAddr>) -> Self {
-        Peer { expected, unicast_only: unicast, addr: unicast, status: MemberStatus::NoReport, heard_round: 0, acked_checkpoint: None, answers: VecDeque::new() }
+        Peer { expected, unicast_only: unicast, addr: unicast, status: MemberStatus::NoReport, heard_round: 0, acked_checkpoint: None, answers: VecDeque::new(), missing: None }
     }
 
     /// Payload bytes per second this member took in over its recent checkpoint answers.
@@ -325,6 +354,8 @@ pub struct Sender {
     answered: bool,
     /// Frames named by checkpoint answers, sent before the pass goes on.
     repairs: FrameSet,
+    /// When `repairs` last became non-empty.
+    repairs_since: Option<Time>,
     next_send: Time,
     next_announce: Time,
     /// Every frame's chaining value when the driver provided them (tree-tagged sessions).
@@ -435,6 +466,7 @@ impl Sender {
             worst_share: None,
             answered: false,
             repairs: FrameSet::new(frames),
+            repairs_since: None,
             next_send: now,
             next_announce: now,
             frame_cvs: Vec::new(),
@@ -501,6 +533,20 @@ impl Sender {
         self.peers.retain(|_, p| p.expected || p.status != MemberStatus::NoReport);
         self.everyone.truncate(1);
         self.everyone.extend(self.peers.values().filter_map(|p| p.unicast_only));
+    }
+
+    /// Fills `out` with the datagram for a coded repair; `read` receives each frame's offset and
+    /// a slice of its exact length to read it into.
+    pub fn encode_coded<E>(&self, coded: &CodedRequest, out: &mut Vec<u8>, mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>) -> Result<(), E> {
+        wire::encode_coded(&self.keys, &coded.header, out, |payload| {
+            let mut frame = vec![0u8; payload.len()];
+            for &(offset, len) in &coded.parts {
+                let part = &mut frame[..usize::from(len)];
+                read(offset, part)?;
+                payload.iter_mut().zip(part.iter()).for_each(|(p, b)| *p ^= b);
+            }
+            Ok(())
+        })
     }
 
     /// Fills `out` with the datagram for `frame`; `fill` receives the payload slice to read the
@@ -581,11 +627,16 @@ impl Sender {
         if self.phase != Phase::Sending || now < self.next_send - self.cfg.burst {
             return None;
         }
-        // Repairs named by checkpoint answers go first: they are the oldest frames owed.
-        let seq = if let Some(seq) = self.repairs.next_present(0) {
+        // Repairs named by checkpoint answers go first: they are the oldest frames owed. With
+        // coded repairs they wait a moment after the first of them was named, so the answers
+        // to one checkpoint (from different members, within its few-millisecond window) can be
+        // combined; once the pass has no new frame left they go at once.
+        let pass_left = self.repeats_left > 0 || self.to_send.next_present(self.cursor).is_some();
+        let repairs_due = self.repairs_since.is_some_and(|t| !self.coding() || now >= t + REPAIR_HOLD || !pass_left);
+        let (seq, from_repairs) = if let Some(seq) = self.repairs.next_present(0).filter(|_| repairs_due) {
             self.repairs.remove(seq);
             self.stats.repairs += 1;
-            seq
+            (seq, true)
         } else {
             let next = match self.to_send.next_present(self.cursor) {
                 None if self.repeats_left > 0 => {
@@ -601,13 +652,38 @@ impl Sender {
             };
             self.cursor = seq + 1;
             self.window_frames += 1;
-            seq
+            (seq, false)
         };
         self.sent_this_pass += 1;
         let fs = u64::from(self.cfg.frame_size);
+        let size = self.announce.info.size;
+        let frame_len = move |seq: u32| (size - u64::from(seq) * fs).min(fs) as u16;
+        // A repair (or any frame of a later pass) may go out combined with others owed to
+        // other members.
+        let combo = if (from_repairs || self.pass >= 2) && self.coding() {
+            let combo = self.coded_combo(seq, if from_repairs { &self.repairs } else { &self.to_send });
+            for &c in &combo[1..] {
+                if from_repairs {
+                    self.repairs.remove(c);
+                    self.stats.repairs += 1;
+                } else {
+                    self.to_send.remove(c);
+                }
+            }
+            self.sent_to_all(&combo);
+            Some(combo).filter(|c| c.len() > 1)
+        } else {
+            None
+        };
+        if self.repairs.is_empty() {
+            self.repairs_since = None;
+        }
         let offset = u64::from(seq) * fs;
-        let len = (self.announce.info.size - offset).min(fs) as u16;
-        let wire_len = u64::from(len) + wire::DATA_OVERHEAD as u64;
+        let len = match &combo {
+            Some(c) => c.iter().map(|s| frame_len(*s)).max().unwrap_or(0),
+            None => frame_len(seq),
+        };
+        let wire_len = u64::from(len) + combo.as_ref().map_or(wire::DATA_OVERHEAD, |c| wire::coded_overhead(c.len())) as u64;
         // Pacing: never bank more than one burst of credit.
         let base = self.next_send.max(now - self.cfg.burst);
         self.next_send = base + Duration::from_nanos(wire_len * 1_000_000_000 / self.rate.max(1));
@@ -621,6 +697,14 @@ impl Sender {
             && self.cursor > self.window_from
         {
             self.send_checkpoint(now);
+        }
+        if let Some(mut seqs) = combo {
+            seqs.sort_unstable();
+            self.stats.coded += 1;
+            self.stats.coded_frames += seqs.len() as u64;
+            let parts = seqs.iter().map(|s| (u64::from(*s) * fs, frame_len(*s))).collect();
+            let header = CodedHeader { session: self.announce.session, assignment: self.announce.info.assignment, pass: self.pass, seqs, len };
+            return Some(Transmit::Coded { dest: Dest::Everyone, coded: CodedRequest { header, parts } });
         }
         let header = DataHeader { session: self.announce.session, assignment: self.announce.info.assignment, pass: self.pass, seq, len };
         Some(Transmit::Frame { dest: Dest::Everyone, frame: FrameRequest { header, offset } })
@@ -682,10 +766,11 @@ impl Sender {
                         peer.answers.push_back((now, c.sent_at));
                     }
                 }
-                return self.on_gaps(r.member, r.round, &runs);
+                return self.on_gaps(now, r.member, r.round, &runs);
             }
             // Completion and failure are final facts whatever round they answer.
             ReportStatus::Complete => {
+                peer.missing = None;
                 peer.status = MemberStatus::Complete;
                 peer.heard_round = peer.heard_round.max(r.round);
             }
@@ -712,9 +797,10 @@ impl Sender {
                 };
                 peer.status = MemberStatus::Missing { frames: prior + frames };
                 peer.heard_round = round;
-                for (first, count) in runs {
+                for &(first, count) in &runs {
                     self.nacks.insert_range(first, count);
                 }
+                self.note_missing(r.member, &runs);
             }
         }
         // Close the round early once every participant has answered it, unless someone is
@@ -730,7 +816,8 @@ impl Sender {
 
     /// A checkpoint answer: repair its gaps during the pass (or in the next one, if this pass
     /// has ended) and note the member's gap share for the rate.
-    fn on_gaps(&mut self, member: MemberId, checkpoint: u32, runs: &[(u32, u32)]) {
+    fn on_gaps(&mut self, now: Time, member: MemberId, checkpoint: u32, runs: &[(u32, u32)]) {
+        self.note_missing(member, runs);
         let sending = self.phase == Phase::Sending;
         for &(first, count) in runs {
             for seq in first..first + count {
@@ -739,6 +826,7 @@ impl Sender {
                 } else if !(seq >= self.cursor && self.to_send.contains(seq)) {
                     // Not still ahead in this pass: resend it now.
                     self.repairs.insert(seq);
+                    self.repairs_since.get_or_insert(now);
                 }
             }
         }
@@ -754,6 +842,65 @@ impl Sender {
                 self.worst_share = Some(self.worst_share.map_or(share, |w| w.max(share)));
             }
         }
+    }
+
+    /// Coded repairs are possible in this session.
+    fn coding(&self) -> bool {
+        self.cfg.coded_repairs && self.cipher.is_none() && self.frames > 2 && self.peers.len() <= MAX_CODED_PEERS
+    }
+
+    /// Remembers what `member` lacks, for coded repairs.
+    fn note_missing(&mut self, member: MemberId, runs: &[(u32, u32)]) {
+        if !self.coding() || runs.is_empty() {
+            return;
+        }
+        let frames = self.frames;
+        if let Some(p) = self.peers.get_mut(&member) {
+            let set = p.missing.get_or_insert_with(|| FrameSet::new(frames));
+            for &(first, count) in runs {
+                set.insert_range(first, count);
+            }
+        }
+    }
+
+    /// `seqs` are on their way to everyone: no member is owed them any more (a member that
+    /// loses them again says so).
+    fn sent_to_all(&mut self, seqs: &[u32]) {
+        for p in self.peers.values_mut() {
+            if let Some(m) = p.missing.as_mut() {
+                seqs.iter().for_each(|s| {
+                    m.remove(*s);
+                });
+            }
+        }
+    }
+
+    /// The frames to combine with `first` in one coded repair (sorted, `first` included): from
+    /// the frames owed after it in `pool`, greedily, each one some member lacks while no member
+    /// lacks two of the combination, so every member that lacks any of them can recover it.
+    /// Just `[first]` when nothing combines (e.g. every member lacks `first`).
+    fn coded_combo(&self, first: u32, pool: &FrameSet) -> Vec<u32> {
+        let sets: Vec<&FrameSet> = self.peers.values().filter_map(|p| p.missing.as_ref()).collect();
+        let mut covered: Vec<bool> = sets.iter().map(|m| m.contains(first)).collect();
+        let mut combo = vec![first];
+        if !covered.contains(&true) {
+            return combo;
+        }
+        let mut next = first.checked_add(1).and_then(|from| pool.next_present(from));
+        let mut scanned = 0;
+        while let Some(c) = next {
+            if combo.len() >= wire::MAX_CODED || scanned >= CODED_LOOKAHEAD || !covered.contains(&false) {
+                break;
+            }
+            scanned += 1;
+            let needers: Vec<usize> = sets.iter().enumerate().filter(|(_, m)| m.contains(c)).map(|(i, _)| i).collect();
+            if !needers.is_empty() && needers.iter().all(|i| !covered[*i]) {
+                needers.iter().for_each(|i| covered[*i] = true);
+                combo.push(c);
+            }
+            next = c.checked_add(1).and_then(|from| pool.next_present(from));
+        }
+        combo
     }
 
     /// Mid-pass: ask where members are, and adapt the rate to what the last answers said.

@@ -160,6 +160,8 @@ pub struct SimResult {
     pub stats: crate::SenderStats,
     /// Frames members wrote that came tree-tagged (with a chaining value).
     pub tree_writes: u64,
+    /// Frames members recovered from coded repairs.
+    pub coded_writes: u64,
 }
 
 /// A broken invariant, with the seed that replays it.
@@ -219,6 +221,8 @@ pub fn sim_sender_config() -> SenderConfig {
     // Sim assignments are tens of kilobytes: checkpoints every few frames exercise them.
     c.checkpoint_bytes = 4096;
     c.max_lag_bytes = 16_384;
+    // MCTP_SIM_PLAIN_REPAIRS=1 turns coded repairs off, to compare sweeps with and without.
+    c.coded_repairs = std::env::var_os("MCTP_SIM_PLAIN_REPAIRS").is_none();
     c
 }
 
@@ -237,6 +241,7 @@ struct Sim {
     frame_buf: Vec<u8>,
     overrun: u64,
     tree_writes: u64,
+    coded_writes: u64,
 }
 
 /// Runs one seeded session to its end and checks the invariants.
@@ -247,7 +252,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimResult, Violation> {
     let info = SessionInfo { assignment: 77, name: "sim/assignment".into(), size: cfg.size, hash: *blake3::hash(&content).as_bytes() };
     let keys = Keys::derive(b"simulated cluster");
     let members = (0..cfg.members).map(|_| SimMember { rx: None, disk: Vec::new(), delivered: false, burst_bad: false, verifying: None, busy_until: Time::ZERO, tree: None }).collect();
-    let sim = Sim { cfg: cfg.clone(), keys, content, info, net: rng, now: Time::ZERO, queue: BinaryHeap::new(), seq: 0, gl: None, members, frames_sent: 0, frame_buf: Vec::new(), overrun: 0, tree_writes: 0 };
+    let sim = Sim { cfg: cfg.clone(), keys, content, info, net: rng, now: Time::ZERO, queue: BinaryHeap::new(), seq: 0, gl: None, members, frames_sent: 0, frame_buf: Vec::new(), overrun: 0, tree_writes: 0, coded_writes: 0 };
     sim.go()
 }
 
@@ -385,6 +390,19 @@ impl Sim {
                         self.send(from, to, &buf);
                         self.frame_buf = buf;
                     }
+                    Transmit::Coded { dest, coded } => {
+                        self.frames_sent += 1;
+                        let mut buf = std::mem::take(&mut self.frame_buf);
+                        let content = &self.content;
+                        gl.encode_coded::<()>(&coded, &mut buf, |at, p| {
+                            p.copy_from_slice(&content[at as usize..at as usize + p.len()]);
+                            Ok(())
+                        })
+                        .expect("in-memory fill");
+                        let to = self.member_nodes_for(dest, gl.everyone());
+                        self.send(from, to, &buf);
+                        self.frame_buf = buf;
+                    }
                 }
             }
             while let Some(e) = gl.poll_event() {
@@ -493,16 +511,35 @@ impl Sim {
                 self.member_events(i, &mut rx)?;
                 if let Some(w) = write {
                     let disk = &mut self.members[i].disk;
+                    // A coded repair: the frame is the payload XOR the other frames, read from
+                    // this member's own copy (as the driver reads its file).
+                    let recovered;
+                    let bytes = match &w.coded {
+                        None => w.bytes,
+                        Some(c) => {
+                            let mut b = w.bytes.to_vec();
+                            for &(off, len) in &c.xor {
+                                let Some(part) = disk.get(off as usize..off as usize + len) else {
+                                    return Err(self.violation(format!("member {i} asked to read past the end of the assignment")));
+                                };
+                                b.iter_mut().zip(part).for_each(|(x, y)| *x ^= y);
+                            }
+                            b.truncate(c.len);
+                            self.coded_writes += 1;
+                            recovered = b;
+                            &recovered[..]
+                        }
+                    };
                     let at = w.offset as usize;
-                    if at + w.bytes.len() > disk.len() {
+                    if at + bytes.len() > disk.len() {
                         return Err(self.violation(format!("member {i} asked to write past the end of the assignment")));
                     }
-                    disk[at..at + w.bytes.len()].copy_from_slice(w.bytes);
+                    disk[at..at + bytes.len()].copy_from_slice(bytes);
                     if let (Some((_, tree)), Some(cv)) = (self.members[i].tree.as_mut(), w.cv) {
                         tree.add(w.seq, cv);
                         self.tree_writes += 1;
                     }
-                    rx.written(w.session, w.seq, w.bytes.len());
+                    rx.written(w.session, w.seq, bytes.len());
                 }
                 self.members[i].rx = Some(rx);
                 self.pump_member(i)?;
@@ -624,6 +661,6 @@ impl Sim {
         }
         let frames = self.gl.as_ref().map_or(0, |(_, g)| g.frame_count());
         let stats = self.gl.as_ref().map(|(_, g)| g.stats().clone()).unwrap_or_default();
-        Ok(SimResult { report, delivered, alive, virtual_time: self.now.since_origin(), frames_sent: self.frames_sent, frames, overrun: self.overrun, stats, tree_writes: self.tree_writes })
+        Ok(SimResult { report, delivered, alive, virtual_time: self.now.since_origin(), frames_sent: self.frames_sent, frames, overrun: self.overrun, stats, tree_writes: self.tree_writes, coded_writes: self.coded_writes })
     }
 }

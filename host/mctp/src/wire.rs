@@ -23,6 +23,9 @@ const KIND_REPORT: u8 = 3;
 const KIND_SOLICIT: u8 = 4;
 const KIND_CHECKPOINT: u8 = 5;
 const KIND_DATA_TREE: u8 = 6;
+const KIND_CODED: u8 = 7;
+/// Most frames one coded repair combines.
+pub const MAX_CODED: usize = 8;
 /// Announcement flags.
 const FLAG_ENCRYPTED: u8 = 1;
 const FLAG_TREE: u8 = 2;
@@ -207,6 +210,73 @@ pub enum Message<'a> {
     Report(Report),
     Solicit(Solicit),
     Checkpoint(Checkpoint),
+    /// `payload` is the XOR of the named frames, each zero-padded to `len`.
+    Coded(CodedHeader, &'a [u8]),
+}
+
+/// Header of a coded repair: one payload that is the XOR of several frames, for members that
+/// each lack exactly one of them (and hold the others). Never used in encrypted sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodedHeader {
+    pub session: u64,
+    pub assignment: u64,
+    pub pass: u32,
+    /// 2..=[`MAX_CODED`] sequence numbers, strictly increasing.
+    pub seqs: Vec<u32>,
+    /// Payload length: the longest of the frames.
+    pub len: u16,
+}
+
+/// Bytes a coded repair adds around its payload.
+pub fn coded_overhead(frames: usize) -> usize {
+    4 + 8 + 8 + 4 + 1 + 4 * frames + 2 + cm_wire::mac::TAG_LEN
+}
+
+/// Writes a coded repair into `out` (replacing what it held): header, then `fill` produces the
+/// XOR payload of `h.len` bytes into the slice it is given (zeroed), then the MAC tag.
+pub fn encode_coded<E>(keys: &Keys, h: &CodedHeader, out: &mut Vec<u8>, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<(), E> {
+    debug_assert!((2..=MAX_CODED).contains(&h.seqs.len()) && h.seqs.windows(2).all(|w| w[0] < w[1]));
+    let mut w = Writer::with_capacity(coded_overhead(h.seqs.len()));
+    header(&mut w, KIND_CODED);
+    w.u64(h.session).u64(h.assignment).u32(h.pass).u8(h.seqs.len() as u8);
+    for s in &h.seqs {
+        w.u32(*s);
+    }
+    w.u16(h.len);
+    out.clear();
+    out.extend_from_slice(w.as_slice());
+    let start = out.len();
+    out.resize(start + usize::from(h.len), 0);
+    fill(&mut out[start..])?;
+    keys.mac().seal(out);
+    Ok(())
+}
+
+impl CodedHeader {
+    fn decode<'a>(r: &mut Reader<'a>) -> Result<(Self, &'a [u8]), DecodeError> {
+        let session = r.u64()?;
+        let assignment = r.u64()?;
+        let pass = r.u32()?;
+        let n = usize::from(r.u8()?);
+        if !(2..=MAX_CODED).contains(&n) {
+            return Err(DecodeError::malformed("coded repair combines 2 to 8 frames"));
+        }
+        let mut seqs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let s = r.u32()?;
+            if seqs.last().is_some_and(|last| *last >= s) {
+                return Err(DecodeError::malformed("coded repair sequence numbers not increasing"));
+            }
+            seqs.push(s);
+        }
+        let len = r.u16()?;
+        let payload = r.rest();
+        if payload.len() != usize::from(len) {
+            return Err(DecodeError::malformed("coded payload length differs from header"));
+        }
+        r.bytes(payload.len())?;
+        Ok((CodedHeader { session, assignment, pass, seqs, len }, payload))
+    }
 }
 
 fn header(w: &mut Writer, kind: u8) {
@@ -575,6 +645,10 @@ pub fn decode_body(body: &[u8]) -> Result<Message<'_>, WireError> {
         KIND_REPORT => Message::Report(Report::decode(&mut r)?),
         KIND_SOLICIT => Message::Solicit(Solicit::decode(&mut r)?),
         KIND_CHECKPOINT => Message::Checkpoint(Checkpoint::decode(&mut r)?),
+        KIND_CODED => {
+            let (h, payload) = CodedHeader::decode(&mut r)?;
+            Message::Coded(h, payload)
+        }
         k => return Err(WireError::UnknownKind(k)),
     };
     r.finish()?;
@@ -687,6 +761,20 @@ mod tests {
                 bad[i] ^= 1 << (i % 8);
                 prop_assert!(open_tree_data(&k, &bad, fs).is_err(), "bit flipped at {}", i);
             }
+        }
+
+        #[test]
+        fn coded_round_trips(session: u64, assignment: u64, pass: u32, mut seqs in proptest::collection::btree_set(any::<u32>(), 2..=MAX_CODED), payload in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let seqs: Vec<u32> = std::mem::take(&mut seqs).into_iter().collect();
+            let h = CodedHeader { session, assignment, pass, seqs, len: payload.len() as u16 };
+            let mut out = vec![9; 5];
+            encode_coded::<()>(&keys(), &h, &mut out, |b| { b.copy_from_slice(&payload); Ok(()) }).unwrap();
+            prop_assert_eq!(out.len(), payload.len() + coded_overhead(h.seqs.len()));
+            prop_assert_eq!(open(&keys(), &out).unwrap(), Message::Coded(h.clone(), &payload));
+            let mut bad = out.clone();
+            let i = out.len() / 2;
+            bad[i] ^= 0x10;
+            prop_assert_eq!(open(&keys(), &bad), Err(WireError::BadTag));
         }
 
         #[test]

@@ -62,7 +62,22 @@ fuzz_target!(|data: &[u8]| {
         }
         let _ = rx.held_through(u64::from(datagram.len() as u32) * 64);
         let mut buf = sealed.clone();
-        let write = rx.handle_datagram(now, from, &mut buf).map(|w| (w.session, w.seq, w.offset, w.bytes.to_vec()));
+        // A coded repair's frame is its payload XOR the frames it names, read from our copy.
+        let write = rx.handle_datagram(now, from, &mut buf).map(|w| {
+            let mut bytes = w.bytes.to_vec();
+            if let Some(c) = &w.coded {
+                for &(off, len) in &c.xor {
+                    let end = off.checked_add(len as u64).expect("coded part end overflows");
+                    assert!(end <= size, "coded part {off}..{end} outside the announced {size} bytes");
+                    if let Some(part) = disk.get(off as usize..end as usize) {
+                        bytes.iter_mut().zip(part).for_each(|(a, b)| *a ^= b);
+                    }
+                }
+                assert!(c.len <= bytes.len(), "coded frame longer than the repair's payload");
+                bytes.truncate(c.len);
+            }
+            (w.session, w.seq, w.offset, bytes)
+        });
         events(&mut rx, now, &mut disk, &mut size, &mut hash);
         if let Some((session, seq, offset, bytes)) = write {
             let end = offset.checked_add(bytes.len() as u64).expect("write end overflows");

@@ -218,6 +218,16 @@ impl Receiver {
         if let Some((session, seq)) = wire::tree_frame_claim(datagram) {
             return self.on_tree_frame(now, session, seq, datagram);
         }
+        if let Some((session, seqs)) = wire::coded_claim(datagram)
+            && let Some(sess) = self.session.as_ref().filter(|s| s.announce.session == session && s.state == State::Receiving)
+            && seqs.filter(|s| !sess.held.contains(*s)).count() != 1
+        {
+            // A coded repair this member cannot use (it lacks none, or several, of its frames):
+            // skipped before its tag is hashed. The claim is unverified, so a forgery lands
+            // here too, and changes nothing.
+            self.stats.coded_useless += 1;
+            return None;
+        }
         let (header, payload_len, announce, solicit) = match wire::open(&self.keys, datagram) {
             Err(e) => {
                 self.stats.dropped.count(&e);

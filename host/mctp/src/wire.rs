@@ -252,6 +252,18 @@ pub fn encode_coded<E>(keys: &Keys, h: &CodedHeader, out: &mut Vec<u8>, fill: im
     Ok(())
 }
 
+/// The session id and frames of what claims to be a coded repair (nothing is verified): a
+/// member that lacks none or several of them skips it without checking its tag.
+pub fn coded_claim(datagram: &[u8]) -> Option<(u64, impl Iterator<Item = u32> + '_)> {
+    if datagram.len() < 25 || datagram[..4] != [MAGIC[0], MAGIC[1], VERSION, KIND_CODED] {
+        return None;
+    }
+    let session = u64::from_be_bytes(datagram[4..12].try_into().ok()?);
+    let n = usize::from(datagram[24]).min(MAX_CODED);
+    let seqs = datagram.get(25..25 + 4 * n)?;
+    Some((session, seqs.chunks_exact(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))))
+}
+
 impl CodedHeader {
     fn decode<'a>(r: &mut Reader<'a>) -> Result<(Self, &'a [u8]), DecodeError> {
         let session = r.u64()?;
@@ -771,6 +783,9 @@ mod tests {
             encode_coded::<()>(&keys(), &h, &mut out, |b| { b.copy_from_slice(&payload); Ok(()) }).unwrap();
             prop_assert_eq!(out.len(), payload.len() + coded_overhead(h.seqs.len()));
             prop_assert_eq!(open(&keys(), &out).unwrap(), Message::Coded(h.clone(), &payload));
+            let (claimed, seqs) = coded_claim(&out).unwrap();
+            prop_assert_eq!(claimed, session);
+            prop_assert_eq!(seqs.collect::<Vec<_>>(), h.seqs.clone());
             let mut bad = out.clone();
             let i = out.len() / 2;
             bad[i] ^= 0x10;

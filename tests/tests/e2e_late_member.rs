@@ -73,6 +73,10 @@ async fn a_member_started_late_ends_with_the_live_release_and_the_others_skip_it
         let st = a.status().unwrap();
         assert_eq!(applied(&st), *n, "{} applied a run meant for the newcomer: {st}", a.spec.name);
         assert_eq!(observe(&a.site_root.join("current")), live, "{}", a.spec.name);
+        // The MCTP announcement named the servers the runs were not for: they did not even
+        // receive them (before, they received each run whole and then skipped it).
+        let log = a.guard.log_tail(usize::MAX);
+        assert!(!log.contains("targets other servers of the segment"), "{} received a run meant for the newcomer:\n{}", a.spec.name, a.guard.log_tail(40));
     }
     assert_eq!(applied(&c.agents[late].status().unwrap()), 2, "the newcomer applied the replicate and its commit");
 }

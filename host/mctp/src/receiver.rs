@@ -92,6 +92,8 @@ pub struct ReceiverStats {
     /// none, or more than one, of their frames).
     pub coded_used: u64,
     pub coded_useless: u64,
+    /// Announcements of sessions for other members (ignored).
+    pub not_targeted: u64,
     pub dropped: DropCounts,
 }
 
@@ -191,6 +193,9 @@ impl Receiver {
             return None;
         }
         let Ok(Message::Announce(a)) = wire::open(&self.keys, datagram) else { return None };
+        if !a.targets.selects(self.cfg.member) {
+            return None;
+        }
         let known = self.session.as_ref().is_some_and(|s| s.announce.session == a.session || s.announce.info == a.info);
         (!known && !self.held_hashes.contains(&a.info.hash)).then_some(a.info)
     }
@@ -388,6 +393,11 @@ impl Receiver {
 
     /// Returns true when an inline payload in this announcement should be accepted.
     fn on_announce(&mut self, now: Time, from: SocketAddr, a: Announce) -> bool {
+        if !a.targets.selects(self.cfg.member) {
+            // A run for other servers of the segment: not ours to receive or report on.
+            self.stats.not_targeted += 1;
+            return false;
+        }
         let report_to = SocketAddr::new(from.ip(), a.report_port);
         if let Some(s) = self.session.as_mut()
             && s.announce.session == a.session

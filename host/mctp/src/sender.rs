@@ -51,6 +51,12 @@ pub struct SenderConfig {
     /// losing different frames are repaired together. Plaintext sessions with at most
     /// [`MAX_CODED_PEERS`] members (the GL keeps each member's gaps).
     pub coded_repairs: bool,
+    /// Members the session is not for (a run for some servers of the segment): the
+    /// announcement names them and they ignore the session, no file and no report. Anyone
+    /// else on the channel may join, members that registered late included. A list longer than
+    /// one datagram holds ([`wire::MAX_IDS_PER_SOLICIT`]) is not announced (those members
+    /// then receive the session and must skip it themselves).
+    pub not_for: Vec<MemberId>,
     /// Announcements sent before pass 1, `announce_interval` apart. The interval is short (a
     /// LAN's round trip is well under a millisecond): members that already hold the content
     /// answer within it, and every session's first frame waits `(count − 1) × interval`.
@@ -107,6 +113,7 @@ impl SenderConfig {
             encrypt: false,
             tree_tags: true,
             coded_repairs: true,
+            not_for: Vec::new(),
             announce_count: 3,
             announce_interval: Duration::from_millis(5),
             reannounce_interval: Duration::from_millis(500),
@@ -418,7 +425,12 @@ impl Sender {
             v
         });
         let size = info.size;
-        let announce = Announce {
+        let targets = if !cfg.not_for.is_empty() && cfg.not_for.len() <= wire::MAX_IDS_PER_SOLICIT {
+            Selector::AllBut(cfg.not_for.clone())
+        } else {
+            Selector::Everyone
+        };
+        let mut announce = Announce {
             session,
             info,
             frame_size: cfg.frame_size,
@@ -426,9 +438,14 @@ impl Sender {
             report_port: cfg.report_port,
             encrypted: cfg.encrypt,
             tree: cfg.tree_tagged(size),
+            targets,
             pass: 0,
             inline,
         };
+        if announce.encode(&keys).len() > wire::MAX_DATAGRAM {
+            // A large inline payload leaves no room for the list.
+            announce.targets = Selector::Everyone;
+        }
         let mut peers = BTreeMap::new();
         let mut everyone = vec![cfg.group];
         for m in members {

@@ -70,6 +70,9 @@ pub struct SimConfig {
     pub capacity: Option<(u64, u64)>,
     /// Changes to the GL's configuration (e.g. checkpoints off, for a comparison).
     pub tune: Option<fn(&mut SenderConfig)>,
+    /// The members (indices) the run is for, announced as its targets: the others must never
+    /// start the session. `None`: every member.
+    pub targets: Option<Vec<usize>>,
     /// Print every control datagram and report (for replaying a failing seed).
     pub trace: bool,
 }
@@ -98,6 +101,7 @@ impl SimConfig {
             slow_verify: None,
             capacity: None,
             tune: None,
+            targets: None,
             trace: std::env::var_os("MCTP_SIM_TRACE").is_some(),
         }
     }
@@ -269,7 +273,9 @@ impl Sim {
         if let Some(tune) = self.cfg.tune {
             tune(&mut c);
         }
+        c.not_for = (0..self.cfg.members).filter(|i| !self.targeted(*i)).map(member_id).collect();
         let members: Vec<Member> = (0..self.cfg.members)
+            .filter(|i| self.targeted(*i))
             .map(|i| Member { id: member_id(i), unicast: (self.cfg.unicast_only == Some(i)).then(|| member_addr(i)) })
             .collect();
         let inline = (self.info.size <= u64::from(c.frame_size)).then_some(&self.content[..]);
@@ -277,6 +283,10 @@ impl Sim {
         let s = Sender::new(self.now, c, self.keys.clone(), rng, self.info.clone(), &members, inline).map_err(|e| self.violation(format!("sender: {e}")))?;
         self.gl = Some((generation, s));
         Ok(())
+    }
+
+    fn targeted(&self, i: usize) -> bool {
+        self.cfg.targets.as_ref().is_none_or(|t| t.contains(&i))
     }
 
     fn start_member(&mut self, i: usize) {
@@ -462,6 +472,9 @@ impl Sim {
     fn member_events(&mut self, i: usize, rx: &mut Receiver) -> Result<(), Violation> {
         while let Some(e) = rx.poll_event() {
             match e {
+                RxEvent::Started { .. } if !self.targeted(i) => {
+                    return Err(self.violation(format!("member {i} started a session announced for other members")));
+                }
                 RxEvent::Started { info, resumed, tree, .. } => {
                     if !resumed {
                         self.members[i].disk = vec![0; info.size as usize];
@@ -651,12 +664,12 @@ impl Sim {
                 return Err(self.violation(format!("report calls member {i} complete but it never delivered")));
             }
         }
-        for i in 0..self.cfg.members {
+        for i in (0..self.cfg.members).filter(|i| self.targeted(*i)) {
             if alive[i] && !delivered[i] && !report.incomplete.iter().any(|(id, _)| *id == member_id(i)) {
                 return Err(self.violation(format!("live member {i} did not deliver and the report does not say so")));
             }
         }
-        if report.outcome == Outcome::Complete && (0..self.cfg.members).any(|i| alive[i] && !delivered[i]) {
+        if report.outcome == Outcome::Complete && (0..self.cfg.members).any(|i| self.targeted(i) && alive[i] && !delivered[i]) {
             return Err(self.violation("outcome Complete while a live member lacks the assignment"));
         }
         let frames = self.gl.as_ref().map_or(0, |(_, g)| g.frame_count());

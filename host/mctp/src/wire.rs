@@ -90,6 +90,9 @@ pub struct Announce {
     /// Data frames are tree-tagged (kind 6): never with encryption, only with a frame size
     /// that fits the BLAKE3 tree ([`crate::tree::frame_size_fits_tree`]) and never inline.
     pub tree: bool,
+    /// The members the session is for (`AllBut` the members a run for some servers of the
+    /// segment leaves out); the others ignore it: no file, no report.
+    pub targets: Selector,
     /// Pass in progress when this was sent (1 = first transmission).
     pub pass: u32,
     /// The whole assignment, when it fits in one datagram (then there are no data frames).
@@ -303,6 +306,7 @@ impl Announce {
         let flags = if self.encrypted { FLAG_ENCRYPTED } else { 0 } | if self.tree { FLAG_TREE } else { 0 };
         w.u16(self.frame_size).u64(self.rate).u16(self.report_port).u8(flags).u32(self.pass);
         w.str16("name", &self.info.name).expect("name length checked by the sender");
+        self.targets.encode(&mut w);
         w.bool(self.inline.is_some());
         if let Some(b) = &self.inline {
             w.bytes16("inline", b).expect("inline payload fits a frame");
@@ -334,6 +338,7 @@ impl Announce {
         }
         let pass = r.u32()?;
         let name = r.str16(MAX_NAME)?.to_owned();
+        let targets = Selector::decode(r)?;
         let inline = if r.bool()? {
             let b = r.bytes16(usize::from(frame_size) + AEAD_TAG_LEN)?;
             let want = size + if encrypted { AEAD_TAG_LEN as u64 } else { 0 };
@@ -347,7 +352,7 @@ impl Announce {
         if tree && inline.is_some() {
             return Err(DecodeError::malformed("tree-tagged session with an inline payload"));
         }
-        Ok(Announce { session, info: SessionInfo { assignment, name, size, hash }, frame_size, rate, report_port, encrypted, tree, pass, inline })
+        Ok(Announce { session, info: SessionInfo { assignment, name, size, hash }, frame_size, rate, report_port, encrypted, tree, targets, pass, inline })
     }
 }
 
@@ -558,15 +563,7 @@ impl Solicit {
         let mut w = Writer::with_capacity(64);
         header(&mut w, KIND_SOLICIT);
         w.u64(self.session).u32(self.round).u32(self.pass).u32(self.window_us);
-        let (tag, ids): (u8, &[u64]) = match &self.selector {
-            Selector::Everyone => (0, &[]),
-            Selector::Only(ids) => (1, ids),
-            Selector::AllBut(ids) => (2, ids),
-        };
-        w.u8(tag).u16(u16::try_from(ids.len()).expect("ids bounded by MAX_IDS_PER_SOLICIT"));
-        for id in ids {
-            w.u64(*id);
-        }
+        self.selector.encode(&mut w);
         seal(keys, w)
     }
 
@@ -575,6 +572,27 @@ impl Solicit {
         let round = r.u32()?;
         let pass = r.u32()?;
         let window_us = r.u32()?;
+        let selector = Selector::decode(r)?;
+        Ok(Solicit { session, round, pass, window_us, selector })
+    }
+}
+
+impl Selector {
+    /// `kind u8 (0 everyone, 1 only, 2 all but) | n u16 | n × id u64`; at most
+    /// [`MAX_IDS_PER_SOLICIT`] ids.
+    fn encode(&self, w: &mut Writer) {
+        let (tag, ids): (u8, &[u64]) = match self {
+            Selector::Everyone => (0, &[]),
+            Selector::Only(ids) => (1, ids),
+            Selector::AllBut(ids) => (2, ids),
+        };
+        w.u8(tag).u16(u16::try_from(ids.len()).expect("ids bounded by MAX_IDS_PER_SOLICIT"));
+        for id in ids {
+            w.u64(*id);
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let tag = r.u8()?;
         let n = usize::from(r.u16()?);
         if n > MAX_IDS_PER_SOLICIT || (tag == 0 && n != 0) {
@@ -584,13 +602,12 @@ impl Solicit {
         for _ in 0..n {
             ids.push(r.u64()?);
         }
-        let selector = match tag {
-            0 => Selector::Everyone,
-            1 => Selector::Only(ids),
-            2 => Selector::AllBut(ids),
-            _ => return Err(DecodeError::malformed("unknown selector")),
-        };
-        Ok(Solicit { session, round, pass, window_us, selector })
+        match tag {
+            0 => Ok(Selector::Everyone),
+            1 => Ok(Selector::Only(ids)),
+            2 => Ok(Selector::AllBut(ids)),
+            _ => Err(DecodeError::malformed("unknown selector")),
+        }
     }
 }
 
@@ -685,9 +702,10 @@ mod tests {
 
     proptest! {
         #[test]
-        fn announce_round_trips(session: u64, info in arb_info(), fs in prop_oneof![MIN_FRAME_SIZE..=MAX_FRAME_SIZE, (0u32..6).prop_map(|k| 1024u16 << k)], rate: u64, port: u16, pass: u32, enc: bool, tree: bool) {
+        fn announce_round_trips(session: u64, info in arb_info(), fs in prop_oneof![MIN_FRAME_SIZE..=MAX_FRAME_SIZE, (0u32..6).prop_map(|k| 1024u16 << k)], rate: u64, port: u16, pass: u32, enc: bool, tree: bool, ids in proptest::collection::vec(any::<u64>(), 0..MAX_IDS_PER_SOLICIT), which in 0u8..3) {
             let tree = tree && !enc && crate::tree::frame_size_fits_tree(fs) && info.size > u64::from(fs);
-            let a = Announce { session, info, frame_size: fs, rate, report_port: port, encrypted: enc, tree, pass, inline: None };
+            let targets = match which % 3 { 0 => Selector::Everyone, 1 => Selector::Only(ids), _ => Selector::AllBut(ids) };
+            let a = Announce { session, info, frame_size: fs, rate, report_port: port, encrypted: enc, tree, targets, pass, inline: None };
             let bytes = a.encode(&keys());
             prop_assert_eq!(open(&keys(), &bytes).unwrap(), Message::Announce(a));
         }

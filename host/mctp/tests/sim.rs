@@ -289,3 +289,25 @@ fn coded_repairs_cut_resends_when_members_lose_different_frames() {
     println!("frames resent per frame: coded {:.3}, plain {:.3}", resent[0], resent[1]);
     assert!(resent[0] < 0.5 * resent[1], "coded repairs resent {:.3} per frame, plain {:.3}", resent[0], resent[1]);
 }
+
+/// A run for some members of the segment (a replicate to a late server): the announcement
+/// names them, the others never start the session (checked in `run`) and deliver nothing,
+/// whatever loss, crash or GL failover happens.
+#[test]
+fn a_session_announced_for_some_members_is_ignored_by_the_others() {
+    for seed in seeds(30) {
+        let targets: Vec<usize> = (0..6).filter(|i| (seed >> i) & 1 == 1 || *i == (seed % 6) as usize).collect();
+        let mut cfg = SimConfig { members: 6, loss: 0.1, targets: Some(targets.clone()), ..SimConfig::new(seed) };
+        match seed % 3 {
+            1 => cfg.gl_dies = Some(Duration::from_millis(40)),
+            2 => cfg.crash = Some((targets[0], Duration::from_millis(10), Duration::from_millis(300))),
+            _ => {}
+        }
+        let r = must(&cfg);
+        assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed}: {:?}", r.report);
+        for i in 0..6 {
+            assert_eq!(r.delivered[i], targets.contains(&i), "seed {seed} member {i} (targets {targets:?})");
+        }
+        assert_eq!(r.report.complete.len(), targets.len(), "seed {seed}: only the targets report");
+    }
+}

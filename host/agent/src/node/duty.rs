@@ -157,11 +157,19 @@ impl LocalDelivery for SegmentDelivery {
 }
 
 /// Delivers `run` to the servers of the segment it targets (`servers`; empty: all of them):
-/// the others are left out of the MCTP session and skip it (they ask, see `member.rs`).
+/// the others are left out of the MCTP session, whose announcement names the targets, so they
+/// ignore it (and would skip it anyway: they ask, see `member.rs`).
 async fn deliver(shared: Arc<Shared>, run: u64, assignment: PathBuf, manifest: Manifest, servers: Vec<String>) -> DeliveryOutcome {
     let mut segment = segment_now(&shared);
+    let mut not_for = Vec::new();
     if !servers.is_empty() {
-        segment.retain(|name, _| servers.contains(name));
+        segment.retain(|name, id| {
+            let targeted = servers.contains(name);
+            if !targeted {
+                not_for.push(*id);
+            }
+            targeted
+        });
     }
     let me = shared.cfg.name.clone();
     // This GL is a server of the segment too: it applies from the copy the tree brought.
@@ -179,6 +187,10 @@ async fn deliver(shared: Arc<Shared>, run: u64, assignment: PathBuf, manifest: M
         let d = &shared.cfg.data;
         let mut config = SenderConfig::new(d.channel, d.report_port);
         config.frame_size = d.frame_size;
+        // The registered members the run is not for (a replicate to some servers): the
+        // announcement names them, so they neither receive it nor report on it. Anyone else
+        // may join, a target that registers while the run is under way included.
+        config.not_for = not_for;
         if let Some(r) = d.max_rate {
             config.max_rate = r;
             config.initial_rate = config.initial_rate.min(r);

@@ -7,7 +7,7 @@
 //! (NACK aggregation). When nothing is left to resend but reports are missing, the GL asks
 //! again: unicast to a few, else one multicast list (whichever is shorter: the members it
 //! lacks, or the members it has). It stops when every participant is complete, or when neither
-//! the complete count nor the missing-frame count improved for `stall_limit` rounds; then it
+//! the complete count nor the missing-frame count improved for `stall_limit` rounds and `stall_time`; then it
 //! reports success with a quorum or a problem naming who misses what.
 //!
 //! The sender never holds the assignment: it asks its driver for frame bytes by offset
@@ -72,8 +72,11 @@ pub struct SenderConfig {
     pub report_grace: Duration,
     /// Ask missing members by unicast when there are at most this many; else one multicast.
     pub unicast_solicit_max: usize,
-    /// Rounds without progress before giving up (the seed's "ten tries").
+    /// Rounds without progress before giving up (the seed's "ten tries")...
     pub stall_limit: u32,
+    /// ...and at least this long without progress: ten quick rounds can pass while a member
+    /// restarts, or while an unlucky member misses a frame or an announcement ten times.
+    pub stall_time: Duration,
     /// Hard cap on rounds, whatever happens.
     pub max_rounds: u32,
     /// Complete members needed for success when some never complete (`None`: all expected).
@@ -122,6 +125,7 @@ impl SenderConfig {
             report_grace: Duration::from_millis(30),
             unicast_solicit_max: 4,
             stall_limit: 10,
+            stall_time: Duration::from_secs(5),
             max_rounds: 500,
             quorum: None,
             min_participants: 0,
@@ -368,6 +372,8 @@ pub struct Sender {
     /// Every frame's chaining value when the driver provided them (tree-tagged sessions).
     frame_cvs: Vec<[u8; 32]>,
     stall: u32,
+    /// When the complete or missing count last improved (or a member said it was verifying).
+    progress_at: Time,
     /// Consecutive rounds without progress, including those excused because a member was
     /// verifying: it paces the asking-again backoff.
     idle: u32,
@@ -488,6 +494,7 @@ impl Sender {
             next_announce: now,
             frame_cvs: Vec::new(),
             stall: 0,
+            progress_at: now,
             idle: 0,
             prev_complete: 0,
             prev_missing: u64::MAX,
@@ -1111,9 +1118,13 @@ impl Sender {
         if complete > self.prev_complete || missing < self.prev_missing {
             self.stall = 0;
             self.idle = 0;
+            self.progress_at = now;
         } else {
             self.idle += 1;
             self.stall = if verifying { 0 } else { self.stall + 1 };
+            if verifying {
+                self.progress_at = now;
+            }
         }
         self.prev_complete = complete;
         self.prev_missing = missing;
@@ -1126,7 +1137,8 @@ impl Sender {
             .values()
             .all(|p| matches!(p.status, MemberStatus::Complete | MemberStatus::Failed(_)))
             && self.participants_enough();
-        if self.stall >= self.cfg.stall_limit || self.round >= self.cfg.max_rounds || only_failed_left {
+        let stalled = self.stall >= self.cfg.stall_limit && now >= self.progress_at + self.cfg.stall_time;
+        if stalled || self.round >= self.cfg.max_rounds || only_failed_left {
             let quorum = self.cfg.quorum.unwrap_or_else(|| self.peers.values().filter(|p| p.expected).count().max(self.cfg.min_participants));
             let outcome = if complete >= quorum && complete >= self.cfg.min_participants { Outcome::QuorumMet } else { Outcome::Problem };
             return self.finish(outcome);

@@ -655,8 +655,10 @@ impl Sender {
         // coded repairs they wait a moment after the first of them was named, so the answers
         // to one checkpoint (from different members, within its few-millisecond window) can be
         // combined; once the pass has no new frame left they go at once.
-        let pass_left = self.repeats_left > 0 || self.to_send.next_present(self.cursor).is_some();
-        let repairs_due = self.repairs_since.is_some_and(|t| !self.coding() || now >= t + REPAIR_HOLD || !pass_left);
+        let repairs_due = self.repairs_since.is_some_and(|t| {
+            let pass_done = self.repeats_left == 0 && self.to_send.next_present(self.cursor).is_none();
+            !self.coding() || now >= t + REPAIR_HOLD || pass_done
+        });
         let (seq, from_repairs) = if let Some(seq) = self.repairs.next_present(0).filter(|_| repairs_due) {
             self.repairs.remove(seq);
             self.stats.repairs += 1;

@@ -584,11 +584,6 @@ impl Sender {
         wire::encode_data(&self.keys, self.cipher.as_ref(), tag, &frame.header, out, fill)
     }
 
-    /// True when frames are tree-tagged (see [`crate::tree`]).
-    pub fn tree_tagged(&self) -> bool {
-        self.announce.tree
-    }
-
     /// Hands over every frame's chaining value, computed when the driver hashed the file
     /// ([`crate::tree::hash_frames`]), so tagging a frame no longer hashes its payload. Refused
     /// (false) unless the session is tree-tagged and there is one per frame. The driver must
@@ -901,7 +896,7 @@ impl Sender {
         }
     }
 
-    /// The frames to combine with `first` in one coded repair (sorted, `first` included): from
+    /// The frames to combine with `first` in one coded repair (`first` included): from
     /// the frames owed after it in `pool`, greedily, each one some member lacks while no member
     /// lacks two of the combination, so every member that lacks any of them can recover it.
     /// Just `[first]` when nothing combines (e.g. every member lacks `first`).

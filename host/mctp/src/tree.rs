@@ -117,15 +117,13 @@ pub struct FrameTree {
     next: u32,
     stack: Vec<ChainingValue>,
     ahead: BTreeMap<u32, ChainingValue>,
-    /// CVs dropped because `ahead` was full (the driver recomputes them from the file).
-    pub dropped: u64,
 }
 
 impl FrameTree {
     /// A tree of `frames` frames; `frames` must be at least 2 (a smaller file has no frames).
     pub fn new(frames: u32) -> Self {
         assert!(frames >= 2, "a tree-tagged session has at least two frames");
-        FrameTree { frames, next: 0, stack: Vec::with_capacity(33), ahead: BTreeMap::new(), dropped: 0 }
+        FrameTree { frames, next: 0, stack: Vec::with_capacity(33), ahead: BTreeMap::new() }
     }
 
     /// Records frame `seq`'s CV. Duplicates and frames out of range are ignored.
@@ -134,10 +132,9 @@ impl FrameTree {
             return;
         }
         if seq > self.next {
+            // Past the bound the CV is dropped: `needs` asks the driver for it later.
             if self.ahead.len() < MAX_AHEAD {
                 self.ahead.insert(seq, cv);
-            } else if !self.ahead.contains_key(&seq) {
-                self.dropped += 1;
             }
             return;
         }

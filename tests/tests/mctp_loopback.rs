@@ -1,7 +1,8 @@
 //! MCTP over real UDP multicast on loopback: one sender, eight receivers, 64 MiB, identical
 //! copies; a sender with a foreign key cannot get anything delivered; a member that already
 //! holds the assignment answers "complete" without receiving it; a member that cannot receive
-//! multicast gets the session by unicast on its configured port, beside multicast members.
+//! multicast gets the session by unicast on its configured port, beside multicast members; a
+//! GL announcing a hash its file does not match gets nothing delivered.
 //!
 //! Each test uses its own group and ports (239.77.x.y, 471xx) so parallel tests never collide.
 
@@ -54,7 +55,9 @@ async fn one_sender_eight_receivers_64_mib_identical_copies() -> anyhow::Result<
 
     let config = sender_config(group, 47111);
     let members: Vec<Member> = (0..8).map(|i| Member { id: 100 + i, unicast: None }).collect();
-    let opts = SendOptions { config, interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 42, name: "site-update.bin".into(), members };
+    // As a GL sends an assignment: its BLAKE3 known from the manifest, each frame's chaining
+    // value computed as the frame goes out.
+    let opts = SendOptions { config, interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 42, name: "site-update.bin".into(), members, known_hash: Some(hash) };
     let out = tokio::time::timeout(Duration::from_secs(240), send_file(&source, opts)).await??;
     assert_eq!(out.report.outcome, Outcome::Complete, "report: {:?}", out.report);
     assert_eq!(out.report.complete.len(), 8);
@@ -94,7 +97,7 @@ async fn lossy_receivers_verify_with_tree_tags_and_with_plain_tags() -> anyhow::
         let mut config = sender_config(group, 47131 + 2 * k as u16);
         config.tree_tags = tree_tags;
         let members: Vec<Member> = (0..3).map(|i| Member { id: 300 + i, unicast: None }).collect();
-        let opts = SendOptions { config, interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 43, name: "lossy.bin".into(), members };
+        let opts = SendOptions { config, interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 43, name: "lossy.bin".into(), members, known_hash: None };
         let out = tokio::time::timeout(Duration::from_secs(120), send_file(&source, opts)).await??;
         assert_eq!(out.report.outcome, Outcome::Complete, "tree tags {tree_tags}: {:?}", out.report);
         assert!(out.stats.frames_sent > (12 << 20) / 8192, "tree tags {tree_tags}: loss made repairs");
@@ -124,7 +127,7 @@ async fn a_sender_without_the_cluster_key_delivers_nothing() -> anyhow::Result<(
     let mut config = SenderConfig::new(group, 47121);
     config.stall_limit = 2;
     config.max_report_window = Duration::from_millis(200);
-    let opts = SendOptions { config, interface: LOOPBACK, ttl: 0, secret: b"an outsider's key".to_vec(), assignment: 1, name: "forged.bin".into(), members: vec![Member { id: 1, unicast: None }] };
+    let opts = SendOptions { config, interface: LOOPBACK, ttl: 0, secret: b"an outsider's key".to_vec(), assignment: 1, name: "forged.bin".into(), members: vec![Member { id: 1, unicast: None }], known_hash: None };
     let out = send_file(&source, opts).await?;
     assert_eq!(out.report.outcome, Outcome::Problem, "nobody can answer a forged session");
     let err = rx.await?.expect_err("the receiver must not deliver forged data");
@@ -133,9 +136,42 @@ async fn a_sender_without_the_cluster_key_delivers_nothing() -> anyhow::Result<(
     Ok(())
 }
 
+/// A GL whose copy does not match the hash it announces (the manifest's, say, with the file
+/// changed on its disk since): every member's verification fails, nothing is delivered, no
+/// file is left, and the session ends with a problem naming the members — for tree tags (the
+/// frames' chaining values computed as they are sent) and plain tags alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_known_hash_delivers_nothing_and_ends_with_a_problem() -> anyhow::Result<()> {
+    for (k, tree_tags) in [true, false].into_iter().enumerate() {
+        let group: SocketAddr = format!("239.77.41.{}:{}", 30 + k, 47150 + 2 * k).parse()?;
+        let tmp = tempfile::tempdir()?;
+        let source = tmp.path().join("changed.bin");
+        let mut announced = random_file(&source, (2 << 20) + 123, 12);
+        announced[0] ^= 1;
+        let secret = b"loopback test cluster".to_vec();
+        let dirs: Vec<_> = (0..2).map(|i| tmp.path().join(format!("member-{i}"))).collect();
+        let receivers: Vec<_> = dirs.iter().zip(400u64..).map(|(d, id)| tokio::spawn(receive(receive_options(group, id, &secret, d, Duration::from_secs(4))))).collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut config = sender_config(group, 47151 + 2 * k as u16);
+        config.tree_tags = tree_tags;
+        let members: Vec<Member> = (400..402).map(|id| Member { id, unicast: None }).collect();
+        let opts = SendOptions { config, interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 44, name: "changed.bin".into(), members, known_hash: Some(announced) };
+        let out = tokio::time::timeout(Duration::from_secs(60), send_file(&source, opts)).await??;
+        assert_eq!(out.report.outcome, Outcome::Problem, "tree tags {tree_tags}: {:?}", out.report);
+        assert!(out.report.complete.is_empty(), "tree tags {tree_tags}: {:?}", out.report);
+        assert_eq!(out.report.incomplete.len(), 2, "tree tags {tree_tags}: both members named: {:?}", out.report);
+        for (r, d) in receivers.into_iter().zip(&dirs) {
+            let err = r.await?.expect_err("a copy that fails its hash is never delivered");
+            assert!(err.to_string().contains("no assignment was delivered"), "tree tags {tree_tags}: {err}");
+            assert_eq!(std::fs::read_dir(d).map_or(0, |e| e.count()), 0, "tree tags {tree_tags}: no file, partial or whole, is left");
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_already_holds_the_assignment_answers_complete_without_receiving() -> anyhow::Result<()> {
-    let group: SocketAddr = "239.77.41.9:47130".parse()?;
+    let group: SocketAddr = "239.77.41.9:47136".parse()?;
     let tmp = tempfile::tempdir()?;
     let source = tmp.path().join("held.bin");
     let hash = random_file(&source, 3 << 20, 9);
@@ -152,7 +188,7 @@ async fn a_member_that_already_holds_the_assignment_answers_complete_without_rec
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let members: Vec<Member> = (1..=3).map(|id| Member { id, unicast: None }).collect();
-    let opts = SendOptions { config: sender_config(group, 47131), interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 5, name: "held.bin".into(), members };
+    let opts = SendOptions { config: sender_config(group, 47137), interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 5, name: "held.bin".into(), members, known_hash: None };
     let out = tokio::time::timeout(Duration::from_secs(60), send_file(&source, opts)).await??;
     assert_eq!(out.report.outcome, Outcome::Complete, "report: {:?}", out.report);
 
@@ -191,7 +227,7 @@ async fn a_unicast_only_member_on_its_configured_port_receives_beside_multicast_
 
     let mut members: Vec<Member> = (1..=3).map(|id| Member { id, unicast: None }).collect();
     members.push(Member { id: 4, unicast: Some(SocketAddr::new(LOOPBACK.into(), unicast_port)) });
-    let opts = SendOptions { config: sender_config(group, 47141), interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 6, name: "mixed.bin".into(), members };
+    let opts = SendOptions { config: sender_config(group, 47141), interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 6, name: "mixed.bin".into(), members, known_hash: None };
     let out = tokio::time::timeout(Duration::from_secs(60), send_file(&source, opts)).await??;
     assert_eq!(out.report.outcome, Outcome::Complete, "report: {:?}", out.report);
     assert_eq!(out.report.complete, vec![1, 2, 3, 4]);

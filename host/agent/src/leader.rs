@@ -33,7 +33,7 @@ pub struct MctpDelivery {
 }
 
 impl LocalDelivery for MctpDelivery {
-    fn deliver(&self, run: u64, assignment: PathBuf, _manifest: Manifest) -> BoxFuture<'static, DeliveryOutcome> {
+    fn deliver(&self, run: u64, assignment: PathBuf, manifest: Manifest) -> BoxFuture<'static, DeliveryOutcome> {
         let members: Vec<Member> = self.segment.members.values().map(|id| Member { id: *id, unicast: None }).collect();
         let names: BTreeMap<MemberId, String> = self.segment.members.iter().map(|(n, id)| (*id, n.clone())).collect();
         let opts = SendOptions {
@@ -44,6 +44,9 @@ impl LocalDelivery for MctpDelivery {
             assignment: run,
             name: format!("run-{run}.assignment"),
             members,
+            // The tree brought the assignment checked against this manifest: no need to hash
+            // it again before the session starts.
+            known_hash: blake3::Hash::from_hex(&manifest.blake3).ok().map(|h| *h.as_bytes()),
         };
         Box::pin(async move {
             match send_file(&assignment, opts).await {

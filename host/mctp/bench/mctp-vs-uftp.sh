@@ -28,7 +28,11 @@
 #   SIZE_MIB=16 RECEIVERS="1 4" LOSSES="0 5" CMOVER=target/release/cmover mctp-vs-uftp.sh
 # Env: SIZE_MIB, RECEIVERS, LOSSES, CMOVER (path to cmover), RATE_MBIT (MCTP start rate, cap is
 # 2x, or LINK_MBIT when set), UFTP_RATE_KBIT (UFTP fixed rate), BLOCK (frame/block payload
-# bytes for both tools), TOOLS ("mctp uftp"), REPEAT (1), LINK_MBIT (unset).
+# bytes for both tools), TOOLS ("mctp uftp"), REPEAT (1), LINK_MBIT (unset), KNOWN_HASH (1).
+#
+# KNOWN_HASH=1 gives MCTP the file's BLAKE3 (`--blake3`, computed once before any run), as a
+# group leader has it from the manifest the assignment arrived with: the session starts without
+# a pass over the file. KNOWN_HASH=0 makes the sender hash the file first (inside its time).
 set -euo pipefail
 
 SIZE_MIB=${SIZE_MIB:-256}
@@ -45,6 +49,7 @@ TOOLS=${TOOLS:-"mctp uftp"}
 REPEAT=${REPEAT:-1}
 LINK_MBIT=${LINK_MBIT:-}
 LOSS_MODE=${LOSS_MODE:-same}
+KNOWN_HASH=${KNOWN_HASH:-1}
 MAX_RATE_MBIT=$((RATE_MBIT * 2))
 if [ -n "$LINK_MBIT" ]; then
   # Both tools paced at the link's speed (MCTP may not exceed it; UFTP is told exactly it).
@@ -90,6 +95,8 @@ for i in $(seq 1 "$MAXN"); do add_host "rx$i" "10.77.0.$((10 + i))"; done
 FILE=$WORK/payload.bin
 head -c $((SIZE_MIB << 20)) /dev/urandom > "$FILE"
 SIZE=$(stat -c %s "$FILE")
+HASH_ARGS=()
+[ "$KNOWN_HASH" = 0 ] || HASH_ARGS=(--blake3 "$("$CMOVER" mctp hash "$FILE")")
 
 # Before each run, outside its timing: only the bridge ports of this point's n receivers are
 # up (the bridge floods multicast to every port; the idle namespaces of larger points would
@@ -155,7 +162,7 @@ run_mctp() { # n loss
   local t0 t1
   t0=$(now)
   CM_CLUSTER_SECRET=bench ip netns exec "$P-tx" /usr/bin/time -f "0 %U %S" -o "$WORK/cpu-tx" "$CMOVER" mctp send "$FILE" --group $GROUP --interface 10.77.0.1 \
-    --expect "$n" --frame-size "$BLOCK" --rate-mbit "$RATE_MBIT" --max-rate-mbit "$MAX_RATE_MBIT" >"$WORK/mtx.log" 2>&1 || true
+    --expect "$n" --frame-size "$BLOCK" --rate-mbit "$RATE_MBIT" --max-rate-mbit "$MAX_RATE_MBIT" "${HASH_ARGS[@]}" >"$WORK/mtx.log" 2>&1 || true
   t1=$(now)
   wait "${pids[@]}" 2>/dev/null || true
   local ok; ok=$(check_copies "$WORK/m" "$n")
@@ -225,8 +232,8 @@ summary() {
         (m > 0 && u > 0) ? sprintf("%.2f", u / m) : "-", rl == "" ? "-" : sprintf("[%.2f-%.2f]", lo(rl), hi(rl)), med(r["MCTP", k]), med(r["UFTP", k]), med(cpu["MCTP", k]), med(cpu["UFTP", k]) } }' "$WORK/rows" | sort -k2,2n -k1,1n
 }
 
-printf "%s MiB, block %s bytes, MTU %s, link %s, loss %s (nft numgen random)\n" \
-  "$SIZE_MIB" "$BLOCK" $MTU "$( [ -n "$LINK_MBIT" ] && echo "$LINK_MBIT Mbit/s (tbf)" || echo unshaped )" \
+printf "%s MiB, block %s bytes, MTU %s, MCTP %s, link %s, loss %s (nft numgen random)\n" \
+  "$SIZE_MIB" "$BLOCK" $MTU "$( [ "$KNOWN_HASH" = 0 ] && echo "hashes the file first" || echo "given the file's BLAKE3" )" "$( [ -n "$LINK_MBIT" ] && echo "$LINK_MBIT Mbit/s (tbf)" || echo unshaped )" \
   "$( [ "$LOSS_MODE" = independent ] && echo "per receiver, independent" || echo "where the sender's port enters the bridge (same for all)" )"
 : > "$WORK/rows"
 printf "%-5s %4s %6s %9s %10s %9s %10s %8s %3s %8s %8s  %s\n" tool rcv loss "wall s" "goodput MB/s" "sent/pay" "rx RSS MiB" copies rep "rx CPU s" "tx CPU s" "MCTP sender"

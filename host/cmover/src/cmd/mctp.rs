@@ -74,9 +74,16 @@ pub enum Command {
         assignment_id: u64,
         #[arg(long, default_value_t = 1)]
         ttl: u32,
+        /// FILE's BLAKE3 (hex), when already known (`cmover mctp hash FILE`, or an assignment's
+        /// manifest): the session starts without a pass over the file first. A wrong value
+        /// fails every receiver's verification, so nothing is delivered.
+        #[arg(long, value_parser = parse_hash)]
+        blake3: Option<[u8; 32]>,
         #[command(flatten)]
         secret: Secret,
     },
+    /// Print FILE's BLAKE3 (hex), as `send --blake3` takes it.
+    Hash { file: PathBuf },
     /// Receive one assignment from the group into DIR and print where it landed.
     Receive {
         #[arg(long)]
@@ -110,6 +117,10 @@ pub enum Command {
     },
 }
 
+fn parse_hash(s: &str) -> Result<[u8; 32], String> {
+    blake3::Hash::from_hex(s).map(|h| *h.as_bytes()).map_err(|e| format!("not a BLAKE3 hash (64 hex digits): {e}"))
+}
+
 fn parse_member(s: &str) -> anyhow::Result<Member> {
     let (id, unicast) = match s.split_once('@') {
         Some((id, addr)) => (id, Some(addr.parse().with_context(|| format!("member address in {s:?}"))?)),
@@ -120,7 +131,7 @@ fn parse_member(s: &str) -> anyhow::Result<Member> {
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Send { file, group, interface, report_port, expect, members, max_rate_mbit, rate_mbit, max_lag_mib, checkpoint_mib, frame_size, encrypt, quorum, assignment_id, ttl, secret } => {
+        Command::Send { file, group, interface, report_port, expect, members, max_rate_mbit, rate_mbit, max_lag_mib, checkpoint_mib, frame_size, encrypt, quorum, assignment_id, ttl, blake3, secret } => {
             let mut config = SenderConfig::new(group, report_port);
             config.max_rate = max_rate_mbit * 125_000;
             config.initial_rate = rate_mbit.min(max_rate_mbit) * 125_000;
@@ -133,7 +144,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             config.min_participants = expect;
             let members = members.iter().map(|m| parse_member(m)).collect::<anyhow::Result<Vec<_>>>()?;
             let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("assignment").to_owned();
-            let opts = SendOptions { config, interface, ttl, secret: secret.load()?, assignment: assignment_id, name, members };
+            let opts = SendOptions { config, interface, ttl, secret: secret.load()?, assignment: assignment_id, name, members, known_hash: blake3 };
             let out = send_file(&file, opts).await.with_context(|| format!("sending {}", file.display()))?;
             let r = &out.report;
             let size = std::fs::metadata(&file)?.len();
@@ -160,6 +171,12 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             if r.outcome == Outcome::Problem {
                 bail!("session ended with a problem: {} of {} participants complete", r.complete.len(), r.complete.len() + r.incomplete.len());
             }
+            Ok(())
+        }
+        Command::Hash { file } => {
+            let f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+            let hash = blake3::Hasher::new().update_reader(f).with_context(|| format!("reading {}", file.display()))?.finalize();
+            println!("{hash}");
             Ok(())
         }
         Command::Receive { group, dir, interface, member_id, timeout_secs, inject_loss, unicast_port, no_multicast, fsync, secret } => {

@@ -309,8 +309,10 @@ struct CheckpointLog {
     sent_at: u64,
     /// Frames in its window.
     frames: u32,
-    /// Gap frames per member that answered (parts add up).
-    gaps: BTreeMap<MemberId, u32>,
+    /// Per member that answered: its gap frames (parts add up) and the new frames its answer
+    /// covers — this window's, plus those of earlier windows it had not answered yet (a
+    /// member that falls behind answers several checkpoints with one report).
+    gaps: BTreeMap<MemberId, (u32, u32)>,
 }
 
 /// Fewest new frames in a window that a checkpoint's interval alone may close. The gap share
@@ -778,7 +780,11 @@ impl Sender {
                 if matches!(peer.status, MemberStatus::Complete | MemberStatus::Failed(_)) || r.round < self.pass_first_checkpoint {
                     return; // a newer fact, or an answer from an earlier pass
                 }
+                let mut covered = None;
                 if peer.acked_checkpoint.is_none_or(|a| r.round > a) {
+                    // The windows since its previous answer in this pass, this one included.
+                    let first = peer.acked_checkpoint.map_or(0, |a| a + 1).max(self.pass_first_checkpoint);
+                    covered = Some(self.checkpoints.iter().filter(|c| (first..=r.round).contains(&c.number)).map(|c| c.frames).sum::<u32>());
                     peer.acked_checkpoint = Some(r.round);
                     if let Some(c) = self.checkpoints.iter().find(|c| c.number == r.round) {
                         if peer.answers.len() == INTAKE_SAMPLES {
@@ -787,7 +793,7 @@ impl Sender {
                         peer.answers.push_back((now, c.sent_at));
                     }
                 }
-                return self.on_gaps(now, r.member, r.round, &runs);
+                return self.on_gaps(now, r.member, r.round, covered, &runs);
             }
             // Completion and failure are final facts whatever round they answer.
             ReportStatus::Complete => {
@@ -837,7 +843,8 @@ impl Sender {
 
     /// A checkpoint answer: repair its gaps during the pass (or in the next one, if this pass
     /// has ended) and note the member's gap share for the rate.
-    fn on_gaps(&mut self, now: Time, member: MemberId, checkpoint: u32, runs: &[(u32, u32)]) {
+    /// `covered`: the new frames of the windows the answer covers, given with its first part.
+    fn on_gaps(&mut self, now: Time, member: MemberId, checkpoint: u32, covered: Option<u32>, runs: &[(u32, u32)]) {
         self.note_missing(member, runs);
         let sending = self.phase == Phase::Sending;
         for &(first, count) in runs {
@@ -853,13 +860,17 @@ impl Sender {
         }
         if let Some(log) = self.checkpoints.iter_mut().find(|c| c.number == checkpoint) {
             let gaps: u32 = runs.iter().map(|(_, c)| *c).sum();
-            let total = log.gaps.entry(member).or_insert(0);
+            let (total, frames) = log.gaps.entry(member).or_insert((0, log.frames));
             *total = total.saturating_add(gaps);
+            if let Some(c) = covered {
+                *frames = c.max(1);
+            }
+            let (total, frames) = (*total, *frames);
             // A short window (the end of a pass, a repeat) says too little about the rate.
             self.answered = true;
             let enough = u32::try_from(self.cfg.checkpoint_bytes / u64::from(self.cfg.frame_size) / 2).unwrap_or(u32::MAX);
-            if log.frames >= MIN_WINDOW_FRAMES.min(enough).max(1) {
-                let share = f64::from(*total) / f64::from(log.frames);
+            if frames >= MIN_WINDOW_FRAMES.min(enough).max(1) {
+                let share = f64::from(total) / f64::from(frames);
                 self.worst_share = Some(self.worst_share.map_or(share, |w| w.max(share)));
             }
         }

@@ -92,6 +92,9 @@ pub struct ReceiverStats {
     /// none, or more than one, of their frames).
     pub coded_used: u64,
     pub coded_useless: u64,
+    /// Of those, the ones it lacked several frames of: it needed one, but had also lost
+    /// another that the GL did not know of when it combined them.
+    pub coded_lacking_several: u64,
     /// Announcements of sessions for other members (ignored).
     pub not_targeted: u64,
     pub dropped: DropCounts,
@@ -225,12 +228,14 @@ impl Receiver {
         }
         if let Some((session, seqs)) = wire::coded_claim(datagram)
             && let Some(sess) = self.session.as_ref().filter(|s| s.announce.session == session && s.state == State::Receiving)
-            && seqs.filter(|s| !sess.held.contains(*s)).count() != 1
+            && let lacking = seqs.filter(|s| !sess.held.contains(*s)).count()
+            && lacking != 1
         {
             // A coded repair this member cannot use (it lacks none, or several, of its frames):
             // skipped before its tag is hashed. The claim is unverified, so a forgery lands
             // here too, and changes nothing.
             self.stats.coded_useless += 1;
+            self.stats.coded_lacking_several += u64::from(lacking > 1);
             return None;
         }
         let (header, payload_len, announce, solicit) = match wire::open(&self.keys, datagram) {
@@ -304,6 +309,7 @@ impl Receiver {
         let mut missing = h.seqs.iter().filter(|s| !sess.held.contains(**s));
         let (Some(&target), None) = (missing.next(), missing.next()) else {
             self.stats.coded_useless += 1;
+            self.stats.coded_lacking_several += u64::from(h.seqs.iter().filter(|s| !sess.held.contains(**s)).count() > 1);
             return None;
         };
         if sess.state != State::Receiving {

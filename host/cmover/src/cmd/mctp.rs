@@ -189,12 +189,15 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             opts.durable = fsync;
             let got = receive(opts).await?;
             println!(
-                "mctp-receive path={} size={} already_held={} frames={} duplicates={} dropped={}",
+                "mctp-receive path={} size={} already_held={} frames={} duplicates={} coded_used={} coded_useless={} coded_lacking_several={} dropped={}",
                 got.path.display(),
                 got.info.size,
                 got.already_held,
                 got.stats.frames,
                 got.stats.duplicates,
+                got.stats.coded_used,
+                got.stats.coded_useless,
+                got.stats.coded_lacking_several,
                 got.stats.dropped.total()
             );
             Ok(())

@@ -74,6 +74,8 @@ pub enum MctpDriverError {
     Timeout(Duration),
 }
 
+/// Builds the error mapper. Its argument is evaluated at once: on a per-frame path, wrap the
+/// call in a closure (`|e| io_err(format!(..))(e)`) so the message is formatted only on error.
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> MctpDriverError {
     let what = what.into();
     move |source| MctpDriverError::Io { what, source }
@@ -183,13 +185,19 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
     let fd = sock.as_raw_fd();
 
     let start = Instant::now();
-    // A known hash: no pass over the file before the session (tree tags then hash each frame
-    // as it is sent). Otherwise, with tree-tagged frames (a frame size that fits BLAKE3's
+    // A known hash: no pass over the file before the session; with tree tags a helper thread
+    // computes the frames' CVs ahead of the sending (a frame it has not reached yet is hashed
+    // as it is tagged). Otherwise, with tree-tagged frames (a frame size that fits BLAKE3's
     // tree, no encryption, several frames), the file is hashed frame by frame on every core
     // and the frames' CVs are kept, so tagging a frame does not hash it again.
+    let tree_tagged = opts.config.tree_tagged(size);
+    let mut cvs_ahead = None;
     let (hash, cvs) = if let Some(hash) = opts.known_hash {
+        if tree_tagged {
+            cvs_ahead = spawn_cv_helper(&file, size, opts.config.frame_size);
+        }
         (hash, None)
-    } else if opts.config.tree_tagged(size) {
+    } else if tree_tagged {
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         hash_frames(size, opts.config.frame_size, threads, |offset, buf| file.read_exact_at(buf, offset))
             .map_err(io_err(format!("hash {}", path.display())))?
@@ -218,6 +226,11 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
         if stop.load(Ordering::Relaxed) {
             return Err(stopped());
         }
+        if let Some(rx) = &cvs_ahead {
+            while let Ok((first, cvs)) = rx.try_recv() {
+                sender.extend_frame_cvs(first, &cvs);
+            }
+        }
         let now = to_time(start, Instant::now());
         sender.handle_timeout(now);
         let st = sender.stats();
@@ -242,13 +255,13 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
                         let buf = &mut frames[used];
                         sender
                             .encode_frame(&frame, buf, |p| file.read_exact_at(p, frame.offset))
-                            .map_err(io_err(format!("read {} at {}", path.display(), frame.offset)))?;
+                            .map_err(|e| io_err(format!("read {} at {}", path.display(), frame.offset))(e))?;
                         order.push((true, used, dest));
                         used += 1;
                     }
                     Transmit::Coded { dest, coded } => {
                         let buf = &mut frames[used];
-                        sender.encode_coded(&coded, buf, |offset, p| file.read_exact_at(p, offset)).map_err(io_err(format!("read {} for a coded repair", path.display())))?;
+                        sender.encode_coded(&coded, buf, |offset, p| file.read_exact_at(p, offset)).map_err(|e| io_err(format!("read {} for a coded repair", path.display()))(e))?;
                         order.push((true, used, dest));
                         used += 1;
                     }
@@ -314,6 +327,39 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
     }
 }
 
+/// Frames' chaining values, computed in order on a thread of their own and handed over in
+/// chunks (first frame, values). The thread stops at the end of the file, at a read error
+/// (the sender then hashes the remaining frames itself) or when the sender is gone. `None`:
+/// too many frames to keep their values, or no thread.
+fn spawn_cv_helper(file: &File, size: u64, frame_size: u16) -> Option<std::sync::mpsc::Receiver<(u32, Vec<[u8; 32]>)>> {
+    let fs = u64::from(frame_size);
+    if size.div_ceil(fs) > u64::from(cm_mctp::tree::MAX_KEPT_CVS) {
+        return None;
+    }
+    let file = file.try_clone().ok()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let per_read = ((1u64 << 20) / fs).max(1);
+    std::thread::Builder::new()
+        .name("mctp-cvs".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; (per_read * fs) as usize];
+            let mut offset = 0u64;
+            while offset < size {
+                let len = (per_read * fs).min(size - offset) as usize;
+                if file.read_exact_at(&mut buf[..len], offset).is_err() {
+                    return;
+                }
+                let cvs: Vec<[u8; 32]> = buf[..len].chunks(fs as usize).enumerate().map(|(i, f)| cm_mctp::tree::frame_cv(offset + i as u64 * fs, f)).collect();
+                if tx.send(((offset / fs) as u32, cvs)).is_err() {
+                    return;
+                }
+                offset += len as u64;
+            }
+        })
+        .ok()?;
+    Some(rx)
+}
+
 fn drain_reports(sender: &mut Sender, batch: &mut sys::RecvBatch, fd: std::os::fd::RawFd, now: Time) {
     loop {
         let n = match batch.recv(fd) {
@@ -340,7 +386,7 @@ fn hash_file(file: &File, path: &Path) -> Result<[u8; 32], MctpDriverError> {
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
     loop {
-        let n = file.read_at(&mut buf, at).map_err(io_err(format!("hash {}", path.display())))?;
+        let n = file.read_at(&mut buf, at).map_err(|e| io_err(format!("hash {}", path.display()))(e))?;
         if n == 0 {
             return Ok(*h.finalize().as_bytes());
         }

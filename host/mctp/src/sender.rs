@@ -599,6 +599,18 @@ impl Sender {
         ok
     }
 
+    /// Appends chaining values of frames `first..` as a helper computes them ahead of the
+    /// sending (the driver's choice when it knows the file's BLAKE3 and so skipped hashing it
+    /// first). Frames without one yet are hashed as they are tagged. Refused (false) unless the
+    /// session is tree-tagged and `first` continues what was given, within the frame count.
+    pub fn extend_frame_cvs(&mut self, first: u32, cvs: &[[u8; 32]]) -> bool {
+        let ok = self.announce.tree && first as usize == self.frame_cvs.len() && self.frame_cvs.len() + cvs.len() <= self.frames as usize;
+        if ok {
+            self.frame_cvs.extend_from_slice(cvs);
+        }
+        ok
+    }
+
     /// When the driver should call [`Sender::handle_timeout`] or [`Sender::poll_transmit`] next.
     pub fn poll_timeout(&self) -> Option<Time> {
         let phase = match self.phase {

@@ -59,7 +59,7 @@ const RX_BATCH: usize = 16;
 const RX_COALESCE: Duration = Duration::from_millis(1);
 const RX_COALESCE_BELOW: u64 = 250_000_000;
 /// The arrival rate that decides it is measured over windows of this length.
-const RX_RATE_WINDOW: Duration = Duration::from_millis(5);
+const RX_RATE_WINDOW: Duration = Duration::from_millis(20);
 /// Start writeback of a receiving file after this many new bytes.
 const WRITEBACK_EVERY: u64 = 16 << 20;
 /// Bytes of already-written frames a receiver reads back and hashes per batch, once a repaired

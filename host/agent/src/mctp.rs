@@ -53,13 +53,9 @@ const BATCH: usize = 64;
 /// Messages per `recvmmsg` on a receiver: with GRO each holds up to ~60 KiB of datagrams, so
 /// 16 keep the batch (resident memory) near 1 MiB.
 const RX_BATCH: usize = 16;
-/// How long a receiver lets datagrams gather after a partial batch, when they arrive slower
-/// than `RX_COALESCE_BELOW` bytes per second (so at most ~250 KB gather meanwhile). Faster, a
-/// member sharing its CPU could fall behind by the pause and overrun its socket buffer.
+/// How long a receiver lets datagrams gather after a partial batch (its socket buffer holds
+/// far more than arrives meanwhile, even at 16 Gbit/s).
 const RX_COALESCE: Duration = Duration::from_millis(1);
-const RX_COALESCE_BELOW: u64 = 250_000_000;
-/// The arrival rate that decides it is measured over windows of this length.
-const RX_RATE_WINDOW: Duration = Duration::from_millis(20);
 /// Start writeback of a receiving file after this many new bytes.
 const WRITEBACK_EVERY: u64 = 16 << 20;
 /// Bytes of already-written frames a receiver reads back and hashes per batch, once a repaired
@@ -638,8 +634,6 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
     let mut batch = sys::RecvBatch::new(RX_BATCH, 65_536);
     let mut pending: Vec<PendingWrite> = Vec::with_capacity(BATCH);
     let mut coalesce = false;
-    // Bytes arrived in the current window, when it started, and the last window's rate.
-    let (mut arrived, mut window_start, mut arrival_rate) = (0u64, Instant::now(), u64::MAX);
     loop {
         if let Some((path, info)) = &d.delivered
             && last_heard.elapsed() >= opts.linger
@@ -657,15 +651,9 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
             wake = wake.min(Instant::now() + Duration::from_millis(2));
         }
         let polls: Vec<(std::os::fd::RawFd, libc::c_short)> = fds.iter().map(|fd| (*fd, libc::POLLIN)).collect();
-        // After a partial batch (the sender is slower than this member), at a modest arrival
-        // rate, let datagrams gather for a moment unless a timer is due sooner: fewer
-        // wake-ups, larger batches.
-        let elapsed = window_start.elapsed();
-        if elapsed >= RX_RATE_WINDOW {
-            arrival_rate = (u128::from(arrived) * 1_000_000 / elapsed.as_micros().max(1)) as u64;
-            (arrived, window_start) = (0, Instant::now());
-        }
-        if coalesce && arrival_rate < RX_COALESCE_BELOW && wake > Instant::now() + RX_COALESCE {
+        // After a partial batch (the sender is slower than this member), let datagrams gather
+        // for a moment unless a timer is due sooner: fewer wake-ups, larger batches.
+        if coalesce && wake > Instant::now() + RX_COALESCE {
             std::thread::sleep(RX_COALESCE);
         }
         coalesce = false;
@@ -684,7 +672,6 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
                 let now = to_time(start, last_heard);
                 for slot in 0..n {
                     let (buf, from, seg) = batch.get(slot);
-                    arrived += buf.len() as u64;
                     let base = buf.as_ptr() as usize;
                     let seg = seg.unwrap_or(buf.len()).max(1);
                     for datagram in buf.chunks_mut(seg) {

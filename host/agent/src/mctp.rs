@@ -53,9 +53,6 @@ const BATCH: usize = 64;
 /// Messages per `recvmmsg` on a receiver: with GRO each holds up to ~60 KiB of datagrams, so
 /// 16 keep the batch (resident memory) near 1 MiB.
 const RX_BATCH: usize = 16;
-/// How long a receiver lets datagrams gather after a partial batch (its socket buffer holds
-/// far more than arrives meanwhile, even at 16 Gbit/s).
-const RX_COALESCE: Duration = Duration::from_millis(1);
 /// Start writeback of a receiving file after this many new bytes.
 const WRITEBACK_EVERY: u64 = 16 << 20;
 /// Bytes of already-written frames a receiver reads back and hashes per batch, once a repaired
@@ -633,7 +630,6 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
     let mut last_heard = Instant::now();
     let mut batch = sys::RecvBatch::new(RX_BATCH, 65_536);
     let mut pending: Vec<PendingWrite> = Vec::with_capacity(BATCH);
-    let mut coalesce = false;
     loop {
         if let Some((path, info)) = &d.delivered
             && last_heard.elapsed() >= opts.linger
@@ -651,12 +647,6 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
             wake = wake.min(Instant::now() + Duration::from_millis(2));
         }
         let polls: Vec<(std::os::fd::RawFd, libc::c_short)> = fds.iter().map(|fd| (*fd, libc::POLLIN)).collect();
-        // After a partial batch (the sender is slower than this member), let datagrams gather
-        // for a moment unless a timer is due sooner: fewer wake-ups, larger batches.
-        if coalesce && wake > Instant::now() + RX_COALESCE {
-            std::thread::sleep(RX_COALESCE);
-        }
-        coalesce = false;
         let ready = sys::wait(&polls, wake.saturating_duration_since(Instant::now())).map_err(io_err("poll"))?;
         for (&fd, is_ready) in fds.iter().zip(ready) {
             if !is_ready {
@@ -707,7 +697,6 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
                 d.handle_events(now)?;
                 d.catch_up(CATCH_UP_PER_BATCH);
                 if n < RX_BATCH {
-                    coalesce = true;
                     break;
                 }
             }

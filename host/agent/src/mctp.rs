@@ -146,8 +146,8 @@ pub struct SendOptions {
     pub members: Vec<Member>,
     /// The file's BLAKE3 when it is already known and trusted, as a GL knows an assignment's
     /// from the manifest it verified the assignment against on arrival. The session then
-    /// starts at once instead of after a pass over the file, and each frame's chaining value is
-    /// computed as the frame is sent. A value that does not match the file fails every
+    /// starts at once instead of after a pass over the file, and the frames' chaining values
+    /// are computed alongside the sending. A value that does not match the file fails every
     /// member's verification: nothing wrong is ever delivered, the session ends with a problem.
     pub known_hash: Option<[u8; 32]>,
 }

@@ -336,25 +336,14 @@ fn spawn_cv_helper(file: &File, size: u64, frame_size: u16) -> Option<std::sync:
     if size.div_ceil(fs) > u64::from(cm_mctp::tree::MAX_KEPT_CVS) {
         return None;
     }
+    let frames = u32::try_from(size.div_ceil(fs)).ok()?;
     let file = file.try_clone().ok()?;
     let (tx, rx) = std::sync::mpsc::channel();
-    let per_read = ((1u64 << 20) / fs).max(1);
     std::thread::Builder::new()
         .name("mctp-cvs".into())
         .spawn(move || {
-            let mut buf = vec![0u8; (per_read * fs) as usize];
-            let mut offset = 0u64;
-            while offset < size {
-                let len = (per_read * fs).min(size - offset) as usize;
-                if file.read_exact_at(&mut buf[..len], offset).is_err() {
-                    return;
-                }
-                let cvs: Vec<[u8; 32]> = buf[..len].chunks(fs as usize).enumerate().map(|(i, f)| cm_mctp::tree::frame_cv(offset + i as u64 * fs, f)).collect();
-                if tx.send(((offset / fs) as u32, cvs)).is_err() {
-                    return;
-                }
-                offset += len as u64;
-            }
+            let read = |offset, buf: &mut [u8]| file.read_exact_at(buf, offset);
+            let _ = cm_mctp::tree::frame_cvs_in_order(size, frame_size, 0..frames, read, |first, cvs| tx.send((first, cvs.to_vec())).is_ok());
         })
         .ok()?;
     Some(rx)

@@ -50,6 +50,36 @@ pub fn frame_cv(offset: u64, bytes: &[u8]) -> ChainingValue {
 /// 8 KiB frames). Past it a sender computes each frame's CV when it tags the frame.
 pub const MAX_KEPT_CVS: u32 = 1 << 19;
 
+/// The CVs of frames `frames` of a file of `size` bytes in frames of `frame_size`, in order,
+/// reading 1 MiB (whole frames) at a time with `read(offset, buf)`. Each read's CVs go to
+/// `emit(first frame, cvs)`; it returns false to stop early.
+pub fn frame_cvs_in_order<E>(
+    size: u64,
+    frame_size: u16,
+    frames: std::ops::Range<u32>,
+    read: impl Fn(u64, &mut [u8]) -> Result<(), E>,
+    mut emit: impl FnMut(u32, &[ChainingValue]) -> bool,
+) -> Result<(), E> {
+    let fs = u64::from(frame_size);
+    let per_read = ((1u64 << 20) / fs).max(1) as u32;
+    let mut buf = vec![0u8; (u64::from(per_read) * fs) as usize];
+    let mut cvs = Vec::with_capacity(per_read as usize);
+    let mut seq = frames.start;
+    while seq < frames.end {
+        let n = per_read.min(frames.end - seq);
+        let offset = u64::from(seq) * fs;
+        let len = (u64::from(n) * fs).min(size - offset) as usize;
+        read(offset, &mut buf[..len])?;
+        cvs.clear();
+        cvs.extend(buf[..len].chunks(fs as usize).enumerate().map(|(i, frame)| frame_cv(offset + i as u64 * fs, frame)));
+        if !emit(seq, &cvs) {
+            break;
+        }
+        seq += n;
+    }
+    Ok(())
+}
+
 /// BLAKE3 of `size` bytes read by `read(offset, buf)` in frames of `frame_size`, on `threads`
 /// threads (each hashes a contiguous range of frames), and every frame's CV when there are at
 /// most [`MAX_KEPT_CVS`] frames. `frame_size` must fit the tree and `size` exceed one frame.
@@ -65,8 +95,6 @@ pub fn hash_frames<E: Send>(
     let frames = u32::try_from(size.div_ceil(fs)).expect("frame count fits u32");
     let threads = u32::try_from(threads.clamp(1, 16)).unwrap_or(1).min(frames);
     let per = frames.div_ceil(threads);
-    // Reads of 1 MiB (whole frames), hashed frame by frame.
-    let frames_per_read = ((1u64 << 20) / fs).max(1) as u32;
     let ranges: Vec<(u32, u32)> = (0..threads).map(|t| (t * per, ((t + 1) * per).min(frames))).filter(|(a, b)| a < b).collect();
     let parts: Vec<Result<Vec<ChainingValue>, E>> = std::thread::scope(|scope| {
         let read = &read;
@@ -75,18 +103,10 @@ pub fn hash_frames<E: Send>(
             .map(|&(first, end)| {
                 scope.spawn(move || {
                     let mut cvs = Vec::with_capacity((end - first) as usize);
-                    let mut buf = vec![0u8; (u64::from(frames_per_read) * fs) as usize];
-                    let mut seq = first;
-                    while seq < end {
-                        let n = frames_per_read.min(end - seq);
-                        let offset = u64::from(seq) * fs;
-                        let len = (u64::from(n) * fs).min(size - offset) as usize;
-                        read(offset, &mut buf[..len])?;
-                        for (i, frame) in buf[..len].chunks(fs as usize).enumerate() {
-                            cvs.push(frame_cv(offset + i as u64 * fs, frame));
-                        }
-                        seq += n;
-                    }
+                    frame_cvs_in_order(size, frame_size, first..end, read, |_, part| {
+                        cvs.extend_from_slice(part);
+                        true
+                    })?;
                     Ok(cvs)
                 })
             })

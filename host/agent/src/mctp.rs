@@ -332,11 +332,7 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
 /// (the sender then hashes the remaining frames itself) or when the sender is gone. `None`:
 /// too many frames to keep their values, or no thread.
 fn spawn_cv_helper(file: &File, size: u64, frame_size: u16) -> Option<std::sync::mpsc::Receiver<(u32, Vec<[u8; 32]>)>> {
-    let fs = u64::from(frame_size);
-    if size.div_ceil(fs) > u64::from(cm_mctp::tree::MAX_KEPT_CVS) {
-        return None;
-    }
-    let frames = u32::try_from(size.div_ceil(fs)).ok()?;
+    let frames = u32::try_from(size.div_ceil(u64::from(frame_size))).ok().filter(|f| *f <= cm_mctp::tree::MAX_KEPT_CVS)?;
     let file = file.try_clone().ok()?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()

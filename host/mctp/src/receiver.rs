@@ -307,9 +307,10 @@ impl Receiver {
         }
         sess.last_heard = now;
         let mut missing = h.seqs.iter().filter(|s| !sess.held.contains(**s));
-        let (Some(&target), None) = (missing.next(), missing.next()) else {
+        let (first, second) = (missing.next(), missing.next());
+        let (Some(&target), None) = (first, second) else {
             self.stats.coded_useless += 1;
-            self.stats.coded_lacking_several += u64::from(h.seqs.iter().filter(|s| !sess.held.contains(**s)).count() > 1);
+            self.stats.coded_lacking_several += u64::from(second.is_some());
             return None;
         };
         if sess.state != State::Receiving {

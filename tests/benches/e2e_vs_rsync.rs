@@ -30,7 +30,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use cm_manager::model::{CommitPolicy, Job, JobKind, JobPolicy, JobState, OnFailure, Payload, Quorum, ServerOutcome};
+use cm_manager::model::{
+    CommitPolicy, Job, JobKind, JobPolicy, JobState, OnFailure, Payload, Quorum, ServerOutcome,
+};
 use cm_tests::cluster::{Layout, TestCluster};
 use cm_tests::observe;
 use rand::{Rng, RngCore, SeedableRng};
@@ -42,8 +44,22 @@ fn env_or(name: &str, default: u64) -> u64 {
 }
 
 const WORDS: [&str; 16] = [
-    "content", "mover", "segment", "leader", "assignment", "release", "server", "publish", "commit", "staging", "tree",
-    "multicast", "delta", "rollback", "<div class=\"row\">", "</div>\n",
+    "content",
+    "mover",
+    "segment",
+    "leader",
+    "assignment",
+    "release",
+    "server",
+    "publish",
+    "commit",
+    "staging",
+    "tree",
+    "multicast",
+    "delta",
+    "rollback",
+    "<div class=\"row\">",
+    "</div>\n",
 ];
 
 /// Text that zstd compresses well but not trivially.
@@ -162,10 +178,19 @@ async fn publish(c: &TestCluster, segments: u64) -> Result<Measured> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let time = t0.elapsed();
-    ensure!(job.state == JobState::Done, "publish ended {:?}: {:?}\n{}", job.state, job.last_reason, c.logs());
+    ensure!(
+        job.state == JobState::Done,
+        "publish ended {:?}: {:?}\n{}",
+        job.state,
+        job.last_reason,
+        c.logs()
+    );
     let rr: Value = c.op.get(&c.url(&format!("runs/{first_run}"))).await?;
     let reports: Vec<(String, ServerOutcome)> = serde_json::from_value(rr["reports"].clone())?;
-    ensure!(reports.iter().all(|(_, o)| *o == ServerOutcome::Succeeded), "distribution: {reports:?}");
+    ensure!(
+        reports.iter().all(|(_, o)| *o == ServerOutcome::Succeeded),
+        "distribution: {reports:?}"
+    );
     let size = rr["run"]["manifest"]["size"].as_u64().context("assignment size")?;
     // One HTTP fetch per GL down the tree, one multicast pass per segment.
     Ok(Measured { time, distribution, bytes: size * 2 * segments })
@@ -192,7 +217,12 @@ fn rsync_all(staging: &Path, dests: &[PathBuf], extra: &[&str]) -> Result<(Measu
             .arg(format!("{}/", d.display()))
             .output()
             .context("running rsync (is it installed?)")?;
-        ensure!(out.status.success(), "rsync to {}: {}", d.display(), String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "rsync to {}: {}",
+            d.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let stats = String::from_utf8_lossy(&out.stdout);
         let sent = stats
             .lines()
@@ -237,12 +267,22 @@ fn row(what: &str, m: &Measured, base: Option<&Measured>) {
         ),
         None => ("1.00x".into(), "1.000x".into()),
     };
-    println!("{what:<44} {:>9.2} {:>12} {:>12.0} {:>10} {:>10}", m.time.as_secs_f64(), dist, m.bytes as f64 / 1024.0, tr, br);
+    println!(
+        "{what:<44} {:>9.2} {:>12} {:>12.0} {:>10} {:>10}",
+        m.time.as_secs_f64(),
+        dist,
+        m.bytes as f64 / 1024.0,
+        tr,
+        br
+    );
 }
 
 fn header(title: &str) {
     println!("\n{title}");
-    println!("{:<44} {:>9} {:>12} {:>12} {:>10} {:>10}", "", "time s", "distrib. s", "KiB sent", "time/rsync", "bytes/rsync");
+    println!(
+        "{:<44} {:>9} {:>12} {:>12} {:>10} {:>10}",
+        "", "time s", "distrib. s", "KiB sent", "time/rsync", "bytes/rsync"
+    );
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -264,12 +304,18 @@ async fn main() -> Result<()> {
     layout.report_wait_ms = 600_000;
     let c = TestCluster::start(&layout, &source).await?;
     fs::remove_dir_all(&source)?;
-    let dests: Vec<PathBuf> = (0..segments * servers).map(|i| scratch.path().join(format!("rsync/server{i:02}"))).collect();
+    let dests: Vec<PathBuf> = (0..segments * servers)
+        .map(|i| scratch.path().join(format!("rsync/server{i:02}")))
+        .collect();
     for d in &dests {
         fs::create_dir_all(d)?;
     }
 
-    header(&format!("first publish: {files} files, {} MiB, to {} servers", total >> 20, dests.len()));
+    header(&format!(
+        "first publish: {files} files, {} MiB, to {} servers",
+        total >> 20,
+        dests.len()
+    ));
     let (rsync_first, durable_first) = rsync_all(&c.staging, &dests, &[])?;
     row("rsync -a --delete, to each server in turn", &rsync_first, None);
     row("  the same, then sync (durable, as ours)", &durable_first, None);
@@ -294,7 +340,10 @@ async fn main() -> Result<()> {
     row("content mover (delta publish + commit)", &ours_delta, Some(&rsync_delta));
     check_equal(&c, &dests)?;
 
-    println!("\nsummary (same run): content mover / rsync to {} servers one after another", dests.len());
+    println!(
+        "\nsummary (same run): content mover / rsync to {} servers one after another",
+        dests.len()
+    );
     println!("{:<28} {:>10} {:>16} {:>10}", "", "time", "time vs +sync", "bytes");
     for (what, ours, theirs, durable) in [
         ("first publish", &ours_first, &rsync_first, &durable_first),

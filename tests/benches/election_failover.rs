@@ -56,7 +56,12 @@ impl Cluster {
             let mut c = Config::new(0xBE7C, id, 1, b"failover bench secret", channel, HEARTBEAT);
             c.priority = PriorityInputs { operator_weight: i as u8, ..Default::default() };
             let handle = match state_dir {
-                Some(dir) => election::spawn_persistent(c, DriverConfig::loopback(), id, StateFile::at(dir.join(format!("node-{id}.state"))))?,
+                Some(dir) => election::spawn_persistent(
+                    c,
+                    DriverConfig::loopback(),
+                    id,
+                    StateFile::at(dir.join(format!("node-{id}.state"))),
+                )?,
                 None => election::spawn(c, DriverConfig::loopback(), id)?,
             };
             handles.push(handle);
@@ -81,7 +86,12 @@ impl Cluster {
         leader_ok.then_some(first)
     }
 
-    async fn wait_agreed(&self, live: &[usize], with_members: bool, within: Duration) -> Result<(NodeId, Instant)> {
+    async fn wait_agreed(
+        &self,
+        live: &[usize],
+        with_members: bool,
+        within: Duration,
+    ) -> Result<(NodeId, Instant)> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(l) = self.agreed(live, with_members) {
@@ -96,7 +106,12 @@ impl Cluster {
 
     fn sent(&self) -> (u64, u64) {
         let total = self.watches.iter().map(|w| w.borrow().stats.sent).sum();
-        let leader = self.watches.iter().filter(|w| w.borrow().is_leader).map(|w| w.borrow().stats.sent).sum();
+        let leader = self
+            .watches
+            .iter()
+            .filter(|w| w.borrow().is_leader)
+            .map(|w| w.borrow().stats.sent)
+            .sum();
         (total, leader)
     }
 }
@@ -137,7 +152,8 @@ async fn measure(n: usize, runs: usize, persistent: bool) -> Result<Row> {
             member_rate = ((t1 - t0) - (l1 - l0)) as f64 / (n - 1) as f64 / secs;
         }
         // Kill the leader at a random point of its heartbeat cycle.
-        let phase = Duration::from_micros(rand::rng().random_range(0..HEARTBEAT.as_micros() as u64));
+        let phase =
+            Duration::from_micros(rand::rng().random_range(0..HEARTBEAT.as_micros() as u64));
         tokio::time::sleep(phase).await;
         let killed = Instant::now();
         cluster.handles[leader_index].abort();
@@ -168,11 +184,25 @@ fn main() -> Result<()> {
     let sizes = env_list("ELECTION_BENCH_SIZES", &[3, 10, 50]);
     let runs = env_list("ELECTION_BENCH_RUNS", &[5])[0].max(1);
     let bound = Timing::scaled(HEARTBEAT).failover_bound(Duration::ZERO);
-    println!("election failover, real UDP multicast on loopback, heartbeat {} ms, {runs} runs per size", HEARTBEAT.as_millis());
+    println!(
+        "election failover, real UDP multicast on loopback, heartbeat {} ms, {runs} runs per size",
+        HEARTBEAT.as_millis()
+    );
     println!("documented bound (from the last heartbeat heard): {}", ms(bound));
     println!(
         "{:>5} | {:>6} | {:>9} | {:>9} | {:>9} | {:>12} | {:>12} | {:>14} | {:>12} | {:>12} | {:>12} | {:>9}",
-        "nodes", "state", "min", "median", "max", "VRRP p=100", "VRRP p=254", "median/VRRP100", "msg/s/node", "leader msg/s", "member msg/s", "strongest"
+        "nodes",
+        "state",
+        "min",
+        "median",
+        "max",
+        "VRRP p=100",
+        "VRRP p=254",
+        "median/VRRP100",
+        "msg/s/node",
+        "leader msg/s",
+        "member msg/s",
+        "strongest"
     );
     for (n, persistent) in sizes.into_iter().flat_map(|n| [(n, false), (n, true)]) {
         let row = rt.block_on(measure(n, runs, persistent))?;

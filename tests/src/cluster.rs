@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use cm_agent::launch::{self, AgentProcess, AgentSpec, ManagerOptions, ManagerProcess};
 use cm_manager::http::JsonClient;
-use cm_manager::model::{CommitPolicy, Job, JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload, Quorum, ServerOutcome};
+use cm_manager::model::{
+    CommitPolicy, Job, JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload, Quorum,
+    ServerOutcome,
+};
 use serde_json::Value;
 
 pub use crate::cmover_bin;
@@ -45,7 +48,15 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(test: u8, segments: usize, servers: usize) -> Layout {
-        Layout { test, segments, servers, heartbeat_ms: 100, report_wait_ms: 5000, max_rate_mbps: None, tls: false }
+        Layout {
+            test,
+            segments,
+            servers,
+            heartbeat_ms: 100,
+            report_wait_ms: 5000,
+            max_rate_mbps: None,
+            tls: false,
+        }
     }
 }
 
@@ -55,7 +66,11 @@ impl TestCluster {
     pub async fn start(layout: &Layout, site: &std::path::Path) -> anyhow::Result<TestCluster> {
         let bin = cmover_bin();
         let dir = tempfile::tempdir()?;
-        let manager = launch::start_manager(&bin, dir.path(), &ManagerOptions { tls: layout.tls, ..ManagerOptions::default() })?;
+        let manager = launch::start_manager(
+            &bin,
+            dir.path(),
+            &ManagerOptions { tls: layout.tls, ..ManagerOptions::default() },
+        )?;
         let secret = launch::write_secret(dir.path())?;
         let staging = dir.path().join("staging");
         cm_manager::prepare::copy_tree(site, &staging)?;
@@ -64,8 +79,12 @@ impl TestCluster {
         let port = 43_000 + u16::from(layout.test) * 40;
         for s in 0..layout.segments {
             let seg = format!("seg{s}");
-            let control = SocketAddr::from(([239, 203, layout.test, 2 * s as u8 + 1], port + 4 * s as u16));
-            let data = SocketAddr::from(([239, 203, layout.test, 2 * s as u8 + 2], port + 4 * s as u16 + 2));
+            let control =
+                SocketAddr::from(([239, 203, layout.test, 2 * s as u8 + 1], port + 4 * s as u16));
+            let data = SocketAddr::from((
+                [239, 203, layout.test, 2 * s as u8 + 2],
+                port + 4 * s as u16 + 2,
+            ));
             for n in 0..layout.servers {
                 let spec = AgentSpec {
                     name: format!("{seg}-{n}"),
@@ -99,7 +118,13 @@ impl TestCluster {
     pub fn restart_agent(&mut self, i: usize) -> anyhow::Result<()> {
         let spec = self.agents[i].spec.clone();
         self.agents[i].guard.kill();
-        self.agents[i] = launch::start_agent(&cmover_bin(), self.dir.path(), &self.manager, &self.secret, &spec)?;
+        self.agents[i] = launch::start_agent(
+            &cmover_bin(),
+            self.dir.path(),
+            &self.manager,
+            &self.secret,
+            &spec,
+        )?;
         Ok(())
     }
 
@@ -126,7 +151,12 @@ impl TestCluster {
             .arg("--agent-token-file")
             .arg(&m.agent_token_file)
             .args(["--tick-ms", &o.tick_ms.to_string(), "--star-max", &o.star_max.to_string()])
-            .args(["--root-fanout", &o.root_fanout.to_string(), "--leader-fanout", &o.leader_fanout.to_string()])
+            .args([
+                "--root-fanout",
+                &o.root_fanout.to_string(),
+                "--leader-fanout",
+                &o.leader_fanout.to_string(),
+            ])
             .args(["--chunk-kib", &o.chunk_kib.to_string()]);
         self.restarts += 1;
         let log = self.dir.path().join("logs").join(format!("manager-{}.log", self.restarts));
@@ -146,7 +176,13 @@ impl TestCluster {
     /// `name` with node id `node_id`; returns its index.
     pub fn add_agent(&mut self, like: usize, name: &str, node_id: u64) -> anyhow::Result<usize> {
         let spec = AgentSpec { name: name.into(), node_id, ..self.agents[like].spec.clone() };
-        self.agents.push(launch::start_agent(&cmover_bin(), self.dir.path(), &self.manager, &self.secret, &spec)?);
+        self.agents.push(launch::start_agent(
+            &cmover_bin(),
+            self.dir.path(),
+            &self.manager,
+            &self.secret,
+            &spec,
+        )?);
         Ok(self.agents.len() - 1)
     }
 
@@ -155,11 +191,18 @@ impl TestCluster {
     }
 
     /// Waits until the manager knows every segment with `servers` members.
-    pub async fn wait_segments(&self, servers: usize, limit: Duration) -> anyhow::Result<Vec<Value>> {
+    pub async fn wait_segments(
+        &self,
+        servers: usize,
+        limit: Duration,
+    ) -> anyhow::Result<Vec<Value>> {
         let end = Instant::now() + limit;
         loop {
             let segs: Vec<Value> = self.op.get(&self.url("segments")).await.unwrap_or_default();
-            let ready = segs.iter().filter(|s| s["members"].as_array().is_some_and(|m| m.len() == servers)).count();
+            let ready = segs
+                .iter()
+                .filter(|s| s["members"].as_array().is_some_and(|m| m.len() == servers))
+                .count();
             if ready == self.segments.len() {
                 return Ok(segs);
             }
@@ -181,7 +224,12 @@ impl TestCluster {
 
     /// Submits a job (cancelled on failure, committed only by an explicit commit job, quorum
     /// `min_percent`).
-    pub async fn submit(&self, kind: JobKind, payload: Payload, min_percent: u8) -> anyhow::Result<Job> {
+    pub async fn submit(
+        &self,
+        kind: JobKind,
+        payload: Payload,
+        min_percent: u8,
+    ) -> anyhow::Result<Job> {
         let policy = JobPolicy {
             on_failure: OnFailure::Cancel,
             commit: CommitPolicy::Manual,
@@ -192,8 +240,21 @@ impl TestCluster {
     }
 
     /// Submits a job with the given policy.
-    pub async fn submit_with(&self, kind: JobKind, payload: Payload, policy: JobPolicy) -> anyhow::Result<Job> {
-        let spec = JobSpec { name: format!("{kind:?}"), kind, site: "www".into(), payload, start_at_ms: 0, every_ms: None, policy };
+    pub async fn submit_with(
+        &self,
+        kind: JobKind,
+        payload: Payload,
+        policy: JobPolicy,
+    ) -> anyhow::Result<Job> {
+        let spec = JobSpec {
+            name: format!("{kind:?}"),
+            kind,
+            site: "www".into(),
+            payload,
+            start_at_ms: 0,
+            every_ms: None,
+            policy,
+        };
         Ok(self.op.post(&self.url("jobs"), &spec).await?)
     }
 
@@ -217,15 +278,21 @@ impl TestCluster {
     }
 
     /// Waits for the job to end; returns it and its last run's per-server outcomes.
-    pub async fn finish(&self, job: u64, limit: Duration) -> anyhow::Result<(Job, Vec<(String, ServerOutcome)>)> {
+    pub async fn finish(
+        &self,
+        job: u64,
+        limit: Duration,
+    ) -> anyhow::Result<(Job, Vec<(String, ServerOutcome)>)> {
         let end = Instant::now() + limit;
         loop {
             let j: Job = self.op.get(&self.url(&format!("jobs/{job}"))).await?;
-            let over = matches!(j.state, JobState::Done | JobState::Cancelled { .. }) || (j.state == JobState::Idle && j.attempts > 0);
+            let over = matches!(j.state, JobState::Done | JobState::Cancelled { .. })
+                || (j.state == JobState::Idle && j.attempts > 0);
             if over {
                 let run = self.run_of(job, Duration::from_secs(1)).await?;
                 let rr: Value = self.op.get(&self.url(&format!("runs/{run}"))).await?;
-                let reports: Vec<(String, ServerOutcome)> = serde_json::from_value(rr["reports"].clone())?;
+                let reports: Vec<(String, ServerOutcome)> =
+                    serde_json::from_value(rr["reports"].clone())?;
                 return Ok((j, reports));
             }
             if Instant::now() > end {
@@ -240,7 +307,12 @@ impl TestCluster {
         let job = self.submit(kind, payload, 100).await?;
         let (j, reports) = self.finish(job.id, Duration::from_secs(60)).await?;
         if j.state != JobState::Done {
-            bail!("{kind:?} ended {:?}: {:?}; reports {reports:?}\n{}", j.state, j.last_reason, self.logs());
+            bail!(
+                "{kind:?} ended {:?}: {:?}; reports {reports:?}\n{}",
+                j.state,
+                j.last_reason,
+                self.logs()
+            );
         }
         let bad: Vec<_> = reports.iter().filter(|(_, o)| *o != ServerOutcome::Succeeded).collect();
         if !bad.is_empty() || reports.len() != self.agents.len() {
@@ -252,17 +324,32 @@ impl TestCluster {
     /// Publishes the staging tree with the default automatic commit (quorum 100 %) and requires
     /// the job done with every server's commit succeeded.
     pub async fn publish_committed_everywhere(&self) -> anyhow::Result<()> {
-        let policy = JobPolicy { on_failure: OnFailure::Cancel, quorum: Quorum { min_percent: 100, min_servers: 1 }, ..JobPolicy::default() };
+        let policy = JobPolicy {
+            on_failure: OnFailure::Cancel,
+            quorum: Quorum { min_percent: 100, min_servers: 1 },
+            ..JobPolicy::default()
+        };
         let job = self.submit_with(JobKind::Publish, Payload::Staging, policy).await?;
         let (j, reports) = self.finish(job.id, Duration::from_secs(60)).await?;
-        if j.state != JobState::Done || reports.len() != self.agents.len() || reports.iter().any(|(_, o)| *o != ServerOutcome::Succeeded) {
-            bail!("publish with automatic commit ended {:?} ({:?}); commit run reports {reports:?}\n{}", j.state, j.last_reason, self.logs());
+        if j.state != JobState::Done
+            || reports.len() != self.agents.len()
+            || reports.iter().any(|(_, o)| *o != ServerOutcome::Succeeded)
+        {
+            bail!(
+                "publish with automatic commit ended {:?} ({:?}); commit run reports {reports:?}\n{}",
+                j.state,
+                j.last_reason,
+                self.logs()
+            );
         }
         Ok(())
     }
 
     /// Index of the agent that leads `segment` now.
     pub fn leader_of(&self, segment: &str) -> Option<usize> {
-        self.agents.iter().position(|a| a.spec.segment == segment && a.status().is_ok_and(|s| s["is_leader"] == Value::Bool(true)))
+        self.agents.iter().position(|a| {
+            a.spec.segment == segment
+                && a.status().is_ok_and(|s| s["is_leader"] == Value::Bool(true))
+        })
     }
 }

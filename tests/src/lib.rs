@@ -32,10 +32,14 @@ pub fn cmover_bin() -> PathBuf {
         }
         // Test executables live in <target>/<profile>/deps/.
         let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("<target>/<profile>/deps").to_path_buf();
+        let profile_dir =
+            exe.parent().and_then(Path::parent).expect("<target>/<profile>/deps").to_path_buf();
         let target = profile_dir.parent().expect("<target>").to_path_buf();
         let mut cargo = Command::new(env!("CARGO"));
-        cargo.current_dir(workspace_root()).args(["build", "--quiet", "--workspace", "--tests", "--bins"]).env("CARGO_TARGET_DIR", &target);
+        cargo
+            .current_dir(workspace_root())
+            .args(["build", "--quiet", "--workspace", "--tests", "--bins"])
+            .env("CARGO_TARGET_DIR", &target);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cargo.arg("--release");
         }
@@ -55,7 +59,9 @@ pub fn observe(root: &Path) -> BTreeMap<String, String> {
         .map(|(p, e)| {
             let v = match e {
                 Entry::Dir { mode } => format!("dir {mode:o}"),
-                Entry::File { mode, .. } => format!("file {mode:o} {}", blake3::hash(&fs::read(root.join(&p)).unwrap())),
+                Entry::File { mode, .. } => {
+                    format!("file {mode:o} {}", blake3::hash(&fs::read(root.join(&p)).unwrap()))
+                }
                 Entry::Symlink { target } => format!("link {target}"),
             };
             (p, v)

@@ -41,7 +41,11 @@ fn an_agent_without_manager_or_data_channel_runs_the_election_only() {
         )
         .unwrap();
         let mut cmd = Command::new(cmover_bin());
-        cmd.args(["agent", "--config"]).arg(&config).env_remove("CMOVER_AGENT_TOKEN").env("RUST_LOG", "info").stdin(Stdio::null());
+        cmd.args(["agent", "--config"])
+            .arg(&config)
+            .env_remove("CMOVER_AGENT_TOKEN")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null());
         let guard = ProcessGuard::spawn(&format!("e-{id}"), cmd, data.join("agent.log")).unwrap();
         agents.push((guard, status_addr, data));
     }
@@ -67,7 +71,14 @@ fn an_agent_without_manager_or_data_channel_runs_the_election_only() {
         assert!(g.log_tail(50).contains("election only"), "{}", g.log_tail(50));
     }
     // `cmover agent status` prints it (and the save-error counter is part of the JSON).
-    let out = Command::new(cmover_bin()).args(["agent", "status", "--status", &agents[0].1.to_string()]).output().unwrap();
+    let out = Command::new(cmover_bin())
+        .args(["agent", "status", "--status", &agents[0].1.to_string()])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("segment election-only"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("segment election-only"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

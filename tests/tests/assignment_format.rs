@@ -14,7 +14,8 @@ fn full_check(path: &Path, key: Option<&SealKey>) -> Result<u64, String> {
     for c in r.commands() {
         let (_, cmd) = c.map_err(|e| e.to_string())?;
         if let Some(p) = cmd.payload() {
-            std::io::copy(&mut r.payload(p).map_err(|e| e.to_string())?, &mut std::io::sink()).map_err(|e| e.to_string())?;
+            std::io::copy(&mut r.payload(p).map_err(|e| e.to_string())?, &mut std::io::sink())
+                .map_err(|e| e.to_string())?;
         }
         n += 1;
     }
@@ -26,7 +27,11 @@ fn sample(dir: &Path, seal: Option<SealKey>) -> std::path::PathBuf {
     fs::create_dir_all(old.join("d")).unwrap();
     fs::create_dir_all(new.join("d")).unwrap();
     fs::write(old.join("d/page.html"), "<html>".repeat(200)).unwrap();
-    fs::write(new.join("d/page.html"), "<html>".repeat(150) + "<body>changed</body>" + &"<html>".repeat(50)).unwrap();
+    fs::write(
+        new.join("d/page.html"),
+        "<html>".repeat(150) + "<body>changed</body>" + &"<html>".repeat(50),
+    )
+    .unwrap();
     fs::write(new.join("img.jpg"), [7u8; 300]).unwrap();
     fs::write(old.join("gone.txt"), "bye").unwrap();
     let out = dir.join("sample.cma");

@@ -20,7 +20,8 @@ enum Node {
     Link { target: &'static str },
 }
 
-const NAMES: [&str; 10] = ["a", "b", "a/x", "a/y.html", "b/z.jpg", "a/x/deep", "c.txt", "b/w", "a/y.html/q", "d"];
+const NAMES: [&str; 10] =
+    ["a", "b", "a/x", "a/y.html", "b/z.jpg", "a/x/deep", "c.txt", "b/w", "a/y.html/q", "d"];
 const TARGETS: [&str; 3] = ["c.txt", "../c.txt", "x"];
 
 fn bytes(seed: u64, len: usize, edit: Option<(usize, u8)>) -> Vec<u8> {
@@ -31,7 +32,11 @@ fn bytes(seed: u64, len: usize, edit: Option<(usize, u8)>) -> Vec<u8> {
             s ^= s >> 7;
             s ^= s << 17;
             // Half the seeds give text-like (compressible) bytes.
-            if seed % 2 == 0 { b"abcdefgh <html> "[(s % 16) as usize] } else { (s >> 24) as u8 ^ i as u8 }
+            if seed % 2 == 0 {
+                b"abcdefgh <html> "[(s % 16) as usize]
+            } else {
+                (s >> 24) as u8 ^ i as u8
+            }
         })
         .collect();
     if let Some((at, b)) = edit
@@ -100,12 +105,14 @@ fn copy_tree(from: &Path, to: &Path) {
 
 fn check(old: BTreeMap<&str, Node>, new: BTreeMap<&str, Node>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
-    let (old_root, new_root, applied) = (dir.path().join("old"), dir.path().join("new"), dir.path().join("applied"));
+    let (old_root, new_root, applied) =
+        (dir.path().join("old"), dir.path().join("new"), dir.path().join("applied"));
     make_tree(&old_root, &old, 1_000_000);
     make_tree(&new_root, &new, 2_000_000);
     copy_tree(&old_root, &applied);
     let file = dir.path().join("a.cma");
-    build(&new_root, Some(&old_root), &file, &BuildOptions::new(AssignmentType::Publish, 1)).unwrap();
+    build(&new_root, Some(&old_root), &file, &BuildOptions::new(AssignmentType::Publish, 1))
+        .unwrap();
     let r = AssignmentReader::open(&file).unwrap();
     reference::apply_all(&r, &applied).unwrap();
     prop_assert_eq!(observe(&applied), observe(&new_root));
@@ -154,7 +161,8 @@ fn big_file_small_edit_is_a_small_delta() {
     let f = fs::File::options().write(true).open(new.join("big.bin")).unwrap();
     f.set_modified(UNIX_EPOCH + Duration::from_secs(5)).unwrap();
     let out = dir.path().join("a.cma");
-    let report = build(&new, Some(&old), &out, &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
+    let report =
+        build(&new, Some(&old), &out, &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
     assert_eq!(report.deltas, 1);
     assert!(report.file_len < 1024, "assignment is {} bytes", report.file_len);
     reference::apply_all(&AssignmentReader::open(&out).unwrap(), &old).unwrap();

@@ -13,8 +13,14 @@ use site_common::{noise, observe, write_tree};
 
 /// Runs `cmover ARGS` in `dir`; returns (success, stdout + stderr).
 fn cmover(dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(cm_tests::cmover_bin()).current_dir(dir).args(args).env("RUST_BACKTRACE", "0").output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(cm_tests::cmover_bin())
+        .current_dir(dir)
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
 }
 
@@ -33,10 +39,23 @@ fn fails(dir: &Path, args: &[&str]) -> String {
 /// v1 and v2 (index changed, big.bin edited in the middle, a new file, a symlink).
 fn trees(d: &Path) {
     let big = noise(300_000, 1);
-    write_tree(&d.join("v1"), &[("index.html", b"<h1>one</h1>"), ("big.bin", &big), ("sub/a.txt", b"a")], 1000);
+    write_tree(
+        &d.join("v1"),
+        &[("index.html", b"<h1>one</h1>"), ("big.bin", &big), ("sub/a.txt", b"a")],
+        1000,
+    );
     let mut big2 = big.clone();
     big2[150_000..150_010].copy_from_slice(b"0123456789");
-    write_tree(&d.join("v2"), &[("index.html", b"<h1>two</h1>"), ("big.bin", &big2), ("sub/a.txt", b"a"), ("sub/new.txt", b"new")], 2000);
+    write_tree(
+        &d.join("v2"),
+        &[
+            ("index.html", b"<h1>two</h1>"),
+            ("big.bin", &big2),
+            ("sub/a.txt", b"a"),
+            ("sub/new.txt", b"new"),
+        ],
+        2000,
+    );
     std::os::unix::fs::symlink("../index.html", d.join("v2/sub/link")).unwrap();
 }
 
@@ -45,12 +64,47 @@ fn build_show_apply_commit_rollback_with_the_bundled_plugin() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     trees(d);
-    let out = ok(d, &["assignment", "build", "--type", "replicate", "--serial", "1", "--staging", "v1", "-o", "1.cma"]);
+    let out = ok(
+        d,
+        &[
+            "assignment",
+            "build",
+            "--type",
+            "replicate",
+            "--serial",
+            "1",
+            "--staging",
+            "v1",
+            "-o",
+            "1.cma",
+        ],
+    );
     assert!(out.contains("replicate 1") && out.contains("4 new"), "{out}");
-    let out = ok(d, &["assignment", "build", "--serial", "2", "--base-serial", "1", "--staging", "v2", "--shadow", "v1", "-o", "2.cma"]);
+    let out = ok(
+        d,
+        &[
+            "assignment",
+            "build",
+            "--serial",
+            "2",
+            "--base-serial",
+            "1",
+            "--staging",
+            "v2",
+            "--shadow",
+            "v1",
+            "-o",
+            "2.cma",
+        ],
+    );
     assert!(out.contains("2 new, 2 changed (1 as deltas, 10 literal bytes)"), "{out}");
     let out = ok(d, &["assignment", "show", "2.cma"]);
-    assert!(out.contains("type publish  serial 2") && out.contains("hashes: ok") && out.contains("apply-delta big.bin base=big.bin"), "{out}");
+    assert!(
+        out.contains("type publish  serial 2")
+            && out.contains("hashes: ok")
+            && out.contains("apply-delta big.bin base=big.bin"),
+        "{out}"
+    );
 
     // Default interpreter: the bundled plugin.
     let out = ok(d, &["assignment", "apply", "1.cma", "--site", "site"]);
@@ -62,8 +116,23 @@ fn build_show_apply_commit_rollback_with_the_bundled_plugin() {
 
     // A component file as the interpreter.
     let wasm = cm_plugin_host::bundled::dist_dir().join("interpreter.wasm");
-    ok(d, &["assignment", "apply", "2.cma", "--site", "site", "--interpreter", wasm.to_str().unwrap()]);
-    assert_eq!(observe(&d.join("site/current")), observe(&d.join("v1")), "live untouched before commit");
+    ok(
+        d,
+        &[
+            "assignment",
+            "apply",
+            "2.cma",
+            "--site",
+            "site",
+            "--interpreter",
+            wasm.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        observe(&d.join("site/current")),
+        observe(&d.join("v1")),
+        "live untouched before commit"
+    );
     let out = ok(d, &["site", "commit", "--site", "site", "--serial", "2", "--native"]);
     assert!(out.contains("release 2 is live"), "{out}");
     assert_eq!(observe(&d.join("site/current")), observe(&d.join("v2")));
@@ -75,7 +144,21 @@ fn build_show_apply_commit_rollback_with_the_bundled_plugin() {
     assert_eq!(observe(&d.join("site/current")), observe(&d.join("v1")));
 
     // Header-only assignments: commit 2 again, then roll back through an assignment.
-    ok(d, &["assignment", "build", "--type", "commit", "--serial", "3", "--target", "2", "-o", "c.cma"]);
+    ok(
+        d,
+        &[
+            "assignment",
+            "build",
+            "--type",
+            "commit",
+            "--serial",
+            "3",
+            "--target",
+            "2",
+            "-o",
+            "c.cma",
+        ],
+    );
     let out = ok(d, &["assignment", "apply", "c.cma", "--site", "site"]);
     assert!(out.contains("release 2 is live"), "{out}");
     ok(d, &["assignment", "build", "--type", "rollback", "--serial", "4", "-o", "r.cma"]);
@@ -85,9 +168,13 @@ fn build_show_apply_commit_rollback_with_the_bundled_plugin() {
     // A publish without --staging, an unknown type, a missing component: clear refusals.
     let out = fails(d, &["assignment", "build", "--serial", "9", "-o", "x.cma"]);
     assert!(out.contains("--staging is required"), "{out}");
-    let out = fails(d, &["assignment", "build", "--type", "bogus", "--staging", "v1", "-o", "x.cma"]);
+    let out =
+        fails(d, &["assignment", "build", "--type", "bogus", "--staging", "v1", "-o", "x.cma"]);
     assert!(out.contains("unknown assignment type"), "{out}");
-    let out = fails(d, &["assignment", "apply", "2.cma", "--site", "site", "--interpreter", "missing.wasm"]);
+    let out = fails(
+        d,
+        &["assignment", "apply", "2.cma", "--site", "site", "--interpreter", "missing.wasm"],
+    );
     assert!(out.contains("missing.wasm"), "{out}");
 }
 
@@ -97,13 +184,33 @@ fn installed_plugin_sealing_encryption_and_refusals() {
     let d = dir.path();
     trees(d);
     fs::write(d.join("secret"), "cluster secret").unwrap();
-    fs::write(d.join("m.toml"), "name = \"interp\"\nworld = \"interpreter\"\n[grants]\nsites = [\"www\"]\n").unwrap();
+    fs::write(
+        d.join("m.toml"),
+        "name = \"interp\"\nworld = \"interpreter\"\n[grants]\nsites = [\"www\"]\n",
+    )
+    .unwrap();
     let wasm = cm_plugin_host::bundled::dist_dir().join("interpreter.wasm");
-    ok(d, &["plugin", "install", "--manifest", "m.toml", "--store", "store", wasm.to_str().unwrap()]);
-    let with_plugin = ["--interpreter", "interp", "--plugin-store", "store", "--secret-file", "secret"];
+    ok(
+        d,
+        &["plugin", "install", "--manifest", "m.toml", "--store", "store", wasm.to_str().unwrap()],
+    );
+    let with_plugin =
+        ["--interpreter", "interp", "--plugin-store", "store", "--secret-file", "secret"];
 
     let build = |serial: &str, staging: &str, shadow: Option<&str>, out: &str| {
-        let mut args = vec!["assignment", "build", "--serial", serial, "--staging", staging, "-o", out, "--secret-file", "secret", "--encrypt"];
+        let mut args = vec![
+            "assignment",
+            "build",
+            "--serial",
+            serial,
+            "--staging",
+            staging,
+            "-o",
+            out,
+            "--secret-file",
+            "secret",
+            "--encrypt",
+        ];
         if let Some(s) = shadow {
             args.extend(["--shadow", s]);
         }
@@ -112,7 +219,10 @@ fn installed_plugin_sealing_encryption_and_refusals() {
     build("1", "v1", None, "1.cma");
     build("2", "v2", Some("v1"), "2.cma");
     let out = ok(d, &["assignment", "show", "2.cma", "--secret-file", "secret"]);
-    assert!(out.contains("flags 0x06") && out.contains("hashes: ok"), "sealed and encrypted: {out}");
+    assert!(
+        out.contains("flags 0x06") && out.contains("hashes: ok"),
+        "sealed and encrypted: {out}"
+    );
 
     let apply = |file: &str, extra: &[&str]| {
         let mut args = vec!["assignment", "apply", file, "--site", "www"];
@@ -121,18 +231,53 @@ fn installed_plugin_sealing_encryption_and_refusals() {
     };
     let (success, out) = apply("1.cma", &with_plugin);
     assert!(success, "{out}");
-    ok(d, &["site", "commit", "--site", "www", "--interpreter", "interp", "--plugin-store", "store", "--secret-file", "secret"]);
+    ok(
+        d,
+        &[
+            "site",
+            "commit",
+            "--site",
+            "www",
+            "--interpreter",
+            "interp",
+            "--plugin-store",
+            "store",
+            "--secret-file",
+            "secret",
+        ],
+    );
     assert_eq!(observe(&d.join("www/current")), observe(&d.join("v1")));
 
     // Without the secret: refused before anything is applied.
     let (success, out) = apply("2.cma", &["--interpreter", "interp", "--plugin-store", "store"]);
-    assert!(!success && out.contains("2.cma") && out.contains("no key was given to decrypt"), "{out}");
+    assert!(
+        !success && out.contains("2.cma") && out.contains("no key was given to decrypt"),
+        "{out}"
+    );
     // With another cluster's secret: the seal does not match.
     fs::write(d.join("other"), "another secret").unwrap();
-    let (success, out) = apply("2.cma", &["--interpreter", "interp", "--plugin-store", "store", "--secret-file", "other"]);
+    let (success, out) = apply(
+        "2.cma",
+        &["--interpreter", "interp", "--plugin-store", "store", "--secret-file", "other"],
+    );
     assert!(!success && out.contains("2.cma"), "{out}");
     // A plugin whose grants do not name the site.
-    let (success, out) = cmover(d, &["assignment", "apply", "2.cma", "--site", "elsewhere", "--interpreter", "interp", "--plugin-store", "store", "--secret-file", "secret"]);
+    let (success, out) = cmover(
+        d,
+        &[
+            "assignment",
+            "apply",
+            "2.cma",
+            "--site",
+            "elsewhere",
+            "--interpreter",
+            "interp",
+            "--plugin-store",
+            "store",
+            "--secret-file",
+            "secret",
+        ],
+    );
     assert!(!success && out.contains("not granted site `elsewhere`"), "{out}");
     let out = ok(d, &["site", "status", "--site", "www"]);
     assert!(out.contains("live: release 1") && !out.contains("prepared"), "{out}");

@@ -23,7 +23,11 @@ async fn corrupted_assignment_is_rejected_reported_and_live_untouched() {
     // A full release 50 of other content, then one byte flipped in its middle.
     let other = tempfile::tempdir().unwrap();
     fs::write(other.path().join("index.html"), "<h1>evil</h1>".repeat(200)).unwrap();
-    fs::write(other.path().join("data.bin"), (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>()).unwrap();
+    fs::write(
+        other.path().join("data.bin"),
+        (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>(),
+    )
+    .unwrap();
     let file = other.path().join("bad.cma");
     build(other.path(), None, &file, &BuildOptions::new(AssignmentType::Replicate, 50)).unwrap();
     let mut bytes = fs::read(&file).unwrap();
@@ -31,21 +35,35 @@ async fn corrupted_assignment_is_rejected_reported_and_live_untouched() {
     bytes[mid] ^= 0x40;
     fs::write(&file, &bytes).unwrap();
 
-    let job = c.submit(JobKind::Publish, Payload::File { path: file.display().to_string() }, 100).await.unwrap();
+    let job = c
+        .submit(JobKind::Publish, Payload::File { path: file.display().to_string() }, 100)
+        .await
+        .unwrap();
     let (j, reports) = c.finish(job.id, Duration::from_secs(60)).await.unwrap();
-    assert!(matches!(j.state, JobState::Cancelled { .. }), "a run nobody applied must fail: {:?}", j.state);
+    assert!(
+        matches!(j.state, JobState::Cancelled { .. }),
+        "a run nobody applied must fail: {:?}",
+        j.state
+    );
     assert_eq!(reports.len(), c.agents.len(), "{reports:?}");
     for (server, outcome) in &reports {
         match outcome {
             ServerOutcome::Failed { reason } => {
-                assert!(reason.contains("apply failed") && reason.contains("live unchanged"), "{server}: {reason}")
+                assert!(
+                    reason.contains("apply failed") && reason.contains("live unchanged"),
+                    "{server}: {reason}"
+                )
             }
             other => panic!("{server}: {other:?}, expected a failure with its reason"),
         }
     }
     for a in &c.agents {
         assert_eq!(observe(&a.site_root.join("current")), live, "{}: live changed", a.spec.name);
-        assert!(!a.site_root.join("releases/50").exists(), "{}: a release of the corrupt assignment was kept", a.spec.name);
+        assert!(
+            !a.site_root.join("releases/50").exists(),
+            "{}: a release of the corrupt assignment was kept",
+            a.spec.name
+        );
         let st = a.status().unwrap();
         let last = st["applied"].as_array().unwrap().last().unwrap().clone();
         assert_eq!(last["ok"], false, "{}: {st}", a.spec.name);

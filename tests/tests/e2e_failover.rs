@@ -41,7 +41,9 @@ async fn killing_the_gl_mid_distribution_elects_a_new_one_that_completes_the_job
         let rr: Value = c.op.get(&c.url(&format!("runs/{run}"))).await.unwrap();
         match rr["run"]["segments"][&seg]["status"].as_str() {
             Some("received") => break,
-            Some("reported") => panic!("the run finished before the GL could be killed; slow MCTP down further"),
+            Some("reported") => {
+                panic!("the run finished before the GL could be killed; slow MCTP down further")
+            }
             _ => {}
         }
         assert!(Instant::now() < end, "the GL never received the run\n{}", c.logs());
@@ -55,10 +57,19 @@ async fn killing_the_gl_mid_distribution_elects_a_new_one_that_completes_the_job
     assert_eq!(j.state, JobState::Done, "{:?}; reports {reports:?}\n{}", j.last_reason, c.logs());
     for (i, a) in c.agents.iter().enumerate().filter(|(i, _)| *i != old) {
         let outcome = reports.iter().find(|(s, _)| *s == a.spec.name).map(|(_, o)| o.clone());
-        assert_eq!(outcome, Some(ServerOutcome::Succeeded), "server {i} {}: {reports:?}", a.spec.name);
+        assert_eq!(
+            outcome,
+            Some(ServerOutcome::Succeeded),
+            "server {i} {}: {reports:?}",
+            a.spec.name
+        );
     }
     let segs: Vec<Value> = c.op.get(&c.url("segments")).await.unwrap();
-    assert_ne!(segs[0]["leader"].as_str(), Some(old_name.as_str()), "the manager still names the dead GL: {segs:?}");
+    assert_ne!(
+        segs[0]["leader"].as_str(),
+        Some(old_name.as_str()),
+        "the manager still names the dead GL: {segs:?}"
+    );
 
     // The job completed for real: committing makes the staging tree live on every survivor.
     let commit = c.submit(JobKind::Commit, Payload::Commit { serial: None }, 75).await.unwrap();

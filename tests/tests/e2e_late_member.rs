@@ -31,7 +31,8 @@ async fn a_member_started_late_ends_with_the_live_release_and_the_others_skip_it
     // The newcomer is in the content group, then starts (well after the GL settled).
     let mut group: Vec<String> = c.agents.iter().map(|a| a.spec.name.clone()).collect();
     group.push("seg0-late".into());
-    let _: Value = c.op.put(&c.url("groups/g"), &serde_json::json!({ "servers": group })).await.unwrap();
+    let _: Value =
+        c.op.put(&c.url("groups/g"), &serde_json::json!({ "servers": group })).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let late = c.add_agent(0, "seg0-late", 99).unwrap();
 
@@ -42,12 +43,17 @@ async fn a_member_started_late_ends_with_the_live_release_and_the_others_skip_it
         if current.exists() && observe(&current) == live {
             break;
         }
-        assert!(Instant::now() < end, "the late member never got the live release: {st:?}\n{}", c.logs());
+        assert!(
+            Instant::now() < end,
+            "the late member never got the live release: {st:?}\n{}",
+            c.logs()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The replicate job (and its commit run) went to the newcomer only.
     let jobs: Vec<Job> = c.op.get(&c.url("jobs")).await.unwrap();
-    let replicate = jobs.iter().find(|j| j.spec.kind == JobKind::Replicate).expect("a replicate job");
+    let replicate =
+        jobs.iter().find(|j| j.spec.kind == JobKind::Replicate).expect("a replicate job");
     assert_eq!(replicate.spec.payload, Payload::Live { servers: vec!["seg0-late".into()] });
     let end = Instant::now() + Duration::from_secs(30);
     loop {
@@ -76,7 +82,16 @@ async fn a_member_started_late_ends_with_the_live_release_and_the_others_skip_it
         // The MCTP announcement named the servers the runs were not for: they did not even
         // receive them (before, they received each run whole and then skipped it).
         let log = a.guard.log_tail(usize::MAX);
-        assert!(!log.contains("targets other servers of the segment"), "{} received a run meant for the newcomer:\n{}", a.spec.name, a.guard.log_tail(40));
+        assert!(
+            !log.contains("targets other servers of the segment"),
+            "{} received a run meant for the newcomer:\n{}",
+            a.spec.name,
+            a.guard.log_tail(40)
+        );
     }
-    assert_eq!(applied(&c.agents[late].status().unwrap()), 2, "the newcomer applied the replicate and its commit");
+    assert_eq!(
+        applied(&c.agents[late].status().unwrap()),
+        2,
+        "the newcomer applied the replicate and its commit"
+    );
 }

@@ -20,7 +20,11 @@ async fn an_install_into_a_running_agents_store_applies_the_next_run() {
     let c = TestCluster::start(&Layout::new(5, 1, 2), src.path()).await.unwrap();
     c.run_ok(JobKind::Publish, Payload::Staging).await.unwrap();
     c.run_ok(JobKind::Commit, Payload::Commit { serial: None }).await.unwrap();
-    let bundled_version: Vec<String> = c.agents.iter().map(|a| a.status().unwrap()["interpreter"].as_str().unwrap().to_string()).collect();
+    let bundled_version: Vec<String> = c
+        .agents
+        .iter()
+        .map(|a| a.status().unwrap()["interpreter"].as_str().unwrap().to_string())
+        .collect();
 
     // The operator installs a new interpreter version into each running agent's store.
     let manifest = c.dir.path().join("interpreter.toml");
@@ -41,7 +45,12 @@ async fn an_install_into_a_running_agents_store_applies_the_next_run() {
     let end = Instant::now() + Duration::from_secs(30);
     for (a, old) in c.agents.iter().zip(&bundled_version) {
         while a.status().unwrap()["interpreter"].as_str() == Some(old.as_str()) {
-            assert!(Instant::now() < end, "{}: the install never reached the running agent\n{}", a.spec.name, c.logs());
+            assert!(
+                Instant::now() < end,
+                "{}: the install never reached the running agent\n{}",
+                a.spec.name,
+                c.logs()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -6,7 +6,9 @@
 use std::fs;
 use std::time::{Duration, Instant};
 
-use cm_manager::model::{CommitPolicy, JobKind, JobPolicy, JobState, OnBlocked, OnFailure, Payload, Quorum};
+use cm_manager::model::{
+    CommitPolicy, JobKind, JobPolicy, JobState, OnBlocked, OnFailure, Payload, Quorum,
+};
 use cm_tests::cluster::{Layout, TestCluster};
 use cm_tests::observe;
 use serde_json::Value;
@@ -36,7 +38,8 @@ async fn a_segment_below_quorum_defers_the_job_with_its_reason() {
     let job = c.submit_with(JobKind::Publish, Payload::Staging, policy).await.unwrap();
     let end = Instant::now() + Duration::from_secs(20);
     let reason = loop {
-        let j: cm_manager::model::Job = c.op.get(&c.url(&format!("jobs/{}", job.id))).await.unwrap();
+        let j: cm_manager::model::Job =
+            c.op.get(&c.url(&format!("jobs/{}", job.id))).await.unwrap();
         assert_eq!(j.state, JobState::Idle, "a job short of its quorum must not run: {j:?}");
         if let Some(r) = j.last_reason.clone().filter(|r| r.starts_with("deferred")) {
             break r;
@@ -45,10 +48,16 @@ async fn a_segment_below_quorum_defers_the_job_with_its_reason() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     for &i in &dead {
-        assert!(reason.contains(&c.agents[i].spec.name), "the reason names the servers that are not live: {reason}");
+        assert!(
+            reason.contains(&c.agents[i].spec.name),
+            "the reason names the servers that are not live: {reason}"
+        );
     }
     let runs: Vec<Value> = c.op.get(&c.url("runs")).await.unwrap();
-    assert!(runs.iter().all(|r| r["job"].as_u64() != Some(job.id)), "a deferred job started a run: {runs:?}");
+    assert!(
+        runs.iter().all(|r| r["job"].as_u64() != Some(job.id)),
+        "a deferred job started a run: {runs:?}"
+    );
     assert!(!c.agents[gl].site_root.join("current").exists(), "nothing may go live");
 
     // The servers come back: the deferred job runs on its next try and reaches every server.

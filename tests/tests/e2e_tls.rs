@@ -24,7 +24,8 @@ async fn publish_and_commit_over_mutual_tls_reach_every_server() {
     assert!(c.manager.url.starts_with("https://"), "{}", c.manager.url);
     // Every GL serves its endpoint over HTTPS (the URL its members learn from its heartbeats).
     for s in &c.segments {
-        let gl = c.leader_of(s).unwrap_or_else(|| panic!("segment {s} has no leader\n{}", c.logs()));
+        let gl =
+            c.leader_of(s).unwrap_or_else(|| panic!("segment {s} has no leader\n{}", c.logs()));
         let st = c.agents[gl].status().unwrap();
         assert!(st["gl_url"].as_str().is_some_and(|u| u.starts_with("https://")), "{st}");
     }
@@ -32,7 +33,12 @@ async fn publish_and_commit_over_mutual_tls_reach_every_server() {
     c.publish_committed_everywhere().await.unwrap();
     let staged = observe(&c.staging);
     for a in &c.agents {
-        assert_eq!(observe(&a.site_root.join("current")), staged, "{}: live differs from staging", a.spec.name);
+        assert_eq!(
+            observe(&a.site_root.join("current")),
+            staged,
+            "{}: live differs from staging",
+            a.spec.name
+        );
     }
 
     // Refused: a plain-HTTP client with the operator's token, and an operator certificate of
@@ -40,13 +46,33 @@ async fn publish_and_commit_over_mutual_tls_reach_every_server() {
     let jobs_before: serde_json::Value = c.op.get(&c.url("jobs")).await.unwrap();
     let body = serde_json::json!({ "servers": ["intruder"] });
     let plain = JsonClient::new(&c.manager.operator_token, Duration::from_secs(5));
-    assert!(plain.put::<_, serde_json::Value>(&c.url("groups/g").replacen("https", "http", 1), &body).await.is_err());
+    assert!(
+        plain
+            .put::<_, serde_json::Value>(&c.url("groups/g").replacen("https", "http", 1), &body)
+            .await
+            .is_err()
+    );
     let other = tempfile::tempdir().unwrap();
     let ca = other.path().join("ca");
-    let st = std::process::Command::new(cmover_bin()).args(["cert", "init", "--dir"]).arg(&ca).status().unwrap();
+    let st = std::process::Command::new(cmover_bin())
+        .args(["cert", "init", "--dir"])
+        .arg(&ca)
+        .status()
+        .unwrap();
     assert!(st.success());
-    let files = launch::issue_cert(&cmover_bin(), &ca, "mallory", "operator", &other.path().join("mallory")).unwrap();
-    let foreign = JsonClient::with_tls("", Duration::from_secs(5), Some(&cm_manager::tls::Tls::load(&files).unwrap()));
+    let files = launch::issue_cert(
+        &cmover_bin(),
+        &ca,
+        "mallory",
+        "operator",
+        &other.path().join("mallory"),
+    )
+    .unwrap();
+    let foreign = JsonClient::with_tls(
+        "",
+        Duration::from_secs(5),
+        Some(&cm_manager::tls::Tls::load(&files).unwrap()),
+    );
     let r = foreign.put::<_, serde_json::Value>(&c.url("groups/g"), &body).await;
     assert!(matches!(r, Err(ClientError::Transport { .. })), "{r:?}");
     let groups: serde_json::Value = c.op.get(&c.url("groups")).await.unwrap();

@@ -25,7 +25,8 @@ fn spawn(id: NodeId, weight: u8, channel: SocketAddr) -> Result<ElectionHandle> 
 async fn five_nodes_fail_over_and_ignore_forgeries() -> Result<()> {
     let channel = fresh_channel();
     let weights = [(1, 10), (2, 50), (3, 30), (4, 40), (5, 20)];
-    let handles: Vec<ElectionHandle> = weights.iter().map(|&(id, w)| spawn(id, w, channel)).collect::<Result<_>>()?;
+    let handles: Vec<ElectionHandle> =
+        weights.iter().map(|&(id, w)| spawn(id, w, channel)).collect::<Result<_>>()?;
     let all: Vec<&ElectionHandle> = handles.iter().collect();
     let leader = agreed(&all, Duration::from_secs(10)).await?;
     assert_eq!(leader, 2, "the strongest node leads");
@@ -36,7 +37,8 @@ async fn five_nodes_fail_over_and_ignore_forgeries() -> Result<()> {
     let mut recorded = Vec::new();
     let mut buf = vec![0u8; 65_536];
     let record_until = tokio::time::Instant::now() + Duration::from_millis(500);
-    while let Ok(Ok((n, _))) = tokio::time::timeout_at(record_until, spy.recv_from(&mut buf)).await {
+    while let Ok(Ok((n, _))) = tokio::time::timeout_at(record_until, spy.recv_from(&mut buf)).await
+    {
         recorded.push(buf[..n].to_vec());
     }
     assert!(!recorded.is_empty(), "the spy heard the segment");
@@ -67,16 +69,38 @@ async fn five_nodes_fail_over_and_ignore_forgeries() -> Result<()> {
     for (h, (b, ev)) in handles.iter().zip(before.iter().zip(events.iter_mut())) {
         let s = h.status();
         assert_eq!(s.leader, Some(2), "node {} still follows node 2", s.node);
-        let ids = |st: &election::ElectionStatus| st.members.iter().map(|m| m.node).collect::<Vec<_>>();
+        let ids =
+            |st: &election::ElectionStatus| st.members.iter().map(|m| m.node).collect::<Vec<_>>();
         assert_eq!(ids(&s), ids(b), "node {}'s member list is unchanged", s.node);
         let dropped = s.stats.forged + s.stats.foreign + s.stats.replayed + s.stats.malformed;
-        let before_dropped = b.stats.forged + b.stats.foreign + b.stats.replayed + b.stats.malformed;
-        assert!(dropped >= before_dropped + 20 * 5, "node {} counted the bad datagrams: {:?}", s.node, s.stats);
-        assert!(s.stats.forged > b.stats.forged, "node {} counted forgeries: {:?}", s.node, s.stats);
-        assert!(s.stats.replayed + s.stats.own > b.stats.replayed + b.stats.own, "node {} counted replays: {:?}", s.node, s.stats);
+        let before_dropped =
+            b.stats.forged + b.stats.foreign + b.stats.replayed + b.stats.malformed;
+        assert!(
+            dropped >= before_dropped + 20 * 5,
+            "node {} counted the bad datagrams: {:?}",
+            s.node,
+            s.stats
+        );
+        assert!(
+            s.stats.forged > b.stats.forged,
+            "node {} counted forgeries: {:?}",
+            s.node,
+            s.stats
+        );
+        assert!(
+            s.stats.replayed + s.stats.own > b.stats.replayed + b.stats.own,
+            "node {} counted replays: {:?}",
+            s.node,
+            s.stats
+        );
         while let Ok(e) = ev.try_recv() {
             assert!(
-                !matches!(e, Event::LeaderChanged { .. } | Event::LostLeadership | Event::StateChanged { .. }),
+                !matches!(
+                    e,
+                    Event::LeaderChanged { .. }
+                        | Event::LostLeadership
+                        | Event::StateChanged { .. }
+                ),
                 "node {} reacted to an outsider: {e:?}",
                 s.node
             );
@@ -85,8 +109,10 @@ async fn five_nodes_fail_over_and_ignore_forgeries() -> Result<()> {
 
     // Kill the leader: node 4 (next strongest) takes over and the other three register with it.
     handles[1].abort();
-    let rest: Vec<&ElectionHandle> = handles.iter().enumerate().filter(|&(i, _)| i != 1).map(|(_, h)| h).collect();
-    let new_leader = agreed(&rest, Duration::from_secs(10)).await.context("after the leader was killed")?;
+    let rest: Vec<&ElectionHandle> =
+        handles.iter().enumerate().filter(|&(i, _)| i != 1).map(|(_, h)| h).collect();
+    let new_leader =
+        agreed(&rest, Duration::from_secs(10)).await.context("after the leader was killed")?;
     assert_eq!(new_leader, 4);
     for h in &handles {
         h.abort();
@@ -97,7 +123,10 @@ async fn five_nodes_fail_over_and_ignore_forgeries() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_moves_the_control_channel_and_everyone_follows() -> Result<()> {
     let channel = fresh_channel();
-    let handles: Vec<ElectionHandle> = [(1, 1), (2, 3), (3, 2)].iter().map(|&(id, w)| spawn(id, w, channel)).collect::<Result<_>>()?;
+    let handles: Vec<ElectionHandle> = [(1, 1), (2, 3), (3, 2)]
+        .iter()
+        .map(|&(id, w)| spawn(id, w, channel))
+        .collect::<Result<_>>()?;
     let all: Vec<&ElectionHandle> = handles.iter().collect();
     assert_eq!(agreed(&all, Duration::from_secs(10)).await?, 2);
     // Every node offers its HTTP address; members read the leader's from its heartbeats.
@@ -106,14 +135,26 @@ async fn leader_moves_the_control_channel_and_everyone_follows() -> Result<()> {
     }
     for h in &handles {
         let mut st = h.watch_status();
-        let seen = tokio::time::timeout(Duration::from_secs(5), st.wait_for(|s| s.leader_payload.as_deref() == Some(b"http://127.0.0.2:7720"))).await;
-        assert!(seen.is_ok_and(|r| r.is_ok()), "node {} learns the leader's address: {:?}", h.status().node, h.status());
+        let seen = tokio::time::timeout(
+            Duration::from_secs(5),
+            st.wait_for(|s| s.leader_payload.as_deref() == Some(b"http://127.0.0.2:7720")),
+        )
+        .await;
+        assert!(
+            seen.is_ok_and(|r| r.is_ok()),
+            "node {} learns the leader's address: {:?}",
+            h.status().node,
+            h.status()
+        );
     }
     let mut moved = fresh_channel();
     while moved == channel {
         moved = fresh_channel();
     }
-    assert!(handles[0].move_control_channel(moved).await.is_err(), "a member cannot move the channel");
+    assert!(
+        handles[0].move_control_channel(moved).await.is_err(),
+        "a member cannot move the channel"
+    );
     handles[1].move_control_channel(moved).await?;
     tokio::time::sleep(HEARTBEAT * 10).await;
     for h in &handles {

@@ -49,7 +49,15 @@ impl Lab {
             ip(&["link", "add", &outside, "type", "veth", "peer", "name", &inside, "netns", &ns])?;
             ip(&["link", "set", &outside, "master", &bridge])?;
             ip(&["link", "set", &outside, "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("10.231.{subnet}.{}/24", i + 1), "dev", &inside])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.231.{subnet}.{}/24", i + 1),
+                "dev",
+                &inside,
+            ])?;
             ip(&["-n", &ns, "link", "set", &inside, "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         }
@@ -82,7 +90,10 @@ async fn agents_in_two_namespaces_elect_and_fail_over_across_the_link() -> Resul
     // Agents (killed first) are declared after the lab (removed last).
     let lab = Lab::create(tag, subnet)?;
     let addr = |host: u8| Ipv4Addr::new(10, 231, subnet, host);
-    let channel = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(239, 80, rng.random(), rng.random_range(1..=254)), rng.random_range(20_000..40_000)));
+    let channel = SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::new(239, 80, rng.random(), rng.random_range(1..=254)),
+        rng.random_range(20_000..40_000),
+    ));
     let spy = Spy::on_interface(channel, addr(254))?;
 
     // (id, weight, namespace index)
@@ -90,7 +101,16 @@ async fn agents_in_two_namespaces_elect_and_fail_over_across_the_link() -> Resul
     let mut agents: Vec<Agent> = plan
         .iter()
         .map(|&(id, w, side)| {
-            Agent::start_in(&bin, dir.path(), id, w, "segment-ns", channel, addr(side as u8 + 1), Some(&lab.namespaces[side]))
+            Agent::start_in(
+                &bin,
+                dir.path(),
+                id,
+                w,
+                "segment-ns",
+                channel,
+                addr(side as u8 + 1),
+                Some(&lab.namespaces[side]),
+            )
         })
         .collect::<Result<_>>()?;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -98,14 +118,20 @@ async fn agents_in_two_namespaces_elect_and_fail_over_across_the_link() -> Resul
         a.check_running()?;
     }
     let all = ids(&agents);
-    let others = |l: NodeId, of: &BTreeSet<NodeId>| of.iter().copied().filter(|&i| i != l).collect::<BTreeSet<_>>();
+    let others = |l: NodeId, of: &BTreeSet<NodeId>| {
+        of.iter().copied().filter(|&i| i != l).collect::<BTreeSet<_>>()
+    };
 
     spy.converged(32, &others(32, &all), only_from(&all)).await.context("first election")?;
     agents[1].kill();
     let survivors = ids(&agents);
-    spy.converged(33, &others(33, &survivors), only_from(&all)).await.context("after the leader was killed")?;
+    spy.converged(33, &others(33, &survivors), only_from(&all))
+        .await
+        .context("after the leader was killed")?;
     agents[1].spawn(&bin)?;
-    spy.converged(33, &others(33, &all), only_from(&all)).await.context("after the old leader restarted")?;
+    spy.converged(33, &others(33, &all), only_from(&all))
+        .await
+        .context("after the old leader restarted")?;
     for a in &mut agents {
         a.check_running()?;
     }
@@ -117,5 +143,6 @@ async fn agents_in_two_namespaces_elect_and_fail_over_across_the_link() -> Resul
 /// The effective uid is 0 (from /proc/self/status: `Uid: real effective saved fs`).
 fn is_root() -> bool {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|v| v.split_whitespace().nth(1)) == Some("0")
+    status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|v| v.split_whitespace().nth(1))
+        == Some("0")
 }

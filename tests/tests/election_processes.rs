@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cm_election::{NodeId, Timing};
-use election_common::processes::{Agent, HEARTBEAT_MS, PATIENCE, SECRET, Spy, cmover_bin, ids, only_from};
+use election_common::processes::{
+    Agent, HEARTBEAT_MS, PATIENCE, SECRET, Spy, cmover_bin, ids, only_from,
+};
 use rand::Rng;
 
 fn channel(group: (u8, u8), port: u16) -> SocketAddr {
@@ -42,10 +44,14 @@ async fn agents_elect_fail_over_rejoin_and_keep_segments_apart() -> Result<()> {
 
     let weights_a = [(11, 10), (12, 50), (13, 30), (14, 40), (15, 20)];
     let weights_b = [(21, 30), (22, 10), (23, 20)];
-    let mut seg_a: Vec<Agent> =
-        weights_a.iter().map(|&(id, w)| Agent::start(&bin, dir.path(), id, w, "segment-a", chan_a)).collect::<Result<_>>()?;
-    let mut seg_b: Vec<Agent> =
-        weights_b.iter().map(|&(id, w)| Agent::start(&bin, dir.path(), id, w, "segment-b", chan_b)).collect::<Result<_>>()?;
+    let mut seg_a: Vec<Agent> = weights_a
+        .iter()
+        .map(|&(id, w)| Agent::start(&bin, dir.path(), id, w, "segment-a", chan_a))
+        .collect::<Result<_>>()?;
+    let mut seg_b: Vec<Agent> = weights_b
+        .iter()
+        .map(|&(id, w)| Agent::start(&bin, dir.path(), id, w, "segment-b", chan_b))
+        .collect::<Result<_>>()?;
     let (all_a, all_b) = (ids(&seg_a), ids(&seg_b));
     // An agent that refuses its settings exits at once: say so rather than wait for an election.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -54,9 +60,14 @@ async fn agents_elect_fail_over_rejoin_and_keep_segments_apart() -> Result<()> {
     }
 
     // One leader per segment, the strongest, listing exactly its segment's other agents.
-    let others = |all: &BTreeSet<NodeId>, l: NodeId| all.iter().copied().filter(|&i| i != l).collect::<BTreeSet<_>>();
+    let others = |all: &BTreeSet<NodeId>, l: NodeId| {
+        all.iter().copied().filter(|&i| i != l).collect::<BTreeSet<_>>()
+    };
     let (members_a, members_b) = (others(&all_a, 12), others(&all_b, 21));
-    let (a, b) = tokio::join!(spy_a.converged(12, &members_a, only_from(&all_a)), spy_b.converged(21, &members_b, only_from(&all_b)));
+    let (a, b) = tokio::join!(
+        spy_a.converged(12, &members_a, only_from(&all_a)),
+        spy_b.converged(21, &members_b, only_from(&all_b))
+    );
     a.context("segment a")?;
     b.context("segment b")?;
 
@@ -83,25 +94,48 @@ async fn agents_elect_fail_over_rejoin_and_keep_segments_apart() -> Result<()> {
         "kill -9 of the leader → first Leader Alive of node 14 after {:?} (documented bound from the last heartbeat heard: {bound:?})",
         first_new_la.unwrap_or_default()
     );
-    spy_a.converged(14, &others(&survivors, 14), only_from(&all_a)).await.context("after the leader was killed")?;
+    spy_a
+        .converged(14, &others(&survivors, 14), only_from(&all_a))
+        .await
+        .context("after the leader was killed")?;
 
     // The killed agent comes back: no split brain, the incumbent keeps leading and lists it.
     seg_a[1].spawn(&bin)?;
-    spy_a.converged(14, &others(&all_a, 14), only_from(&all_a)).await.context("after the old leader restarted")?;
+    spy_a
+        .converged(14, &others(&all_a, 14), only_from(&all_a))
+        .await
+        .context("after the old leader restarted")?;
     // A few more windows: still one leader, nothing from segment b.
     for _ in 0..3 {
         let heard = spy_a.listen(Duration::from_millis(HEARTBEAT_MS * 5)).await?;
         only_from(&all_a)(&heard)?;
         assert_eq!(heard.leaders, BTreeSet::from([14]), "the incumbent keeps leading");
     }
-    spy_b.converged(21, &others(&all_b, 21), only_from(&all_b)).await.context("segment b undisturbed")?;
+    spy_b
+        .converged(21, &others(&all_b, 21), only_from(&all_b))
+        .await
+        .context("segment b undisturbed")?;
 
     // The operator's view agrees.
-    let out = Command::new(&bin).args(["agent", "status", "--status"]).arg(seg_a[3].status.to_string()).env_remove("RUST_BACKTRACE").output()?;
+    let out = Command::new(&bin)
+        .args(["agent", "status", "--status"])
+        .arg(seg_a[3].status.to_string())
+        .env_remove("RUST_BACKTRACE")
+        .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "cmover agent status failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.lines().any(|l| l.starts_with("leader") && l.contains("this node")), "node 14 says it leads:\n{text}");
-    assert!(text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["members", "4"]), "node 14 lists 4 members:\n{text}");
+    assert!(
+        out.status.success(),
+        "cmover agent status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("leader") && l.contains("this node")),
+        "node 14 says it leads:\n{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["members", "4"]),
+        "node 14 lists 4 members:\n{text}"
+    );
     for agent in seg_a.iter_mut() {
         agent.check_running()?;
     }

@@ -26,7 +26,12 @@ fn fresh_channel() -> SocketAddr {
 }
 
 fn spawn(id: NodeId, weight: u8, channel: SocketAddr, dir: &Path) -> Result<ElectionHandle> {
-    Ok(election::spawn_persistent(node(id, weight, channel), DriverConfig::loopback(), id, StateFile::in_dir(dir))?)
+    Ok(election::spawn_persistent(
+        node(id, weight, channel),
+        DriverConfig::loopback(),
+        id,
+        StateFile::in_dir(dir),
+    )?)
 }
 
 fn saved(dir: &Path) -> Result<RestartState> {
@@ -36,9 +41,13 @@ fn saved(dir: &Path) -> Result<RestartState> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_member_resumes_on_the_moved_channel() -> Result<()> {
     let channel = fresh_channel();
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir()).collect::<Result<_, _>>()?;
-    let mut handles: Vec<ElectionHandle> =
-        [(1, 1), (2, 3), (3, 2)].iter().zip(&dirs).map(|(&(id, w), d)| spawn(id, w, channel, d.path())).collect::<Result<_>>()?;
+    let dirs: Vec<tempfile::TempDir> =
+        (0..3).map(|_| tempfile::tempdir()).collect::<Result<_, _>>()?;
+    let mut handles: Vec<ElectionHandle> = [(1, 1), (2, 3), (3, 2)]
+        .iter()
+        .zip(&dirs)
+        .map(|(&(id, w), d)| spawn(id, w, channel, d.path()))
+        .collect::<Result<_>>()?;
     assert_eq!(agreed(&handles.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await?, 2);
     let mut moved = fresh_channel();
     while moved == channel {
@@ -55,7 +64,12 @@ async fn a_restarted_member_resumes_on_the_moved_channel() -> Result<()> {
     handles[0] = spawn(1, 1, channel, dirs[0].path())?;
     assert_eq!(handles[0].status().control_channel, moved, "resumed on the moved channel");
     let after = saved(dirs[0].path())?;
-    assert!(after.incarnation > before.incarnation, "incarnation grew: {} -> {}", before.incarnation, after.incarnation);
+    assert!(
+        after.incarnation > before.incarnation,
+        "incarnation grew: {} -> {}",
+        before.incarnation,
+        after.incarnation
+    );
     assert_eq!(after.failures, vec![before.incarnation], "the killed run is a recent failure");
     assert_eq!(agreed(&handles.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await?, 2);
     for h in &handles {
@@ -74,7 +88,8 @@ async fn a_restarted_member_resumes_on_the_moved_channel() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_heartbeats_of_a_dead_leader_are_refused_after_a_restart() -> Result<()> {
     let channel = fresh_channel();
-    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir()).collect::<Result<_, _>>()?;
+    let dirs: Vec<tempfile::TempDir> =
+        (0..2).map(|_| tempfile::tempdir()).collect::<Result<_, _>>()?;
     let leader = spawn(1, 9, channel, dirs[0].path())?;
     let mut member = spawn(2, 1, channel, dirs[1].path())?;
     assert_eq!(agreed(&[&leader, &member], Duration::from_secs(10)).await?, 1);
@@ -118,7 +133,9 @@ async fn replayed_heartbeats_of_a_dead_leader_are_refused_after_a_restart() -> R
     }
     // Alone, it becomes leader itself.
     let mut watch = member.watch_status();
-    tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|s| s.is_leader)).await.context("the lone member leads")??;
+    tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|s| s.is_leader))
+        .await
+        .context("the lone member leads")??;
     member.abort();
     Ok(())
 }
@@ -170,7 +187,8 @@ async fn a_corrupt_or_foreign_state_file_stops_the_start_and_names_the_file() ->
         std::fs::write(slot, bytes)?;
     }
     assert_eq!(file.load()?.as_ref(), Some(&newest));
-    let err = spawn(7, 1, channel, dir.path()).err().context("another node's state was accepted")?;
+    let err =
+        spawn(7, 1, channel, dir.path()).err().context("another node's state was accepted")?;
     assert!(err.to_string().contains("node 6"), "{err}");
     // Slot files created by a start that stopped before its first save count as absent.
     for slot in &slots {

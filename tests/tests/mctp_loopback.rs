@@ -6,7 +6,7 @@
 //!
 //! Each test uses its own group and ports (239.77.x.y, 471xx) so parallel tests never collide.
 
-use cm_agent::mctp::{receive, send_file, ReceiveOptions, Received, SendOptions};
+use cm_agent::mctp::{ReceiveOptions, Received, SendOptions, receive, send_file};
 use cm_mctp::{Member, Outcome, SenderConfig};
 use rand::{Rng, SeedableRng};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -23,7 +23,13 @@ fn random_file(path: &Path, size: usize, seed: u64) -> [u8; 32] {
     *blake3::hash(&data).as_bytes()
 }
 
-fn receive_options(group: SocketAddr, member: u64, secret: &[u8], dir: &Path, timeout: Duration) -> ReceiveOptions {
+fn receive_options(
+    group: SocketAddr,
+    member: u64,
+    secret: &[u8],
+    dir: &Path,
+    timeout: Duration,
+) -> ReceiveOptions {
     let mut o = ReceiveOptions::new(group, LOOPBACK, member, secret.to_vec(), dir.to_owned());
     o.timeout = timeout;
     o
@@ -48,7 +54,13 @@ async fn one_sender_eight_receivers_64_mib_identical_copies() -> anyhow::Result<
     let mut receivers = Vec::new();
     for i in 0..8u64 {
         let dir = tmp.path().join(format!("member-{i}"));
-        receivers.push(tokio::spawn(receive(receive_options(group, 100 + i, &secret, &dir, Duration::from_secs(240)))));
+        receivers.push(tokio::spawn(receive(receive_options(
+            group,
+            100 + i,
+            &secret,
+            &dir,
+            Duration::from_secs(240),
+        ))));
     }
     // Let every receiver join the group before the first announcement.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -57,7 +69,16 @@ async fn one_sender_eight_receivers_64_mib_identical_copies() -> anyhow::Result<
     let members: Vec<Member> = (0..8).map(|i| Member { id: 100 + i, unicast: None }).collect();
     // As a GL sends an assignment: its BLAKE3 known from the manifest, each frame's chaining
     // value computed as the frame goes out.
-    let opts = SendOptions { config, interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 42, name: "site-update.bin".into(), members, known_hash: Some(hash) };
+    let opts = SendOptions {
+        config,
+        interface: LOOPBACK,
+        ttl: 0,
+        secret: secret.clone(),
+        assignment: 42,
+        name: "site-update.bin".into(),
+        members,
+        known_hash: Some(hash),
+    };
     let out = tokio::time::timeout(Duration::from_secs(240), send_file(&source, opts)).await??;
     assert_eq!(out.report.outcome, Outcome::Complete, "report: {:?}", out.report);
     assert_eq!(out.report.complete.len(), 8);
@@ -67,7 +88,12 @@ async fn one_sender_eight_receivers_64_mib_identical_copies() -> anyhow::Result<
         assert_eq!(got.path.file_name().unwrap(), "site-update.bin");
         let bytes = std::fs::read(&got.path)?;
         assert_eq!(bytes.len(), 64 << 20);
-        assert_eq!(blake3::hash(&bytes).as_bytes(), &hash, "copy at {} differs", got.path.display());
+        assert_eq!(
+            blake3::hash(&bytes).as_bytes(),
+            &hash,
+            "copy at {} differs",
+            got.path.display()
+        );
         // Nothing but the delivered file is left behind (no .part files).
         assert_eq!(std::fs::read_dir(got.path.parent().unwrap())?.count(), 1);
     }
@@ -89,7 +115,13 @@ async fn lossy_receivers_verify_with_tree_tags_and_with_plain_tags() -> anyhow::
         let secret = b"loopback test cluster".to_vec();
         let mut receivers = Vec::new();
         for i in 0..3u64 {
-            let mut o = receive_options(group, 300 + i, &secret, &tmp.path().join(format!("member-{i}")), Duration::from_secs(120));
+            let mut o = receive_options(
+                group,
+                300 + i,
+                &secret,
+                &tmp.path().join(format!("member-{i}")),
+                Duration::from_secs(120),
+            );
             o.inject_loss = 0.08;
             receivers.push(tokio::spawn(receive(o)));
         }
@@ -97,16 +129,38 @@ async fn lossy_receivers_verify_with_tree_tags_and_with_plain_tags() -> anyhow::
         let mut config = sender_config(group, 47131 + 2 * k as u16);
         config.tree_tags = tree_tags;
         let members: Vec<Member> = (0..3).map(|i| Member { id: 300 + i, unicast: None }).collect();
-        let opts = SendOptions { config, interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 43, name: "lossy.bin".into(), members, known_hash: None };
-        let out = tokio::time::timeout(Duration::from_secs(120), send_file(&source, opts)).await??;
-        assert_eq!(out.report.outcome, Outcome::Complete, "tree tags {tree_tags}: {:?}", out.report);
-        assert!(out.stats.frames_sent > (12 << 20) / 8192, "tree tags {tree_tags}: loss made repairs");
+        let opts = SendOptions {
+            config,
+            interface: LOOPBACK,
+            ttl: 0,
+            secret: secret.clone(),
+            assignment: 43,
+            name: "lossy.bin".into(),
+            members,
+            known_hash: None,
+        };
+        let out =
+            tokio::time::timeout(Duration::from_secs(120), send_file(&source, opts)).await??;
+        assert_eq!(
+            out.report.outcome,
+            Outcome::Complete,
+            "tree tags {tree_tags}: {:?}",
+            out.report
+        );
+        assert!(
+            out.stats.frames_sent > (12 << 20) / 8192,
+            "tree tags {tree_tags}: loss made repairs"
+        );
         // Each receiver loses its own frames: repairs combine them.
         assert!(out.stats.coded > 0, "tree tags {tree_tags}: no coded repair in {:?}", out.stats);
         let mut recovered = 0;
         for r in receivers {
             let got: Received = r.await??;
-            assert_eq!(blake3::hash(&std::fs::read(&got.path)?).as_bytes(), &hash, "tree tags {tree_tags}");
+            assert_eq!(
+                blake3::hash(&std::fs::read(&got.path)?).as_bytes(),
+                &hash,
+                "tree tags {tree_tags}"
+            );
             recovered += got.stats.coded_used;
         }
         assert!(recovered > 0, "tree tags {tree_tags}: no member used a coded repair");
@@ -121,13 +175,28 @@ async fn a_sender_without_the_cluster_key_delivers_nothing() -> anyhow::Result<(
     let source = tmp.path().join("forged.bin");
     random_file(&source, 200_000, 8);
     let dir = tmp.path().join("member");
-    let rx = tokio::spawn(receive(receive_options(group, 1, b"the real key", &dir, Duration::from_secs(4))));
+    let rx = tokio::spawn(receive(receive_options(
+        group,
+        1,
+        b"the real key",
+        &dir,
+        Duration::from_secs(4),
+    )));
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let mut config = SenderConfig::new(group, 47121);
     config.stall_limit = 2;
     config.max_report_window = Duration::from_millis(200);
-    let opts = SendOptions { config, interface: LOOPBACK, ttl: 0, secret: b"an outsider's key".to_vec(), assignment: 1, name: "forged.bin".into(), members: vec![Member { id: 1, unicast: None }], known_hash: None };
+    let opts = SendOptions {
+        config,
+        interface: LOOPBACK,
+        ttl: 0,
+        secret: b"an outsider's key".to_vec(),
+        assignment: 1,
+        name: "forged.bin".into(),
+        members: vec![Member { id: 1, unicast: None }],
+        known_hash: None,
+    };
     let out = send_file(&source, opts).await?;
     assert_eq!(out.report.outcome, Outcome::Problem, "nobody can answer a forged session");
     let err = rx.await?.expect_err("the receiver must not deliver forged data");
@@ -150,27 +219,61 @@ async fn a_wrong_known_hash_delivers_nothing_and_ends_with_a_problem() -> anyhow
         announced[0] ^= 1;
         let secret = b"loopback test cluster".to_vec();
         let dirs: Vec<_> = (0..2).map(|i| tmp.path().join(format!("member-{i}"))).collect();
-        let receivers: Vec<_> = dirs.iter().zip(400u64..).map(|(d, id)| tokio::spawn(receive(receive_options(group, id, &secret, d, Duration::from_secs(4))))).collect();
+        let receivers: Vec<_> = dirs
+            .iter()
+            .zip(400u64..)
+            .map(|(d, id)| {
+                tokio::spawn(receive(receive_options(
+                    group,
+                    id,
+                    &secret,
+                    d,
+                    Duration::from_secs(4),
+                )))
+            })
+            .collect();
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut config = sender_config(group, 47151 + 2 * k as u16);
         config.tree_tags = tree_tags;
         let members: Vec<Member> = (400..402).map(|id| Member { id, unicast: None }).collect();
-        let opts = SendOptions { config, interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 44, name: "changed.bin".into(), members, known_hash: Some(announced) };
+        let opts = SendOptions {
+            config,
+            interface: LOOPBACK,
+            ttl: 0,
+            secret: secret.clone(),
+            assignment: 44,
+            name: "changed.bin".into(),
+            members,
+            known_hash: Some(announced),
+        };
         let out = tokio::time::timeout(Duration::from_secs(60), send_file(&source, opts)).await??;
         assert_eq!(out.report.outcome, Outcome::Problem, "tree tags {tree_tags}: {:?}", out.report);
         assert!(out.report.complete.is_empty(), "tree tags {tree_tags}: {:?}", out.report);
-        assert_eq!(out.report.incomplete.len(), 2, "tree tags {tree_tags}: both members named: {:?}", out.report);
+        assert_eq!(
+            out.report.incomplete.len(),
+            2,
+            "tree tags {tree_tags}: both members named: {:?}",
+            out.report
+        );
         for (r, d) in receivers.into_iter().zip(&dirs) {
             let err = r.await?.expect_err("a copy that fails its hash is never delivered");
-            assert!(err.to_string().contains("no assignment was delivered"), "tree tags {tree_tags}: {err}");
-            assert_eq!(std::fs::read_dir(d).map_or(0, |e| e.count()), 0, "tree tags {tree_tags}: no file, partial or whole, is left");
+            assert!(
+                err.to_string().contains("no assignment was delivered"),
+                "tree tags {tree_tags}: {err}"
+            );
+            assert_eq!(
+                std::fs::read_dir(d).map_or(0, |e| e.count()),
+                0,
+                "tree tags {tree_tags}: no file, partial or whole, is left"
+            );
         }
     }
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_that_already_holds_the_assignment_answers_complete_without_receiving() -> anyhow::Result<()> {
+async fn a_member_that_already_holds_the_assignment_answers_complete_without_receiving()
+-> anyhow::Result<()> {
     let group: SocketAddr = "239.77.41.9:47136".parse()?;
     let tmp = tempfile::tempdir()?;
     let source = tmp.path().join("held.bin");
@@ -184,11 +287,26 @@ async fn a_member_that_already_holds_the_assignment_answers_complete_without_rec
     }
     std::fs::copy(&source, dirs[0].join("held.bin"))?;
     random_file(&dirs[1].join("held.bin"), 3 << 20, 10);
-    let receivers: Vec<_> = dirs.iter().zip(1u64..).map(|(d, id)| tokio::spawn(receive(receive_options(group, id, &secret, d, Duration::from_secs(60))))).collect();
+    let receivers: Vec<_> = dirs
+        .iter()
+        .zip(1u64..)
+        .map(|(d, id)| {
+            tokio::spawn(receive(receive_options(group, id, &secret, d, Duration::from_secs(60))))
+        })
+        .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let members: Vec<Member> = (1..=3).map(|id| Member { id, unicast: None }).collect();
-    let opts = SendOptions { config: sender_config(group, 47137), interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 5, name: "held.bin".into(), members, known_hash: None };
+    let opts = SendOptions {
+        config: sender_config(group, 47137),
+        interface: LOOPBACK,
+        ttl: 0,
+        secret: secret.clone(),
+        assignment: 5,
+        name: "held.bin".into(),
+        members,
+        known_hash: None,
+    };
     let out = tokio::time::timeout(Duration::from_secs(60), send_file(&source, opts)).await??;
     assert_eq!(out.report.outcome, Outcome::Complete, "report: {:?}", out.report);
 
@@ -197,17 +315,27 @@ async fn a_member_that_already_holds_the_assignment_answers_complete_without_rec
     assert_eq!(got[0].stats.frames, 0, "member 1 wrote no frame");
     assert_eq!(got[0].path, dirs[0].join("held.bin"));
     for g in &got[1..] {
-        assert!(!g.already_held, "{}: a same-named file with other bytes is not the assignment", g.path.display());
+        assert!(
+            !g.already_held,
+            "{}: a same-named file with other bytes is not the assignment",
+            g.path.display()
+        );
         assert!(g.stats.frames > 0);
     }
     for g in &got {
-        assert_eq!(blake3::hash(&std::fs::read(&g.path)?).as_bytes(), &hash, "{}", g.path.display());
+        assert_eq!(
+            blake3::hash(&std::fs::read(&g.path)?).as_bytes(),
+            &hash,
+            "{}",
+            g.path.display()
+        );
     }
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_unicast_only_member_on_its_configured_port_receives_beside_multicast_members() -> anyhow::Result<()> {
+async fn a_unicast_only_member_on_its_configured_port_receives_beside_multicast_members()
+-> anyhow::Result<()> {
     let group: SocketAddr = "239.77.41.10:47140".parse()?;
     let unicast_port = 47142;
     let tmp = tempfile::tempdir()?;
@@ -216,10 +344,17 @@ async fn a_unicast_only_member_on_its_configured_port_receives_beside_multicast_
     let secret = b"mixed test cluster".to_vec();
     let mut receivers = Vec::new();
     for id in 1..=3u64 {
-        receivers.push(tokio::spawn(receive(receive_options(group, id, &secret, &tmp.path().join(format!("m{id}")), Duration::from_secs(60)))));
+        receivers.push(tokio::spawn(receive(receive_options(
+            group,
+            id,
+            &secret,
+            &tmp.path().join(format!("m{id}")),
+            Duration::from_secs(60),
+        ))));
     }
     // Member 4 never joins the group: everything reaches it on its fixed unicast port.
-    let mut unicast = receive_options(group, 4, &secret, &tmp.path().join("u4"), Duration::from_secs(60));
+    let mut unicast =
+        receive_options(group, 4, &secret, &tmp.path().join("u4"), Duration::from_secs(60));
     unicast.join_group = false;
     unicast.unicast_port = unicast_port;
     receivers.push(tokio::spawn(receive(unicast)));
@@ -227,19 +362,35 @@ async fn a_unicast_only_member_on_its_configured_port_receives_beside_multicast_
 
     let mut members: Vec<Member> = (1..=3).map(|id| Member { id, unicast: None }).collect();
     members.push(Member { id: 4, unicast: Some(SocketAddr::new(LOOPBACK.into(), unicast_port)) });
-    let opts = SendOptions { config: sender_config(group, 47141), interface: LOOPBACK, ttl: 0, secret: secret.clone(), assignment: 6, name: "mixed.bin".into(), members, known_hash: None };
+    let opts = SendOptions {
+        config: sender_config(group, 47141),
+        interface: LOOPBACK,
+        ttl: 0,
+        secret: secret.clone(),
+        assignment: 6,
+        name: "mixed.bin".into(),
+        members,
+        known_hash: None,
+    };
     let out = tokio::time::timeout(Duration::from_secs(60), send_file(&source, opts)).await??;
     assert_eq!(out.report.outcome, Outcome::Complete, "report: {:?}", out.report);
     assert_eq!(out.report.complete, vec![1, 2, 3, 4]);
     let got = futures_join(receivers).await?;
     for g in &got {
-        assert_eq!(blake3::hash(&std::fs::read(&g.path)?).as_bytes(), &hash, "{}", g.path.display());
+        assert_eq!(
+            blake3::hash(&std::fs::read(&g.path)?).as_bytes(),
+            &hash,
+            "{}",
+            g.path.display()
+        );
     }
     assert_eq!(got[3].stats.frames, 1024, "the unicast-only member received every frame itself");
     Ok(())
 }
 
-async fn futures_join(handles: Vec<tokio::task::JoinHandle<Result<Received, cm_agent::mctp::MctpDriverError>>>) -> anyhow::Result<Vec<Received>> {
+async fn futures_join(
+    handles: Vec<tokio::task::JoinHandle<Result<Received, cm_agent::mctp::MctpDriverError>>>,
+) -> anyhow::Result<Vec<Received>> {
     let mut out = Vec::new();
     for h in handles {
         out.push(h.await??);

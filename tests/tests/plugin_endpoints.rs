@@ -11,12 +11,17 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cm_plugin_host::{LoadedPlugin, PluginError, PluginManifest, PluginSlot, PluginStore, ServerState};
+use cm_plugin_host::{
+    LoadedPlugin, PluginError, PluginManifest, PluginSlot, PluginStore, ServerState,
+};
 use plugin_support::*;
 
 /// A one-request-per-connection HTTP server recording "METHOD path host" and answering
 /// `status` to each request.
-fn fake_cache(status: u16, requests: usize) -> (String, Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>) {
+fn fake_cache(
+    status: u16,
+    requests: usize,
+) -> (String, Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -39,10 +44,19 @@ fn fake_cache(status: u16, requests: usize) -> (String, Arc<Mutex<Vec<String>>>,
                 }
             }
             let mut parts = request_line.split_whitespace();
-            log.lock().unwrap().push(format!("{} {} {host}", parts.next().unwrap(), parts.next().unwrap()));
+            log.lock().unwrap().push(format!(
+                "{} {} {host}",
+                parts.next().unwrap(),
+                parts.next().unwrap()
+            ));
             let body = if status == 200 { "Purged" } else { "Method not allowed" };
             let mut stream = reader.into_inner();
-            write!(stream, "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+            write!(
+                stream,
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
         }
     });
     (address, seen, server)
@@ -60,7 +74,8 @@ fn varnish(address: &str) -> PluginManifest {
 fn varnish_plugin_purges_paths_and_bans_sites_over_http() {
     let (runtime, logs) = runtime();
     let (address, seen, server) = fake_cache(200, 3);
-    let plugin = LoadedPlugin::load(&runtime, &component("varnish"), varnish(&address), "varnish").unwrap();
+    let plugin =
+        LoadedPlugin::load(&runtime, &component("varnish"), varnish(&address), "varnish").unwrap();
     plugin.self_check().unwrap();
     plugin.invalidate("www.example.com", &["/index.html".into(), "img/logo.png".into()]).unwrap();
     plugin.purge_site("shop.example.com").unwrap();
@@ -73,22 +88,32 @@ fn varnish_plugin_purges_paths_and_bans_sites_over_http() {
             format!("BAN / shop.example.com"),
         ]
     );
-    assert!(logs.lock().unwrap().iter().any(|(p, _, m)| p == "varnish" && m == "purged 2 paths of www.example.com"));
+    assert!(
+        logs.lock()
+            .unwrap()
+            .iter()
+            .any(|(p, _, m)| p == "varnish" && m == "purged 2 paths of www.example.com")
+    );
 }
 
 #[test]
 fn varnish_plugin_reports_a_refusing_cache_and_an_unreachable_one() {
     let (runtime, _) = runtime();
     let (address, _, server) = fake_cache(405, 1);
-    let plugin = LoadedPlugin::load(&runtime, &component("varnish"), varnish(&address), "varnish").unwrap();
+    let plugin =
+        LoadedPlugin::load(&runtime, &component("varnish"), varnish(&address), "varnish").unwrap();
     match plugin.invalidate("www", &["/a".into()]) {
-        Err(PluginError::Vetoed { hook: "invalidate", message, .. }) => assert!(message.contains("HTTP 405"), "{message}"),
+        Err(PluginError::Vetoed { hook: "invalidate", message, .. }) => {
+            assert!(message.contains("HTTP 405"), "{message}")
+        }
         other => panic!("expected a refusal, got {other:?}"),
     }
     server.join().unwrap();
     // Nothing listens there any more.
     match plugin.invalidate("www", &["/a".into()]) {
-        Err(PluginError::Vetoed { message, .. }) => assert!(message.contains("endpoint `cache1`"), "{message}"),
+        Err(PluginError::Vetoed { message, .. }) => {
+            assert!(message.contains("endpoint `cache1`"), "{message}")
+        }
         other => panic!("expected unreachable, got {other:?}"),
     }
 }
@@ -111,7 +136,9 @@ impl Drop for Haproxy {
 
 /// Start HAProxy with backend `app` holding `servers` (HAProxy `server` lines).
 fn start_haproxy(servers: &str) -> Option<Haproxy> {
-    let binary = ["/usr/sbin/haproxy", "/usr/bin/haproxy"].into_iter().find(|p| std::path::Path::new(p).exists())?;
+    let binary = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("admin.sock");
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -146,13 +173,18 @@ fn admin_state(socket: &std::path::Path, server: &str) -> u32 {
     stream.shutdown(std::net::Shutdown::Write).unwrap();
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
-    let line = answer.lines().find(|l| l.split_whitespace().nth(3) == Some(server)).unwrap_or_else(|| panic!("{server} in {answer}"));
+    let line = answer
+        .lines()
+        .find(|l| l.split_whitespace().nth(3) == Some(server))
+        .unwrap_or_else(|| panic!("{server} in {answer}"));
     line.split_whitespace().nth(6).unwrap().parse().unwrap()
 }
 
 #[test]
 fn haproxy_plugin_drives_a_real_haproxy() {
-    let Some(haproxy) = start_haproxy("  server s1 127.0.0.1:9 check disabled\n  server s2 127.0.0.1:9\n") else {
+    let Some(haproxy) =
+        start_haproxy("  server s1 127.0.0.1:9 check disabled\n  server s2 127.0.0.1:9\n")
+    else {
         // `.ci/run` installs haproxy; on a bare developer machine this one test has nothing to drive.
         eprintln!("haproxy not installed: skipping the real-HAProxy test");
         return;
@@ -161,7 +193,10 @@ fn haproxy_plugin_drives_a_real_haproxy() {
     let dir = tempfile::tempdir().unwrap();
     let store = PluginStore::open(runtime, dir.path()).unwrap();
     let manifest = PluginManifest::parse(
-        &format!("name = \"lb\"\nworld = \"load-balancer\"\n[grants.endpoints.haproxy]\nunix = \"{}\"\n", haproxy.socket.display()),
+        &format!(
+            "name = \"lb\"\nworld = \"load-balancer\"\n[grants.endpoints.haproxy]\nunix = \"{}\"\n",
+            haproxy.socket.display()
+        ),
         "lb.toml",
     )
     .unwrap();
@@ -182,7 +217,9 @@ fn haproxy_plugin_drives_a_real_haproxy() {
     lb.remove("app/s3").unwrap();
     assert_eq!(lb.state("app/s3").unwrap(), ServerState::Absent);
     match lb.drain("app/nope") {
-        Err(PluginError::Vetoed { hook: "drain", message, .. }) => assert!(message.contains("haproxy refused"), "{message}"),
+        Err(PluginError::Vetoed { hook: "drain", message, .. }) => {
+            assert!(message.contains("haproxy refused"), "{message}")
+        }
         other => panic!("expected HAProxy's refusal, got {other:?}"),
     }
 }
@@ -212,7 +249,10 @@ fn haproxy_plugin_changes_where_a_real_haproxy_routes_requests() {
     };
     let (runtime, _) = runtime();
     let manifest = PluginManifest::parse(
-        &format!("name = \"lb\"\nworld = \"load-balancer\"\n[grants.endpoints.haproxy]\nunix = \"{}\"\n", haproxy.socket.display()),
+        &format!(
+            "name = \"lb\"\nworld = \"load-balancer\"\n[grants.endpoints.haproxy]\nunix = \"{}\"\n",
+            haproxy.socket.display()
+        ),
         "lb.toml",
     )
     .unwrap();
@@ -222,11 +262,19 @@ fn haproxy_plugin_changes_where_a_real_haproxy_routes_requests() {
 
     assert_eq!(answered_by(&haproxy.front, 6), set(&["s1", "s2"]), "round robin over both");
     act(Drain("app/s1"));
-    assert_eq!(answered_by(&haproxy.front, 6), set(&["s2"]), "a drained server gets no new requests");
+    assert_eq!(
+        answered_by(&haproxy.front, 6),
+        set(&["s2"]),
+        "a drained server gets no new requests"
+    );
     act(Undrain("app/s1"));
     assert_eq!(answered_by(&haproxy.front, 6), set(&["s1", "s2"]));
     act(Add { server: "app/s3", address: &s3.address });
-    assert_eq!(answered_by(&haproxy.front, 9), set(&["s1", "s2", "s3"]), "an added server takes requests");
+    assert_eq!(
+        answered_by(&haproxy.front, 9),
+        set(&["s1", "s2", "s3"]),
+        "an added server takes requests"
+    );
     act(Remove("app/s1"));
     assert_eq!(answered_by(&haproxy.front, 6), set(&["s2", "s3"]), "a removed server takes none");
     assert_eq!(act(State("app/s1")), Some(ServerState::Absent));
@@ -245,7 +293,9 @@ fn endpoints_not_granted_are_unreachable_for_the_plugin() {
     let slot = PluginSlot::new(plugin.clone());
     assert!(slot.current().self_check().is_err());
     match plugin.balance(cm_plugin_host::BalancerAction::Drain("app/s1")) {
-        Err(PluginError::Vetoed { message, .. }) => assert!(message.contains("not granted"), "{message}"),
+        Err(PluginError::Vetoed { message, .. }) => {
+            assert!(message.contains("not granted"), "{message}")
+        }
         other => panic!("expected not-granted, got {other:?}"),
     }
 }

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cm_plugin_host::{
-    FollowConfig, bundled, InstallError, PluginError, PluginManifest, PluginRuntime, PluginStore, RuntimeConfig, StoreEvent,
-    StoreFollower,
+    FollowConfig, InstallError, PluginError, PluginManifest, PluginRuntime, PluginStore,
+    RuntimeConfig, StoreEvent, StoreFollower, bundled,
 };
 use plugin_support::*;
 
@@ -55,7 +55,9 @@ fn follower(store: &Path) -> (StoreFollower, Arc<Mutex<Vec<StoreEvent>>>) {
     let sink = events.clone();
     let follow = FollowConfig {
         every: Duration::from_millis(100),
-        on_event: Some(Arc::new(move |event: &StoreEvent| sink.lock().unwrap().push(event.clone()))),
+        on_event: Some(Arc::new(move |event: &StoreEvent| {
+            sink.lock().unwrap().push(event.clone())
+        })),
     };
     let store = PluginStore::open(PluginRuntime::new(config).unwrap(), store).unwrap();
     (StoreFollower::start(Arc::new(store), follow).unwrap(), events)
@@ -72,7 +74,8 @@ fn write_atomic(path: &Path, text: &str) {
 fn call(interpreter: &cm_plugin_host::Interpreter) -> Result<String, PluginError> {
     let staging = tempfile::tempdir().unwrap();
     interpreter.apply(staging.path(), vec![write("a.txt", b"a")])?;
-    Ok(std::fs::read_to_string(staging.path().join(".answered-by")).expect("every answered batch is signed"))
+    Ok(std::fs::read_to_string(staging.path().join(".answered-by"))
+        .expect("every answered batch is signed"))
 }
 
 #[test]
@@ -87,10 +90,12 @@ fn installs_by_cmover_reach_a_running_follower_with_no_failed_call() {
     assert_eq!(call(&interpreter).unwrap(), "1");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (answers, failures) = (Arc::new([AtomicU64::new(0), AtomicU64::new(0)]), Arc::new(Mutex::new(Vec::new())));
+    let (answers, failures) =
+        (Arc::new([AtomicU64::new(0), AtomicU64::new(0)]), Arc::new(Mutex::new(Vec::new())));
     let callers: Vec<_> = (0..4)
         .map(|_| {
-            let (interpreter, stop, answers, failures) = (interpreter.clone(), stop.clone(), answers.clone(), failures.clone());
+            let (interpreter, stop, answers, failures) =
+                (interpreter.clone(), stop.clone(), answers.clone(), failures.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match call(&interpreter).as_deref() {
@@ -111,24 +116,36 @@ fn installs_by_cmover_reach_a_running_follower_with_no_failed_call() {
     let (ok, out) = cli_install(work.path(), &store, "test-swap-v2", &manifest);
     assert!(ok, "{out}");
     assert!(out.contains("replaces"), "{out}");
-    assert!(wait_until(PATIENCE, || answers[1].load(Ordering::Relaxed) > 0), "version 2 never answered");
+    assert!(
+        wait_until(PATIENCE, || answers[1].load(Ordering::Relaxed) > 0),
+        "version 2 never answered"
+    );
     // ... and rolls back: calls go to version 1 again.
     let before = answers[0].load(Ordering::Relaxed);
     let (ok, out) = cli(&store, &["plugin", "rollback", NAME]);
     assert!(ok, "{out}");
-    assert!(wait_until(PATIENCE, || call(&interpreter).unwrap() == "1"), "rollback never reached the follower");
+    assert!(
+        wait_until(PATIENCE, || call(&interpreter).unwrap() == "1"),
+        "rollback never reached the follower"
+    );
     assert!(wait_until(PATIENCE, || answers[0].load(Ordering::Relaxed) > before));
     stop.store(true, Ordering::Relaxed);
     for caller in callers {
         caller.join().expect("caller panicked");
     }
-    assert_eq!(*failures.lock().unwrap(), Vec::<String>::new(), "no call fails while the store is followed");
+    assert_eq!(
+        *failures.lock().unwrap(),
+        Vec::<String>::new(),
+        "no call fails while the store is followed"
+    );
 
     let events = events.lock().unwrap().clone();
     let swaps: Vec<(String, String)> = events
         .iter()
         .filter_map(|e| match e {
-            StoreEvent::Swapped { name, from, to } if name == NAME => Some((from.clone(), to.clone())),
+            StoreEvent::Swapped { name, from, to } if name == NAME => {
+                Some((from.clone(), to.clone()))
+            }
             _ => None,
         })
         .collect();
@@ -141,14 +158,18 @@ fn installs_by_cmover_reach_a_running_follower_with_no_failed_call() {
 fn a_version_this_host_cannot_run_is_refused_and_the_live_one_stays() {
     let work = tempfile::tempdir().unwrap();
     let store = work.path().join("store");
-    let (ok, out) = cli_install(work.path(), &store, "test-swap-v1", &interpreter_manifest(NAME, 32, 5_000));
+    let (ok, out) =
+        cli_install(work.path(), &store, "test-swap-v1", &interpreter_manifest(NAME, 32, 5_000));
     assert!(ok, "{out}");
     let (plugins, events) = follower(&store);
     let interpreter = plugins.interpreter(NAME, "www").unwrap();
-    let refused = || events.lock().unwrap().iter().filter(|e| matches!(e, StoreEvent::Refused { .. })).count();
+    let refused = || {
+        events.lock().unwrap().iter().filter(|e| matches!(e, StoreEvent::Refused { .. })).count()
+    };
 
     // Version 2 asks for 128 MiB: `cmover` (a 512 MiB host) installs it, this 64 MiB host refuses it.
-    let (ok, out) = cli_install(work.path(), &store, "test-swap-v2", &interpreter_manifest(NAME, 128, 5_000));
+    let (ok, out) =
+        cli_install(work.path(), &store, "test-swap-v2", &interpreter_manifest(NAME, 128, 5_000));
     assert!(ok, "{out}");
     assert!(wait_until(PATIENCE, || refused() == 1), "no refusal: {:?}", events.lock().unwrap());
     let refusal = plugins.store().refusal(NAME).expect("the refusal stands");
@@ -161,9 +182,14 @@ fn a_version_this_host_cannot_run_is_refused_and_the_live_one_stays() {
     assert_eq!(refused(), 1, "a refusal is reported once, not every poll");
 
     // The operator fixes the manifest: now it swaps.
-    let (ok, out) = cli_install(work.path(), &store, "test-swap-v2", &interpreter_manifest(NAME, 32, 5_000));
+    let (ok, out) =
+        cli_install(work.path(), &store, "test-swap-v2", &interpreter_manifest(NAME, 32, 5_000));
     assert!(ok, "{out}");
-    assert!(wait_until(PATIENCE, || call(&interpreter).unwrap() == "2"), "{:?}", events.lock().unwrap());
+    assert!(
+        wait_until(PATIENCE, || call(&interpreter).unwrap() == "2"),
+        "{:?}",
+        events.lock().unwrap()
+    );
     assert!(plugins.store().refusal(NAME).is_none(), "the refusal is cleared");
 
     // A damaged component on disk (the state names a version whose file is garbage).
@@ -172,14 +198,20 @@ fn a_version_this_host_cannot_run_is_refused_and_the_live_one_stays() {
     std::fs::write(plugin_dir.join(format!("{garbage}.wasm")), b"not a component").unwrap();
     let state = std::fs::read_to_string(plugin_dir.join("state.toml")).unwrap();
     let current = state.lines().find(|l| l.starts_with("current")).unwrap().to_string();
-    write_atomic(&plugin_dir.join("state.toml"), &state.replace(&current, &format!("current = \"{garbage}\"")));
+    write_atomic(
+        &plugin_dir.join("state.toml"),
+        &state.replace(&current, &format!("current = \"{garbage}\"")),
+    );
     assert!(wait_until(PATIENCE, || refused() == 2), "{:?}", events.lock().unwrap());
     match plugins.store().refusal(NAME) {
         Some(StoreEvent::Refused { version, kept, error, .. }) => {
             assert_eq!(version, &garbage[..12]);
             assert!(kept.is_some());
             assert!(matches!(*error, InstallError::InvalidComponent { .. }), "{error}");
-            assert!(error.to_string().contains(&format!("{garbage}.wasm")), "names the file: {error}");
+            assert!(
+                error.to_string().contains(&format!("{garbage}.wasm")),
+                "names the file: {error}"
+            );
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
@@ -190,12 +222,22 @@ fn a_version_this_host_cannot_run_is_refused_and_the_live_one_stays() {
     // the same handle follows the new version.
     let (ok, out) = cli(&store, &["plugin", "remove", NAME]);
     assert!(ok, "{out}");
-    assert!(wait_until(PATIENCE, || matches!(call(&interpreter), Err(PluginError::NotInstalled { .. }))));
+    assert!(wait_until(PATIENCE, || matches!(
+        call(&interpreter),
+        Err(PluginError::NotInstalled { .. })
+    )));
     assert!(plugins.store().list().is_empty());
-    let (ok, out) = cli_install(work.path(), &store, "test-swap-v1", &interpreter_manifest(NAME, 32, 5_000));
+    let (ok, out) =
+        cli_install(work.path(), &store, "test-swap-v1", &interpreter_manifest(NAME, 32, 5_000));
     assert!(ok, "{out}");
     assert!(wait_until(PATIENCE, || call(&interpreter).is_ok_and(|v| v == "1")));
     let events = events.lock().unwrap().clone();
-    assert!(events.iter().any(|e| matches!(e, StoreEvent::Removed { name } if name == NAME)), "{events:?}");
-    assert!(events.iter().any(|e| matches!(e, StoreEvent::Added { name, .. } if name == NAME)), "{events:?}");
+    assert!(
+        events.iter().any(|e| matches!(e, StoreEvent::Removed { name } if name == NAME)),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e, StoreEvent::Added { name, .. } if name == NAME)),
+        "{events:?}"
+    );
 }

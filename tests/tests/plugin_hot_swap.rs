@@ -39,7 +39,9 @@ fn ten_swaps_under_eight_busy_callers_lose_no_call() {
                 let mut calls = 0u64;
                 while !stop.load(Ordering::Relaxed) || calls == 0 {
                     let name = format!("c{caller}-{calls}.txt");
-                    let reports = interpreter.apply(staging.path(), vec![write(&name, b"x")]).expect("no call fails during hot swap");
+                    let reports = interpreter
+                        .apply(staging.path(), vec![write(&name, b"x")])
+                        .expect("no call fails during hot swap");
                     assert!(reports[0].outcome.is_ok(), "{reports:?}");
                     match answered_by(staging.path()).as_str() {
                         "1" => answers[0].fetch_add(1, Ordering::Relaxed),
@@ -56,7 +58,8 @@ fn ten_swaps_under_eight_busy_callers_lose_no_call() {
     let mut versions = Vec::new();
     for swap in 0..10 {
         std::thread::sleep(std::time::Duration::from_millis(30));
-        let (bytes, file) = if swap % 2 == 0 { (&v2, "test-swap-v2") } else { (&v1, "test-swap-v1") };
+        let (bytes, file) =
+            if swap % 2 == 0 { (&v2, "test-swap-v2") } else { (&v1, "test-swap-v1") };
         let installed = store.install(bytes, swap_manifest(), file).unwrap();
         assert!(installed.replaced.is_some(), "swap {swap} replaced a live version");
         versions.push(installed.version);
@@ -70,7 +73,11 @@ fn ten_swaps_under_eight_busy_callers_lose_no_call() {
     assert!(one > 0 && two > 0, "both versions answered ({one} / {two})");
     // After the last swap (to version 1), new calls go to version 1.
     let staging = tempfile::tempdir().unwrap();
-    store.interpreter("site-interpreter", "www").unwrap().apply(staging.path(), vec![write("last.txt", b"x")]).unwrap();
+    store
+        .interpreter("site-interpreter", "www")
+        .unwrap()
+        .apply(staging.path(), vec![write("last.txt", b"x")])
+        .unwrap();
     assert_eq!(answered_by(staging.path()), "1");
     assert_eq!(versions[9], versions[1]);
     assert_ne!(versions[0], versions[1]);
@@ -85,7 +92,11 @@ fn failing_self_check_keeps_the_old_version_and_rollback_restores_the_previous()
     store.install(&component("test-swap-v2"), swap_manifest(), "v2").unwrap();
     let call = || {
         let staging = tempfile::tempdir().unwrap();
-        store.interpreter("site-interpreter", "www").unwrap().apply(staging.path(), vec![]).unwrap();
+        store
+            .interpreter("site-interpreter", "www")
+            .unwrap()
+            .apply(staging.path(), vec![])
+            .unwrap();
         answered_by(staging.path())
     };
     assert_eq!(call(), "2");
@@ -123,14 +134,24 @@ fn a_reopened_store_loads_from_the_compiled_cache() {
     };
     {
         let store = PluginStore::open(PluginRuntime::new(config()).unwrap(), dir.path()).unwrap();
-        store.install(&component("interpreter"), interpreter_manifest("default", 64, 1_000), "interpreter").unwrap();
+        store
+            .install(
+                &component("interpreter"),
+                interpreter_manifest("default", 64, 1_000),
+                "interpreter",
+            )
+            .unwrap();
         assert!(!store.slot("default").unwrap().current().from_compiled_cache());
     }
     let store = PluginStore::open(PluginRuntime::new(config()).unwrap(), dir.path()).unwrap();
     let plugin = store.slot("default").unwrap().current();
     assert!(plugin.from_compiled_cache(), "restart loads native code, no recompile");
     let staging = tempfile::tempdir().unwrap();
-    store.interpreter("default", "www").unwrap().apply(staging.path(), vec![write("a", b"a")]).unwrap();
+    store
+        .interpreter("default", "www")
+        .unwrap()
+        .apply(staging.path(), vec![write("a", b"a")])
+        .unwrap();
     assert_eq!(std::fs::read(staging.path().join("a")).unwrap(), b"a");
 
     store.remove("default").unwrap();
@@ -143,7 +164,9 @@ fn each_version_keeps_its_manifest_across_rollback_and_a_torn_install() {
     let (runtime, _) = runtime();
     let dir = tempfile::tempdir().unwrap();
     let with_deadline = |ms| interpreter_manifest("site-interpreter", 64, ms);
-    let live_deadline = |store: &PluginStore| store.slot("site-interpreter").unwrap().current().manifest().limits.deadline_ms;
+    let live_deadline = |store: &PluginStore| {
+        store.slot("site-interpreter").unwrap().current().manifest().limits.deadline_ms
+    };
     {
         let store = PluginStore::open(runtime.clone(), dir.path()).unwrap();
         store.install(&component("test-swap-v1"), with_deadline(5_000), "v1").unwrap();
@@ -152,7 +175,8 @@ fn each_version_keeps_its_manifest_across_rollback_and_a_torn_install() {
         // Version 1 comes back with the limits it was installed with, on disk too.
         store.rollback("site-interpreter").unwrap();
         assert_eq!(live_deadline(&store), 5_000);
-        let on_disk = PluginManifest::load(&dir.path().join("site-interpreter/manifest.toml")).unwrap();
+        let on_disk =
+            PluginManifest::load(&dir.path().join("site-interpreter/manifest.toml")).unwrap();
         assert_eq!(on_disk.limits.deadline_ms, 5_000);
     }
     // An install that stopped after writing its manifest but before its state: the store
@@ -160,9 +184,14 @@ fn each_version_keeps_its_manifest_across_rollback_and_a_torn_install() {
     let torn = with_deadline(9_000).to_toml();
     std::fs::write(dir.path().join("site-interpreter/manifest.toml"), &torn).unwrap();
     let hash = blake3::hash(torn.as_bytes()).to_hex();
-    std::fs::write(dir.path().join(format!("site-interpreter/manifest-{hash}.toml")), &torn).unwrap();
+    std::fs::write(dir.path().join(format!("site-interpreter/manifest-{hash}.toml")), &torn)
+        .unwrap();
     let store = PluginStore::open(runtime, dir.path()).unwrap();
-    assert_eq!(live_deadline(&store), 5_000, "a torn install's manifest was applied to the old version");
+    assert_eq!(
+        live_deadline(&store),
+        5_000,
+        "a torn install's manifest was applied to the old version"
+    );
     let staging = tempfile::tempdir().unwrap();
     store.interpreter("site-interpreter", "www").unwrap().apply(staging.path(), vec![]).unwrap();
     assert_eq!(answered_by(staging.path()), "1");

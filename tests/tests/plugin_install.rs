@@ -31,9 +31,13 @@ fn rejects_what_is_not_a_component() {
 fn rejects_the_wrong_world_and_missing_grants() {
     let (store, _dir) = store();
     // A cache invalidator offered as an interpreter.
-    match store.install(&component("varnish"), interpreter_manifest("x", 64, 1_000), "varnish.wasm") {
+    match store.install(&component("varnish"), interpreter_manifest("x", 64, 1_000), "varnish.wasm")
+    {
         Err(InstallError::WorldMismatch { manifest, component, .. }) => {
-            assert_eq!((manifest.as_str(), component.as_str()), ("interpreter", "cache-invalidator"))
+            assert_eq!(
+                (manifest.as_str(), component.as_str()),
+                ("interpreter", "cache-invalidator")
+            )
         }
         other => panic!("{other:?}"),
     }
@@ -44,10 +48,14 @@ fn rejects_the_wrong_world_and_missing_grants() {
     assert!(matches!(error, InstallError::MissingGrant { .. }), "{error}");
     assert!(error.to_string().contains("grants.sites"), "{error}");
     // More memory than this host allows.
-    let error = store.install(&component("interpreter"), interpreter_manifest("x", 100_000, 1_000), "i.wasm").unwrap_err();
+    let error = store
+        .install(&component("interpreter"), interpreter_manifest("x", 100_000, 1_000), "i.wasm")
+        .unwrap_err();
     assert!(error.to_string().contains("exceeds this host's maximum"), "{error}");
     // A handle of the wrong world.
-    store.install(&component("interpreter"), interpreter_manifest("x", 64, 1_000), "i.wasm").unwrap();
+    store
+        .install(&component("interpreter"), interpreter_manifest("x", 64, 1_000), "i.wasm")
+        .unwrap();
     let error = store.cache_invalidator("x").err().unwrap().to_string();
     assert!(error.contains("targets world `interpreter`, not `cache-invalidator`"), "{error}");
     let manifest = PluginManifest::parse("name = \"y\"\nworld = \"load-balancer\"\n", "y.toml");

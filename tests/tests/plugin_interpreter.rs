@@ -5,13 +5,15 @@ mod plugin_support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use cm_plugin_host::{Command, DeltaOp, MemoryPayload, PluginSlot, PluginError, Interpreter};
+use cm_plugin_host::{Command, DeltaOp, Interpreter, MemoryPayload, PluginError, PluginSlot};
 use plugin_support::*;
 
 #[test]
 fn applies_every_command_kind() {
     let (runtime, _) = runtime();
-    let interpreter = Interpreter::new(PluginSlot::new(load_interpreter(&runtime, "interpreter")), "www").unwrap();
+    let interpreter =
+        Interpreter::new(PluginSlot::new(load_interpreter(&runtime, "interpreter")), "www")
+            .unwrap();
     let site = tempfile::tempdir().unwrap();
     let staging = site.path().join("staging");
     std::fs::create_dir(&staging).unwrap();
@@ -28,7 +30,11 @@ fn applies_every_command_kind() {
                     base: "old.txt".into(),
                     mode: 0o600,
                     mtime: 1_600_000_000,
-                    ops: vec![DeltaOp::Copy { offset: 0, len: 3 }, DeltaOp::Insert { len: 4 }, DeltaOp::Copy { offset: 7, len: 3 }],
+                    ops: vec![
+                        DeltaOp::Copy { offset: 0, len: 3 },
+                        DeltaOp::Insert { len: 4 },
+                        DeltaOp::Copy { offset: 7, len: 3 },
+                    ],
                     data: MemoryPayload::boxed(*b"ABCD"),
                 },
                 Command::Symlink { path: "docs/home.html".into(), target: "index.html".into() },
@@ -50,9 +56,15 @@ fn applies_every_command_kind() {
     let meta = std::fs::metadata(staging.join("old.txt")).unwrap();
     assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
     assert_eq!(meta.mtime(), 1_600_000_000);
-    assert_eq!(std::fs::read_link(staging.join("docs/home.html")).unwrap().to_str(), Some("index.html"));
+    assert_eq!(
+        std::fs::read_link(staging.join("docs/home.html")).unwrap().to_str(),
+        Some("index.html")
+    );
     assert_eq!(std::fs::read(staging.join("docs/moved.txt")).unwrap(), b"temporary");
-    assert_eq!(std::fs::metadata(staging.join("docs/moved.txt")).unwrap().permissions().mode() & 0o7777, 0o640);
+    assert_eq!(
+        std::fs::metadata(staging.join("docs/moved.txt")).unwrap().permissions().mode() & 0o7777,
+        0o640
+    );
     assert!(!staging.join("docs/img").exists());
     assert_eq!(std::fs::read(staging.join("after-a-failure.txt")).unwrap(), b"still applied");
     assert!(
@@ -65,7 +77,9 @@ fn applies_every_command_kind() {
 #[test]
 fn never_writes_through_a_hard_link_to_live() {
     let (runtime, _) = runtime();
-    let interpreter = Interpreter::new(PluginSlot::new(load_interpreter(&runtime, "interpreter")), "www").unwrap();
+    let interpreter =
+        Interpreter::new(PluginSlot::new(load_interpreter(&runtime, "interpreter")), "www")
+            .unwrap();
     let site = tempfile::tempdir().unwrap();
     let (live, staging) = (site.path().join("live"), site.path().join("staging"));
     std::fs::create_dir_all(&live).unwrap();
@@ -97,9 +111,16 @@ fn never_writes_through_a_hard_link_to_live() {
 
     assert_eq!(std::fs::read(staging.join("a.txt")).unwrap(), b"new a");
     assert_eq!(std::fs::read(staging.join("b.txt")).unwrap(), b"live !");
-    assert_eq!(std::fs::metadata(staging.join("c.txt")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(staging.join("c.txt")).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     for name in ["a.txt", "b.txt", "c.txt"] {
-        assert_eq!(std::fs::read(live.join(name)).unwrap(), format!("live {name}").as_bytes(), "live {name} untouched");
+        assert_eq!(
+            std::fs::read(live.join(name)).unwrap(),
+            format!("live {name}").as_bytes(),
+            "live {name} untouched"
+        );
         let meta = std::fs::metadata(live.join(name)).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o644, "live {name} keeps its mode");
         assert_eq!(meta.nlink(), 1, "{name} now has its own inode in staging");
@@ -109,17 +130,28 @@ fn never_writes_through_a_hard_link_to_live() {
 #[test]
 fn session_streams_batches_then_commits_and_audit_logs_every_command() {
     let (runtime, logs) = runtime();
-    let audit = cm_plugin_host::LoadedPlugin::load(&runtime, &component("audit"), interpreter_manifest("audit", 64, 2_000), "audit")
-        .unwrap();
+    let audit = cm_plugin_host::LoadedPlugin::load(
+        &runtime,
+        &component("audit"),
+        interpreter_manifest("audit", 64, 2_000),
+        "audit",
+    )
+    .unwrap();
     let staging = tempfile::tempdir().unwrap();
     let mut session = audit.interpreter_session(staging.path()).unwrap();
     for batch in 0..3 {
-        let reports = session.apply(vec![write(&format!("f{batch}.txt"), b"x"), Command::MakeDir { path: format!("d{batch}"), mode: 0o755 }]).unwrap();
+        let reports = session
+            .apply(vec![
+                write(&format!("f{batch}.txt"), b"x"),
+                Command::MakeDir { path: format!("d{batch}"), mode: 0o755 },
+            ])
+            .unwrap();
         assert!(reports.iter().all(|r| r.outcome.is_ok()), "{reports:?}");
     }
     session.commit(7).unwrap();
     let logs = logs.lock().unwrap();
-    let lines: Vec<&str> = logs.iter().filter(|(p, ..)| p == "audit").map(|(_, _, m)| m.as_str()).collect();
+    let lines: Vec<&str> =
+        logs.iter().filter(|(p, ..)| p == "audit").map(|(_, _, m)| m.as_str()).collect();
     assert_eq!(lines.len(), 7, "{lines:?}");
     assert!(lines[0].starts_with("audit: write-file f0.txt 644"), "{lines:?}");
     assert!(lines[5].starts_with("audit: make-dir d2 755"), "{lines:?}");
@@ -131,11 +163,19 @@ fn refuses_sites_and_worlds_not_granted() {
     let (runtime, _) = runtime();
     let mut manifest = interpreter_manifest("narrow", 64, 1_000);
     manifest.grants.sites = vec!["www".into()];
-    let plugin = cm_plugin_host::LoadedPlugin::load(&runtime, &component("interpreter"), manifest, "interpreter").unwrap();
+    let plugin = cm_plugin_host::LoadedPlugin::load(
+        &runtime,
+        &component("interpreter"),
+        manifest,
+        "interpreter",
+    )
+    .unwrap();
     let slot = PluginSlot::new(plugin);
     assert!(Interpreter::new(slot.clone(), "www").is_ok());
     match Interpreter::new(slot, "shop") {
-        Err(PluginError::SiteNotGranted { plugin, site }) => assert_eq!((plugin.as_str(), site.as_str()), ("narrow", "shop")),
+        Err(PluginError::SiteNotGranted { plugin, site }) => {
+            assert_eq!((plugin.as_str(), site.as_str()), ("narrow", "shop"))
+        }
         other => panic!("expected SiteNotGranted, got {:?}", other.err()),
     }
 }

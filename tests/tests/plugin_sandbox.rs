@@ -12,7 +12,11 @@ use plugin_support::*;
 /// The default interpreter still works on this runtime.
 fn host_still_works(runtime: &PluginRuntime) {
     let staging = tempfile::tempdir().unwrap();
-    let reports = load_interpreter(runtime, "interpreter").interpreter_session(staging.path()).unwrap().apply(vec![write("ok.txt", b"ok")]).unwrap();
+    let reports = load_interpreter(runtime, "interpreter")
+        .interpreter_session(staging.path())
+        .unwrap()
+        .apply(vec![write("ok.txt", b"ok")])
+        .unwrap();
     assert!(reports[0].outcome.is_ok());
     assert_eq!(std::fs::read(staging.path().join("ok.txt")).unwrap(), b"ok");
 }
@@ -47,7 +51,13 @@ fn a_trapping_plugin_fails_its_call_only() {
 #[test]
 fn an_endless_loop_is_stopped_at_its_deadline() {
     let (runtime, _) = runtime();
-    let plugin = LoadedPlugin::load(&runtime, &component("test-loop"), interpreter_manifest("test-loop", 64, 200), "test-loop").unwrap();
+    let plugin = LoadedPlugin::load(
+        &runtime,
+        &component("test-loop"),
+        interpreter_manifest("test-loop", 64, 200),
+        "test-loop",
+    )
+    .unwrap();
     let staging = tempfile::tempdir().unwrap();
     let (message, cause) = failure(&plugin, staging.path());
     assert_eq!(cause, FailureCause::Deadline { ms: 200 });
@@ -59,7 +69,13 @@ fn an_endless_loop_is_stopped_at_its_deadline() {
 #[test]
 fn a_memory_hog_is_stopped_at_its_cap() {
     let (runtime, _) = runtime();
-    let plugin = LoadedPlugin::load(&runtime, &component("test-hog"), interpreter_manifest("test-hog", 16, 5_000), "test-hog").unwrap();
+    let plugin = LoadedPlugin::load(
+        &runtime,
+        &component("test-hog"),
+        interpreter_manifest("test-hog", 16, 5_000),
+        "test-hog",
+    )
+    .unwrap();
     let staging = tempfile::tempdir().unwrap();
     let (message, cause) = failure(&plugin, staging.path());
     match cause {
@@ -91,15 +107,23 @@ fn no_path_leads_out_of_the_staging_tree() {
 
     // The plugin ignores its commands and reports one outcome per escape attempt (13); the
     // host insists on one report per command, so it is handed 13 placeholders.
-    let placeholders = (0..13).map(|i| Command::MakeDir { path: format!("unused-{i}"), mode: 0o755 }).collect();
+    let placeholders =
+        (0..13).map(|i| Command::MakeDir { path: format!("unused-{i}"), mode: 0o755 }).collect();
     let reports = plugin.interpreter_session(&staging).unwrap().apply(placeholders).unwrap();
     assert_eq!(reports.len(), 13, "{reports:?}");
     for report in &reports {
         let error = report.outcome.as_ref().expect_err("every escape attempt is refused");
-        assert!(error.contains("Escape") || error.contains("InvalidPath"), "refused as an escape: {error}");
+        assert!(
+            error.contains("Escape") || error.contains("InvalidPath"),
+            "refused as an escape: {error}"
+        );
     }
 
-    assert_eq!(tree(site.path()), before_site, "nothing created, moved or removed in or next to the staging tree");
+    assert_eq!(
+        tree(site.path()),
+        before_site,
+        "nothing created, moved or removed in or next to the staging tree"
+    );
     assert_eq!(tree(outside.path()), before_outside);
     assert_eq!(std::fs::read(site.path().join("secret")).unwrap(), b"site secret");
     assert_eq!(std::fs::read(staging.join("inside.txt")).unwrap(), b"inside");

@@ -56,7 +56,8 @@ fn start_varnish(binary: &Path, origin: &Origin, refuse: bool) -> Varnish {
         .stderr(Stdio::null())
         .spawn()
         .expect("varnishd starts");
-    let varnish = Varnish { address: format!("127.0.0.1:{port}"), _child: ChildGuard(child), _dir: dir };
+    let varnish =
+        Varnish { address: format!("127.0.0.1:{port}"), _child: ChildGuard(child), _dir: dir };
     let started = Instant::now();
     // Ready when it answers (from the origin, through the cache).
     while http_get(&varnish.address, "ready.test", "/ready").is_err() {
@@ -133,13 +134,22 @@ fn a_real_varnish_that_refuses_purges_is_reported_and_keeps_its_objects() {
     let cache = plugin(&varnish.address);
     match cache.invalidate("www.example.com", &["/a.html".into()]) {
         Err(PluginError::Vetoed { hook: "invalidate", message, .. }) => {
-            assert!(message.contains("cache1: PURGE /a.html for www.example.com: HTTP 405"), "{message}")
+            assert!(
+                message.contains("cache1: PURGE /a.html for www.example.com: HTTP 405"),
+                "{message}"
+            )
         }
         other => panic!("expected Varnish's refusal, got {other:?}"),
     }
     match cache.purge_site("www.example.com") {
-        Err(PluginError::Vetoed { hook: "purge-site", message, .. }) => assert!(message.contains("HTTP 405"), "{message}"),
+        Err(PluginError::Vetoed { hook: "purge-site", message, .. }) => {
+            assert!(message.contains("HTTP 405"), "{message}")
+        }
         other => panic!("expected Varnish's refusal, got {other:?}"),
     }
-    assert_eq!(http_get(&varnish.address, "www.example.com", "/a.html").unwrap().1, cached, "still cached");
+    assert_eq!(
+        http_get(&varnish.address, "www.example.com", "/a.html").unwrap().1,
+        cached,
+        "still cached"
+    );
 }

@@ -14,13 +14,18 @@ use site_common::*;
 fn publish_commit_rollback_and_backups() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let site = Site::open(&d.join("site"), SiteConfig { backups: 1, ..SiteConfig::default() }).unwrap();
+    let site =
+        Site::open(&d.join("site"), SiteConfig { backups: 1, ..SiteConfig::default() }).unwrap();
     let mut interp = NativeInterpreter;
 
     // Release 1: the whole site (replicate), from empty.
     let v1 = d.join("v1");
     let big = noise(300_000, 1);
-    write_tree(&v1, &[("index.html", b"<h1>one</h1>"), ("img/logo.png", &[1, 2, 3]), ("big.bin", &big)], 1000);
+    write_tree(
+        &v1,
+        &[("index.html", b"<h1>one</h1>"), ("img/logo.png", &[1, 2, 3]), ("big.bin", &big)],
+        1000,
+    );
     let a1 = assignment(d, "1.cma", AssignmentType::Replicate, 1, 0, &v1, None);
     let r = site.apply(&a1, &mut interp).unwrap();
     assert_eq!(r.now_live, None);
@@ -32,7 +37,11 @@ fn publish_commit_rollback_and_backups() {
     let v2 = d.join("v2");
     let mut big2 = big.clone();
     big2[150_000..150_010].copy_from_slice(b"0123456789");
-    write_tree(&v2, &[("index.html", b"<h1>two</h1>"), ("new.txt", b"new"), ("big.bin", &big2)], 2000);
+    write_tree(
+        &v2,
+        &[("index.html", b"<h1>two</h1>"), ("new.txt", b"new"), ("big.bin", &big2)],
+        2000,
+    );
     let a2 = assignment(d, "2.cma", AssignmentType::Publish, 2, 1, &v2, Some(&v1));
     let r = site.apply(&a2, &mut interp).unwrap();
     assert!(r.linked >= 1, "unchanged files are hard links");
@@ -46,21 +55,32 @@ fn publish_commit_rollback_and_backups() {
     // Release 3 via a commit assignment (header only), then backups: only 1 kept.
     let v3 = d.join("v3");
     write_tree(&v3, &[("index.html", b"<h1>three</h1>"), ("big.bin", &big2)], 3000);
-    site.apply(&assignment(d, "3.cma", AssignmentType::Publish, 3, 2, &v3, Some(&v2)), &mut interp).unwrap();
-    let r = site.apply(&switch_assignment(d, "c3.cma", AssignmentType::Commit, 4, 3), &mut interp).unwrap();
+    site.apply(&assignment(d, "3.cma", AssignmentType::Publish, 3, 2, &v3, Some(&v2)), &mut interp)
+        .unwrap();
+    let r = site
+        .apply(&switch_assignment(d, "c3.cma", AssignmentType::Commit, 4, 3), &mut interp)
+        .unwrap();
     assert_eq!(r.now_live, Some(3));
     let st = site.status().unwrap();
     assert_eq!(st.current, Some(3));
-    assert_eq!(st.releases, vec![(2, ReleaseState::Backup), (3, ReleaseState::Live)], "release 1 pruned (backups = 1)");
+    assert_eq!(
+        st.releases,
+        vec![(2, ReleaseState::Backup), (3, ReleaseState::Live)],
+        "release 1 pruned (backups = 1)"
+    );
 
     // Rollback: back to 2, via the API and then a rollback assignment fails (1 is gone).
     assert_eq!(site.rollback(&mut interp).unwrap(), 2);
     assert_eq!(observe(&site.live_path()), observe(&v2));
-    let e = site.apply(&switch_assignment(d, "rb.cma", AssignmentType::Rollback, 5, 0), &mut interp).unwrap_err();
+    let e = site
+        .apply(&switch_assignment(d, "rb.cma", AssignmentType::Rollback, 5, 0), &mut interp)
+        .unwrap_err();
     assert!(e.to_string().contains("no release 1"), "{e}");
     assert_eq!(observe(&site.live_path()), observe(&v2));
     // Release 3 is now prepared again: a switch assignment makes it live.
-    let r = site.apply(&switch_assignment(d, "sw.cma", AssignmentType::Switch, 6, 3), &mut interp).unwrap();
+    let r = site
+        .apply(&switch_assignment(d, "sw.cma", AssignmentType::Switch, 6, 3), &mut interp)
+        .unwrap();
     assert_eq!(r.now_live, Some(3));
     assert_eq!(observe(&site.live_path()), observe(&v3));
 }
@@ -74,15 +94,21 @@ fn set_mode_on_a_linked_file_does_not_touch_live() {
     let v1 = d.join("v1");
     write_tree(&v1, &[("a.sh", b"echo hi")], 1000);
     fs::set_permissions(v1.join("a.sh"), fs::Permissions::from_mode(0o644)).unwrap();
-    site.apply(&assignment(d, "1.cma", AssignmentType::Replicate, 1, 0, &v1, None), &mut interp).unwrap();
+    site.apply(&assignment(d, "1.cma", AssignmentType::Replicate, 1, 0, &v1, None), &mut interp)
+        .unwrap();
     site.commit(None, &mut interp).unwrap();
     let v2 = d.join("v2");
     write_tree(&v2, &[("a.sh", b"echo hi")], 1000);
     fs::set_permissions(v2.join("a.sh"), fs::Permissions::from_mode(0o755)).unwrap();
-    site.apply(&assignment(d, "2.cma", AssignmentType::Publish, 2, 1, &v2, Some(&v1)), &mut interp).unwrap();
-    let live_mode = fs::metadata(site.live_path().join("a.sh")).unwrap().permissions().mode() & 0o777;
+    site.apply(&assignment(d, "2.cma", AssignmentType::Publish, 2, 1, &v2, Some(&v1)), &mut interp)
+        .unwrap();
+    let live_mode =
+        fs::metadata(site.live_path().join("a.sh")).unwrap().permissions().mode() & 0o777;
     assert_eq!(live_mode, 0o644, "live's inode was changed through a hard link");
-    assert_eq!(fs::metadata(site.release_path(2).join("a.sh")).unwrap().permissions().mode() & 0o777, 0o755);
+    assert_eq!(
+        fs::metadata(site.release_path(2).join("a.sh")).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
 }
 
 #[test]
@@ -93,7 +119,9 @@ fn hot_content_goes_live_at_once() {
     let mut interp = NativeInterpreter;
     let v1 = d.join("v1");
     write_tree(&v1, &[("flash/sale.html", b"50% off")], 1000);
-    let r = site.apply(&assignment(d, "h.cma", AssignmentType::HotContent, 7, 0, &v1, None), &mut interp).unwrap();
+    let r = site
+        .apply(&assignment(d, "h.cma", AssignmentType::HotContent, 7, 0, &v1, None), &mut interp)
+        .unwrap();
     assert_eq!(r.now_live, Some(7));
     assert_eq!(fs::read(site.live_path().join("flash/sale.html")).unwrap(), b"50% off");
 }

@@ -17,8 +17,16 @@ use site_common::*;
 fn live_site(d: &Path, config: SiteConfig) -> (Site, PathBuf) {
     let site = Site::open(&d.join("site"), config).unwrap();
     let v1 = d.join("v1");
-    write_tree(&v1, &[("index.html", b"<h1>one</h1>"), ("big.bin", &noise(200_000, 1)), ("sub/a.txt", b"a")], 1000);
-    site.apply(&assignment(d, "1.cma", AssignmentType::Replicate, 1, 0, &v1, None), &mut NativeInterpreter).unwrap();
+    write_tree(
+        &v1,
+        &[("index.html", b"<h1>one</h1>"), ("big.bin", &noise(200_000, 1)), ("sub/a.txt", b"a")],
+        1000,
+    );
+    site.apply(
+        &assignment(d, "1.cma", AssignmentType::Replicate, 1, 0, &v1, None),
+        &mut NativeInterpreter,
+    )
+    .unwrap();
     site.commit(Some(1), &mut NativeInterpreter).unwrap();
     (site, v1)
 }
@@ -28,7 +36,16 @@ fn v2(d: &Path) -> PathBuf {
     let v2 = d.join("v2");
     let mut big = noise(200_000, 1);
     big[100_000..100_020].copy_from_slice(&[0xAA; 20]);
-    write_tree(&v2, &[("index.html", b"<h1>two</h1>"), ("big.bin", &big), ("sub/a.txt", b"a"), ("new.txt", b"n")], 2000);
+    write_tree(
+        &v2,
+        &[
+            ("index.html", b"<h1>two</h1>"),
+            ("big.bin", &big),
+            ("sub/a.txt", b"a"),
+            ("new.txt", b"n"),
+        ],
+        2000,
+    );
     v2
 }
 
@@ -36,7 +53,10 @@ fn v2(d: &Path) -> PathBuf {
 fn assert_untouched(site: &Site, v1: &Path) {
     assert_eq!(site.status().unwrap().current, Some(1));
     assert_eq!(observe(&site.live_path()), observe(v1));
-    assert!(layout::leftovers(site.root()).unwrap().is_empty(), "a half-built release was left behind");
+    assert!(
+        layout::leftovers(site.root()).unwrap().is_empty(),
+        "a half-built release was left behind"
+    );
     assert!(!site.release_path(2).exists());
 }
 
@@ -44,7 +64,8 @@ fn assert_untouched(site: &Site, v1: &Path) {
 fn wrong_base_release() {
     let dir = tempfile::tempdir().unwrap();
     let (site, v1) = live_site(dir.path(), SiteConfig::default());
-    let a = assignment(dir.path(), "2.cma", AssignmentType::Publish, 2, 5, &v2(dir.path()), Some(&v1));
+    let a =
+        assignment(dir.path(), "2.cma", AssignmentType::Publish, 2, 5, &v2(dir.path()), Some(&v1));
     let e = site.apply(&a, &mut NativeInterpreter).unwrap_err().to_string();
     assert!(e.contains("2.cma") && e.contains("built against release 5, but live is 1"), "{e}");
     assert_untouched(&site, &v1);
@@ -61,9 +82,13 @@ fn delta_against_a_drifted_file() {
     fs::write(&tmp, noise(200_000, 99)).unwrap();
     fs::rename(&tmp, &live_big).unwrap();
     let before = observe(&site.live_path());
-    let a = assignment(dir.path(), "2.cma", AssignmentType::Publish, 2, 0, &v2(dir.path()), Some(&v1));
+    let a =
+        assignment(dir.path(), "2.cma", AssignmentType::Publish, 2, 0, &v2(dir.path()), Some(&v1));
     let e = site.apply(&a, &mut NativeInterpreter).unwrap_err().to_string();
-    assert!(e.contains("2.cma") && e.contains("apply-delta big.bin") && e.contains("wrong base"), "{e}");
+    assert!(
+        e.contains("2.cma") && e.contains("apply-delta big.bin") && e.contains("wrong base"),
+        "{e}"
+    );
     assert!(e.contains("discarded, live unchanged"), "{e}");
     assert_eq!(observe(&site.live_path()), before);
     assert!(layout::leftovers(site.root()).unwrap().is_empty());
@@ -74,7 +99,9 @@ fn forged_truncated_and_corrupted_assignments() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let key = SealKey::derive(b"cluster secret");
-    let site = Site::open(&d.join("site"), SiteConfig { key: Some(key.clone()), ..SiteConfig::default() }).unwrap();
+    let site =
+        Site::open(&d.join("site"), SiteConfig { key: Some(key.clone()), ..SiteConfig::default() })
+            .unwrap();
     let v1 = d.join("v1");
     write_tree(&v1, &[("index.html", b"<h1>one</h1>")], 1000);
     let mut opts = cm_assignment::BuildOptions::new(AssignmentType::Replicate, 1);
@@ -115,7 +142,11 @@ fn a_command_escaping_the_site_is_refused() {
     // A well-formed assignment whose symlink target is then rewritten to climb out of the site,
     // with the (unkeyed) trailer recomputed, as a forger without the key could.
     let v2 = d.join("v2x");
-    write_tree(&v2, &[("index.html", b"<h1>one</h1>"), ("big.bin", &noise(200_000, 1)), ("sub/a.txt", b"a")], 1000);
+    write_tree(
+        &v2,
+        &[("index.html", b"<h1>one</h1>"), ("big.bin", &noise(200_000, 1)), ("sub/a.txt", b"a")],
+        1000,
+    );
     std::os::unix::fs::symlink("aaaaaaaa", v2.join("link")).unwrap();
     let a = assignment(d, "esc.cma", AssignmentType::Publish, 2, 1, &v2, Some(&v1));
     let mut bytes = fs::read(&a).unwrap();
@@ -127,7 +158,10 @@ fn a_command_escaping_the_site_is_refused() {
     bytes[body_end..body_end + 32].copy_from_slice(trailer.as_bytes());
     fs::write(&a, &bytes).unwrap();
     let e = site.apply(&a, &mut NativeInterpreter).unwrap_err().to_string();
-    assert!(e.contains("esc.cma") && e.contains("command 0") && e.contains("escapes the site"), "{e}");
+    assert!(
+        e.contains("esc.cma") && e.contains("command 0") && e.contains("escapes the site"),
+        "{e}"
+    );
     assert_untouched(&site, &v1);
 }
 
@@ -139,7 +173,11 @@ struct Failing {
 }
 
 impl Interpreter for Failing {
-    fn apply(&mut self, root: &Path, batch: Vec<Command>) -> Result<Vec<CommandReport>, PluginError> {
+    fn apply(
+        &mut self,
+        root: &Path,
+        batch: Vec<Command>,
+    ) -> Result<Vec<CommandReport>, PluginError> {
         let mut reports = Vec::new();
         for (i, cmd) in batch.into_iter().enumerate() {
             let outcome = if self.seen == self.fail_at {
@@ -164,11 +202,18 @@ impl Interpreter for Failing {
 #[test]
 fn interpreter_failure_mid_apply() {
     let dir = tempfile::tempdir().unwrap();
-    let (site, v1) = live_site(dir.path(), SiteConfig { batch_commands: 2, ..SiteConfig::default() });
-    let a = assignment(dir.path(), "2.cma", AssignmentType::Publish, 2, 1, &v2(dir.path()), Some(&v1));
+    let (site, v1) =
+        live_site(dir.path(), SiteConfig { batch_commands: 2, ..SiteConfig::default() });
+    let a =
+        assignment(dir.path(), "2.cma", AssignmentType::Publish, 2, 1, &v2(dir.path()), Some(&v1));
     let mut interp = Failing { seen: 0, fail_at: 2, rolled_back: vec![] };
     let e = site.apply(&a, &mut interp).unwrap_err().to_string();
-    assert!(e.contains("2.cma") && e.contains("command 2 (") && e.contains("permission denied (injected)"), "{e}");
+    assert!(
+        e.contains("2.cma")
+            && e.contains("command 2 (")
+            && e.contains("permission denied (injected)"),
+        "{e}"
+    );
     assert_eq!(interp.rolled_back, vec![2]);
     assert_untouched(&site, &v1);
 }
@@ -192,20 +237,31 @@ fn full_disk_mid_apply() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("small");
     fs::create_dir(&mnt).unwrap();
-    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"]).arg(&mnt).status().unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
     assert!(st.success(), "mount tmpfs");
     let _guard = Tmpfs(mnt.clone());
     let site = Site::open(&mnt.join("site"), SiteConfig::default()).unwrap();
     let v1 = dir.path().join("v1");
     write_tree(&v1, &[("index.html", b"<h1>one</h1>")], 1000);
-    site.apply(&assignment(dir.path(), "1.cma", AssignmentType::Replicate, 1, 0, &v1, None), &mut NativeInterpreter).unwrap();
+    site.apply(
+        &assignment(dir.path(), "1.cma", AssignmentType::Replicate, 1, 0, &v1, None),
+        &mut NativeInterpreter,
+    )
+    .unwrap();
     site.commit(Some(1), &mut NativeInterpreter).unwrap();
     let v2 = dir.path().join("v2");
     // 3 MiB of incompressible bytes cannot fit in 2 MiB.
     write_tree(&v2, &[("index.html", b"<h1>one</h1>"), ("video.mp4", &noise(3 << 20, 5))], 2000);
     let a = assignment(dir.path(), "2.cma", AssignmentType::Publish, 2, 1, &v2, Some(&v1));
     let e = site.apply(&a, &mut NativeInterpreter).unwrap_err().to_string();
-    assert!(e.contains("2.cma") && e.contains("write-file video.mp4") && e.contains("No space left"), "{e}");
+    assert!(
+        e.contains("2.cma") && e.contains("write-file video.mp4") && e.contains("No space left"),
+        "{e}"
+    );
     assert_untouched(&site, &v1);
 }
 

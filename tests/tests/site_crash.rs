@@ -19,9 +19,16 @@ fn trees(d: &Path) -> [std::path::PathBuf; 3] {
         .map(|i| {
             let p = d.join(format!("v{i}"));
             if !p.exists() {
-                let files: Vec<(String, Vec<u8>)> =
-                    (0..40).map(|f| (format!("d{}/f{f}.html", f % 5), format!("release {i} file {f}").repeat(50).into_bytes())).collect();
-                let refs: Vec<(&str, &[u8])> = files.iter().map(|(a, b)| (a.as_str(), b.as_slice())).collect();
+                let files: Vec<(String, Vec<u8>)> = (0..40)
+                    .map(|f| {
+                        (
+                            format!("d{}/f{f}.html", f % 5),
+                            format!("release {i} file {f}").repeat(50).into_bytes(),
+                        )
+                    })
+                    .collect();
+                let refs: Vec<(&str, &[u8])> =
+                    files.iter().map(|(a, b)| (a.as_str(), b.as_slice())).collect();
                 write_tree(&p, &refs, 1000 * i);
                 write_tree(&p, &[("big.bin", &noise(2 << 20, i))], 1000 * i);
             }
@@ -60,13 +67,18 @@ fn site_crash_kill_at_random_points() {
     {
         let site = Site::open(&d.join("site"), SiteConfig::default()).unwrap();
         let mut i = NativeInterpreter;
-        site.apply(&assignment(d, "1.cma", AssignmentType::Replicate, 1, 0, &v1, None), &mut i).unwrap();
+        site.apply(&assignment(d, "1.cma", AssignmentType::Replicate, 1, 0, &v1, None), &mut i)
+            .unwrap();
         site.commit(Some(1), &mut i).unwrap();
-        site.apply(&assignment(d, "2.cma", AssignmentType::Publish, 2, 0, &v2, Some(&v1)), &mut i).unwrap();
+        site.apply(&assignment(d, "2.cma", AssignmentType::Publish, 2, 0, &v2, Some(&v1)), &mut i)
+            .unwrap();
         assignment(d, "3.cma", AssignmentType::Publish, 3, 0, &v3, Some(&v1));
     }
     let (o1, o2, o3) = (observe(&v1), observe(&v2), observe(&v3));
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+            as u64
+            | 1;
     eprintln!("site_crash seed {seed}");
     let mut s = seed;
     let mut lives = [0u32; 2];
@@ -84,11 +96,20 @@ fn site_crash_kill_at_random_points() {
         std::thread::sleep(Duration::from_millis(20 + s % 120));
         child.kill().unwrap();
         let status = child.wait().unwrap();
-        assert!(!status.success(), "round {round} (seed {seed}): the child stopped by itself: {status}");
+        assert!(
+            !status.success(),
+            "round {round} (seed {seed}): the child stopped by itself: {status}"
+        );
 
         // Before any repair: `current` is a complete release, old or new.
         let live = observe(&d.join("site/current"));
-        let which = if live == o1 { 0 } else if live == o2 { 1 } else { panic!("round {round} (seed {seed}): live is neither release 1 nor 2") };
+        let which = if live == o1 {
+            0
+        } else if live == o2 {
+            1
+        } else {
+            panic!("round {round} (seed {seed}): live is neither release 1 nor 2")
+        };
         lives[which] += 1;
         // Repair and check consistency.
         let site = Site::open(&d.join("site"), SiteConfig::default()).unwrap();
@@ -97,7 +118,11 @@ fn site_crash_kill_at_random_points() {
         assert_eq!(st.history.last(), st.current.as_ref(), "round {round} (seed {seed})");
         assert!(layout::leftovers(site.root()).unwrap().is_empty());
         if site.release_path(3).exists() {
-            assert_eq!(observe(&site.release_path(3)), o3, "round {round} (seed {seed}): release 3 incomplete under its final name");
+            assert_eq!(
+                observe(&site.release_path(3)),
+                o3,
+                "round {round} (seed {seed}): release 3 incomplete under its final name"
+            );
         }
         // Rollback after a crash still works whenever there is something to roll back to.
         if st.current == Some(2) {

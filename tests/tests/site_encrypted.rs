@@ -15,7 +15,15 @@ use site_common::*;
 
 const MARKER: &[u8] = b"private marker: only key holders may read this";
 
-fn encrypted(dir: &Path, name: &str, kind: AssignmentType, serial: u64, staging: &Path, shadow: Option<&Path>, key: &CipherKey) -> PathBuf {
+fn encrypted(
+    dir: &Path,
+    name: &str,
+    kind: AssignmentType,
+    serial: u64,
+    staging: &Path,
+    shadow: Option<&Path>,
+    key: &CipherKey,
+) -> PathBuf {
     let out = dir.join(name);
     let mut opts = BuildOptions::new(kind, serial);
     opts.cipher = Some(key.clone());
@@ -31,7 +39,16 @@ fn trees(d: &Path) -> (PathBuf, PathBuf) {
     write_tree(&v1, &[("index.html", &page), ("big.bin", &big), ("raw.jpg", MARKER)], 1000);
     let mut big2 = big.clone();
     big2[150_000..150_050].copy_from_slice(&[0x55; 50]);
-    write_tree(&v2, &[("index.html", b"<h1>two</h1>"), ("big.bin", &big2), ("raw.jpg", MARKER), ("new.txt", &noise(70_000, 3))], 2000);
+    write_tree(
+        &v2,
+        &[
+            ("index.html", b"<h1>two</h1>"),
+            ("big.bin", &big2),
+            ("raw.jpg", MARKER),
+            ("new.txt", &noise(70_000, 3)),
+        ],
+        2000,
+    );
     (v1, v2)
 }
 
@@ -45,13 +62,24 @@ fn encrypted_assignments_apply_with_the_key() {
     let a2 = encrypted(d, "2.cma", AssignmentType::Publish, 2, &v2, Some(&v1), &key);
     for a in [&a1, &a2] {
         let bytes = fs::read(a).unwrap();
-        assert!(!bytes.windows(MARKER.len()).any(|w| w == MARKER), "{}: plaintext visible", a.display());
+        assert!(
+            !bytes.windows(MARKER.len()).any(|w| w == MARKER),
+            "{}: plaintext visible",
+            a.display()
+        );
         assert!(AssignmentReader::open(a).unwrap().is_encrypted());
     }
     let r = AssignmentReader::open(&a2).unwrap();
-    assert!(r.commands().any(|c| matches!(c.unwrap().1, cm_assignment::Command::ApplyDelta { .. })), "a delta is encrypted too");
+    assert!(
+        r.commands().any(|c| matches!(c.unwrap().1, cm_assignment::Command::ApplyDelta { .. })),
+        "a delta is encrypted too"
+    );
 
-    let site = Site::open(&d.join("site"), SiteConfig { cipher: Some(key.clone()), ..SiteConfig::default() }).unwrap();
+    let site = Site::open(
+        &d.join("site"),
+        SiteConfig { cipher: Some(key.clone()), ..SiteConfig::default() },
+    )
+    .unwrap();
     site.apply(&a1, &mut NativeInterpreter).unwrap();
     site.commit(Some(1), &mut NativeInterpreter).unwrap();
     assert_eq!(observe(&site.live_path()), observe(&v1));
@@ -74,11 +102,27 @@ fn wrong_key_missing_key_and_tampering_are_refused() {
     let d = dir.path();
     let key = CipherKey::derive(b"cluster secret");
     let (v1, v2) = trees(d);
-    let site = Site::open(&d.join("site"), SiteConfig { cipher: Some(key.clone()), ..SiteConfig::default() }).unwrap();
-    site.apply(&encrypted(d, "1.cma", AssignmentType::Replicate, 1, &v1, None, &key), &mut NativeInterpreter).unwrap();
+    let site = Site::open(
+        &d.join("site"),
+        SiteConfig { cipher: Some(key.clone()), ..SiteConfig::default() },
+    )
+    .unwrap();
+    site.apply(
+        &encrypted(d, "1.cma", AssignmentType::Replicate, 1, &v1, None, &key),
+        &mut NativeInterpreter,
+    )
+    .unwrap();
     site.commit(Some(1), &mut NativeInterpreter).unwrap();
 
-    let wrong = encrypted(d, "wrong.cma", AssignmentType::Publish, 2, &v2, Some(&v1), &CipherKey::derive(b"another cluster"));
+    let wrong = encrypted(
+        d,
+        "wrong.cma",
+        AssignmentType::Publish,
+        2,
+        &v2,
+        Some(&v1),
+        &CipherKey::derive(b"another cluster"),
+    );
     let e = site.apply(&wrong, &mut NativeInterpreter).unwrap_err().to_string();
     assert!(e.contains("wrong.cma") && e.contains("does not decrypt"), "{e}");
     assert_untouched(&site, &v1);
@@ -112,7 +156,9 @@ fn wrong_key_missing_key_and_tampering_are_refused() {
     let mut cut = fs::read(&good).unwrap();
     let mut h = Header::decode(&cut[..HEADER_LEN]).unwrap();
     let plain = cm_assignment::cipher::plain_len(h.data_len).unwrap();
-    let keep = cm_assignment::cipher::stored_len((plain - 1) / cm_assignment::cipher::CHUNK * cm_assignment::cipher::CHUNK);
+    let keep = cm_assignment::cipher::stored_len(
+        (plain - 1) / cm_assignment::cipher::CHUNK * cm_assignment::cipher::CHUNK,
+    );
     cut.truncate(data_start + keep as usize);
     h.data_len = keep;
     h.data_hash = *blake3::hash(&cut[data_start..]).as_bytes();

@@ -15,8 +15,13 @@ use site_common::*;
 
 fn interpreter(store_dir: &Path) -> cm_plugin_host::Interpreter {
     let wasm = fs::read(cm_tests::workspace_root().join("plugins/dist/interpreter.wasm")).unwrap();
-    let store = PluginStore::open(PluginRuntime::new(RuntimeConfig::default()).unwrap(), store_dir).unwrap();
-    let manifest = PluginManifest::parse("name = \"interpreter\"\nworld = \"interpreter\"\n[grants]\nsites = [\"www\"]\n", "test").unwrap();
+    let store = PluginStore::open(PluginRuntime::new(RuntimeConfig::default()).unwrap(), store_dir)
+        .unwrap();
+    let manifest = PluginManifest::parse(
+        "name = \"interpreter\"\nworld = \"interpreter\"\n[grants]\nsites = [\"www\"]\n",
+        "test",
+    )
+    .unwrap();
     store.install(&wasm, manifest, "interpreter.wasm").unwrap();
     store.interpreter("interpreter", "www").unwrap()
 }
@@ -86,7 +91,8 @@ fn plugin_path_delta_against_drifted_base_is_refused() {
     let v1 = d.join("v1");
     write_tree(&v1, &[("big.bin", &noise(100_000, 1))], 1000);
     let site = Site::open(&d.join("site"), SiteConfig::default()).unwrap();
-    site.apply(&assignment(d, "1.cma", AssignmentType::Replicate, 1, 0, &v1, None), &mut interp).unwrap();
+    site.apply(&assignment(d, "1.cma", AssignmentType::Replicate, 1, 0, &v1, None), &mut interp)
+        .unwrap();
     site.commit(Some(1), &mut interp).unwrap();
     let tmp = site.release_path(1).join("x");
     fs::write(&tmp, noise(100_000, 2)).unwrap();
@@ -95,8 +101,14 @@ fn plugin_path_delta_against_drifted_base_is_refused() {
     let mut b = noise(100_000, 1);
     b[5000] ^= 1;
     write_tree(&v2, &[("big.bin", &b)], 2000);
-    let e = site.apply(&assignment(d, "2.cma", AssignmentType::Publish, 2, 0, &v2, Some(&v1)), &mut interp).unwrap_err().to_string();
-    assert!(e.contains("2.cma") && e.contains("apply-delta big.bin") && e.contains("wrong base"), "{e}");
+    let e = site
+        .apply(&assignment(d, "2.cma", AssignmentType::Publish, 2, 0, &v2, Some(&v1)), &mut interp)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("2.cma") && e.contains("apply-delta big.bin") && e.contains("wrong base"),
+        "{e}"
+    );
     assert!(layout::leftovers(site.root()).unwrap().is_empty());
     assert_eq!(site.status().unwrap().current, Some(1));
 }

@@ -27,9 +27,23 @@ const PLUGINS: &[Plugin] = &[
     plugin("test-loop", "plugins", "cm-plugin-test-loop", &[]),
     plugin("test-hog", "plugins", "cm-plugin-test-hog", &[]),
     plugin("test-escape", "plugins", "cm-plugin-test-escape", &[]),
-    Plugin { name: "test-swap-v1", dir: "plugins/test-swap", ..plugin("", "plugins", "cm-plugin-test-swap", &[]) },
-    Plugin { name: "test-swap-v2", dir: "plugins/test-swap", ..plugin("", "plugins", "cm-plugin-test-swap", &["v2"]) },
-    Plugin { name: "audit", workspace: "examples/audit", dir: "examples/audit", package: "audit", features: &[] },
+    Plugin {
+        name: "test-swap-v1",
+        dir: "plugins/test-swap",
+        ..plugin("", "plugins", "cm-plugin-test-swap", &[])
+    },
+    Plugin {
+        name: "test-swap-v2",
+        dir: "plugins/test-swap",
+        ..plugin("", "plugins", "cm-plugin-test-swap", &["v2"])
+    },
+    Plugin {
+        name: "audit",
+        workspace: "examples/audit",
+        dir: "examples/audit",
+        package: "audit",
+        features: &[],
+    },
 ];
 
 /// A plugin of the `plugins/` workspace living in `plugins/<name>`.
@@ -70,7 +84,10 @@ struct Entry {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the repository").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the repository")
+        .to_path_buf()
 }
 
 fn dist() -> PathBuf {
@@ -111,9 +128,12 @@ pub fn build_all() -> anyhow::Result<()> {
 pub fn check() -> anyhow::Result<()> {
     let root = root();
     let path = dist().join("manifest.toml");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let manifest: Manifest = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let committed: BTreeMap<&str, &Entry> = manifest.plugins.iter().map(|e| (e.name.as_str(), e)).collect();
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let manifest: Manifest =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let committed: BTreeMap<&str, &Entry> =
+        manifest.plugins.iter().map(|e| (e.name.as_str(), e)).collect();
     let mut problems = Vec::new();
     for plugin in PLUGINS {
         let Some(entry) = committed.get(plugin.name) else {
@@ -121,11 +141,13 @@ pub fn check() -> anyhow::Result<()> {
             continue;
         };
         if sources_hash(&root, plugin)? != entry.sources_blake3 {
-            problems.push(format!("{}: sources changed since its component was built", plugin.name));
+            problems
+                .push(format!("{}: sources changed since its component was built", plugin.name));
         }
         match std::fs::read(dist().join(&entry.file)) {
             Ok(bytes) if blake3::hash(&bytes).to_hex().as_str() == entry.component_blake3 => {}
-            Ok(_) => problems.push(format!("{}: {} does not match its manifest hash", plugin.name, entry.file)),
+            Ok(_) => problems
+                .push(format!("{}: {} does not match its manifest hash", plugin.name, entry.file)),
             Err(e) => problems.push(format!("{}: {}: {e}", plugin.name, entry.file)),
         }
     }
@@ -147,10 +169,11 @@ pub fn check() -> anyhow::Result<()> {
 fn sources_hash(root: &Path, plugin: &Plugin) -> anyhow::Result<String> {
     let mut files = Vec::new();
     collect(root, &root.join(plugin.dir()), &mut files)?;
-    for shared in [format!("{}/Cargo.toml", plugin.workspace), format!("{}/Cargo.lock", plugin.workspace)]
-        .iter()
-        .map(String::as_str)
-        .chain(SHARED_SOURCES.iter().copied())
+    for shared in
+        [format!("{}/Cargo.toml", plugin.workspace), format!("{}/Cargo.lock", plugin.workspace)]
+            .iter()
+            .map(String::as_str)
+            .chain(SHARED_SOURCES.iter().copied())
     {
         collect(root, &root.join(shared), &mut files)?;
     }
@@ -181,7 +204,11 @@ fn collect(root: &Path, path: &Path, out: &mut Vec<String>) -> anyhow::Result<()
             collect(root, &entry.path(), out)?;
         }
     } else {
-        let relative = path.strip_prefix(root)?.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>();
+        let relative = path
+            .strip_prefix(root)?
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy())
+            .collect::<Vec<_>>();
         out.push(relative.join("/"));
     }
     Ok(())
@@ -200,7 +227,9 @@ impl Toolchain {
     fn detect() -> anyhow::Result<Self> {
         let rustup = Command::new("rustup").args(["target", "list", "--installed"]).output();
         if let Ok(out) = rustup
-            && String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == "wasm32-unknown-unknown")
+            && String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.trim() == "wasm32-unknown-unknown")
         {
             return Ok(Toolchain::Rustup);
         }
@@ -243,9 +272,9 @@ impl Toolchain {
             }
         }
         // Reproducible components: no machine paths in panic locations.
-        let home = std::env::var("CARGO_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo"));
+        let home = std::env::var("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
+        });
         let rustflags = format!(
             "--remap-path-prefix={}=/cm --remap-path-prefix={}=/cargo",
             root.display(),
@@ -253,7 +282,15 @@ impl Toolchain {
         );
         cargo
             .current_dir(root.join(plugin.workspace))
-            .args(["build", "--release", "--locked", "--target", "wasm32-unknown-unknown", "-p", plugin.package])
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "--target",
+                "wasm32-unknown-unknown",
+                "-p",
+                plugin.package,
+            ])
             .arg("--target-dir")
             .arg(&target_dir)
             .env("RUSTFLAGS", rustflags);
@@ -268,7 +305,9 @@ impl Toolchain {
                 .env("RUSTC_BOOTSTRAP", "1")
                 .env("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER", "wasm-ld-19");
         }
-        let status = cargo.status().with_context(|| format!("running cargo for plugin `{}`", plugin.name))?;
+        let status = cargo
+            .status()
+            .with_context(|| format!("running cargo for plugin `{}`", plugin.name))?;
         ensure!(status.success(), "building plugin `{}` failed ({status})", plugin.name);
         let artifact = target_dir
             .join("wasm32-unknown-unknown/release")

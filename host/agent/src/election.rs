@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cm_election::{
-    Config, Destination, Election, Event, Instant, Member, NodeId, PriorityInputs, RequestError, RestartState, RestartStateError, Save, State,
-    Stats,
+    Config, Destination, Election, Event, Instant, Member, NodeId, PriorityInputs, RequestError,
+    RestartState, RestartStateError, Save, State, Stats,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
@@ -61,7 +61,9 @@ pub enum DriverError {
     Stopped,
     #[error("cannot read the election state file {path}: {source}")]
     StateRead { path: PathBuf, source: io::Error },
-    #[error("the election state file {path} is unusable ({reason}); it holds this node's incarnation and control channel — remove it only if this node's identity or cluster changed")]
+    #[error(
+        "the election state file {path} is unusable ({reason}); it holds this node's incarnation and control channel — remove it only if this node's identity or cluster changed"
+    )]
     StateCorrupt { path: PathBuf, reason: RestartStateError },
     #[error("cannot store the election state in {path}: {source}")]
     StateWrite { path: PathBuf, source: io::Error },
@@ -140,7 +142,10 @@ impl ElectionHandle {
         self.events.subscribe()
     }
 
-    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, DriverError> {
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, DriverError> {
         let (tx, rx) = oneshot::channel();
         self.requests.send(make(tx)).await.map_err(|_| DriverError::Stopped)?;
         rx.await.map_err(|_| DriverError::Stopped)
@@ -151,7 +156,11 @@ impl ElectionHandle {
         Ok(self.request(|tx| Request::MoveControlChannel(channel, tx)).await??)
     }
     /// Leader only: sets a content group's data channel.
-    pub async fn set_data_channel(&self, group: String, channel: SocketAddr) -> Result<(), DriverError> {
+    pub async fn set_data_channel(
+        &self,
+        group: String,
+        channel: SocketAddr,
+    ) -> Result<(), DriverError> {
         Ok(self.request(|tx| Request::SetDataChannel(group, channel, tx)).await??)
     }
     /// The opaque payload (≤ 1024 bytes) every Leader Alive carries from now on. May be set
@@ -200,7 +209,10 @@ fn ipv4_group(channel: SocketAddr) -> Result<SocketAddrV4, DriverError> {
 }
 
 /// Opens a socket that receives `channel`'s group and sends with the driver's settings.
-pub fn multicast_socket(channel: SocketAddr, driver: &DriverConfig) -> Result<UdpSocket, DriverError> {
+pub fn multicast_socket(
+    channel: SocketAddr,
+    driver: &DriverConfig,
+) -> Result<UdpSocket, DriverError> {
     let group = ipv4_group(channel)?;
     let wrap = |source| DriverError::Socket { channel, interface: driver.interface, source };
     let open = || -> io::Result<UdpSocket> {
@@ -312,9 +324,18 @@ impl StateFile {
             let path = path.to_path_buf();
             move |source| DriverError::StateWrite { path, source }
         };
-        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir =
+            self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(wrap(dir))?;
-        let open = |p: &Path| std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(p).map_err(wrap(p));
+        let open = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(p)
+                .map_err(wrap(p))
+        };
         let files = [open(a)?, open(b)?];
         // The slot files' directory entries must survive before the first durable save counts.
         std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(wrap(dir))?;
@@ -326,7 +347,8 @@ fn decode_slot(bytes: &[u8]) -> Result<(u64, RestartState), RestartStateError> {
     let header = bytes.get(..SLOT_HEADER).ok_or(RestartStateError::BadCheck)?;
     let generation = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
     let len = u32::from_be_bytes(header[8..].try_into().expect("4 bytes")) as usize;
-    let body = bytes.get(SLOT_HEADER..).and_then(|b| b.get(..len)).ok_or(RestartStateError::BadCheck)?;
+    let body =
+        bytes.get(SLOT_HEADER..).and_then(|b| b.get(..len)).ok_or(RestartStateError::BadCheck)?;
     Ok((generation, RestartState::decode(body)?))
 }
 
@@ -341,7 +363,9 @@ impl StateSlots {
         slot.extend_from_slice(&state);
         let i = (generation % 2) as usize;
         let file = &self.files[i];
-        let result = file.write_all_at(&slot, 0).and_then(|()| if save.sync { file.sync_data() } else { Ok(()) });
+        let result = file
+            .write_all_at(&slot, 0)
+            .and_then(|()| if save.sync { file.sync_data() } else { Ok(()) });
         result.map_err(|source| DriverError::StateWrite { path: self.paths[i].clone(), source })?;
         self.generation = generation;
         Ok(())
@@ -351,7 +375,11 @@ impl StateSlots {
 /// Starts the election of one node on a tokio task, with no memory of earlier runs (tests,
 /// benches). The config's control channel must be an IPv4 multicast address. `rng_seed` seeds
 /// the protocol's random delays. A server agent uses [`spawn_persistent`].
-pub fn spawn(config: Config, driver: DriverConfig, rng_seed: u64) -> Result<ElectionHandle, DriverError> {
+pub fn spawn(
+    config: Config,
+    driver: DriverConfig,
+    rng_seed: u64,
+) -> Result<ElectionHandle, DriverError> {
     let election = Election::new(config, Instant::ZERO, rng_seed)?;
     start(election, driver, None)
 }
@@ -367,12 +395,20 @@ pub fn spawn(config: Config, driver: DriverConfig, rng_seed: u64) -> Result<Elec
 /// let handle = election::spawn_persistent(cfg, DriverConfig::loopback(), rand::random(), StateFile::in_dir(data_dir))?;
 /// # Ok(()) }
 /// ```
-pub fn spawn_persistent(mut config: Config, driver: DriverConfig, rng_seed: u64, state: StateFile) -> Result<ElectionHandle, DriverError> {
+pub fn spawn_persistent(
+    mut config: Config,
+    driver: DriverConfig,
+    rng_seed: u64,
+    state: StateFile,
+) -> Result<ElectionHandle, DriverError> {
     let loaded = state.load_slots()?;
     let generation = loaded.as_ref().map_or(0, |(g, _)| *g);
     let saved = loaded.map(|(_, s)| s);
-    let clock = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-    config.incarnation = cm_election::next_incarnation(saved.as_ref(), clock.max(config.incarnation));
+    let clock = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    config.incarnation =
+        cm_election::next_incarnation(saved.as_ref(), clock.max(config.incarnation));
     let mut election = Election::resume(config, Instant::ZERO, rng_seed, saved.as_ref())?;
     let mut slots = state.open(generation)?;
     // The new incarnation is on disk before any datagram carries it.
@@ -382,13 +418,18 @@ pub fn spawn_persistent(mut config: Config, driver: DriverConfig, rng_seed: u64,
     start(election, driver, Some(slots))
 }
 
-fn start(election: Election, driver: DriverConfig, state: Option<StateSlots>) -> Result<ElectionHandle, DriverError> {
+fn start(
+    election: Election,
+    driver: DriverConfig,
+    state: Option<StateSlots>,
+) -> Result<ElectionHandle, DriverError> {
     let origin = tokio::time::Instant::now();
     let socket = multicast_socket(election.control_channel(), &driver)?;
     let (status_tx, status) = watch::channel(ElectionStatus::of(&election, 0, 0));
     let (events, _) = broadcast::channel(1024);
     let (requests, rx) = mpsc::channel(16);
-    let task = tokio::spawn(run(election, socket, driver, state, origin, status_tx, events.clone(), rx));
+    let task =
+        tokio::spawn(run(election, socket, driver, state, origin, status_tx, events.clone(), rx));
     Ok(ElectionHandle { status, events, requests, task })
 }
 
@@ -434,7 +475,9 @@ async fn run(
                 // Join the new channel before leaving the old one; if that fails, stay.
                 match multicast_socket(channel, &driver) {
                     Ok(s) => socket = s,
-                    Err(e) => tracing::error!(node = election.node(), error = %e, "cannot follow control channel move"),
+                    Err(e) => {
+                        tracing::error!(node = election.node(), error = %e, "cannot follow control channel move")
+                    }
                 }
             }
             let _ = events.send(ev);
@@ -517,7 +560,14 @@ pub fn measure_priority_inputs(data_dir: &Path) -> PriorityInputs {
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
         .map_or(0, |s| s as u64);
-    PriorityInputs { cpu_cores, cpu_mhz, free_memory_mib, free_disk_mib: free_disk_mib(data_dir), uptime_secs, ..Default::default() }
+    PriorityInputs {
+        cpu_cores,
+        cpu_mhz,
+        free_memory_mib,
+        free_disk_mib: free_disk_mib(data_dir),
+        uptime_secs,
+        ..Default::default()
+    }
 }
 
 #[cfg(unix)]

@@ -114,13 +114,41 @@ impl ManagerProcess {
             Some(t) => Some(cm_manager::tls::Tls::load(&t.operator).map_err(io::Error::other)?),
             None => None,
         };
-        Ok(cm_manager::http::JsonClient::with_tls(&self.operator_token, Duration::from_secs(30), tls.as_ref()))
+        Ok(cm_manager::http::JsonClient::with_tls(
+            &self.operator_token,
+            Duration::from_secs(30),
+            tls.as_ref(),
+        ))
     }
 }
 
 /// `cmover cert issue`: a certificate for `name` with `role` into `out`, valid at 127.0.0.1.
-pub fn issue_cert(bin: &Path, ca_dir: &Path, name: &str, role: &str, out: &Path) -> io::Result<cm_manager::tls::TlsFiles> {
-    run_cmover(bin, &["cert", "issue", "--ca", &ca_dir.display().to_string(), "--name", name, "--role", role, "--host", "127.0.0.1", "--host", "localhost", "--out", &out.display().to_string()])?;
+pub fn issue_cert(
+    bin: &Path,
+    ca_dir: &Path,
+    name: &str,
+    role: &str,
+    out: &Path,
+) -> io::Result<cm_manager::tls::TlsFiles> {
+    run_cmover(
+        bin,
+        &[
+            "cert",
+            "issue",
+            "--ca",
+            &ca_dir.display().to_string(),
+            "--name",
+            name,
+            "--role",
+            role,
+            "--host",
+            "127.0.0.1",
+            "--host",
+            "localhost",
+            "--out",
+            &out.display().to_string(),
+        ],
+    )?;
     Ok(cm_manager::tls::TlsFiles::in_dir(out, name))
 }
 
@@ -128,7 +156,12 @@ pub fn issue_cert(bin: &Path, ca_dir: &Path, name: &str, role: &str, out: &Path)
 fn run_cmover(bin: &Path, args: &[&str]) -> io::Result<()> {
     let out = Command::new(bin).args(args).stdin(Stdio::null()).output()?;
     if !out.status.success() {
-        return Err(io::Error::other(format!("cmover {}: {}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))));
+        return Err(io::Error::other(format!(
+            "cmover {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )));
     }
     Ok(())
 }
@@ -148,7 +181,14 @@ pub struct ManagerOptions {
 
 impl Default for ManagerOptions {
     fn default() -> Self {
-        ManagerOptions { tick_ms: 100, star_max: 3, root_fanout: 2, leader_fanout: 2, chunk_kib: 64, tls: false }
+        ManagerOptions {
+            tick_ms: 100,
+            star_max: 3,
+            root_fanout: 2,
+            leader_fanout: 2,
+            chunk_kib: 64,
+            tls: false,
+        }
     }
 }
 
@@ -191,12 +231,22 @@ pub fn start_manager(bin: &Path, dir: &Path, o: &ManagerOptions) -> io::Result<M
     let end = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
         if !guard.is_running() || Instant::now() > end {
-            return Err(io::Error::other(format!("the manager did not start:\n{}", guard.log_tail(20))));
+            return Err(io::Error::other(format!(
+                "the manager did not start:\n{}",
+                guard.log_tail(20)
+            )));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let scheme = if tls.is_some() { "https" } else { "http" };
-    Ok(ManagerProcess { guard, url: format!("{scheme}://{addr}"), operator_token, agent_token, agent_token_file: agent_file, tls })
+    Ok(ManagerProcess {
+        guard,
+        url: format!("{scheme}://{addr}"),
+        operator_token,
+        agent_token,
+        agent_token_file: agent_file,
+        tls,
+    })
 }
 
 /// One agent to start.
@@ -240,7 +290,13 @@ impl AgentProcess {
 
 /// Starts `cmover agent` for `spec` in `root/servers/<name>`, sharing the cluster secret file
 /// and the manager's agent token file.
-pub fn start_agent(bin: &Path, root: &Path, manager: &ManagerProcess, secret_file: &Path, spec: &AgentSpec) -> io::Result<AgentProcess> {
+pub fn start_agent(
+    bin: &Path,
+    root: &Path,
+    manager: &ManagerProcess,
+    secret_file: &Path,
+    spec: &AgentSpec,
+) -> io::Result<AgentProcess> {
     let dir = root.join("servers").join(&spec.name);
     std::fs::create_dir_all(&dir)?;
     let status = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
@@ -253,7 +309,12 @@ pub fn start_agent(bin: &Path, root: &Path, manager: &ManagerProcess, secret_fil
             if !f.cert.exists() {
                 f = issue_cert(bin, &t.ca_dir, &spec.name, "agent", &dir.join("certs"))?;
             }
-            format!("\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n", f.ca.display(), f.cert.display(), f.key.display())
+            format!(
+                "\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                f.ca.display(),
+                f.cert.display(),
+                f.key.display()
+            )
         }
         None => String::new(),
     };
@@ -292,7 +353,8 @@ pub fn start_agent(bin: &Path, root: &Path, manager: &ManagerProcess, secret_fil
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
-    let guard = ProcessGuard::spawn(&spec.name, cmd, root.join("logs").join(format!("{}.log", spec.name)))?;
+    let guard =
+        ProcessGuard::spawn(&spec.name, cmd, root.join("logs").join(format!("{}.log", spec.name)))?;
     Ok(AgentProcess { spec: spec.clone(), guard, status, dir, site_root })
 }
 

@@ -33,9 +33,16 @@ pub struct MctpDelivery {
 }
 
 impl LocalDelivery for MctpDelivery {
-    fn deliver(&self, run: u64, assignment: PathBuf, manifest: Manifest) -> BoxFuture<'static, DeliveryOutcome> {
-        let members: Vec<Member> = self.segment.members.values().map(|id| Member { id: *id, unicast: None }).collect();
-        let names: BTreeMap<MemberId, String> = self.segment.members.iter().map(|(n, id)| (*id, n.clone())).collect();
+    fn deliver(
+        &self,
+        run: u64,
+        assignment: PathBuf,
+        manifest: Manifest,
+    ) -> BoxFuture<'static, DeliveryOutcome> {
+        let members: Vec<Member> =
+            self.segment.members.values().map(|id| Member { id: *id, unicast: None }).collect();
+        let names: BTreeMap<MemberId, String> =
+            self.segment.members.iter().map(|(n, id)| (*id, n.clone())).collect();
         let opts = SendOptions {
             config: self.config.clone(),
             interface: self.interface,
@@ -50,9 +57,16 @@ impl LocalDelivery for MctpDelivery {
         };
         Box::pin(async move {
             match send_file(&assignment, opts).await {
-                Ok(out) => outcome_of(&names, &out.report.complete, out.report.incomplete.iter().map(|(id, s)| (*id, format!("{s:?}")))),
+                Ok(out) => outcome_of(
+                    &names,
+                    &out.report.complete,
+                    out.report.incomplete.iter().map(|(id, s)| (*id, format!("{s:?}"))),
+                ),
                 Err(e) => DeliveryOutcome {
-                    failed: names.values().map(|n| (n.clone(), format!("MCTP session failed: {e}"))).collect(),
+                    failed: names
+                        .values()
+                        .map(|n| (n.clone(), format!("MCTP session failed: {e}")))
+                        .collect(),
                     ..Default::default()
                 },
             }
@@ -82,7 +96,8 @@ fn outcome_of(
             out.failed.push((n.clone(), format!("MCTP incomplete: {why}")));
         }
     }
-    out.missing = names.iter().filter(|(id, _)| !seen.contains(id)).map(|(_, n)| n.clone()).collect();
+    out.missing =
+        names.iter().filter(|(id, _)| !seen.contains(id)).map(|(_, n)| n.clone()).collect();
     out
 }
 
@@ -92,7 +107,8 @@ mod tests {
 
     #[test]
     fn session_report_maps_to_server_names() {
-        let names: BTreeMap<MemberId, String> = [(1, "a".to_string()), (2, "b".into()), (3, "c".into())].into();
+        let names: BTreeMap<MemberId, String> =
+            [(1, "a".to_string()), (2, "b".into()), (3, "c".into())].into();
         let o = outcome_of(&names, &[1, 9], [(2, "missing frames".to_string())].into_iter());
         assert_eq!(o.succeeded, ["a"]);
         assert_eq!(o.failed, [("b".to_string(), "MCTP incomplete: missing frames".to_string())]);

@@ -25,10 +25,10 @@
 mod sys;
 
 use cm_mctp::sender::SenderStats;
-use cm_mctp::tree::{frame_cv, hash_frames, FrameTree, TreeLayout};
+use cm_mctp::tree::{FrameTree, TreeLayout, frame_cv, hash_frames};
 use cm_mctp::{
-    Dest, Keys, Member, Receiver, ReceiverConfig, RxEvent, Sender, SenderConfig, SenderError, SenderEvent, SessionInfo, SessionReport, Time,
-    Transmit,
+    Dest, Keys, Member, Receiver, ReceiverConfig, RxEvent, Sender, SenderConfig, SenderError,
+    SenderEvent, SessionInfo, SessionReport, Time, Transmit,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -84,15 +84,29 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> MctpDriverError 
 /// Sets a socket buffer, forcing past the sysctl cap when allowed (root), else best effort.
 fn big_buffers(sock: &Socket, bytes: usize) {
     let val = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+    for (force, plain) in
+        [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)]
+    {
         // SAFETY: setsockopt on a valid fd with a pointer to a c_int and its exact size.
         let rc = unsafe {
-            libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, force, (&val as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                force,
+                (&val as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
         };
         if rc != 0 {
             // SAFETY: as above.
             unsafe {
-                libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, plain, (&val as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t);
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    plain,
+                    (&val as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
             }
         }
     }
@@ -115,7 +129,9 @@ fn from_time(start: Instant, t: Time) -> Instant {
 
 /// Runs `work` on a blocking thread; dropping the returned future raises the stop flag, which
 /// the loop checks at least every [`MAX_WAIT`].
-async fn on_thread<T: Send + 'static>(work: impl FnOnce(&AtomicBool) -> Result<T, MctpDriverError> + Send + 'static) -> Result<T, MctpDriverError> {
+async fn on_thread<T: Send + 'static>(
+    work: impl FnOnce(&AtomicBool) -> Result<T, MctpDriverError> + Send + 'static,
+) -> Result<T, MctpDriverError> {
     struct StopOnDrop(Arc<AtomicBool>);
     impl Drop for StopOnDrop {
         fn drop(&mut self) {
@@ -126,11 +142,17 @@ async fn on_thread<T: Send + 'static>(work: impl FnOnce(&AtomicBool) -> Result<T
     let guard = StopOnDrop(stop.clone());
     let r = tokio::task::spawn_blocking(move || work(&stop)).await;
     drop(guard);
-    r.map_err(|e| MctpDriverError::Io { what: "MCTP driver thread".into(), source: io::Error::other(e) })?
+    r.map_err(|e| MctpDriverError::Io {
+        what: "MCTP driver thread".into(),
+        source: io::Error::other(e),
+    })?
 }
 
 fn stopped() -> MctpDriverError {
-    MctpDriverError::Io { what: "transfer".into(), source: io::Error::new(io::ErrorKind::Interrupted, "cancelled by the caller") }
+    MctpDriverError::Io {
+        what: "transfer".into(),
+        source: io::Error::new(io::ErrorKind::Interrupted, "cancelled by the caller"),
+    }
 }
 
 /// How to send one file.
@@ -170,11 +192,16 @@ pub async fn send_file(path: &Path, opts: SendOptions) -> Result<SendOutcome, Mc
     on_thread(move |stop| send_blocking(&path, opts, stop)).await
 }
 
-fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<SendOutcome, MctpDriverError> {
+fn send_blocking(
+    path: &Path,
+    opts: SendOptions,
+    stop: &AtomicBool,
+) -> Result<SendOutcome, MctpDriverError> {
     let file = File::open(path).map_err(io_err(format!("open {}", path.display())))?;
     let size = file.metadata().map_err(io_err(format!("stat {}", path.display())))?.len();
     v4(opts.config.group)?;
-    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io_err("socket"))?;
+    let sock =
+        Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io_err("socket"))?;
     big_buffers(&sock, SOCKET_BUFFER);
     sock.set_multicast_if_v4(&opts.interface).map_err(io_err("IP_MULTICAST_IF"))?;
     sock.set_multicast_ttl_v4(opts.ttl).map_err(io_err("IP_MULTICAST_TTL"))?;
@@ -199,8 +226,10 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
         (hash, None)
     } else if tree_tagged {
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
-        hash_frames(size, opts.config.frame_size, threads, |offset, buf| file.read_exact_at(buf, offset))
-            .map_err(io_err(format!("hash {}", path.display())))?
+        hash_frames(size, opts.config.frame_size, threads, |offset, buf| {
+            file.read_exact_at(buf, offset)
+        })
+        .map_err(io_err(format!("hash {}", path.display())))?
     } else {
         (hash_file(&file, path)?, None)
     };
@@ -211,7 +240,15 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
     };
     let info = SessionInfo { assignment: opts.assignment, name: opts.name.clone(), size, hash };
     let keys = Keys::derive(&opts.secret);
-    let mut sender = Sender::new(to_time(start, Instant::now()), opts.config, keys, ChaCha8Rng::from_os_rng(), info, &opts.members, inline.as_deref())?;
+    let mut sender = Sender::new(
+        to_time(start, Instant::now()),
+        opts.config,
+        keys,
+        ChaCha8Rng::from_os_rng(),
+        info,
+        &opts.members,
+        inline.as_deref(),
+    )?;
     if let Some(cvs) = cvs {
         sender.set_frame_cvs(cvs);
     }
@@ -236,7 +273,14 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
         let st = sender.stats();
         if (st.passes, st.rounds) != logged {
             logged = (st.passes, st.rounds);
-            tracing::debug!(pass = st.passes, round = st.rounds, frames_sent = st.frames_sent, reports = st.reports, rate = sender.rate(), "progress");
+            tracing::debug!(
+                pass = st.passes,
+                round = st.rounds,
+                frames_sent = st.frames_sent,
+                reports = st.reports,
+                rate = sender.rate(),
+                "progress"
+            );
         }
         // Everything due now, BATCH frames at a time: equal frames to the same place go out as
         // one GSO message, everything in one `sendmmsg`.
@@ -255,13 +299,19 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
                         let buf = &mut frames[used];
                         sender
                             .encode_frame(&frame, buf, |p| file.read_exact_at(p, frame.offset))
-                            .map_err(|e| io_err(format!("read {} at {}", path.display(), frame.offset))(e))?;
+                            .map_err(|e| {
+                            io_err(format!("read {} at {}", path.display(), frame.offset))(e)
+                        })?;
                         order.push((true, used, dest));
                         used += 1;
                     }
                     Transmit::Coded { dest, coded } => {
                         let buf = &mut frames[used];
-                        sender.encode_coded(&coded, buf, |offset, p| file.read_exact_at(p, offset)).map_err(|e| io_err(format!("read {} for a coded repair", path.display()))(e))?;
+                        sender
+                            .encode_coded(&coded, buf, |offset, p| file.read_exact_at(p, offset))
+                            .map_err(|e| {
+                                io_err(format!("read {} for a coded repair", path.display()))(e)
+                            })?;
                         order.push((true, used, dest));
                         used += 1;
                     }
@@ -270,7 +320,8 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
             if order.is_empty() {
                 break;
             }
-            let everyone: Vec<SocketAddrV4> = sender.everyone().iter().filter_map(|a| v4(*a).ok()).collect();
+            let everyone: Vec<SocketAddrV4> =
+                sender.everyone().iter().filter_map(|a| v4(*a).ok()).collect();
             let mut out: Vec<sys::Outgoing<'_>> = Vec::new();
             let mut i = 0;
             while i < order.len() {
@@ -278,9 +329,15 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
                 let bytes: &[u8] = if is_frame { &frames[at] } else { &controls[at] };
                 let mut pieces = vec![bytes];
                 i += 1;
-                while gso && is_frame && pieces.len() < sys::MAX_SEGMENTS && (pieces.len() + 1) * bytes.len() <= sys::MAX_GSO_BYTES {
+                while gso
+                    && is_frame
+                    && pieces.len() < sys::MAX_SEGMENTS
+                    && (pieces.len() + 1) * bytes.len() <= sys::MAX_GSO_BYTES
+                {
                     match order.get(i) {
-                        Some(&(true, next, d)) if d == dest && frames[next].len() == bytes.len() => {
+                        Some(&(true, next, d))
+                            if d == dest && frames[next].len() == bytes.len() =>
+                        {
                             pieces.push(&frames[next]);
                             i += 1;
                         }
@@ -300,7 +357,10 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
             }
             let (_, refused) = sys::send_batch(fd, &out);
             if let Some(e) = refused {
-                if gso && out.iter().any(|o| o.segment.is_some()) && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP)) {
+                if gso
+                    && out.iter().any(|o| o.segment.is_some())
+                    && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP))
+                {
                     tracing::info!(error = %e, "UDP GSO refused on this route; sending datagrams one by one");
                     gso = false;
                 } else {
@@ -314,7 +374,13 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
             match e {
                 SenderEvent::Joined(id) => tracing::info!(member = id, "member joined the session"),
                 SenderEvent::Finished(report) => {
-                    return Ok(SendOutcome { report, stats: sender.stats().clone(), wire_bytes, elapsed: start.elapsed(), final_rate: sender.rate() });
+                    return Ok(SendOutcome {
+                        report,
+                        stats: sender.stats().clone(),
+                        wire_bytes,
+                        elapsed: start.elapsed(),
+                        final_rate: sender.rate(),
+                    });
                 }
             }
         }
@@ -331,21 +397,38 @@ fn send_blocking(path: &Path, opts: SendOptions, stop: &AtomicBool) -> Result<Se
 /// chunks (first frame, values). The thread stops at the end of the file, at a read error
 /// (the sender then hashes the remaining frames itself) or when the sender is gone. `None`:
 /// too many frames to keep their values, or no thread.
-fn spawn_cv_helper(file: &File, size: u64, frame_size: u16) -> Option<std::sync::mpsc::Receiver<(u32, Vec<[u8; 32]>)>> {
-    let frames = u32::try_from(size.div_ceil(u64::from(frame_size))).ok().filter(|f| *f <= cm_mctp::tree::MAX_KEPT_CVS)?;
+fn spawn_cv_helper(
+    file: &File,
+    size: u64,
+    frame_size: u16,
+) -> Option<std::sync::mpsc::Receiver<(u32, Vec<[u8; 32]>)>> {
+    let frames = u32::try_from(size.div_ceil(u64::from(frame_size)))
+        .ok()
+        .filter(|f| *f <= cm_mctp::tree::MAX_KEPT_CVS)?;
     let file = file.try_clone().ok()?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("mctp-cvs".into())
         .spawn(move || {
             let read = |offset, buf: &mut [u8]| file.read_exact_at(buf, offset);
-            let _ = cm_mctp::tree::frame_cvs_in_order(size, frame_size, 0..frames, read, |first, cvs| tx.send((first, cvs.to_vec())).is_ok());
+            let _ = cm_mctp::tree::frame_cvs_in_order(
+                size,
+                frame_size,
+                0..frames,
+                read,
+                |first, cvs| tx.send((first, cvs.to_vec())).is_ok(),
+            );
         })
         .ok()?;
     Some(rx)
 }
 
-fn drain_reports(sender: &mut Sender, batch: &mut sys::RecvBatch, fd: std::os::fd::RawFd, now: Time) {
+fn drain_reports(
+    sender: &mut Sender,
+    batch: &mut sys::RecvBatch,
+    fd: std::os::fd::RawFd,
+    now: Time,
+) {
     loop {
         let n = match batch.recv(fd) {
             Ok(n) => n,
@@ -371,7 +454,9 @@ fn hash_file(file: &File, path: &Path) -> Result<[u8; 32], MctpDriverError> {
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
     loop {
-        let n = file.read_at(&mut buf, at).map_err(|e| io_err(format!("hash {}", path.display()))(e))?;
+        let n = file
+            .read_at(&mut buf, at)
+            .map_err(|e| io_err(format!("hash {}", path.display()))(e))?;
         if n == 0 {
             return Ok(*h.finalize().as_bytes());
         }
@@ -412,7 +497,13 @@ impl ReceiveOptions {
     /// Defaults for everything but the channel, the member and where files go: no timeout to
     /// speak of, 1 s linger, 10 s session timeout, no injected loss, an ephemeral unicast port,
     /// the group joined, not durable.
-    pub fn new(group: SocketAddr, interface: Ipv4Addr, member: u64, secret: Vec<u8>, dir: PathBuf) -> Self {
+    pub fn new(
+        group: SocketAddr,
+        interface: Ipv4Addr,
+        member: u64,
+        secret: Vec<u8>,
+        dir: PathBuf,
+    ) -> Self {
         ReceiveOptions {
             group,
             interface,
@@ -467,7 +558,14 @@ enum PrefixHash {
 }
 
 impl Part {
-    fn new(session: u64, path: PathBuf, file: File, size: u64, tree: Option<TreeLayout>, durable: bool) -> Self {
+    fn new(
+        session: u64,
+        path: PathBuf,
+        file: File,
+        size: u64,
+        tree: Option<TreeLayout>,
+        durable: bool,
+    ) -> Self {
         let hash = match tree {
             Some(layout) => PrefixHash::Tree { layout, tree: FrameTree::new(layout.frames) },
             None => PrefixHash::Linear { hasher: blake3::Hasher::new(), hashed: 0 },
@@ -498,7 +596,13 @@ impl PrefixHash {
     /// Reads back from `file` what the hash could not follow, from where it stands up to byte
     /// `upto` (the end of what is written contiguously from there, per `held_through`), at most
     /// `budget` bytes.
-    fn catch_up(&mut self, file: &File, size: u64, budget: u64, held_through: impl Fn(u64) -> u64) -> io::Result<()> {
+    fn catch_up(
+        &mut self,
+        file: &File,
+        size: u64,
+        budget: u64,
+        held_through: impl Fn(u64) -> u64,
+    ) -> io::Result<()> {
         match self {
             PrefixHash::Linear { hasher, hashed } => {
                 let end = held_through(*hashed).min(hashed.saturating_add(budget));
@@ -542,7 +646,12 @@ impl PrefixHash {
 /// Finishes a part's hash (reads back whatever it did not follow; every frame is written by
 /// now) and, when `durable`, flushes the file: the slow end of a transfer, run on a helper
 /// thread so the receiver keeps answering meanwhile.
-fn finish_and_flush(file: &File, mut hash: PrefixHash, size: u64, durable: bool) -> io::Result<[u8; 32]> {
+fn finish_and_flush(
+    file: &File,
+    mut hash: PrefixHash,
+    size: u64,
+    durable: bool,
+) -> io::Result<[u8; 32]> {
     hash.catch_up(file, size, u64::MAX, |_| size)?;
     if durable {
         file.sync_all()?;
@@ -584,24 +693,31 @@ pub async fn receive(opts: ReceiveOptions) -> Result<Received, MctpDriverError> 
 fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received, MctpDriverError> {
     let group = v4(opts.group)?;
     let gsock = if opts.join_group {
-        let gsock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io_err("socket"))?;
+        let gsock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+            .map_err(io_err("socket"))?;
         gsock.set_reuse_address(true).map_err(io_err("SO_REUSEADDR"))?;
         gsock.set_reuse_port(true).map_err(io_err("SO_REUSEPORT"))?;
         big_buffers(&gsock, SOCKET_BUFFER);
         gsock.bind(&SocketAddr::V4(group).into()).map_err(io_err(format!("bind {group}")))?;
-        gsock.join_multicast_v4(group.ip(), &opts.interface).map_err(io_err(format!("join {} on {}", group.ip(), opts.interface)))?;
+        gsock.join_multicast_v4(group.ip(), &opts.interface).map_err(io_err(format!(
+            "join {} on {}",
+            group.ip(),
+            opts.interface
+        )))?;
         gsock.set_nonblocking(true).map_err(io_err("nonblocking"))?;
         Some(gsock)
     } else {
         None
     };
-    let usock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io_err("socket"))?;
+    let usock =
+        Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io_err("socket"))?;
     // A unicast-only member gets the whole session here.
     big_buffers(&usock, if opts.join_group { 4 << 20 } else { SOCKET_BUFFER });
     let ubind = SocketAddrV4::new(opts.interface, opts.unicast_port);
     usock.bind(&SocketAddr::V4(ubind).into()).map_err(io_err(format!("bind {ubind}")))?;
     usock.set_nonblocking(true).map_err(io_err("nonblocking"))?;
-    let fds: Vec<std::os::fd::RawFd> = gsock.iter().map(AsRawFd::as_raw_fd).chain([usock.as_raw_fd()]).collect();
+    let fds: Vec<std::os::fd::RawFd> =
+        gsock.iter().map(AsRawFd::as_raw_fd).chain([usock.as_raw_fd()]).collect();
     let gro = fds.iter().all(|fd| sys::enable_gro(*fd));
     tracing::debug!(gro, "receive sockets ready");
 
@@ -610,7 +726,16 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
     let mut cfg = ReceiverConfig::new(opts.member);
     cfg.session_timeout = opts.session_timeout;
     let rx = Receiver::new(cfg, Keys::derive(&opts.secret), ChaCha8Rng::from_os_rng());
-    let mut d = RxDriver { rx, dir: opts.dir.clone(), durable: opts.durable, not_held: Vec::new(), already_held: false, part: None, delivered: None, verifying: None };
+    let mut d = RxDriver {
+        rx,
+        dir: opts.dir.clone(),
+        durable: opts.durable,
+        not_held: Vec::new(),
+        already_held: false,
+        part: None,
+        delivered: None,
+        verifying: None,
+    };
     let mut loss = ChaCha8Rng::from_os_rng();
     let mut last_heard = Instant::now();
     let mut batch = sys::RecvBatch::new(RX_BATCH, 65_536);
@@ -619,20 +744,36 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
         if let Some((path, info)) = &d.delivered
             && last_heard.elapsed() >= opts.linger
         {
-            return Ok(Received { path: path.clone(), info: info.clone(), stats: d.rx.stats().clone(), already_held: d.already_held });
+            return Ok(Received {
+                path: path.clone(),
+                info: info.clone(),
+                stats: d.rx.stats().clone(),
+                already_held: d.already_held,
+            });
         }
-        if stop.load(Ordering::Relaxed) || (d.delivered.is_none() && start.elapsed() >= opts.timeout) {
+        if stop.load(Ordering::Relaxed)
+            || (d.delivered.is_none() && start.elapsed() >= opts.timeout)
+        {
             if let Some(p) = d.part.take() {
                 let _ = std::fs::remove_file(&p.path);
             }
-            return Err(if stop.load(Ordering::Relaxed) { stopped() } else { MctpDriverError::Timeout(opts.timeout) });
+            return Err(if stop.load(Ordering::Relaxed) {
+                stopped()
+            } else {
+                MctpDriverError::Timeout(opts.timeout)
+            });
         }
-        let mut wake = d.rx.poll_timeout().map_or(Instant::now() + MAX_WAIT, |t| from_time(start, t)).min(Instant::now() + MAX_WAIT);
+        let mut wake =
+            d.rx.poll_timeout()
+                .map_or(Instant::now() + MAX_WAIT, |t| from_time(start, t))
+                .min(Instant::now() + MAX_WAIT);
         if d.verifying.is_some() {
             wake = wake.min(Instant::now() + Duration::from_millis(2));
         }
-        let polls: Vec<(std::os::fd::RawFd, libc::c_short)> = fds.iter().map(|fd| (*fd, libc::POLLIN)).collect();
-        let ready = sys::wait(&polls, wake.saturating_duration_since(Instant::now())).map_err(io_err("poll"))?;
+        let polls: Vec<(std::os::fd::RawFd, libc::c_short)> =
+            fds.iter().map(|fd| (*fd, libc::POLLIN)).collect();
+        let ready = sys::wait(&polls, wake.saturating_duration_since(Instant::now()))
+            .map_err(io_err("poll"))?;
         for (&fd, is_ready) in fds.iter().zip(ready) {
             if !is_ready {
                 continue;
@@ -737,7 +878,10 @@ impl RxDriver {
         let mut i = 0;
         while i < pending.len() {
             let mut j = i + 1;
-            while j < pending.len() && pending[j].session == pending[i].session && pending[j].offset == pending[j - 1].offset + pending[j - 1].len as u64 {
+            while j < pending.len()
+                && pending[j].session == pending[i].session
+                && pending[j].offset == pending[j - 1].offset + pending[j - 1].len as u64
+            {
                 j += 1;
             }
             let run = &pending[i..j];
@@ -745,7 +889,10 @@ impl RxDriver {
             let result = match self.part.as_mut().filter(|p| p.session == session) {
                 None => Err("no file open for the session".to_string()),
                 Some(p) => {
-                    let pieces: Vec<&[u8]> = run.iter().map(|w| &batch.slice(w.slot)[w.start..w.start + w.len]).collect();
+                    let pieces: Vec<&[u8]> = run
+                        .iter()
+                        .map(|w| &batch.slice(w.slot)[w.start..w.start + w.len])
+                        .collect();
                     match sys::pwrite_all(&p.file, &pieces, run[0].offset) {
                         Ok(()) => {
                             for (w, bytes) in run.iter().zip(&pieces) {
@@ -758,7 +905,9 @@ impl RxDriver {
                             }
                             Ok(())
                         }
-                        Err(e) => Err(format!("write {} at {}: {e}", p.path.display(), run[0].offset)),
+                        Err(e) => {
+                            Err(format!("write {} at {}: {e}", p.path.display(), run[0].offset))
+                        }
                     }
                 }
             };
@@ -788,11 +937,14 @@ impl RxDriver {
                     }
                     frame.truncate(coded.len);
                     p.file.write_all_at(&frame, w.offset)?;
-                    let cv = matches!(p.hash, PrefixHash::Tree { .. }).then(|| frame_cv(w.offset, &frame));
+                    let cv = matches!(p.hash, PrefixHash::Tree { .. })
+                        .then(|| frame_cv(w.offset, &frame));
                     p.hash.written(w.offset, w.seq, &frame, cv);
                     Ok(())
                 };
-                recover().map_err(|e| format!("coded repair of frame {} in {}: {e}", w.seq, p.path.display()))
+                recover().map_err(|e| {
+                    format!("coded repair of frame {} in {}: {e}", w.seq, p.path.display())
+                })
             }
         };
         match result {
@@ -828,36 +980,52 @@ impl RxDriver {
                     let open = if resumed && path.exists() {
                         std::fs::OpenOptions::new().write(true).read(true).open(&path)
                     } else {
-                        std::fs::OpenOptions::new().write(true).read(true).create(true).truncate(true).open(&path).and_then(|f| sys::preallocate(&f, info.size).map(|()| f))
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .read(true)
+                            .create(true)
+                            .truncate(true)
+                            .open(&path)
+                            .and_then(|f| sys::preallocate(&f, info.size).map(|()| f))
                     };
                     match open {
                         // A resumed file's prefix hash is rebuilt from disk at verification.
                         Ok(file) => {
                             tracing::debug!(session, resumed, "session started");
-                            self.part = Some(Part::new(session, path, file, info.size, tree, self.durable));
+                            self.part =
+                                Some(Part::new(session, path, file, info.size, tree, self.durable));
                         }
-                        Err(e) => self.rx.storage_failed(session, format!("create {}: {e}", path.display())),
+                        Err(e) => self
+                            .rx
+                            .storage_failed(session, format!("create {}: {e}", path.display())),
                     }
                 }
-                RxEvent::Verify { session, info } => match self.part.as_ref().filter(|p| p.session == session) {
-                    Some(p) => {
-                        let (file, hash, durable) = (p.file.clone(), p.hash.clone(), p.durable);
-                        tracing::debug!(session, "every frame held; verifying");
-                        let (tx, verdict) = mpsc::channel();
-                        std::thread::spawn(move || {
-                            let ok = finish_and_flush(&file, hash, info.size, durable).is_ok_and(|h| h == info.hash);
-                            let _ = tx.send(ok);
-                        });
-                        self.verifying = Some((session, verdict));
+                RxEvent::Verify { session, info } => {
+                    match self.part.as_ref().filter(|p| p.session == session) {
+                        Some(p) => {
+                            let (file, hash, durable) = (p.file.clone(), p.hash.clone(), p.durable);
+                            tracing::debug!(session, "every frame held; verifying");
+                            let (tx, verdict) = mpsc::channel();
+                            std::thread::spawn(move || {
+                                let ok = finish_and_flush(&file, hash, info.size, durable)
+                                    .is_ok_and(|h| h == info.hash);
+                                let _ = tx.send(ok);
+                            });
+                            self.verifying = Some((session, verdict));
+                        }
+                        None => self.rx.verified(now, session, false),
                     }
-                    None => self.rx.verified(now, session, false),
-                },
+                }
                 RxEvent::Delivered { info, .. } => {
                     let from = part_path(&self.dir, &info);
                     let to = final_path(&self.dir, &info);
                     // Flushed by the verification when durable.
                     self.part = None;
-                    std::fs::rename(&from, &to).map_err(io_err(format!("rename {} to {}", from.display(), to.display())))?;
+                    std::fs::rename(&from, &to).map_err(io_err(format!(
+                        "rename {} to {}",
+                        from.display(),
+                        to.display()
+                    )))?;
                     tracing::info!(path = %to.display(), size = info.size, "assignment delivered");
                     self.delivered = Some((to, info));
                 }
@@ -886,6 +1054,9 @@ fn part_path(dir: &Path, info: &SessionInfo) -> PathBuf {
 
 /// The delivered file's name: the last component of the announced name, or the assignment id.
 fn final_path(dir: &Path, info: &SessionInfo) -> PathBuf {
-    let name = Path::new(&info.name).file_name().and_then(|n| n.to_str()).filter(|n| !n.starts_with('.') && !n.is_empty());
+    let name = Path::new(&info.name)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.starts_with('.') && !n.is_empty());
     dir.join(name.map_or_else(|| format!("assignment-{}", info.assignment), str::to_owned))
 }

@@ -99,14 +99,20 @@ fn main() {
     drop((a, c, rep));
 
     println!("{runs} runs each, medians");
-    println!("| case | size | wall | wall GiB/s | CPU GiB/s | × floor (CPU) | literal bytes | ops |");
+    println!(
+        "| case | size | wall | wall GiB/s | CPU GiB/s | × floor (CPU) | literal bytes | ops |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     let gib = mb as f64 / 1024.0;
     let mut floor = || {
         std::hint::black_box(hash_both(&path("a"), &path("unrelated")));
     };
     let (floor_wall, floor_cpu, _) = timed(&mut floor, &mut || {});
-    println!("| floor: read + BLAKE3 of both files | {mb} MiB | {floor_wall:.3} s | {:.2} | {:.2} | 1.00 | - | - |", gib / floor_wall, gib / floor_cpu);
+    println!(
+        "| floor: read + BLAKE3 of both files | {mb} MiB | {floor_wall:.3} s | {:.2} | {:.2} | 1.00 | - | - |",
+        gib / floor_wall,
+        gib / floor_cpu
+    );
     for (name, base, other) in [
         ("nothing in common", "a", "unrelated"),
         ("edits + 1-byte insert", "a", "edits"),
@@ -117,8 +123,19 @@ fn main() {
         let fa = std::fs::File::open(path(base)).unwrap();
         let fb = std::fs::File::open(path(other)).unwrap();
         let mut d = None;
-        let (wall, cpu, ratio) = timed(&mut || d = Some(cm_assignment::delta::compute(&fa, &fb, &mut std::io::sink()).unwrap()), &mut floor);
+        let (wall, cpu, ratio) = timed(
+            &mut || {
+                d = Some(cm_assignment::delta::compute(&fa, &fb, &mut std::io::sink()).unwrap())
+            },
+            &mut floor,
+        );
         let d = d.expect("ran");
-        println!("| {name} | {mb} MiB | {wall:.3} s | {:.2} | {:.2} | {ratio:.2} | {} | {} |", gib / wall, gib / cpu, d.literal, d.ops.len());
+        println!(
+            "| {name} | {mb} MiB | {wall:.3} s | {:.2} | {:.2} | {ratio:.2} | {} | {} |",
+            gib / wall,
+            gib / cpu,
+            d.literal,
+            d.ops.len()
+        );
     }
 }

@@ -58,7 +58,10 @@ fn nonce(chunk: u64, last: bool) -> Nonce {
 impl DataCipher {
     /// Encrypts chunk `index` in place; returns its tag.
     pub(crate) fn seal(&self, index: u64, last: bool, plain: &mut [u8]) -> [u8; TAG as usize] {
-        let tag = self.0.encrypt_in_place_detached(&nonce(index, last), b"", plain).expect("chunk within AEAD limits");
+        let tag = self
+            .0
+            .encrypt_in_place_detached(&nonce(index, last), b"", plain)
+            .expect("chunk within AEAD limits");
         tag.into()
     }
 
@@ -66,7 +69,11 @@ impl DataCipher {
     /// chunk was changed, moved or cut).
     #[must_use]
     pub(crate) fn open(&self, index: u64, last: bool, cipher: &mut [u8], tag: &[u8]) -> bool {
-        tag.len() == TAG as usize && self.0.decrypt_in_place_detached(&nonce(index, last), b"", cipher, Tag::from_slice(tag)).is_ok()
+        tag.len() == TAG as usize
+            && self
+                .0
+                .decrypt_in_place_detached(&nonce(index, last), b"", cipher, Tag::from_slice(tag))
+                .is_ok()
     }
 }
 

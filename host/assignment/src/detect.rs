@@ -19,11 +19,20 @@ use crate::{CipherKey, SealKey};
 /// One entry of a scanned tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    Dir { mode: u32 },
+    Dir {
+        mode: u32,
+    },
     /// `mtime` in whole seconds (what assignments carry); `mtime_nsec` its sub-second part,
     /// compared only when both trees have one (a copy made through an assignment has none).
-    File { len: u64, mtime: i64, mode: u32, mtime_nsec: u32 },
-    Symlink { target: String },
+    File {
+        len: u64,
+        mtime: i64,
+        mode: u32,
+        mtime_nsec: u32,
+    },
+    Symlink {
+        target: String,
+    },
 }
 
 /// Every entry below `root` by relative '/'-separated path (parents sort before children).
@@ -51,22 +60,34 @@ fn join(rel: &str, name: &str) -> String {
 /// The entries of directory `rel` below `root`, sorted by name (bytewise).
 fn list_dir(root: &Path, rel: &str) -> Result<Vec<(String, Entry)>, BuildError> {
     let dir = root.join(rel);
-    let rd = fs::read_dir(&dir).map_err(|e| BuildError::io(format!("listing {}", dir.display()), e))?;
+    let rd =
+        fs::read_dir(&dir).map_err(|e| BuildError::io(format!("listing {}", dir.display()), e))?;
     let mut out = Vec::new();
     for ent in rd {
         let ent = ent.map_err(|e| BuildError::io(format!("listing {}", dir.display()), e))?;
-        let name = ent.file_name().into_string().map_err(|n| BuildError::NotUtf8 { path: dir.join(n) })?;
+        let name =
+            ent.file_name().into_string().map_err(|n| BuildError::NotUtf8 { path: dir.join(n) })?;
         let full = ent.path();
-        let m = fs::symlink_metadata(&full).map_err(|e| BuildError::io(format!("stat {}", full.display()), e))?;
+        let m = fs::symlink_metadata(&full)
+            .map_err(|e| BuildError::io(format!("stat {}", full.display()), e))?;
         let mode = m.permissions().mode() & 0o7777;
         let entry = if m.file_type().is_symlink() {
-            let t = fs::read_link(&full).map_err(|e| BuildError::io(format!("readlink {}", full.display()), e))?;
-            let target = t.into_os_string().into_string().map_err(|_| BuildError::NotUtf8 { path: full.clone() })?;
+            let t = fs::read_link(&full)
+                .map_err(|e| BuildError::io(format!("readlink {}", full.display()), e))?;
+            let target = t
+                .into_os_string()
+                .into_string()
+                .map_err(|_| BuildError::NotUtf8 { path: full.clone() })?;
             Entry::Symlink { target }
         } else if m.is_dir() {
             Entry::Dir { mode }
         } else if m.is_file() {
-            Entry::File { len: m.len(), mtime: mtime_secs(&m), mode, mtime_nsec: m.mtime_nsec() as u32 }
+            Entry::File {
+                len: m.len(),
+                mtime: mtime_secs(&m),
+                mode,
+                mtime_nsec: m.mtime_nsec() as u32,
+            }
         } else {
             return Err(BuildError::Unsupported { path: full });
         };
@@ -153,7 +174,12 @@ fn open(root: &Path, rel: &str) -> Result<File, BuildError> {
 ///
 /// Both trees are walked together, one directory at a time with its entries sorted by name, so
 /// memory is one listing of each tree per level of the walk, whatever the number of files.
-pub fn build(staging: &Path, shadow: Option<&Path>, out: &Path, opts: &BuildOptions) -> Result<BuildReport, BuildError> {
+pub fn build(
+    staging: &Path,
+    shadow: Option<&Path>,
+    out: &Path,
+    opts: &BuildOptions,
+) -> Result<BuildReport, BuildError> {
     let mut w = AssignmentWriter::create(out, opts.meta, opts.policy.clone(), opts.seal.clone())?;
     if let Some(k) = &opts.cipher {
         w.encrypt_with(k.clone());
@@ -162,7 +188,8 @@ pub fn build(staging: &Path, shadow: Option<&Path>, out: &Path, opts: &BuildOpti
     walk.run()?;
     let Walk { w, mut report, .. } = walk;
     let header = w.finish()?;
-    report.file_len = fs::metadata(out).map_err(|e| BuildError::io(format!("stat {}", out.display()), e))?.len();
+    report.file_len =
+        fs::metadata(out).map_err(|e| BuildError::io(format!("stat {}", out.display()), e))?.len();
     report.header = Some(header);
     Ok(report)
 }
@@ -214,7 +241,11 @@ impl Walk<'_> {
                 std::cmp::Ordering::Greater => (top.old.next(), None),
                 std::cmp::Ordering::Equal => (top.old.next(), top.new.next()),
             };
-            let name = now.as_ref().or(was.as_ref()).map(|(n, _)| n.as_str()).expect("one side has the name");
+            let name = now
+                .as_ref()
+                .or(was.as_ref())
+                .map(|(n, _)| n.as_str())
+                .expect("one side has the name");
             let path = join(&top.rel, name);
             let was = was.map(|(_, e)| e);
             let before = match (was, &now) {
@@ -247,7 +278,12 @@ impl Walk<'_> {
     }
 
     /// Lists staging's directory `rel` (and the shadow's, when `in_shadow`) for the walk.
-    fn frame(&mut self, rel: String, in_shadow: bool, final_mode: Option<u32>) -> Result<Frame, BuildError> {
+    fn frame(
+        &mut self,
+        rel: String,
+        in_shadow: bool,
+        final_mode: Option<u32>,
+    ) -> Result<Frame, BuildError> {
         let new = list_dir(self.staging, &rel)?;
         let old = match self.shadow {
             Some(s) if in_shadow => list_dir(s, &rel)?,
@@ -256,12 +292,23 @@ impl Walk<'_> {
         let held = (new.len() + old.len()) as u64;
         self.held += held;
         self.report.peak_entries_held = self.report.peak_entries_held.max(self.held);
-        Ok(Frame { rel, new: new.into_iter().peekable(), old: old.into_iter().peekable(), held, final_mode })
+        Ok(Frame {
+            rel,
+            new: new.into_iter().peekable(),
+            old: old.into_iter().peekable(),
+            held,
+            final_mode,
+        })
     }
 
     /// Adds or changes staging's file or symlink `entry` at `path` (`before`: the shadow's, of
     /// the same kind).
-    fn entry(&mut self, path: &str, entry: &Entry, before: Option<&Entry>) -> Result<(), BuildError> {
+    fn entry(
+        &mut self,
+        path: &str,
+        entry: &Entry,
+        before: Option<&Entry>,
+    ) -> Result<(), BuildError> {
         let (staging, opts) = (self.staging, self.opts);
         let report = &mut self.report;
         let w = &mut self.w;
@@ -285,7 +332,12 @@ impl Walk<'_> {
             }
             (
                 Entry::File { len, mtime, mode, mtime_nsec },
-                Some(Entry::File { len: was_len, mtime: was_mtime, mode: was_mode, mtime_nsec: was_nsec }),
+                Some(Entry::File {
+                    len: was_len,
+                    mtime: was_mtime,
+                    mode: was_mode,
+                    mtime_nsec: was_nsec,
+                }),
             ) => {
                 let shadow = self.shadow.expect("an old entry implies a shadow tree");
                 // The quick check: same size and mtime (to the nanosecond when both sides
@@ -294,7 +346,14 @@ impl Walk<'_> {
                 let content_same = if len == was_len && mtime == was_mtime && same_nsec {
                     true
                 } else if *len >= opts.delta_min && *was_len >= opts.delta_min.min(*len) {
-                    let outcome = w.file_change(path, path, &open(shadow, path)?, &open(staging, path)?, *mode, *mtime)?;
+                    let outcome = w.file_change(
+                        path,
+                        path,
+                        &open(shadow, path)?,
+                        &open(staging, path)?,
+                        *mode,
+                        *mtime,
+                    )?;
                     if let ChangeOutcome::Delta { literal } = outcome {
                         report.deltas += 1;
                         report.literal_bytes += literal;
@@ -324,7 +383,8 @@ impl Walk<'_> {
 fn same_content(a: &Path, b: &Path) -> Result<bool, BuildError> {
     let hash = |p: &Path| -> Result<blake3::Hash, BuildError> {
         let f = File::open(p).map_err(|e| BuildError::io(format!("opening {}", p.display()), e))?;
-        let len = f.metadata().map_err(|e| BuildError::io(format!("stat {}", p.display()), e))?.len();
+        let len =
+            f.metadata().map_err(|e| BuildError::io(format!("stat {}", p.display()), e))?.len();
         let mut h = blake3::Hasher::new();
         crate::write::copy_range(&f, 0, len, |b| {
             h.update(b);
@@ -363,7 +423,13 @@ mod tests {
         // assignment): the quick check trusts it, as rsync's does.
         file(&old, "b.txt", b"bbb", 1000, 0);
         file(&new, "b.txt", b"bbb", 1000, 300);
-        let r = build(&new, Some(&old), &d.path().join("out.cma"), &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
+        let r = build(
+            &new,
+            Some(&old),
+            &d.path().join("out.cma"),
+            &BuildOptions::new(AssignmentType::Publish, 2),
+        )
+        .unwrap();
         assert_eq!((r.changed, r.unchanged), (1, 1), "{r:?}");
     }
 
@@ -374,7 +440,9 @@ mod tests {
             .into_iter()
             .map(|(p, e)| match e {
                 Entry::Dir { mode } => format!("{p} dir {mode:o}"),
-                Entry::File { mode, .. } => format!("{p} file {mode:o} {}", blake3::hash(&fs::read(root.join(&p)).unwrap())),
+                Entry::File { mode, .. } => {
+                    format!("{p} file {mode:o} {}", blake3::hash(&fs::read(root.join(&p)).unwrap()))
+                }
                 Entry::Symlink { target } => format!("{p} link {target}"),
             })
             .collect()
@@ -399,11 +467,17 @@ mod tests {
         // new: a/ (dir), b (file), c -> keep (symlink), keep/x changed, ro/ read-only with content
         file(&new.join("a"), "inner", b"now a dir", 20, 0);
         file(&new, "b", b"now a file", 20, 0);
-        file(&new.join("keep"), "x", &{
-            let mut v = vec![7u8; 5000];
-            v[2500] = 8;
-            v
-        }, 20, 0);
+        file(
+            &new.join("keep"),
+            "x",
+            &{
+                let mut v = vec![7u8; 5000];
+                v[2500] = 8;
+                v
+            },
+            20,
+            0,
+        );
         file(&new, "a.txt", b"sorts between a and a/ by string, after a by name", 10, 0);
         file(&new.join("ro/sub"), "y", b"read-only dir content", 20, 0);
         std::os::unix::fs::symlink("keep", new.join("c")).unwrap();
@@ -411,7 +485,8 @@ mod tests {
         fs::set_permissions(new.join("ro"), fs::Permissions::from_mode(0o500)).unwrap();
 
         let out = d.path().join("out.cma");
-        let r = build(&new, Some(&old), &out, &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
+        let r =
+            build(&new, Some(&old), &out, &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
         assert_eq!((r.deleted, r.deltas, r.unchanged), (3, 1, 1), "{r:?}");
         let site = d.path().join("site");
         copy_tree(&old, &site);
@@ -423,7 +498,15 @@ mod tests {
     }
 
     fn copy_tree(from: &Path, to: &Path) {
-        assert!(std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap().success());
+        assert!(
+            std::process::Command::new("cp")
+                .arg("-a")
+                .arg(from)
+                .arg(to)
+                .status()
+                .unwrap()
+                .success()
+        );
     }
 
     #[test]
@@ -432,12 +515,24 @@ mod tests {
         let (old, new) = (d.path().join("old"), d.path().join("new"));
         for i in 0..30 {
             for j in 0..40 {
-                file(&old.join(format!("d{i}")), &format!("f{j}"), format!("{i} {j}").as_bytes(), 10, 0);
+                file(
+                    &old.join(format!("d{i}")),
+                    &format!("f{j}"),
+                    format!("{i} {j}").as_bytes(),
+                    10,
+                    0,
+                );
             }
         }
         copy_tree(&old, &new);
         file(&new.join("d7"), "f3", b"changed", 20, 0);
-        let r = build(&new, Some(&old), &d.path().join("out.cma"), &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
+        let r = build(
+            &new,
+            Some(&old),
+            &d.path().join("out.cma"),
+            &BuildOptions::new(AssignmentType::Publish, 2),
+        )
+        .unwrap();
         assert_eq!((r.changed, r.unchanged), (1, 1199), "{r:?}");
         // The root listing (30) and one directory's (40), in both trees.
         assert_eq!(r.peak_entries_held, 2 * (30 + 40), "{r:?}");
@@ -455,7 +550,10 @@ mod tests {
         let out = d.path().join("out.cma");
         let r = std::thread::Builder::new()
             .stack_size(1 << 20)
-            .spawn(move || build(&new, Some(&old), &out, &BuildOptions::new(AssignmentType::Publish, 2)).unwrap())
+            .spawn(move || {
+                build(&new, Some(&old), &out, &BuildOptions::new(AssignmentType::Publish, 2))
+                    .unwrap()
+            })
             .unwrap()
             .join()
             .unwrap();

@@ -150,7 +150,8 @@ impl Header {
         if version != VERSION {
             return Err(HeaderError::Version { found: version });
         }
-        let kind = AssignmentType::from_u8(r.u8()?).ok_or(DecodeError::malformed("unknown assignment type"))?;
+        let kind = AssignmentType::from_u8(r.u8()?)
+            .ok_or(DecodeError::malformed("unknown assignment type"))?;
         let flags = r.u8()?;
         if flags & !flags::KNOWN != 0 {
             return Err(DecodeError::malformed("unknown header flag").into());
@@ -232,9 +233,18 @@ impl DeltaOp {
 /// the release being built, '/'-separated, and checked by [`check_path`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    MakeDir { path: String, mode: u32 },
+    MakeDir {
+        path: String,
+        mode: u32,
+    },
     /// Create or replace `path` with the payload's bytes, whose BLAKE3 is `hash`.
-    WriteFile { path: String, mode: u32, mtime: i64, payload: Payload, hash: [u8; 32] },
+    WriteFile {
+        path: String,
+        mode: u32,
+        mtime: i64,
+        payload: Payload,
+        hash: [u8; 32],
+    },
     /// Replace `path` with `ops` applied to `base` (which must be `base_len` bytes with BLAKE3
     /// `base_hash`); the result is `len` bytes with BLAKE3 `hash`.
     ApplyDelta {
@@ -249,11 +259,23 @@ pub enum Command {
         len: u64,
         hash: [u8; 32],
     },
-    Remove { path: String, recursive: bool },
-    Rename { from: String, to: String },
+    Remove {
+        path: String,
+        recursive: bool,
+    },
+    Rename {
+        from: String,
+        to: String,
+    },
     /// `target` is relative to the link's directory and must stay inside the site.
-    Symlink { path: String, target: String },
-    SetMode { path: String, mode: u32 },
+    Symlink {
+        path: String,
+        target: String,
+    },
+    SetMode {
+        path: String,
+        mode: u32,
+    },
 }
 
 mod tag {
@@ -296,7 +318,9 @@ impl Command {
 
     pub fn payload(&self) -> Option<&Payload> {
         match self {
-            Command::WriteFile { payload, .. } | Command::ApplyDelta { payload, .. } => Some(payload),
+            Command::WriteFile { payload, .. } | Command::ApplyDelta { payload, .. } => {
+                Some(payload)
+            }
             _ => None,
         }
     }
@@ -312,10 +336,25 @@ impl Command {
                 encode_payload(w, payload);
                 w.bytes(hash);
             }
-            Command::ApplyDelta { path, base, base_len, base_hash, mode, mtime, ops, payload, len, hash } => {
+            Command::ApplyDelta {
+                path,
+                base,
+                base_len,
+                base_hash,
+                mode,
+                mtime,
+                ops,
+                payload,
+                len,
+                hash,
+            } => {
                 w.u8(tag::APPLY_DELTA).str16("path", path)?.str16("base", base)?;
                 w.u64(*base_len).bytes(base_hash).u32(*mode).u64(*mtime as u64);
-                let n = u32::try_from(ops.len()).map_err(|_| EncodeError { what: "ops", len: ops.len(), max: u32::MAX as usize })?;
+                let n = u32::try_from(ops.len()).map_err(|_| EncodeError {
+                    what: "ops",
+                    len: ops.len(),
+                    max: u32::MAX as usize,
+                })?;
                 w.u32(n);
                 for op in ops {
                     match *op {
@@ -374,20 +413,28 @@ impl Command {
                     let op = match r.u8()? {
                         tag::OP_COPY => {
                             let (offset, len) = (r.u64()?, r.u64()?);
-                            let end = offset.checked_add(len).ok_or(DecodeError::malformed("copy range overflows"))?;
+                            let end = offset
+                                .checked_add(len)
+                                .ok_or(DecodeError::malformed("copy range overflows"))?;
                             if end > base_len {
-                                return Err(DecodeError::malformed("copy range beyond base length"));
+                                return Err(DecodeError::malformed(
+                                    "copy range beyond base length",
+                                ));
                             }
                             DeltaOp::Copy { offset, len }
                         }
                         tag::OP_INSERT => {
                             let len = r.u64()?;
-                            inserted = inserted.checked_add(len).ok_or(DecodeError::malformed("insert length overflows"))?;
+                            inserted = inserted
+                                .checked_add(len)
+                                .ok_or(DecodeError::malformed("insert length overflows"))?;
                             DeltaOp::Insert { len }
                         }
                         _ => return Err(DecodeError::malformed("unknown delta op")),
                     };
-                    total = total.checked_add(op.len()).ok_or(DecodeError::malformed("delta length overflows"))?;
+                    total = total
+                        .checked_add(op.len())
+                        .ok_or(DecodeError::malformed("delta length overflows"))?;
                     ops.push(op);
                 }
                 let payload = decode_payload(&mut r)?;
@@ -398,7 +445,18 @@ impl Command {
                 if total != len {
                     return Err(DecodeError::malformed("delta ops differ from result length"));
                 }
-                Command::ApplyDelta { path, base, base_len, base_hash, mode, mtime, ops, payload, len, hash: r.array()? }
+                Command::ApplyDelta {
+                    path,
+                    base,
+                    base_len,
+                    base_hash,
+                    mode,
+                    mtime,
+                    ops,
+                    payload,
+                    len,
+                    hash: r.array()?,
+                }
             }
             tag::REMOVE => Command::Remove { path: path(&mut r)?, recursive: r.bool()? },
             tag::RENAME => Command::Rename { from: path(&mut r)?, to: path_named(&mut r)? },
@@ -573,20 +631,56 @@ mod round_trip {
         let mode = 0u32..=0o7777;
         prop_oneof![
             (arb_path(), mode.clone()).prop_map(|(path, mode)| Command::MakeDir { path, mode }),
-            (arb_path(), mode.clone(), any::<i64>(), arb_payload(), any::<[u8; 32]>())
-                .prop_map(|(path, mode, mtime, payload, hash)| Command::WriteFile { path, mode, mtime, payload, hash }),
-            (arb_path(), arb_path(), mode.clone(), any::<i64>(), proptest::collection::vec((any::<bool>(), 0u64..1000), 0..20), any::<[u8; 32]>())
+            (arb_path(), mode.clone(), any::<i64>(), arb_payload(), any::<[u8; 32]>()).prop_map(
+                |(path, mode, mtime, payload, hash)| Command::WriteFile {
+                    path,
+                    mode,
+                    mtime,
+                    payload,
+                    hash
+                }
+            ),
+            (
+                arb_path(),
+                arb_path(),
+                mode.clone(),
+                any::<i64>(),
+                proptest::collection::vec((any::<bool>(), 0u64..1000), 0..20),
+                any::<[u8; 32]>()
+            )
                 .prop_map(|(path, base, mode, mtime, raw_ops, hash)| {
                     let mut ops = Vec::new();
                     let (mut inserted, mut total) = (0, 0);
                     for (copy, len) in raw_ops {
-                        ops.push(if copy { DeltaOp::Copy { offset: len, len } } else { inserted += len; DeltaOp::Insert { len } });
+                        ops.push(if copy {
+                            DeltaOp::Copy { offset: len, len }
+                        } else {
+                            inserted += len;
+                            DeltaOp::Insert { len }
+                        });
                         total += len;
                     }
-                    let payload = Payload { offset: 5, stored_len: inserted, len: inserted, codec: Codec::Raw };
-                    Command::ApplyDelta { path, base, base_len: 2000, base_hash: hash, mode, mtime, ops, payload, len: total, hash }
+                    let payload = Payload {
+                        offset: 5,
+                        stored_len: inserted,
+                        len: inserted,
+                        codec: Codec::Raw,
+                    };
+                    Command::ApplyDelta {
+                        path,
+                        base,
+                        base_len: 2000,
+                        base_hash: hash,
+                        mode,
+                        mtime,
+                        ops,
+                        payload,
+                        len: total,
+                        hash,
+                    }
                 }),
-            (arb_path(), any::<bool>()).prop_map(|(path, recursive)| Command::Remove { path, recursive }),
+            (arb_path(), any::<bool>())
+                .prop_map(|(path, recursive)| Command::Remove { path, recursive }),
             (arb_path(), arb_path()).prop_map(|(from, to)| Command::Rename { from, to }),
             (arb_path(), "[a-z]{1,8}").prop_map(|(path, target)| Command::Symlink { path, target }),
             (arb_path(), mode).prop_map(|(path, mode)| Command::SetMode { path, mode }),
@@ -623,6 +717,9 @@ mod round_trip {
         assert!(Command::decode(&bytes).is_err());
         let mut w = Writer::new();
         w.u8(6).str16("p", "a").unwrap().str16("t", "../../etc").unwrap();
-        assert_eq!(Command::decode(w.as_slice()), Err(DecodeError::malformed("symlink target escapes the site")));
+        assert_eq!(
+            Command::decode(w.as_slice()),
+            Err(DecodeError::malformed("symlink target escapes the site"))
+        );
     }
 }

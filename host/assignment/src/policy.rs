@@ -26,14 +26,18 @@ pub struct CompressionPolicy {
 
 /// Formats that are already compressed: compressing them again only burns CPU.
 const ALREADY_COMPRESSED: &[&str] = &[
-    "jpg", "jpeg", "png", "gif", "webp", "avif", "heic", "ico", "mp3", "mp4", "m4a", "m4v", "mkv", "mov", "webm",
-    "ogg", "opus", "flac", "zip", "gz", "tgz", "bz2", "xz", "zst", "7z", "rar", "br", "woff", "woff2", "jar", "apk",
-    "deb", "rpm",
+    "jpg", "jpeg", "png", "gif", "webp", "avif", "heic", "ico", "mp3", "mp4", "m4a", "m4v", "mkv",
+    "mov", "webm", "ogg", "opus", "flac", "zip", "gz", "tgz", "bz2", "xz", "zst", "7z", "rar",
+    "br", "woff", "woff2", "jar", "apk", "deb", "rpm",
 ];
 
 impl Default for CompressionPolicy {
     fn default() -> Self {
-        CompressionPolicy { never: ALREADY_COMPRESSED.iter().map(|s| s.to_string()).collect(), level: 3, min_size: 128 }
+        CompressionPolicy {
+            never: ALREADY_COMPRESSED.iter().map(|s| s.to_string()).collect(),
+            level: 3,
+            min_size: 128,
+        }
     }
 }
 
@@ -50,7 +54,11 @@ impl CompressionPolicy {
         }
         let name = path.rsplit('/').next().unwrap_or(path);
         match name.rsplit_once('.') {
-            Some((stem, ext)) if !stem.is_empty() && self.never.contains(&ext.to_ascii_lowercase()) => Codec::Raw,
+            Some((stem, ext))
+                if !stem.is_empty() && self.never.contains(&ext.to_ascii_lowercase()) =>
+            {
+                Codec::Raw
+            }
             _ => Codec::Zstd,
         }
     }

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use cm_wire::DecodeError;
 
 use crate::cipher::{self, CipherKey, DataCipher};
-use crate::format::{Codec, Command, HEADER_LEN, Header, HeaderError, MAX_RECORD, Payload, TRAILER_LEN, flags};
+use crate::format::{
+    Codec, Command, HEADER_LEN, Header, HeaderError, MAX_RECORD, Payload, TRAILER_LEN, flags,
+};
 use crate::{SealKey, trailer_hasher};
 
 /// Why an assignment cannot be read. Positions name the command (0-based) where one is known.
@@ -27,13 +29,17 @@ pub enum ReadError {
     TrailerMismatch,
     #[error("data part does not match the header's BLAKE3 (corrupted)")]
     DataHashMismatch,
-    #[error("assignment is not sealed with this site's key (refusing an unauthenticated assignment)")]
+    #[error(
+        "assignment is not sealed with this site's key (refusing an unauthenticated assignment)"
+    )]
     NotSealed,
     #[error("assignment is sealed but no key was given to check it")]
     KeyRequired,
     #[error("assignment is encrypted but no key was given to decrypt it")]
     CipherKeyRequired,
-    #[error("data chunk {chunk} does not decrypt with this key (wrong key, or the data part was altered)")]
+    #[error(
+        "data chunk {chunk} does not decrypt with this key (wrong key, or the data part was altered)"
+    )]
     Undecryptable { chunk: u64 },
     #[error("command {index}: {source}")]
     Command { index: u64, source: DecodeError },
@@ -57,7 +63,10 @@ impl Read for Region {
         }
         let n = self.file.read_at(&mut buf[..want], self.pos)?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "assignment file shrank while being read"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "assignment file shrank while being read",
+            ));
         }
         self.pos += n as u64;
         Ok(n)
@@ -89,7 +98,10 @@ impl DecryptingRegion {
         let (data, tag) = self.buf.split_at_mut(n);
         if !self.aead.open(index, index + 1 == chunks, data, tag) {
             self.buf.clear();
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("data chunk {index} does not decrypt")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("data chunk {index} does not decrypt"),
+            ));
         }
         self.buf.truncate(n);
         self.chunk = index;
@@ -144,26 +156,41 @@ pub struct AssignmentReader {
 impl AssignmentReader {
     /// Opens `path` and checks its header and that its length is exactly what the header says.
     pub fn open(path: &Path) -> Result<Self, ReadError> {
-        let file = File::open(path).map_err(|source| ReadError::Io { what: "opening the assignment", source })?;
-        let actual = file.metadata().map_err(|source| ReadError::Io { what: "reading metadata", source })?.len();
+        let file = File::open(path)
+            .map_err(|source| ReadError::Io { what: "opening the assignment", source })?;
+        let actual = file
+            .metadata()
+            .map_err(|source| ReadError::Io { what: "reading metadata", source })?
+            .len();
         let mut hb = [0u8; HEADER_LEN];
-        let got = read_up_to(&file, &mut hb).map_err(|source| ReadError::Io { what: "reading the header", source })?;
+        let got = read_up_to(&file, &mut hb)
+            .map_err(|source| ReadError::Io { what: "reading the header", source })?;
         let header = Header::decode(&hb[..got])?;
         let expected = (HEADER_LEN as u64)
             .checked_add(header.body_len)
             .and_then(|n| n.checked_add(TRAILER_LEN as u64))
             .and_then(|n| n.checked_add(header.data_len))
-            .ok_or(ReadError::Header(HeaderError::Decode(DecodeError::malformed("sizes overflow"))))?;
+            .ok_or(ReadError::Header(HeaderError::Decode(DecodeError::malformed(
+                "sizes overflow",
+            ))))?;
         if expected != actual {
             return Err(ReadError::Truncated { expected, actual });
         }
         let plain_data_len = if header.flags & flags::ENCRYPTED != 0 {
-            cipher::plain_len(header.data_len)
-                .ok_or(ReadError::Header(HeaderError::Decode(DecodeError::malformed("encrypted data part of impossible length"))))?
+            cipher::plain_len(header.data_len).ok_or(ReadError::Header(HeaderError::Decode(
+                DecodeError::malformed("encrypted data part of impossible length"),
+            )))?
         } else {
             header.data_len
         };
-        Ok(AssignmentReader { file: Arc::new(file), path: path.to_owned(), header, header_bytes: hb, plain_data_len, aead: None })
+        Ok(AssignmentReader {
+            file: Arc::new(file),
+            path: path.to_owned(),
+            header,
+            header_bytes: hb,
+            plain_data_len,
+            aead: None,
+        })
     }
 
     /// Gives the key to decrypt an encrypted data part (does nothing for a plain one).
@@ -173,7 +200,9 @@ impl AssignmentReader {
             return Ok(());
         }
         let mut salt = [0u8; cipher::SALT as usize];
-        self.file.read_exact_at(&mut salt, self.data_start()).map_err(|source| ReadError::Io { what: "reading the salt", source })?;
+        self.file
+            .read_exact_at(&mut salt, self.data_start())
+            .map_err(|source| ReadError::Io { what: "reading the salt", source })?;
         self.aead = Some(Arc::new(key.for_salt(&salt)));
         Ok(())
     }
@@ -240,7 +269,9 @@ impl AssignmentReader {
         })
         .map_err(io("reading the body"))?;
         let mut stored = [0u8; TRAILER_LEN];
-        self.file.read_exact_at(&mut stored, HEADER_LEN as u64 + h.body_len).map_err(io("reading the trailer"))?;
+        self.file
+            .read_exact_at(&mut stored, HEADER_LEN as u64 + h.body_len)
+            .map_err(io("reading the trailer"))?;
         // blake3::Hash compares in constant time.
         if t.finalize() != blake3::Hash::from_bytes(stored) {
             return Err(ReadError::TrailerMismatch);
@@ -289,7 +320,10 @@ impl AssignmentReader {
     /// The commands in order, decoded one record at a time.
     pub fn commands(&self) -> Commands {
         Commands {
-            body: BufReader::with_capacity(256 << 10, self.region(HEADER_LEN as u64, self.header.body_len)),
+            body: BufReader::with_capacity(
+                256 << 10,
+                self.region(HEADER_LEN as u64, self.header.body_len),
+            ),
             left: self.header.body_len,
             index: 0,
             count: self.header.command_count,
@@ -366,7 +400,9 @@ impl Commands {
         if self.left < 4 {
             return Err(bad(DecodeError::Incomplete { needed: 4 - self.left as usize }));
         }
-        self.body.read_exact(&mut len).map_err(|source| ReadError::Io { what: "reading the body", source })?;
+        self.body
+            .read_exact(&mut len)
+            .map_err(|source| ReadError::Io { what: "reading the body", source })?;
         let len = u32::from_be_bytes(len) as usize;
         if len > MAX_RECORD {
             return Err(bad(DecodeError::malformed("record longer than 1 MiB")));
@@ -375,12 +411,16 @@ impl Commands {
             return Err(bad(DecodeError::malformed("record runs past the body")));
         }
         self.record.resize(len, 0);
-        self.body.read_exact(&mut self.record).map_err(|source| ReadError::Io { what: "reading the body", source })?;
+        self.body
+            .read_exact(&mut self.record)
+            .map_err(|source| ReadError::Io { what: "reading the body", source })?;
         self.left -= 4 + len as u64;
         let cmd = Command::decode(&self.record).map_err(bad)?;
         if let Some(p) = cmd.payload() {
             if p.offset != self.data_cursor {
-                return Err(bad(DecodeError::malformed("payload not where the previous one ended")));
+                return Err(bad(DecodeError::malformed(
+                    "payload not where the previous one ended",
+                )));
             }
             self.data_cursor = p.offset + p.stored_len;
             if self.data_cursor > self.data_len {
@@ -440,13 +480,18 @@ impl Read for PayloadStream {
             let mut probe = [0u8; 1];
             return match self.inner().read(&mut probe)? {
                 0 => Ok(0),
-                _ => Err(io::Error::new(io::ErrorKind::InvalidData, "payload longer than announced")),
+                _ => {
+                    Err(io::Error::new(io::ErrorKind::InvalidData, "payload longer than announced"))
+                }
             };
         }
         let want = left.min(buf.len() as u64) as usize;
         let n = self.inner().read(&mut buf[..want])?;
         if n == 0 && want > 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "payload shorter than announced"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "payload shorter than announced",
+            ));
         }
         self.produced += n as u64;
         Ok(n)

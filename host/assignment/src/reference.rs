@@ -115,7 +115,9 @@ pub fn check_base(base: &Path, base_len: u64, base_hash: &[u8; 32]) -> Result<Fi
     let f = File::open(base).map_err(|e| refused(format!("base file: {e}")))?;
     let len = f.metadata()?.len();
     if len != base_len {
-        return Err(refused(format!("delta against the wrong base: base is {len} bytes, the delta expects {base_len}")));
+        return Err(refused(format!(
+            "delta against the wrong base: base is {len} bytes, the delta expects {base_len}"
+        )));
     }
     let mut h = blake3::Hasher::new();
     copy_range(&f, 0, len, |b| {
@@ -131,7 +133,11 @@ pub fn check_base(base: &Path, base_len: u64, base_hash: &[u8; 32]) -> Result<Fi
 /// Executes one command in the tree at `root`. `payload` is the command's payload stream
 /// (required for write-file and apply-delta). Hashes are checked: the base of a delta before,
 /// the written bytes after.
-pub fn apply_command(root: &Path, cmd: &Command, payload: Option<&mut dyn Read>) -> Result<(), ApplyError> {
+pub fn apply_command(
+    root: &Path,
+    cmd: &Command,
+    payload: Option<&mut dyn Read>,
+) -> Result<(), ApplyError> {
     match cmd {
         Command::MakeDir { path, mode } => make_dir(root, path, *mode),
         Command::WriteFile { path, mode, mtime, payload: pl, hash } => {
@@ -154,7 +160,8 @@ pub fn apply_command(root: &Path, cmd: &Command, payload: Option<&mut dyn Read>)
 pub fn make_dir(root: &Path, path: &str, mode: u32) -> Result<(), ApplyError> {
     let p = resolve(root, path)?;
     match fs::create_dir(&p) {
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && fs::symlink_metadata(&p)?.is_dir() => {}
+        Err(e)
+            if e.kind() == io::ErrorKind::AlreadyExists && fs::symlink_metadata(&p)?.is_dir() => {}
         r => r?,
     }
     fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
@@ -189,7 +196,8 @@ pub fn apply_delta(
     hash: Option<&[u8; 32]>,
 ) -> Result<(), ApplyError> {
     let p = resolve(root, path)?;
-    let base_file = File::open(resolve(root, base)?).map_err(|e| refused(format!("base file {base}: {e}")))?;
+    let base_file =
+        File::open(resolve(root, base)?).map_err(|e| refused(format!("base file {base}: {e}")))?;
     let base_len = base_file.metadata()?.len();
     replace_file(&p, mode, mtime, hash, |w| {
         for op in ops {
@@ -283,7 +291,12 @@ pub fn apply_all(assignment: &AssignmentReader, root: &Path) -> Result<(), Apply
     for c in assignment.commands() {
         let (index, cmd) = c?;
         let mut stream = cmd.payload().map(|p| assignment.payload(p)).transpose()?;
-        let fail = |source| ApplyAllError::Command { index, name: cmd.name(), path: cmd.path().to_owned(), source };
+        let fail = |source| ApplyAllError::Command {
+            index,
+            name: cmd.name(),
+            path: cmd.path().to_owned(),
+            source,
+        };
         let payload = stream.as_mut().map(|s| s as &mut dyn Read);
         apply_command(root, &cmd, payload).map_err(fail)?;
         if let Some(mut s) = stream {

@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 
 use cm_wire::{EncodeError, Writer};
 
+use crate::cipher::{self, CipherKey};
 use crate::delta;
 use crate::format::{
-    AssignmentType, Codec, Command, HEADER_LEN, Header, MAX_RECORD, Payload, TRAILER_LEN, check_path,
-    check_symlink_target, flags,
+    AssignmentType, Codec, Command, HEADER_LEN, Header, MAX_RECORD, Payload, TRAILER_LEN,
+    check_path, check_symlink_target, flags,
 };
-use crate::cipher::{self, CipherKey};
 use crate::policy::CompressionPolicy;
 use crate::{SealKey, trailer_hasher};
 
@@ -94,9 +94,17 @@ pub struct AssignmentWriter {
 
 impl AssignmentWriter {
     /// Starts an assignment that `finish` will write to `out`.
-    pub fn create(out: &Path, meta: Meta, policy: CompressionPolicy, seal: Option<SealKey>) -> Result<Self, WriteError> {
+    pub fn create(
+        out: &Path,
+        meta: Meta,
+        policy: CompressionPolicy,
+        seal: Option<SealKey>,
+    ) -> Result<Self, WriteError> {
         let dir = parent_dir(out);
-        let spool = || tempfile::tempfile_in(dir).map_err(io_err(format!("creating a spool file in {}", dir.display())));
+        let spool = || {
+            tempfile::tempfile_in(dir)
+                .map_err(io_err(format!("creating a spool file in {}", dir.display())))
+        };
         Ok(AssignmentWriter {
             out: out.to_path_buf(),
             meta,
@@ -123,12 +131,18 @@ impl AssignmentWriter {
             return Err(WriteError::SwitchOnly { kind: self.meta.kind });
         }
         self.record = Writer::new();
-        cmd.encode(&mut self.record).map_err(|source| WriteError::Encode { path: cmd.path().to_owned(), source })?;
+        cmd.encode(&mut self.record)
+            .map_err(|source| WriteError::Encode { path: cmd.path().to_owned(), source })?;
         let rec = self.record.as_slice();
         if rec.len() > MAX_RECORD {
-            return Err(WriteError::Invalid { path: cmd.path().to_owned(), why: "command record over 1 MiB" });
+            return Err(WriteError::Invalid {
+                path: cmd.path().to_owned(),
+                why: "command record over 1 MiB",
+            });
         }
-        self.body.write_all(&(rec.len() as u32).to_be_bytes()).map_err(io_err("writing the body spool"))?;
+        self.body
+            .write_all(&(rec.len() as u32).to_be_bytes())
+            .map_err(io_err("writing the body spool"))?;
         self.body.write_all(rec).map_err(io_err("writing the body spool"))?;
         self.body_len += 4 + rec.len() as u64;
         self.count += 1;
@@ -157,7 +171,8 @@ impl AssignmentWriter {
 
     pub fn symlink(&mut self, path: &str, target: &str) -> Result<(), WriteError> {
         Self::checked(path)?;
-        check_symlink_target(path, target).map_err(|why| WriteError::Invalid { path: path.to_owned(), why })?;
+        check_symlink_target(path, target)
+            .map_err(|why| WriteError::Invalid { path: path.to_owned(), why })?;
         self.push(&Command::Symlink { path: path.to_owned(), target: target.to_owned() })
     }
 
@@ -177,7 +192,10 @@ impl AssignmentWriter {
     }
 
     /// Streams `fill`'s output raw into the data spool; returns its length.
-    fn raw_payload(&mut self, fill: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<u64, WriteError> {
+    fn raw_payload(
+        &mut self,
+        fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<u64, WriteError> {
         let mut counting = Counting { inner: &mut self.data, n: 0 };
         fill(&mut counting).map_err(io_err("writing a payload"))?;
         let n = counting.n;
@@ -187,7 +205,12 @@ impl AssignmentWriter {
 
     /// The raw payload at `offset..offset + len` (the spool's tail) is compressed in place when
     /// `codec` asks for it and it gets smaller; returns the codec and stored length kept.
-    fn maybe_compress(&mut self, offset: u64, len: u64, codec: Codec) -> Result<(Codec, u64), WriteError> {
+    fn maybe_compress(
+        &mut self,
+        offset: u64,
+        len: u64,
+        codec: Codec,
+    ) -> Result<(Codec, u64), WriteError> {
         if codec == Codec::Raw || len < self.policy.min_size {
             return Ok((Codec::Raw, len));
         }
@@ -195,8 +218,13 @@ impl AssignmentWriter {
         let spool = self.data.get_ref().try_clone().map_err(io_err("reopening the data spool"))?;
         let end = offset + len;
         let mut counting = Counting { inner: &mut self.data, n: 0 };
-        let mut enc = zstd::stream::Encoder::new(&mut counting, self.policy.level.min(crate::policy::MAX_LEVEL)).map_err(io_err("starting zstd"))?;
-        copy_range(&spool, offset, len, |b| enc.write_all(b)).map_err(io_err("compressing a payload"))?;
+        let mut enc = zstd::stream::Encoder::new(
+            &mut counting,
+            self.policy.level.min(crate::policy::MAX_LEVEL),
+        )
+        .map_err(io_err("starting zstd"))?;
+        copy_range(&spool, offset, len, |b| enc.write_all(b))
+            .map_err(io_err("compressing a payload"))?;
         enc.finish().map_err(io_err("compressing a payload"))?;
         let stored = counting.n;
         self.data.flush().map_err(io_err("flushing the data spool"))?;
@@ -222,12 +250,21 @@ impl AssignmentWriter {
     /// helps; returns the payload and the BLAKE3 of the raw bytes. A file the policy compresses
     /// is compressed straight from the source (one read, no raw copy in the spool); only when
     /// zstd did not shrink it is it read again and stored raw.
-    fn file_payload(&mut self, path: &str, src: &File, len: u64) -> Result<(Payload, [u8; 32]), WriteError> {
+    fn file_payload(
+        &mut self,
+        path: &str,
+        src: &File,
+        len: u64,
+    ) -> Result<(Payload, [u8; 32]), WriteError> {
         let offset = self.data_len;
         if self.policy.choose(path, len) == Codec::Zstd && len >= self.policy.min_size {
             let mut h = blake3::Hasher::new();
             let mut counting = Counting { inner: &mut self.data, n: 0 };
-            let mut enc = zstd::stream::Encoder::new(&mut counting, self.policy.level.min(crate::policy::MAX_LEVEL)).map_err(io_err("starting zstd"))?;
+            let mut enc = zstd::stream::Encoder::new(
+                &mut counting,
+                self.policy.level.min(crate::policy::MAX_LEVEL),
+            )
+            .map_err(io_err("starting zstd"))?;
             copy_range(src, 0, len, |b| {
                 h.update(b);
                 enc.write_all(b)
@@ -238,7 +275,10 @@ impl AssignmentWriter {
             self.data_len += stored;
             if stored < len {
                 self.compressed = true;
-                return Ok((Payload { offset, stored_len: stored, len, codec: Codec::Zstd }, *h.finalize().as_bytes()));
+                return Ok((
+                    Payload { offset, stored_len: stored, len, codec: Codec::Zstd },
+                    *h.finalize().as_bytes(),
+                ));
             }
             self.truncate_data(offset)?;
         }
@@ -253,11 +293,23 @@ impl AssignmentWriter {
     }
 
     /// Adds a create-or-replace of `path` with the content of `src`.
-    pub fn write_file(&mut self, path: &str, mode: u32, mtime: i64, src: &File) -> Result<(), WriteError> {
+    pub fn write_file(
+        &mut self,
+        path: &str,
+        mode: u32,
+        mtime: i64,
+        src: &File,
+    ) -> Result<(), WriteError> {
         Self::checked(path)?;
         let len = src.metadata().map_err(io_err(format!("reading metadata of {path}")))?.len();
         let (payload, hash) = self.file_payload(path, src, len)?;
-        self.push(&Command::WriteFile { path: path.to_owned(), mode: mode & 0o7777, mtime, payload, hash })
+        self.push(&Command::WriteFile {
+            path: path.to_owned(),
+            mode: mode & 0o7777,
+            mtime,
+            payload,
+            hash,
+        })
     }
 
     /// Adds the change from `base` (what the server has at `base_path`) to `new` (what `path`
@@ -284,7 +336,8 @@ impl AssignmentWriter {
         })?;
         let worthwhile = |d: &delta::FileDelta| {
             let ops_bytes = d.ops.len() as u64 * 17;
-            d.literal + ops_bytes + 128 < new_len - new_len / 5 && ops_bytes < (MAX_RECORD as u64) / 2
+            d.literal + ops_bytes + 128 < new_len - new_len / 5
+                && ops_bytes < (MAX_RECORD as u64) / 2
         };
         if let Some(d) = &result
             && d.base_hash == d.new_hash
@@ -298,7 +351,8 @@ impl AssignmentWriter {
             self.write_file(path, mode, mtime, new)?;
             return Ok(ChangeOutcome::Full);
         };
-        let (codec, stored) = self.maybe_compress(offset, d.literal, self.policy.choose(path, new_len))?;
+        let (codec, stored) =
+            self.maybe_compress(offset, d.literal, self.policy.choose(path, new_len))?;
         let payload = Payload { offset, stored_len: stored, len: d.literal, codec };
         self.push(&Command::ApplyDelta {
             path: path.to_owned(),
@@ -320,7 +374,8 @@ impl AssignmentWriter {
         self.body.flush().map_err(io_err("flushing the body spool"))?;
         self.data.flush().map_err(io_err("flushing the data spool"))?;
         let dir = parent_dir(&self.out);
-        let out = tempfile::NamedTempFile::new_in(dir).map_err(io_err(format!("creating a file in {}", dir.display())))?;
+        let out = tempfile::NamedTempFile::new_in(dir)
+            .map_err(io_err(format!("creating a file in {}", dir.display())))?;
         let data_start = HEADER_LEN as u64 + self.body_len + TRAILER_LEN as u64;
         // The data part first, hashed on the way; header and trailer depend on its hash.
         let data = self.data.get_ref();
@@ -338,7 +393,8 @@ impl AssignmentWriter {
                 (hasher.finalize(), self.data_len)
             }
             Some(key) => (
-                write_encrypted(key, data, self.data_len, out.as_file(), data_start).map_err(io_err("encrypting the data part"))?,
+                write_encrypted(key, data, self.data_len, out.as_file(), data_start)
+                    .map_err(io_err("encrypting the data part"))?,
                 cipher::stored_len(self.data_len),
             ),
         };
@@ -374,9 +430,14 @@ impl AssignmentWriter {
             Ok(())
         })
         .map_err(io_err("writing the body"))?;
-        out.as_file().write_all_at(trailer.finalize().as_bytes(), at).map_err(io_err("writing the trailer"))?;
+        out.as_file()
+            .write_all_at(trailer.finalize().as_bytes(), at)
+            .map_err(io_err("writing the trailer"))?;
         out.as_file().sync_all().map_err(io_err("syncing the assignment"))?;
-        out.persist(&self.out).map_err(|e| WriteError::Io { what: format!("renaming into {}", self.out.display()), source: e.error })?;
+        out.persist(&self.out).map_err(|e| WriteError::Io {
+            what: format!("renaming into {}", self.out.display()),
+            source: e.error,
+        })?;
         Ok(header)
     }
 
@@ -387,7 +448,13 @@ impl AssignmentWriter {
 
 /// Writes the `len` plaintext bytes of `spool` encrypted (salt, then chunk ‖ tag …) at `at` in
 /// `out`; returns the BLAKE3 of what was written.
-fn write_encrypted(key: &CipherKey, spool: &File, len: u64, out: &File, at: u64) -> io::Result<blake3::Hash> {
+fn write_encrypted(
+    key: &CipherKey,
+    spool: &File,
+    len: u64,
+    out: &File,
+    at: u64,
+) -> io::Result<blake3::Hash> {
     let salt: [u8; cipher::SALT as usize] = rand::random();
     let aead = key.for_salt(&salt);
     let mut hasher = blake3::Hasher::new();
@@ -416,7 +483,12 @@ fn parent_dir(p: &Path) -> &Path {
 
 /// Feeds `len` bytes of `f` from `from` to `each` in 1 MiB pieces (positioned reads, so the
 /// file's cursor is never moved). A file shorter than expected is an error.
-pub(crate) fn copy_range(f: &File, from: u64, len: u64, mut each: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
+pub(crate) fn copy_range(
+    f: &File,
+    from: u64,
+    len: u64,
+    mut each: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
     let mut buf = vec![0u8; (1usize << 20).min(len as usize)];
     let mut done = 0u64;
     while done < len {
@@ -429,7 +501,10 @@ pub(crate) fn copy_range(f: &File, from: u64, len: u64, mut each: impl FnMut(&[u
 }
 
 /// Reads everything `r` yields into `each` (used for streams without positions).
-pub(crate) fn pump(r: &mut dyn Read, mut each: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<u64> {
+pub(crate) fn pump(
+    r: &mut dyn Read,
+    mut each: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<u64> {
     let mut buf = vec![0u8; 256 << 10];
     let mut total = 0u64;
     loop {

@@ -6,7 +6,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cmover", version, about = "Content Mover: publish content to many servers through elected group leaders")]
+#[command(
+    name = "cmover",
+    version,
+    about = "Content Mover: publish content to many servers through elected group leaders"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

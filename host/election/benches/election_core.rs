@@ -6,7 +6,7 @@ use std::hint::black_box;
 
 use cm_election::wire::{self, Header, Message};
 use cm_election::{ClaimKey, Config, Priority};
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{Criterion, criterion_group, criterion_main};
 
 fn codec(c: &mut Criterion) {
     let key = Config::derive_key(b"bench secret");
@@ -17,8 +17,12 @@ fn codec(c: &mut Criterion) {
     };
     let header = Header { cluster: 1, sender: 7, incarnation: 1, seq: 99 };
     let sealed = wire::seal(&key, &header, &msg).unwrap();
-    c.bench_function("seal leader alive (64-byte payload)", |b| b.iter(|| wire::seal(&key, black_box(&header), black_box(&msg))));
-    c.bench_function("open leader alive (64-byte payload)", |b| b.iter(|| wire::open(&key, 1, black_box(&sealed))));
+    c.bench_function("seal leader alive (64-byte payload)", |b| {
+        b.iter(|| wire::seal(&key, black_box(&header), black_box(&msg)))
+    });
+    c.bench_function("open leader alive (64-byte payload)", |b| {
+        b.iter(|| wire::open(&key, 1, black_box(&sealed)))
+    });
 }
 
 fn scenario(c: &mut Criterion) {

@@ -109,13 +109,17 @@ impl Timing {
             return bad("leader_timeout must exceed the heartbeat");
         }
         if self.claim_min > self.claim_initial {
-            return bad("claim_min must not exceed claim_initial (the deposed leader claims first)");
+            return bad(
+                "claim_min must not exceed claim_initial (the deposed leader claims first)",
+            );
         }
         if self.voting_window_min.is_zero() || self.voting_window_min > self.voting_window_max {
             return bad("voting window must be positive and min <= max");
         }
         if self.voting_window_max >= self.leader_timeout {
-            return bad("voting window must be shorter than leader_timeout, or members give up on a reopened vote");
+            return bad(
+                "voting window must be shorter than leader_timeout, or members give up on a reopened vote",
+            );
         }
         if self.report_delay_min > self.report_delay_max {
             return bad("report_delay_min must not exceed report_delay_max");
@@ -124,7 +128,9 @@ impl Timing {
             return bad("member_timeout must exceed member_refresh");
         }
         if self.channel_reannounce.is_zero() || self.channel_reannounce >= self.leader_timeout {
-            return bad("channel_reannounce must be positive and shorter than leader_timeout, or a node on an old channel claims first");
+            return bad(
+                "channel_reannounce must be positive and shorter than leader_timeout, or a node on an old channel claims first",
+            );
         }
         if self.concede_timeout <= self.voting_window_max {
             return bad("concede_timeout must exceed the voting window");
@@ -203,7 +209,14 @@ impl Config {
     }
 
     /// A configuration with default timing for `heartbeat` and everything optional left empty.
-    pub fn new(cluster_id: u64, node: NodeId, incarnation: u64, cluster_secret: &[u8], control_channel: SocketAddr, heartbeat: Duration) -> Self {
+    pub fn new(
+        cluster_id: u64,
+        node: NodeId,
+        incarnation: u64,
+        cluster_secret: &[u8],
+        control_channel: SocketAddr,
+        heartbeat: Duration,
+    ) -> Self {
         Config {
             cluster_id,
             node,
@@ -222,7 +235,8 @@ impl Config {
 
     /// True when this node may ever claim leadership.
     pub fn eligible(&self) -> bool {
-        self.eligibility == Eligibility::Candidate && (!self.preassigned_only || self.preassigned.contains(&self.node))
+        self.eligibility == Eligibility::Candidate
+            && (!self.preassigned_only || self.preassigned.contains(&self.node))
     }
 
     /// `255 - position` on the pre-assigned list, 0 when not on it.

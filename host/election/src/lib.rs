@@ -22,7 +22,9 @@ pub mod time;
 pub mod wire;
 
 pub use config::{Config, ConfigError, DataChannelPool, Eligibility, Registration, Timing};
-pub use machine::{Destination, Election, Event, LeaveReason, Member, RequestError, State, Stats, Transmit};
+pub use machine::{
+    Destination, Election, Event, LeaveReason, Member, RequestError, State, Stats, Transmit,
+};
 pub use priority::{ClaimKey, NodeId, Priority, PriorityInputs};
 pub use replay::ReplayRecord;
 pub use restart::{RestartState, RestartStateError, Save, next_incarnation, recent_failures};

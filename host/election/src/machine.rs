@@ -27,7 +27,7 @@ use crate::priority::{ClaimKey, NodeId};
 use crate::replay::ReplayGuard;
 use crate::restart::{RestartState, RestartStateError, Save, recent_failures};
 use crate::time::Instant;
-use crate::wire::{self, DropReason, Header, MemberReport, Message, MAX_PAYLOAD, MAX_REPORT_IDS};
+use crate::wire::{self, DropReason, Header, MAX_PAYLOAD, MAX_REPORT_IDS, MemberReport, Message};
 
 /// The five states of the seed's Fig. 5.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -77,25 +77,45 @@ pub enum LeaveReason {
 /// What happened, for the rest of the agent (the GL duties, MCTP, reports to the manager).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    StateChanged { from: State, to: State },
+    StateChanged {
+        from: State,
+        to: State,
+    },
     /// The leader this node follows (or itself) changed; `None` while an election runs.
-    LeaderChanged { leader: Option<NodeId> },
+    LeaderChanged {
+        leader: Option<NodeId>,
+    },
     BecameLeader,
     LostLeadership,
     /// Leader side: a member registered.
     MemberJoined(Member),
     /// Leader side: a member left or timed out.
-    MemberLeft { node: NodeId, reason: LeaveReason },
+    MemberLeft {
+        node: NodeId,
+        reason: LeaveReason,
+    },
     /// Leader side: the member list changed; read it with [`Election::members`].
-    MembersChanged { count: usize },
+    MembersChanged {
+        count: usize,
+    },
     /// Member side: our leader's report lists us.
-    Registered { leader: NodeId },
+    Registered {
+        leader: NodeId,
+    },
     /// Move to this control channel (the driver re-joins).
-    ChannelMove { channel: SocketAddr },
+    ChannelMove {
+        channel: SocketAddr,
+    },
     /// Member side: a content group of ours got (or changed) its data channel.
-    DataChannelAssigned { group: String, channel: SocketAddr },
+    DataChannelAssigned {
+        group: String,
+        channel: SocketAddr,
+    },
     /// Member side: the leader's heartbeat payload changed (e.g. an MCTP session announce).
-    LeaderPayload { leader: NodeId, payload: Vec<u8> },
+    LeaderPayload {
+        leader: NodeId,
+        payload: Vec<u8>,
+    },
 }
 
 /// Counters for everything received and sent: every dropped datagram is counted by reason.
@@ -235,7 +255,12 @@ impl Election {
     ///
     /// The priority's `recent_failures` becomes the configured value plus the runs of this node
     /// that crashed (stopped without [`Election::leave`]) in the last week.
-    pub fn resume(mut cfg: Config, now: Instant, rng_seed: u64, saved: Option<&RestartState>) -> Result<Self, ConfigError> {
+    pub fn resume(
+        mut cfg: Config,
+        now: Instant,
+        rng_seed: u64,
+        saved: Option<&RestartState>,
+    ) -> Result<Self, ConfigError> {
         cfg.validate()?;
         let mut failures = Vec::new();
         let mut control = cfg.control_channel;
@@ -244,10 +269,18 @@ impl Election {
         let mut replay = ReplayGuard::default();
         if let Some(saved) = saved {
             if (saved.cluster_id, saved.node) != (cfg.cluster_id, cfg.node) {
-                return Err(RestartStateError::OtherNode { cluster: saved.cluster_id, node: saved.node }.into());
+                return Err(RestartStateError::OtherNode {
+                    cluster: saved.cluster_id,
+                    node: saved.node,
+                }
+                .into());
             }
             if cfg.incarnation <= saved.incarnation {
-                return Err(RestartStateError::StaleIncarnation { configured: cfg.incarnation, saved: saved.incarnation }.into());
+                return Err(RestartStateError::StaleIncarnation {
+                    configured: cfg.incarnation,
+                    saved: saved.incarnation,
+                }
+                .into());
             }
             if saved.configured_channel == cfg.control_channel {
                 control = saved.control_channel;
@@ -376,14 +409,22 @@ impl Election {
     }
 
     fn recently_led(&self, now: Instant) -> bool {
-        self.leading || self.led_until.is_some_and(|t| now.saturating_since(t) < self.cfg.timing.deposed_memory)
+        self.leading
+            || self
+                .led_until
+                .is_some_and(|t| now.saturating_since(t) < self.cfg.timing.deposed_memory)
     }
 
     // ----- sans-IO interface ------------------------------------------------------------
 
     /// Feeds one received datagram. Anything not authentic, not for this cluster, replayed or
     /// malformed is counted in [`Stats`] and otherwise ignored.
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) -> Result<(), DropReason> {
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) -> Result<(), DropReason> {
         if self.stopped {
             return Ok(());
         }
@@ -546,7 +587,11 @@ impl Election {
     }
 
     /// Leader only: moves the whole segment to another control channel.
-    pub fn move_control_channel(&mut self, now: Instant, channel: SocketAddr) -> Result<(), RequestError> {
+    pub fn move_control_channel(
+        &mut self,
+        now: Instant,
+        channel: SocketAddr,
+    ) -> Result<(), RequestError> {
         if !self.leading {
             return Err(RequestError::NotLeader);
         }
@@ -559,13 +604,19 @@ impl Election {
         self.reannounce_at = Some(now + self.cfg.timing.channel_move_linger);
         self.send_channel_move(Destination::Channel(old));
         let t = &self.cfg.timing;
-        self.linger = Some(Linger { old, until: now + t.channel_move_linger, next: now + t.heartbeat });
+        self.linger =
+            Some(Linger { old, until: now + t.channel_move_linger, next: now + t.heartbeat });
         Ok(())
     }
 
     /// Leader only: assigns (or reassigns) the data channel of a content group, as the manager
     /// configured it, and tells the members.
-    pub fn set_data_channel(&mut self, now: Instant, group: String, channel: SocketAddr) -> Result<(), RequestError> {
+    pub fn set_data_channel(
+        &mut self,
+        now: Instant,
+        group: String,
+        channel: SocketAddr,
+    ) -> Result<(), RequestError> {
         if !self.leading {
             return Err(RequestError::NotLeader);
         }
@@ -724,10 +775,14 @@ impl Election {
                 }
             }
             Message::Leave { leader } => {
-                if leader == sender && self.state == State::GlKnown && self.leader() == Some(sender) {
+                if leader == sender && self.state == State::GlKnown && self.leader() == Some(sender)
+                {
                     // Our leader resigned: elect now rather than after leader_timeout.
                     self.enter_unknown(now);
-                } else if leader == self.cfg.node && self.leading && self.members.remove(&sender).is_some() {
+                } else if leader == self.cfg.node
+                    && self.leading
+                    && self.members.remove(&sender).is_some()
+                {
                     self.member_left(now, sender, LeaveReason::Left);
                 }
             }
@@ -835,7 +890,13 @@ impl Election {
         }
     }
 
-    fn on_register(&mut self, now: Instant, from: SocketAddr, node: NodeId, registration: Registration) {
+    fn on_register(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        node: NodeId,
+        registration: Registration,
+    ) {
         let mut changed = false;
         match self.members.get_mut(&node) {
             Some(m) => {
@@ -847,7 +908,13 @@ impl Election {
                 }
             }
             None => {
-                let member = Member { node, registration: registration.clone(), source: from, joined: now, last_seen: now };
+                let member = Member {
+                    node,
+                    registration: registration.clone(),
+                    source: from,
+                    joined: now,
+                    last_seen: now,
+                };
                 self.members.insert(node, member.clone());
                 self.events.push_back(Event::MemberJoined(member));
                 self.events.push_back(Event::MembersChanged { count: self.members.len() });
@@ -869,7 +936,10 @@ impl Election {
 
     fn allocate_data_channel(&mut self, group: &str) {
         let Some(pool) = self.cfg.data_channels else { return };
-        match (self.pool_next < pool.count).then(|| nth_channel(pool.first, self.pool_next)).flatten() {
+        match (self.pool_next < pool.count)
+            .then(|| nth_channel(pool.first, self.pool_next))
+            .flatten()
+        {
             Some(channel) => {
                 self.pool_next += 1;
                 self.data_channels.insert(group.to_owned(), channel);
@@ -888,7 +958,12 @@ impl Election {
 
     fn expire_members(&mut self, now: Instant) {
         let timeout = self.cfg.timing.member_timeout;
-        let dead: Vec<NodeId> = self.members.values().filter(|m| m.last_seen + timeout <= now).map(|m| m.node).collect();
+        let dead: Vec<NodeId> = self
+            .members
+            .values()
+            .filter(|m| m.last_seen + timeout <= now)
+            .map(|m| m.node)
+            .collect();
         for node in dead {
             self.members.remove(&node);
             self.member_left(now, node, LeaveReason::TimedOut);
@@ -908,7 +983,8 @@ impl Election {
         } else {
             // Missing: re-register after a short random delay (seed: up to 1 s).
             self.registered_with = None;
-            let retry = now + random_between(&mut self.rng, Duration::ZERO, self.cfg.timing.reregister_max);
+            let retry =
+                now + random_between(&mut self.rng, Duration::ZERO, self.cfg.timing.reregister_max);
             self.register_at = Some(self.register_at.map_or(retry, |t| t.min(retry)));
         }
     }
@@ -917,7 +993,12 @@ impl Election {
 
     fn send(&mut self, destination: Destination, msg: &Message) {
         self.seq += 1;
-        let header = Header { cluster: self.cfg.cluster_id, sender: self.cfg.node, incarnation: self.cfg.incarnation, seq: self.seq };
+        let header = Header {
+            cluster: self.cfg.cluster_id,
+            sender: self.cfg.node,
+            incarnation: self.cfg.incarnation,
+            seq: self.seq,
+        };
         // Every message we build respects the encoder's limits (checked at construction), so
         // an error here is a bug; count it rather than crash the agent.
         if let Ok(payload) = wire::seal(&self.cfg.key, &header, msg) {
@@ -944,7 +1025,8 @@ impl Election {
     fn send_report(&mut self, now: Instant) {
         self.report_round = self.report_round.wrapping_add(1);
         let ids: Vec<NodeId> = self.members.keys().copied().collect();
-        let pages: Vec<&[NodeId]> = if ids.is_empty() { vec![&[]] } else { ids.chunks(MAX_REPORT_IDS).collect() };
+        let pages: Vec<&[NodeId]> =
+            if ids.is_empty() { vec![&[]] } else { ids.chunks(MAX_REPORT_IDS).collect() };
         let mut lo = 0;
         for (i, page) in pages.iter().enumerate() {
             let hi = if i + 1 == pages.len() { NodeId::MAX } else { *page.last().unwrap_or(&lo) };
@@ -959,7 +1041,8 @@ impl Election {
     }
 
     fn send_data_channels(&mut self) {
-        let all: Vec<(String, SocketAddr)> = self.data_channels.iter().map(|(g, a)| (g.clone(), *a)).collect();
+        let all: Vec<(String, SocketAddr)> =
+            self.data_channels.iter().map(|(g, a)| (g.clone(), *a)).collect();
         for chunk in all.chunks(usize::from(u8::MAX)) {
             self.send(Destination::Control, &Message::DataChannels { channels: chunk.to_vec() });
         }
@@ -979,7 +1062,11 @@ impl Election {
         }
         if self.leading != self.reported_leading {
             self.reported_leading = self.leading;
-            self.events.push_back(if self.leading { Event::BecameLeader } else { Event::LostLeadership });
+            self.events.push_back(if self.leading {
+                Event::BecameLeader
+            } else {
+                Event::LostLeadership
+            });
         }
     }
 }

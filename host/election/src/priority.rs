@@ -64,11 +64,16 @@ impl PriorityInputs {
         let compute = ratio(f64::from(self.cpu_cores) * f64::from(self.cpu_mhz), 64_000.0);
         let memory = ratio(self.free_memory_mib as f64, 65_536.0);
         let disk = ratio(self.free_disk_mib as f64, 1_048_576.0);
-        let reliability =
-            ratio(self.uptime_secs as f64, 604_800.0) * 0.5f64.powi(self.recent_failures.min(64) as i32);
+        let reliability = ratio(self.uptime_secs as f64, 604_800.0)
+            * 0.5f64.powi(self.recent_failures.min(64) as i32);
         let freshness = 1.0 / (1.0 + self.content_lag_secs as f64 / 3_600.0);
         let members = ratio(members_known as f64, 256.0);
-        let score = 0.25 * compute + 0.10 * memory + 0.10 * disk + 0.25 * reliability + 0.20 * freshness + 0.10 * members;
+        let score = 0.25 * compute
+            + 0.10 * memory
+            + 0.10 * disk
+            + 0.25 * reliability
+            + 0.20 * freshness
+            + 0.10 * members;
         let measured = (score.clamp(0.0, 1.0) * 65_535.0).round() as u32;
         Priority((u32::from(self.operator_weight) << 16) | measured)
     }
@@ -110,7 +115,13 @@ mod tests {
 
     #[test]
     fn each_measurement_counts_in_the_right_direction() {
-        let base = PriorityInputs { cpu_cores: 4, cpu_mhz: 2000, uptime_secs: 3600, content_lag_secs: 60, ..Default::default() };
+        let base = PriorityInputs {
+            cpu_cores: 4,
+            cpu_mhz: 2000,
+            uptime_secs: 3600,
+            content_lag_secs: 60,
+            ..Default::default()
+        };
         let p = base.priority(0);
         assert!(PriorityInputs { cpu_cores: 8, ..base }.priority(0) > p);
         assert!(PriorityInputs { free_memory_mib: 4096, ..base }.priority(0) > p);
@@ -124,7 +135,8 @@ mod tests {
 
     #[test]
     fn claim_keys_order_rank_then_incumbent_then_priority_then_id() {
-        let k = |rank, incumbent, p, node| ClaimKey { rank, incumbent, priority: Priority(p), node };
+        let k =
+            |rank, incumbent, p, node| ClaimKey { rank, incumbent, priority: Priority(p), node };
         assert!(k(1, false, 0, 0) > k(0, true, 999, 9));
         assert!(k(0, true, 0, 0) > k(0, false, 999, 9));
         assert!(k(0, false, 5, 0) > k(0, false, 4, 9));

@@ -75,7 +75,12 @@ impl ReplayGuard {
     pub fn records(&self) -> Vec<ReplayRecord> {
         self.senders
             .iter()
-            .map(|(&sender, w)| ReplayRecord { sender, incarnation: w.incarnation, highest: w.highest, seen: w.seen })
+            .map(|(&sender, w)| ReplayRecord {
+                sender,
+                incarnation: w.incarnation,
+                highest: w.highest,
+                seen: w.seen,
+            })
             .collect()
     }
 
@@ -83,7 +88,12 @@ impl ReplayGuard {
     pub fn from_records(records: &[ReplayRecord]) -> Self {
         let senders = records
             .iter()
-            .map(|r| (r.sender, SenderWindow { incarnation: r.incarnation, highest: r.highest, seen: r.seen }))
+            .map(|r| {
+                (
+                    r.sender,
+                    SenderWindow { incarnation: r.incarnation, highest: r.highest, seen: r.seen },
+                )
+            })
             .collect();
         ReplayGuard { senders }
     }
@@ -111,7 +121,11 @@ mod tests {
         // A node restarted with its saved windows still rejects everything it accepted.
         let mut restored = ReplayGuard::from_records(&g.records());
         assert_eq!(restored.records(), g.records());
-        assert!(!restored.accept(1, 11, 1) && !restored.accept(2, 10, 5) && !restored.accept(1, 10, 100));
+        assert!(
+            !restored.accept(1, 11, 1)
+                && !restored.accept(2, 10, 5)
+                && !restored.accept(1, 10, 100)
+        );
         assert!(restored.accept(1, 11, 2) && restored.accept(2, 10, 4));
     }
 }

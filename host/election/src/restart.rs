@@ -73,7 +73,8 @@ pub struct RestartState {
 }
 
 /// How long a crash counts as a recent failure: a week, the formula's uptime horizon.
-pub const RECENT_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+pub const RECENT_FAILURE_WINDOW: std::time::Duration =
+    std::time::Duration::from_secs(7 * 24 * 3600);
 /// Most crashes remembered (each halves the reliability term; more change nothing).
 pub const MAX_FAILURES: usize = 16;
 
@@ -82,7 +83,11 @@ pub const MAX_FAILURES: usize = 16;
 pub fn recent_failures(saved: &RestartState, incarnation: u64) -> Vec<u64> {
     let window = u64::try_from(RECENT_FAILURE_WINDOW.as_micros()).unwrap_or(u64::MAX);
     let crashed = saved.running.then_some(saved.incarnation);
-    let mut failures: Vec<u64> = crashed.into_iter().chain(saved.failures.iter().copied()).filter(|&f| incarnation.saturating_sub(f) < window).collect();
+    let mut failures: Vec<u64> = crashed
+        .into_iter()
+        .chain(saved.failures.iter().copied())
+        .filter(|&f| incarnation.saturating_sub(f) < window)
+        .collect();
     failures.truncate(MAX_FAILURES);
     failures
 }
@@ -105,7 +110,9 @@ pub enum RestartStateError {
     BadCheck,
     #[error("restart state belongs to node {node} of cluster {cluster:#x}, not to this node")]
     OtherNode { cluster: u64, node: NodeId },
-    #[error("incarnation {configured} does not exceed the saved incarnation {saved}; use next_incarnation")]
+    #[error(
+        "incarnation {configured} does not exceed the saved incarnation {saved}; use next_incarnation"
+    )]
     StaleIncarnation { configured: u64, saved: u64 },
 }
 
@@ -123,7 +130,12 @@ fn check_key() -> MacKey {
 impl RestartState {
     /// The state of a node that has never moved channel, failed or heard a peer: where a saved
     /// state's history starts (tests and tools build on it with struct update syntax).
-    pub fn first_run(cluster_id: u64, node: u64, incarnation: u64, channel: SocketAddr) -> RestartState {
+    pub fn first_run(
+        cluster_id: u64,
+        node: u64,
+        incarnation: u64,
+        channel: SocketAddr,
+    ) -> RestartState {
         RestartState {
             cluster_id,
             node,
@@ -165,7 +177,9 @@ impl RestartState {
     /// Decodes a stored state. Never panics; a truncated or altered file fails the check.
     pub fn decode(bytes: &[u8]) -> Result<Self, RestartStateError> {
         if bytes.len() < MAGIC.len() + CHECK_LEN {
-            return Err(RestartStateError::Malformed(DecodeError::Incomplete { needed: MAGIC.len() + CHECK_LEN - bytes.len() }));
+            return Err(RestartStateError::Malformed(DecodeError::Incomplete {
+                needed: MAGIC.len() + CHECK_LEN - bytes.len(),
+            }));
         }
         if bytes[..MAGIC.len()] != MAGIC {
             return Err(RestartStateError::Malformed(DecodeError::malformed("bad magic")));
@@ -201,14 +215,30 @@ impl RestartState {
         }
         let mut replay = Vec::with_capacity(n);
         for _ in 0..n {
-            let rec = ReplayRecord { sender: r.u64()?, incarnation: r.u64()?, highest: r.u64()?, seen: r.u64()? };
+            let rec = ReplayRecord {
+                sender: r.u64()?,
+                incarnation: r.u64()?,
+                highest: r.u64()?,
+                seen: r.u64()?,
+            };
             if replay.last().is_some_and(|p: &ReplayRecord| p.sender >= rec.sender) {
                 return Err(DecodeError::malformed("replay records not sorted by sender"));
             }
             replay.push(rec);
         }
         r.finish()?;
-        Ok(RestartState { cluster_id, node, incarnation, configured_channel, control_channel, channel_epoch, old_channels, running, failures, replay })
+        Ok(RestartState {
+            cluster_id,
+            node,
+            incarnation,
+            configured_channel,
+            control_channel,
+            channel_epoch,
+            old_channels,
+            running,
+            failures,
+            replay,
+        })
     }
 }
 
@@ -222,20 +252,48 @@ mod tests {
 
     fn arb_addr() -> impl Strategy<Value = SocketAddr> {
         prop_oneof![
-            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::new(Ipv4Addr::from(ip).into(), port)),
-            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::new(Ipv6Addr::from(ip).into(), port)),
+            (any::<[u8; 4]>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::new(Ipv4Addr::from(ip).into(), port)),
+            (any::<[u8; 16]>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::new(Ipv6Addr::from(ip).into(), port)),
         ]
     }
 
     fn arb_state() -> impl Strategy<Value = RestartState> {
-        let records = proptest::collection::btree_map(any::<u64>(), any::<(u64, u64, u64)>(), 0..40);
+        let records =
+            proptest::collection::btree_map(any::<u64>(), any::<(u64, u64, u64)>(), 0..40);
         let olds = proptest::collection::vec(arb_addr(), 0..=MAX_OLD_CHANNELS);
         let failures = (any::<bool>(), proptest::collection::vec(any::<u64>(), 0..=MAX_FAILURES));
         (any::<(u64, u64, u64, u32)>(), arb_addr(), arb_addr(), olds, failures, records).prop_map(
-            |((cluster_id, node, incarnation, channel_epoch), a, b, old_channels, (running, failures), recs)| {
-                let replay =
-                    recs.into_iter().map(|(sender, (incarnation, highest, seen))| ReplayRecord { sender, incarnation, highest, seen }).collect();
-                RestartState { cluster_id, node, incarnation, configured_channel: a, control_channel: b, channel_epoch, old_channels, running, failures, replay }
+            |(
+                (cluster_id, node, incarnation, channel_epoch),
+                a,
+                b,
+                old_channels,
+                (running, failures),
+                recs,
+            )| {
+                let replay = recs
+                    .into_iter()
+                    .map(|(sender, (incarnation, highest, seen))| ReplayRecord {
+                        sender,
+                        incarnation,
+                        highest,
+                        seen,
+                    })
+                    .collect();
+                RestartState {
+                    cluster_id,
+                    node,
+                    incarnation,
+                    configured_channel: a,
+                    control_channel: b,
+                    channel_epoch,
+                    old_channels,
+                    running,
+                    failures,
+                    replay,
+                }
             },
         )
     }
@@ -280,7 +338,11 @@ mod tests {
             failures: vec![9 * day, 2 * day],
             ..RestartState::first_run(1, 2, 10 * day, "239.1.1.1:7000".parse().unwrap())
         };
-        assert_eq!(recent_failures(&s, 11 * day), vec![10 * day, 9 * day], "the crashed run counts, the 9-day-old crash does not");
+        assert_eq!(
+            recent_failures(&s, 11 * day),
+            vec![10 * day, 9 * day],
+            "the crashed run counts, the 9-day-old crash does not"
+        );
         s.running = false;
         assert_eq!(recent_failures(&s, 11 * day), vec![9 * day], "a clean stop is no failure");
         s.failures = (0..40).map(|i| 10 * day - i).collect();

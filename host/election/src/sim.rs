@@ -32,7 +32,12 @@ pub struct NetConfig {
 impl NetConfig {
     /// A healthy LAN: nothing lost, 0.1–2 ms latency.
     pub fn perfect() -> Self {
-        NetConfig { loss: 0.0, duplicate: 0.0, min_delay: Duration::from_micros(100), max_delay: Duration::from_millis(2) }
+        NetConfig {
+            loss: 0.0,
+            duplicate: 0.0,
+            min_delay: Duration::from_micros(100),
+            max_delay: Duration::from_millis(2),
+        }
     }
 }
 
@@ -122,16 +127,25 @@ impl Sim {
     /// from a wall clock that is sometimes off or stepped back, the saved control channel and
     /// replay windows. An attacker immediately replays the node's latest accepted datagrams.
     pub fn start(&mut self, i: usize) {
-        let skew_ms: i64 = if self.rng.random_bool(0.2) { -self.rng.random_range(0..2000) } else { self.rng.random_range(-20..20) };
-        let clock = (self.now.since_origin().as_micros() as i64 + 1_000_000 + skew_ms * 1000).max(0) as u64;
+        let skew_ms: i64 = if self.rng.random_bool(0.2) {
+            -self.rng.random_range(0..2000)
+        } else {
+            self.rng.random_range(-20..20)
+        };
+        let clock =
+            (self.now.since_origin().as_micros() as i64 + 1_000_000 + skew_ms * 1000).max(0) as u64;
         let seed = self.rng.random();
         let node = &mut self.nodes[i];
         let incarnation = next_incarnation(node.saved.as_ref(), clock);
         if node.saved.as_ref().is_some_and(|s| incarnation <= s.incarnation) {
-            self.violation = Some(format!("node {} restarted with incarnation {incarnation}, not above its last", node.config.node));
+            self.violation = Some(format!(
+                "node {} restarted with incarnation {incarnation}, not above its last",
+                node.config.node
+            ));
         }
         node.config.incarnation = incarnation;
-        let e = Election::resume(node.config.clone(), self.now, seed, node.saved.as_ref()).expect("simulated configs are valid");
+        let e = Election::resume(node.config.clone(), self.now, seed, node.saved.as_ref())
+            .expect("simulated configs are valid");
         node.election = Some(e);
         let replays: Vec<Vec<u8>> = node.recent.iter().cloned().collect();
         self.flush(i);
@@ -142,7 +156,11 @@ impl Sim {
 
     /// Runs `f` on live node `i` at the current time (a request such as a channel move), then
     /// sends what it produced.
-    pub fn with_node<T>(&mut self, i: usize, f: impl FnOnce(&mut Election, Instant) -> T) -> Option<T> {
+    pub fn with_node<T>(
+        &mut self,
+        i: usize,
+        f: impl FnOnce(&mut Election, Instant) -> T,
+    ) -> Option<T> {
         let now = self.now;
         let out = f(self.nodes[i].election.as_mut()?, now);
         self.flush(i);
@@ -152,7 +170,13 @@ impl Sim {
     /// Delivers raw bytes to node `i` now (an outsider's packet).
     pub fn inject(&mut self, i: usize, bytes: Vec<u8>) {
         self.order += 1;
-        self.queue.push(Reverse(Delivery { at: self.now, order: self.order, to: i, from: i, bytes }));
+        self.queue.push(Reverse(Delivery {
+            at: self.now,
+            order: self.order,
+            to: i,
+            from: i,
+            bytes,
+        }));
     }
 
     pub fn crash(&mut self, i: usize) {
@@ -200,7 +224,8 @@ impl Sim {
                 self.recorded.push(bytes.clone());
             }
             for j in 0..self.nodes.len() {
-                let listening = self.nodes[j].election.as_ref().is_some_and(|e| e.control_channel() == channel);
+                let listening =
+                    self.nodes[j].election.as_ref().is_some_and(|e| e.control_channel() == channel);
                 if j == i || !listening || !self.connected(i, j) {
                     continue;
                 }
@@ -276,7 +301,13 @@ impl Sim {
                 self.delivered += 1;
                 let r = e.handle_datagram(self.now, from, &d.bytes);
                 if self.trace {
-                    eprintln!("{:>10.1?} node {:>3}: datagram from [{}] {} bytes: {r:?}", self.now.since_origin(), e.node(), d.from, d.bytes.len());
+                    eprintln!(
+                        "{:>10.1?} node {:>3}: datagram from [{}] {} bytes: {r:?}",
+                        self.now.since_origin(),
+                        e.node(),
+                        d.from,
+                        d.bytes.len()
+                    );
                 }
                 if r.is_ok()
                     && let Some(h) = wire::peek_header(&d.bytes)
@@ -310,7 +341,11 @@ impl Sim {
     }
 
     /// Runs until `until`, calling `check` after every step.
-    pub fn run_until(&mut self, until: Instant, mut check: impl FnMut(&Sim) -> Result<(), String>) -> Result<(), String> {
+    pub fn run_until(
+        &mut self,
+        until: Instant,
+        mut check: impl FnMut(&Sim) -> Result<(), String>,
+    ) -> Result<(), String> {
         while self.step(until) {
             check(self)?;
         }
@@ -359,11 +394,16 @@ impl Sim {
 
     /// The one leader every live node agrees on, if there is exactly one.
     pub fn agreed_leader(&self) -> Option<usize> {
-        let leaders: Vec<usize> = self.live().filter(|(_, e)| e.is_leader()).map(|(i, _)| i).collect();
+        let leaders: Vec<usize> =
+            self.live().filter(|(_, e)| e.is_leader()).map(|(i, _)| i).collect();
         let &[l] = leaders.as_slice() else { return None };
         let lid = self.nodes[l].config.node;
         let all_follow = self.live().all(|(i, e)| {
-            if i == l { e.state() == State::GlIsMe } else { e.state() == State::GlKnown && e.leader() == Some(lid) }
+            if i == l {
+                e.state() == State::GlIsMe
+            } else {
+                e.state() == State::GlKnown && e.leader() == Some(lid)
+            }
         });
         all_follow.then_some(l)
     }
@@ -374,8 +414,10 @@ impl Sim {
         let Some(leader) = self.nodes[l].election.as_ref() else { return false };
         let lid = leader.node();
         let listed: BTreeSet<NodeId> = leader.members().map(|m| m.node).collect();
-        let others: BTreeSet<NodeId> = self.live().filter(|&(i, _)| i != l).map(|(_, e)| e.node()).collect();
-        listed == others && self.live().filter(|&(i, _)| i != l).all(|(_, e)| e.registered_with() == Some(lid))
+        let others: BTreeSet<NodeId> =
+            self.live().filter(|&(i, _)| i != l).map(|(_, e)| e.node()).collect();
+        listed == others
+            && self.live().filter(|&(i, _)| i != l).all(|(_, e)| e.registered_with() == Some(lid))
     }
 }
 
@@ -405,7 +447,10 @@ pub fn check_local(sim: &Sim) -> Result<(), String> {
         if let Some(t) = e.poll_timeout()
             && t <= sim.now
         {
-            return Err(format!("node {id} (index {i}) has a timer in the past at {:?}: {e:?}", sim.now));
+            return Err(format!(
+                "node {id} (index {i}) has a timer in the past at {:?}: {e:?}",
+                sim.now
+            ));
         }
     }
     Ok(())
@@ -448,9 +493,16 @@ fn random_config(rng: &mut ChaCha8Rng, id: NodeId, shared: Option<PriorityInputs
         cpu_cores: 8,
         cpu_mhz: 2000,
         free_disk_mib: 1000,
-        content_groups: groups.iter().filter(|_| rng.random_bool(0.5)).map(|g| g.to_string()).collect(),
+        content_groups: groups
+            .iter()
+            .filter(|_| rng.random_bool(0.5))
+            .map(|g| g.to_string())
+            .collect(),
     };
-    c.data_channels = Some(DataChannelPool { first: "239.8.0.1:7100".parse().expect("literal address"), count: 16 });
+    c.data_channels = Some(DataChannelPool {
+        first: "239.8.0.1:7100".parse().expect("literal address"),
+        count: 16,
+    });
     c
 }
 
@@ -473,7 +525,11 @@ pub fn run_scenario(seed: u64) -> Result<Outcome, String> {
     for i in (1..ids.len()).rev() {
         ids.swap(i, rng.random_range(0..=i));
     }
-    let shared = rng.random_bool(0.3).then(|| PriorityInputs { cpu_cores: 8, cpu_mhz: 3000, ..Default::default() });
+    let shared = rng.random_bool(0.3).then(|| PriorityInputs {
+        cpu_cores: 8,
+        cpu_mhz: 3000,
+        ..Default::default()
+    });
     let mut configs: Vec<Config> = ids
         .iter()
         .map(|&id| {
@@ -485,7 +541,8 @@ pub fn run_scenario(seed: u64) -> Result<Outcome, String> {
         configs[0].eligibility = Eligibility::Ineligible;
     }
     if rng.random_bool(0.15) {
-        let pre: Vec<NodeId> = ids.iter().copied().filter(|_| rng.random_bool(0.3)).take(2).collect();
+        let pre: Vec<NodeId> =
+            ids.iter().copied().filter(|_| rng.random_bool(0.3)).take(2).collect();
         for c in &mut configs {
             c.preassigned = pre.clone();
         }
@@ -501,8 +558,9 @@ pub fn run_scenario(seed: u64) -> Result<Outcome, String> {
     let mut sim = Sim::new(rng.random(), configs, chaotic);
 
     // Staggered start.
-    let mut starts: Vec<(Instant, usize)> =
-        (0..n).map(|i| (Instant::from_origin(Duration::from_millis(rng.random_range(0..300))), i)).collect();
+    let mut starts: Vec<(Instant, usize)> = (0..n)
+        .map(|i| (Instant::from_origin(Duration::from_millis(rng.random_range(0..300))), i))
+        .collect();
     starts.sort();
     for (at, i) in starts {
         sim.run_until(at, check_local)?;
@@ -557,7 +615,8 @@ pub fn run_scenario(seed: u64) -> Result<Outcome, String> {
     // list still holds a member that was not heard) surfaces within one failover or one member
     // timeout; judge convergence after that.
     let timing = &sim.nodes[0].config.timing;
-    let grace = timing.failover_bound(sim.net.max_delay).max(timing.member_timeout) + timing.heartbeat;
+    let grace =
+        timing.failover_bound(sim.net.max_delay).max(timing.member_timeout) + timing.heartbeat;
     sim.run_until(healed + grace, check_local)?;
     let converged = |s: &Sim| s.agreed_leader().is_some_and(|l| s.members_converged(l));
     let Some(at) = sim.run_until_true(healed + h(80), check_local, converged)? else {
@@ -573,10 +632,18 @@ pub fn run_scenario(seed: u64) -> Result<Outcome, String> {
     let stable = |s: &Sim| -> Result<(), String> {
         check_local(s)?;
         if s.agreed_leader() != Some(leader) {
-            return Err(format!("leadership changed on a perfect network at {:?}:{}", s.now, s.describe()));
+            return Err(format!(
+                "leadership changed on a perfect network at {:?}:{}",
+                s.now,
+                s.describe()
+            ));
         }
         if !s.members_converged(leader) {
-            return Err(format!("membership changed on a perfect network at {:?}:{}", s.now, s.describe()));
+            return Err(format!(
+                "membership changed on a perfect network at {:?}:{}",
+                s.now,
+                s.describe()
+            ));
         }
         Ok(())
     };
@@ -594,7 +661,9 @@ pub fn run_scenario(seed: u64) -> Result<Outcome, String> {
         sim.crash(leader);
         let crashed = sim.now;
         let bound = sim.nodes[leader].config.timing.failover_bound(sim.net.max_delay);
-        let Some(at) = sim.run_until_true(crashed + bound * 2, check_local, |s| s.agreed_leader().is_some())? else {
+        let Some(at) =
+            sim.run_until_true(crashed + bound * 2, check_local, |s| s.agreed_leader().is_some())?
+        else {
             return Err("no new leader after the leader crashed".into());
         };
         let took = at - crashed;

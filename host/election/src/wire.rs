@@ -152,7 +152,11 @@ fn encode_body(w: &mut Writer, msg: &Message) -> Result<(), EncodeError> {
             write_key(w, key);
             w.u32(*members);
             if payload.len() > MAX_PAYLOAD {
-                return Err(EncodeError { what: "heartbeat payload", len: payload.len(), max: MAX_PAYLOAD });
+                return Err(EncodeError {
+                    what: "heartbeat payload",
+                    len: payload.len(),
+                    max: MAX_PAYLOAD,
+                });
             }
             w.bytes16("heartbeat payload", payload)?;
         }
@@ -162,7 +166,11 @@ fn encode_body(w: &mut Writer, msg: &Message) -> Result<(), EncodeError> {
             w.str16("name", &reg.name)?.str16("address", &reg.address)?;
             w.u16(reg.cpu_cores).u32(reg.cpu_mhz).u64(reg.free_disk_mib);
             if reg.content_groups.len() > MAX_GROUPS {
-                return Err(EncodeError { what: "content groups", len: reg.content_groups.len(), max: MAX_GROUPS });
+                return Err(EncodeError {
+                    what: "content groups",
+                    len: reg.content_groups.len(),
+                    max: MAX_GROUPS,
+                });
             }
             w.u8(reg.content_groups.len() as u8);
             for g in &reg.content_groups {
@@ -174,7 +182,11 @@ fn encode_body(w: &mut Writer, msg: &Message) -> Result<(), EncodeError> {
         }
         Message::MemberReport(rep) => {
             if rep.members.len() > MAX_REPORT_IDS {
-                return Err(EncodeError { what: "report members", len: rep.members.len(), max: MAX_REPORT_IDS });
+                return Err(EncodeError {
+                    what: "report members",
+                    len: rep.members.len(),
+                    max: MAX_REPORT_IDS,
+                });
             }
             w.u32(rep.round).u64(rep.lo).u64(rep.hi).u16(rep.members.len() as u16);
             for id in &rep.members {
@@ -187,7 +199,11 @@ fn encode_body(w: &mut Writer, msg: &Message) -> Result<(), EncodeError> {
         }
         Message::DataChannels { channels } => {
             if channels.len() > usize::from(u8::MAX) {
-                return Err(EncodeError { what: "data channels", len: channels.len(), max: u8::MAX.into() });
+                return Err(EncodeError {
+                    what: "data channels",
+                    len: channels.len(),
+                    max: u8::MAX.into(),
+                });
             }
             w.u8(channels.len() as u8);
             for (group, addr) in channels {
@@ -228,7 +244,14 @@ pub fn decode_body(kind: u8, sender: NodeId, body: &[u8]) -> Result<Message, Dec
             }
             Message::Register {
                 leader,
-                registration: Registration { name, address, cpu_cores, cpu_mhz, free_disk_mib, content_groups },
+                registration: Registration {
+                    name,
+                    address,
+                    cpu_cores,
+                    cpu_mhz,
+                    free_disk_mib,
+                    content_groups,
+                },
             }
         }
         4 => Message::Leave { leader: r.u64()? },
@@ -248,7 +271,9 @@ pub fn decode_body(kind: u8, sender: NodeId, body: &[u8]) -> Result<Message, Dec
             for _ in 0..n {
                 let id = r.u64()?;
                 if id < lo || id > hi || members.last().is_some_and(|&prev| prev >= id) {
-                    return Err(DecodeError::malformed("report ids unsorted or outside their range"));
+                    return Err(DecodeError::malformed(
+                        "report ids unsorted or outside their range",
+                    ));
                 }
                 members.push(id);
             }
@@ -285,7 +310,12 @@ pub fn seal(key: &MacKey, header: &Header, msg: &Message) -> Result<Vec<u8>, Enc
 /// authenticated (e.g. one [`crate::Election::handle_datagram`] accepted), to name them cheaply.
 pub fn peek_header(datagram: &[u8]) -> Option<Header> {
     let mut r = Reader::new(datagram.get(6..)?);
-    Some(Header { cluster: r.u64().ok()?, sender: r.u64().ok()?, incarnation: r.u64().ok()?, seq: r.u64().ok()? })
+    Some(Header {
+        cluster: r.u64().ok()?,
+        sender: r.u64().ok()?,
+        incarnation: r.u64().ok()?,
+        seq: r.u64().ok()?,
+    })
 }
 
 /// Checks and decodes one datagram for `cluster`. Never panics, whatever the input.
@@ -301,11 +331,18 @@ pub fn open(key: &MacKey, cluster: u64, datagram: &[u8]) -> Result<(Header, Mess
     }
     let kind = r.u8().map_err(DropReason::Malformed)?;
     let header = (|| {
-        Ok::<_, DecodeError>(Header { cluster: r.u64()?, sender: r.u64()?, incarnation: r.u64()?, seq: r.u64()? })
+        Ok::<_, DecodeError>(Header {
+            cluster: r.u64()?,
+            sender: r.u64()?,
+            incarnation: r.u64()?,
+            seq: r.u64()?,
+        })
     })()
     .map_err(DropReason::Malformed)?;
     if r.remaining() < TAG_LEN {
-        return Err(DropReason::Malformed(DecodeError::Incomplete { needed: TAG_LEN - r.remaining() }));
+        return Err(DropReason::Malformed(DecodeError::Incomplete {
+            needed: TAG_LEN - r.remaining(),
+        }));
     }
     if header.cluster != cluster {
         return Err(DropReason::ForeignCluster(header.cluster));
@@ -326,37 +363,74 @@ mod tests {
     }
 
     fn arb_key(node: NodeId) -> impl Strategy<Value = ClaimKey> {
-        (any::<u8>(), any::<bool>(), any::<u32>()).prop_map(move |(rank, incumbent, p)| ClaimKey { rank, incumbent, priority: Priority(p), node })
+        (any::<u8>(), any::<bool>(), any::<u32>()).prop_map(move |(rank, incumbent, p)| ClaimKey {
+            rank,
+            incumbent,
+            priority: Priority(p),
+            node,
+        })
     }
 
     fn arb_addr() -> impl Strategy<Value = SocketAddr> {
         prop_oneof![
-            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::new(Ipv4Addr::from(ip).into(), port)),
-            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::new(Ipv6Addr::from(ip).into(), port)),
+            (any::<[u8; 4]>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::new(Ipv4Addr::from(ip).into(), port)),
+            (any::<[u8; 16]>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::new(Ipv6Addr::from(ip).into(), port)),
         ]
     }
 
     fn arb_message(sender: NodeId) -> impl Strategy<Value = Message> {
         let group = "[a-z]{0,64}";
         prop_oneof![
-            (arb_key(sender), any::<u32>(), proptest::collection::vec(any::<u8>(), 0..=MAX_PAYLOAD))
-                .prop_map(|(key, members, payload)| Message::LeaderAlive { key, members, payload }),
+            (
+                arb_key(sender),
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 0..=MAX_PAYLOAD)
+            )
+                .prop_map(|(key, members, payload)| Message::LeaderAlive {
+                    key,
+                    members,
+                    payload
+                }),
             arb_key(sender).prop_map(|key| Message::LeaderClaim { key }),
-            (any::<u64>(), ".{0,60}", ".{0,40}", any::<u16>(), any::<u32>(), any::<u64>(), proptest::collection::vec(group, 0..=MAX_GROUPS)).prop_map(
-                |(leader, name, address, cpu_cores, cpu_mhz, free_disk_mib, content_groups)| Message::Register {
-                    leader,
-                    registration: Registration { name, address, cpu_cores, cpu_mhz, free_disk_mib, content_groups },
+            (
+                any::<u64>(),
+                ".{0,60}",
+                ".{0,40}",
+                any::<u16>(),
+                any::<u32>(),
+                any::<u64>(),
+                proptest::collection::vec(group, 0..=MAX_GROUPS)
+            )
+                .prop_map(
+                    |(leader, name, address, cpu_cores, cpu_mhz, free_disk_mib, content_groups)| {
+                        Message::Register {
+                            leader,
+                            registration: Registration {
+                                name,
+                                address,
+                                cpu_cores,
+                                cpu_mhz,
+                                free_disk_mib,
+                                content_groups,
+                            },
+                        }
+                    }
+                ),
+            any::<u64>().prop_map(|leader| Message::Leave { leader }),
+            (any::<u32>(), proptest::collection::btree_set(any::<u64>(), 0..50)).prop_map(
+                |(round, set)| {
+                    let members: Vec<_> = set.into_iter().collect();
+                    let lo = members.first().copied().unwrap_or(0);
+                    let hi = members.last().copied().unwrap_or(u64::MAX);
+                    Message::MemberReport(MemberReport { round, lo, hi, members })
                 }
             ),
-            any::<u64>().prop_map(|leader| Message::Leave { leader }),
-            (any::<u32>(), proptest::collection::btree_set(any::<u64>(), 0..50)).prop_map(|(round, set)| {
-                let members: Vec<_> = set.into_iter().collect();
-                let lo = members.first().copied().unwrap_or(0);
-                let hi = members.last().copied().unwrap_or(u64::MAX);
-                Message::MemberReport(MemberReport { round, lo, hi, members })
-            }),
-            (any::<u32>(), arb_addr()).prop_map(|(epoch, channel)| Message::ChannelMove { epoch, channel }),
-            proptest::collection::vec((group, arb_addr()), 0..10).prop_map(|channels| Message::DataChannels { channels }),
+            (any::<u32>(), arb_addr())
+                .prop_map(|(epoch, channel)| Message::ChannelMove { epoch, channel }),
+            proptest::collection::vec((group, arb_addr()), 0..10)
+                .prop_map(|channels| Message::DataChannels { channels }),
         ]
     }
 
@@ -395,7 +469,14 @@ mod tests {
     #[test]
     fn flipped_bits_are_forgeries() {
         let h = Header { cluster: 7, sender: 1, incarnation: 2, seq: 3 };
-        let d = seal(&key(), &h, &Message::LeaderClaim { key: ClaimKey { rank: 0, incumbent: false, priority: Priority(9), node: 1 } }).unwrap();
+        let d = seal(
+            &key(),
+            &h,
+            &Message::LeaderClaim {
+                key: ClaimKey { rank: 0, incumbent: false, priority: Priority(9), node: 1 },
+            },
+        )
+        .unwrap();
         for bit in (4 * 8 + 16)..d.len() * 8 {
             let mut bad = d.clone();
             bad[bit / 8] ^= 1 << (bit % 8);

@@ -3,11 +3,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use cm_election::sim::{check_local, NetConfig, Sim};
+use cm_election::sim::{NetConfig, Sim, check_local};
 use cm_election::wire::{self, Header, Message};
 use cm_election::{
-    ClaimKey, Config, DataChannelPool, Eligibility, Event, Instant, LeaveReason, Priority, PriorityInputs, Registration,
-    State,
+    ClaimKey, Config, DataChannelPool, Eligibility, Event, Instant, LeaveReason, Priority,
+    PriorityInputs, Registration, State,
 };
 
 const HB: Duration = Duration::from_millis(100);
@@ -20,8 +20,17 @@ fn channel() -> SocketAddr {
 /// A node whose priority is fixed by its operator weight.
 fn node(id: u64, weight: u8) -> Config {
     let mut c = Config::new(0xAB, id, 0, SECRET, channel(), HB);
-    c.priority = PriorityInputs { operator_weight: weight, cpu_cores: 4, cpu_mhz: 2000, ..Default::default() };
-    c.registration = Registration { name: format!("bes-{id}"), address: format!("10.1.0.{id}:7001"), ..Default::default() };
+    c.priority = PriorityInputs {
+        operator_weight: weight,
+        cpu_cores: 4,
+        cpu_mhz: 2000,
+        ..Default::default()
+    };
+    c.registration = Registration {
+        name: format!("bes-{id}"),
+        address: format!("10.1.0.{id}:7001"),
+        ..Default::default()
+    };
     c
 }
 
@@ -59,7 +68,13 @@ fn nobody_leads_but(l: usize) -> impl Fn(&Sim) -> Result<(), String> {
 }
 
 fn events_of(s: &Sim, node: u64) -> Vec<Event> {
-    s.log.as_ref().unwrap().iter().filter(|(_, n, _)| *n == node).map(|(_, _, e)| e.clone()).collect()
+    s.log
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter(|(_, n, _)| *n == node)
+        .map(|(_, _, e)| e.clone())
+        .collect()
 }
 
 #[test]
@@ -81,7 +96,10 @@ fn strongest_wins_and_everyone_registers() {
     assert!(ev.contains(&Event::StateChanged { from: State::GlUnknown, to: State::VotingOpen }));
     assert!(ev.contains(&Event::StateChanged { from: State::VotingOpen, to: State::GlIsMe }));
     // The weaker nodes conceded (an LC heard before sending one) and then knew the leader.
-    assert!(events_of(&s, 1).contains(&Event::StateChanged { from: State::Concede, to: State::GlKnown }));
+    assert!(
+        events_of(&s, 1)
+            .contains(&Event::StateChanged { from: State::Concede, to: State::GlKnown })
+    );
 }
 
 #[test]
@@ -138,7 +156,10 @@ fn leader_crash_fails_over_within_the_bound_to_the_strongest() {
     s.crash(1);
     let crashed = s.now;
     let bound = s.nodes[0].config.timing.failover_bound(s.net.max_delay);
-    let at = s.run_until_true(crashed + bound * 3, check_local, |s| s.agreed_leader().is_some()).unwrap().unwrap();
+    let at = s
+        .run_until_true(crashed + bound * 3, check_local, |s| s.agreed_leader().is_some())
+        .unwrap()
+        .unwrap();
     assert!(at - crashed <= bound, "{:?} > {:?}", at - crashed, bound);
     assert_eq!(leader_id(&s), Some(3));
     run(&mut s, HB * 10);
@@ -162,7 +183,9 @@ fn partition_heals_into_one_leader_without_heartbeat_battles() {
     assert!(s.members_converged(1));
     // Node 3 answered node 2's heartbeat with a claim (voting reopened), not a heartbeat battle.
     let log = s.log.as_ref().unwrap();
-    assert!(log.iter().any(|(t, n, e)| *t >= healed && *n == 3 && *e == Event::StateChanged { from: State::GlIsMe, to: State::VotingOpen }));
+    assert!(log.iter().any(|(t, n, e)| *t >= healed
+        && *n == 3
+        && *e == Event::StateChanged { from: State::GlIsMe, to: State::VotingOpen }));
     assert!(log.iter().any(|(t, n, e)| *t >= healed && *n == 3 && *e == Event::LostLeadership));
 }
 
@@ -173,7 +196,9 @@ fn member_crash_is_detected_and_reported() {
     s.crash(2);
     let timeout = s.nodes[0].config.timing.member_timeout;
     run(&mut s, timeout + HB * 2);
-    assert!(events_of(&s, 2).contains(&Event::MemberLeft { node: 3, reason: LeaveReason::TimedOut }));
+    assert!(
+        events_of(&s, 2).contains(&Event::MemberLeft { node: 3, reason: LeaveReason::TimedOut })
+    );
     let leader = s.nodes[1].election.as_ref().unwrap();
     assert_eq!(leader.members().map(|m| m.node).collect::<Vec<_>>(), vec![1]);
     // It comes back and registers again.
@@ -229,7 +254,8 @@ fn data_channels_are_assigned_per_content_group() {
         .map(|(id, w, groups)| {
             let mut c = node(id, w);
             c.registration.content_groups = groups.into_iter().map(String::from).collect();
-            c.data_channels = Some(DataChannelPool { first: "239.10.0.1:7100".parse().unwrap(), count: 8 });
+            c.data_channels =
+                Some(DataChannelPool { first: "239.10.0.1:7100".parse().unwrap(), count: 8 });
             c
         })
         .collect();
@@ -246,7 +272,10 @@ fn data_channels_are_assigned_per_content_group() {
     let moved: SocketAddr = "239.10.1.1:7100".parse().unwrap();
     s.with_node(1, |e, now| e.set_data_channel(now, "web".into(), moved).unwrap());
     run(&mut s, HB);
-    assert!(events_of(&s, 1).contains(&Event::DataChannelAssigned { group: "web".into(), channel: moved }));
+    assert!(
+        events_of(&s, 1)
+            .contains(&Event::DataChannelAssigned { group: "web".into(), channel: moved })
+    );
 }
 
 #[test]
@@ -255,10 +284,17 @@ fn heartbeat_payload_reaches_members_once_per_change() {
     run(&mut s, HB * 20);
     s.with_node(1, |e, _| e.set_heartbeat_payload(b"mctp session 7".to_vec()).unwrap());
     run(&mut s, HB * 10);
-    let got: Vec<_> = events_of(&s, 1).into_iter().filter(|e| matches!(e, Event::LeaderPayload { .. })).collect();
+    let got: Vec<_> =
+        events_of(&s, 1).into_iter().filter(|e| matches!(e, Event::LeaderPayload { .. })).collect();
     assert_eq!(got, vec![Event::LeaderPayload { leader: 2, payload: b"mctp session 7".to_vec() }]);
-    let payload_of = |s: &Sim, i: usize| s.nodes[i].election.as_ref().unwrap().leader_payload().map(<[u8]>::to_vec);
-    assert_eq!(payload_of(&s, 0), Some(b"mctp session 7".to_vec()), "the member reads its leader's payload");
+    let payload_of = |s: &Sim, i: usize| {
+        s.nodes[i].election.as_ref().unwrap().leader_payload().map(<[u8]>::to_vec)
+    };
+    assert_eq!(
+        payload_of(&s, 0),
+        Some(b"mctp session 7".to_vec()),
+        "the member reads its leader's payload"
+    );
     assert_eq!(payload_of(&s, 1), Some(b"mctp session 7".to_vec()), "the leader reads its own");
     // The leader dies: no leader, no payload; the next leader's (empty) payload replaces it.
     s.crash(1);
@@ -283,14 +319,21 @@ fn forged_foreign_replayed_and_truncated_datagrams_change_nothing() {
     let right_key = Config::derive_key(SECRET);
     let h = Header { cluster: 0xAB, sender: 66, incarnation: u64::MAX, seq: 1 };
     let forged = wire::seal(&wrong_key, &h, &Message::LeaderClaim { key: strong }).unwrap();
-    let foreign = wire::seal(&right_key, &Header { cluster: 0xAC, ..h }, &Message::LeaderClaim { key: strong }).unwrap();
-    let genuine = wire::seal(&right_key, &Header { sender: 2, incarnation: 1, seq: 1, ..h }, &Message::LeaderAlive {
-        key: ClaimKey { node: 2, ..strong },
-        members: 0,
-        payload: vec![],
-    })
+    let foreign = wire::seal(
+        &right_key,
+        &Header { cluster: 0xAC, ..h },
+        &Message::LeaderClaim { key: strong },
+    )
     .unwrap();
-    for bytes in [forged.clone(), foreign, genuine.clone(), forged[..20].to_vec(), vec![], b"CMEL".to_vec()] {
+    let genuine = wire::seal(
+        &right_key,
+        &Header { sender: 2, incarnation: 1, seq: 1, ..h },
+        &Message::LeaderAlive { key: ClaimKey { node: 2, ..strong }, members: 0, payload: vec![] },
+    )
+    .unwrap();
+    for bytes in
+        [forged.clone(), foreign, genuine.clone(), forged[..20].to_vec(), vec![], b"CMEL".to_vec()]
+    {
         s.inject(0, bytes);
     }
     run(&mut s, HB * 20);
@@ -312,7 +355,9 @@ fn restarted_nodes_come_back_on_the_moved_channel_without_a_split_brain() {
     // Long past the lingering announcements on the old channel.
     let linger = s.nodes[0].config.timing.channel_move_linger;
     run(&mut s, linger + HB * 10);
-    assert!(s.nodes.iter().all(|n| n.saved.as_ref().is_some_and(|st| st.control_channel == new && st.channel_epoch == 1)));
+    assert!(s.nodes.iter().all(|n| {
+        n.saved.as_ref().is_some_and(|st| st.control_channel == new && st.channel_epoch == 1)
+    }));
 
     // A member crashes and restarts: it resumes on the new channel and registers again.
     s.crash(0);
@@ -335,7 +380,11 @@ fn restarted_nodes_come_back_on_the_moved_channel_without_a_split_brain() {
     let one_leader = |s: &Sim| {
         check_local(s)?;
         let leaders = s.live().filter(|(_, e)| e.is_leader()).count();
-        if leaders > 1 { Err(format!("{leaders} leaders at {:?}:{}", s.now, s.describe())) } else { Ok(()) }
+        if leaders > 1 {
+            Err(format!("{leaders} leaders at {:?}:{}", s.now, s.describe()))
+        } else {
+            Ok(())
+        }
     };
     let deadline = after(&s, HB * 40);
     assert!(s.run_until_true(deadline, one_leader, done).unwrap().is_some(), "{}", s.describe());
@@ -372,12 +421,23 @@ fn resume_refuses_another_nodes_state_and_a_stale_incarnation() {
     let mut cfg = s.nodes[0].config.clone();
     cfg.incarnation = saved.incarnation;
     let stale = cm_election::Election::resume(cfg.clone(), Instant::ZERO, 1, Some(&saved));
-    assert!(matches!(stale, Err(cm_election::ConfigError::Restart(cm_election::RestartStateError::StaleIncarnation { .. }))));
+    assert!(matches!(
+        stale,
+        Err(cm_election::ConfigError::Restart(
+            cm_election::RestartStateError::StaleIncarnation { .. }
+        ))
+    ));
     cfg.incarnation = cm_election::next_incarnation(Some(&saved), 0);
     assert!(cm_election::Election::resume(cfg.clone(), Instant::ZERO, 1, Some(&saved)).is_ok());
     let other = s.nodes[1].saved.clone().unwrap();
     let wrong = cm_election::Election::resume(cfg, Instant::ZERO, 1, Some(&other));
-    assert!(matches!(wrong, Err(cm_election::ConfigError::Restart(cm_election::RestartStateError::OtherNode { node: 2, .. }))));
+    assert!(matches!(
+        wrong,
+        Err(cm_election::ConfigError::Restart(cm_election::RestartStateError::OtherNode {
+            node: 2,
+            ..
+        }))
+    ));
 }
 
 #[test]
@@ -395,7 +455,8 @@ fn a_node_down_through_a_move_finds_the_segment_from_the_leaders_reannouncements
     let done = |s: &Sim| s.agreed_leader() == Some(1) && s.members_converged(1);
     // It hears the move before it would claim: nobody else ever leads.
     let one_leader = nobody_leads_but(1);
-    let deadline = after(&s, t.leader_timeout + t.registration_spread + t.report_delay_max + t.member_refresh);
+    let deadline =
+        after(&s, t.leader_timeout + t.registration_spread + t.report_delay_max + t.member_refresh);
     assert!(s.run_until_true(deadline, one_leader, done).unwrap().is_some(), "{}", s.describe());
     assert_eq!(s.nodes[0].election.as_ref().unwrap().control_channel(), new);
     assert_eq!(s.nodes[0].saved.as_ref().unwrap().old_channels, vec![channel()]);
@@ -403,7 +464,8 @@ fn a_node_down_through_a_move_finds_the_segment_from_the_leaders_reannouncements
 
 #[test]
 fn a_new_node_configured_with_the_original_channel_joins_after_a_move() {
-    let mut s = Sim::new(1, vec![node(1, 10), node(2, 30), node(3, 20), node(4, 40)], NetConfig::perfect());
+    let mut s =
+        Sim::new(1, vec![node(1, 10), node(2, 30), node(3, 20), node(4, 40)], NetConfig::perfect());
     for i in 0..3 {
         s.start(i);
     }
@@ -416,7 +478,8 @@ fn a_new_node_configured_with_the_original_channel_joins_after_a_move() {
     let done = |s: &Sim| s.agreed_leader() == Some(1) && s.members_converged(1);
     // It hears the move before it would claim: nobody else ever leads.
     let one_leader = nobody_leads_but(1);
-    let deadline = after(&s, t.leader_timeout + t.registration_spread + t.report_delay_max + t.member_refresh);
+    let deadline =
+        after(&s, t.leader_timeout + t.registration_spread + t.report_delay_max + t.member_refresh);
     assert!(s.run_until_true(deadline, one_leader, done).unwrap().is_some(), "{}", s.describe());
     assert_eq!(s.nodes[3].election.as_ref().unwrap().control_channel(), new);
 }
@@ -427,7 +490,8 @@ fn a_crash_counts_as_a_recent_failure_and_a_clean_leave_does_not() {
     steady.priority.uptime_secs = 604_800;
     let mut s = sim(vec![steady, node(2, 30)]);
     run(&mut s, HB * 20);
-    let failures = |s: &Sim| s.nodes[0].election.as_ref().unwrap().config().priority.recent_failures;
+    let failures =
+        |s: &Sim| s.nodes[0].election.as_ref().unwrap().config().priority.recent_failures;
     let priority = |s: &Sim| s.nodes[0].election.as_ref().unwrap().claim_key(s.now).priority;
     assert_eq!(failures(&s), 0);
     let before = priority(&s);

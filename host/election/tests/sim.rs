@@ -34,7 +34,9 @@ fn run_shard(shard: u64) {
         }
     }
     assert!(failovers > per / 2, "most scenarios must exercise a failover ({failovers} of {per})");
-    eprintln!("shard {shard}: {per} seeds, {failovers} failovers, worst failover {worst:?} (virtual)");
+    eprintln!(
+        "shard {shard}: {per} seeds, {failovers} failovers, worst failover {worst:?} (virtual)"
+    );
 }
 
 #[test]

@@ -21,7 +21,9 @@ use cm_manager::cluster::{NodeThread, operator_client, report_discovery};
 use cm_manager::forward::BoxFuture;
 use cm_manager::leader::{DeliveryOutcome, LeaderConfig, LeaderNode, LocalDelivery};
 use cm_manager::manifest::Manifest;
-use cm_manager::model::{DiscoveryReport, Job, JobKind, JobPolicy, JobSpec, JobState, LinkRates, Payload};
+use cm_manager::model::{
+    DiscoveryReport, Job, JobKind, JobPolicy, JobSpec, JobState, LinkRates, Payload,
+};
 use cm_manager::server::{Manager, ManagerConfig};
 use cm_manager::tree::TreeConfig;
 use std::io::Write;
@@ -59,7 +61,10 @@ fn args() -> Args {
             "--size-mib" => a.size_mib = next().unwrap_or(a.size_mib),
             "--gls" => a.gls = next().map_or(a.gls, |n| n as usize),
             "--egress-mib" => {
-                a.egress_mib = v.get(i + 1).map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect()).unwrap_or_default();
+                a.egress_mib = v
+                    .get(i + 1)
+                    .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+                    .unwrap_or_default();
                 if a.egress_mib.is_empty() {
                     a.egress_mib = vec![0];
                 }
@@ -93,7 +98,8 @@ fn submit(rt: &tokio::runtime::Runtime, url: &str, file: &Path) -> u64 {
         every_ms: None,
         policy: JobPolicy::default(),
     };
-    let job: Job = rt.block_on(operator_client(OP).post(&format!("{url}/api/v1/jobs"), &spec)).expect("job");
+    let job: Job =
+        rt.block_on(operator_client(OP).post(&format!("{url}/api/v1/jobs"), &spec)).expect("job");
     job.id
 }
 
@@ -101,7 +107,8 @@ fn submit(rt: &tokio::runtime::Runtime, url: &str, file: &Path) -> u64 {
 fn wait_done(rt: &tokio::runtime::Runtime, url: &str, job: u64) {
     let t0 = Instant::now();
     loop {
-        let j: Job = rt.block_on(operator_client(OP).get(&format!("{url}/api/v1/jobs/{job}"))).expect("job");
+        let j: Job =
+            rt.block_on(operator_client(OP).get(&format!("{url}/api/v1/jobs/{job}"))).expect("job");
         if matches!(j.state, JobState::Done | JobState::Cancelled { .. }) {
             assert_eq!(j.state, JobState::Done, "{:?}", j.last_reason);
             return;
@@ -129,7 +136,14 @@ fn discovery(seg: &str, addr: String, links: Option<LinkRates>) -> DiscoveryRepo
 /// distributes that (smaller) file with `tree` as its configured shape, the GLs report the link
 /// rates they measured, and the measured run is shaped from them (the automatic choice); the
 /// shape the manager wrote to its history comes back with the figure.
-fn run_one(a: &Args, egress_mib: u64, file: &Path, gls: usize, tree: TreeConfig, warm_up: Option<&Path>) -> Measured {
+fn run_one(
+    a: &Args,
+    egress_mib: u64,
+    file: &Path,
+    gls: usize,
+    tree: TreeConfig,
+    warm_up: Option<&Path>,
+) -> Measured {
     let dir = tempfile::tempdir().expect("tempdir");
     let size = a.size_mib << 20;
     let egress = (egress_mib > 0).then_some(egress_mib << 20);
@@ -150,15 +164,29 @@ fn run_one(a: &Args, egress_mib: u64, file: &Path, gls: usize, tree: TreeConfig,
         l.egress_bytes_per_sec = egress;
         l.stall = Duration::from_secs(30);
         let d = Arc::new(ReportOnlyDelivery(format!("{seg}-gl")));
-        let (node, thread) = NodeThread::spawn(&seg, move || async move { LeaderNode::start(l, d).await.expect("GL") }).expect("GL thread");
-        rt.block_on(report_discovery(&url, AGENT, &discovery(&seg, node.addr.to_string(), None))).expect("discovery");
+        let (node, thread) =
+            NodeThread::spawn(
+                &seg,
+                move || async move { LeaderNode::start(l, d).await.expect("GL") },
+            )
+            .expect("GL thread");
+        rt.block_on(report_discovery(&url, AGENT, &discovery(&seg, node.addr.to_string(), None)))
+            .expect("discovery");
         nodes.push((seg, node, thread));
     }
     let op = operator_client(OP);
     let servers: Vec<String> = (0..gls).map(|i| format!("seg{i:02}-gl")).collect();
-    let _: serde_json::Value = rt.block_on(op.put(&format!("{url}/api/v1/groups/g"), &serde_json::json!({ "servers": servers }))).expect("group");
-    let _: serde_json::Value =
-        rt.block_on(op.put(&format!("{url}/api/v1/sites/s"), &serde_json::json!({ "content_group": "g", "staging": "-" }))).expect("site");
+    let _: serde_json::Value = rt
+        .block_on(
+            op.put(&format!("{url}/api/v1/groups/g"), &serde_json::json!({ "servers": servers })),
+        )
+        .expect("group");
+    let _: serde_json::Value = rt
+        .block_on(op.put(
+            &format!("{url}/api/v1/sites/s"),
+            &serde_json::json!({ "content_group": "g", "staging": "-" }),
+        ))
+        .expect("site");
     let mut run = 1;
     if let Some(warm) = warm_up {
         wait_done(&rt, &url, submit(&rt, &url, warm));
@@ -175,7 +203,8 @@ fn run_one(a: &Args, egress_mib: u64, file: &Path, gls: usize, tree: TreeConfig,
     let job = submit(&rt, &url, file);
     let mut t_first = None;
     loop {
-        let progress: Vec<u64> = nodes.iter().map(|(_, n, _)| n.progress(run).unwrap_or(0)).collect();
+        let progress: Vec<u64> =
+            nodes.iter().map(|(_, n, _)| n.progress(run).unwrap_or(0)).collect();
         if t_first.is_none() && progress.iter().any(|p| *p > 0) {
             t_first = Some(Instant::now());
         }
@@ -188,7 +217,8 @@ fn run_one(a: &Args, egress_mib: u64, file: &Path, gls: usize, tree: TreeConfig,
     let t_end = Instant::now();
     let t_first = t_first.unwrap_or(t_end);
     wait_done(&rt, &url, job);
-    let history: Vec<serde_json::Value> = rt.block_on(op.get(&format!("{url}/api/v1/history"))).expect("history");
+    let history: Vec<serde_json::Value> =
+        rt.block_on(op.get(&format!("{url}/api/v1/history"))).expect("history");
     let shape = history
         .iter()
         .filter(|h| h["run"].as_u64() == Some(run))
@@ -229,19 +259,39 @@ fn main() {
     let n = a.gls;
     let mut summary = Vec::new();
     for &egress_mib in &a.egress_mib {
-        let egress = if egress_mib == 0 { "unlimited".to_string() } else { format!("{egress_mib} MiB/s per node") };
-        println!("\ntree distribution: {} MiB to {n} GLs on loopback, chunk {} KiB, upload {egress}", a.size_mib, a.chunk_kib);
+        let egress = if egress_mib == 0 {
+            "unlimited".to_string()
+        } else {
+            format!("{egress_mib} MiB/s per node")
+        };
+        println!(
+            "\ntree distribution: {} MiB to {n} GLs on loopback, chunk {} KiB, upload {egress}",
+            a.size_mib, a.chunk_kib
+        );
         let chain = TreeConfig::for_links(1, 1, 1, n);
         let fan2 = TreeConfig { root_fanout: 2, leader_fanout: 2, star_max: 0 };
         let rows: Vec<(&str, usize, TreeConfig, Option<&Path>)> = vec![
-            ("single transfer (1 GL)", 1, TreeConfig { root_fanout: 1, leader_fanout: 1, star_max: 1 }, None),
+            (
+                "single transfer (1 GL)",
+                1,
+                TreeConfig { root_fanout: 1, leader_fanout: 1, star_max: 1 },
+                None,
+            ),
             ("dynamic tree, fan-out 2", n, fan2, None),
             ("chain, fan-out 1 (pipelined)", n, chain, None),
-            ("star (manager sends to each)", n, TreeConfig { root_fanout: n, leader_fanout: 0, star_max: n }, None),
+            (
+                "star (manager sends to each)",
+                n,
+                TreeConfig { root_fanout: n, leader_fanout: 0, star_max: n },
+                None,
+            ),
             // Configured as fan-out 2; shaped from what the GLs measured in a first, smaller run.
             ("automatic (measured links)", n, fan2, Some(warm.as_path())),
         ];
-        println!("{:<32} {:>6} {:>10} {:>10} {:>12} {:>10}", "shape", "GLs", "prep s", "transfer s", "MiB/s per GL", "vs single");
+        println!(
+            "{:<32} {:>6} {:>10} {:>10} {:>12} {:>10}",
+            "shape", "GLs", "prep s", "transfer s", "MiB/s per GL", "vs single"
+        );
         let mut single = None;
         let mut ratios = Vec::new();
         for (name, gls, tree, warm_up) in rows {
@@ -262,9 +312,18 @@ fn main() {
         }
         summary.push((egress, single.unwrap_or(0.0), ratios));
     }
-    println!("\nsummary ({} MiB to {n} GLs): total time / one single transfer of the same bytes, same run", a.size_mib);
-    println!("{:<24} {:>10} {:>12} {:>12} {:>12} {:>12}", "upload per node", "single s", "tree/single", "chain/single", "star/single", "auto/single");
+    println!(
+        "\nsummary ({} MiB to {n} GLs): total time / one single transfer of the same bytes, same run",
+        a.size_mib
+    );
+    println!(
+        "{:<24} {:>10} {:>12} {:>12} {:>12} {:>12}",
+        "upload per node", "single s", "tree/single", "chain/single", "star/single", "auto/single"
+    );
     for (egress, single, r) in summary {
-        println!("{egress:<24} {single:>10.2} {:>11.2}x {:>11.2}x {:>11.2}x {:>11.2}x", r[1], r[2], r[3], r[4]);
+        println!(
+            "{egress:<24} {single:>10.2} {:>11.2}x {:>11.2}x {:>11.2}x {:>11.2}x",
+            r[1], r[2], r[3], r[4]
+        );
     }
 }

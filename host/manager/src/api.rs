@@ -11,7 +11,8 @@ use std::sync::Arc;
 use crate::http::{self, Body, Role};
 use crate::leader::serve_blob;
 use crate::model::{
-    ContentGroup, DiscoveryReport, HostedSite, default_keep_releases, JobSpec, JobState, NextChild, SegmentReport, TreeCall,
+    ContentGroup, DiscoveryReport, HostedSite, JobSpec, JobState, NextChild, SegmentReport,
+    TreeCall, default_keep_releases,
 };
 use crate::now_ms;
 use crate::server::{Inner, ManagerError};
@@ -68,7 +69,10 @@ pub(crate) async fn handle(m: Arc<Inner>, req: Request<Incoming>) -> Response<Bo
         return http::json(StatusCode::OK, &serde_json::json!({ "manager": true }));
     }
     let Some(role) = m.tokens.role(&req) else {
-        return http::error(StatusCode::UNAUTHORIZED, "a valid bearer token (or a client certificate naming a role) is required");
+        return http::error(
+            StatusCode::UNAUTHORIZED,
+            "a valid bearer token (or a client certificate naming a role) is required",
+        );
     };
     let parts: Vec<String> = path.trim_matches('/').split('/').map(str::to_string).collect();
     let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
@@ -77,7 +81,10 @@ pub(crate) async fn handle(m: Arc<Inner>, req: Request<Incoming>) -> Response<Bo
         Role::Operator => operator(m, method, &parts, req).await,
         Role::Agent => agent(m, method, &parts, req).await,
         // The manager's own certificate opens the group leaders' endpoints, not its API.
-        Role::Manager => http::error(StatusCode::FORBIDDEN, "a manager certificate has no routes on the manager's API"),
+        Role::Manager => http::error(
+            StatusCode::FORBIDDEN,
+            "a manager certificate has no routes on the manager's API",
+        ),
     }
 }
 
@@ -86,12 +93,19 @@ macro_rules! id {
     ($s:expr) => {
         match $s.parse::<u64>() {
             Ok(v) => v,
-            Err(_) => return http::error(StatusCode::BAD_REQUEST, &format!("`{}` is not an id", $s)),
+            Err(_) => {
+                return http::error(StatusCode::BAD_REQUEST, &format!("`{}` is not an id", $s))
+            }
         }
     };
 }
 
-async fn operator(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<Incoming>) -> Response<Body> {
+async fn operator(
+    m: Arc<Inner>,
+    method: Method,
+    parts: &[&str],
+    req: Request<Incoming>,
+) -> Response<Body> {
     let now = now_ms();
     match (method, parts) {
         (Method::PUT, ["api", "v1", "groups", name]) => {
@@ -99,7 +113,12 @@ async fn operator(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<In
             let g = ContentGroup { name: name.to_string(), servers: b.servers };
             ok_or_fail(m.db.write(|t| {
                 t.put_group(&g)?;
-                t.log(now, None, None, format!("content group {} set: {} servers", g.name, g.servers.len()))?;
+                t.log(
+                    now,
+                    None,
+                    None,
+                    format!("content group {} set: {} servers", g.name, g.servers.len()),
+                )?;
                 Ok::<_, ManagerError>(g.clone())
             }))
         }
@@ -115,7 +134,10 @@ async fn operator(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<In
                     staging: b.staging.clone(),
                     serial: old.as_ref().map_or(0, |o| o.serial),
                     prepared: old.as_ref().and_then(|o| o.prepared),
-                    keep_releases: b.keep_releases.or(old.as_ref().map(|o| o.keep_releases)).unwrap_or_else(default_keep_releases),
+                    keep_releases: b
+                        .keep_releases
+                        .or(old.as_ref().map(|o| o.keep_releases))
+                        .unwrap_or_else(default_keep_releases),
                     committed: old.as_ref().map(|o| o.committed.clone()).unwrap_or_default(),
                     holders: old.map(|o| o.holders).unwrap_or_default(),
                 };
@@ -128,7 +150,15 @@ async fn operator(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<In
             let spec: JobSpec = body!(req);
             match m.db.write(|t| {
                 let j = t.insert_job(spec.clone(), now)?;
-                t.log(now, Some(j.id), None, format!("job {} created: {:?} of site {}", j.spec.name, j.spec.kind, j.spec.site))?;
+                t.log(
+                    now,
+                    Some(j.id),
+                    None,
+                    format!(
+                        "job {} created: {:?} of site {}",
+                        j.spec.name, j.spec.kind, j.spec.site
+                    ),
+                )?;
                 Ok::<_, ManagerError>(j)
             }) {
                 Ok(j) => http::json(StatusCode::CREATED, &j),
@@ -138,14 +168,21 @@ async fn operator(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<In
         (Method::GET, ["api", "v1", "jobs"]) => ok_or_fail(m.db.jobs().map_err(Into::into)),
         (Method::GET, ["api", "v1", "jobs", job]) => {
             let job = id!(job);
-            ok_or_fail(m.db.job(job).map_err(Into::into).and_then(|j| j.ok_or_else(|| ManagerError::NotFound(format!("job {job}")))))
+            ok_or_fail(
+                m.db.job(job)
+                    .map_err(Into::into)
+                    .and_then(|j| j.ok_or_else(|| ManagerError::NotFound(format!("job {job}")))),
+            )
         }
         (Method::POST, ["api", "v1", "jobs", job, "cancel"]) => {
             let job = id!(job);
             ok_or_fail(m.db.write(|t| {
-                let mut j = m.db.job(job)?.ok_or_else(|| ManagerError::NotFound(format!("job {job}")))?;
+                let mut j =
+                    m.db.job(job)?.ok_or_else(|| ManagerError::NotFound(format!("job {job}")))?;
                 if let JobState::Running { run } = j.state {
-                    return Err(ManagerError::Invalid(format!("job {job} is running (run {run}); it can be cancelled when the run ends")));
+                    return Err(ManagerError::Invalid(format!(
+                        "job {job} is running (run {run}); it can be cancelled when the run ends"
+                    )));
                 }
                 j.state = JobState::Cancelled { reason: "cancelled by an operator".into() };
                 t.put_job(&j)?;
@@ -156,7 +193,8 @@ async fn operator(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<In
         (Method::GET, ["api", "v1", "runs", run]) => {
             let run = id!(run);
             ok_or_fail((|| {
-                let r = m.db.run(run)?.ok_or_else(|| ManagerError::NotFound(format!("run {run}")))?;
+                let r =
+                    m.db.run(run)?.ok_or_else(|| ManagerError::NotFound(format!("run {run}")))?;
                 let reports = m.db.reports(run)?;
                 Ok(serde_json::json!({ "run": r, "reports": reports }))
             })())
@@ -166,7 +204,9 @@ async fn operator(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<In
         (Method::PUT, ["api", "v1", "segments", name, "rank"]) => {
             let b: RankBody = body!(req);
             ok_or_fail(m.db.write(|t| {
-                let mut s = m.db.segment(name)?.ok_or_else(|| ManagerError::NotFound(format!("segment {name}")))?;
+                let mut s =
+                    m.db.segment(name)?
+                        .ok_or_else(|| ManagerError::NotFound(format!("segment {name}")))?;
                 s.static_rank = b.rank;
                 t.put_segment(&s)?;
                 Ok::<_, ManagerError>(s)
@@ -178,7 +218,12 @@ async fn operator(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<In
     }
 }
 
-async fn agent(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<Incoming>) -> Response<Body> {
+async fn agent(
+    m: Arc<Inner>,
+    method: Method,
+    parts: &[&str],
+    req: Request<Incoming>,
+) -> Response<Body> {
     match (method, parts) {
         (Method::POST, ["api", "v1", "discovery"]) => {
             let r: DiscoveryReport = body!(req);
@@ -188,7 +233,9 @@ async fn agent(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<Incom
             let run = id!(run);
             match m.active(run) {
                 Some(a) => serve_blob(&a.blob, &req),
-                None => http::error(StatusCode::NOT_FOUND, &format!("run {run} is not distributing")),
+                None => {
+                    http::error(StatusCode::NOT_FOUND, &format!("run {run} is not distributing"))
+                }
             }
         }
         (Method::POST, ["api", "v1", "dist", run, what]) => {
@@ -196,8 +243,14 @@ async fn agent(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<Incom
             let call: TreeCall = body!(req);
             match *what {
                 "next" => ok_or_fail(next(&m, run, &call.segment)),
-                "received" => ok_or_fail(m.received(run, &call.segment).map(|_| serde_json::json!({}))),
-                "dead" => ok_or_fail(m.leader_unreachable(run, &call.segment).await.map(|dead| serde_json::json!({ "dead": dead }))),
+                "received" => {
+                    ok_or_fail(m.received(run, &call.segment).map(|_| serde_json::json!({})))
+                }
+                "dead" => ok_or_fail(
+                    m.leader_unreachable(run, &call.segment)
+                        .await
+                        .map(|dead| serde_json::json!({ "dead": dead })),
+                ),
                 "reparent" => ok_or_fail(m.reparent(run, &call.segment).await),
                 _ => http::error(StatusCode::NOT_FOUND, "no such tree endpoint"),
             }
@@ -205,7 +258,10 @@ async fn agent(m: Arc<Inner>, method: Method, parts: &[&str], req: Request<Incom
         (Method::POST, ["api", "v1", "runs", run, "report"]) => {
             let run = id!(run);
             let report: SegmentReport = body!(req);
-            ok_or_fail(m.segment_report(run, &report).map(|accepted| serde_json::json!({ "accepted": accepted })))
+            ok_or_fail(
+                m.segment_report(run, &report)
+                    .map(|accepted| serde_json::json!({ "accepted": accepted })),
+            )
         }
         _ => http::error(StatusCode::NOT_FOUND, "no such agent endpoint"),
     }

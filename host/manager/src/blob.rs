@@ -46,7 +46,9 @@ pub enum BlobError {
     Interrupted { url: String, at: u64, size: u64, why: String },
     #[error("fetching from {url}: no bytes for {after:?} at byte {at}")]
     Stalled { url: String, at: u64, after: Duration },
-    #[error("fetching from {url}: chunk {index} failed its BLAKE3 check (corrupted in transit or at the source)")]
+    #[error(
+        "fetching from {url}: chunk {index} failed its BLAKE3 check (corrupted in transit or at the source)"
+    )]
     Corrupt { url: String, index: u64 },
 }
 
@@ -59,7 +61,10 @@ pub struct Egress {
 
 impl Egress {
     pub fn new(bytes_per_sec: u64) -> Arc<Egress> {
-        Arc::new(Egress { bytes_per_sec: bytes_per_sec.max(1), next_free: Mutex::new(Instant::now()) })
+        Arc::new(Egress {
+            bytes_per_sec: bytes_per_sec.max(1),
+            next_free: Mutex::new(Instant::now()),
+        })
     }
 
     /// Waits until `n` more bytes fit in the budget (virtual scheduling: reserve a slot, sleep to it).
@@ -96,27 +101,48 @@ pub struct Blob {
 
 impl Blob {
     /// A blob that is already whole on disk (the manager's copy). Its chunks are checked once here.
-    pub fn complete(path: &Path, manifest: Manifest, egress: Option<Arc<Egress>>) -> Result<Arc<Blob>, BlobError> {
+    pub fn complete(
+        path: &Path,
+        manifest: Manifest,
+        egress: Option<Arc<Egress>>,
+    ) -> Result<Arc<Blob>, BlobError> {
         manifest.validate()?;
         let on_disk = Manifest::of_file(path, manifest.chunk_size)?;
         if on_disk != manifest {
             return Err(ManifestError::Invalid("file on disk does not match its manifest").into());
         }
-        let file = std::fs::File::open(path).map_err(|source| BlobError::Io { path: path.into(), source })?;
+        let file = std::fs::File::open(path)
+            .map_err(|source| BlobError::Io { path: path.into(), source })?;
         let size = manifest.size;
         Ok(Arc::new(Blob::with(path, manifest, file, size, egress)))
     }
 
     /// An empty blob to be filled by [`Blob::fetch_from`].
-    pub fn create(path: &Path, manifest: Manifest, egress: Option<Arc<Egress>>) -> Result<Arc<Blob>, BlobError> {
+    pub fn create(
+        path: &Path,
+        manifest: Manifest,
+        egress: Option<Arc<Egress>>,
+    ) -> Result<Arc<Blob>, BlobError> {
         manifest.validate()?;
         let io = |source| BlobError::Io { path: path.into(), source };
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).map_err(io)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io)?;
         file.set_len(manifest.size).map_err(io)?;
         Ok(Arc::new(Blob::with(path, manifest, file, 0, egress)))
     }
 
-    fn with(path: &Path, manifest: Manifest, file: std::fs::File, verified: u64, egress: Option<Arc<Egress>>) -> Blob {
+    fn with(
+        path: &Path,
+        manifest: Manifest,
+        file: std::fs::File,
+        verified: u64,
+        egress: Option<Arc<Egress>>,
+    ) -> Blob {
         Blob {
             path: path.to_path_buf(),
             manifest,
@@ -150,7 +176,9 @@ impl Blob {
 
     fn stream_state(&self, child: &str) -> watch::Sender<StreamState> {
         let mut m = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(child.to_string()).or_insert_with(|| watch::Sender::new(StreamState::NotStarted)).clone()
+        m.entry(child.to_string())
+            .or_insert_with(|| watch::Sender::new(StreamState::NotStarted))
+            .clone()
     }
 
     /// Forgets any earlier stream to `child` and returns a receiver for the next one.
@@ -166,7 +194,10 @@ impl Blob {
         let size = self.manifest.size;
         let from = start.unwrap_or(0);
         if from > size {
-            return crate::http::error(StatusCode::RANGE_NOT_SATISFIABLE, &format!("range starts at {from}, size is {size}"));
+            return crate::http::error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                &format!("range starts at {from}, size is {size}"),
+            );
         }
         let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(4);
         let state = child.map(|c| self.stream_state(&c));
@@ -294,13 +325,20 @@ impl Blob {
 
     /// Fetches the rest of the blob from `url` (resuming at `verified`), verifying each chunk
     /// before it becomes visible. `stall` bounds the wait for any byte.
-    pub async fn fetch_from(&self, client: &JsonClient, url: &str, stall: Duration) -> Result<(), BlobError> {
+    pub async fn fetch_from(
+        &self,
+        client: &JsonClient,
+        url: &str,
+        stall: Duration,
+    ) -> Result<(), BlobError> {
         let size = self.manifest.size;
         let start = self.verified();
         if start == size {
             return Ok(());
         }
-        let resp = client.send(Method::GET, url, None, &[(RANGE.as_str(), format!("bytes={start}-"))]).await?;
+        let resp = client
+            .send(Method::GET, url, None, &[(RANGE.as_str(), format!("bytes={start}-"))])
+            .await?;
         let mut body: Incoming = resp.into_body();
         let chunk_size = u64::from(self.manifest.chunk_size);
         let mut index = start / chunk_size;
@@ -308,10 +346,21 @@ impl Blob {
         let mut pieces: Vec<Bytes> = Vec::new();
         let mut have = 0u64;
         let mut hasher = blake3::Hasher::new();
-        let interrupted = |why: String| BlobError::Interrupted { url: url.into(), at: self.verified(), size, why };
+        let interrupted = |why: String| BlobError::Interrupted {
+            url: url.into(),
+            at: self.verified(),
+            size,
+            why,
+        };
         while self.verified() < size {
             let frame = match tokio::time::timeout(stall, body.frame()).await {
-                Err(_) => return Err(BlobError::Stalled { url: url.into(), at: self.verified(), after: stall }),
+                Err(_) => {
+                    return Err(BlobError::Stalled {
+                        url: url.into(),
+                        at: self.verified(),
+                        after: stall,
+                    });
+                }
                 Ok(None) => return Err(interrupted("the stream ended early".into())),
                 Ok(Some(Err(e))) => return Err(interrupted(e.to_string())),
                 Ok(Some(Ok(f))) => f,
@@ -332,7 +381,9 @@ impl Blob {
                     self.store_chunk(index, std::mem::take(&mut pieces)).await?;
                     index += 1;
                     if index == self.manifest.chunk_count() && !data.is_empty() {
-                        return Err(interrupted("the source sent more bytes than the manifest says".into()));
+                        return Err(interrupted(
+                            "the source sent more bytes than the manifest says".into(),
+                        ));
                     }
                 }
             }
@@ -348,23 +399,41 @@ mod tests {
     #[tokio::test]
     async fn recent_chunks_are_served_from_memory_exactly_and_old_ones_from_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..(WINDOW_CHUNKS as u32 + 3) * 1000).map(|i| (i * 31 % 251) as u8).collect();
+        let data: Vec<u8> =
+            (0..(WINDOW_CHUNKS as u32 + 3) * 1000).map(|i| (i * 31 % 251) as u8).collect();
         let m = Manifest::of_bytes(&data, 1000);
         let blob = Blob::create(&dir.path().join("a"), m.clone(), None).unwrap();
         for i in 0..m.chunk_count() {
             let c = &data[(i * 1000) as usize..((i + 1) * 1000) as usize];
             // Arrived in three uneven pieces, as frames off the wire do.
-            let pieces = vec![Bytes::copy_from_slice(&c[..7]), Bytes::copy_from_slice(&c[7..600]), Bytes::copy_from_slice(&c[600..])];
+            let pieces = vec![
+                Bytes::copy_from_slice(&c[..7]),
+                Bytes::copy_from_slice(&c[7..600]),
+                Bytes::copy_from_slice(&c[600..]),
+            ];
             blob.store_chunk(i, pieces).await.unwrap();
         }
         assert!(blob.is_complete());
-        assert_eq!(std::fs::read(blob.path()).unwrap(), data, "the file holds every piece at its offset");
+        assert_eq!(
+            std::fs::read(blob.path()).unwrap(),
+            data,
+            "the file holds every piece at its offset"
+        );
         let first_held = (m.chunk_count() - WINDOW_CHUNKS as u64) * 1000;
-        assert!(blob.window_from(first_held - 1).is_none(), "chunks beyond the window are read from the file");
-        for pos in [first_held, first_held + 5, first_held + 7, first_held + 650, data.len() as u64 - 1] {
+        assert!(
+            blob.window_from(first_held - 1).is_none(),
+            "chunks beyond the window are read from the file"
+        );
+        for pos in
+            [first_held, first_held + 5, first_held + 7, first_held + 650, data.len() as u64 - 1]
+        {
             let got: Vec<u8> = blob.window_from(pos).unwrap().concat();
             let end = (pos / 1000 + 1) * 1000;
-            assert_eq!(got, &data[pos as usize..end as usize], "from {pos} to the end of its chunk");
+            assert_eq!(
+                got,
+                &data[pos as usize..end as usize],
+                "from {pos} to the end of its chunk"
+            );
         }
         assert!(blob.window_from(data.len() as u64).is_none());
     }

@@ -48,7 +48,9 @@ impl NodeThread {
             });
             rt.shutdown_background();
         })?;
-        let v = ready_rx.recv().map_err(|_| std::io::Error::other(format!("node {name} failed to start")))?;
+        let v = ready_rx
+            .recv()
+            .map_err(|_| std::io::Error::other(format!("node {name} failed to start")))?;
         Ok((v, NodeThread { stop: Some(stop_tx), thread: Some(thread) }))
     }
 
@@ -77,17 +79,29 @@ pub struct CopyDelivery {
 }
 
 impl LocalDelivery for CopyDelivery {
-    fn deliver(&self, run: u64, assignment: PathBuf, manifest: Manifest) -> BoxFuture<'static, DeliveryOutcome> {
+    fn deliver(
+        &self,
+        run: u64,
+        assignment: PathBuf,
+        manifest: Manifest,
+    ) -> BoxFuture<'static, DeliveryOutcome> {
         let members = self.members.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || copy_to_members(run, &assignment, &manifest, &members))
-                .await
-                .unwrap_or_default()
+            tokio::task::spawn_blocking(move || {
+                copy_to_members(run, &assignment, &manifest, &members)
+            })
+            .await
+            .unwrap_or_default()
         })
     }
 }
 
-fn copy_to_members(run: u64, assignment: &Path, manifest: &Manifest, members: &[(String, PathBuf)]) -> DeliveryOutcome {
+fn copy_to_members(
+    run: u64,
+    assignment: &Path,
+    manifest: &Manifest,
+    members: &[(String, PathBuf)],
+) -> DeliveryOutcome {
     let mut out = DeliveryOutcome::default();
     for (name, dir) in members {
         let dest = dir.join(format!("run-{run}.assignment"));
@@ -95,7 +109,13 @@ fn copy_to_members(run: u64, assignment: &Path, manifest: &Manifest, members: &[
             .and_then(|_| std::fs::copy(assignment, &dest))
             .map_err(|e| e.to_string())
             .and_then(|_| Manifest::of_file(&dest, manifest.chunk_size).map_err(|e| e.to_string()))
-            .and_then(|m| if m.blake3 == manifest.blake3 { Ok(()) } else { Err("copy does not match the assignment's BLAKE3".into()) });
+            .and_then(|m| {
+                if m.blake3 == manifest.blake3 {
+                    Ok(())
+                } else {
+                    Err("copy does not match the assignment's BLAKE3".into())
+                }
+            });
         match result {
             Ok(()) => out.succeeded.push(name.clone()),
             Err(e) => out.failed.push((name.clone(), e)),
@@ -105,9 +125,15 @@ fn copy_to_members(run: u64, assignment: &Path, manifest: &Manifest, members: &[
 }
 
 /// Sends a GL's discovery report to the manager.
-pub async fn report_discovery(manager_url: &str, agent_token: &str, report: &DiscoveryReport) -> Result<(), ClientError> {
+pub async fn report_discovery(
+    manager_url: &str,
+    agent_token: &str,
+    report: &DiscoveryReport,
+) -> Result<(), ClientError> {
     let c = JsonClient::new(agent_token, Duration::from_secs(10));
-    c.post::<_, serde_json::Value>(&format!("{manager_url}/api/v1/discovery"), report).await.map(|_| ())
+    c.post::<_, serde_json::Value>(&format!("{manager_url}/api/v1/discovery"), report)
+        .await
+        .map(|_| ())
 }
 
 /// An operator's client for the manager API.

@@ -9,7 +9,8 @@ use std::path::Path;
 use thiserror::Error;
 
 use crate::model::{
-    ContentGroup, HistoryEntry, HostedSite, Job, JobSpec, JobState, Run, SegmentRecord, ServerOutcome, ServerRecord,
+    ContentGroup, HistoryEntry, HostedSite, Job, JobSpec, JobState, Run, SegmentRecord,
+    ServerOutcome, ServerRecord,
 };
 
 type StrTable = TableDefinition<'static, &'static str, &'static [u8]>;
@@ -40,8 +41,16 @@ fn redb_err(e: impl Into<redb::Error>) -> DbError {
     DbError::Redb(e.into())
 }
 
-fn decode<T: DeserializeOwned>(table: &'static str, key: impl ToString, bytes: &[u8]) -> Result<T, DbError> {
-    serde_json::from_slice(bytes).map_err(|source| DbError::Decode { table, key: key.to_string(), source })
+fn decode<T: DeserializeOwned>(
+    table: &'static str,
+    key: impl ToString,
+    bytes: &[u8],
+) -> Result<T, DbError> {
+    serde_json::from_slice(bytes).map_err(|source| DbError::Decode {
+        table,
+        key: key.to_string(),
+        source,
+    })
 }
 
 fn report_key(run: u64, server: &str) -> String {
@@ -114,7 +123,13 @@ impl Txn<'_> {
     }
 
     /// Appends to the history log of assignment runs.
-    pub fn log(&self, at_ms: u64, job: Option<u64>, run: Option<u64>, event: impl Into<String>) -> Result<(), DbError> {
+    pub fn log(
+        &self,
+        at_ms: u64,
+        job: Option<u64>,
+        run: Option<u64>,
+        event: impl Into<String>,
+    ) -> Result<(), DbError> {
         let seq = self.next_id("history")?;
         self.put_id(HISTORY, seq, &HistoryEntry { seq, at_ms, job, run, event: event.into() })
     }
@@ -142,26 +157,43 @@ impl Db {
     }
 
     /// Runs `f` in one write transaction and commits it if `f` succeeds.
-    pub fn write<R, E: From<DbError>>(&self, f: impl FnOnce(&Txn<'_>) -> Result<R, E>) -> Result<R, E> {
+    pub fn write<R, E: From<DbError>>(
+        &self,
+        f: impl FnOnce(&Txn<'_>) -> Result<R, E>,
+    ) -> Result<R, E> {
         let tx = self.db.begin_write().map_err(redb_err)?;
         let r = f(&Txn { tx: &tx })?;
         tx.commit().map_err(redb_err)?;
         Ok(r)
     }
 
-    fn get_str<T: DeserializeOwned>(&self, t: StrTable, name: &'static str, key: &str) -> Result<Option<T>, DbError> {
+    fn get_str<T: DeserializeOwned>(
+        &self,
+        t: StrTable,
+        name: &'static str,
+        key: &str,
+    ) -> Result<Option<T>, DbError> {
         let tx = self.db.begin_read().map_err(redb_err)?;
         let table = tx.open_table(t).map_err(redb_err)?;
         let v = table.get(key).map_err(redb_err)?;
         v.map(|g| decode(name, key, g.value())).transpose()
     }
-    fn get_id<T: DeserializeOwned>(&self, t: IdTable, name: &'static str, key: u64) -> Result<Option<T>, DbError> {
+    fn get_id<T: DeserializeOwned>(
+        &self,
+        t: IdTable,
+        name: &'static str,
+        key: u64,
+    ) -> Result<Option<T>, DbError> {
         let tx = self.db.begin_read().map_err(redb_err)?;
         let table = tx.open_table(t).map_err(redb_err)?;
         let v = table.get(key).map_err(redb_err)?;
         v.map(|g| decode(name, key, g.value())).transpose()
     }
-    fn list_str<T: DeserializeOwned>(&self, t: StrTable, name: &'static str) -> Result<Vec<T>, DbError> {
+    fn list_str<T: DeserializeOwned>(
+        &self,
+        t: StrTable,
+        name: &'static str,
+    ) -> Result<Vec<T>, DbError> {
         let tx = self.db.begin_read().map_err(redb_err)?;
         let table = tx.open_table(t).map_err(redb_err)?;
         let mut out = Vec::new();
@@ -171,7 +203,11 @@ impl Db {
         }
         Ok(out)
     }
-    fn list_id<T: DeserializeOwned>(&self, t: IdTable, name: &'static str) -> Result<Vec<T>, DbError> {
+    fn list_id<T: DeserializeOwned>(
+        &self,
+        t: IdTable,
+        name: &'static str,
+    ) -> Result<Vec<T>, DbError> {
         let tx = self.db.begin_read().map_err(redb_err)?;
         let table = tx.open_table(t).map_err(redb_err)?;
         let mut out = Vec::new();
@@ -279,7 +315,10 @@ mod tests {
         let db = Db::open(&path).unwrap();
         assert_eq!(db.jobs().unwrap().len(), 1);
         assert_eq!(db.job(1).unwrap().unwrap().spec, spec);
-        assert_eq!(db.reports(1).unwrap(), vec![("a".into(), ServerOutcome::Succeeded), ("b".into(), ServerOutcome::Missing)]);
+        assert_eq!(
+            db.reports(1).unwrap(),
+            vec![("a".into(), ServerOutcome::Succeeded), ("b".into(), ServerOutcome::Missing)]
+        );
         assert_eq!(db.reports(12).unwrap().len(), 1);
         assert_eq!(db.history().unwrap()[0].event, "created");
         let j2 = db.write(|t| t.insert_job(spec.clone(), 5)).unwrap();

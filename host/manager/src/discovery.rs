@@ -7,27 +7,42 @@ use std::sync::Arc;
 
 use crate::forward::{ChildSource, forward_slot};
 use crate::model::{
-    CommitPolicy, DiscoveryReport, Job, JobKind, JobPolicy, JobSpec, JobState, LinkRates, Payload, Run, SegmentRecord, SegmentStatus,
-    ServerRecord,
+    CommitPolicy, DiscoveryReport, Job, JobKind, JobPolicy, JobSpec, JobState, LinkRates, Payload,
+    Run, SegmentRecord, SegmentStatus, ServerRecord,
 };
-use crate::tree::{LeaderInfo, TreeConfig};
 use crate::now_ms;
 use crate::server::{Inner, ManagerError, RootSource};
+use crate::tree::{LeaderInfo, TreeConfig};
 
 /// One line on a run's tree shape and where it came from, for the history.
-pub(crate) fn describe_shape(shape: &TreeConfig, n: usize, leaders: &[LeaderInfo], measured: bool) -> String {
+pub(crate) fn describe_shape(
+    shape: &TreeConfig,
+    n: usize,
+    leaders: &[LeaderInfo],
+    measured: bool,
+) -> String {
     let form = if n <= shape.star_max {
         format!("a star (the manager serves all {n})")
     } else if shape.root_fanout == 1 && shape.leader_fanout == 1 {
         "a chain (fan-out 1, pipelined)".to_string()
     } else {
-        format!("a tree (manager fan-out {}, GL fan-out {})", shape.root_fanout, shape.leader_fanout)
+        format!(
+            "a tree (manager fan-out {}, GL fan-out {})",
+            shape.root_fanout, shape.leader_fanout
+        )
     };
     let source = if measured {
         let mib = |v: u64| v as f64 / f64::from(1 << 20);
         let rates: Vec<LinkRates> = leaders.iter().filter_map(|l| l.links).collect();
-        let list: Vec<String> = rates.iter().map(|r| format!("{:.0}/{:.0}", mib(r.upload_bps), mib(r.download_bps))).collect();
-        format!("from the links {} of {n} GLs measured (upload/download MiB/s: {})", rates.len(), list.join(", "))
+        let list: Vec<String> = rates
+            .iter()
+            .map(|r| format!("{:.0}/{:.0}", mib(r.upload_bps), mib(r.download_bps)))
+            .collect();
+        format!(
+            "from the links {} of {n} GLs measured (upload/download MiB/s: {})",
+            rates.len(),
+            list.join(", ")
+        )
     } else {
         "configured: no GL of the run has measured its links yet".to_string()
     };
@@ -38,7 +53,11 @@ impl Inner {
     /// The tree shape for a run: from the link rates its GLs measured in earlier runs
     /// ([`TreeConfig::for_measured`]; the manager's own upload is its configured egress, if any),
     /// else the configured shape. Written to the run's history.
-    pub(crate) fn tree_shape(&self, run: &Run, leaders: &[LeaderInfo]) -> Result<TreeConfig, ManagerError> {
+    pub(crate) fn tree_shape(
+        &self,
+        run: &Run,
+        leaders: &[LeaderInfo],
+    ) -> Result<TreeConfig, ManagerError> {
         let measured = TreeConfig::for_measured(self.cfg.egress_bytes_per_sec, leaders);
         let shape = measured.unwrap_or(self.cfg.tree);
         let line = describe_shape(&shape, leaders.len(), leaders, measured.is_some());
@@ -48,9 +67,14 @@ impl Inner {
     }
 
     /// A GL's discovery report: the segment (stable name), its GL, and who joined or left.
-    pub(crate) fn discovery(self: &Arc<Self>, r: DiscoveryReport) -> Result<serde_json::Value, ManagerError> {
+    pub(crate) fn discovery(
+        self: &Arc<Self>,
+        r: DiscoveryReport,
+    ) -> Result<serde_json::Value, ManagerError> {
         if r.segment.is_empty() || r.leader.is_empty() || r.address.is_empty() {
-            return Err(ManagerError::Invalid("discovery report needs segment, leader and address".into()));
+            return Err(ManagerError::Invalid(
+                "discovery report needs segment, leader and address".into(),
+            ));
         }
         let now = now_ms();
         let old = self.db.segment(&r.segment)?;
@@ -59,7 +83,12 @@ impl Inner {
             if old.as_ref().is_none_or(|o| o.leader != r.leader) {
                 history.push((r.leader.clone(), now));
                 let was = old.as_ref().map(|o| format!(" (was {})", o.leader)).unwrap_or_default();
-                t.log(now, None, None, format!("segment {}: group leader is {}{was}", r.segment, r.leader))?;
+                t.log(
+                    now,
+                    None,
+                    None,
+                    format!("segment {}: group leader is {}{was}", r.segment, r.leader),
+                )?;
             }
             t.put_segment(&SegmentRecord {
                 name: r.segment.clone(),
@@ -80,7 +109,12 @@ impl Inner {
                 if before.as_ref().is_none_or(|b| !b.live || b.segment != r.segment) {
                     t.log(now, None, None, format!("server {name} joined segment {}", r.segment))?;
                 }
-                t.put_server(&ServerRecord { name: name.clone(), segment: r.segment.clone(), live: true, last_seen_ms: now })?;
+                t.put_server(&ServerRecord {
+                    name: name.clone(),
+                    segment: r.segment.clone(),
+                    live: true,
+                    last_seen_ms: now,
+                })?;
             }
             for name in old.as_ref().map(|o| o.members.clone()).unwrap_or_default() {
                 if r.members.contains(&name) {
@@ -107,8 +141,14 @@ impl Inner {
     /// segment's report (pending, received but not reported, or lost) moves to it: same run, same
     /// assignment, a fresh parent and a fresh notification; the old GL's children are re-parented
     /// and re-notified, and a later report from the old GL is ignored (`segment_report`).
-    pub(crate) fn leader_changed(self: &Arc<Self>, segment: &str, leader: &str, address: &str) -> Result<(), ManagerError> {
-        let actives: Vec<_> = self.runs.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+    pub(crate) fn leader_changed(
+        self: &Arc<Self>,
+        segment: &str,
+        leader: &str,
+        address: &str,
+    ) -> Result<(), ManagerError> {
+        let actives: Vec<_> =
+            self.runs.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         for active in actives {
             let now = now_ms();
             let moved = self.db.write(|t| {
@@ -140,8 +180,14 @@ impl Inner {
             self.notify_orphans(&run, &active, orphans);
             // The revived segment is first in line. Every slot may have ended already (the
             // tree was finished): one more manager slot serves it, then waits with the others.
-            let source: Arc<dyn ChildSource> = Arc::new(RootSource { inner: self.clone(), run: active.clone() });
-            tokio::spawn(forward_slot(active.blob.clone(), self.client.clone(), source, self.cfg.start_timeout));
+            let source: Arc<dyn ChildSource> =
+                Arc::new(RootSource { inner: self.clone(), run: active.clone() });
+            tokio::spawn(forward_slot(
+                active.blob.clone(),
+                self.client.clone(),
+                source,
+                self.cfg.start_timeout,
+            ));
             active.changed.notify_waiters();
         }
         Ok(())
@@ -157,14 +203,19 @@ impl Inner {
             let Some(live) = site.live() else { continue };
             let Some(group) = self.db.group(&site.content_group)? else { continue };
             let site_jobs: Vec<&Job> = jobs.iter().filter(|j| j.spec.site == site.name).collect();
-            if site_jobs.iter().any(|j| matches!(j.state, JobState::Running { .. }) || j.pending_commit.is_some() && j.state == JobState::Idle) {
+            if site_jobs.iter().any(|j| {
+                matches!(j.state, JobState::Running { .. })
+                    || j.pending_commit.is_some() && j.state == JobState::Idle
+            }) {
                 continue; // a release is on its way: who holds what changes when it lands
             }
             let covered: BTreeSet<&String> = site_jobs
                 .iter()
                 .filter(|j| match &j.state {
                     JobState::Idle | JobState::Running { .. } => true,
-                    JobState::Cancelled { .. } => j.next_run_ms + self.cfg.replicate_backoff.as_millis() as u64 > now,
+                    JobState::Cancelled { .. } => {
+                        j.next_run_ms + self.cfg.replicate_backoff.as_millis() as u64 > now
+                    }
                     JobState::Done => false,
                 })
                 .filter_map(|j| match &j.spec.payload {
@@ -175,14 +226,22 @@ impl Inner {
                 .collect();
             let lacking: Vec<String> = members
                 .iter()
-                .filter(|m| group.servers.contains(m) && site.holders.get(*m) != Some(&live) && !covered.contains(m))
+                .filter(|m| {
+                    group.servers.contains(m)
+                        && site.holders.get(*m) != Some(&live)
+                        && !covered.contains(m)
+                })
                 .cloned()
                 .collect();
             if lacking.is_empty() {
                 continue;
             }
             let spec = JobSpec {
-                name: format!("replicate live release {live} of {} to {}", site.name, lacking.join(", ")),
+                name: format!(
+                    "replicate live release {live} of {} to {}",
+                    site.name,
+                    lacking.join(", ")
+                ),
                 kind: JobKind::Replicate,
                 site: site.name.clone(),
                 payload: Payload::Live { servers: lacking.clone() },
@@ -196,7 +255,12 @@ impl Inner {
                     now,
                     Some(j.id),
                     None,
-                    format!("servers {} lack live release {live} of site {}: replicate job {} created", lacking.join(", "), site.name, j.id),
+                    format!(
+                        "servers {} lack live release {live} of site {}: replicate job {} created",
+                        lacking.join(", "),
+                        site.name,
+                        j.id
+                    ),
                 )?;
                 Ok::<_, ManagerError>(j)
             })?;

@@ -22,7 +22,12 @@ pub trait ChildSource: Send + Sync + 'static {
 
 /// Runs one slot until the source says done. `start_timeout` bounds how long a notified child
 /// may take to start pulling before it is reported unreachable.
-pub async fn forward_slot(blob: Arc<Blob>, client: JsonClient, source: Arc<dyn ChildSource>, start_timeout: Duration) {
+pub async fn forward_slot(
+    blob: Arc<Blob>,
+    client: JsonClient,
+    source: Arc<dyn ChildSource>,
+    start_timeout: Duration,
+) {
     while let Some(child) = source.next().await {
         let mut stream = blob.expect_stream(&child.segment);
         let url = format!("{}/notify", client.base_url(&child.address));
@@ -31,9 +36,10 @@ pub async fn forward_slot(blob: Arc<Blob>, client: JsonClient, source: Arc<dyn C
             source.unreachable(child.segment).await;
             continue;
         }
-        let started = tokio::time::timeout(start_timeout, stream.wait_for(|s| *s != StreamState::NotStarted))
-            .await
-            .is_ok_and(|r| r.is_ok());
+        let started =
+            tokio::time::timeout(start_timeout, stream.wait_for(|s| *s != StreamState::NotStarted))
+                .await
+                .is_ok_and(|r| r.is_ok());
         if !started {
             tracing::warn!(child = %child.segment, "notified child never started fetching");
             source.unreachable(child.segment).await;

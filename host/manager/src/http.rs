@@ -56,7 +56,8 @@ pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T,
         .await
         .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("reading body: {e}")))?
         .to_bytes();
-    serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("bad JSON: {e}")))
+    serde_json::from_slice(&body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("bad JSON: {e}")))
 }
 
 /// Who a request is from.
@@ -93,7 +94,10 @@ pub struct Tokens {
 
 impl Tokens {
     pub fn new(operator: &str, agent: &str) -> Tokens {
-        Tokens { operator: blake3::hash(operator.as_bytes()), agent: blake3::hash(agent.as_bytes()) }
+        Tokens {
+            operator: blake3::hash(operator.as_bytes()),
+            agent: blake3::hash(agent.as_bytes()),
+        }
     }
 
     /// The role a request has: over mutual TLS the one its client certificate names (tokens
@@ -174,7 +178,13 @@ where
                     return;
                 }
             };
-            let role = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(crate::tls::role_of).map(Role::from);
+            let role = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(crate::tls::role_of)
+                .map(Role::from);
             serve_connection(TokioIo::new(tls), Some(PeerRole(role)), h).await;
         });
     }
@@ -302,8 +312,16 @@ impl JsonClient {
             .map_err(|e| ClientError::Request { url: url.into(), what: e.to_string() })?;
         let resp = tokio::time::timeout(self.timeout, self.inner.request(req))
             .await
-            .map_err(|_| ClientError::Timeout { method: method.clone(), url: url.into(), after: self.timeout })?
-            .map_err(|source| ClientError::Transport { method: method.clone(), url: url.into(), source })?;
+            .map_err(|_| ClientError::Timeout {
+                method: method.clone(),
+                url: url.into(),
+                after: self.timeout,
+            })?
+            .map_err(|source| ClientError::Transport {
+                method: method.clone(),
+                url: url.into(),
+                source,
+            })?;
         if !resp.status().is_success() {
             let status = resp.status();
             let body = match tokio::time::timeout(self.timeout, resp.into_body().collect()).await {
@@ -322,28 +340,47 @@ impl JsonClient {
         url: &str,
         body: Option<&Req>,
     ) -> Result<Resp, ClientError> {
-        let body = body
-            .map(serde_json::to_vec)
-            .transpose()
-            .map_err(|source| ClientError::Decode { method: method.clone(), url: url.into(), source })?;
+        let body = body.map(serde_json::to_vec).transpose().map_err(|source| {
+            ClientError::Decode { method: method.clone(), url: url.into(), source }
+        })?;
         let resp = self.send(method.clone(), url, body, &[]).await?;
         let bytes = tokio::time::timeout(self.timeout, resp.into_body().collect())
             .await
-            .map_err(|_| ClientError::Timeout { method: method.clone(), url: url.into(), after: self.timeout })?
-            .map_err(|source| ClientError::Body { method: method.clone(), url: url.into(), source })?
+            .map_err(|_| ClientError::Timeout {
+                method: method.clone(),
+                url: url.into(),
+                after: self.timeout,
+            })?
+            .map_err(|source| ClientError::Body {
+                method: method.clone(),
+                url: url.into(),
+                source,
+            })?
             .to_bytes();
-        serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode { method, url: url.into(), source })
+        serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode {
+            method,
+            url: url.into(),
+            source,
+        })
     }
 
     pub async fn get<Resp: DeserializeOwned>(&self, url: &str) -> Result<Resp, ClientError> {
         self.call::<(), Resp>(Method::GET, url, None).await
     }
 
-    pub async fn post<Req: Serialize, Resp: DeserializeOwned>(&self, url: &str, body: &Req) -> Result<Resp, ClientError> {
+    pub async fn post<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        url: &str,
+        body: &Req,
+    ) -> Result<Resp, ClientError> {
         self.call(Method::POST, url, Some(body)).await
     }
 
-    pub async fn put<Req: Serialize, Resp: DeserializeOwned>(&self, url: &str, body: &Req) -> Result<Resp, ClientError> {
+    pub async fn put<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        url: &str,
+        body: &Req,
+    ) -> Result<Resp, ClientError> {
         self.call(Method::PUT, url, Some(body)).await
     }
 }

@@ -22,12 +22,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::blob::{Blob, BlobError, Egress};
-use http_body_util::BodyExt;
 use crate::forward::{BoxFuture, ChildSource, forward_slot};
 use crate::http::{self, Body, JsonClient, Role, Tokens};
 use crate::manifest::Manifest;
 use crate::model::{ChildTarget, NextChild, Notification, SegmentReport, TreeCall};
 use crate::tree::{LinkRates, UploadMeter};
+use http_body_util::BodyExt;
 
 /// Transfers smaller than this are not timed: connection set-up and the pipeline's last chunk
 /// would say more than the link.
@@ -45,11 +45,22 @@ pub struct DeliveryOutcome {
 
 /// Hands a whole, verified assignment to the members of the GL's segment and collects their reports.
 pub trait LocalDelivery: Send + Sync + 'static {
-    fn deliver(&self, run: u64, assignment: PathBuf, manifest: Manifest) -> BoxFuture<'static, DeliveryOutcome>;
+    fn deliver(
+        &self,
+        run: u64,
+        assignment: PathBuf,
+        manifest: Manifest,
+    ) -> BoxFuture<'static, DeliveryOutcome>;
 
     /// Delivers to `servers` only (the notification's targets; empty: every member). The
     /// default delivers to everyone; a delivery that can leave servers out overrides it.
-    fn deliver_to(&self, run: u64, assignment: PathBuf, manifest: Manifest, servers: Vec<String>) -> BoxFuture<'static, DeliveryOutcome> {
+    fn deliver_to(
+        &self,
+        run: u64,
+        assignment: PathBuf,
+        manifest: Manifest,
+        servers: Vec<String>,
+    ) -> BoxFuture<'static, DeliveryOutcome> {
         let _ = servers;
         self.deliver(run, assignment, manifest)
     }
@@ -163,8 +174,10 @@ impl LinkWatch {
     pub fn rates(&self) -> Option<LinkRates> {
         let m = lock(&self.0.links);
         let upload = m.upload.rate(m.now(), MIN_MEASURED_BYTES);
-        (upload.is_some() || m.download.is_some())
-            .then(|| LinkRates { upload_bps: upload.unwrap_or(0), download_bps: m.download.unwrap_or(0) })
+        (upload.is_some() || m.download.is_some()).then(|| LinkRates {
+            upload_bps: upload.unwrap_or(0),
+            download_bps: m.download.unwrap_or(0),
+        })
     }
 }
 
@@ -192,23 +205,41 @@ pub struct LeaderNode {
 
 impl LeaderNode {
     /// Binds the tree endpoint and starts serving on the current tokio runtime.
-    pub async fn start(cfg: LeaderConfig, delivery: Arc<dyn LocalDelivery>) -> Result<LeaderNode, LeaderError> {
-        std::fs::create_dir_all(&cfg.data_dir)
-            .map_err(|source| LeaderError::DataDir { segment: cfg.segment.clone(), path: cfg.data_dir.clone(), source })?;
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|source| LeaderError::Bind { segment: cfg.segment.clone(), addr: cfg.listen, source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| LeaderError::Bind { segment: cfg.segment.clone(), addr: cfg.listen, source })?;
+    pub async fn start(
+        cfg: LeaderConfig,
+        delivery: Arc<dyn LocalDelivery>,
+    ) -> Result<LeaderNode, LeaderError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| LeaderError::DataDir {
+            segment: cfg.segment.clone(),
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+        let listener = TcpListener::bind(cfg.listen).await.map_err(|source| LeaderError::Bind {
+            segment: cfg.segment.clone(),
+            addr: cfg.listen,
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| LeaderError::Bind {
+            segment: cfg.segment.clone(),
+            addr: cfg.listen,
+            source,
+        })?;
         let inner = Arc::new(Inner {
             tokens: Tokens::new("", &cfg.agent_token),
-            client: JsonClient::with_tls(&cfg.agent_token, Duration::from_secs(10), cfg.tls.as_ref()),
+            client: JsonClient::with_tls(
+                &cfg.agent_token,
+                Duration::from_secs(10),
+                cfg.tls.as_ref(),
+            ),
             runs: Mutex::new(HashMap::new()),
             delivery,
             egress: cfg.egress_bytes_per_sec.map(Egress::new),
             tasks: Mutex::new(Vec::new()),
-            links: Mutex::new(LinkMeasure { epoch: std::time::Instant::now(), upload: UploadMeter::default(), download: None }),
+            links: Mutex::new(LinkMeasure {
+                epoch: std::time::Instant::now(),
+                upload: UploadMeter::default(),
+                download: None,
+            }),
             cfg,
         });
         let h = inner.clone();
@@ -222,7 +253,8 @@ impl LeaderNode {
     /// Stops serving: the listener closes and every fetch, forwarding slot and delivery this
     /// node started is aborted (the GL lost its leadership; the new GL picks the runs up).
     pub fn stop(&self) {
-        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let tasks =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for t in tasks {
             t.abort();
         }
@@ -269,29 +301,56 @@ impl Inner {
                 Ok(n) => self.on_notify(n),
                 Err(r) => r,
             },
-            (Method::POST, ["members", "report"]) => match http::read_json::<MemberApplyReport>(req).await {
-                Ok(r) => {
-                    if self.delivery.member_report(r) {
-                        http::json(StatusCode::ACCEPTED, &serde_json::json!({ "accepted": true }))
-                    } else {
-                        http::error(StatusCode::NOT_FOUND, "this group leader does not collect apply reports")
+            (Method::POST, ["members", "report"]) => {
+                match http::read_json::<MemberApplyReport>(req).await {
+                    Ok(r) => {
+                        if self.delivery.member_report(r) {
+                            http::json(
+                                StatusCode::ACCEPTED,
+                                &serde_json::json!({ "accepted": true }),
+                            )
+                        } else {
+                            http::error(
+                                StatusCode::NOT_FOUND,
+                                "this group leader does not collect apply reports",
+                            )
+                        }
                     }
+                    Err(r) => r,
                 }
-                Err(r) => r,
-            },
+            }
             // A member that received a run asks whether it is one of the run's targets.
             (Method::GET, ["dist", run, "servers"]) => {
-                let Ok(run) = run.parse::<u64>() else { return http::error(StatusCode::BAD_REQUEST, "bad run id") };
-                let servers = self.runs.lock().unwrap_or_else(|p| p.into_inner()).get(&run).map(|r| r.notification.borrow().servers.clone());
+                let Ok(run) = run.parse::<u64>() else {
+                    return http::error(StatusCode::BAD_REQUEST, "bad run id");
+                };
+                let servers = self
+                    .runs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&run)
+                    .map(|r| r.notification.borrow().servers.clone());
                 match servers {
-                    Some(servers) => http::json(StatusCode::OK, &serde_json::json!({ "run": run, "servers": servers })),
+                    Some(servers) => http::json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "run": run, "servers": servers }),
+                    ),
                     None => http::error(StatusCode::NOT_FOUND, "no such run here"),
                 }
             }
             (Method::GET, ["dist", run, "blob"]) => {
-                let Ok(run) = run.parse::<u64>() else { return http::error(StatusCode::BAD_REQUEST, "bad run id") };
-                let blob = self.runs.lock().unwrap_or_else(|p| p.into_inner()).get(&run).map(|r| r.blob.clone());
-                let Some(blob) = blob else { return http::error(StatusCode::NOT_FOUND, "no such run here") };
+                let Ok(run) = run.parse::<u64>() else {
+                    return http::error(StatusCode::BAD_REQUEST, "bad run id");
+                };
+                let blob = self
+                    .runs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&run)
+                    .map(|r| r.blob.clone());
+                let Some(blob) = blob else {
+                    return http::error(StatusCode::NOT_FOUND, "no such run here");
+                };
                 self.metered(serve_blob(&blob, &req))
             }
             _ => http::error(StatusCode::NOT_FOUND, "no such endpoint"),
@@ -322,7 +381,10 @@ impl Inner {
 
     fn on_notify(self: &Arc<Self>, n: Notification) -> Response<Body> {
         if n.segment != self.cfg.segment {
-            return http::error(StatusCode::BAD_REQUEST, &format!("notification for {}, this is {}", n.segment, self.cfg.segment));
+            return http::error(
+                StatusCode::BAD_REQUEST,
+                &format!("notification for {}, this is {}", n.segment, self.cfg.segment),
+            );
         }
         if let Err(e) = n.manifest.validate() {
             return http::error(StatusCode::BAD_REQUEST, &e.to_string());
@@ -330,7 +392,10 @@ impl Inner {
         let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = runs.get(&n.run) {
             if r.blob.manifest() != &n.manifest {
-                return http::error(StatusCode::CONFLICT, "a different assignment for a run already under way");
+                return http::error(
+                    StatusCode::CONFLICT,
+                    "a different assignment for a run already under way",
+                );
             }
             // A new parent (re-parented, or the manager resumed the run): the fetch restarts from it.
             r.notification.send_replace(n);
@@ -345,8 +410,14 @@ impl Inner {
         runs.insert(n.run, state.clone());
         drop(runs);
         for _ in 0..n.slots {
-            let source: Arc<dyn ChildSource> = Arc::new(ManagerChildSource { inner: self.clone(), run: state.clone() });
-            self.spawn(forward_slot(state.blob.clone(), self.client.clone(), source, self.cfg.stall));
+            let source: Arc<dyn ChildSource> =
+                Arc::new(ManagerChildSource { inner: self.clone(), run: state.clone() });
+            self.spawn(forward_slot(
+                state.blob.clone(),
+                self.client.clone(),
+                source,
+                self.cfg.stall,
+            ));
         }
         self.spawn(self.clone().drive(state));
         http::json(StatusCode::ACCEPTED, &serde_json::json!({ "accepted": true }))
@@ -359,7 +430,12 @@ impl Inner {
 
     /// Tells the manager something, retrying with a growing pause (up to a second) for as long
     /// as `patience` (it may be restarting).
-    async fn tell_manager<T: serde::Serialize>(&self, url: &str, body: &T, patience: Duration) -> bool {
+    async fn tell_manager<T: serde::Serialize>(
+        &self,
+        url: &str,
+        body: &T,
+        patience: Duration,
+    ) -> bool {
         let end = tokio::time::Instant::now() + patience;
         for attempt in 0u64.. {
             match self.client.post::<_, serde_json::Value>(url, body).await {
@@ -403,19 +479,31 @@ impl Inner {
                         lock(&self.runs).remove(&n.run);
                         return;
                     }
-                    if failures >= self.cfg.retries_per_parent || matches!(e, BlobError::Corrupt { .. }) && failures >= 2 {
+                    if failures >= self.cfg.retries_per_parent
+                        || matches!(e, BlobError::Corrupt { .. }) && failures >= 2
+                    {
                         failures = 0;
                         let url = self.manager_url(&run, "reparent");
-                        match self.client.post::<_, Notification>(&url, &TreeCall { segment: self.cfg.segment.clone() }).await {
+                        match self
+                            .client
+                            .post::<_, Notification>(
+                                &url,
+                                &TreeCall { segment: self.cfg.segment.clone() },
+                            )
+                            .await
+                        {
                             Ok(new) => {
                                 tracing::info!(segment = %self.cfg.segment, "re-parented to {}", new.source);
                                 run.notification.send_replace(new);
                                 rx.borrow_and_update();
                             }
-                            Err(e) => tracing::warn!(segment = %self.cfg.segment, "asking for a new parent: {e}"),
+                            Err(e) => {
+                                tracing::warn!(segment = %self.cfg.segment, "asking for a new parent: {e}")
+                            }
                         }
                     }
-                    tokio::time::sleep(Duration::from_millis(50 * u64::from(failures.max(1)))).await;
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(failures.max(1))))
+                        .await;
                 }
             }
         }
@@ -426,8 +514,12 @@ impl Inner {
         }
         let n = run.notification.borrow().clone();
         let call = TreeCall { segment: self.cfg.segment.clone() };
-        self.tell_manager(&self.manager_url(&run, "received"), &call, Duration::from_secs(15)).await;
-        let outcome = self.delivery.deliver_to(n.run, run.blob.path().to_path_buf(), n.manifest.clone(), n.servers.clone()).await;
+        self.tell_manager(&self.manager_url(&run, "received"), &call, Duration::from_secs(15))
+            .await;
+        let outcome = self
+            .delivery
+            .deliver_to(n.run, run.blob.path().to_path_buf(), n.manifest.clone(), n.servers.clone())
+            .await;
         let report = SegmentReport {
             segment: self.cfg.segment.clone(),
             leader: self.cfg.leader.clone(),
@@ -445,12 +537,22 @@ impl Inner {
 
 /// Serves a blob GET: `Range: bytes=N-` resumes; `?from=<segment>` names the child pulling.
 pub fn serve_blob(blob: &Arc<Blob>, req: &Request<Incoming>) -> Response<Body> {
-    let start = match req.headers().get(RANGE).map(|v| v.to_str().ok().and_then(http::parse_range_start)) {
-        None => None,
-        Some(Some(s)) => Some(s),
-        Some(None) => return http::error(StatusCode::RANGE_NOT_SATISFIABLE, "only `Range: bytes=N-` is supported"),
-    };
-    let child = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("from="))).map(str::to_string);
+    let start =
+        match req.headers().get(RANGE).map(|v| v.to_str().ok().and_then(http::parse_range_start)) {
+            None => None,
+            Some(Some(s)) => Some(s),
+            Some(None) => {
+                return http::error(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "only `Range: bytes=N-` is supported",
+                );
+            }
+        };
+    let child = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("from=")))
+        .map(str::to_string);
     blob.serve(start, child)
 }
 
@@ -470,7 +572,8 @@ impl ChildSource for ManagerChildSource {
                     Ok(next) => return next.child,
                     Err(e) => {
                         tracing::warn!(segment = %self.inner.cfg.segment, "asking for the next GL: {e}");
-                        tokio::time::sleep(Duration::from_millis(100 * (attempt + 1).min(10))).await;
+                        tokio::time::sleep(Duration::from_millis(100 * (attempt + 1).min(10)))
+                            .await;
                     }
                 }
             }
@@ -481,7 +584,9 @@ impl ChildSource for ManagerChildSource {
     fn unreachable(&self, child: String) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let url = self.inner.manager_url(&self.run, "dead");
-            self.inner.tell_manager(&url, &TreeCall { segment: child }, Duration::from_secs(15)).await;
+            self.inner
+                .tell_manager(&url, &TreeCall { segment: child }, Duration::from_secs(15))
+                .await;
         })
     }
 }

@@ -68,7 +68,10 @@ impl Manifest {
 
     /// Hashes bytes in memory.
     pub fn of_bytes(data: &[u8], chunk_size: u32) -> Manifest {
-        let chunks = data.chunks(chunk_size as usize).map(|c| blake3::hash(c).to_hex().to_string()).collect();
+        let chunks = data
+            .chunks(chunk_size as usize)
+            .map(|c| blake3::hash(c).to_hex().to_string())
+            .collect();
         Manifest {
             size: data.len() as u64,
             chunk_size,
@@ -109,7 +112,12 @@ impl Manifest {
 
     /// Verifies chunk `index` from its length and hash, for a receiver that hashed the chunk
     /// piece by piece as it arrived (no copy into one buffer).
-    pub fn verify_chunk_hash(&self, index: u64, len: u64, hash: &blake3::Hash) -> Result<(), ManifestError> {
+    pub fn verify_chunk_hash(
+        &self,
+        index: u64,
+        len: u64,
+        hash: &blake3::Hash,
+    ) -> Result<(), ManifestError> {
         let expected = self
             .chunks
             .get(index as usize)

@@ -155,7 +155,10 @@ impl Default for Quorum {
 #[serde(rename_all = "snake_case", tag = "action")]
 pub enum OnFailure {
     /// Run again after `delay_ms`, at most `max_attempts` runs in all.
-    Retry { max_attempts: u32, delay_ms: u64 },
+    Retry {
+        max_attempts: u32,
+        delay_ms: u64,
+    },
     Cancel,
 }
 
@@ -232,9 +235,13 @@ pub struct JobSpec {
 pub enum JobState {
     /// Waiting for `next_run_ms` (seed: "idle").
     Idle,
-    Running { run: u64 },
+    Running {
+        run: u64,
+    },
     Done,
-    Cancelled { reason: String },
+    Cancelled {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -320,7 +327,9 @@ pub struct Run {
 #[serde(rename_all = "snake_case", tag = "status")]
 pub enum ServerOutcome {
     Succeeded,
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
     /// The GL never heard from it.
     Missing,
 }

@@ -41,7 +41,11 @@ impl fmt::Display for QuorumShortfall {
 }
 
 /// The quorum check before a run (seed: "defer or cancel the update if the required quorum is not met").
-pub fn check_quorum(q: Quorum, targets: &[String], live: &BTreeSet<String>) -> Result<(), QuorumShortfall> {
+pub fn check_quorum(
+    q: Quorum,
+    targets: &[String],
+    live: &BTreeSet<String>,
+) -> Result<(), QuorumShortfall> {
     let not_live: Vec<String> = targets.iter().filter(|s| !live.contains(*s)).cloned().collect();
     let live_n = targets.len() - not_live.len();
     let needed = quorum_needed(q, targets.len());
@@ -72,7 +76,9 @@ pub fn after_failure(policy: &JobPolicy, attempts: u32, now_ms: u64, reason: &st
             NextJobState { state: JobState::Idle, next_run_ms: now_ms + delay_ms, attempts }
         }
         OnFailure::Retry { max_attempts, .. } => NextJobState {
-            state: JobState::Cancelled { reason: format!("failed {max_attempts} times; last: {reason}") },
+            state: JobState::Cancelled {
+                reason: format!("failed {max_attempts} times; last: {reason}"),
+            },
             next_run_ms: now_ms,
             attempts,
         },
@@ -87,7 +93,9 @@ pub fn after_failure(policy: &JobPolicy, attempts: u32, now_ms: u64, reason: &st
 /// After a successful run: a recurring job waits for its next period, a one-off is done.
 pub fn after_success(every_ms: Option<u64>, now_ms: u64) -> NextJobState {
     match every_ms {
-        Some(every) => NextJobState { state: JobState::Idle, next_run_ms: now_ms + every.max(1), attempts: 0 },
+        Some(every) => {
+            NextJobState { state: JobState::Idle, next_run_ms: now_ms + every.max(1), attempts: 0 }
+        }
         None => NextJobState { state: JobState::Done, next_run_ms: now_ms, attempts: 0 },
     }
 }
@@ -114,12 +122,18 @@ mod tests {
         assert_eq!((e.live, e.needed, e.total), (2, 3, 4));
         assert_eq!(e.not_live, names(&["c", "d"]));
         assert!(e.to_string().contains("2 of 4 servers live, 3 needed; not live: c, d"), "{e}");
-        assert!(check_quorum(Quorum { min_percent: 0, min_servers: 0 }, &[], &live).is_err(), "no targets never passes");
+        assert!(
+            check_quorum(Quorum { min_percent: 0, min_servers: 0 }, &[], &live).is_err(),
+            "no targets never passes"
+        );
     }
 
     #[test]
     fn failure_retries_then_cancels() {
-        let mut p = JobPolicy { on_failure: OnFailure::Retry { max_attempts: 2, delay_ms: 100 }, ..JobPolicy::default() };
+        let mut p = JobPolicy {
+            on_failure: OnFailure::Retry { max_attempts: 2, delay_ms: 100 },
+            ..JobPolicy::default()
+        };
         let n = after_failure(&p, 1, 1000, "x");
         assert_eq!((n.state, n.next_run_ms), (JobState::Idle, 1100));
         let n = after_failure(&p, 2, 1000, "disk full");

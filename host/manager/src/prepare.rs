@@ -61,7 +61,10 @@ pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
             std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
         } else if m.is_dir() {
             copy_tree(&src, &dst)?;
-            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(m.permissions().mode()))?;
+            std::fs::set_permissions(
+                &dst,
+                std::fs::Permissions::from_mode(m.permissions().mode()),
+            )?;
         } else {
             std::fs::copy(&src, &dst)?;
         }
@@ -88,11 +91,19 @@ pub fn snapshot_tree(from: &Path, previous: Option<&Path>, to: &Path) -> std::io
             std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
         } else if m.is_dir() {
             snapshot_tree(&src, prev.as_deref().filter(|p| p.is_dir()), &dst)?;
-            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(m.permissions().mode()))?;
+            std::fs::set_permissions(
+                &dst,
+                std::fs::Permissions::from_mode(m.permissions().mode()),
+            )?;
         } else {
-            let same = prev.as_ref().and_then(|p| std::fs::symlink_metadata(p).ok()).is_some_and(|pm| {
-                pm.is_file() && pm.len() == m.len() && pm.mtime() == m.mtime() && pm.mtime_nsec() == m.mtime_nsec() && pm.mode() == m.mode()
-            });
+            let same =
+                prev.as_ref().and_then(|p| std::fs::symlink_metadata(p).ok()).is_some_and(|pm| {
+                    pm.is_file()
+                        && pm.len() == m.len()
+                        && pm.mtime() == m.mtime()
+                        && pm.mtime_nsec() == m.mtime_nsec()
+                        && pm.mode() == m.mode()
+                });
             match prev.filter(|_| same) {
                 Some(p) => std::fs::hard_link(p, &dst)?,
                 None => {
@@ -127,31 +138,53 @@ pub fn prepare(
     let name = site.name.clone();
     match payload {
         Payload::File { path } => {
-            std::fs::copy(path, out).map_err(|source| PrepareError::Copy { path: path.clone(), source })?;
+            std::fs::copy(path, out)
+                .map_err(|source| PrepareError::Copy { path: path.clone(), source })?;
             let release = release_of_file(out);
             let named = release.map_or(String::new(), |r| format!(" (builds release {r})"));
-            Ok(Prepared { serial: None, release, summary: format!("assignment file {path}{named}") })
+            Ok(Prepared {
+                serial: None,
+                release,
+                summary: format!("assignment file {path}{named}"),
+            })
         }
         Payload::Staging => {
             let snap = snapshot_dir(data_dir, &site.name, serial);
-            let snap_err = |source| PrepareError::Snapshot { site: name.clone(), from: site.staging.clone(), source };
+            let snap_err = |source| PrepareError::Snapshot {
+                site: name.clone(),
+                from: site.staging.clone(),
+                source,
+            };
             if snap.exists() {
                 std::fs::remove_dir_all(&snap).map_err(snap_err)?;
             }
             let replicate = kind == JobKind::Replicate;
-            let shadow = site.live().map(|l| snapshot_dir(data_dir, &site.name, l)).filter(|_| !replicate);
-            snapshot_tree(Path::new(&site.staging), shadow.as_deref().filter(|s| s.is_dir()), &snap).map_err(snap_err)?;
-            let mut opts = BuildOptions::new(if replicate { AssignmentType::Replicate } else { AssignmentType::Publish }, serial);
+            let shadow =
+                site.live().map(|l| snapshot_dir(data_dir, &site.name, l)).filter(|_| !replicate);
+            snapshot_tree(
+                Path::new(&site.staging),
+                shadow.as_deref().filter(|s| s.is_dir()),
+                &snap,
+            )
+            .map_err(snap_err)?;
+            let mut opts = BuildOptions::new(
+                if replicate { AssignmentType::Replicate } else { AssignmentType::Publish },
+                serial,
+            );
             opts.meta.job_id = job_id;
             opts.meta.base_serial = if replicate { 0 } else { site.live().unwrap_or(0) };
             opts.seal = seal.cloned();
-            let r = build(&snap, shadow.as_deref(), out, &opts).map_err(|source| PrepareError::Build { site: name.clone(), source })?;
+            let r = build(&snap, shadow.as_deref(), out, &opts)
+                .map_err(|source| PrepareError::Build { site: name.clone(), source })?;
             Ok(Prepared {
                 serial: Some(serial),
                 release: Some(serial),
                 summary: format!(
                     "release {serial} of site {name} against {}: {} new, {} changed, {} deleted, {} unchanged, {} deltas, {} literal bytes",
-                    shadow.as_ref().map_or("nothing".to_string(), |_| format!("live release {}", site.live().unwrap_or(0))),
+                    shadow.as_ref().map_or("nothing".to_string(), |_| format!(
+                        "live release {}",
+                        site.live().unwrap_or(0)
+                    )),
                     r.new,
                     r.changed,
                     r.deleted,
@@ -162,21 +195,34 @@ pub fn prepare(
             })
         }
         Payload::Live { servers } => {
-            let live = site.live().ok_or_else(|| PrepareError::NothingLive { site: name.clone() })?;
+            let live =
+                site.live().ok_or_else(|| PrepareError::NothingLive { site: name.clone() })?;
             let snap = snapshot_dir(data_dir, &site.name, live);
             if !snap.is_dir() {
-                return Err(PrepareError::SnapshotMissing { site: name, serial: live, path: snap.display().to_string() });
+                return Err(PrepareError::SnapshotMissing {
+                    site: name,
+                    serial: live,
+                    path: snap.display().to_string(),
+                });
             }
             // Same serial as live everywhere else: a server that already has it skips the build.
             let mut opts = BuildOptions::new(AssignmentType::Replicate, live);
             opts.meta.job_id = job_id;
             opts.seal = seal.cloned();
-            let r = build(&snap, None, out, &opts).map_err(|source| PrepareError::Build { site: name.clone(), source })?;
-            let to = if servers.is_empty() { "the content group".to_string() } else { servers.join(", ") };
+            let r = build(&snap, None, out, &opts)
+                .map_err(|source| PrepareError::Build { site: name.clone(), source })?;
+            let to = if servers.is_empty() {
+                "the content group".to_string()
+            } else {
+                servers.join(", ")
+            };
             Ok(Prepared {
                 serial: None,
                 release: Some(live),
-                summary: format!("live release {live} of site {name}, whole ({} files), for {to}", r.new),
+                summary: format!(
+                    "live release {live} of site {name}, whole ({} files), for {to}",
+                    r.new
+                ),
             })
         }
         Payload::Commit { serial: target } => {
@@ -186,18 +232,46 @@ pub fn prepare(
                 .or(site.prepared)
                 .or(site.live())
                 .ok_or_else(|| PrepareError::NothingPrepared { site: name.clone() })?;
-            let meta = Meta { kind: AssignmentType::Commit, serial, job_id, base_serial: 0, target_serial: target };
-            build_switch(out, meta, seal.cloned()).map_err(|source| PrepareError::Switch { site: name.clone(), what: "commit", source })?;
-            Ok(Prepared { serial: Some(serial), release: None, summary: format!("commit of release {target} of site {name}") })
+            let meta = Meta {
+                kind: AssignmentType::Commit,
+                serial,
+                job_id,
+                base_serial: 0,
+                target_serial: target,
+            };
+            build_switch(out, meta, seal.cloned()).map_err(|source| PrepareError::Switch {
+                site: name.clone(),
+                what: "commit",
+                source,
+            })?;
+            Ok(Prepared {
+                serial: Some(serial),
+                release: None,
+                summary: format!("commit of release {target} of site {name}"),
+            })
         }
         Payload::Rollback => {
             if site.committed.len() < 2 {
                 return Err(PrepareError::NothingToRollBack { site: name });
             }
-            let meta = Meta { kind: AssignmentType::Rollback, serial, job_id, base_serial: 0, target_serial: 0 };
-            build_switch(out, meta, seal.cloned()).map_err(|source| PrepareError::Switch { site: name.clone(), what: "rollback", source })?;
+            let meta = Meta {
+                kind: AssignmentType::Rollback,
+                serial,
+                job_id,
+                base_serial: 0,
+                target_serial: 0,
+            };
+            build_switch(out, meta, seal.cloned()).map_err(|source| PrepareError::Switch {
+                site: name.clone(),
+                what: "rollback",
+                source,
+            })?;
             let back = site.committed[site.committed.len() - 2];
-            Ok(Prepared { serial: Some(serial), release: None, summary: format!("rollback of site {name} to release {back}") })
+            Ok(Prepared {
+                serial: Some(serial),
+                release: None,
+                summary: format!("rollback of site {name} to release {back}"),
+            })
         }
     }
 }
@@ -212,7 +286,12 @@ fn release_of_file(path: &Path) -> Option<u64> {
 
 /// What a successful run changes in the site record: a publish is prepared, a commit goes live
 /// on `servers` (the ones that reported success), a rollback returns to the release before.
-pub fn after_success(payload: &Payload, site: &mut HostedSite, serial: Option<u64>, servers: &[String]) {
+pub fn after_success(
+    payload: &Payload,
+    site: &mut HostedSite,
+    serial: Option<u64>,
+    servers: &[String],
+) {
     match payload {
         Payload::File { .. } | Payload::Live { .. } => {}
         Payload::Staging => site.prepared = serial,
@@ -254,7 +333,9 @@ pub fn snapshots_kept(site: &HostedSite, on_disk: &[u64]) -> (Vec<u64>, Vec<u64>
         }
     }
     let newest_committed = site.committed.iter().max().copied().unwrap_or(0);
-    on_disk.iter().partition(|s| recent.contains(s) || site.prepared == Some(**s) || **s > newest_committed)
+    on_disk
+        .iter()
+        .partition(|s| recent.contains(s) || site.prepared == Some(**s) || **s > newest_committed)
 }
 
 /// Deletes the snapshots of `site` that [`snapshots_kept`] lets go. Returns the serials pruned.
@@ -307,19 +388,46 @@ mod tests {
         let data = d.path().join("data");
         let mut s = site(&staging);
         let out1 = d.path().join("a1");
-        let p = prepare(&Payload::Staging, JobKind::Publish, &s, 1, 7, Context { data_dir: &data, seal: None }, &out1).unwrap();
+        let p = prepare(
+            &Payload::Staging,
+            JobKind::Publish,
+            &s,
+            1,
+            7,
+            Context { data_dir: &data, seal: None },
+            &out1,
+        )
+        .unwrap();
         assert!(p.summary.contains("3 new"), "{}", p.summary);
         assert!(snapshot_dir(&data, "www", 1).join("css/site.css").is_file());
         after_success(&Payload::Staging, &mut s, p.serial, &[]);
         assert_eq!(s.prepared, Some(1));
         // Commit before anything else: header only, target 1.
-        let c = prepare(&Payload::Commit { serial: None }, JobKind::Commit, &s, 2, 8, Context { data_dir: &data, seal: None }, &d.path().join("c2")).unwrap();
+        let c = prepare(
+            &Payload::Commit { serial: None },
+            JobKind::Commit,
+            &s,
+            2,
+            8,
+            Context { data_dir: &data, seal: None },
+            &d.path().join("c2"),
+        )
+        .unwrap();
         assert_eq!(c.summary, "commit of release 1 of site www");
         after_success(&Payload::Commit { serial: None }, &mut s, c.serial, &["a".into()]);
         assert_eq!((s.live(), s.prepared), (Some(1), None));
         // The live release, whole, for a server that lacks it: replicate type, live's serial.
         let lv = d.path().join("live");
-        let l = prepare(&Payload::Live { servers: vec!["new".into()] }, JobKind::Replicate, &s, 9, 8, Context { data_dir: &data, seal: None }, &lv).unwrap();
+        let l = prepare(
+            &Payload::Live { servers: vec!["new".into()] },
+            JobKind::Replicate,
+            &s,
+            9,
+            8,
+            Context { data_dir: &data, seal: None },
+            &lv,
+        )
+        .unwrap();
         assert_eq!((l.serial, l.release), (None, Some(1)));
         let h = cm_assignment::read::AssignmentReader::open(&lv).unwrap().header().clone();
         assert_eq!((h.kind, h.serial, h.base_serial), (AssignmentType::Replicate, 1, 0));
@@ -327,16 +435,44 @@ mod tests {
         assert_eq!(release_of_file(&d.path().join("c2")), None, "a commit builds none");
         // A one-file change: only that file travels.
         std::fs::write(staging.join("css/site.css"), "body{color:red}").unwrap();
-        let p3 = prepare(&Payload::Staging, JobKind::Publish, &s, 3, 9, Context { data_dir: &data, seal: None }, &d.path().join("a3")).unwrap();
+        let p3 = prepare(
+            &Payload::Staging,
+            JobKind::Publish,
+            &s,
+            3,
+            9,
+            Context { data_dir: &data, seal: None },
+            &d.path().join("a3"),
+        )
+        .unwrap();
         assert!(p3.summary.contains("0 new, 1 changed, 0 deleted, 1 unchanged"), "{}", p3.summary);
-        assert!(std::fs::metadata(d.path().join("a3")).unwrap().len() < std::fs::metadata(&out1).unwrap().len());
+        assert!(
+            std::fs::metadata(d.path().join("a3")).unwrap().len()
+                < std::fs::metadata(&out1).unwrap().len()
+        );
         assert!(matches!(
-            prepare(&Payload::Live { servers: vec![] }, JobKind::Replicate, &site(&staging), 1, 1, Context { data_dir: &data, seal: None }, &lv),
+            prepare(
+                &Payload::Live { servers: vec![] },
+                JobKind::Replicate,
+                &site(&staging),
+                1,
+                1,
+                Context { data_dir: &data, seal: None },
+                &lv
+            ),
             Err(PrepareError::NothingLive { .. })
         ));
         // Nothing committed twice yet: no rollback.
         assert!(matches!(
-            prepare(&Payload::Rollback, JobKind::Rollback, &s, 4, 10, Context { data_dir: &data, seal: None }, &d.path().join("r")),
+            prepare(
+                &Payload::Rollback,
+                JobKind::Rollback,
+                &s,
+                4,
+                10,
+                Context { data_dir: &data, seal: None },
+                &d.path().join("r")
+            ),
             Err(PrepareError::NothingToRollBack { .. })
         ));
     }
@@ -345,34 +481,60 @@ mod tests {
     fn snapshots_link_unchanged_files_from_the_previous_one_and_copy_the_rest_with_their_mtime() {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let d = tempfile::tempdir().unwrap();
-        let (staging, one, two) = (d.path().join("staging"), d.path().join("1"), d.path().join("2"));
+        let (staging, one, two) =
+            (d.path().join("staging"), d.path().join("1"), d.path().join("2"));
         std::fs::create_dir_all(staging.join("css")).unwrap();
-        for (p, c) in [("index.html", "a"), ("css/site.css", "b"), ("mode.sh", "c"), ("gone.txt", "d")] {
+        for (p, c) in
+            [("index.html", "a"), ("css/site.css", "b"), ("mode.sh", "c"), ("gone.txt", "d")]
+        {
             std::fs::write(staging.join(p), c).unwrap();
         }
         std::os::unix::fs::symlink("index.html", staging.join("home")).unwrap();
         snapshot_tree(&staging, None, &one).unwrap();
         let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
         let mt = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
-        assert_ne!(ino(&one.join("index.html")), ino(&staging.join("index.html")), "staging's inodes are never shared");
-        assert_eq!(mt(&one.join("css/site.css")), mt(&staging.join("css/site.css")), "mtime kept on copy");
+        assert_ne!(
+            ino(&one.join("index.html")),
+            ino(&staging.join("index.html")),
+            "staging's inodes are never shared"
+        );
+        assert_eq!(
+            mt(&one.join("css/site.css")),
+            mt(&staging.join("css/site.css")),
+            "mtime kept on copy"
+        );
         // Edit one file (same size, new mtime), change a mode, remove one, add one.
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(staging.join("index.html"), "z").unwrap();
-        std::fs::set_permissions(staging.join("mode.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(staging.join("mode.sh"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
         std::fs::remove_file(staging.join("gone.txt")).unwrap();
         std::fs::write(staging.join("new.txt"), "n").unwrap();
         snapshot_tree(&staging, Some(&one), &two).unwrap();
-        assert_eq!(ino(&two.join("css/site.css")), ino(&one.join("css/site.css")), "unchanged: linked");
+        assert_eq!(
+            ino(&two.join("css/site.css")),
+            ino(&one.join("css/site.css")),
+            "unchanged: linked"
+        );
         assert_ne!(ino(&two.join("index.html")), ino(&one.join("index.html")), "edited: copied");
         assert_ne!(ino(&two.join("mode.sh")), ino(&one.join("mode.sh")), "mode changed: copied");
-        assert_eq!(std::fs::read_to_string(one.join("index.html")).unwrap(), "a", "the older snapshot is untouched");
+        assert_eq!(
+            std::fs::read_to_string(one.join("index.html")).unwrap(),
+            "a",
+            "the older snapshot is untouched"
+        );
         assert_eq!(std::fs::read_link(two.join("home")).unwrap(), Path::new("index.html"));
         assert!(!two.join("gone.txt").exists());
         let observe = |root: &Path| -> Vec<(String, String, u32)> {
             let mut v: Vec<_> = ["index.html", "css/site.css", "mode.sh", "new.txt"]
                 .iter()
-                .map(|p| (p.to_string(), std::fs::read_to_string(root.join(p)).unwrap(), std::fs::metadata(root.join(p)).unwrap().mode()))
+                .map(|p| {
+                    (
+                        p.to_string(),
+                        std::fs::read_to_string(root.join(p)).unwrap(),
+                        std::fs::metadata(root.join(p)).unwrap().mode(),
+                    )
+                })
                 .collect();
             v.sort();
             v
@@ -403,6 +565,10 @@ mod tests {
         assert_eq!(prune_snapshots(&data, &s).unwrap(), vec![1]);
         assert!(!snapshot_dir(&data, "www", 1).exists());
         assert!(snapshot_dir(&data, "www", 3).is_dir() && snapshot_dir(&data, "www", 5).is_dir());
-        assert_eq!(prune_snapshots(&data, &site(d.path())).unwrap(), Vec::<u64>::new(), "nothing committed: nothing pruned");
+        assert_eq!(
+            prune_snapshots(&data, &site(d.path())).unwrap(),
+            Vec::<u64>::new(),
+            "nothing committed: nothing pruned"
+        );
     }
 }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use crate::manifest::Manifest;
 use crate::model::{
-    CommitPolicy, Job, JobKind, JobState, OnBlocked, Payload, PendingCommit, Run, RunPhase, SegmentRun, SegmentStatus,
-    ServerOutcome,
+    CommitPolicy, Job, JobKind, JobState, OnBlocked, Payload, PendingCommit, Run, RunPhase,
+    SegmentRun, SegmentStatus, ServerOutcome,
 };
 use crate::server::{Inner, ManagerError};
 use crate::{now_ms, policy, prepare};
@@ -40,47 +40,75 @@ impl Inner {
         let live_names: BTreeSet<String> = live.keys().cloned().collect();
         let quorum = job.spec.policy.quorum;
         // A commit goes only to servers holding the release; the quorum still counts the group.
-        let (recipients, outcomes): (Vec<String>, Vec<(String, ServerOutcome)>) = match &job.pending_commit {
-            Some(pc) => {
-                let lacking = targets
-                    .iter()
-                    .filter(|s| !pc.holders.contains(s))
-                    .map(|s| {
-                        let why = format!("does not hold release {} (run {} did not build it there)", pc.release, pc.distributed_by);
-                        (s.clone(), ServerOutcome::Failed { reason: why })
-                    })
-                    .collect();
-                (pc.holders.iter().filter(|s| targets.contains(s)).cloned().collect(), lacking)
-            }
-            None => (targets.clone(), Vec::new()),
-        };
-        let reachable: BTreeSet<String> = recipients.iter().filter(|s| live_names.contains(*s)).cloned().collect();
+        let (recipients, outcomes): (Vec<String>, Vec<(String, ServerOutcome)>) =
+            match &job.pending_commit {
+                Some(pc) => {
+                    let lacking = targets
+                        .iter()
+                        .filter(|s| !pc.holders.contains(s))
+                        .map(|s| {
+                            let why = format!(
+                                "does not hold release {} (run {} did not build it there)",
+                                pc.release, pc.distributed_by
+                            );
+                            (s.clone(), ServerOutcome::Failed { reason: why })
+                        })
+                        .collect();
+                    (pc.holders.iter().filter(|s| targets.contains(s)).cloned().collect(), lacking)
+                }
+                None => (targets.clone(), Vec::new()),
+            };
+        let reachable: BTreeSet<String> =
+            recipients.iter().filter(|s| live_names.contains(*s)).cloned().collect();
         if let Err(short) = policy::check_quorum(quorum, &targets, &reachable) {
             let what = if job.pending_commit.is_some() { " for the commit" } else { "" };
-            return self.blocked(&job, job.spec.policy.on_quorum_shortfall, format!("{short}{what}"), now);
+            return self.blocked(
+                &job,
+                job.spec.policy.on_quorum_shortfall,
+                format!("{short}{what}"),
+                now,
+            );
         }
-        let mut site = self.db.site(&job.spec.site)?.ok_or_else(|| ManagerError::NotFound(format!("hosted site {}", job.spec.site)))?;
+        let mut site = self
+            .db
+            .site(&job.spec.site)?
+            .ok_or_else(|| ManagerError::NotFound(format!("hosted site {}", job.spec.site)))?;
         let run_id = self.db.write(|t| t.next_run_id())?;
         let copy = self.run_file(run_id);
         let (payload, kind, commit_of) = match &job.pending_commit {
-            Some(pc) => (Payload::Commit { serial: Some(pc.release) }, JobKind::Commit, Some(pc.distributed_by)),
+            Some(pc) => (
+                Payload::Commit { serial: Some(pc.release) },
+                JobKind::Commit,
+                Some(pc.distributed_by),
+            ),
             None => (job.spec.payload.clone(), job.spec.kind, None),
         };
         let ctx = prepare::Context { data_dir: &self.cfg.data_dir, seal: self.cfg.seal.as_ref() };
-        let mut prepared = prepare::prepare(&payload, kind, &site, site.serial + 1, job.id, ctx, &copy)?;
+        let mut prepared =
+            prepare::prepare(&payload, kind, &site, site.serial + 1, job.id, ctx, &copy)?;
         if let Some(s) = prepared.serial {
             site.serial = site.serial.max(s);
         }
         if let Some(pc) = &job.pending_commit {
             prepared.release = Some(pc.release);
         }
-        self.launch(Launch { job: &job, run_id, targets, recipients, outcomes, prepared, commit_of, site }, &live, now)
+        self.launch(
+            Launch { job: &job, run_id, targets, recipients, outcomes, prepared, commit_of, site },
+            &live,
+            now,
+        )
     }
 
     /// Groups the recipients by segment (leaving out segments short of disk space), checks the
     /// quorum again, writes the run and starts distributing it.
-    fn launch(self: Arc<Self>, l: Launch<'_>, live: &BTreeMap<String, String>, now: u64) -> Result<(), ManagerError> {
-        let Launch { job, run_id, targets, recipients, mut outcomes, prepared, commit_of, site } = l;
+    fn launch(
+        self: Arc<Self>,
+        l: Launch<'_>,
+        live: &BTreeMap<String, String>,
+        now: u64,
+    ) -> Result<(), ManagerError> {
+        let Launch { job, run_id, targets, recipients, mut outcomes, prepared, commit_of, site } =
+            l;
         let copy = self.run_file(run_id);
         let manifest = Manifest::of_file(&copy, self.cfg.chunk_size)?;
         let disk_needed = manifest.size;
@@ -94,20 +122,36 @@ impl Inner {
             if rec.free_disk < disk_needed {
                 outcomes.push((
                     server.clone(),
-                    ServerOutcome::Failed { reason: format!("segment {seg} reports {} bytes free, the run needs {disk_needed}", rec.free_disk) },
+                    ServerOutcome::Failed {
+                        reason: format!(
+                            "segment {seg} reports {} bytes free, the run needs {disk_needed}",
+                            rec.free_disk
+                        ),
+                    },
                 ));
                 continue;
             }
             segments
                 .entry(seg.clone())
-                .or_insert_with(|| SegmentRun { leader: rec.leader.clone(), address: rec.address.clone(), status: SegmentStatus::Pending, servers: vec![] })
+                .or_insert_with(|| SegmentRun {
+                    leader: rec.leader.clone(),
+                    address: rec.address.clone(),
+                    status: SegmentStatus::Pending,
+                    servers: vec![],
+                })
                 .servers
                 .push(server.clone());
         }
-        let eligible: BTreeSet<String> = segments.values().flat_map(|s| s.servers.iter().cloned()).collect();
+        let eligible: BTreeSet<String> =
+            segments.values().flat_map(|s| s.servers.iter().cloned()).collect();
         if let Err(short) = policy::check_quorum(job.spec.policy.quorum, &targets, &eligible) {
             let _ = std::fs::remove_file(&copy);
-            return self.blocked(job, job.spec.policy.on_quorum_shortfall, format!("{short} (after leaving out segments short of disk space)"), now);
+            return self.blocked(
+                job,
+                job.spec.policy.on_quorum_shortfall,
+                format!("{short} (after leaving out segments short of disk space)"),
+                now,
+            );
         }
         let run = Run {
             id: run_id,
@@ -130,7 +174,12 @@ impl Inner {
             t.put_job(&j)?;
             t.put_run(&run)?;
             t.put_site(&site)?;
-            t.log(now, Some(job.id), Some(run_id), format!("assignment prepared: {}", prepared.summary))?;
+            t.log(
+                now,
+                Some(job.id),
+                Some(run_id),
+                format!("assignment prepared: {}", prepared.summary),
+            )?;
             for (s, o) in &outcomes {
                 t.put_report(run_id, s, o)?;
             }
@@ -153,7 +202,13 @@ impl Inner {
     }
 
     /// A job blocked before it started (quorum): deferred or cancelled per policy.
-    pub(crate) fn blocked(&self, job: &Job, on: OnBlocked, reason: String, now: u64) -> Result<(), ManagerError> {
+    pub(crate) fn blocked(
+        &self,
+        job: &Job,
+        on: OnBlocked,
+        reason: String,
+        now: u64,
+    ) -> Result<(), ManagerError> {
         match on {
             OnBlocked::Queue => self.db.write(|t| {
                 let mut j = job.clone();
@@ -172,11 +227,20 @@ impl Inner {
     /// live in the site record (and prunes snapshots no longer needed).
     pub(crate) fn finish(&self, run: &Run, forced: Option<String>) -> Result<(), ManagerError> {
         let now = now_ms();
-        let job = self.db.job(run.job)?.ok_or_else(|| ManagerError::NotFound(format!("job {}", run.job)))?;
+        let job = self
+            .db
+            .job(run.job)?
+            .ok_or_else(|| ManagerError::NotFound(format!("job {}", run.job)))?;
         let targets = self.targets(&job).unwrap_or_default();
-        let reports: BTreeMap<String, ServerOutcome> = self.db.reports(run.id)?.into_iter().collect();
-        let succeeded: Vec<String> = targets.iter().filter(|s| reports.get(*s) == Some(&ServerOutcome::Succeeded)).cloned().collect();
-        let ok = forced.is_none() && policy::run_succeeded(job.spec.policy.quorum, targets.len(), succeeded.len());
+        let reports: BTreeMap<String, ServerOutcome> =
+            self.db.reports(run.id)?.into_iter().collect();
+        let succeeded: Vec<String> = targets
+            .iter()
+            .filter(|s| reports.get(*s) == Some(&ServerOutcome::Succeeded))
+            .cloned()
+            .collect();
+        let ok = forced.is_none()
+            && policy::run_succeeded(job.spec.policy.quorum, targets.len(), succeeded.len());
         let summary = format!("{} of {} servers succeeded", succeeded.len(), targets.len());
         let reason = forced.clone().unwrap_or_else(|| format!("quorum not met: {summary}"));
         // The payload whose success this run stands for (a commit run commits its release).
@@ -199,15 +263,24 @@ impl Inner {
                 }
             }
             let mut r = run.clone();
-            r.phase = if ok { RunPhase::Succeeded } else { RunPhase::Failed { reason: reason.clone() } };
+            r.phase =
+                if ok { RunPhase::Succeeded } else { RunPhase::Failed { reason: reason.clone() } };
             t.put_run(&r)?;
             let mut j = job.clone();
-            let verdict = if ok { format!("run succeeded: {summary}") } else { format!("run failed: {reason}") };
+            let verdict = if ok {
+                format!("run succeeded: {summary}")
+            } else {
+                format!("run failed: {reason}")
+            };
             if let Some(pc) = &commit_next {
                 // Same job, next stage: due now, and ahead of other jobs of the site (see `tick`).
                 (j.state, j.next_run_ms, j.attempts) = (JobState::Idle, now, 0);
                 j.last_reason = None;
-                let line = format!("{verdict}; release {} goes live next: commit to {} servers", pc.release, pc.holders.len());
+                let line = format!(
+                    "{verdict}; release {} goes live next: commit to {} servers",
+                    pc.release,
+                    pc.holders.len()
+                );
                 j.pending_commit = commit_next.clone();
                 t.put_job(&j)?;
                 if let Some(mut site) = self.db.site(&job.spec.site)? {
@@ -221,7 +294,8 @@ impl Inner {
             } else {
                 policy::after_failure(&job.spec.policy, job.attempts, now, &reason)
             };
-            (j.state, j.next_run_ms, j.attempts) = (next.state.clone(), next.next_run_ms, next.attempts);
+            (j.state, j.next_run_ms, j.attempts) =
+                (next.state.clone(), next.next_run_ms, next.attempts);
             j.last_reason = (!ok).then(|| reason.clone());
             if ok {
                 j.pending_commit = None;
@@ -234,10 +308,17 @@ impl Inner {
             }
             let also = match (ok, builds, run.release) {
                 (false, true, Some(rel)) => format!("; release {rel} is not committed"),
-                (false, false, _) if run.commit_of.is_some() => "; servers that did not commit keep their live release".to_string(),
+                (false, false, _) if run.commit_of.is_some() => {
+                    "; servers that did not commit keep their live release".to_string()
+                }
                 _ => String::new(),
             };
-            t.log(now, Some(job.id), Some(run.id), format!("{verdict}{also}; job now {:?}", next.state))
+            t.log(
+                now,
+                Some(job.id),
+                Some(run.id),
+                format!("{verdict}{also}; job now {:?}", next.state),
+            )
         })?;
         let _ = std::fs::remove_file(self.run_file(run.id));
         if commit_next.is_some() {
@@ -252,7 +333,11 @@ impl Inner {
     }
 
     /// Drops the snapshots the site no longer needs for rollback or deltas, and logs which.
-    fn prune_snapshots(&self, site: &crate::model::HostedSite, now: u64) -> Result<(), ManagerError> {
+    fn prune_snapshots(
+        &self,
+        site: &crate::model::HostedSite,
+        now: u64,
+    ) -> Result<(), ManagerError> {
         match prepare::prune_snapshots(&self.cfg.data_dir, site) {
             Ok(gone) if gone.is_empty() => Ok(()),
             Ok(gone) => {

@@ -26,10 +26,18 @@ pub struct Active {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Start { job: u64 },
+    Start {
+        job: u64,
+    },
     /// Stays idle and is considered again on the next tick.
-    Queue { job: u64, conflicts_with: u64 },
-    Cancel { job: u64, conflicts_with: u64 },
+    Queue {
+        job: u64,
+        conflicts_with: u64,
+    },
+    Cancel {
+        job: u64,
+        conflicts_with: u64,
+    },
 }
 
 /// Jobs that are idle and due at `now_ms`, earliest first (ties by id, so the order is stable).
@@ -79,7 +87,13 @@ mod tests {
     fn set(v: &[&str]) -> BTreeSet<String> {
         v.iter().map(|s| s.to_string()).collect()
     }
-    fn cand(job: u64, due_ms: u64, site: &str, servers: &[&str], on_conflict: OnBlocked) -> Candidate {
+    fn cand(
+        job: u64,
+        due_ms: u64,
+        site: &str,
+        servers: &[&str],
+        on_conflict: OnBlocked,
+    ) -> Candidate {
         Candidate { job, due_ms, site: site.into(), servers: set(servers), on_conflict }
     }
 
@@ -109,16 +123,25 @@ mod tests {
     #[test]
     fn a_job_does_not_wait_for_its_own_ending_run() {
         let active = [Active { job: 7, site: "s".into(), servers: set(&["x"]) }];
-        assert_eq!(decide(vec![cand(7, 0, "s", &["x"], OnBlocked::Queue)], &active), vec![Decision::Start { job: 7 }]);
+        assert_eq!(
+            decide(vec![cand(7, 0, "s", &["x"], OnBlocked::Queue)], &active),
+            vec![Decision::Start { job: 7 }]
+        );
     }
 
     #[test]
     fn two_due_jobs_on_the_same_servers_do_not_start_together() {
         let out = decide(
-            vec![cand(9, 2, "s", &["x"], OnBlocked::Queue), cand(8, 1, "s", &["x", "y"], OnBlocked::Queue)],
+            vec![
+                cand(9, 2, "s", &["x"], OnBlocked::Queue),
+                cand(8, 1, "s", &["x", "y"], OnBlocked::Queue),
+            ],
             &[],
         );
-        assert_eq!(out, vec![Decision::Start { job: 8 }, Decision::Queue { job: 9, conflicts_with: 8 }]);
+        assert_eq!(
+            out,
+            vec![Decision::Start { job: 8 }, Decision::Queue { job: 9, conflicts_with: 8 }]
+        );
     }
 
     #[test]
@@ -132,7 +155,15 @@ mod tests {
             every_ms: None,
             policy: Default::default(),
         };
-        let job = |id, next_run_ms, state| Job { id, spec: spec.clone(), state, next_run_ms, attempts: 0, last_reason: None, pending_commit: None };
+        let job = |id, next_run_ms, state| Job {
+            id,
+            spec: spec.clone(),
+            state,
+            next_run_ms,
+            attempts: 0,
+            last_reason: None,
+            pending_commit: None,
+        };
         let jobs = vec![
             job(1, 50, JobState::Idle),
             job(2, 10, JobState::Idle),

@@ -17,13 +17,13 @@ use crate::db::{Db, DbError};
 use crate::forward::{BoxFuture, ChildSource, forward_slot};
 use crate::http::{self, JsonClient, Tokens};
 use crate::manifest::{DEFAULT_CHUNK_SIZE, ManifestError};
-use crate::tls::Tls;
 use crate::model::{
-    ChildTarget, Job, JobState, Notification, Payload, Run, RunPhase, SegmentReport, SegmentStatus, ServerOutcome,
+    ChildTarget, Job, JobState, Notification, Payload, Run, RunPhase, SegmentReport, SegmentStatus,
+    ServerOutcome,
 };
+use crate::tls::Tls;
 use crate::tree::{LeaderInfo, Next, Node, TreeConfig, TreePlan, sort_leaders};
 use crate::{now_ms, policy, prepare, scheduler};
-
 
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -135,13 +135,19 @@ impl Manager {
             let what = what.to_string();
             move |source| ManagerError::Io { what, source }
         };
-        std::fs::create_dir_all(cfg.data_dir.join("runs")).map_err(io("creating the data directory"))?;
+        std::fs::create_dir_all(cfg.data_dir.join("runs"))
+            .map_err(io("creating the data directory"))?;
         let db = Db::open(&cfg.data_dir.join("manager.redb"))?;
-        let listener = TcpListener::bind(cfg.listen).await.map_err(io("binding the API address"))?;
+        let listener =
+            TcpListener::bind(cfg.listen).await.map_err(io("binding the API address"))?;
         let addr = listener.local_addr().map_err(io("reading the API address"))?;
         let inner = Arc::new(Inner {
             tokens: Tokens::new(&cfg.operator_token, &cfg.agent_token),
-            client: JsonClient::with_tls(&cfg.agent_token, Duration::from_secs(10), cfg.tls.as_ref()),
+            client: JsonClient::with_tls(
+                &cfg.agent_token,
+                Duration::from_secs(10),
+                cfg.tls.as_ref(),
+            ),
             url: format!("{}://{addr}", if cfg.tls.is_some() { "https" } else { "http" }),
             runs: Mutex::new(HashMap::new()),
             egress: cfg.egress_bytes_per_sec.map(Egress::new),
@@ -152,7 +158,9 @@ impl Manager {
         for run in inner.db.runs()? {
             if run.phase == RunPhase::Distributing {
                 tracing::info!(run = run.id, "resuming run after restart");
-                inner.db.write(|t| t.log(now_ms(), Some(run.job), Some(run.id), "manager restarted: run resumed"))?;
+                inner.db.write(|t| {
+                    t.log(now_ms(), Some(run.job), Some(run.id), "manager restarted: run resumed")
+                })?;
                 if let Err(e) = inner.clone().resume(run.clone()) {
                     inner.finish(&run, Some(format!("could not resume after restart: {e}")))?;
                 }
@@ -197,7 +205,11 @@ impl Inner {
         }
         let active: Vec<scheduler::Active> = lock(&self.runs)
             .values()
-            .map(|r| scheduler::Active { job: r.job, site: r.site.clone(), servers: r.servers.clone() })
+            .map(|r| scheduler::Active {
+                job: r.job,
+                site: r.site.clone(),
+                servers: r.servers.clone(),
+            })
             .collect();
         let mut candidates = Vec::new();
         for job in &due {
@@ -211,7 +223,9 @@ impl Inner {
                     servers: servers.into_iter().collect(),
                     on_conflict: job.spec.policy.on_conflict,
                 }),
-                Err(e) => self.set_state(job, JobState::Cancelled { reason: e.to_string() }, now)?,
+                Err(e) => {
+                    self.set_state(job, JobState::Cancelled { reason: e.to_string() }, now)?
+                }
             }
         }
         for d in scheduler::decide(candidates, &active) {
@@ -252,13 +266,16 @@ impl Inner {
     /// The servers a job targets: its site's content group (for a replicate of live to named
     /// servers, those of them that are in the group).
     pub(crate) fn targets(&self, job: &Job) -> Result<Vec<String>, ManagerError> {
-        let site = self.db.site(&job.spec.site)?.ok_or_else(|| ManagerError::NotFound(format!("hosted site {} does not exist", job.spec.site)))?;
-        let group = self
-            .db
-            .group(&site.content_group)?
-            .ok_or_else(|| ManagerError::NotFound(format!("content group {} does not exist", site.content_group)))?;
+        let site = self.db.site(&job.spec.site)?.ok_or_else(|| {
+            ManagerError::NotFound(format!("hosted site {} does not exist", job.spec.site))
+        })?;
+        let group = self.db.group(&site.content_group)?.ok_or_else(|| {
+            ManagerError::NotFound(format!("content group {} does not exist", site.content_group))
+        })?;
         Ok(match &job.spec.payload {
-            Payload::Live { servers } if !servers.is_empty() => group.servers.into_iter().filter(|s| servers.contains(s)).collect(),
+            Payload::Live { servers } if !servers.is_empty() => {
+                group.servers.into_iter().filter(|s| servers.contains(s)).collect()
+            }
             _ => group.servers,
         })
     }
@@ -277,7 +294,12 @@ impl Inner {
         Ok(())
     }
 
-    pub(crate) fn set_state(&self, job: &Job, state: JobState, now: u64) -> Result<(), ManagerError> {
+    pub(crate) fn set_state(
+        &self,
+        job: &Job,
+        state: JobState,
+        now: u64,
+    ) -> Result<(), ManagerError> {
         self.db.write(|t| {
             let mut j = job.clone();
             let what = match &state {
@@ -297,16 +319,17 @@ impl Inner {
     /// Live servers: reported by their segment's GL as members, within the live window.
     pub(crate) fn live_servers(&self, now: u64) -> Result<BTreeMap<String, String>, ManagerError> {
         let window = self.cfg.live_window.as_millis() as u64;
-        let segments: HashMap<String, _> = self.db.segments()?.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let segments: HashMap<String, _> =
+            self.db.segments()?.into_iter().map(|s| (s.name.clone(), s)).collect();
         Ok(self
             .db
             .servers()?
             .into_iter()
             .filter(|s| {
                 s.live
-                    && segments
-                        .get(&s.segment)
-                        .is_some_and(|g| g.last_report_ms + window >= now && g.members.contains(&s.name))
+                    && segments.get(&s.segment).is_some_and(|g| {
+                        g.last_report_ms + window >= now && g.members.contains(&s.name)
+                    })
             })
             .map(|s| (s.name, s.segment))
             .collect())
@@ -314,7 +337,10 @@ impl Inner {
 
     /// Starts (or, after a restart, resumes) distributing a run down the tree.
     pub(crate) fn resume(self: Arc<Self>, run: Run) -> Result<(), ManagerError> {
-        let job = self.db.job(run.job)?.ok_or_else(|| ManagerError::NotFound(format!("job {} of run {}", run.job, run.id)))?;
+        let job = self
+            .db
+            .job(run.job)?
+            .ok_or_else(|| ManagerError::NotFound(format!("job {} of run {}", run.job, run.id)))?;
         let copy = self.run_file(run.id);
         let blob = Blob::complete(&copy, run.manifest.clone(), self.egress.clone())?;
         let mut infos = Vec::new();
@@ -357,8 +383,14 @@ impl Inner {
         });
         lock(&self.runs).insert(run.id, active.clone());
         for _ in 0..slots {
-            let source: Arc<dyn ChildSource> = Arc::new(RootSource { inner: self.clone(), run: active.clone() });
-            tokio::spawn(forward_slot(blob.clone(), self.client.clone(), source, self.cfg.start_timeout));
+            let source: Arc<dyn ChildSource> =
+                Arc::new(RootSource { inner: self.clone(), run: active.clone() });
+            tokio::spawn(forward_slot(
+                blob.clone(),
+                self.client.clone(),
+                source,
+                self.cfg.start_timeout,
+            ));
         }
         tokio::spawn(self.monitor(active));
         Ok(())
@@ -387,10 +419,14 @@ impl Inner {
                 last_sweep = tokio::time::Instant::now();
                 self.sweep(&run).await;
             }
-            let settled = run.segments.values().all(|s| matches!(s.status, SegmentStatus::Reported | SegmentStatus::Lost));
+            let settled = run
+                .segments
+                .values()
+                .all(|s| matches!(s.status, SegmentStatus::Reported | SegmentStatus::Lost));
             let late = now_ms() >= active.deadline_ms;
             if settled || late {
-                let why = (late && !settled).then(|| "deadline passed before every segment reported".to_string());
+                let why = (late && !settled)
+                    .then(|| "deadline passed before every segment reported".to_string());
                 if let Err(e) = self.finish(&run, why) {
                     tracing::error!(run = run.id, "finishing run: {e}");
                     continue;
@@ -433,7 +469,13 @@ impl Inner {
     }
 
     /// The notification for `segment` to fetch from `parent`.
-    pub(crate) fn child_target(&self, run: &Run, active: &ActiveRun, segment: &str, parent: &Node) -> Option<ChildTarget> {
+    pub(crate) fn child_target(
+        &self,
+        run: &Run,
+        active: &ActiveRun,
+        segment: &str,
+        parent: &Node,
+    ) -> Option<ChildTarget> {
         let seg = run.segments.get(segment)?;
         let slots = lock(&active.plan).slots(&Node::Leader(segment.to_string()));
         Some(ChildTarget {
@@ -452,12 +494,20 @@ impl Inner {
     }
 
     /// Updates one segment's status in the run record.
-    pub(crate) fn set_segment_status(&self, run: u64, segment: &str, status: SegmentStatus, event: Option<String>) -> Result<(), ManagerError> {
+    pub(crate) fn set_segment_status(
+        &self,
+        run: u64,
+        segment: &str,
+        status: SegmentStatus,
+        event: Option<String>,
+    ) -> Result<(), ManagerError> {
         self.db.write(|t| {
             let Some(mut r) = self.db_run_in(run)? else { return Ok(()) };
             if let Some(s) = r.segments.get_mut(segment) {
                 // Reported is final; Received never goes back to Pending except through revival.
-                if s.status != SegmentStatus::Reported && !(s.status == SegmentStatus::Received && status == SegmentStatus::Pending) {
+                if s.status != SegmentStatus::Reported
+                    && !(s.status == SegmentStatus::Received && status == SegmentStatus::Pending)
+                {
                     s.status = status;
                 }
             }
@@ -481,7 +531,11 @@ impl Inner {
 
     /// Someone could not reach `segment`'s GL. If it does not answer, it is dead for this run:
     /// its unfinished children get new parents and fresh notifications.
-    pub(crate) async fn leader_unreachable(&self, run_id: u64, segment: &str) -> Result<bool, ManagerError> {
+    pub(crate) async fn leader_unreachable(
+        &self,
+        run_id: u64,
+        segment: &str,
+    ) -> Result<bool, ManagerError> {
         let Some(active) = self.active(run_id) else { return Ok(false) };
         let Some(run) = self.db.run(run_id)? else { return Ok(false) };
         let Some(seg) = run.segments.get(segment) else { return Ok(false) };
@@ -493,7 +547,11 @@ impl Inner {
             run_id,
             segment,
             SegmentStatus::Lost,
-            Some(format!("group leader {} of segment {segment} unreachable; {} children re-parented", seg.leader, orphans.len())),
+            Some(format!(
+                "group leader {} of segment {segment} unreachable; {} children re-parented",
+                seg.leader,
+                orphans.len()
+            )),
         )?;
         self.notify_orphans(&run, &active, orphans);
         active.changed.notify_waiters();
@@ -501,13 +559,20 @@ impl Inner {
     }
 
     /// Sends each re-parented child its fresh notification (it resumes from its verified offset).
-    pub(crate) fn notify_orphans(&self, run: &Run, active: &ActiveRun, orphans: Vec<(String, Node)>) {
+    pub(crate) fn notify_orphans(
+        &self,
+        run: &Run,
+        active: &ActiveRun,
+        orphans: Vec<(String, Node)>,
+    ) {
         for (child, parent) in orphans {
             if let Some(target) = self.child_target(run, active, &child, &parent) {
                 let client = self.client.clone();
                 tokio::spawn(async move {
                     let url = format!("{}/notify", client.base_url(&target.address));
-                    if let Err(e) = client.post::<_, serde_json::Value>(&url, &target.notification).await {
+                    if let Err(e) =
+                        client.post::<_, serde_json::Value>(&url, &target.notification).await
+                    {
                         tracing::warn!("re-parent notification to {}: {e}", target.segment);
                     }
                 });
@@ -516,8 +581,14 @@ impl Inner {
     }
 
     /// A GL cannot fetch from its parent: a new parent (the parent is checked first).
-    pub(crate) async fn reparent(&self, run_id: u64, segment: &str) -> Result<Notification, ManagerError> {
-        let active = self.active(run_id).ok_or_else(|| ManagerError::NotFound(format!("run {run_id} is not distributing")))?;
+    pub(crate) async fn reparent(
+        &self,
+        run_id: u64,
+        segment: &str,
+    ) -> Result<Notification, ManagerError> {
+        let active = self
+            .active(run_id)
+            .ok_or_else(|| ManagerError::NotFound(format!("run {run_id} is not distributing")))?;
         let parent = lock(&active.plan).parent_of(segment).cloned();
         if let Some(Node::Leader(p)) = &parent
             && !self.leader_unreachable(run_id, p).await?
@@ -525,20 +596,25 @@ impl Inner {
             // The parent answers but the child cannot use it: fetch the reference copy.
             lock(&active.plan).adopt_by_manager(segment);
         }
-        let run = self.db.run(run_id)?.ok_or_else(|| ManagerError::NotFound(format!("run {run_id}")))?;
+        let run =
+            self.db.run(run_id)?.ok_or_else(|| ManagerError::NotFound(format!("run {run_id}")))?;
         let parent = lock(&active.plan).parent_of(segment).cloned().unwrap_or(Node::Manager);
-        self.child_target(&run, &active, segment, &parent)
-            .map(|t| t.notification)
-            .ok_or_else(|| ManagerError::NotFound(format!("segment {segment} is not in run {run_id}")))
+        self.child_target(&run, &active, segment, &parent).map(|t| t.notification).ok_or_else(
+            || ManagerError::NotFound(format!("segment {segment} is not in run {run_id}")),
+        )
     }
 
     /// A GL's consolidated report. `false`: ignored, it came from a GL the segment has replaced.
-    pub(crate) fn segment_report(&self, run_id: u64, report: &SegmentReport) -> Result<bool, ManagerError> {
-        let run = self.db.run(run_id)?.ok_or_else(|| ManagerError::NotFound(format!("run {run_id}")))?;
-        let seg = run
-            .segments
-            .get(&report.segment)
-            .ok_or_else(|| ManagerError::Invalid(format!("segment {} is not in run {run_id}", report.segment)))?;
+    pub(crate) fn segment_report(
+        &self,
+        run_id: u64,
+        report: &SegmentReport,
+    ) -> Result<bool, ManagerError> {
+        let run =
+            self.db.run(run_id)?.ok_or_else(|| ManagerError::NotFound(format!("run {run_id}")))?;
+        let seg = run.segments.get(&report.segment).ok_or_else(|| {
+            ManagerError::Invalid(format!("segment {} is not in run {run_id}", report.segment))
+        })?;
         if seg.leader != report.leader {
             // The segment elected another GL since, and the run went to it: its report stands.
             let line = format!(
@@ -550,9 +626,23 @@ impl Inner {
         }
         let ours = |s: &String| seg.servers.contains(s);
         let mut outcomes: Vec<(String, ServerOutcome)> = Vec::new();
-        outcomes.extend(report.succeeded.iter().filter(|s| ours(s)).map(|s| (s.clone(), ServerOutcome::Succeeded)));
-        outcomes.extend(report.failed.iter().filter(|(s, _)| ours(s)).map(|(s, r)| (s.clone(), ServerOutcome::Failed { reason: r.clone() })));
-        outcomes.extend(report.missing.iter().filter(|s| ours(s)).map(|s| (s.clone(), ServerOutcome::Missing)));
+        outcomes.extend(
+            report
+                .succeeded
+                .iter()
+                .filter(|s| ours(s))
+                .map(|s| (s.clone(), ServerOutcome::Succeeded)),
+        );
+        outcomes.extend(
+            report
+                .failed
+                .iter()
+                .filter(|(s, _)| ours(s))
+                .map(|(s, r)| (s.clone(), ServerOutcome::Failed { reason: r.clone() })),
+        );
+        outcomes.extend(
+            report.missing.iter().filter(|s| ours(s)).map(|s| (s.clone(), ServerOutcome::Missing)),
+        );
         // Targets the GL did not mention at all count as missing.
         for s in &seg.servers {
             if !outcomes.iter().any(|(o, _)| o == s) {
@@ -570,7 +660,12 @@ impl Inner {
             run_id,
             &report.segment,
             SegmentStatus::Reported,
-            Some(format!("segment {} (GL {}) reported: {ok} of {} servers succeeded", report.segment, report.leader, seg.servers.len())),
+            Some(format!(
+                "segment {} (GL {}) reported: {ok} of {} servers succeeded",
+                report.segment,
+                report.leader,
+                seg.servers.len()
+            )),
         )?;
         if let Some(a) = self.active(run_id) {
             a.changed.notify_waiters();
@@ -580,10 +675,14 @@ impl Inner {
 
     /// A segment's GL holds the whole assignment.
     pub(crate) fn received(&self, run_id: u64, segment: &str) -> Result<(), ManagerError> {
-        let active = self.active(run_id).ok_or_else(|| ManagerError::NotFound(format!("run {run_id} is not distributing")))?;
+        let active = self
+            .active(run_id)
+            .ok_or_else(|| ManagerError::NotFound(format!("run {run_id} is not distributing")))?;
         lock(&active.plan).received(segment);
         let run = self.db.run(run_id)?;
-        if run.is_some_and(|r| r.segments.get(segment).is_some_and(|s| s.status == SegmentStatus::Pending)) {
+        if run.is_some_and(|r| {
+            r.segments.get(segment).is_some_and(|s| s.status == SegmentStatus::Pending)
+        }) {
             self.set_segment_status(run_id, segment, SegmentStatus::Received, None)?;
         }
         active.changed.notify_waiters();
@@ -593,7 +692,9 @@ impl Inner {
 
 fn d_job(d: &scheduler::Decision) -> u64 {
     match d {
-        scheduler::Decision::Start { job } | scheduler::Decision::Queue { job, .. } | scheduler::Decision::Cancel { job, .. } => *job,
+        scheduler::Decision::Start { job }
+        | scheduler::Decision::Queue { job, .. }
+        | scheduler::Decision::Cancel { job, .. } => *job,
     }
 }
 
@@ -613,7 +714,9 @@ impl ChildSource for RootSource {
                 match next {
                     Next::Serve(seg) => {
                         let run = self.inner.db.run(self.run.id).ok().flatten()?;
-                        if let Some(t) = self.inner.child_target(&run, &self.run, &seg, &Node::Manager) {
+                        if let Some(t) =
+                            self.inner.child_target(&run, &self.run, &seg, &Node::Manager)
+                        {
                             return Some(t);
                         }
                     }

@@ -18,12 +18,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use thiserror::Error;
@@ -91,7 +92,11 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// The files `cmover cert` writes: `dir/ca.pem`, `dir/<name>.pem`, `dir/<name>.key`.
     pub fn in_dir(dir: &Path, name: &str) -> TlsFiles {
-        TlsFiles { ca: dir.join(CA_CERT), cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}.key")) }
+        TlsFiles {
+            ca: dir.join(CA_CERT),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        }
     }
 }
 
@@ -120,15 +125,25 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 
 impl Tls {
     pub fn load(files: &TlsFiles) -> Result<Tls, TlsError> {
-        Tls::from_pem(&read("the CA certificate", &files.ca)?, &read("the certificate", &files.cert)?, &read("the key", &files.key)?)
+        Tls::from_pem(
+            &read("the CA certificate", &files.ca)?,
+            &read("the certificate", &files.cert)?,
+            &read("the key", &files.key)?,
+        )
     }
 
     pub fn from_pem(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<Tls, TlsError> {
-        let pem = |what: &'static str| move |e: rustls::pki_types::pem::Error| TlsError::Pem { what, detail: e.to_string() };
+        let pem = |what: &'static str| {
+            move |e: rustls::pki_types::pem::Error| TlsError::Pem { what, detail: e.to_string() }
+        };
         let ca = CertificateDer::from_pem_slice(ca_pem).map_err(pem("the CA certificate"))?;
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(cert_pem).collect::<Result<_, _>>().map_err(pem("the certificate"))?;
-        let own = chain.first().cloned().ok_or_else(|| TlsError::Pem { what: "the certificate", detail: "no certificate in it".into() })?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<_, _>>()
+            .map_err(pem("the certificate"))?;
+        let own = chain.first().cloned().ok_or_else(|| TlsError::Pem {
+            what: "the certificate",
+            detail: "no certificate in it".into(),
+        })?;
         let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(pem("the key"))?;
         let mut roots = RootCertStore::empty();
         roots.add(ca).map_err(|e| TlsError::Config(format!("the CA certificate: {e}")))?;
@@ -153,9 +168,9 @@ impl Tls {
             .with_client_auth_cert(chain, key)
             .map_err(|e| TlsError::Config(format!("the certificate and key: {e}")))?;
         // Our own certificate must pass the check every peer will make of it.
-        verifier
-            .verify_client_cert(&own, &[], UnixTime::now())
-            .map_err(|e| TlsError::Config(format!("the certificate is not valid under the cluster CA: {e}")))?;
+        verifier.verify_client_cert(&own, &[], UnixTime::now()).map_err(|e| {
+            TlsError::Config(format!("the certificate is not valid under the cluster CA: {e}"))
+        })?;
         Ok(Tls { role: role_of(&own), server: Arc::new(server), client: Arc::new(client) })
     }
 
@@ -182,7 +197,8 @@ impl ServerCertVerifier for NodeVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified = self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        let verified =
+            self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
         match role_of(end_entity) {
             Some(CertRole::Manager | CertRole::Agent) => Ok(verified),
             other => Err(rustls::Error::General(format!(
@@ -192,11 +208,21 @@ impl ServerCertVerifier for NodeVerifier {
         }
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.0.verify_tls12_signature(message, cert, dss)
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.0.verify_tls13_signature(message, cert, dss)
     }
 
@@ -210,7 +236,8 @@ impl ServerCertVerifier for NodeVerifier {
 pub fn role_of(cert: &CertificateDer<'_>) -> Option<CertRole> {
     let ee = webpki::EndEntityCert::try_from(cert).ok()?;
     let mut named = CertRole::ALL.into_iter().filter(|r| {
-        ServerName::try_from(r.marker()).is_ok_and(|n| ee.verify_is_valid_for_subject_name(&n).is_ok())
+        ServerName::try_from(r.marker())
+            .is_ok_and(|n| ee.verify_is_valid_for_subject_name(&n).is_ok())
     });
     let first = named.next()?;
     named.next().is_none().then_some(first)
@@ -231,7 +258,11 @@ fn ca_params(validity_from: i32, years: i32) -> CertificateParams {
     p.distinguished_name = dn;
     // It signs end-entity certificates only.
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     p.not_before = rcgen::date_time_ymd(validity_from, 1, 1);
     p.not_after = rcgen::date_time_ymd(validity_from + years, 1, 1);
     p
@@ -239,7 +270,9 @@ fn ca_params(validity_from: i32, years: i32) -> CertificateParams {
 
 /// The current calendar year (UTC), for validity periods that start on its first day.
 fn this_year() -> i32 {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     // Days since 1970 → civil year (Howard Hinnant's algorithm, year part only).
     let days = (secs / 86_400) as i64 + 719_468;
     let era = days.div_euclid(146_097);
@@ -272,12 +305,14 @@ impl ClusterCa {
             move |source| TlsError::Generate { what, source }
         };
         let key = KeyPair::generate().map_err(generate("the CA key"))?;
-        let cert = ca_params(this_year(), 10).self_signed(&key).map_err(generate("the CA certificate"))?;
+        let cert =
+            ca_params(this_year(), 10).self_signed(&key).map_err(generate("the CA certificate"))?;
         Ok(ClusterCa { cert_pem: cert.pem(), key })
     }
 
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<ClusterCa, TlsError> {
-        let key = KeyPair::from_pem(key_pem).map_err(|e| TlsError::Pem { what: "the CA key", detail: e.to_string() })?;
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| TlsError::Pem { what: "the CA key", detail: e.to_string() })?;
         Ok(ClusterCa { cert_pem: cert_pem.to_string(), key })
     }
 
@@ -291,7 +326,8 @@ impl ClusterCa {
         let generate = |what: String| move |source| TlsError::Generate { what, source };
         let mut sans: Vec<String> = hosts.to_vec();
         sans.push(role.marker().to_string());
-        let mut p = CertificateParams::new(sans).map_err(generate(format!("the names of {name}")))?;
+        let mut p =
+            CertificateParams::new(sans).map_err(generate(format!("the names of {name}")))?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Content Mover");
         dn.push(DnType::OrganizationalUnitName, role.name());
@@ -299,13 +335,15 @@ impl ClusterCa {
         p.distinguished_name = dn;
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let year = this_year();
         p.not_before = rcgen::date_time_ymd(year, 1, 1);
         p.not_after = rcgen::date_time_ymd(year + 3, 1, 1);
         let key = KeyPair::generate().map_err(generate(format!("the key of {name}")))?;
         let issuer = Issuer::new(ca_params(year, 10), &self.key);
-        let cert = p.signed_by(&key, &issuer).map_err(generate(format!("the certificate of {name}")))?;
+        let cert =
+            p.signed_by(&key, &issuer).map_err(generate(format!("the certificate of {name}")))?;
         let issued = Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() };
         // The rebuilt issuer must match the stored CA certificate (same key, same name): the
         // new certificate has to verify under it, or it is worthless.
@@ -316,7 +354,8 @@ impl ClusterCa {
 
     /// `cmover cert init`: a new CA in `dir` (`ca.pem`, and `ca.key` readable by its owner only).
     pub fn init_dir(dir: &Path) -> Result<ClusterCa, TlsError> {
-        std::fs::create_dir_all(dir).map_err(|source| TlsError::Write { path: dir.into(), source })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|source| TlsError::Write { path: dir.into(), source })?;
         for f in [CA_CERT, CA_KEY] {
             if dir.join(f).exists() {
                 return Err(TlsError::Exists(dir.join(f)));
@@ -329,17 +368,27 @@ impl ClusterCa {
     }
 
     pub fn open_dir(dir: &Path) -> Result<ClusterCa, TlsError> {
-        let text = |f: &str, what| String::from_utf8(read(what, &dir.join(f))?).map_err(|e| TlsError::Pem { what, detail: e.to_string() });
+        let text = |f: &str, what| {
+            String::from_utf8(read(what, &dir.join(f))?)
+                .map_err(|e| TlsError::Pem { what, detail: e.to_string() })
+        };
         ClusterCa::from_pem(&text(CA_CERT, "the CA certificate")?, &text(CA_KEY, "the CA key")?)
     }
 
     /// `cmover cert issue`: writes `out/<name>.pem` and `out/<name>.key` (owner only), and a copy
     /// of the CA certificate as `out/ca.pem` when `out` has none, so `out` is a node's whole set.
-    pub fn issue_to_dir(&self, out: &Path, name: &str, role: CertRole, hosts: &[String]) -> Result<TlsFiles, TlsError> {
+    pub fn issue_to_dir(
+        &self,
+        out: &Path,
+        name: &str,
+        role: CertRole,
+        hosts: &[String],
+    ) -> Result<TlsFiles, TlsError> {
         if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') || name == "ca" {
             return Err(TlsError::Config(format!("`{name}` cannot name a certificate file")));
         }
-        std::fs::create_dir_all(out).map_err(|source| TlsError::Write { path: out.into(), source })?;
+        std::fs::create_dir_all(out)
+            .map_err(|source| TlsError::Write { path: out.into(), source })?;
         let files = TlsFiles::in_dir(out, name);
         for f in [&files.cert, &files.key] {
             if f.exists() {
@@ -370,7 +419,9 @@ fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
         .mode(0o600)
         .open(path)
         .map_err(|source| TlsError::Write { path: path.into(), source })?;
-    f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(|source| TlsError::Write { path: path.into(), source })
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|source| TlsError::Write { path: path.into(), source })
 }
 
 #[cfg(test)]
@@ -386,7 +437,9 @@ mod tests {
         let ca = ClusterCa::generate().unwrap();
         for role in CertRole::ALL {
             let c = ca.issue("node", role, &hosts()).unwrap();
-            let tls = Tls::from_pem(ca.cert_pem.as_bytes(), c.cert_pem.as_bytes(), c.key_pem.as_bytes()).unwrap();
+            let tls =
+                Tls::from_pem(ca.cert_pem.as_bytes(), c.cert_pem.as_bytes(), c.key_pem.as_bytes())
+                    .unwrap();
             assert_eq!(tls.role, Some(role));
             assert_eq!(CertRole::parse(role.name()), Some(role));
         }
@@ -396,7 +449,9 @@ mod tests {
     fn a_certificate_of_another_ca_is_refused_even_with_the_same_ca_name() {
         let (ours, theirs) = (ClusterCa::generate().unwrap(), ClusterCa::generate().unwrap());
         let c = theirs.issue("intruder", CertRole::Operator, &hosts()).unwrap();
-        let e = Tls::from_pem(ours.cert_pem.as_bytes(), c.cert_pem.as_bytes(), c.key_pem.as_bytes()).unwrap_err();
+        let e =
+            Tls::from_pem(ours.cert_pem.as_bytes(), c.cert_pem.as_bytes(), c.key_pem.as_bytes())
+                .unwrap_err();
         assert!(e.to_string().contains("not valid under the cluster CA"), "{e}");
         // A CA key that did not make ca.pem cannot issue under it.
         let mixed = ClusterCa::from_pem(&ours.cert_pem, &theirs.key_pem()).unwrap();
@@ -416,7 +471,10 @@ mod tests {
         let out = dir.path().join("gl-1");
         let files = reopened.issue_to_dir(&out, "gl-1", CertRole::Agent, &hosts()).unwrap();
         assert_eq!(Tls::load(&files).unwrap().role, Some(CertRole::Agent));
-        assert!(matches!(reopened.issue_to_dir(&out, "gl-1", CertRole::Agent, &hosts()), Err(TlsError::Exists(_))));
+        assert!(matches!(
+            reopened.issue_to_dir(&out, "gl-1", CertRole::Agent, &hosts()),
+            Err(TlsError::Exists(_))
+        ));
         assert!(reopened.issue_to_dir(&out, "../x", CertRole::Agent, &hosts()).is_err());
     }
 

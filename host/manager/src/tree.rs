@@ -45,7 +45,11 @@ pub struct LinkRates {
 impl LinkRates {
     /// `bytes` moved in `micros` microseconds, as bytes/s (0 when nothing was timed).
     pub fn rate(bytes: u64, micros: u64) -> u64 {
-        if micros == 0 { 0 } else { u64::try_from(u128::from(bytes) * 1_000_000 / u128::from(micros)).unwrap_or(u64::MAX) }
+        if micros == 0 {
+            0
+        } else {
+            u64::try_from(u128::from(bytes) * 1_000_000 / u128::from(micros)).unwrap_or(u64::MAX)
+        }
     }
 }
 
@@ -82,7 +86,8 @@ impl UploadMeter {
     /// Bytes/s over the busy time so far (streams still open count up to `now`); `None` below
     /// `min_bytes`, where connection set-up and the last chunk's wait say more than the link.
     pub fn rate(&self, now: u64, min_bytes: u64) -> Option<u64> {
-        let busy = self.busy_micros + if self.open > 0 { now.saturating_sub(self.busy_since) } else { 0 };
+        let busy =
+            self.busy_micros + if self.open > 0 { now.saturating_sub(self.busy_since) } else { 0 };
         (self.bytes >= min_bytes && busy > 0).then(|| LinkRates::rate(self.bytes, busy))
     }
 }
@@ -91,13 +96,20 @@ impl UploadMeter {
 /// then location (so GLs of one place are adjacent and tend to serve each other), then name.
 pub fn sort_leaders(leaders: &mut [LeaderInfo]) {
     leaders.sort_by(|a, b| {
-        (a.static_rank.is_none(), a.static_rank, std::cmp::Reverse(a.cpu_power), &a.location, &a.segment).cmp(&(
-            b.static_rank.is_none(),
-            b.static_rank,
-            std::cmp::Reverse(b.cpu_power),
-            &b.location,
-            &b.segment,
-        ))
+        (
+            a.static_rank.is_none(),
+            a.static_rank,
+            std::cmp::Reverse(a.cpu_power),
+            &a.location,
+            &a.segment,
+        )
+            .cmp(&(
+                b.static_rank.is_none(),
+                b.static_rank,
+                std::cmp::Reverse(b.cpu_power),
+                &b.location,
+                &b.segment,
+            ))
     });
 }
 
@@ -129,10 +141,20 @@ impl TreeConfig {
     /// downloads (symmetric NICs) give fan-out 1: a chain, where every GL receives at full speed
     /// and the whole run takes one transfer plus a chunk per hop. Few GLs stay a star only when
     /// the manager can feed them all at once.
-    pub fn for_links(manager_upload: u64, leader_upload: u64, leader_download: u64, n: usize) -> TreeConfig {
-        let fan = |up: u64| usize::try_from(up / leader_download.max(1)).unwrap_or(usize::MAX).max(1);
+    pub fn for_links(
+        manager_upload: u64,
+        leader_upload: u64,
+        leader_download: u64,
+        n: usize,
+    ) -> TreeConfig {
+        let fan =
+            |up: u64| usize::try_from(up / leader_download.max(1)).unwrap_or(usize::MAX).max(1);
         let root_fanout = fan(manager_upload);
-        TreeConfig { root_fanout, leader_fanout: fan(leader_upload), star_max: if root_fanout >= n { n } else { 0 } }
+        TreeConfig {
+            root_fanout,
+            leader_fanout: fan(leader_upload),
+            star_max: if root_fanout >= n { n } else { 0 },
+        }
     }
 
     /// The shape for a run over `leaders` (sorted or not) from the link rates they measured,
@@ -154,9 +176,18 @@ impl TreeConfig {
         };
         let measured: Vec<LinkRates> = leaders.iter().filter_map(|l| l.links).collect();
         let down = measured.iter().map(|r| r.download_bps).filter(|d| *d > 0).max()?;
-        let up = median(measured.iter().map(|r| r.upload_bps).filter(|u| *u > 0).collect()).unwrap_or(down);
-        let damp = |u: u64| u64::try_from(u128::from(u) * 100 / (100 + u128::from(FAN_OUT_MARGIN_PERCENT))).unwrap_or(u64::MAX);
-        Some(TreeConfig::for_links(damp(manager_upload.unwrap_or(up)), damp(up), down, leaders.len()))
+        let up = median(measured.iter().map(|r| r.upload_bps).filter(|u| *u > 0).collect())
+            .unwrap_or(down);
+        let damp = |u: u64| {
+            u64::try_from(u128::from(u) * 100 / (100 + u128::from(FAN_OUT_MARGIN_PERCENT)))
+                .unwrap_or(u64::MAX)
+        };
+        Some(TreeConfig::for_links(
+            damp(manager_upload.unwrap_or(up)),
+            damp(up),
+            down,
+            leaders.len(),
+        ))
     }
 
     /// Worker slots a node runs for `n` GLs: each slot asks for a child, serves it, asks again.
@@ -207,7 +238,15 @@ impl TreePlan {
         let mut pending = VecDeque::new();
         for s in sorted {
             let complete = already_complete.contains(s);
-            leaders.insert(s.clone(), LeaderState { parent: complete.then_some(Node::Manager), complete, dead: false, adopted: 0 });
+            leaders.insert(
+                s.clone(),
+                LeaderState {
+                    parent: complete.then_some(Node::Manager),
+                    complete,
+                    dead: false,
+                    adopted: 0,
+                },
+            );
             if !complete {
                 pending.push_back(s.clone());
             }
@@ -402,8 +441,20 @@ mod tests {
 
     #[test]
     fn sorting_pins_then_cpu_then_location() {
-        let li = |s: &str, cpu, loc: &str, rank| LeaderInfo { segment: s.into(), cpu_power: cpu, location: loc.into(), static_rank: rank, links: None };
-        let mut v = vec![li("a", 10, "UTC", None), li("b", 50, "UTC+1", None), li("c", 50, "UTC", None), li("d", 1, "X", Some(2)), li("e", 1, "X", Some(1))];
+        let li = |s: &str, cpu, loc: &str, rank| LeaderInfo {
+            segment: s.into(),
+            cpu_power: cpu,
+            location: loc.into(),
+            static_rank: rank,
+            links: None,
+        };
+        let mut v = vec![
+            li("a", 10, "UTC", None),
+            li("b", 50, "UTC+1", None),
+            li("c", 50, "UTC", None),
+            li("d", 1, "X", Some(2)),
+            li("e", 1, "X", Some(1)),
+        ];
         sort_leaders(&mut v);
         let names: Vec<&str> = v.iter().map(|l| l.segment.as_str()).collect();
         assert_eq!(names, ["e", "d", "c", "b", "a"]);
@@ -412,9 +463,18 @@ mod tests {
     #[test]
     fn fan_out_follows_link_speeds() {
         let mib = 1 << 20;
-        assert_eq!(TreeConfig::for_links(100 * mib, 100 * mib, 100 * mib, 16), TreeConfig { root_fanout: 1, leader_fanout: 1, star_max: 0 });
-        assert_eq!(TreeConfig::for_links(1000 * mib, 250 * mib, 100 * mib, 16), TreeConfig { root_fanout: 10, leader_fanout: 2, star_max: 0 });
-        assert_eq!(TreeConfig::for_links(1000 * mib, 50 * mib, 100 * mib, 4), TreeConfig { root_fanout: 10, leader_fanout: 1, star_max: 4 });
+        assert_eq!(
+            TreeConfig::for_links(100 * mib, 100 * mib, 100 * mib, 16),
+            TreeConfig { root_fanout: 1, leader_fanout: 1, star_max: 0 }
+        );
+        assert_eq!(
+            TreeConfig::for_links(1000 * mib, 250 * mib, 100 * mib, 16),
+            TreeConfig { root_fanout: 10, leader_fanout: 2, star_max: 0 }
+        );
+        assert_eq!(
+            TreeConfig::for_links(1000 * mib, 50 * mib, 100 * mib, 4),
+            TreeConfig { root_fanout: 10, leader_fanout: 1, star_max: 4 }
+        );
     }
 
     fn measured(up_mib: u64, down_mib: u64) -> LeaderInfo {
@@ -432,19 +492,39 @@ mod tests {
     fn shape_from_measured_links() {
         let mib = 1 << 20;
         let unmeasured = LeaderInfo { links: None, ..measured(1, 1) };
-        assert_eq!(TreeConfig::for_measured(None, &vec![unmeasured.clone(); 16]), None, "nothing measured: the configured shape");
-        let no_download = LeaderInfo { links: Some(LinkRates { upload_bps: mib, download_bps: 0 }), ..unmeasured.clone() };
-        assert_eq!(TreeConfig::for_measured(None, &[no_download]), None, "an upload alone says nothing about fan-out");
+        assert_eq!(
+            TreeConfig::for_measured(None, &vec![unmeasured.clone(); 16]),
+            None,
+            "nothing measured: the configured shape"
+        );
+        let no_download = LeaderInfo {
+            links: Some(LinkRates { upload_bps: mib, download_bps: 0 }),
+            ..unmeasured.clone()
+        };
+        assert_eq!(
+            TreeConfig::for_measured(None, &[no_download]),
+            None,
+            "an upload alone says nothing about fan-out"
+        );
         let chain = TreeConfig { root_fanout: 1, leader_fanout: 1, star_max: 0 };
         // Symmetric links: a chain.
         assert_eq!(TreeConfig::for_measured(None, &vec![measured(64, 64); 16]), Some(chain));
         // What a fan-out 2 tree of upload-bound GLs measures (each receives half its parent's
         // upload, sends its whole upload to two children): still a chain, not fan-out 2 again.
         let mut fan2 = vec![measured(64, 32); 8];
-        fan2.extend(vec![LeaderInfo { links: Some(LinkRates { upload_bps: 0, download_bps: 32 * mib }), ..measured(0, 32) }; 8]);
+        fan2.extend(vec![
+            LeaderInfo {
+                links: Some(LinkRates { upload_bps: 0, download_bps: 32 * mib }),
+                ..measured(0, 32)
+            };
+            8
+        ]);
         assert_eq!(TreeConfig::for_measured(None, &fan2), Some(chain));
         // Uploads clearly faster than downloads: fan out; a manager with a big NIC feeds more.
-        assert_eq!(TreeConfig::for_measured(None, &vec![measured(300, 100); 16]), Some(TreeConfig { root_fanout: 2, leader_fanout: 2, star_max: 0 }));
+        assert_eq!(
+            TreeConfig::for_measured(None, &vec![measured(300, 100); 16]),
+            Some(TreeConfig { root_fanout: 2, leader_fanout: 2, star_max: 0 })
+        );
         assert_eq!(
             TreeConfig::for_measured(Some(1000 * mib), &vec![measured(64, 64); 16]),
             Some(TreeConfig { root_fanout: 10, leader_fanout: 1, star_max: 0 })
@@ -458,11 +538,26 @@ mod tests {
         // received a little under half the 64 MiB/s the manager was configured with, which is
         // the split, not slow downloads.
         let mut bench = vec![measured(51, 26); 7];
-        bench.extend(vec![LeaderInfo { links: Some(LinkRates { upload_bps: 0, download_bps: 25 * mib }), ..measured(0, 25) }; 9]);
+        bench.extend(vec![
+            LeaderInfo {
+                links: Some(LinkRates { upload_bps: 0, download_bps: 25 * mib }),
+                ..measured(0, 25)
+            };
+            9
+        ]);
         assert_eq!(TreeConfig::for_measured(Some(64 * mib), &bench), Some(chain));
         // GLs that never served a child measured no upload: taken to be like their download.
-        let leaves = vec![LeaderInfo { links: Some(LinkRates { upload_bps: 0, download_bps: 50 * mib }), ..unmeasured.clone() }; 3];
-        assert_eq!(TreeConfig::for_measured(None, &leaves), Some(TreeConfig { root_fanout: 1, leader_fanout: 1, star_max: 0 }));
+        let leaves = vec![
+            LeaderInfo {
+                links: Some(LinkRates { upload_bps: 0, download_bps: 50 * mib }),
+                ..unmeasured.clone()
+            };
+            3
+        ];
+        assert_eq!(
+            TreeConfig::for_measured(None, &leaves),
+            Some(TreeConfig { root_fanout: 1, leader_fanout: 1, star_max: 0 })
+        );
         // The upload is a median: one odd GL does not fan the tree out.
         let mut mixed = vec![measured(64, 64); 5];
         mixed.push(measured(10_000, 64));
@@ -481,9 +576,17 @@ mod tests {
         m.stream_opened(1_500_000);
         m.sent(3_000_000);
         m.stream_closed(2_000_000);
-        assert_eq!(m.rate(2_500_000, 1), Some(2_000_000), "one busy second and a half so far, counted once");
+        assert_eq!(
+            m.rate(2_500_000, 1),
+            Some(2_000_000),
+            "one busy second and a half so far, counted once"
+        );
         m.stream_closed(3_000_000);
-        assert_eq!(m.rate(9_000_000, 1), Some(1_500_000), "idle time after the last stream does not count");
+        assert_eq!(
+            m.rate(9_000_000, 1),
+            Some(1_500_000),
+            "idle time after the last stream does not count"
+        );
         assert_eq!(m.rate(9_000_000, 4_000_000), None, "too few bytes to say");
         m.stream_opened(10_000_000);
         m.sent(1_000_000);
@@ -510,7 +613,11 @@ mod tests {
 
     #[test]
     fn dynamic_tree_hands_out_in_order_and_ends_with_null() {
-        let mut t = TreePlan::new(TreeConfig { root_fanout: 2, leader_fanout: 2, star_max: 3 }, &segs(7), &[]);
+        let mut t = TreePlan::new(
+            TreeConfig { root_fanout: 2, leader_fanout: 2, star_max: 3 },
+            &segs(7),
+            &[],
+        );
         assert_eq!(t.next_for(&Node::Manager), Next::Serve("gl1".into()));
         assert_eq!(t.next_for(&Node::Manager), Next::Serve("gl2".into()));
         assert_eq!(t.next_for(&leader("gl5")), Next::Done, "an unassigned GL serves no one");
@@ -526,7 +633,11 @@ mod tests {
 
     #[test]
     fn dead_leader_children_are_adopted_by_holders_or_the_manager() {
-        let mut t = TreePlan::new(TreeConfig { root_fanout: 1, leader_fanout: 2, star_max: 0 }, &segs(5), &[]);
+        let mut t = TreePlan::new(
+            TreeConfig { root_fanout: 1, leader_fanout: 2, star_max: 0 },
+            &segs(5),
+            &[],
+        );
         assert_eq!(t.next_for(&Node::Manager), Next::Serve("gl1".into()));
         assert_eq!(t.next_for(&leader("gl1")), Next::Serve("gl2".into()));
         assert_eq!(t.next_for(&leader("gl1")), Next::Serve("gl3".into()));
@@ -537,7 +648,11 @@ mod tests {
         assert_eq!(t.leader_dead("gl1"), vec![], "a second death report changes nothing");
         // gl2 dies too: gl4 is adopted, gl3 already adopted once but is the only holder.
         assert_eq!(t.leader_dead("gl2"), vec![("gl4".to_string(), leader("gl3"))]);
-        assert_eq!(t.leader_dead("gl3"), vec![("gl4".to_string(), Node::Manager)], "no holder left: the manager adopts");
+        assert_eq!(
+            t.leader_dead("gl3"),
+            vec![("gl4".to_string(), Node::Manager)],
+            "no holder left: the manager adopts"
+        );
         assert_eq!(t.reparent("gl4"), Some(Node::Manager));
         assert!(!t.finished());
         assert_eq!(t.next_for(&Node::Manager), Next::Serve("gl5".into()));
@@ -546,7 +661,11 @@ mod tests {
         assert!(t.finished());
         t.revive("gl1");
         assert!(!t.finished());
-        assert_eq!(t.next_for(&leader("gl4")), Next::Serve("gl1".into()), "a revived segment is served first");
+        assert_eq!(
+            t.next_for(&leader("gl4")),
+            Next::Serve("gl1".into()),
+            "a revived segment is served first"
+        );
     }
 
     /// Random runs: at every step each live, unfinished, assigned GL reaches the manager through
@@ -556,11 +675,19 @@ mod tests {
         for seed in 0..500u64 {
             let mut rng = StdRng::seed_from_u64(seed);
             let n = rng.random_range(1..40);
-            let cfg = TreeConfig { root_fanout: rng.random_range(1..4), leader_fanout: rng.random_range(1..4), star_max: rng.random_range(0..5) };
+            let cfg = TreeConfig {
+                root_fanout: rng.random_range(1..4),
+                leader_fanout: rng.random_range(1..4),
+                star_max: rng.random_range(0..5),
+            };
             let all = segs(n);
             let mut t = TreePlan::new(cfg, &all, &[]);
             for _ in 0..(n * 6) {
-                let who = if rng.random_bool(0.3) { Node::Manager } else { leader(&all[rng.random_range(0..n)]) };
+                let who = if rng.random_bool(0.3) {
+                    Node::Manager
+                } else {
+                    leader(&all[rng.random_range(0..n)])
+                };
                 match rng.random_range(0..10) {
                     0 => {
                         let victim = &all[rng.random_range(0..n)];

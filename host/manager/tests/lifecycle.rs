@@ -6,20 +6,29 @@
 mod support;
 
 use cm_manager::cluster::CopyDelivery;
+use cm_manager::cluster::NodeThread;
 use cm_manager::forward::BoxFuture;
 use cm_manager::leader::{DeliveryOutcome, LeaderConfig, LeaderNode, LocalDelivery};
 use cm_manager::manifest::Manifest;
 use cm_manager::model::{
-    CommitPolicy, DiscoveryReport, JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload, Quorum, SegmentReport,
+    CommitPolicy, DiscoveryReport, JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload,
+    Quorum, SegmentReport,
 };
-use cm_manager::cluster::NodeThread;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::*;
 
 fn spec(kind: JobKind, payload: Payload, policy: JobPolicy) -> JobSpec {
-    JobSpec { name: format!("{kind:?}"), kind, site: "www".into(), payload, start_at_ms: 0, every_ms: None, policy }
+    JobSpec {
+        name: format!("{kind:?}"),
+        kind,
+        site: "www".into(),
+        payload,
+        start_at_ms: 0,
+        every_ms: None,
+        policy,
+    }
 }
 
 fn staging(dir: &Path) -> PathBuf {
@@ -76,7 +85,11 @@ fn a_publish_commits_itself_and_every_server_goes_live_then_rolls_back_and_prune
     assert_eq!(site["committed"], serde_json::json!([1]));
     assert!(site["prepared"].is_null());
     assert_eq!(site["holders"].as_object().unwrap().len(), 4);
-    assert!(c.history().iter().any(|e| e.contains("release 1 goes live next: commit to 4 servers")), "{:#?}", c.history());
+    assert!(
+        c.history().iter().any(|e| e.contains("release 1 goes live next: commit to 4 servers")),
+        "{:#?}",
+        c.history()
+    );
 
     // Three more publishes of small changes: each a delta against live, each committed; the
     // snapshots kept are the last two committed releases.
@@ -84,7 +97,12 @@ fn a_publish_commits_itself_and_every_server_goes_live_then_rolls_back_and_prune
         // A different length each time: change detection compares size and mtime (seconds) first.
         std::fs::write(stage.join("css/site.css"), css(round)).unwrap();
         let j = c.submit_spec(&spec(JobKind::Publish, Payload::Staging, JobPolicy::default()));
-        assert_eq!(c.wait_finished(j.id, Duration::from_secs(60)).state, JobState::Done, "{:#?}", c.history());
+        assert_eq!(
+            c.wait_finished(j.id, Duration::from_secs(60)).state,
+            JobState::Done,
+            "{:#?}",
+            c.history()
+        );
     }
     let want = tree_of(&stage);
     for gl in &c.gls {
@@ -97,7 +115,10 @@ fn a_publish_commits_itself_and_every_server_goes_live_then_rolls_back_and_prune
     assert_eq!(snapshots(&c), vec![5, 7], "only what rollback and the next delta need");
     let h = c.history();
     assert!(h.iter().any(|e| e == "snapshots of site www pruned: releases 1 (keeping the last 2 committed)"), "{h:#?}");
-    assert!(h.iter().any(|e| e.contains("against live release 5: 0 new, 1 changed")), "deltas travel: {h:#?}");
+    assert!(
+        h.iter().any(|e| e.contains("against live release 5: 0 new, 1 changed")),
+        "deltas travel: {h:#?}"
+    );
 
     // An operator's rollback: back to 5 everywhere; 5's snapshot is the base of the next delta.
     let before = {
@@ -105,7 +126,12 @@ fn a_publish_commits_itself_and_every_server_goes_live_then_rolls_back_and_prune
         tree_of(&stage)
     };
     let j = c.submit_spec(&spec(JobKind::Rollback, Payload::Rollback, JobPolicy::default()));
-    assert_eq!(c.wait_finished(j.id, Duration::from_secs(60)).state, JobState::Done, "{:#?}", c.history());
+    assert_eq!(
+        c.wait_finished(j.id, Duration::from_secs(60)).state,
+        JobState::Done,
+        "{:#?}",
+        c.history()
+    );
     for gl in &c.gls {
         for (name, dir) in &gl.members {
             assert!(live_tree(dir) == before, "server {name} rolled back to release 5");
@@ -114,14 +140,28 @@ fn a_publish_commits_itself_and_every_server_goes_live_then_rolls_back_and_prune
     assert_eq!(c.site("www")["committed"], serde_json::json!([1, 3, 5]));
     std::fs::write(stage.join("about.html"), "about us, again\n").unwrap();
     let j = c.submit_spec(&spec(JobKind::Publish, Payload::Staging, JobPolicy::default()));
-    assert_eq!(c.wait_finished(j.id, Duration::from_secs(60)).state, JobState::Done, "{:#?}", c.history());
+    assert_eq!(
+        c.wait_finished(j.id, Duration::from_secs(60)).state,
+        JobState::Done,
+        "{:#?}",
+        c.history()
+    );
     let want = tree_of(&stage);
     for gl in &c.gls {
         assert!(live_tree(&gl.members[0].1) == want);
     }
     // An operator's commit with nothing prepared re-commits live: harmless, nothing moves.
-    let j = c.submit_spec(&spec(JobKind::Commit, Payload::Commit { serial: None }, JobPolicy::default()));
-    assert_eq!(c.wait_finished(j.id, Duration::from_secs(60)).state, JobState::Done, "{:#?}", c.history());
+    let j = c.submit_spec(&spec(
+        JobKind::Commit,
+        Payload::Commit { serial: None },
+        JobPolicy::default(),
+    ));
+    assert_eq!(
+        c.wait_finished(j.id, Duration::from_secs(60)).state,
+        JobState::Done,
+        "{:#?}",
+        c.history()
+    );
     assert!(live_tree(&c.gls[1].members[1].1) == want);
 }
 
@@ -130,7 +170,8 @@ struct FailingDelivery(Vec<String>);
 
 impl LocalDelivery for FailingDelivery {
     fn deliver(&self, _run: u64, _a: PathBuf, _m: Manifest) -> BoxFuture<'static, DeliveryOutcome> {
-        let failed = self.0.iter().map(|s| (s.clone(), "no space left on device".to_string())).collect();
+        let failed =
+            self.0.iter().map(|s| (s.clone(), "no space left on device".to_string())).collect();
         Box::pin(async move { DeliveryOutcome { failed, ..Default::default() } })
     }
 }
@@ -140,16 +181,28 @@ fn a_run_short_of_its_quorum_never_commits() {
     let mut o = Options::new(2);
     o.tweak_manager = Box::new(|c| c.chunk_size = 64 << 10);
     o.delivery = Box::new(|i, m| -> Arc<dyn LocalDelivery> {
-        if i == 1 { Arc::new(FailingDelivery(m.iter().map(|x| x.0.clone()).collect())) } else { Arc::new(SiteDelivery::all(m)) }
+        if i == 1 {
+            Arc::new(FailingDelivery(m.iter().map(|x| x.0.clone()).collect()))
+        } else {
+            Arc::new(SiteDelivery::all(m))
+        }
     });
     let c = Cluster::start(o);
     let stage = staging(c.dir.path());
     c.setup_site_from("www", c.all_servers(), &stage);
-    let policy = JobPolicy { on_failure: OnFailure::Retry { max_attempts: 2, delay_ms: 100 }, ..JobPolicy::default() };
+    let policy = JobPolicy {
+        on_failure: OnFailure::Retry { max_attempts: 2, delay_ms: 100 },
+        ..JobPolicy::default()
+    };
     let job = c.submit_spec(&spec(JobKind::Publish, Payload::Staging, policy));
-    let job = c.wait_job(job.id, Duration::from_secs(60), |j| matches!(j.state, JobState::Cancelled { .. }));
+    let job = c.wait_job(job.id, Duration::from_secs(60), |j| {
+        matches!(j.state, JobState::Cancelled { .. })
+    });
     let JobState::Cancelled { reason } = &job.state else { unreachable!() };
-    assert!(reason.contains("failed 2 times; last: quorum not met: 1 of 2 servers succeeded"), "{reason}");
+    assert!(
+        reason.contains("failed 2 times; last: quorum not met: 1 of 2 servers succeeded"),
+        "{reason}"
+    );
     let runs = c.runs();
     assert_eq!(runs.len(), 2, "two distribution attempts, no commit run: {runs:#?}");
     assert!(runs.iter().all(|r| r["commit_of"].is_null() && r["phase"]["phase"] == "failed"));
@@ -158,8 +211,15 @@ fn a_run_short_of_its_quorum_never_commits() {
     assert_eq!(current(good), None, "nothing is live");
     assert!(good.join("releases/1").is_dir());
     let site = c.site("www");
-    assert_eq!((site["committed"].clone(), site["prepared"].clone()), (serde_json::json!([]), serde_json::Value::Null));
-    assert!(c.history().iter().any(|e| e.contains("release 1 is not committed")), "{:#?}", c.history());
+    assert_eq!(
+        (site["committed"].clone(), site["prepared"].clone()),
+        (serde_json::json!([]), serde_json::Value::Null)
+    );
+    assert!(
+        c.history().iter().any(|e| e.contains("release 1 is not committed")),
+        "{:#?}",
+        c.history()
+    );
 }
 
 #[test]
@@ -182,9 +242,15 @@ fn a_server_that_joins_the_content_group_is_brought_up_to_the_live_release() {
     c.rediscover(1, &["seg01-s0"]);
     let stage = staging(c.dir.path());
     c.setup_site_from("www", c.all_servers(), &stage);
-    let policy = JobPolicy { quorum: Quorum { min_percent: 75, min_servers: 1 }, ..JobPolicy::default() };
+    let policy =
+        JobPolicy { quorum: Quorum { min_percent: 75, min_servers: 1 }, ..JobPolicy::default() };
     let job = c.submit_spec(&spec(JobKind::Publish, Payload::Staging, policy));
-    assert_eq!(c.wait_finished(job.id, Duration::from_secs(60)).state, JobState::Done, "{:#?}", c.history());
+    assert_eq!(
+        c.wait_finished(job.id, Duration::from_secs(60)).state,
+        JobState::Done,
+        "{:#?}",
+        c.history()
+    );
     let newcomer = &c.gls[1].members[1].1;
     assert_eq!(current(newcomer), None);
     assert!(c.site("www")["holders"].get("seg01-s1").is_none());
@@ -205,10 +271,17 @@ fn a_server_that_joins_the_content_group_is_brought_up_to_the_live_release() {
     assert_eq!(c.site("www")["holders"]["seg01-s1"], 1);
     let runs = c.runs();
     let last = &runs[runs.len() - 1];
-    assert_eq!((last["commit_of"].as_u64(), last["release"].as_u64()), (Some(runs[runs.len() - 2]["id"].as_u64().unwrap()), Some(1)));
+    assert_eq!(
+        (last["commit_of"].as_u64(), last["release"].as_u64()),
+        (Some(runs[runs.len() - 2]["id"].as_u64().unwrap()), Some(1))
+    );
     // Now it holds live: further reports create nothing.
     assert_eq!(c.rediscover(1, &["seg01-s0", "seg01-s1"])["replicate_jobs"], serde_json::json!([]));
-    assert!(c.history().iter().any(|e| e.contains("servers seg01-s1 lack live release 1 of site www: replicate job")));
+    assert!(
+        c.history()
+            .iter()
+            .any(|e| e.contains("servers seg01-s1 lack live release 1 of site www: replicate job"))
+    );
 }
 
 #[test]
@@ -225,7 +298,11 @@ fn a_new_leader_elected_mid_run_is_notified_and_the_old_leaders_report_is_ignore
     o.tweak_leader = Box::new(|_, l| l.egress_bytes_per_sec = Some(4 << 20));
     // seg00's first GL is on its way out: whatever it delivers, it reports every server failed.
     o.delivery = Box::new(|i, m| -> Arc<dyn LocalDelivery> {
-        if i == 0 { Arc::new(FailingDelivery(m.iter().map(|x| x.0.clone()).collect())) } else { Arc::new(CopyDelivery { members: m.to_vec() }) }
+        if i == 0 {
+            Arc::new(FailingDelivery(m.iter().map(|x| x.0.clone()).collect()))
+        } else {
+            Arc::new(CopyDelivery { members: m.to_vec() })
+        }
     });
     let c = Cluster::start(o);
     let file = c.dir.path().join("a.bin");
@@ -242,8 +319,11 @@ fn a_new_leader_elected_mid_run_is_notified_and_the_old_leaders_report_is_ignore
     let mut l = LeaderConfig::new("seg00", "seg00-s1", AGENT, &c.dir.path().join("gl-new"));
     l.stall = Duration::from_secs(2);
     let d = Arc::new(CopyDelivery { members: members.clone() });
-    let (new_gl, _new_thread): (LeaderNode, NodeThread) =
-        NodeThread::spawn("seg00-new", move || async move { LeaderNode::start(l, d).await.unwrap() }).unwrap();
+    let (new_gl, _new_thread): (LeaderNode, NodeThread) = NodeThread::spawn(
+        "seg00-new",
+        move || async move { LeaderNode::start(l, d).await.unwrap() },
+    )
+    .unwrap();
     let report = DiscoveryReport {
         segment: "seg00".into(),
         leader: "seg00-s1".into(),
@@ -266,7 +346,8 @@ fn a_new_leader_elected_mid_run_is_notified_and_the_old_leaders_report_is_ignore
         missing: vec![],
     };
     let agent = cm_manager::http::JsonClient::new(AGENT, Duration::from_secs(5));
-    let ans: serde_json::Value = c.rt.block_on(agent.post(&c.api("runs/1/report"), &stale)).unwrap();
+    let ans: serde_json::Value =
+        c.rt.block_on(agent.post(&c.api("runs/1/report"), &stale)).unwrap();
     assert_eq!(ans["accepted"], false);
 
     let job = c.wait_finished(job.id, Duration::from_secs(60));
@@ -284,11 +365,21 @@ fn a_new_leader_elected_mid_run_is_notified_and_the_old_leaders_report_is_ignore
     assert_eq!(reports.len(), 6);
     assert!(reports.iter().all(|r| r[1]["status"] == "succeeded"), "{reports:#?}");
     let h = c.history();
-    assert!(h.iter().any(|e| e.starts_with("segment seg00: new group leader seg00-s1 at") && e.ends_with("picks up the run (was seg00-s0)")), "{h:#?}");
+    assert!(
+        h.iter().any(|e| e.starts_with("segment seg00: new group leader seg00-s1 at")
+            && e.ends_with("picks up the run (was seg00-s0)")),
+        "{h:#?}"
+    );
     assert!(h.iter().any(|e| e == "report of segment seg00 from former group leader seg00-s0 ignored: seg00-s1 leads the segment in this run"));
     // The old GL finishes too and reports; that is ignored as well, the outcome stands.
     let t0 = Instant::now();
-    while c.history().iter().filter(|e| e.contains("from former group leader seg00-s0 ignored")).count() < 2 {
+    while c
+        .history()
+        .iter()
+        .filter(|e| e.contains("from former group leader seg00-s0 ignored"))
+        .count()
+        < 2
+    {
         assert!(t0.elapsed() < Duration::from_secs(30), "the old GL never reported");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -313,7 +404,8 @@ impl LocalDelivery for SlowDelivery {
 fn a_manager_restarted_during_the_commit_run_finishes_the_commit() {
     let mut o = Options::new(2);
     o.tweak_manager = Box::new(|c| c.chunk_size = 64 << 10);
-    o.delivery = Box::new(|_, m| Arc::new(SlowDelivery(SiteDelivery::all(m), Duration::from_millis(1500))));
+    o.delivery =
+        Box::new(|_, m| Arc::new(SlowDelivery(SiteDelivery::all(m), Duration::from_millis(1500))));
     let mut c = Cluster::start(o);
     let stage = staging(c.dir.path());
     c.setup_site_from("www", c.all_servers(), &stage);
@@ -334,7 +426,11 @@ fn a_manager_restarted_during_the_commit_run_finishes_the_commit() {
     assert_eq!(done.state, JobState::Done, "{:#?}", c.history());
     let want = tree_of(&stage);
     for gl in &c.gls {
-        assert!(live_tree(&gl.members[0].1) == want, "{} is live after the restart", gl.members[0].0);
+        assert!(
+            live_tree(&gl.members[0].1) == want,
+            "{} is live after the restart",
+            gl.members[0].0
+        );
     }
     assert_eq!(c.runs().len(), 2, "the commit run was resumed, not started again");
     assert_eq!(c.site("www")["committed"], serde_json::json!([1]));

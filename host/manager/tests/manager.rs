@@ -55,7 +55,12 @@ fn unauthenticated_or_wrong_role_requests_are_refused_on_every_route_and_change_
     let routes: Vec<(&str, String, serde_json::Value, &str)> = vec![
         ("PUT", "groups/site-group".into(), serde_json::json!({ "servers": ["x"] }), "operator"),
         ("GET", "groups".into(), serde_json::Value::Null, "operator"),
-        ("PUT", "sites/site".into(), serde_json::json!({ "content_group": "g", "staging": "/" }), "operator"),
+        (
+            "PUT",
+            "sites/site".into(),
+            serde_json::json!({ "content_group": "g", "staging": "/" }),
+            "operator",
+        ),
         ("GET", "sites".into(), serde_json::Value::Null, "operator"),
         ("POST", "jobs".into(), spec.clone(), "operator"),
         ("GET", "jobs".into(), serde_json::Value::Null, "operator"),
@@ -74,7 +79,11 @@ fn unauthenticated_or_wrong_role_requests_are_refused_on_every_route_and_change_
         ("POST", "dist/1/reparent".into(), tree.clone(), "agent"),
         ("POST", "runs/1/report".into(), seg_report, "agent"),
     ];
-    let send = |client: &JsonClient, method: &str, url: &str, body: &serde_json::Value| -> Result<serde_json::Value, ClientError> {
+    let send = |client: &JsonClient,
+                method: &str,
+                url: &str,
+                body: &serde_json::Value|
+     -> Result<serde_json::Value, ClientError> {
         let m = hyper::Method::from_bytes(method.as_bytes()).unwrap();
         let body = (!body.is_null()).then_some(body);
         c.rt.block_on(client.call::<serde_json::Value, serde_json::Value>(m, url, body))
@@ -84,27 +93,67 @@ fn unauthenticated_or_wrong_role_requests_are_refused_on_every_route_and_change_
         let url = c.api(path);
         for token in ["", "wrong-token", "operator-token-for-test", "agent-token-for-testsX"] {
             let client = JsonClient::new(token, Duration::from_secs(5));
-            assert_eq!(status_of(send(&client, method, &url, body)), 401, "{method} {path} with token {token:?}");
+            assert_eq!(
+                status_of(send(&client, method, &url, body)),
+                401,
+                "{method} {path} with token {token:?}"
+            );
         }
         // The other role's token: not a route of that role.
         let other = if *role == "operator" { &agent } else { &c.op };
-        assert_eq!(status_of(send(other, method, &url, body)), 404, "{method} {path} with the wrong role");
+        assert_eq!(
+            status_of(send(other, method, &url, body)),
+            404,
+            "{method} {path} with the wrong role"
+        );
     }
     // The blob of a run, on the manager and on a GL, and the GL's notify endpoint.
     let gl = c.gls[0].node.addr;
-    for (url, operator_gets) in [(format!("{}/dist/1/blob", c.manager_url), 404), (format!("http://{gl}/dist/1/blob"), 401)] {
-        for client in [JsonClient::new("", Duration::from_secs(5)), JsonClient::new("nope", Duration::from_secs(5))] {
-            assert_eq!(status_of(send(&client, "GET", &url, &serde_json::Value::Null)), 401, "GET {url}");
+    for (url, operator_gets) in
+        [(format!("{}/dist/1/blob", c.manager_url), 404), (format!("http://{gl}/dist/1/blob"), 401)]
+    {
+        for client in [
+            JsonClient::new("", Duration::from_secs(5)),
+            JsonClient::new("nope", Duration::from_secs(5)),
+        ] {
+            assert_eq!(
+                status_of(send(&client, "GET", &url, &serde_json::Value::Null)),
+                401,
+                "GET {url}"
+            );
         }
-        assert_eq!(status_of(send(&c.op, "GET", &url, &serde_json::Value::Null)), operator_gets, "GET {url} as an operator");
+        assert_eq!(
+            status_of(send(&c.op, "GET", &url, &serde_json::Value::Null)),
+            operator_gets,
+            "GET {url} as an operator"
+        );
     }
-    for client in [JsonClient::new("", Duration::from_secs(5)), JsonClient::new("wrong", Duration::from_secs(5)), c.op.clone()] {
-        assert_eq!(status_of(send(&client, "POST", &format!("http://{gl}/notify"), &serde_json::json!({}))), 401);
+    for client in [
+        JsonClient::new("", Duration::from_secs(5)),
+        JsonClient::new("wrong", Duration::from_secs(5)),
+        c.op.clone(),
+    ] {
+        assert_eq!(
+            status_of(send(
+                &client,
+                "POST",
+                &format!("http://{gl}/notify"),
+                &serde_json::json!({})
+            )),
+            401
+        );
     }
     assert_eq!(state(&c), before, "refused requests changed nothing");
     assert_eq!(c.gls[0].node.progress(1), None, "no run was started on the GL");
     // The same requests with the right role do change things (the check above is not vacuous).
-    assert_eq!(c.rt.block_on(c.op.post::<_, Job>(&c.api(&format!("jobs/{id}/cancel")), &serde_json::json!({}))).unwrap().id, id);
+    assert_eq!(
+        c.rt.block_on(
+            c.op.post::<_, Job>(&c.api(&format!("jobs/{id}/cancel")), &serde_json::json!({}))
+        )
+        .unwrap()
+        .id,
+        id
+    );
     assert_ne!(state(&c), before);
 }
 
@@ -117,21 +166,37 @@ fn a_quorum_shortfall_defers_the_job_with_a_reason() {
     let mut servers = c.all_servers();
     servers.extend(["ghost-1".to_string(), "ghost-2".to_string()]);
     c.setup_site("site", servers);
-    let policy = JobPolicy { quorum: Quorum { min_percent: 75, min_servers: 1 }, defer_ms: 60_000, ..JobPolicy::default() };
+    let policy = JobPolicy {
+        quorum: Quorum { min_percent: 75, min_servers: 1 },
+        defer_ms: 60_000,
+        ..JobPolicy::default()
+    };
     let job = c.submit("site", &file, policy);
     let job = c.wait_job(job.id, Duration::from_secs(10), |j| j.last_reason.is_some());
     assert_eq!(job.state, JobState::Idle);
     let reason = job.last_reason.unwrap();
-    assert!(reason.starts_with("deferred: quorum not met: 2 of 4 servers live, 3 needed; not live: ghost-1, ghost-2"), "{reason}");
+    assert!(
+        reason.starts_with(
+            "deferred: quorum not met: 2 of 4 servers live, 3 needed; not live: ghost-1, ghost-2"
+        ),
+        "{reason}"
+    );
     assert!(job.next_run_ms > cm_manager::now_ms() + 50_000, "deferred by defer_ms");
     let runs: Vec<serde_json::Value> = c.rt.block_on(c.op.get(&c.api("runs"))).unwrap();
     assert!(runs.is_empty(), "no run was started");
     assert!(c.history().iter().any(|e| e.starts_with("deferred: quorum not met")));
     // With a cancel policy the same shortfall cancels.
-    let policy = JobPolicy { quorum: Quorum { min_percent: 75, min_servers: 1 }, on_quorum_shortfall: OnBlocked::Cancel, ..JobPolicy::default() };
+    let policy = JobPolicy {
+        quorum: Quorum { min_percent: 75, min_servers: 1 },
+        on_quorum_shortfall: OnBlocked::Cancel,
+        ..JobPolicy::default()
+    };
     let job = c.submit("site", &file, policy);
     let job = c.wait_job(job.id, Duration::from_secs(10), |j| j.state != JobState::Idle);
-    assert!(matches!(&job.state, JobState::Cancelled { reason } if reason.contains("quorum not met")), "{job:?}");
+    assert!(
+        matches!(&job.state, JobState::Cancelled { reason } if reason.contains("quorum not met")),
+        "{job:?}"
+    );
 }
 
 #[test]
@@ -149,19 +214,28 @@ fn a_conflicting_job_waits_for_the_running_one_or_is_cancelled() {
     let first = c.submit("site", &file, JobPolicy::default());
     c.wait_job(first.id, Duration::from_secs(10), |j| matches!(j.state, JobState::Running { .. }));
     let queued = c.submit("site", &file, JobPolicy::default());
-    let cancelled = c.submit("site", &file, JobPolicy { on_conflict: OnBlocked::Cancel, ..JobPolicy::default() });
+    let cancelled = c.submit(
+        "site",
+        &file,
+        JobPolicy { on_conflict: OnBlocked::Cancel, ..JobPolicy::default() },
+    );
     // A different site on the same server is no conflict.
     let other = c.submit("other", &file, JobPolicy::default());
     let q = c.wait_job(queued.id, Duration::from_secs(10), |j| j.last_reason.is_some());
     assert_eq!(q.state, JobState::Idle);
     assert_eq!(
         q.last_reason.as_deref(),
-        Some(format!("queued: job {} is distributing to the same site on shared servers", first.id).as_str())
+        Some(
+            format!("queued: job {} is distributing to the same site on shared servers", first.id)
+                .as_str()
+        )
     );
     let x = c.wait_job(cancelled.id, Duration::from_secs(10), |j| j.state != JobState::Idle);
     assert_eq!(
         x.state,
-        JobState::Cancelled { reason: format!("conflicts with running job {} (same site, shared servers)", first.id) }
+        JobState::Cancelled {
+            reason: format!("conflicts with running job {} (same site, shared servers)", first.id)
+        }
     );
     assert_eq!(c.wait_finished(other.id, Duration::from_secs(60)).state, JobState::Done);
     assert_eq!(c.wait_finished(first.id, Duration::from_secs(60)).state, JobState::Done);
@@ -213,7 +287,11 @@ fn a_manager_restart_mid_job_loses_no_job_state() {
     }
     let h = c.history();
     assert!(h.iter().any(|e| e == "manager restarted: run resumed"), "{h:?}");
-    assert_eq!(h.iter().filter(|e| e.starts_with("run started")).count(), 1, "the run was resumed, not restarted");
+    assert_eq!(
+        h.iter().filter(|e| e.starts_with("run started")).count(),
+        1,
+        "the run was resumed, not restarted"
+    );
 }
 
 #[test]
@@ -240,15 +318,24 @@ fn discovery_keeps_segment_names_across_leader_changes_and_tracks_joins_and_leav
     r.members = vec!["b2".into(), "b3".into(), "b4".into()];
     rt.block_on(report_discovery(&url, AGENT, &r)).unwrap();
     let op = operator_client(OP);
-    let segs: Vec<serde_json::Value> = rt.block_on(op.get(&format!("{url}/api/v1/segments"))).unwrap();
+    let segs: Vec<serde_json::Value> =
+        rt.block_on(op.get(&format!("{url}/api/v1/segments"))).unwrap();
     assert_eq!(segs.len(), 1, "the segment keeps its name");
     assert_eq!(segs[0]["leader"], "b2");
-    let hist: Vec<String> = segs[0]["leader_history"].as_array().unwrap().iter().map(|e| e[0].as_str().unwrap().to_string()).collect();
+    let hist: Vec<String> = segs[0]["leader_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[0].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(hist, ["b1", "b2"]);
-    let servers: Vec<serde_json::Value> = rt.block_on(op.get(&format!("{url}/api/v1/servers"))).unwrap();
-    let live = |n: &str| servers.iter().find(|s| s["name"] == n).map(|s| s["live"].as_bool().unwrap());
+    let servers: Vec<serde_json::Value> =
+        rt.block_on(op.get(&format!("{url}/api/v1/servers"))).unwrap();
+    let live =
+        |n: &str| servers.iter().find(|s| s["name"] == n).map(|s| s["live"].as_bool().unwrap());
     assert_eq!((live("b1"), live("b2"), live("b4")), (Some(false), Some(true), Some(true)));
-    let history: Vec<serde_json::Value> = rt.block_on(op.get(&format!("{url}/api/v1/history"))).unwrap();
+    let history: Vec<serde_json::Value> =
+        rt.block_on(op.get(&format!("{url}/api/v1/history"))).unwrap();
     let events: Vec<&str> = history.iter().map(|e| e["event"].as_str().unwrap()).collect();
     assert!(events.contains(&"server b1 left segment boston"), "{events:?}");
     assert!(events.contains(&"server b4 joined segment boston"), "{events:?}");

@@ -53,27 +53,40 @@ async fn state(op: &JsonClient, url: &str) -> Vec<serde_json::Value> {
 }
 
 /// A raw TLS request presenting `identity`'s certificate, or none: the answer, if any.
-async fn raw_answer(ca_pem: &str, identity: Option<&Tls>, addr: std::net::SocketAddr) -> Option<String> {
+async fn raw_answer(
+    ca_pem: &str,
+    identity: Option<&Tls>,
+    addr: std::net::SocketAddr,
+) -> Option<String> {
     let mut roots = rustls::RootCertStore::empty();
-    let ca = <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(ca_pem.as_bytes()).unwrap();
+    let ca =
+        <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+            ca_pem.as_bytes(),
+        )
+        .unwrap();
     roots.add(ca).unwrap();
     let cfg = match identity {
         Some(t) => t.client_config(),
         None => Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
         ),
     };
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let connector = tokio_rustls::TlsConnector::from(cfg);
     let mut s = connector.connect(ServerName::try_from("127.0.0.1").unwrap(), tcp).await.ok()?;
-    let req = format!("GET /api/v1/groups HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {OP}\r\nconnection: close\r\n\r\n");
+    let req = format!(
+        "GET /api/v1/groups HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {OP}\r\nconnection: close\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).await.ok()?;
     let mut buf = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.ok()?.ok()?;
+    let n =
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.ok()?.ok()?;
     (n > 0).then(|| String::from_utf8_lossy(&buf).into_owned())
 }
 
@@ -92,7 +105,8 @@ async fn api_over_mutual_tls_takes_the_right_certificate_only_and_refusals_chang
     // The right certificates: an operator sets a group, an agent reports its segment.
     let op = client(&identity(&ca, &pem, "alice", CertRole::Operator), "");
     let agent = client(&identity(&ca, &pem, "gl-1", CertRole::Agent), "");
-    let _: serde_json::Value = op.put(&api("groups/g"), &serde_json::json!({ "servers": ["gl-1"] })).await.unwrap();
+    let _: serde_json::Value =
+        op.put(&api("groups/g"), &serde_json::json!({ "servers": ["gl-1"] })).await.unwrap();
     let _: serde_json::Value = agent.post(&api("discovery"), &report("gl-1")).await.unwrap();
     let before = state(&op, m.url()).await;
     assert_eq!(before[0].as_array().unwrap().len(), 1, "the group was set");
@@ -104,26 +118,48 @@ async fn api_over_mutual_tls_takes_the_right_certificate_only_and_refusals_chang
     let foreign = identity(&other_ca, &other_ca.cert_pem, "mallory", CertRole::Operator);
     for c in [client(&foreign, OP), client(&foreign, "")] {
         let r = c.put::<_, serde_json::Value>(&api("groups/g"), &group).await;
-        assert!(matches!(r, Err(ClientError::Transport { .. })), "a foreign certificate got through: {r:?}");
+        assert!(
+            matches!(r, Err(ClientError::Transport { .. })),
+            "a foreign certificate got through: {r:?}"
+        );
     }
     // Wrong roles: agent certificates on operator routes, operator ones on agent routes (404,
     // as with tokens), the manager's own certificate on its API (403).
-    assert_eq!(status_of(agent.put::<_, serde_json::Value>(&api("groups/g"), &group).await), Some(404));
-    assert_eq!(status_of(op.post::<_, serde_json::Value>(&api("discovery"), &intruder).await), Some(404));
+    assert_eq!(
+        status_of(agent.put::<_, serde_json::Value>(&api("groups/g"), &group).await),
+        Some(404)
+    );
+    assert_eq!(
+        status_of(op.post::<_, serde_json::Value>(&api("discovery"), &intruder).await),
+        Some(404)
+    );
     let manager_cert = client(&identity(&ca, &pem, "manager-2", CertRole::Manager), OP);
-    assert_eq!(status_of(manager_cert.put::<_, serde_json::Value>(&api("groups/g"), &group).await), Some(403));
+    assert_eq!(
+        status_of(manager_cert.put::<_, serde_json::Value>(&api("groups/g"), &group).await),
+        Some(403)
+    );
     // A valid agent certificate with the operator's token: the certificate decides.
     let agent_with_op_token = client(&identity(&ca, &pem, "gl-2", CertRole::Agent), OP);
-    assert_eq!(status_of(agent_with_op_token.put::<_, serde_json::Value>(&api("groups/g"), &group).await), Some(404));
+    assert_eq!(
+        status_of(agent_with_op_token.put::<_, serde_json::Value>(&api("groups/g"), &group).await),
+        Some(404)
+    );
     // Plain HTTP with the right token: the TLS port does not speak it.
     let plain = JsonClient::new(OP, Duration::from_secs(5));
-    let r = plain.put::<_, serde_json::Value>(&api("groups/g").replacen("https://", "http://", 1), &group).await;
+    let r = plain
+        .put::<_, serde_json::Value>(&api("groups/g").replacen("https://", "http://", 1), &group)
+        .await;
     assert!(r.is_err() && status_of(r).is_none(), "plain HTTP was answered");
     // No client certificate at all (the right token in the request).
     let addr = m.url().trim_start_matches("https://").parse().unwrap();
-    assert_eq!(raw_answer(&pem, None, addr).await, None, "a client without a certificate got an answer");
+    assert_eq!(
+        raw_answer(&pem, None, addr).await,
+        None,
+        "a client without a certificate got an answer"
+    );
     // The same raw request with the operator's certificate is answered (the check is not vacuous).
-    let answer = raw_answer(&pem, Some(&identity(&ca, &pem, "bob", CertRole::Operator)), addr).await;
+    let answer =
+        raw_answer(&pem, Some(&identity(&ca, &pem, "bob", CertRole::Operator)), addr).await;
     assert!(answer.as_deref().is_some_and(|a| a.starts_with("HTTP/1.1 200")), "{answer:?}");
 
     assert_eq!(state(&op, m.url()).await, before, "refused requests changed nothing");
@@ -135,7 +171,12 @@ async fn api_over_mutual_tls_takes_the_right_certificate_only_and_refusals_chang
 struct NoDelivery;
 
 impl LocalDelivery for NoDelivery {
-    fn deliver(&self, _run: u64, _a: std::path::PathBuf, _m: Manifest) -> cm_manager::forward::BoxFuture<'static, DeliveryOutcome> {
+    fn deliver(
+        &self,
+        _run: u64,
+        _a: std::path::PathBuf,
+        _m: Manifest,
+    ) -> cm_manager::forward::BoxFuture<'static, DeliveryOutcome> {
         Box::pin(async { DeliveryOutcome::default() })
     }
 }
@@ -149,17 +190,25 @@ async fn a_group_leaders_endpoint_over_tls_takes_manager_and_agent_certificates_
     lc.tls = Some(identity(&ca, &pem, "gl-1", CertRole::Agent));
     let gl = LeaderNode::start(lc, Arc::new(NoDelivery)).await.unwrap();
     let url = format!("https://{}/members/report", gl.addr);
-    let apply_report = serde_json::json!({ "server": "m-1", "node": 2, "run": 1, "error": null, "live": 1 });
+    let apply_report =
+        serde_json::json!({ "server": "m-1", "node": 2, "run": 1, "error": null, "live": 1 });
     // The GL takes the report (its delivery does not collect them: 404 past authentication).
     for (name, role) in [("m-1", CertRole::Agent), ("manager", CertRole::Manager)] {
         let c = client(&identity(&ca, &pem, name, role), "");
-        assert_eq!(status_of(c.post::<_, serde_json::Value>(&url, &apply_report).await), Some(404), "{role:?}");
+        assert_eq!(
+            status_of(c.post::<_, serde_json::Value>(&url, &apply_report).await),
+            Some(404),
+            "{role:?}"
+        );
     }
     let op = client(&identity(&ca, &pem, "alice", CertRole::Operator), AGENT);
     assert_eq!(status_of(op.post::<_, serde_json::Value>(&url, &apply_report).await), Some(401));
     let other = ClusterCa::generate().unwrap();
     let foreign = client(&identity(&other, &other.cert_pem, "m-1", CertRole::Agent), AGENT);
-    assert!(matches!(foreign.post::<_, serde_json::Value>(&url, &apply_report).await, Err(ClientError::Transport { .. })));
+    assert!(matches!(
+        foreign.post::<_, serde_json::Value>(&url, &apply_report).await,
+        Err(ClientError::Transport { .. })
+    ));
     gl.stop();
 
     // A node never talks to a server holding an operator's certificate (CA-signed, right host).
@@ -167,7 +216,15 @@ async fn a_group_leaders_endpoint_over_tls_takes_manager_and_agent_certificates_
     fake.tls = Some(identity(&ca, &pem, "alice", CertRole::Operator));
     let fake = LeaderNode::start(fake, Arc::new(NoDelivery)).await.unwrap();
     let agent = client(&identity(&ca, &pem, "m-2", CertRole::Agent), "");
-    let r = agent.post::<_, serde_json::Value>(&format!("https://{}/members/report", fake.addr), &apply_report).await;
-    assert!(matches!(r, Err(ClientError::Transport { .. })), "an operator's certificate served a node: {r:?}");
+    let r = agent
+        .post::<_, serde_json::Value>(
+            &format!("https://{}/members/report", fake.addr),
+            &apply_report,
+        )
+        .await;
+    assert!(
+        matches!(r, Err(ClientError::Transport { .. })),
+        "an operator's certificate served a node: {r:?}"
+    );
     fake.stop();
 }

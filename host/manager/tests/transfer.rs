@@ -24,7 +24,10 @@ enum Misbehave {
 }
 
 /// A source that serves `data` from the requested `Range`, misbehaving as told per request.
-async fn source(data: Arc<Vec<u8>>, plan: Vec<Misbehave>) -> (String, Arc<Mutex<Vec<Option<u64>>>>) {
+async fn source(
+    data: Arc<Vec<u8>>,
+    plan: Vec<Misbehave>,
+) -> (String, Arc<Mutex<Vec<Option<u64>>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/blob", listener.local_addr().unwrap());
     let ranges = Arc::new(Mutex::new(Vec::new()));
@@ -32,7 +35,10 @@ async fn source(data: Arc<Vec<u8>>, plan: Vec<Misbehave>) -> (String, Arc<Mutex<
     tokio::spawn(http::serve(listener, move |req: hyper::Request<hyper::body::Incoming>| {
         let (data, plan, seen) = (data.clone(), plan.clone(), seen.clone());
         async move {
-            let start = req.headers().get("range").and_then(|v| http::parse_range_start(v.to_str().unwrap()));
+            let start = req
+                .headers()
+                .get("range")
+                .and_then(|v| http::parse_range_start(v.to_str().unwrap()));
             let n = {
                 let mut s = seen.lock().unwrap();
                 s.push(start);
@@ -78,7 +84,8 @@ async fn a_broken_transfer_resumes_from_the_last_verified_chunk() {
     let d = data(10 * CHUNK as usize + 123);
     let manifest = Manifest::of_bytes(&d, CHUNK);
     // The first connection breaks in the middle of chunk 3.
-    let (url, ranges) = source(d.clone(), vec![Misbehave::BreakAfter(3 * CHUNK as usize + 100)]).await;
+    let (url, ranges) =
+        source(d.clone(), vec![Misbehave::BreakAfter(3 * CHUNK as usize + 100)]).await;
     let dir = tempfile::tempdir().unwrap();
     let blob = Blob::create(&dir.path().join("a"), manifest, None).unwrap();
     let client = JsonClient::new("", Duration::from_secs(5));
@@ -87,7 +94,10 @@ async fn a_broken_transfer_resumes_from_the_last_verified_chunk() {
     // that only whole verified chunks are kept and the next request starts right after them.
     let at = blob.verified();
     assert!(matches!(err, BlobError::Interrupted { at: a, .. } if a == at), "{err}");
-    assert!(at > 0 && at <= 3 * u64::from(CHUNK) && at.is_multiple_of(u64::from(CHUNK)), "verified {at}");
+    assert!(
+        at > 0 && at <= 3 * u64::from(CHUNK) && at.is_multiple_of(u64::from(CHUNK)),
+        "verified {at}"
+    );
     blob.fetch_from(&client, &url, Duration::from_secs(5)).await.unwrap();
     assert!(blob.is_complete());
     assert_eq!(*ranges.lock().unwrap(), vec![Some(0), Some(at)], "the second request resumes");
@@ -104,7 +114,11 @@ async fn a_corrupted_chunk_is_refused_and_refetched() {
     let client = JsonClient::new("", Duration::from_secs(5));
     let err = blob.fetch_from(&client, &url, Duration::from_secs(5)).await.unwrap_err();
     assert!(matches!(err, BlobError::Corrupt { index: 2, .. }), "{err}");
-    assert_eq!(blob.verified(), 2 * u64::from(CHUNK), "nothing of the bad chunk is visible to children");
+    assert_eq!(
+        blob.verified(),
+        2 * u64::from(CHUNK),
+        "nothing of the bad chunk is visible to children"
+    );
     blob.fetch_from(&client, &url, Duration::from_secs(5)).await.unwrap();
     assert_eq!(ranges.lock().unwrap()[1], Some(2 * u64::from(CHUNK)));
     assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), *d);

@@ -59,7 +59,8 @@ fn a_dead_leader_is_routed_around_and_its_subtree_completes() {
     let file = c.dir.path().join("assignment.bin");
     random_file(&file, 8 << 20, 2);
     let want = hash_of(&file).unwrap();
-    let policy = JobPolicy { quorum: Quorum { min_percent: 80, min_servers: 1 }, ..JobPolicy::default() };
+    let policy =
+        JobPolicy { quorum: Quorum { min_percent: 80, min_servers: 1 }, ..JobPolicy::default() };
     let job = c.publish(&file, policy);
     // Kill seg00 once it has started forwarding but before it has everything.
     let t0 = Instant::now();
@@ -82,10 +83,14 @@ fn a_dead_leader_is_routed_around_and_its_subtree_completes() {
     let run = c.run(1);
     assert_eq!(run["run"]["segments"]["seg00"]["status"], "lost");
     let reports = run["reports"].as_array().unwrap();
-    let missing: Vec<_> = reports.iter().filter(|r| r[1]["status"] == "missing").map(|r| r[0].clone()).collect();
+    let missing: Vec<_> =
+        reports.iter().filter(|r| r[1]["status"] == "missing").map(|r| r[0].clone()).collect();
     assert_eq!(missing, vec![serde_json::json!("seg00-s0")]);
     let h = c.history();
-    assert!(h.iter().any(|e| e.contains("group leader seg00-s0 of segment seg00 unreachable")), "{h:?}");
+    assert!(
+        h.iter().any(|e| e.contains("group leader seg00-s0 of segment seg00 unreachable")),
+        "{h:?}"
+    );
 }
 
 #[test]

@@ -39,28 +39,52 @@ fn measured_link_rates_change_the_tree_shape() {
     let first = c.publish(&file, policy);
     let j = c.wait_finished(first.id, Duration::from_secs(60));
     assert_eq!(j.state, JobState::Done, "{j:?}");
-    let run1 = c.runs().iter().filter(|r| r["job"].as_u64() == Some(first.id)).filter_map(|r| r["id"].as_u64()).min().unwrap();
+    let run1 = c
+        .runs()
+        .iter()
+        .filter(|r| r["job"].as_u64() == Some(first.id))
+        .filter_map(|r| r["id"].as_u64())
+        .min()
+        .unwrap();
     let line = shape_line(&c, run1);
-    assert!(line.contains("configured") && line.contains("a tree (manager fan-out 2, GL fan-out 2)"), "{line}");
+    assert!(
+        line.contains("configured") && line.contains("a tree (manager fan-out 2, GL fan-out 2)"),
+        "{line}"
+    );
 
     // Every GL measured its download; those that served children their upload.
     let mut uploads = 0;
     for (i, gl) in c.gls.iter().enumerate() {
         let rates = gl.node.links().rates().unwrap_or_else(|| panic!("GL {i} measured nothing"));
         assert!(rates.download_bps > 0, "GL {i}: {rates:?}");
-        assert!(rates.upload_bps <= 9 * MIB && rates.download_bps <= 9 * MIB, "GL {i} beat the 8 MiB/s caps: {rates:?}");
+        assert!(
+            rates.upload_bps <= 9 * MIB && rates.download_bps <= 9 * MIB,
+            "GL {i} beat the 8 MiB/s caps: {rates:?}"
+        );
         uploads += usize::from(rates.upload_bps > 0);
         let members: Vec<&str> = gl.members.iter().map(|m| m.0.as_str()).collect();
         c.rediscover_with_links(i, &members, Some(rates));
     }
     assert!(uploads >= 1, "in a fan-out 2 tree of 5 GLs some GL serves children");
     let segs: Vec<serde_json::Value> = c.rt.block_on(c.op.get(&c.api("segments"))).unwrap();
-    assert!(segs.iter().all(|s| s["links"]["download_bps"].as_u64().is_some_and(|d| d > 0)), "{segs:?}");
+    assert!(
+        segs.iter().all(|s| s["links"]["download_bps"].as_u64().is_some_and(|d| d > 0)),
+        "{segs:?}"
+    );
 
     let second = c.submit("site", &file, policy);
     let j = c.wait_finished(second.id, Duration::from_secs(60));
     assert_eq!(j.state, JobState::Done, "{j:?}");
-    let run2 = c.runs().iter().filter(|r| r["job"].as_u64() == Some(second.id)).filter_map(|r| r["id"].as_u64()).min().unwrap();
+    let run2 = c
+        .runs()
+        .iter()
+        .filter(|r| r["job"].as_u64() == Some(second.id))
+        .filter_map(|r| r["id"].as_u64())
+        .min()
+        .unwrap();
     let line = shape_line(&c, run2);
-    assert!(line.contains("from the links 5 of 5 GLs measured") && line.contains("a chain"), "{line}");
+    assert!(
+        line.contains("from the links 5 of 5 GLs measured") && line.contains("a chain"),
+        "{line}"
+    );
 }

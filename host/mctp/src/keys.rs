@@ -70,7 +70,10 @@ impl PayloadCipher {
     pub fn seal_in_place(&self, seq: u32, buf: &mut [u8]) {
         let split = buf.len() - AEAD_TAG_LEN;
         let (plain, tag_out) = buf.split_at_mut(split);
-        let tag = self.0.encrypt_in_place_detached(&nonce(seq), b"", plain).expect("frame payload within AEAD limits");
+        let tag = self
+            .0
+            .encrypt_in_place_detached(&nonce(seq), b"", plain)
+            .expect("frame payload within AEAD limits");
         tag_out.copy_from_slice(&tag);
     }
 

@@ -22,7 +22,10 @@ pub mod wire;
 
 pub use keys::Keys;
 pub use receiver::{Coded, Receiver, ReceiverConfig, ReceiverStats, RxEvent, Write};
-pub use sender::{CodedRequest, Dest, FrameRequest, Member, MemberStatus, Outcome, Sender, SenderConfig, SenderError, SenderEvent, SenderStats, SessionReport, Transmit};
+pub use sender::{
+    CodedRequest, Dest, FrameRequest, Member, MemberStatus, Outcome, Sender, SenderConfig,
+    SenderError, SenderEvent, SenderStats, SessionReport, Transmit,
+};
 pub use time::Time;
 pub use wire::{Announce, SessionInfo, WireError};
 
@@ -56,6 +59,11 @@ impl DropCounts {
     }
 
     pub fn total(&self) -> u64 {
-        self.bad_tag + self.malformed + self.bad_ciphertext + self.foreign_session + self.out_of_range + self.ignored
+        self.bad_tag
+            + self.malformed
+            + self.bad_ciphertext
+            + self.foreign_session
+            + self.out_of_range
+            + self.ignored
     }
 }

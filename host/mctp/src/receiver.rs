@@ -14,7 +14,10 @@ use crate::frameset::FrameSet;
 use crate::keys::{Keys, PayloadCipher};
 use crate::time::Time;
 use crate::tree::TreeLayout;
-use crate::wire::{self, Announce, Checkpoint, Message, Report, ReportStatus, SessionInfo, Solicit, MAX_RUNS_PER_REPORT};
+use crate::wire::{
+    self, Announce, Checkpoint, MAX_RUNS_PER_REPORT, Message, Report, ReportStatus, SessionInfo,
+    Solicit,
+};
 use crate::{DropCounts, MemberId};
 use cm_wire::mac::TAG_LEN;
 use rand::Rng;
@@ -137,7 +140,9 @@ impl Session {
     /// length is exactly that frame's.
     fn frame_in_range(&self, h: &wire::DataHeader) -> bool {
         let fs = u64::from(self.announce.frame_size);
-        h.seq < self.frames && h.assignment == self.announce.info.assignment && u64::from(h.len) == (self.announce.info.size - u64::from(h.seq) * fs).min(fs)
+        h.seq < self.frames
+            && h.assignment == self.announce.info.assignment
+            && u64::from(h.len) == (self.announce.info.size - u64::from(h.seq) * fs).min(fs)
     }
 }
 
@@ -172,7 +177,16 @@ impl std::fmt::Debug for Receiver {
 
 impl Receiver {
     pub fn new(cfg: ReceiverConfig, keys: Keys, rng: ChaCha8Rng) -> Self {
-        Receiver { cfg, keys, rng, held_hashes: Vec::new(), session: None, queue: VecDeque::new(), events: VecDeque::new(), stats: ReceiverStats::default() }
+        Receiver {
+            cfg,
+            keys,
+            rng,
+            held_hashes: Vec::new(),
+            session: None,
+            queue: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: ReceiverStats::default(),
+        }
     }
 
     /// Content this member already holds: an announcement of it is answered "complete" at once.
@@ -199,7 +213,10 @@ impl Receiver {
         if !a.targets.selects(self.cfg.member) {
             return None;
         }
-        let known = self.session.as_ref().is_some_and(|s| s.announce.session == a.session || s.announce.info == a.info);
+        let known = self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.announce.session == a.session || s.announce.info == a.info);
         (!known && !self.held_hashes.contains(&a.info.hash)).then_some(a.info)
     }
 
@@ -210,7 +227,9 @@ impl Receiver {
     pub fn held_through(&self, offset: u64) -> u64 {
         let Some(s) = self.session.as_ref().filter(|s| s.frames > 0) else { return offset };
         let fs = u64::from(s.announce.frame_size);
-        let Some(seq) = u32::try_from(offset / fs).ok().filter(|_| offset % fs == 0) else { return offset };
+        let Some(seq) = u32::try_from(offset / fs).ok().filter(|_| offset % fs == 0) else {
+            return offset;
+        };
         let end = s.held.next_absent(seq).unwrap_or(s.frames);
         (u64::from(end) * fs).min(s.announce.info.size).max(offset)
     }
@@ -222,12 +241,20 @@ impl Receiver {
 
     /// Feeds one datagram (from the data channel, a unicast, or an announcement carried by the
     /// election heartbeat). Decrypts in place. Apply the returned [`Write`] before polling events.
-    pub fn handle_datagram<'a>(&mut self, now: Time, from: SocketAddr, datagram: &'a mut [u8]) -> Option<Write<'a>> {
+    pub fn handle_datagram<'a>(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        datagram: &'a mut [u8],
+    ) -> Option<Write<'a>> {
         if let Some((session, seq)) = wire::tree_frame_claim(datagram) {
             return self.on_tree_frame(now, session, seq, datagram);
         }
         if let Some((session, seqs)) = wire::coded_claim(datagram)
-            && let Some(sess) = self.session.as_ref().filter(|s| s.announce.session == session && s.state == State::Receiving)
+            && let Some(sess) = self
+                .session
+                .as_ref()
+                .filter(|s| s.announce.session == session && s.state == State::Receiving)
             && let lacking = seqs.filter(|s| !sess.held.contains(*s)).count()
             && lacking != 1
         {
@@ -289,7 +316,13 @@ impl Receiver {
 
     /// A coded repair: usable when this member lacks exactly one of its frames (the driver
     /// XORs the others, read from the file, out of the payload).
-    fn on_coded<'a>(&mut self, now: Time, h: wire::CodedHeader, payload_len: usize, datagram: &'a mut [u8]) -> Option<Write<'a>> {
+    fn on_coded<'a>(
+        &mut self,
+        now: Time,
+        h: wire::CodedHeader,
+        payload_len: usize,
+        datagram: &'a mut [u8],
+    ) -> Option<Write<'a>> {
         let Some(sess) = self.session.as_mut().filter(|s| s.announce.session == h.session) else {
             self.stats.dropped.foreign_session += 1;
             return None;
@@ -317,17 +350,37 @@ impl Receiver {
             self.stats.duplicates += 1;
             return None;
         }
-        let xor = h.seqs.iter().filter(|s| **s != target).map(|s| (u64::from(*s) * fs, frame_len(*s) as usize)).collect();
+        let xor = h
+            .seqs
+            .iter()
+            .filter(|s| **s != target)
+            .map(|s| (u64::from(*s) * fs, frame_len(*s) as usize))
+            .collect();
         self.stats.coded_used += 1;
         let end = datagram.len() - TAG_LEN;
         let bytes: &'a [u8] = &datagram[end - payload_len..end];
-        Some(Write { session: h.session, seq: target, offset: u64::from(target) * fs, bytes, cv: None, coded: Some(Coded { len: frame_len(target) as usize, xor }) })
+        Some(Write {
+            session: h.session,
+            seq: target,
+            offset: u64::from(target) * fs,
+            bytes,
+            cv: None,
+            coded: Some(Coded { len: frame_len(target) as usize, xor }),
+        })
     }
 
     /// A tree-tagged data frame: found by its (unverified) session and sequence number, then
     /// verified with the session's frame size.
-    fn on_tree_frame<'a>(&mut self, now: Time, session: u64, seq: u32, datagram: &'a mut [u8]) -> Option<Write<'a>> {
-        let Some(sess) = self.session.as_mut().filter(|s| s.announce.session == session && s.announce.tree) else {
+    fn on_tree_frame<'a>(
+        &mut self,
+        now: Time,
+        session: u64,
+        seq: u32,
+        datagram: &'a mut [u8],
+    ) -> Option<Write<'a>> {
+        let Some(sess) =
+            self.session.as_mut().filter(|s| s.announce.session == session && s.announce.tree)
+        else {
             // Unverifiable without the session's frame size: foreign, stale or forged.
             self.stats.dropped.foreign_session += 1;
             return None;
@@ -352,12 +405,18 @@ impl Receiver {
             return None;
         }
         let cv = frame.cv;
-        self.accept_frame(now, h.seq, &mut datagram[frame.payload]).map(|w| Write { cv: Some(cv), ..w })
+        self.accept_frame(now, h.seq, &mut datagram[frame.payload])
+            .map(|w| Write { cv: Some(cv), ..w })
     }
 
     /// Common path for a data frame's payload (or an inline announcement's): dedupe, decrypt,
     /// record, and hand out the write.
-    fn accept_frame<'a>(&mut self, _now: Time, seq: u32, payload: &'a mut [u8]) -> Option<Write<'a>> {
+    fn accept_frame<'a>(
+        &mut self,
+        _now: Time,
+        seq: u32,
+        payload: &'a mut [u8],
+    ) -> Option<Write<'a>> {
         let sess = self.session.as_mut()?;
         if sess.state != State::Receiving || (sess.frames > 0 && sess.held.contains(seq)) {
             self.stats.duplicates += 1;
@@ -378,13 +437,24 @@ impl Receiver {
             None => payload,
         };
         let offset = u64::from(seq) * u64::from(sess.announce.frame_size);
-        Some(Write { session: sess.announce.session, seq, offset, bytes: plain, cv: None, coded: None })
+        Some(Write {
+            session: sess.announce.session,
+            seq,
+            offset,
+            bytes: plain,
+            cv: None,
+            coded: None,
+        })
     }
 
     /// The driver stored `write` durably enough: the frame now counts as held. When it was the
     /// last one, [`RxEvent::Verify`] follows.
     pub fn written(&mut self, session: u64, seq: u32, len: usize) {
-        let Some(sess) = self.session.as_mut().filter(|s| s.announce.session == session && s.state == State::Receiving) else {
+        let Some(sess) = self
+            .session
+            .as_mut()
+            .filter(|s| s.announce.session == session && s.state == State::Receiving)
+        else {
             return;
         };
         if sess.frames > 0 && !sess.held.insert(seq) {
@@ -414,8 +484,14 @@ impl Receiver {
             s.announce.pass = a.pass;
             return s.state == State::Receiving && a.inline.is_some();
         }
-        let cipher = a.encrypted.then(|| self.keys.payload_cipher(a.session, a.info.assignment, &a.info.hash));
-        let same_content = |s: &Session| s.announce.info == a.info && s.announce.frame_size == a.frame_size && s.frames == a.frame_count();
+        let cipher = a
+            .encrypted
+            .then(|| self.keys.payload_cipher(a.session, a.info.assignment, &a.info.hash));
+        let same_content = |s: &Session| {
+            s.announce.info == a.info
+                && s.announce.frame_size == a.frame_size
+                && s.frames == a.frame_count()
+        };
         // A new GL resending the same content: keep what we have.
         if let Some(s) = self.session.as_mut()
             && same_content(s)
@@ -429,7 +505,12 @@ impl Receiver {
             if s.state == State::Complete {
                 self.schedule_report(now, 0, Duration::from_millis(20));
             } else {
-                self.events.push_back(RxEvent::Started { session: a.session, info: a.info.clone(), resumed: true, tree: tree_layout(&a) });
+                self.events.push_back(RxEvent::Started {
+                    session: a.session,
+                    info: a.info.clone(),
+                    resumed: true,
+                    tree: tree_layout(&a),
+                });
             }
             return false;
         }
@@ -500,7 +581,12 @@ impl Receiver {
         let at = now + window * self.rng.random_range(0..16u32) / 16;
         sess.gaps_due = Some(match sess.gaps_due {
             // Not answered yet: one answer covers both windows, at the earlier time.
-            Some(d) => GapsDue { at: d.at.min(at), checkpoint: c.checkpoint.max(d.checkpoint), from: d.from.min(c.from), upto: d.upto.max(c.upto) },
+            Some(d) => GapsDue {
+                at: d.at.min(at),
+                checkpoint: c.checkpoint.max(d.checkpoint),
+                from: d.from.min(c.from),
+                upto: d.upto.max(c.upto),
+            },
             None => GapsDue { at, checkpoint: c.checkpoint, from: c.from, upto: c.upto },
         });
     }
@@ -516,7 +602,11 @@ impl Receiver {
 
     /// The driver's answer to [`RxEvent::Verify`]: does the file's BLAKE3 match?
     pub fn verified(&mut self, now: Time, session: u64, ok: bool) {
-        let Some(s) = self.session.as_mut().filter(|s| s.announce.session == session && s.state == State::Verifying) else {
+        let Some(s) = self
+            .session
+            .as_mut()
+            .filter(|s| s.announce.session == session && s.state == State::Verifying)
+        else {
             return;
         };
         let info = s.announce.info.clone();
@@ -525,8 +615,14 @@ impl Receiver {
             self.held_hashes.push(info.hash);
             self.events.push_back(RxEvent::Delivered { session, info });
         } else {
-            s.state = State::Failed("BLAKE3 of the received assignment does not match the announcement".into());
-            self.events.push_back(RxEvent::Abandoned { session, info, reason: "hash mismatch".into() });
+            s.state = State::Failed(
+                "BLAKE3 of the received assignment does not match the announcement".into(),
+            );
+            self.events.push_back(RxEvent::Abandoned {
+                session,
+                info,
+                reason: "hash mismatch".into(),
+            });
         }
         // Tell the GL promptly: a report owed (not yet sent) goes now, and a
         // member nobody asked yet says "complete" unprompted after a short random delay, so a
@@ -540,10 +636,16 @@ impl Receiver {
     /// The driver could not store the session's data (disk full, I/O error): the member gives up
     /// on this session and says why in its reports.
     pub fn storage_failed(&mut self, session: u64, reason: String) {
-        let Some(s) = self.session.as_mut().filter(|s| s.announce.session == session) else { return };
+        let Some(s) = self.session.as_mut().filter(|s| s.announce.session == session) else {
+            return;
+        };
         if matches!(s.state, State::Receiving | State::Verifying) {
             s.state = State::Failed(format!("storage: {reason}"));
-            self.events.push_back(RxEvent::Abandoned { session, info: s.announce.info.clone(), reason });
+            self.events.push_back(RxEvent::Abandoned {
+                session,
+                info: s.announce.info.clone(),
+                reason,
+            });
         }
     }
 
@@ -554,7 +656,8 @@ impl Receiver {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let expiry = matches!(s.state, State::Receiving | State::Verifying).then(|| s.last_heard + self.cfg.session_timeout);
+        let expiry = matches!(s.state, State::Receiving | State::Verifying)
+            .then(|| s.last_heard + self.cfg.session_timeout);
         match (report, expiry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -563,9 +666,15 @@ impl Receiver {
 
     pub fn handle_timeout(&mut self, now: Time) {
         let Some(s) = self.session.as_mut() else { return };
-        if matches!(s.state, State::Receiving | State::Verifying) && now >= s.last_heard + self.cfg.session_timeout {
+        if matches!(s.state, State::Receiving | State::Verifying)
+            && now >= s.last_heard + self.cfg.session_timeout
+        {
             let s = self.session.take().expect("checked");
-            self.events.push_back(RxEvent::Abandoned { session: s.announce.session, info: s.announce.info, reason: "no datagram from the group leader within the session timeout".into() });
+            self.events.push_back(RxEvent::Abandoned {
+                session: s.announce.session,
+                info: s.announce.info,
+                reason: "no datagram from the group leader within the session timeout".into(),
+            });
             return;
         }
         if let Some(g) = s.gaps_due
@@ -588,12 +697,24 @@ impl Receiver {
     fn send_gaps(&mut self, g: GapsDue) {
         let me = self.cfg.member;
         let s = self.session.as_ref().expect("caller checked");
-        let runs: Vec<(u32, u32)> = s.held.absent_runs_in(g.from, g.upto).take(MAX_GAP_PARTS * MAX_RUNS_PER_REPORT).collect();
-        let chunks: Vec<&[(u32, u32)]> = if runs.is_empty() { vec![&[]] } else { runs.chunks(MAX_RUNS_PER_REPORT).collect() };
+        let runs: Vec<(u32, u32)> = s
+            .held
+            .absent_runs_in(g.from, g.upto)
+            .take(MAX_GAP_PARTS * MAX_RUNS_PER_REPORT)
+            .collect();
+        let chunks: Vec<&[(u32, u32)]> =
+            if runs.is_empty() { vec![&[]] } else { runs.chunks(MAX_RUNS_PER_REPORT).collect() };
         let parts = chunks.len() as u16;
         let to = s.report_to;
         for (i, c) in chunks.into_iter().enumerate() {
-            let r = Report { session: s.announce.session, member: me, round: g.checkpoint, part: i as u16, parts, status: ReportStatus::Gaps(c.to_vec()) };
+            let r = Report {
+                session: s.announce.session,
+                member: me,
+                round: g.checkpoint,
+                part: i as u16,
+                parts,
+                status: ReportStatus::Gaps(c.to_vec()),
+            };
             self.stats.reports_sent += 1;
             self.queue.push_back((to, r.encode(&self.keys)));
         }
@@ -602,7 +723,14 @@ impl Receiver {
     fn send_report(&mut self, round: u32) {
         let me = self.cfg.member;
         let s = self.session.as_ref().expect("caller checked");
-        let base = |part, parts, status| Report { session: s.announce.session, member: me, round, part, parts, status };
+        let base = |part, parts, status| Report {
+            session: s.announce.session,
+            member: me,
+            round,
+            part,
+            parts,
+            status,
+        };
         let reports: Vec<Report> = match &s.state {
             State::Complete => vec![base(0, 1, ReportStatus::Complete)],
             State::Failed(reason) => vec![base(0, 1, ReportStatus::Failed(reason.clone()))],
@@ -615,7 +743,11 @@ impl Receiver {
                 let runs: Vec<(u32, u32)> = s.held.absent_runs().take(max).collect();
                 let chunks: Vec<&[(u32, u32)]> = runs.chunks(MAX_RUNS_PER_REPORT).collect();
                 let parts = chunks.len() as u16;
-                chunks.iter().enumerate().map(|(i, c)| base(i as u16, parts, ReportStatus::Missing(c.to_vec()))).collect()
+                chunks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| base(i as u16, parts, ReportStatus::Missing(c.to_vec())))
+                    .collect()
             }
         };
         let to = s.report_to;

@@ -16,7 +16,10 @@
 use crate::frameset::FrameSet;
 use crate::keys::{Keys, PayloadCipher};
 use crate::time::Time;
-use crate::wire::{self, Announce, Checkpoint, CodedHeader, DataHeader, Message, Report, ReportStatus, Selector, SessionInfo, Solicit};
+use crate::wire::{
+    self, Announce, Checkpoint, CodedHeader, DataHeader, Message, Report, ReportStatus, Selector,
+    SessionInfo, Solicit,
+};
 use crate::{DropCounts, MemberId};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -102,7 +105,10 @@ pub struct SenderConfig {
 impl SenderConfig {
     /// Whether a session of `size` bytes under this configuration sends tree-tagged frames.
     pub fn tree_tagged(&self, size: u64) -> bool {
-        self.tree_tags && !self.encrypt && size > u64::from(self.frame_size) && crate::tree::frame_size_fits_tree(self.frame_size)
+        self.tree_tags
+            && !self.encrypt
+            && size > u64::from(self.frame_size)
+            && crate::tree::frame_size_fits_tree(self.frame_size)
     }
 
     pub fn new(group: SocketAddr, report_port: u16) -> Self {
@@ -183,10 +189,19 @@ pub struct FrameRequest {
 /// One datagram to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transmit {
-    Control { dest: Dest, bytes: Vec<u8> },
-    Frame { dest: Dest, frame: FrameRequest },
+    Control {
+        dest: Dest,
+        bytes: Vec<u8>,
+    },
+    Frame {
+        dest: Dest,
+        frame: FrameRequest,
+    },
     /// A coded repair, for the driver to fill via [`Sender::encode_coded`].
-    Coded { dest: Dest, coded: CodedRequest },
+    Coded {
+        dest: Dest,
+        coded: CodedRequest,
+    },
 }
 
 /// A coded repair: the XOR of several frames, each `(offset, len)` of the assignment.
@@ -200,7 +215,9 @@ pub struct CodedRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemberStatus {
     NoReport,
-    Missing { frames: u64 },
+    Missing {
+        frames: u64,
+    },
     /// Holds every frame and was still checking the hash when last heard.
     Verifying,
     Failed(String),
@@ -290,7 +307,16 @@ const CODED_LOOKAHEAD: u32 = 64;
 
 impl Peer {
     fn new(expected: bool, unicast: Option<SocketAddr>) -> Self {
-        Peer { expected, unicast_only: unicast, addr: unicast, status: MemberStatus::NoReport, heard_round: 0, acked_checkpoint: None, answers: VecDeque::new(), missing: None }
+        Peer {
+            expected,
+            unicast_only: unicast,
+            addr: unicast,
+            status: MemberStatus::NoReport,
+            heard_round: 0,
+            acked_checkpoint: None,
+            answers: VecDeque::new(),
+            missing: None,
+        }
     }
 
     /// Payload bytes per second this member took in over its recent checkpoint answers.
@@ -388,7 +414,11 @@ pub struct Sender {
 
 impl std::fmt::Debug for Sender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sender").field("session", &self.announce.session).field("phase", &self.phase).field("pass", &self.pass).finish()
+        f.debug_struct("Sender")
+            .field("session", &self.announce.session)
+            .field("phase", &self.phase)
+            .field("pass", &self.pass)
+            .finish()
     }
 }
 
@@ -410,7 +440,10 @@ impl Sender {
         if info.name.len() > wire::MAX_NAME {
             return Err(SenderError::NameTooLong);
         }
-        if !(0 < cfg.min_rate && cfg.min_rate <= cfg.initial_rate && cfg.initial_rate <= cfg.max_rate) {
+        if !(0 < cfg.min_rate
+            && cfg.min_rate <= cfg.initial_rate
+            && cfg.initial_rate <= cfg.max_rate)
+        {
             return Err(SenderError::Rates);
         }
         let fits = info.size <= u64::from(cfg.frame_size);
@@ -421,7 +454,11 @@ impl Sender {
             None if fits => return Err(SenderError::InlineMissing(info.size)),
             _ => {}
         }
-        let frames = if fits { 0 } else { wire::frame_count(info.size, cfg.frame_size).ok_or(SenderError::TooLarge(info.size))? };
+        let frames = if fits {
+            0
+        } else {
+            wire::frame_count(info.size, cfg.frame_size).ok_or(SenderError::TooLarge(info.size))?
+        };
         let session = rng.random::<u64>();
         let cipher = cfg.encrypt.then(|| keys.payload_cipher(session, info.assignment, &info.hash));
         let inline = inline.map(|b| {
@@ -563,7 +600,12 @@ impl Sender {
 
     /// Fills `out` with the datagram for a coded repair; `read` receives each frame's offset and
     /// a slice of its exact length to read it into.
-    pub fn encode_coded<E>(&self, coded: &CodedRequest, out: &mut Vec<u8>, mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>) -> Result<(), E> {
+    pub fn encode_coded<E>(
+        &self,
+        coded: &CodedRequest,
+        out: &mut Vec<u8>,
+        mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
         wire::encode_coded(&self.keys, &coded.header, out, |payload| {
             let mut frame = vec![0u8; payload.len()];
             for &(offset, len) in &coded.parts {
@@ -577,9 +619,17 @@ impl Sender {
 
     /// Fills `out` with the datagram for `frame`; `fill` receives the payload slice to read the
     /// assignment's bytes into (at `frame.offset`, exactly `frame.header.len` bytes).
-    pub fn encode_frame<E>(&self, frame: &FrameRequest, out: &mut Vec<u8>, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<(), E> {
+    pub fn encode_frame<E>(
+        &self,
+        frame: &FrameRequest,
+        out: &mut Vec<u8>,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
         let tag = if self.announce.tree {
-            wire::FrameTag::Tree { offset: frame.offset, cv: self.frame_cvs.get(frame.header.seq as usize).copied() }
+            wire::FrameTag::Tree {
+                offset: frame.offset,
+                cv: self.frame_cvs.get(frame.header.seq as usize).copied(),
+            }
         } else {
             wire::FrameTag::Plain
         };
@@ -604,7 +654,9 @@ impl Sender {
     /// first). Frames without one yet are hashed as they are tagged. Refused (false) unless the
     /// session is tree-tagged and `first` continues what was given, within the frame count.
     pub fn extend_frame_cvs(&mut self, first: u32, cvs: &[[u8; 32]]) -> bool {
-        let ok = self.announce.tree && first as usize == self.frame_cvs.len() && self.frame_cvs.len() + cvs.len() <= self.frames as usize;
+        let ok = self.announce.tree
+            && first as usize == self.frame_cvs.len()
+            && self.frame_cvs.len() + cvs.len() <= self.frames as usize;
         if ok {
             self.frame_cvs.extend_from_slice(cvs);
         }
@@ -633,7 +685,10 @@ impl Sender {
             Phase::Announcing { left, next } if now >= next => {
                 if left > 1 {
                     // The re-announce above covered this one.
-                    self.phase = Phase::Announcing { left: left - 1, next: now + self.cfg.announce_interval };
+                    self.phase = Phase::Announcing {
+                        left: left - 1,
+                        next: now + self.cfg.announce_interval,
+                    };
                     self.next_announce = now + self.cfg.announce_interval;
                 } else if self.all_done() && self.pass_needed_done() {
                     self.finish(Outcome::Complete);
@@ -665,30 +720,32 @@ impl Sender {
         // to one checkpoint (from different members, within its few-millisecond window) can be
         // combined; once the pass has no new frame left they go at once.
         let repairs_due = self.repairs_since.is_some_and(|t| {
-            let pass_done = self.repeats_left == 0 && self.to_send.next_present(self.cursor).is_none();
+            let pass_done =
+                self.repeats_left == 0 && self.to_send.next_present(self.cursor).is_none();
             !self.coding() || now >= t + REPAIR_HOLD || pass_done
         });
-        let (seq, from_repairs) = if let Some(seq) = self.repairs.next_present(0).filter(|_| repairs_due) {
-            self.repairs.remove(seq);
-            self.stats.repairs += 1;
-            (seq, true)
-        } else {
-            let next = match self.to_send.next_present(self.cursor) {
-                None if self.repeats_left > 0 => {
-                    self.repeats_left -= 1;
-                    self.window_from = 0;
-                    self.to_send.next_present(0)
-                }
-                n => n,
+        let (seq, from_repairs) =
+            if let Some(seq) = self.repairs.next_present(0).filter(|_| repairs_due) {
+                self.repairs.remove(seq);
+                self.stats.repairs += 1;
+                (seq, true)
+            } else {
+                let next = match self.to_send.next_present(self.cursor) {
+                    None if self.repeats_left > 0 => {
+                        self.repeats_left -= 1;
+                        self.window_from = 0;
+                        self.to_send.next_present(0)
+                    }
+                    n => n,
+                };
+                let Some(seq) = next else {
+                    self.solicit_end_of_pass(now);
+                    return self.queue.pop_front();
+                };
+                self.cursor = seq + 1;
+                self.window_frames += 1;
+                (seq, false)
             };
-            let Some(seq) = next else {
-                self.solicit_end_of_pass(now);
-                return self.queue.pop_front();
-            };
-            self.cursor = seq + 1;
-            self.window_frames += 1;
-            (seq, false)
-        };
         self.sent_this_pass += 1;
         let fs = u64::from(self.cfg.frame_size);
         let size = self.announce.info.size;
@@ -696,7 +753,8 @@ impl Sender {
         // A repair (or any frame of a later pass) may go out combined with others owed to
         // other members.
         let combo = if (from_repairs || self.pass >= 2) && self.coding() {
-            let combo = self.coded_combo(seq, if from_repairs { &self.repairs } else { &self.to_send });
+            let combo =
+                self.coded_combo(seq, if from_repairs { &self.repairs } else { &self.to_send });
             for &c in &combo[1..] {
                 if from_repairs {
                     self.repairs.remove(c);
@@ -718,7 +776,8 @@ impl Sender {
             Some(c) => c.iter().map(|s| frame_len(*s)).max().unwrap_or(0),
             None => frame_len(seq),
         };
-        let wire_len = u64::from(len) + combo.as_ref().map_or(wire::DATA_OVERHEAD, |c| wire::coded_overhead(c.len())) as u64;
+        let wire_len = u64::from(len)
+            + combo.as_ref().map_or(wire::DATA_OVERHEAD, |c| wire::coded_overhead(c.len())) as u64;
         // Pacing: never bank more than one burst of credit.
         let base = self.next_send.max(now - self.cfg.burst);
         self.next_send = base + Duration::from_nanos(wire_len * 1_000_000_000 / self.rate.max(1));
@@ -728,7 +787,8 @@ impl Sender {
         self.window_bytes += u64::from(len);
         if self.cfg.checkpoint_bytes > 0
             && (self.window_bytes >= self.cfg.checkpoint_bytes
-                || (now >= self.window_started + self.cfg.checkpoint_interval && self.window_frames >= MIN_WINDOW_FRAMES))
+                || (now >= self.window_started + self.cfg.checkpoint_interval
+                    && self.window_frames >= MIN_WINDOW_FRAMES))
             && self.cursor > self.window_from
         {
             self.send_checkpoint(now);
@@ -738,10 +798,25 @@ impl Sender {
             self.stats.coded += 1;
             self.stats.coded_frames += seqs.len() as u64;
             let parts = seqs.iter().map(|s| (u64::from(*s) * fs, frame_len(*s))).collect();
-            let header = CodedHeader { session: self.announce.session, assignment: self.announce.info.assignment, pass: self.pass, seqs, len };
-            return Some(Transmit::Coded { dest: Dest::Everyone, coded: CodedRequest { header, parts } });
+            let header = CodedHeader {
+                session: self.announce.session,
+                assignment: self.announce.info.assignment,
+                pass: self.pass,
+                seqs,
+                len,
+            };
+            return Some(Transmit::Coded {
+                dest: Dest::Everyone,
+                coded: CodedRequest { header, parts },
+            });
         }
-        let header = DataHeader { session: self.announce.session, assignment: self.announce.info.assignment, pass: self.pass, seq, len };
+        let header = DataHeader {
+            session: self.announce.session,
+            assignment: self.announce.info.assignment,
+            pass: self.pass,
+            seq,
+            len,
+        };
         Some(Transmit::Frame { dest: Dest::Everyone, frame: FrameRequest { header, offset } })
     }
 
@@ -765,7 +840,9 @@ impl Sender {
             return;
         }
         if let ReportStatus::Missing(runs) | ReportStatus::Gaps(runs) = &r.status
-            && runs.iter().any(|(first, count)| u64::from(*first) + u64::from(*count) > u64::from(self.frames))
+            && runs.iter().any(|(first, count)| {
+                u64::from(*first) + u64::from(*count) > u64::from(self.frames)
+            })
         {
             self.stats.dropped.out_of_range += 1;
             return;
@@ -789,14 +866,23 @@ impl Sender {
         }
         match r.status {
             ReportStatus::Gaps(runs) => {
-                if matches!(peer.status, MemberStatus::Complete | MemberStatus::Failed(_)) || r.round < self.pass_first_checkpoint {
+                if matches!(peer.status, MemberStatus::Complete | MemberStatus::Failed(_))
+                    || r.round < self.pass_first_checkpoint
+                {
                     return; // a newer fact, or an answer from an earlier pass
                 }
                 let mut covered = None;
                 if peer.acked_checkpoint.is_none_or(|a| r.round > a) {
                     // The windows since its previous answer in this pass, this one included.
-                    let first = peer.acked_checkpoint.map_or(0, |a| a + 1).max(self.pass_first_checkpoint);
-                    covered = Some(self.checkpoints.iter().filter(|c| (first..=r.round).contains(&c.number)).map(|c| c.frames).sum::<u32>());
+                    let first =
+                        peer.acked_checkpoint.map_or(0, |a| a + 1).max(self.pass_first_checkpoint);
+                    covered = Some(
+                        self.checkpoints
+                            .iter()
+                            .filter(|c| (first..=r.round).contains(&c.number))
+                            .map(|c| c.frames)
+                            .sum::<u32>(),
+                    );
                     peer.acked_checkpoint = Some(r.round);
                     if let Some(c) = self.checkpoints.iter().find(|c| c.number == r.round) {
                         if peer.answers.len() == INTAKE_SAMPLES {
@@ -818,14 +904,18 @@ impl Sender {
                 peer.heard_round = peer.heard_round.max(r.round);
             }
             ReportStatus::Verifying => {
-                if matches!(peer.status, MemberStatus::Complete | MemberStatus::Failed(_)) || r.round != round {
+                if matches!(peer.status, MemberStatus::Complete | MemberStatus::Failed(_))
+                    || r.round != round
+                {
                     return; // stale
                 }
                 peer.status = MemberStatus::Verifying;
                 peer.heard_round = round;
             }
             ReportStatus::Missing(runs) => {
-                if matches!(peer.status, MemberStatus::Complete | MemberStatus::Failed(_)) || r.round != round {
+                if matches!(peer.status, MemberStatus::Complete | MemberStatus::Failed(_))
+                    || r.round != round
+                {
                     return; // stale: a newer fact or an older round
                 }
                 let frames: u64 = runs.iter().map(|(_, c)| u64::from(*c)).sum();
@@ -845,7 +935,10 @@ impl Sender {
         // Close the round early once every participant has answered it, unless someone is
         // still verifying: asking a busy member again at once would only spin the rounds.
         if matches!(self.phase, Phase::Collecting { .. })
-            && self.peers.values().all(|p| p.heard_round >= self.round || matches!(p.status, MemberStatus::Complete | MemberStatus::Failed(_)))
+            && self.peers.values().all(|p| {
+                p.heard_round >= self.round
+                    || matches!(p.status, MemberStatus::Complete | MemberStatus::Failed(_))
+            })
             && !self.peers.values().any(|p| p.status == MemberStatus::Verifying)
             && self.participants_enough()
         {
@@ -856,7 +949,14 @@ impl Sender {
     /// A checkpoint answer: repair its gaps during the pass (or in the next one, if this pass
     /// has ended) and note the member's gap share for the rate.
     /// `covered`: the new frames of the windows the answer covers, given with its first part.
-    fn on_gaps(&mut self, now: Time, member: MemberId, checkpoint: u32, covered: Option<u32>, runs: &[(u32, u32)]) {
+    fn on_gaps(
+        &mut self,
+        now: Time,
+        member: MemberId,
+        checkpoint: u32,
+        covered: Option<u32>,
+        runs: &[(u32, u32)],
+    ) {
         self.note_missing(member, runs);
         let sending = self.phase == Phase::Sending;
         for &(first, count) in runs {
@@ -880,7 +980,9 @@ impl Sender {
             let (total, frames) = (*total, *frames);
             // A short window (the end of a pass, a repeat) says too little about the rate.
             self.answered = true;
-            let enough = u32::try_from(self.cfg.checkpoint_bytes / u64::from(self.cfg.frame_size) / 2).unwrap_or(u32::MAX);
+            let enough =
+                u32::try_from(self.cfg.checkpoint_bytes / u64::from(self.cfg.frame_size) / 2)
+                    .unwrap_or(u32::MAX);
             if frames >= MIN_WINDOW_FRAMES.min(enough).max(1) {
                 let share = f64::from(total) / f64::from(frames);
                 self.worst_share = Some(self.worst_share.map_or(share, |w| w.max(share)));
@@ -890,7 +992,10 @@ impl Sender {
 
     /// Coded repairs are possible in this session.
     fn coding(&self) -> bool {
-        self.cfg.coded_repairs && self.cipher.is_none() && self.frames > 2 && self.peers.len() <= MAX_CODED_PEERS
+        self.cfg.coded_repairs
+            && self.cipher.is_none()
+            && self.frames > 2
+            && self.peers.len() <= MAX_CODED_PEERS
     }
 
     /// Remembers what `member` lacks, for coded repairs.
@@ -933,11 +1038,15 @@ impl Sender {
         let mut next = first.checked_add(1).and_then(|from| pool.next_present(from));
         let mut scanned = 0;
         while let Some(c) = next {
-            if combo.len() >= wire::MAX_CODED || scanned >= CODED_LOOKAHEAD || !covered.contains(&false) {
+            if combo.len() >= wire::MAX_CODED
+                || scanned >= CODED_LOOKAHEAD
+                || !covered.contains(&false)
+            {
                 break;
             }
             scanned += 1;
-            let needers: Vec<usize> = sets.iter().enumerate().filter(|(_, m)| m.contains(c)).map(|(i, _)| i).collect();
+            let needers: Vec<usize> =
+                sets.iter().enumerate().filter(|(_, m)| m.contains(c)).map(|(i, _)| i).collect();
             if !needers.is_empty() && needers.iter().all(|i| !covered[*i]) {
                 needers.iter().for_each(|i| covered[*i] = true);
                 combo.push(c);
@@ -951,7 +1060,8 @@ impl Sender {
     fn send_checkpoint(&mut self, now: Time) {
         self.adapt_rate_mid_pass();
         let frames = self.to_send.count_in(self.window_from, self.cursor).max(1);
-        let n = u32::try_from(self.peers.len().max(self.cfg.min_participants).max(1)).unwrap_or(u32::MAX);
+        let n = u32::try_from(self.peers.len().max(self.cfg.min_participants).max(1))
+            .unwrap_or(u32::MAX);
         // Short: an answer's delay counts as lag. These answers are tiny, and only members
         // still receiving send them, so a burst of them costs the GL little.
         let window = (self.cfg.report_slot * n / 8).min(Duration::from_millis(3));
@@ -968,7 +1078,12 @@ impl Sender {
         if self.checkpoints.len() == CHECKPOINT_LOG {
             self.checkpoints.pop_front();
         }
-        self.checkpoints.push_back(CheckpointLog { number: self.checkpoint, sent_at: self.pass_bytes, frames, gaps: BTreeMap::new() });
+        self.checkpoints.push_back(CheckpointLog {
+            number: self.checkpoint,
+            sent_at: self.pass_bytes,
+            frames,
+            gaps: BTreeMap::new(),
+        });
         self.stats.checkpoints += 1;
         self.checkpoint += 1;
         self.window_from = self.cursor;
@@ -994,15 +1109,23 @@ impl Sender {
             .peers
             .values()
             .filter(|p| !matches!(p.status, MemberStatus::Complete | MemberStatus::Failed(_)))
-            .filter_map(|p| p.acked_checkpoint.filter(|a| *a >= self.pass_first_checkpoint).and_then(sent_at).map(|at| (self.pass_bytes.saturating_sub(at), p)))
+            .filter_map(|p| {
+                p.acked_checkpoint
+                    .filter(|a| *a >= self.pass_first_checkpoint)
+                    .and_then(sent_at)
+                    .map(|at| (self.pass_bytes.saturating_sub(at), p))
+            })
             .filter(|(lag, _)| *lag <= 4 * self.cfg.max_lag_bytes)
             .fold((0, None::<f64>), |(lag, intake), (l, p)| {
                 // The intake that matters is that of the members falling behind.
                 let i = if l > self.cfg.max_lag_bytes / 2 { p.intake() } else { None };
-                (lag.max(l), match (intake, i) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                })
+                (
+                    lag.max(l),
+                    match (intake, i) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    },
+                )
             });
         let mut factor: f64 = if share > 0.25 {
             0.6
@@ -1023,7 +1146,9 @@ impl Sender {
             // At most halved per checkpoint: one member descheduled for a while measures a
             // tiny intake that says little about the next moment.
             rate = match intake {
-                Some(i) => rate.min(0.9 * i * wire / f64::from(self.cfg.frame_size)).max(self.rate as f64 * 0.5),
+                Some(i) => rate
+                    .min(0.9 * i * wire / f64::from(self.cfg.frame_size))
+                    .max(self.rate as f64 * 0.5),
                 None => rate * 0.8,
             };
         }
@@ -1040,11 +1165,13 @@ impl Sender {
 
     fn all_done(&self) -> bool {
         let complete = self.peers.values().filter(|p| p.status == MemberStatus::Complete).count();
-        complete >= self.cfg.min_participants && self.peers.values().all(|p| p.status == MemberStatus::Complete)
+        complete >= self.cfg.min_participants
+            && self.peers.values().all(|p| p.status == MemberStatus::Complete)
     }
 
     fn report_window(&self) -> Duration {
-        let n = u32::try_from(self.peers.len().max(self.cfg.min_participants).max(1)).unwrap_or(u32::MAX);
+        let n = u32::try_from(self.peers.len().max(self.cfg.min_participants).max(1))
+            .unwrap_or(u32::MAX);
         (self.cfg.report_slot * n).min(self.cfg.max_report_window)
     }
 
@@ -1064,7 +1191,8 @@ impl Sender {
         self.stats.passes = self.pass;
         // A small tail that keeps getting lost is sent twice: on a very lossy segment this turns
         // many rounds (each a report window) into one, for a few extra frames.
-        self.repeats_left = u32::from(self.pass >= 3 && frames.count() <= (self.frames / 100).max(32));
+        self.repeats_left =
+            u32::from(self.pass >= 3 && frames.count() <= (self.frames / 100).max(32));
         self.to_send = frames;
         self.cursor = 0;
         self.sent_this_pass = 0;
@@ -1092,12 +1220,19 @@ impl Sender {
         self.send_solicit(now, Dest::Everyone, selector.clone());
         // A second copy: one lost solicitation would otherwise cost a whole report window.
         self.send_solicit(now, Dest::Everyone, selector);
-        self.phase = Phase::Collecting { until: now + self.report_window() + self.cfg.report_grace };
+        self.phase =
+            Phase::Collecting { until: now + self.report_window() + self.cfg.report_grace };
     }
 
     fn send_solicit(&mut self, _now: Time, dest: Dest, selector: Selector) {
         let window_us = u32::try_from(self.report_window().as_micros()).unwrap_or(u32::MAX);
-        let s = Solicit { session: self.announce.session, round: self.round, pass: self.pass, window_us, selector };
+        let s = Solicit {
+            session: self.announce.session,
+            round: self.round,
+            pass: self.pass,
+            window_us,
+            selector,
+        };
         let bytes = s.encode(&self.keys);
         self.push_control(dest, bytes);
     }
@@ -1105,12 +1240,17 @@ impl Sender {
     /// `Only(lacking)` or `AllBut(heard)`, whichever is shorter and fits a datagram; else
     /// `Everyone` (members then decide from their own state).
     fn shorter_selector(&self) -> Selector {
-        let (heard, lacking): (Vec<_>, Vec<_>) = self.peers.iter().partition(|(_, p)| p.heard_round >= self.round || p.status == MemberStatus::Complete);
+        let (heard, lacking): (Vec<_>, Vec<_>) = self
+            .peers
+            .iter()
+            .partition(|(_, p)| p.heard_round >= self.round || p.status == MemberStatus::Complete);
         let heard: Vec<u64> = heard.into_iter().map(|(id, _)| *id).collect();
         let lacking: Vec<u64> = lacking.into_iter().map(|(id, _)| *id).collect();
         // Unknown joiners are not in `lacking`, so an `Only` list is only safe when we expect
         // no one else; `AllBut` covers them.
-        if heard.len() <= wire::MAX_IDS_PER_SOLICIT && (heard.len() <= lacking.len() || self.cfg.min_participants > self.peers.len()) {
+        if heard.len() <= wire::MAX_IDS_PER_SOLICIT
+            && (heard.len() <= lacking.len() || self.cfg.min_participants > self.peers.len())
+        {
             Selector::AllBut(heard)
         } else if lacking.len() <= wire::MAX_IDS_PER_SOLICIT {
             Selector::Only(lacking)
@@ -1134,7 +1274,10 @@ impl Sender {
         // A member that answered this round that it is verifying is alive and busy (hashing
         // and flushing a large file can take longer than ten rounds): that counts as progress
         // for the stall limit, though the asking still backs off. `max_rounds` bounds the wait.
-        let verifying = self.peers.values().any(|p| p.status == MemberStatus::Verifying && p.heard_round >= self.round);
+        let verifying = self
+            .peers
+            .values()
+            .any(|p| p.status == MemberStatus::Verifying && p.heard_round >= self.round);
         if complete > self.prev_complete || missing < self.prev_missing {
             self.stall = 0;
             self.idle = 0;
@@ -1157,10 +1300,17 @@ impl Sender {
             .values()
             .all(|p| matches!(p.status, MemberStatus::Complete | MemberStatus::Failed(_)))
             && self.participants_enough();
-        let stalled = self.stall >= self.cfg.stall_limit && now >= self.progress_at + self.cfg.stall_time;
+        let stalled =
+            self.stall >= self.cfg.stall_limit && now >= self.progress_at + self.cfg.stall_time;
         if stalled || self.round >= self.cfg.max_rounds || only_failed_left {
-            let quorum = self.cfg.quorum.unwrap_or_else(|| self.peers.values().filter(|p| p.expected).count().max(self.cfg.min_participants));
-            let outcome = if complete >= quorum && complete >= self.cfg.min_participants { Outcome::QuorumMet } else { Outcome::Problem };
+            let quorum = self.cfg.quorum.unwrap_or_else(|| {
+                self.peers.values().filter(|p| p.expected).count().max(self.cfg.min_participants)
+            });
+            let outcome = if complete >= quorum && complete >= self.cfg.min_participants {
+                Outcome::QuorumMet
+            } else {
+                Outcome::Problem
+            };
             return self.finish(outcome);
         }
         if !self.nacks.is_empty() {
@@ -1174,7 +1324,9 @@ impl Sender {
             }
             return self.start_pass(now, next);
         }
-        if self.frames == 0 && self.peers.values().any(|p| matches!(p.status, MemberStatus::NoReport)) {
+        if self.frames == 0
+            && self.peers.values().any(|p| matches!(p.status, MemberStatus::NoReport))
+        {
             // Inline session: a silent member may simply have lost the announcement.
             self.announce_now(now);
         }
@@ -1194,7 +1346,8 @@ impl Sender {
         } else {
             1.0
         };
-        self.rate = ((self.rate as f64 * factor) as u64).clamp(self.cfg.min_rate, self.cfg.max_rate);
+        self.rate =
+            ((self.rate as f64 * factor) as u64).clamp(self.cfg.min_rate, self.cfg.max_rate);
     }
 
     /// Nothing to resend but reports are missing: ask the silent members again.
@@ -1209,7 +1362,10 @@ impl Sender {
             .collect();
         let want_more = self.peers.len() < self.cfg.min_participants;
         // Each request goes out twice: it is tiny, and a lost one costs a whole (backed-off) wait.
-        if !want_more && lacking.len() <= self.cfg.unicast_solicit_max && lacking.iter().all(|(_, a)| a.is_some()) {
+        if !want_more
+            && lacking.len() <= self.cfg.unicast_solicit_max
+            && lacking.iter().all(|(_, a)| a.is_some())
+        {
             for (id, addr) in lacking {
                 let addr = addr.expect("checked above");
                 for _ in 0..2 {
@@ -1223,7 +1379,8 @@ impl Sender {
         }
         // Back off while nobody answers: ten tries then span seconds, not milliseconds, so a
         // member that is rebooting gets a chance to come back.
-        let wait = (self.report_window() * (1u32 << self.idle.min(6))).min(self.cfg.max_report_window.max(self.report_window()));
+        let wait = (self.report_window() * (1u32 << self.idle.min(6)))
+            .min(self.cfg.max_report_window.max(self.report_window()));
         self.phase = Phase::Collecting { until: now + wait + self.cfg.report_grace };
     }
 

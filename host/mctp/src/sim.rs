@@ -13,8 +13,10 @@
 //!   that did not deliver is listed as incomplete;
 //! - the session ends (the GL finishes) within a bounded virtual time.
 
-use crate::sender::{Dest, Member, Outcome, Sender, SenderConfig, SenderEvent, SessionReport, Transmit};
-use crate::tree::{frame_cv, FrameTree, TreeLayout};
+use crate::sender::{
+    Dest, Member, Outcome, Sender, SenderConfig, SenderEvent, SessionReport, Transmit,
+};
+use crate::tree::{FrameTree, TreeLayout, frame_cv};
 use crate::{Keys, Receiver, ReceiverConfig, RxEvent, SessionInfo, Time};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -115,14 +117,21 @@ impl SimConfig {
         let mut c = SimConfig::new(seed);
         c.members = r.random_range(1..=10);
         // Sometimes a power of two of at least 1 KiB, so frames come tree-tagged.
-        c.frame_size = if r.random_bool(0.3) { 1024 << r.random_range(0..2) } else { r.random_range(64..=512) };
+        c.frame_size = if r.random_bool(0.3) {
+            1024 << r.random_range(0..2)
+        } else {
+            r.random_range(64..=512)
+        };
         c.size = match r.random_range(0..10) {
             0 => r.random_range(0..=u64::from(c.frame_size)), // inline
             _ => r.random_range(1..=40_000),
         };
         c.loss = r.random_range(0.0..=0.5);
         if r.random_bool(0.3) {
-            c.burst = Some(BurstLoss { enter: r.random_range(0.001..0.05), leave: r.random_range(0.1..0.5) });
+            c.burst = Some(BurstLoss {
+                enter: r.random_range(0.001..0.05),
+                leave: r.random_range(0.1..0.5),
+            });
         }
         c.reorder = if r.random_bool(0.5) { r.random_range(0.0..0.5) } else { 0.0 };
         c.duplicate = if r.random_bool(0.3) { r.random_range(0.0..0.2) } else { 0.0 };
@@ -133,7 +142,11 @@ impl SimConfig {
         }
         if r.random_bool(0.3) {
             let down = r.random_range(0..400);
-            c.crash = Some((pick(&mut r), Duration::from_millis(down), Duration::from_millis(down + r.random_range(10..3000))));
+            c.crash = Some((
+                pick(&mut r),
+                Duration::from_millis(down),
+                Duration::from_millis(down + r.random_range(10..3000)),
+            ));
         }
         if r.random_bool(0.2) {
             c.gl_dies = Some(Duration::from_millis(r.random_range(0..300)));
@@ -177,7 +190,11 @@ pub struct Violation {
 
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "seed {}: {} (replay: MCTP_SIM_SEED={} cargo test -p cm-mctp --test sim replay -- --nocapture)", self.seed, self.what, self.seed)
+        write!(
+            f,
+            "seed {}: {} (replay: MCTP_SIM_SEED={} cargo test -p cm-mctp --test sim replay -- --nocapture)",
+            self.seed, self.what, self.seed
+        )
     }
 }
 
@@ -253,10 +270,41 @@ pub fn run(cfg: &SimConfig) -> Result<SimResult, Violation> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut content = vec![0u8; cfg.size as usize];
     rng.fill(&mut content[..]);
-    let info = SessionInfo { assignment: 77, name: "sim/assignment".into(), size: cfg.size, hash: *blake3::hash(&content).as_bytes() };
+    let info = SessionInfo {
+        assignment: 77,
+        name: "sim/assignment".into(),
+        size: cfg.size,
+        hash: *blake3::hash(&content).as_bytes(),
+    };
     let keys = Keys::derive(b"simulated cluster");
-    let members = (0..cfg.members).map(|_| SimMember { rx: None, disk: Vec::new(), delivered: false, burst_bad: false, verifying: None, busy_until: Time::ZERO, tree: None }).collect();
-    let sim = Sim { cfg: cfg.clone(), keys, content, info, net: rng, now: Time::ZERO, queue: BinaryHeap::new(), seq: 0, gl: None, members, frames_sent: 0, frame_buf: Vec::new(), overrun: 0, tree_writes: 0, coded_writes: 0 };
+    let members = (0..cfg.members)
+        .map(|_| SimMember {
+            rx: None,
+            disk: Vec::new(),
+            delivered: false,
+            burst_bad: false,
+            verifying: None,
+            busy_until: Time::ZERO,
+            tree: None,
+        })
+        .collect();
+    let sim = Sim {
+        cfg: cfg.clone(),
+        keys,
+        content,
+        info,
+        net: rng,
+        now: Time::ZERO,
+        queue: BinaryHeap::new(),
+        seq: 0,
+        gl: None,
+        members,
+        frames_sent: 0,
+        frame_buf: Vec::new(),
+        overrun: 0,
+        tree_writes: 0,
+        coded_writes: 0,
+    };
     sim.go()
 }
 
@@ -276,11 +324,16 @@ impl Sim {
         c.not_for = (0..self.cfg.members).filter(|i| !self.targeted(*i)).map(member_id).collect();
         let members: Vec<Member> = (0..self.cfg.members)
             .filter(|i| self.targeted(*i))
-            .map(|i| Member { id: member_id(i), unicast: (self.cfg.unicast_only == Some(i)).then(|| member_addr(i)) })
+            .map(|i| Member {
+                id: member_id(i),
+                unicast: (self.cfg.unicast_only == Some(i)).then(|| member_addr(i)),
+            })
             .collect();
         let inline = (self.info.size <= u64::from(c.frame_size)).then_some(&self.content[..]);
         let rng = ChaCha8Rng::seed_from_u64(self.cfg.seed ^ 0x5e5d_0000 ^ u64::from(generation));
-        let s = Sender::new(self.now, c, self.keys.clone(), rng, self.info.clone(), &members, inline).map_err(|e| self.violation(format!("sender: {e}")))?;
+        let s =
+            Sender::new(self.now, c, self.keys.clone(), rng, self.info.clone(), &members, inline)
+                .map_err(|e| self.violation(format!("sender: {e}")))?;
         self.gl = Some((generation, s));
         Ok(())
     }
@@ -292,7 +345,13 @@ impl Sim {
     fn start_member(&mut self, i: usize) {
         let mut c = ReceiverConfig::new(member_id(i));
         c.session_timeout = Duration::from_secs(2);
-        let rng = ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_mul(31).wrapping_add(i as u64).wrapping_add(self.now.since_origin().as_nanos() as u64));
+        let rng = ChaCha8Rng::seed_from_u64(
+            self.cfg
+                .seed
+                .wrapping_mul(31)
+                .wrapping_add(i as u64)
+                .wrapping_add(self.now.since_origin().as_nanos() as u64),
+        );
         let mut rx = Receiver::new(c, self.keys.clone(), rng);
         let m = &mut self.members[i];
         // What a member delivered before is on its disk: after a restart it still holds it.
@@ -342,12 +401,17 @@ impl Sim {
                 if let (Node::Member(i), Some((rate, buffer))) = (node, self.cfg.capacity) {
                     // A FIFO queue drained at `rate`: full means dropped.
                     let m = &mut self.members[i];
-                    let queued = m.busy_until.since_origin().saturating_sub(at.since_origin()).as_nanos() as u64 * rate / 1_000_000_000;
+                    let queued =
+                        m.busy_until.since_origin().saturating_sub(at.since_origin()).as_nanos()
+                            as u64
+                            * rate
+                            / 1_000_000_000;
                     if queued + bytes.len() as u64 > buffer {
                         self.overrun += 1;
                         continue;
                     }
-                    m.busy_until = m.busy_until.max(at) + Duration::from_nanos(bytes.len() as u64 * 1_000_000_000 / rate);
+                    m.busy_until = m.busy_until.max(at)
+                        + Duration::from_nanos(bytes.len() as u64 * 1_000_000_000 / rate);
                     at = m.busy_until;
                 }
                 self.seq += 1;
@@ -364,7 +428,11 @@ impl Sim {
         let mut out = Vec::new();
         for a in addrs {
             if a == GROUP {
-                out.extend((0..self.cfg.members).filter(|i| self.cfg.unicast_only != Some(*i)).map(Node::Member));
+                out.extend(
+                    (0..self.cfg.members)
+                        .filter(|i| self.cfg.unicast_only != Some(*i))
+                        .map(Node::Member),
+                );
             } else if let Some(i) = (0..self.cfg.members).find(|i| member_addr(*i) == a) {
                 out.push(Node::Member(i));
             }
@@ -442,7 +510,8 @@ impl Sim {
         let gl_node = self.gl.as_ref().map(|(g, _)| Node::Gl(*g));
         while let Some((to, bytes)) = rx.poll_transmit() {
             // Reports go to whichever GL owns that address (a dead GL's address goes nowhere).
-            let to_node = self.gl.as_ref().filter(|(g, _)| gl_addr(*g) == to).map(|(g, _)| Node::Gl(*g));
+            let to_node =
+                self.gl.as_ref().filter(|(g, _)| gl_addr(*g) == to).map(|(g, _)| Node::Gl(*g));
             let _ = gl_node;
             self.send(me, to_node.into_iter().collect(), &bytes);
         }
@@ -460,7 +529,9 @@ impl Sim {
                 let fs = usize::from(layout.frame_size);
                 while let Some(seq) = tree.needs() {
                     let at = seq as usize * fs;
-                    let Some(bytes) = m.disk.get(at..(at + fs).min(m.disk.len())) else { return false };
+                    let Some(bytes) = m.disk.get(at..(at + fs).min(m.disk.len())) else {
+                        return false;
+                    };
                     tree.add(seq, frame_cv(at as u64, bytes));
                 }
                 tree.root() == Some(self.info.hash)
@@ -473,7 +544,9 @@ impl Sim {
         while let Some(e) = rx.poll_event() {
             match e {
                 RxEvent::Started { .. } if !self.targeted(i) => {
-                    return Err(self.violation(format!("member {i} started a session announced for other members")));
+                    return Err(self.violation(format!(
+                        "member {i} started a session announced for other members"
+                    )));
                 }
                 RxEvent::Started { info, resumed, tree, .. } => {
                     if !resumed {
@@ -483,7 +556,9 @@ impl Sim {
                     // hashed from the file at verification.
                     self.members[i].tree = tree.map(|l| (l, FrameTree::new(l.frames)));
                 }
-                RxEvent::Verify { session, .. } if self.cfg.slow_verify.is_some_and(|(m, _)| m == i) => {
+                RxEvent::Verify { session, .. }
+                    if self.cfg.slow_verify.is_some_and(|(m, _)| m == i) =>
+                {
                     let delay = self.cfg.slow_verify.map(|(_, d)| d).unwrap_or_default();
                     self.members[i].verifying = Some((self.now + delay, session));
                 }
@@ -493,13 +568,17 @@ impl Sim {
                 }
                 RxEvent::Delivered { .. } => {
                     if self.members[i].disk != self.content {
-                        return Err(self.violation(format!("member {i} delivered bytes that differ from the assignment")));
+                        return Err(self.violation(format!(
+                            "member {i} delivered bytes that differ from the assignment"
+                        )));
                     }
                     self.members[i].delivered = true;
                 }
                 RxEvent::AlreadyHeld { .. } => {
                     if !self.members[i].delivered && self.cfg.already_holds != Some(i) {
-                        return Err(self.violation(format!("member {i} claims to hold content it never received")));
+                        return Err(self.violation(format!(
+                            "member {i} claims to hold content it never received"
+                        )));
                     }
                     self.members[i].delivered = true;
                 }
@@ -509,7 +588,12 @@ impl Sim {
         Ok(())
     }
 
-    fn deliver(&mut self, node: Node, from: SocketAddr, mut bytes: Vec<u8>) -> Result<(), Violation> {
+    fn deliver(
+        &mut self,
+        node: Node,
+        from: SocketAddr,
+        mut bytes: Vec<u8>,
+    ) -> Result<(), Violation> {
         match node {
             Node::Gl(g) => {
                 if let Some((generation, gl)) = self.gl.as_mut()
@@ -533,7 +617,9 @@ impl Sim {
                             let mut b = w.bytes.to_vec();
                             for &(off, len) in &c.xor {
                                 let Some(part) = disk.get(off as usize..off as usize + len) else {
-                                    return Err(self.violation(format!("member {i} asked to read past the end of the assignment")));
+                                    return Err(self.violation(format!(
+                                        "member {i} asked to read past the end of the assignment"
+                                    )));
                                 };
                                 b.iter_mut().zip(part).for_each(|(x, y)| *x ^= y);
                             }
@@ -545,7 +631,9 @@ impl Sim {
                     };
                     let at = w.offset as usize;
                     if at + bytes.len() > disk.len() {
-                        return Err(self.violation(format!("member {i} asked to write past the end of the assignment")));
+                        return Err(self.violation(format!(
+                            "member {i} asked to write past the end of the assignment"
+                        )));
                     }
                     disk[at..at + bytes.len()].copy_from_slice(bytes);
                     if let (Some((_, tree)), Some(cv)) = (self.members[i].tree.as_mut(), w.cv) {
@@ -629,7 +717,11 @@ impl Sim {
                 consider(m.rx.as_ref().and_then(Receiver::poll_timeout));
                 consider(m.verifying.filter(|_| m.rx.is_some()).map(|(t, _)| t));
             }
-            for t in [self.cfg.late_joiner.filter(|_| !joined).map(|(_, t)| t), self.cfg.crash.filter(|_| !crashed).map(|c| c.1), self.cfg.crash.filter(|_| !returned).map(|c| c.2)] {
+            for t in [
+                self.cfg.late_joiner.filter(|_| !joined).map(|(_, t)| t),
+                self.cfg.crash.filter(|_| !crashed).map(|c| c.1),
+                self.cfg.crash.filter(|_| !returned).map(|c| c.2),
+            ] {
                 consider(t.map(at));
             }
             if generation == 0 && gl_dead_since.is_none() {
@@ -639,7 +731,9 @@ impl Sim {
                 consider(Some(since + self.cfg.failover));
             }
             let Some(next) = next else {
-                return Err(self.violation("simulation stalled: nothing scheduled and the GL has not finished"));
+                return Err(self.violation(
+                    "simulation stalled: nothing scheduled and the GL has not finished",
+                ));
             };
             self.now = self.now.max(next);
             if self.now > limit {
@@ -661,19 +755,39 @@ impl Sim {
         for id in &report.complete {
             let i = (id - 1000) as usize;
             if !delivered[i] {
-                return Err(self.violation(format!("report calls member {i} complete but it never delivered")));
+                return Err(self.violation(format!(
+                    "report calls member {i} complete but it never delivered"
+                )));
             }
         }
         for i in (0..self.cfg.members).filter(|i| self.targeted(*i)) {
-            if alive[i] && !delivered[i] && !report.incomplete.iter().any(|(id, _)| *id == member_id(i)) {
-                return Err(self.violation(format!("live member {i} did not deliver and the report does not say so")));
+            if alive[i]
+                && !delivered[i]
+                && !report.incomplete.iter().any(|(id, _)| *id == member_id(i))
+            {
+                return Err(self.violation(format!(
+                    "live member {i} did not deliver and the report does not say so"
+                )));
             }
         }
-        if report.outcome == Outcome::Complete && (0..self.cfg.members).any(|i| self.targeted(i) && alive[i] && !delivered[i]) {
+        if report.outcome == Outcome::Complete
+            && (0..self.cfg.members).any(|i| self.targeted(i) && alive[i] && !delivered[i])
+        {
             return Err(self.violation("outcome Complete while a live member lacks the assignment"));
         }
         let frames = self.gl.as_ref().map_or(0, |(_, g)| g.frame_count());
         let stats = self.gl.as_ref().map(|(_, g)| g.stats().clone()).unwrap_or_default();
-        Ok(SimResult { report, delivered, alive, virtual_time: self.now.since_origin(), frames_sent: self.frames_sent, frames, overrun: self.overrun, stats, tree_writes: self.tree_writes, coded_writes: self.coded_writes })
+        Ok(SimResult {
+            report,
+            delivered,
+            alive,
+            virtual_time: self.now.since_origin(),
+            frames_sent: self.frames_sent,
+            frames,
+            overrun: self.overrun,
+            stats,
+            tree_writes: self.tree_writes,
+            coded_writes: self.coded_writes,
+        })
     }
 }

@@ -15,7 +15,9 @@
 //! order, so it equals `blake3::hash(file)` exactly when every CV was computed over the bytes
 //! that were written (which the driver guarantees by adding a CV only after its write).
 
-use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode};
+use blake3::hazmat::{
+    ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
+};
 use std::collections::BTreeMap;
 
 /// Most CVs held for frames ahead of the in-order point (32 bytes each plus the map's own
@@ -71,7 +73,12 @@ pub fn frame_cvs_in_order<E>(
         let len = (u64::from(n) * fs).min(size - offset) as usize;
         read(offset, &mut buf[..len])?;
         cvs.clear();
-        cvs.extend(buf[..len].chunks(fs as usize).enumerate().map(|(i, frame)| frame_cv(offset + i as u64 * fs, frame)));
+        cvs.extend(
+            buf[..len]
+                .chunks(fs as usize)
+                .enumerate()
+                .map(|(i, frame)| frame_cv(offset + i as u64 * fs, frame)),
+        );
         if !emit(seq, &cvs) {
             break;
         }
@@ -95,7 +102,10 @@ pub fn hash_frames<E: Send>(
     let frames = u32::try_from(size.div_ceil(fs)).expect("frame count fits u32");
     let threads = u32::try_from(threads.clamp(1, 16)).unwrap_or(1).min(frames);
     let per = frames.div_ceil(threads);
-    let ranges: Vec<(u32, u32)> = (0..threads).map(|t| (t * per, ((t + 1) * per).min(frames))).filter(|(a, b)| a < b).collect();
+    let ranges: Vec<(u32, u32)> = (0..threads)
+        .map(|t| (t * per, ((t + 1) * per).min(frames)))
+        .filter(|(a, b)| a < b)
+        .collect();
     let parts: Vec<Result<Vec<ChainingValue>, E>> = std::thread::scope(|scope| {
         let read = &read;
         let handles: Vec<_> = ranges
@@ -211,8 +221,8 @@ impl FrameTree {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use rand::seq::SliceRandom;
     use rand::SeedableRng;
+    use rand::seq::SliceRandom;
 
     fn cvs(data: &[u8], fs: usize) -> Vec<ChainingValue> {
         data.chunks(fs).enumerate().map(|(i, c)| frame_cv((i * fs) as u64, c)).collect()
@@ -220,8 +230,14 @@ mod tests {
 
     #[test]
     fn fitting_frame_sizes() {
-        assert!(frame_size_fits_tree(1024) && frame_size_fits_tree(8192) && frame_size_fits_tree(32768));
-        assert!(!frame_size_fits_tree(512) && !frame_size_fits_tree(1400) && !frame_size_fits_tree(8800));
+        assert!(
+            frame_size_fits_tree(1024) && frame_size_fits_tree(8192) && frame_size_fits_tree(32768)
+        );
+        assert!(
+            !frame_size_fits_tree(512)
+                && !frame_size_fits_tree(1400)
+                && !frame_size_fits_tree(8800)
+        );
     }
 
     #[test]
@@ -236,7 +252,11 @@ mod tests {
                     for (i, cv) in cvs(&data, fs).into_iter().enumerate() {
                         t.add(i as u32, cv);
                     }
-                    assert_eq!(t.root(), Some(*blake3::hash(&data).as_bytes()), "fs {fs} len {len}");
+                    assert_eq!(
+                        t.root(),
+                        Some(*blake3::hash(&data).as_bytes()),
+                        "fs {fs} len {len}"
+                    );
                 }
             }
         }
@@ -267,7 +287,9 @@ mod tests {
 
     #[test]
     fn hash_frames_matches_blake3_on_any_thread_count() {
-        for (len, fs) in [(2049usize, 1024u16), (5 << 20, 8192), ((3 << 20) + 17, 2048), (70_000, 32768)] {
+        for (len, fs) in
+            [(2049usize, 1024u16), (5 << 20, 8192), ((3 << 20) + 17, 2048), (70_000, 32768)]
+        {
             let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
             for threads in [1, 2, 3, 7] {
                 let (root, kept) = hash_frames::<()>(len as u64, fs, threads, |off, buf| {
@@ -275,11 +297,16 @@ mod tests {
                     Ok(())
                 })
                 .unwrap();
-                assert_eq!(root, *blake3::hash(&data).as_bytes(), "len {len} fs {fs} threads {threads}");
+                assert_eq!(
+                    root,
+                    *blake3::hash(&data).as_bytes(),
+                    "len {len} fs {fs} threads {threads}"
+                );
                 assert_eq!(kept.unwrap(), cvs(&data, usize::from(fs)));
             }
         }
-        let failed = hash_frames(10_000, 1024, 2, |off, _| if off >= 4096 { Err("disk") } else { Ok(()) });
+        let failed =
+            hash_frames(10_000, 1024, 2, |off, _| if off >= 4096 { Err("disk") } else { Ok(()) });
         assert_eq!(failed, Err("disk"));
     }
 

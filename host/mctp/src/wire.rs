@@ -11,7 +11,7 @@
 //! again. Only the fixed header's session id is read before the tag verifies (to find the
 //! frame size the CV needs).
 
-use crate::keys::{Keys, AEAD_TAG_LEN};
+use crate::keys::{AEAD_TAG_LEN, Keys};
 use cm_wire::{DecodeError, Reader, Writer};
 use thiserror::Error;
 
@@ -103,7 +103,11 @@ pub struct Announce {
 impl Announce {
     /// Frames in the session (0 when the assignment rides inline).
     pub fn frame_count(&self) -> u32 {
-        if self.inline.is_some() { 0 } else { frame_count(self.info.size, self.frame_size).unwrap_or(0) }
+        if self.inline.is_some() {
+            0
+        } else {
+            frame_count(self.info.size, self.frame_size).unwrap_or(0)
+        }
     }
 }
 
@@ -237,8 +241,15 @@ pub fn coded_overhead(frames: usize) -> usize {
 
 /// Writes a coded repair into `out` (replacing what it held): header, then `fill` produces the
 /// XOR payload of `h.len` bytes into the slice it is given (zeroed), then the MAC tag.
-pub fn encode_coded<E>(keys: &Keys, h: &CodedHeader, out: &mut Vec<u8>, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<(), E> {
-    debug_assert!((2..=MAX_CODED).contains(&h.seqs.len()) && h.seqs.windows(2).all(|w| w[0] < w[1]));
+pub fn encode_coded<E>(
+    keys: &Keys,
+    h: &CodedHeader,
+    out: &mut Vec<u8>,
+    fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    debug_assert!(
+        (2..=MAX_CODED).contains(&h.seqs.len()) && h.seqs.windows(2).all(|w| w[0] < w[1])
+    );
     let mut w = Writer::with_capacity(coded_overhead(h.seqs.len()));
     header(&mut w, KIND_CODED);
     w.u64(h.session).u64(h.assignment).u32(h.pass).u8(h.seqs.len() as u8);
@@ -303,7 +314,8 @@ impl Announce {
         let mut w = Writer::with_capacity(128 + self.inline.as_ref().map_or(0, Vec::len));
         header(&mut w, KIND_ANNOUNCE);
         w.u64(self.session).u64(self.info.assignment).u64(self.info.size).bytes(&self.info.hash);
-        let flags = if self.encrypted { FLAG_ENCRYPTED } else { 0 } | if self.tree { FLAG_TREE } else { 0 };
+        let flags =
+            if self.encrypted { FLAG_ENCRYPTED } else { 0 } | if self.tree { FLAG_TREE } else { 0 };
         w.u16(self.frame_size).u64(self.rate).u16(self.report_port).u8(flags).u32(self.pass);
         w.str16("name", &self.info.name).expect("name length checked by the sender");
         self.targets.encode(&mut w);
@@ -333,8 +345,14 @@ impl Announce {
             return Err(DecodeError::malformed("unknown announcement flags"));
         }
         let (encrypted, tree) = (flags & FLAG_ENCRYPTED != 0, flags & FLAG_TREE != 0);
-        if tree && (encrypted || !crate::tree::frame_size_fits_tree(frame_size) || size <= u64::from(frame_size)) {
-            return Err(DecodeError::malformed("tree-tagged frames need plaintext, a power-of-two frame size and several frames"));
+        if tree
+            && (encrypted
+                || !crate::tree::frame_size_fits_tree(frame_size)
+                || size <= u64::from(frame_size))
+        {
+            return Err(DecodeError::malformed(
+                "tree-tagged frames need plaintext, a power-of-two frame size and several frames",
+            ));
         }
         let pass = r.u32()?;
         let name = r.str16(MAX_NAME)?.to_owned();
@@ -352,7 +370,18 @@ impl Announce {
         if tree && inline.is_some() {
             return Err(DecodeError::malformed("tree-tagged session with an inline payload"));
         }
-        Ok(Announce { session, info: SessionInfo { assignment, name, size, hash }, frame_size, rate, report_port, encrypted, tree, targets, pass, inline })
+        Ok(Announce {
+            session,
+            info: SessionInfo { assignment, name, size, hash },
+            frame_size,
+            rate,
+            report_port,
+            encrypted,
+            tree,
+            targets,
+            pass,
+            inline,
+        })
     }
 }
 
@@ -416,12 +445,20 @@ fn tree_tag_body(header: &[u8], cv: &[u8; 32]) -> [u8; DATA_HEADER_LEN + 32] {
 /// a tag) as a sender of a session with `frame_size` frames would; false, leaving it unchanged,
 /// when it is not laid out as one. For tests and the fuzz target (a sender uses [`encode_data`]).
 pub fn seal_tree_data(keys: &Keys, datagram: &mut Vec<u8>, frame_size: u16) -> bool {
-    let Some(seq) = datagram.get(24..28).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes) else { return false };
+    let Some(seq) = datagram.get(24..28).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes)
+    else {
+        return false;
+    };
     let payload_len = datagram.len() - DATA_HEADER_LEN;
-    if datagram[..4] != [MAGIC[0], MAGIC[1], VERSION, KIND_DATA_TREE] || payload_len == 0 || payload_len > usize::from(frame_size) || !crate::tree::frame_size_fits_tree(frame_size) {
+    if datagram[..4] != [MAGIC[0], MAGIC[1], VERSION, KIND_DATA_TREE]
+        || payload_len == 0
+        || payload_len > usize::from(frame_size)
+        || !crate::tree::frame_size_fits_tree(frame_size)
+    {
         return false;
     }
-    let cv = crate::tree::frame_cv(u64::from(seq) * u64::from(frame_size), &datagram[DATA_HEADER_LEN..]);
+    let cv =
+        crate::tree::frame_cv(u64::from(seq) * u64::from(frame_size), &datagram[DATA_HEADER_LEN..]);
     let t = keys.mac().tag(&tree_tag_body(&datagram[..DATA_HEADER_LEN], &cv));
     datagram.extend_from_slice(&t);
     true
@@ -431,7 +468,11 @@ pub fn seal_tree_data(keys: &Keys, datagram: &mut Vec<u8>, frame_size: u16) -> b
 /// is verified: the caller finds the session's frame size with them (and may skip a frame it
 /// already holds without hashing it), then calls [`open_tree_data`].
 pub fn tree_frame_claim(datagram: &[u8]) -> Option<(u64, u32)> {
-    if datagram.len() < DATA_HEADER_LEN + cm_wire::mac::TAG_LEN || datagram[..2] != MAGIC || datagram[2] != VERSION || datagram[3] != KIND_DATA_TREE {
+    if datagram.len() < DATA_HEADER_LEN + cm_wire::mac::TAG_LEN
+        || datagram[..2] != MAGIC
+        || datagram[2] != VERSION
+        || datagram[3] != KIND_DATA_TREE
+    {
         return None;
     }
     let session = u64::from_be_bytes(datagram[4..12].try_into().ok()?);
@@ -451,7 +492,11 @@ pub struct TreeFrame {
 /// Verifies and decodes a tree-tagged data frame of a session whose frames are `frame_size`
 /// bytes (a size that fits the tree). The payload is hashed only when its length is possible
 /// for that frame size, so a forged length never reaches the hasher's preconditions.
-pub fn open_tree_data(keys: &Keys, datagram: &[u8], frame_size: u16) -> Result<TreeFrame, WireError> {
+pub fn open_tree_data(
+    keys: &Keys,
+    datagram: &[u8],
+    frame_size: u16,
+) -> Result<TreeFrame, WireError> {
     debug_assert!(crate::tree::frame_size_fits_tree(frame_size));
     if datagram.len() > MAX_DATAGRAM {
         return Err(WireError::Decode(DecodeError::malformed("datagram too long")));
@@ -462,7 +507,13 @@ pub fn open_tree_data(keys: &Keys, datagram: &[u8], frame_size: u16) -> Result<T
     if r.array::<2>()? != MAGIC || r.u8()? != VERSION || r.u8()? != KIND_DATA_TREE {
         return Err(WireError::BadMagic);
     }
-    let header = DataHeader { session: r.u64()?, assignment: r.u64()?, pass: r.u32()?, seq: r.u32()?, len: r.u16()? };
+    let header = DataHeader {
+        session: r.u64()?,
+        assignment: r.u64()?,
+        pass: r.u32()?,
+        seq: r.u32()?,
+        len: r.u16()?,
+    };
     let payload = r.rest();
     if payload.len() != usize::from(header.len) || header.len == 0 || header.len > frame_size {
         // Unauthenticated: it could be a forgery as well as a bad layout.
@@ -615,12 +666,24 @@ impl Checkpoint {
     pub fn encode(&self, keys: &Keys) -> Vec<u8> {
         let mut w = Writer::with_capacity(48);
         header(&mut w, KIND_CHECKPOINT);
-        w.u64(self.session).u32(self.pass).u32(self.checkpoint).u32(self.from).u32(self.upto).u32(self.window_us);
+        w.u64(self.session)
+            .u32(self.pass)
+            .u32(self.checkpoint)
+            .u32(self.from)
+            .u32(self.upto)
+            .u32(self.window_us);
         seal(keys, w)
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
-        let c = Checkpoint { session: r.u64()?, pass: r.u32()?, checkpoint: r.u32()?, from: r.u32()?, upto: r.u32()?, window_us: r.u32()? };
+        let c = Checkpoint {
+            session: r.u64()?,
+            pass: r.u32()?,
+            checkpoint: r.u32()?,
+            from: r.u32()?,
+            upto: r.u32()?,
+            window_us: r.u32()?,
+        };
         if c.from > c.upto {
             return Err(DecodeError::malformed("checkpoint window ends before it starts"));
         }
@@ -637,7 +700,10 @@ fn seal(keys: &Keys, w: Writer) -> Vec<u8> {
 /// True when `datagram` claims to be an announcement (its plaintext header says so; nothing
 /// is verified).
 pub fn is_announce(datagram: &[u8]) -> bool {
-    datagram.len() > 4 && datagram[..2] == MAGIC && datagram[2] == VERSION && datagram[3] == KIND_ANNOUNCE
+    datagram.len() > 4
+        && datagram[..2] == MAGIC
+        && datagram[2] == VERSION
+        && datagram[3] == KIND_ANNOUNCE
 }
 
 /// Verifies the tag, then decodes. The payload of a data frame is returned as it is on the wire.
@@ -662,11 +728,19 @@ pub fn decode_body(body: &[u8]) -> Result<Message<'_>, WireError> {
     let msg = match r.u8()? {
         KIND_ANNOUNCE => Message::Announce(Announce::decode(&mut r)?),
         KIND_DATA => {
-            let h = DataHeader { session: r.u64()?, assignment: r.u64()?, pass: r.u32()?, seq: r.u32()?, len: r.u16()? };
+            let h = DataHeader {
+                session: r.u64()?,
+                assignment: r.u64()?,
+                pass: r.u32()?,
+                seq: r.u32()?,
+                len: r.u16()?,
+            };
             let payload = r.rest();
             let extra = payload.len().checked_sub(usize::from(h.len));
             if !matches!(extra, Some(0) | Some(AEAD_TAG_LEN)) {
-                return Err(WireError::Decode(DecodeError::malformed("payload length differs from header")));
+                return Err(WireError::Decode(DecodeError::malformed(
+                    "payload length differs from header",
+                )));
             }
             r.bytes(payload.len())?;
             Message::Data(h, payload)
@@ -828,7 +902,9 @@ mod tests {
 
     #[test]
     fn foreign_key_and_truncation_are_rejected() {
-        let s = Solicit { session: 1, round: 2, pass: 3, window_us: 9, selector: Selector::Everyone }.encode(&keys());
+        let s =
+            Solicit { session: 1, round: 2, pass: 3, window_us: 9, selector: Selector::Everyone }
+                .encode(&keys());
         assert_eq!(open(&Keys::derive(b"other"), &s), Err(WireError::BadTag));
         assert_eq!(open(&keys(), &s[..s.len() - 1]), Err(WireError::BadTag));
         assert_eq!(open(&keys(), &[]), Err(WireError::BadTag));

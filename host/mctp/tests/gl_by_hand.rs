@@ -14,7 +14,13 @@ use rand::SeedableRng;
 use std::time::Duration;
 
 /// Runs the sender until `n` checkpoints have gone out in all, collecting them.
-fn drive_until(s: &mut Sender, keys: &Keys, now: &mut Time, checkpoints: &mut Vec<Checkpoint>, n: usize) {
+fn drive_until(
+    s: &mut Sender,
+    keys: &Keys,
+    now: &mut Time,
+    checkpoints: &mut Vec<Checkpoint>,
+    n: usize,
+) {
     while checkpoints.len() < n {
         s.handle_timeout(*now);
         while let Some(t) = s.poll_transmit(*now) {
@@ -35,14 +41,26 @@ fn tree_session(size: u64) -> (Keys, Sender) {
     cfg.frame_size = 4096;
     let info = SessionInfo { assignment: 2, name: "cvs.bin".into(), size, hash: [9; 32] };
     let rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
-    let s = Sender::new(Time::ZERO, cfg, keys.clone(), rng, info, &[Member { id: 1, unicast: None }], None).unwrap();
+    let s = Sender::new(
+        Time::ZERO,
+        cfg,
+        keys.clone(),
+        rng,
+        info,
+        &[Member { id: 1, unicast: None }],
+        None,
+    )
+    .unwrap();
     (keys, s)
 }
 
 /// Every frame the sender puts out, as (sequence number, datagram).
 fn all_frames(s: &mut Sender, content: &[u8]) -> Vec<(u32, Vec<u8>)> {
     let (mut now, mut out) = (Time::ZERO, Vec::new());
-    while s.stats().passes == 0 || s.stats().frames_sent < u64::from(cm_mctp::wire::frame_count(content.len() as u64, 4096).unwrap()) {
+    while s.stats().passes == 0
+        || s.stats().frames_sent
+            < u64::from(cm_mctp::wire::frame_count(content.len() as u64, 4096).unwrap())
+    {
         s.handle_timeout(now);
         while let Some(t) = s.poll_transmit(now) {
             if let Transmit::Frame { frame, .. } = t {
@@ -56,7 +74,10 @@ fn all_frames(s: &mut Sender, content: &[u8]) -> Vec<(u32, Vec<u8>)> {
                 out.push((frame.header.seq, buf));
             }
         }
-        now = s.poll_timeout().unwrap_or(now + Duration::from_millis(1)).max(now + Duration::from_micros(10));
+        now = s
+            .poll_timeout()
+            .unwrap_or(now + Duration::from_millis(1))
+            .max(now + Duration::from_micros(10));
     }
     out
 }
@@ -64,14 +85,22 @@ fn all_frames(s: &mut Sender, content: &[u8]) -> Vec<(u32, Vec<u8>)> {
 #[test]
 fn chaining_values_handed_ahead_are_taken_in_order_and_tag_like_the_frames_own() {
     let content: Vec<u8> = (0..40_000u32).map(|i| (i * 7 + i / 300) as u8).collect();
-    let cv = |seq: usize| cm_mctp::tree::frame_cv(seq as u64 * 4096, &content[seq * 4096..((seq + 1) * 4096).min(content.len())]);
+    let cv = |seq: usize| {
+        cm_mctp::tree::frame_cv(
+            seq as u64 * 4096,
+            &content[seq * 4096..((seq + 1) * 4096).min(content.len())],
+        )
+    };
     let (_, mut plain) = tree_session(content.len() as u64);
     let (_, mut ahead) = tree_session(content.len() as u64);
     // Ten frames: values for 0..4, then a chunk that skips ahead (refused), then 4..6.
     assert!(ahead.extend_frame_cvs(0, &(0..4).map(cv).collect::<Vec<_>>()));
     assert!(!ahead.extend_frame_cvs(7, &[cv(7)]), "a chunk past a gap is refused");
     assert!(ahead.extend_frame_cvs(4, &[cv(4), cv(5)]));
-    assert!(!ahead.extend_frame_cvs(6, &(6..11).map(|_| [0u8; 32]).collect::<Vec<_>>()), "more values than frames are refused");
+    assert!(
+        !ahead.extend_frame_cvs(6, &(6..11).map(|_| [0u8; 32]).collect::<Vec<_>>()),
+        "more values than frames are refused"
+    );
     let (a, b) = (all_frames(&mut plain, &content), all_frames(&mut ahead, &content));
     assert_eq!(a.len(), 10);
     assert_eq!(a, b, "the same datagrams whether the values came ahead or not");
@@ -102,8 +131,16 @@ fn one_answer_to_two_checkpoints_is_weighed_against_both_windows() {
     // 16 (6.25 %) of each window is missing.
     let (first, second) = (&checkpoints[0], &checkpoints[1]);
     assert_eq!(first.upto, second.from, "adjacent windows");
-    let runs: Vec<(u32, u32)> = (first.from..second.upto).filter(|seq| seq % 16 == 3).map(|seq| (seq, 1)).collect();
-    let report = Report { session: s.session(), member: 7, round: second.checkpoint, part: 0, parts: 1, status: ReportStatus::Gaps(runs) };
+    let runs: Vec<(u32, u32)> =
+        (first.from..second.upto).filter(|seq| seq % 16 == 3).map(|seq| (seq, 1)).collect();
+    let report = Report {
+        session: s.session(),
+        member: 7,
+        round: second.checkpoint,
+        part: 0,
+        parts: 1,
+        status: ReportStatus::Gaps(runs),
+    };
     s.handle_datagram(now, "10.9.0.7:4000".parse().unwrap(), &report.encode(&keys));
 
     // The next checkpoint adapts the rate to that answer: 6.25 % is a small share, so up.

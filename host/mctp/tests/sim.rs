@@ -1,8 +1,8 @@
 //! Deterministic simulation of MCTP sessions (see `cm_mctp::sim`). Every failure prints its seed
 //! and the command that replays it.
 
-use cm_mctp::sim::{run, BurstLoss, SimConfig, SimResult};
 use cm_mctp::Outcome;
+use cm_mctp::sim::{BurstLoss, SimConfig, SimResult, run};
 use std::time::Duration;
 
 fn must(cfg: &SimConfig) -> SimResult {
@@ -23,7 +23,10 @@ fn replay() {
     let seed = std::env::var("MCTP_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let cfg = SimConfig::random(seed);
     let r = must(&cfg);
-    println!("seed {seed}: {cfg:?}\n -> {:?} after {:?}, {} frames sent for {}", r.report, r.virtual_time, r.frames_sent, r.frames);
+    println!(
+        "seed {seed}: {cfg:?}\n -> {:?} after {:?}, {} frames sent for {}",
+        r.report, r.virtual_time, r.frames_sent, r.frames
+    );
 }
 
 #[test]
@@ -104,14 +107,23 @@ fn sixteen_members_with_bursty_independent_loss_all_deliver() {
         let r = must(&cfg);
         assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed}");
         assert!(r.delivered.iter().all(|d| *d), "seed {seed}");
-        println!("seed {seed}: {:?} virtual, frames sent ÷ frames {:.3}, {} passes", r.virtual_time, r.frames_sent as f64 / f64::from(r.frames), r.stats.passes);
+        println!(
+            "seed {seed}: {:?} virtual, frames sent ÷ frames {:.3}, {} passes",
+            r.virtual_time,
+            r.frames_sent as f64 / f64::from(r.frames),
+            r.stats.passes
+        );
     }
 }
 
 #[test]
 fn member_joining_mid_session_gets_everything() {
     for seed in seeds(50) {
-        let cfg = SimConfig { loss: 0.1, late_joiner: Some((2, Duration::from_millis(5))), ..SimConfig::new(seed) };
+        let cfg = SimConfig {
+            loss: 0.1,
+            late_joiner: Some((2, Duration::from_millis(5))),
+            ..SimConfig::new(seed)
+        };
         let r = must(&cfg);
         assert!(r.delivered[2], "seed {seed}: late joiner did not deliver: {:?}", r.report);
         assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed}");
@@ -121,7 +133,11 @@ fn member_joining_mid_session_gets_everything() {
 #[test]
 fn member_crashing_and_returning_catches_up() {
     for seed in seeds(50) {
-        let cfg = SimConfig { loss: 0.1, crash: Some((1, Duration::from_millis(3), Duration::from_millis(400))), ..SimConfig::new(seed) };
+        let cfg = SimConfig {
+            loss: 0.1,
+            crash: Some((1, Duration::from_millis(3), Duration::from_millis(400))),
+            ..SimConfig::new(seed)
+        };
         let r = must(&cfg);
         assert!(r.delivered[1], "seed {seed}: {:?}", r.report);
         assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed}");
@@ -131,7 +147,11 @@ fn member_crashing_and_returning_catches_up() {
 #[test]
 fn group_leader_dying_mid_session_is_replaced_and_nothing_partial_is_delivered() {
     for seed in seeds(50) {
-        let cfg = SimConfig { loss: 0.1, gl_dies: Some(Duration::from_millis(4)), ..SimConfig::new(seed) };
+        let cfg = SimConfig {
+            loss: 0.1,
+            gl_dies: Some(Duration::from_millis(4)),
+            ..SimConfig::new(seed)
+        };
         let r = must(&cfg);
         assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed}");
         assert!(r.delivered.iter().all(|d| *d), "seed {seed}");
@@ -173,7 +193,8 @@ fn member_already_holding_the_content_answers_complete() {
 fn encrypted_sessions_and_inline_assignments() {
     for seed in seeds(30) {
         for size in [0, 100, 256, 257, 30_000] {
-            let cfg = SimConfig { loss: 0.15, encrypt: seed % 2 == 0, size, ..SimConfig::new(seed) };
+            let cfg =
+                SimConfig { loss: 0.15, encrypt: seed % 2 == 0, size, ..SimConfig::new(seed) };
             let r = must(&cfg);
             assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed} size {size}");
         }
@@ -188,7 +209,15 @@ fn tree_tagged_sessions_assemble_the_hash_under_loss_crash_and_failover() {
     for seed in seeds(60) {
         let frame_size = 1024 << (seed % 3);
         let size = 2 * u64::from(frame_size) + seed * 3_001 % 150_000;
-        let mut cfg = SimConfig { frame_size, size, loss: 0.3 * (seed % 4) as f64 / 3.0, reorder: 0.2, duplicate: 0.1, members: 5, ..SimConfig::new(seed) };
+        let mut cfg = SimConfig {
+            frame_size,
+            size,
+            loss: 0.3 * (seed % 4) as f64 / 3.0,
+            reorder: 0.2,
+            duplicate: 0.1,
+            members: 5,
+            ..SimConfig::new(seed)
+        };
         match seed % 4 {
             1 => cfg.crash = Some((1, Duration::from_millis(20), Duration::from_millis(400))),
             2 => cfg.gl_dies = Some(Duration::from_millis(30)),
@@ -202,7 +231,8 @@ fn tree_tagged_sessions_assemble_the_hash_under_loss_crash_and_failover() {
     }
     // Encrypted sessions and sizes that do not fit the tree keep the plain tags.
     for (frame_size, encrypt) in [(1024, true), (1000, false)] {
-        let r = must(&SimConfig { frame_size, encrypt, size: 50_000, loss: 0.1, ..SimConfig::new(7) });
+        let r =
+            must(&SimConfig { frame_size, encrypt, size: 50_000, loss: 0.1, ..SimConfig::new(7) });
         assert_eq!(r.report.outcome, Outcome::Complete);
         assert_eq!(r.tree_writes, 0, "frame size {frame_size}, encrypted {encrypt}");
     }
@@ -226,9 +256,19 @@ fn random_scenarios_keep_every_invariant() {
 fn slow_verification_is_waited_for_not_reported_missing() {
     for seed in seeds(20) {
         for delay in [Duration::from_secs(3), Duration::from_secs(25)] {
-            let cfg = SimConfig { loss: 0.1, members: 4, slow_verify: Some((seed as usize % 4, delay)), ..SimConfig::new(seed) };
+            let cfg = SimConfig {
+                loss: 0.1,
+                members: 4,
+                slow_verify: Some((seed as usize % 4, delay)),
+                ..SimConfig::new(seed)
+            };
             let r = must(&cfg);
-            assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed} delay {delay:?}: {:?}", r.report);
+            assert_eq!(
+                r.report.outcome,
+                Outcome::Complete,
+                "seed {seed} delay {delay:?}: {:?}",
+                r.report
+            );
             assert!(r.delivered.iter().all(|d| *d), "seed {seed}");
         }
     }
@@ -239,7 +279,14 @@ fn slow_verification_is_waited_for_not_reported_missing() {
 #[test]
 fn long_lossy_sessions_report_every_delivery() {
     for seed in seeds(3) {
-        let cfg = SimConfig { loss: 0.2, members: 8, size: 1_500_000, frame_size: 1024, slow_verify: Some((1, Duration::from_secs(12))), ..SimConfig::new(seed) };
+        let cfg = SimConfig {
+            loss: 0.2,
+            members: 8,
+            size: 1_500_000,
+            frame_size: 1024,
+            slow_verify: Some((1, Duration::from_secs(12))),
+            ..SimConfig::new(seed)
+        };
         let r = must(&cfg);
         assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed}: {:?}", r.report);
         assert!(r.report.incomplete.is_empty(), "seed {seed}: {:?}", r.report);
@@ -260,9 +307,18 @@ fn checkpoints_keep_overrun_members_from_costing_resends() {
     }
     let mut ratio = [0.0f64; 2];
     for seed in 0..4 {
-        for (k, tune) in [sim_scale as fn(&mut cm_mctp::SenderConfig), no_checkpoints].into_iter().enumerate() {
+        for (k, tune) in
+            [sim_scale as fn(&mut cm_mctp::SenderConfig), no_checkpoints].into_iter().enumerate()
+        {
             // 8 members that process 8 MB/s with 256 KiB buffers; the GL starts at 20 MB/s.
-            let cfg = SimConfig { members: 8, size: 4 << 20, frame_size: 1024, capacity: Some((8_000_000, 256 << 10)), tune: Some(tune), ..SimConfig::new(seed) };
+            let cfg = SimConfig {
+                members: 8,
+                size: 4 << 20,
+                frame_size: 1024,
+                capacity: Some((8_000_000, 256 << 10)),
+                tune: Some(tune),
+                ..SimConfig::new(seed)
+            };
             let r = must(&cfg);
             assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed} checkpoints {}", k == 0);
             ratio[k] += r.frames_sent as f64 / f64::from(r.frames) / 4.0;
@@ -271,8 +327,16 @@ fn checkpoints_keep_overrun_members_from_costing_resends() {
             }
         }
     }
-    println!("frames sent ÷ frames, mean of 4 seeds: with checkpoints {:.3}, without {:.3}", ratio[0], ratio[1]);
-    assert!(ratio[0] <= 1.15, "with checkpoints: {:.3}× the frames sent (without: {:.3}×)", ratio[0], ratio[1]);
+    println!(
+        "frames sent ÷ frames, mean of 4 seeds: with checkpoints {:.3}, without {:.3}",
+        ratio[0], ratio[1]
+    );
+    assert!(
+        ratio[0] <= 1.15,
+        "with checkpoints: {:.3}× the frames sent (without: {:.3}×)",
+        ratio[0],
+        ratio[1]
+    );
     assert!(ratio[1] > ratio[0] + 0.1, "without checkpoints should cost more: {ratio:?}");
 }
 
@@ -281,7 +345,13 @@ fn checkpoints_keep_overrun_members_from_costing_resends() {
 #[test]
 fn checkpoint_answers_are_repaired_within_the_pass() {
     for seed in seeds(10) {
-        let cfg = SimConfig { members: 16, size: 1 << 20, frame_size: 1024, loss: 0.05, ..SimConfig::new(seed) };
+        let cfg = SimConfig {
+            members: 16,
+            size: 1 << 20,
+            frame_size: 1024,
+            loss: 0.05,
+            ..SimConfig::new(seed)
+        };
         let r = must(&cfg);
         assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed}");
         assert!(r.delivered.iter().all(|d| *d), "seed {seed}");
@@ -306,7 +376,15 @@ fn coded_repairs_cut_resends_when_members_lose_different_frames() {
     for seed in 0..6 {
         for (k, tune) in [coded as fn(&mut cm_mctp::SenderConfig), plain].into_iter().enumerate() {
             let frame_size = if seed % 2 == 0 { 1024 } else { 1000 };
-            let cfg = SimConfig { members: 12, size: 1 << 20, frame_size, loss: 0.05, reorder: 0.1, tune: Some(tune), ..SimConfig::new(seed) };
+            let cfg = SimConfig {
+                members: 12,
+                size: 1 << 20,
+                frame_size,
+                loss: 0.05,
+                reorder: 0.1,
+                tune: Some(tune),
+                ..SimConfig::new(seed)
+            };
             let r = must(&cfg);
             assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed} coded {}", k == 0);
             assert!(r.delivered.iter().all(|d| *d), "seed {seed}");
@@ -319,7 +397,12 @@ fn coded_repairs_cut_resends_when_members_lose_different_frames() {
         }
     }
     println!("frames resent per frame: coded {:.3}, plain {:.3}", resent[0], resent[1]);
-    assert!(resent[0] < 0.5 * resent[1], "coded repairs resent {:.3} per frame, plain {:.3}", resent[0], resent[1]);
+    assert!(
+        resent[0] < 0.5 * resent[1],
+        "coded repairs resent {:.3} per frame, plain {:.3}",
+        resent[0],
+        resent[1]
+    );
 }
 
 /// A run for some members of the segment (a replicate to a late server): the announcement
@@ -328,17 +411,30 @@ fn coded_repairs_cut_resends_when_members_lose_different_frames() {
 #[test]
 fn a_session_announced_for_some_members_is_ignored_by_the_others() {
     for seed in seeds(30) {
-        let targets: Vec<usize> = (0..6).filter(|i| (seed >> i) & 1 == 1 || *i == (seed % 6) as usize).collect();
-        let mut cfg = SimConfig { members: 6, loss: 0.1, targets: Some(targets.clone()), ..SimConfig::new(seed) };
+        let targets: Vec<usize> =
+            (0..6).filter(|i| (seed >> i) & 1 == 1 || *i == (seed % 6) as usize).collect();
+        let mut cfg = SimConfig {
+            members: 6,
+            loss: 0.1,
+            targets: Some(targets.clone()),
+            ..SimConfig::new(seed)
+        };
         match seed % 3 {
             1 => cfg.gl_dies = Some(Duration::from_millis(40)),
-            2 => cfg.crash = Some((targets[0], Duration::from_millis(10), Duration::from_millis(300))),
+            2 => {
+                cfg.crash =
+                    Some((targets[0], Duration::from_millis(10), Duration::from_millis(300)))
+            }
             _ => {}
         }
         let r = must(&cfg);
         assert_eq!(r.report.outcome, Outcome::Complete, "seed {seed}: {:?}", r.report);
         for i in 0..6 {
-            assert_eq!(r.delivered[i], targets.contains(&i), "seed {seed} member {i} (targets {targets:?})");
+            assert_eq!(
+                r.delivered[i],
+                targets.contains(&i),
+                "seed {seed} member {i} (targets {targets:?})"
+            );
         }
         assert_eq!(r.report.complete.len(), targets.len(), "seed {seed}: only the targets report");
     }

@@ -25,7 +25,13 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 
 fn per(d: Duration, n: usize) -> String {
     let ns = d.as_nanos() as f64 / n as f64;
-    if ns >= 1e6 { format!("{:.2} ms", ns / 1e6) } else if ns >= 1e3 { format!("{:.2} µs", ns / 1e3) } else { format!("{ns:.0} ns") }
+    if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
 }
 
 fn content(i: usize) -> Vec<u8> {
@@ -43,11 +49,17 @@ fn path_of(i: usize) -> String {
 fn plugin_apply(plugin: &std::sync::Arc<LoadedPlugin>, root: &Path) -> Duration {
     let started = Instant::now();
     let mut session = plugin.interpreter_session(root).unwrap();
-    let dirs: Vec<Command> = (0..100).map(|d| Command::MakeDir { path: format!("d{d:02}"), mode: 0o755 }).collect();
+    let dirs: Vec<Command> =
+        (0..100).map(|d| Command::MakeDir { path: format!("d{d:02}"), mode: 0o755 }).collect();
     session.apply(dirs).unwrap();
     for start in (0..FILES).step_by(BATCH) {
         let batch = (start..start + BATCH)
-            .map(|i| Command::WriteFile { path: path_of(i), mode: 0o644, mtime: 1_700_000_000, data: MemoryPayload::boxed(content(i)) })
+            .map(|i| Command::WriteFile {
+                path: path_of(i),
+                mode: 0o644,
+                mtime: 1_700_000_000,
+                data: MemoryPayload::boxed(content(i)),
+            })
             .collect();
         let reports = session.apply(batch).unwrap();
         assert!(reports.iter().all(|r| r.outcome.is_ok()));
@@ -69,7 +81,11 @@ fn native_apply(root: &Path) -> Duration {
         let mut file = std::fs::File::create_new(&temp).unwrap();
         file.write_all(&content(i)).unwrap();
         file.set_permissions(std::fs::Permissions::from_mode(0o644)).unwrap();
-        file.set_times(FileTimes::new().set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))).unwrap();
+        file.set_times(
+            FileTimes::new()
+                .set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+        )
+        .unwrap();
         drop(file);
         std::fs::rename(&temp, &target).unwrap();
     }
@@ -89,53 +105,79 @@ fn native_plain(root: &Path) -> Duration {
 }
 
 fn main() {
-    let bytes = std::fs::read(bundled::dist_dir().join("interpreter.wasm")).expect("plugins/dist/interpreter.wasm");
+    let bytes = std::fs::read(bundled::dist_dir().join("interpreter.wasm"))
+        .expect("plugins/dist/interpreter.wasm");
     let manifest = bundled::interpreter_manifest("interpreter", &["*"]);
     let cache = tempfile::tempdir().unwrap();
     let uncached = PluginRuntime::new(RuntimeConfig::default()).unwrap();
-    let cached = PluginRuntime::new(RuntimeConfig { compiled_cache: Some(cache.path().into()), ..Default::default() }).unwrap();
+    let cached = PluginRuntime::new(RuntimeConfig {
+        compiled_cache: Some(cache.path().into()),
+        ..Default::default()
+    })
+    .unwrap();
 
-    let compile = median((0..3).map(|_| {
-        let t = Instant::now();
-        LoadedPlugin::load(&uncached, &bytes, manifest.clone(), "interpreter").unwrap();
-        t.elapsed()
-    }).collect());
+    let compile = median(
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                LoadedPlugin::load(&uncached, &bytes, manifest.clone(), "interpreter").unwrap();
+                t.elapsed()
+            })
+            .collect(),
+    );
     LoadedPlugin::load(&cached, &bytes, manifest.clone(), "interpreter").unwrap();
-    let from_cache = median((0..20).map(|_| {
-        let t = Instant::now();
-        let plugin = LoadedPlugin::load(&cached, &bytes, manifest.clone(), "interpreter").unwrap();
-        assert!(plugin.from_compiled_cache());
-        t.elapsed()
-    }).collect());
+    let from_cache = median(
+        (0..20)
+            .map(|_| {
+                let t = Instant::now();
+                let plugin =
+                    LoadedPlugin::load(&cached, &bytes, manifest.clone(), "interpreter").unwrap();
+                assert!(plugin.from_compiled_cache());
+                t.elapsed()
+            })
+            .collect(),
+    );
 
     let plugin = LoadedPlugin::load(&cached, &bytes, manifest.clone(), "interpreter").unwrap();
     let scratch = tempfile::tempdir().unwrap();
     const INSTANTIATIONS: usize = 2_000;
-    let instantiate = median((0..ROUNDS).map(|_| {
-        let t = Instant::now();
-        for _ in 0..INSTANTIATIONS {
-            drop(plugin.interpreter_session(scratch.path()).unwrap());
-        }
-        t.elapsed()
-    }).collect());
+    let instantiate = median(
+        (0..ROUNDS)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..INSTANTIATIONS {
+                    drop(plugin.interpreter_session(scratch.path()).unwrap());
+                }
+                t.elapsed()
+            })
+            .collect(),
+    );
     // A whole stateless call as the cache-invalidator and load-balancer handles make it:
     // fresh store + instance from the `InstancePre`, deadline, memory cap, one call, teardown.
-    let fresh_call = median((0..ROUNDS).map(|_| {
-        let t = Instant::now();
-        for _ in 0..INSTANTIATIONS {
-            plugin.interpreter_session(scratch.path()).unwrap().self_check().unwrap();
-        }
-        t.elapsed()
-    }).collect());
+    let fresh_call = median(
+        (0..ROUNDS)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..INSTANTIATIONS {
+                    plugin.interpreter_session(scratch.path()).unwrap().self_check().unwrap();
+                }
+                t.elapsed()
+            })
+            .collect(),
+    );
     const CALLS: usize = 100_000;
     let mut session = plugin.interpreter_session(scratch.path()).unwrap();
-    let call = median((0..ROUNDS).map(|_| {
-        let t = Instant::now();
-        for _ in 0..CALLS {
-            session.self_check().unwrap();
-        }
-        t.elapsed()
-    }).collect());
+    let call = median(
+        (0..ROUNDS)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..CALLS {
+                    session.self_check().unwrap();
+                }
+                t.elapsed()
+            })
+            .collect(),
+    );
 
     let (mut through_plugin, mut native, mut plain) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
@@ -150,16 +192,45 @@ fn main() {
 
     println!("plugin runtime, interpreter component {} bytes (medians of one run)", bytes.len());
     println!("{:<58} {:>12}", "measure", "time");
-    println!("{:<58} {:>12}", "cold compile (Component::new + validation + InstancePre)", per(compile, 1));
-    println!("{:<58} {:>12}", "load from the compiled cache (same, deserialize_file)", per(from_cache, 1));
-    println!("{:<58} {:>12}", "instantiate from InstancePre (store + staging dir + inst.)", per(instantiate, INSTANTIATIONS));
+    println!(
+        "{:<58} {:>12}",
+        "cold compile (Component::new + validation + InstancePre)",
+        per(compile, 1)
+    );
+    println!(
+        "{:<58} {:>12}",
+        "load from the compiled cache (same, deserialize_file)",
+        per(from_cache, 1)
+    );
+    println!(
+        "{:<58} {:>12}",
+        "instantiate from InstancePre (store + staging dir + inst.)",
+        per(instantiate, INSTANTIATIONS)
+    );
     println!("{:<58} {:>12}", "empty call (self-check on a live instance)", per(call, CALLS));
-    println!("{:<58} {:>12}", "fresh instance + empty call + teardown", per(fresh_call, INSTANTIATIONS));
+    println!(
+        "{:<58} {:>12}",
+        "fresh instance + empty call + teardown",
+        per(fresh_call, INSTANTIATIONS)
+    );
     println!("{:<58} {:>12}", "apply 10,000 x 4 KiB through the plugin", per(through_plugin, 1));
-    println!("{:<58} {:>12}", "native loop, same semantics (temp, mode, mtime, rename)", per(native, 1));
+    println!(
+        "{:<58} {:>12}",
+        "native loop, same semantics (temp, mode, mtime, rename)",
+        per(native, 1)
+    );
     println!("{:<58} {:>12}", "native loop, plain std::fs::write", per(plain, 1));
     println!("ratios:");
-    println!("  cache load / cold compile           {:>8.4}", from_cache.as_secs_f64() / compile.as_secs_f64());
-    println!("  plugin speed / native (same semantics) {:>5.2}x", native.as_secs_f64() / through_plugin.as_secs_f64());
-    println!("  plugin speed / native (plain write)    {:>5.2}x", plain.as_secs_f64() / through_plugin.as_secs_f64());
+    println!(
+        "  cache load / cold compile           {:>8.4}",
+        from_cache.as_secs_f64() / compile.as_secs_f64()
+    );
+    println!(
+        "  plugin speed / native (same semantics) {:>5.2}x",
+        native.as_secs_f64() / through_plugin.as_secs_f64()
+    );
+    println!(
+        "  plugin speed / native (plain write)    {:>5.2}x",
+        plain.as_secs_f64() / through_plugin.as_secs_f64()
+    );
 }

@@ -68,7 +68,13 @@ fn io_fail(name: &str, e: std::io::Error) -> Error {
 }
 
 /// Send `request` on a stream, half-close, read until the peer closes (bounded).
-fn converse<S: Read + Write>(name: &str, mut stream: S, request: &[u8], limit: u64, shutdown: impl FnOnce(&S) -> std::io::Result<()>) -> Result<Vec<u8>, Error> {
+fn converse<S: Read + Write>(
+    name: &str,
+    mut stream: S,
+    request: &[u8],
+    limit: u64,
+    shutdown: impl FnOnce(&S) -> std::io::Result<()>,
+) -> Result<Vec<u8>, Error> {
     stream.write_all(request).map_err(|e| io_fail(name, e))?;
     stream.flush().map_err(|e| io_fail(name, e))?;
     shutdown(&stream).map_err(|e| io_fail(name, e))?;
@@ -84,21 +90,32 @@ fn exchange(name: &str, endpoint: &Endpoint, request: &[u8]) -> Result<Vec<u8>, 
     let timeout = Some(endpoint.timeout);
     match &endpoint.address {
         EndpointAddress::Tcp(address) => {
-            let addr = address
-                .to_socket_addrs()
-                .map_err(|e| io_fail(name, e))?
-                .next()
-                .ok_or_else(|| fail(ErrorKind::Unreachable, name, format!("`{address}` resolves to nothing")))?;
-            let stream = TcpStream::connect_timeout(&addr, endpoint.timeout).map_err(|e| io_fail(name, e))?;
-            stream.set_read_timeout(timeout).and_then(|_| stream.set_write_timeout(timeout)).map_err(|e| io_fail(name, e))?;
-            converse(name, stream, request, endpoint.max_response_bytes, |s| s.shutdown(Shutdown::Write))
+            let addr = address.to_socket_addrs().map_err(|e| io_fail(name, e))?.next().ok_or_else(
+                || fail(ErrorKind::Unreachable, name, format!("`{address}` resolves to nothing")),
+            )?;
+            let stream = TcpStream::connect_timeout(&addr, endpoint.timeout)
+                .map_err(|e| io_fail(name, e))?;
+            stream
+                .set_read_timeout(timeout)
+                .and_then(|_| stream.set_write_timeout(timeout))
+                .map_err(|e| io_fail(name, e))?;
+            converse(name, stream, request, endpoint.max_response_bytes, |s| {
+                s.shutdown(Shutdown::Write)
+            })
         }
         EndpointAddress::Unix(path) => {
             let stream = UnixStream::connect(path).map_err(|e| io_fail(name, e))?;
-            stream.set_read_timeout(timeout).and_then(|_| stream.set_write_timeout(timeout)).map_err(|e| io_fail(name, e))?;
-            converse(name, stream, request, endpoint.max_response_bytes, |s| s.shutdown(Shutdown::Write))
+            stream
+                .set_read_timeout(timeout)
+                .and_then(|_| stream.set_write_timeout(timeout))
+                .map_err(|e| io_fail(name, e))?;
+            converse(name, stream, request, endpoint.max_response_bytes, |s| {
+                s.shutdown(Shutdown::Write)
+            })
         }
-        EndpointAddress::Http(_) => Err(fail(ErrorKind::WrongKind, name, "is an HTTP endpoint; use `http`")),
+        EndpointAddress::Http(_) => {
+            Err(fail(ErrorKind::WrongKind, name, "is an HTTP endpoint; use `http`"))
+        }
     }
 }
 
@@ -106,7 +123,8 @@ fn http(name: &str, endpoint: &Endpoint, request: HttpRequest) -> Result<HttpRes
     let EndpointAddress::Http(address) = &endpoint.address else {
         return Err(fail(ErrorKind::WrongKind, name, "is a stream endpoint; use `exchange`"));
     };
-    let mut builder = hyper::Request::builder().method(request.method.as_str()).uri(request.path.as_str());
+    let mut builder =
+        hyper::Request::builder().method(request.method.as_str()).uri(request.path.as_str());
     // `Host` is the endpoint's address unless the plugin names the virtual host itself (a
     // cache purges by site): exactly one `Host` either way — servers refuse two. Only the
     // header changes; the connection still goes to the operator's address.
@@ -121,17 +139,22 @@ fn http(name: &str, endpoint: &Endpoint, request: HttpRequest) -> Result<HttpRes
         .map_err(|e| fail(ErrorKind::Protocol, name, format!("bad request: {e}")))?;
     let limit = endpoint.max_response_bytes;
     let exchange = async move {
-        let stream = tokio::net::TcpStream::connect(address.as_str()).await.map_err(|e| io_fail(name, e))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| fail(ErrorKind::Protocol, name, e))?;
+        let stream =
+            tokio::net::TcpStream::connect(address.as_str()).await.map_err(|e| io_fail(name, e))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| fail(ErrorKind::Protocol, name, e))?;
         tokio::spawn(connection);
-        let response = sender.send_request(request).await.map_err(|e| fail(ErrorKind::Protocol, name, e))?;
+        let response =
+            sender.send_request(request).await.map_err(|e| fail(ErrorKind::Protocol, name, e))?;
         let status = response.status().as_u16();
         let headers = response
             .headers()
             .iter()
-            .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(k, v)| {
+                (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())
+            })
             .collect();
         let body = Limited::new(response.into_body(), limit as usize)
             .collect()
@@ -156,9 +179,9 @@ fn http(name: &str, endpoint: &Endpoint, request: HttpRequest) -> Result<HttpRes
                     .build()
                     .map_err(|e| fail(ErrorKind::Unreachable, name, e))?;
                 runtime.block_on(async {
-                    tokio::time::timeout(timeout, exchange)
-                        .await
-                        .unwrap_or_else(|_| Err(fail(ErrorKind::Timeout, name, format!("no answer within {timeout:?}"))))
+                    tokio::time::timeout(timeout, exchange).await.unwrap_or_else(|_| {
+                        Err(fail(ErrorKind::Timeout, name, format!("no answer within {timeout:?}")))
+                    })
                 })
             })
             .join()
@@ -171,7 +194,11 @@ impl endpoint::Host for HostState {
         Ok(self.endpoints.by_name.keys().cloned().collect())
     }
 
-    fn http(&mut self, name: String, request: HttpRequest) -> wasmtime::Result<Result<HttpResponse, Error>> {
+    fn http(
+        &mut self,
+        name: String,
+        request: HttpRequest,
+    ) -> wasmtime::Result<Result<HttpResponse, Error>> {
         let result = self.endpoints.get(&name).and_then(|endpoint| http(&name, endpoint, request));
         if let Err(e) = &result {
             tracing::debug!(plugin = &*self.plugin, "{}", e.message);
@@ -179,8 +206,13 @@ impl endpoint::Host for HostState {
         Ok(result)
     }
 
-    fn exchange(&mut self, name: String, request: Vec<u8>) -> wasmtime::Result<Result<Vec<u8>, Error>> {
-        let result = self.endpoints.get(&name).and_then(|endpoint| exchange(&name, endpoint, &request));
+    fn exchange(
+        &mut self,
+        name: String,
+        request: Vec<u8>,
+    ) -> wasmtime::Result<Result<Vec<u8>, Error>> {
+        let result =
+            self.endpoints.get(&name).and_then(|endpoint| exchange(&name, endpoint, &request));
         if let Err(e) = &result {
             tracing::debug!(plugin = &*self.plugin, "{}", e.message);
         }

@@ -21,7 +21,9 @@ pub enum PluginError {
     #[error("plugin `{plugin}` ({version}) vetoed {hook}: {message}")]
     Vetoed { plugin: String, version: String, hook: &'static str, message: String },
 
-    #[error("plugin `{plugin}` ({version}) returned {got} reports for a batch of {expected} commands")]
+    #[error(
+        "plugin `{plugin}` ({version}) returned {got} reports for a batch of {expected} commands"
+    )]
     BadReports { plugin: String, version: String, expected: usize, got: usize },
 
     #[error("staging tree {path}: {source}")]
@@ -50,13 +52,17 @@ pub enum InstallError {
     #[error("{file}: not a valid WebAssembly component: {reason}")]
     InvalidComponent { file: String, reason: String },
 
-    #[error("{file}: implements no Content Mover world (exports {exports:?}); expected one of interpreter, cache-invalidator, load-balancer")]
+    #[error(
+        "{file}: implements no Content Mover world (exports {exports:?}); expected one of interpreter, cache-invalidator, load-balancer"
+    )]
     NoWorld { file: String, exports: Vec<String> },
 
     #[error("{file}: manifest says world `{manifest}` but the component implements `{component}`")]
     WorldMismatch { file: String, manifest: String, component: String },
 
-    #[error("{file}: imports `{import}`, which the host does not provide (plugins may import only contentmover:plugin interfaces)")]
+    #[error(
+        "{file}: imports `{import}`, which the host does not provide (plugins may import only contentmover:plugin interfaces)"
+    )]
     UnknownImport { file: String, import: String },
 
     #[error("manifest {path}: {reason}")]

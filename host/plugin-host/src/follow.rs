@@ -22,7 +22,9 @@ use std::time::Duration;
 use crate::error::{InstallError, PluginError};
 use crate::manifest::PluginManifest;
 use crate::runtime::{PluginRuntime, RuntimeConfig};
-use crate::store::{CacheInvalidator, Interpreter, LoadBalancer, PluginStore, VersionState, store_error};
+use crate::store::{
+    CacheInvalidator, Interpreter, LoadBalancer, PluginStore, VersionState, store_error,
+};
 
 /// A change the follower made to the live plugins (or refused to make).
 #[derive(Debug, Clone)]
@@ -43,13 +45,19 @@ pub enum StoreEvent {
 impl std::fmt::Display for StoreEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StoreEvent::Added { name, version } => write!(f, "plugin `{name}`: {version} installed"),
-            StoreEvent::Swapped { name, from, to } => write!(f, "plugin `{name}`: {to} replaces {from}"),
+            StoreEvent::Added { name, version } => {
+                write!(f, "plugin `{name}`: {version} installed")
+            }
+            StoreEvent::Swapped { name, from, to } => {
+                write!(f, "plugin `{name}`: {to} replaces {from}")
+            }
             StoreEvent::Removed { name } => write!(f, "plugin `{name}`: removed"),
             StoreEvent::Refused { name, version, kept: Some(kept), error } => {
                 write!(f, "plugin `{name}`: refused {version}, keeping {kept}: {error}")
             }
-            StoreEvent::Refused { name, version, kept: None, error } => write!(f, "plugin `{name}`: refused {version}: {error}"),
+            StoreEvent::Refused { name, version, kept: None, error } => {
+                write!(f, "plugin `{name}`: refused {version}: {error}")
+            }
             StoreEvent::Unreadable { error } => write!(f, "plugin store unreadable: {error}"),
         }
     }
@@ -88,7 +96,11 @@ impl PluginStore {
         let mut events = Vec::new();
         let live: Vec<String> = {
             let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
-            slots.iter().filter(|(_, slot)| !slot.is_removed()).map(|(name, _)| name.clone()).collect()
+            slots
+                .iter()
+                .filter(|(_, slot)| !slot.is_removed())
+                .map(|(name, _)| name.clone())
+                .collect()
         };
         for name in live.iter().filter(|name| !installed.contains(*name)) {
             if let Some(slot) = self.slots.read().unwrap_or_else(|e| e.into_inner()).get(name) {
@@ -111,7 +123,9 @@ impl PluginStore {
         self.refused_map().get(name).map(|r| r.event.clone())
     }
 
-    fn refused_map(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Refusal>> {
+    fn refused_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Refusal>> {
         self.refused.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -138,18 +152,32 @@ impl PluginStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(store_error(path)(e)),
         };
-        let (Some(state_bytes), Some(manifest_bytes)) = (read(&state_path)?, read(&manifest_path)?) else {
+        let (Some(state_bytes), Some(manifest_bytes)) = (read(&state_path)?, read(&manifest_path)?)
+        else {
             return Ok(None);
         };
         let mut files = blake3::Hasher::new();
-        files.update(&(state_bytes.len() as u64).to_le_bytes()).update(&state_bytes).update(&manifest_bytes);
+        files
+            .update(&(state_bytes.len() as u64).to_le_bytes())
+            .update(&state_bytes)
+            .update(&manifest_bytes);
         let files = files.finalize();
-        let state: VersionState = toml::from_str(&String::from_utf8_lossy(&state_bytes))
-            .map_err(|e| InstallError::Manifest { path: state_path.display().to_string(), reason: e.to_string() })?;
-        if !state.manifest.is_empty() && state.manifest != blake3::hash(&manifest_bytes).to_hex().as_str() {
+        let state: VersionState =
+            toml::from_str(&String::from_utf8_lossy(&state_bytes)).map_err(|e| {
+                InstallError::Manifest {
+                    path: state_path.display().to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
+        if !state.manifest.is_empty()
+            && state.manifest != blake3::hash(&manifest_bytes).to_hex().as_str()
+        {
             return Ok(None);
         }
-        let manifest = PluginManifest::parse(&String::from_utf8_lossy(&manifest_bytes), &manifest_path.display().to_string())?;
+        let manifest = PluginManifest::parse(
+            &String::from_utf8_lossy(&manifest_bytes),
+            &manifest_path.display().to_string(),
+        )?;
         Ok(Some(OnDisk { state, manifest, files }))
     }
 
@@ -158,7 +186,12 @@ impl PluginStore {
         let live = slot.as_ref().filter(|slot| !slot.is_removed()).map(|slot| slot.current());
         let kept = live.as_ref().map(|p| p.version());
         let refuse = |version: String, files: Option<blake3::Hash>, error: InstallError| {
-            let event = StoreEvent::Refused { name: name.into(), version, kept: kept.clone(), error: Arc::new(error) };
+            let event = StoreEvent::Refused {
+                name: name.into(),
+                version,
+                kept: kept.clone(),
+                error: Arc::new(error),
+            };
             let files = files.unwrap_or_else(|| blake3::hash(event.to_string().as_bytes()));
             let mut refused = self.refused_map();
             if refused.get(name).is_some_and(|r| r.files == files) {
@@ -172,9 +205,9 @@ impl PluginStore {
             Ok(None) => return None,
             Err(error) => return refuse("(unreadable)".into(), None, error),
         };
-        let up_to_date = live
-            .as_ref()
-            .is_some_and(|p| p.hash().to_hex().as_str() == disk.state.current && *p.manifest() == disk.manifest);
+        let up_to_date = live.as_ref().is_some_and(|p| {
+            p.hash().to_hex().as_str() == disk.state.current && *p.manifest() == disk.manifest
+        });
         if up_to_date {
             self.refused_map().remove(name);
             return None;
@@ -183,10 +216,14 @@ impl PluginStore {
             return None;
         }
         let version = short(&disk.state.current);
-        let loaded = self.load_component(name, &disk.state.current, disk.manifest).and_then(|plugin| {
-            plugin.self_check().map_err(|e| InstallError::SelfCheck { plugin: name.into(), reason: e.to_string() })?;
-            Ok(plugin)
-        });
+        let loaded =
+            self.load_component(name, &disk.state.current, disk.manifest).and_then(|plugin| {
+                plugin.self_check().map_err(|e| InstallError::SelfCheck {
+                    plugin: name.into(),
+                    reason: e.to_string(),
+                })?;
+                Ok(plugin)
+            });
         match loaded {
             Ok(plugin) => {
                 self.refused_map().remove(name);
@@ -247,7 +284,10 @@ impl StoreFollower {
     /// Open the store in `dir` as `cmover plugin` does (default runtime, compiled cache in
     /// `dir/compiled`) and follow it every 250 ms.
     pub fn open(dir: &Path) -> Result<Self, InstallError> {
-        let config = RuntimeConfig { compiled_cache: Some(PluginStore::compiled_cache_dir(dir)), ..Default::default() };
+        let config = RuntimeConfig {
+            compiled_cache: Some(PluginStore::compiled_cache_dir(dir)),
+            ..Default::default()
+        };
         let store = PluginStore::open(PluginRuntime::new(config)?, dir)?;
         Ok(Self::start(Arc::new(store), FollowConfig::default())?)
     }
@@ -264,14 +304,20 @@ impl StoreFollower {
                     let mut last_unreadable = None;
                     let mut stopped = stopped.lock().unwrap_or_else(|e| e.into_inner());
                     loop {
-                        stopped = wake.wait_timeout(stopped, config.every).unwrap_or_else(|e| e.into_inner()).0;
+                        stopped = wake
+                            .wait_timeout(stopped, config.every)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
                         if *stopped {
                             return;
                         }
                         drop(stopped);
                         let mut events = store.sync_from_disk();
                         // An unreadable store is reported when it starts (or its reason changes), not every poll.
-                        let unreadable = events.iter().find(|e| matches!(e, StoreEvent::Unreadable { .. })).map(|e| e.to_string());
+                        let unreadable = events
+                            .iter()
+                            .find(|e| matches!(e, StoreEvent::Unreadable { .. }))
+                            .map(|e| e.to_string());
                         if unreadable.is_some() && unreadable == last_unreadable {
                             events.clear();
                         }
@@ -280,7 +326,9 @@ impl StoreFollower {
                         stopped = stop.0.lock().unwrap_or_else(|e| e.into_inner());
                     }
                 })
-                .map_err(|e| PluginError::Runtime(format!("starting the plugin store follower: {e}")))?
+                .map_err(|e| {
+                    PluginError::Runtime(format!("starting the plugin store follower: {e}"))
+                })?
         };
         Ok(StoreFollower { store, stop, thread: Some(thread) })
     }

@@ -18,11 +18,17 @@ pub struct ComponentInfo {
 }
 
 /// Compile (or load from the compiled cache) `bytes` and describe it.
-pub fn inspect(runtime: &PluginRuntime, bytes: &[u8], file: &str) -> Result<ComponentInfo, InstallError> {
+pub fn inspect(
+    runtime: &PluginRuntime,
+    bytes: &[u8],
+    file: &str,
+) -> Result<ComponentInfo, InstallError> {
     let compiled = runtime.compile(bytes, file)?;
     let world = runtime.world_of(&compiled.component, file).ok();
     let problem = match world {
-        Some(world) => runtime.check_imports(&compiled.component, world, file).err().map(|e| e.to_string()),
+        Some(world) => {
+            runtime.check_imports(&compiled.component, world, file).err().map(|e| e.to_string())
+        }
         None => Some(runtime.world_of(&compiled.component, file).unwrap_err().to_string()),
     };
     Ok(ComponentInfo {

@@ -36,7 +36,9 @@ pub use manifest::{EndpointGrant, Grants, Limits, PluginManifest, World};
 pub use plugin::{BalancerAction, InterpreterSession, LoadedPlugin, ServerState};
 pub use runtime::{PluginRuntime, RuntimeConfig};
 pub use sandbox::{LogLevel, LogSink};
-pub use store::{CacheInvalidator, Installed, Interpreter, LoadBalancer, PluginInfo, PluginSlot, PluginStore};
+pub use store::{
+    CacheInvalidator, Installed, Interpreter, LoadBalancer, PluginInfo, PluginSlot, PluginStore,
+};
 
 /// Components built from this repository by `cargo xtask plugins` (committed in
 /// `plugins/dist/`), so the host works on a machine without the wasm toolchain.
@@ -55,7 +57,10 @@ pub mod bundled {
             name: name.into(),
             world: crate::World::Interpreter.name().into(),
             limits: Default::default(),
-            grants: crate::Grants { sites: sites.iter().map(|s| s.to_string()).collect(), endpoints: Default::default() },
+            grants: crate::Grants {
+                sites: sites.iter().map(|s| s.to_string()).collect(),
+                endpoints: Default::default(),
+            },
         }
     }
 }

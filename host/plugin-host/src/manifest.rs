@@ -70,7 +70,9 @@ impl World {
                 "contentmover:plugin/staging",
                 "contentmover:plugin/endpoint",
             ],
-            World::CacheInvalidator | World::LoadBalancer => &["contentmover:plugin/log", "contentmover:plugin/endpoint"],
+            World::CacheInvalidator | World::LoadBalancer => {
+                &["contentmover:plugin/log", "contentmover:plugin/endpoint"]
+            }
         }
     }
 }
@@ -165,14 +167,17 @@ impl EndpointGrant {
 impl PluginManifest {
     /// Parse and validate a manifest; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, InstallError> {
-        let manifest: PluginManifest =
-            toml::from_str(text).map_err(|e| InstallError::Manifest { path: origin.into(), reason: e.to_string() })?;
+        let manifest: PluginManifest = toml::from_str(text)
+            .map_err(|e| InstallError::Manifest { path: origin.into(), reason: e.to_string() })?;
         manifest.validate(origin)?;
         Ok(manifest)
     }
 
     pub fn load(path: &Path) -> Result<Self, InstallError> {
-        let text = std::fs::read_to_string(path).map_err(|e| InstallError::Manifest { path: path.display().to_string(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| InstallError::Manifest {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -191,29 +196,43 @@ impl PluginManifest {
         let bad = |reason: String| InstallError::Manifest { path: origin.into(), reason };
         let name_ok = !self.name.is_empty()
             && self.name.len() <= 64
-            && self.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
         if !name_ok {
             return Err(bad(format!("name `{}` must be 1-64 of [a-z0-9_-]", self.name)));
         }
         let world = self.world().ok_or_else(|| {
-            bad(format!("world `{}` is not one of interpreter, cache-invalidator, load-balancer", self.world))
+            bad(format!(
+                "world `{}` is not one of interpreter, cache-invalidator, load-balancer",
+                self.world
+            ))
         })?;
         if self.limits.memory_mib == 0 || self.limits.deadline_ms == 0 {
             return Err(bad("limits.memory-mib and limits.deadline-ms must be positive".into()));
         }
         for (name, grant) in &self.grants.endpoints {
-            let kinds = [grant.http.is_some(), grant.tcp.is_some(), grant.unix.is_some()].iter().filter(|k| **k).count();
+            let kinds = [grant.http.is_some(), grant.tcp.is_some(), grant.unix.is_some()]
+                .iter()
+                .filter(|k| **k)
+                .count();
             if kinds != 1 {
                 return Err(bad(format!("endpoint `{name}` needs exactly one of http, tcp, unix")));
             }
         }
-        let missing = |what: &str| InstallError::MissingGrant { plugin: self.name.clone(), what: what.into() };
+        let missing = |what: &str| InstallError::MissingGrant {
+            plugin: self.name.clone(),
+            what: what.into(),
+        };
         match world {
-            World::Interpreter if self.grants.sites.is_empty() => {
-                Err(missing("an interpreter needs `grants.sites` (the sites it may change, or \"*\")"))
-            }
+            World::Interpreter if self.grants.sites.is_empty() => Err(missing(
+                "an interpreter needs `grants.sites` (the sites it may change, or \"*\")",
+            )),
             World::CacheInvalidator | World::LoadBalancer if self.grants.endpoints.is_empty() => {
-                Err(missing(&format!("a {world} needs at least one endpoint in `grants.endpoints`")))
+                Err(missing(&format!(
+                    "a {world} needs at least one endpoint in `grants.endpoints`"
+                )))
             }
             _ => Ok(()),
         }

@@ -43,7 +43,12 @@ impl LoadedPlugin {
     /// Compile (or load from the compiled cache) and validate `bytes` against `manifest`:
     /// it must be a component implementing the manifest's world and importing nothing else.
     /// `file` names the component in errors.
-    pub fn load(runtime: &PluginRuntime, bytes: &[u8], manifest: PluginManifest, file: &str) -> Result<Arc<Self>, InstallError> {
+    pub fn load(
+        runtime: &PluginRuntime,
+        bytes: &[u8],
+        manifest: PluginManifest,
+        file: &str,
+    ) -> Result<Arc<Self>, InstallError> {
         manifest.validate(file)?;
         if manifest.limits.memory_mib > runtime.config().max_memory_mib {
             return Err(InstallError::Manifest {
@@ -58,18 +63,29 @@ impl LoadedPlugin {
         let compiled = runtime.compile(bytes, file)?;
         let world = runtime.world_of(&compiled.component, file)?;
         if Some(world) != manifest.world() {
-            return Err(InstallError::WorldMismatch { file: file.into(), manifest: manifest.world.clone(), component: world.name().into() });
+            return Err(InstallError::WorldMismatch {
+                file: file.into(),
+                manifest: manifest.world.clone(),
+                component: world.name().into(),
+            });
         }
         runtime.check_imports(&compiled.component, world, file)?;
         let wrong_shape = |e: wasmtime::Error| InstallError::InvalidComponent {
             file: file.into(),
             reason: format!("does not match world `{world}` of contentmover:plugin@0.1.0: {e:#}"),
         };
-        let instance_pre = runtime.inner.linker.instantiate_pre(&compiled.component).map_err(wrong_shape)?;
+        let instance_pre =
+            runtime.inner.linker.instantiate_pre(&compiled.component).map_err(wrong_shape)?;
         let pre = match world {
-            World::Interpreter => WorldPre::Interpreter(InterpreterPre::new(instance_pre).map_err(wrong_shape)?),
-            World::CacheInvalidator => WorldPre::CacheInvalidator(CacheInvalidatorPre::new(instance_pre).map_err(wrong_shape)?),
-            World::LoadBalancer => WorldPre::LoadBalancer(LoadBalancerPre::new(instance_pre).map_err(wrong_shape)?),
+            World::Interpreter => {
+                WorldPre::Interpreter(InterpreterPre::new(instance_pre).map_err(wrong_shape)?)
+            }
+            World::CacheInvalidator => WorldPre::CacheInvalidator(
+                CacheInvalidatorPre::new(instance_pre).map_err(wrong_shape)?,
+            ),
+            World::LoadBalancer => {
+                WorldPre::LoadBalancer(LoadBalancerPre::new(instance_pre).map_err(wrong_shape)?)
+            }
         };
         Ok(Arc::new(LoadedPlugin {
             name: manifest.name.as_str().into(),
@@ -116,7 +132,10 @@ impl LoadedPlugin {
     }
 
     fn limits(&self) -> CallLimits {
-        CallLimits { memory_bytes: self.manifest.limits.memory_bytes(), deadline_ms: self.manifest.limits.deadline_ms }
+        CallLimits {
+            memory_bytes: self.manifest.limits.memory_bytes(),
+            deadline_ms: self.manifest.limits.deadline_ms,
+        }
     }
 
     fn failed(&self, cause: FailureCause) -> PluginError {
@@ -124,11 +143,20 @@ impl LoadedPlugin {
     }
 
     fn wrong_world(&self, expected: World) -> PluginError {
-        PluginError::WrongWorld { plugin: self.name.to_string(), expected: expected.name(), found: self.world.name().into() }
+        PluginError::WrongWorld {
+            plugin: self.name.to_string(),
+            expected: expected.name(),
+            found: self.world.name().into(),
+        }
     }
 
     fn vetoed(&self, hook: &'static str, message: String) -> PluginError {
-        PluginError::Vetoed { plugin: self.name.to_string(), version: self.version(), hook, message }
+        PluginError::Vetoed {
+            plugin: self.name.to_string(),
+            version: self.version(),
+            hook,
+            message,
+        }
     }
 
     fn new_store(&self, staging: Option<&Path>) -> Result<Store<HostState>, PluginError> {
@@ -142,22 +170,32 @@ impl LoadedPlugin {
         call: impl FnOnce(&mut Store<HostState>, &I) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
         let mut store = self.new_store(None)?;
-        let instance = instantiate(&mut store).map_err(|e| self.failed(FailureCause::Instantiate(format!("{e:#}"))))?;
-        call(&mut store, &instance).map_err(|e| self.failed(failure_cause(&store, self.limits(), &e)))
+        let instance = instantiate(&mut store)
+            .map_err(|e| self.failed(FailureCause::Instantiate(format!("{e:#}"))))?;
+        call(&mut store, &instance)
+            .map_err(|e| self.failed(failure_cause(&store, self.limits(), &e)))
     }
 
     /// Start an interpreter session on `staging_root`: one instance for a stream of calls.
-    pub fn interpreter_session(self: &Arc<Self>, staging_root: &Path) -> Result<InterpreterSession, PluginError> {
+    pub fn interpreter_session(
+        self: &Arc<Self>,
+        staging_root: &Path,
+    ) -> Result<InterpreterSession, PluginError> {
         self.session_on(Some(staging_root))
     }
 
     /// A session with or without a staging tree (`commit`/`rollback` hooks need none).
-    pub(crate) fn session_on(self: &Arc<Self>, staging_root: Option<&Path>) -> Result<InterpreterSession, PluginError> {
+    pub(crate) fn session_on(
+        self: &Arc<Self>,
+        staging_root: Option<&Path>,
+    ) -> Result<InterpreterSession, PluginError> {
         let WorldPre::Interpreter(pre) = &self.pre else {
             return Err(self.wrong_world(World::Interpreter));
         };
         let mut store = self.new_store(staging_root)?;
-        let instance = pre.instantiate(&mut store).map_err(|e| self.failed(FailureCause::Instantiate(format!("{e:#}"))))?;
+        let instance = pre
+            .instantiate(&mut store)
+            .map_err(|e| self.failed(FailureCause::Instantiate(format!("{e:#}"))))?;
         Ok(InterpreterSession { plugin: self.clone(), store, instance, broken: None })
     }
 
@@ -165,7 +203,9 @@ impl LoadedPlugin {
     pub fn self_check(self: &Arc<Self>) -> Result<(), PluginError> {
         let verdict = match &self.pre {
             WorldPre::Interpreter(_) => {
-                let scratch = tempfile::tempdir().map_err(|e| PluginError::Runtime(format!("self-check scratch directory: {e}")))?;
+                let scratch = tempfile::tempdir().map_err(|e| {
+                    PluginError::Runtime(format!("self-check scratch directory: {e}"))
+                })?;
                 let verdict = self.interpreter_session(scratch.path())?.self_check_raw();
                 drop(scratch);
                 verdict?
@@ -185,15 +225,21 @@ impl LoadedPlugin {
     /// `cache-invalidation.invalidate`.
     pub fn invalidate(&self, site: &str, paths: &[String]) -> Result<(), PluginError> {
         let pre = self.cache_pre()?;
-        self.call(|s| pre.instantiate(s), |s, i| i.contentmover_plugin_cache_invalidation().call_invalidate(s, site, paths))?
-            .map_err(|m| self.vetoed("invalidate", m))
+        self.call(
+            |s| pre.instantiate(s),
+            |s, i| i.contentmover_plugin_cache_invalidation().call_invalidate(s, site, paths),
+        )?
+        .map_err(|m| self.vetoed("invalidate", m))
     }
 
     /// `cache-invalidation.purge-site`.
     pub fn purge_site(&self, site: &str) -> Result<(), PluginError> {
         let pre = self.cache_pre()?;
-        self.call(|s| pre.instantiate(s), |s, i| i.contentmover_plugin_cache_invalidation().call_purge_site(s, site))?
-            .map_err(|m| self.vetoed("purge-site", m))
+        self.call(
+            |s| pre.instantiate(s),
+            |s, i| i.contentmover_plugin_cache_invalidation().call_purge_site(s, site),
+        )?
+        .map_err(|m| self.vetoed("purge-site", m))
     }
 
     fn cache_pre(&self) -> Result<&CacheInvalidatorPre<HostState>, PluginError> {
@@ -221,9 +267,15 @@ impl LoadedPlugin {
                 let lb = i.contentmover_plugin_load_balancing();
                 Ok(match action {
                     BalancerAction::Drain(server) => lb.call_drain(&mut *s, server)?.map(|()| None),
-                    BalancerAction::Undrain(server) => lb.call_undrain(&mut *s, server)?.map(|()| None),
-                    BalancerAction::Add { server, address } => lb.call_add(&mut *s, server, address)?.map(|()| None),
-                    BalancerAction::Remove(server) => lb.call_remove(&mut *s, server)?.map(|()| None),
+                    BalancerAction::Undrain(server) => {
+                        lb.call_undrain(&mut *s, server)?.map(|()| None)
+                    }
+                    BalancerAction::Add { server, address } => {
+                        lb.call_add(&mut *s, server, address)?.map(|()| None)
+                    }
+                    BalancerAction::Remove(server) => {
+                        lb.call_remove(&mut *s, server)?.map(|()| None)
+                    }
                     BalancerAction::State(server) => lb.call_state(&mut *s, server)?.map(Some),
                 })
             },
@@ -285,9 +337,14 @@ impl InterpreterSession {
         &self.plugin
     }
 
-    fn run<R>(&mut self, call: impl FnOnce(&mut Store<HostState>, &interpreter::Interpreter) -> wasmtime::Result<R>) -> Result<R, PluginError> {
+    fn run<R>(
+        &mut self,
+        call: impl FnOnce(&mut Store<HostState>, &interpreter::Interpreter) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginError> {
         if let Some(e) = &self.broken {
-            return Err(PluginError::Runtime(format!("session unusable after an earlier failure: {e}")));
+            return Err(PluginError::Runtime(format!(
+                "session unusable after an earlier failure: {e}"
+            )));
         }
         let limits = self.plugin.limits();
         self.plugin.runtime.arm_deadline(&mut self.store, limits.deadline_ms);
@@ -305,8 +362,11 @@ impl InterpreterSession {
         for command in batch {
             commands.push(to_wit(&mut self.store, command)?);
         }
-        let reports = self.run(|store, i| i.contentmover_plugin_content_interpreter().call_apply(store, &commands))?;
-        let in_order = reports.len() == expected && reports.iter().enumerate().all(|(i, r)| r.index as usize == i);
+        let reports = self.run(|store, i| {
+            i.contentmover_plugin_content_interpreter().call_apply(store, &commands)
+        })?;
+        let in_order = reports.len() == expected
+            && reports.iter().enumerate().all(|(i, r)| r.index as usize == i);
         if !in_order {
             return Err(PluginError::BadReports {
                 plugin: self.plugin.name.to_string(),
@@ -315,18 +375,25 @@ impl InterpreterSession {
                 got: reports.len(),
             });
         }
-        Ok(reports.into_iter().map(|r| CommandReport { index: r.index, outcome: r.outcome }).collect())
+        Ok(reports
+            .into_iter()
+            .map(|r| CommandReport { index: r.index, outcome: r.outcome })
+            .collect())
     }
 
     /// The `commit` hook; a veto is [`PluginError::Vetoed`].
     pub fn commit(&mut self, serial: u64) -> Result<(), PluginError> {
-        let verdict = self.run(|store, i| i.contentmover_plugin_content_interpreter().call_commit(store, serial))?;
+        let verdict = self.run(|store, i| {
+            i.contentmover_plugin_content_interpreter().call_commit(store, serial)
+        })?;
         verdict.map_err(|m| self.plugin.vetoed("commit", m))
     }
 
     /// The `rollback` hook.
     pub fn rollback(&mut self, serial: u64) -> Result<(), PluginError> {
-        let verdict = self.run(|store, i| i.contentmover_plugin_content_interpreter().call_rollback(store, serial))?;
+        let verdict = self.run(|store, i| {
+            i.contentmover_plugin_content_interpreter().call_rollback(store, serial)
+        })?;
         verdict.map_err(|m| self.plugin.vetoed("rollback", m))
     }
 
@@ -341,32 +408,48 @@ impl InterpreterSession {
     }
 }
 
-fn push_source(store: &mut Store<HostState>, data: Box<dyn crate::command::PayloadReader>) -> Result<Resource<DataSource>, PluginError> {
-    store.data_mut().table.push(DataSource::new(data)).map_err(|e| PluginError::Runtime(format!("resource table: {e}")))
+fn push_source(
+    store: &mut Store<HostState>,
+    data: Box<dyn crate::command::PayloadReader>,
+) -> Result<Resource<DataSource>, PluginError> {
+    store
+        .data_mut()
+        .table
+        .push(DataSource::new(data))
+        .map_err(|e| PluginError::Runtime(format!("resource table: {e}")))
 }
 
 /// A host command as the guest's WIT `command`; payloads become `data-source` resources.
 fn to_wit(store: &mut Store<HostState>, command: Command) -> Result<wit::Command, PluginError> {
     Ok(match command {
         Command::MakeDir { path, mode } => wit::Command::MakeDir(wit::MakeDir { path, mode }),
-        Command::WriteFile { path, mode, mtime, data } => {
-            wit::Command::WriteFile(wit::WriteFile { path, mode, mtime, data: push_source(store, data)? })
-        }
-        Command::ApplyDelta { path, base, mode, mtime, ops, data } => wit::Command::ApplyDelta(wit::ApplyDelta {
+        Command::WriteFile { path, mode, mtime, data } => wit::Command::WriteFile(wit::WriteFile {
             path,
-            base,
             mode,
             mtime,
-            ops: ops
-                .into_iter()
-                .map(|op| match op {
-                    DeltaOp::Copy { offset, len } => wit::DeltaOp::Copy(wit::CopyRange { offset, len }),
-                    DeltaOp::Insert { len } => wit::DeltaOp::Insert(len),
-                })
-                .collect(),
             data: push_source(store, data)?,
         }),
-        Command::Remove { path, recursive } => wit::Command::Remove(wit::Remove { path, recursive }),
+        Command::ApplyDelta { path, base, mode, mtime, ops, data } => {
+            wit::Command::ApplyDelta(wit::ApplyDelta {
+                path,
+                base,
+                mode,
+                mtime,
+                ops: ops
+                    .into_iter()
+                    .map(|op| match op {
+                        DeltaOp::Copy { offset, len } => {
+                            wit::DeltaOp::Copy(wit::CopyRange { offset, len })
+                        }
+                        DeltaOp::Insert { len } => wit::DeltaOp::Insert(len),
+                    })
+                    .collect(),
+                data: push_source(store, data)?,
+            })
+        }
+        Command::Remove { path, recursive } => {
+            wit::Command::Remove(wit::Remove { path, recursive })
+        }
         Command::Rename { from, to } => wit::Command::Rename(wit::Rename { from, to }),
         Command::Symlink { path, target } => wit::Command::Symlink(wit::Symlink { path, target }),
         Command::SetMode { path, mode } => wit::Command::SetMode(wit::SetMode { path, mode }),

@@ -106,10 +106,15 @@ impl PluginRuntime {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm).map_err(runtime_error)?;
         let mut linker = Linker::new(&engine);
-        bindings::interpreter::Interpreter::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
-            .map_err(runtime_error)?;
+        bindings::interpreter::Interpreter::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |state| state,
+        )
+        .map_err(runtime_error)?;
         if let Some(dir) = &config.compiled_cache {
-            std::fs::create_dir_all(dir).map_err(|e| PluginError::Runtime(format!("compiled cache {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                PluginError::Runtime(format!("compiled cache {}: {e}", dir.display()))
+            })?;
         }
         let ticker_stop = Arc::new(AtomicBool::new(false));
         {
@@ -146,8 +151,16 @@ impl PluginRuntime {
     /// Compile `bytes` (`file` names it in errors), or load the native code from the cache.
     pub fn compile(&self, bytes: &[u8], file: &str) -> Result<Compiled, InstallError> {
         let hash = blake3::hash(bytes);
-        let invalid = |e: wasmtime::Error| InstallError::InvalidComponent { file: file.into(), reason: format!("{e:#}") };
-        let cached_path = self.inner.config.compiled_cache.as_ref().map(|dir| dir.join(format!("{}.cwasm", self.cache_key(bytes))));
+        let invalid = |e: wasmtime::Error| InstallError::InvalidComponent {
+            file: file.into(),
+            reason: format!("{e:#}"),
+        };
+        let cached_path = self
+            .inner
+            .config
+            .compiled_cache
+            .as_ref()
+            .map(|dir| dir.join(format!("{}.cwasm", self.cache_key(bytes))));
         if let Some(path) = &cached_path
             && path.exists()
         {
@@ -156,7 +169,10 @@ impl PluginRuntime {
             // configuration, which the key covers, and wasmtime re-checks compatibility.
             match unsafe { Component::deserialize_file(&self.inner.engine, path) } {
                 Ok(component) => return Ok(Compiled { component, from_cache: true, hash }),
-                Err(e) => tracing::warn!("ignoring unusable compiled cache entry {}: {e:#}", path.display()),
+                Err(e) => tracing::warn!(
+                    "ignoring unusable compiled cache entry {}: {e:#}",
+                    path.display()
+                ),
             }
         }
         if wasmparser_is_core_module(bytes) {
@@ -184,25 +200,51 @@ impl PluginRuntime {
     }
 
     /// Refuse imports the world does not offer (e.g. WASI), with a message naming them.
-    pub fn check_imports(&self, component: &Component, world: World, file: &str) -> Result<(), InstallError> {
-        match self.imports(component).into_iter().find(|import| !world.imports().contains(&unversioned(import))) {
+    pub fn check_imports(
+        &self,
+        component: &Component,
+        world: World,
+        file: &str,
+    ) -> Result<(), InstallError> {
+        match self
+            .imports(component)
+            .into_iter()
+            .find(|import| !world.imports().contains(&unversioned(import)))
+        {
             Some(import) => Err(InstallError::UnknownImport { file: file.into(), import }),
             None => Ok(()),
         }
     }
 
     pub fn imports(&self, component: &Component) -> Vec<String> {
-        component.component_type().imports(&self.inner.engine).map(|(name, _)| name.to_string()).collect()
+        component
+            .component_type()
+            .imports(&self.inner.engine)
+            .map(|(name, _)| name.to_string())
+            .collect()
     }
 
     pub fn exports(&self, component: &Component) -> Vec<String> {
-        component.component_type().exports(&self.inner.engine).map(|(name, _)| name.to_string()).collect()
+        component
+            .component_type()
+            .exports(&self.inner.engine)
+            .map(|(name, _)| name.to_string())
+            .collect()
     }
 
     /// A fresh sandbox for one call: memory cap, deadline, and the granted capabilities.
-    pub(crate) fn store(&self, plugin: Arc<str>, limits: CallLimits, staging: Option<&Path>, endpoints: Arc<Endpoints>) -> Result<Store<HostState>, PluginError> {
+    pub(crate) fn store(
+        &self,
+        plugin: Arc<str>,
+        limits: CallLimits,
+        staging: Option<&Path>,
+        endpoints: Arc<Endpoints>,
+    ) -> Result<Store<HostState>, PluginError> {
         let staging = match staging {
-            Some(root) => Some(Staging::open(root).map_err(|source| PluginError::StagingRoot { path: root.into(), source })?),
+            Some(root) => Some(
+                Staging::open(root)
+                    .map_err(|source| PluginError::StagingRoot { path: root.into(), source })?,
+            ),
             None => None,
         };
         let state = HostState {
@@ -236,9 +278,16 @@ pub(crate) struct CallLimits {
 }
 
 /// Why a call failed, from the error and what the sandbox saw.
-pub(crate) fn failure_cause(store: &Store<HostState>, limits: CallLimits, error: &wasmtime::Error) -> FailureCause {
+pub(crate) fn failure_cause(
+    store: &Store<HostState>,
+    limits: CallLimits,
+    error: &wasmtime::Error,
+) -> FailureCause {
     if let Some(wanted) = store.data().memory.refused {
-        return FailureCause::MemoryLimit { limit_bytes: limits.memory_bytes, wanted_bytes: wanted };
+        return FailureCause::MemoryLimit {
+            limit_bytes: limits.memory_bytes,
+            wanted_bytes: wanted,
+        };
     }
     if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
         return FailureCause::Deadline { ms: limits.deadline_ms };

@@ -56,7 +56,12 @@ pub(crate) struct MemoryCap {
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired as u64 > self.limit_bytes {
             self.refused = Some(desired as u64);
             return Ok(false);
@@ -64,7 +69,12 @@ impl ResourceLimiter for MemoryCap {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
@@ -105,7 +115,11 @@ impl payload::HostDataSource for HostState {
         Ok(self.table.get(&source)?.size())
     }
 
-    fn read(&mut self, source: Resource<DataSource>, max_len: u32) -> wasmtime::Result<Result<Vec<u8>, String>> {
+    fn read(
+        &mut self,
+        source: Resource<DataSource>,
+        max_len: u32,
+    ) -> wasmtime::Result<Result<Vec<u8>, String>> {
         let source = self.table.get_mut(&source)?;
         let mut buf = vec![0; max_len.min(MAX_READ_CHUNK) as usize];
         Ok(match source.read_some(&mut buf) {

@@ -79,7 +79,9 @@ fn error(kind: ErrorKind, message: String) -> Error {
 fn io_error(what: &str, path: &str, e: io::Error) -> Error {
     let kind = match e.kind() {
         // cap-std's refusal to follow a path out of the tree.
-        io::ErrorKind::PermissionDenied if e.to_string().contains("outside of the filesystem") => ErrorKind::Escape,
+        io::ErrorKind::PermissionDenied if e.to_string().contains("outside of the filesystem") => {
+            ErrorKind::Escape
+        }
         io::ErrorKind::NotFound => ErrorKind::NotFound,
         io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
         io::ErrorKind::NotADirectory => ErrorKind::NotADirectory,
@@ -87,7 +89,11 @@ fn io_error(what: &str, path: &str, e: io::Error) -> Error {
         io::ErrorKind::DirectoryNotEmpty => ErrorKind::NotEmpty,
         _ => ErrorKind::Io,
     };
-    let cause = if kind == ErrorKind::Escape { "leads outside the staging tree".to_string() } else { e.to_string() };
+    let cause = if kind == ErrorKind::Escape {
+        "leads outside the staging tree".to_string()
+    } else {
+        e.to_string()
+    };
     error(kind, format!("{what} `{path}`: {cause}"))
 }
 
@@ -98,7 +104,10 @@ pub(crate) fn clean(path: &str) -> Result<String, Error> {
         return Err(error(ErrorKind::InvalidPath, format!("path {path:?} contains a NUL byte")));
     }
     if path.starts_with('/') {
-        return Err(error(ErrorKind::Escape, format!("absolute path `{path}` is outside the staging tree")));
+        return Err(error(
+            ErrorKind::Escape,
+            format!("absolute path `{path}` is outside the staging tree"),
+        ));
     }
     let mut parts: Vec<&str> = Vec::new();
     for part in path.split('/') {
@@ -106,7 +115,10 @@ pub(crate) fn clean(path: &str) -> Result<String, Error> {
             "" | "." => {}
             ".." => {
                 if parts.pop().is_none() {
-                    return Err(error(ErrorKind::Escape, format!("path `{path}` climbs out of the staging tree")));
+                    return Err(error(
+                        ErrorKind::Escape,
+                        format!("path `{path}` climbs out of the staging tree"),
+                    ));
                 }
             }
             part => parts.push(part),
@@ -119,7 +131,10 @@ pub(crate) fn clean(path: &str) -> Result<String, Error> {
 fn clean_entry(path: &str) -> Result<String, Error> {
     let cleaned = clean(path)?;
     if cleaned.is_empty() {
-        return Err(error(ErrorKind::InvalidPath, format!("path `{path}` names the staging root itself")));
+        return Err(error(
+            ErrorKind::InvalidPath,
+            format!("path `{path}` names the staging root itself"),
+        ));
     }
     Ok(cleaned)
 }
@@ -136,7 +151,10 @@ fn join(dir: &str, name: &str) -> String {
 /// A process-unique temporary name in `dir`.
 fn temp_name(dir: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    join(dir, &format!("{TEMP_PREFIX}{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)))
+    join(
+        dir,
+        &format!("{TEMP_PREFIX}{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)),
+    )
 }
 
 fn mode_permissions(mode: u32) -> Permissions {
@@ -168,9 +186,13 @@ impl HostState {
             match root.create_dir(&prefix) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let meta = root.metadata(&prefix).map_err(|e| io_error("make-dir", &prefix, e))?;
+                    let meta =
+                        root.metadata(&prefix).map_err(|e| io_error("make-dir", &prefix, e))?;
                     if !meta.is_dir() {
-                        return Err(error(ErrorKind::NotADirectory, format!("make-dir `{prefix}`: exists and is not a directory")));
+                        return Err(error(
+                            ErrorKind::NotADirectory,
+                            format!("make-dir `{prefix}`: exists and is not a directory"),
+                        ));
                     }
                 }
                 Err(e) => return Err(io_error("make-dir", &prefix, e)),
@@ -179,7 +201,8 @@ impl HostState {
         if cleaned.is_empty() {
             return Ok(());
         }
-        root.set_permissions(&cleaned, mode_permissions(mode)).map_err(|e| io_error("make-dir", &cleaned, e))
+        root.set_permissions(&cleaned, mode_permissions(mode))
+            .map_err(|e| io_error("make-dir", &cleaned, e))
     }
 
     fn create_file_in(&mut self, path: &str) -> Result<FileWriter, Error> {
@@ -188,7 +211,10 @@ impl HostState {
         if let Ok(meta) = root.symlink_metadata(&target)
             && meta.is_dir()
         {
-            return Err(error(ErrorKind::IsADirectory, format!("create-file `{target}`: is a directory")));
+            return Err(error(
+                ErrorKind::IsADirectory,
+                format!("create-file `{target}`: is a directory"),
+            ));
         }
         let temp = temp_name(parent(&target));
         let file = root
@@ -209,19 +235,27 @@ impl HostState {
         let meta = root.metadata(&cleaned).map_err(|e| io_error("set-mode", &cleaned, e))?;
         let shared_inode = meta.is_file() && meta.nlink() > 1;
         if !shared_inode {
-            return root.set_permissions(&cleaned, mode_permissions(mode)).map_err(|e| io_error("set-mode", &cleaned, e));
+            return root
+                .set_permissions(&cleaned, mode_permissions(mode))
+                .map_err(|e| io_error("set-mode", &cleaned, e));
         }
         // The inode is shared (a hard link to live): give this path a fresh copy first.
         let real = match root.symlink_metadata(&cleaned) {
             Ok(m) if m.is_symlink() => {
-                return Err(error(ErrorKind::Io, format!("set-mode `{cleaned}`: is a symlink to a shared file; set the mode of its target")));
+                return Err(error(
+                    ErrorKind::Io,
+                    format!(
+                        "set-mode `{cleaned}`: is a symlink to a shared file; set the mode of its target"
+                    ),
+                ));
             }
             _ => cleaned.clone(),
         };
         let mut source = root.open(&real).map_err(|e| io_error("set-mode", &real, e))?.into_std();
         let temp = temp_name(parent(&real));
         let copy = (|| -> io::Result<()> {
-            let mut fresh = root.open_with(&temp, OpenOptions::new().write(true).create_new(true))?.into_std();
+            let mut fresh =
+                root.open_with(&temp, OpenOptions::new().write(true).create_new(true))?.into_std();
             io::copy(&mut source, &mut fresh)?;
             fresh.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
             fresh.set_times(FileTimes::new().set_modified(unix_time(meta.mtime())))?;
@@ -237,14 +271,23 @@ impl HostState {
         let root = self.tree()?;
         let link = clean_entry(path)?;
         if target.starts_with('/') {
-            return Err(error(ErrorKind::Escape, format!("symlink `{link}`: absolute target `{target}` is outside the staging tree")));
+            return Err(error(
+                ErrorKind::Escape,
+                format!("symlink `{link}`: absolute target `{target}` is outside the staging tree"),
+            ));
         }
         if target.is_empty() || target.contains('\0') {
-            return Err(error(ErrorKind::InvalidPath, format!("symlink `{link}`: invalid target {target:?}")));
+            return Err(error(
+                ErrorKind::InvalidPath,
+                format!("symlink `{link}`: invalid target {target:?}"),
+            ));
         }
         // The target is resolved from the link's directory; it must stay inside the tree.
         clean(&join(parent(&link), target)).map_err(|_| {
-            error(ErrorKind::Escape, format!("symlink `{link}`: target `{target}` points outside the staging tree"))
+            error(
+                ErrorKind::Escape,
+                format!("symlink `{link}`: target `{target}` points outside the staging tree"),
+            )
         })?;
         let temp = temp_name(parent(&link));
         root.symlink(target, &temp).map_err(|e| io_error("symlink", &link, e))?;
@@ -252,7 +295,10 @@ impl HostState {
             && meta.is_dir()
         {
             let _ = root.remove_file(&temp);
-            return Err(error(ErrorKind::IsADirectory, format!("symlink `{link}`: a directory is in the way")));
+            return Err(error(
+                ErrorKind::IsADirectory,
+                format!("symlink `{link}`: a directory is in the way"),
+            ));
         }
         root.rename(&temp, root, &link).map_err(|e| {
             let _ = root.remove_file(&temp);
@@ -275,7 +321,11 @@ impl HostState {
     fn stat_in(&self, path: &str) -> Result<Option<EntryStat>, Error> {
         let root = self.tree()?;
         let cleaned = clean(path)?;
-        let meta = match if cleaned.is_empty() { root.dir_metadata() } else { root.symlink_metadata(&cleaned) } {
+        let meta = match if cleaned.is_empty() {
+            root.dir_metadata()
+        } else {
+            root.symlink_metadata(&cleaned)
+        } {
             Ok(meta) => meta,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_error("stat", &cleaned, e)),
@@ -289,7 +339,12 @@ impl HostState {
         } else {
             EntryKind::Other
         };
-        Ok(Some(EntryStat { kind, size: meta.len(), mode: meta.permissions().mode() & 0o7777, mtime: meta.mtime() }))
+        Ok(Some(EntryStat {
+            kind,
+            size: meta.len(),
+            mode: meta.permissions().mode() & 0o7777,
+            mtime: meta.mtime(),
+        }))
     }
 
     fn list_dir_in(&self, path: &str) -> Result<Vec<String>, Error> {
@@ -312,13 +367,21 @@ impl HostState {
         let file = root.open(&cleaned).map_err(|e| io_error("open-file", &cleaned, e))?.into_std();
         let meta = file.metadata().map_err(|e| io_error("open-file", &cleaned, e))?;
         if !meta.is_file() {
-            return Err(error(ErrorKind::IsADirectory, format!("open-file `{cleaned}`: not a regular file")));
+            return Err(error(
+                ErrorKind::IsADirectory,
+                format!("open-file `{cleaned}`: not a regular file"),
+            ));
         }
         Ok(FileReader { file, size: meta.len(), path: cleaned })
     }
 
     /// Append the next `len` bytes of `source` to `writer`, a chunk at a time.
-    fn copy_source(&mut self, writer: &Resource<FileWriter>, source: &Resource<DataSource>, len: u64) -> wasmtime::Result<Result<(), Error>> {
+    fn copy_source(
+        &mut self,
+        writer: &Resource<FileWriter>,
+        source: &Resource<DataSource>,
+        len: u64,
+    ) -> wasmtime::Result<Result<(), Error>> {
         let mut buf = vec![0; COPY_CHUNK.min(len as usize)];
         let mut left = len;
         while left > 0 {
@@ -327,12 +390,16 @@ impl HostState {
                 Ok(n) => n,
                 Err(e) => {
                     let target = &self.table.get(writer)?.target;
-                    return Ok(Err(error(ErrorKind::Payload, format!("write `{target}`: reading payload: {e}"))));
+                    return Ok(Err(error(
+                        ErrorKind::Payload,
+                        format!("write `{target}`: reading payload: {e}"),
+                    )));
                 }
             };
             let writer = self.table.get_mut(writer)?;
             if got == 0 {
-                let message = format!("write `{}`: payload ended {left} bytes short of {len}", writer.target);
+                let message =
+                    format!("write `{}`: payload ended {left} bytes short of {len}", writer.target);
                 return Ok(Err(error(ErrorKind::Payload, message)));
             }
             if let Err(e) = writer.append(&buf[..got]) {
@@ -343,14 +410,22 @@ impl HostState {
         Ok(Ok(()))
     }
 
-    fn copy_base(&mut self, writer: &Resource<FileWriter>, base: &Resource<FileReader>, offset: u64, len: u64) -> wasmtime::Result<Result<(), Error>> {
+    fn copy_base(
+        &mut self,
+        writer: &Resource<FileWriter>,
+        base: &Resource<FileReader>,
+        offset: u64,
+        len: u64,
+    ) -> wasmtime::Result<Result<(), Error>> {
         let (base_size, base_path) = {
             let base = self.table.get(base)?;
             (base.size, base.path.clone())
         };
         if offset.checked_add(len).is_none_or(|end| end > base_size) {
             let target = &self.table.get(writer)?.target;
-            let message = format!("write `{target}`: copy of {len} bytes at {offset} is outside base `{base_path}` ({base_size} bytes)");
+            let message = format!(
+                "write `{target}`: copy of {len} bytes at {offset} is outside base `{base_path}` ({base_size} bytes)"
+            );
             return Ok(Err(error(ErrorKind::Payload, message)));
         }
         let mut buf = vec![0; COPY_CHUNK.min(len as usize)];
@@ -358,7 +433,12 @@ impl HostState {
         while done < len {
             let want = ((len - done) as usize).min(buf.len());
             let got = match self.table.get(base)?.file.read_at(&mut buf[..want], offset + done) {
-                Ok(0) => return Ok(Err(error(ErrorKind::Payload, format!("base `{base_path}` shrank while copying")))),
+                Ok(0) => {
+                    return Ok(Err(error(
+                        ErrorKind::Payload,
+                        format!("base `{base_path}` shrank while copying"),
+                    )));
+                }
                 Ok(n) => n,
                 Err(e) => return Ok(Err(io_error("read", &base_path, e))),
             };
@@ -373,7 +453,9 @@ impl HostState {
 
 impl FileWriter {
     fn append(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        let file = self.file.as_mut().ok_or_else(|| error(ErrorKind::Io, format!("write `{}`: already finished", self.target)))?;
+        let file = self.file.as_mut().ok_or_else(|| {
+            error(ErrorKind::Io, format!("write `{}`: already finished", self.target))
+        })?;
         file.write_all(bytes).map_err(|e| io_error("write", &self.target, e))?;
         self.written += bytes.len() as u64;
         Ok(())
@@ -405,7 +487,10 @@ impl staging::Host for HostState {
         Ok(self.make_dir_in(&path, mode))
     }
 
-    fn create_file(&mut self, path: String) -> wasmtime::Result<Result<Resource<FileWriter>, Error>> {
+    fn create_file(
+        &mut self,
+        path: String,
+    ) -> wasmtime::Result<Result<Resource<FileWriter>, Error>> {
         Ok(match self.create_file_in(&path) {
             Ok(writer) => Ok(self.table.push(writer)?),
             Err(e) => Err(e),
@@ -427,7 +512,8 @@ impl staging::Host for HostState {
         Ok((|| {
             let root = self.tree()?;
             let (from, to) = (clean_entry(&from)?, clean_entry(&to)?);
-            root.rename(&from, root, &to).map_err(|e| io_error("rename", &format!("{from}` -> `{to}"), e))
+            root.rename(&from, root, &to)
+                .map_err(|e| io_error("rename", &format!("{from}` -> `{to}"), e))
         })())
     }
 
@@ -453,7 +539,12 @@ impl staging::HostFileReader for HostState {
         Ok(self.table.get(&reader)?.size)
     }
 
-    fn read_at(&mut self, reader: Resource<FileReader>, offset: u64, max_len: u32) -> wasmtime::Result<Result<Vec<u8>, Error>> {
+    fn read_at(
+        &mut self,
+        reader: Resource<FileReader>,
+        offset: u64,
+        max_len: u32,
+    ) -> wasmtime::Result<Result<Vec<u8>, Error>> {
         let reader = self.table.get(&reader)?;
         let mut buf = vec![0; max_len.min(MAX_READ_CHUNK) as usize];
         let mut filled = 0;
@@ -476,19 +567,39 @@ impl staging::HostFileReader for HostState {
 }
 
 impl staging::HostFileWriter for HostState {
-    fn write(&mut self, writer: Resource<FileWriter>, bytes: Vec<u8>) -> wasmtime::Result<Result<(), Error>> {
+    fn write(
+        &mut self,
+        writer: Resource<FileWriter>,
+        bytes: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), Error>> {
         Ok(self.table.get_mut(&writer)?.append(&bytes))
     }
 
-    fn copy_from_source(&mut self, writer: Resource<FileWriter>, source: Resource<DataSource>, len: u64) -> wasmtime::Result<Result<(), Error>> {
+    fn copy_from_source(
+        &mut self,
+        writer: Resource<FileWriter>,
+        source: Resource<DataSource>,
+        len: u64,
+    ) -> wasmtime::Result<Result<(), Error>> {
         self.copy_source(&writer, &source, len)
     }
 
-    fn copy_from_file(&mut self, writer: Resource<FileWriter>, base: Resource<FileReader>, offset: u64, len: u64) -> wasmtime::Result<Result<(), Error>> {
+    fn copy_from_file(
+        &mut self,
+        writer: Resource<FileWriter>,
+        base: Resource<FileReader>,
+        offset: u64,
+        len: u64,
+    ) -> wasmtime::Result<Result<(), Error>> {
         self.copy_base(&writer, &base, offset, len)
     }
 
-    fn finish(&mut self, writer: Resource<FileWriter>, mode: u32, mtime: i64) -> wasmtime::Result<Result<u64, Error>> {
+    fn finish(
+        &mut self,
+        writer: Resource<FileWriter>,
+        mode: u32,
+        mtime: i64,
+    ) -> wasmtime::Result<Result<u64, Error>> {
         let writer = self.table.delete(writer)?;
         Ok(writer.finish(mode, mtime))
     }

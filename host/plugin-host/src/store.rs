@@ -30,10 +30,10 @@ use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
+use crate::command::{Command, CommandReport};
 use crate::error::{InstallError, PluginError};
 use crate::manifest::{PluginManifest, World};
 use crate::plugin::{BalancerAction, InterpreterSession, LoadedPlugin, ServerState};
-use crate::command::{Command, CommandReport};
 use crate::runtime::PluginRuntime;
 
 /// The live version of one plugin.
@@ -163,7 +163,11 @@ impl PluginStore {
             }
             match store.load_version(&name, None) {
                 Ok(plugin) => {
-                    store.slots.write().unwrap_or_else(|e| e.into_inner()).insert(name, PluginSlot::new(plugin));
+                    store
+                        .slots
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(name, PluginSlot::new(plugin));
                 }
                 Err(e) => tracing::warn!("plugin store {}: skipping `{name}`: {e}", dir.display()),
             }
@@ -187,7 +191,10 @@ impl PluginStore {
     pub(crate) fn read_state(&self, name: &str) -> Result<VersionState, InstallError> {
         let path = self.plugin_dir(name).join("state.toml");
         let text = std::fs::read_to_string(&path).map_err(store_error(&path))?;
-        toml::from_str(&text).map_err(|e| InstallError::Manifest { path: path.display().to_string(), reason: e.to_string() })
+        toml::from_str(&text).map_err(|e| InstallError::Manifest {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
     }
 
     fn write_state(&self, name: &str, state: &VersionState) -> Result<(), InstallError> {
@@ -196,7 +203,11 @@ impl PluginStore {
     }
 
     /// Load `name`'s version `hash` (its current one if `None`) with its stored manifest.
-    fn load_version(&self, name: &str, hash: Option<&str>) -> Result<Arc<LoadedPlugin>, InstallError> {
+    fn load_version(
+        &self,
+        name: &str,
+        hash: Option<&str>,
+    ) -> Result<Arc<LoadedPlugin>, InstallError> {
         let state = self.read_state(name)?;
         let hash = hash.unwrap_or(&state.current);
         let (manifest, _) = self.version_manifest(name, &state, hash)?;
@@ -208,11 +219,22 @@ impl PluginStore {
     /// Stores written before manifests were kept per version only have `manifest.toml`; it is
     /// used when the state does not say otherwise, and refused when its hash is not the one
     /// the state recorded (an install that stopped half way overwrote it).
-    fn version_manifest(&self, name: &str, state: &VersionState, hash: &str) -> Result<(PluginManifest, Vec<u8>), InstallError> {
+    fn version_manifest(
+        &self,
+        name: &str,
+        state: &VersionState,
+        hash: &str,
+    ) -> Result<(PluginManifest, Vec<u8>), InstallError> {
         let dir = self.plugin_dir(name);
-        let recorded = state.manifests.get(hash).or((hash == state.current).then_some(&state.manifest)).filter(|m| !m.is_empty());
+        let recorded = state
+            .manifests
+            .get(hash)
+            .or((hash == state.current).then_some(&state.manifest))
+            .filter(|m| !m.is_empty());
         let path = match recorded {
-            Some(m) if dir.join(format!("manifest-{m}.toml")).exists() => dir.join(format!("manifest-{m}.toml")),
+            Some(m) if dir.join(format!("manifest-{m}.toml")).exists() => {
+                dir.join(format!("manifest-{m}.toml"))
+            }
             _ => dir.join("manifest.toml"),
         };
         let text = std::fs::read(&path).map_err(store_error(&path))?;
@@ -221,15 +243,24 @@ impl PluginStore {
         {
             return Err(InstallError::Manifest {
                 path: path.display().to_string(),
-                reason: format!("is not the manifest version {} was installed with (an install stopped half way?)", &hash[..12.min(hash.len())]),
+                reason: format!(
+                    "is not the manifest version {} was installed with (an install stopped half way?)",
+                    &hash[..12.min(hash.len())]
+                ),
             });
         }
-        let manifest = PluginManifest::parse(&String::from_utf8_lossy(&text), &path.display().to_string())?;
+        let manifest =
+            PluginManifest::parse(&String::from_utf8_lossy(&text), &path.display().to_string())?;
         Ok((manifest, text))
     }
 
     /// Load `<name>/<hash>.wasm` with `manifest`.
-    pub(crate) fn load_component(&self, name: &str, hash: &str, manifest: PluginManifest) -> Result<Arc<LoadedPlugin>, InstallError> {
+    pub(crate) fn load_component(
+        &self,
+        name: &str,
+        hash: &str,
+        manifest: PluginManifest,
+    ) -> Result<Arc<LoadedPlugin>, InstallError> {
         let path = self.plugin_dir(name).join(format!("{hash}.wasm"));
         let bytes = std::fs::read(&path).map_err(store_error(&path))?;
         LoadedPlugin::load(&self.runtime, &bytes, manifest, &path.display().to_string())
@@ -237,23 +268,34 @@ impl PluginStore {
 
     /// Install `component` under `manifest.name`, hot-swapping any installed version. The
     /// component is validated and self-checked first; on any failure nothing changes.
-    pub fn install(&self, component: &[u8], manifest: PluginManifest, file: &str) -> Result<Installed, InstallError> {
+    pub fn install(
+        &self,
+        component: &[u8],
+        manifest: PluginManifest,
+        file: &str,
+    ) -> Result<Installed, InstallError> {
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let name = manifest.name.clone();
         let plugin = LoadedPlugin::load(&self.runtime, component, manifest.clone(), file)?;
-        plugin.self_check().map_err(|e| InstallError::SelfCheck { plugin: name.clone(), reason: e.to_string() })?;
+        plugin
+            .self_check()
+            .map_err(|e| InstallError::SelfCheck { plugin: name.clone(), reason: e.to_string() })?;
         let hash = plugin.hash().to_hex().to_string();
         let dir = self.plugin_dir(&name);
         std::fs::create_dir_all(&dir).map_err(store_error(&dir))?;
         write_atomic(&dir.join(format!("{hash}.wasm")), component)?;
         let manifest_text = manifest.to_toml();
         let manifest_hash = blake3::hash(manifest_text.as_bytes()).to_hex().to_string();
-        write_atomic(&dir.join(format!("manifest-{manifest_hash}.toml")), manifest_text.as_bytes())?;
+        write_atomic(
+            &dir.join(format!("manifest-{manifest_hash}.toml")),
+            manifest_text.as_bytes(),
+        )?;
         write_atomic(&dir.join("manifest.toml"), manifest_text.as_bytes())?;
         let mut state = self.read_state(&name).unwrap_or_default();
         state.manifests.insert(hash.clone(), manifest_hash.clone());
         state.manifest = manifest_hash;
-        let replaced = (!state.current.is_empty() && state.current != hash).then(|| state.current.clone());
+        let replaced =
+            (!state.current.is_empty() && state.current != hash).then(|| state.current.clone());
         if let Some(old) = &replaced {
             state.previous.retain(|h| h != old && h != &hash);
             state.previous.push(old.clone());
@@ -282,12 +324,17 @@ impl PluginStore {
     /// Restore the version installed before the current one (hot swap, self-checked).
     pub fn rollback(&self, name: &str) -> Result<Installed, InstallError> {
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        let mut state = self.read_state(name).map_err(|_| InstallError::NotInstalled { plugin: name.into() })?;
-        let previous = state.previous.pop().ok_or_else(|| InstallError::NoPrevious { plugin: name.into() })?;
+        let mut state = self
+            .read_state(name)
+            .map_err(|_| InstallError::NotInstalled { plugin: name.into() })?;
+        let previous =
+            state.previous.pop().ok_or_else(|| InstallError::NoPrevious { plugin: name.into() })?;
         // The previous version comes back with the manifest it was installed with.
         let (manifest, manifest_text) = self.version_manifest(name, &state, &previous)?;
         let plugin = self.load_component(name, &previous, manifest)?;
-        plugin.self_check().map_err(|e| InstallError::SelfCheck { plugin: name.into(), reason: e.to_string() })?;
+        plugin
+            .self_check()
+            .map_err(|e| InstallError::SelfCheck { plugin: name.into(), reason: e.to_string() })?;
         let replaced = std::mem::replace(&mut state.current, previous);
         write_atomic(&self.plugin_dir(name).join("manifest.toml"), &manifest_text)?;
         state.manifest = blake3::hash(&manifest_text).to_hex().to_string();
@@ -295,7 +342,12 @@ impl PluginStore {
         let (world, version) = (plugin.world(), plugin.version());
         self.swap_in(name, plugin);
         tracing::info!(plugin = %name, %version, "rolled back plugin");
-        Ok(Installed { name: name.into(), world, version, replaced: Some(replaced[..12].to_string()) })
+        Ok(Installed {
+            name: name.into(),
+            world,
+            version,
+            replaced: Some(replaced[..12].to_string()),
+        })
     }
 
     /// Uninstall `name`: new calls fail with `NotInstalled`; calls in flight finish.
@@ -367,7 +419,11 @@ impl PluginStore {
 fn expect_world(slot: &PluginSlot, world: World) -> Result<(), PluginError> {
     let current = slot.current();
     if current.world() != world {
-        return Err(PluginError::WrongWorld { plugin: current.name().into(), expected: world.name(), found: current.world().name().into() });
+        return Err(PluginError::WrongWorld {
+            plugin: current.name().into(),
+            expected: world.name(),
+            found: current.world().name().into(),
+        });
     }
     Ok(())
 }
@@ -386,7 +442,10 @@ impl Interpreter {
         expect_world(&slot, World::Interpreter)?;
         let current = slot.current();
         if !current.manifest().grants_site(site) {
-            return Err(PluginError::SiteNotGranted { plugin: current.name().into(), site: site.into() });
+            return Err(PluginError::SiteNotGranted {
+                plugin: current.name().into(),
+                site: site.into(),
+            });
         }
         Ok(Interpreter { slot, site: site.into() })
     }
@@ -409,13 +468,20 @@ impl Interpreter {
         let plugin = self.slot.live()?;
         // The grant is re-checked per call: a hot swap may bring a manifest with other grants.
         if !plugin.manifest().grants_site(&self.site) {
-            return Err(PluginError::SiteNotGranted { plugin: plugin.name().into(), site: self.site.clone() });
+            return Err(PluginError::SiteNotGranted {
+                plugin: plugin.name().into(),
+                site: self.site.clone(),
+            });
         }
         plugin.session_on(staging_root)
     }
 
     /// Apply one batch of commands to the staging tree at `staging_root`.
-    pub fn apply(&self, staging_root: &Path, batch: Vec<Command>) -> Result<Vec<CommandReport>, PluginError> {
+    pub fn apply(
+        &self,
+        staging_root: &Path,
+        batch: Vec<Command>,
+    ) -> Result<Vec<CommandReport>, PluginError> {
         self.session(staging_root)?.apply(batch)
     }
 

@@ -44,8 +44,20 @@ impl Gen {
         v
     }
     fn text(&mut self, n: usize) -> Vec<u8> {
-        const WORDS: [&str; 12] =
-            ["<div class=\"item\">", "</div>\n", "content ", "mover ", "<p>", "</p>", "release ", "server ", "the ", "a ", "<li>", "group "];
+        const WORDS: [&str; 12] = [
+            "<div class=\"item\">",
+            "</div>\n",
+            "content ",
+            "mover ",
+            "<p>",
+            "</p>",
+            "release ",
+            "server ",
+            "the ",
+            "a ",
+            "<li>",
+            "group ",
+        ];
         let mut v = Vec::with_capacity(n + 32);
         while v.len() < n {
             v.extend_from_slice(WORDS[(self.next() % 12) as usize].as_bytes());
@@ -80,7 +92,11 @@ fn rsync(staging: &Path, shadow: &Path, scratch: &Path, compress: bool) -> (u64,
         cmd.arg("-z");
     }
     let t = Instant::now();
-    let out = cmd.arg(format!("{}/", staging.display())).arg(format!("{}/", dest.display())).output().unwrap();
+    let out = cmd
+        .arg(format!("{}/", staging.display()))
+        .arg(format!("{}/", dest.display()))
+        .output()
+        .unwrap();
     let secs = t.elapsed().as_secs_f64();
     assert!(out.status.success(), "rsync failed: {}", String::from_utf8_lossy(&out.stderr));
     let stats = String::from_utf8_lossy(&out.stdout);
@@ -100,7 +116,8 @@ fn sync() {
 /// Our side: (assignment bytes, seconds to build).
 fn ours(staging: &Path, shadow: &Path, out: &Path) -> (u64, f64) {
     let t = Instant::now();
-    let r = build(staging, Some(shadow), out, &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
+    let r =
+        build(staging, Some(shadow), out, &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
     (r.file_len, t.elapsed().as_secs_f64())
 }
 
@@ -180,15 +197,26 @@ fn main() {
     let (shadow, staging) = (s.join("tree-shadow"), s.join("tree-staging"));
     let files = mixed_tree(&shadow, tree_mb * MB, &mut g);
     cp_a(&shadow, &staging);
-    let staged: Vec<PathBuf> = files.iter().map(|f| staging.join(f.strip_prefix(&shadow).unwrap())).collect();
+    let staged: Vec<PathBuf> =
+        files.iter().map(|f| staging.join(f.strip_prefix(&shadow).unwrap())).collect();
     let changed = touch_one_percent(&staged, &mut g);
     sync();
     let (a_bytes, a_secs) = ours(&staging, &shadow, &s.join("tree.cma"));
     let (r_bytes, r_secs) = rsync(&staging, &shadow, s, false);
     let (rz_bytes, rz_secs) = rsync(&staging, &shadow, s, true);
     let what = format!("tree {tree_mb} MiB, {} files, {changed} changed", files.len());
-    t.row(&format!("{what}: bytes"), a_bytes.to_string(), format!("{r_bytes} (-z: {rz_bytes})"), format!("{:.2}× rsync", a_bytes as f64 / r_bytes as f64));
-    t.row(&format!("{what}: seconds"), format!("{a_secs:.3}"), format!("{r_secs:.3} (-z: {rz_secs:.3})"), format!("{:.2}× rsync", a_secs / r_secs));
+    t.row(
+        &format!("{what}: bytes"),
+        a_bytes.to_string(),
+        format!("{r_bytes} (-z: {rz_bytes})"),
+        format!("{:.2}× rsync", a_bytes as f64 / r_bytes as f64),
+    );
+    t.row(
+        &format!("{what}: seconds"),
+        format!("{a_secs:.3}"),
+        format!("{r_secs:.3} (-z: {rz_secs:.3})"),
+        format!("{:.2}× rsync", a_secs / r_secs),
+    );
 
     // Apply throughput: the whole tree as a replicate, then the 1 % publish, via the native interpreter.
     let site = Site::open(&s.join("site-tree"), SiteConfig::default()).unwrap();
@@ -198,11 +226,21 @@ fn main() {
     let t0 = Instant::now();
     let r = site.apply(&full, &mut NativeInterpreter).unwrap();
     let secs = t0.elapsed().as_secs_f64();
-    t.row("apply replicate of the tree (verify, decompress, write, check, sync)", format!("{secs:.3} s"), "-".into(), format!("{} of content", gib_s(r.bytes_written, secs)));
+    t.row(
+        "apply replicate of the tree (verify, decompress, write, check, sync)",
+        format!("{secs:.3} s"),
+        "-".into(),
+        format!("{} of content", gib_s(r.bytes_written, secs)),
+    );
     site.commit(Some(1), &mut NativeInterpreter).unwrap();
     let t0 = Instant::now();
     let r = site.apply(&s.join("tree.cma"), &mut NativeInterpreter).unwrap();
-    t.row("apply the 1 % publish (hard-link clone + changes)", format!("{:.3} s", t0.elapsed().as_secs_f64()), "-".into(), format!("{} files linked", r.linked));
+    t.row(
+        "apply the 1 % publish (hard-link clone + changes)",
+        format!("{:.3} s", t0.elapsed().as_secs_f64()),
+        "-".into(),
+        format!("{} files linked", r.linked),
+    );
     drop(site);
     drop_dir(&s.join("site-tree"));
     for p in [&staging, &shadow] {
@@ -231,8 +269,18 @@ fn main() {
     let (a_bytes, a_secs) = ours(&staging, &shadow, &s.join("file.cma"));
     let (r_bytes, r_secs) = rsync(&staging, &shadow, s, false);
     let what = format!("one {file_mb} MiB file, 1 MiB changed mid-file");
-    t.row(&format!("{what}: bytes"), a_bytes.to_string(), r_bytes.to_string(), format!("{:.3}× rsync", a_bytes as f64 / r_bytes as f64));
-    t.row(&format!("{what}: seconds"), format!("{a_secs:.3}"), format!("{r_secs:.3}"), format!("{:.2}× rsync", a_secs / r_secs));
+    t.row(
+        &format!("{what}: bytes"),
+        a_bytes.to_string(),
+        r_bytes.to_string(),
+        format!("{:.3}× rsync", a_bytes as f64 / r_bytes as f64),
+    );
+    t.row(
+        &format!("{what}: seconds"),
+        format!("{a_secs:.3}"),
+        format!("{r_secs:.3}"),
+        format!("{:.2}× rsync", a_secs / r_secs),
+    );
 
     // Delta throughput, one core (both files' bytes over the time): in-place change (settled by
     // the comparison at equal offsets), a byte inserted at the front (settled by prefix and
@@ -241,7 +289,12 @@ fn main() {
     let new = fs::File::open(staging.join("big.bin")).unwrap();
     let t0 = Instant::now();
     delta::compute(&base, &new, &mut std::io::sink()).unwrap();
-    t.row("delta, in-place 1 MiB change (per core)", gib_s(2 * file_mb * MB, t0.elapsed().as_secs_f64()), "-".into(), "both files read and hashed".into());
+    t.row(
+        "delta, in-place 1 MiB change (per core)",
+        gib_s(2 * file_mb * MB, t0.elapsed().as_secs_f64()),
+        "-".into(),
+        "both files read and hashed".into(),
+    );
     let shifted_path = s.join("shifted.bin");
     {
         let mut out = fs::File::create(&shifted_path).unwrap();
@@ -251,7 +304,12 @@ fn main() {
     let shifted = fs::File::open(&shifted_path).unwrap();
     let t0 = Instant::now();
     let d = delta::compute(&base, &shifted, &mut std::io::sink()).unwrap();
-    t.row("delta, 1 byte inserted at the front (per core)", gib_s(2 * file_mb * MB, t0.elapsed().as_secs_f64()), "-".into(), format!("{} literal bytes, {} ops", d.literal, d.ops.len()));
+    t.row(
+        "delta, 1 byte inserted at the front (per core)",
+        gib_s(2 * file_mb * MB, t0.elapsed().as_secs_f64()),
+        "-".into(),
+        format!("{} literal bytes, {} ops", d.literal, d.ops.len()),
+    );
     let unrelated_mb = file_mb.min(256);
     let unrelated_path = s.join("unrelated.bin");
     {
@@ -270,14 +328,25 @@ fn main() {
     .unwrap();
     let t0 = Instant::now();
     delta::compute(&fs::File::open(&base_part).unwrap(), &unrelated, &mut std::io::sink()).unwrap();
-    t.row(&format!("delta, {unrelated_mb} MiB of unrelated content (per core, worst case)"), gib_s(2 * unrelated_mb * MB, t0.elapsed().as_secs_f64()), "-".into(), "every cut of the new file missing".into());
+    t.row(
+        &format!("delta, {unrelated_mb} MiB of unrelated content (per core, worst case)"),
+        gib_s(2 * unrelated_mb * MB, t0.elapsed().as_secs_f64()),
+        "-".into(),
+        "every cut of the new file missing".into(),
+    );
     for p in [&shifted_path, &unrelated_path, &base_part] {
         let _ = fs::remove_file(p);
     }
 
     // Apply of the big delta.
     let site = Site::open(&s.join("site-file"), SiteConfig::default()).unwrap();
-    build(&shadow, None, &s.join("file-full.cma"), &BuildOptions::new(AssignmentType::Replicate, 1)).unwrap();
+    build(
+        &shadow,
+        None,
+        &s.join("file-full.cma"),
+        &BuildOptions::new(AssignmentType::Replicate, 1),
+    )
+    .unwrap();
     site.apply(&s.join("file-full.cma"), &mut NativeInterpreter).unwrap();
     site.commit(Some(1), &mut NativeInterpreter).unwrap();
     let _ = fs::remove_file(s.join("file-full.cma"));
@@ -285,7 +354,12 @@ fn main() {
     let t0 = Instant::now();
     let r = site.apply(&s.join("file.cma"), &mut NativeInterpreter).unwrap();
     let secs = t0.elapsed().as_secs_f64();
-    t.row("apply the 1 MiB-change delta to the big file", format!("{secs:.3} s"), "-".into(), format!("{} of file rebuilt+checked", gib_s(r.bytes_written, secs)));
+    t.row(
+        "apply the 1 MiB-change delta to the big file",
+        format!("{secs:.3} s"),
+        "-".into(),
+        format!("{} of file rebuilt+checked", gib_s(r.bytes_written, secs)),
+    );
     drop(site);
     drop_dir(&s.join("site-file"));
     // Disk is shared: free the big file's trees before the next sections.
@@ -304,13 +378,25 @@ fn main() {
         fs::write(&p, g.text(512)).unwrap();
     }
     let site = Site::open(&s.join("site-many"), SiteConfig::default()).unwrap();
-    build(&site_tree, None, &s.join("many-1.cma"), &BuildOptions::new(AssignmentType::Replicate, 1)).unwrap();
+    build(
+        &site_tree,
+        None,
+        &s.join("many-1.cma"),
+        &BuildOptions::new(AssignmentType::Replicate, 1),
+    )
+    .unwrap();
     site.apply(&s.join("many-1.cma"), &mut NativeInterpreter).unwrap();
     site.commit(Some(1), &mut NativeInterpreter).unwrap();
     let v2 = s.join("site-src2");
     cp_a(&site_tree, &v2);
     fs::write(v2.join("d000/f000000.html"), "changed").unwrap();
-    build(&v2, Some(&site_tree), &s.join("many-2.cma"), &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
+    build(
+        &v2,
+        Some(&site_tree),
+        &s.join("many-2.cma"),
+        &BuildOptions::new(AssignmentType::Publish, 2),
+    )
+    .unwrap();
     let t0 = Instant::now();
     let r = site.apply(&s.join("many-2.cma"), &mut NativeInterpreter).unwrap();
     let build_secs = t0.elapsed().as_secs_f64();
@@ -320,8 +406,18 @@ fn main() {
     let t0 = Instant::now();
     site.rollback(&mut NativeInterpreter).unwrap();
     let rollback = t0.elapsed();
-    t.row(&format!("commit, {site_files}-file site"), format!("{:.2} ms", commit.as_secs_f64() * 1e3), "-".into(), format!("rollback {:.2} ms", rollback.as_secs_f64() * 1e3));
-    t.row(&format!("build release from live, {site_files}-file site"), format!("{build_secs:.3} s"), "-".into(), format!("{} hard links", r.linked));
+    t.row(
+        &format!("commit, {site_files}-file site"),
+        format!("{:.2} ms", commit.as_secs_f64() * 1e3),
+        "-".into(),
+        format!("rollback {:.2} ms", rollback.as_secs_f64() * 1e3),
+    );
+    t.row(
+        &format!("build release from live, {site_files}-file site"),
+        format!("{build_secs:.3} s"),
+        "-".into(),
+        format!("{} hard links", r.linked),
+    );
     drop(site);
 
     // 4. Peak RSS of building and applying a large assignment, each in a child process.
@@ -345,10 +441,21 @@ fn main() {
             drop_dir(&big);
         }
         let site_dir = s.join("site-rss");
-        let apply_rss = rss_of(&["apply", out.to_str().unwrap(), site_dir.to_str().unwrap(), "commit"]);
+        let apply_rss =
+            rss_of(&["apply", out.to_str().unwrap(), site_dir.to_str().unwrap(), "commit"]);
         let _ = fs::remove_file(&out);
-        t.row(&format!("peak RSS, build {} MiB replicate assignment", size / MB), format!("{} MiB", build_rss / 1024), "-".into(), "child process, VmHWM".into());
-        t.row(&format!("peak RSS, apply {} MiB replicate assignment", size / MB), format!("{} MiB", apply_rss / 1024), "-".into(), "child process, VmHWM".into());
+        t.row(
+            &format!("peak RSS, build {} MiB replicate assignment", size / MB),
+            format!("{} MiB", build_rss / 1024),
+            "-".into(),
+            "child process, VmHWM".into(),
+        );
+        t.row(
+            &format!("peak RSS, apply {} MiB replicate assignment", size / MB),
+            format!("{} MiB", apply_rss / 1024),
+            "-".into(),
+            "child process, VmHWM".into(),
+        );
         let big2 = s.join("rss-src2");
         if rss_delta {
             // A delta build and apply of the same big files: 1 MiB changed in the middle of each.
@@ -361,10 +468,29 @@ fn main() {
                 set_mtime(&big2.join(name), 3_000_000);
             }
             let out = s.join("rss-delta.cma");
-            let delta_rss = rss_of(&["build-delta", big2.to_str().unwrap(), big.to_str().unwrap(), out.to_str().unwrap()]);
-            let apply_delta_rss = rss_of(&["apply", out.to_str().unwrap(), site_dir.to_str().unwrap()]);
-            t.row(&format!("peak RSS, build delta of {} MiB of files", (rss_mb + rss_mb / 4)), format!("{} MiB", delta_rss / 1024), "-".into(), "child process, VmHWM".into());
-            t.row(&format!("peak RSS, apply that delta ({} KiB assignment)", fs::metadata(&out).unwrap().len() / 1024), format!("{} MiB", apply_delta_rss / 1024), "-".into(), "child process, VmHWM".into());
+            let delta_rss = rss_of(&[
+                "build-delta",
+                big2.to_str().unwrap(),
+                big.to_str().unwrap(),
+                out.to_str().unwrap(),
+            ]);
+            let apply_delta_rss =
+                rss_of(&["apply", out.to_str().unwrap(), site_dir.to_str().unwrap()]);
+            t.row(
+                &format!("peak RSS, build delta of {} MiB of files", (rss_mb + rss_mb / 4)),
+                format!("{} MiB", delta_rss / 1024),
+                "-".into(),
+                "child process, VmHWM".into(),
+            );
+            t.row(
+                &format!(
+                    "peak RSS, apply that delta ({} KiB assignment)",
+                    fs::metadata(&out).unwrap().len() / 1024
+                ),
+                format!("{} MiB", apply_delta_rss / 1024),
+                "-".into(),
+                "child process, VmHWM".into(),
+            );
         }
         for p in [&big, &big2, &site_dir] {
             drop_dir(p);
@@ -389,7 +515,8 @@ fn main() {
             fs::write(&p, g.text(210)).unwrap();
         }
         let out = s.join("detect.cma");
-        let (sh, st, o) = (shadow.to_str().unwrap(), staging.to_str().unwrap(), out.to_str().unwrap());
+        let (sh, st, o) =
+            (shadow.to_str().unwrap(), staging.to_str().unwrap(), out.to_str().unwrap());
         let scan_rss = rss_of(&["scan-both", st, sh]);
         let build_rss = rss_of(&["build-delta", st, sh, o]);
         let base_rss = rss_of(&["nothing"]);
@@ -397,7 +524,11 @@ fn main() {
             &format!("peak RSS, change detection over two {detect_files}-file trees"),
             format!("{} MiB", build_rss / 1024),
             "-".into(),
-            format!("both trees scanned into maps: {} MiB; an idle child: {} MiB", scan_rss / 1024, base_rss / 1024),
+            format!(
+                "both trees scanned into maps: {} MiB; an idle child: {} MiB",
+                scan_rss / 1024,
+                base_rss / 1024
+            ),
         );
         let _ = fs::remove_file(&out);
         for p in [&shadow, &staging] {
@@ -415,10 +546,22 @@ fn main() {
 /// (its own `VmHWM`, printed as its last line: `getrusage(RUSAGE_CHILDREN)` would report the
 /// largest of all children so far, not this one).
 fn rss_of(args: &[&str]) -> u64 {
-    let out = Command::new(std::env::current_exe().unwrap()).arg("--rss-child").args(args).output().unwrap();
-    assert!(out.status.success(), "child {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(std::env::current_exe().unwrap())
+        .arg("--rss-child")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "child {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines().rev().find_map(|l| l.strip_prefix("VmHWM-KiB ")).and_then(|v| v.trim().parse().ok()).expect("child prints VmHWM-KiB")
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("VmHWM-KiB "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("child prints VmHWM-KiB")
 }
 
 /// Peak resident set of this process so far, in KiB.
@@ -435,15 +578,30 @@ fn rss_child() {
     let a: Vec<String> = std::env::args().skip(2).collect();
     match a[0].as_str() {
         "build" => {
-            build(Path::new(&a[1]), None, Path::new(&a[2]), &BuildOptions::new(AssignmentType::Replicate, 1)).unwrap();
+            build(
+                Path::new(&a[1]),
+                None,
+                Path::new(&a[2]),
+                &BuildOptions::new(AssignmentType::Replicate, 1),
+            )
+            .unwrap();
         }
         "build-delta" => {
             // a[1] = staging, a[2] = shadow, a[3] = output
-            build(Path::new(&a[1]), Some(Path::new(&a[2])), Path::new(&a[3]), &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
+            build(
+                Path::new(&a[1]),
+                Some(Path::new(&a[2])),
+                Path::new(&a[3]),
+                &BuildOptions::new(AssignmentType::Publish, 2),
+            )
+            .unwrap();
         }
         "scan-both" => {
             // a[1], a[2]: the trees; what change detection held before it walked them.
-            let (x, y) = (cm_assignment::detect::scan(Path::new(&a[1])).unwrap(), cm_assignment::detect::scan(Path::new(&a[2])).unwrap());
+            let (x, y) = (
+                cm_assignment::detect::scan(Path::new(&a[1])).unwrap(),
+                cm_assignment::detect::scan(Path::new(&a[2])).unwrap(),
+            );
             std::hint::black_box((x.len(), y.len()));
         }
         "nothing" => {}

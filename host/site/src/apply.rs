@@ -49,7 +49,11 @@ impl PayloadReader for Payload {
     }
 }
 
-pub(crate) fn build_release(site: &Site, reader: &AssignmentReader, interp: &mut dyn Interpreter) -> Result<ApplyReport, SiteError> {
+pub(crate) fn build_release(
+    site: &Site,
+    reader: &AssignmentReader,
+    interp: &mut dyn Interpreter,
+) -> Result<ApplyReport, SiteError> {
     let h = reader.header().clone();
     let root = site.root();
     let mut report = ApplyReport {
@@ -61,12 +65,18 @@ pub(crate) fn build_release(site: &Site, reader: &AssignmentReader, interp: &mut
         now_live: None,
         already_applied: false,
     };
-    let fail = |cause| SiteError::Apply { file: reader.path().to_path_buf(), kind: h.kind, serial: h.serial, cause };
+    let fail = |cause| SiteError::Apply {
+        file: reader.path().to_path_buf(),
+        kind: h.kind,
+        serial: h.serial,
+        cause,
+    };
     if site.release_path(h.serial).is_dir() {
         report.already_applied = true;
         return Ok(report);
     }
-    let live = layout::current_serial(root).map_err(|e| fail(ApplyCause::Io { what: "reading `current`".into(), source: e }))?;
+    let live = layout::current_serial(root)
+        .map_err(|e| fail(ApplyCause::Io { what: "reading `current`".into(), source: e }))?;
     if h.base_serial != 0 && live != Some(h.base_serial) {
         return Err(fail(ApplyCause::WrongBase { base: h.base_serial, live }));
     }
@@ -80,9 +90,11 @@ pub(crate) fn build_release(site: &Site, reader: &AssignmentReader, interp: &mut
             }
             _ => fs::create_dir(&staging).map_err(io_cause("creating the new release"))?,
         }
-        report.bytes_written = Streamer::new(reader, &staging, interp, site.config.batch_commands).run()?;
+        report.bytes_written =
+            Streamer::new(reader, &staging, interp, site.config.batch_commands).run()?;
         layout::sync_filesystem(&staging).map_err(io_cause("syncing the new release"))?;
-        fs::rename(&staging, site.release_path(h.serial)).map_err(io_cause("naming the new release"))?;
+        fs::rename(&staging, site.release_path(h.serial))
+            .map_err(io_cause("naming the new release"))?;
         layout::sync_dir(&root.join(layout::RELEASES)).map_err(io_cause("syncing releases/"))?;
         Ok(())
     })();
@@ -118,7 +130,8 @@ const MAX_PAYLOADS: usize = 16;
 
 /// `a` and `b` are the same path or one contains the other.
 fn overlaps(a: &str, b: &str) -> bool {
-    let nested = |x: &str, y: &str| x.len() > y.len() && x.starts_with(y) && x.as_bytes()[y.len()] == b'/';
+    let nested =
+        |x: &str, y: &str| x.len() > y.len() && x.starts_with(y) && x.as_bytes()[y.len()] == b'/';
     a == b || nested(a, b) || nested(b, a)
 }
 
@@ -132,7 +145,12 @@ fn paths_of(cmd: &Cmd) -> Vec<&str> {
 }
 
 impl<'a> Streamer<'a> {
-    fn new(reader: &'a AssignmentReader, staging: &'a Path, interp: &'a mut dyn Interpreter, max: usize) -> Self {
+    fn new(
+        reader: &'a AssignmentReader,
+        staging: &'a Path,
+        interp: &'a mut dyn Interpreter,
+        max: usize,
+    ) -> Self {
         Streamer {
             reader,
             staging,
@@ -155,8 +173,14 @@ impl<'a> Streamer<'a> {
                 self.flush()?;
             }
             if let Cmd::ApplyDelta { base, base_len, base_hash, .. } = &cmd {
-                let why = |e: ApplyError| ApplyCause::Command { index, name: "apply-delta", path: cmd.path().to_owned(), why: e.to_string() };
-                check_base(&resolve(self.staging, base).map_err(why)?, *base_len, base_hash).map_err(why)?;
+                let why = |e: ApplyError| ApplyCause::Command {
+                    index,
+                    name: "apply-delta",
+                    path: cmd.path().to_owned(),
+                    why: e.to_string(),
+                };
+                check_base(&resolve(self.staging, base).map_err(why)?, *base_len, base_hash)
+                    .map_err(why)?;
             }
             self.touched.extend(paths_of(&cmd).into_iter().map(str::to_owned));
             let out = self.convert(&cmd)?;
@@ -174,12 +198,17 @@ impl<'a> Streamer<'a> {
     }
 
     fn convert(&self, cmd: &Cmd) -> Result<Command, ApplyCause> {
-        let data = |p| -> Result<Box<dyn PayloadReader>, ApplyCause> { Ok(Box::new(Payload(self.reader.payload(p)?))) };
+        let data = |p| -> Result<Box<dyn PayloadReader>, ApplyCause> {
+            Ok(Box::new(Payload(self.reader.payload(p)?)))
+        };
         Ok(match cmd {
             Cmd::MakeDir { path, mode } => Command::MakeDir { path: path.clone(), mode: *mode },
-            Cmd::WriteFile { path, mode, mtime, payload, .. } => {
-                Command::WriteFile { path: path.clone(), mode: *mode, mtime: *mtime, data: data(payload)? }
-            }
+            Cmd::WriteFile { path, mode, mtime, payload, .. } => Command::WriteFile {
+                path: path.clone(),
+                mode: *mode,
+                mtime: *mtime,
+                data: data(payload)?,
+            },
             Cmd::ApplyDelta { path, base, mode, mtime, ops, payload, .. } => Command::ApplyDelta {
                 path: path.clone(),
                 base: base.clone(),
@@ -188,9 +217,13 @@ impl<'a> Streamer<'a> {
                 ops: ops.clone(),
                 data: data(payload)?,
             },
-            Cmd::Remove { path, recursive } => Command::Remove { path: path.clone(), recursive: *recursive },
+            Cmd::Remove { path, recursive } => {
+                Command::Remove { path: path.clone(), recursive: *recursive }
+            }
             Cmd::Rename { from, to } => Command::Rename { from: from.clone(), to: to.clone() },
-            Cmd::Symlink { path, target } => Command::Symlink { path: path.clone(), target: target.clone() },
+            Cmd::Symlink { path, target } => {
+                Command::Symlink { path: path.clone(), target: target.clone() }
+            }
             Cmd::SetMode { path, mode } => Command::SetMode { path: path.clone(), mode: *mode },
         })
     }
@@ -212,13 +245,26 @@ impl<'a> Streamer<'a> {
             return Err(ApplyCause::Interpreter {
                 first,
                 last,
-                source: PluginError::Runtime(format!("{} reports for {} commands", reports.len(), pending.len())),
+                source: PluginError::Runtime(format!(
+                    "{} reports for {} commands",
+                    reports.len(),
+                    pending.len()
+                )),
             });
         }
         for (report, (index, cmd)) in reports.iter().zip(&pending) {
-            let fail = |why: String| ApplyCause::Command { index: *index, name: cmd.name(), path: cmd.path().to_owned(), why };
+            let fail = |why: String| ApplyCause::Command {
+                index: *index,
+                name: cmd.name(),
+                path: cmd.path().to_owned(),
+                why,
+            };
             if report.index as usize >= pending.len() {
-                return Err(fail(format!("interpreter reported on command {} of a batch of {}", report.index, pending.len())));
+                return Err(fail(format!(
+                    "interpreter reported on command {} of a batch of {}",
+                    report.index,
+                    pending.len()
+                )));
             }
             if let Err(msg) = &report.outcome {
                 return Err(fail(format!("interpreter: {msg}")));
@@ -238,15 +284,23 @@ impl<'a> Streamer<'a> {
             Cmd::ApplyDelta { path, mode, len, hash, .. } => (path, *mode, *len, hash),
             _ => return Ok(()),
         };
-        let fail = |why: String| ApplyCause::Command { index, name: cmd.name(), path: path.clone(), why };
+        let fail =
+            |why: String| ApplyCause::Command { index, name: cmd.name(), path: path.clone(), why };
         let p = resolve(self.staging, path).map_err(|e| fail(e.to_string()))?;
-        let f = fs::File::open(&p).map_err(|e| fail(format!("written file cannot be opened: {e}")))?;
+        let f =
+            fs::File::open(&p).map_err(|e| fail(format!("written file cannot be opened: {e}")))?;
         let m = f.metadata().map_err(|e| fail(format!("written file: {e}")))?;
         if m.len() != len {
-            return Err(fail(format!("written file is {} bytes, the assignment says {len}", m.len())));
+            return Err(fail(format!(
+                "written file is {} bytes, the assignment says {len}",
+                m.len()
+            )));
         }
         if m.permissions().mode() & 0o7777 != mode {
-            return Err(fail(format!("written file has mode {:o}, the assignment says {mode:o}", m.permissions().mode() & 0o7777)));
+            return Err(fail(format!(
+                "written file has mode {:o}, the assignment says {mode:o}",
+                m.permissions().mode() & 0o7777
+            )));
         }
         let mut h = blake3::Hasher::new();
         h.update_reader(&f).map_err(|e| fail(format!("reading the written file: {e}")))?;

@@ -56,7 +56,9 @@ pub fn current_serial(site: &Path) -> io::Result<Option<u64>> {
     match fs::read_link(site.join(CURRENT)) {
         Ok(t) => {
             let name = t.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            name.parse().map(Some).map_err(|_| io::Error::other(format!("`current` points to {}, not a release", t.display())))
+            name.parse().map(Some).map_err(|_| {
+                io::Error::other(format!("`current` points to {}, not a release", t.display()))
+            })
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
@@ -77,7 +79,9 @@ pub fn read_history(site: &Path) -> io::Result<Vec<u64>> {
         Ok(s) => s
             .lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| l.trim().parse().map_err(|_| io::Error::other(format!("history: bad line {l:?}"))))
+            .map(|l| {
+                l.trim().parse().map_err(|_| io::Error::other(format!("history: bad line {l:?}")))
+            })
             .collect(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e),

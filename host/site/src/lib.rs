@@ -28,7 +28,11 @@ pub use native::NativeInterpreter;
 /// plugin platform's interpreter handle implements it; so does [`NativeInterpreter`].
 pub trait Interpreter {
     /// Applies one batch of commands to the staging tree at `staging_root`; one report per command.
-    fn apply(&mut self, staging_root: &Path, batch: Vec<Command>) -> Result<Vec<CommandReport>, PluginError>;
+    fn apply(
+        &mut self,
+        staging_root: &Path,
+        batch: Vec<Command>,
+    ) -> Result<Vec<CommandReport>, PluginError>;
     /// Release `serial` is about to go live; an error vetoes the commit.
     fn commit(&mut self, serial: u64) -> Result<(), PluginError>;
     /// Release `serial` is being abandoned or rolled back from.
@@ -58,7 +62,9 @@ impl Default for SiteConfig {
 pub enum SiteError {
     #[error("assignment {file}: {source}; nothing applied, live unchanged")]
     Read { file: PathBuf, source: ReadError },
-    #[error("assignment {file} ({kind} serial {serial}): {cause}; release {serial} discarded, live unchanged")]
+    #[error(
+        "assignment {file} ({kind} serial {serial}): {cause}; release {serial} discarded, live unchanged"
+    )]
     Apply { file: PathBuf, kind: AssignmentType, serial: u64, cause: ApplyCause },
     #[error("site {site}: {what}: {source}")]
     Io { site: PathBuf, what: String, source: io::Error },
@@ -68,7 +74,9 @@ pub enum SiteError {
     NothingPrepared { site: PathBuf },
     #[error("site {site}: no earlier release to roll back to")]
     NoPrevious { site: PathBuf },
-    #[error("site {site}: the interpreter vetoed {what} of release {serial}: {source}; live unchanged")]
+    #[error(
+        "site {site}: the interpreter vetoed {what} of release {serial}: {source}; live unchanged"
+    )]
     Vetoed { site: PathBuf, what: &'static str, serial: u64, source: PluginError },
 }
 
@@ -112,11 +120,15 @@ impl fmt::Display for Status {
             None => writeln!(f, "live: none (nothing committed yet)")?,
         }
         for (s, st) in &self.releases {
-            writeln!(f, "  {s:>12}  {}", match st {
-                ReleaseState::Live => "live",
-                ReleaseState::Backup => "backup",
-                ReleaseState::Prepared => "prepared",
-            })?;
+            writeln!(
+                f,
+                "  {s:>12}  {}",
+                match st {
+                    ReleaseState::Live => "live",
+                    ReleaseState::Backup => "backup",
+                    ReleaseState::Prepared => "prepared",
+                }
+            )?;
         }
         Ok(())
     }
@@ -231,7 +243,11 @@ impl Site {
 
     /// Verifies and applies the assignment at `file`: builds a release, or (commit, rollback,
     /// switch) moves `current`. On any failure live is unchanged and the partial release is gone.
-    pub fn apply(&self, file: &Path, interp: &mut dyn Interpreter) -> Result<ApplyReport, SiteError> {
+    pub fn apply(
+        &self,
+        file: &Path,
+        interp: &mut dyn Interpreter,
+    ) -> Result<ApplyReport, SiteError> {
         let _lock = self.lock()?;
         let read_err = |source| SiteError::Read { file: file.to_path_buf(), source };
         let mut reader = AssignmentReader::open(file).map_err(read_err)?;
@@ -252,7 +268,9 @@ impl Site {
         match h.kind {
             AssignmentType::Commit => {
                 let target = match h.target_serial {
-                    0 => self.newest_prepared()?.ok_or_else(|| SiteError::NothingPrepared { site: self.root.clone() })?,
+                    0 => self
+                        .newest_prepared()?
+                        .ok_or_else(|| SiteError::NothingPrepared { site: self.root.clone() })?,
                     t => t,
                 };
                 self.commit_locked(target, interp).map(switched)
@@ -275,11 +293,17 @@ impl Site {
     }
 
     /// Makes release `serial` live (None: the newest prepared one). Returns the live serial.
-    pub fn commit(&self, serial: Option<u64>, interp: &mut dyn Interpreter) -> Result<u64, SiteError> {
+    pub fn commit(
+        &self,
+        serial: Option<u64>,
+        interp: &mut dyn Interpreter,
+    ) -> Result<u64, SiteError> {
         let _lock = self.lock()?;
         let serial = match serial {
             Some(s) => s,
-            None => self.newest_prepared()?.ok_or_else(|| SiteError::NothingPrepared { site: self.root.clone() })?,
+            None => self
+                .newest_prepared()?
+                .ok_or_else(|| SiteError::NothingPrepared { site: self.root.clone() })?,
         };
         self.commit_locked(serial, interp)
     }
@@ -298,9 +322,12 @@ impl Site {
         if current == Some(serial) {
             return Ok(serial);
         }
-        interp
-            .commit(serial)
-            .map_err(|source| SiteError::Vetoed { site: self.root.clone(), what: "commit", serial, source })?;
+        interp.commit(serial).map_err(|source| SiteError::Vetoed {
+            site: self.root.clone(),
+            what: "commit",
+            serial,
+            source,
+        })?;
         let mut history = layout::read_history(&self.root).map_err(self.io("reading history"))?;
         history.push(serial);
         // Journal first, then the atomic switch (see `layout`).
@@ -320,9 +347,12 @@ impl Site {
         if !self.release_path(target).is_dir() {
             return Err(SiteError::NoRelease { site: self.root.clone(), serial: target });
         }
-        interp
-            .rollback(cur)
-            .map_err(|source| SiteError::Vetoed { site: self.root.clone(), what: "rollback", serial: cur, source })?;
+        interp.rollback(cur).map_err(|source| SiteError::Vetoed {
+            site: self.root.clone(),
+            what: "rollback",
+            serial: cur,
+            source,
+        })?;
         history.pop();
         layout::write_history(&self.root, &history).map_err(self.io("writing history"))?;
         layout::switch_current(&self.root, target).map_err(self.io("switching `current`"))?;
@@ -345,7 +375,8 @@ impl Site {
         for s in layout::list_releases(&self.root).map_err(self.io("listing releases"))? {
             let prepared = s > live && !history.contains(&s);
             if !keep.contains(&s) && !prepared {
-                layout::discard(&self.root, &self.release_path(s)).map_err(self.io(format!("removing release {s}")))?;
+                layout::discard(&self.root, &self.release_path(s))
+                    .map_err(self.io(format!("removing release {s}")))?;
             }
         }
         Ok(())

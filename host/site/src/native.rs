@@ -15,7 +15,11 @@ use crate::Interpreter;
 pub struct NativeInterpreter;
 
 impl Interpreter for NativeInterpreter {
-    fn apply(&mut self, staging_root: &Path, batch: Vec<Command>) -> Result<Vec<CommandReport>, PluginError> {
+    fn apply(
+        &mut self,
+        staging_root: &Path,
+        batch: Vec<Command>,
+    ) -> Result<Vec<CommandReport>, PluginError> {
         Ok(batch
             .into_iter()
             .enumerate()

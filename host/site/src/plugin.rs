@@ -9,7 +9,11 @@ use cm_plugin_host::{Command, CommandReport, PluginError};
 use crate::Interpreter;
 
 impl Interpreter for cm_plugin_host::Interpreter {
-    fn apply(&mut self, staging_root: &Path, batch: Vec<Command>) -> Result<Vec<CommandReport>, PluginError> {
+    fn apply(
+        &mut self,
+        staging_root: &Path,
+        batch: Vec<Command>,
+    ) -> Result<Vec<CommandReport>, PluginError> {
         cm_plugin_host::Interpreter::apply(self, staging_root, batch)
     }
 

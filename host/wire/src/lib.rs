@@ -123,7 +123,8 @@ impl<'a> Reader<'a> {
 
     /// Bytes with a `u32` length prefix; `max` bounds the length before anything is read.
     pub fn bytes32(&mut self, max: usize) -> Result<&'a [u8], DecodeError> {
-        let n = usize::try_from(self.u32()?).map_err(|_| DecodeError::malformed("length prefix too large"))?;
+        let n = usize::try_from(self.u32()?)
+            .map_err(|_| DecodeError::malformed("length prefix too large"))?;
         if n > max {
             return Err(DecodeError::malformed("length prefix over limit"));
         }
@@ -132,7 +133,8 @@ impl<'a> Reader<'a> {
 
     /// A UTF-8 string with a `u16` length prefix.
     pub fn str16(&mut self, max: usize) -> Result<&'a str, DecodeError> {
-        std::str::from_utf8(self.bytes16(max)?).map_err(|_| DecodeError::malformed("string not UTF-8"))
+        std::str::from_utf8(self.bytes16(max)?)
+            .map_err(|_| DecodeError::malformed("string not UTF-8"))
     }
 }
 
@@ -193,7 +195,11 @@ impl Writer {
 
     /// Bytes with a `u16` length prefix.
     pub fn bytes16(&mut self, what: &'static str, b: &[u8]) -> Result<&mut Self, EncodeError> {
-        let n = u16::try_from(b.len()).map_err(|_| EncodeError { what, len: b.len(), max: u16::MAX.into() })?;
+        let n = u16::try_from(b.len()).map_err(|_| EncodeError {
+            what,
+            len: b.len(),
+            max: u16::MAX.into(),
+        })?;
         Ok(self.u16(n).bytes(b))
     }
 

@@ -37,14 +37,30 @@ pub struct Agent {
 
 impl Agent {
     /// Starts an agent on `channel` with multicast on the loopback interface.
-    pub fn start(bin: &Path, dir: &Path, id: NodeId, weight: u8, segment: &str, channel: SocketAddr) -> Result<Agent> {
+    pub fn start(
+        bin: &Path,
+        dir: &Path,
+        id: NodeId,
+        weight: u8,
+        segment: &str,
+        channel: SocketAddr,
+    ) -> Result<Agent> {
         Self::start_in(bin, dir, id, weight, segment, channel, Ipv4Addr::LOCALHOST, None)
     }
 
     /// Starts an agent whose multicast interface is `interface`, inside `netns` if given.
     /// The cluster secret is `dir/cluster.key` (written once by the test).
     #[allow(clippy::too_many_arguments)]
-    pub fn start_in(bin: &Path, dir: &Path, id: NodeId, weight: u8, segment: &str, channel: SocketAddr, interface: Ipv4Addr, netns: Option<&str>) -> Result<Agent> {
+    pub fn start_in(
+        bin: &Path,
+        dir: &Path,
+        id: NodeId,
+        weight: u8,
+        segment: &str,
+        channel: SocketAddr,
+        interface: Ipv4Addr,
+        netns: Option<&str>,
+    ) -> Result<Agent> {
         let data = dir.join(format!("node-{id}"));
         std::fs::create_dir_all(&data)?;
         let secret = dir.join("cluster.key");
@@ -65,7 +81,14 @@ impl Agent {
                  [data]\nchannel = \"{data_channel}\"\n"
             ),
         )?;
-        let mut agent = Agent { id, config, log: data.join("agent.log"), status, child: None, netns: netns.map(str::to_owned) };
+        let mut agent = Agent {
+            id,
+            config,
+            log: data.join("agent.log"),
+            status,
+            child: None,
+            netns: netns.map(str::to_owned),
+        };
         agent.spawn(bin)?;
         Ok(agent)
     }
@@ -164,13 +187,16 @@ impl Spy {
         let until = tokio::time::Instant::now() + window;
         while let Ok(r) = tokio::time::timeout_at(until, self.socket.recv_from(&mut buf)).await {
             let (n, _) = r?;
-            let (h, msg) = wire::open(&key, CLUSTER, &buf[..n]).map_err(|e| anyhow::anyhow!("unexpected datagram on the group: {e}"))?;
+            let (h, msg) = wire::open(&key, CLUSTER, &buf[..n])
+                .map_err(|e| anyhow::anyhow!("unexpected datagram on the group: {e}"))?;
             heard.senders.insert(h.sender);
             match msg {
                 Message::LeaderAlive { .. } => {
                     heard.leaders.insert(h.sender);
                 }
-                Message::MemberReport(r) => heard.reports.push((h.sender, r.members.into_iter().collect())),
+                Message::MemberReport(r) => {
+                    heard.reports.push((h.sender, r.members.into_iter().collect()))
+                }
                 _ => {}
             }
         }
@@ -179,18 +205,27 @@ impl Spy {
 
     /// Waits until a window in which exactly `leader` sends Leader Alive and its report lists
     /// exactly `members`. Every window is also passed to `check` (e.g. "never two leaders").
-    pub async fn converged(&self, leader: NodeId, members: &BTreeSet<NodeId>, mut check: impl FnMut(&Heard) -> Result<()>) -> Result<()> {
+    pub async fn converged(
+        &self,
+        leader: NodeId,
+        members: &BTreeSet<NodeId>,
+        mut check: impl FnMut(&Heard) -> Result<()>,
+    ) -> Result<()> {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         // A report goes out every 10 heartbeats even when nothing changes: windows of 12.
         let window = Duration::from_millis(HEARTBEAT_MS * 12);
         loop {
             let heard = self.listen(window).await?;
             check(&heard)?;
-            if heard.leaders == BTreeSet::from([leader]) && heard.members_of(leader) == Some(members) {
+            if heard.leaders == BTreeSet::from([leader])
+                && heard.members_of(leader) == Some(members)
+            {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("leader {leader} listing {members:?} not heard within {PATIENCE:?}; last window: {heard:?}");
+                bail!(
+                    "leader {leader} listing {members:?} not heard within {PATIENCE:?}; last window: {heard:?}"
+                );
             }
         }
     }

@@ -6,13 +6,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use cm_plugin_host::{
-    Command, LoadedPlugin, LogLevel, MemoryPayload, PluginManifest, PluginRuntime, RuntimeConfig, bundled,
+    Command, LoadedPlugin, LogLevel, MemoryPayload, PluginManifest, PluginRuntime, RuntimeConfig,
+    bundled,
 };
 
 /// The bytes of a component built from this repository (`plugins/dist/<name>.wasm`).
 pub fn component(name: &str) -> Vec<u8> {
     let path = bundled::dist_dir().join(format!("{name}.wasm"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run `cargo xtask plugins`)", path.display()))
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run `cargo xtask plugins`)", path.display()))
 }
 
 /// Every log record plugins wrote, as (plugin, level, message).
@@ -42,11 +44,17 @@ pub fn interpreter_manifest(name: &str, memory_mib: u64, deadline_ms: u64) -> Pl
 
 /// Load `plugins/dist/<file>.wasm` as interpreter `name`.
 pub fn load_interpreter(runtime: &PluginRuntime, file: &str) -> Arc<LoadedPlugin> {
-    LoadedPlugin::load(runtime, &component(file), interpreter_manifest(file, 64, 2_000), file).expect("load")
+    LoadedPlugin::load(runtime, &component(file), interpreter_manifest(file, 64, 2_000), file)
+        .expect("load")
 }
 
 pub fn write(path: &str, bytes: &[u8]) -> Command {
-    Command::WriteFile { path: path.into(), mode: 0o644, mtime: 1_700_000_000, data: MemoryPayload::boxed(bytes) }
+    Command::WriteFile {
+        path: path.into(),
+        mode: 0o644,
+        mtime: 1_700_000_000,
+        data: MemoryPayload::boxed(bytes),
+    }
 }
 
 /// Every path under `root`, relative, sorted (to prove nothing appeared elsewhere).
@@ -75,7 +83,11 @@ pub fn cmover() -> std::path::PathBuf {
 /// Run `cmover <args>`; its output (stdout and stderr) and whether it succeeded.
 pub fn run_cmover(args: &[&std::ffi::OsStr]) -> (bool, String) {
     let output = std::process::Command::new(cmover()).args(args).output().expect("cmover runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     (output.status.success(), text)
 }
 

@@ -5,8 +5,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
-pub use cm_tests::observe;
 use cm_assignment::{AssignmentType, BuildOptions, Meta, build};
+pub use cm_tests::observe;
 
 /// Writes `files` (path → content) under `root`, creating directories; every file gets `mtime`.
 pub fn write_tree(root: &Path, files: &[(&str, &[u8])], mtime: u64) {
@@ -21,7 +21,15 @@ pub fn write_tree(root: &Path, files: &[(&str, &[u8])], mtime: u64) {
 }
 
 /// Builds an assignment of `kind` turning `shadow` into `staging`.
-pub fn assignment(dir: &Path, name: &str, kind: AssignmentType, serial: u64, base: u64, staging: &Path, shadow: Option<&Path>) -> PathBuf {
+pub fn assignment(
+    dir: &Path,
+    name: &str,
+    kind: AssignmentType,
+    serial: u64,
+    base: u64,
+    staging: &Path,
+    shadow: Option<&Path>,
+) -> PathBuf {
     let out = dir.join(name);
     let mut opts = BuildOptions::new(kind, serial);
     opts.meta.base_serial = base;
@@ -30,9 +38,20 @@ pub fn assignment(dir: &Path, name: &str, kind: AssignmentType, serial: u64, bas
 }
 
 /// A header-only assignment.
-pub fn switch_assignment(dir: &Path, name: &str, kind: AssignmentType, serial: u64, target: u64) -> PathBuf {
+pub fn switch_assignment(
+    dir: &Path,
+    name: &str,
+    kind: AssignmentType,
+    serial: u64,
+    target: u64,
+) -> PathBuf {
     let out = dir.join(name);
-    cm_assignment::detect::build_switch(&out, Meta { kind, serial, job_id: 0, base_serial: 0, target_serial: target }, None).unwrap();
+    cm_assignment::detect::build_switch(
+        &out,
+        Meta { kind, serial, job_id: 0, base_serial: 0, target_serial: target },
+        None,
+    )
+    .unwrap();
     out
 }
 

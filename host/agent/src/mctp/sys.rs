@@ -23,7 +23,15 @@ pub const MAX_GSO_BYTES: usize = 65_000;
 
 fn set_udp_opt(fd: RawFd, opt: libc::c_int, val: libc::c_int) -> bool {
     // SAFETY: setsockopt on a valid fd with a pointer to a c_int and its exact size.
-    unsafe { libc::setsockopt(fd, SOL_UDP, opt, (&val as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t) == 0 }
+    unsafe {
+        libc::setsockopt(
+            fd,
+            SOL_UDP,
+            opt,
+            (&val as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
 }
 
 /// True when the kernel offers UDP GSO on this socket (Linux 4.18+).
@@ -80,7 +88,11 @@ impl RecvBatch {
     /// (0 when none were waiting).
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         let n = self.bufs.len();
-        let mut iovs: Vec<libc::iovec> = self.bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
+        let mut iovs: Vec<libc::iovec> = self
+            .bufs
+            .iter_mut()
+            .map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() })
+            .collect();
         // SAFETY: an all-zero mmsghdr is a valid "empty" header; every pointer set below points
         // into `iovs` and `self.from`, which outlive the call.
         let mut msgs: Vec<libc::mmsghdr> = (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
@@ -93,10 +105,24 @@ impl RecvBatch {
             m.msg_hdr.msg_controllen = CMSG_SPACE as _;
         }
         // SAFETY: `msgs` holds `n` initialised headers whose buffers are valid for writing.
-        let got = unsafe { libc::recvmmsg(fd, msgs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut()) };
+        let got = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
         if got < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::WouldBlock
+                || e.kind() == io::ErrorKind::Interrupted
+            {
+                Ok(0)
+            } else {
+                Err(e)
+            };
         }
         let got = got as usize;
         for (i, m) in msgs.iter().take(got).enumerate() {
@@ -147,13 +173,24 @@ pub struct Outgoing<'a> {
 /// the first refusal's error, if any.
 pub fn send_batch(fd: RawFd, out: &[Outgoing<'_>]) -> (usize, Option<io::Error>) {
     let mut names: Vec<libc::sockaddr_in> = out.iter().map(|o| sockaddr(o.to)).collect();
-    let mut iovs: Vec<Vec<libc::iovec>> =
-        out.iter().map(|o| o.pieces.iter().map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() }).collect()).collect();
+    let mut iovs: Vec<Vec<libc::iovec>> = out
+        .iter()
+        .map(|o| {
+            o.pieces
+                .iter()
+                .map(|b| libc::iovec {
+                    iov_base: b.as_ptr() as *mut libc::c_void,
+                    iov_len: b.len(),
+                })
+                .collect()
+        })
+        .collect();
     let mut control: Vec<[u64; CMSG_SPACE / 8]> = vec![[0; CMSG_SPACE / 8]; out.len()];
     // SAFETY: an all-zero mmsghdr is a valid empty header; every pointer set below points into
     // `names`, `iovs` and `control`, which outlive the calls, and at caller-owned buffers the
     // kernel only reads.
-    let mut msgs: Vec<libc::mmsghdr> = (0..out.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+    let mut msgs: Vec<libc::mmsghdr> =
+        (0..out.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
     for (i, m) in msgs.iter_mut().enumerate() {
         m.msg_hdr.msg_iov = iovs[i].as_mut_ptr();
         m.msg_hdr.msg_iovlen = iovs[i].len() as _;
@@ -179,7 +216,9 @@ pub fn send_batch(fd: RawFd, out: &[Outgoing<'_>]) -> (usize, Option<io::Error>)
     while done < msgs.len() {
         let rest = &mut msgs[done..];
         // SAFETY: `rest` is a valid slice of initialised headers.
-        let sent = unsafe { libc::sendmmsg(fd, rest.as_mut_ptr(), rest.len() as libc::c_uint, libc::MSG_DONTWAIT) };
+        let sent = unsafe {
+            libc::sendmmsg(fd, rest.as_mut_ptr(), rest.len() as libc::c_uint, libc::MSG_DONTWAIT)
+        };
         if sent > 0 {
             done += sent as usize;
             continue;
@@ -204,13 +243,21 @@ pub fn send_batch(fd: RawFd, out: &[Outgoing<'_>]) -> (usize, Option<io::Error>)
 
 /// Waits until one of `fds` is ready for its event, or `timeout`; returns which are ready.
 pub fn wait(fds: &[(RawFd, libc::c_short)], timeout: Duration) -> io::Result<Vec<bool>> {
-    let mut p: Vec<libc::pollfd> = fds.iter().map(|(fd, ev)| libc::pollfd { fd: *fd, events: *ev, revents: 0 }).collect();
-    let ts = libc::timespec { tv_sec: timeout.as_secs().min(3600) as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
+    let mut p: Vec<libc::pollfd> =
+        fds.iter().map(|(fd, ev)| libc::pollfd { fd: *fd, events: *ev, revents: 0 }).collect();
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(3600) as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
     // SAFETY: `p` is a valid array of pollfd of the given length; `ts` outlives the call.
     let rc = unsafe { libc::ppoll(p.as_mut_ptr(), p.len() as libc::nfds_t, &ts, std::ptr::null()) };
     if rc < 0 {
         let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted { Ok(vec![false; fds.len()]) } else { Err(e) };
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(vec![false; fds.len()])
+        } else {
+            Err(e)
+        };
     }
     Ok(p.iter().map(|x| x.revents != 0).collect())
 }
@@ -218,11 +265,17 @@ pub fn wait(fds: &[(RawFd, libc::c_short)], timeout: Duration) -> io::Result<Vec
 /// Writes `pieces` back to back at `offset`, with one `pwritev` per 1 024 pieces.
 pub fn pwrite_all(file: &File, pieces: &[&[u8]], mut offset: u64) -> io::Result<()> {
     for group in pieces.chunks(1024) {
-        let iovs: Vec<libc::iovec> = group.iter().map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() }).collect();
+        let iovs: Vec<libc::iovec> = group
+            .iter()
+            .map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() })
+            .collect();
         let total: usize = group.iter().map(|b| b.len()).sum();
-        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::other("offset past off_t"))?;
+        let off =
+            libc::off_t::try_from(offset).map_err(|_| io::Error::other("offset past off_t"))?;
         // SAFETY: the iovecs point at live, readable buffers of the stated lengths.
-        let n = unsafe { libc::pwritev(file.as_raw_fd(), iovs.as_ptr(), iovs.len() as libc::c_int, off) };
+        let n = unsafe {
+            libc::pwritev(file.as_raw_fd(), iovs.as_ptr(), iovs.len() as libc::c_int, off)
+        };
         let mut written = if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
@@ -290,11 +343,18 @@ mod tests {
             _ => unreachable!(),
         };
         let payloads: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 100 + usize::from(i)]).collect();
-        let mut msgs: Vec<Outgoing> = payloads.iter().map(|p| Outgoing { pieces: vec![p.as_slice()], to, segment: None }).collect();
+        let mut msgs: Vec<Outgoing> = payloads
+            .iter()
+            .map(|p| Outgoing { pieces: vec![p.as_slice()], to, segment: None })
+            .collect();
         // Ten equal datagrams of 300 bytes as one GSO message, given in uneven pieces.
         let equal = vec![7u8; 3000];
         if gso_supported(tx.as_raw_fd()) {
-            msgs.push(Outgoing { pieces: vec![&equal[..1000], &equal[1000..]], to, segment: Some(300) });
+            msgs.push(Outgoing {
+                pieces: vec![&equal[..1000], &equal[1000..]],
+                to,
+                segment: Some(300),
+            });
         }
         let want = 40 + if msgs.len() > 40 { 10 } else { 0 };
         let gro = enable_gro(rx.as_raw_fd());
@@ -315,13 +375,23 @@ mod tests {
             }
         }
         assert_eq!(&got[..40], &payloads[..]);
-        assert!(got[40..].iter().all(|d| d == &vec![7u8; 300]), "gro {gro}: {:?}", got[40..].iter().map(Vec::len).collect::<Vec<_>>());
+        assert!(
+            got[40..].iter().all(|d| d == &vec![7u8; 300]),
+            "gro {gro}: {:?}",
+            got[40..].iter().map(Vec::len).collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn pwrite_all_writes_pieces_back_to_back() {
         let dir = tempfile_dir();
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join("f")).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("f"))
+            .unwrap();
         let pieces: Vec<Vec<u8>> = (0..2500u32).map(|i| vec![(i % 251) as u8; 3]).collect();
         let refs: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
         pwrite_all(&f, &refs, 10).unwrap();
@@ -332,7 +402,11 @@ mod tests {
     }
 
     fn tempfile_dir() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("cm-mctp-sys-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let d = std::env::temp_dir().join(format!(
+            "cm-mctp-sys-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         std::fs::create_dir_all(&d).unwrap();
         d
     }

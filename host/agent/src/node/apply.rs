@@ -70,7 +70,8 @@ impl Applier {
         default_interpreter: &[u8],
         state_dir: &Path,
     ) -> Result<Applier, AgentError> {
-        let site = Site::open(site_root, SiteConfig::default()).map_err(|e| AgentError::Site(e.to_string()))?;
+        let site = Site::open(site_root, SiteConfig::default())
+            .map_err(|e| AgentError::Site(e.to_string()))?;
         let runtime = PluginRuntime::new(RuntimeConfig {
             compiled_cache: Some(PluginStore::compiled_cache_dir(store_dir)),
             // One apply at a time: a small pool keeps the address-space reservation small.
@@ -79,22 +80,42 @@ impl Applier {
             ..RuntimeConfig::default()
         })
         .map_err(|e| AgentError::Plugin(e.to_string()))?;
-        let store = PluginStore::open(runtime, store_dir).map_err(|e| AgentError::Plugin(format!("plugin store {}: {e}", store_dir.display())))?;
+        let store = PluginStore::open(runtime, store_dir).map_err(|e| {
+            AgentError::Plugin(format!("plugin store {}: {e}", store_dir.display()))
+        })?;
         if store.slot(INTERPRETER).is_err() {
             let manifest = cm_plugin_host::bundled::interpreter_manifest(INTERPRETER, &[site_name]);
-            store
-                .install(default_interpreter, manifest, "bundled interpreter.wasm")
-                .map_err(|e| AgentError::Plugin(format!("installing the bundled interpreter into {}: {e}", store_dir.display())))?;
+            store.install(default_interpreter, manifest, "bundled interpreter.wasm").map_err(
+                |e| {
+                    AgentError::Plugin(format!(
+                        "installing the bundled interpreter into {}: {e}",
+                        store_dir.display()
+                    ))
+                },
+            )?;
             tracing::info!(store = %store_dir.display(), site = site_name, "installed the bundled interpreter plugin");
         }
         let interpreter = store
             .interpreter(INTERPRETER, site_name)
             .map_err(|e| AgentError::Plugin(format!("interpreter for site {site_name}: {e}")))?;
         let journal = state_dir.join("applied");
-        std::fs::create_dir_all(&journal).map_err(|e| AgentError::Io(format!("creating {}: {e}", journal.display())))?;
-        let plugins = StoreFollower::start(Arc::new(store), FollowConfig::default())
-            .map_err(|e| AgentError::Plugin(format!("following the plugin store {}: {e}", store_dir.display())))?;
-        let applier = Applier { site, interpreter, journal, lock: Mutex::new(()), recent: Mutex::new(VecDeque::new()), plugins };
+        std::fs::create_dir_all(&journal)
+            .map_err(|e| AgentError::Io(format!("creating {}: {e}", journal.display())))?;
+        let plugins =
+            StoreFollower::start(Arc::new(store), FollowConfig::default()).map_err(|e| {
+                AgentError::Plugin(format!(
+                    "following the plugin store {}: {e}",
+                    store_dir.display()
+                ))
+            })?;
+        let applier = Applier {
+            site,
+            interpreter,
+            journal,
+            lock: Mutex::new(()),
+            recent: Mutex::new(VecDeque::new()),
+            plugins,
+        };
         applier.load_recent();
         Ok(applier)
     }
@@ -162,11 +183,28 @@ impl Applier {
                 let what = match (rep.now_live, rep.already_applied) {
                     (Some(l), _) => format!("{} {}: live is now release {l}", rep.kind, rep.serial),
                     (None, true) => format!("{} {}: release already built", rep.kind, rep.serial),
-                    (None, false) => format!("{} {}: release built ({} commands, {} bytes written)", rep.kind, rep.serial, rep.commands, rep.bytes_written),
+                    (None, false) => format!(
+                        "{} {}: release built ({} commands, {} bytes written)",
+                        rep.kind, rep.serial, rep.commands, rep.bytes_written
+                    ),
                 };
-                Applied { run, error: None, live: self.live(), summary: what, at_ms: now_ms(), interpreter: version }
+                Applied {
+                    run,
+                    error: None,
+                    live: self.live(),
+                    summary: what,
+                    at_ms: now_ms(),
+                    interpreter: version,
+                }
             }
-            Err(e) => Applied { run, error: Some(e.to_string()), live: self.live(), summary: String::new(), at_ms: now_ms(), interpreter: version },
+            Err(e) => Applied {
+                run,
+                error: Some(e.to_string()),
+                live: self.live(),
+                summary: String::new(),
+                at_ms: now_ms(),
+                interpreter: version,
+            },
         };
         if outcome.error.is_none()
             && let Err(e) = self.write_journal(&outcome)
@@ -176,7 +214,9 @@ impl Applier {
             tracing::error!(run, "journalling the apply: {e}");
         }
         match &outcome.error {
-            None => tracing::info!(run, summary = %outcome.summary, interpreter = ?outcome.interpreter, "applied"),
+            None => {
+                tracing::info!(run, summary = %outcome.summary, interpreter = ?outcome.interpreter, "applied")
+            }
             Some(e) => tracing::warn!(run, error = %e, "apply failed; live unchanged"),
         }
         self.remember(&outcome);

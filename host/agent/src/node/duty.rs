@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cm_manager::forward::BoxFuture;
-use cm_manager::leader::{DeliveryOutcome, LeaderConfig, LeaderNode, LinkWatch, LocalDelivery, MemberApplyReport};
+use cm_manager::leader::{
+    DeliveryOutcome, LeaderConfig, LeaderNode, LinkWatch, LocalDelivery, MemberApplyReport,
+};
 use cm_manager::manifest::Manifest;
 use cm_manager::model::DiscoveryReport;
 use cm_mctp::SenderConfig;
@@ -30,10 +32,14 @@ pub struct GlDuty {
 impl GlDuty {
     pub async fn start(shared: Arc<Shared>) -> Result<GlDuty, cm_manager::leader::LeaderError> {
         let c = &shared.cfg;
-        let mut lc = LeaderConfig::new(&c.segment, &c.name, &c.agent_token, &c.state_dir.join("gl"));
+        let mut lc =
+            LeaderConfig::new(&c.segment, &c.name, &c.agent_token, &c.state_dir.join("gl"));
         lc.listen = c.leader_listen;
         lc.tls = c.tls.clone();
-        let delivery = Arc::new(SegmentDelivery { shared: shared.clone(), settled: Instant::now() + c.registration_settle });
+        let delivery = Arc::new(SegmentDelivery {
+            shared: shared.clone(),
+            settled: Instant::now() + c.registration_settle,
+        });
         let node = LeaderNode::start(lc, delivery).await?;
         let addr = advertised(node.addr, &shared);
         tracing::info!(segment = %c.segment, %addr, "group leader: tree endpoint up");
@@ -54,14 +60,19 @@ impl GlDuty {
 
 /// A wildcard listen address is advertised as the node's own interface address.
 fn advertised(bound: SocketAddr, shared: &Shared) -> SocketAddr {
-    if bound.ip().is_unspecified() { SocketAddr::new(shared.cfg.data.interface.into(), bound.port()) } else { bound }
+    if bound.ip().is_unspecified() {
+        SocketAddr::new(shared.cfg.data.interface.into(), bound.port())
+    } else {
+        bound
+    }
 }
 
 /// The segment as this GL sees it now: server name → election node id (= MCTP member id),
 /// this GL included.
 fn segment_now(shared: &Shared) -> BTreeMap<String, u64> {
     let st = shared.status.borrow();
-    let mut m: BTreeMap<String, u64> = st.members.iter().map(|m| (m.registration.name.clone(), m.node)).collect();
+    let mut m: BTreeMap<String, u64> =
+        st.members.iter().map(|m| (m.registration.name.clone(), m.node)).collect();
     m.insert(shared.cfg.name.clone(), st.node);
     m
 }
@@ -102,7 +113,11 @@ async fn discovery_loop(shared: Arc<Shared>, addr: SocketAddr, links: LinkWatch)
         let report = discovery_report(&shared, addr, &links);
         let due = last.as_ref() != Some(&report.members) || Instant::now() >= next_periodic;
         if due {
-            match shared.client.post::<_, serde_json::Value>(&format!("{manager}/api/v1/discovery"), &report).await {
+            match shared
+                .client
+                .post::<_, serde_json::Value>(&format!("{manager}/api/v1/discovery"), &report)
+                .await
+            {
                 Ok(_) => {
                     tracing::info!(segment = %report.segment, members = report.members.len(), "discovery report sent");
                     last = Some(report.members);
@@ -112,7 +127,8 @@ async fn discovery_loop(shared: Arc<Shared>, addr: SocketAddr, links: LinkWatch)
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(segment = %report.segment, "discovery report: {e}");
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20)))).await;
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20))))
+                        .await;
                     continue;
                 }
             }
@@ -132,17 +148,31 @@ pub struct SegmentDelivery {
 }
 
 impl LocalDelivery for SegmentDelivery {
-    fn deliver(&self, run: u64, assignment: PathBuf, manifest: Manifest) -> BoxFuture<'static, DeliveryOutcome> {
+    fn deliver(
+        &self,
+        run: u64,
+        assignment: PathBuf,
+        manifest: Manifest,
+    ) -> BoxFuture<'static, DeliveryOutcome> {
         self.deliver_to(run, assignment, manifest, Vec::new())
     }
 
-    fn deliver_to(&self, run: u64, assignment: PathBuf, manifest: Manifest, servers: Vec<String>) -> BoxFuture<'static, DeliveryOutcome> {
+    fn deliver_to(
+        &self,
+        run: u64,
+        assignment: PathBuf,
+        manifest: Manifest,
+        servers: Vec<String>,
+    ) -> BoxFuture<'static, DeliveryOutcome> {
         let (shared, settled) = (self.shared.clone(), self.settled);
         Box::pin(async move {
             // A GL elected mid-job is re-notified at once; its members re-register within a
             // heartbeat or so. Delivering before they did would leave them out of the run.
             if Instant::now() < settled {
-                tracing::info!(run, "new group leader: letting the members register before delivering");
+                tracing::info!(
+                    run,
+                    "new group leader: letting the members register before delivering"
+                );
                 tokio::time::sleep_until(settled).await;
             }
             deliver(shared, run, assignment, manifest, servers).await
@@ -159,7 +189,13 @@ impl LocalDelivery for SegmentDelivery {
 /// Delivers `run` to the servers of the segment it targets (`servers`; empty: all of them):
 /// the others are left out of the MCTP session, whose announcement names the targets, so they
 /// ignore it (and would skip it anyway: they ask, see `member.rs`).
-async fn deliver(shared: Arc<Shared>, run: u64, assignment: PathBuf, manifest: Manifest, servers: Vec<String>) -> DeliveryOutcome {
+async fn deliver(
+    shared: Arc<Shared>,
+    run: u64,
+    assignment: PathBuf,
+    manifest: Manifest,
+    servers: Vec<String>,
+) -> DeliveryOutcome {
     let mut segment = segment_now(&shared);
     let mut not_for = Vec::new();
     if !servers.is_empty() {
@@ -180,7 +216,8 @@ async fn deliver(shared: Arc<Shared>, run: u64, assignment: PathBuf, manifest: M
             shared.board.insert(report);
         })
     });
-    let members: BTreeMap<String, u64> = segment.iter().filter(|(n, _)| **n != me).map(|(n, id)| (n.clone(), *id)).collect();
+    let members: BTreeMap<String, u64> =
+        segment.iter().filter(|(n, _)| **n != me).map(|(n, id)| (n.clone(), *id)).collect();
     let mctp = if members.is_empty() {
         DeliveryOutcome::default()
     } else {
@@ -219,7 +256,13 @@ async fn deliver(shared: Arc<Shared>, run: u64, assignment: PathBuf, manifest: M
     let mut reports = shared.board.wait_for(run, &wanted, deadline).await;
     reports.retain(|name, _| servers.is_empty() || servers.contains(name));
     let out = consolidate(&segment, &mctp, &reports, shared.cfg.report_wait);
-    tracing::info!(run, succeeded = out.succeeded.len(), failed = out.failed.len(), missing = out.missing.len(), "segment report");
+    tracing::info!(
+        run,
+        succeeded = out.succeeded.len(),
+        failed = out.failed.len(),
+        missing = out.missing.len(),
+        "segment report"
+    );
     out
 }
 
@@ -243,7 +286,10 @@ pub fn consolidate(
         } else if let Some((_, why)) = mctp.failed.iter().find(|(n, _)| n == name) {
             out.failed.push((name.clone(), why.clone()));
         } else if mctp.succeeded.contains(name) {
-            out.failed.push((name.clone(), format!("received the assignment but sent no apply report within {waited:?}")));
+            out.failed.push((
+                name.clone(),
+                format!("received the assignment but sent no apply report within {waited:?}"),
+            ));
         } else {
             out.missing.push(name.clone());
         }
@@ -256,19 +302,37 @@ mod tests {
     use super::*;
 
     fn rep(server: &str, error: Option<&str>) -> MemberApplyReport {
-        MemberApplyReport { server: server.into(), node: 0, run: 1, error: error.map(str::to_string), live: Some(1), summary: String::new() }
+        MemberApplyReport {
+            server: server.into(),
+            node: 0,
+            run: 1,
+            error: error.map(str::to_string),
+            live: Some(1),
+            summary: String::new(),
+        }
     }
 
     #[test]
     fn consolidation_names_every_server_once_with_a_reason() {
-        let segment: BTreeMap<String, u64> = [("gl", 1), ("a", 2), ("b", 3), ("c", 4), ("d", 5), ("e", 6)].map(|(n, i)| (n.to_string(), i)).into();
+        let segment: BTreeMap<String, u64> =
+            [("gl", 1), ("a", 2), ("b", 3), ("c", 4), ("d", 5), ("e", 6)]
+                .map(|(n, i)| (n.to_string(), i))
+                .into();
         let mctp = DeliveryOutcome {
             succeeded: vec!["a".into(), "b".into(), "c".into()],
             failed: vec![("d".into(), "MCTP incomplete: 3 frames missing".into())],
             missing: vec!["e".into()],
         };
-        let reports: BTreeMap<String, MemberApplyReport> =
-            [rep("gl", None), rep("a", None), rep("b", Some("base mismatch")), rep("e", None), rep("late", None)].into_iter().map(|r| (r.server.clone(), r)).collect();
+        let reports: BTreeMap<String, MemberApplyReport> = [
+            rep("gl", None),
+            rep("a", None),
+            rep("b", Some("base mismatch")),
+            rep("e", None),
+            rep("late", None),
+        ]
+        .into_iter()
+        .map(|r| (r.server.clone(), r))
+        .collect();
         let out = consolidate(&segment, &mctp, &reports, Duration::from_secs(3));
         assert_eq!(out.succeeded, ["a", "e", "gl", "late"]);
         assert_eq!(out.failed.len(), 3);
@@ -276,7 +340,8 @@ mod tests {
         assert!(out.failed.iter().any(|(n, r)| n == "c" && r.contains("no apply report")));
         assert!(out.failed.contains(&("d".into(), "MCTP incomplete: 3 frames missing".into())));
         assert!(out.missing.is_empty());
-        let none = consolidate(&segment, &DeliveryOutcome::default(), &BTreeMap::new(), Duration::ZERO);
+        let none =
+            consolidate(&segment, &DeliveryOutcome::default(), &BTreeMap::new(), Duration::ZERO);
         assert_eq!(none.missing.len(), 6);
     }
 }

@@ -119,15 +119,25 @@ pub struct Shared {
 /// Applies `run` here (on a blocking thread) and words it as an apply report.
 async fn apply_report(shared: &Arc<Shared>, run: u64, file: PathBuf) -> MemberApplyReport {
     let applier = shared.applier.clone();
-    let a = tokio::task::spawn_blocking(move || applier.apply(run, &file)).await.unwrap_or_else(|e| Applied {
+    let a =
+        tokio::task::spawn_blocking(move || applier.apply(run, &file)).await.unwrap_or_else(|e| {
+            Applied {
+                run,
+                error: Some(format!("apply task failed: {e}")),
+                live: None,
+                summary: String::new(),
+                at_ms: 0,
+                interpreter: None,
+            }
+        });
+    MemberApplyReport {
+        server: shared.cfg.name.clone(),
+        node: shared.status.borrow().node,
         run,
-        error: Some(format!("apply task failed: {e}")),
-        live: None,
-        summary: String::new(),
-        at_ms: 0,
-        interpreter: None,
-    });
-    MemberApplyReport { server: shared.cfg.name.clone(), node: shared.status.borrow().node, run, error: a.error, live: a.live, summary: a.summary }
+        error: a.error,
+        live: a.live,
+        summary: a.summary,
+    }
 }
 
 /// A snapshot for `cmover agent status`.
@@ -155,16 +165,31 @@ pub struct ServerAgent {
 impl ServerAgent {
     /// Opens the site and plugin store (blocking work: the plugin is compiled on first use),
     /// then runs the member side and the role loop on the current runtime.
-    pub async fn start(cfg: AgentConfig, election: ElectionHandle) -> Result<ServerAgent, AgentError> {
+    pub async fn start(
+        cfg: AgentConfig,
+        election: ElectionHandle,
+    ) -> Result<ServerAgent, AgentError> {
         let applier = {
             let c = cfg.clone();
-            tokio::task::spawn_blocking(move || Applier::open(&c.site_root, &c.site_name, &c.plugin_store, c.default_interpreter, &c.state_dir))
-                .await
-                .map_err(|e| AgentError::Io(format!("opening the site: {e}")))??
+            tokio::task::spawn_blocking(move || {
+                Applier::open(
+                    &c.site_root,
+                    &c.site_name,
+                    &c.plugin_store,
+                    c.default_interpreter,
+                    &c.state_dir,
+                )
+            })
+            .await
+            .map_err(|e| AgentError::Io(format!("opening the site: {e}")))??
         };
         let events = election.subscribe();
         let shared = Arc::new(Shared {
-            client: JsonClient::with_tls(&cfg.agent_token, Duration::from_secs(10), cfg.tls.as_ref()),
+            client: JsonClient::with_tls(
+                &cfg.agent_token,
+                Duration::from_secs(10),
+                cfg.tls.as_ref(),
+            ),
             applier: Arc::new(applier),
             board: ReportBoard::default(),
             status: election.watch_status(),
@@ -230,7 +255,11 @@ impl ServerAgent {
 
 /// Follows the election: starts and stops the GL duties, and keeps `gl_url` pointing at the
 /// current GL (learnt from its heartbeat payload).
-async fn role_loop(shared: Arc<Shared>, election: Arc<ElectionHandle>, mut events: broadcast::Receiver<Event>) {
+async fn role_loop(
+    shared: Arc<Shared>,
+    election: Arc<ElectionHandle>,
+    mut events: broadcast::Receiver<Event>,
+) {
     let mut status = shared.status.clone();
     let mut duty: Option<GlDuty> = None;
     loop {
@@ -243,7 +272,9 @@ async fn role_loop(shared: Arc<Shared>, election: Arc<ElectionHandle>, mut event
                     match beacon::encode(&url) {
                         Ok(p) => {
                             if let Err(e) = election.set_heartbeat_payload(p).await {
-                                tracing::error!("cannot advertise the GL address in heartbeats: {e}");
+                                tracing::error!(
+                                    "cannot advertise the GL address in heartbeats: {e}"
+                                );
                             }
                         }
                         Err(e) => tracing::error!("GL address {url}: {e}"),

@@ -44,7 +44,12 @@ impl ReportBoard {
 
     /// Waits until every server in `wanted` has reported on `run`, or `deadline`; returns what
     /// arrived (possibly from servers not in `wanted`).
-    pub async fn wait_for(&self, run: u64, wanted: &BTreeSet<String>, deadline: Instant) -> BTreeMap<String, MemberApplyReport> {
+    pub async fn wait_for(
+        &self,
+        run: u64,
+        wanted: &BTreeSet<String>,
+        deadline: Instant,
+    ) -> BTreeMap<String, MemberApplyReport> {
         loop {
             let notified = self.changed.notified();
             let got = self.of(run);
@@ -58,7 +63,12 @@ impl ReportBoard {
 
 /// Calls the current GL (`gl` holds its base URL, `None` while no GL is known) until a call
 /// succeeds, retrying on failure and following GL changes, for at most `give_up`.
-async fn with_current_gl<T, F, Fut>(mut gl: watch::Receiver<Option<String>>, give_up: Duration, what: &str, mut call: F) -> Option<T>
+async fn with_current_gl<T, F, Fut>(
+    mut gl: watch::Receiver<Option<String>>,
+    give_up: Duration,
+    what: &str,
+    mut call: F,
+) -> Option<T>
 where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = Result<T, cm_manager::http::ClientError>>,
@@ -89,11 +99,18 @@ where
 
 /// Member side: sends `report` to the current GL, retrying across GL changes for at most
 /// `give_up`.
-pub async fn send_to_gl(gl: watch::Receiver<Option<String>>, client: JsonClient, report: MemberApplyReport, give_up: Duration) -> bool {
+pub async fn send_to_gl(
+    gl: watch::Receiver<Option<String>>,
+    client: JsonClient,
+    report: MemberApplyReport,
+    give_up: Duration,
+) -> bool {
     let what = format!("apply report of run {}", report.run);
     let sent = with_current_gl(gl, give_up, &what, |url| {
         let (client, report) = (&client, &report);
-        async move { client.post::<_, serde_json::Value>(&format!("{url}/members/report"), report).await }
+        async move {
+            client.post::<_, serde_json::Value>(&format!("{url}/members/report"), report).await
+        }
     })
     .await;
     sent.is_some()
@@ -101,13 +118,20 @@ pub async fn send_to_gl(gl: watch::Receiver<Option<String>>, client: JsonClient,
 
 /// Member side: whether the current GL says `run` targets this server (`name`): the run's
 /// `servers` (`GET /dist/{run}/servers`; empty = every member). `None`: no GL said, within `give_up`.
-pub async fn is_target(gl: watch::Receiver<Option<String>>, client: &JsonClient, run: u64, name: &str, give_up: Duration) -> Option<bool> {
+pub async fn is_target(
+    gl: watch::Receiver<Option<String>>,
+    client: &JsonClient,
+    run: u64,
+    name: &str,
+    give_up: Duration,
+) -> Option<bool> {
     let what = format!("targets of run {run}");
     let answer = with_current_gl(gl, give_up, &what, |url| async move {
         client.get::<serde_json::Value>(&format!("{url}/dist/{run}/servers")).await
     })
     .await?;
-    let servers: Vec<&str> = answer["servers"].as_array()?.iter().filter_map(|s| s.as_str()).collect();
+    let servers: Vec<&str> =
+        answer["servers"].as_array()?.iter().filter_map(|s| s.as_str()).collect();
     Some(servers.is_empty() || servers.contains(&name))
 }
 
@@ -116,7 +140,14 @@ mod tests {
     use super::*;
 
     fn rep(server: &str, run: u64) -> MemberApplyReport {
-        MemberApplyReport { server: server.into(), node: 1, run, error: None, live: None, summary: String::new() }
+        MemberApplyReport {
+            server: server.into(),
+            node: 1,
+            run,
+            error: None,
+            live: None,
+            summary: String::new(),
+        }
     }
 
     #[tokio::test]

@@ -261,7 +261,8 @@ mod tests {
         let mut shifted = noise(777, 11);
         shifted.extend_from_slice(&data);
         let p = Chunking::for_len(data.len() as u64);
-        let a: std::collections::HashSet<_> = cuts(p, &data, 4096).into_iter().map(|(c, h)| (c + 777, h)).collect();
+        let a: std::collections::HashSet<_> =
+            cuts(p, &data, 4096).into_iter().map(|(c, h)| (c + 777, h)).collect();
         let b = cuts(p, &shifted, 4096);
         // After a few chunks the chunkers meet, and every later cut is shared.
         let shared = b.iter().filter(|c| a.contains(c)).count();
@@ -281,12 +282,15 @@ mod tests {
             seen.insert((c - 333, h));
         }
         let inside = base.iter().filter(|&&(c, _)| c >= 5000).collect::<Vec<_>>();
-        let natural = inside.iter().filter(|&&&(c, _)| seen.contains(&(c, cuts_hash(&data, c)))).count();
+        let natural =
+            inside.iter().filter(|&&&(c, _)| seen.contains(&(c, cuts_hash(&data, c)))).count();
         assert!(natural + 2 >= inside.len(), "{natural} of {}", inside.len());
     }
 
     fn cuts_hash(data: &[u8], c: u64) -> u64 {
-        data[c as usize - 64..c as usize].iter().fold(0u64, |h, &b| (h << 1).wrapping_add(GEAR[b as usize]))
+        data[c as usize - 64..c as usize]
+            .iter()
+            .fold(0u64, |h, &b| (h << 1).wrapping_add(GEAR[b as usize]))
     }
 
     #[test]

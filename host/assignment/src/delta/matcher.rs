@@ -103,7 +103,9 @@ impl Matcher<'_> {
                 }
                 win.fill(self.new, lit.min(need), need, self.ne)?;
                 let to = win.end().min(burst_end);
-                let Some((n, key)) = ch.next(&win.held()[(need - win.off) as usize..(to - win.off) as usize], need) else {
+                let Some((n, key)) =
+                    ch.next(&win.held()[(need - win.off) as usize..(to - win.off) as usize], need)
+                else {
                     continue;
                 };
                 let Some(b) = self.index.get(key) else {
@@ -112,7 +114,8 @@ impl Matcher<'_> {
                 let back = ext.backward(self.new, self.base, (n - lit).min(b), n, b)?;
                 let max = (self.ne - n).min(self.bl - b);
                 let known = self.shifted.map_or(0, |se| se.known_equal(n, b)).min(max);
-                let fwd = known + ext.forward(self.new, self.base, max - known, n + known, b + known)?;
+                let fwd =
+                    known + ext.forward(self.new, self.base, max - known, n + known, b + known)?;
                 if back + fwd < MIN_MATCH {
                     continue;
                 }

@@ -56,7 +56,12 @@ pub fn compute(base: &File, new: &File, literal: &mut dyn Write) -> io::Result<F
 
 /// Like [`compute`], but gives up (`None`) as soon as the literal bytes would pass `max_literal`
 /// (a delta that large is not worth sending): no time or spool space is spent on the rest.
-pub fn compute_bounded(base: &File, new: &File, literal: &mut dyn Write, max_literal: u64) -> io::Result<Option<FileDelta>> {
+pub fn compute_bounded(
+    base: &File,
+    new: &File,
+    literal: &mut dyn Write,
+    max_literal: u64,
+) -> io::Result<Option<FileDelta>> {
     match compute_inner(base, new, literal, max_literal) {
         Err(e) if e.get_ref().is_some_and(|inner| inner.is::<LiteralLimit>()) => Ok(None),
         other => other.map(Some),
@@ -75,12 +80,18 @@ impl std::fmt::Display for LiteralLimit {
 
 impl std::error::Error for LiteralLimit {}
 
-fn compute_inner(base: &File, new: &File, literal: &mut dyn Write, max_literal: u64) -> io::Result<FileDelta> {
+fn compute_inner(
+    base: &File,
+    new: &File,
+    literal: &mut dyn Write,
+    max_literal: u64,
+) -> io::Result<FileDelta> {
     let bl = base.metadata()?.len();
     let nl = new.metadata()?.len();
     let scan = pass1::run(base, bl, new, nl)?;
     let mut out = Ops::default();
-    let mut sink = LiteralSink { new, out: literal, written: 0, limit: max_literal, buf: Vec::new() };
+    let mut sink =
+        LiteralSink { new, out: literal, written: 0, limit: max_literal, buf: Vec::new() };
     // Ranges settled by comparing at equal offsets.
     let mut done = 0;
     for &(s, e) in &scan.runs {
@@ -95,7 +106,8 @@ fn compute_inner(base: &File, new: &File, literal: &mut dyn Write, max_literal: 
             let index = chunk::CutIndex::build(&scan.cuts);
             drop(scan.cuts);
             let shifted = scan.shifted.as_ref();
-            matcher::Matcher { base, bl, new, ne: new_end, index: &index, chunking, shifted }.run(from, &mut out, &mut sink)?;
+            matcher::Matcher { base, bl, new, ne: new_end, index: &index, chunking, shifted }
+                .run(from, &mut out, &mut sink)?;
             out.copy(base_end, bl - base_end);
         }
     }
@@ -176,7 +188,14 @@ impl LiteralSink<'_> {
 
     /// Inserts new bytes `[from, to)`, taken from `held` (the file's bytes from `held_off`)
     /// when it has them all.
-    fn emit_held(&mut self, held: &[u8], held_off: u64, from: u64, to: u64, ops: &mut Ops) -> io::Result<()> {
+    fn emit_held(
+        &mut self,
+        held: &[u8],
+        held_off: u64,
+        from: u64,
+        to: u64,
+        ops: &mut Ops,
+    ) -> io::Result<()> {
         if from < held_off || to > held_off + held.len() as u64 {
             return self.emit(from, to, ops);
         }
@@ -229,7 +248,12 @@ fn common_tail(x: &[u8], y: &[u8]) -> usize {
         let len = CMP_BLOCK.min(n - done);
         let (a, b) = (&x[n - done - len..n - done], &y[n - done - len..n - done]);
         if a != b {
-            return done + a.iter().rev().zip(b.iter().rev()).position(|(p, q)| p != q).expect("blocks differ");
+            return done
+                + a.iter()
+                    .rev()
+                    .zip(b.iter().rev())
+                    .position(|(p, q)| p != q)
+                    .expect("blocks differ");
         }
         done += len;
     }
@@ -251,7 +275,9 @@ mod tests {
         let mut l = 0usize;
         for op in ops {
             match *op {
-                DeltaOp::Copy { offset, len } => out.extend_from_slice(&base[offset as usize..(offset + len) as usize]),
+                DeltaOp::Copy { offset, len } => {
+                    out.extend_from_slice(&base[offset as usize..(offset + len) as usize])
+                }
                 DeltaOp::Insert { len } => {
                     out.extend_from_slice(&lit[l..l + len as usize]);
                     l += len as usize;
@@ -380,7 +406,9 @@ mod tests {
         let mut edited = base.clone();
         edited[5000..5100].fill(0);
         let mut lit = Vec::new();
-        let d = compute_bounded(&file(&base), &file(&edited), &mut lit, 100).unwrap().expect("within the limit");
+        let d = compute_bounded(&file(&base), &file(&edited), &mut lit, 100)
+            .unwrap()
+            .expect("within the limit");
         assert_eq!(apply(&base, &d.ops, &lit), edited);
     }
 
@@ -392,7 +420,12 @@ mod tests {
                 let mut longer = base.clone();
                 longer.splice(at..at, pseudo(shift, at as u64));
                 let d = check(&base, &longer);
-                assert!(d.literal <= shift as u64 + 8, "insert {shift} at {at}: {} {:?}", d.literal, d.ops);
+                assert!(
+                    d.literal <= shift as u64 + 8,
+                    "insert {shift} at {at}: {} {:?}",
+                    d.literal,
+                    d.ops
+                );
                 let mut shorter = base.clone();
                 shorter.drain(at..(at + shift).min(base.len()));
                 let d = check(&base, &shorter);
@@ -406,7 +439,9 @@ mod tests {
         // After the insertion, the match runs at the lengths' difference: the extension skips
         // what pass 1 found equal there, and stops at each later edit all the same.
         let base = pseudo(3 << 20, 43);
-        for (at, ins, del) in [(1 << 20, 5usize, 0usize), (1 << 20, 0, 9), (100, 4000, 0), (PIECE - 1, 0, 300)] {
+        for (at, ins, del) in
+            [(1 << 20, 5usize, 0usize), (1 << 20, 0, 9), (100, 4000, 0), (PIECE - 1, 0, 300)]
+        {
             let mut new = base.clone();
             new[2 << 20] ^= 0x10;
             new[(5 << 19) + 3] ^= 0x20;
@@ -415,7 +450,12 @@ mod tests {
             let d = check(&base, &new);
             // (An equal stretch shorter than a cut's 64-byte window, like the 49 bytes between
             // offsets 50 and 100, may go literal too.)
-            assert!(d.literal <= ins as u64 + 3 + 64, "insert {ins} / delete {del} at {at}: {} {:?}", d.literal, d.ops);
+            assert!(
+                d.literal <= ins as u64 + 3 + 64,
+                "insert {ins} / delete {del} at {at}: {} {:?}",
+                d.literal,
+                d.ops
+            );
         }
     }
 
@@ -449,7 +489,16 @@ mod tests {
 
     /// Text-like content: few distinct bytes, many repeated words.
     fn text(n: usize, seed: u64) -> Vec<u8> {
-        const WORDS: [&[u8]; 8] = [b"<div class=\"a\">", b"</div>\n", b"content ", b"mover ", b"<p>", b"the ", b"a ", b"group "];
+        const WORDS: [&[u8]; 8] = [
+            b"<div class=\"a\">",
+            b"</div>\n",
+            b"content ",
+            b"mover ",
+            b"<p>",
+            b"the ",
+            b"a ",
+            b"group ",
+        ];
         let mut v = Vec::new();
         for x in pseudo(n, seed) {
             if v.len() >= n {

@@ -73,7 +73,8 @@ pub(super) fn run(base: &File, bl: u64, new: &File, nl: u64) -> io::Result<Scan>
         match &matching {
             None if equal => {
                 diff_runs(x, y, at, &mut runs);
-                let over = runs.len() > MAX_RUNS || runs.last().is_some_and(|&(s, e)| e - s > RUN_BUDGET);
+                let over =
+                    runs.len() > MAX_RUNS || runs.last().is_some_and(|&(s, e)| e - s > RUN_BUDGET);
                 if over {
                     // Content moved: match from the start of the last range on.
                     let (from, end) = runs.pop().expect("a range went over");
@@ -131,11 +132,25 @@ pub(super) fn run(base: &File, bl: u64, new: &File, nl: u64) -> io::Result<Scan>
             if defer_cuts {
                 feed_from_file(base, &mut ch, bl - suffix, &mut cuts)?;
             }
-            Rest::Match { from, new_end: nl - suffix, base_end: bl - suffix, chunking: ch.chunking() }
+            Rest::Match {
+                from,
+                new_end: nl - suffix,
+                base_end: bl - suffix,
+                chunking: ch.chunking(),
+            }
         }
     };
-    let shifted = shift.and_then(|sc| sc.runs).map(|runs| ShiftedEqual { shift: nl as i64 - bl as i64, runs });
-    Ok(Scan { base_hash: *hb.finalize().as_bytes(), new_hash: *hn.finalize().as_bytes(), runs, cuts, shifted, rest })
+    let shifted = shift
+        .and_then(|sc| sc.runs)
+        .map(|runs| ShiftedEqual { shift: nl as i64 - bl as i64, runs });
+    Ok(Scan {
+        base_hash: *hb.finalize().as_bytes(),
+        new_hash: *hn.finalize().as_bytes(),
+        runs,
+        cuts,
+        shifted,
+        rest,
+    })
 }
 
 /// For lengths that differ by less than a piece: the longer file compared with the shorter one
@@ -244,7 +259,14 @@ impl ShiftedEqual {
 }
 
 /// Whether the last `PIECE` bytes (or all of the shorter file) of both files are equal.
-fn tail_is_equal(base: &File, bl: u64, new: &File, nl: u64, bb: &mut [u8], nb: &mut [u8]) -> io::Result<bool> {
+fn tail_is_equal(
+    base: &File,
+    bl: u64,
+    new: &File,
+    nl: u64,
+    bb: &mut [u8],
+    nb: &mut [u8],
+) -> io::Result<bool> {
     let n = (bl.min(nl) as usize).min(PIECE);
     base.read_exact_at(&mut bb[..n], bl - n as u64)?;
     new.read_exact_at(&mut nb[..n], nl - n as u64)?;
@@ -252,7 +274,12 @@ fn tail_is_equal(base: &File, bl: u64, new: &File, nl: u64, bb: &mut [u8], nb: &
 }
 
 /// Feeds the chunker the file's bytes from where it needs them up to `to`.
-fn feed_from_file(f: &File, ch: &mut Chunker, to: u64, cuts: &mut Vec<(u64, u64)>) -> io::Result<()> {
+fn feed_from_file(
+    f: &File,
+    ch: &mut Chunker,
+    to: u64,
+    cuts: &mut Vec<(u64, u64)>,
+) -> io::Result<()> {
     let mut buf = vec![0u8; PIECE];
     loop {
         let from = ch.needs_from();

@@ -304,7 +304,9 @@ struct AgentSettings {
 }
 
 fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "server".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "server".into())
 }
 
 /// The default cluster id: the first 8 bytes of BLAKE3 of the segment name.
@@ -315,10 +317,13 @@ fn cluster_id_of(segment: &str) -> u64 {
 
 fn load_secret(file: Option<&PathBuf>) -> anyhow::Result<Vec<u8>> {
     let secret = match file {
-        Some(p) => std::fs::read(p).with_context(|| format!("reading the cluster secret from {}", p.display()))?,
+        Some(p) => std::fs::read(p)
+            .with_context(|| format!("reading the cluster secret from {}", p.display()))?,
         None => match std::env::var("CM_CLUSTER_SECRET") {
             Ok(s) => s.into_bytes(),
-            Err(_) => bail!("no cluster secret: set [segment] secret_file, pass --secret-file, or set CM_CLUSTER_SECRET"),
+            Err(_) => bail!(
+                "no cluster secret: set [segment] secret_file, pass --secret-file, or set CM_CLUSTER_SECRET"
+            ),
         },
     };
     if secret.len() < 16 {
@@ -345,8 +350,10 @@ impl RunArgs {
     fn resolve(self) -> anyhow::Result<AgentSettings> {
         let file: AgentFile = match &self.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing agent settings {}", p.display()))?
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing agent settings {}", p.display()))?
             }
             None => AgentFile::default(),
         };
@@ -354,12 +361,17 @@ impl RunArgs {
         let (mf, sf, pf, df, lf) = (file.manager, file.site, file.plugins, file.data, file.leader);
         let tls_files = match (self.tls.files(), file.tls) {
             (Some(f), _) => Some(f),
-            (None, TlsSection { ca: Some(ca), cert: Some(cert), key: Some(key) }) => Some(TlsFiles { ca, cert, key }),
+            (None, TlsSection { ca: Some(ca), cert: Some(cert), key: Some(key) }) => {
+                Some(TlsFiles { ca, cert, key })
+            }
             (None, TlsSection { ca: None, cert: None, key: None }) => None,
             (None, _) => bail!("[tls] needs all of ca, cert and key"),
         };
         let node = self.node_id.or(n.id).context("no node id: set [node] id or pass --node-id")?;
-        let segment = self.segment.or(seg.name).context("no segment name: set [segment] name or pass --segment")?;
+        let segment = self
+            .segment
+            .or(seg.name)
+            .context("no segment name: set [segment] name or pass --segment")?;
         let control = self
             .control
             .or(seg.control_channel)
@@ -371,9 +383,11 @@ impl RunArgs {
             loopback: seg.loopback.unwrap_or(interface.is_loopback()),
         };
         let secret = load_secret(self.secret_file.as_ref().or(seg.secret_file.as_ref()))?;
-        let heartbeat = Duration::from_millis(self.heartbeat_ms.or(el.heartbeat_ms).unwrap_or(1000));
+        let heartbeat =
+            Duration::from_millis(self.heartbeat_ms.or(el.heartbeat_ms).unwrap_or(1000));
         let cluster = self.cluster_id.or(seg.cluster_id).unwrap_or_else(|| cluster_id_of(&segment));
-        let incarnation = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+        let incarnation =
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
         let mut cfg = Config::new(cluster, node, incarnation, &secret, control, heartbeat);
         let data_dir = self.data_dir.or(n.data_dir).unwrap_or_else(|| PathBuf::from("."));
         cfg.priority = driver::measure_priority_inputs(&data_dir);
@@ -385,7 +399,8 @@ impl RunArgs {
         }
         cfg.preassigned = el.preassigned;
         cfg.preassigned_only = el.preassigned_only;
-        let groups = if self.content_groups.is_empty() { el.content_groups } else { self.content_groups };
+        let groups =
+            if self.content_groups.is_empty() { el.content_groups } else { self.content_groups };
         let name = self.name.or(n.name).unwrap_or_else(host_name);
         cfg.registration = Registration {
             name: name.clone(),
@@ -395,19 +410,38 @@ impl RunArgs {
             free_disk_mib: cfg.priority.free_disk_mib,
             content_groups: groups,
         };
-        cfg.data_channels = el.data_channel_pool.map(|first| DataChannelPool { first, count: el.data_channel_count.unwrap_or(64) });
+        cfg.data_channels = el
+            .data_channel_pool
+            .map(|first| DataChannelPool { first, count: el.data_channel_count.unwrap_or(64) });
         cfg.validate().context("election settings")?;
-        let status = self.status.or(file.status.listen).unwrap_or_else(|| DEFAULT_STATUS.parse().expect("literal"));
+        let status = self
+            .status
+            .or(file.status.listen)
+            .unwrap_or_else(|| DEFAULT_STATUS.parse().expect("literal"));
         let manager_url = self.manager.or(mf.url).map(|u| u.trim_end_matches('/').to_string());
         let channel = match (self.data_channel.or(df.channel), &manager_url) {
             (Some(c), _) => c,
             // Nothing to receive content on and no one to take it from: election only.
-            (None, None) => return Ok(AgentSettings { segment, election: cfg, driver, status, state_dir: data_dir.join("state"), agent: None }),
-            (None, Some(_)) => bail!("no data channel: set [data] channel or pass --data-channel (a server agent with a manager receives content on it)"),
+            (None, None) => {
+                return Ok(AgentSettings {
+                    segment,
+                    election: cfg,
+                    driver,
+                    status,
+                    state_dir: data_dir.join("state"),
+                    agent: None,
+                });
+            }
+            (None, Some(_)) => bail!(
+                "no data channel: set [data] channel or pass --data-channel (a server agent with a manager receives content on it)"
+            ),
         };
         let data = DataChannel {
             channel,
-            report_port: self.report_port.or(df.report_port).unwrap_or_else(|| channel.port().wrapping_add(1)),
+            report_port: self
+                .report_port
+                .or(df.report_port)
+                .unwrap_or_else(|| channel.port().wrapping_add(1)),
             interface,
             ttl: driver.ttl,
             frame_size: df.frame_size.unwrap_or(1400).clamp(512, 60_000),
@@ -436,16 +470,31 @@ impl RunArgs {
             secret,
             site_root: self.site_root.or(sf.root).unwrap_or_else(|| data_dir.join("site")),
             site_name: self.site_name.or(sf.name).unwrap_or_else(|| "www".into()),
-            plugin_store: self.plugin_store.or(pf.store).unwrap_or_else(|| data_dir.join("plugins")),
+            plugin_store: self
+                .plugin_store
+                .or(pf.store)
+                .unwrap_or_else(|| data_dir.join("plugins")),
             default_interpreter: cm_plugin_host::bundled::INTERPRETER,
             state_dir: data_dir.join("state"),
             data,
-            leader_listen: self.leader_listen.or(lf.listen).unwrap_or(SocketAddr::new(IpAddr::V4(interface), 0)),
-            report_wait: Duration::from_millis(self.report_wait_ms.or(lf.report_wait_ms).unwrap_or(30_000)),
+            leader_listen: self
+                .leader_listen
+                .or(lf.listen)
+                .unwrap_or(SocketAddr::new(IpAddr::V4(interface), 0)),
+            report_wait: Duration::from_millis(
+                self.report_wait_ms.or(lf.report_wait_ms).unwrap_or(30_000),
+            ),
             discovery_interval: Duration::from_millis(lf.discovery_interval_ms.unwrap_or(30_000)),
             registration_settle: heartbeat * 3,
         };
-        Ok(AgentSettings { segment, election: cfg, driver, status, state_dir: data_dir.join("state"), agent: Some(agent) })
+        Ok(AgentSettings {
+            segment,
+            election: cfg,
+            driver,
+            status,
+            state_dir: data_dir.join("state"),
+            agent: Some(agent),
+        })
     }
 }
 
@@ -465,16 +514,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 async fn run_agent(s: AgentSettings) -> anyhow::Result<()> {
     let node = s.election.node;
-    let listener = TcpListener::bind(s.status).await.with_context(|| format!("binding the status address {}", s.status))?;
+    let listener = TcpListener::bind(s.status)
+        .await
+        .with_context(|| format!("binding the status address {}", s.status))?;
     let control = s.election.control_channel;
     // The election's incarnation and replay windows survive restarts (the driver's state file).
     let state = driver::StateFile::in_dir(&s.state_dir);
-    std::fs::create_dir_all(&s.state_dir).with_context(|| format!("creating {}", s.state_dir.display()))?;
-    let handle = driver::spawn_persistent(s.election, s.driver, rand::random(), state).context("joining the segment")?;
+    std::fs::create_dir_all(&s.state_dir)
+        .with_context(|| format!("creating {}", s.state_dir.display()))?;
+    let handle = driver::spawn_persistent(s.election, s.driver, rand::random(), state)
+        .context("joining the segment")?;
     let mut events = handle.subscribe();
     let election_status = handle.watch_status();
     let (agent, election_only) = match s.agent {
-        Some(cfg) => (Some(ServerAgent::start(cfg, handle).await.context("starting the server agent")?), None),
+        Some(cfg) => (
+            Some(ServerAgent::start(cfg, handle).await.context("starting the server agent")?),
+            None,
+        ),
         None => {
             tracing::info!(node, "no manager and no data channel configured: election only");
             (None, Some(handle))
@@ -482,7 +538,8 @@ async fn run_agent(s: AgentSettings) -> anyhow::Result<()> {
     };
     tracing::info!(node, segment = %s.segment, %control, status = %s.status, "agent joined the segment");
     // SIGTERM (a supervisor, `cmover demo`, a test) leaves as gracefully as Ctrl-C.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let mut check = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -610,13 +667,22 @@ async fn show_status(addr: SocketAddr, raw: bool) -> anyhow::Result<()> {
         (l, _) => format!("node {l}"),
     };
     println!("node      {} on segment {}", v["node"], v["segment"].as_str().unwrap_or("?"));
-    println!("role      {} (election state {})", v["role"].as_str().unwrap_or("?"), v["state"].as_str().unwrap_or("?"));
-    println!("leader    {leader}{}", v["gl_url"].as_str().map(|u| format!(" at {u}")).unwrap_or_default());
+    println!(
+        "role      {} (election state {})",
+        v["role"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("?")
+    );
+    println!(
+        "leader    {leader}{}",
+        v["gl_url"].as_str().map(|u| format!(" at {u}")).unwrap_or_default()
+    );
     println!("control   {}", v["control_channel"].as_str().unwrap_or("?"));
     if let Some(r) = v["registered_with"].as_u64() {
         println!("registered with node {r}");
     }
-    if let Some(members) = v["members"].as_array().filter(|_| v["is_leader"].as_bool() == Some(true)) {
+    if let Some(members) =
+        v["members"].as_array().filter(|_| v["is_leader"].as_bool() == Some(true))
+    {
         println!("members   {}", members.len());
         println!("  {:>20}  {:<24} {:<22} {:<22} groups", "node", "name", "address", "source");
         for m in members {
@@ -626,12 +692,16 @@ async fn show_status(addr: SocketAddr, raw: bool) -> anyhow::Result<()> {
                 m["name"].as_str().unwrap_or(""),
                 m["address"].as_str().unwrap_or(""),
                 m["source"].as_str().unwrap_or(""),
-                m["content_groups"].as_array().map(|g| g.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(",")).unwrap_or_default()
+                m["content_groups"]
+                    .as_array()
+                    .map(|g| g.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default()
             );
         }
     }
     if let Some(dc) = v["data_channels"].as_object().filter(|d| !d.is_empty()) {
-        let list: Vec<String> = dc.iter().map(|(g, a)| format!("{g}={}", a.as_str().unwrap_or("?"))).collect();
+        let list: Vec<String> =
+            dc.iter().map(|(g, a)| format!("{g}={}", a.as_str().unwrap_or("?"))).collect();
         println!("data      {}", list.join(" "));
     }
     match (v["site_root"].as_str(), v["live"].as_u64()) {
@@ -649,17 +719,28 @@ async fn show_status(addr: SocketAddr, raw: bool) -> anyhow::Result<()> {
                 None => r["summary"].as_str().unwrap_or("").to_string(),
                 Some(e) => format!("FAILED: {e}"),
             };
-            let by = r["interpreter"].as_str().map(|v| format!(" (interpreter {v})")).unwrap_or_default();
+            let by = r["interpreter"]
+                .as_str()
+                .map(|v| format!(" (interpreter {v})"))
+                .unwrap_or_default();
             println!("  run {:>6}  {what}{by}", r["run"]);
         }
     }
     if let Some(n) = v["save_errors"].as_u64().filter(|n| *n > 0) {
-        println!("WARNING   {n} election restart states could not be saved (see the agent's log): a restart resumes from an older state");
+        println!(
+            "WARNING   {n} election restart states could not be saved (see the agent's log): a restart resumes from an older state"
+        );
     }
     let st = &v["stats"];
     println!(
         "datagrams received {} accepted {} dropped: forged {} replayed {} foreign {} malformed {}; sent {}",
-        st["received"], st["accepted"], st["forged"], st["replayed"], st["foreign"], st["malformed"], st["sent"]
+        st["received"],
+        st["accepted"],
+        st["forged"],
+        st["replayed"],
+        st["foreign"],
+        st["malformed"],
+        st["sent"]
     );
     Ok(())
 }

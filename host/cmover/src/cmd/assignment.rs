@@ -4,8 +4,13 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use cm_assignment::{AssignmentReader, AssignmentType, BuildOptions, CipherKey, Command as Cmd, CompressionPolicy, Meta, SealKey};
-use cm_plugin_host::{LoadedPlugin, PluginManifest, PluginRuntime, PluginSlot, PluginStore, RuntimeConfig, bundled};
+use cm_assignment::{
+    AssignmentReader, AssignmentType, BuildOptions, CipherKey, Command as Cmd, CompressionPolicy,
+    Meta, SealKey,
+};
+use cm_plugin_host::{
+    LoadedPlugin, PluginManifest, PluginRuntime, PluginSlot, PluginStore, RuntimeConfig, bundled,
+};
 use cm_site::{Interpreter, NativeInterpreter, Site, SiteConfig};
 
 #[derive(clap::Subcommand)]
@@ -133,9 +138,14 @@ impl InterpreterArgs {
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "site".into());
-        let component = |runtime: &PluginRuntime, bytes: &[u8], origin: &str| -> anyhow::Result<cm_plugin_host::Interpreter> {
-            let manifest: PluginManifest = bundled::interpreter_manifest("interpreter", &[site.as_str()]);
-            let plugin = LoadedPlugin::load(runtime, bytes, manifest, origin).with_context(|| format!("loading interpreter {origin}"))?;
+        let component = |runtime: &PluginRuntime,
+                         bytes: &[u8],
+                         origin: &str|
+         -> anyhow::Result<cm_plugin_host::Interpreter> {
+            let manifest: PluginManifest =
+                bundled::interpreter_manifest("interpreter", &[site.as_str()]);
+            let plugin = LoadedPlugin::load(runtime, bytes, manifest, origin)
+                .with_context(|| format!("loading interpreter {origin}"))?;
             Ok(cm_plugin_host::Interpreter::new(PluginSlot::new(plugin), &site)?)
         };
         let (interp, runtime) = match (&self.interpreter, &self.plugin_store) {
@@ -144,10 +154,19 @@ impl InterpreterArgs {
                 (component(&runtime, bundled::INTERPRETER, "bundled interpreter.wasm")?, runtime)
             }
             (Some(name), Some(store)) if !name.ends_with(".wasm") => {
-                let config = RuntimeConfig { compiled_cache: Some(PluginStore::compiled_cache_dir(store)), ..RuntimeConfig::default() };
+                let config = RuntimeConfig {
+                    compiled_cache: Some(PluginStore::compiled_cache_dir(store)),
+                    ..RuntimeConfig::default()
+                };
                 let runtime = PluginRuntime::new(config)?;
-                let store = PluginStore::open(runtime.clone(), store).with_context(|| format!("plugin store {}", store.display()))?;
-                (store.interpreter(name, &site).with_context(|| format!("interpreter plugin {name:?}"))?, runtime)
+                let store = PluginStore::open(runtime.clone(), store)
+                    .with_context(|| format!("plugin store {}", store.display()))?;
+                (
+                    store
+                        .interpreter(name, &site)
+                        .with_context(|| format!("interpreter plugin {name:?}"))?,
+                    runtime,
+                )
             }
             (Some(file), _) => {
                 let bytes = std::fs::read(file).with_context(|| format!("reading interpreter component {file} (give --plugin-store to name an installed plugin)"))?;
@@ -160,12 +179,17 @@ impl InterpreterArgs {
 }
 
 fn read_secret(secret_file: &Option<PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
-    secret_file.as_ref().map(|f| std::fs::read(f).with_context(|| format!("reading {}", f.display()))).transpose()
+    secret_file
+        .as_ref()
+        .map(|f| std::fs::read(f).with_context(|| format!("reading {}", f.display())))
+        .transpose()
 }
 
-
 fn parse_kind(s: &str) -> anyhow::Result<AssignmentType> {
-    AssignmentType::ALL.into_iter().find(|t| t.name() == s).with_context(|| format!("unknown assignment type {s:?}"))
+    AssignmentType::ALL
+        .into_iter()
+        .find(|t| t.name() == s)
+        .with_context(|| format!("unknown assignment type {s:?}"))
 }
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
@@ -198,8 +222,13 @@ fn run_blocking(command: Command) -> anyhow::Result<()> {
 
 fn build(a: BuildArgs) -> anyhow::Result<()> {
     let kind = parse_kind(&a.kind)?;
-    let serial = a.serial.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs()));
-    let meta = Meta { kind, serial, job_id: a.job, base_serial: a.base_serial, target_serial: a.target };
+    let serial = a.serial.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs())
+    });
+    let meta =
+        Meta { kind, serial, job_id: a.job, base_serial: a.base_serial, target_serial: a.target };
     let secret = read_secret(&a.secret_file)?;
     let seal = secret.as_deref().map(SealKey::derive);
     if kind.is_switch_only() {
@@ -236,15 +265,23 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
 }
 
 fn show(file: &std::path::Path, secret: Option<Vec<u8>>) -> anyhow::Result<()> {
-    let mut r = AssignmentReader::open(file).with_context(|| format!("assignment {}", file.display()))?;
+    let mut r =
+        AssignmentReader::open(file).with_context(|| format!("assignment {}", file.display()))?;
     if let Some(s) = &secret {
-        r.decrypt_with(&CipherKey::derive(s)).with_context(|| format!("assignment {}", file.display()))?;
+        r.decrypt_with(&CipherKey::derive(s))
+            .with_context(|| format!("assignment {}", file.display()))?;
     }
     let key = secret.as_deref().map(SealKey::derive);
     let h = r.header();
     println!("assignment {}", file.display());
-    println!("  type {}  serial {}  job {}  base {}  target {}", h.kind, h.serial, h.job_id, h.base_serial, h.target_serial);
-    println!("  commands {}  body {} bytes  data {} bytes  flags {:#04x}", h.command_count, h.body_len, h.data_len, h.flags);
+    println!(
+        "  type {}  serial {}  job {}  base {}  target {}",
+        h.kind, h.serial, h.job_id, h.base_serial, h.target_serial
+    );
+    println!(
+        "  commands {}  body {} bytes  data {} bytes  flags {:#04x}",
+        h.command_count, h.body_len, h.data_len, h.flags
+    );
     println!("  data BLAKE3 {}", blake3::Hash::from_bytes(h.data_hash).to_hex());
     match r.verify(key.as_ref()) {
         Ok(()) => println!("  hashes: ok"),
@@ -255,7 +292,10 @@ fn show(file: &std::path::Path, secret: Option<Vec<u8>>) -> anyhow::Result<()> {
         let line = match &cmd {
             Cmd::MakeDir { path, mode } => format!("make-dir {path} {mode:o}"),
             Cmd::WriteFile { path, mode, payload, .. } => {
-                format!("write-file {path} {mode:o} {} bytes ({} stored, {:?})", payload.len, payload.stored_len, payload.codec)
+                format!(
+                    "write-file {path} {mode:o} {} bytes ({} stored, {:?})",
+                    payload.len, payload.stored_len, payload.codec
+                )
             }
             Cmd::ApplyDelta { path, base, mode, ops, payload, len, .. } => format!(
                 "apply-delta {path} base={base} {mode:o} → {len} bytes: {} ops, {} literal bytes ({} stored)",
@@ -263,7 +303,9 @@ fn show(file: &std::path::Path, secret: Option<Vec<u8>>) -> anyhow::Result<()> {
                 payload.len,
                 payload.stored_len
             ),
-            Cmd::Remove { path, recursive } => format!("remove {path}{}", if *recursive { " (recursive)" } else { "" }),
+            Cmd::Remove { path, recursive } => {
+                format!("remove {path}{}", if *recursive { " (recursive)" } else { "" })
+            }
             Cmd::Rename { from, to } => format!("rename {from} → {to}"),
             Cmd::Symlink { path, target } => format!("symlink {path} → {target}"),
             Cmd::SetMode { path, mode } => format!("set-mode {path} {mode:o}"),

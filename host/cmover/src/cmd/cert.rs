@@ -50,13 +50,24 @@ pub async fn run(c: Command) -> anyhow::Result<()> {
     match c {
         Command::Init { dir } => {
             ClusterCa::init_dir(&dir).context("creating the cluster CA")?;
-            println!("cluster CA created: {} (give it to every node), {} (keep it secret)", dir.join("ca.pem").display(), dir.join("ca.key").display());
+            println!(
+                "cluster CA created: {} (give it to every node), {} (keep it secret)",
+                dir.join("ca.pem").display(),
+                dir.join("ca.key").display()
+            );
         }
         Command::Issue { ca, name, role, hosts, out } => {
-            let authority = ClusterCa::open_dir(&ca).with_context(|| format!("opening the cluster CA in {}", ca.display()))?;
-            let hosts = if hosts.is_empty() { vec!["localhost".to_string(), "127.0.0.1".to_string()] } else { hosts };
+            let authority = ClusterCa::open_dir(&ca)
+                .with_context(|| format!("opening the cluster CA in {}", ca.display()))?;
+            let hosts = if hosts.is_empty() {
+                vec!["localhost".to_string(), "127.0.0.1".to_string()]
+            } else {
+                hosts
+            };
             let out = out.unwrap_or(ca);
-            let files = authority.issue_to_dir(&out, &name, role, &hosts).with_context(|| format!("issuing a certificate for {name}"))?;
+            let files = authority
+                .issue_to_dir(&out, &name, role, &hosts)
+                .with_context(|| format!("issuing a certificate for {name}"))?;
             println!(
                 "{} certificate for {name} (valid at {}): {} and {}; CA certificate {}",
                 role.name(),

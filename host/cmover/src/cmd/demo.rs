@@ -10,7 +10,9 @@
 use anyhow::{Context, bail};
 use cm_agent::launch::{self, AgentProcess, AgentSpec, ManagerOptions, ManagerProcess};
 use cm_manager::http::JsonClient;
-use cm_manager::model::{CommitPolicy, Job, JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload, ServerOutcome};
+use cm_manager::model::{
+    CommitPolicy, Job, JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload, ServerOutcome,
+};
 use cm_manager::prepare::copy_tree;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
@@ -42,7 +44,14 @@ pub struct Args {
 }
 
 const SEGMENT_NAMES: [&str; 6] = ["london", "paris", "boston", "tokyo", "sydney", "lima"];
-const LOCATIONS: [&str; 6] = ["Europe/London", "Europe/Paris", "America/New_York", "Asia/Tokyo", "Australia/Sydney", "America/Lima"];
+const LOCATIONS: [&str; 6] = [
+    "Europe/London",
+    "Europe/Paris",
+    "America/New_York",
+    "Asia/Tokyo",
+    "Australia/Sydney",
+    "America/Lima",
+];
 
 /// The running cluster: dropping it kills every child process.
 struct Demo {
@@ -53,7 +62,9 @@ struct Demo {
 }
 
 fn style(template: &str) -> ProgressStyle {
-    ProgressStyle::with_template(template).map(|s| s.progress_chars("=> ")).unwrap_or_else(|_| ProgressStyle::default_bar())
+    ProgressStyle::with_template(template)
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
 }
 
 impl Demo {
@@ -64,13 +75,17 @@ impl Demo {
     /// Waits until every segment has elected a GL that registered all its servers and reported
     /// them to the manager.
     async fn wait_for_segments(&self, servers: usize) -> anyhow::Result<()> {
-        let bar = ProgressBar::new(self.segments.len() as u64).with_style(style("  {spinner} segments ready {pos}/{len} {msg}"));
+        let bar = ProgressBar::new(self.segments.len() as u64)
+            .with_style(style("  {spinner} segments ready {pos}/{len} {msg}"));
         bar.enable_steady_tick(Duration::from_millis(100));
         let end = Instant::now() + Duration::from_secs(30);
         loop {
-            let segs: Vec<serde_json::Value> = self.op.get(&self.url("segments")).await.unwrap_or_default();
-            let ready: Vec<&serde_json::Value> =
-                segs.iter().filter(|s| s["members"].as_array().is_some_and(|m| m.len() == servers)).collect();
+            let segs: Vec<serde_json::Value> =
+                self.op.get(&self.url("segments")).await.unwrap_or_default();
+            let ready: Vec<&serde_json::Value> = segs
+                .iter()
+                .filter(|s| s["members"].as_array().is_some_and(|m| m.len() == servers))
+                .collect();
             bar.set_position(ready.len() as u64);
             if ready.len() == self.segments.len() {
                 bar.finish_and_clear();
@@ -87,7 +102,14 @@ impl Demo {
             }
             if Instant::now() > end {
                 bar.finish_and_clear();
-                bail!("segments not ready after 30 s; see the logs in {}", self.manager.guard.log.parent().map_or(String::new(), |p| p.display().to_string()));
+                bail!(
+                    "segments not ready after 30 s; see the logs in {}",
+                    self.manager
+                        .guard
+                        .log
+                        .parent()
+                        .map_or(String::new(), |p| p.display().to_string())
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -96,8 +118,20 @@ impl Demo {
     /// Runs one job to its end with a progress bar per segment, then prints each server's outcome.
     async fn step(&self, title: &str, kind: JobKind, payload: Payload) -> anyhow::Result<()> {
         println!("\n== {title}");
-        let policy = JobPolicy { on_failure: OnFailure::Cancel, commit: CommitPolicy::Manual, ..JobPolicy::default() };
-        let spec = JobSpec { name: title.into(), kind, site: "www".into(), payload, start_at_ms: 0, every_ms: None, policy };
+        let policy = JobPolicy {
+            on_failure: OnFailure::Cancel,
+            commit: CommitPolicy::Manual,
+            ..JobPolicy::default()
+        };
+        let spec = JobSpec {
+            name: title.into(),
+            kind,
+            site: "www".into(),
+            payload,
+            start_at_ms: 0,
+            every_ms: None,
+            policy,
+        };
         let job: Job = self.op.post(&self.url("jobs"), &spec).await?;
         let multi = MultiProgress::new();
         let bar_style = style("  {prefix:>8} [{bar:20}] {msg}");
@@ -123,7 +157,13 @@ impl Demo {
                 for (seg, b) in &bars {
                     let s = &rr["run"]["segments"][seg];
                     let (pos, msg) = match s["status"].as_str() {
-                        Some("received") => (1, format!("GL {} holds it; delivering to members", s["leader"].as_str().unwrap_or("?"))),
+                        Some("received") => (
+                            1,
+                            format!(
+                                "GL {} holds it; delivering to members",
+                                s["leader"].as_str().unwrap_or("?")
+                            ),
+                        ),
                         Some("reported") => (2, "reported".to_string()),
                         Some("lost") => (2, "lost".to_string()),
                         _ => (0, "fetching".to_string()),
@@ -202,7 +242,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     if a.segments == 0 || a.segments > SEGMENT_NAMES.len() || a.servers == 0 || a.servers > 50 {
         bail!("--segments must be 1..={} and --servers 1..=50", SEGMENT_NAMES.len());
     }
-    let dir = a.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("cmover-demo-{}", std::process::id())));
+    let dir = a.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("cmover-demo-{}", std::process::id()))
+    });
     // The cluster lives inside this future: Ctrl-C drops it, and the guards kill every child.
     tokio::select! {
         r = demo(a, dir.clone()) => r,
@@ -220,11 +262,19 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
     if dir.join("servers").exists() || dir.join("manager").exists() {
         bail!("{} holds an earlier demo; pass another --dir or remove it", dir.display());
     }
-    copy_tree(&site_src, &staging).with_context(|| format!("copying {} to the staging tree", site_src.display()))?;
+    copy_tree(&site_src, &staging)
+        .with_context(|| format!("copying {} to the staging tree", site_src.display()))?;
     println!("demo cluster in {} (process logs in {}/logs)", dir.display(), dir.display());
 
     let bin = std::env::current_exe().context("locating the cmover binary")?;
-    let opts = ManagerOptions { tick_ms: 100, star_max: 1, root_fanout: 1, leader_fanout: 2, chunk_kib: 64, tls: a.tls };
+    let opts = ManagerOptions {
+        tick_ms: 100,
+        star_max: 1,
+        root_fanout: 1,
+        leader_fanout: 2,
+        chunk_kib: 64,
+        tls: a.tls,
+    };
     let manager = launch::start_manager(&bin, &dir, &opts)?;
     println!("manager at {}", manager.url);
     let secret = launch::write_secret(&dir)?;
@@ -235,8 +285,10 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
     let mut segments = Vec::new();
     for s in 0..a.segments {
         let seg = SEGMENT_NAMES[s].to_string();
-        let control = SocketAddr::from(([239, 78, salt, 2 * s as u8 + 1], base_port + 4 * s as u16));
-        let data = SocketAddr::from(([239, 78, salt, 2 * s as u8 + 2], base_port + 4 * s as u16 + 2));
+        let control =
+            SocketAddr::from(([239, 78, salt, 2 * s as u8 + 1], base_port + 4 * s as u16));
+        let data =
+            SocketAddr::from(([239, 78, salt, 2 * s as u8 + 2], base_port + 4 * s as u16 + 2));
         for n in 0..a.servers {
             let spec = AgentSpec {
                 name: format!("{seg}-{}", n + 1),
@@ -253,7 +305,10 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
             };
             agents.push(launch::start_agent(&bin, &dir, &manager, &secret, &spec)?);
         }
-        println!("segment {seg}: {} agents, control channel {control}, data channel {data}", a.servers);
+        println!(
+            "segment {seg}: {} agents, control channel {control}, data channel {data}",
+            a.servers
+        );
         segments.push(seg);
     }
     let op = manager.operator_client()?;
@@ -261,7 +316,8 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
     demo.wait_for_segments(a.servers).await?;
 
     let all: Vec<String> = demo.agents.iter().map(|a| a.spec.name.clone()).collect();
-    let _: serde_json::Value = demo.op.put(&demo.url("groups/demo"), &serde_json::json!({ "servers": all })).await?;
+    let _: serde_json::Value =
+        demo.op.put(&demo.url("groups/demo"), &serde_json::json!({ "servers": all })).await?;
     let _: serde_json::Value = demo
         .op
         .put(&demo.url("sites/www"), &serde_json::json!({ "content_group": "demo", "staging": staging.display().to_string() }))
@@ -271,10 +327,15 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
     demo.step("commit", JobKind::Commit, Payload::Commit { serial: None }).await?;
     demo.check_live("first publish")?;
 
-    println!("\n== changing the staging tree: index.html edited, news.html added, robots.txt removed");
+    println!(
+        "\n== changing the staging tree: index.html edited, news.html added, robots.txt removed"
+    );
     let index = std::fs::read_to_string(staging.join("index.html"))?;
     std::fs::write(staging.join("index.html"), index.replace("first publish", "second publish"))?;
-    std::fs::write(staging.join("news.html"), "<!doctype html><title>News</title><p>A delta publish reached every server.</p>\n")?;
+    std::fs::write(
+        staging.join("news.html"),
+        "<!doctype html><title>News</title><p>A delta publish reached every server.</p>\n",
+    )?;
     let _ = std::fs::remove_file(staging.join("robots.txt"));
     demo.step("publish the delta", JobKind::Publish, Payload::Staging).await?;
     demo.step("commit", JobKind::Commit, Payload::Commit { serial: None }).await?;

@@ -59,7 +59,11 @@ pub struct TlsArgs {
 
 impl TlsArgs {
     pub fn files(&self) -> Option<TlsFiles> {
-        Some(TlsFiles { ca: self.tls_ca.clone()?, cert: self.tls_cert.clone()?, key: self.tls_key.clone()? })
+        Some(TlsFiles {
+            ca: self.tls_ca.clone()?,
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+        })
     }
 }
 
@@ -85,8 +89,11 @@ fn random_token() -> String {
 
 fn secret(file: Option<&Path>, env: &str, what: &str) -> anyhow::Result<String> {
     let s = match file {
-        Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading the {what} from {}", f.display()))?,
-        None => std::env::var(env).with_context(|| format!("the {what}: pass --{}-file or set ${env}", what.replace(' ', "-")))?,
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading the {what} from {}", f.display()))?,
+        None => std::env::var(env).with_context(|| {
+            format!("the {what}: pass --{}-file or set ${env}", what.replace(' ', "-"))
+        })?,
     };
     let s = s.trim().to_string();
     if s.len() < 16 {
@@ -97,12 +104,14 @@ fn secret(file: Option<&Path>, env: &str, what: &str) -> anyhow::Result<String> 
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
     let tls = a.tls.files().map(|f| load_tls(&f, CertRole::Manager)).transpose()?;
-    let token = |file: Option<&Path>, env: &str, what: &str| match (&tls, file, std::env::var_os(env)) {
-        // Over mutual TLS the certificates carry the roles; tokens are not needed (nor consulted).
-        (Some(_), None, None) => Ok(random_token()),
-        _ => secret(file, env, what),
-    };
-    let operator = token(a.operator_token_file.as_deref(), "CMOVER_OPERATOR_TOKEN", "operator token")?;
+    let token =
+        |file: Option<&Path>, env: &str, what: &str| match (&tls, file, std::env::var_os(env)) {
+            // Over mutual TLS the certificates carry the roles; tokens are not needed (nor consulted).
+            (Some(_), None, None) => Ok(random_token()),
+            _ => secret(file, env, what),
+        };
+    let operator =
+        token(a.operator_token_file.as_deref(), "CMOVER_OPERATOR_TOKEN", "operator token")?;
     let agent = token(a.agent_token_file.as_deref(), "CMOVER_AGENT_TOKEN", "agent token")?;
     if operator == agent {
         bail!("the operator and agent tokens must differ");
@@ -116,7 +125,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     cfg.chunk_size = a.chunk_kib.clamp(4, 65536) << 10;
     cfg.tick = Duration::from_millis(a.tick_ms.max(10));
     if let Some(f) = &a.seal_secret_file {
-        let s = std::fs::read(f).with_context(|| format!("reading the seal secret from {}", f.display()))?;
+        let s = std::fs::read(f)
+            .with_context(|| format!("reading the seal secret from {}", f.display()))?;
         cfg.seal = Some(cm_manager::prepare::SealKey::derive(&s));
     }
     let m = Manager::start(cfg).await.context("starting the manager")?;

@@ -19,7 +19,8 @@ pub struct Secret {
 impl Secret {
     fn load(&self) -> anyhow::Result<Vec<u8>> {
         if let Some(p) = &self.secret_file {
-            return std::fs::read(p).with_context(|| format!("reading the cluster secret from {}", p.display()));
+            return std::fs::read(p)
+                .with_context(|| format!("reading the cluster secret from {}", p.display()));
         }
         match std::env::var("CM_CLUSTER_SECRET") {
             Ok(s) if !s.is_empty() => Ok(s.into_bytes()),
@@ -118,12 +119,16 @@ pub enum Command {
 }
 
 fn parse_hash(s: &str) -> Result<[u8; 32], String> {
-    blake3::Hash::from_hex(s).map(|h| *h.as_bytes()).map_err(|e| format!("not a BLAKE3 hash (64 hex digits): {e}"))
+    blake3::Hash::from_hex(s)
+        .map(|h| *h.as_bytes())
+        .map_err(|e| format!("not a BLAKE3 hash (64 hex digits): {e}"))
 }
 
 fn parse_member(s: &str) -> anyhow::Result<Member> {
     let (id, unicast) = match s.split_once('@') {
-        Some((id, addr)) => (id, Some(addr.parse().with_context(|| format!("member address in {s:?}"))?)),
+        Some((id, addr)) => {
+            (id, Some(addr.parse().with_context(|| format!("member address in {s:?}"))?))
+        }
         None => (s, None),
     };
     Ok(Member { id: id.parse().with_context(|| format!("member id in {s:?}"))?, unicast })
@@ -131,7 +136,25 @@ fn parse_member(s: &str) -> anyhow::Result<Member> {
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Send { file, group, interface, report_port, expect, members, max_rate_mbit, rate_mbit, max_lag_mib, checkpoint_mib, frame_size, encrypt, quorum, assignment_id, ttl, blake3, secret } => {
+        Command::Send {
+            file,
+            group,
+            interface,
+            report_port,
+            expect,
+            members,
+            max_rate_mbit,
+            rate_mbit,
+            max_lag_mib,
+            checkpoint_mib,
+            frame_size,
+            encrypt,
+            quorum,
+            assignment_id,
+            ttl,
+            blake3,
+            secret,
+        } => {
             let mut config = SenderConfig::new(group, report_port);
             config.max_rate = max_rate_mbit * 125_000;
             config.initial_rate = rate_mbit.min(max_rate_mbit) * 125_000;
@@ -142,10 +165,22 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             config.encrypt = encrypt;
             config.quorum = quorum;
             config.min_participants = expect;
-            let members = members.iter().map(|m| parse_member(m)).collect::<anyhow::Result<Vec<_>>>()?;
+            let members =
+                members.iter().map(|m| parse_member(m)).collect::<anyhow::Result<Vec<_>>>()?;
             let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("assignment").to_owned();
-            let opts = SendOptions { config, interface, ttl, secret: secret.load()?, assignment: assignment_id, name, members, known_hash: blake3 };
-            let out = send_file(&file, opts).await.with_context(|| format!("sending {}", file.display()))?;
+            let opts = SendOptions {
+                config,
+                interface,
+                ttl,
+                secret: secret.load()?,
+                assignment: assignment_id,
+                name,
+                members,
+                known_hash: blake3,
+            };
+            let out = send_file(&file, opts)
+                .await
+                .with_context(|| format!("sending {}", file.display()))?;
             let r = &out.report;
             let size = std::fs::metadata(&file)?.len();
             let secs = out.elapsed.as_secs_f64();
@@ -169,18 +204,43 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 println!("  member {id}: {status:?}");
             }
             if r.outcome == Outcome::Problem {
-                bail!("session ended with a problem: {} of {} participants complete", r.complete.len(), r.complete.len() + r.incomplete.len());
+                bail!(
+                    "session ended with a problem: {} of {} participants complete",
+                    r.complete.len(),
+                    r.complete.len() + r.incomplete.len()
+                );
             }
             Ok(())
         }
         Command::Hash { file } => {
-            let f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
-            let hash = blake3::Hasher::new().update_reader(f).with_context(|| format!("reading {}", file.display()))?.finalize();
+            let f = std::fs::File::open(&file)
+                .with_context(|| format!("opening {}", file.display()))?;
+            let hash = blake3::Hasher::new()
+                .update_reader(f)
+                .with_context(|| format!("reading {}", file.display()))?
+                .finalize();
             println!("{hash}");
             Ok(())
         }
-        Command::Receive { group, dir, interface, member_id, timeout_secs, inject_loss, unicast_port, no_multicast, fsync, secret } => {
-            let mut opts = ReceiveOptions::new(group, interface, member_id.unwrap_or_else(rand::random), secret.load()?, dir);
+        Command::Receive {
+            group,
+            dir,
+            interface,
+            member_id,
+            timeout_secs,
+            inject_loss,
+            unicast_port,
+            no_multicast,
+            fsync,
+            secret,
+        } => {
+            let mut opts = ReceiveOptions::new(
+                group,
+                interface,
+                member_id.unwrap_or_else(rand::random),
+                secret.load()?,
+                dir,
+            );
             opts.timeout = Duration::from_secs(timeout_secs);
             opts.linger = Duration::from_secs(3);
             opts.inject_loss = inject_loss;

@@ -48,7 +48,10 @@ pub enum Command {
 }
 
 fn open(store: &StoreArgs) -> anyhow::Result<PluginStore> {
-    let config = RuntimeConfig { compiled_cache: Some(PluginStore::compiled_cache_dir(&store.store)), ..Default::default() };
+    let config = RuntimeConfig {
+        compiled_cache: Some(PluginStore::compiled_cache_dir(&store.store)),
+        ..Default::default()
+    };
     let runtime = PluginRuntime::new(config)?;
     Ok(PluginStore::open(runtime, &store.store)?)
 }
@@ -62,21 +65,36 @@ fn run_blocking(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Install { file, manifest, store } => {
             let manifest = PluginManifest::load(&manifest)?;
-            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let installed = open(&store)?.install(&bytes, manifest, &file.display().to_string())?;
             match installed.replaced {
-                Some(old) => println!("{} ({}): {} replaces {old}", installed.name, installed.world, installed.version),
-                None => println!("{} ({}): {} installed", installed.name, installed.world, installed.version),
+                Some(old) => println!(
+                    "{} ({}): {} replaces {old}",
+                    installed.name, installed.world, installed.version
+                ),
+                None => println!(
+                    "{} ({}): {} installed",
+                    installed.name, installed.world, installed.version
+                ),
             }
         }
         Command::List { store } => {
             println!("{:<20} {:<18} {:<12} {:>9}  previous", "name", "world", "version", "bytes");
             for p in open(&store)?.list() {
-                println!("{:<20} {:<18} {:<12} {:>9}  {}", p.name, p.world.name(), p.version, p.size, p.previous.join(" "));
+                println!(
+                    "{:<20} {:<18} {:<12} {:>9}  {}",
+                    p.name,
+                    p.world.name(),
+                    p.version,
+                    p.size,
+                    p.previous.join(" ")
+                );
             }
         }
         Command::Inspect { file } => {
-            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let runtime = PluginRuntime::new(RuntimeConfig::default())?;
             let info = cm_plugin_host::inspect(&runtime, &bytes, &file.display().to_string())?;
             println!("file:    {}", file.display());
@@ -95,7 +113,12 @@ fn run_blocking(command: Command) -> anyhow::Result<()> {
         }
         Command::Rollback { name, store } => {
             let restored = open(&store)?.rollback(&name)?;
-            println!("{}: rolled back to {} (was {})", restored.name, restored.version, restored.replaced.unwrap_or_default());
+            println!(
+                "{}: rolled back to {} (was {})",
+                restored.name,
+                restored.version,
+                restored.replaced.unwrap_or_default()
+            );
         }
     }
     Ok(())

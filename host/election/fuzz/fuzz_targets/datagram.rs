@@ -20,7 +20,14 @@ fuzz_target!(|data: &[u8]| {
     }
     let Some((&kind, body)) = data.split_first() else { return };
     let sender = 9;
-    let cfg = Config::new(1, 7, 1, b"fuzz secret", "239.1.1.1:7000".parse().unwrap(), Duration::from_millis(100));
+    let cfg = Config::new(
+        1,
+        7,
+        1,
+        b"fuzz secret",
+        "239.1.1.1:7000".parse().unwrap(),
+        Duration::from_millis(100),
+    );
     let _ = wire::open(&cfg.key, 1, data);
     let Ok(msg) = wire::decode_body(kind, sender, body) else { return };
     let header = Header { cluster: 1, sender, incarnation: 1, seq: 1 };

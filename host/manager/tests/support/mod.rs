@@ -73,7 +73,10 @@ pub fn start_manager(cfg: ManagerConfig) -> (String, SocketAddr, NodeThread) {
 impl Cluster {
     pub fn start(o: Options) -> Cluster {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()))
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "off".into()),
+            )
             .with_test_writer()
             .try_init();
         let dir = tempfile::tempdir().unwrap();
@@ -88,9 +91,19 @@ impl Cluster {
         for i in 0..o.gls {
             let segment = format!("seg{i:02}");
             let members: Vec<(String, PathBuf)> = (0..o.members_per_gl)
-                .map(|m| (format!("{segment}-s{m}"), dir.path().join("servers").join(format!("{segment}-s{m}"))))
+                .map(|m| {
+                    (
+                        format!("{segment}-s{m}"),
+                        dir.path().join("servers").join(format!("{segment}-s{m}")),
+                    )
+                })
                 .collect();
-            let mut lcfg = LeaderConfig::new(&segment, &members[0].0, AGENT, &dir.path().join("gl").join(&segment));
+            let mut lcfg = LeaderConfig::new(
+                &segment,
+                &members[0].0,
+                AGENT,
+                &dir.path().join("gl").join(&segment),
+            );
             lcfg.stall = Duration::from_secs(2);
             (o.tweak_leader)(i, &mut lcfg);
             let delivery = (o.delivery)(i, &members);
@@ -102,7 +115,11 @@ impl Cluster {
                 segment: segment.clone(),
                 leader: members[0].0.clone(),
                 address: node.addr.to_string(),
-                location: if i % 2 == 0 { "Europe/London".into() } else { "America/New_York".into() },
+                location: if i % 2 == 0 {
+                    "Europe/London".into()
+                } else {
+                    "America/New_York".into()
+                },
                 cpu_power: 100,
                 free_disk: 1 << 40,
                 connections: 1,
@@ -137,7 +154,10 @@ impl Cluster {
     pub fn setup_site_from(&self, site: &str, servers: Vec<String>, staging: &Path) {
         let g: serde_json::Value = self
             .rt
-            .block_on(self.op.put(&self.api(&format!("groups/{site}-group")), &serde_json::json!({ "servers": servers })))
+            .block_on(self.op.put(
+                &self.api(&format!("groups/{site}-group")),
+                &serde_json::json!({ "servers": servers }),
+            ))
             .unwrap();
         assert!(g["servers"].is_array());
         let _: serde_json::Value = self
@@ -174,18 +194,26 @@ impl Cluster {
                 if done(&j) {
                     return j;
                 }
-                assert!(t0.elapsed() < limit, "job {id} did not get there in {limit:?}: {j:?}\nhistory: {:#?}", self.history());
+                assert!(
+                    t0.elapsed() < limit,
+                    "job {id} did not get there in {limit:?}: {j:?}\nhistory: {:#?}",
+                    self.history()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     pub fn wait_finished(&self, id: u64, limit: Duration) -> Job {
-        self.wait_job(id, limit, |j| matches!(j.state, JobState::Done | JobState::Cancelled { .. }) || (j.state == JobState::Idle && j.attempts > 0))
+        self.wait_job(id, limit, |j| {
+            matches!(j.state, JobState::Done | JobState::Cancelled { .. })
+                || (j.state == JobState::Idle && j.attempts > 0)
+        })
     }
 
     pub fn history(&self) -> Vec<String> {
-        let h: Vec<serde_json::Value> = self.rt.block_on(self.op.get(&self.api("history"))).unwrap_or_default();
+        let h: Vec<serde_json::Value> =
+            self.rt.block_on(self.op.get(&self.api("history"))).unwrap_or_default();
         h.iter().map(|e| e["event"].as_str().unwrap_or_default().to_string()).collect()
     }
 
@@ -224,12 +252,20 @@ pub struct SiteDelivery {
 
 impl SiteDelivery {
     pub fn all(members: &[(String, PathBuf)]) -> SiteDelivery {
-        SiteDelivery { members: members.to_vec(), present: Arc::new(std::sync::Mutex::new(members.iter().map(|m| m.0.clone()).collect())) }
+        SiteDelivery {
+            members: members.to_vec(),
+            present: Arc::new(std::sync::Mutex::new(members.iter().map(|m| m.0.clone()).collect())),
+        }
     }
 }
 
 impl LocalDelivery for SiteDelivery {
-    fn deliver(&self, _run: u64, assignment: PathBuf, _m: cm_manager::manifest::Manifest) -> BoxFuture<'static, DeliveryOutcome> {
+    fn deliver(
+        &self,
+        _run: u64,
+        assignment: PathBuf,
+        _m: cm_manager::manifest::Manifest,
+    ) -> BoxFuture<'static, DeliveryOutcome> {
         let members = self.members.clone();
         let present = self.present.lock().unwrap().clone();
         Box::pin(async move {
@@ -272,8 +308,11 @@ fn apply(dir: &Path, file: &Path) -> Result<(), String> {
     let h = r.header().clone();
     let releases = dir.join("releases");
     let history_file = dir.join("history");
-    let mut history: Vec<u64> =
-        std::fs::read_to_string(&history_file).unwrap_or_default().split_whitespace().map(|s| s.parse().unwrap()).collect();
+    let mut history: Vec<u64> = std::fs::read_to_string(&history_file)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
     let set_live = |history: &[u64], serial: u64| {
         let list: Vec<String> = history.iter().map(u64::to_string).collect();
         std::fs::write(&history_file, list.join(" ")).unwrap();
@@ -312,7 +351,8 @@ fn apply(dir: &Path, file: &Path) -> Result<(), String> {
             let _ = std::fs::remove_dir_all(&building);
             std::fs::create_dir_all(&building).unwrap();
             if let (Some(l), false) = (live, h.kind.builds_from_empty()) {
-                cm_manager::prepare::copy_tree(&releases.join(l.to_string()), &building).map_err(|e| e.to_string())?;
+                cm_manager::prepare::copy_tree(&releases.join(l.to_string()), &building)
+                    .map_err(|e| e.to_string())?;
             }
             cm_assignment::reference::apply_all(&r, &building).map_err(|e| e.to_string())?;
             std::fs::rename(&building, &out).map_err(|e| e.to_string())
@@ -329,7 +369,10 @@ pub fn tree_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
             if p.is_dir() {
                 walk(root, &p, out);
             } else {
-                out.insert(p.strip_prefix(root).unwrap().display().to_string(), std::fs::read(&p).unwrap());
+                out.insert(
+                    p.strip_prefix(root).unwrap().display().to_string(),
+                    std::fs::read(&p).unwrap(),
+                );
             }
         }
     }
@@ -345,7 +388,12 @@ impl Cluster {
     }
 
     /// [`Cluster::rediscover`], carrying the link rates the GL measured.
-    pub fn rediscover_with_links(&self, i: usize, members: &[&str], links: Option<cm_manager::model::LinkRates>) -> serde_json::Value {
+    pub fn rediscover_with_links(
+        &self,
+        i: usize,
+        members: &[&str],
+        links: Option<cm_manager::model::LinkRates>,
+    ) -> serde_json::Value {
         let gl = &self.gls[i];
         let report = DiscoveryReport {
             segment: gl.segment.clone(),
@@ -367,7 +415,8 @@ impl Cluster {
     }
 
     pub fn site(&self, name: &str) -> serde_json::Value {
-        let sites: Vec<serde_json::Value> = self.rt.block_on(self.op.get(&self.api("sites"))).unwrap();
+        let sites: Vec<serde_json::Value> =
+            self.rt.block_on(self.op.get(&self.api("sites"))).unwrap();
         sites.into_iter().find(|s| s["name"] == name).unwrap()
     }
 

@@ -10,7 +10,9 @@
 //! outside the announced size, and never delivers bytes whose BLAKE3 differs from the announced.
 #![no_main]
 
-use cm_mctp::{Keys, Member, Receiver, ReceiverConfig, RxEvent, Sender, SenderConfig, SessionInfo, Time, wire};
+use cm_mctp::{
+    Keys, Member, Receiver, ReceiverConfig, RxEvent, Sender, SenderConfig, SessionInfo, Time, wire,
+};
 use libfuzzer_sys::fuzz_target;
 use rand::SeedableRng;
 use std::time::Duration;
@@ -18,11 +20,24 @@ use std::time::Duration;
 fuzz_target!(|data: &[u8]| {
     let keys = Keys::derive(b"fuzz");
     let from = "127.0.0.1:9".parse().unwrap();
-    let mut rx = Receiver::new(ReceiverConfig::new(1), keys.clone(), rand_chacha::ChaCha8Rng::seed_from_u64(1));
+    let mut rx = Receiver::new(
+        ReceiverConfig::new(1),
+        keys.clone(),
+        rand_chacha::ChaCha8Rng::seed_from_u64(1),
+    );
     let cfg = SenderConfig::new("239.1.1.1:5000".parse().unwrap(), 5001);
     let info = SessionInfo { assignment: 1, name: "f".into(), size: 100_000, hash: [0; 32] };
     let members = [Member { id: 1, unicast: None }];
-    let mut tx = Sender::new(Time::ZERO, cfg, keys.clone(), rand_chacha::ChaCha8Rng::seed_from_u64(2), info, &members, None).unwrap();
+    let mut tx = Sender::new(
+        Time::ZERO,
+        cfg,
+        keys.clone(),
+        rand_chacha::ChaCha8Rng::seed_from_u64(2),
+        info,
+        &members,
+        None,
+    )
+    .unwrap();
     // The receiving member's disk: at most 1 MiB is honoured (larger announcements still run,
     // their writes are only bounds-checked).
     let mut disk: Vec<u8> = Vec::new();
@@ -50,7 +65,9 @@ fuzz_target!(|data: &[u8]| {
             tree_frame_size = a.frame_size;
         }
         let mut sealed = datagram.to_vec();
-        if !(wire::tree_frame_claim(&[datagram, &[0; 16]].concat()).is_some() && wire::seal_tree_data(&keys, &mut sealed, tree_frame_size)) {
+        if !(wire::tree_frame_claim(&[datagram, &[0; 16]].concat()).is_some()
+            && wire::seal_tree_data(&keys, &mut sealed, tree_frame_size))
+        {
             sealed = datagram.to_vec();
             keys.mac().seal(&mut sealed);
         }
@@ -68,7 +85,10 @@ fuzz_target!(|data: &[u8]| {
             if let Some(c) = &w.coded {
                 for &(off, len) in &c.xor {
                     let end = off.checked_add(len as u64).expect("coded part end overflows");
-                    assert!(end <= size, "coded part {off}..{end} outside the announced {size} bytes");
+                    assert!(
+                        end <= size,
+                        "coded part {off}..{end} outside the announced {size} bytes"
+                    );
                     if let Some(part) = disk.get(off as usize..end as usize) {
                         bytes.iter_mut().zip(part).for_each(|(a, b)| *a ^= b);
                     }
@@ -119,7 +139,10 @@ fn events(rx: &mut Receiver, now: Time, disk: &mut Vec<u8>, size: &mut u64, hash
                 rx.verified(now, session, ok);
             }
             RxEvent::Delivered { info, .. } => {
-                assert!(info.size <= 1 << 20 && blake3::hash(disk).as_bytes() == hash, "delivered bytes differ from the announced hash");
+                assert!(
+                    info.size <= 1 << 20 && blake3::hash(disk).as_bytes() == hash,
+                    "delivered bytes differ from the announced hash"
+                );
             }
             RxEvent::AlreadyHeld { .. } | RxEvent::Abandoned { .. } => {}
         }

@@ -16,6 +16,16 @@ pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
+/// A test that drives a real server or needs root stops here when the part is missing: on a
+/// developer's bare machine it skips with `why`; under `CI=true` (where `.ci/run` installed
+/// every part) a missing part is a failure, so CI always drives the real thing.
+pub fn missing_part(why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{why}, and CI=true: .ci/run should have installed it");
+    }
+    eprintln!("{why}: skipping");
+}
+
 /// The `cmover` binary of this target directory and profile, built once per test process.
 ///
 /// It is built with the same target selection as `cargo test --workspace` (`--workspace --tests

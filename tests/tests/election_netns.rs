@@ -78,7 +78,7 @@ impl Drop for Lab {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_in_two_namespaces_elect_and_fail_over_across_the_link() -> Result<()> {
     if !is_root() {
-        eprintln!("skipped: creating network namespaces needs root");
+        cm_tests::missing_part("creating network namespaces needs root");
         return Ok(());
     }
     let bin = cmover_bin()?;

@@ -186,7 +186,7 @@ fn haproxy_plugin_drives_a_real_haproxy() {
         start_haproxy("  server s1 127.0.0.1:9 check disabled\n  server s2 127.0.0.1:9\n")
     else {
         // `.ci/run` installs haproxy; on a bare developer machine this one test has nothing to drive.
-        eprintln!("haproxy not installed: skipping the real-HAProxy test");
+        cm_tests::missing_part("haproxy not installed (the real-HAProxy test)");
         return;
     };
     let (runtime, _) = runtime();
@@ -244,7 +244,7 @@ fn haproxy_plugin_changes_where_a_real_haproxy_routes_requests() {
     let (s1, s2, s3) = (Origin::start("s1"), Origin::start("s2"), Origin::start("s3"));
     let servers = format!("  server s1 {}\n  server s2 {}\n", s1.address, s2.address);
     let Some(haproxy) = start_haproxy(&servers) else {
-        eprintln!("haproxy not installed: skipping the real-HAProxy routing test");
+        cm_tests::missing_part("haproxy not installed (the real-HAProxy routing test)");
         return;
     };
     let (runtime, _) = runtime();

@@ -71,7 +71,7 @@ fn varnish_binary() -> Option<std::path::PathBuf> {
     let found = find_binary(&["/usr/sbin/varnishd", "/usr/bin/varnishd"]);
     if found.is_none() {
         // `.ci/run` installs varnish; on a bare developer machine there is nothing to drive.
-        eprintln!("varnishd not installed: skipping the real-Varnish test");
+        cm_tests::missing_part("varnishd not installed (the real-Varnish test)");
     }
     found
 }

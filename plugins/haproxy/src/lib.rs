@@ -10,7 +10,8 @@ const ENDPOINT: &str = "haproxy";
 
 /// Send one runtime-API command, return HAProxy's answer (trimmed).
 fn command(line: &str) -> Result<String, String> {
-    let answer = endpoint::exchange(ENDPOINT, format!("{line}\n").as_bytes()).map_err(|e| e.message)?;
+    let answer =
+        endpoint::exchange(ENDPOINT, format!("{line}\n").as_bytes()).map_err(|e| e.message)?;
     let answer = String::from_utf8_lossy(&answer).trim().to_string();
     log::write(log::Level::Debug, &format!("haproxy: `{line}` -> `{answer}`"));
     Ok(answer)
@@ -29,7 +30,9 @@ fn expect(line: &str, ok_answers: &[&str]) -> Result<(), String> {
 /// "backend/server" -> ("backend", "server").
 fn split(server: &str) -> Result<(&str, &str), String> {
     match server.split_once('/') {
-        Some((backend, name)) if !backend.is_empty() && !name.is_empty() && !name.contains('/') => Ok((backend, name)),
+        Some((backend, name)) if !backend.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((backend, name))
+        }
         _ => Err(format!("server `{server}` is not named backend/server")),
     }
 }

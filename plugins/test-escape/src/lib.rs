@@ -21,7 +21,10 @@ fn attempts() -> Vec<(&'static str, Result<(), staging::Error>)> {
         ("symlink out-link -> ..", staging::symlink("out-link", "..")),
         ("symlink abs-link -> /", staging::symlink("abs-link", "/")),
         ("write through pre-existing outside link", write("outside-link/escaped")),
-        ("read through pre-existing outside link", staging::open_file("outside-link/secret").map(drop)),
+        (
+            "read through pre-existing outside link",
+            staging::open_file("outside-link/secret").map(drop),
+        ),
         ("read ../secret", staging::open_file("../secret").map(drop)),
         ("rename inside -> ../moved", staging::rename("inside.txt", "../moved")),
         ("remove ../secret", staging::remove("../secret", false)),

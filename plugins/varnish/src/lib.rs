@@ -30,9 +30,16 @@ fn send_all(method: &str, site: &str, path: &str) -> Result<(), String> {
         let response = endpoint::http(&cache, &request).map_err(|e| e.message)?;
         if !(200..300).contains(&response.status) {
             let body = String::from_utf8_lossy(&response.body);
-            return Err(format!("{cache}: {method} {path} for {site}: HTTP {} {}", response.status, body.trim()));
+            return Err(format!(
+                "{cache}: {method} {path} for {site}: HTTP {} {}",
+                response.status,
+                body.trim()
+            ));
         }
-        log::write(log::Level::Debug, &format!("{cache}: {method} {path} for {site}: HTTP {}", response.status));
+        log::write(
+            log::Level::Debug,
+            &format!("{cache}: {method} {path} for {site}: HTTP {}", response.status),
+        );
     }
     Ok(())
 }
@@ -52,7 +59,11 @@ impl CacheInvalidator for Varnish {
     }
 
     fn self_check() -> Result<(), String> {
-        if endpoint::granted().is_empty() { Err("no Varnish endpoint granted".into()) } else { Ok(()) }
+        if endpoint::granted().is_empty() {
+            Err("no Varnish endpoint granted".into())
+        } else {
+            Ok(())
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cm_election::{
-    Config, Destination, Election, Event, Instant, Member, NodeId, PriorityInputs, RequestError,
+    Config, Dest, Election, Event, Instant, Member, NodeId, PriorityInputs, RequestError,
     RestartState, RestartStateError, Save, State, Stats,
 };
 use socket2::{Domain, Protocol, Socket, Type};
@@ -461,9 +461,9 @@ async fn run(
             tracing::error!(node = election.node(), error = %e, "cannot store the election state");
         }
         while let Some(t) = election.poll_transmit() {
-            let to = match t.destination {
-                Destination::Control => election.control_channel(),
-                Destination::Channel(c) => c,
+            let to = match t.dest {
+                Dest::Group => election.control_channel(),
+                Dest::Channel(a) | Dest::To(a) => a,
             };
             if let Err(e) = socket.send_to(&t.payload, to).await {
                 send_errors += 1;

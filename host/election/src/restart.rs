@@ -181,11 +181,12 @@ impl RestartState {
                 needed: MAGIC.len() + CHECK_LEN - bytes.len(),
             }));
         }
-        if bytes[..MAGIC.len()] != MAGIC {
+        if Reader::new(bytes).array::<4>().map_err(RestartStateError::Malformed)? != MAGIC {
             return Err(RestartStateError::Malformed(DecodeError::malformed("bad magic")));
         }
         let body = check_key().open(bytes).ok_or(RestartStateError::BadCheck)?;
-        let mut r = Reader::new(&body[MAGIC.len()..]);
+        let mut r = Reader::new(body);
+        r.array::<4>().map_err(RestartStateError::Malformed)?;
         Self::decode_body(&mut r).map_err(RestartStateError::Malformed)
     }
 

@@ -10,14 +10,14 @@ use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use cm_sansio::{Dest, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{Config, DataChannelPool, Eligibility, Registration};
-use crate::machine::{Destination, Election, Event, State};
+use crate::machine::{Election, Event, State};
 use crate::priority::{NodeId, PriorityInputs};
 use crate::restart::{RestartState, next_incarnation};
-use crate::time::Instant;
 use crate::wire;
 
 /// How the simulated network treats each datagram.
@@ -205,9 +205,11 @@ impl Sim {
         }
         let mut out = Vec::new();
         while let Some(t) = e.poll_transmit() {
-            let channel = match t.destination {
-                Destination::Control => e.control_channel(),
-                Destination::Channel(c) => c,
+            let channel = match t.dest {
+                Dest::Group => e.control_channel(),
+                // The election never sends by unicast; a unicast would reach the node
+                // listening on that address, as a channel does.
+                Dest::Channel(c) | Dest::To(c) => c,
             };
             out.push((channel, t.payload));
         }

@@ -309,7 +309,9 @@ pub fn seal(key: &MacKey, header: &Header, msg: &Message) -> Result<Vec<u8>, Enc
 /// The header of a datagram, read without checking its tag: only for datagrams already
 /// authenticated (e.g. one [`crate::Election::handle_datagram`] accepted), to name them cheaply.
 pub fn peek_header(datagram: &[u8]) -> Option<Header> {
-    let mut r = Reader::new(datagram.get(6..)?);
+    let mut r = Reader::new(datagram);
+    // magic, version, kind: not checked here.
+    r.bytes(MAGIC.len() + 2).ok()?;
     Some(Header {
         cluster: r.u64().ok()?,
         sender: r.u64().ok()?,
@@ -347,8 +349,9 @@ pub fn open(key: &MacKey, cluster: u64, datagram: &[u8]) -> Result<(Header, Mess
     if header.cluster != cluster {
         return Err(DropReason::ForeignCluster(header.cluster));
     }
-    let authenticated = key.open(datagram).ok_or(DropReason::BadTag)?;
-    let body = &authenticated[HEADER_LEN..];
+    key.open(datagram).ok_or(DropReason::BadTag)?;
+    // What follows the header, up to the tag.
+    let body = r.bytes(r.remaining() - TAG_LEN).map_err(DropReason::Malformed)?;
     let msg = decode_body(kind, header.sender, body).map_err(DropReason::Malformed)?;
     Ok((header, msg))
 }

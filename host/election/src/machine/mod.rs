@@ -14,20 +14,33 @@
 //!
 //! Invariant: `leading` (we hold the member list and answer registrations) is true exactly from
 //! entering GL is me until we move to GL known, GL unknown or concede; a reopened vote keeps it.
+//!
+//! The parts with state of their own live beside it: [`members`] (registration and member
+//! liveness on the leader), [`channel`] (control-channel moves, data channels) and `timer` (the
+//! timer table; every armed timer matters now, so [`Election::poll_timeout`] is its minimum).
+
+mod channel;
+mod members;
+mod timer;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use cm_sansio::{Dest, Instant, Transmit};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+pub use self::channel::MAX_OLD_CHANNELS;
+use self::channel::{ControlChannel, DataChannels, PoolExhausted};
+pub use self::members::Member;
+use self::members::{Members, Registered};
+use self::timer::{Timer, Timers};
 use crate::config::{Config, ConfigError, Registration};
 use crate::priority::{ClaimKey, NodeId};
 use crate::replay::ReplayGuard;
 use crate::restart::{RestartState, RestartStateError, Save, recent_failures};
-use crate::time::Instant;
-use crate::wire::{self, DropReason, Header, MAX_PAYLOAD, MAX_REPORT_IDS, MemberReport, Message};
+use crate::wire::{self, DropReason, Header, MAX_PAYLOAD, MemberReport, Message};
 
 /// The five states of the seed's Fig. 5.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,33 +50,6 @@ pub enum State {
     GlIsMe,
     VotingOpen,
     Concede,
-}
-
-/// Where a datagram goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Destination {
-    /// The current control channel.
-    Control,
-    /// A specific multicast channel (the old control channel after a move).
-    Channel(SocketAddr),
-}
-
-/// A datagram for the driver to send.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transmit {
-    pub destination: Destination,
-    pub payload: Vec<u8>,
-}
-
-/// A registered member, as the leader knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Member {
-    pub node: NodeId,
-    pub registration: Registration,
-    /// The address its datagrams came from.
-    pub source: SocketAddr,
-    pub joined: Instant,
-    pub last_seen: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,13 +134,6 @@ struct KnownLeader {
     payload: Vec<u8>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Linger {
-    old: SocketAddr,
-    until: Instant,
-    next: Instant,
-}
-
 /// One node's election and registration, sans IO.
 #[derive(Debug)]
 pub struct Election {
@@ -168,36 +147,17 @@ pub struct Election {
     /// When we last stopped leading (for the sticky-incumbent rule).
     led_until: Option<Instant>,
     former_members: usize,
-
-    leader_deadline: Option<Instant>,
-    claim_at: Option<Instant>,
-    window_end: Option<Instant>,
-    concede_until: Option<Instant>,
-    next_heartbeat: Option<Instant>,
+    timers: Timers,
 
     // member side
-    register_at: Option<Instant>,
     registered_with: Option<NodeId>,
-    my_data_channels: BTreeMap<String, SocketAddr>,
 
     // leader side
-    members: BTreeMap<NodeId, Member>,
-    report_at: Option<Instant>,
-    report_round: u32,
-    data_channels: BTreeMap<String, SocketAddr>,
-    pool_next: u16,
+    members: Members,
     payload: Vec<u8>,
 
-    control: SocketAddr,
-    channel_epoch: u32,
-    linger: Option<Linger>,
-    /// Channels the segment has moved away from, most recent first (at most
-    /// [`MAX_OLD_CHANNELS`]): a leader keeps announcing the move there every
-    /// `channel_reannounce`,
-    /// so a node that was down through the move, or a new one configured with the original
-    /// channel, finds the segment.
-    old_channels: Vec<SocketAddr>,
-    reannounce_at: Option<Instant>,
+    data_channels: DataChannels,
+    control: ControlChannel,
     /// Crashed runs of this node in the last week (see [`crate::restart::recent_failures`]).
     failures: Vec<u64>,
 
@@ -214,28 +174,12 @@ pub struct Election {
     reported_leading: bool,
 }
 
-/// How many earlier control channels a node remembers (and a leader keeps announcing on).
-pub const MAX_OLD_CHANNELS: usize = 4;
-
 fn random_between(rng: &mut ChaCha8Rng, lo: Duration, hi: Duration) -> Duration {
     if hi <= lo {
         return lo;
     }
     let span = u64::try_from((hi - lo).as_nanos()).unwrap_or(u64::MAX);
     lo + Duration::from_nanos(rng.random_range(0..=span))
-}
-
-fn due(timer: Option<Instant>, now: Instant) -> bool {
-    timer.is_some_and(|t| t <= now)
-}
-
-/// The `i`-th address after `first` (last octet or last IPv6 byte group incremented).
-fn nth_channel(first: SocketAddr, i: u16) -> Option<SocketAddr> {
-    let ip = match first.ip() {
-        IpAddr::V4(v4) => IpAddr::V4(u32::from(v4).checked_add(u32::from(i))?.into()),
-        IpAddr::V6(v6) => IpAddr::V6(u128::from(v6).checked_add(u128::from(i))?.into()),
-    };
-    Some(SocketAddr::new(ip, first.port()))
 }
 
 impl Election {
@@ -303,25 +247,12 @@ impl Election {
             leading: false,
             led_until: None,
             former_members: 0,
-            leader_deadline: None,
-            claim_at: None,
-            window_end: None,
-            concede_until: None,
-            next_heartbeat: None,
-            register_at: None,
+            timers: Timers::default(),
             registered_with: None,
-            my_data_channels: BTreeMap::new(),
-            members: BTreeMap::new(),
-            report_at: None,
-            report_round: 0,
-            data_channels: BTreeMap::new(),
-            pool_next: 0,
+            members: Members::default(),
             payload: Vec::new(),
-            control,
-            channel_epoch,
-            linger: None,
-            old_channels,
-            reannounce_at: None,
+            data_channels: DataChannels::default(),
+            control: ControlChannel::new(control, channel_epoch, old_channels),
             failures,
             seq: 0,
             replay,
@@ -336,7 +267,7 @@ impl Election {
         };
         if e.cfg.eligible() {
             let delay = e.cfg.timing.leader_timeout + e.claim_delay(now);
-            e.claim_at = Some(now + delay);
+            e.timers.set(Timer::Claim, now + delay);
         }
         Ok(e)
     }
@@ -369,18 +300,18 @@ impl Election {
     /// Leader side: the registered members (not including the leader itself), by node id.
     /// Empty unless leading. MCTP expects reports from exactly these; the manager report lists them.
     pub fn members(&self) -> impl ExactSizeIterator<Item = &Member> {
-        self.members.values()
+        self.members.iter()
     }
     /// Member side: the leader whose report listed us.
     pub fn registered_with(&self) -> Option<NodeId> {
         self.registered_with
     }
     pub fn control_channel(&self) -> SocketAddr {
-        self.control
+        self.control.current()
     }
     /// Leader side: the data channel of every content group. Member side: our groups' channels.
     pub fn data_channels(&self) -> &BTreeMap<String, SocketAddr> {
-        if self.leading { &self.data_channels } else { &self.my_data_channels }
+        if self.leading { self.data_channels.assigned() } else { self.data_channels.mine() }
     }
     pub fn stats(&self) -> Stats {
         self.stats
@@ -467,43 +398,40 @@ impl Election {
         if self.stopped {
             return;
         }
-        if self.state == State::GlKnown && due(self.leader_deadline, now) {
+        // Each timer is armed only in its own state (or while leading), so each check below
+        // only sees a timer that matters; the order is the order of the seed's figure.
+        if self.timers.due(Timer::LeaderDeadline, now) {
             self.enter_unknown(now);
         }
-        if self.state == State::GlUnknown && due(self.claim_at, now) {
+        if self.timers.due(Timer::Claim, now) {
             self.claim(now);
         }
-        if self.state == State::VotingOpen && due(self.window_end, now) {
+        if self.timers.due(Timer::WindowEnd, now) {
             self.become_leader(now);
         }
-        if self.state == State::Concede && due(self.concede_until, now) {
+        if self.timers.due(Timer::ConcedeUntil, now) {
             self.enter_unknown(now);
         }
-        if self.state == State::GlIsMe && due(self.next_heartbeat, now) {
+        if self.timers.due(Timer::Heartbeat, now) {
             self.send_heartbeat(now);
         }
-        if self.state == State::GlKnown && due(self.register_at, now) {
+        if self.timers.due(Timer::Register, now) {
             self.send_registration(now);
         }
         if self.leading {
             self.expire_members(now);
-            if due(self.report_at, now) {
+            if self.timers.due(Timer::Report, now) {
                 self.send_report(now);
             }
         }
-        if self.leading && due(self.reannounce_at, now) {
-            for old in self.old_channels.clone() {
-                self.send_channel_move(Destination::Channel(old));
+        if self.leading && self.timers.due(Timer::Reannounce, now) {
+            for old in self.control.old().to_vec() {
+                self.send_channel_move(Dest::Channel(old));
             }
-            self.reannounce_at = Some(now + self.cfg.timing.channel_reannounce);
+            self.timers.set(Timer::Reannounce, now + self.cfg.timing.channel_reannounce);
         }
-        if let Some(l) = self.linger {
-            if now >= l.until {
-                self.linger = None;
-            } else if now >= l.next {
-                self.send_channel_move(Destination::Channel(l.old));
-                self.linger = Some(Linger { next: now + self.cfg.timing.heartbeat, ..l });
-            }
+        if let Some(old) = self.control.linger_due(now, self.cfg.timing.heartbeat) {
+            self.send_channel_move(Dest::Channel(old));
         }
         self.sync_events();
     }
@@ -513,22 +441,12 @@ impl Election {
         if self.stopped {
             return None;
         }
-        let mut timers = vec![];
-        match self.state {
-            State::GlKnown => timers.extend([self.leader_deadline, self.register_at]),
-            State::GlUnknown => timers.push(self.claim_at),
-            State::VotingOpen => timers.push(self.window_end),
-            State::Concede => timers.push(self.concede_until),
-            State::GlIsMe => timers.push(self.next_heartbeat),
-        }
-        if self.leading {
-            timers.push(self.report_at);
-            timers.push(self.reannounce_at);
-            let timeout = self.cfg.timing.member_timeout;
-            timers.push(self.members.values().map(|m| m.last_seen + timeout).min());
-        }
-        timers.push(self.linger.map(|l| l.next.min(l.until)));
-        timers.into_iter().flatten().min()
+        let expiry = if self.leading {
+            self.members.next_expiry(self.cfg.timing.member_timeout)
+        } else {
+            None
+        };
+        [self.timers.next(), expiry, self.control.linger_deadline()].into_iter().flatten().min()
     }
 
     /// The next datagram to send.
@@ -562,9 +480,9 @@ impl Election {
             node: self.cfg.node,
             incarnation: self.cfg.incarnation,
             configured_channel: self.cfg.control_channel,
-            control_channel: self.control,
-            channel_epoch: self.channel_epoch,
-            old_channels: self.old_channels.clone(),
+            control_channel: self.control.current(),
+            channel_epoch: self.control.epoch(),
+            old_channels: self.control.old().to_vec(),
             running: !self.stopped,
             failures: self.failures.clone(),
             replay: self.replay.records(),
@@ -595,17 +513,14 @@ impl Election {
         if !self.leading {
             return Err(RequestError::NotLeader);
         }
-        if channel == self.control {
-            return Ok(());
-        }
-        let old = self.control;
-        self.channel_epoch += 1;
-        self.switch_channel(channel);
-        self.reannounce_at = Some(now + self.cfg.timing.channel_move_linger);
-        self.send_channel_move(Destination::Channel(old));
         let t = &self.cfg.timing;
-        self.linger =
-            Some(Linger { old, until: now + t.channel_move_linger, next: now + t.heartbeat });
+        let Some(old) = self.control.start_move(now, channel, t.heartbeat, t.channel_move_linger)
+        else {
+            return Ok(());
+        };
+        self.moved(channel);
+        self.timers.set(Timer::Reannounce, now + self.cfg.timing.channel_move_linger);
+        self.send_channel_move(Dest::Channel(old));
         Ok(())
     }
 
@@ -620,7 +535,7 @@ impl Election {
         if !self.leading {
             return Err(RequestError::NotLeader);
         }
-        if self.data_channels.insert(group, channel) != Some(channel) {
+        if self.data_channels.set(group, channel) {
             self.send_data_channels();
         }
         self.sync_events();
@@ -635,10 +550,10 @@ impl Election {
             return;
         }
         if self.leading {
-            self.send(Destination::Control, &Message::Leave { leader: self.cfg.node });
+            self.send(Dest::Group, &Message::Leave { leader: self.cfg.node });
         } else if let (State::GlKnown, Some(l)) = (self.state, &self.leader) {
             let leader = l.key.node;
-            self.send(Destination::Control, &Message::Leave { leader });
+            self.send(Dest::Group, &Message::Leave { leader });
         }
         self.lose_leadership(now);
         self.leader = None;
@@ -654,6 +569,7 @@ impl Election {
     fn set_state(&mut self, to: State) {
         if self.state != to {
             self.events.push_back(Event::StateChanged { from: self.state, to });
+            self.timers.leave_state(self.state);
             self.state = to;
         }
     }
@@ -674,13 +590,8 @@ impl Election {
         base + random_between(&mut self.rng, Duration::ZERO, jitter)
     }
 
-    /// Moves to `channel`, remembering where we were.
-    fn switch_channel(&mut self, channel: SocketAddr) {
-        let old = self.control;
-        self.old_channels.retain(|&c| c != old && c != channel);
-        self.old_channels.insert(0, old);
-        self.old_channels.truncate(MAX_OLD_CHANNELS);
-        self.control = channel;
+    /// The control channel changed to `channel`: saved durably, and the driver re-joins.
+    fn moved(&mut self, channel: SocketAddr) {
         self.save_due = true;
         self.save_sync = true;
         self.events.push_back(Event::ChannelMove { channel });
@@ -689,12 +600,12 @@ impl Election {
     fn lose_leadership(&mut self, now: Instant) {
         if self.leading {
             self.leading = false;
-            self.reannounce_at = None;
+            self.timers.clear(Timer::Reannounce);
             self.led_until = Some(now);
             self.former_members = self.members.len();
             self.members.clear();
-            self.report_at = None;
-            self.next_heartbeat = None;
+            self.timers.clear(Timer::Report);
+            self.timers.clear(Timer::Heartbeat);
         }
     }
 
@@ -703,10 +614,11 @@ impl Election {
         self.leader = None;
         self.conceded_to = None;
         self.registered_with = None;
-        self.register_at = None;
-        self.leader_deadline = None;
+        self.timers.clear(Timer::Register);
+        self.timers.clear(Timer::LeaderDeadline);
         self.set_state(State::GlUnknown);
-        self.claim_at = if self.cfg.eligible() { Some(now + self.claim_delay(now)) } else { None };
+        let claim_at = if self.cfg.eligible() { Some(now + self.claim_delay(now)) } else { None };
+        self.timers.put(Timer::Claim, claim_at);
     }
 
     fn concede(&mut self, now: Instant, to: ClaimKey) {
@@ -715,7 +627,7 @@ impl Election {
         self.registered_with = None;
         self.set_state(State::Concede);
         self.conceded_to = Some(to);
-        self.concede_until = Some(now + self.cfg.timing.concede_timeout);
+        self.timers.set(Timer::ConcedeUntil, now + self.cfg.timing.concede_timeout);
     }
 
     fn follow(&mut self, now: Instant, key: ClaimKey, payload: Vec<u8>) {
@@ -724,26 +636,28 @@ impl Election {
         self.leader = Some(KnownLeader { key, payload: Vec::new() });
         self.conceded_to = None;
         self.set_state(State::GlKnown);
-        self.leader_deadline = Some(now + self.cfg.timing.leader_timeout);
+        self.timers.set(Timer::LeaderDeadline, now + self.cfg.timing.leader_timeout);
         if changed {
             self.registered_with = None;
             let spread = self.cfg.timing.registration_spread;
-            self.register_at = Some(now + random_between(&mut self.rng, Duration::ZERO, spread));
+            let at = now + random_between(&mut self.rng, Duration::ZERO, spread);
+            self.timers.set(Timer::Register, at);
         }
         self.take_payload(key.node, payload);
     }
 
     fn claim(&mut self, now: Instant) {
         let key = self.claim_key(now);
-        self.send(Destination::Control, &Message::LeaderClaim { key });
+        self.send(Dest::Group, &Message::LeaderClaim { key });
         if self.state != State::VotingOpen {
             self.set_state(State::VotingOpen);
             let t = &self.cfg.timing;
             let (lo, hi) = (t.voting_window_min, t.voting_window_max);
-            self.window_end = Some(now + random_between(&mut self.rng, lo, hi));
+            let end = now + random_between(&mut self.rng, lo, hi);
+            self.timers.set(Timer::WindowEnd, end);
         }
-        self.claim_at = None;
-        self.next_heartbeat = None;
+        self.timers.clear(Timer::Claim);
+        self.timers.clear(Timer::Heartbeat);
     }
 
     fn become_leader(&mut self, now: Instant) {
@@ -752,10 +666,10 @@ impl Election {
             self.leading = true;
             self.led_until = None;
             self.members.clear();
-            self.report_at = None;
+            self.timers.clear(Timer::Report);
             // Tell nodes still on an earlier channel where the segment went.
-            if !self.old_channels.is_empty() {
-                self.reannounce_at = Some(now + self.cfg.timing.heartbeat);
+            if !self.control.old().is_empty() {
+                self.timers.set(Timer::Reannounce, now + self.cfg.timing.heartbeat);
             }
         }
         self.leader = None;
@@ -779,10 +693,7 @@ impl Election {
                 {
                     // Our leader resigned: elect now rather than after leader_timeout.
                     self.enter_unknown(now);
-                } else if leader == self.cfg.node
-                    && self.leading
-                    && self.members.remove(&sender).is_some()
-                {
+                } else if leader == self.cfg.node && self.leading && self.members.remove(sender) {
                     self.member_left(now, sender, LeaveReason::Left);
                 }
             }
@@ -792,23 +703,18 @@ impl Election {
                 }
             }
             Message::ChannelMove { epoch, channel } => {
-                if epoch > self.channel_epoch {
-                    self.channel_epoch = epoch;
+                if let Some(moved) = self.control.heard_move(epoch, channel) {
                     self.save_sync = true;
-                    if channel != self.control {
-                        self.switch_channel(channel);
+                    if moved {
+                        self.moved(channel);
                     }
                 }
             }
             Message::DataChannels { channels } => {
                 if self.state == State::GlKnown && self.leader() == Some(sender) {
-                    for (group, channel) in channels {
-                        if self.cfg.registration.content_groups.contains(&group)
-                            && self.my_data_channels.get(&group) != Some(&channel)
-                        {
-                            self.my_data_channels.insert(group.clone(), channel);
-                            self.events.push_back(Event::DataChannelAssigned { group, channel });
-                        }
+                    let ours = &self.cfg.registration.content_groups;
+                    for (group, channel) in self.data_channels.heard(ours, channels) {
+                        self.events.push_back(Event::DataChannelAssigned { group, channel });
                     }
                 }
             }
@@ -821,7 +727,8 @@ impl Election {
                 let current = self.leader.as_ref().map(|l| l.key);
                 match current {
                     Some(cur) if cur.node == key.node => {
-                        self.leader_deadline = Some(now + self.cfg.timing.leader_timeout);
+                        self.timers
+                            .set(Timer::LeaderDeadline, now + self.cfg.timing.leader_timeout);
                         if let Some(l) = self.leader.as_mut() {
                             l.key = key;
                         }
@@ -860,7 +767,7 @@ impl Election {
             State::Concede => {
                 if self.conceded_to.is_some_and(|c| key > c) {
                     self.conceded_to = Some(key);
-                    self.concede_until = Some(now + self.cfg.timing.concede_timeout);
+                    self.timers.set(Timer::ConcedeUntil, now + self.cfg.timing.concede_timeout);
                 }
             }
             State::GlIsMe => self.claim(now),
@@ -897,75 +804,42 @@ impl Election {
         node: NodeId,
         registration: Registration,
     ) {
-        let mut changed = false;
-        match self.members.get_mut(&node) {
-            Some(m) => {
-                m.last_seen = now;
-                m.source = from;
-                if m.registration != registration {
-                    m.registration = registration.clone();
-                    changed = true;
-                }
-            }
-            None => {
-                let member = Member {
-                    node,
-                    registration: registration.clone(),
-                    source: from,
-                    joined: now,
-                    last_seen: now,
-                };
-                self.members.insert(node, member.clone());
+        let changed = match self.members.register(now, from, node, &registration) {
+            Registered::Joined(member) => {
                 self.events.push_back(Event::MemberJoined(member));
                 self.events.push_back(Event::MembersChanged { count: self.members.len() });
-                changed = true;
+                true
             }
-        }
+            Registered::Updated => true,
+            Registered::Refreshed => false,
+        };
         for group in &registration.content_groups {
-            if !self.data_channels.contains_key(group) {
-                self.allocate_data_channel(group);
+            if let Err(PoolExhausted) = self.data_channels.ensure(group, self.cfg.data_channels) {
+                self.stats.data_pool_exhausted += 1;
             }
         }
         if changed {
             // Seed: report 3–5 s after the last registration.
-            let t = &self.cfg.timing;
-            let (lo, hi) = (t.report_delay_min, t.report_delay_max);
-            self.report_at = Some(now + random_between(&mut self.rng, lo, hi));
+            self.schedule_report(now);
         }
     }
 
-    fn allocate_data_channel(&mut self, group: &str) {
-        let Some(pool) = self.cfg.data_channels else { return };
-        match (self.pool_next < pool.count)
-            .then(|| nth_channel(pool.first, self.pool_next))
-            .flatten()
-        {
-            Some(channel) => {
-                self.pool_next += 1;
-                self.data_channels.insert(group.to_owned(), channel);
-            }
-            None => self.stats.data_pool_exhausted += 1,
-        }
+    fn schedule_report(&mut self, now: Instant) {
+        let t = &self.cfg.timing;
+        let (lo, hi) = (t.report_delay_min, t.report_delay_max);
+        let at = now + random_between(&mut self.rng, lo, hi);
+        self.timers.set(Timer::Report, at);
     }
 
     fn member_left(&mut self, now: Instant, node: NodeId, reason: LeaveReason) {
         self.events.push_back(Event::MemberLeft { node, reason });
         self.events.push_back(Event::MembersChanged { count: self.members.len() });
-        let t = &self.cfg.timing;
-        let (lo, hi) = (t.report_delay_min, t.report_delay_max);
-        self.report_at = Some(now + random_between(&mut self.rng, lo, hi));
+        self.schedule_report(now);
     }
 
     fn expire_members(&mut self, now: Instant) {
-        let timeout = self.cfg.timing.member_timeout;
-        let dead: Vec<NodeId> = self
-            .members
-            .values()
-            .filter(|m| m.last_seen + timeout <= now)
-            .map(|m| m.node)
-            .collect();
-        for node in dead {
-            self.members.remove(&node);
+        for node in self.members.expired(now, self.cfg.timing.member_timeout) {
+            self.members.remove(node);
             self.member_left(now, node, LeaveReason::TimedOut);
         }
     }
@@ -985,13 +859,14 @@ impl Election {
             self.registered_with = None;
             let retry =
                 now + random_between(&mut self.rng, Duration::ZERO, self.cfg.timing.reregister_max);
-            self.register_at = Some(self.register_at.map_or(retry, |t| t.min(retry)));
+            let at = self.timers.get(Timer::Register).map_or(retry, |t| t.min(retry));
+            self.timers.set(Timer::Register, at);
         }
     }
 
     // ----- sending ----------------------------------------------------------------------
 
-    fn send(&mut self, destination: Destination, msg: &Message) {
+    fn send(&mut self, dest: Dest, msg: &Message) {
         self.seq += 1;
         let header = Header {
             cluster: self.cfg.cluster_id,
@@ -1003,7 +878,7 @@ impl Election {
         // an error here is a bug; count it rather than crash the agent.
         if let Ok(payload) = wire::seal(&self.cfg.key, &header, msg) {
             self.stats.sent += 1;
-            self.transmits.push_back(Transmit { destination, payload });
+            self.transmits.push_back(Transmit { dest, payload });
         }
     }
 
@@ -1011,46 +886,37 @@ impl Election {
         let key = self.claim_key(now);
         let members = u32::try_from(self.members.len()).unwrap_or(u32::MAX);
         let payload = self.payload.clone();
-        self.send(Destination::Control, &Message::LeaderAlive { key, members, payload });
-        self.next_heartbeat = Some(now + self.cfg.timing.heartbeat);
+        self.send(Dest::Group, &Message::LeaderAlive { key, members, payload });
+        self.timers.set(Timer::Heartbeat, now + self.cfg.timing.heartbeat);
     }
 
     fn send_registration(&mut self, now: Instant) {
         let Some(leader) = self.leader.as_ref().map(|l| l.key.node) else { return };
         let registration = self.cfg.registration.clone();
-        self.send(Destination::Control, &Message::Register { leader, registration });
-        self.register_at = Some(now + self.cfg.timing.member_refresh);
+        self.send(Dest::Group, &Message::Register { leader, registration });
+        self.timers.set(Timer::Register, now + self.cfg.timing.member_refresh);
     }
 
     fn send_report(&mut self, now: Instant) {
-        self.report_round = self.report_round.wrapping_add(1);
-        let ids: Vec<NodeId> = self.members.keys().copied().collect();
-        let pages: Vec<&[NodeId]> =
-            if ids.is_empty() { vec![&[]] } else { ids.chunks(MAX_REPORT_IDS).collect() };
-        let mut lo = 0;
-        for (i, page) in pages.iter().enumerate() {
-            let hi = if i + 1 == pages.len() { NodeId::MAX } else { *page.last().unwrap_or(&lo) };
-            let report = MemberReport { round: self.report_round, lo, hi, members: page.to_vec() };
-            self.send(Destination::Control, &Message::MemberReport(report));
-            lo = hi.saturating_add(1);
+        for report in self.members.report() {
+            self.send(Dest::Group, &Message::MemberReport(report));
         }
-        if !self.data_channels.is_empty() {
+        if !self.data_channels.assigned().is_empty() {
             self.send_data_channels();
         }
-        self.report_at = Some(now + self.cfg.timing.report_refresh);
+        self.timers.set(Timer::Report, now + self.cfg.timing.report_refresh);
     }
 
     fn send_data_channels(&mut self) {
-        let all: Vec<(String, SocketAddr)> =
-            self.data_channels.iter().map(|(g, a)| (g.clone(), *a)).collect();
-        for chunk in all.chunks(usize::from(u8::MAX)) {
-            self.send(Destination::Control, &Message::DataChannels { channels: chunk.to_vec() });
+        for channels in self.data_channels.announcements() {
+            self.send(Dest::Group, &Message::DataChannels { channels });
         }
     }
 
-    fn send_channel_move(&mut self, destination: Destination) {
-        let msg = Message::ChannelMove { epoch: self.channel_epoch, channel: self.control };
-        self.send(destination, &msg);
+    fn send_channel_move(&mut self, dest: Dest) {
+        let msg =
+            Message::ChannelMove { epoch: self.control.epoch(), channel: self.control.current() };
+        self.send(dest, &msg);
     }
 
     /// Emits the derived events (leader and leadership changes) once per input.

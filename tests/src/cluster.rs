@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cm_agent::launch::{self, AgentProcess, AgentSpec, ManagerOptions, ManagerProcess};
-use cm_manager::http::JsonClient;
 use cm_manager::model::{
     CommitPolicy, Job, JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload, Quorum,
     ServerOutcome,
 };
+use cm_tree::http::JsonClient;
 use serde_json::Value;
 
 pub use crate::cmover_bin;

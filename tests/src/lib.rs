@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests in `tests/tests/`: locating the `cmover` binary,
-//! temporary sites, and process guards that kill what a test started.
+//! temporary sites, and process guards that kill what a test started; nodes on loopback threads
+//! ([`loopback`]) for the manager's and the tree's multi-node tests.
 
 pub mod cluster;
+pub mod loopback;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -8,9 +8,9 @@ use std::fs;
 use std::time::Duration;
 
 use cm_agent::launch;
-use cm_manager::http::{ClientError, JsonClient};
 use cm_tests::cluster::{Layout, TestCluster};
 use cm_tests::{cmover_bin, observe};
+use cm_tree::http::{ClientError, JsonClient};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_commit_over_mutual_tls_reach_every_server() {
@@ -71,7 +71,7 @@ async fn publish_and_commit_over_mutual_tls_reach_every_server() {
     let foreign = JsonClient::with_tls(
         "",
         Duration::from_secs(5),
-        Some(&cm_manager::tls::Tls::load(&files).unwrap()),
+        Some(&cm_tree::tls::Tls::load(&files).unwrap()),
     );
     let r = foreign.put::<_, serde_json::Value>(&c.url("groups/g"), &body).await;
     assert!(matches!(r, Err(ClientError::Transport { .. })), "{r:?}");

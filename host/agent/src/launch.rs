@@ -104,17 +104,17 @@ pub struct ManagerProcess {
 #[derive(Debug, Clone)]
 pub struct ClusterTls {
     pub ca_dir: PathBuf,
-    pub operator: cm_manager::tls::TlsFiles,
+    pub operator: cm_tree::tls::TlsFiles,
 }
 
 impl ManagerProcess {
     /// A client for the operator's API: the operator's certificate over TLS, else its token.
-    pub fn operator_client(&self) -> io::Result<cm_manager::http::JsonClient> {
+    pub fn operator_client(&self) -> io::Result<cm_tree::http::JsonClient> {
         let tls = match &self.tls {
-            Some(t) => Some(cm_manager::tls::Tls::load(&t.operator).map_err(io::Error::other)?),
+            Some(t) => Some(cm_tree::tls::Tls::load(&t.operator).map_err(io::Error::other)?),
             None => None,
         };
-        Ok(cm_manager::http::JsonClient::with_tls(
+        Ok(cm_tree::http::JsonClient::with_tls(
             &self.operator_token,
             Duration::from_secs(30),
             tls.as_ref(),
@@ -129,7 +129,7 @@ pub fn issue_cert(
     name: &str,
     role: &str,
     out: &Path,
-) -> io::Result<cm_manager::tls::TlsFiles> {
+) -> io::Result<cm_tree::tls::TlsFiles> {
     run_cmover(
         bin,
         &[
@@ -149,7 +149,7 @@ pub fn issue_cert(
             &out.display().to_string(),
         ],
     )?;
-    Ok(cm_manager::tls::TlsFiles::in_dir(out, name))
+    Ok(cm_tree::tls::TlsFiles::in_dir(out, name))
 }
 
 /// Runs a short `cmover` command to its end; its output is in the error when it fails.
@@ -305,7 +305,7 @@ pub fn start_agent(
     let tls = match &manager.tls {
         Some(t) => {
             // A restarted agent keeps the certificate it had.
-            let mut f = cm_manager::tls::TlsFiles::in_dir(&dir.join("certs"), &spec.name);
+            let mut f = cm_tree::tls::TlsFiles::in_dir(&dir.join("certs"), &spec.name);
             if !f.cert.exists() {
                 f = issue_cert(bin, &t.ca_dir, &spec.name, "agent", &dir.join("certs"))?;
             }

@@ -1,14 +1,14 @@
-//! Group-leader duties on the segment: hand an assignment the tree delivered (cm-manager's
+//! Group-leader duties on the segment: hand an assignment the tree delivered (cm-tree's
 //! `LeaderNode`) to the segment's members with one MCTP session, and turn the session's report
 //! into the GL's consolidated report (servers that succeeded, failed, missing).
 //!
 //! "Succeeded" here means the member holds the whole, verified assignment (MCTP's completion);
 //! a member's apply result travels in its own report to the GL, which this module does not carry.
 
-use cm_manager::forward::BoxFuture;
-use cm_manager::leader::{DeliveryOutcome, LocalDelivery};
-use cm_manager::manifest::Manifest;
 use cm_mctp::{Member, MemberId, SenderConfig};
+use cm_tree::BoxFuture;
+use cm_tree::leader::{DeliveryOutcome, LocalDelivery};
+use cm_tree::manifest::Manifest;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;

@@ -8,12 +8,11 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use std::sync::Arc;
 
-use crate::http::{self, Body, Role};
-use crate::leader::serve_blob;
-use crate::model::{
-    ContentGroup, DiscoveryReport, HostedSite, JobSpec, JobState, NextChild, SegmentReport,
-    TreeCall, default_keep_releases,
-};
+use cm_tree::blob::serve_blob;
+use cm_tree::http::{self, Body, Role};
+use cm_tree::message::{DiscoveryReport, NextChild, SegmentReport, TreeCall};
+
+use crate::model::{ContentGroup, HostedSite, JobSpec, JobState, default_keep_releases};
 use crate::now_ms;
 use crate::server::{Inner, ManagerError};
 use crate::tree::{Next, Node};

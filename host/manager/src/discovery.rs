@@ -5,10 +5,13 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use crate::forward::{ChildSource, forward_slot};
+use cm_tree::forward::{ChildSource, forward_slot};
+use cm_tree::link::LinkRates;
+use cm_tree::message::DiscoveryReport;
+
 use crate::model::{
-    CommitPolicy, DiscoveryReport, Job, JobKind, JobPolicy, JobSpec, JobState, LinkRates, Payload,
-    Run, SegmentRecord, SegmentStatus, ServerRecord,
+    CommitPolicy, Job, JobKind, JobPolicy, JobSpec, JobState, Payload, Run, SegmentRecord,
+    SegmentStatus, ServerRecord,
 };
 use crate::now_ms;
 use crate::server::{Inner, ManagerError, RootSource};

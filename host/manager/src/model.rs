@@ -1,11 +1,12 @@
 //! The manager's records: what the database stores and the HTTP API carries (JSON via serde).
-//! See `docs/manager.md` for the schema.
+//! See `docs/manager.md` for the schema. The messages of the tree itself (notifications, a GL's
+//! discovery and segment reports) are `cm_tree::message`'s.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-use crate::manifest::Manifest;
-pub use crate::tree::LinkRates;
+use cm_tree::link::LinkRates;
+use cm_tree::manifest::Manifest;
 
 /// A backend server as the manager knows it from its segment's discovery reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,29 +17,6 @@ pub struct ServerRecord {
     /// False once its GL reported it left (or the whole segment went silent).
     pub live: bool,
     pub last_seen_ms: u64,
-}
-
-/// What a group leader reports about its segment (seed: discovery). Sent on election, on every
-/// join or leave, and periodically.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiscoveryReport {
-    /// The segment's name: stable when the GL changes (the key of the segment record).
-    pub segment: String,
-    /// The GL's server name.
-    pub leader: String,
-    /// `host:port` of the GL's tree endpoint (notifications and assignment serving).
-    pub address: String,
-    /// Location or time zone, e.g. "Europe/London"; used to keep nearby GLs together in the tree.
-    pub location: String,
-    /// Relative CPU power (higher is faster).
-    pub cpu_power: u32,
-    pub free_disk: u64,
-    pub connections: u32,
-    /// Registered members, the GL included when it also serves content.
-    pub members: Vec<String>,
-    /// The GL's link speeds as measured from its transfers; the manager shapes the tree with them.
-    #[serde(default)]
-    pub links: Option<LinkRates>,
 }
 
 /// A segment record. `static_rank` is the operator's override of the tree order.
@@ -334,17 +312,6 @@ pub enum ServerOutcome {
     Missing,
 }
 
-/// A GL's consolidated report for one run (seed: GL Assignment Status Report).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SegmentReport {
-    pub segment: String,
-    pub leader: String,
-    pub succeeded: Vec<String>,
-    /// (server, reason)
-    pub failed: Vec<(String, String)>,
-    pub missing: Vec<String>,
-}
-
 /// One line of the history log of every assignment run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
@@ -353,44 +320,4 @@ pub struct HistoryEntry {
     pub job: Option<u64>,
     pub run: Option<u64>,
     pub event: String,
-}
-
-/// Seed: the notification message. Tells a GL where to fetch the assignment and how to go on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Notification {
-    pub run: u64,
-    /// The recipient's segment.
-    pub segment: String,
-    /// Base URL of the parent to fetch from (`http://host:port`): the manager or another GL.
-    pub source: String,
-    /// Base URL of the manager (for "next", "received", reports).
-    pub manager: String,
-    pub manifest: Manifest,
-    /// Children the recipient serves at once; 0 = it forwards to no one (a star).
-    pub slots: usize,
-    /// The servers of the recipient's segment this run targets (the manager counts only their
-    /// outcomes); empty = every member (older managers).
-    #[serde(default)]
-    pub servers: Vec<String>,
-}
-
-/// Manager's answer to a GL's "whom next?": `child: null` is the seed's null address (done).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NextChild {
-    pub child: Option<ChildTarget>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChildTarget {
-    pub segment: String,
-    /// `host:port` of the child's tree endpoint.
-    pub address: String,
-    pub notification: Notification,
-}
-
-/// Body of the tree endpoints a GL calls on the manager (`next`, `received`, `dead`, `reparent`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TreeCall {
-    /// The calling GL's segment (for `dead`: the child it could not reach).
-    pub segment: String,
 }

@@ -8,7 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::manifest::Manifest;
+use cm_tree::manifest::Manifest;
+
 use crate::model::{
     CommitPolicy, Job, JobKind, JobState, OnBlocked, Payload, PendingCommit, Run, RunPhase,
     SegmentRun, SegmentStatus, ServerOutcome,

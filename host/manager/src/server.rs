@@ -12,16 +12,16 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-use crate::blob::{Blob, BlobError, Egress};
+use cm_tree::BoxFuture;
+use cm_tree::blob::{Blob, BlobError, Egress};
+use cm_tree::forward::{ChildSource, forward_slot};
+use cm_tree::http::{self, JsonClient, Tokens};
+use cm_tree::manifest::{DEFAULT_CHUNK_SIZE, ManifestError};
+use cm_tree::message::{ChildTarget, Notification, SegmentReport};
+use cm_tree::tls::Tls;
+
 use crate::db::{Db, DbError};
-use crate::forward::{BoxFuture, ChildSource, forward_slot};
-use crate::http::{self, JsonClient, Tokens};
-use crate::manifest::{DEFAULT_CHUNK_SIZE, ManifestError};
-use crate::model::{
-    ChildTarget, Job, JobState, Notification, Payload, Run, RunPhase, SegmentReport, SegmentStatus,
-    ServerOutcome,
-};
-use crate::tls::Tls;
+use crate::model::{Job, JobState, Payload, Run, RunPhase, SegmentStatus, ServerOutcome};
 use crate::tree::{LeaderInfo, Next, Node, TreeConfig, TreePlan, sort_leaders};
 use crate::{now_ms, policy, prepare, scheduler};
 

@@ -6,12 +6,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cm_manager::http::{ClientError, JsonClient};
-use cm_manager::leader::{DeliveryOutcome, LeaderConfig, LeaderNode, LocalDelivery};
-use cm_manager::manifest::Manifest;
-use cm_manager::model::DiscoveryReport;
+use cm_manager::ca::ClusterCa;
 use cm_manager::server::{Manager, ManagerConfig};
-use cm_manager::tls::{CertRole, ClusterCa, Tls};
+use cm_tree::http::{ClientError, JsonClient};
+use cm_tree::leader::{DeliveryOutcome, LeaderConfig, LeaderNode, LocalDelivery};
+use cm_tree::manifest::Manifest;
+use cm_tree::message::DiscoveryReport;
+use cm_tree::tls::{CertRole, Tls};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -176,7 +177,7 @@ impl LocalDelivery for NoDelivery {
         _run: u64,
         _a: std::path::PathBuf,
         _m: Manifest,
-    ) -> cm_manager::forward::BoxFuture<'static, DeliveryOutcome> {
+    ) -> cm_tree::BoxFuture<'static, DeliveryOutcome> {
         Box::pin(async { DeliveryOutcome::default() })
     }
 }

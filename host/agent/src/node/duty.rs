@@ -1,5 +1,5 @@
 //! Group-leader duties, started when this server wins its segment's election and stopped when
-//! it loses it: the tree endpoint (cm-manager's [`LeaderNode`]), discovery reports to the
+//! it loses it: the tree endpoint (cm-tree's [`LeaderNode`]), discovery reports to the
 //! manager (at once, on every join or leave, and periodically), and the segment's side of each
 //! run ([`SegmentDelivery`]): apply it here, deliver it by MCTP to the members, wait (bounded)
 //! for their apply reports, and consolidate.
@@ -10,13 +10,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cm_manager::forward::BoxFuture;
-use cm_manager::leader::{
-    DeliveryOutcome, LeaderConfig, LeaderNode, LinkWatch, LocalDelivery, MemberApplyReport,
-};
-use cm_manager::manifest::Manifest;
-use cm_manager::model::DiscoveryReport;
 use cm_mctp::SenderConfig;
+use cm_tree::BoxFuture;
+use cm_tree::leader::{
+    DeliveryOutcome, LeaderConfig, LeaderError, LeaderNode, LinkWatch, LocalDelivery,
+};
+use cm_tree::manifest::Manifest;
+use cm_tree::message::{DiscoveryReport, MemberApplyReport};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -30,7 +30,7 @@ pub struct GlDuty {
 }
 
 impl GlDuty {
-    pub async fn start(shared: Arc<Shared>) -> Result<GlDuty, cm_manager::leader::LeaderError> {
+    pub async fn start(shared: Arc<Shared>) -> Result<GlDuty, LeaderError> {
         let c = &shared.cfg;
         let mut lc =
             LeaderConfig::new(&c.segment, &c.name, &c.agent_token, &c.state_dir.join("gl"));

@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cm_election::Event;
-use cm_manager::http::JsonClient;
-use cm_manager::leader::MemberApplyReport;
+use cm_tree::http::JsonClient;
+use cm_tree::message::MemberApplyReport;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
@@ -79,7 +79,7 @@ pub struct AgentConfig {
     pub agent_token: String,
     /// Mutual TLS (this server's agent certificate) for the manager's API, the GL endpoints
     /// and apply reports; `None`: plain HTTP with `agent_token`.
-    pub tls: Option<cm_manager::tls::Tls>,
+    pub tls: Option<cm_tree::tls::Tls>,
     /// The cluster secret (MCTP datagram authentication).
     pub secret: Vec<u8>,
     pub site_root: PathBuf,
@@ -155,6 +155,27 @@ pub struct AgentStatus {
     pub recent: Vec<Applied>,
 }
 
+/// A handle that takes [`AgentStatus`] snapshots of a running agent.
+#[derive(Clone)]
+pub struct AgentStatusReader(Arc<Shared>);
+
+impl AgentStatusReader {
+    pub fn status(&self) -> AgentStatus {
+        let shared = &self.0;
+        let election = shared.status.borrow().clone();
+        AgentStatus {
+            role: ServerAgent::role_of(&election),
+            gl_url: shared.gl_url.borrow().clone(),
+            serving: *shared.serving.borrow(),
+            live: shared.applier.live(),
+            site_root: shared.applier.site_root().to_path_buf(),
+            interpreter: shared.applier.interpreter_version(),
+            recent: shared.applier.recent(),
+            election,
+        }
+    }
+}
+
 /// A running server agent.
 pub struct ServerAgent {
     shared: Arc<Shared>,
@@ -217,17 +238,12 @@ impl ServerAgent {
     }
 
     pub fn status(&self) -> AgentStatus {
-        let election = self.shared.status.borrow().clone();
-        AgentStatus {
-            role: Self::role_of(&election),
-            gl_url: self.shared.gl_url.borrow().clone(),
-            serving: *self.shared.serving.borrow(),
-            live: self.shared.applier.live(),
-            site_root: self.shared.applier.site_root().to_path_buf(),
-            interpreter: self.shared.applier.interpreter_version(),
-            recent: self.shared.applier.recent(),
-            election,
-        }
+        self.status_reader().status()
+    }
+
+    /// Reads [`ServerAgent::status`] from elsewhere (the status port) while the agent runs.
+    pub fn status_reader(&self) -> AgentStatusReader {
+        AgentStatusReader(self.shared.clone())
     }
 
     /// Whether the election task or an agent task has ended (the agent cannot go on).

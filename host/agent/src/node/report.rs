@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use cm_manager::http::JsonClient;
-use cm_manager::leader::MemberApplyReport;
+use cm_tree::http::JsonClient;
+use cm_tree::message::MemberApplyReport;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -71,7 +71,7 @@ async fn with_current_gl<T, F, Fut>(
 ) -> Option<T>
 where
     F: FnMut(String) -> Fut,
-    Fut: std::future::Future<Output = Result<T, cm_manager::http::ClientError>>,
+    Fut: std::future::Future<Output = Result<T, cm_tree::http::ClientError>>,
 {
     let deadline = Instant::now() + give_up;
     let mut attempt = 0u64;

@@ -78,14 +78,13 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use cm_agent::election::{self as driver, DriverConfig, ElectionStatus};
-use cm_agent::node::{AgentConfig, AgentStatus, DataChannel, ServerAgent};
+use cm_agent::election::{self as driver, DriverConfig};
+use cm_agent::node::{AgentConfig, DataChannel, ServerAgent};
+use cm_agent::status::{self, StatusServer, StatusSource};
 use cm_election::{Config, DataChannelPool, Eligibility, Event, Registration};
-use cm_manager::tls::{CertRole, TlsFiles};
+use cm_tree::tls::{CertRole, TlsFiles};
 use serde::Deserialize;
-use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use serde_json::Value;
 
 const DEFAULT_STATUS: &str = "127.0.0.1:7710";
 
@@ -514,9 +513,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 async fn run_agent(s: AgentSettings) -> anyhow::Result<()> {
     let node = s.election.node;
-    let listener = TcpListener::bind(s.status)
-        .await
-        .with_context(|| format!("binding the status address {}", s.status))?;
+    let status_port = StatusServer::bind(s.status).await?;
     let control = s.election.control_channel;
     // The election's incarnation and replay windows survive restarts (the driver's state file).
     let state = driver::StateFile::in_dir(&s.state_dir);
@@ -536,6 +533,11 @@ async fn run_agent(s: AgentSettings) -> anyhow::Result<()> {
             (None, Some(handle))
         }
     };
+    let source = match &agent {
+        Some(a) => StatusSource::Agent(a.status_reader()),
+        None => StatusSource::Election(election_status),
+    };
+    let status_task = status_port.spawn(s.segment.clone(), source);
     tracing::info!(node, segment = %s.segment, %control, status = %s.status, "agent joined the segment");
     // SIGTERM (a supervisor, `cmover demo`, a test) leaves as gracefully as Ctrl-C.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -548,16 +550,6 @@ async fn run_agent(s: AgentSettings) -> anyhow::Result<()> {
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tracing::warn!(node, missed = n, "event log fell behind"),
                 Err(_) => bail!("the election task stopped"),
             },
-            conn = listener.accept() => {
-                if let Ok((mut stream, _)) = conn {
-                    let body = match &agent {
-                        Some(a) => status_json(&s.segment, &a.status()),
-                        None => election_only_json(&s.segment, &election_status.borrow()),
-                    }
-                    .to_string();
-                    tokio::spawn(async move { let _ = stream.write_all(body.as_bytes()).await; });
-                }
-            }
             _ = check.tick() => {}
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
@@ -572,19 +564,13 @@ async fn run_agent(s: AgentSettings) -> anyhow::Result<()> {
         }
     }
     tracing::info!(node, "leaving the segment");
+    status_task.abort();
     match (agent, election_only) {
         (Some(a), _) => a.leave().await?,
         (None, Some(h)) => h.leave().await?,
         (None, None) => {}
     }
     Ok(())
-}
-
-/// The status of an election-only agent: the election, and its role named as a server agent's is.
-fn election_only_json(segment: &str, st: &ElectionStatus) -> Value {
-    let mut v = election_json(segment, st);
-    v["role"] = json!(ServerAgent::role_of(st));
-    v
 }
 
 fn log_event(node: u64, ev: &Event) {
@@ -595,68 +581,9 @@ fn log_event(node: u64, ev: &Event) {
     }
 }
 
-fn status_json(segment: &str, a: &AgentStatus) -> Value {
-    let mut v = election_json(segment, &a.election);
-    v["role"] = json!(a.role);
-    v["gl_url"] = json!(a.gl_url);
-    v["serving"] = json!(a.serving.map(|s| s.to_string()));
-    v["live"] = json!(a.live);
-    v["site_root"] = json!(a.site_root.display().to_string());
-    v["interpreter"] = json!(a.interpreter);
-    v["applied"] = a
-        .recent
-        .iter()
-        .map(|r| json!({ "run": r.run, "ok": r.error.is_none(), "error": r.error, "live": r.live, "summary": r.summary, "at_ms": r.at_ms, "interpreter": r.interpreter }))
-        .collect();
-    v
-}
-
-fn election_json(segment: &str, s: &ElectionStatus) -> Value {
-    let members: Vec<Value> = s
-        .members
-        .iter()
-        .map(|m| {
-            json!({
-                "node": m.node,
-                "name": m.registration.name,
-                "address": m.registration.address,
-                "source": m.source.to_string(),
-                "content_groups": m.registration.content_groups,
-                "cpu_cores": m.registration.cpu_cores,
-                "free_disk_mib": m.registration.free_disk_mib,
-            })
-        })
-        .collect();
-    let st = &s.stats;
-    json!({
-        "node": s.node,
-        "segment": segment,
-        "state": format!("{:?}", s.state),
-        "leader": s.leader,
-        "is_leader": s.is_leader,
-        "registered_with": s.registered_with,
-        "control_channel": s.control_channel.to_string(),
-        "data_channels": s.data_channels.iter().map(|(g, a)| (g.clone(), Value::from(a.to_string()))).collect::<serde_json::Map<_, _>>(),
-        "members": members,
-        "stats": {
-            "received": st.received, "accepted": st.accepted, "malformed": st.malformed,
-            "foreign": st.foreign, "forged": st.forged, "replayed": st.replayed,
-            "sent": st.sent, "send_errors": s.send_errors,
-        },
-        "save_errors": s.save_errors,
-    })
-}
-
+/// `cmover agent status`: the agent's status document, worded (or raw with `--json`).
 async fn show_status(addr: SocketAddr, raw: bool) -> anyhow::Result<()> {
-    let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
-        .await
-        .with_context(|| format!("timed out connecting to the agent at {addr}"))?
-        .with_context(|| format!("no agent answers at {addr}"))?;
-    let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut body))
-        .await
-        .context("timed out reading the agent's status")??;
-    let v: Value = serde_json::from_str(&body).context("the agent's status is not JSON")?;
+    let v = status::fetch(addr).await?;
     if raw {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

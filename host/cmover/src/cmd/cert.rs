@@ -1,4 +1,5 @@
-//! `cmover cert`: the cluster's certificate authority for mutual TLS (cm-manager's `tls`).
+//! `cmover cert`: the cluster's certificate authority for mutual TLS (cm-manager's `ca`; nodes
+//! load what it issues with cm-tree's `tls`).
 //!
 //! ```text
 //! cmover cert init  --dir ca/                                   # ca/ca.pem, ca/ca.key (0600)
@@ -13,7 +14,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use cm_manager::tls::{CertRole, ClusterCa};
+use cm_manager::ca::ClusterCa;
+use cm_tree::tls::CertRole;
 
 #[derive(clap::Subcommand)]
 pub enum Command {

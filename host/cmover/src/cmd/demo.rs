@@ -9,11 +9,11 @@
 
 use anyhow::{Context, bail};
 use cm_agent::launch::{self, AgentProcess, AgentSpec, ManagerOptions, ManagerProcess};
-use cm_manager::http::JsonClient;
 use cm_manager::model::{
     CommitPolicy, Job, JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload, ServerOutcome,
 };
 use cm_manager::prepare::copy_tree;
+use cm_tree::http::JsonClient;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

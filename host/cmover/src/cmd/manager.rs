@@ -2,7 +2,7 @@
 
 use anyhow::{Context, bail};
 use cm_manager::server::{Manager, ManagerConfig};
-use cm_manager::tls::{CertRole, Tls, TlsFiles};
+use cm_tree::tls::{CertRole, Tls, TlsFiles};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

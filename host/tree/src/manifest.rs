@@ -3,6 +3,10 @@
 //! It travels in every notification, so each GL verifies every chunk as it arrives and forwards
 //! only verified bytes (pipelined forwarding never spreads corruption), and a resumed transfer
 //! restarts at a chunk boundary.
+//!
+//! The manifest itself is plain data and its checks are pure, with one exception that does IO:
+//! [`Manifest::of_file`] reads a whole file from disk to hash it (the manager's copy of an
+//! assignment, a test's delivered copy).
 
 use serde::{Deserialize, Serialize};
 use std::io::Read;
@@ -36,7 +40,7 @@ pub enum ManifestError {
 }
 
 impl Manifest {
-    /// Hashes a file chunk by chunk.
+    /// Hashes a file chunk by chunk: reads it from disk (blocking IO).
     pub fn of_file(path: &Path, chunk_size: u32) -> Result<Manifest, ManifestError> {
         let io = |source| ManifestError::Io { path: path.display().to_string(), source };
         let mut file = std::fs::File::open(path).map_err(io)?;

@@ -3,11 +3,11 @@
 //! they measured (each node's upload capped like a NIC, so uploads are no faster than downloads)
 //! a pipelined chain. The choice is written to the run's history.
 
-mod support;
+mod tree_common;
 
 use cm_manager::model::{JobPolicy, JobState};
 use std::time::Duration;
-use support::{Cluster, Options, random_file};
+use tree_common::{Cluster, Options, random_file};
 
 const MIB: u64 = 1 << 20;
 

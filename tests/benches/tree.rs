@@ -11,21 +11,21 @@
 //! assignment; the manager's preparation (copy + chunk hashes) is shown apart.
 //!
 //! ```text
-//! cargo bench -p cm-manager --bench tree -- [--size-mib 512] [--gls 16] [--egress-mib 0,64] [--chunk-kib 1024]
+//! cargo bench -p cm-tests --bench tree -- [--size-mib 512] [--gls 16] [--egress-mib 0,64] [--chunk-kib 1024]
 //! ```
 //! `--egress-mib N[,M..]` gives every node an upload budget of N MiB/s shared by all its children
 //! (a simulated NIC), one configuration per value; 0 = unlimited (then the 2 shared cores are the
 //! bottleneck, not the links: 16 receivers do 16 times the hashing, copying and writing of one).
 
-use cm_manager::cluster::{NodeThread, operator_client, report_discovery};
-use cm_manager::forward::BoxFuture;
-use cm_manager::leader::{DeliveryOutcome, LeaderConfig, LeaderNode, LocalDelivery};
-use cm_manager::manifest::Manifest;
-use cm_manager::model::{
-    DiscoveryReport, Job, JobKind, JobPolicy, JobSpec, JobState, LinkRates, Payload,
-};
+use cm_manager::model::{Job, JobKind, JobPolicy, JobSpec, JobState, Payload};
 use cm_manager::server::{Manager, ManagerConfig};
 use cm_manager::tree::TreeConfig;
+use cm_tests::loopback::{NodeThread, operator_client, report_discovery};
+use cm_tree::BoxFuture;
+use cm_tree::leader::{DeliveryOutcome, LeaderConfig, LeaderNode, LocalDelivery};
+use cm_tree::link::LinkRates;
+use cm_tree::manifest::Manifest;
+use cm_tree::message::DiscoveryReport;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

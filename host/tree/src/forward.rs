@@ -1,16 +1,13 @@
 //! One forwarding slot of a tree node (the manager or a GL): ask whom to serve next, notify that
 //! child, let it pull the blob, and ask again when its stream ends; stop at the null address.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::BoxFuture;
 use crate::blob::{Blob, StreamState};
 use crate::http::JsonClient;
-use crate::model::ChildTarget;
-
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+use crate::message::ChildTarget;
 
 /// Where a node learns its next child, and whom it tells about a child it could not reach.
 pub trait ChildSource: Send + Sync + 'static {

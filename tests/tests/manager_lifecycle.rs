@@ -3,21 +3,21 @@
 //! snapshots pruned; rollback; a new GL elected mid-run picks the run up; a server that joins
 //! the content group is brought up to the live release.
 
-mod support;
+mod tree_common;
 
-use cm_manager::cluster::CopyDelivery;
-use cm_manager::cluster::NodeThread;
-use cm_manager::forward::BoxFuture;
-use cm_manager::leader::{DeliveryOutcome, LeaderConfig, LeaderNode, LocalDelivery};
-use cm_manager::manifest::Manifest;
 use cm_manager::model::{
-    CommitPolicy, DiscoveryReport, JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload,
-    Quorum, SegmentReport,
+    CommitPolicy, JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload, Quorum,
 };
+use cm_tests::loopback::CopyDelivery;
+use cm_tests::loopback::NodeThread;
+use cm_tree::BoxFuture;
+use cm_tree::leader::{DeliveryOutcome, LeaderConfig, LeaderNode, LocalDelivery};
+use cm_tree::manifest::Manifest;
+use cm_tree::message::{DiscoveryReport, SegmentReport};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::*;
+use tree_common::*;
 
 fn spec(kind: JobKind, payload: Payload, policy: JobPolicy) -> JobSpec {
     JobSpec {
@@ -335,7 +335,7 @@ fn a_new_leader_elected_mid_run_is_notified_and_the_old_leaders_report_is_ignore
         members: members.iter().map(|m| m.0.clone()).collect(),
         links: None,
     };
-    c.rt.block_on(cm_manager::cluster::report_discovery(&c.manager_url, AGENT, &report)).unwrap();
+    c.rt.block_on(cm_tests::loopback::report_discovery(&c.manager_url, AGENT, &report)).unwrap();
     // The old GL's report (it is still alive and finishes its own copy) must not count; here one
     // arrives at once, before the new GL could report.
     let stale = SegmentReport {
@@ -345,7 +345,7 @@ fn a_new_leader_elected_mid_run_is_notified_and_the_old_leaders_report_is_ignore
         failed: members.iter().map(|m| (m.0.clone(), "stale".into())).collect(),
         missing: vec![],
     };
-    let agent = cm_manager::http::JsonClient::new(AGENT, Duration::from_secs(5));
+    let agent = cm_tree::http::JsonClient::new(AGENT, Duration::from_secs(5));
     let ans: serde_json::Value =
         c.rt.block_on(agent.post(&c.api("runs/1/report"), &stale)).unwrap();
     assert_eq!(ans["accepted"], false);
@@ -421,7 +421,7 @@ fn a_manager_restarted_during_the_commit_run_finishes_the_commit() {
     cfg.chunk_size = 64 << 10;
     let (_, _, thread) = start_manager(cfg);
     c.manager = thread;
-    c.op = cm_manager::cluster::operator_client(OP);
+    c.op = cm_tests::loopback::operator_client(OP);
     let done = c.wait_finished(job.id, Duration::from_secs(60));
     assert_eq!(done.state, JobState::Done, "{:#?}", c.history());
     let want = tree_of(&stage);

@@ -2,9 +2,9 @@
 //! with `Range` from the last verified chunk; a corrupted chunk is refused and never becomes visible.
 
 use bytes::Bytes;
-use cm_manager::blob::{Blob, BlobError};
-use cm_manager::http::{self, JsonClient};
-use cm_manager::manifest::Manifest;
+use cm_tree::blob::{Blob, BlobError, serve_blob};
+use cm_tree::http::{self, JsonClient};
+use cm_tree::manifest::Manifest;
 use http_body_util::BodyExt;
 use http_body_util::channel::Channel;
 use hyper::Response;
@@ -160,7 +160,7 @@ async fn a_blob_is_served_while_it_still_arrives() {
     let served = middle.clone();
     tokio::spawn(http::serve(listener, move |req| {
         let b = served.clone();
-        async move { cm_manager::leader::serve_blob(&b, &req) }
+        async move { serve_blob(&b, &req) }
     }));
     let child = Blob::create(&dir.path().join("child"), manifest, None).unwrap();
     let client = JsonClient::new("", Duration::from_secs(5));

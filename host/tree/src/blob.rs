@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, channel::Channel};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
-use hyper::{Method, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::http::{Body, ClientError, JsonClient};
+use crate::http::{self, Body, ClientError, JsonClient};
 use crate::manifest::{Manifest, ManifestError};
 
 /// Frames a served stream read from disk is cut into.
@@ -194,7 +194,7 @@ impl Blob {
         let size = self.manifest.size;
         let from = start.unwrap_or(0);
         if from > size {
-            return crate::http::error(
+            return http::error(
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 &format!("range starts at {from}, size is {size}"),
             );
@@ -390,6 +390,27 @@ impl Blob {
         }
         Ok(())
     }
+}
+
+/// Serves a blob GET: `Range: bytes=N-` resumes; `?from=<segment>` names the child pulling.
+pub fn serve_blob(blob: &Arc<Blob>, req: &Request<Incoming>) -> Response<Body> {
+    let start =
+        match req.headers().get(RANGE).map(|v| v.to_str().ok().and_then(http::parse_range_start)) {
+            None => None,
+            Some(Some(s)) => Some(s),
+            Some(None) => {
+                return http::error(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "only `Range: bytes=N-` is supported",
+                );
+            }
+        };
+    let child = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("from=")))
+        .map(str::to_string);
+    blob.serve(start, child)
 }
 
 #[cfg(test)]

@@ -1,13 +1,14 @@
 //! The manager over its HTTP API: authentication, quorum, conflicts, restart mid-job, discovery.
 
-mod support;
+mod tree_common;
 
-use cm_manager::cluster::{operator_client, report_discovery};
-use cm_manager::http::{ClientError, JsonClient};
-use cm_manager::model::{DiscoveryReport, Job, JobPolicy, JobState, OnBlocked, Quorum};
+use cm_manager::model::{Job, JobPolicy, JobState, OnBlocked, Quorum};
 use cm_manager::server::ManagerConfig;
+use cm_tests::loopback::{operator_client, report_discovery};
+use cm_tree::http::{ClientError, JsonClient};
+use cm_tree::message::DiscoveryReport;
 use std::time::{Duration, Instant};
-use support::*;
+use tree_common::*;
 
 fn status_of<T: std::fmt::Debug>(r: Result<T, ClientError>) -> u16 {
     match r {

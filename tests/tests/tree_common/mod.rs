@@ -3,12 +3,13 @@
 
 #![allow(dead_code)]
 
-use cm_manager::cluster::{CopyDelivery, NodeThread, operator_client, report_discovery};
-use cm_manager::forward::BoxFuture;
-use cm_manager::http::JsonClient;
-use cm_manager::leader::{DeliveryOutcome, LeaderConfig, LeaderNode, LocalDelivery};
-use cm_manager::model::{DiscoveryReport, Job, JobKind, JobPolicy, JobSpec, JobState, Payload};
+use cm_manager::model::{Job, JobKind, JobPolicy, JobSpec, JobState, Payload};
 use cm_manager::server::{Manager, ManagerConfig};
+use cm_tests::loopback::{CopyDelivery, NodeThread, operator_client, report_discovery};
+use cm_tree::BoxFuture;
+use cm_tree::http::JsonClient;
+use cm_tree::leader::{DeliveryOutcome, LeaderConfig, LeaderNode, LocalDelivery};
+use cm_tree::message::DiscoveryReport;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -264,7 +265,7 @@ impl LocalDelivery for SiteDelivery {
         &self,
         _run: u64,
         assignment: PathBuf,
-        _m: cm_manager::manifest::Manifest,
+        _m: cm_tree::manifest::Manifest,
     ) -> BoxFuture<'static, DeliveryOutcome> {
         let members = self.members.clone();
         let present = self.present.lock().unwrap().clone();
@@ -392,7 +393,7 @@ impl Cluster {
         &self,
         i: usize,
         members: &[&str],
-        links: Option<cm_manager::model::LinkRates>,
+        links: Option<cm_tree::link::LinkRates>,
     ) -> serde_json::Value {
         let gl = &self.gls[i];
         let report = DiscoveryReport {

@@ -1,6 +1,8 @@
 //! A manager and group leaders on loopback, each node on its own thread and tokio runtime so it
-//! can be killed like a process (its runtime is dropped: sockets close, tasks stop). Used by the
-//! multi-node tests, the tree benchmark and `cmover demo`.
+//! can be killed like a process (its runtime is dropped: sockets close, tasks stop), and
+//! [`CopyDelivery`], a GL's segment side by checked file copies. Test support, not product code:
+//! used by the multi-node tests (`tests/manager_*.rs`, `tests/tree_*.rs`) and the tree benchmark
+//! (`benches/tree.rs`).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -8,11 +10,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
-use crate::forward::BoxFuture;
-use crate::http::{ClientError, JsonClient};
-use crate::leader::{DeliveryOutcome, LocalDelivery};
-use crate::manifest::Manifest;
-use crate::model::DiscoveryReport;
+use cm_tree::BoxFuture;
+use cm_tree::http::{ClientError, JsonClient};
+use cm_tree::leader::{DeliveryOutcome, LocalDelivery};
+use cm_tree::manifest::Manifest;
+use cm_tree::message::DiscoveryReport;
 
 /// A node running on a thread of its own; [`NodeThread::kill`] stops it at once.
 pub struct NodeThread {

@@ -1,10 +1,10 @@
 //! Multi-node tree distribution on loopback: a manager and group leaders, each on its own runtime.
 
-mod support;
+mod tree_common;
 
 use cm_manager::model::{JobPolicy, JobState, Quorum};
 use std::time::{Duration, Instant};
-use support::*;
+use tree_common::*;
 
 fn small_chunks(c: &mut cm_manager::server::ManagerConfig) {
     c.chunk_size = 64 << 10;

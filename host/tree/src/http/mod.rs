@@ -1,0 +1,155 @@
+//! HTTP plumbing shared by the manager and group leaders: a hyper/1 accept loop (plain, or mutual
+//! TLS: [`crate::tls`]; [`serve`](mod@serve)), JSON bodies with a size limit, roles from bearer
+//! tokens compared in constant time or from the verified client certificate (here), and a small
+//! JSON client ([`client`]).
+
+mod client;
+mod serve;
+
+pub use client::{ClientError, JsonClient};
+pub use serve::{serve, serve_tls};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::tls::CertRole;
+
+/// Every response body: in-memory JSON or a streamed assignment.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// Largest JSON request body accepted (a manifest of a 4 GiB assignment in 1 MiB chunks is ~300 KiB).
+pub const MAX_JSON_BODY: usize = 8 << 20;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+pub fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
+    match serde_json::to_vec(v) {
+        Ok(b) => {
+            let mut r = Response::new(full(b));
+            *r.status_mut() = status;
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("encoding response: {e}")),
+    }
+}
+
+/// An error response: `{"error": "..."}`.
+pub fn error(status: StatusCode, msg: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": msg }).to_string();
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Reads a JSON request body of at most [`MAX_JSON_BODY`] bytes.
+pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {
+    let body = Limited::new(req.into_body(), MAX_JSON_BODY)
+        .collect()
+        .await
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("reading body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("bad JSON: {e}")))
+}
+
+/// Who a request is from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Operator,
+    Agent,
+    /// The manager calling a group leader (with tokens it uses the agent token: `Agent`).
+    Manager,
+}
+
+impl From<CertRole> for Role {
+    fn from(r: CertRole) -> Role {
+        match r {
+            CertRole::Operator => Role::Operator,
+            CertRole::Agent => Role::Agent,
+            CertRole::Manager => Role::Manager,
+        }
+    }
+}
+
+/// Set on every request that arrived over mutual TLS: the role its verified client certificate
+/// names (`None`: it names none). On such a request the certificate alone decides.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerRole(pub Option<Role>);
+
+/// The bearer tokens. Only their BLAKE3 hashes are kept; `blake3::Hash` equality is constant
+/// time, so comparing a presented token leaks nothing about the right one through timing.
+#[derive(Clone)]
+pub struct Tokens {
+    operator: blake3::Hash,
+    agent: blake3::Hash,
+}
+
+impl Tokens {
+    pub fn new(operator: &str, agent: &str) -> Tokens {
+        Tokens {
+            operator: blake3::hash(operator.as_bytes()),
+            agent: blake3::hash(agent.as_bytes()),
+        }
+    }
+
+    /// The role a request has: over mutual TLS the one its client certificate names (tokens
+    /// are not consulted), else the one its `Authorization: Bearer` token grants, if any.
+    pub fn role<B>(&self, req: &Request<B>) -> Option<Role> {
+        if let Some(PeerRole(role)) = req.extensions().get::<PeerRole>() {
+            return *role;
+        }
+        let presented = bearer(req)?;
+        let h = blake3::hash(presented.as_bytes());
+        // Both comparisons always run, so timing does not tell which role was close.
+        let (op, ag) = (h == self.operator, h == self.agent);
+        if op {
+            Some(Role::Operator)
+        } else if ag {
+            Some(Role::Agent)
+        } else {
+            None
+        }
+    }
+}
+
+fn bearer<B>(req: &Request<B>) -> Option<&str> {
+    req.headers().get(AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+}
+
+/// `bytes=N-` → N. Only open-ended ranges are used (resume); anything else is refused.
+pub fn parse_range_start(v: &str) -> Option<u64> {
+    v.trim().strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_from_bearer_tokens() {
+        let t = Tokens::new("op-secret", "agent-secret");
+        let req = |h: Option<&str>| {
+            let mut b = Request::builder();
+            if let Some(h) = h {
+                b = b.header(AUTHORIZATION, h);
+            }
+            b.body(()).unwrap()
+        };
+        assert_eq!(t.role(&req(Some("Bearer op-secret"))), Some(Role::Operator));
+        assert_eq!(t.role(&req(Some("Bearer agent-secret"))), Some(Role::Agent));
+        assert_eq!(t.role(&req(Some("Bearer op-secreT"))), None);
+        assert_eq!(t.role(&req(Some("op-secret"))), None);
+        assert_eq!(t.role(&req(None)), None);
+        assert_eq!(parse_range_start("bytes=1048576-"), Some(1048576));
+        assert_eq!(parse_range_start("bytes=0-10"), None);
+        assert_eq!(parse_range_start("items=3-"), None);
+    }
+}

@@ -1,0 +1,47 @@
+//! The segment side of a GL's duty, as the tree sees it: [`LocalDelivery`] hands a whole,
+//! verified assignment to the segment's members (the agent implements it with MCTP; tests with
+//! plain copies) and answers with a [`DeliveryOutcome`], the GL's consolidated report less its
+//! names.
+
+use std::path::PathBuf;
+
+use crate::BoxFuture;
+use crate::manifest::Manifest;
+use crate::message::MemberApplyReport;
+
+/// What the segment made of an assignment: the GL's consolidated report, less its names.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeliveryOutcome {
+    pub succeeded: Vec<String>,
+    pub failed: Vec<(String, String)>,
+    pub missing: Vec<String>,
+}
+
+/// Hands a whole, verified assignment to the members of the GL's segment and collects their reports.
+pub trait LocalDelivery: Send + Sync + 'static {
+    fn deliver(
+        &self,
+        run: u64,
+        assignment: PathBuf,
+        manifest: Manifest,
+    ) -> BoxFuture<'static, DeliveryOutcome>;
+
+    /// Delivers to `servers` only (the notification's targets; empty: every member). The
+    /// default delivers to everyone; a delivery that can leave servers out overrides it.
+    fn deliver_to(
+        &self,
+        run: u64,
+        assignment: PathBuf,
+        manifest: Manifest,
+        servers: Vec<String>,
+    ) -> BoxFuture<'static, DeliveryOutcome> {
+        let _ = servers;
+        self.deliver(run, assignment, manifest)
+    }
+
+    /// A member's apply report arrived at this GL (`POST /members/report`). Returns whether the
+    /// delivery takes such reports; the default (deliveries that end at MCTP completion) does not.
+    fn member_report(&self, _report: MemberApplyReport) -> bool {
+        false
+    }
+}

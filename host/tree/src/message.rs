@@ -1,0 +1,101 @@
+//! The tree's messages, JSON over HTTP: what the manager tells a group leader ([`Notification`],
+//! [`NextChild`]), what a GL asks or tells the manager ([`TreeCall`], [`DiscoveryReport`],
+//! [`SegmentReport`]) and what a member tells its GL ([`MemberApplyReport`]). Field names are the
+//! wire format (`docs/manager.md`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::link::LinkRates;
+use crate::manifest::Manifest;
+
+/// What a group leader reports about its segment (seed: discovery). Sent on election, on every
+/// join or leave, and periodically.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscoveryReport {
+    /// The segment's name: stable when the GL changes (the key of the segment record).
+    pub segment: String,
+    /// The GL's server name.
+    pub leader: String,
+    /// `host:port` of the GL's tree endpoint (notifications and assignment serving).
+    pub address: String,
+    /// Location or time zone, e.g. "Europe/London"; used to keep nearby GLs together in the tree.
+    pub location: String,
+    /// Relative CPU power (higher is faster).
+    pub cpu_power: u32,
+    pub free_disk: u64,
+    pub connections: u32,
+    /// Registered members, the GL included when it also serves content.
+    pub members: Vec<String>,
+    /// The GL's link speeds as measured from its transfers; the manager shapes the tree with them.
+    #[serde(default)]
+    pub links: Option<LinkRates>,
+}
+
+/// A GL's consolidated report for one run (seed: GL Assignment Status Report).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentReport {
+    pub segment: String,
+    pub leader: String,
+    pub succeeded: Vec<String>,
+    /// (server, reason)
+    pub failed: Vec<(String, String)>,
+    pub missing: Vec<String>,
+}
+
+/// What a member did with one run's assignment, sent to its current GL: the apply outcome
+/// (not just "received"), so the GL's consolidated report says which servers hold it applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberApplyReport {
+    /// The member's server name (its election registration name).
+    pub server: String,
+    /// Its election node id (= its MCTP member id).
+    pub node: u64,
+    pub run: u64,
+    /// `None`: applied; `Some(reason)`: the apply failed and live is unchanged.
+    pub error: Option<String>,
+    /// The member site's live release after the apply.
+    pub live: Option<u64>,
+    /// One line on what the apply did (release built, live switched, already applied).
+    #[serde(default)]
+    pub summary: String,
+}
+
+/// Seed: the notification message. Tells a GL where to fetch the assignment and how to go on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    pub run: u64,
+    /// The recipient's segment.
+    pub segment: String,
+    /// Base URL of the parent to fetch from (`http://host:port`): the manager or another GL.
+    pub source: String,
+    /// Base URL of the manager (for "next", "received", reports).
+    pub manager: String,
+    pub manifest: Manifest,
+    /// Children the recipient serves at once; 0 = it forwards to no one (a star).
+    pub slots: usize,
+    /// The servers of the recipient's segment this run targets (the manager counts only their
+    /// outcomes); empty = every member (older managers).
+    #[serde(default)]
+    pub servers: Vec<String>,
+}
+
+/// Manager's answer to a GL's "whom next?": `child: null` is the seed's null address (done).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextChild {
+    pub child: Option<ChildTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildTarget {
+    pub segment: String,
+    /// `host:port` of the child's tree endpoint.
+    pub address: String,
+    pub notification: Notification,
+}
+
+/// Body of the tree endpoints a GL calls on the manager (`next`, `received`, `dead`, `reparent`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeCall {
+    /// The calling GL's segment (for `dead`: the child it could not reach).
+    pub segment: String,
+}

@@ -107,8 +107,9 @@ fn failing_self_check_keeps_the_old_version_and_rollback_restores_the_previous()
     };
     let good = store.install(&component("haproxy"), lb("haproxy"), "haproxy").unwrap();
     match store.install(&component("haproxy"), lb("elsewhere"), "haproxy") {
-        Err(InstallError::SelfCheck { plugin, reason }) => {
+        Err(InstallError::SelfCheck { plugin, source }) => {
             assert_eq!(plugin, "lb");
+            let reason = source.to_string();
             assert!(reason.contains("endpoint `haproxy` is not granted"), "{reason}");
         }
         other => panic!("expected a failed self-check, got {other:?}"),

@@ -5,7 +5,8 @@ mod plugin_support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use cm_plugin_host::{Command, DeltaOp, Interpreter, MemoryPayload, PluginError, PluginSlot};
+use cm_assignment::{Command, DeltaOp, MemoryPayload};
+use cm_plugin_host::{Interpreter, PluginError, PluginSlot};
 use plugin_support::*;
 
 #[test]
@@ -28,6 +29,8 @@ fn applies_every_command_kind() {
                 Command::ApplyDelta {
                     path: "old.txt".into(),
                     base: "old.txt".into(),
+                    base_len: 10,
+                    base_hash: *blake3::hash(b"0123456789").as_bytes(),
                     mode: 0o600,
                     mtime: 1_600_000_000,
                     ops: vec![
@@ -35,7 +38,9 @@ fn applies_every_command_kind() {
                         DeltaOp::Insert { len: 4 },
                         DeltaOp::Copy { offset: 7, len: 3 },
                     ],
-                    data: MemoryPayload::boxed(*b"ABCD"),
+                    payload: MemoryPayload::boxed(*b"ABCD"),
+                    len: 10,
+                    hash: *blake3::hash(b"012ABCD789").as_bytes(),
                 },
                 Command::Symlink { path: "docs/home.html".into(), target: "index.html".into() },
                 write("tmp.txt", b"temporary"),
@@ -98,10 +103,14 @@ fn never_writes_through_a_hard_link_to_live() {
                 Command::ApplyDelta {
                     path: "b.txt".into(),
                     base: "b.txt".into(),
+                    base_len: 10,
+                    base_hash: *blake3::hash(b"live b.txt").as_bytes(),
                     mode: 0o644,
                     mtime: 0,
                     ops: vec![DeltaOp::Copy { offset: 0, len: 5 }, DeltaOp::Insert { len: 1 }],
-                    data: MemoryPayload::boxed(*b"!"),
+                    payload: MemoryPayload::boxed(*b"!"),
+                    len: 6,
+                    hash: *blake3::hash(b"live !").as_bytes(),
                 },
                 Command::SetMode { path: "c.txt".into(), mode: 0o600 },
             ],

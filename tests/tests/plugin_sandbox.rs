@@ -6,7 +6,8 @@ mod plugin_support;
 
 use std::sync::Arc;
 
-use cm_plugin_host::{Command, FailureCause, LoadedPlugin, PluginError, PluginRuntime};
+use cm_assignment::Command;
+use cm_plugin_host::{FailureCause, LoadedPlugin, PluginError, PluginRuntime};
 use plugin_support::*;
 
 /// The default interpreter still works on this runtime.

@@ -8,9 +8,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use cm_assignment::format::HEADER_LEN;
-use cm_assignment::{AssignmentType, SealKey};
-use cm_plugin_host::{Command, CommandReport, PluginError};
-use cm_site::{Interpreter, NativeInterpreter, Site, SiteConfig, layout};
+use cm_assignment::{AssignmentType, SealKey, StreamedCommand};
+use cm_site::{
+    CommandReport, Interpreter, InterpreterError, NativeInterpreter, Site, SiteConfig, layout,
+};
 use site_common::*;
 
 /// A site with release 1 live (`v1`), plus the directory holding everything.
@@ -176,8 +177,8 @@ impl Interpreter for Failing {
     fn apply(
         &mut self,
         root: &Path,
-        batch: Vec<Command>,
-    ) -> Result<Vec<CommandReport>, PluginError> {
+        batch: Vec<StreamedCommand>,
+    ) -> Result<Vec<CommandReport>, InterpreterError> {
         let mut reports = Vec::new();
         for (i, cmd) in batch.into_iter().enumerate() {
             let outcome = if self.seen == self.fail_at {
@@ -190,10 +191,10 @@ impl Interpreter for Failing {
         }
         Ok(reports)
     }
-    fn commit(&mut self, _: u64) -> Result<(), PluginError> {
+    fn commit(&mut self, _: u64) -> Result<(), InterpreterError> {
         Ok(())
     }
-    fn rollback(&mut self, serial: u64) -> Result<(), PluginError> {
+    fn rollback(&mut self, serial: u64) -> Result<(), InterpreterError> {
         self.rolled_back.push(serial);
         Ok(())
     }

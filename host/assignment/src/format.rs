@@ -231,8 +231,15 @@ impl DeltaOp {
 
 /// A command primitive of the body, with its parameters. Paths are relative to the root of
 /// the release being built, '/'-separated, and checked by [`check_path`].
+///
+/// This is the one command vocabulary of the system: the body's records (`P` = [`Payload`],
+/// where the bytes are in the data part) and the batches an interpreter is handed (`P` = a
+/// [`PayloadReader`](crate::PayloadReader), the bytes themselves, see
+/// [`StreamedCommand`](crate::StreamedCommand)) are the same type, converted with
+/// [`Command::try_map_payload`]. The lengths and hashes are what the host checks the result
+/// against; an interpreter needs only the paths, modes, times, ops and payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
+pub enum Command<P = Payload> {
     MakeDir {
         path: String,
         mode: u32,
@@ -242,7 +249,7 @@ pub enum Command {
         path: String,
         mode: u32,
         mtime: i64,
-        payload: Payload,
+        payload: P,
         hash: [u8; 32],
     },
     /// Replace `path` with `ops` applied to `base` (which must be `base_len` bytes with BLAKE3
@@ -255,7 +262,7 @@ pub enum Command {
         mode: u32,
         mtime: i64,
         ops: Vec<DeltaOp>,
-        payload: Payload,
+        payload: P,
         len: u64,
         hash: [u8; 32],
     },
@@ -290,7 +297,8 @@ mod tag {
     pub const OP_INSERT: u8 = 2;
 }
 
-impl Command {
+impl<P> Command<P> {
+    /// The command's kind, as in the WIT and the spec (`make-dir`, `write-file`, ...).
     pub fn name(&self) -> &'static str {
         match self {
             Command::MakeDir { .. } => "make-dir",
@@ -316,7 +324,7 @@ impl Command {
         }
     }
 
-    pub fn payload(&self) -> Option<&Payload> {
+    pub fn payload(&self) -> Option<&P> {
         match self {
             Command::WriteFile { payload, .. } | Command::ApplyDelta { payload, .. } => {
                 Some(payload)
@@ -325,6 +333,46 @@ impl Command {
         }
     }
 
+    /// The same command with its payload held another way (e.g. a [`Payload`] location
+    /// opened as a reader); `f` is called only for write-file and apply-delta.
+    pub fn try_map_payload<Q, E>(self, f: impl FnOnce(P) -> Result<Q, E>) -> Result<Command<Q>, E> {
+        Ok(match self {
+            Command::MakeDir { path, mode } => Command::MakeDir { path, mode },
+            Command::WriteFile { path, mode, mtime, payload, hash } => {
+                Command::WriteFile { path, mode, mtime, payload: f(payload)?, hash }
+            }
+            Command::ApplyDelta {
+                path,
+                base,
+                base_len,
+                base_hash,
+                mode,
+                mtime,
+                ops,
+                payload,
+                len,
+                hash,
+            } => Command::ApplyDelta {
+                path,
+                base,
+                base_len,
+                base_hash,
+                mode,
+                mtime,
+                ops,
+                payload: f(payload)?,
+                len,
+                hash,
+            },
+            Command::Remove { path, recursive } => Command::Remove { path, recursive },
+            Command::Rename { from, to } => Command::Rename { from, to },
+            Command::Symlink { path, target } => Command::Symlink { path, target },
+            Command::SetMode { path, mode } => Command::SetMode { path, mode },
+        })
+    }
+}
+
+impl Command {
     /// Encodes the record (without its length prefix).
     pub fn encode(&self, w: &mut Writer) -> Result<(), EncodeError> {
         match self {

@@ -2,7 +2,10 @@
 //! detection between a staging tree and the shadow copy of what the servers hold, and
 //! rsync-class deltas.
 //!
-//! - [`format`]: the byte layout (header, command records) and validation rules.
+//! - [`format`]: the byte layout (header, command records) and validation rules; its
+//!   [`Command`] is also what interpreters are handed.
+//! - [`payload`]: commands with their payload as a reader ([`StreamedCommand`]), the batches
+//!   an interpreter (native or plugin) applies.
 //! - [`write`] / [`read`]: streaming writer and reader; no assignment is ever held in memory.
 //! - [`delta`]: the delta engine (prefix/suffix, then rolling hash + BLAKE3 blocks).
 //! - [`detect`]: staging vs shadow → an assignment.
@@ -15,6 +18,7 @@ pub mod cipher;
 pub mod delta;
 pub mod detect;
 pub mod format;
+pub mod payload;
 pub mod policy;
 pub mod read;
 pub mod reference;
@@ -23,6 +27,7 @@ pub mod write;
 pub use cipher::CipherKey;
 pub use detect::{BuildOptions, BuildReport, build};
 pub use format::{AssignmentType, Codec, Command, DeltaOp, Header, Payload};
+pub use payload::{MemoryPayload, PayloadReader, StreamedCommand};
 pub use policy::CompressionPolicy;
 pub use read::{AssignmentReader, PayloadStream, ReadError};
 pub use write::{AssignmentWriter, ChangeOutcome, Meta, WriteError};

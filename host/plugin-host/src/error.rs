@@ -2,6 +2,7 @@
 //! the cause, so an operator can tell a broken plugin from a broken assignment.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Why a call into a plugin failed. The host and every other plugin keep working.
 #[derive(Debug, thiserror::Error)]
@@ -29,8 +30,19 @@ pub enum PluginError {
     #[error("staging tree {path}: {source}")]
     StagingRoot { path: PathBuf, source: std::io::Error },
 
+    /// wasmtime refused the engine or linker setup (its error is no `std` error; its chain is
+    /// kept as text).
     #[error("plugin runtime: {0}")]
     Runtime(String),
+
+    #[error("plugin runtime: {what}: {source}")]
+    Io { what: String, source: std::io::Error },
+
+    #[error("plugin runtime: resource table: {0}")]
+    ResourceTable(#[from] wasmtime::component::ResourceTableError),
+
+    #[error("plugin runtime: session unusable after an earlier failure: {0}")]
+    SessionBroken(#[source] Arc<PluginError>),
 }
 
 /// What went wrong inside one call.
@@ -71,8 +83,8 @@ pub enum InstallError {
     #[error("plugin `{plugin}`: missing grant: {what}")]
     MissingGrant { plugin: String, what: String },
 
-    #[error("plugin `{plugin}` failed its self-check, previous version kept: {reason}")]
-    SelfCheck { plugin: String, reason: String },
+    #[error("plugin `{plugin}` failed its self-check, previous version kept: {source}")]
+    SelfCheck { plugin: String, source: PluginError },
 
     #[error("plugin `{plugin}` has no previous version to roll back to")]
     NoPrevious { plugin: String },

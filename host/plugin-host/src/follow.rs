@@ -218,10 +218,9 @@ impl PluginStore {
         let version = short(&disk.state.current);
         let loaded =
             self.load_component(name, &disk.state.current, disk.manifest).and_then(|plugin| {
-                plugin.self_check().map_err(|e| InstallError::SelfCheck {
-                    plugin: name.into(),
-                    reason: e.to_string(),
-                })?;
+                plugin
+                    .self_check()
+                    .map_err(|source| InstallError::SelfCheck { plugin: name.into(), source })?;
                 Ok(plugin)
             });
         match loaded {
@@ -239,13 +238,16 @@ impl PluginStore {
     }
 }
 
+/// A callback on every change and refusal a [`StoreFollower`] sees.
+pub type EventHook = Arc<dyn Fn(&StoreEvent) + Send + Sync>;
+
 /// How a [`StoreFollower`] follows the store.
 #[derive(Clone)]
 pub struct FollowConfig {
     /// How often the store's files are re-read.
     pub every: Duration,
     /// Called (on the follower's thread) with every change and refusal, besides `tracing`.
-    pub on_event: Option<Arc<dyn Fn(&StoreEvent) + Send + Sync>>,
+    pub on_event: Option<EventHook>,
 }
 
 impl Default for FollowConfig {
@@ -326,8 +328,9 @@ impl StoreFollower {
                         stopped = stop.0.lock().unwrap_or_else(|e| e.into_inner());
                     }
                 })
-                .map_err(|e| {
-                    PluginError::Runtime(format!("starting the plugin store follower: {e}"))
+                .map_err(|source| PluginError::Io {
+                    what: "starting the plugin store follower".into(),
+                    source,
                 })?
         };
         Ok(StoreFollower { store, stop, thread: Some(thread) })

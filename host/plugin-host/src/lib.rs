@@ -10,12 +10,12 @@
 //! - [`StoreFollower`]: for a long-running process (the agent), follows what other processes
 //!   (`cmover plugin install|rollback|remove`) do to the store, hot-swapping validated versions.
 //!
-//! `cm-site` drives the interpreter through [`Command`] batches; payload bytes stream from a
-//! [`PayloadReader`] and never enter the guest in one piece. All calls block the calling
+//! [`Interpreter`] is the WebAssembly implementation of `cm_site::Interpreter`: `cm-site`
+//! drives it with batches of `cm_assignment::StreamedCommand`; payload bytes stream from their
+//! `PayloadReader` and never enter the guest in one piece. All calls block the calling
 //! thread; from async code, run them with `spawn_blocking`.
 
 mod bindings;
-mod command;
 mod endpoint;
 mod error;
 mod follow;
@@ -27,7 +27,6 @@ mod sandbox;
 mod staging;
 mod store;
 
-pub use command::{Command, CommandReport, DeltaOp, MemoryPayload, PayloadReader};
 pub use endpoint::{Endpoint, EndpointAddress};
 pub use error::{FailureCause, InstallError, PluginError};
 pub use follow::{FollowConfig, StoreEvent, StoreFollower};

@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use cm_assignment::{Command, DeltaOp, PayloadReader, StreamedCommand};
+use cm_site::CommandReport;
 use wasmtime::Store;
 use wasmtime::component::Resource;
 
@@ -13,7 +15,6 @@ use crate::bindings::interpreter::InterpreterPre;
 use crate::bindings::interpreter::exports::contentmover::plugin::content_interpreter as wit;
 use crate::bindings::load_balancer::LoadBalancerPre;
 use crate::bindings::{interpreter, load_balancer};
-use crate::command::{Command, CommandReport, DeltaOp};
 use crate::endpoint::Endpoints;
 use crate::error::{FailureCause, InstallError, PluginError};
 use crate::manifest::{PluginManifest, World};
@@ -203,8 +204,9 @@ impl LoadedPlugin {
     pub fn self_check(self: &Arc<Self>) -> Result<(), PluginError> {
         let verdict = match &self.pre {
             WorldPre::Interpreter(_) => {
-                let scratch = tempfile::tempdir().map_err(|e| {
-                    PluginError::Runtime(format!("self-check scratch directory: {e}"))
+                let scratch = tempfile::tempdir().map_err(|source| PluginError::Io {
+                    what: "self-check scratch directory".into(),
+                    source,
                 })?;
                 let verdict = self.interpreter_session(scratch.path())?.self_check_raw();
                 drop(scratch);
@@ -328,7 +330,7 @@ pub struct InterpreterSession {
     plugin: Arc<LoadedPlugin>,
     store: Store<HostState>,
     instance: interpreter::Interpreter,
-    broken: Option<PluginError>,
+    broken: Option<Arc<PluginError>>,
 }
 
 impl InterpreterSession {
@@ -342,21 +344,23 @@ impl InterpreterSession {
         call: impl FnOnce(&mut Store<HostState>, &interpreter::Interpreter) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
         if let Some(e) = &self.broken {
-            return Err(PluginError::Runtime(format!(
-                "session unusable after an earlier failure: {e}"
-            )));
+            return Err(PluginError::SessionBroken(e.clone()));
         }
         let limits = self.plugin.limits();
         self.plugin.runtime.arm_deadline(&mut self.store, limits.deadline_ms);
         call(&mut self.store, &self.instance).map_err(|e| {
             let error = self.plugin.failed(failure_cause(&self.store, limits, &e));
-            self.broken = Some(self.plugin.failed(failure_cause(&self.store, limits, &e)));
+            self.broken =
+                Some(Arc::new(self.plugin.failed(failure_cause(&self.store, limits, &e))));
             error
         })
     }
 
     /// Apply one batch; one report per command, in order.
-    pub fn apply(&mut self, batch: Vec<Command>) -> Result<Vec<CommandReport>, PluginError> {
+    pub fn apply(
+        &mut self,
+        batch: Vec<StreamedCommand>,
+    ) -> Result<Vec<CommandReport>, PluginError> {
         let expected = batch.len();
         let mut commands = Vec::with_capacity(expected);
         for command in batch {
@@ -410,26 +414,27 @@ impl InterpreterSession {
 
 fn push_source(
     store: &mut Store<HostState>,
-    data: Box<dyn crate::command::PayloadReader>,
+    data: Box<dyn PayloadReader>,
 ) -> Result<Resource<DataSource>, PluginError> {
-    store
-        .data_mut()
-        .table
-        .push(DataSource::new(data))
-        .map_err(|e| PluginError::Runtime(format!("resource table: {e}")))
+    store.data_mut().table.push(DataSource::new(data)).map_err(PluginError::from)
 }
 
 /// A host command as the guest's WIT `command`; payloads become `data-source` resources.
-fn to_wit(store: &mut Store<HostState>, command: Command) -> Result<wit::Command, PluginError> {
+fn to_wit(
+    store: &mut Store<HostState>,
+    command: StreamedCommand,
+) -> Result<wit::Command, PluginError> {
     Ok(match command {
         Command::MakeDir { path, mode } => wit::Command::MakeDir(wit::MakeDir { path, mode }),
-        Command::WriteFile { path, mode, mtime, data } => wit::Command::WriteFile(wit::WriteFile {
-            path,
-            mode,
-            mtime,
-            data: push_source(store, data)?,
-        }),
-        Command::ApplyDelta { path, base, mode, mtime, ops, data } => {
+        Command::WriteFile { path, mode, mtime, payload, .. } => {
+            wit::Command::WriteFile(wit::WriteFile {
+                path,
+                mode,
+                mtime,
+                data: push_source(store, payload)?,
+            })
+        }
+        Command::ApplyDelta { path, base, mode, mtime, ops, payload, .. } => {
             wit::Command::ApplyDelta(wit::ApplyDelta {
                 path,
                 base,
@@ -444,7 +449,7 @@ fn to_wit(store: &mut Store<HostState>, command: Command) -> Result<wit::Command
                         DeltaOp::Insert { len } => wit::DeltaOp::Insert(len),
                     })
                     .collect(),
-                data: push_source(store, data)?,
+                data: push_source(store, payload)?,
             })
         }
         Command::Remove { path, recursive } => {

@@ -112,8 +112,9 @@ impl PluginRuntime {
         )
         .map_err(runtime_error)?;
         if let Some(dir) = &config.compiled_cache {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                PluginError::Runtime(format!("compiled cache {}: {e}", dir.display()))
+            std::fs::create_dir_all(dir).map_err(|source| PluginError::Io {
+                what: format!("compiled cache {}", dir.display()),
+                source,
             })?;
         }
         let ticker_stop = Arc::new(AtomicBool::new(false));
@@ -127,7 +128,10 @@ impl PluginRuntime {
                         engine.increment_epoch();
                     }
                 })
-                .map_err(|e| PluginError::Runtime(format!("starting the epoch ticker: {e}")))?;
+                .map_err(|source| PluginError::Io {
+                    what: "starting the epoch ticker".into(),
+                    source,
+                })?;
         }
         Ok(PluginRuntime { inner: Arc::new(RuntimeInner { engine, linker, config, ticker_stop }) })
     }
@@ -182,10 +186,10 @@ impl PluginRuntime {
             });
         }
         let component = Component::new(&self.inner.engine, bytes).map_err(invalid)?;
-        if let Some(path) = cached_path {
-            if let Err(e) = store_compiled(&component, &path) {
-                tracing::warn!("could not cache compiled component at {}: {e}", path.display());
-            }
+        if let Some(path) = cached_path
+            && let Err(e) = store_compiled(&component, &path)
+        {
+            tracing::warn!("could not cache compiled component at {}: {e}", path.display());
         }
         Ok(Compiled { component, from_cache: false, hash })
     }

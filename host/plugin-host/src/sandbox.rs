@@ -9,9 +9,9 @@ use wasmtime::ResourceLimiter;
 use wasmtime::component::{Resource, ResourceTable};
 
 use crate::bindings::{log, payload};
-use crate::command::PayloadReader;
 use crate::endpoint::Endpoints;
 use crate::staging::Staging;
+use cm_assignment::PayloadReader;
 
 /// Receives every record a plugin writes through the `log` interface (besides `tracing`).
 pub type LogSink = Arc<dyn Fn(&str, LogLevel, &str) + Send + Sync>;

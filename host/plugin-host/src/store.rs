@@ -28,9 +28,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
+use cm_assignment::StreamedCommand;
+use cm_site::{CommandReport, InterpreterError};
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, CommandReport};
 use crate::error::{InstallError, PluginError};
 use crate::manifest::{PluginManifest, World};
 use crate::plugin::{BalancerAction, InterpreterSession, LoadedPlugin, ServerState};
@@ -279,7 +280,7 @@ impl PluginStore {
         let plugin = LoadedPlugin::load(&self.runtime, component, manifest.clone(), file)?;
         plugin
             .self_check()
-            .map_err(|e| InstallError::SelfCheck { plugin: name.clone(), reason: e.to_string() })?;
+            .map_err(|source| InstallError::SelfCheck { plugin: name.clone(), source })?;
         let hash = plugin.hash().to_hex().to_string();
         let dir = self.plugin_dir(&name);
         std::fs::create_dir_all(&dir).map_err(store_error(&dir))?;
@@ -334,7 +335,7 @@ impl PluginStore {
         let plugin = self.load_component(name, &previous, manifest)?;
         plugin
             .self_check()
-            .map_err(|e| InstallError::SelfCheck { plugin: name.into(), reason: e.to_string() })?;
+            .map_err(|source| InstallError::SelfCheck { plugin: name.into(), source })?;
         let replaced = std::mem::replace(&mut state.current, previous);
         write_atomic(&self.plugin_dir(name).join("manifest.toml"), &manifest_text)?;
         state.manifest = blake3::hash(&manifest_text).to_hex().to_string();
@@ -480,7 +481,7 @@ impl Interpreter {
     pub fn apply(
         &self,
         staging_root: &Path,
-        batch: Vec<Command>,
+        batch: Vec<StreamedCommand>,
     ) -> Result<Vec<CommandReport>, PluginError> {
         self.session(staging_root)?.apply(batch)
     }
@@ -504,6 +505,34 @@ impl Interpreter {
     /// The `rollback` hook with the release's tree as its staging tree.
     pub fn rollback_in(&self, release_root: &Path, serial: u64) -> Result<(), PluginError> {
         self.session(release_root)?.rollback(serial)
+    }
+}
+
+/// The WebAssembly interpreter as a site's: each batch goes to the plugin's current version (a
+/// fresh sandboxed instance per call, with the manifest's deadline and memory cap, confined to
+/// the staging tree by its capability). The [`PluginError`] is the
+/// [`InterpreterError::Failed`] cause.
+impl cm_site::Interpreter for Interpreter {
+    fn apply(
+        &mut self,
+        staging_root: &Path,
+        batch: Vec<StreamedCommand>,
+    ) -> Result<Vec<CommandReport>, InterpreterError> {
+        Ok(Interpreter::apply(self, staging_root, batch)?)
+    }
+
+    fn commit(&mut self, serial: u64) -> Result<(), InterpreterError> {
+        Ok(Interpreter::commit(self, serial)?)
+    }
+
+    fn rollback(&mut self, serial: u64) -> Result<(), InterpreterError> {
+        Ok(Interpreter::rollback(self, serial)?)
+    }
+}
+
+impl From<PluginError> for InterpreterError {
+    fn from(e: PluginError) -> Self {
+        InterpreterError::failed(e)
     }
 }
 

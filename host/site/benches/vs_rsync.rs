@@ -536,7 +536,7 @@ fn main() {
         }
     }
 
-    println!("\n{:<72} {:>16} {:>32}  {}", "figure", "ours", "rsync", "note");
+    println!("\n{:<72} {:>16} {:>32}  note", "figure", "ours", "rsync");
     for [a, b, c, d] in &t.0 {
         println!("{a:<72} {b:>16} {c:>32}  {d}");
     }

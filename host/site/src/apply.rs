@@ -3,16 +3,14 @@
 //! release synced and given its final name.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use cm_assignment::format::Command as Cmd;
 use cm_assignment::reference::{ApplyError, check_base, resolve};
-use cm_assignment::{AssignmentReader, PayloadStream};
-use cm_plugin_host::{Command, PayloadReader, PluginError};
+use cm_assignment::{AssignmentReader, Command, PayloadReader, StreamedCommand};
 
-use crate::{ApplyReport, Interpreter, Site, SiteError, clone, layout};
+use crate::{ApplyReport, Interpreter, InterpreterError, Site, SiteError, clone, layout};
 
 /// Why building a release failed.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +20,7 @@ pub enum ApplyCause {
     #[error("command {index} ({name} {path}): {why}")]
     Command { index: u64, name: &'static str, path: String, why: String },
     #[error("interpreter failed on the batch of commands {first}..={last}: {source}")]
-    Interpreter { first: u64, last: u64, source: PluginError },
+    Interpreter { first: u64, last: u64, source: InterpreterError },
     #[error("reading the assignment: {0}")]
     Read(#[from] cm_assignment::ReadError),
     #[error("{what}: {source}")]
@@ -32,21 +30,6 @@ pub enum ApplyCause {
 fn io_cause(what: impl Into<String>) -> impl FnOnce(io::Error) -> ApplyCause {
     let what = what.into();
     move |source| ApplyCause::Io { what, source }
-}
-
-/// A payload of the assignment as the plugin host wants it.
-struct Payload(PayloadStream);
-
-impl Read for Payload {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl PayloadReader for Payload {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
 }
 
 pub(crate) fn build_release(
@@ -116,9 +99,9 @@ struct Streamer<'a> {
     staging: &'a Path,
     interp: &'a mut dyn Interpreter,
     max: usize,
-    batch: Vec<Command>,
+    batch: Vec<StreamedCommand>,
     /// The assignment's commands of the pending batch (with their hashes) and their indexes.
-    pending: Vec<(u64, Cmd)>,
+    pending: Vec<(u64, Command)>,
     /// Paths the pending batch changes (not counting make-dir).
     touched: Vec<String>,
     payloads: usize,
@@ -135,11 +118,11 @@ fn overlaps(a: &str, b: &str) -> bool {
     a == b || nested(a, b) || nested(b, a)
 }
 
-fn paths_of(cmd: &Cmd) -> Vec<&str> {
+fn paths_of(cmd: &Command) -> Vec<&str> {
     match cmd {
-        Cmd::MakeDir { .. } => vec![],
-        Cmd::ApplyDelta { path, base, .. } => vec![path, base],
-        Cmd::Rename { from, to } => vec![from, to],
+        Command::MakeDir { .. } => vec![],
+        Command::ApplyDelta { path, base, .. } => vec![path, base],
+        Command::Rename { from, to } => vec![from, to],
         other => vec![other.path()],
     }
 }
@@ -172,7 +155,7 @@ impl<'a> Streamer<'a> {
             if paths_of(&cmd).iter().any(|p| self.touched.iter().any(|t| overlaps(p, t))) {
                 self.flush()?;
             }
-            if let Cmd::ApplyDelta { base, base_len, base_hash, .. } = &cmd {
+            if let Command::ApplyDelta { base, base_len, base_hash, .. } = &cmd {
                 let why = |e: ApplyError| ApplyCause::Command {
                     index,
                     name: "apply-delta",
@@ -197,34 +180,10 @@ impl<'a> Streamer<'a> {
         Ok(self.written)
     }
 
-    fn convert(&self, cmd: &Cmd) -> Result<Command, ApplyCause> {
-        let data = |p| -> Result<Box<dyn PayloadReader>, ApplyCause> {
-            Ok(Box::new(Payload(self.reader.payload(p)?)))
-        };
-        Ok(match cmd {
-            Cmd::MakeDir { path, mode } => Command::MakeDir { path: path.clone(), mode: *mode },
-            Cmd::WriteFile { path, mode, mtime, payload, .. } => Command::WriteFile {
-                path: path.clone(),
-                mode: *mode,
-                mtime: *mtime,
-                data: data(payload)?,
-            },
-            Cmd::ApplyDelta { path, base, mode, mtime, ops, payload, .. } => Command::ApplyDelta {
-                path: path.clone(),
-                base: base.clone(),
-                mode: *mode,
-                mtime: *mtime,
-                ops: ops.clone(),
-                data: data(payload)?,
-            },
-            Cmd::Remove { path, recursive } => {
-                Command::Remove { path: path.clone(), recursive: *recursive }
-            }
-            Cmd::Rename { from, to } => Command::Rename { from: from.clone(), to: to.clone() },
-            Cmd::Symlink { path, target } => {
-                Command::Symlink { path: path.clone(), target: target.clone() }
-            }
-            Cmd::SetMode { path, mode } => Command::SetMode { path: path.clone(), mode: *mode },
+    /// The command as the interpreter gets it: its payload opened as a stream.
+    fn convert(&self, cmd: &Command) -> Result<StreamedCommand, ApplyCause> {
+        cmd.clone().try_map_payload(|p| -> Result<Box<dyn PayloadReader>, ApplyCause> {
+            Ok(Box::new(self.reader.payload(&p)?))
         })
     }
 
@@ -245,11 +204,10 @@ impl<'a> Streamer<'a> {
             return Err(ApplyCause::Interpreter {
                 first,
                 last,
-                source: PluginError::Runtime(format!(
-                    "{} reports for {} commands",
-                    reports.len(),
-                    pending.len()
-                )),
+                source: InterpreterError::BadReports {
+                    expected: pending.len(),
+                    got: reports.len(),
+                },
             });
         }
         for (report, (index, cmd)) in reports.iter().zip(&pending) {
@@ -278,10 +236,12 @@ impl<'a> Streamer<'a> {
 
     /// The host does not trust the interpreter: a written file must have the assignment's
     /// length, BLAKE3 and mode.
-    fn check_result(&mut self, index: u64, cmd: &Cmd) -> Result<(), ApplyCause> {
+    fn check_result(&mut self, index: u64, cmd: &Command) -> Result<(), ApplyCause> {
         let (path, mode, len, hash) = match cmd {
-            Cmd::WriteFile { path, mode, payload, hash, .. } => (path, *mode, payload.len, hash),
-            Cmd::ApplyDelta { path, mode, len, hash, .. } => (path, *mode, *len, hash),
+            Command::WriteFile { path, mode, payload, hash, .. } => {
+                (path, *mode, payload.len, hash)
+            }
+            Command::ApplyDelta { path, mode, len, hash, .. } => (path, *mode, *len, hash),
             _ => return Ok(()),
         };
         let fail =

@@ -9,9 +9,9 @@
 
 mod apply;
 mod clone;
+mod interpreter;
 pub mod layout;
 pub mod native;
-mod plugin;
 
 use std::fmt;
 use std::fs::{self, File};
@@ -19,25 +19,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use cm_assignment::{AssignmentReader, AssignmentType, CipherKey, ReadError, SealKey};
-use cm_plugin_host::{Command, CommandReport, PluginError};
 
 pub use apply::ApplyCause;
+pub use interpreter::{CommandReport, Interpreter, InterpreterError};
 pub use native::NativeInterpreter;
-
-/// What cm-site needs from an interpreter: the WIT `content-interpreter` world's calls. The
-/// plugin platform's interpreter handle implements it; so does [`NativeInterpreter`].
-pub trait Interpreter {
-    /// Applies one batch of commands to the staging tree at `staging_root`; one report per command.
-    fn apply(
-        &mut self,
-        staging_root: &Path,
-        batch: Vec<Command>,
-    ) -> Result<Vec<CommandReport>, PluginError>;
-    /// Release `serial` is about to go live; an error vetoes the commit.
-    fn commit(&mut self, serial: u64) -> Result<(), PluginError>;
-    /// Release `serial` is being abandoned or rolled back from.
-    fn rollback(&mut self, serial: u64) -> Result<(), PluginError>;
-}
 
 /// How a site is run.
 #[derive(Debug, Clone)]
@@ -77,7 +62,7 @@ pub enum SiteError {
     #[error(
         "site {site}: the interpreter vetoed {what} of release {serial}: {source}; live unchanged"
     )]
-    Vetoed { site: PathBuf, what: &'static str, serial: u64, source: PluginError },
+    Vetoed { site: PathBuf, what: &'static str, serial: u64, source: InterpreterError },
 }
 
 /// What an apply did.

@@ -5,10 +5,9 @@
 
 use std::path::Path;
 
-use cm_assignment::reference;
-use cm_plugin_host::{Command, CommandReport, PluginError};
+use cm_assignment::{Command, StreamedCommand, reference};
 
-use crate::Interpreter;
+use crate::{CommandReport, Interpreter, InterpreterError};
 
 /// Runs commands natively (no sandbox).
 #[derive(Debug, Default)]
@@ -18,8 +17,8 @@ impl Interpreter for NativeInterpreter {
     fn apply(
         &mut self,
         staging_root: &Path,
-        batch: Vec<Command>,
-    ) -> Result<Vec<CommandReport>, PluginError> {
+        batch: Vec<StreamedCommand>,
+    ) -> Result<Vec<CommandReport>, InterpreterError> {
         Ok(batch
             .into_iter()
             .enumerate()
@@ -30,25 +29,25 @@ impl Interpreter for NativeInterpreter {
             .collect())
     }
 
-    fn commit(&mut self, _serial: u64) -> Result<(), PluginError> {
+    fn commit(&mut self, _serial: u64) -> Result<(), InterpreterError> {
         Ok(())
     }
 
-    fn rollback(&mut self, _serial: u64) -> Result<(), PluginError> {
+    fn rollback(&mut self, _serial: u64) -> Result<(), InterpreterError> {
         Ok(())
     }
 }
 
-fn run(root: &Path, cmd: Command) -> Result<(), (String, reference::ApplyError)> {
+fn run(root: &Path, cmd: StreamedCommand) -> Result<(), (String, reference::ApplyError)> {
     let path = cmd.path().to_owned();
     let r = match cmd {
         Command::MakeDir { path, mode } => reference::make_dir(root, &path, mode),
-        Command::WriteFile { path, mode, mtime, mut data } => {
-            let len = data.size();
-            reference::write_file(root, &path, mode, mtime, &mut data, len, None)
+        Command::WriteFile { path, mode, mtime, mut payload, .. } => {
+            let len = payload.size();
+            reference::write_file(root, &path, mode, mtime, &mut payload, len, None)
         }
-        Command::ApplyDelta { path, base, mode, mtime, ops, mut data } => {
-            reference::apply_delta(root, &path, &base, mode, mtime, &ops, &mut data, None)
+        Command::ApplyDelta { path, base, mode, mtime, ops, mut payload, .. } => {
+            reference::apply_delta(root, &path, &base, mode, mtime, &ops, &mut payload, None)
         }
         Command::Remove { path, recursive } => reference::remove(root, &path, recursive),
         Command::Rename { from, to } => reference::rename(root, &from, &to),

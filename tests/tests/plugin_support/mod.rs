@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use cm_assignment::{Command, MemoryPayload, StreamedCommand};
 use cm_plugin_host::{
-    Command, LoadedPlugin, LogLevel, MemoryPayload, PluginManifest, PluginRuntime, RuntimeConfig,
-    bundled,
+    LoadedPlugin, LogLevel, PluginManifest, PluginRuntime, RuntimeConfig, bundled,
 };
 
 /// The bytes of a component built from this repository (`plugins/dist/<name>.wasm`).
@@ -48,12 +48,13 @@ pub fn load_interpreter(runtime: &PluginRuntime, file: &str) -> Arc<LoadedPlugin
         .expect("load")
 }
 
-pub fn write(path: &str, bytes: &[u8]) -> Command {
+pub fn write(path: &str, bytes: &[u8]) -> StreamedCommand {
     Command::WriteFile {
         path: path.into(),
         mode: 0o644,
         mtime: 1_700_000_000,
-        data: MemoryPayload::boxed(bytes),
+        payload: MemoryPayload::boxed(bytes),
+        hash: *blake3::hash(bytes).as_bytes(),
     }
 }
 

@@ -70,8 +70,7 @@ impl Applier {
         default_interpreter: &[u8],
         state_dir: &Path,
     ) -> Result<Applier, AgentError> {
-        let site = Site::open(site_root, SiteConfig::default())
-            .map_err(|e| AgentError::Site(e.to_string()))?;
+        let site = Site::open(site_root, SiteConfig::default())?;
         let runtime = PluginRuntime::new(RuntimeConfig {
             compiled_cache: Some(PluginStore::compiled_cache_dir(store_dir)),
             // One apply at a time: a small pool keeps the address-space reservation small.
@@ -79,34 +78,42 @@ impl Applier {
             max_memory_mib: 256,
             ..RuntimeConfig::default()
         })
-        .map_err(|e| AgentError::Plugin(e.to_string()))?;
-        let store = PluginStore::open(runtime, store_dir).map_err(|e| {
-            AgentError::Plugin(format!("plugin store {}: {e}", store_dir.display()))
+        .map_err(|source| AgentError::Plugin {
+            what: "starting the plugin runtime".into(),
+            source,
         })?;
+        let store =
+            PluginStore::open(runtime, store_dir).map_err(|source| AgentError::PluginStore {
+                what: format!("plugin store {}", store_dir.display()),
+                source,
+            })?;
         if store.slot(INTERPRETER).is_err() {
             let manifest = cm_plugin_host::bundled::interpreter_manifest(INTERPRETER, &[site_name]);
             store.install(default_interpreter, manifest, "bundled interpreter.wasm").map_err(
-                |e| {
-                    AgentError::Plugin(format!(
-                        "installing the bundled interpreter into {}: {e}",
+                |source| AgentError::PluginStore {
+                    what: format!(
+                        "installing the bundled interpreter into {}",
                         store_dir.display()
-                    ))
+                    ),
+                    source,
                 },
             )?;
             tracing::info!(store = %store_dir.display(), site = site_name, "installed the bundled interpreter plugin");
         }
-        let interpreter = store
-            .interpreter(INTERPRETER, site_name)
-            .map_err(|e| AgentError::Plugin(format!("interpreter for site {site_name}: {e}")))?;
+        let interpreter = store.interpreter(INTERPRETER, site_name).map_err(|source| {
+            AgentError::Plugin { what: format!("interpreter for site {site_name}"), source }
+        })?;
         let journal = state_dir.join("applied");
-        std::fs::create_dir_all(&journal)
-            .map_err(|e| AgentError::Io(format!("creating {}: {e}", journal.display())))?;
+        std::fs::create_dir_all(&journal).map_err(|source| AgentError::Io {
+            what: format!("creating {}", journal.display()),
+            source,
+        })?;
         let plugins =
-            StoreFollower::start(Arc::new(store), FollowConfig::default()).map_err(|e| {
-                AgentError::Plugin(format!(
-                    "following the plugin store {}: {e}",
-                    store_dir.display()
-                ))
+            StoreFollower::start(Arc::new(store), FollowConfig::default()).map_err(|source| {
+                AgentError::Plugin {
+                    what: format!("following the plugin store {}", store_dir.display()),
+                    source,
+                }
             })?;
         let applier = Applier {
             site,

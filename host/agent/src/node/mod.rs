@@ -34,15 +34,20 @@ use apply::{Applied, Applier};
 use duty::GlDuty;
 use report::ReportBoard;
 
-/// Why the agent could not start.
+/// Why the agent could not start. Each variant keeps its typed cause; `what` names the step
+/// and the path or site it was on.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("site: {0}")]
-    Site(String),
-    #[error("interpreter plugin: {0}")]
-    Plugin(String),
-    #[error("agent state: {0}")]
-    Io(String),
+    Site(#[from] cm_site::SiteError),
+    #[error("interpreter plugin: {what}: {source}")]
+    Plugin { what: String, source: cm_plugin_host::PluginError },
+    #[error("interpreter plugin: {what}: {source}")]
+    PluginStore { what: String, source: cm_plugin_host::InstallError },
+    #[error("agent state: {what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("agent state: opening the site: {0}")]
+    Opening(#[from] tokio::task::JoinError),
     #[error("the election task has stopped")]
     ElectionStopped,
 }
@@ -201,8 +206,7 @@ impl ServerAgent {
                     &c.state_dir,
                 )
             })
-            .await
-            .map_err(|e| AgentError::Io(format!("opening the site: {e}")))??
+            .await??
         };
         let events = election.subscribe();
         let shared = Arc::new(Shared {

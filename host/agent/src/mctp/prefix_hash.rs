@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 
 /// How a receiver follows the file's BLAKE3 while frames arrive.
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant, reason = "one per transfer (the Linear hasher inline)")]
 pub(super) enum PrefixHash {
     /// Plain-tagged frames: BLAKE3 of the contiguous prefix `..hashed`, fed in order (frames
     /// past a gap are read back from the page cache once it is filled).

@@ -212,7 +212,7 @@ fn send_blocking(
                         _ => break,
                     }
                 }
-                let segment = (pieces.len() > 1).then(|| bytes.len() as u16);
+                let segment = (pieces.len() > 1).then_some(bytes.len() as u16);
                 let len = (pieces.len() * bytes.len()) as u64;
                 let tos: Vec<SocketAddrV4> = match dest {
                     Dest::Everyone => everyone.clone(),

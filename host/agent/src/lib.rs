@@ -5,4 +5,5 @@ pub mod election;
 pub mod launch;
 pub mod leader;
 pub mod mctp;
+pub mod mctp_hash;
 pub mod node;

@@ -24,11 +24,14 @@
 
 mod sys;
 
+use crate::mctp_hash::hash_frames;
+// The cores' time: nanoseconds since the driver's `start` (`std::time::Instant` is the clock).
+use cm_mctp::Instant as Time;
 use cm_mctp::sender::SenderStats;
-use cm_mctp::tree::{FrameTree, TreeLayout, frame_cv, hash_frames};
+use cm_mctp::tree::{FrameTree, TreeLayout, frame_cv};
 use cm_mctp::{
-    Dest, Keys, Member, Receiver, ReceiverConfig, RxEvent, Sender, SenderConfig, SenderError,
-    SenderEvent, SessionInfo, SessionReport, Time, Transmit,
+    Dest, Keys, Member, Output, Receiver, ReceiverConfig, RxEvent, Sender, SenderConfig,
+    SenderError, SenderEvent, SessionInfo, SessionReport, Transmit,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -291,11 +294,11 @@ fn send_blocking(
             while used < BATCH {
                 let Some(t) = sender.poll_transmit(now) else { break };
                 match t {
-                    Transmit::Control { dest, bytes } => {
+                    Output::Control(Transmit { dest, payload: bytes }) => {
                         order.push((false, controls.len(), dest));
                         controls.push(bytes);
                     }
-                    Transmit::Frame { dest, frame } => {
+                    Output::Frame { dest, frame } => {
                         let buf = &mut frames[used];
                         sender
                             .encode_frame(&frame, buf, |p| file.read_exact_at(p, frame.offset))
@@ -305,7 +308,7 @@ fn send_blocking(
                         order.push((true, used, dest));
                         used += 1;
                     }
-                    Transmit::Coded { dest, coded } => {
+                    Output::Coded { dest, coded } => {
                         let buf = &mut frames[used];
                         sender
                             .encode_coded(&coded, buf, |offset, p| file.read_exact_at(p, offset))
@@ -347,8 +350,8 @@ fn send_blocking(
                 let segment = (pieces.len() > 1).then(|| bytes.len() as u16);
                 let len = (pieces.len() * bytes.len()) as u64;
                 let tos: Vec<SocketAddrV4> = match dest {
-                    Dest::Everyone => everyone.clone(),
-                    Dest::To(to) => v4(to).ok().into_iter().collect(),
+                    Dest::Group => everyone.clone(),
+                    Dest::Channel(to) | Dest::To(to) => v4(to).ok().into_iter().collect(),
                 };
                 for to in tos {
                     wire_bytes += len;

@@ -7,26 +7,29 @@
 //! - [`Receiver`]: a member (frames out to the driver for writing, missing-frame tracking,
 //!   randomly delayed reports, BLAKE3 verification before delivery).
 //! - [`wire`]: datagram layouts; [`keys`]: keyed-BLAKE3 tags and optional ChaCha20-Poly1305.
-//! - [`sim`]: the deterministic simulation harness (seeded, virtual time, lossy network).
+//! - `sim` (feature `sim`): the deterministic simulation harness (seeded, virtual time, lossy
+//!   network), for the tests; release binaries do not carry it.
 //!
-//! The protocol is described in `docs/mctp.md`.
+//! Time is [`Instant`] and control datagrams are [`Transmit`]s to a [`Dest`], the types every
+//! protocol core shares (`cm-sansio`, re-exported here). The protocol is described in
+//! `docs/mctp.md`.
 
 pub mod frameset;
 pub mod keys;
 pub mod receiver;
 pub mod sender;
+#[cfg(feature = "sim")]
 pub mod sim;
-pub mod time;
 pub mod tree;
 pub mod wire;
 
+pub use cm_sansio::{Dest, Instant, Transmit};
 pub use keys::Keys;
 pub use receiver::{Coded, Receiver, ReceiverConfig, ReceiverStats, RxEvent, Write};
 pub use sender::{
-    CodedRequest, Dest, FrameRequest, Member, MemberStatus, Outcome, Sender, SenderConfig,
-    SenderError, SenderEvent, SenderStats, SessionReport, Transmit,
+    CodedRequest, FrameRequest, Member, MemberStatus, Outcome, Output, Sender, SenderConfig,
+    SenderError, SenderEvent, SenderStats, SessionReport,
 };
-pub use time::Time;
 pub use wire::{Announce, SessionInfo, WireError};
 
 /// A member's identity (from election registration).

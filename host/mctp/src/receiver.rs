@@ -12,13 +12,13 @@
 
 use crate::frameset::FrameSet;
 use crate::keys::{Keys, PayloadCipher};
-use crate::time::Time;
 use crate::tree::TreeLayout;
 use crate::wire::{
     self, Announce, Checkpoint, MAX_RUNS_PER_REPORT, Message, Report, ReportStatus, SessionInfo,
     Solicit,
 };
 use crate::{DropCounts, MemberId};
+use cm_sansio::Instant;
 use cm_wire::mac::TAG_LEN;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -118,10 +118,10 @@ struct Session {
     held: FrameSet,
     report_to: SocketAddr,
     state: State,
-    last_heard: Time,
+    last_heard: Instant,
     cipher: Option<PayloadCipher>,
     /// (when, round) of the report we owe.
-    report_due: Option<(Time, u32)>,
+    report_due: Option<(Instant, u32)>,
     /// The checkpoint answer we owe: when, and the checkpoint's number and window (merged with
     /// any earlier one not yet answered).
     gaps_due: Option<GapsDue>,
@@ -129,7 +129,7 @@ struct Session {
 
 #[derive(Debug, Clone, Copy)]
 struct GapsDue {
-    at: Time,
+    at: Instant,
     checkpoint: u32,
     from: u32,
     upto: u32,
@@ -227,7 +227,8 @@ impl Receiver {
     pub fn held_through(&self, offset: u64) -> u64 {
         let Some(s) = self.session.as_ref().filter(|s| s.frames > 0) else { return offset };
         let fs = u64::from(s.announce.frame_size);
-        let Some(seq) = u32::try_from(offset / fs).ok().filter(|_| offset % fs == 0) else {
+        let Some(seq) = u32::try_from(offset / fs).ok().filter(|_| offset.is_multiple_of(fs))
+        else {
             return offset;
         };
         let end = s.held.next_absent(seq).unwrap_or(s.frames);
@@ -243,7 +244,7 @@ impl Receiver {
     /// election heartbeat). Decrypts in place. Apply the returned [`Write`] before polling events.
     pub fn handle_datagram<'a>(
         &mut self,
-        now: Time,
+        now: Instant,
         from: SocketAddr,
         datagram: &'a mut [u8],
     ) -> Option<Write<'a>> {
@@ -318,7 +319,7 @@ impl Receiver {
     /// XORs the others, read from the file, out of the payload).
     fn on_coded<'a>(
         &mut self,
-        now: Time,
+        now: Instant,
         h: wire::CodedHeader,
         payload_len: usize,
         datagram: &'a mut [u8],
@@ -373,7 +374,7 @@ impl Receiver {
     /// verified with the session's frame size.
     fn on_tree_frame<'a>(
         &mut self,
-        now: Time,
+        now: Instant,
         session: u64,
         seq: u32,
         datagram: &'a mut [u8],
@@ -413,7 +414,7 @@ impl Receiver {
     /// record, and hand out the write.
     fn accept_frame<'a>(
         &mut self,
-        _now: Time,
+        _now: Instant,
         seq: u32,
         payload: &'a mut [u8],
     ) -> Option<Write<'a>> {
@@ -469,7 +470,7 @@ impl Receiver {
     }
 
     /// Returns true when an inline payload in this announcement should be accepted.
-    fn on_announce(&mut self, now: Time, from: SocketAddr, a: Announce) -> bool {
+    fn on_announce(&mut self, now: Instant, from: SocketAddr, a: Announce) -> bool {
         if !a.targets.selects(self.cfg.member) {
             // A run for other servers of the segment: not ours to receive or report on.
             self.stats.not_targeted += 1;
@@ -553,7 +554,7 @@ impl Receiver {
         }
     }
 
-    fn on_solicit(&mut self, now: Time, s: Solicit) {
+    fn on_solicit(&mut self, now: Instant, s: Solicit) {
         let me = self.cfg.member;
         let Some(sess) = self.session.as_mut().filter(|x| x.announce.session == s.session) else {
             self.stats.dropped.foreign_session += 1;
@@ -568,7 +569,7 @@ impl Receiver {
 
     /// Mid-pass: answer with the window's gaps (possibly none) after a random delay. Only a
     /// member still receiving answers; one that holds every frame has nothing to say.
-    fn on_checkpoint(&mut self, now: Time, c: Checkpoint) {
+    fn on_checkpoint(&mut self, now: Instant, c: Checkpoint) {
         let Some(sess) = self.session.as_mut().filter(|x| x.announce.session == c.session) else {
             self.stats.dropped.foreign_session += 1;
             return;
@@ -592,7 +593,7 @@ impl Receiver {
     }
 
     /// A report at a random multiple of window/16 from now: no report implosion.
-    fn schedule_report(&mut self, now: Time, round: u32, window: Duration) {
+    fn schedule_report(&mut self, now: Instant, round: u32, window: Duration) {
         let slot = self.rng.random_range(0..16u32);
         let at = now + window * slot / 16;
         if let Some(s) = self.session.as_mut() {
@@ -601,7 +602,7 @@ impl Receiver {
     }
 
     /// The driver's answer to [`RxEvent::Verify`]: does the file's BLAKE3 match?
-    pub fn verified(&mut self, now: Time, session: u64, ok: bool) {
+    pub fn verified(&mut self, now: Instant, session: u64, ok: bool) {
         let Some(s) = self
             .session
             .as_mut()
@@ -649,7 +650,7 @@ impl Receiver {
         }
     }
 
-    pub fn poll_timeout(&self) -> Option<Time> {
+    pub fn poll_timeout(&self) -> Option<Instant> {
         let s = self.session.as_ref()?;
         let gaps = s.gaps_due.filter(|_| s.state == State::Receiving).map(|g| g.at);
         let report = match (s.report_due.map(|(t, _)| t), gaps) {
@@ -664,7 +665,7 @@ impl Receiver {
         }
     }
 
-    pub fn handle_timeout(&mut self, now: Time) {
+    pub fn handle_timeout(&mut self, now: Instant) {
         let Some(s) = self.session.as_mut() else { return };
         if matches!(s.state, State::Receiving | State::Verifying)
             && now >= s.last_heard + self.cfg.session_timeout

@@ -13,11 +13,10 @@
 //!   that did not deliver is listed as incomplete;
 //! - the session ends (the GL finishes) within a bounded virtual time.
 
-use crate::sender::{
-    Dest, Member, Outcome, Sender, SenderConfig, SenderEvent, SessionReport, Transmit,
-};
+use crate::sender::{Member, Outcome, Output, Sender, SenderConfig, SenderEvent, SessionReport};
 use crate::tree::{FrameTree, TreeLayout, frame_cv};
-use crate::{Keys, Receiver, ReceiverConfig, RxEvent, SessionInfo, Time};
+use crate::{Keys, Receiver, ReceiverConfig, RxEvent, SessionInfo};
+use cm_sansio::{Dest, Instant, Transmit};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
@@ -158,6 +157,10 @@ impl SimConfig {
     }
 }
 
+/// A datagram in flight: when it arrives, a tie-breaking sequence number, where, from whom,
+/// and its bytes.
+type InFlight = (Instant, u64, Node, SocketAddr, Vec<u8>);
+
 /// What a run produced.
 #[derive(Debug, Clone)]
 pub struct SimResult {
@@ -223,9 +226,9 @@ struct SimMember {
     delivered: bool,
     burst_bad: bool,
     /// A verification in progress: (done at, session).
-    verifying: Option<(Time, u64)>,
+    verifying: Option<(Instant, u64)>,
     /// With a capacity: when this member will have processed everything queued for it.
-    busy_until: Time,
+    busy_until: Instant,
     /// In a tree-tagged session: the hash assembled from the writes' CVs, as the driver does.
     tree: Option<(TreeLayout, FrameTree)>,
 }
@@ -253,8 +256,8 @@ struct Sim {
     content: Vec<u8>,
     info: SessionInfo,
     net: ChaCha8Rng,
-    now: Time,
-    queue: BinaryHeap<Reverse<(Time, u64, Node, SocketAddr, Vec<u8>)>>,
+    now: Instant,
+    queue: BinaryHeap<Reverse<InFlight>>,
     seq: u64,
     gl: Option<(u32, Sender)>,
     members: Vec<SimMember>,
@@ -284,7 +287,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimResult, Violation> {
             delivered: false,
             burst_bad: false,
             verifying: None,
-            busy_until: Time::ZERO,
+            busy_until: Instant::ZERO,
             tree: None,
         })
         .collect();
@@ -294,7 +297,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimResult, Violation> {
         content,
         info,
         net: rng,
-        now: Time::ZERO,
+        now: Instant::ZERO,
         queue: BinaryHeap::new(),
         seq: 0,
         gl: None,
@@ -422,8 +425,8 @@ impl Sim {
 
     fn member_nodes_for(&self, dest: Dest, everyone: &[SocketAddr]) -> Vec<Node> {
         let addrs: Vec<SocketAddr> = match dest {
-            Dest::Everyone => everyone.to_vec(),
-            Dest::To(a) => vec![a],
+            Dest::Group => everyone.to_vec(),
+            Dest::Channel(a) | Dest::To(a) => vec![a],
         };
         let mut out = Vec::new();
         for a in addrs {
@@ -450,11 +453,11 @@ impl Sim {
             while let Some(t) = gl.poll_transmit(self.now) {
                 any = true;
                 match t {
-                    Transmit::Control { dest, bytes } => {
+                    Output::Control(Transmit { dest, payload }) => {
                         let to = self.member_nodes_for(dest, gl.everyone());
-                        self.send(from, to, &bytes);
+                        self.send(from, to, &payload);
                     }
-                    Transmit::Frame { dest, frame } => {
+                    Output::Frame { dest, frame } => {
                         self.frames_sent += 1;
                         let mut buf = std::mem::take(&mut self.frame_buf);
                         let content = &self.content;
@@ -468,7 +471,7 @@ impl Sim {
                         self.send(from, to, &buf);
                         self.frame_buf = buf;
                     }
-                    Transmit::Coded { dest, coded } => {
+                    Output::Coded { dest, coded } => {
                         self.frames_sent += 1;
                         let mut buf = std::mem::take(&mut self.frame_buf);
                         let content = &self.content;
@@ -650,7 +653,7 @@ impl Sim {
     }
 
     fn go(mut self) -> Result<SimResult, Violation> {
-        let limit = Time::ZERO + Duration::from_secs(600);
+        let limit = Instant::ZERO + Duration::from_secs(600);
         for i in 0..self.cfg.members {
             let late = self.cfg.late_joiner.is_some_and(|(j, _)| j == i);
             if !late && self.cfg.dead != Some(i) {
@@ -662,8 +665,8 @@ impl Sim {
         let mut crashed = false;
         let mut returned = false;
         let mut joined = false;
-        let mut gl_dead_since: Option<Time> = None;
-        let at = |d: Duration| Time::ZERO + d;
+        let mut gl_dead_since: Option<Instant> = None;
+        let at = |d: Duration| Instant::ZERO + d;
         loop {
             // Scenario events due now.
             if let Some((i, t)) = self.cfg.late_joiner
@@ -707,9 +710,9 @@ impl Sim {
             }
             // Next instant anything happens.
             let mut next = self.queue.peek().map(|Reverse((t, ..))| *t);
-            let mut consider = |t: Option<Time>| {
+            let mut consider = |t: Option<Instant>| {
                 if let Some(t) = t {
-                    next = Some(next.map_or(t, |n: Time| n.min(t)));
+                    next = Some(next.map_or(t, |n: Instant| n.min(t)));
                 }
             };
             consider(self.gl.as_ref().and_then(|(_, g)| g.poll_timeout()));

@@ -11,6 +11,10 @@
 //! root). Frames that arrive ahead of a gap wait in a bounded map; past the bound their CVs are
 //! dropped and the driver recomputes them from the file when the gap is filled.
 //!
+//! A GL that does not know the file's hash yet hashes it in parallel: [`frame_ranges`] cuts the
+//! frames into contiguous ranges, the driver hashes each on a thread of its own
+//! ([`range_cvs`]), and [`assemble`] merges them in order (the core itself starts no thread).
+//!
 //! Invariant: the root is only ever produced from the CVs of every frame `0..frames`, merged in
 //! order, so it equals `blake3::hash(file)` exactly when every CV was computed over the bytes
 //! that were written (which the driver guarantees by adding a CV only after its write).
@@ -19,6 +23,7 @@ use blake3::hazmat::{
     ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
 };
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 /// Most CVs held for frames ahead of the in-order point (32 bytes each plus the map's own
 /// overhead: about 4 MiB at the bound). Frames past it are re-read from the file instead.
@@ -48,7 +53,7 @@ pub fn frame_cv(offset: u64, bytes: &[u8]) -> ChainingValue {
     h.finalize_non_root()
 }
 
-/// Most frames whose CVs [`hash_frames`] keeps (32 bytes each: 16 MiB, a 4 GiB assignment in
+/// Most frames whose CVs [`assemble`] keeps (32 bytes each: 16 MiB, a 4 GiB assignment in
 /// 8 KiB frames). Past it a sender computes each frame's CV when it tags the frame.
 pub const MAX_KEPT_CVS: u32 = 1 << 19;
 
@@ -58,7 +63,7 @@ pub const MAX_KEPT_CVS: u32 = 1 << 19;
 pub fn frame_cvs_in_order<E>(
     size: u64,
     frame_size: u16,
-    frames: std::ops::Range<u32>,
+    frames: Range<u32>,
     read: impl Fn(u64, &mut [u8]) -> Result<(), E>,
     mut emit: impl FnMut(u32, &[ChainingValue]) -> bool,
 ) -> Result<(), E> {
@@ -87,47 +92,49 @@ pub fn frame_cvs_in_order<E>(
     Ok(())
 }
 
-/// BLAKE3 of `size` bytes read by `read(offset, buf)` in frames of `frame_size`, on `threads`
-/// threads (each hashes a contiguous range of frames), and every frame's CV when there are at
-/// most [`MAX_KEPT_CVS`] frames. `frame_size` must fit the tree and `size` exceed one frame.
-/// `read` must fill `buf` exactly (an error stops every thread).
-pub fn hash_frames<E: Send>(
+/// Most parts [`frame_ranges`] cuts a file into.
+pub const MAX_PARTS: usize = 16;
+
+/// The frames of a file of `size` bytes in frames of `frame_size`, cut into at most `parts`
+/// (1 to [`MAX_PARTS`]) contiguous ranges of nearly equal length, in order: the per-thread
+/// work of hashing a file in parallel. Each range's CVs come from [`frame_cvs_in_order`] (or
+/// [`range_cvs`]); [`assemble`] merges them. `frame_size` must fit the tree and `size` exceed
+/// one frame. The driver owns the threads (a core starts none).
+pub fn frame_ranges(size: u64, frame_size: u16, parts: usize) -> Vec<Range<u32>> {
+    assert!(frame_size_fits_tree(frame_size) && size > u64::from(frame_size));
+    let frames = u32::try_from(size.div_ceil(u64::from(frame_size))).expect("frame count fits u32");
+    let parts = u32::try_from(parts.clamp(1, MAX_PARTS)).unwrap_or(1).min(frames);
+    let per = frames.div_ceil(parts);
+    (0..parts).map(|t| t * per..((t + 1) * per).min(frames)).filter(|r| !r.is_empty()).collect()
+}
+
+/// The CVs of the frames in `range` (one of [`frame_ranges`]), in order, read with `read`.
+pub fn range_cvs<E>(
     size: u64,
     frame_size: u16,
-    threads: usize,
-    read: impl Fn(u64, &mut [u8]) -> Result<(), E> + Sync,
-) -> Result<([u8; 32], Option<Vec<ChainingValue>>), E> {
-    assert!(frame_size_fits_tree(frame_size) && size > u64::from(frame_size));
-    let fs = u64::from(frame_size);
-    let frames = u32::try_from(size.div_ceil(fs)).expect("frame count fits u32");
-    let threads = u32::try_from(threads.clamp(1, 16)).unwrap_or(1).min(frames);
-    let per = frames.div_ceil(threads);
-    let ranges: Vec<(u32, u32)> = (0..threads)
-        .map(|t| (t * per, ((t + 1) * per).min(frames)))
-        .filter(|(a, b)| a < b)
-        .collect();
-    let parts: Vec<Result<Vec<ChainingValue>, E>> = std::thread::scope(|scope| {
-        let read = &read;
-        let handles: Vec<_> = ranges
-            .iter()
-            .map(|&(first, end)| {
-                scope.spawn(move || {
-                    let mut cvs = Vec::with_capacity((end - first) as usize);
-                    frame_cvs_in_order(size, frame_size, first..end, read, |_, part| {
-                        cvs.extend_from_slice(part);
-                        true
-                    })?;
-                    Ok(cvs)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("hashing thread panicked")).collect()
-    });
+    range: Range<u32>,
+    read: impl Fn(u64, &mut [u8]) -> Result<(), E>,
+) -> Result<Vec<ChainingValue>, E> {
+    let mut cvs = Vec::with_capacity(range.len());
+    frame_cvs_in_order(size, frame_size, range, read, |_, part| {
+        cvs.extend_from_slice(part);
+        true
+    })?;
+    Ok(cvs)
+}
+
+/// The file's BLAKE3 from the CVs of all its `frames` frames, given in order in `parts` (the
+/// ranges of [`frame_ranges`], in order), and every frame's CV when there are at most
+/// [`MAX_KEPT_CVS`] frames.
+pub fn assemble(
+    frames: u32,
+    parts: impl IntoIterator<Item = Vec<ChainingValue>>,
+) -> ([u8; 32], Option<Vec<ChainingValue>>) {
     let mut tree = FrameTree::new(frames);
     let mut all = Vec::with_capacity(if frames <= MAX_KEPT_CVS { frames as usize } else { 0 });
     let mut seq = 0;
     for part in parts {
-        for cv in part? {
+        for cv in part {
             tree.add(seq, cv);
             if frames <= MAX_KEPT_CVS {
                 all.push(cv);
@@ -136,7 +143,7 @@ pub fn hash_frames<E: Send>(
         }
     }
     let root = tree.root().expect("every frame hashed");
-    Ok((root, (frames <= MAX_KEPT_CVS).then_some(all)))
+    (root, (frames <= MAX_KEPT_CVS).then_some(all))
 }
 
 /// The in-order assembly of a file's BLAKE3 from its frames' CVs.
@@ -286,27 +293,36 @@ mod tests {
     }
 
     #[test]
-    fn hash_frames_matches_blake3_on_any_thread_count() {
+    fn ranges_hashed_in_any_number_of_parts_assemble_to_blake3() {
         for (len, fs) in
             [(2049usize, 1024u16), (5 << 20, 8192), ((3 << 20) + 17, 2048), (70_000, 32768)]
         {
             let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
-            for threads in [1, 2, 3, 7] {
-                let (root, kept) = hash_frames::<()>(len as u64, fs, threads, |off, buf| {
-                    buf.copy_from_slice(&data[off as usize..off as usize + buf.len()]);
-                    Ok(())
-                })
-                .unwrap();
+            let frames = len.div_ceil(usize::from(fs)) as u32;
+            for parts in [1, 2, 3, 7, 40] {
+                let ranges = frame_ranges(len as u64, fs, parts);
+                assert!(ranges.len() <= parts.min(MAX_PARTS));
+                assert_eq!(ranges.first().map(|r| r.start), Some(0));
+                assert_eq!(ranges.last().map(|r| r.end), Some(frames));
+                assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
+                let parts_cvs = ranges.into_iter().map(|r| {
+                    range_cvs::<()>(len as u64, fs, r, |off, buf| {
+                        buf.copy_from_slice(&data[off as usize..off as usize + buf.len()]);
+                        Ok(())
+                    })
+                    .unwrap()
+                });
+                let (root, kept) = assemble(frames, parts_cvs);
                 assert_eq!(
                     root,
                     *blake3::hash(&data).as_bytes(),
-                    "len {len} fs {fs} threads {threads}"
+                    "len {len} fs {fs} parts {parts}"
                 );
                 assert_eq!(kept.unwrap(), cvs(&data, usize::from(fs)));
             }
         }
         let failed =
-            hash_frames(10_000, 1024, 2, |off, _| if off >= 4096 { Err("disk") } else { Ok(()) });
+            range_cvs(10_000, 1024, 5..10, |off, _| if off >= 4096 { Err("disk") } else { Ok(()) });
         assert_eq!(failed, Err("disk"));
     }
 

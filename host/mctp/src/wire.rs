@@ -127,6 +127,18 @@ pub struct DataHeader {
     pub len: u16,
 }
 
+impl DataHeader {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(DataHeader {
+            session: r.u64()?,
+            assignment: r.u64()?,
+            pass: r.u32()?,
+            seq: r.u32()?,
+            len: r.u16()?,
+        })
+    }
+}
+
 /// A member's status for one solicitation round.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReportStatus {
@@ -269,13 +281,16 @@ pub fn encode_coded<E>(
 /// The session id and frames of what claims to be a coded repair (nothing is verified): a
 /// member that lacks none or several of them skips it without checking its tag.
 pub fn coded_claim(datagram: &[u8]) -> Option<(u64, impl Iterator<Item = u32> + '_)> {
-    if datagram.len() < 25 || datagram[..4] != [MAGIC[0], MAGIC[1], VERSION, KIND_CODED] {
+    let mut r = Reader::new(datagram);
+    if r.array::<4>().ok()? != [MAGIC[0], MAGIC[1], VERSION, KIND_CODED] {
         return None;
     }
-    let session = u64::from_be_bytes(datagram[4..12].try_into().ok()?);
-    let n = usize::from(datagram[24]).min(MAX_CODED);
-    let seqs = datagram.get(25..25 + 4 * n)?;
-    Some((session, seqs.chunks_exact(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))))
+    let session = r.u64().ok()?;
+    r.u64().ok()?; // assignment
+    r.u32().ok()?; // pass
+    let n = usize::from(r.u8().ok()?).min(MAX_CODED);
+    let mut seqs = Reader::new(r.bytes(4 * n).ok()?);
+    Some((session, std::iter::from_fn(move || seqs.u32().ok())))
 }
 
 impl CodedHeader {
@@ -332,7 +347,7 @@ impl Announce {
         let size = r.u64()?;
         let hash = r.array()?;
         let frame_size = r.u16()?;
-        if frame_size < MIN_FRAME_SIZE || frame_size > MAX_FRAME_SIZE {
+        if !(MIN_FRAME_SIZE..=MAX_FRAME_SIZE).contains(&frame_size) {
             return Err(DecodeError::malformed("frame size out of range"));
         }
         if frame_count(size, frame_size).is_none() {
@@ -445,12 +460,11 @@ fn tree_tag_body(header: &[u8], cv: &[u8; 32]) -> [u8; DATA_HEADER_LEN + 32] {
 /// a tag) as a sender of a session with `frame_size` frames would; false, leaving it unchanged,
 /// when it is not laid out as one. For tests and the fuzz target (a sender uses [`encode_data`]).
 pub fn seal_tree_data(keys: &Keys, datagram: &mut Vec<u8>, frame_size: u16) -> bool {
-    let Some(seq) = datagram.get(24..28).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes)
-    else {
+    let Some((kind, header)) = data_header_claim(datagram) else {
         return false;
     };
-    let payload_len = datagram.len() - DATA_HEADER_LEN;
-    if datagram[..4] != [MAGIC[0], MAGIC[1], VERSION, KIND_DATA_TREE]
+    let (seq, payload_len) = (header.seq, datagram.len() - DATA_HEADER_LEN);
+    if kind != [MAGIC[0], MAGIC[1], VERSION, KIND_DATA_TREE]
         || payload_len == 0
         || payload_len > usize::from(frame_size)
         || !crate::tree::frame_size_fits_tree(frame_size)
@@ -468,16 +482,20 @@ pub fn seal_tree_data(keys: &Keys, datagram: &mut Vec<u8>, frame_size: u16) -> b
 /// is verified: the caller finds the session's frame size with them (and may skip a frame it
 /// already holds without hashing it), then calls [`open_tree_data`].
 pub fn tree_frame_claim(datagram: &[u8]) -> Option<(u64, u32)> {
-    if datagram.len() < DATA_HEADER_LEN + cm_wire::mac::TAG_LEN
-        || datagram[..2] != MAGIC
-        || datagram[2] != VERSION
-        || datagram[3] != KIND_DATA_TREE
-    {
+    if datagram.len() < DATA_HEADER_LEN + cm_wire::mac::TAG_LEN {
         return None;
     }
-    let session = u64::from_be_bytes(datagram[4..12].try_into().ok()?);
-    let seq = u32::from_be_bytes(datagram[24..28].try_into().ok()?);
-    Some((session, seq))
+    let (kind, header) = data_header_claim(datagram)?;
+    (kind == [MAGIC[0], MAGIC[1], VERSION, KIND_DATA_TREE]).then_some((header.session, header.seq))
+}
+
+/// The first four bytes (magic, version, kind) and the data frame header of what claims to be a
+/// data frame, read without verifying anything; `None` when it is shorter than a header.
+fn data_header_claim(datagram: &[u8]) -> Option<([u8; 4], DataHeader)> {
+    let mut r = Reader::new(datagram);
+    let kind = r.array::<4>().ok()?;
+    let header = DataHeader::decode(&mut r).ok()?;
+    Some((kind, header))
 }
 
 /// A verified tree-tagged data frame: its header, where its payload lies in the datagram, and
@@ -507,13 +525,7 @@ pub fn open_tree_data(
     if r.array::<2>()? != MAGIC || r.u8()? != VERSION || r.u8()? != KIND_DATA_TREE {
         return Err(WireError::BadMagic);
     }
-    let header = DataHeader {
-        session: r.u64()?,
-        assignment: r.u64()?,
-        pass: r.u32()?,
-        seq: r.u32()?,
-        len: r.u16()?,
-    };
+    let header = DataHeader::decode(&mut r)?;
     let payload = r.rest();
     if payload.len() != usize::from(header.len) || header.len == 0 || header.len > frame_size {
         // Unauthenticated: it could be a forgery as well as a bad layout.
@@ -701,9 +713,9 @@ fn seal(keys: &Keys, w: Writer) -> Vec<u8> {
 /// is verified).
 pub fn is_announce(datagram: &[u8]) -> bool {
     datagram.len() > 4
-        && datagram[..2] == MAGIC
-        && datagram[2] == VERSION
-        && datagram[3] == KIND_ANNOUNCE
+        && Reader::new(datagram)
+            .array::<4>()
+            .is_ok_and(|k| k == [MAGIC[0], MAGIC[1], VERSION, KIND_ANNOUNCE])
 }
 
 /// Verifies the tag, then decodes. The payload of a data frame is returned as it is on the wire.
@@ -728,13 +740,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message<'_>, WireError> {
     let msg = match r.u8()? {
         KIND_ANNOUNCE => Message::Announce(Announce::decode(&mut r)?),
         KIND_DATA => {
-            let h = DataHeader {
-                session: r.u64()?,
-                assignment: r.u64()?,
-                pass: r.u32()?,
-                seq: r.u32()?,
-                len: r.u16()?,
-            };
+            let h = DataHeader::decode(&mut r)?;
             let payload = r.rest();
             let extra = payload.len().checked_sub(usize::from(h.len));
             if !matches!(extra, Some(0) | Some(AEAD_TAG_LEN)) {

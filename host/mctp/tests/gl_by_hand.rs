@@ -9,7 +9,7 @@
 //! tagged with and without them carry the same tag.
 
 use cm_mctp::wire::{self, Checkpoint, Message, Report, ReportStatus};
-use cm_mctp::{Keys, Member, Sender, SenderConfig, SessionInfo, Time, Transmit};
+use cm_mctp::{Instant, Keys, Member, Output, Sender, SenderConfig, SessionInfo, Transmit};
 use rand::SeedableRng;
 use std::time::Duration;
 
@@ -17,14 +17,14 @@ use std::time::Duration;
 fn drive_until(
     s: &mut Sender,
     keys: &Keys,
-    now: &mut Time,
+    now: &mut Instant,
     checkpoints: &mut Vec<Checkpoint>,
     n: usize,
 ) {
     while checkpoints.len() < n {
         s.handle_timeout(*now);
         while let Some(t) = s.poll_transmit(*now) {
-            if let Transmit::Control { bytes, .. } = t
+            if let Output::Control(Transmit { payload: bytes, .. }) = t
                 && let Ok(Message::Checkpoint(c)) = wire::open(keys, &bytes)
             {
                 checkpoints.push(c);
@@ -42,7 +42,7 @@ fn tree_session(size: u64) -> (Keys, Sender) {
     let info = SessionInfo { assignment: 2, name: "cvs.bin".into(), size, hash: [9; 32] };
     let rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
     let s = Sender::new(
-        Time::ZERO,
+        Instant::ZERO,
         cfg,
         keys.clone(),
         rng,
@@ -56,14 +56,14 @@ fn tree_session(size: u64) -> (Keys, Sender) {
 
 /// Every frame the sender puts out, as (sequence number, datagram).
 fn all_frames(s: &mut Sender, content: &[u8]) -> Vec<(u32, Vec<u8>)> {
-    let (mut now, mut out) = (Time::ZERO, Vec::new());
+    let (mut now, mut out) = (Instant::ZERO, Vec::new());
     while s.stats().passes == 0
         || s.stats().frames_sent
             < u64::from(cm_mctp::wire::frame_count(content.len() as u64, 4096).unwrap())
     {
         s.handle_timeout(now);
         while let Some(t) = s.poll_transmit(now) {
-            if let Transmit::Frame { frame, .. } = t {
+            if let Output::Frame { frame, .. } = t {
                 let mut buf = Vec::new();
                 let at = frame.offset as usize;
                 s.encode_frame::<()>(&frame, &mut buf, |p| {
@@ -123,8 +123,8 @@ fn one_answer_to_two_checkpoints_is_weighed_against_both_windows() {
     let info = SessionInfo { assignment: 1, name: "rate.bin".into(), size: 8 << 20, hash: [7; 32] };
     let member = Member { id: 7, unicast: None };
     let rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let mut s = Sender::new(Time::ZERO, cfg, keys.clone(), rng, info, &[member], None).unwrap();
-    let (mut now, mut checkpoints) = (Time::ZERO, Vec::new());
+    let mut s = Sender::new(Instant::ZERO, cfg, keys.clone(), rng, info, &[member], None).unwrap();
+    let (mut now, mut checkpoints) = (Instant::ZERO, Vec::new());
     drive_until(&mut s, &keys, &mut now, &mut checkpoints, 2);
 
     // The member missed the first checkpoint's moment and answers both at once: one frame in

@@ -22,6 +22,7 @@
 //! A receiver that already holds an announced assignment in its directory (the file a delivery
 //! would produce, same size and BLAKE3) answers "complete" at once and receives nothing.
 
+mod hash;
 mod prefix_hash;
 mod receive;
 mod send;
@@ -30,7 +31,9 @@ mod sys;
 pub use receive::{ReceiveOptions, Received, receive};
 pub use send::{SendOptions, SendOutcome, send_file};
 
-use cm_mctp::{SenderError, Time};
+// The cores' time: nanoseconds since the driver's `start` (`std::time::Instant` is the clock).
+use cm_mctp::Instant as Time;
+use cm_mctp::SenderError;
 use socket2::Socket;
 use std::fs::File;
 use std::io;

@@ -8,8 +8,9 @@ use super::{
     BATCH, MAX_WAIT, MctpDriverError, SOCKET_BUFFER, big_buffers, from_time, hash_file, io_err,
     on_thread, stopped, sys, to_time, v4,
 };
+use cm_mctp::Instant as Time;
 use cm_mctp::tree::{FrameTree, TreeLayout, frame_cv};
-use cm_mctp::{Keys, Receiver, ReceiverConfig, RxEvent, SessionInfo, Time};
+use cm_mctp::{Keys, Receiver, ReceiverConfig, RxEvent, SessionInfo};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use socket2::{Domain, Protocol, Socket, Type};

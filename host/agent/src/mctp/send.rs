@@ -2,14 +2,15 @@
 //! on the wire, equal frames to one place as one GSO message and many messages per `sendmmsg`,
 //! paced by the core's timers.
 
+use super::hash::hash_frames;
 use super::{
     BATCH, MAX_WAIT, MctpDriverError, SOCKET_BUFFER, big_buffers, from_time, hash_file, io_err,
     on_thread, stopped, sys, to_time, v4,
 };
+use cm_mctp::Instant as Time;
 use cm_mctp::sender::SenderStats;
-use cm_mctp::tree::hash_frames;
 use cm_mctp::{
-    Dest, Keys, Member, Sender, SenderConfig, SenderEvent, SessionInfo, SessionReport, Time,
+    Dest, Keys, Member, Output, Sender, SenderConfig, SenderEvent, SessionInfo, SessionReport,
     Transmit,
 };
 use rand::SeedableRng;
@@ -159,11 +160,11 @@ fn send_blocking(
             while used < BATCH {
                 let Some(t) = sender.poll_transmit(now) else { break };
                 match t {
-                    Transmit::Control { dest, bytes } => {
+                    Output::Control(Transmit { dest, payload: bytes }) => {
                         order.push((false, controls.len(), dest));
                         controls.push(bytes);
                     }
-                    Transmit::Frame { dest, frame } => {
+                    Output::Frame { dest, frame } => {
                         let buf = &mut frames[used];
                         sender
                             .encode_frame(&frame, buf, |p| file.read_exact_at(p, frame.offset))
@@ -173,7 +174,7 @@ fn send_blocking(
                         order.push((true, used, dest));
                         used += 1;
                     }
-                    Transmit::Coded { dest, coded } => {
+                    Output::Coded { dest, coded } => {
                         let buf = &mut frames[used];
                         sender
                             .encode_coded(&coded, buf, |offset, p| file.read_exact_at(p, offset))
@@ -215,8 +216,8 @@ fn send_blocking(
                 let segment = (pieces.len() > 1).then_some(bytes.len() as u16);
                 let len = (pieces.len() * bytes.len()) as u64;
                 let tos: Vec<SocketAddrV4> = match dest {
-                    Dest::Everyone => everyone.clone(),
-                    Dest::To(to) => v4(to).ok().into_iter().collect(),
+                    Dest::Group => everyone.clone(),
+                    Dest::Channel(to) | Dest::To(to) => v4(to).ok().into_iter().collect(),
                 };
                 for to in tos {
                     wire_bytes += len;

@@ -11,7 +11,8 @@
 #![no_main]
 
 use cm_mctp::{
-    Keys, Member, Receiver, ReceiverConfig, RxEvent, Sender, SenderConfig, SessionInfo, Time, wire,
+    Instant, Keys, Member, Receiver, ReceiverConfig, RxEvent, Sender, SenderConfig, SessionInfo,
+    wire,
 };
 use libfuzzer_sys::fuzz_target;
 use rand::SeedableRng;
@@ -29,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     let info = SessionInfo { assignment: 1, name: "f".into(), size: 100_000, hash: [0; 32] };
     let members = [Member { id: 1, unicast: None }];
     let mut tx = Sender::new(
-        Time::ZERO,
+        Instant::ZERO,
         cfg,
         keys.clone(),
         rand_chacha::ChaCha8Rng::seed_from_u64(2),
@@ -45,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
     let mut hash = [0u8; 32];
 
     let mut tree_frame_size = 1024u16;
-    let mut now = Time::ZERO;
+    let mut now = Instant::ZERO;
     let mut rest = data;
     while rest.len() >= 2 {
         let n = usize::from(u16::from_be_bytes([rest[0], rest[1]])).min(rest.len() - 2);
@@ -123,7 +124,13 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-fn events(rx: &mut Receiver, now: Time, disk: &mut Vec<u8>, size: &mut u64, hash: &mut [u8; 32]) {
+fn events(
+    rx: &mut Receiver,
+    now: Instant,
+    disk: &mut Vec<u8>,
+    size: &mut u64,
+    hash: &mut [u8; 32],
+) {
     while let Some(e) = rx.poll_event() {
         match e {
             RxEvent::Started { info, resumed, .. } => {

@@ -70,7 +70,8 @@ impl Applier {
         default_interpreter: &[u8],
         state_dir: &Path,
     ) -> Result<Applier, AgentError> {
-        let site = Site::open(site_root, SiteConfig::default())?;
+        let site = Site::open(site_root, SiteConfig::default())
+            .map_err(|e| AgentError::Site(Box::new(e)))?;
         let runtime = PluginRuntime::new(RuntimeConfig {
             compiled_cache: Some(PluginStore::compiled_cache_dir(store_dir)),
             // One apply at a time: a small pool keeps the address-space reservation small.
@@ -80,12 +81,12 @@ impl Applier {
         })
         .map_err(|source| AgentError::Plugin {
             what: "starting the plugin runtime".into(),
-            source,
+            source: Box::new(source),
         })?;
         let store =
             PluginStore::open(runtime, store_dir).map_err(|source| AgentError::PluginStore {
                 what: format!("plugin store {}", store_dir.display()),
-                source,
+                source: Box::new(source),
             })?;
         if store.slot(INTERPRETER).is_err() {
             let manifest = cm_plugin_host::bundled::interpreter_manifest(INTERPRETER, &[site_name]);
@@ -95,14 +96,16 @@ impl Applier {
                         "installing the bundled interpreter into {}",
                         store_dir.display()
                     ),
-                    source,
+                    source: Box::new(source),
                 },
             )?;
             tracing::info!(store = %store_dir.display(), site = site_name, "installed the bundled interpreter plugin");
         }
-        let interpreter = store.interpreter(INTERPRETER, site_name).map_err(|source| {
-            AgentError::Plugin { what: format!("interpreter for site {site_name}"), source }
-        })?;
+        let interpreter =
+            store.interpreter(INTERPRETER, site_name).map_err(|source| AgentError::Plugin {
+                what: format!("interpreter for site {site_name}"),
+                source: Box::new(source),
+            })?;
         let journal = state_dir.join("applied");
         std::fs::create_dir_all(&journal).map_err(|source| AgentError::Io {
             what: format!("creating {}", journal.display()),
@@ -112,7 +115,7 @@ impl Applier {
             StoreFollower::start(Arc::new(store), FollowConfig::default()).map_err(|source| {
                 AgentError::Plugin {
                     what: format!("following the plugin store {}", store_dir.display()),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
         let applier = Applier {

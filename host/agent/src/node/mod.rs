@@ -34,16 +34,16 @@ use apply::{Applied, Applier};
 use duty::GlDuty;
 use report::ReportBoard;
 
-/// Why the agent could not start. Each variant keeps its typed cause; `what` names the step
-/// and the path or site it was on.
+/// Why the agent could not start. Each variant keeps its typed cause (boxed: they are large);
+/// `what` names the step and the path or site it was on.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("site: {0}")]
-    Site(#[from] cm_site::SiteError),
+    Site(#[source] Box<cm_site::SiteError>),
     #[error("interpreter plugin: {what}: {source}")]
-    Plugin { what: String, source: cm_plugin_host::PluginError },
+    Plugin { what: String, source: Box<cm_plugin_host::PluginError> },
     #[error("interpreter plugin: {what}: {source}")]
-    PluginStore { what: String, source: cm_plugin_host::InstallError },
+    PluginStore { what: String, source: Box<cm_plugin_host::InstallError> },
     #[error("agent state: {what}: {source}")]
     Io { what: String, source: std::io::Error },
     #[error("agent state: opening the site: {0}")]

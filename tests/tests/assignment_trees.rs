@@ -32,7 +32,7 @@ fn bytes(seed: u64, len: usize, edit: Option<(usize, u8)>) -> Vec<u8> {
             s ^= s >> 7;
             s ^= s << 17;
             // Half the seeds give text-like (compressible) bytes.
-            if seed % 2 == 0 {
+            if seed.is_multiple_of(2) {
                 b"abcdefgh <html> "[(s % 16) as usize]
             } else {
                 (s >> 24) as u8 ^ i as u8

@@ -344,11 +344,12 @@ impl StateFile {
 }
 
 fn decode_slot(bytes: &[u8]) -> Result<(u64, RestartState), RestartStateError> {
-    let header = bytes.get(..SLOT_HEADER).ok_or(RestartStateError::BadCheck)?;
-    let generation = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
-    let len = u32::from_be_bytes(header[8..].try_into().expect("4 bytes")) as usize;
-    let body =
-        bytes.get(SLOT_HEADER..).and_then(|b| b.get(..len)).ok_or(RestartStateError::BadCheck)?;
+    // The slot is overwritten in place, so bytes past the body are an older, longer save's.
+    let mut r = cm_wire::Reader::new(bytes);
+    let mut header = || Ok::<_, cm_wire::DecodeError>((r.u64()?, r.u32()?));
+    let (generation, len) = header().map_err(|_| RestartStateError::BadCheck)?;
+    let len = usize::try_from(len).map_err(|_| RestartStateError::BadCheck)?;
+    let body = r.bytes(len).map_err(|_| RestartStateError::BadCheck)?;
     Ok((generation, RestartState::decode(body)?))
 }
 

@@ -403,7 +403,7 @@ impl Commands {
         self.body
             .read_exact(&mut len)
             .map_err(|source| ReadError::Io { what: "reading the body", source })?;
-        let len = u32::from_be_bytes(len) as usize;
+        let len = cm_wire::Reader::new(&len).u32().map_err(bad)? as usize;
         if len > MAX_RECORD {
             return Err(bad(DecodeError::malformed("record longer than 1 MiB")));
         }

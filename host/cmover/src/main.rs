@@ -17,6 +17,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per process; boxing buys nothing")]
 enum Command {
     /// Run a local demo cluster: a manager and several segments of servers on loopback.
     Demo(cmd::demo::Args),

@@ -18,7 +18,7 @@ use crate::wire::{
     Solicit,
 };
 use crate::{DropCounts, MemberId};
-use cm_sansio::Instant;
+use cm_sansio::{Dest, Instant, Transmit};
 use cm_wire::mac::TAG_LEN;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -164,7 +164,7 @@ pub struct Receiver {
     rng: ChaCha8Rng,
     held_hashes: Vec<[u8; 32]>,
     session: Option<Session>,
-    queue: VecDeque<(SocketAddr, Vec<u8>)>,
+    queue: VecDeque<Transmit>,
     events: VecDeque<RxEvent>,
     stats: ReceiverStats,
 }
@@ -717,7 +717,7 @@ impl Receiver {
                 status: ReportStatus::Gaps(c.to_vec()),
             };
             self.stats.reports_sent += 1;
-            self.queue.push_back((to, r.encode(&self.keys)));
+            self.queue.push_back(Transmit { dest: Dest::To(to), payload: r.encode(&self.keys) });
         }
     }
 
@@ -754,12 +754,12 @@ impl Receiver {
         let to = s.report_to;
         for r in reports {
             self.stats.reports_sent += 1;
-            self.queue.push_back((to, r.encode(&self.keys)));
+            self.queue.push_back(Transmit { dest: Dest::To(to), payload: r.encode(&self.keys) });
         }
     }
 
-    /// The next datagram to send (always unicast to the GL's report port).
-    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+    /// The next datagram to send: always `Dest::To` the GL's report port.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.queue.pop_front()
     }
 

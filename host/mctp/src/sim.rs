@@ -511,7 +511,9 @@ impl Sim {
         rx.handle_timeout(self.now);
         let me = member_addr(i);
         let gl_node = self.gl.as_ref().map(|(g, _)| Node::Gl(*g));
-        while let Some((to, bytes)) = rx.poll_transmit() {
+        while let Some(t) = rx.poll_transmit() {
+            let (Dest::To(to) | Dest::Channel(to)) = t.dest else { continue };
+            let bytes = t.payload;
             // Reports go to whichever GL owns that address (a dead GL's address goes nowhere).
             let to_node =
                 self.gl.as_ref().filter(|(g, _)| gl_addr(*g) == to).map(|(g, _)| Node::Gl(*g));

@@ -10,7 +10,7 @@ use super::{
 };
 use cm_mctp::Instant as Time;
 use cm_mctp::tree::{FrameTree, TreeLayout, frame_cv};
-use cm_mctp::{Keys, Receiver, ReceiverConfig, RxEvent, SessionInfo};
+use cm_mctp::{Dest, Keys, Receiver, ReceiverConfig, RxEvent, SessionInfo};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -320,8 +320,10 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
         d.poll_verdict(now);
         d.rx.handle_timeout(now);
         d.handle_events(now)?;
-        while let Some((to, bytes)) = d.rx.poll_transmit() {
-            if let Err(e) = usock.send_to(&bytes, &to.into()) {
+        while let Some(t) = d.rx.poll_transmit() {
+            // A receiver only ever reports to its GL, by unicast.
+            let (Dest::To(to) | Dest::Channel(to)) = t.dest else { continue };
+            if let Err(e) = usock.send_to(&t.payload, &to.into()) {
                 tracing::debug!(%to, error = %e, "report send failed");
             }
         }

@@ -42,7 +42,7 @@ mod tests {
 
     #[test]
     fn foreign_and_truncated_payloads() {
-        assert_eq!(decode(b"XXXX\x01\x00\x00").unwrap(), None);
+        assert_eq!(decode(b"ABCD\x01\x00\x00").unwrap(), None);
         let good = encode("http://127.0.0.1:1").unwrap();
         for cut in 0..good.len() {
             assert!(decode(&good[..cut]).unwrap_err().is_incomplete(), "cut at {cut}");

@@ -10,8 +10,9 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::format::{AssignmentType, Header, check_symlink_target};
-use crate::policy::CompressionPolicy;
+use crate::format::{AssignmentType, Header, TreeEntry, TreeKind, check_symlink_target};
+use crate::links::{ChainError, resolve_chain};
+use crate::policy::{CompressionPolicy, SpecialBits};
 use crate::reference::mtime_secs;
 use crate::write::{AssignmentWriter, ChangeOutcome, Meta, WriteError};
 use crate::{CipherKey, SealKey};
@@ -107,6 +108,8 @@ pub struct BuildOptions {
     pub cipher: Option<CipherKey>,
     /// Files at least this long are sent as deltas when that saves bytes.
     pub delta_min: u64,
+    /// What becomes of setuid, setgid and sticky bits in staging.
+    pub special_bits: SpecialBits,
 }
 
 impl BuildOptions {
@@ -117,6 +120,7 @@ impl BuildOptions {
             seal: None,
             cipher: None,
             delta_min: 256,
+            special_bits: SpecialBits::default(),
         }
     }
 }
@@ -135,6 +139,8 @@ pub struct BuildReport {
     /// The most directory entries the walk held at once (both trees, every level): the
     /// memory bound of change detection, independent of the number of files.
     pub peak_entries_held: u64,
+    /// Staging entries whose setuid, setgid or sticky bits were cleared (policy `strip`).
+    pub modes_stripped: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +153,10 @@ pub enum BuildError {
     Unsupported { path: PathBuf },
     #[error("staging symlink {path} -> {target} {why}")]
     SymlinkEscapes { path: String, target: String, why: &'static str },
+    #[error("staging symlink {path} -> {target} {source}")]
+    SymlinkChain { path: String, target: String, source: ChainError },
+    #[error("staging {path} has mode {mode:o}: setuid, setgid and sticky bits are refused")]
+    SpecialBits { path: String, mode: u32 },
     #[error(transparent)]
     Write(#[from] WriteError),
 }
@@ -184,6 +194,7 @@ pub fn build(
     if let Some(k) = &opts.cipher {
         w.encrypt_with(k.clone());
     }
+    w.describe_tree()?;
     let mut walk = Walk { staging, shadow, opts, w, report: BuildReport::default(), held: 0 };
     walk.run()?;
     let Walk { w, mut report, .. } = walk;
@@ -247,6 +258,9 @@ impl Walk<'_> {
                 .map(|(n, _)| n.as_str())
                 .expect("one side has the name");
             let path = join(&top.rel, name);
+            if let Some((_, e)) = &now {
+                self.describe(&path, e)?;
+            }
             let was = was.map(|(_, e)| e);
             let before = match (was, &now) {
                 (Some(o), Some((_, n))) if kind_of(&o) == kind_of(n) => Some(o),
@@ -284,7 +298,16 @@ impl Walk<'_> {
         in_shadow: bool,
         final_mode: Option<u32>,
     ) -> Result<Frame, BuildError> {
-        let new = list_dir(self.staging, &rel)?;
+        let mut new = list_dir(self.staging, &rel)?;
+        for (name, e) in &mut new {
+            if let Entry::Dir { mode } | Entry::File { mode, .. } = e {
+                let (m, stripped) = self.opts.special_bits.apply(*mode).ok_or_else(|| {
+                    BuildError::SpecialBits { path: join(&rel, name), mode: *mode }
+                })?;
+                *mode = m;
+                self.report.modes_stripped += u64::from(stripped);
+            }
+        }
         let old = match self.shadow {
             Some(s) if in_shadow => list_dir(s, &rel)?,
             _ => Vec::new(),
@@ -318,6 +341,13 @@ impl Walk<'_> {
                     path: path.to_owned(),
                     target: target.clone(),
                     why,
+                })?;
+                resolve_chain(path, target, |p| read_link_at(staging, p)).map_err(|source| {
+                    BuildError::SymlinkChain {
+                        path: path.to_owned(),
+                        target: target.clone(),
+                        source,
+                    }
                 })?;
                 if before != Some(entry) {
                     w.symlink(path, target)?;
@@ -380,20 +410,56 @@ impl Walk<'_> {
     }
 }
 
+impl Walk<'_> {
+    /// Adds staging's `entry` at `path` to the manifest of the resulting tree.
+    fn describe(&mut self, path: &str, entry: &Entry) -> Result<(), BuildError> {
+        let kind = match entry {
+            Entry::Dir { mode } => TreeKind::Dir { mode: *mode },
+            Entry::File { mode, len, .. } => TreeKind::File {
+                mode: *mode,
+                len: *len,
+                hash: *hash_file(&self.staging.join(path))?.as_bytes(),
+            },
+            Entry::Symlink { target } => TreeKind::Symlink { target: target.clone() },
+        };
+        self.w.tree_entry(&TreeEntry { path: path.to_owned(), kind })?;
+        Ok(())
+    }
+}
+
+/// The target of `rel` below `root` when it is a symlink (for [`resolve_chain`]).
+fn read_link_at(root: &Path, rel: &str) -> io::Result<Option<String>> {
+    let p = root.join(rel);
+    match fs::symlink_metadata(&p) {
+        Ok(m) if m.file_type().is_symlink() => {
+            let t = fs::read_link(&p)?;
+            t.into_os_string()
+                .into_string()
+                .map(Some)
+                .map_err(|_| io::Error::other("link target is not UTF-8"))
+        }
+        Ok(_) => Ok(None),
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn hash_file(p: &Path) -> Result<blake3::Hash, BuildError> {
+    let f = File::open(p).map_err(|e| BuildError::io(format!("opening {}", p.display()), e))?;
+    let len = f.metadata().map_err(|e| BuildError::io(format!("stat {}", p.display()), e))?.len();
+    let mut h = blake3::Hasher::new();
+    crate::write::copy_range(&f, 0, len, |b| {
+        h.update(b);
+        Ok(())
+    })
+    .map_err(|e| BuildError::io(format!("reading {}", p.display()), e))?;
+    Ok(h.finalize())
+}
+
 fn same_content(a: &Path, b: &Path) -> Result<bool, BuildError> {
-    let hash = |p: &Path| -> Result<blake3::Hash, BuildError> {
-        let f = File::open(p).map_err(|e| BuildError::io(format!("opening {}", p.display()), e))?;
-        let len =
-            f.metadata().map_err(|e| BuildError::io(format!("stat {}", p.display()), e))?.len();
-        let mut h = blake3::Hasher::new();
-        crate::write::copy_range(&f, 0, len, |b| {
-            h.update(b);
-            Ok(())
-        })
-        .map_err(|e| BuildError::io(format!("reading {}", p.display()), e))?;
-        Ok(h.finalize())
-    };
-    Ok(hash(a)? == hash(b)?)
+    Ok(hash_file(a)? == hash_file(b)?)
 }
 
 /// Writes a header-only assignment (commit, rollback, switch).
@@ -495,6 +561,57 @@ mod tests {
         for p in [&new.join("ro"), &new.join("ro/sub"), &site.join("ro"), &site.join("ro/sub")] {
             fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
         }
+    }
+
+    #[test]
+    fn the_assignment_describes_the_whole_resulting_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let (old, new) = (d.path().join("old"), d.path().join("new"));
+        file(&old, "same.txt", b"unchanged", 10, 0);
+        file(&old.join("dir"), "gone", b"removed", 10, 0);
+        file(&new, "same.txt", b"unchanged", 10, 0);
+        file(&new.join("dir"), "added", b"new", 20, 0);
+        file(&new, "suid", b"#!", 20, 0);
+        fs::set_permissions(new.join("suid"), fs::Permissions::from_mode(0o4755)).unwrap();
+        std::os::unix::fs::symlink("dir/added", new.join("link")).unwrap();
+        let out = d.path().join("out.cma");
+        let r =
+            build(&new, Some(&old), &out, &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
+        assert_eq!(r.modes_stripped, 1);
+        let reader = crate::AssignmentReader::open(&out).unwrap();
+        reader.verify(None).unwrap();
+        assert!(reader.has_tree());
+        let tree: Vec<String> = reader
+            .tree()
+            .map(|t| {
+                let t = t.unwrap();
+                match t.kind {
+                    TreeKind::Dir { mode } => format!("{} dir {mode:o}", t.path),
+                    TreeKind::File { mode, hash, .. } => {
+                        format!("{} file {mode:o} {}", t.path, blake3::Hash::from_bytes(hash))
+                    }
+                    TreeKind::Symlink { target } => format!("{} link {target}", t.path),
+                }
+            })
+            .collect();
+        fs::set_permissions(new.join("suid"), fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(tree, observe(&new), "every entry, the unchanged one too, setuid stripped");
+        // Special bits refused by policy, and a chain of links that leaves the tree.
+        fs::set_permissions(new.join("suid"), fs::Permissions::from_mode(0o2755)).unwrap();
+        let mut opts = BuildOptions::new(AssignmentType::Publish, 2);
+        opts.special_bits = SpecialBits::Refuse;
+        let e = build(&new, Some(&old), &out, &opts).unwrap_err();
+        assert!(matches!(e, BuildError::SpecialBits { ref path, .. } if path == "suid"), "{e}");
+        fs::remove_file(new.join("suid")).unwrap();
+        std::os::unix::fs::symlink("..", new.join("dir/up")).unwrap();
+        std::os::unix::fs::symlink("dir/up/dir/up/../../x", new.join("out")).unwrap();
+        let e = build(&new, Some(&old), &out, &BuildOptions::new(AssignmentType::Publish, 2))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("staging symlink out -> dir/up/dir/up/../../x resolves outside the site"),
+            "{e}"
+        );
     }
 
     fn copy_tree(from: &Path, to: &Path) {

@@ -15,8 +15,12 @@ pub const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 8 + 2 + 1 + 1 + 8 * 7 + 32;
 /// Size of the trailer (BLAKE3 of header and body, keyed when sealed).
 pub const TRAILER_LEN: usize = 32;
-/// Longest path or symlink target, in bytes.
-pub const MAX_PATH: usize = 4096;
+/// Longest path or symlink target, in bytes: what one system call takes relative to a
+/// directory (`PATH_MAX` counts the NUL), so every path the format allows can be opened from
+/// the release's root descriptor. The one definition of path limits, used at build and apply.
+pub const MAX_PATH: usize = 4095;
+/// Longest path component, in bytes (`NAME_MAX`).
+pub const MAX_NAME: usize = 255;
 /// Longest command record. Bounds the memory a decoder spends on one command; the writer
 /// falls back to a whole-file write when a delta would need a longer record.
 pub const MAX_RECORD: usize = 1 << 20;
@@ -105,7 +109,11 @@ pub mod flags {
     pub const ENCRYPTED: u8 = 2;
     /// The trailer is a keyed BLAKE3 under the cluster's assignment key (see [`crate::SealKey`]).
     pub const SEALED: u8 = 4;
-    pub const KNOWN: u8 = COMPRESSED | ENCRYPTED | SEALED;
+    /// The body ends with the manifest of the whole resulting tree ([`TreeEntry`] records).
+    ///
+    /// [`TreeEntry`]: super::TreeEntry
+    pub const TREE: u8 = 16;
+    pub const KNOWN: u8 = COMPRESSED | ENCRYPTED | SEALED | TREE;
 }
 
 /// The fixed-size header.
@@ -293,6 +301,7 @@ mod tag {
     pub const RENAME: u8 = 5;
     pub const SYMLINK: u8 = 6;
     pub const SET_MODE: u8 = 7;
+    pub const TREE_ENTRY: u8 = 8;
     pub const OP_COPY: u8 = 1;
     pub const OP_INSERT: u8 = 2;
 }
@@ -522,6 +531,83 @@ impl Command {
     }
 }
 
+/// One entry of the manifest of the whole resulting tree (`flags::TREE`): what the release must
+/// hold at `path` once every command ran. The host checks the built release against these
+/// records (every path, kind, mode, length, hash and symlink target, nothing more); they are
+/// never handed to an interpreter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeEntry {
+    pub path: String,
+    pub kind: TreeKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TreeKind {
+    Dir { mode: u32 },
+    File { mode: u32, len: u64, hash: [u8; 32] },
+    Symlink { target: String },
+}
+
+impl TreeEntry {
+    pub fn encode(&self, w: &mut Writer) -> Result<(), EncodeError> {
+        w.u8(tag::TREE_ENTRY).str16("path", &self.path)?;
+        match &self.kind {
+            TreeKind::Dir { mode } => {
+                w.u8(0).u32(*mode);
+            }
+            TreeKind::File { mode, len, hash } => {
+                w.u8(1).u32(*mode).u64(*len).bytes(hash);
+            }
+            TreeKind::Symlink { target } => {
+                w.u8(2).str16("target", target)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn decode(record: &[u8]) -> Result<TreeEntry, DecodeError> {
+        let mut r = Reader::new(record);
+        if r.u8()? != tag::TREE_ENTRY {
+            return Err(DecodeError::malformed("not a tree entry"));
+        }
+        let path = path(&mut r)?;
+        let kind = match r.u8()? {
+            0 => TreeKind::Dir { mode: mode(&mut r)? },
+            1 => TreeKind::File { mode: mode(&mut r)?, len: r.u64()?, hash: r.array()? },
+            2 => {
+                let target = r.str16(MAX_PATH)?.to_owned();
+                check_symlink_target(&path, &target).map_err(DecodeError::malformed)?;
+                TreeKind::Symlink { target }
+            }
+            _ => return Err(DecodeError::malformed("unknown tree entry kind")),
+        };
+        r.finish()?;
+        Ok(TreeEntry { path, kind })
+    }
+}
+
+/// A body record: a command, or (after the last command) an entry of the tree manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Command(Command),
+    Tree(TreeEntry),
+}
+
+impl Record {
+    pub fn decode(record: &[u8]) -> Result<Record, DecodeError> {
+        match record.first() {
+            Some(&tag::TREE_ENTRY) => TreeEntry::decode(record).map(Record::Tree),
+            _ => Command::decode(record).map(Record::Command),
+        }
+    }
+}
+
+/// The order of the tree manifest (and of the manager's walk): paths compared component by
+/// component, bytewise, so a directory comes right before its content.
+pub fn tree_order(a: &str, b: &str) -> std::cmp::Ordering {
+    a.split('/').cmp(b.split('/'))
+}
+
 fn encode_payload(w: &mut Writer, p: &Payload) {
     w.u64(p.offset).u64(p.stored_len).u64(p.len).u8(p.codec as u8);
 }
@@ -576,6 +662,7 @@ pub fn check_path(p: &str) -> Result<(), &'static str> {
         match c {
             "" => return Err("empty path component"),
             "." | ".." => return Err("dot component in path escapes or aliases"),
+            c if c.len() > MAX_NAME => return Err("path component longer than 255 bytes"),
             _ => {}
         }
     }
@@ -628,6 +715,38 @@ mod tests {
         assert!(check_symlink_target("a/link", "../../b").is_err());
         assert!(check_symlink_target("a/link", "c/../../b").is_ok());
         assert!(check_symlink_target("a/link", "/etc").is_err());
+    }
+
+    #[test]
+    fn path_limits_are_what_one_system_call_takes() {
+        let name = "n".repeat(MAX_NAME);
+        let long = [name.as_str(); 16].join("/");
+        assert_eq!(long.len(), 4095);
+        assert!(check_path(&long).is_ok());
+        assert_eq!(check_path(&format!("{long}x")), Err("path too long"));
+        assert_eq!(check_path(&format!("{name}x/a")), Err("path component longer than 255 bytes"));
+    }
+
+    #[test]
+    fn tree_entries_round_trip_and_sort_directories_before_their_content() {
+        for kind in [
+            TreeKind::Dir { mode: 0o755 },
+            TreeKind::File { mode: 0o644, len: 7, hash: [3; 32] },
+            TreeKind::Symlink { target: "../b".into() },
+        ] {
+            let e = TreeEntry { path: "a/x".into(), kind };
+            let mut w = Writer::new();
+            e.encode(&mut w).unwrap();
+            assert_eq!(Record::decode(w.as_slice()).unwrap(), Record::Tree(e));
+        }
+        let mut w = Writer::new();
+        TreeEntry { path: "x".into(), kind: TreeKind::Symlink { target: "../b".into() } }
+            .encode(&mut w)
+            .unwrap();
+        assert!(Record::decode(w.as_slice()).is_err(), "a manifest link must stay inside too");
+        let mut paths = vec!["a.txt", "a/x", "a", "b", "a/x/y"];
+        paths.sort_by(|a, b| tree_order(a, b));
+        assert_eq!(paths, ["a", "a/x", "a/x/y", "a.txt", "b"]);
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!   an interpreter (native or plugin) applies.
 //! - [`write`] / [`read`]: streaming writer and reader; no assignment is ever held in memory.
 //! - [`delta`]: the delta engine (prefix/suffix, then rolling hash + BLAKE3 blocks).
-//! - [`detect`]: staging vs shadow → an assignment.
+//! - [`detect`]: staging vs shadow → an assignment (with the manifest of the whole tree).
+//! - [`links`]: symlink chains resolved on the whole tree (no two links combine to escape).
 //! - [`policy`]: per-file compression policy.
 //! - [`cipher`]: optional ChaCha20-Poly1305 encryption of the data part, chunk by chunk.
 //! - [`reference`]: a native interpreter giving each command its exact meaning; tests compare
@@ -18,6 +19,7 @@ pub mod cipher;
 pub mod delta;
 pub mod detect;
 pub mod format;
+pub mod links;
 pub mod payload;
 pub mod policy;
 pub mod read;
@@ -26,7 +28,7 @@ pub mod write;
 
 pub use cipher::CipherKey;
 pub use detect::{BuildOptions, BuildReport, build};
-pub use format::{AssignmentType, Codec, Command, DeltaOp, Header, Payload};
+pub use format::{AssignmentType, Codec, Command, DeltaOp, Header, Payload, TreeEntry, TreeKind};
 pub use payload::{MemoryPayload, PayloadReader, StreamedCommand};
 pub use policy::CompressionPolicy;
 pub use read::{AssignmentReader, PayloadStream, ReadError};

@@ -78,3 +78,38 @@ mod tests {
         assert_eq!(CompressionPolicy::none().choose("x.html", 1 << 30), Codec::Raw);
     }
 }
+
+/// The setuid, setgid and sticky bits.
+pub const SPECIAL_BITS: u32 = 0o7000;
+
+/// What a site does with setuid, setgid and sticky bits (`0o7000`) in content: nothing a web
+/// site serves needs them, and a setuid file put live by root is a privilege escalation. The
+/// same policy applies where content enters (the manager's build from staging) and where it
+/// lands (every server's apply).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SpecialBits {
+    /// Cleared, and counted in the build or apply report (the default).
+    #[default]
+    Strip,
+    /// The build or the apply fails, naming the path.
+    Refuse,
+}
+
+impl SpecialBits {
+    /// The mode to use for `mode` and whether bits were cleared; `None` when refused.
+    pub fn apply(self, mode: u32) -> Option<(u32, bool)> {
+        match (mode & SPECIAL_BITS, self) {
+            (0, _) => Some((mode, false)),
+            (_, SpecialBits::Strip) => Some((mode & !SPECIAL_BITS, true)),
+            (_, SpecialBits::Refuse) => None,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SpecialBits> {
+        match s {
+            "strip" => Some(SpecialBits::Strip),
+            "refuse" => Some(SpecialBits::Refuse),
+            _ => None,
+        }
+    }
+}

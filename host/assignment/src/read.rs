@@ -12,7 +12,8 @@ use cm_wire::DecodeError;
 
 use crate::cipher::{self, CipherKey, DataCipher};
 use crate::format::{
-    Codec, Command, HEADER_LEN, Header, HeaderError, MAX_RECORD, Payload, TRAILER_LEN, flags,
+    Codec, Command, HEADER_LEN, Header, HeaderError, MAX_RECORD, Payload, Record, TRAILER_LEN,
+    TreeEntry, flags, tree_order,
 };
 use crate::{SealKey, trailer_hasher};
 
@@ -130,6 +131,16 @@ impl Read for DecryptingRegion {
 enum DataRegion {
     Plain(Region),
     Encrypted(DecryptingRegion),
+}
+
+impl DataRegion {
+    /// Stored bytes not read yet.
+    fn remaining(&self) -> u64 {
+        match self {
+            DataRegion::Plain(r) => r.end - r.pos,
+            DataRegion::Encrypted(r) => r.end - r.pos,
+        }
+    }
 }
 
 impl Read for DataRegion {
@@ -317,9 +328,30 @@ impl AssignmentReader {
         Ok(d.finalize())
     }
 
-    /// The commands in order, decoded one record at a time.
+    /// The commands in order, decoded one record at a time (the tree manifest, if any, after
+    /// them is left to [`tree`](Self::tree)).
     pub fn commands(&self) -> Commands {
-        Commands {
+        Commands { records: self.records(), ended: false }
+    }
+
+    /// True when the body ends with the manifest of the whole resulting tree.
+    pub fn has_tree(&self) -> bool {
+        self.header.flags & flags::TREE != 0
+    }
+
+    /// The manifest of the whole resulting tree, in [`tree_order`] (the commands before it are
+    /// decoded and skipped). Empty when the assignment has none ([`has_tree`](Self::has_tree)).
+    pub fn tree(&self) -> impl Iterator<Item = Result<TreeEntry, ReadError>> + use<> {
+        self.records().filter_map(|r| match r {
+            Ok((_, Record::Tree(t))) => Some(Ok(t)),
+            Ok((_, Record::Command(_))) => None,
+            Err(e) => Some(Err(e)),
+        })
+    }
+
+    /// Every body record in order, with the checks that need context.
+    fn records(&self) -> Records {
+        Records {
             body: BufReader::with_capacity(
                 256 << 10,
                 self.region(HEADER_LEN as u64, self.header.body_len),
@@ -331,6 +363,8 @@ impl AssignmentReader {
             data_len: self.plain_data_len,
             record: Vec::new(),
             done: false,
+            tree_allowed: self.has_tree(),
+            last_tree: None,
         }
     }
 
@@ -345,7 +379,8 @@ impl AssignmentReader {
             Codec::Raw => Inner::Raw(region),
             Codec::Zstd => {
                 let start = |source| ReadError::Io { what: "starting zstd", source };
-                let mut d = zstd::stream::read::Decoder::new(region).map_err(start)?;
+                // One frame: the decoder stops at its end, and bytes after it are refused below.
+                let mut d = zstd::stream::read::Decoder::new(region).map_err(start)?.single_frame();
                 // A frame asking for a bigger window (up to 2 GiB in zstd) is refused, so a
                 // payload cannot make the reader allocate more than this (see MAX_WINDOW_LOG).
                 d.window_log_max(crate::policy::MAX_WINDOW_LOG).map_err(start)?;
@@ -367,9 +402,10 @@ fn read_up_to(f: &File, buf: &mut [u8]) -> io::Result<usize> {
     Ok(got)
 }
 
-/// Iterator over the body's commands. Besides decoding each record it checks what needs
-/// context: payloads laid out in order without gaps, the command count, the body length.
-pub struct Commands {
+/// Iterator over the body's records. Besides decoding each record it checks what needs
+/// context: payloads laid out in order without gaps, the record count, the body length, and
+/// that the tree manifest (only with `flags::TREE`) comes last, in [`tree_order`].
+struct Records {
     body: BufReader<Region>,
     left: u64,
     index: u64,
@@ -378,10 +414,13 @@ pub struct Commands {
     data_len: u64,
     record: Vec<u8>,
     done: bool,
+    tree_allowed: bool,
+    /// The last tree entry's path, once the manifest started.
+    last_tree: Option<String>,
 }
 
-impl Commands {
-    fn next_command(&mut self) -> Result<Option<(u64, Command)>, ReadError> {
+impl Records {
+    fn next_record(&mut self) -> Result<Option<(u64, Record)>, ReadError> {
         let index = self.index;
         let bad = |source| ReadError::Command { index, source };
         if self.left == 0 {
@@ -415,7 +454,23 @@ impl Commands {
             .read_exact(&mut self.record)
             .map_err(|source| ReadError::Io { what: "reading the body", source })?;
         self.left -= 4 + len as u64;
-        let cmd = Command::decode(&self.record).map_err(bad)?;
+        let cmd = match Record::decode(&self.record).map_err(bad)? {
+            Record::Tree(t) => {
+                if !self.tree_allowed {
+                    return Err(bad(DecodeError::malformed("tree entry without the TREE flag")));
+                }
+                if self.last_tree.as_deref().is_some_and(|l| tree_order(l, &t.path).is_ge()) {
+                    return Err(bad(DecodeError::malformed("tree entries out of order")));
+                }
+                self.last_tree = Some(t.path.clone());
+                self.index += 1;
+                return Ok(Some((index, Record::Tree(t))));
+            }
+            Record::Command(_) if self.last_tree.is_some() => {
+                return Err(bad(DecodeError::malformed("command after the tree manifest")));
+            }
+            Record::Command(c) => c,
+        };
         if let Some(p) = cmd.payload() {
             if p.offset != self.data_cursor {
                 return Err(bad(DecodeError::malformed(
@@ -428,21 +483,53 @@ impl Commands {
             }
         }
         self.index += 1;
-        Ok(Some((index, cmd)))
+        Ok(Some((index, Record::Command(cmd))))
     }
+}
+
+impl Iterator for Records {
+    type Item = Result<(u64, Record), ReadError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let r = self.next_record().transpose();
+        if !matches!(r, Some(Ok(_))) {
+            self.done = true;
+        }
+        r
+    }
+}
+
+/// Iterator over the body's commands; it ends where the tree manifest starts (where every
+/// payload must have been consumed).
+pub struct Commands {
+    records: Records,
+    ended: bool,
 }
 
 impl Iterator for Commands {
     type Item = Result<(u64, Command), ReadError>;
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
+        if self.ended {
             return None;
         }
-        let r = self.next_command().transpose();
-        if !matches!(r, Some(Ok(_))) {
-            self.done = true;
+        match self.records.next() {
+            Some(Ok((i, Record::Command(c)))) => Some(Ok((i, c))),
+            Some(Ok((_, Record::Tree(_)))) => {
+                self.ended = true;
+                (self.records.data_cursor != self.records.data_len)
+                    .then_some(Err(ReadError::Body("data part longer than its payloads")))
+            }
+            Some(Err(e)) => {
+                self.ended = true;
+                Some(Err(e))
+            }
+            None => {
+                self.ended = true;
+                None
+            }
         }
-        r
     }
 }
 
@@ -473,17 +560,35 @@ impl PayloadStream {
     }
 }
 
+impl PayloadStream {
+    /// At the announced length: the stored bytes must end here too. Nothing may come out past
+    /// it (a payload inflating beyond its length), and nothing may follow the zstd frame (a
+    /// second frame, or padding).
+    fn check_end(&mut self) -> io::Result<()> {
+        let mut probe = [0u8; 1];
+        if self.inner().read(&mut probe)? != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "payload longer than announced",
+            ));
+        }
+        if let Inner::Zstd(d) = &self.inner
+            && (!d.get_ref().buffer().is_empty() || d.get_ref().get_ref().remaining() != 0)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bytes after the payload's zstd frame (one frame per payload)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Read for PayloadStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let left = self.len - self.produced;
         if left == 0 {
-            let mut probe = [0u8; 1];
-            return match self.inner().read(&mut probe)? {
-                0 => Ok(0),
-                _ => {
-                    Err(io::Error::new(io::ErrorKind::InvalidData, "payload longer than announced"))
-                }
-            };
+            return self.check_end().map(|()| 0);
         }
         let want = left.min(buf.len() as u64) as usize;
         let n = self.inner().read(&mut buf[..want])?;
@@ -494,6 +599,10 @@ impl Read for PayloadStream {
             ));
         }
         self.produced += n as u64;
+        // Checked as the last bytes go out, so a reader that stops at the length still sees it.
+        if self.produced == self.len {
+            self.check_end()?;
+        }
         Ok(n)
     }
 }

@@ -113,6 +113,11 @@ fn copy_exact(payload: &mut dyn Read, len: u64, w: &mut dyn Write) -> Result<(),
 /// Checks that the file at `base` is the one a delta was computed against.
 pub fn check_base(base: &Path, base_len: u64, base_hash: &[u8; 32]) -> Result<File, ApplyError> {
     let f = File::open(base).map_err(|e| refused(format!("base file: {e}")))?;
+    verify_base(f, base_len, base_hash)
+}
+
+/// Checks that the open file `f` is the one a delta was computed against.
+pub fn verify_base(f: File, base_len: u64, base_hash: &[u8; 32]) -> Result<File, ApplyError> {
     let len = f.metadata()?.len();
     if len != base_len {
         return Err(refused(format!(

@@ -16,7 +16,7 @@ use crate::cipher::{self, CipherKey};
 use crate::delta;
 use crate::format::{
     AssignmentType, Codec, Command, HEADER_LEN, Header, MAX_RECORD, Payload, TRAILER_LEN,
-    check_path, check_symlink_target, flags,
+    TreeEntry, check_path, check_symlink_target, flags, tree_order,
 };
 use crate::policy::CompressionPolicy;
 use crate::{SealKey, trailer_hasher};
@@ -90,6 +90,17 @@ pub struct AssignmentWriter {
     compressed: bool,
     cipher: Option<CipherKey>,
     record: Writer,
+    tree_flag: bool,
+    /// The tree manifest's records (appended to the body by `finish`), once one is described.
+    tree: Option<TreeSpool>,
+}
+
+/// The tree manifest being written: its records, how many, and the last path (for the order).
+struct TreeSpool {
+    records: BufWriter<File>,
+    len: u64,
+    count: u64,
+    last: Option<String>,
 }
 
 impl AssignmentWriter {
@@ -118,7 +129,54 @@ impl AssignmentWriter {
             compressed: false,
             cipher: None,
             record: Writer::new(),
+            tree_flag: false,
+            tree: None,
         })
+    }
+
+    /// The assignment will carry the manifest of the whole resulting tree (`flags::TREE`),
+    /// even an empty one; entries follow with [`tree_entry`](Self::tree_entry).
+    pub fn describe_tree(&mut self) -> Result<(), WriteError> {
+        if self.tree.is_none() {
+            let dir = parent_dir(&self.out);
+            let f = tempfile::tempfile_in(dir)
+                .map_err(io_err(format!("creating a spool file in {}", dir.display())))?;
+            self.tree = Some(TreeSpool {
+                records: BufWriter::with_capacity(256 << 10, f),
+                len: 0,
+                count: 0,
+                last: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds an entry to the tree manifest; entries come in [`tree_order`].
+    pub fn tree_entry(&mut self, entry: &TreeEntry) -> Result<(), WriteError> {
+        Self::checked(&entry.path)?;
+        self.describe_tree()?;
+        let invalid = |why| WriteError::Invalid { path: entry.path.clone(), why };
+        if let crate::format::TreeKind::Symlink { target } = &entry.kind {
+            check_symlink_target(&entry.path, target).map_err(invalid)?;
+        }
+        let spool = self.tree.as_mut().expect("described above");
+        if spool.last.as_deref().is_some_and(|l| tree_order(l, &entry.path).is_ge()) {
+            return Err(invalid("tree entries out of order"));
+        }
+        let mut w = Writer::new();
+        entry
+            .encode(&mut w)
+            .map_err(|source| WriteError::Encode { path: entry.path.clone(), source })?;
+        let rec = w.as_slice();
+        spool
+            .records
+            .write_all(&(rec.len() as u32).to_be_bytes())
+            .and_then(|()| spool.records.write_all(rec))
+            .map_err(io_err("writing the tree spool"))?;
+        spool.len += 4 + rec.len() as u64;
+        spool.count += 1;
+        spool.last = Some(entry.path.clone());
+        Ok(())
     }
 
     /// Encrypts the data part under `key` (see [`crate::cipher`]); the header gets `ENCRYPTED`.
@@ -371,6 +429,15 @@ impl AssignmentWriter {
 
     /// Lays the assignment out in its final file and returns its header.
     pub fn finish(mut self) -> Result<Header, WriteError> {
+        if let Some(mut tree) = self.tree.take() {
+            tree.records.flush().map_err(io_err("flushing the tree spool"))?;
+            let body = &mut self.body;
+            copy_range(tree.records.get_ref(), 0, tree.len, |b| body.write_all(b))
+                .map_err(io_err("writing the tree manifest"))?;
+            self.body_len += tree.len;
+            self.count += tree.count;
+            self.tree_flag = true;
+        }
         self.body.flush().map_err(io_err("flushing the body spool"))?;
         self.data.flush().map_err(io_err("flushing the data spool"))?;
         let dir = parent_dir(&self.out);
@@ -404,6 +471,9 @@ impl AssignmentWriter {
         }
         if self.cipher.is_some() {
             f |= flags::ENCRYPTED;
+        }
+        if self.tree_flag {
+            f |= flags::TREE;
         }
         let header = Header {
             kind: self.meta.kind,

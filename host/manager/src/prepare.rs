@@ -180,7 +180,7 @@ pub fn prepare(
                 serial: Some(serial),
                 release: Some(serial),
                 summary: format!(
-                    "release {serial} of site {name} against {}: {} new, {} changed, {} deleted, {} unchanged, {} deltas, {} literal bytes",
+                    "release {serial} of site {name} against {}: {} new, {} changed, {} deleted, {} unchanged, {} deltas, {} literal bytes{}",
                     shadow.as_ref().map_or("nothing".to_string(), |_| format!(
                         "live release {}",
                         site.live().unwrap_or(0)
@@ -190,7 +190,11 @@ pub fn prepare(
                     r.deleted,
                     r.unchanged,
                     r.deltas,
-                    r.literal_bytes
+                    r.literal_bytes,
+                    match r.modes_stripped {
+                        0 => String::new(),
+                        n => format!(", setuid/setgid/sticky bits stripped from {n} entries"),
+                    }
                 ),
             })
         }

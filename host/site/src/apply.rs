@@ -4,12 +4,14 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use cm_assignment::reference::{ApplyError, check_base, resolve};
+use cm_assignment::policy::SpecialBits;
+use cm_assignment::reference::verify_base;
 use cm_assignment::{AssignmentReader, Command, PayloadReader, StreamedCommand};
 
+use crate::beneath::Tree;
+use crate::verify::{self, Policy};
 use crate::{ApplyReport, Interpreter, InterpreterError, Site, SiteError, clone, layout};
 
 /// Why building a release failed.
@@ -25,6 +27,16 @@ pub enum ApplyCause {
     Read(#[from] cm_assignment::ReadError),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
+    #[error(
+        "the assignment does not describe the resulting tree (no tree manifest): the release cannot be verified"
+    )]
+    NoTree,
+    #[error("the built release differs from the tree the assignment describes: {path}: {why}")]
+    TreeDiffers { path: String, why: String },
+    #[error(
+        "not enough space for the release: it needs {bytes} bytes and {inodes} inodes, the filesystem has {free_bytes} bytes and {free_inodes} inodes free"
+    )]
+    NoSpace { bytes: u64, inodes: u64, free_bytes: u64, free_inodes: u64 },
 }
 
 fn io_cause(what: impl Into<String>) -> impl FnOnce(io::Error) -> ApplyCause {
@@ -47,6 +59,7 @@ pub(crate) fn build_release(
         bytes_written: 0,
         now_live: None,
         already_applied: false,
+        modes_stripped: 0,
     };
     let fail = |cause| SiteError::Apply {
         file: reader.path().to_path_buf(),
@@ -73,8 +86,22 @@ pub(crate) fn build_release(
             }
             _ => fs::create_dir(&staging).map_err(io_cause("creating the new release"))?,
         }
+        let tree = Tree::open(&staging).map_err(io_cause("opening the new release"))?;
+        check_space(reader, &tree)?;
+        let special = site.config.special_bits;
         report.bytes_written =
-            Streamer::new(reader, &staging, interp, site.config.batch_commands).run()?;
+            Streamer::new(reader, &staging, &tree, interp, site.config.batch_commands, special)
+                .run()?;
+        let policy = Policy { special_bits: special, owner: site.owner() };
+        let checked = verify::check_tree(&tree, reader, &policy)?;
+        report.modes_stripped = checked.modes_stripped;
+        if checked.modes_stripped > 0 {
+            tracing::warn!(
+                serial = h.serial,
+                count = checked.modes_stripped,
+                "setuid, setgid or sticky bits stripped from the release (site policy)"
+            );
+        }
         layout::sync_filesystem(&staging).map_err(io_cause("syncing the new release"))?;
         fs::rename(&staging, site.release_path(h.serial))
             .map_err(io_cause("naming the new release"))?;
@@ -97,6 +124,9 @@ pub(crate) fn build_release(
 struct Streamer<'a> {
     reader: &'a AssignmentReader,
     staging: &'a Path,
+    /// The release being built, reached by descriptor for the host's own reads.
+    tree: &'a Tree,
+    special: SpecialBits,
     interp: &'a mut dyn Interpreter,
     max: usize,
     batch: Vec<StreamedCommand>,
@@ -131,12 +161,16 @@ impl<'a> Streamer<'a> {
     fn new(
         reader: &'a AssignmentReader,
         staging: &'a Path,
+        tree: &'a Tree,
         interp: &'a mut dyn Interpreter,
         max: usize,
+        special: SpecialBits,
     ) -> Self {
         Streamer {
             reader,
             staging,
+            tree,
+            special,
             interp,
             max: max.max(1),
             batch: Vec::new(),
@@ -149,21 +183,28 @@ impl<'a> Streamer<'a> {
 
     fn run(mut self) -> Result<u64, ApplyCause> {
         for item in self.reader.commands() {
-            let (index, cmd) = item?;
+            let (index, mut cmd) = item?;
+            police_mode(&mut cmd, self.special).map_err(|why| ApplyCause::Command {
+                index,
+                name: cmd.name(),
+                path: cmd.path().to_owned(),
+                why,
+            })?;
             // A command that touches what the pending batch changes waits for it: the base of a
             // delta is checked before the command goes out, written files after the batch.
             if paths_of(&cmd).iter().any(|p| self.touched.iter().any(|t| overlaps(p, t))) {
                 self.flush()?;
             }
             if let Command::ApplyDelta { base, base_len, base_hash, .. } = &cmd {
-                let why = |e: ApplyError| ApplyCause::Command {
+                let why = |e: String| ApplyCause::Command {
                     index,
                     name: "apply-delta",
                     path: cmd.path().to_owned(),
-                    why: e.to_string(),
+                    why: e,
                 };
-                check_base(&resolve(self.staging, base).map_err(why)?, *base_len, base_hash)
-                    .map_err(why)?;
+                // Opened beneath the release, through no symlink: a base is a file of the tree.
+                let f = self.tree.open_file(base).map_err(|e| why(format!("base file: {e}")))?;
+                verify_base(f, *base_len, base_hash).map_err(|e| why(e.to_string()))?;
             }
             self.touched.extend(paths_of(&cmd).into_iter().map(str::to_owned));
             let out = self.convert(&cmd)?;
@@ -246,9 +287,10 @@ impl<'a> Streamer<'a> {
         };
         let fail =
             |why: String| ApplyCause::Command { index, name: cmd.name(), path: path.clone(), why };
-        let p = resolve(self.staging, path).map_err(|e| fail(e.to_string()))?;
-        let f =
-            fs::File::open(&p).map_err(|e| fail(format!("written file cannot be opened: {e}")))?;
+        let f = self
+            .tree
+            .open_file(path)
+            .map_err(|e| fail(format!("written file cannot be opened: {e}")))?;
         let m = f.metadata().map_err(|e| fail(format!("written file: {e}")))?;
         if m.len() != len {
             return Err(fail(format!(
@@ -256,10 +298,10 @@ impl<'a> Streamer<'a> {
                 m.len()
             )));
         }
-        if m.permissions().mode() & 0o7777 != mode {
+        let has = std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777;
+        if has != mode {
             return Err(fail(format!(
-                "written file has mode {:o}, the assignment says {mode:o}",
-                m.permissions().mode() & 0o7777
+                "written file has mode {has:o}, the assignment says {mode:o}"
             )));
         }
         let mut h = blake3::Hasher::new();
@@ -270,4 +312,47 @@ impl<'a> Streamer<'a> {
         self.written += len;
         Ok(())
     }
+}
+
+/// Applies the site's policy for setuid, setgid and sticky bits to a command's mode: cleared
+/// (the interpreter is handed the cleared mode and the result is checked against it) or refused.
+fn police_mode(cmd: &mut Command, policy: SpecialBits) -> Result<(), String> {
+    let mode = match cmd {
+        Command::MakeDir { mode, .. }
+        | Command::WriteFile { mode, .. }
+        | Command::ApplyDelta { mode, .. }
+        | Command::SetMode { mode, .. } => mode,
+        _ => return Ok(()),
+    };
+    let (m, _) = policy
+        .apply(*mode)
+        .ok_or_else(|| format!("mode {mode:o}: setuid, setgid and sticky bits are refused"))?;
+    *mode = m;
+    Ok(())
+}
+
+/// Refuses up front a run the filesystem cannot hold: the bytes every write-file and
+/// apply-delta declares (the reader holds each payload and delta to its declared length) and
+/// an inode per created entry, against what `statvfs` says is free. A compression or delta
+/// bomb is thus refused before a byte of it is written.
+fn check_space(reader: &AssignmentReader, tree: &Tree) -> Result<(), ApplyCause> {
+    let (mut bytes, mut inodes) = (0u64, 0u64);
+    for item in reader.commands() {
+        let (_, cmd) = item?;
+        match &cmd {
+            Command::WriteFile { payload, .. } => bytes = bytes.saturating_add(payload.len),
+            Command::ApplyDelta { len, .. } => bytes = bytes.saturating_add(*len),
+            _ => {}
+        }
+        if !matches!(cmd, Command::Remove { .. } | Command::Rename { .. }) {
+            inodes += 1;
+        }
+    }
+    let (free_bytes, free_inodes) =
+        tree.free_space().map_err(io_cause("reading the filesystem's free space"))?;
+    if bytes > free_bytes || free_inodes.is_some_and(|free| inodes > free) {
+        let free_inodes = free_inodes.unwrap_or(u64::MAX);
+        return Err(ApplyCause::NoSpace { bytes, inodes, free_bytes, free_inodes });
+    }
+    Ok(())
 }

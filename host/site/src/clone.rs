@@ -2,41 +2,59 @@
 //! bytes are copied). Directories are fresh, so the interpreter may add and remove entries
 //! freely; files are shared inodes, so they may only ever be *replaced* (the interpreter's
 //! rule: fresh inode + rename), never written in place.
+//!
+//! Both trees are reached by descriptor ([`Tree`]): every call names an entry relative to a
+//! release's root, so a path as long as the format allows (4095 bytes, beyond what the
+//! release's host path plus it would fit in `PATH_MAX`) is cloned like any other.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{PermissionsExt, symlink};
-use std::path::Path;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::FileType;
+
+use crate::beneath::Tree;
 
 /// Rebuilds `from` at `to` (which must not exist) with hard-linked files. Returns the number
 /// of files linked.
 pub fn hard_link_tree(from: &Path, to: &Path) -> io::Result<u64> {
     let mut files = 0;
-    let mut modes = Vec::new();
     fs::create_dir(to)?;
-    modes.push((to.to_path_buf(), fs::metadata(from)?.permissions().mode()));
-    let mut stack = vec![(from.to_path_buf(), to.to_path_buf())];
-    while let Some((src, dst)) = stack.pop() {
-        for e in fs::read_dir(&src)? {
-            let e = e?;
-            let (s, d) = (e.path(), dst.join(e.file_name()));
-            let ft = e.file_type()?;
-            if ft.is_dir() {
-                fs::create_dir(&d)?;
-                modes.push((d.clone(), fs::symlink_metadata(&s)?.permissions().mode()));
-                stack.push((s, d));
-            } else if ft.is_symlink() {
-                symlink(fs::read_link(&s)?, &d)?;
-            } else {
-                fs::hard_link(&s, &d)?;
-                files += 1;
+    let (src, dst) = (Tree::open(from)?, Tree::open(to)?);
+    let mut modes = vec![(PathBuf::new(), fs::metadata(from)?.permissions().mode())];
+    let mut stack = vec![PathBuf::new()];
+    while let Some(dir) = stack.pop() {
+        for (name, ft) in src.list(&dir)? {
+            let rel = dir.join(OsStr::from_bytes(&name));
+            match ft {
+                FileType::Directory => {
+                    let mode = match src.lstat(&rel)? {
+                        Some((_, st)) => st.st_mode & 0o7777,
+                        None => continue,
+                    };
+                    dst.mkdir(&rel, 0o700)?;
+                    modes.push((rel.clone(), mode));
+                    stack.push(rel);
+                }
+                FileType::Symlink => {
+                    if let Some(target) = src.read_link(&rel)? {
+                        dst.symlink(&rel, &target)?;
+                    }
+                }
+                _ => {
+                    dst.link_from(&src, &rel)?;
+                    files += 1;
+                }
             }
         }
     }
-    // Directories stay writable while the interpreter works; their modes are restored before
-    // the interpreter runs only when they already allow the owner to write.
+    // Directories stay owner-writable while the interpreter works; the whole-tree check gives
+    // each its described mode before the release is kept.
     for (d, mode) in modes.into_iter().rev() {
-        fs::set_permissions(&d, fs::Permissions::from_mode(mode | 0o700))?;
+        dst.chmod_dir(&d, mode | 0o700)?;
     }
     Ok(files)
 }

@@ -8,10 +8,12 @@
 //! atomic and crash-safe.
 
 mod apply;
+mod beneath;
 mod clone;
 mod interpreter;
 pub mod layout;
 pub mod native;
+mod verify;
 
 use std::fmt;
 use std::fs::{self, File};
@@ -19,6 +21,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use cm_assignment::{AssignmentReader, AssignmentType, CipherKey, ReadError, SealKey};
+
+pub use cm_assignment::policy::SpecialBits;
 
 pub use apply::ApplyCause;
 pub use interpreter::{CommandReport, Interpreter, InterpreterError};
@@ -35,11 +39,23 @@ pub struct SiteConfig {
     pub cipher: Option<CipherKey>,
     /// Most commands per interpreter call.
     pub batch_commands: usize,
+    /// What becomes of setuid, setgid and sticky bits in content (default: stripped).
+    pub special_bits: SpecialBits,
+    /// `uid:gid` every entry of a release is given when the site runs as root (otherwise
+    /// everything belongs to the user the site runs as). `None`: left as created.
+    pub owner: Option<(u32, u32)>,
 }
 
 impl Default for SiteConfig {
     fn default() -> Self {
-        SiteConfig { backups: 2, key: None, cipher: None, batch_commands: 256 }
+        SiteConfig {
+            backups: 2,
+            key: None,
+            cipher: None,
+            batch_commands: 256,
+            special_bits: SpecialBits::Strip,
+            owner: None,
+        }
     }
 }
 
@@ -79,6 +95,8 @@ pub struct ApplyReport {
     pub now_live: Option<u64>,
     /// The release already existed: the assignment had been applied before.
     pub already_applied: bool,
+    /// Entries whose setuid, setgid or sticky bits the site's policy cleared.
+    pub modes_stripped: u64,
 }
 
 /// A release's role.
@@ -151,6 +169,11 @@ impl Site {
 
     pub fn release_path(&self, serial: u64) -> PathBuf {
         layout::release_dir(&self.root, serial)
+    }
+
+    /// The owner entries are given: the configured one, when this process may give files away.
+    fn owner(&self) -> Option<(u32, u32)> {
+        self.config.owner.filter(|_| rustix::process::geteuid().is_root())
     }
 
     fn io(&self, what: impl Into<String>) -> impl FnOnce(io::Error) -> SiteError {
@@ -249,6 +272,7 @@ impl Site {
             bytes_written: 0,
             now_live: Some(now_live),
             already_applied: false,
+            modes_stripped: 0,
         };
         match h.kind {
             AssignmentType::Commit => {

@@ -1,18 +1,20 @@
 //! Fuzzes every decoder of the assignment format: the header and command records on raw
-//! slices, and the whole streaming reader (open, verify, commands, payloads) on a file.
+//! slices, and the whole streaming reader (open, verify, commands, payloads, tree manifest) on
+//! a file.
 //! Run (see docs/assignment-format.md): `cargo +nightly fuzz run decode` in host/assignment/fuzz,
 //! or with the stable toolchain `RUSTC_BOOTSTRAP=1 cargo fuzz run decode`.
 #![no_main]
 
 use std::io::{Read, Write};
 
-use cm_assignment::format::{Command, Header};
+use cm_assignment::format::{Command, Header, Record};
 use cm_assignment::{AssignmentReader, CipherKey};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = Header::decode(data);
     let _ = Command::decode(data);
+    let _ = Record::decode(data);
     let mut f = tempfile::NamedTempFile::new().expect("temp file");
     f.write_all(data).expect("write");
     let Ok(mut r) = AssignmentReader::open(f.path()) else { return };
@@ -33,6 +35,11 @@ fuzz_target!(|data: &[u8]| {
                     break;
                 }
             }
+        }
+    }
+    for t in r.tree() {
+        if t.is_err() {
+            break;
         }
     }
 });

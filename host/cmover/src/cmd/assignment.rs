@@ -11,7 +11,7 @@ use cm_assignment::{
 use cm_plugin_host::{
     LoadedPlugin, PluginManifest, PluginRuntime, PluginSlot, PluginStore, RuntimeConfig, bundled,
 };
-use cm_site::{Interpreter, NativeInterpreter, Site, SiteConfig};
+use cm_site::{Interpreter, NativeInterpreter, Site, SiteConfig, SpecialBits};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -70,6 +70,19 @@ pub struct BuildArgs {
     /// Store every payload raw.
     #[arg(long)]
     no_compress: bool,
+    /// setuid, setgid and sticky bits in staging: `strip` them (counted) or `refuse` the build.
+    #[arg(long, default_value = "strip", value_parser = parse_special_bits)]
+    special_bits: SpecialBits,
+}
+
+fn parse_special_bits(s: &str) -> Result<SpecialBits, String> {
+    SpecialBits::parse(s).ok_or_else(|| format!("{s:?}: expected strip or refuse"))
+}
+
+fn parse_owner(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("{s:?}: expected UID:GID (numbers)");
+    let (u, g) = s.split_once(':').ok_or_else(bad)?;
+    Ok((u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?))
 }
 
 /// Site options shared with `cmover site`.
@@ -82,6 +95,12 @@ pub struct SiteArgs {
     /// encrypted ones with the cipher key derived from it).
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// setuid, setgid and sticky bits in content: `strip` them (counted) or `refuse` the apply.
+    #[arg(long, default_value = "strip", value_parser = parse_special_bits)]
+    pub special_bits: SpecialBits,
+    /// UID:GID every entry of a release is given (when running as root).
+    #[arg(long, value_parser = parse_owner)]
+    pub owner: Option<(u32, u32)>,
 }
 
 impl SiteArgs {
@@ -91,6 +110,8 @@ impl SiteArgs {
             backups: self.backups,
             key: secret.as_deref().map(SealKey::derive),
             cipher: secret.as_deref().map(CipherKey::derive),
+            special_bits: self.special_bits,
+            owner: self.owner,
             ..SiteConfig::default()
         };
         Ok(Site::open(dir, config)?)
@@ -205,6 +226,12 @@ fn run_blocking(command: Command) -> anyhow::Result<()> {
             let site = site_args.open(&site)?;
             let mut interp = interpreter.load(site.root())?;
             let r = site.apply(&file, interp.get())?;
+            if r.modes_stripped > 0 {
+                println!(
+                    "{} entries had setuid, setgid or sticky bits: stripped (site policy)",
+                    r.modes_stripped
+                );
+            }
             if r.already_applied {
                 println!("release {} already built; nothing to do", r.serial);
             } else if let Some(live) = r.now_live {
@@ -246,9 +273,16 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
     if a.no_compress {
         opts.policy = CompressionPolicy::none();
     }
+    opts.special_bits = a.special_bits;
     let shadow = if kind.builds_from_empty() { None } else { a.shadow.as_deref() };
     let t = std::time::Instant::now();
     let r = cm_assignment::build(&staging, shadow, &a.output, &opts)?;
+    if r.modes_stripped > 0 {
+        println!(
+            "{} staging entries had setuid, setgid or sticky bits: stripped",
+            r.modes_stripped
+        );
+    }
     println!(
         "{kind} {serial} → {}: {} bytes; {} new, {} changed ({} as deltas, {} literal bytes), {} deleted, {} unchanged; {:.3} s",
         a.output.display(),
@@ -311,6 +345,10 @@ fn show(file: &std::path::Path, secret: Option<Vec<u8>>) -> anyhow::Result<()> {
             Cmd::SetMode { path, mode } => format!("set-mode {path} {mode:o}"),
         };
         println!("  {i:>6}  {line}");
+    }
+    if r.has_tree() {
+        let n = r.tree().count();
+        println!("  tree manifest: {n} entries (the whole resulting tree, checked before commit)");
     }
     Ok(())
 }

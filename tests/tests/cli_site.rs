@@ -7,34 +7,8 @@ mod site_common;
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 
-use site_common::{noise, observe, write_tree};
-
-/// Runs `cmover ARGS` in `dir`; returns (success, stdout + stderr).
-fn cmover(dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(cm_tests::cmover_bin())
-        .current_dir(dir)
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    let text =
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let (success, text) = cmover(dir, args);
-    assert!(success, "cmover {args:?} failed:\n{text}");
-    text
-}
-
-fn fails(dir: &Path, args: &[&str]) -> String {
-    let (success, text) = cmover(dir, args);
-    assert!(!success, "cmover {args:?} should have failed:\n{text}");
-    text
-}
+use site_common::{cmover, fails, noise, observe, ok, write_tree};
 
 /// v1 and v2 (index changed, big.bin edited in the middle, a new file, a symlink).
 fn trees(d: &Path) {

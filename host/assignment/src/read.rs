@@ -593,9 +593,15 @@ impl Read for PayloadStream {
         let want = left.min(buf.len() as u64) as usize;
         let n = self.inner().read(&mut buf[..want])?;
         if n == 0 && want > 0 {
+            let after_frame = matches!(&self.inner, Inner::Zstd(d)
+                if !d.get_ref().buffer().is_empty() || d.get_ref().get_ref().remaining() != 0);
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "payload shorter than announced",
+                if after_frame {
+                    "bytes after the payload's zstd frame (one frame per payload)"
+                } else {
+                    "payload shorter than announced"
+                },
             ));
         }
         self.produced += n as u64;

@@ -40,11 +40,14 @@ fn differs(path: &str, why: impl Into<String>) -> ApplyCause {
     ApplyCause::TreeDiffers { path: path.to_owned(), why: why.into() }
 }
 
+/// A directory's entries (name and type).
+type Listing = Vec<(Vec<u8>, FileType)>;
+
 /// Walks a tree in [`tree_order`], yielding each entry's path and type.
 struct Walk<'a> {
     tree: &'a Tree,
     /// Per level: the directory's path and the rest of its entries (sorted, reversed).
-    stack: Vec<(String, Vec<(Vec<u8>, FileType)>)>,
+    stack: Vec<(String, Listing)>,
 }
 
 impl<'a> Walk<'a> {

@@ -67,3 +67,28 @@ pub fn noise(n: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Runs `cmover ARGS` in `dir`; returns (success, stdout + stderr).
+pub fn cmover(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(cm_tests::cmover_bin())
+        .current_dir(dir)
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+pub fn ok(dir: &Path, args: &[&str]) -> String {
+    let (success, text) = cmover(dir, args);
+    assert!(success, "cmover {args:?} failed:\n{text}");
+    text
+}
+
+pub fn fails(dir: &Path, args: &[&str]) -> String {
+    let (success, text) = cmover(dir, args);
+    assert!(!success, "cmover {args:?} should have failed:\n{text}");
+    text
+}

@@ -111,8 +111,11 @@ fn check(old: BTreeMap<&str, Node>, new: BTreeMap<&str, Node>) -> Result<(), Tes
     make_tree(&new_root, &new, 2_000_000);
     copy_tree(&old_root, &applied);
     let file = dir.path().join("a.cma");
-    build(&new_root, Some(&old_root), &file, &BuildOptions::new(AssignmentType::Publish, 1))
-        .unwrap();
+    match build(&new_root, Some(&old_root), &file, &BuildOptions::new(AssignmentType::Publish, 1)) {
+        // Links that loop, or that combine into an escape, are refused by design.
+        Err(cm_assignment::detect::BuildError::SymlinkChain { .. }) => return Ok(()),
+        r => r.unwrap(),
+    };
     let r = AssignmentReader::open(&file).unwrap();
     reference::apply_all(&r, &applied).unwrap();
     prop_assert_eq!(observe(&applied), observe(&new_root));

@@ -194,8 +194,8 @@ fn installed_plugin_sealing_encryption_and_refusals() {
     build("2", "v2", Some("v1"), "2.cma");
     let out = ok(d, &["assignment", "show", "2.cma", "--secret-file", "secret"]);
     assert!(
-        out.contains("flags 0x06") && out.contains("hashes: ok"),
-        "sealed and encrypted: {out}"
+        out.contains("flags 0x16") && out.contains("hashes: ok"),
+        "sealed, encrypted, with the tree manifest: {out}"
     );
 
     let apply = |file: &str, extra: &[&str]| {

@@ -73,6 +73,9 @@ pub enum DriverError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ElectionStatus {
     pub node: NodeId,
+    /// This run's incarnation (above every earlier run's): a GL's MCTP sessions carry it, so
+    /// members tell its sessions from a replay of an earlier run's.
+    pub incarnation: u64,
     pub state: State,
     pub leader: Option<NodeId>,
     pub is_leader: bool,
@@ -97,6 +100,7 @@ impl ElectionStatus {
     fn of(e: &Election, send_errors: u64, save_errors: u64) -> Self {
         ElectionStatus {
             node: e.node(),
+            incarnation: e.config().incarnation,
             state: e.state(),
             leader: e.leader(),
             is_leader: e.is_leader(),

@@ -11,8 +11,10 @@ use std::sync::Arc;
 use cm_tree::blob::serve_blob;
 use cm_tree::http::{self, Body, Role};
 use cm_tree::message::{DiscoveryReport, NextChild, SegmentReport, TreeCall};
+use cm_tree::tls::PeerCertificate;
 
 use crate::model::{ContentGroup, HostedSite, JobSpec, JobState, default_keep_releases};
+use crate::names::{NameError, check_name};
 use crate::now_ms;
 use crate::server::{Inner, ManagerError};
 use crate::tree::{Next, Node};
@@ -21,6 +23,8 @@ fn fail(e: ManagerError) -> Response<Body> {
     let status = match e {
         ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
         ManagerError::Invalid(_) => StatusCode::BAD_REQUEST,
+        ManagerError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+        ManagerError::Forbidden(_) => StatusCode::FORBIDDEN,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     http::error(status, &e.to_string())
@@ -31,6 +35,20 @@ fn ok_or_fail<T: serde::Serialize>(r: Result<T, ManagerError>) -> Response<Body>
         Ok(v) => http::json(StatusCode::OK, &v),
         Err(e) => fail(e),
     }
+}
+
+/// Checks a name from the request ([`check_name`]) or returns 400 naming the field from the
+/// enclosing handler.
+macro_rules! name {
+    ($field:expr, $value:expr) => {
+        if let Err(e) = check_name($field, $value) {
+            return bad_name(e);
+        }
+    };
+}
+
+fn bad_name(e: NameError) -> Response<Body> {
+    http::error(StatusCode::BAD_REQUEST, &e.to_string())
 }
 
 /// Reads the JSON body or returns the error response from the enclosing handler.
@@ -108,7 +126,11 @@ async fn operator(
     let now = now_ms();
     match (method, parts) {
         (Method::PUT, ["api", "v1", "groups", name]) => {
+            name!("content group name", name);
             let b: GroupBody = body!(req);
+            for s in &b.servers {
+                name!("server name", s);
+            }
             let g = ContentGroup { name: name.to_string(), servers: b.servers };
             ok_or_fail(m.db.write(|t| {
                 t.put_group(&g)?;
@@ -123,7 +145,9 @@ async fn operator(
         }
         (Method::GET, ["api", "v1", "groups"]) => ok_or_fail(m.db.groups().map_err(Into::into)),
         (Method::PUT, ["api", "v1", "sites", name]) => {
+            name!("site name", name);
             let b: SiteBody = body!(req);
+            name!("content_group", &b.content_group);
             ok_or_fail(m.db.write(|t| {
                 // Serials and release history are the manager's; an operator edit keeps them.
                 let old = m.db.site(name)?;
@@ -147,6 +171,7 @@ async fn operator(
         (Method::GET, ["api", "v1", "sites"]) => ok_or_fail(m.db.sites().map_err(Into::into)),
         (Method::POST, ["api", "v1", "jobs"]) => {
             let spec: JobSpec = body!(req);
+            name!("site", &spec.site);
             match m.db.write(|t| {
                 let j = t.insert_job(spec.clone(), now)?;
                 t.log(
@@ -225,8 +250,10 @@ async fn agent(
 ) -> Response<Body> {
     match (method, parts) {
         (Method::POST, ["api", "v1", "discovery"]) => {
+            // Over mutual TLS the report speaks only for the server the certificate names.
+            let cert = req.extensions().get::<PeerCertificate>().cloned();
             let r: DiscoveryReport = body!(req);
-            ok_or_fail(m.discovery(r))
+            ok_or_fail(m.discovery(r, cert.as_ref()))
         }
         (Method::GET, ["dist", run, "blob"]) => {
             let run = id!(run);

@@ -105,11 +105,18 @@ impl ClusterCa {
     }
 
     /// A certificate for `name` with `role`, valid at `hosts` (DNS names or IP addresses), for
-    /// three years from the start of this year; usable as a server and as a client.
+    /// three years from the start of this year; usable as a server and as a client. An agent's
+    /// also names its server (`cm_tree::tls::server_marker`): the manager takes discovery
+    /// reports over mutual TLS only from the server the certificate names.
     pub fn issue(&self, name: &str, role: CertRole, hosts: &[String]) -> Result<Issued, CaError> {
         let generate = |what: String| move |source| CaError::Generate { what, source };
         let mut sans: Vec<String> = hosts.to_vec();
         sans.push(role.marker().to_string());
+        if role == CertRole::Agent
+            && let Some(marker) = cm_tree::tls::server_marker(name)
+        {
+            sans.push(marker);
+        }
         let mut p =
             CertificateParams::new(sans).map_err(generate(format!("the names of {name}")))?;
         let mut dn = DistinguishedName::new();

@@ -1,18 +1,28 @@
 //! What the manager does with a GL's discovery report: the segment record (its name outlives its
 //! GLs), who joined and who left; a run waiting on the segment moves to a newly elected GL; a
 //! member of a content group that lacks the site's live release gets a replicate job.
+//!
+//! A report comes from whoever holds the agent token (or an agent certificate), so it is bounded
+//! before it touches the database: names checked ([`crate::names`]), at most
+//! `max_segment_members` members and `max_segments` segments, reports per segment rate-limited
+//! ([`DiscoveryGate`]), a server another segment's GL reported within the live window is not
+//! taken over, and records and history are written only for what changed (one history line per
+//! report for its joins, one for its leaves).
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cm_tree::forward::{ChildSource, forward_slot};
 use cm_tree::link::LinkRates;
 use cm_tree::message::DiscoveryReport;
+use cm_tree::tls::PeerCertificate;
 
 use crate::model::{
     CommitPolicy, Job, JobKind, JobPolicy, JobSpec, JobState, Payload, Run, SegmentRecord,
     SegmentStatus, ServerRecord,
 };
+use crate::names::check_name;
 use crate::now_ms;
 use crate::server::{Inner, ManagerError, RootSource};
 use crate::tree::{LeaderInfo, TreeConfig};
@@ -52,6 +62,83 @@ pub(crate) fn describe_shape(
     format!("tree for {n} GLs: {form}, {source}")
 }
 
+/// Per-segment token buckets: a burst of `discovery_burst` reports, then one per
+/// `discovery_refill`. A GL reports on election, on every join or leave and periodically, and
+/// retries a refused report with a backoff, so an honest GL loses nothing but a little time.
+#[derive(Default)]
+pub(crate) struct DiscoveryGate {
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl DiscoveryGate {
+    /// Takes a token from `reporter`'s bucket; false when it is empty.
+    fn admit(&self, reporter: &str, burst: u32, refill: Duration, max_reporters: usize) -> bool {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let full = f64::from(burst.max(1));
+        let per_sec = 1.0 / refill.as_secs_f64().max(1e-6);
+        if buckets.len() >= max_reporters && !buckets.contains_key(reporter) {
+            // Forget the buckets that have filled up again (their reporters are quiet).
+            buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * per_sec < full
+            });
+        }
+        let (tokens, at) = buckets.entry(reporter.to_string()).or_insert((full, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_sec).min(full);
+        *at = now;
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        true
+    }
+}
+
+/// Longest address or location a report may carry.
+const MAX_FIELD: usize = 255;
+/// Names a history line lists before it says "and N more".
+const NAMES_IN_HISTORY: usize = 20;
+
+/// `a, b, c and 7 more`.
+fn name_list(names: &[String]) -> String {
+    let shown = names.iter().take(NAMES_IN_HISTORY).cloned().collect::<Vec<_>>().join(", ");
+    match names.len().saturating_sub(NAMES_IN_HISTORY) {
+        0 => shown,
+        more => format!("{shown} and {more} more"),
+    }
+}
+
+/// What may be read from a report before anything is stored: names, sizes, duplicates.
+fn check_report(r: &DiscoveryReport, max_members: usize) -> Result<(), ManagerError> {
+    let invalid =
+        |e: crate::names::NameError| ManagerError::Invalid(format!("discovery report: {e}"));
+    check_name("segment name", &r.segment).map_err(invalid)?;
+    check_name("leader name", &r.leader).map_err(invalid)?;
+    if r.address.is_empty() || r.address.len() > MAX_FIELD || r.location.len() > MAX_FIELD {
+        return Err(ManagerError::Invalid(format!(
+            "discovery report: address must be 1 to {MAX_FIELD} bytes and location at most {MAX_FIELD}"
+        )));
+    }
+    if r.members.len() > max_members {
+        return Err(ManagerError::Invalid(format!(
+            "discovery report for segment {} lists {} members; a segment has at most {max_members} (max_segment_members)",
+            r.segment,
+            r.members.len()
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    for m in &r.members {
+        check_name("member name", m).map_err(invalid)?;
+        if !seen.insert(m) {
+            return Err(ManagerError::Invalid(format!(
+                "discovery report for segment {} lists member {m} twice",
+                r.segment
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Inner {
     /// The tree shape for a run: from the link rates its GLs measured in earlier runs
     /// ([`TreeConfig::for_measured`]; the manager's own upload is its configured egress, if any),
@@ -72,15 +159,81 @@ impl Inner {
     /// A GL's discovery report: the segment (stable name), its GL, and who joined or left.
     pub(crate) fn discovery(
         self: &Arc<Self>,
-        r: DiscoveryReport,
+        mut r: DiscoveryReport,
+        cert: Option<&PeerCertificate>,
     ) -> Result<serde_json::Value, ManagerError> {
-        if r.segment.is_empty() || r.leader.is_empty() || r.address.is_empty() {
-            return Err(ManagerError::Invalid(
-                "discovery report needs segment, leader and address".into(),
-            ));
+        check_report(&r, self.cfg.max_segment_members)?;
+        if let Some(cert) = cert
+            && !cert.names_server(&r.leader)
+        {
+            return Err(ManagerError::Forbidden(format!(
+                "discovery report for segment {} names {} as its group leader, but the client certificate does not name that server: an agent certificate reports only for its own server",
+                r.segment, r.leader
+            )));
+        }
+        let c = &self.cfg;
+        if !self.discovery_gate.admit(
+            &r.segment,
+            c.discovery_burst,
+            c.discovery_refill,
+            c.max_segments.saturating_mul(2),
+        ) {
+            return Err(ManagerError::TooMany(format!(
+                "discovery reports for segment {} come faster than one per {:?} (after a burst of {}); retry later",
+                r.segment, c.discovery_refill, c.discovery_burst
+            )));
         }
         let now = now_ms();
         let old = self.db.segment(&r.segment)?;
+        if old.is_none() && self.db.segments()?.len() >= c.max_segments {
+            return Err(ManagerError::Invalid(format!(
+                "discovery report for a new segment {}: the manager already has {} segments (max_segments)",
+                r.segment, c.max_segments
+            )));
+        }
+        // A server another segment's GL reported within the live window stays there: a GL
+        // vouches only for its own registrations, and a report cannot take servers away from
+        // another segment (a server that moved is taken once its old segment stops listing it).
+        let window = c.live_window.as_millis() as u64;
+        let live_elsewhere = |name: &str| -> Result<Option<SegmentRecord>, ManagerError> {
+            Ok(match self.db.server(name)? {
+                Some(s) if s.live && s.segment != r.segment => {
+                    self.db.segment(&s.segment)?.filter(|g| {
+                        g.last_report_ms + window >= now && g.members.iter().any(|m| m == name)
+                    })
+                }
+                _ => None,
+            })
+        };
+        // Nor can a server lead a segment while another segment's GL lists it as a member.
+        if let Some(g) = live_elsewhere(&r.leader)?
+            && g.leader != r.leader
+        {
+            return Err(ManagerError::Forbidden(format!(
+                "discovery report names {} group leader of segment {}, but it is a member of segment {} (reported by its group leader {} within the live window)",
+                r.leader, r.segment, g.name, g.leader
+            )));
+        }
+        let mut refused: Vec<(String, String)> = Vec::new();
+        let mut members = Vec::with_capacity(r.members.len());
+        for name in std::mem::take(&mut r.members) {
+            match live_elsewhere(&name)? {
+                Some(g) => refused.push((
+                    name,
+                    format!(
+                        "reported by segment {}'s group leader {} within the live window",
+                        g.name, g.leader
+                    ),
+                )),
+                None => members.push(name),
+            }
+        }
+        r.members = members;
+        if !refused.is_empty() {
+            // Not in the history: a GL repeats its report, the history would grow with each.
+            let names: Vec<String> = refused.iter().map(|(n, _)| n.clone()).collect();
+            tracing::warn!(segment = %r.segment, leader = %r.leader, "discovery lists servers live in other segments, not taken over: {}", name_list(&names));
+        }
         self.db.write(|t| {
             let mut history = old.as_ref().map(|o| o.leader_history.clone()).unwrap_or_default();
             if old.as_ref().is_none_or(|o| o.leader != r.leader) {
@@ -107,18 +260,21 @@ impl Inner {
                 leader_history: history,
                 links: r.links.or_else(|| old.as_ref().and_then(|o| o.links)),
             })?;
+            // Server records and history change only for servers whose membership changed.
+            let mut joined = Vec::new();
             for name in &r.members {
                 let before: Option<ServerRecord> = self.db.server(name)?;
                 if before.as_ref().is_none_or(|b| !b.live || b.segment != r.segment) {
-                    t.log(now, None, None, format!("server {name} joined segment {}", r.segment))?;
+                    t.put_server(&ServerRecord {
+                        name: name.clone(),
+                        segment: r.segment.clone(),
+                        live: true,
+                        last_seen_ms: now,
+                    })?;
+                    joined.push(name.clone());
                 }
-                t.put_server(&ServerRecord {
-                    name: name.clone(),
-                    segment: r.segment.clone(),
-                    live: true,
-                    last_seen_ms: now,
-                })?;
             }
+            let mut left = Vec::new();
             for name in old.as_ref().map(|o| o.members.clone()).unwrap_or_default() {
                 if r.members.contains(&name) {
                     continue;
@@ -128,16 +284,32 @@ impl Inner {
                     && s.live
                 {
                     s.live = false;
+                    s.last_seen_ms = now;
                     t.put_server(&s)?;
-                    t.log(now, None, None, format!("server {name} left segment {}", r.segment))?;
+                    left.push(name);
                 }
+            }
+            let seg = &r.segment;
+            if !joined.is_empty() {
+                let (n, list) = (joined.len(), name_list(&joined));
+                let what = if n == 1 { "server" } else { "servers" };
+                t.log(now, None, None, format!("{what} {list} joined segment {seg}"))?;
+            }
+            if !left.is_empty() {
+                let (n, list) = (left.len(), name_list(&left));
+                let what = if n == 1 { "server" } else { "servers" };
+                t.log(now, None, None, format!("{what} {list} left segment {seg}"))?;
             }
             Ok::<_, ManagerError>(())
         })?;
         // Every active run that still waits on the segment hears of its GL (new, moved, or back).
         self.leader_changed(&r.segment, &r.leader, &r.address)?;
         let replicates = self.bring_up_to_date(&r.members, now)?;
-        Ok(serde_json::json!({ "segment": r.segment, "replicate_jobs": replicates }))
+        Ok(serde_json::json!({
+            "segment": r.segment,
+            "replicate_jobs": replicates,
+            "refused_members": refused,
+        }))
     }
 
     /// A segment has a new GL, or its GL a new address. Every active run still waiting on the

@@ -9,13 +9,15 @@
 //! The IO around them: [`db`] (redb), [`prepare`] (payload → assignment file, snapshots),
 //! [`server`] (the manager: scheduler loop and runs), `api` (its HTTP routes), `runs` and
 //! `discovery` (a run's steps; segments and the GLs' reports), and [`ca`] (the cluster's
-//! certificate authority, `cmover cert`).
+//! certificate authority, `cmover cert`). [`names`]: the one rule for names from outside
+//! (sites, groups, segments, servers).
 
 mod api;
 pub mod ca;
 pub mod db;
 mod discovery;
 pub mod model;
+pub mod names;
 pub mod policy;
 pub mod prepare;
 mod runs;

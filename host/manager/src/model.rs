@@ -16,6 +16,7 @@ pub struct ServerRecord {
     pub segment: String,
     /// False once its GL reported it left (or the whole segment went silent).
     pub live: bool,
+    /// When its segment or liveness last changed (written only on a change).
     pub last_seen_ms: u64,
 }
 

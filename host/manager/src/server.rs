@@ -53,6 +53,14 @@ pub struct ManagerConfig {
     /// whose certificate the cluster CA signed, and the certificate's role stands in for a token;
     /// the tree (the manager to GLs, GL to GL) runs over it too.
     pub tls: Option<Tls>,
+    /// Most members one discovery report may list; a longer list is refused (400).
+    pub max_segment_members: usize,
+    /// Most segments the manager records; a report for one more is refused (400).
+    pub max_segments: usize,
+    /// Discovery reports per segment: a burst of this many, then one per `discovery_refill`;
+    /// faster ones are refused (429) and the GL retries.
+    pub discovery_burst: u32,
+    pub discovery_refill: Duration,
 }
 
 impl ManagerConfig {
@@ -72,6 +80,10 @@ impl ManagerConfig {
             seal: None,
             replicate_backoff: Duration::from_secs(600),
             tls: None,
+            max_segment_members: 1024,
+            max_segments: 4096,
+            discovery_burst: 20,
+            discovery_refill: Duration::from_millis(500),
         }
     }
 }
@@ -92,6 +104,12 @@ pub enum ManagerError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// A client sends faster than it may (answered 429).
+    #[error("{0}")]
+    TooMany(String),
+    /// The client's credentials do not cover what it asked (answered 403).
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 /// A run being distributed, in memory (its durable state is the `Run` record).
@@ -116,6 +134,8 @@ pub(crate) struct Inner {
     pub egress: Option<Arc<Egress>>,
     /// Wakes the scheduler before its next tick (a release is ready for its commit run).
     pub wake: Notify,
+    /// Rate limits of discovery reports.
+    pub discovery_gate: crate::discovery::DiscoveryGate,
 }
 
 /// A running manager.
@@ -152,6 +172,7 @@ impl Manager {
             runs: Mutex::new(HashMap::new()),
             egress: cfg.egress_bytes_per_sec.map(Egress::new),
             wake: Notify::new(),
+            discovery_gate: Default::default(),
             db,
             cfg,
         });

@@ -2,6 +2,7 @@
 //! certificate from another CA (even one with the same CA name), a certificate of the wrong role,
 //! a plain-HTTP client and a bearer token without a certificate are all refused and change
 //! nothing. A group leader's endpoint over TLS takes the manager's and agents' certificates only.
+//! An agent's certificate reports discovery only for its own server.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -228,4 +229,45 @@ async fn a_group_leaders_endpoint_over_tls_takes_manager_and_agent_certificates_
         "an operator's certificate served a node: {r:?}"
     );
     fake.stop();
+}
+
+/// Issue 14, item 7: with an agent's certificate, one server cannot report for another (take
+/// over its segment, or invent one led by it).
+#[tokio::test]
+async fn an_agent_certificate_reports_discovery_only_for_its_own_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::generate().unwrap();
+    let pem = ca.cert_pem.clone();
+    let mut cfg = ManagerConfig::new(dir.path().join("m"), OP, AGENT);
+    cfg.tls = Some(identity(&ca, &pem, "manager", CertRole::Manager));
+    let m = Manager::start(cfg).await.unwrap();
+    let api = |p: &str| format!("{}/api/v1/{p}", m.url());
+    let op = client(&identity(&ca, &pem, "alice", CertRole::Operator), "");
+    let gl1 = client(&identity(&ca, &pem, "gl-1", CertRole::Agent), "");
+    let _: serde_json::Value = gl1.post(&api("discovery"), &report("gl-1")).await.unwrap();
+    let before = state(&op, m.url()).await;
+
+    let r = gl1.post::<_, serde_json::Value>(&api("discovery"), &report("gl-2")).await;
+    match r {
+        Err(ClientError::Status { status, body, .. }) => {
+            assert_eq!(status.as_u16(), 403, "{body}");
+            assert!(body.contains("does not name that server"), "{body}");
+        }
+        other => panic!("a report for another server was accepted: {other:?}"),
+    }
+    // A server that is a live member of segment A cannot lead another segment either, even
+    // with its own certificate.
+    let member = client(&identity(&ca, &pem, "a-member", CertRole::Agent), "");
+    let mut with_member = report("gl-1");
+    with_member.members.push("a-member".into());
+    let _: serde_json::Value = gl1.post(&api("discovery"), &with_member).await.unwrap();
+    let before_member = state(&op, m.url()).await;
+    let mut other = report("a-member");
+    other.segment = "seg-b".into();
+    assert_eq!(
+        status_of(member.post::<_, serde_json::Value>(&api("discovery"), &other).await),
+        Some(403)
+    );
+    assert_eq!(state(&op, m.url()).await, before_member, "refused reports changed nothing");
+    assert_ne!(before, before_member, "not vacuous: the right report did change things");
 }

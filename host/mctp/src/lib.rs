@@ -6,6 +6,7 @@
 //!   control, solicitation, quorum, final [`SessionReport`]).
 //! - [`Receiver`]: a member (frames out to the driver for writing, missing-frame tracking,
 //!   randomly delayed reports, BLAKE3 verification before delivery).
+//! - [`replay`]: which announcements are fresh (a member never goes back to an older session).
 //! - [`wire`]: datagram layouts; [`keys`]: keyed-BLAKE3 tags and optional ChaCha20-Poly1305.
 //! - `sim` (feature `sim`): the deterministic simulation harness (seeded, virtual time, lossy
 //!   network), for the tests; release binaries do not carry it.
@@ -17,6 +18,7 @@
 pub mod frameset;
 pub mod keys;
 pub mod receiver;
+pub mod replay;
 pub mod sender;
 #[cfg(feature = "sim")]
 pub mod sim;
@@ -25,12 +27,15 @@ pub mod wire;
 
 pub use cm_sansio::{Dest, Instant, Transmit};
 pub use keys::Keys;
-pub use receiver::{Coded, Receiver, ReceiverConfig, ReceiverStats, RxEvent, Write};
+pub use receiver::{
+    AnnouncerFilter, Coded, Receiver, ReceiverConfig, ReceiverStats, RxEvent, Write,
+};
+pub use replay::Announcers;
 pub use sender::{
     CodedRequest, FrameRequest, Member, MemberStatus, Outcome, Output, Sender, SenderConfig,
     SenderError, SenderEvent, SenderStats, SessionReport,
 };
-pub use wire::{Announce, SessionInfo, WireError};
+pub use wire::{Announce, Origin, SessionInfo, WireError};
 
 /// A member's identity (from election registration).
 pub type MemberId = u64;
@@ -50,6 +55,9 @@ pub struct DropCounts {
     pub out_of_range: u64,
     /// Valid but not meant for this role (e.g. our own multicast looped back).
     pub ignored: u64,
+    /// Announcements that are not fresh (a replay of an older session, or of a session this
+    /// member already finished) or not from the GL it follows.
+    pub stale_announce: u64,
 }
 
 impl DropCounts {
@@ -68,5 +76,6 @@ impl DropCounts {
             + self.foreign_session
             + self.out_of_range
             + self.ignored
+            + self.stale_announce
     }
 }

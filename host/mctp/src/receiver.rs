@@ -9,9 +9,16 @@
 //! frame is held the receiver asks the driver to hash the file ([`RxEvent::Verify`]) and only a
 //! matching BLAKE3 leads to [`RxEvent::Delivered`]: a wrong or partial assignment is never
 //! delivered. Memory per session is one bit per frame.
+//!
+//! Only fresh announcements start or change a session ([`crate::replay`]): the receiver keeps
+//! the newest origin it accepted from each GL ([`Receiver::announcers`]; the driver carries them
+//! from one session to the next and across restarts), so a recorded announcement replayed later
+//! is ignored and a member never goes back to an older session. A driver that knows which GL its
+//! member follows narrows it further ([`Receiver::set_announcer_filter`]).
 
 use crate::frameset::FrameSet;
 use crate::keys::{Keys, PayloadCipher};
+use crate::replay::{Announcers, Freshness};
 use crate::tree::TreeLayout;
 use crate::wire::{
     self, Announce, Checkpoint, MAX_RUNS_PER_REPORT, Message, Report, ReportStatus, SessionInfo,
@@ -82,6 +89,28 @@ pub enum RxEvent {
     AlreadyHeld { session: u64, info: SessionInfo },
     /// The session ended without delivery; discard its file.
     Abandoned { session: u64, info: SessionInfo, reason: String },
+}
+
+/// Whose announcements may start a session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AnnouncerFilter {
+    /// Any GL's (the CLI, tests, a member that knows no election).
+    #[default]
+    Any,
+    /// Only this node's: the GL the member's election follows.
+    Only(u64),
+    /// Nobody's: the member knows no GL right now (an election is going on).
+    Nobody,
+}
+
+impl AnnouncerFilter {
+    fn allows(self, node: u64) -> bool {
+        match self {
+            AnnouncerFilter::Any => true,
+            AnnouncerFilter::Only(n) => n == node,
+            AnnouncerFilter::Nobody => false,
+        }
+    }
 }
 
 /// Counters for operators and tests.
@@ -163,6 +192,11 @@ pub struct Receiver {
     keys: Keys,
     rng: ChaCha8Rng,
     held_hashes: Vec<[u8; 32]>,
+    /// The newest origin accepted from each GL, and whether it changed since the driver last
+    /// took it.
+    announcers: Announcers,
+    announcers_changed: bool,
+    announcer_filter: AnnouncerFilter,
     session: Option<Session>,
     queue: VecDeque<Transmit>,
     events: VecDeque<RxEvent>,
@@ -182,6 +216,9 @@ impl Receiver {
             keys,
             rng,
             held_hashes: Vec::new(),
+            announcers: Announcers::default(),
+            announcers_changed: false,
+            announcer_filter: AnnouncerFilter::Any,
             session: None,
             queue: VecDeque::new(),
             events: VecDeque::new(),
@@ -200,6 +237,45 @@ impl Receiver {
         &self.stats
     }
 
+    /// What an earlier receiver of this member accepted (kept by the driver between sessions
+    /// and across restarts): those sessions and older ones are never started again.
+    pub fn set_announcers(&mut self, announcers: Announcers) {
+        self.announcers = announcers;
+    }
+
+    /// The newest origin accepted from each GL, for the driver to keep.
+    pub fn announcers(&self) -> &Announcers {
+        &self.announcers
+    }
+
+    /// True once after an announcement was accepted as fresh: time for the driver to store
+    /// [`Receiver::announcers`].
+    pub fn take_announcers_changed(&mut self) -> bool {
+        std::mem::take(&mut self.announcers_changed)
+    }
+
+    /// Whose announcements may start a session from now on (the session under way goes on).
+    pub fn set_announcer_filter(&mut self, filter: AnnouncerFilter) {
+        self.announcer_filter = filter;
+    }
+
+    /// An announcement that may start or continue a session: from a GL the filter allows, and
+    /// either fresh or the current session's own (announcements repeat during a session). A
+    /// replay of an older session, or of one this receiver is not in, is refused.
+    fn admits(&self, a: &Announce) -> bool {
+        if !self.announcer_filter.allows(a.origin.node) {
+            return false;
+        }
+        match self.announcers.freshness(&a.origin) {
+            Freshness::Fresh => true,
+            Freshness::Newest => self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.announce.origin == a.origin && s.announce.session == a.session),
+            Freshness::Stale => false,
+        }
+    }
+
     /// The content of an authenticated announcement that would start a session this receiver
     /// is not in and does not know it holds, without acting on it: the driver can look in its
     /// store and call [`Receiver::add_held`] before handing the datagram over, so a member that
@@ -210,7 +286,7 @@ impl Receiver {
             return None;
         }
         let Ok(Message::Announce(a)) = wire::open(&self.keys, datagram) else { return None };
-        if !a.targets.selects(self.cfg.member) {
+        if !a.targets.selects(self.cfg.member) || !self.admits(&a) {
             return None;
         }
         let known = self
@@ -475,6 +551,13 @@ impl Receiver {
             // A run for other servers of the segment: not ours to receive or report on.
             self.stats.not_targeted += 1;
             return false;
+        }
+        if !self.admits(&a) {
+            self.stats.dropped.stale_announce += 1;
+            return false;
+        }
+        if self.announcers.accept(&a.origin) {
+            self.announcers_changed = true;
         }
         let report_to = SocketAddr::new(from.ip(), a.report_port);
         if let Some(s) = self.session.as_mut()

@@ -324,6 +324,9 @@ impl Sim {
         if let Some(tune) = self.cfg.tune {
             tune(&mut c);
         }
+        // Each GL is another node (a replacement after failover): its sessions are fresh.
+        c.origin =
+            crate::Origin { node: 1 << 32 | u64::from(generation), incarnation: 1, sequence: 1 };
         c.not_for = (0..self.cfg.members).filter(|i| !self.targeted(*i)).map(member_id).collect();
         let members: Vec<Member> = (0..self.cfg.members)
             .filter(|i| self.targeted(*i))

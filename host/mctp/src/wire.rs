@@ -16,7 +16,8 @@ use cm_wire::{DecodeError, Reader, Writer};
 use thiserror::Error;
 
 pub const MAGIC: [u8; 2] = *b"CM";
-pub const VERSION: u8 = 1;
+/// 2: announcements carry their [`Origin`] (who sent them, and how fresh they are).
+pub const VERSION: u8 = 2;
 const KIND_ANNOUNCE: u8 = 1;
 const KIND_DATA: u8 = 2;
 const KIND_REPORT: u8 = 3;
@@ -75,11 +76,32 @@ pub struct SessionInfo {
     pub hash: [u8; 32],
 }
 
-/// "A session is starting": id, size, name, hash, rate and frame size; sent on the data
-/// channel and also carried, opaque, in the election's heartbeat.
+/// Who announced a session and how fresh the announcement is: the announcing GL's node id, its
+/// incarnation (grows with every start of the GL's process, as the election's does) and the
+/// session's sequence number within that incarnation (grows with every session). Members accept
+/// a new session only from an origin newer than any they accepted from that node
+/// ([`crate::replay`]), so a recorded announcement replayed later is ignored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Origin {
+    pub node: u64,
+    pub incarnation: u64,
+    pub sequence: u64,
+}
+
+impl Origin {
+    /// Newer than `other` from the same node: a later incarnation, or a later session of the
+    /// same one.
+    pub fn newer_than(&self, incarnation: u64, sequence: u64) -> bool {
+        (self.incarnation, self.sequence) > (incarnation, sequence)
+    }
+}
+
+/// "A session is starting": id, origin, size, name, hash, rate and frame size; sent on the
+/// data channel and also carried, opaque, in the election's heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Announce {
     pub session: u64,
+    pub origin: Origin,
     pub info: SessionInfo,
     pub frame_size: u16,
     /// Current sending rate in bytes per second (informational for members).
@@ -328,7 +350,13 @@ impl Announce {
     pub fn encode(&self, keys: &Keys) -> Vec<u8> {
         let mut w = Writer::with_capacity(128 + self.inline.as_ref().map_or(0, Vec::len));
         header(&mut w, KIND_ANNOUNCE);
-        w.u64(self.session).u64(self.info.assignment).u64(self.info.size).bytes(&self.info.hash);
+        w.u64(self.session)
+            .u64(self.origin.node)
+            .u64(self.origin.incarnation)
+            .u64(self.origin.sequence)
+            .u64(self.info.assignment)
+            .u64(self.info.size)
+            .bytes(&self.info.hash);
         let flags =
             if self.encrypted { FLAG_ENCRYPTED } else { 0 } | if self.tree { FLAG_TREE } else { 0 };
         w.u16(self.frame_size).u64(self.rate).u16(self.report_port).u8(flags).u32(self.pass);
@@ -343,6 +371,7 @@ impl Announce {
 
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let session = r.u64()?;
+        let origin = Origin { node: r.u64()?, incarnation: r.u64()?, sequence: r.u64()? };
         let assignment = r.u64()?;
         let size = r.u64()?;
         let hash = r.array()?;
@@ -387,6 +416,7 @@ impl Announce {
         }
         Ok(Announce {
             session,
+            origin,
             info: SessionInfo { assignment, name, size, hash },
             frame_size,
             rate,
@@ -782,10 +812,10 @@ mod tests {
 
     proptest! {
         #[test]
-        fn announce_round_trips(session: u64, info in arb_info(), fs in prop_oneof![MIN_FRAME_SIZE..=MAX_FRAME_SIZE, (0u32..6).prop_map(|k| 1024u16 << k)], rate: u64, port: u16, pass: u32, enc: bool, tree: bool, ids in proptest::collection::vec(any::<u64>(), 0..MAX_IDS_PER_SOLICIT), which in 0u8..3) {
+        fn announce_round_trips(session: u64, origin in any::<(u64, u64, u64)>().prop_map(|(node, incarnation, sequence)| Origin { node, incarnation, sequence }), info in arb_info(), fs in prop_oneof![MIN_FRAME_SIZE..=MAX_FRAME_SIZE, (0u32..6).prop_map(|k| 1024u16 << k)], rate: u64, port: u16, pass: u32, enc: bool, tree: bool, ids in proptest::collection::vec(any::<u64>(), 0..MAX_IDS_PER_SOLICIT), which in 0u8..3) {
             let tree = tree && !enc && crate::tree::frame_size_fits_tree(fs) && info.size > u64::from(fs);
             let targets = match which % 3 { 0 => Selector::Everyone, 1 => Selector::Only(ids), _ => Selector::AllBut(ids) };
-            let a = Announce { session, info, frame_size: fs, rate, report_port: port, encrypted: enc, tree, targets, pass, inline: None };
+            let a = Announce { session, origin, info, frame_size: fs, rate, report_port: port, encrypted: enc, tree, targets, pass, inline: None };
             let bytes = a.encode(&keys());
             prop_assert_eq!(open(&keys(), &bytes).unwrap(), Message::Announce(a));
         }
@@ -892,7 +922,7 @@ mod tests {
 
         #[test]
         fn arbitrary_tree_frames_never_panic(body in proptest::collection::vec(any::<u8>(), 0..3000), shift in 0u32..5) {
-            let mut d = b"CM\x01\x06".to_vec();
+            let mut d = [&MAGIC[..], &[VERSION, KIND_DATA_TREE]].concat();
             d.extend_from_slice(&body);
             prop_assert!(open_tree_data(&keys(), &d, 1024 << shift).is_err());
         }
@@ -900,7 +930,7 @@ mod tests {
         #[test]
         fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = decode_body(&body);
-            let mut with_magic = b"CM\x01".to_vec();
+            let mut with_magic = [&MAGIC[..], &[VERSION]].concat();
             with_magic.extend_from_slice(&body);
             let _ = decode_body(&with_magic);
         }

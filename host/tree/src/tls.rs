@@ -12,6 +12,11 @@
 //! library that verified it (rustls-webpki's name check), so a role is exactly as trustworthy as
 //! the CA's signature. A certificate naming no role, or more than one, grants nothing.
 //!
+//! An agent's certificate also names its holder's server as `<name>.server.cmover.invalid`
+//! ([`server_marker`]): the manager accepts a group leader's discovery report over mutual TLS
+//! only for the server its certificate names ([`PeerCertificate::names_server`]), so one agent's
+//! certificate cannot speak for another server or its segment.
+//!
 //! Clients verify the server's certificate against the same CA and the host of the URL, so a
 //! certificate carries the host names and IP addresses its holder serves at; and only a
 //! `manager` or `agent` certificate may serve (an operator's certificate cannot pose as a node).
@@ -236,4 +241,26 @@ pub fn role_of(cert: &CertificateDer<'_>) -> Option<CertRole> {
     });
     let first = named.next()?;
     named.next().is_none().then_some(first)
+}
+
+/// The subject-alternative DNS name that names a certificate's server (`None` when `name` is not
+/// a DNS name: such a certificate names no server).
+pub fn server_marker(name: &str) -> Option<String> {
+    let marker = format!("{name}.server.cmover.invalid");
+    ServerName::try_from(marker.as_str()).is_ok().then_some(marker)
+}
+
+/// The verified client certificate of a request that came over mutual TLS (the accept loop puts
+/// it in the request's extensions beside the [`PeerRole`](crate::http::PeerRole)).
+#[derive(Debug, Clone)]
+pub struct PeerCertificate(pub Arc<CertificateDer<'static>>);
+
+impl PeerCertificate {
+    /// True when the certificate names the server `name` ([`server_marker`]).
+    pub fn names_server(&self, name: &str) -> bool {
+        let Some(marker) = server_marker(name) else { return false };
+        let Ok(ee) = webpki::EndEntityCert::try_from(self.0.as_ref()) else { return false };
+        ServerName::try_from(marker.as_str())
+            .is_ok_and(|n| ee.verify_is_valid_for_subject_name(&n).is_ok())
+    }
 }

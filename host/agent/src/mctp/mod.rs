@@ -22,14 +22,16 @@
 //! A receiver that already holds an announced assignment in its directory (the file a delivery
 //! would produce, same size and BLAKE3) answers "complete" at once and receives nothing.
 
+mod announcers;
 mod hash;
 mod prefix_hash;
 mod receive;
 mod send;
 mod sys;
 
+pub use announcers::{AnnouncerMemory, FollowLeader};
 pub use receive::{ReceiveOptions, Received, receive};
-pub use send::{SendOptions, SendOutcome, send_file};
+pub use send::{SendOptions, SendOutcome, next_origin, send_file};
 
 // The cores' time: nanoseconds since the driver's `start` (`std::time::Instant` is the clock).
 use cm_mctp::Instant as Time;

@@ -1,8 +1,11 @@
 //! The receiving half: `receive` joins the group, hands datagrams to the core in batches (GRO
 //! segments split here), writes frames at their offset into a `.part` file (contiguous ones with
 //! one `pwritev`), follows the file's hash as they land, verifies on a helper thread while it
-//! keeps answering the GL, and renames the file into place once the BLAKE3 matches.
+//! keeps answering the GL, and renames the file into place once the BLAKE3 matches. A session
+//! that fails or is abandoned, and a receive that ends without delivery, leave no `.part`
+//! behind. Only fresh announcements are followed ([`AnnouncerMemory`], [`FollowLeader`]).
 
+use super::announcers::{AnnouncerMemory, FollowLeader};
 use super::prefix_hash::PrefixHash;
 use super::{
     BATCH, MAX_WAIT, MctpDriverError, SOCKET_BUFFER, big_buffers, from_time, hash_file, io_err,
@@ -60,6 +63,13 @@ pub struct ReceiveOptions {
     /// host. Off, the copy sits in the page cache at delivery (like any file just written);
     /// whoever uses it verifies its BLAKE3 again (the site's apply does).
     pub durable: bool,
+    /// The announcers this member accepted before (shared by its successive receives, kept
+    /// across restarts when persistent): their sessions and older ones are never started again.
+    /// `None`: this receive starts with no memory (a one-off `cmover mctp receive`).
+    pub announcers: Option<AnnouncerMemory>,
+    /// Whose announcements to accept, asked again as the receive runs (the election's leader).
+    /// `None`: any GL's.
+    pub follow: Option<FollowLeader>,
 }
 
 impl ReceiveOptions {
@@ -86,6 +96,8 @@ impl ReceiveOptions {
             unicast_port: 0,
             join_group: true,
             durable: false,
+            announcers: None,
+            follow: None,
         }
     }
 }
@@ -171,6 +183,16 @@ struct RxDriver {
     delivered: Option<(PathBuf, SessionInfo)>,
     /// A verification running on a helper thread: (session, verdict channel).
     verifying: Option<(u64, mpsc::Receiver<bool>)>,
+    announcers: Option<AnnouncerMemory>,
+}
+
+impl Drop for RxDriver {
+    /// However the receive ends (an error, a stop, a timeout), an undelivered file goes.
+    fn drop(&mut self) {
+        if let Some(p) = self.part.take() {
+            let _ = std::fs::remove_file(&p.path);
+        }
+    }
 }
 
 /// Receives one assignment into `opts.dir` and returns where it landed (after answering the
@@ -214,7 +236,10 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
     let start = Instant::now();
     let mut cfg = ReceiverConfig::new(opts.member);
     cfg.session_timeout = opts.session_timeout;
-    let rx = Receiver::new(cfg, Keys::derive(&opts.secret), ChaCha8Rng::from_os_rng());
+    let mut rx = Receiver::new(cfg, Keys::derive(&opts.secret), ChaCha8Rng::from_os_rng());
+    if let Some(m) = &opts.announcers {
+        rx.set_announcers(m.get());
+    }
     let mut d = RxDriver {
         rx,
         dir: opts.dir.clone(),
@@ -224,6 +249,7 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
         part: None,
         delivered: None,
         verifying: None,
+        announcers: opts.announcers.clone(),
     };
     let mut loss = ChaCha8Rng::from_os_rng();
     let mut last_heard = Instant::now();
@@ -243,14 +269,15 @@ fn receive_blocking(opts: ReceiveOptions, stop: &AtomicBool) -> Result<Received,
         if stop.load(Ordering::Relaxed)
             || (d.delivered.is_none() && start.elapsed() >= opts.timeout)
         {
-            if let Some(p) = d.part.take() {
-                let _ = std::fs::remove_file(&p.path);
-            }
+            // The part file, if any, goes with the driver.
             return Err(if stop.load(Ordering::Relaxed) {
                 stopped()
             } else {
                 MctpDriverError::Timeout(opts.timeout)
             });
+        }
+        if let Some(f) = &opts.follow {
+            d.rx.set_announcer_filter((f.0)());
         }
         let mut wake =
             d.rx.poll_timeout()
@@ -464,22 +491,18 @@ impl RxDriver {
     }
 
     fn handle_events(&mut self, now: Time) -> Result<(), MctpDriverError> {
+        if self.rx.take_announcers_changed()
+            && let Some(m) = &self.announcers
+            && let Err(e) = m.store(self.rx.announcers())
+        {
+            // Kept in memory still; only a restart would forget the newest sessions.
+            tracing::warn!("storing the accepted announcers: {e}");
+        }
         while let Some(e) = self.rx.poll_event() {
             match e {
                 RxEvent::Started { session, info, resumed, tree } => {
                     let path = part_path(&self.dir, &info);
-                    let open = if resumed && path.exists() {
-                        std::fs::OpenOptions::new().write(true).read(true).open(&path)
-                    } else {
-                        std::fs::OpenOptions::new()
-                            .write(true)
-                            .read(true)
-                            .create(true)
-                            .truncate(true)
-                            .open(&path)
-                            .and_then(|f| sys::preallocate(&f, info.size).map(|()| f))
-                    };
-                    match open {
+                    match open_part(&path, info.size, resumed) {
                         // A resumed file's prefix hash is rebuilt from disk at verification.
                         Ok(file) => {
                             tracing::debug!(session, resumed, "session started");
@@ -512,11 +535,14 @@ impl RxDriver {
                     let to = final_path(&self.dir, &info);
                     // Flushed by the verification when durable.
                     self.part = None;
-                    std::fs::rename(&from, &to).map_err(io_err(format!(
-                        "rename {} to {}",
-                        from.display(),
-                        to.display()
-                    )))?;
+                    if let Err(e) = std::fs::rename(&from, &to) {
+                        let _ = std::fs::remove_file(&from);
+                        return Err(io_err(format!(
+                            "rename {} to {}",
+                            from.display(),
+                            to.display()
+                        ))(e));
+                    }
                     tracing::info!(path = %to.display(), size = info.size, "assignment delivered");
                     self.delivered = Some((to, info));
                 }
@@ -538,6 +564,27 @@ impl RxDriver {
     }
 }
 
+/// Opens the file a session is written into: the one a resumed session already filled, or a
+/// new one of the announced size. A new file that cannot be given its size (no space) is
+/// removed at once: a failed session leaves nothing behind.
+fn open_part(path: &Path, size: u64, resumed: bool) -> io::Result<File> {
+    if resumed && path.exists() {
+        return std::fs::OpenOptions::new().write(true).read(true).open(path);
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    if let Err(e) = sys::preallocate(&file, size) {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(file)
+}
+
 fn part_path(dir: &Path, info: &SessionInfo) -> PathBuf {
     let hex: String = info.hash[..16].iter().map(|b| format!("{b:02x}")).collect();
     dir.join(format!(".mctp-{hex}.part"))
@@ -550,4 +597,19 @@ fn final_path(dir: &Path, info: &SessionInfo) -> PathBuf {
         .and_then(|n| n.to_str())
         .filter(|n| !n.starts_with('.') && !n.is_empty());
     dir.join(name.map_or_else(|| format!("assignment-{}", info.assignment), str::to_owned))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_part_that_cannot_be_sized_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".mctp-x.part");
+        // Larger than any file can be: refused by every filesystem before anything is allocated.
+        assert!(open_part(&path, u64::MAX, false).is_err());
+        assert!(!path.exists(), "an empty .part was left behind");
+        assert_eq!(open_part(&path, 4096, false).unwrap().metadata().unwrap().len(), 4096);
+    }
 }

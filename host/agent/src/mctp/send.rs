@@ -10,8 +10,8 @@ use super::{
 use cm_mctp::Instant as Time;
 use cm_mctp::sender::SenderStats;
 use cm_mctp::{
-    Dest, Keys, Member, Output, Sender, SenderConfig, SenderEvent, SessionInfo, SessionReport,
-    Transmit,
+    Dest, Keys, Member, Origin, Output, Sender, SenderConfig, SenderEvent, SessionInfo,
+    SessionReport, Transmit,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -21,8 +21,9 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How to send one file.
 #[derive(Debug, Clone)]
@@ -55,8 +56,29 @@ pub struct SendOutcome {
     pub final_rate: u64,
 }
 
-/// Sends `path` to the group and returns the GL's final report.
-pub async fn send_file(path: &Path, opts: SendOptions) -> Result<SendOutcome, MctpDriverError> {
+/// The origin of the next session this process starts as announcer `node`, in `incarnation`
+/// (`None`: this process's start time in µs, for senders without an election): the sequence
+/// grows with every call, for the whole process, so each session is newer than the last
+/// one of the same node and incarnation even when a node leads, steps down and leads again.
+pub fn next_origin(node: u64, incarnation: Option<u64>) -> Origin {
+    static STARTED: OnceLock<u64> = OnceLock::new();
+    static SESSIONS: AtomicU64 = AtomicU64::new(0);
+    let incarnation = incarnation.unwrap_or_else(|| {
+        *STARTED.get_or_init(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        })
+    });
+    Origin { node, incarnation, sequence: SESSIONS.fetch_add(1, Ordering::Relaxed) + 1 }
+}
+
+/// Sends `path` to the group and returns the GL's final report. A configuration whose origin
+/// is unset (incarnation 0) gets [`next_origin`] for its node.
+pub async fn send_file(path: &Path, mut opts: SendOptions) -> Result<SendOutcome, MctpDriverError> {
+    if opts.config.origin.incarnation == 0 {
+        opts.config.origin = next_origin(opts.config.origin.node, None);
+    }
     let path = path.to_owned();
     on_thread(move |stop| send_blocking(&path, opts, stop)).await
 }

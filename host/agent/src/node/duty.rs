@@ -224,6 +224,13 @@ async fn deliver(
         let d = &shared.cfg.data;
         let mut config = SenderConfig::new(d.channel, d.report_port);
         config.frame_size = d.frame_size;
+        // Members accept only fresh sessions of the GL they follow: this node, this run of
+        // it (the election's incarnation), the next session of the process.
+        let (node, incarnation) = {
+            let st = shared.status.borrow();
+            (st.node, st.incarnation)
+        };
+        config.origin = crate::mctp::next_origin(node, Some(incarnation));
         // The registered members the run is not for (a replicate to some servers): the
         // announcement names them, so they neither receive it nor report on it. Anyone else
         // may join, a target that registers while the run is under way included.

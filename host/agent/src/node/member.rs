@@ -2,12 +2,18 @@
 //! MCTP on the segment's data channel (member id = election node id), apply it, report the
 //! outcome to the current GL. Receiving goes on while an apply runs (applies are queued on the
 //! [`Applier`](super::apply::Applier)'s lock, in arrival order).
+//!
+//! Only announcements of the GL the election follows are accepted, and only fresh ones: the
+//! newest session accepted from each GL is kept in `STATE_DIR/mctp-announcers` across restarts,
+//! so a recorded announcement replayed on the LAN starts nothing.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::mctp::{MctpDriverError, ReceiveOptions, receive};
+use cm_mctp::AnnouncerFilter;
+
+use crate::mctp::{AnnouncerMemory, FollowLeader, MctpDriverError, ReceiveOptions, receive};
 
 use super::{Shared, apply_report, report};
 
@@ -24,6 +30,12 @@ pub async fn member_loop(shared: Arc<Shared>) {
     // (a new GL, a restarted session) finds the file in the inbox and is told "complete" at
     // once; the task already applying it reports, so it must not be applied a second time.
     let in_flight: Arc<Mutex<HashSet<u64>>> = Default::default();
+    let announcers = AnnouncerMemory::persistent(shared.cfg.state_dir.join("mctp-announcers"));
+    let leader = shared.status.clone();
+    let follow = FollowLeader(Arc::new(move || match leader.borrow().leader {
+        Some(node) => AnnouncerFilter::Only(node),
+        None => AnnouncerFilter::Nobody,
+    }));
     loop {
         if status.borrow_and_update().is_leader {
             // The GL applies from the tree's copy; its member side rests meanwhile.
@@ -46,6 +58,8 @@ pub async fn member_loop(shared: Arc<Shared>) {
             unicast_port: 0,
             join_group: true,
             durable: false,
+            announcers: Some(announcers.clone()),
+            follow: Some(follow.clone()),
         };
         let mut leadership = shared.status.clone();
         let became_leader = async move {

@@ -39,6 +39,10 @@ pub struct Args {
     /// Scheduler period, milliseconds.
     #[arg(long, default_value_t = 500)]
     pub tick_ms: u64,
+    /// Most members a group leader's discovery report may list (a segment's size); longer
+    /// reports are refused.
+    #[arg(long, default_value_t = 1024)]
+    pub max_segment_members: usize,
     #[command(flatten)]
     pub tls: TlsArgs,
 }
@@ -124,6 +128,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     cfg.tree.star_max = a.star_max;
     cfg.chunk_size = a.chunk_kib.clamp(4, 65536) << 10;
     cfg.tick = Duration::from_millis(a.tick_ms.max(10));
+    cfg.max_segment_members = a.max_segment_members;
     if let Some(f) = &a.seal_secret_file {
         let s = std::fs::read(f)
             .with_context(|| format!("reading the seal secret from {}", f.display()))?;

@@ -8,6 +8,7 @@
 //! with time advancing between datagrams. So an announcement followed by frames, solicitations
 //! and reports reaches the deeper states. Checked on the way: a receiver never asks to write
 //! outside the announced size, and never delivers bytes whose BLAKE3 differs from the announced.
+//! The announcer records a member keeps across restarts (`cm_mctp::replay`) are decoded too.
 #![no_main]
 
 use cm_mctp::{
@@ -55,6 +56,8 @@ fuzz_target!(|data: &[u8]| {
         now = now + Duration::from_millis(u64::from(datagram.first().copied().unwrap_or(0)));
 
         let _ = wire::decode_body(datagram);
+        // The announcer records a member keeps in its state directory.
+        let _ = cm_mctp::Announcers::decode(datagram);
         let _ = wire::open(&keys, datagram);
         let _ = wire::open_tree_data(&keys, datagram, 1024 << (datagram.len() % 6));
         // Sealed as the datagram's kind wants: a tree-tagged frame with the frame size of the

@@ -15,6 +15,12 @@ pub struct SenderConfig {
     pub report_port: u16,
     /// Payload bytes per frame.
     pub frame_size: u16,
+    /// Who announces, and the session's place among this GL's sessions: the announcement
+    /// carries it and members start only sessions newer than any they accepted from this node
+    /// ([`crate::replay`]). The driver sets it: node id, an incarnation that grows with every
+    /// start of the GL's process, and a sequence that grows with every session. Starting two
+    /// sessions with the same origin makes members ignore the second.
+    pub origin: wire::Origin,
     /// Starting rate, bytes per second of datagrams.
     pub initial_rate: u64,
     /// The rate never exceeds this cap...
@@ -94,6 +100,7 @@ impl SenderConfig {
             group,
             report_port,
             frame_size: 1400,
+            origin: wire::Origin::default(),
             initial_rate: 50_000_000,
             max_rate: 125_000_000,
             min_rate: 500_000,

@@ -243,6 +243,7 @@ impl Sender {
         };
         let mut announce = Announce {
             session,
+            origin: cfg.origin,
             info,
             frame_size: cfg.frame_size,
             rate: cfg.initial_rate,

@@ -6,6 +6,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
@@ -66,13 +67,16 @@ where
                     return;
                 }
             };
-            let role = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(crate::tls::role_of)
-                .map(Role::from);
+            let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+            let role = cert.and_then(crate::tls::role_of).map(Role::from);
+            // The certificate itself rides along too, for what a handler checks beyond the role.
+            let cert = cert.map(|c| crate::tls::PeerCertificate(Arc::new(c.clone().into_owned())));
+            let h = move |mut req: Request<Incoming>| {
+                if let Some(c) = &cert {
+                    req.extensions_mut().insert(c.clone());
+                }
+                h(req)
+            };
             serve_connection(TokioIo::new(tls), Some(PeerRole(role)), h).await;
         });
     }

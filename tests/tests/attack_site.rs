@@ -137,7 +137,7 @@ fn refused_by_both(d: &Path, file: &str, extra: &[&str]) -> Vec<String> {
 fn chain_links() -> (String, String, String) {
     let deep = (0..12).map(|i| format!("d{i}")).collect::<Vec<_>>().join("/");
     let up = format!("{deep}/up");
-    let passwd = format!("{up}/{}/etc/passwd", vec![".."; 11].join("/"));
+    let passwd = format!("{up}/{}/etc/passwd", [".."; 11].join("/"));
     (deep, up, passwd)
 }
 
@@ -192,8 +192,8 @@ fn a_delta_base_is_never_read_through_a_link() {
             // release, which is the host's / (the site lives less deep than that).
             target: format!(
                 "{}/{}/etc/passwd",
-                vec!["sub/up"; 10].join("/"),
-                vec![".."; 20].join("/")
+                ["sub/up"; 10].join("/"),
+                [".."; 20].join("/")
             ),
         },
         Command::ApplyDelta {

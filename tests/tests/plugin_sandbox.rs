@@ -7,20 +7,8 @@ mod plugin_support;
 use std::sync::Arc;
 
 use cm_assignment::Command;
-use cm_plugin_host::{FailureCause, LoadedPlugin, PluginError, PluginRuntime};
+use cm_plugin_host::{FailureCause, LoadedPlugin, PluginError};
 use plugin_support::*;
-
-/// The default interpreter still works on this runtime.
-fn host_still_works(runtime: &PluginRuntime) {
-    let staging = tempfile::tempdir().unwrap();
-    let reports = load_interpreter(runtime, "interpreter")
-        .interpreter_session(staging.path())
-        .unwrap()
-        .apply(vec![write("ok.txt", b"ok")])
-        .unwrap();
-    assert!(reports[0].outcome.is_ok());
-    assert_eq!(std::fs::read(staging.path().join("ok.txt")).unwrap(), b"ok");
-}
 
 fn failure(plugin: &Arc<LoadedPlugin>, staging: &std::path::Path) -> (String, FailureCause) {
     match plugin.interpreter_session(staging).unwrap().apply(vec![write("x.txt", b"x")]) {

@@ -27,6 +27,7 @@ const PLUGINS: &[Plugin] = &[
     plugin("test-loop", "plugins", "cm-plugin-test-loop", &[]),
     plugin("test-hog", "plugins", "cm-plugin-test-hog", &[]),
     plugin("test-escape", "plugins", "cm-plugin-test-escape", &[]),
+    plugin("test-flood", "plugins", "cm-plugin-test-flood", &[]),
     Plugin {
         name: "test-swap-v1",
         dir: "plugins/test-swap",

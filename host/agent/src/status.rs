@@ -73,11 +73,17 @@ impl StatusServer {
     pub fn spawn(self, segment: String, source: StatusSource) -> JoinHandle<()> {
         tokio::spawn(async move {
             loop {
-                if let Ok((mut stream, _)) = self.listener.accept().await {
-                    let body = source.json(&segment).to_string();
-                    tokio::spawn(async move {
-                        let _ = stream.write_all(body.as_bytes()).await;
-                    });
+                match self.listener.accept().await {
+                    Ok((mut stream, _)) => {
+                        let body = source.json(&segment).to_string();
+                        tokio::spawn(async move {
+                            // A reader that never reads does not hold the task forever.
+                            let write = stream.write_all(body.as_bytes());
+                            let _ = tokio::time::timeout(CLIENT_TIMEOUT, write).await;
+                        });
+                    }
+                    // Out of file descriptors (EMFILE) lasts until some close: wait, don't spin.
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
                 }
             }
         })

@@ -63,6 +63,25 @@ fn stop_quietly_on_closed_stdout() {
     }
 }
 
+/// A long-running process raises its open-file limit to the hard limit: the manager and the GL
+/// serve many connections besides their files, and the common soft default (1,024) is what a
+/// slowloris exhausts first. The HTTP servers cap their own connections below it
+/// (`cm_tree::http::ServeLimits`), so raising it leaves the process room for its own work.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(soft), Some(hard)) = (limit.current, limit.maximum) else { return };
+    if soft >= hard {
+        tracing::debug!(soft, hard, "open-file limit already at its hard limit");
+        return;
+    }
+    let raised = rustix::process::Rlimit { current: Some(hard), maximum: Some(hard) };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+        Err(e) => tracing::warn!(soft, hard, "could not raise the open-file limit: {e}"),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if !long_running(&cli.command) {
@@ -78,6 +97,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if long_running(&command) {
+        raise_fd_limit();
+    }
     match command {
         Command::Demo(a) => cmd::demo::run(a).await,
         Command::Plugin(c) => cmd::plugin::run(c).await,

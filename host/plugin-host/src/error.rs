@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::quota::QuotaExceeded;
+
 /// Why a call into a plugin failed. The host and every other plugin keep working.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
@@ -56,6 +58,9 @@ pub enum FailureCause {
     Trap(String),
     #[error("could not be instantiated: {0}")]
     Instantiate(String),
+    /// A per-call quota (bytes written, files created, open files, the disk's reserve).
+    #[error("exceeded a quota: {0}")]
+    Quota(#[from] QuotaExceeded),
 }
 
 /// Why a plugin could not be installed (nothing changed: the previous version stays).

@@ -4,7 +4,8 @@
 //! - [`PluginRuntime`]: the process's one `Engine` (pooling allocator, epoch interruption),
 //!   the `Linker` with every host interface, and the on-disk compiled cache.
 //! - [`LoadedPlugin`]: one validated version of a plugin, pre-instantiated (`InstancePre`);
-//!   every call runs in a fresh instance with a deadline and a memory cap.
+//!   every call runs in a fresh instance with a deadline, a memory cap and per-call quotas
+//!   (log, bytes written, files created, open files, the disk's reserve).
 //! - [`PluginStore`]: installed plugins, hot swap, rollback; hands out [`Interpreter`],
 //!   [`CacheInvalidator`] and [`LoadBalancer`] handles that always call the current version.
 //! - [`StoreFollower`]: for a long-running process (the agent), follows what other processes
@@ -22,6 +23,7 @@ mod follow;
 mod inspect;
 mod manifest;
 mod plugin;
+mod quota;
 mod runtime;
 mod sandbox;
 mod staging;
@@ -33,6 +35,7 @@ pub use follow::{FollowConfig, StoreEvent, StoreFollower};
 pub use inspect::{ComponentInfo, inspect};
 pub use manifest::{EndpointGrant, Grants, Limits, PluginManifest, World};
 pub use plugin::{BalancerAction, InterpreterSession, LoadedPlugin, ServerState};
+pub use quota::{DiskReserve, QuotaExceeded};
 pub use runtime::{PluginRuntime, RuntimeConfig};
 pub use sandbox::{LogLevel, LogSink};
 pub use store::{

@@ -9,6 +9,11 @@
 //! [limits]
 //! memory-mib = 32
 //! deadline-ms = 5000
+//! log-lines = 1000          # per call; more are dropped and counted (one summary record)
+//! log-kib = 256
+//! extra-write-mib = 16      # written beyond what the call's batch declares; more fails the call
+//! extra-files = 64          # created beyond what the call's batch declares; more fails the call
+//! open-files = 64           # readers and writers held at once; more fails the call
 //!
 //! [grants]
 //! sites = ["www"]            # interpreters: sites whose staging trees it may change ("*": any)
@@ -97,7 +102,8 @@ pub struct PluginManifest {
     pub grants: Grants,
 }
 
-/// Per-call limits.
+/// Per-call limits. Besides time and memory, the host's other resources (`quota.rs`): log
+/// records, bytes written and files created (beyond what the call's batch declares), open files.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Limits {
@@ -107,6 +113,22 @@ pub struct Limits {
     /// Deadline of one call into the plugin, milliseconds.
     #[serde(default = "Limits::default_deadline_ms")]
     pub deadline_ms: u64,
+    /// Log records one call may write; later ones are dropped and counted.
+    #[serde(default = "Limits::default_log_lines")]
+    pub log_lines: u64,
+    /// Log bytes one call may write, KiB; past it records are dropped and counted.
+    #[serde(default = "Limits::default_log_kib")]
+    pub log_kib: u64,
+    /// Bytes one call may write beyond what its batch declares (the payload lengths of its
+    /// write-file and apply-delta commands), MiB.
+    #[serde(default = "Limits::default_extra_write_mib")]
+    pub extra_write_mib: u64,
+    /// Files, directories and links one call may create beyond what its batch declares.
+    #[serde(default = "Limits::default_extra_files")]
+    pub extra_files: u64,
+    /// Files (readers and writers) a plugin instance may hold open at once.
+    #[serde(default = "Limits::default_open_files")]
+    pub open_files: u64,
 }
 
 impl Limits {
@@ -116,6 +138,21 @@ impl Limits {
     fn default_deadline_ms() -> u64 {
         10_000
     }
+    fn default_log_lines() -> u64 {
+        1_000
+    }
+    fn default_log_kib() -> u64 {
+        256
+    }
+    fn default_extra_write_mib() -> u64 {
+        16
+    }
+    fn default_extra_files() -> u64 {
+        64
+    }
+    fn default_open_files() -> u64 {
+        64
+    }
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
     }
@@ -123,7 +160,15 @@ impl Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { memory_mib: Self::default_memory_mib(), deadline_ms: Self::default_deadline_ms() }
+        Limits {
+            memory_mib: Self::default_memory_mib(),
+            deadline_ms: Self::default_deadline_ms(),
+            log_lines: Self::default_log_lines(),
+            log_kib: Self::default_log_kib(),
+            extra_write_mib: Self::default_extra_write_mib(),
+            extra_files: Self::default_extra_files(),
+            open_files: Self::default_open_files(),
+        }
     }
 }
 

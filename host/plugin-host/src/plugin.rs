@@ -18,6 +18,7 @@ use crate::bindings::{interpreter, load_balancer};
 use crate::endpoint::Endpoints;
 use crate::error::{FailureCause, InstallError, PluginError};
 use crate::manifest::{PluginManifest, World};
+use crate::quota::Declared;
 use crate::runtime::{CallLimits, PluginRuntime, failure_cause};
 use crate::sandbox::{DataSource, HostState};
 
@@ -161,7 +162,13 @@ impl LoadedPlugin {
     }
 
     fn new_store(&self, staging: Option<&Path>) -> Result<Store<HostState>, PluginError> {
-        self.runtime.store(self.name.clone(), self.limits(), staging, self.endpoints.clone())
+        self.runtime.store(
+            self.name.clone(),
+            self.limits(),
+            &self.manifest.limits,
+            staging,
+            self.endpoints.clone(),
+        )
     }
 
     /// Run one call on a fresh instance of a stateless world, mapping traps to causes.
@@ -173,8 +180,10 @@ impl LoadedPlugin {
         let mut store = self.new_store(None)?;
         let instance = instantiate(&mut store)
             .map_err(|e| self.failed(FailureCause::Instantiate(format!("{e:#}"))))?;
-        call(&mut store, &instance)
-            .map_err(|e| self.failed(failure_cause(&store, self.limits(), &e)))
+        let outcome = call(&mut store, &instance)
+            .map_err(|e| self.failed(failure_cause(&store, self.limits(), &e)));
+        store.data_mut().end_call();
+        outcome
     }
 
     /// Start an interpreter session on `staging_root`: one instance for a stream of calls.
@@ -339,8 +348,10 @@ impl InterpreterSession {
         &self.plugin
     }
 
+    /// One call, with a fresh deadline and fresh per-call quotas sized for `declared`.
     fn run<R>(
         &mut self,
+        declared: Declared,
         call: impl FnOnce(&mut Store<HostState>, &interpreter::Interpreter) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
         if let Some(e) = &self.broken {
@@ -348,12 +359,15 @@ impl InterpreterSession {
         }
         let limits = self.plugin.limits();
         self.plugin.runtime.arm_deadline(&mut self.store, limits.deadline_ms);
-        call(&mut self.store, &self.instance).map_err(|e| {
+        self.store.data_mut().quotas.start_call(declared);
+        let outcome = call(&mut self.store, &self.instance).map_err(|e| {
             let error = self.plugin.failed(failure_cause(&self.store, limits, &e));
             self.broken =
                 Some(Arc::new(self.plugin.failed(failure_cause(&self.store, limits, &e))));
             error
-        })
+        });
+        self.store.data_mut().end_call();
+        outcome
     }
 
     /// Apply one batch; one report per command, in order.
@@ -362,11 +376,12 @@ impl InterpreterSession {
         batch: Vec<StreamedCommand>,
     ) -> Result<Vec<CommandReport>, PluginError> {
         let expected = batch.len();
+        let declared = Declared::of(&batch);
         let mut commands = Vec::with_capacity(expected);
         for command in batch {
             commands.push(to_wit(&mut self.store, command)?);
         }
-        let reports = self.run(|store, i| {
+        let reports = self.run(declared, |store, i| {
             i.contentmover_plugin_content_interpreter().call_apply(store, &commands)
         })?;
         let in_order = reports.len() == expected
@@ -387,7 +402,7 @@ impl InterpreterSession {
 
     /// The `commit` hook; a veto is [`PluginError::Vetoed`].
     pub fn commit(&mut self, serial: u64) -> Result<(), PluginError> {
-        let verdict = self.run(|store, i| {
+        let verdict = self.run(Declared::default(), |store, i| {
             i.contentmover_plugin_content_interpreter().call_commit(store, serial)
         })?;
         verdict.map_err(|m| self.plugin.vetoed("commit", m))
@@ -395,7 +410,7 @@ impl InterpreterSession {
 
     /// The `rollback` hook.
     pub fn rollback(&mut self, serial: u64) -> Result<(), PluginError> {
-        let verdict = self.run(|store, i| {
+        let verdict = self.run(Declared::default(), |store, i| {
             i.contentmover_plugin_content_interpreter().call_rollback(store, serial)
         })?;
         verdict.map_err(|m| self.plugin.vetoed("rollback", m))
@@ -408,7 +423,9 @@ impl InterpreterSession {
     }
 
     fn self_check_raw(&mut self) -> Result<Result<(), String>, PluginError> {
-        self.run(|store, i| i.contentmover_plugin_content_interpreter().call_self_check(store))
+        self.run(Declared::default(), |store, i| {
+            i.contentmover_plugin_content_interpreter().call_self_check(store)
+        })
     }
 }
 

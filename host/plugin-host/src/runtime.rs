@@ -19,7 +19,8 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use crate::bindings;
 use crate::endpoint::Endpoints;
 use crate::error::{FailureCause, InstallError, PluginError};
-use crate::manifest::World;
+use crate::manifest::{Limits, World};
+use crate::quota::{DiskReserve, QuotaTrap, Quotas};
 use crate::sandbox::{HostState, LogSink, MemoryCap};
 use crate::staging::Staging;
 
@@ -36,6 +37,8 @@ pub struct RuntimeConfig {
     pub epoch_tick: Duration,
     /// Also send every plugin log record here (besides `tracing`).
     pub log_sink: Option<LogSink>,
+    /// Free space and inodes a plugin call must leave on its staging filesystem.
+    pub disk_reserve: DiskReserve,
 }
 
 impl Default for RuntimeConfig {
@@ -46,6 +49,7 @@ impl Default for RuntimeConfig {
             max_memory_mib: 512,
             epoch_tick: Duration::from_millis(5),
             log_sink: None,
+            disk_reserve: DiskReserve::default(),
         }
     }
 }
@@ -236,11 +240,12 @@ impl PluginRuntime {
             .collect()
     }
 
-    /// A fresh sandbox for one call: memory cap, deadline, and the granted capabilities.
+    /// A fresh sandbox for one call: memory cap, deadline, quotas, and the granted capabilities.
     pub(crate) fn store(
         &self,
         plugin: Arc<str>,
         limits: CallLimits,
+        quotas: &Limits,
         staging: Option<&Path>,
         endpoints: Arc<Endpoints>,
     ) -> Result<Store<HostState>, PluginError> {
@@ -258,6 +263,7 @@ impl PluginRuntime {
             staging,
             endpoints,
             log_sink: self.inner.config.log_sink.clone(),
+            quotas: Quotas::new(quotas.clone(), self.inner.config.disk_reserve),
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|state| &mut state.memory);
@@ -287,6 +293,12 @@ pub(crate) fn failure_cause(
     limits: CallLimits,
     error: &wasmtime::Error,
 ) -> FailureCause {
+    if let Some(why) = &store.data().quotas.breach {
+        return FailureCause::Quota(why.clone());
+    }
+    if let Some(QuotaTrap(why)) = error.downcast_ref::<QuotaTrap>() {
+        return FailureCause::Quota(why.clone());
+    }
     if let Some(wanted) = store.data().memory.refused {
         return FailureCause::MemoryLimit {
             limit_bytes: limits.memory_bytes,

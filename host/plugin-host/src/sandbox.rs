@@ -1,6 +1,6 @@
 //! Per-call sandbox state (the `T` of every `Store<T>`): the resource table, the memory cap,
-//! the capabilities this call was granted (one staging tree, some endpoints), and the host
-//! side of the small `payload` and `log` interfaces.
+//! the quotas (`quota.rs`), the capabilities this call was granted (one staging tree, some
+//! endpoints), and the host side of the small `payload` and `log` interfaces.
 
 use std::io::Read;
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use wasmtime::component::{Resource, ResourceTable};
 
 use crate::bindings::{log, payload};
 use crate::endpoint::Endpoints;
+use crate::quota::Quotas;
 use crate::staging::Staging;
 use cm_assignment::PayloadReader;
 
@@ -41,6 +42,31 @@ pub(crate) struct HostState {
     pub staging: Option<Staging>,
     pub endpoints: Arc<Endpoints>,
     pub log_sink: Option<LogSink>,
+    pub quotas: Quotas,
+}
+
+impl HostState {
+    /// One record to `tracing` and the sink (quotas already applied).
+    fn emit(&self, level: LogLevel, message: &str) {
+        let plugin = &*self.plugin;
+        match level {
+            LogLevel::Trace => tracing::trace!(plugin, "{message}"),
+            LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+            LogLevel::Info => tracing::info!(plugin, "{message}"),
+            LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+            LogLevel::Error => tracing::error!(plugin, "{message}"),
+        }
+        if let Some(sink) = &self.log_sink {
+            sink(plugin, level, message);
+        }
+    }
+
+    /// A call ended: say how many of its log records the quota dropped, if any.
+    pub(crate) fn end_call(&mut self) {
+        if let Some(summary) = self.quotas.take_dropped_summary() {
+            self.emit(LogLevel::Warn, &summary);
+        }
+    }
 }
 
 /// `ResourceLimiter` enforcing one plugin's memory cap. A refused growth is remembered so
@@ -148,7 +174,9 @@ impl log::Host for HostState {
             message.truncate(cut);
             message.push_str(" [truncated]");
         }
-        let plugin = &*self.plugin;
+        if !self.quotas.log(message.len()) {
+            return Ok(());
+        }
         let level = match level {
             log::Level::Trace => LogLevel::Trace,
             log::Level::Debug => LogLevel::Debug,
@@ -156,16 +184,7 @@ impl log::Host for HostState {
             log::Level::Warn => LogLevel::Warn,
             log::Level::Error => LogLevel::Error,
         };
-        match level {
-            LogLevel::Trace => tracing::trace!(plugin, "{message}"),
-            LogLevel::Debug => tracing::debug!(plugin, "{message}"),
-            LogLevel::Info => tracing::info!(plugin, "{message}"),
-            LogLevel::Warn => tracing::warn!(plugin, "{message}"),
-            LogLevel::Error => tracing::error!(plugin, "{message}"),
-        }
-        if let Some(sink) = &self.log_sink {
-            sink(plugin, level, &message);
-        }
+        self.emit(level, &message);
         Ok(())
     }
 }

@@ -10,6 +10,10 @@
 //! unchanged files, so no call here ever writes into an existing inode. New contents go to a
 //! fresh temporary file renamed into place; `set-mode` on a file that shares its inode first
 //! copies it to a fresh one.
+//!
+//! Every file created, byte written and file held open is charged to the call's quotas
+//! (`quota.rs`) before it happens; the staging filesystem's free space is looked at on creates
+//! and every MiB written.
 
 use std::fs::FileTimes;
 use std::io::{self, BufWriter, Write};
@@ -175,6 +179,51 @@ impl HostState {
             .as_ref()
             .map(|s| &s.root)
             .ok_or_else(|| error(ErrorKind::Io, "this call was granted no staging tree".into()))
+    }
+
+    /// Charges the entries `make-dir path` will create (those missing now) to the quotas.
+    fn charge_make_dir(&mut self, path: &str) -> wasmtime::Result<()> {
+        let (Ok(root), Ok(cleaned)) = (self.tree().cloned(), clean(path)) else {
+            return Ok(()); // `make_dir_in` reports it
+        };
+        let mut prefix = String::new();
+        for part in cleaned.split('/').filter(|p| !p.is_empty()) {
+            prefix = join(&prefix, part);
+            if root.symlink_metadata(&prefix).is_err() {
+                self.quotas.create(&root, &prefix)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Charges one new entry at `path` to the quotas.
+    fn charge_create(&mut self, path: &str) -> wasmtime::Result<()> {
+        if let Ok(root) = self.tree().cloned() {
+            self.quotas.create(&root, path)?;
+        }
+        Ok(())
+    }
+
+    /// A `set-mode` on a shared inode copies the file: the copy must fit above the reserve.
+    fn charge_set_mode(&mut self, path: &str) -> wasmtime::Result<()> {
+        let (Ok(root), Ok(cleaned)) = (self.tree().cloned(), clean_entry(path)) else {
+            return Ok(());
+        };
+        if let Ok(meta) = root.metadata(&cleaned)
+            && meta.is_file()
+            && meta.nlink() > 1
+        {
+            self.quotas.check_space(&root, &cleaned, meta.len(), 1)?;
+        }
+        Ok(())
+    }
+
+    /// Charges `len` bytes about to be appended to `writer` to the quotas.
+    fn charge_write(&mut self, writer: &Resource<FileWriter>, len: u64) -> wasmtime::Result<()> {
+        let HostState { table, quotas, .. } = self;
+        let writer = table.get(writer)?;
+        quotas.write(&writer.root, &writer.target, len)?;
+        Ok(())
     }
 
     fn make_dir_in(&self, path: &str, mode: u32) -> Result<(), Error> {
@@ -396,12 +445,14 @@ impl HostState {
                     )));
                 }
             };
-            let writer = self.table.get_mut(writer)?;
             if got == 0 {
+                let target = &self.table.get(writer)?.target;
                 let message =
-                    format!("write `{}`: payload ended {left} bytes short of {len}", writer.target);
+                    format!("write `{target}`: payload ended {left} bytes short of {len}");
                 return Ok(Err(error(ErrorKind::Payload, message)));
             }
+            self.charge_write(writer, got as u64)?;
+            let writer = self.table.get_mut(writer)?;
             if let Err(e) = writer.append(&buf[..got]) {
                 return Ok(Err(e));
             }
@@ -442,6 +493,7 @@ impl HostState {
                 Ok(n) => n,
                 Err(e) => return Ok(Err(io_error("read", &base_path, e))),
             };
+            self.charge_write(writer, got as u64)?;
             if let Err(e) = self.table.get_mut(writer)?.append(&buf[..got]) {
                 return Ok(Err(e));
             }
@@ -484,6 +536,7 @@ impl FileWriter {
 
 impl staging::Host for HostState {
     fn make_dir(&mut self, path: String, mode: u32) -> wasmtime::Result<Result<(), Error>> {
+        self.charge_make_dir(&path)?;
         Ok(self.make_dir_in(&path, mode))
     }
 
@@ -491,16 +544,27 @@ impl staging::Host for HostState {
         &mut self,
         path: String,
     ) -> wasmtime::Result<Result<Resource<FileWriter>, Error>> {
+        if let Ok(target) = clean_entry(&path) {
+            self.charge_create(&target)?;
+        }
+        self.quotas.open_file()?;
         Ok(match self.create_file_in(&path) {
             Ok(writer) => Ok(self.table.push(writer)?),
-            Err(e) => Err(e),
+            Err(e) => {
+                self.quotas.close_file();
+                Err(e)
+            }
         })
     }
 
     fn open_file(&mut self, path: String) -> wasmtime::Result<Result<Resource<FileReader>, Error>> {
+        self.quotas.open_file()?;
         Ok(match self.open_file_in(&path) {
             Ok(reader) => Ok(self.table.push(reader)?),
-            Err(e) => Err(e),
+            Err(e) => {
+                self.quotas.close_file();
+                Err(e)
+            }
         })
     }
 
@@ -518,10 +582,14 @@ impl staging::Host for HostState {
     }
 
     fn symlink(&mut self, path: String, target: String) -> wasmtime::Result<Result<(), Error>> {
+        if let Ok(link) = clean_entry(&path) {
+            self.charge_create(&link)?;
+        }
         Ok(self.symlink_in(&path, &target))
     }
 
     fn set_mode(&mut self, path: String, mode: u32) -> wasmtime::Result<Result<(), Error>> {
+        self.charge_set_mode(&path)?;
         Ok(self.set_mode_in(&path, mode))
     }
 
@@ -562,6 +630,7 @@ impl staging::HostFileReader for HostState {
 
     fn drop(&mut self, reader: Resource<FileReader>) -> wasmtime::Result<()> {
         self.table.delete(reader)?;
+        self.quotas.close_file();
         Ok(())
     }
 }
@@ -572,6 +641,7 @@ impl staging::HostFileWriter for HostState {
         writer: Resource<FileWriter>,
         bytes: Vec<u8>,
     ) -> wasmtime::Result<Result<(), Error>> {
+        self.charge_write(&writer, bytes.len() as u64)?;
         Ok(self.table.get_mut(&writer)?.append(&bytes))
     }
 
@@ -601,12 +671,14 @@ impl staging::HostFileWriter for HostState {
         mtime: i64,
     ) -> wasmtime::Result<Result<u64, Error>> {
         let writer = self.table.delete(writer)?;
+        self.quotas.close_file();
         Ok(writer.finish(mode, mtime))
     }
 
     fn drop(&mut self, writer: Resource<FileWriter>) -> wasmtime::Result<()> {
         // `FileWriter`'s own `Drop` removes the unfinished temporary file.
         self.table.delete(writer)?;
+        self.quotas.close_file();
         Ok(())
     }
 }

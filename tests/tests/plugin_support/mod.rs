@@ -48,6 +48,18 @@ pub fn load_interpreter(runtime: &PluginRuntime, file: &str) -> Arc<LoadedPlugin
         .expect("load")
 }
 
+/// The default interpreter still works on this runtime.
+pub fn host_still_works(runtime: &PluginRuntime) {
+    let staging = tempfile::tempdir().unwrap();
+    let reports = load_interpreter(runtime, "interpreter")
+        .interpreter_session(staging.path())
+        .unwrap()
+        .apply(vec![write("ok.txt", b"ok")])
+        .unwrap();
+    assert!(reports[0].outcome.is_ok());
+    assert_eq!(std::fs::read(staging.path().join("ok.txt")).unwrap(), b"ok");
+}
+
 pub fn write(path: &str, bytes: &[u8]) -> StreamedCommand {
     Command::WriteFile {
         path: path.into(),

@@ -7,7 +7,7 @@ mod client;
 mod serve;
 
 pub use client::{ClientError, JsonClient};
-pub use serve::{serve, serve_tls};
+pub use serve::{ServeLimits, serve, serve_tls, serve_with};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use serde::{Serialize, de::DeserializeOwned};
+use std::time::Duration;
 
 use crate::tls::CertRole;
 
@@ -49,15 +50,50 @@ pub fn error(status: StatusCode, msg: &str) -> Response<Body> {
     r
 }
 
-/// Reads a JSON request body of at most [`MAX_JSON_BODY`] bytes.
+/// Longest pause allowed while a request body arrives.
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest time a whole JSON request body may take (a slow drip under the idle timeout ends
+/// here too).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Reads a JSON request body of at most [`MAX_JSON_BODY`] bytes, which must keep arriving
+/// ([`BODY_IDLE_TIMEOUT`], [`BODY_TIMEOUT`]): a stalled body is answered `408` and its
+/// connection closed.
 pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {
-    let body = Limited::new(req.into_body(), MAX_JSON_BODY)
-        .collect()
-        .await
-        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("reading body: {e}")))?
-        .to_bytes();
+    let body = read_body(req.into_body(), MAX_JSON_BODY, BODY_IDLE_TIMEOUT, BODY_TIMEOUT).await?;
     serde_json::from_slice(&body)
         .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("bad JSON: {e}")))
+}
+
+/// Collects a body of at most `max` bytes, each frame within `idle`, all within `total`.
+async fn read_body<B>(
+    body: B,
+    max: usize,
+    idle: Duration,
+    total: Duration,
+) -> Result<Bytes, Response<Body>>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stalled = || error(StatusCode::REQUEST_TIMEOUT, "request body stalled");
+    let mut body = Limited::new(body, max);
+    let mut bytes = Vec::new();
+    let collect = async {
+        while let Some(frame) =
+            tokio::time::timeout(idle, body.frame()).await.map_err(|_| stalled())?
+        {
+            let frame =
+                frame.map_err(|e| error(StatusCode::BAD_REQUEST, &format!("reading body: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                bytes.extend_from_slice(&data);
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(total, collect).await.map_err(|_| stalled())??;
+    Ok(Bytes::from(bytes))
 }
 
 /// Who a request is from.
@@ -151,5 +187,34 @@ mod tests {
         assert_eq!(parse_range_start("bytes=1048576-"), Some(1048576));
         assert_eq!(parse_range_start("bytes=0-10"), None);
         assert_eq!(parse_range_start("items=3-"), None);
+    }
+
+    /// A body that sends one frame, then nothing ever again.
+    struct Stalls(bool);
+
+    impl hyper::body::Body for Stalls {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            if std::mem::replace(&mut self.0, true) {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from("{")))))
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_is_answered_408() {
+        let idle = Duration::from_millis(50);
+        let r = read_body(Stalls(false), 1024, idle, Duration::from_secs(60)).await.unwrap_err();
+        assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
+        let whole = read_body(full("{}"), 1024, Duration::from_secs(60), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(&whole[..], b"{}");
     }
 }

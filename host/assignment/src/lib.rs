@@ -10,6 +10,7 @@
 //! - [`delta`]: the delta engine (prefix/suffix, then rolling hash + BLAKE3 blocks).
 //! - [`detect`]: staging vs shadow → an assignment.
 //! - [`policy`]: per-file compression policy.
+//! - [`sign`]: the manager's Ed25519 signatures and the keys servers pin.
 //! - [`cipher`]: optional ChaCha20-Poly1305 encryption of the data part, chunk by chunk.
 //! - [`reference`]: a native interpreter giving each command its exact meaning; tests compare
 //!   the plugin interpreter's results against it.
@@ -22,6 +23,7 @@ pub mod payload;
 pub mod policy;
 pub mod read;
 pub mod reference;
+pub mod sign;
 pub mod write;
 
 pub use cipher::CipherKey;
@@ -30,6 +32,7 @@ pub use format::{AssignmentType, Codec, Command, DeltaOp, Header, Payload};
 pub use payload::{MemoryPayload, PayloadReader, StreamedCommand};
 pub use policy::CompressionPolicy;
 pub use read::{AssignmentReader, PayloadStream, ReadError};
+pub use sign::{PublicKey, SignatureError, SigningKey, TrustedKeys};
 pub use write::{AssignmentWriter, ChangeOutcome, Meta, WriteError};
 
 /// The cluster's key for sealing assignments: with it the trailer is a keyed BLAKE3, so only

@@ -152,6 +152,7 @@ fn run_one(
     cfg.chunk_size = a.chunk_kib << 10;
     cfg.tick = Duration::from_millis(10);
     cfg.egress_bytes_per_sec = egress;
+    cfg.signer = Some(cm_tests::test_signer().clone());
     let (url, _m) = NodeThread::spawn("manager", move || async move {
         Manager::start(cfg).await.expect("manager").url().to_string()
     })
@@ -163,6 +164,7 @@ fn run_one(
         let mut l = LeaderConfig::new(&seg, &format!("{seg}-gl"), AGENT, &dir.path().join(&seg));
         l.egress_bytes_per_sec = egress;
         l.stall = Duration::from_secs(30);
+        l.manager_keys = cm_tests::test_pins();
         let d = Arc::new(ReportOnlyDelivery(format!("{seg}-gl")));
         let (node, thread) =
             NodeThread::spawn(

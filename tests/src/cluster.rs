@@ -44,6 +44,11 @@ pub struct Layout {
     pub max_rate_mbps: Option<u64>,
     /// Mutual TLS between every process (`cmover cert` certificates) instead of tokens.
     pub tls: bool,
+    /// The manager seals every assignment (`--seal-secret-file`); agents get the secret.
+    pub seal: bool,
+    /// Changes server `n`'s spec before it starts (its seal secret, weight, pinned key…).
+    #[allow(clippy::type_complexity)]
+    pub tweak: Option<Box<dyn Fn(usize, &mut AgentSpec)>>,
 }
 
 impl Layout {
@@ -56,6 +61,8 @@ impl Layout {
             report_wait_ms: 5000,
             max_rate_mbps: None,
             tls: false,
+            seal: false,
+            tweak: None,
         }
     }
 }
@@ -69,7 +76,7 @@ impl TestCluster {
         let manager = launch::start_manager(
             &bin,
             dir.path(),
-            &ManagerOptions { tls: layout.tls, ..ManagerOptions::default() },
+            &ManagerOptions { tls: layout.tls, seal: layout.seal, ..ManagerOptions::default() },
         )?;
         let secret = launch::write_secret(dir.path())?;
         let staging = dir.path().join("staging");
@@ -86,7 +93,7 @@ impl TestCluster {
                 port + 4 * s as u16 + 2,
             ));
             for n in 0..layout.servers {
-                let spec = AgentSpec {
+                let mut spec = AgentSpec {
                     name: format!("{seg}-{n}"),
                     node_id: (s * 100 + n + 1) as u64,
                     segment: seg.clone(),
@@ -98,7 +105,12 @@ impl TestCluster {
                     site_name: "www".into(),
                     weight: 0,
                     max_rate_mbps: layout.max_rate_mbps,
+                    seal: Default::default(),
+                    manager_key: None,
                 };
+                if let Some(t) = &layout.tweak {
+                    t(n, &mut spec);
+                }
                 let a = launch::start_agent(&bin, dir.path(), &manager, &secret, &spec)?;
                 agents.push(a);
             }
@@ -157,7 +169,12 @@ impl TestCluster {
                 "--leader-fanout",
                 &o.leader_fanout.to_string(),
             ])
-            .args(["--chunk-kib", &o.chunk_kib.to_string()]);
+            .args(["--chunk-kib", &o.chunk_kib.to_string()])
+            .arg("--signing-key")
+            .arg(&m.signing_key_file);
+        if let Some(f) = &m.seal_secret_file {
+            cmd.arg("--seal-secret-file").arg(f);
+        }
         self.restarts += 1;
         let log = self.dir.path().join("logs").join(format!("manager-{}.log", self.restarts));
         self.manager.guard = launch::ProcessGuard::spawn("manager", cmd, log)?;

@@ -13,6 +13,21 @@ use std::sync::OnceLock;
 
 use cm_assignment::detect::{Entry, scan};
 
+/// One manager signing key for the in-process tests (the manager signs with it, the GLs pin
+/// it), made once per test process.
+pub fn test_signer() -> &'static cm_assignment::SigningKey {
+    static KEY: OnceLock<cm_assignment::SigningKey> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let der = cm_assignment::SigningKey::generate_pkcs8().expect("generating a key");
+        cm_assignment::SigningKey::from_pkcs8(&der).expect("a fresh key loads")
+    })
+}
+
+/// The pins matching [`test_signer`].
+pub fn test_pins() -> cm_assignment::TrustedKeys {
+    cm_assignment::TrustedKeys::new([test_signer().public_key()])
+}
+
 /// The workspace root (the directory holding the top-level `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()

@@ -4,12 +4,25 @@ use std::fs;
 use std::path::Path;
 
 use cm_assignment::format::{HEADER_LEN, Header};
-use cm_assignment::{AssignmentReader, AssignmentType, BuildOptions, ReadError, SealKey, build};
+use cm_assignment::sign::sign_copy;
+use cm_assignment::{
+    AssignmentReader, AssignmentType, BuildOptions, ReadError, SealKey, SignatureError, SigningKey,
+    TrustedKeys, build,
+};
 
 /// Opens, verifies and decodes every command and payload: the whole check a server does.
 fn full_check(path: &Path, key: Option<&SealKey>) -> Result<u64, String> {
+    signed_check(path, key, None)
+}
+
+/// [`full_check`] with pinned manager keys (a server's check).
+fn signed_check(
+    path: &Path,
+    key: Option<&SealKey>,
+    signers: Option<&TrustedKeys>,
+) -> Result<u64, String> {
     let r = AssignmentReader::open(path).map_err(|e| e.to_string())?;
-    r.verify(key).map_err(|e| e.to_string())?;
+    r.verify(key, signers).map_err(|e| e.to_string())?;
     let mut n = 0;
     for c in r.commands() {
         let (_, cmd) = c.map_err(|e| e.to_string())?;
@@ -22,7 +35,19 @@ fn full_check(path: &Path, key: Option<&SealKey>) -> Result<u64, String> {
     Ok(n)
 }
 
+fn new_key() -> SigningKey {
+    SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap()
+}
+
 fn sample(dir: &Path, seal: Option<SealKey>) -> std::path::PathBuf {
+    sample_signed(dir, seal, None)
+}
+
+fn sample_signed(
+    dir: &Path,
+    seal: Option<SealKey>,
+    signer: Option<SigningKey>,
+) -> std::path::PathBuf {
     let (old, new) = (dir.join("old"), dir.join("new"));
     fs::create_dir_all(old.join("d")).unwrap();
     fs::create_dir_all(new.join("d")).unwrap();
@@ -37,6 +62,7 @@ fn sample(dir: &Path, seal: Option<SealKey>) -> std::path::PathBuf {
     let out = dir.join("sample.cma");
     let mut opts = BuildOptions::new(AssignmentType::Publish, 9);
     opts.seal = seal;
+    opts.signer = signer;
     let f = fs::File::options().write(true).open(new.join("d/page.html")).unwrap();
     f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(77)).unwrap();
     build(&new, Some(&old), &out, &opts).unwrap();
@@ -108,4 +134,63 @@ fn forged_assignments_are_refused_by_a_sealed_site() {
     let forged = dir.path().join("forged.cma");
     fs::write(&forged, &bytes).unwrap();
     assert!(full_check(&forged, Some(&key)).unwrap_err().contains("forged"));
+}
+
+#[test]
+fn signatures_pin_the_manager_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, other) = (new_key(), new_key());
+    let pinned = TrustedKeys::new([manager.public_key()]);
+    let signed = sample_signed(dir.path(), None, Some(manager.clone()));
+    assert!(signed_check(&signed, None, Some(&pinned)).unwrap() >= 3);
+    // Every bit counts, the signature block's included.
+    let bytes = fs::read(&signed).unwrap();
+    let bad = dir.path().join("bad.cma");
+    for bit in 0..bytes.len() * 8 {
+        let mut b = bytes.clone();
+        b[bit / 8] ^= 1 << (bit % 8);
+        fs::write(&bad, &b).unwrap();
+        assert!(
+            signed_check(&bad, None, Some(&pinned)).is_err(),
+            "flipping bit {bit} went unnoticed"
+        );
+    }
+    // Cut inside the signature block: truncated (incomplete), not malformed.
+    let cut = dir.path().join("cut.cma");
+    let unsigned_dir = dir.path().join("u");
+    fs::create_dir_all(&unsigned_dir).unwrap();
+    let unsigned = sample(&unsigned_dir, None);
+    fs::write(&cut, &bytes[..bytes.len() - 1]).unwrap();
+    assert!(matches!(AssignmentReader::open(&cut), Err(ReadError::Truncated { .. })));
+    // Unsigned, or signed by a key nobody pinned: refused with a typed error.
+    let r = AssignmentReader::open(&unsigned).unwrap();
+    assert!(matches!(r.verify(None, Some(&pinned)), Err(ReadError::Unsigned)));
+    assert!(r.verify(None, None).is_ok(), "hand tools without pins still read it");
+    let forged_dir = dir.path().join("f");
+    fs::create_dir_all(&forged_dir).unwrap();
+    let forged = sample_signed(&forged_dir, None, Some(other.clone()));
+    let r = AssignmentReader::open(&forged).unwrap();
+    assert!(matches!(
+        r.verify(None, Some(&pinned)),
+        Err(ReadError::Signature(SignatureError::UnknownKey { .. }))
+    ));
+    assert!(matches!(
+        r.verify(None, Some(&TrustedKeys::default())),
+        Err(ReadError::Signature(SignatureError::NoTrustedKeys))
+    ));
+    // Rotation: old and next key pinned, either verifies.
+    let both = TrustedKeys::new([manager.public_key(), other.public_key()]);
+    assert!(signed_check(&forged, None, Some(&both)).is_ok());
+    // The manager signs an operator's ready-made file (re-signing a signed one too), sealing
+    // it on the way; a corrupted file is refused instead of signed.
+    let key = SealKey::derive(b"operator secret");
+    let resigned = dir.path().join("resigned.cma");
+    sign_copy(&forged, &resigned, Some(&key), &manager).unwrap();
+    assert!(signed_check(&resigned, Some(&key), Some(&pinned)).is_ok());
+    let mut b = fs::read(&unsigned).unwrap();
+    let last = b.len() - 1;
+    b[last] ^= 1;
+    fs::write(&bad, &b).unwrap();
+    assert!(sign_copy(&bad, &dir.path().join("x.cma"), None, &manager).is_err());
+    assert!(!dir.path().join("x.cma").exists());
 }

@@ -8,7 +8,9 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-use cm_assignment::{AssignmentReader, AssignmentType, BuildOptions, build, reference};
+use cm_assignment::{
+    AssignmentReader, AssignmentType, BuildOptions, SigningKey, TrustedKeys, build, reference,
+};
 use cm_tests::observe;
 use proptest::prelude::*;
 
@@ -111,12 +113,19 @@ fn check(old: BTreeMap<&str, Node>, new: BTreeMap<&str, Node>) -> Result<(), Tes
     make_tree(&new_root, &new, 2_000_000);
     copy_tree(&old_root, &applied);
     let file = dir.path().join("a.cma");
-    match build(&new_root, Some(&old_root), &file, &BuildOptions::new(AssignmentType::Publish, 1)) {
+    // Signed, as the manager's are: the round trip covers the signature block too.
+    static KEY: std::sync::OnceLock<SigningKey> = std::sync::OnceLock::new();
+    let key =
+        KEY.get_or_init(|| SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap());
+    let mut opts = BuildOptions::new(AssignmentType::Publish, 1);
+    opts.signer = Some(key.clone());
+    match build(&new_root, Some(&old_root), &file, &opts) {
         // Links that loop, or that combine into an escape, are refused by design.
         Err(cm_assignment::detect::BuildError::SymlinkChain { .. }) => return Ok(()),
         r => r.unwrap(),
     };
     let r = AssignmentReader::open(&file).unwrap();
+    r.verify(None, Some(&TrustedKeys::new([key.public_key()]))).unwrap();
     reference::apply_all(&r, &applied).unwrap();
     prop_assert_eq!(observe(&applied), observe(&new_root));
     Ok(())

@@ -81,7 +81,7 @@ fn build_show_apply_commit_rollback_with_the_bundled_plugin() {
     );
 
     // Default interpreter: the bundled plugin.
-    let out = ok(d, &["assignment", "apply", "1.cma", "--site", "site"]);
+    let out = ok(d, &["assignment", "apply", "--unsigned", "1.cma", "--site", "site"]);
     assert!(out.contains("release 1 built"), "{out}");
     let out = ok(d, &["site", "status", "--site", "site"]);
     assert!(out.contains("live: none") && out.contains("prepared"), "{out}");
@@ -95,6 +95,7 @@ fn build_show_apply_commit_rollback_with_the_bundled_plugin() {
         &[
             "assignment",
             "apply",
+            "--unsigned",
             "2.cma",
             "--site",
             "site",
@@ -133,10 +134,10 @@ fn build_show_apply_commit_rollback_with_the_bundled_plugin() {
             "c.cma",
         ],
     );
-    let out = ok(d, &["assignment", "apply", "c.cma", "--site", "site"]);
+    let out = ok(d, &["assignment", "apply", "--unsigned", "c.cma", "--site", "site"]);
     assert!(out.contains("release 2 is live"), "{out}");
     ok(d, &["assignment", "build", "--type", "rollback", "--serial", "4", "-o", "r.cma"]);
-    ok(d, &["assignment", "apply", "r.cma", "--site", "site", "--native"]);
+    ok(d, &["assignment", "apply", "--unsigned", "r.cma", "--site", "site", "--native"]);
     assert_eq!(observe(&d.join("site/current")), observe(&d.join("v1")));
 
     // A publish without --staging, an unknown type, a missing component: clear refusals.
@@ -147,7 +148,16 @@ fn build_show_apply_commit_rollback_with_the_bundled_plugin() {
     assert!(out.contains("unknown assignment type"), "{out}");
     let out = fails(
         d,
-        &["assignment", "apply", "2.cma", "--site", "site", "--interpreter", "missing.wasm"],
+        &[
+            "assignment",
+            "apply",
+            "--unsigned",
+            "2.cma",
+            "--site",
+            "site",
+            "--interpreter",
+            "missing.wasm",
+        ],
     );
     assert!(out.contains("missing.wasm"), "{out}");
 }
@@ -199,7 +209,7 @@ fn installed_plugin_sealing_encryption_and_refusals() {
     );
 
     let apply = |file: &str, extra: &[&str]| {
-        let mut args = vec!["assignment", "apply", file, "--site", "www"];
+        let mut args = vec!["assignment", "apply", "--unsigned", file, "--site", "www"];
         args.extend(extra);
         cmover(d, &args)
     };
@@ -241,6 +251,7 @@ fn installed_plugin_sealing_encryption_and_refusals() {
         &[
             "assignment",
             "apply",
+            "--unsigned",
             "2.cma",
             "--site",
             "elsewhere",
@@ -261,4 +272,75 @@ fn installed_plugin_sealing_encryption_and_refusals() {
     assert!(success, "{out}");
     ok(d, &["site", "commit", "--site", "www", "--native", "--secret-file", "secret"]);
     assert_eq!(observe(&d.join("www/current")), observe(&d.join("v2")));
+}
+
+#[test]
+fn signing_keys_from_cert_and_signed_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    trees(d);
+    let out = ok(d, &["cert", "signing-key", "--dir", "keys", "--name", "m"]);
+    assert!(out.contains("keys/m.pub"), "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(d.join("keys/m.pk8")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the signing key is owner-only");
+    // Never overwritten: a second run refuses.
+    fails(d, &["cert", "signing-key", "--dir", "keys", "--name", "m"]);
+    ok(d, &["cert", "signing-key", "--dir", "keys", "--name", "other"]);
+    let build = |key: &str, out: &str| {
+        ok(
+            d,
+            &[
+                "assignment",
+                "build",
+                "--staging",
+                "v1",
+                "--serial",
+                "1",
+                "-o",
+                out,
+                "--signing-key",
+                key,
+            ],
+        )
+    };
+    build("keys/m.pk8", "m.cma");
+    build("keys/other.pk8", "other.cma");
+    // Applying needs a decision about signatures.
+    let out = fails(d, &["assignment", "apply", "m.cma", "--site", "site", "--native"]);
+    assert!(out.contains("--manager-key") && out.contains("--unsigned"), "{out}");
+    let out = fails(
+        d,
+        &[
+            "assignment",
+            "apply",
+            "other.cma",
+            "--site",
+            "site",
+            "--native",
+            "--manager-key",
+            "keys/m.pub",
+        ],
+    );
+    assert!(out.contains("not one of the pinned manager keys"), "{out}");
+    assert!(!d.join("site/releases/1").exists());
+    // Rotation: the file pins both keys.
+    let both = fs::read_to_string(d.join("keys/m.pub")).unwrap()
+        + &fs::read_to_string(d.join("keys/other.pub")).unwrap();
+    fs::write(d.join("both.pub"), both).unwrap();
+    ok(
+        d,
+        &[
+            "assignment",
+            "apply",
+            "other.cma",
+            "--site",
+            "site",
+            "--native",
+            "--manager-key",
+            "both.pub",
+        ],
+    );
+    let out = ok(d, &["assignment", "show", "m.cma", "--manager-key", "keys/m.pub"]);
+    assert!(out.contains("hashes and signature: ok"), "{out}");
 }

@@ -5,7 +5,7 @@
 
 use std::fs;
 
-use cm_assignment::{AssignmentType, BuildOptions, build};
+use cm_assignment::{AssignmentType, BuildOptions, SigningKey, build};
 use cm_manager::model::{JobKind, JobState, Payload, ServerOutcome};
 use cm_tests::cluster::{Layout, TestCluster};
 use cm_tests::observe;
@@ -29,7 +29,11 @@ async fn corrupted_assignment_is_rejected_reported_and_live_untouched() {
     )
     .unwrap();
     let file = other.path().join("bad.cma");
-    build(other.path(), None, &file, &BuildOptions::new(AssignmentType::Replicate, 50)).unwrap();
+    // Signed with the manager's key (as `cmover assignment build --signing-key` would), so the
+    // manager sends it as it is instead of checking it and refusing to sign it.
+    let mut opts = BuildOptions::new(AssignmentType::Replicate, 50);
+    opts.signer = Some(SigningKey::load(&c.manager.signing_key_file).unwrap());
+    build(other.path(), None, &file, &opts).unwrap();
     let mut bytes = fs::read(&file).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;

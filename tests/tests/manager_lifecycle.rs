@@ -318,6 +318,7 @@ fn a_new_leader_elected_mid_run_is_notified_and_the_old_leaders_report_is_ignore
     let members = c.gls[0].members.clone();
     let mut l = LeaderConfig::new("seg00", "seg00-s1", AGENT, &c.dir.path().join("gl-new"));
     l.stall = Duration::from_secs(2);
+    l.manager_keys = cm_tests::test_pins();
     let d = Arc::new(CopyDelivery { members: members.clone() });
     let (new_gl, _new_thread): (LeaderNode, NodeThread) = NodeThread::spawn(
         "seg00-new",
@@ -419,6 +420,7 @@ fn a_manager_restarted_during_the_commit_run_finishes_the_commit() {
     cfg.tick = Duration::from_millis(50);
     cfg.probe_interval = Duration::from_millis(300);
     cfg.chunk_size = 64 << 10;
+    cfg.signer = Some(cm_tests::test_signer().clone());
     let (_, _, thread) = start_manager(cfg);
     c.manager = thread;
     c.op = cm_tests::loopback::operator_client(OP);

@@ -125,3 +125,35 @@ fn hot_content_goes_live_at_once() {
     assert_eq!(r.now_live, Some(7));
     assert_eq!(fs::read(site.live_path().join("flash/sale.html")).unwrap(), b"50% off");
 }
+
+#[test]
+fn an_old_switching_assignment_is_refused_as_a_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let site = Site::open(&d.join("site"), SiteConfig::default()).unwrap();
+    let mut interp = NativeInterpreter;
+    let (v1, v2) = (d.join("v1"), d.join("v2"));
+    write_tree(&v1, &[("index.html", b"one")], 1000);
+    write_tree(&v2, &[("index.html", b"two")], 2000);
+    site.apply(&assignment(d, "1.cma", AssignmentType::Replicate, 1, 0, &v1, None), &mut interp)
+        .unwrap();
+    let commit_1 = switch_assignment(d, "c1.cma", AssignmentType::Commit, 2, 1);
+    site.apply(&commit_1, &mut interp).unwrap();
+    site.apply(&assignment(d, "3.cma", AssignmentType::Publish, 3, 1, &v2, Some(&v1)), &mut interp)
+        .unwrap();
+    site.apply(&switch_assignment(d, "c3.cma", AssignmentType::Commit, 4, 3), &mut interp).unwrap();
+    // The genuine commit of release 1, delivered again: refused, live stays release 3.
+    let e = site.apply(&commit_1, &mut interp).unwrap_err();
+    assert!(matches!(e, cm_site::SiteError::Replay { serial: 2, newest: 4, .. }), "{e}");
+    assert_eq!(site.status().unwrap().current, Some(3));
+    // So is an old rollback or hot content; a newer one still works.
+    let old_rb = switch_assignment(d, "rb.cma", AssignmentType::Rollback, 4, 0);
+    assert!(matches!(site.apply(&old_rb, &mut interp), Err(cm_site::SiteError::Replay { .. })));
+    let rb = switch_assignment(d, "rb5.cma", AssignmentType::Rollback, 5, 0);
+    assert_eq!(site.apply(&rb, &mut interp).unwrap().now_live, Some(1));
+    // The newest serial survives reopening the site.
+    drop(site);
+    let site = Site::open(&d.join("site"), SiteConfig::default()).unwrap();
+    let e = site.apply(&switch_assignment(d, "c4.cma", AssignmentType::Commit, 5, 3), &mut interp);
+    assert!(matches!(e, Err(cm_site::SiteError::Replay { serial: 5, newest: 5, .. })), "{e:?}");
+}

@@ -98,6 +98,11 @@ pub struct ManagerProcess {
     /// With mutual TLS: the cluster CA's directory (`cmover cert init`), from which each agent
     /// gets its certificate, and the operator's certificate files.
     pub tls: Option<ClusterTls>,
+    /// The manager's signing key (`cmover cert signing-key`) and the public key agents pin.
+    pub signing_key_file: PathBuf,
+    pub public_key_file: PathBuf,
+    /// The secret the manager seals with (`--seal-secret-file`), when sealing.
+    pub seal_secret_file: Option<PathBuf>,
 }
 
 /// A cluster's TLS material on disk.
@@ -177,6 +182,8 @@ pub struct ManagerOptions {
     /// Mutual TLS: a cluster CA in `dir/ca`, certificates for the manager, the operator and
     /// each agent (`cmover cert`); the API and the tree over HTTPS.
     pub tls: bool,
+    /// Seal every assignment with a secret in `dir/secrets/seal.key` (agents get it too).
+    pub seal: bool,
 }
 
 impl Default for ManagerOptions {
@@ -188,6 +195,7 @@ impl Default for ManagerOptions {
             leader_fanout: 2,
             chunk_kib: 64,
             tls: false,
+            seal: false,
         }
     }
 }
@@ -215,6 +223,25 @@ pub fn start_manager(bin: &Path, dir: &Path, o: &ManagerOptions) -> io::Result<M
         .args(["--root-fanout", &o.root_fanout.to_string()])
         .args(["--leader-fanout", &o.leader_fanout.to_string()])
         .args(["--chunk-kib", &o.chunk_kib.to_string()]);
+    // Every run is signed: the key is made once (`cmover cert signing-key`) and kept across
+    // restarts; agents pin its public half.
+    let (signing_key_file, public_key_file) =
+        (secrets.join("manager-signing.pk8"), secrets.join("manager-signing.pub"));
+    if !signing_key_file.exists() {
+        let dir = secrets.display().to_string();
+        run_cmover(bin, &["cert", "signing-key", "--dir", &dir, "--name", "manager-signing"])?;
+    }
+    cmd.arg("--signing-key").arg(&signing_key_file);
+    let seal_secret_file = if o.seal {
+        let f = secrets.join("seal.key");
+        if !f.exists() {
+            std::fs::write(&f, token(32))?;
+        }
+        cmd.arg("--seal-secret-file").arg(&f);
+        Some(f)
+    } else {
+        None
+    };
     let tls = if o.tls {
         let ca_dir = dir.join("ca");
         run_cmover(bin, &["cert", "init", "--dir", &ca_dir.display().to_string()])?;
@@ -246,6 +273,9 @@ pub fn start_manager(bin: &Path, dir: &Path, o: &ManagerOptions) -> io::Result<M
         agent_token,
         agent_token_file: agent_file,
         tls,
+        signing_key_file,
+        public_key_file,
+        seal_secret_file,
     })
 }
 
@@ -266,6 +296,23 @@ pub struct AgentSpec {
     pub weight: u8,
     /// Cap on the GL's MCTP rate (tests slow a distribution down with it).
     pub max_rate_mbps: Option<u64>,
+    /// The seal secret this agent is given.
+    pub seal: AgentSeal,
+    /// The manager public key file it pins (`None`: the manager's; a test's rogue agent pins
+    /// another).
+    pub manager_key: Option<PathBuf>,
+}
+
+/// Which seal secret an agent gets (`[site] seal_secret_file`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AgentSeal {
+    /// The manager's, if it seals (what a real cluster does).
+    #[default]
+    FromManager,
+    /// This file (a test's wrong secret).
+    File(PathBuf),
+    /// None, whatever the manager does.
+    Off,
 }
 
 /// A running agent process and where its things are.
@@ -318,13 +365,20 @@ pub fn start_agent(
         }
         None => String::new(),
     };
+    let seal = match &spec.seal {
+        AgentSeal::FromManager => manager.seal_secret_file.clone(),
+        AgentSeal::File(f) => Some(f.clone()),
+        AgentSeal::Off => None,
+    };
+    let seal =
+        seal.map(|f| format!("seal_secret_file = \"{}\"\n", f.display())).unwrap_or_default();
     let config = format!(
         "[node]\nid = {id}\nname = \"{name}\"\ndata_dir = \"{dir}\"\n\n\
          [segment]\nname = \"{segment}\"\ncontrol_channel = \"{control}\"\ninterface = \"127.0.0.1\"\nloopback = true\nsecret_file = \"{secret}\"\n\n\
          [election]\nheartbeat_ms = {hb}\noperator_weight = {weight}\n\n\
          [status]\nlisten = \"{status}\"\n\n\
-         [manager]\nurl = \"{url}\"\ntoken_file = \"{token}\"\n\n\
-         [site]\nroot = \"{site}\"\nname = \"{site_name}\"\n\n\
+         [manager]\nurl = \"{url}\"\ntoken_file = \"{token}\"\npublic_key_file = \"{public_key}\"\n\n\
+         [site]\nroot = \"{site}\"\nname = \"{site_name}\"\n{seal}\n\
          [plugins]\nstore = \"{plugins}\"\n\n\
          [data]\nchannel = \"{data}\"\nframe_size = 8192\nsession_timeout_ms = 5000\n{rate}\n\
          [leader]\nlocation = \"{location}\"\nreport_wait_ms = {wait}\ndiscovery_interval_ms = 5000\n{tls}",
@@ -338,6 +392,7 @@ pub fn start_agent(
         weight = spec.weight,
         url = manager.url,
         token = manager.agent_token_file.display(),
+        public_key = spec.manager_key.as_ref().unwrap_or(&manager.public_key_file).display(),
         site = site_root.display(),
         site_name = spec.site_name,
         plugins = dir.join("plugins").display(),

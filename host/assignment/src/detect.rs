@@ -15,7 +15,7 @@ use crate::links::{ChainError, resolve_chain};
 use crate::policy::{CompressionPolicy, SpecialBits};
 use crate::reference::mtime_secs;
 use crate::write::{AssignmentWriter, ChangeOutcome, Meta, WriteError};
-use crate::{CipherKey, SealKey};
+use crate::{CipherKey, SealKey, SigningKey};
 
 /// One entry of a scanned tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +106,8 @@ pub struct BuildOptions {
     pub seal: Option<SealKey>,
     /// When set, the data part is encrypted under this key.
     pub cipher: Option<CipherKey>,
+    /// When set, the assignment is signed with the manager's key.
+    pub signer: Option<SigningKey>,
     /// Files at least this long are sent as deltas when that saves bytes.
     pub delta_min: u64,
     /// What becomes of setuid, setgid and sticky bits in staging.
@@ -119,6 +121,7 @@ impl BuildOptions {
             policy: CompressionPolicy::default(),
             seal: None,
             cipher: None,
+            signer: None,
             delta_min: 256,
             special_bits: SpecialBits::default(),
         }
@@ -195,6 +198,9 @@ pub fn build(
         w.encrypt_with(k.clone());
     }
     w.describe_tree()?;
+    if let Some(k) = &opts.signer {
+        w.sign_with(k.clone());
+    }
     let mut walk = Walk { staging, shadow, opts, w, report: BuildReport::default(), held: 0 };
     walk.run()?;
     let Walk { w, mut report, .. } = walk;
@@ -462,9 +468,18 @@ fn same_content(a: &Path, b: &Path) -> Result<bool, BuildError> {
     Ok(hash_file(a)? == hash_file(b)?)
 }
 
-/// Writes a header-only assignment (commit, rollback, switch).
-pub fn build_switch(out: &Path, meta: Meta, seal: Option<SealKey>) -> Result<Header, WriteError> {
-    AssignmentWriter::create(out, meta, CompressionPolicy::none(), seal)?.finish()
+/// Writes a header-only assignment (commit, rollback, switch), signed when `signer` is given.
+pub fn build_switch(
+    out: &Path,
+    meta: Meta,
+    seal: Option<SealKey>,
+    signer: Option<SigningKey>,
+) -> Result<Header, WriteError> {
+    let mut w = AssignmentWriter::create(out, meta, CompressionPolicy::none(), seal)?;
+    if let Some(k) = signer {
+        w.sign_with(k);
+    }
+    w.finish()
 }
 
 #[cfg(test)]
@@ -516,7 +531,7 @@ mod tests {
 
     fn apply(assignment: &Path, root: &Path) {
         let r = crate::AssignmentReader::open(assignment).unwrap();
-        r.verify(None).unwrap();
+        r.verify(None, None).unwrap();
         crate::reference::apply_all(&r, root).unwrap();
     }
 

@@ -109,11 +109,14 @@ pub mod flags {
     pub const ENCRYPTED: u8 = 2;
     /// The trailer is a keyed BLAKE3 under the cluster's assignment key (see [`crate::SealKey`]).
     pub const SEALED: u8 = 4;
+    /// A signature block (key id ‖ Ed25519 signature of the trailer, see [`crate::sign`])
+    /// follows the trailer.
+    pub const SIGNED: u8 = 8;
     /// The body ends with the manifest of the whole resulting tree ([`TreeEntry`] records).
     ///
     /// [`TreeEntry`]: super::TreeEntry
     pub const TREE: u8 = 16;
-    pub const KNOWN: u8 = COMPRESSED | ENCRYPTED | SEALED | TREE;
+    pub const KNOWN: u8 = COMPRESSED | ENCRYPTED | SEALED | SIGNED | TREE;
 }
 
 /// The fixed-size header.
@@ -137,6 +140,18 @@ pub struct Header {
 }
 
 impl Header {
+    /// Bytes of the signature block after the trailer: 72 when `SIGNED`, else 0.
+    pub fn signature_len(&self) -> u64 {
+        if self.flags & flags::SIGNED != 0 { crate::sign::SIGNATURE_BLOCK_LEN as u64 } else { 0 }
+    }
+
+    /// Where the data part starts: header, body, trailer and signature block before it.
+    pub fn data_start(&self) -> Option<u64> {
+        (HEADER_LEN as u64)
+            .checked_add(self.body_len)?
+            .checked_add(TRAILER_LEN as u64 + self.signature_len())
+    }
+
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut w = Writer::with_capacity(HEADER_LEN);
         w.bytes(&MAGIC).u16(VERSION).u8(self.kind as u8).u8(self.flags);

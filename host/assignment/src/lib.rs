@@ -11,6 +11,7 @@
 //! - [`detect`]: staging vs shadow → an assignment (with the manifest of the whole tree).
 //! - [`links`]: symlink chains resolved on the whole tree (no two links combine to escape).
 //! - [`policy`]: per-file compression policy.
+//! - [`sign`]: the manager's Ed25519 signatures and the keys servers pin.
 //! - [`cipher`]: optional ChaCha20-Poly1305 encryption of the data part, chunk by chunk.
 //! - [`reference`]: a native interpreter giving each command its exact meaning; tests compare
 //!   the plugin interpreter's results against it.
@@ -24,6 +25,7 @@ pub mod payload;
 pub mod policy;
 pub mod read;
 pub mod reference;
+pub mod sign;
 pub mod write;
 
 pub use cipher::CipherKey;
@@ -32,6 +34,7 @@ pub use format::{AssignmentType, Codec, Command, DeltaOp, Header, Payload, TreeE
 pub use payload::{MemoryPayload, PayloadReader, StreamedCommand};
 pub use policy::CompressionPolicy;
 pub use read::{AssignmentReader, PayloadStream, ReadError};
+pub use sign::{PublicKey, SignatureError, SigningKey, TrustedKeys};
 pub use write::{AssignmentWriter, ChangeOutcome, Meta, WriteError};
 
 /// The cluster's key for sealing assignments: with it the trailer is a keyed BLAKE3, so only

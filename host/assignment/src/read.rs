@@ -15,6 +15,7 @@ use crate::format::{
     Codec, Command, HEADER_LEN, Header, HeaderError, MAX_RECORD, Payload, Record, TRAILER_LEN,
     TreeEntry, flags, tree_order,
 };
+use crate::sign::{ASSIGNMENT_DOMAIN, SIGNATURE_BLOCK_LEN, Signature, SignatureError, TrustedKeys};
 use crate::{SealKey, trailer_hasher};
 
 /// Why an assignment cannot be read. Positions name the command (0-based) where one is known.
@@ -34,6 +35,12 @@ pub enum ReadError {
         "assignment is not sealed with this site's key (refusing an unauthenticated assignment)"
     )]
     NotSealed,
+    #[error(
+        "assignment is not signed by the manager (refusing: this server pins the manager's key)"
+    )]
+    Unsigned,
+    #[error("assignment signature: {0}")]
+    Signature(#[from] SignatureError),
     #[error("assignment is sealed but no key was given to check it")]
     KeyRequired,
     #[error("assignment is encrypted but no key was given to decrypt it")]
@@ -177,13 +184,9 @@ impl AssignmentReader {
         let got = read_up_to(&file, &mut hb)
             .map_err(|source| ReadError::Io { what: "reading the header", source })?;
         let header = Header::decode(&hb[..got])?;
-        let expected = (HEADER_LEN as u64)
-            .checked_add(header.body_len)
-            .and_then(|n| n.checked_add(TRAILER_LEN as u64))
-            .and_then(|n| n.checked_add(header.data_len))
-            .ok_or(ReadError::Header(HeaderError::Decode(DecodeError::malformed(
-                "sizes overflow",
-            ))))?;
+        let expected = header.data_start().and_then(|n| n.checked_add(header.data_len)).ok_or(
+            ReadError::Header(HeaderError::Decode(DecodeError::malformed("sizes overflow"))),
+        )?;
         if expected != actual {
             return Err(ReadError::Truncated { expected, actual });
         }
@@ -253,13 +256,19 @@ impl AssignmentReader {
     }
 
     fn data_start(&self) -> u64 {
-        HEADER_LEN as u64 + self.header.body_len + TRAILER_LEN as u64
+        // Checked not to overflow in `open`.
+        HEADER_LEN as u64 + self.header.body_len + TRAILER_LEN as u64 + self.header.signature_len()
     }
 
     /// Checks the seal (when `key` is given, or the assignment says it is sealed), the trailer
-    /// over header and body, and the data part's hash. Reads the whole file once; call it
-    /// before applying anything.
-    pub fn verify(&self, key: Option<&SealKey>) -> Result<(), ReadError> {
+    /// over header and body, the manager's signature of the trailer (when `signers` is given:
+    /// then an unsigned assignment, or one no pinned key signed, is refused) and the data
+    /// part's hash. Reads the whole file once; call it before applying anything.
+    pub fn verify(
+        &self,
+        key: Option<&SealKey>,
+        signers: Option<&TrustedKeys>,
+    ) -> Result<(), ReadError> {
         let h = &self.header;
         if self.is_encrypted() && self.aead.is_none() {
             return Err(ReadError::CipherKeyRequired);
@@ -286,6 +295,16 @@ impl AssignmentReader {
         // blake3::Hash compares in constant time.
         if t.finalize() != blake3::Hash::from_bytes(stored) {
             return Err(ReadError::TrailerMismatch);
+        }
+        if let Some(signers) = signers {
+            if h.flags & flags::SIGNED == 0 {
+                return Err(ReadError::Unsigned);
+            }
+            let mut block = [0u8; SIGNATURE_BLOCK_LEN];
+            self.file
+                .read_exact_at(&mut block, HEADER_LEN as u64 + h.body_len + TRAILER_LEN as u64)
+                .map_err(io("reading the signature"))?;
+            signers.verify(ASSIGNMENT_DOMAIN, &stored, &Signature::decode(&block)?)?;
         }
         let data_hash = match &self.aead {
             None => {

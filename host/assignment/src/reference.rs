@@ -292,7 +292,7 @@ pub enum ApplyAllError {
 
 /// Verifies `assignment` (unsealed) and applies all its commands to the tree at `root`.
 pub fn apply_all(assignment: &AssignmentReader, root: &Path) -> Result<(), ApplyAllError> {
-    assignment.verify(None)?;
+    assignment.verify(None, None)?;
     for c in assignment.commands() {
         let (index, cmd) = c?;
         let mut stream = cmd.payload().map(|p| assignment.payload(p)).transpose()?;

@@ -19,6 +19,7 @@ use crate::format::{
     TreeEntry, check_path, check_symlink_target, flags, tree_order,
 };
 use crate::policy::CompressionPolicy;
+use crate::sign::{ASSIGNMENT_DOMAIN, SIGNATURE_BLOCK_LEN, SigningKey};
 use crate::{SealKey, trailer_hasher};
 
 /// The administrative fields of a new assignment's header.
@@ -89,6 +90,7 @@ pub struct AssignmentWriter {
     data_len: u64,
     compressed: bool,
     cipher: Option<CipherKey>,
+    signer: Option<SigningKey>,
     record: Writer,
     tree_flag: bool,
     /// The tree manifest's records (appended to the body by `finish`), once one is described.
@@ -128,6 +130,7 @@ impl AssignmentWriter {
             data_len: 0,
             compressed: false,
             cipher: None,
+            signer: None,
             record: Writer::new(),
             tree_flag: false,
             tree: None,
@@ -182,6 +185,12 @@ impl AssignmentWriter {
     /// Encrypts the data part under `key` (see [`crate::cipher`]); the header gets `ENCRYPTED`.
     pub fn encrypt_with(&mut self, key: CipherKey) {
         self.cipher = Some(key);
+    }
+
+    /// Signs the assignment with the manager's key: the header gets `SIGNED` and a signature
+    /// block of the trailer follows it (see [`crate::sign`]).
+    pub fn sign_with(&mut self, key: SigningKey) {
+        self.signer = Some(key);
     }
 
     fn push(&mut self, cmd: &Command) -> Result<(), WriteError> {
@@ -443,7 +452,8 @@ impl AssignmentWriter {
         let dir = parent_dir(&self.out);
         let out = tempfile::NamedTempFile::new_in(dir)
             .map_err(io_err(format!("creating a file in {}", dir.display())))?;
-        let data_start = HEADER_LEN as u64 + self.body_len + TRAILER_LEN as u64;
+        let block = if self.signer.is_some() { SIGNATURE_BLOCK_LEN as u64 } else { 0 };
+        let data_start = HEADER_LEN as u64 + self.body_len + TRAILER_LEN as u64 + block;
         // The data part first, hashed on the way; header and trailer depend on its hash.
         let data = self.data.get_ref();
         let (data_hash, stored_len) = match &self.cipher {
@@ -475,6 +485,9 @@ impl AssignmentWriter {
         if self.tree_flag {
             f |= flags::TREE;
         }
+        if self.signer.is_some() {
+            f |= flags::SIGNED;
+        }
         let header = Header {
             kind: self.meta.kind,
             flags: f,
@@ -500,9 +513,16 @@ impl AssignmentWriter {
             Ok(())
         })
         .map_err(io_err("writing the body"))?;
+        let trailer = trailer.finalize();
         out.as_file()
-            .write_all_at(trailer.finalize().as_bytes(), at)
+            .write_all_at(trailer.as_bytes(), at)
             .map_err(io_err("writing the trailer"))?;
+        if let Some(key) = &self.signer {
+            let sig = key.sign(ASSIGNMENT_DOMAIN, trailer.as_bytes());
+            out.as_file()
+                .write_all_at(&sig.encode(), at + TRAILER_LEN as u64)
+                .map_err(io_err("writing the signature"))?;
+        }
         out.as_file().sync_all().map_err(io_err("syncing the assignment"))?;
         out.persist(&self.out).map_err(|e| WriteError::Io {
             what: format!("renaming into {}", self.out.display()),

@@ -5,9 +5,9 @@
 //! — the shadow copy. Snapshots live in `<data>/snapshots/<site>/<serial>`; the live one is the
 //! base of the next delta, which is how only changed bytes travel.
 
-pub use cm_assignment::SealKey;
 use cm_assignment::write::Meta;
 use cm_assignment::{AssignmentType, BuildOptions, build, detect::build_switch};
+pub use cm_assignment::{SealKey, SigningKey};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
@@ -17,6 +17,8 @@ use crate::model::{HostedSite, JobKind, Payload};
 pub enum PrepareError {
     #[error("copying assignment file {path}: {source}")]
     Copy { path: String, source: std::io::Error },
+    #[error("signing assignment file {path}: {source}")]
+    SignFile { path: String, source: cm_assignment::sign::SignCopyError },
     #[error("snapshotting staging tree {from} of site {site}: {source}")]
     Snapshot { site: String, from: String, source: std::io::Error },
     #[error("building the assignment of site {site}: {source}")]
@@ -116,11 +118,12 @@ pub fn snapshot_tree(from: &Path, previous: Option<&Path>, to: &Path) -> std::io
     Ok(())
 }
 
-/// Where the manager keeps snapshots, and its sealing key.
+/// Where the manager keeps snapshots, its sealing key and its signing key.
 #[derive(Clone, Copy)]
 pub struct Context<'a> {
     pub data_dir: &'a Path,
     pub seal: Option<&'a SealKey>,
+    pub signer: Option<&'a SigningKey>,
 }
 
 /// Writes the assignment of `payload` for `site` to `out`. `serial` is the serial to give a
@@ -134,12 +137,27 @@ pub fn prepare(
     ctx: Context<'_>,
     out: &Path,
 ) -> Result<Prepared, PrepareError> {
-    let (data_dir, seal) = (ctx.data_dir, ctx.seal);
+    let (data_dir, seal, signer) = (ctx.data_dir, ctx.seal, ctx.signer);
     let name = site.name.clone();
     match payload {
         Payload::File { path } => {
-            std::fs::copy(path, out)
-                .map_err(|source| PrepareError::Copy { path: path.clone(), source })?;
+            match signer {
+                // Signed with this manager's key already (built with `cmover assignment build
+                // --signing-key`): sent as it is; servers check every byte.
+                Some(k) if cm_assignment::sign::is_signed_by(Path::new(path), &k.public_key()) => {
+                    std::fs::copy(path, out)
+                        .map_err(|source| PrepareError::Copy { path: path.clone(), source })?;
+                }
+                // Any other file is checked (trailer, data hash, seal) and signed on the way.
+                Some(k) => {
+                    cm_assignment::sign::sign_copy(Path::new(path), out, seal, k)
+                        .map_err(|source| PrepareError::SignFile { path: path.clone(), source })?;
+                }
+                None => {
+                    std::fs::copy(path, out)
+                        .map_err(|source| PrepareError::Copy { path: path.clone(), source })?;
+                }
+            }
             let release = release_of_file(out);
             let named = release.map_or(String::new(), |r| format!(" (builds release {r})"));
             Ok(Prepared {
@@ -174,6 +192,7 @@ pub fn prepare(
             opts.meta.job_id = job_id;
             opts.meta.base_serial = if replicate { 0 } else { site.live().unwrap_or(0) };
             opts.seal = seal.cloned();
+            opts.signer = signer.cloned();
             let r = build(&snap, shadow.as_deref(), out, &opts)
                 .map_err(|source| PrepareError::Build { site: name.clone(), source })?;
             Ok(Prepared {
@@ -213,6 +232,7 @@ pub fn prepare(
             let mut opts = BuildOptions::new(AssignmentType::Replicate, live);
             opts.meta.job_id = job_id;
             opts.seal = seal.cloned();
+            opts.signer = signer.cloned();
             let r = build(&snap, None, out, &opts)
                 .map_err(|source| PrepareError::Build { site: name.clone(), source })?;
             let to = if servers.is_empty() {
@@ -243,10 +263,8 @@ pub fn prepare(
                 base_serial: 0,
                 target_serial: target,
             };
-            build_switch(out, meta, seal.cloned()).map_err(|source| PrepareError::Switch {
-                site: name.clone(),
-                what: "commit",
-                source,
+            build_switch(out, meta, seal.cloned(), signer.cloned()).map_err(|source| {
+                PrepareError::Switch { site: name.clone(), what: "commit", source }
             })?;
             Ok(Prepared {
                 serial: Some(serial),
@@ -265,10 +283,8 @@ pub fn prepare(
                 base_serial: 0,
                 target_serial: 0,
             };
-            build_switch(out, meta, seal.cloned()).map_err(|source| PrepareError::Switch {
-                site: name.clone(),
-                what: "rollback",
-                source,
+            build_switch(out, meta, seal.cloned(), signer.cloned()).map_err(|source| {
+                PrepareError::Switch { site: name.clone(), what: "rollback", source }
             })?;
             let back = site.committed[site.committed.len() - 2];
             Ok(Prepared {
@@ -398,7 +414,7 @@ mod tests {
             &s,
             1,
             7,
-            Context { data_dir: &data, seal: None },
+            Context { data_dir: &data, seal: None, signer: None },
             &out1,
         )
         .unwrap();
@@ -413,7 +429,7 @@ mod tests {
             &s,
             2,
             8,
-            Context { data_dir: &data, seal: None },
+            Context { data_dir: &data, seal: None, signer: None },
             &d.path().join("c2"),
         )
         .unwrap();
@@ -428,7 +444,7 @@ mod tests {
             &s,
             9,
             8,
-            Context { data_dir: &data, seal: None },
+            Context { data_dir: &data, seal: None, signer: None },
             &lv,
         )
         .unwrap();
@@ -445,7 +461,7 @@ mod tests {
             &s,
             3,
             9,
-            Context { data_dir: &data, seal: None },
+            Context { data_dir: &data, seal: None, signer: None },
             &d.path().join("a3"),
         )
         .unwrap();
@@ -461,7 +477,7 @@ mod tests {
                 &site(&staging),
                 1,
                 1,
-                Context { data_dir: &data, seal: None },
+                Context { data_dir: &data, seal: None, signer: None },
                 &lv
             ),
             Err(PrepareError::NothingLive { .. })
@@ -474,7 +490,7 @@ mod tests {
                 &s,
                 4,
                 10,
-                Context { data_dir: &data, seal: None },
+                Context { data_dir: &data, seal: None, signer: None },
                 &d.path().join("r")
             ),
             Err(PrepareError::NothingToRollBack { .. })

@@ -84,7 +84,11 @@ impl Inner {
             ),
             None => (job.spec.payload.clone(), job.spec.kind, None),
         };
-        let ctx = prepare::Context { data_dir: &self.cfg.data_dir, seal: self.cfg.seal.as_ref() };
+        let ctx = prepare::Context {
+            data_dir: &self.cfg.data_dir,
+            seal: self.cfg.seal.as_ref(),
+            signer: self.cfg.signer.as_ref(),
+        };
         let mut prepared =
             prepare::prepare(&payload, kind, &site, site.serial + 1, job.id, ctx, &copy)?;
         if let Some(s) = prepared.serial {

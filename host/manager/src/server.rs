@@ -47,6 +47,9 @@ pub struct ManagerConfig {
     pub probe_interval: Duration,
     /// Seals manager-built assignments (servers configured with the same key accept only those).
     pub seal: Option<prepare::SealKey>,
+    /// Signs every assignment and notification (agents pin its public key and refuse anything
+    /// else). `None` only in tests of the tree alone: real agents refuse unsigned runs.
+    pub signer: Option<cm_assignment::SigningKey>,
     /// After a replicate job for a server was cancelled, discovery creates no new one for this long.
     pub replicate_backoff: Duration,
     /// Mutual TLS (`None`: plain HTTP with bearer tokens). With it the API takes only clients
@@ -78,6 +81,7 @@ impl ManagerConfig {
             egress_bytes_per_sec: None,
             probe_interval: Duration::from_secs(5),
             seal: None,
+            signer: None,
             replicate_backoff: Duration::from_secs(600),
             tls: None,
             max_segment_members: 1024,
@@ -502,7 +506,7 @@ impl Inner {
         Some(ChildTarget {
             segment: segment.to_string(),
             address: seg.address.clone(),
-            notification: Notification {
+            notification: self.signed(Notification {
                 run: run.id,
                 segment: segment.to_string(),
                 source: self.node_url(run, parent)?,
@@ -510,8 +514,17 @@ impl Inner {
                 manifest: run.manifest.clone(),
                 slots,
                 servers: seg.servers.clone(),
-            },
+                signature: None,
+            }),
         })
+    }
+
+    /// Signs a notification with the manager's key (GLs refuse unsigned ones).
+    fn signed(&self, mut n: Notification) -> Notification {
+        if let Some(k) = &self.cfg.signer {
+            n.sign(k);
+        }
+        n
     }
 
     /// Updates one segment's status in the run record.

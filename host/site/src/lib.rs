@@ -13,6 +13,7 @@ mod clone;
 mod interpreter;
 pub mod layout;
 pub mod native;
+mod replay;
 mod verify;
 
 use std::fmt;
@@ -20,7 +21,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use cm_assignment::{AssignmentReader, AssignmentType, CipherKey, ReadError, SealKey};
+use cm_assignment::{AssignmentReader, AssignmentType, CipherKey, ReadError, SealKey, TrustedKeys};
 
 pub use cm_assignment::policy::SpecialBits;
 
@@ -35,6 +36,9 @@ pub struct SiteConfig {
     pub backups: usize,
     /// When set, only assignments sealed with this key are accepted.
     pub key: Option<SealKey>,
+    /// When set, only assignments signed by one of these manager keys are accepted (an empty
+    /// set refuses everything). `None`: signatures are not checked (hand tools only).
+    pub signers: Option<TrustedKeys>,
     /// Decrypts encrypted assignments (one without it is refused before anything is applied).
     pub cipher: Option<CipherKey>,
     /// Most commands per interpreter call.
@@ -51,6 +55,7 @@ impl Default for SiteConfig {
         SiteConfig {
             backups: 2,
             key: None,
+            signers: None,
             cipher: None,
             batch_commands: 256,
             special_bits: SpecialBits::Strip,
@@ -69,6 +74,10 @@ pub enum SiteError {
     Apply { file: PathBuf, kind: AssignmentType, serial: u64, cause: ApplyCause },
     #[error("site {site}: {what}: {source}")]
     Io { site: PathBuf, what: String, source: io::Error },
+    #[error(
+        "assignment {file} ({kind} serial {serial}) is not newer than serial {newest} this site already applied: refusing a replay; live unchanged"
+    )]
+    Replay { file: PathBuf, kind: AssignmentType, serial: u64, newest: u64 },
     #[error("site {site}: there is no release {serial}")]
     NoRelease { site: PathBuf, serial: u64 },
     #[error("site {site}: no prepared release to commit")]
@@ -262,8 +271,28 @@ impl Site {
         if let Some(k) = &self.config.cipher {
             reader.decrypt_with(k).map_err(read_err)?;
         }
-        reader.verify(self.config.key.as_ref()).map_err(read_err)?;
+        reader.verify(self.config.key.as_ref(), self.config.signers.as_ref()).map_err(read_err)?;
         let h = reader.header().clone();
+        let newest = replay::newest(&self.root).map_err(self.io("reading the newest serial"))?;
+        if replay::must_be_newer(h.kind) && h.serial <= newest {
+            return Err(SiteError::Replay {
+                file: file.to_path_buf(),
+                kind: h.kind,
+                serial: h.serial,
+                newest,
+            });
+        }
+        let report = self.apply_verified(&reader, &h, interp)?;
+        replay::record(&self.root, h.serial).map_err(self.io("recording the newest serial"))?;
+        Ok(report)
+    }
+
+    fn apply_verified(
+        &self,
+        reader: &AssignmentReader,
+        h: &cm_assignment::Header,
+        interp: &mut dyn Interpreter,
+    ) -> Result<ApplyReport, SiteError> {
         let switched = |now_live| ApplyReport {
             kind: h.kind,
             serial: h.serial,
@@ -287,7 +316,7 @@ impl Site {
             AssignmentType::Rollback => self.rollback_locked(interp).map(switched),
             AssignmentType::Switch => self.commit_locked(h.target_serial, interp).map(switched),
             _ => {
-                let mut report = apply::build_release(self, &reader, interp)?;
+                let mut report = apply::build_release(self, reader, interp)?;
                 if h.kind == AssignmentType::HotContent && !report.already_applied {
                     report.now_live = Some(self.commit_locked(h.serial, interp)?);
                 }

@@ -3,6 +3,9 @@
 //! [`SegmentReport`]) and what a member tells its GL ([`MemberApplyReport`]). Field names are the
 //! wire format (`docs/manager.md`).
 
+use cm_assignment::sign::{
+    NOTIFICATION_DOMAIN, Signature, SignatureError, SigningKey, TrustedKeys,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::link::LinkRates;
@@ -61,6 +64,10 @@ pub struct MemberApplyReport {
 }
 
 /// Seed: the notification message. Tells a GL where to fetch the assignment and how to go on.
+///
+/// Signed by the manager ([`Notification::sign`]): every field is covered, so a GL relays it
+/// unchanged and only the manager can originate one; a GL acts on it only after
+/// [`Notification::verify`] against its pinned manager keys.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Notification {
     pub run: u64,
@@ -77,6 +84,30 @@ pub struct Notification {
     /// outcomes); empty = every member (older managers).
     #[serde(default)]
     pub servers: Vec<String>,
+    /// The manager's signature (hex of key id ‖ Ed25519 signature) of the notification's JSON
+    /// without this field, under the domain `contentmover notification signature v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+impl Notification {
+    /// The bytes the signature covers: the JSON of every other field, in declaration order.
+    fn signed_bytes(&self) -> Vec<u8> {
+        let unsigned = Notification { signature: None, ..self.clone() };
+        // Serialising plain strings, integers and vectors cannot fail.
+        serde_json::to_vec(&unsigned).unwrap_or_default()
+    }
+
+    /// Signs (or re-signs) the notification with the manager's key.
+    pub fn sign(&mut self, key: &SigningKey) {
+        self.signature = Some(key.sign(NOTIFICATION_DOMAIN, &self.signed_bytes()).to_hex());
+    }
+
+    /// Checks the manager's signature against the pinned keys.
+    pub fn verify(&self, keys: &TrustedKeys) -> Result<(), SignatureError> {
+        let sig = self.signature.as_deref().ok_or(SignatureError::Malformed("not signed"))?;
+        keys.verify(NOTIFICATION_DOMAIN, &self.signed_bytes(), &Signature::from_hex(sig)?)
+    }
 }
 
 /// Manager's answer to a GL's "whom next?": `child: null` is the seed's null address (done).
@@ -98,4 +129,46 @@ pub struct ChildTarget {
 pub struct TreeCall {
     /// The calling GL's segment (for `dead`: the child it could not reach).
     pub segment: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Manifest;
+
+    #[test]
+    fn a_notification_verifies_only_unchanged_and_by_a_pinned_key() {
+        let key = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap();
+        let other = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap();
+        let pinned = TrustedKeys::new([key.public_key()]);
+        let mut n = Notification {
+            run: 7,
+            segment: "s".into(),
+            source: "http://m".into(),
+            manager: "http://m".into(),
+            manifest: Manifest::of_bytes(b"abc", 1024),
+            slots: 1,
+            servers: vec!["a".into()],
+            signature: None,
+        };
+        assert!(n.verify(&pinned).is_err());
+        n.sign(&key);
+        // Relayed as JSON, unchanged: still verifies.
+        let relayed: Notification =
+            serde_json::from_slice(&serde_json::to_vec(&n).unwrap()).unwrap();
+        assert_eq!(relayed.verify(&pinned), Ok(()));
+        for tamper in [
+            |n: &mut Notification| n.source = "http://attacker".into(),
+            |n: &mut Notification| n.servers.clear(),
+            |n: &mut Notification| n.manifest = Manifest::of_bytes(b"evil", 1024),
+            |n: &mut Notification| n.run += 1,
+        ] {
+            let mut t = n.clone();
+            tamper(&mut t);
+            assert!(matches!(t.verify(&pinned), Err(SignatureError::Invalid { .. })));
+        }
+        let mut forged = n.clone();
+        forged.sign(&other);
+        assert!(matches!(forged.verify(&pinned), Err(SignatureError::UnknownKey { .. })));
+    }
 }

@@ -50,6 +50,7 @@ pub fn switch_assignment(
         &out,
         Meta { kind, serial, job_id: 0, base_serial: 0, target_serial: target },
         None,
+        None,
     )
     .unwrap();
     out

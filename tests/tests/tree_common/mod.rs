@@ -85,6 +85,7 @@ impl Cluster {
         mcfg.tick = Duration::from_millis(50);
         mcfg.start_timeout = Duration::from_secs(3);
         mcfg.probe_interval = Duration::from_millis(300);
+        mcfg.signer = Some(cm_tests::test_signer().clone());
         (o.tweak_manager)(&mut mcfg);
         let (manager_url, manager_addr, manager) = start_manager(mcfg);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -106,6 +107,7 @@ impl Cluster {
                 &dir.path().join("gl").join(&segment),
             );
             lcfg.stall = Duration::from_secs(2);
+            lcfg.manager_keys = cm_tests::test_pins();
             (o.tweak_leader)(i, &mut lcfg);
             let delivery = (o.delivery)(i, &members);
             let (node, thread) = NodeThread::spawn(&segment, move || async move {

@@ -47,6 +47,8 @@ const RECENT: usize = 16;
 /// Applies runs to one site, serialised, journalled.
 pub struct Applier {
     site: Site,
+    /// What the site checks (seal, signature, cipher): the GL checks the same before relaying.
+    checks: SiteConfig,
     interpreter: cm_plugin_host::Interpreter,
     journal: PathBuf,
     /// Serialises applies (the member loop and the GL's own apply may race on one run).
@@ -69,9 +71,10 @@ impl Applier {
         store_dir: &Path,
         default_interpreter: &[u8],
         state_dir: &Path,
+        checks: SiteConfig,
     ) -> Result<Applier, AgentError> {
-        let site = Site::open(site_root, SiteConfig::default())
-            .map_err(|e| AgentError::Site(Box::new(e)))?;
+        let site =
+            Site::open(site_root, checks.clone()).map_err(|e| AgentError::Site(Box::new(e)))?;
         let runtime = PluginRuntime::new(RuntimeConfig {
             compiled_cache: Some(PluginStore::compiled_cache_dir(store_dir)),
             // One apply at a time: a small pool keeps the address-space reservation small.
@@ -120,6 +123,7 @@ impl Applier {
             })?;
         let applier = Applier {
             site,
+            checks,
             interpreter,
             journal,
             lock: Mutex::new(()),
@@ -163,6 +167,17 @@ impl Applier {
     /// The latest outcomes, oldest first.
     pub fn recent(&self) -> Vec<Applied> {
         self.recent.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
+
+    /// Checks `file` as the site would before applying it — seal, the manager's signature,
+    /// trailer, data hash, every encrypted chunk — without applying anything. A GL runs it
+    /// before relaying a run by MCTP, so it never spreads what its members would refuse.
+    pub fn check(&self, file: &Path) -> Result<(), cm_assignment::ReadError> {
+        let mut r = cm_assignment::AssignmentReader::open(file)?;
+        if let Some(k) = &self.checks.cipher {
+            r.decrypt_with(k)?;
+        }
+        r.verify(self.checks.key.as_ref(), self.checks.signers.as_ref())
     }
 
     /// The site's live release.

@@ -36,6 +36,7 @@ impl GlDuty {
             LeaderConfig::new(&c.segment, &c.name, &c.agent_token, &c.state_dir.join("gl"));
         lc.listen = c.leader_listen;
         lc.tls = c.tls.clone();
+        lc.manager_keys = c.manager_keys.clone();
         let delivery = Arc::new(SegmentDelivery {
             shared: shared.clone(),
             settled: Instant::now() + c.registration_settle,
@@ -197,6 +198,19 @@ async fn deliver(
     servers: Vec<String>,
 ) -> DeliveryOutcome {
     let mut segment = segment_now(&shared);
+    // Nothing the manager did not sign is relayed: check it before any MCTP session.
+    let checked = {
+        let (applier, file) = (shared.applier.clone(), assignment.clone());
+        tokio::task::spawn_blocking(move || applier.check(&file).map_err(|e| e.to_string())).await
+    };
+    if let Err(why) = checked.unwrap_or_else(|e| Err(e.to_string())) {
+        tracing::warn!(run, "refusing to relay the run: {why}");
+        let mut out = DeliveryOutcome::default();
+        for name in segment.keys().filter(|n| servers.is_empty() || servers.contains(n)) {
+            out.failed.push((name.clone(), format!("refused by the group leader: {why}")));
+        }
+        return out;
+    }
     let mut not_for = Vec::new();
     if !servers.is_empty() {
         segment.retain(|name, id| {

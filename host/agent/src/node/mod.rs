@@ -87,6 +87,13 @@ pub struct AgentConfig {
     pub tls: Option<cm_tree::tls::Tls>,
     /// The cluster secret (MCTP datagram authentication).
     pub secret: Vec<u8>,
+    /// The manager's public keys (current and next): the GL acts on a notification, and the
+    /// site applies an assignment, only when one of them signed it. Empty: nothing is applied.
+    pub manager_keys: cm_assignment::TrustedKeys,
+    /// When set, only assignments sealed with this key are applied (sealed-only).
+    pub seal: Option<cm_assignment::SealKey>,
+    /// Decrypts encrypted assignments.
+    pub cipher: Option<cm_assignment::CipherKey>,
     pub site_root: PathBuf,
     /// The site's name (the interpreter plugin must be granted it).
     pub site_name: String,
@@ -204,10 +211,22 @@ impl ServerAgent {
                     &c.plugin_store,
                     c.default_interpreter,
                     &c.state_dir,
+                    cm_site::SiteConfig {
+                        key: c.seal.clone(),
+                        cipher: c.cipher.clone(),
+                        // Always checked: no pinned key means nothing is accepted.
+                        signers: Some(c.manager_keys.clone()),
+                        ..cm_site::SiteConfig::default()
+                    },
                 )
             })
             .await??
         };
+        if cfg.manager_keys.is_empty() {
+            tracing::error!(
+                "no manager public key pinned (--manager-key): this server refuses every assignment and notification"
+            );
+        }
         let events = election.subscribe();
         let shared = Arc::new(Shared {
             client: JsonClient::with_tls(

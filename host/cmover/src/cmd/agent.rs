@@ -45,10 +45,14 @@
 //! [manager]
 //! url = "http://10.0.0.1:7700"    # the manager's API (a GL reports there)
 //! token_file = "/etc/cmover/agent.token"   # the agents' bearer token (or CMOVER_AGENT_TOKEN)
+//! public_key_file = "/etc/cmover/manager.pub"   # the manager's signing keys (one per line:
+//!                                     # current and next); without it nothing is applied
 //!
 //! [site]
 //! root = "/srv/www"               # releases/<serial> and the `current` link; default data_dir/site
 //! name = "www"                    # the hosted site's name (the interpreter must be granted it)
+//! seal_secret_file = "/etc/cmover/seal.key"  # the manager's --seal-secret-file: only sealed
+//!                                     # assignments are applied, encrypted ones decrypted
 //!
 //! [plugins]
 //! store = "/var/lib/cmover/plugins"   # default data_dir/plugins; the bundled interpreter is
@@ -157,6 +161,14 @@ struct RunArgs {
     /// File holding the agents' bearer token (else $CMOVER_AGENT_TOKEN).
     #[arg(long)]
     agent_token_file: Option<PathBuf>,
+    /// The manager's public signing key(s), one per line (`cmover cert signing-key`): only
+    /// notifications and assignments it signed are acted on. Without it nothing is applied.
+    #[arg(long)]
+    manager_key: Option<PathBuf>,
+    /// The secret the manager seals with (`cmover manager --seal-secret-file`): only sealed
+    /// assignments are applied, and encrypted ones are decrypted with the key derived from it.
+    #[arg(long)]
+    seal_secret_file: Option<PathBuf>,
     /// The site directory (releases and the `current` link).
     #[arg(long)]
     site_root: Option<PathBuf>,
@@ -213,6 +225,7 @@ struct TlsSection {
 struct ManagerSection {
     url: Option<String>,
     token_file: Option<PathBuf>,
+    public_key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -220,6 +233,7 @@ struct ManagerSection {
 struct SiteSection {
     root: Option<PathBuf>,
     name: Option<String>,
+    seal_secret_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -459,7 +473,27 @@ impl RunArgs {
             (Some(_), None, None) => String::new(),
             _ => token(token_file)?,
         };
+        let manager_keys = match self.manager_key.as_ref().or(mf.public_key_file.as_ref()) {
+            Some(f) => cm_assignment::TrustedKeys::load(f)
+                .with_context(|| format!("the manager's public key {}", f.display()))?,
+            None => {
+                eprintln!(
+                    "warning: no manager public key ([manager] public_key_file or --manager-key): this server will refuse every assignment"
+                );
+                cm_assignment::TrustedKeys::default()
+            }
+        };
+        let seal_secret = match self.seal_secret_file.as_ref().or(sf.seal_secret_file.as_ref()) {
+            Some(f) => Some(
+                std::fs::read(f)
+                    .with_context(|| format!("reading the seal secret from {}", f.display()))?,
+            ),
+            None => None,
+        };
         let agent = AgentConfig {
+            manager_keys,
+            seal: seal_secret.as_deref().map(cm_assignment::SealKey::derive),
+            cipher: seal_secret.as_deref().map(cm_assignment::CipherKey::derive),
             name,
             segment: segment.clone(),
             location: self.location.or(lf.location).unwrap_or_else(|| "unknown".into()),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use cm_assignment::{
     AssignmentReader, AssignmentType, BuildOptions, CipherKey, Command as Cmd, CompressionPolicy,
-    Meta, SealKey,
+    Meta, SealKey, SigningKey, TrustedKeys,
 };
 use cm_plugin_host::{
     LoadedPlugin, PluginManifest, PluginRuntime, PluginSlot, PluginStore, RuntimeConfig, bundled,
@@ -23,6 +23,9 @@ pub enum Command {
         /// Check the seal (and decrypt) with the keys derived from this secret file.
         #[arg(long)]
         secret_file: Option<PathBuf>,
+        /// Check the signature against these manager public keys (one per line).
+        #[arg(long)]
+        manager_key: Option<PathBuf>,
     },
     /// Verify FILE and apply it to the site at DIR (builds a release; commit/rollback/switch
     /// assignments move live).
@@ -67,6 +70,9 @@ pub struct BuildArgs {
     /// Also encrypt the data part with the cipher key derived from --secret-file.
     #[arg(long, requires = "secret_file")]
     encrypt: bool,
+    /// Sign with this Ed25519 key (PKCS#8, `cmover cert signing-key`).
+    #[arg(long)]
+    signing_key: Option<PathBuf>,
     /// Store every payload raw.
     #[arg(long)]
     no_compress: bool,
@@ -101,6 +107,13 @@ pub struct SiteArgs {
     /// UID:GID every entry of a release is given (when running as root).
     #[arg(long, value_parser = parse_owner)]
     pub owner: Option<(u32, u32)>,
+    /// Accept only assignments signed by one of these manager public keys (one per line).
+    #[arg(long, conflicts_with = "unsigned")]
+    pub manager_key: Option<PathBuf>,
+    /// Apply assignments whatever their signature (a hand-built one); without it, applying
+    /// needs --manager-key.
+    #[arg(long)]
+    pub unsigned: bool,
 }
 
 impl SiteArgs {
@@ -112,6 +125,7 @@ impl SiteArgs {
             cipher: secret.as_deref().map(CipherKey::derive),
             special_bits: self.special_bits,
             owner: self.owner,
+            signers: self.manager_key.as_deref().map(load_keys).transpose()?,
             ..SiteConfig::default()
         };
         Ok(Site::open(dir, config)?)
@@ -199,6 +213,10 @@ impl InterpreterArgs {
     }
 }
 
+fn load_keys(f: &std::path::Path) -> anyhow::Result<TrustedKeys> {
+    TrustedKeys::load(f).with_context(|| format!("manager public key {}", f.display()))
+}
+
 fn read_secret(secret_file: &Option<PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
     secret_file
         .as_ref()
@@ -221,8 +239,16 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
 fn run_blocking(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Build(a) => build(a),
-        Command::Show { file, secret_file } => show(&file, read_secret(&secret_file)?),
+        Command::Show { file, secret_file, manager_key } => {
+            let keys = manager_key.as_deref().map(load_keys).transpose()?;
+            show(&file, read_secret(&secret_file)?, keys.as_ref())
+        }
         Command::Apply { file, site, site_args, interpreter } => {
+            if site_args.manager_key.is_none() && !site_args.unsigned {
+                bail!(
+                    "pass --manager-key FILE to check the manager's signature, or --unsigned to apply an assignment nobody vouched for"
+                );
+            }
             let site = site_args.open(&site)?;
             let mut interp = interpreter.load(site.root())?;
             let r = site.apply(&file, interp.get())?;
@@ -258,8 +284,14 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
         Meta { kind, serial, job_id: a.job, base_serial: a.base_serial, target_serial: a.target };
     let secret = read_secret(&a.secret_file)?;
     let seal = secret.as_deref().map(SealKey::derive);
+    let signer = match &a.signing_key {
+        Some(f) => {
+            Some(SigningKey::load(f).with_context(|| format!("signing key {}", f.display()))?)
+        }
+        None => None,
+    };
     if kind.is_switch_only() {
-        let h = cm_assignment::detect::build_switch(&a.output, meta, seal)?;
+        let h = cm_assignment::detect::build_switch(&a.output, meta, seal, signer)?;
         println!("{} assignment {} written to {}", h.kind, h.serial, a.output.display());
         return Ok(());
     }
@@ -267,6 +299,7 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
     let mut opts = BuildOptions::new(kind, serial);
     opts.meta = meta;
     opts.seal = seal;
+    opts.signer = signer;
     if a.encrypt {
         opts.cipher = secret.as_deref().map(CipherKey::derive);
     }
@@ -298,7 +331,11 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn show(file: &std::path::Path, secret: Option<Vec<u8>>) -> anyhow::Result<()> {
+fn show(
+    file: &std::path::Path,
+    secret: Option<Vec<u8>>,
+    keys: Option<&TrustedKeys>,
+) -> anyhow::Result<()> {
     let mut r =
         AssignmentReader::open(file).with_context(|| format!("assignment {}", file.display()))?;
     if let Some(s) = &secret {
@@ -317,7 +354,8 @@ fn show(file: &std::path::Path, secret: Option<Vec<u8>>) -> anyhow::Result<()> {
         h.command_count, h.body_len, h.data_len, h.flags
     );
     println!("  data BLAKE3 {}", blake3::Hash::from_bytes(h.data_hash).to_hex());
-    match r.verify(key.as_ref()) {
+    match r.verify(key.as_ref(), keys) {
+        Ok(()) if keys.is_some() => println!("  hashes and signature: ok"),
         Ok(()) => println!("  hashes: ok"),
         Err(e) => println!("  hashes: FAILED: {e}"),
     }

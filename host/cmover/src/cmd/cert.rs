@@ -6,7 +6,13 @@
 //! cmover cert issue --ca ca/ --name manager --role manager --host 10.0.0.1
 //! cmover cert issue --ca ca/ --name bes-7 --role agent --host 10.0.0.7 --out certs/bes-7
 //! cmover cert issue --ca ca/ --name alice --role operator
+//! cmover cert signing-key --dir keys/ --name manager-2026      # keys/manager-2026.pk8 (0600),
+//!                                                              # keys/manager-2026.pub
 //! ```
+//!
+//! The signing key signs every run (`cmover manager --signing-key`); agents pin the `.pub`
+//! (`cmover agent --manager-key`, one key per line: to rotate, pin old and new, switch the
+//! manager to the new key, then drop the old line; docs/manager.md).
 //!
 //! `issue` writes `<out>/<name>.pem` and `<out>/<name>.key` (owner only) and, when `<out>` has
 //! none, a copy of `ca.pem`: everything one node needs. Keep `ca.key` off the servers.
@@ -42,6 +48,14 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Generate the manager's Ed25519 signing key: `<dir>/<name>.pk8` (PKCS#8, owner only; for
+    /// `cmover manager --signing-key`) and `<dir>/<name>.pub` (for the agents' --manager-key).
+    SigningKey {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "manager-signing")]
+        name: String,
+    },
 }
 
 fn parse_role(s: &str) -> Result<CertRole, String> {
@@ -56,6 +70,18 @@ pub async fn run(c: Command) -> anyhow::Result<()> {
                 "cluster CA created: {} (give it to every node), {} (keep it secret)",
                 dir.join("ca.pem").display(),
                 dir.join("ca.key").display()
+            );
+        }
+        Command::SigningKey { dir, name } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let (key, public) = (dir.join(format!("{name}.pk8")), dir.join(format!("{name}.pub")));
+            let k = cm_assignment::SigningKey::generate_files(&key, &public)
+                .context("generating the signing key")?;
+            println!(
+                "signing key {} (keep it on the manager only), public key {} (pin it on every agent); key id {}",
+                key.display(),
+                public.display(),
+                k.public_key().to_hex().get(..16).unwrap_or_default()
             );
         }
         Command::Issue { ca, name, role, hosts, out } => {

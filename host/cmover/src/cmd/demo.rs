@@ -41,6 +41,9 @@ pub struct Args {
     /// Mutual TLS everywhere: a cluster CA in <dir>/ca and a certificate per process.
     #[arg(long)]
     pub tls: bool,
+    /// Seal every assignment with a secret in <dir>/secrets/seal.key (the agents get it too).
+    #[arg(long)]
+    pub seal: bool,
 }
 
 const SEGMENT_NAMES: [&str; 6] = ["london", "paris", "boston", "tokyo", "sydney", "lima"];
@@ -274,9 +277,16 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
         leader_fanout: 2,
         chunk_kib: 64,
         tls: a.tls,
+        seal: a.seal,
     };
     let manager = launch::start_manager(&bin, &dir, &opts)?;
-    println!("manager at {}", manager.url);
+    println!(
+        "manager at {} (runs signed with {}; agents pin {}{})",
+        manager.url,
+        manager.signing_key_file.display(),
+        manager.public_key_file.display(),
+        if a.seal { "; assignments sealed" } else { "" }
+    );
     let secret = launch::write_secret(&dir)?;
     // Groups and ports from the process id so two demos on one machine do not collide.
     let salt = (std::process::id() % 200) as u8;
@@ -302,6 +312,8 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
                 site_name: "www".into(),
                 weight: 0,
                 max_rate_mbps: None,
+                seal: Default::default(),
+                manager_key: None,
             };
             agents.push(launch::start_agent(&bin, &dir, &manager, &secret, &spec)?);
         }

@@ -24,6 +24,10 @@ pub struct Args {
     /// File holding the cluster secret that seals assignments (servers must share it).
     #[arg(long)]
     pub seal_secret_file: Option<PathBuf>,
+    /// The manager's Ed25519 signing key (PKCS#8, `cmover cert signing-key`): every assignment
+    /// and notification is signed with it; agents pin its public key and refuse anything else.
+    #[arg(long)]
+    pub signing_key: Option<PathBuf>,
     /// Children the manager serves at once.
     #[arg(long, default_value_t = 2)]
     pub root_fanout: usize,
@@ -133,6 +137,17 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         let s = std::fs::read(f)
             .with_context(|| format!("reading the seal secret from {}", f.display()))?;
         cfg.seal = Some(cm_manager::prepare::SealKey::derive(&s));
+    }
+    match &a.signing_key {
+        Some(f) => {
+            let k = cm_assignment::SigningKey::load(f)
+                .with_context(|| format!("the signing key {}", f.display()))?;
+            tracing::info!(public_key = %k.public_key().to_hex(), "signing runs");
+            cfg.signer = Some(k);
+        }
+        None => eprintln!(
+            "warning: no --signing-key: runs go out unsigned and every agent will refuse them"
+        ),
     }
     let m = Manager::start(cfg).await.context("starting the manager")?;
     tracing::info!(url = m.url(), data = %a.data_dir.display(), "manager running");

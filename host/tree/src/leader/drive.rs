@@ -85,6 +85,10 @@ impl Inner {
                             )
                             .await
                         {
+                            Ok(new) if self.check_signed(&new, "reparent answer").is_err() => {}
+                            Ok(new) if new.run != n.run || new.segment != n.segment => {
+                                tracing::warn!(segment = %self.cfg.segment, "reparent answer for another run or segment ignored");
+                            }
                             Ok(new) => {
                                 tracing::info!(segment = %self.cfg.segment, "re-parented to {}", new.source);
                                 run.notification.send_replace(new);

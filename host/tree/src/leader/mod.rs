@@ -30,6 +30,9 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use cm_assignment::TrustedKeys;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::blob::{Blob, Egress, serve_blob};
 use crate::forward::{ChildSource, forward_slot};
 use crate::http::{self, Body, JsonClient, Role, Tokens};
@@ -55,6 +58,9 @@ pub struct LeaderConfig {
     pub egress_bytes_per_sec: Option<u64>,
     /// Mutual TLS for the endpoint and this GL's calls (`None`: plain HTTP, agent token).
     pub tls: Option<crate::tls::Tls>,
+    /// The manager's public keys: a notification acts only when one of them signed it
+    /// (empty: every notification is refused).
+    pub manager_keys: TrustedKeys,
 }
 
 impl LeaderConfig {
@@ -69,6 +75,7 @@ impl LeaderConfig {
             retries_per_parent: 2,
             egress_bytes_per_sec: None,
             tls: None,
+            manager_keys: TrustedKeys::default(),
         }
     }
 }
@@ -96,6 +103,8 @@ struct Inner {
     /// Every task this node started (accept loop, fetches, forwarding slots), for [`LeaderNode::stop`].
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     links: Arc<Mutex<LinkMeasure>>,
+    /// Notifications refused because no pinned manager key signed them.
+    refused: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -142,6 +151,7 @@ impl LeaderNode {
             egress: cfg.egress_bytes_per_sec.map(Egress::new),
             tasks: Mutex::new(Vec::new()),
             links: LinkMeasure::new(),
+            refused: AtomicU64::new(0),
             cfg,
         });
         let h = inner.clone();
@@ -173,6 +183,11 @@ impl LeaderNode {
         LinkWatch(self.inner.links.clone())
     }
 
+    /// Notifications refused so far because no pinned manager key signed them.
+    pub fn refused_notifications(&self) -> u64 {
+        self.inner.refused.load(Ordering::Relaxed)
+    }
+
     /// Bytes of `run` received and verified so far.
     pub fn progress(&self, run: u64) -> Option<u64> {
         let runs = self.inner.runs.lock().unwrap_or_else(|p| p.into_inner());
@@ -193,7 +208,9 @@ impl Inner {
         if path == "/healthz" {
             return http::json(StatusCode::OK, &serde_json::json!({ "segment": self.cfg.segment }));
         }
-        // Agents (parent GLs, members) and the manager (notifications) call a GL.
+        // Agents (parent GLs, members) and the manager (notifications) call a GL. What starts
+        // work (`/notify`) must moreover carry the manager's signature: an agent can relay a
+        // notification the manager made, never make one.
         if !matches!(self.tokens.role(&req), Some(Role::Agent | Role::Manager)) {
             return http::error(StatusCode::UNAUTHORIZED, "agent bearer token required");
         }
@@ -259,7 +276,20 @@ impl Inner {
         }
     }
 
+    /// Checks a notification's signature; a refusal is logged and counted.
+    pub(super) fn check_signed(&self, n: &Notification, from: &str) -> Result<(), String> {
+        n.verify(&self.cfg.manager_keys).map_err(|e| {
+            let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            let msg = format!("notification for run {} refused: {e}", n.run);
+            tracing::warn!(segment = %self.cfg.segment, from, refused_total = total, "{msg}");
+            msg
+        })
+    }
+
     fn on_notify(self: &Arc<Self>, n: Notification) -> Response<Body> {
+        if let Err(msg) = self.check_signed(&n, "POST /notify") {
+            return http::error(StatusCode::FORBIDDEN, &msg);
+        }
         if n.segment != self.cfg.segment {
             return http::error(
                 StatusCode::BAD_REQUEST,

@@ -26,7 +26,7 @@ fn quota_failure(
     attack: &str,
 ) -> QuotaExceeded {
     match plugin.interpreter_session(staging).unwrap().apply(vec![write(attack, b"")]) {
-        Err(PluginError::Failed { cause: FailureCause::Quota(why), .. }) => why,
+        Err(PluginError::Failed { cause: FailureCause::Quota(why), .. }) => *why,
         other => panic!("{attack}: expected a quota failure, got {other:?}"),
     }
 }
@@ -103,10 +103,10 @@ fn a_write_that_would_eat_the_disk_reserve_fails_the_call() {
     let outcome =
         plugin.interpreter_session(staging.path()).unwrap().apply(vec![write("a.txt", b"a")]);
     match outcome {
-        Err(PluginError::Failed {
-            cause: FailureCause::Quota(QuotaExceeded::DiskReserve { path, .. }),
-            ..
-        }) => {
+        Err(PluginError::Failed { cause: FailureCause::Quota(why), .. })
+            if matches!(*why, QuotaExceeded::DiskReserve { .. }) =>
+        {
+            let QuotaExceeded::DiskReserve { path, .. } = *why else { unreachable!() };
             assert_eq!(path, "a.txt")
         }
         other => panic!("expected the disk reserve to stop the call, got {other:?}"),

@@ -594,7 +594,7 @@ mod tests {
             build(&new, Some(&old), &out, &BuildOptions::new(AssignmentType::Publish, 2)).unwrap();
         assert_eq!(r.modes_stripped, 1);
         let reader = crate::AssignmentReader::open(&out).unwrap();
-        reader.verify(None).unwrap();
+        reader.verify(None, None).unwrap();
         assert!(reader.has_tree());
         let tree: Vec<String> = reader
             .tree()

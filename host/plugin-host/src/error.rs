@@ -58,9 +58,16 @@ pub enum FailureCause {
     Trap(String),
     #[error("could not be instantiated: {0}")]
     Instantiate(String),
-    /// A per-call quota (bytes written, files created, open files, the disk's reserve).
+    /// A per-call quota (bytes written, files created, open files, the disk's reserve). Boxed:
+    /// a rare cause should not make every `Result` carrying a `FailureCause` larger.
     #[error("exceeded a quota: {0}")]
-    Quota(#[from] QuotaExceeded),
+    Quota(Box<QuotaExceeded>),
+}
+
+impl From<QuotaExceeded> for FailureCause {
+    fn from(why: QuotaExceeded) -> Self {
+        FailureCause::Quota(Box::new(why))
+    }
 }
 
 /// Why a plugin could not be installed (nothing changed: the previous version stays).

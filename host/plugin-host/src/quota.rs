@@ -268,7 +268,7 @@ mod tests {
                 path: "a/b/c".into(),
                 mode: 0o644,
                 mtime: 0,
-                payload: MemoryPayload::boxed(&[7; 3000]),
+                payload: MemoryPayload::boxed([7; 3000]),
                 hash: [0; 32],
             },
             Command::Symlink { path: "l".into(), target: "a".into() },

@@ -294,10 +294,10 @@ pub(crate) fn failure_cause(
     error: &wasmtime::Error,
 ) -> FailureCause {
     if let Some(why) = &store.data().quotas.breach {
-        return FailureCause::Quota(why.clone());
+        return FailureCause::Quota(Box::new(why.clone()));
     }
     if let Some(QuotaTrap(why)) = error.downcast_ref::<QuotaTrap>() {
-        return FailureCause::Quota(why.clone());
+        return FailureCause::Quota(Box::new(why.clone()));
     }
     if let Some(wanted) = store.data().memory.refused {
         return FailureCause::MemoryLimit {

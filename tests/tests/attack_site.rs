@@ -190,11 +190,7 @@ fn a_delta_base_is_never_read_through_a_link() {
             path: "base.txt".into(),
             // Lexically 20 levels down, then 20 up: inside. Really: 20 levels above the
             // release, which is the host's / (the site lives less deep than that).
-            target: format!(
-                "{}/{}/etc/passwd",
-                ["sub/up"; 10].join("/"),
-                [".."; 20].join("/")
-            ),
+            target: format!("{}/{}/etc/passwd", ["sub/up"; 10].join("/"), [".."; 20].join("/")),
         },
         Command::ApplyDelta {
             path: "out.txt".into(),

@@ -18,7 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cm_agent::launch::{self, AgentSpec};
-use cm_assignment::{AssignmentType, BuildOptions, SigningKey, build};
+use cm_assignment::detect::build_switch;
+use cm_assignment::{AssignmentType, BuildOptions, Meta, SigningKey, build};
 use cm_tests::cluster::{Layout, TestCluster, cmover_bin};
 use cm_tests::observe;
 use cm_tree::http::{self, ClientError, JsonClient};
@@ -250,20 +251,32 @@ async fn a_replayed_old_commit_does_not_roll_back() {
     let src = site_with("<h1>release A</h1>").await;
     let c = TestCluster::start(&Layout::new(42, 1, 3), src.path()).await.unwrap();
     c.publish_committed_everywhere().await.unwrap();
-    // The commit of release A: the newest run so far, its genuine signed assignment kept by
-    // the manager.
+    // The commit of release A (the newest run so far), captured: the manager removes its copy
+    // once the run is over, so it is rebuilt from the run record with the manager's key
+    // (signatures are deterministic) and checked byte for byte against the run's manifest.
+    let manager_key = SigningKey::load(&c.manager.signing_key_file).unwrap();
     let runs: Vec<Value> = c.op.get(&c.url("runs")).await.unwrap();
-    let commit_a = runs.iter().map(|r| r["id"].as_u64().unwrap()).max().unwrap();
-    let old = c.dir.path().join("manager/runs").join(format!("{commit_a}.assignment"));
+    let run = runs.iter().max_by_key(|r| r["id"].as_u64().unwrap()).unwrap();
     let captured = c.dir.path().join("captured.cma");
-    std::fs::copy(&old, &captured).unwrap();
+    let meta = Meta {
+        kind: AssignmentType::Commit,
+        serial: run["serial"].as_u64().unwrap(),
+        job_id: run["job"].as_u64().unwrap(),
+        base_serial: 0,
+        target_serial: run["release"].as_u64().unwrap(),
+    };
+    build_switch(&captured, meta, None, Some(manager_key.clone())).unwrap();
+    assert_eq!(
+        Manifest::of_file(&captured, 64 << 10).unwrap().blake3,
+        run["manifest"]["blake3"].as_str().unwrap(),
+        "the captured commit is not the genuine one"
+    );
     std::fs::write(c.staging.join("index.html"), "<h1>release B</h1>").unwrap();
     c.publish_committed_everywhere().await.unwrap();
     let live_b = observe(&c.staging);
     assert_live(&c, &live_b, "");
     // Relayed again under a notification the manager's own key signs (so only the content's
     // age can stop it): a run id no server has journalled, served by the attacker.
-    let manager_key = SigningKey::load(&c.manager.signing_key_file).unwrap();
     let attacker = Attacker::serve(&captured).await;
     let mut n = attacker.notification(777_777, "seg0", &captured);
     n.sign(&manager_key);

@@ -29,7 +29,7 @@ fn state(c: &Cluster) -> Vec<serde_json::Value> {
 fn unauthenticated_or_wrong_role_requests_are_refused_on_every_route_and_change_nothing() {
     let c = Cluster::start(Options::new(1));
     let file = c.dir.path().join("a.bin");
-    random_file(&file, 1000, 9);
+    random_assignment(&file, 1000, 9);
     c.setup_site("site", c.all_servers());
     // A job that is not due yet, so there is something to cancel.
     let spec = serde_json::json!({
@@ -162,7 +162,7 @@ fn unauthenticated_or_wrong_role_requests_are_refused_on_every_route_and_change_
 fn a_quorum_shortfall_defers_the_job_with_a_reason() {
     let c = Cluster::start(Options::new(2));
     let file = c.dir.path().join("a.bin");
-    random_file(&file, 1000, 5);
+    random_assignment(&file, 1000, 5);
     // The group has two servers that no GL reports: 2 of 4 live.
     let mut servers = c.all_servers();
     servers.extend(["ghost-1".to_string(), "ghost-2".to_string()]);
@@ -209,7 +209,7 @@ fn a_conflicting_job_waits_for_the_running_one_or_is_cancelled() {
     });
     let c = Cluster::start(o);
     let file = c.dir.path().join("a.bin");
-    random_file(&file, 4 << 20, 6);
+    random_assignment(&file, 4 << 20, 6);
     c.setup_site("site", c.all_servers());
     c.setup_site("other", vec![c.all_servers()[0].clone()]);
     let first = c.submit("site", &file, JobPolicy::default());
@@ -255,7 +255,7 @@ fn a_manager_restart_mid_job_loses_no_job_state() {
     });
     let mut c = Cluster::start(o);
     let file = c.dir.path().join("a.bin");
-    random_file(&file, 6 << 20, 7);
+    random_assignment(&file, 6 << 20, 7);
     let job = c.publish(&file, JobPolicy::default());
     let t0 = Instant::now();
     while c.gls.iter().map(|g| g.node.progress(1).unwrap_or(0)).max().unwrap_or(0) < (1 << 20) {

@@ -22,7 +22,7 @@ fn sixteen_leaders_get_identical_bytes() {
     });
     let c = Cluster::start(o);
     let file = c.dir.path().join("assignment.bin");
-    random_file(&file, 6 << 20, 1);
+    let len = random_assignment(&file, 6 << 20, 1);
     let want = hash_of(&file).unwrap();
     let job = c.publish(&file, JobPolicy::default());
     let job = c.wait_finished(job.id, Duration::from_secs(60));
@@ -31,7 +31,7 @@ fn sixteen_leaders_get_identical_bytes() {
         for (name, dir) in &gl.members {
             assert_eq!(hash_of(&dir.join("run-1.assignment")), Some(want), "server {name}");
         }
-        assert_eq!(gl.node.progress(1), Some(6 << 20));
+        assert_eq!(gl.node.progress(1), Some(len));
     }
     let run = c.run(1);
     assert_eq!(run["run"]["phase"]["phase"], "succeeded");
@@ -57,7 +57,7 @@ fn a_dead_leader_is_routed_around_and_its_subtree_completes() {
     o.tweak_leader = Box::new(|_, l| l.egress_bytes_per_sec = Some(8 << 20));
     let mut c = Cluster::start(o);
     let file = c.dir.path().join("assignment.bin");
-    random_file(&file, 8 << 20, 2);
+    random_assignment(&file, 8 << 20, 2);
     let want = hash_of(&file).unwrap();
     let policy =
         JobPolicy { quorum: Quorum { min_percent: 80, min_servers: 1 }, ..JobPolicy::default() };
@@ -99,7 +99,7 @@ fn few_leaders_are_served_as_a_star() {
     o.tweak_manager = Box::new(small_chunks);
     let c = Cluster::start(o);
     let file = c.dir.path().join("a.bin");
-    random_file(&file, 300_000, 3);
+    random_assignment(&file, 300_000, 3);
     let job = c.publish(&file, JobPolicy::default());
     assert_eq!(c.wait_finished(job.id, Duration::from_secs(30)).state, JobState::Done);
     let want = hash_of(&file);

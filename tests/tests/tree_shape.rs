@@ -7,7 +7,7 @@ mod tree_common;
 
 use cm_manager::model::{JobPolicy, JobState};
 use std::time::Duration;
-use tree_common::{Cluster, Options, random_file};
+use tree_common::{Cluster, Options, random_assignment};
 
 const MIB: u64 = 1 << 20;
 
@@ -33,7 +33,7 @@ fn measured_link_rates_change_the_tree_shape() {
     o.tweak_leader = Box::new(|_, l| l.egress_bytes_per_sec = Some(8 * MIB));
     let c = Cluster::start(o);
     let file = c.dir.path().join("payload.bin");
-    random_file(&file, 8 << 20, 7);
+    random_assignment(&file, 8 << 20, 7);
     let policy = JobPolicy::default();
 
     let first = c.publish(&file, policy);

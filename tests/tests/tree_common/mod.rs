@@ -225,8 +225,10 @@ impl Cluster {
     }
 }
 
-/// `len` pseudo-random bytes written to `path`.
-pub fn random_file(path: &Path, len: usize, seed: u64) {
+/// A real assignment at `path`, signed with the test manager's key (so the manager sends it
+/// as it is): hot content (it commits itself, so no automatic commit run follows) carrying one
+/// file of `len` pseudo-random bytes, stored raw. Returns the assignment's length.
+pub fn random_assignment(path: &Path, len: usize, seed: u64) -> u64 {
     let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let mut v = Vec::with_capacity(len);
     while v.len() < len {
@@ -236,7 +238,14 @@ pub fn random_file(path: &Path, len: usize, seed: u64) {
         v.extend_from_slice(&x.to_le_bytes());
     }
     v.truncate(len);
-    std::fs::write(path, v).unwrap();
+    let staging = tempfile::tempdir().unwrap();
+    // An extension stored raw: random bytes do not compress.
+    std::fs::write(staging.path().join("payload.jpg"), v).unwrap();
+    let mut opts =
+        cm_assignment::BuildOptions::new(cm_assignment::AssignmentType::HotContent, seed);
+    opts.signer = Some(cm_tests::test_signer().clone());
+    cm_assignment::build(staging.path(), None, path, &opts).unwrap();
+    std::fs::metadata(path).unwrap().len()
 }
 
 pub fn hash_of(path: &Path) -> Option<blake3::Hash> {

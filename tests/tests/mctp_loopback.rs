@@ -397,3 +397,51 @@ async fn futures_join(
     }
     Ok(out)
 }
+
+/// Two sessions of one GL at once (two runs delivered together, or one starting as the last
+/// ends) configured with the same report port: the second takes an ephemeral port, named in
+/// its announcement, and both complete. It used to fail with "Address already in use".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_sharing_a_report_port_both_complete() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let secret = b"loopback test cluster".to_vec();
+    let mut receivers = Vec::new();
+    let mut sends = Vec::new();
+    let groups: [SocketAddr; 2] = ["239.77.41.30:47190".parse()?, "239.77.41.31:47192".parse()?];
+    for (k, group) in groups.into_iter().enumerate() {
+        for i in 0..2u64 {
+            let dir = tmp.path().join(format!("s{k}-member-{i}"));
+            let id = 300 + 10 * k as u64 + i;
+            let opts = receive_options(group, id, &secret, &dir, Duration::from_secs(60));
+            receivers.push((k, tokio::spawn(receive(opts))));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut hashes = Vec::new();
+    for (k, group) in groups.into_iter().enumerate() {
+        let source = tmp.path().join(format!("run-{k}.bin"));
+        hashes.push(random_file(&source, 2 << 20, 40 + k as u64));
+        let members = (0..2).map(|i| Member { id: 300 + 10 * k as u64 + i, unicast: None });
+        let opts = SendOptions {
+            config: sender_config(group, 47199),
+            interface: LOOPBACK,
+            ttl: 0,
+            secret: secret.clone(),
+            assignment: 70 + k as u64,
+            name: format!("run-{k}.bin"),
+            members: members.collect(),
+            known_hash: Some(hashes[k]),
+        };
+        sends.push(tokio::spawn(async move { send_file(&source, opts).await }));
+    }
+    for s in sends {
+        let out = tokio::time::timeout(Duration::from_secs(60), s).await???;
+        assert_eq!(out.report.outcome, Outcome::Complete, "report: {:?}", out.report);
+        assert_eq!(out.report.complete.len(), 2);
+    }
+    for (k, r) in receivers {
+        let got: Received = r.await??;
+        assert_eq!(blake3::hash(&std::fs::read(&got.path)?).as_bytes(), &hashes[k]);
+    }
+    Ok(())
+}

@@ -85,7 +85,7 @@ pub async fn send_file(path: &Path, mut opts: SendOptions) -> Result<SendOutcome
 
 fn send_blocking(
     path: &Path,
-    opts: SendOptions,
+    mut opts: SendOptions,
     stop: &AtomicBool,
 ) -> Result<SendOutcome, MctpDriverError> {
     let file = File::open(path).map_err(io_err(format!("open {}", path.display())))?;
@@ -98,8 +98,7 @@ fn send_blocking(
     sock.set_multicast_ttl_v4(opts.ttl).map_err(io_err("IP_MULTICAST_TTL"))?;
     sock.set_multicast_loop_v4(true).map_err(io_err("IP_MULTICAST_LOOP"))?;
     sock.set_nonblocking(true).map_err(io_err("nonblocking"))?;
-    let bind = SocketAddrV4::new(opts.interface, opts.config.report_port);
-    sock.bind(&SocketAddr::V4(bind).into()).map_err(io_err(format!("bind {bind}")))?;
+    opts.config.report_port = bind_report_port(&sock, opts.interface, opts.config.report_port)?;
     let fd = sock.as_raw_fd();
 
     let start = Instant::now();
@@ -337,5 +336,28 @@ fn drain_reports(
         if n < 16 {
             return;
         }
+    }
+}
+
+/// Binds the session's report socket to the configured port, or to an ephemeral one when that
+/// port is taken — by a session of this GL that is still ending, or one running beside it (two
+/// runs delivered at once). Members answer the port the announcement names, so either works;
+/// a fixed port only makes firewall rules simpler. Returns the port bound.
+fn bind_report_port(sock: &Socket, interface: Ipv4Addr, port: u16) -> Result<u16, MctpDriverError> {
+    let at = |port| SocketAddr::V4(SocketAddrV4::new(interface, port));
+    match sock.bind(&at(port).into()) {
+        Ok(()) => Ok(port),
+        Err(e) if port != 0 && e.kind() == std::io::ErrorKind::AddrInUse => {
+            sock.bind(&at(0).into()).map_err(io_err(format!("bind {interface}:0")))?;
+            let local = sock.local_addr().map_err(io_err("report socket address"))?;
+            let bound = local.as_socket().map_or(0, |a| a.port());
+            tracing::info!(
+                configured = port,
+                bound,
+                "report port in use by another session: using an ephemeral one"
+            );
+            Ok(bound)
+        }
+        Err(e) => Err(io_err(format!("bind {}", at(port)))(e)),
     }
 }

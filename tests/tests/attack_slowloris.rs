@@ -85,7 +85,16 @@ async fn half_open_connections_do_not_stop_a_publish_or_the_operator_api() {
 
     let leader = c.leader_of("seg0").expect("seg0 has a leader");
     let member = (leader + 1) % c.agents.len();
-    let gl_url = c.agents[member].status().unwrap()["gl_url"].as_str().unwrap().to_string();
+    // A member learns its GL's endpoint from the election shortly after it has registered.
+    let mut gl_url = None;
+    for _ in 0..300 {
+        gl_url = c.agents[member].status().unwrap()["gl_url"].as_str().map(str::to_string);
+        if gl_url.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gl_url = gl_url.expect("the member knows its group leader's endpoint within 30 s");
     let targets = [address_of(&c.manager.url), address_of(&gl_url)];
 
     let stop = Arc::new(AtomicBool::new(false));

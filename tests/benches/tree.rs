@@ -186,7 +186,7 @@ fn run_one(
     let _: serde_json::Value = rt
         .block_on(op.put(
             &format!("{url}/api/v1/sites/s"),
-            &serde_json::json!({ "content_group": "g", "staging": "-" }),
+            &serde_json::json!({ "content_group": "g", "staging": std::env::temp_dir() }),
         ))
         .expect("site");
     let mut run = 1;

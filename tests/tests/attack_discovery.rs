@@ -144,7 +144,12 @@ async fn a_site_named_dot_dot_is_refused_naming_the_field() -> anyhow::Result<()
     assert_eq!(count(&op, &url, "sites").await, 0);
     assert_eq!(count(&op, &url, "groups").await, 0);
     assert_eq!(count(&op, &url, "jobs").await, 0);
-    // A good name still works.
+    // A good name still works (its content group must exist).
+    op.put::<_, serde_json::Value>(
+        &format!("{url}/api/v1/groups/g"),
+        &serde_json::json!({ "servers": [] }),
+    )
+    .await?;
     op.put::<_, serde_json::Value>(&format!("{url}/api/v1/sites/www"), &site).await?;
     assert_eq!(count(&op, &url, "sites").await, 1);
     Ok(())

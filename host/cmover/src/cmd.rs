@@ -6,5 +6,6 @@ pub mod cert;
 pub mod demo;
 pub mod manager;
 pub mod mctp;
+pub mod ops;
 pub mod plugin;
 pub mod site;

@@ -1,9 +1,10 @@
 //! `cmover`: the one binary. Each subcommand group lives in its own module under `cmd/`;
 //! this file only parses the command line, sets up logging and dispatches.
 
+mod client;
 mod cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +41,28 @@ enum Command {
     /// The cluster's certificate authority for mutual TLS: create it, issue certificates.
     #[command(subcommand)]
     Cert(cmd::cert::Command),
+    /// Publish a site's staging tree to its content group (then commit it, unless --manual-commit).
+    Publish(cmd::ops::publish::PublishArgs),
+    /// Make a site's prepared release live on its servers.
+    Commit(cmd::ops::publish::CommitArgs),
+    /// Switch a site's servers back to the release committed before live.
+    Rollback(cmd::ops::publish::RollbackArgs),
+    /// Jobs on the manager: create, list, show, cancel.
+    #[command(subcommand)]
+    Job(cmd::ops::job::Command),
+    /// The cluster at a glance: manager, segments and GLs, servers and their live release, runs.
+    Status(cmd::ops::status::Args),
+    /// The servers the manager knows: segment, state, GL, releases held.
+    Servers(cmd::ops::status::Args),
+    /// The manager's history log.
+    History(cmd::ops::history::Args),
+    /// Content groups on the manager: create, list, show.
+    #[command(subcommand)]
+    Group(cmd::ops::group::Command),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages (cmover.1 and one per subcommand) into a directory.
+    Man { dir: std::path::PathBuf },
 }
 
 /// Whether the command runs for a long time and must outlive a closed stdout (the manager, an
@@ -82,12 +105,25 @@ fn raise_fd_limit() {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+/// Exit codes (`client::Exit`): 0 done, 1 failed, 2 usage (clap's own errors too), 3 quorum
+/// not met or partial, 4 manager unreachable.
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if !long_running(&cli.command) {
         stop_quietly_on_closed_stdout();
     }
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli.command))
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli.command)));
+    match result {
+        Ok(()) => std::process::ExitCode::from(client::Exit::Done as u8),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(client::exit_code(&e))
+        }
+    }
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -109,5 +145,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Mctp(c) => cmd::mctp::run(c).await,
         Command::Manager(a) => cmd::manager::run(a).await,
         Command::Cert(c) => cmd::cert::run(c).await,
+        Command::Publish(a) => cmd::ops::publish::publish(a).await,
+        Command::Commit(a) => cmd::ops::publish::commit(a).await,
+        Command::Rollback(a) => cmd::ops::publish::rollback(a).await,
+        Command::Job(c) => cmd::ops::job::run(c).await,
+        Command::Status(a) => cmd::ops::status::status(a).await,
+        Command::Servers(a) => cmd::ops::status::servers(a).await,
+        Command::History(a) => cmd::ops::history::run(a).await,
+        Command::Group(c) => cmd::ops::group::run(c).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "cmover", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => cmd::ops::man_pages(Cli::command(), &dir),
     }
 }

@@ -5,7 +5,7 @@
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 use cm_tree::blob::serve_blob;
@@ -18,6 +18,7 @@ use crate::names::{NameError, check_name};
 use crate::now_ms;
 use crate::server::{Inner, ManagerError};
 use crate::tree::{Next, Node};
+use crate::validate::{self, FieldError};
 
 fn fail(e: ManagerError) -> Response<Body> {
     let status = match e {
@@ -28,6 +29,11 @@ fn fail(e: ManagerError) -> Response<Body> {
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     http::error(status, &e.to_string())
+}
+
+/// `400 {"error": …, "field": …}`: a body refused by validation.
+fn field_error(e: FieldError) -> Response<Body> {
+    http::json(StatusCode::BAD_REQUEST, &e.body())
 }
 
 fn ok_or_fail<T: serde::Serialize>(r: Result<T, ManagerError>) -> Response<Body> {
@@ -61,12 +67,24 @@ macro_rules! body {
     };
 }
 
-#[derive(Deserialize)]
+/// Reads an operator's JSON body into `$t`, refusing unknown fields and naming the field that
+/// does not decode ([`validate::decode`]), or returns the error response.
+macro_rules! checked_body {
+    ($req:expr, $t:ty) => {{
+        let raw: serde_json::Value = body!($req);
+        match validate::decode::<$t>(&raw) {
+            Ok(v) => v,
+            Err(e) => return field_error(e),
+        }
+    }};
+}
+
+#[derive(Deserialize, Serialize)]
 struct GroupBody {
     servers: Vec<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 struct SiteBody {
     content_group: String,
     staging: String,
@@ -75,7 +93,7 @@ struct SiteBody {
     keep_releases: Option<u32>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 struct RankBody {
     rank: Option<u32>,
 }
@@ -124,10 +142,11 @@ async fn operator(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let now = now_ms();
+    let query = req.uri().query().map(str::to_string);
     match (method, parts) {
         (Method::PUT, ["api", "v1", "groups", name]) => {
             name!("content group name", name);
-            let b: GroupBody = body!(req);
+            let b = checked_body!(req, GroupBody);
             for s in &b.servers {
                 name!("server name", s);
             }
@@ -144,10 +163,18 @@ async fn operator(
             }))
         }
         (Method::GET, ["api", "v1", "groups"]) => ok_or_fail(m.db.groups().map_err(Into::into)),
+        (Method::GET, ["api", "v1", "groups", name]) => {
+            ok_or_fail(m.db.group(name).map_err(Into::into).and_then(|g| {
+                g.ok_or_else(|| ManagerError::NotFound(format!("no content group `{name}`")))
+            }))
+        }
         (Method::PUT, ["api", "v1", "sites", name]) => {
             name!("site name", name);
-            let b: SiteBody = body!(req);
+            let b = checked_body!(req, SiteBody);
             name!("content_group", &b.content_group);
+            if let Err(e) = validate::site(&b.content_group, &b.staging, b.keep_releases, &m.db) {
+                return field_error(e);
+            }
             ok_or_fail(m.db.write(|t| {
                 // Serials and release history are the manager's; an operator edit keeps them.
                 let old = m.db.site(name)?;
@@ -169,9 +196,17 @@ async fn operator(
             }))
         }
         (Method::GET, ["api", "v1", "sites"]) => ok_or_fail(m.db.sites().map_err(Into::into)),
+        (Method::GET, ["api", "v1", "sites", name]) => {
+            ok_or_fail(m.db.site(name).map_err(Into::into).and_then(|s| {
+                s.ok_or_else(|| ManagerError::NotFound(format!("no hosted site `{name}`")))
+            }))
+        }
         (Method::POST, ["api", "v1", "jobs"]) => {
-            let spec: JobSpec = body!(req);
+            let spec = checked_body!(req, JobSpec);
             name!("site", &spec.site);
+            if let Err(e) = validate::job(&spec, &m.db) {
+                return field_error(e);
+            }
             match m.db.write(|t| {
                 let j = t.insert_job(spec.clone(), now)?;
                 t.log(
@@ -195,14 +230,15 @@ async fn operator(
             ok_or_fail(
                 m.db.job(job)
                     .map_err(Into::into)
-                    .and_then(|j| j.ok_or_else(|| ManagerError::NotFound(format!("job {job}")))),
+                    .and_then(|j| j.ok_or_else(|| ManagerError::NotFound(format!("no job {job}")))),
             )
         }
         (Method::POST, ["api", "v1", "jobs", job, "cancel"]) => {
             let job = id!(job);
             ok_or_fail(m.db.write(|t| {
                 let mut j =
-                    m.db.job(job)?.ok_or_else(|| ManagerError::NotFound(format!("job {job}")))?;
+                    m.db.job(job)?
+                        .ok_or_else(|| ManagerError::NotFound(format!("no job {job}")))?;
                 if let JobState::Running { run } = j.state {
                     return Err(ManagerError::Invalid(format!(
                         "job {job} is running (run {run}); it can be cancelled when the run ends"
@@ -218,27 +254,52 @@ async fn operator(
             let run = id!(run);
             ok_or_fail((|| {
                 let r =
-                    m.db.run(run)?.ok_or_else(|| ManagerError::NotFound(format!("run {run}")))?;
+                    m.db.run(run)?
+                        .ok_or_else(|| ManagerError::NotFound(format!("no run {run}")))?;
                 let reports = m.db.reports(run)?;
                 Ok(serde_json::json!({ "run": r, "reports": reports }))
             })())
         }
-        (Method::GET, ["api", "v1", "runs"]) => ok_or_fail(m.db.runs().map_err(Into::into)),
+        (Method::GET, ["api", "v1", "runs"]) => {
+            let q = match Filter::parse(query.as_deref()) {
+                Ok(q) => q,
+                Err(e) => return field_error(e),
+            };
+            ok_or_fail(m.db.runs().map_err(Into::into).map(|runs| {
+                q.keep(runs.into_iter().filter(|r| q.job.is_none_or(|j| r.job == j)).collect())
+            }))
+        }
         (Method::GET, ["api", "v1", "segments"]) => ok_or_fail(m.db.segments().map_err(Into::into)),
         (Method::PUT, ["api", "v1", "segments", name, "rank"]) => {
-            let b: RankBody = body!(req);
+            let b = checked_body!(req, RankBody);
             ok_or_fail(m.db.write(|t| {
                 let mut s =
                     m.db.segment(name)?
-                        .ok_or_else(|| ManagerError::NotFound(format!("segment {name}")))?;
+                        .ok_or_else(|| ManagerError::NotFound(format!("no segment `{name}`")))?;
                 s.static_rank = b.rank;
                 t.put_segment(&s)?;
                 Ok::<_, ManagerError>(s)
             }))
         }
         (Method::GET, ["api", "v1", "servers"]) => ok_or_fail(m.db.servers().map_err(Into::into)),
-        (Method::GET, ["api", "v1", "history"]) => ok_or_fail(m.db.history().map_err(Into::into)),
-        _ => http::error(StatusCode::NOT_FOUND, "no such operator endpoint"),
+        (Method::GET, ["api", "v1", "history"]) => {
+            let q = match Filter::parse(query.as_deref()) {
+                Ok(q) => q,
+                Err(e) => return field_error(e),
+            };
+            ok_or_fail(m.db.history().map_err(Into::into).map(|h| {
+                q.keep(
+                    h.into_iter()
+                        .filter(|e| q.job.is_none_or(|j| e.job == Some(j)))
+                        .filter(|e| q.run.is_none_or(|r| e.run == Some(r)))
+                        .collect(),
+                )
+            }))
+        }
+        (method, parts) => http::error(
+            StatusCode::NOT_FOUND,
+            &format!("no operator endpoint {method} /{}; docs/api.md lists them", parts.join("/")),
+        ),
     }
 }
 
@@ -289,7 +350,55 @@ async fn agent(
                     .map(|accepted| serde_json::json!({ "accepted": accepted })),
             )
         }
-        _ => http::error(StatusCode::NOT_FOUND, "no such agent endpoint"),
+        (method, parts) => http::error(
+            StatusCode::NOT_FOUND,
+            &format!("no agent endpoint {method} /{}", parts.join("/")),
+        ),
+    }
+}
+
+/// The query of a list (`GET /api/v1/history?job=3&limit=20`): which entries, and at most how
+/// many of the newest.
+#[derive(Default)]
+struct Filter {
+    job: Option<u64>,
+    run: Option<u64>,
+    limit: Option<usize>,
+}
+
+impl Filter {
+    fn parse(query: Option<&str>) -> Result<Filter, FieldError> {
+        let mut f = Filter::default();
+        for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let number = || {
+                value.parse::<u64>().map_err(|_| {
+                    FieldError::new(key, format!("`{value}` is not a non-negative integer"))
+                })
+            };
+            match key {
+                "job" => f.job = Some(number()?),
+                "run" => f.run = Some(number()?),
+                "limit" => f.limit = Some(number()? as usize),
+                _ => {
+                    return Err(FieldError::new(
+                        key,
+                        "unknown query parameter; accepted: `job`, `run`, `limit`",
+                    ));
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    /// The newest `limit` of `items` (oldest first, as stored).
+    fn keep<T>(&self, mut items: Vec<T>) -> Vec<T> {
+        if let Some(n) = self.limit
+            && items.len() > n
+        {
+            items.drain(..items.len() - n);
+        }
+        items
     }
 }
 

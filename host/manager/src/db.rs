@@ -35,6 +35,12 @@ pub enum DbError {
     Decode { table: &'static str, key: String, source: serde_json::Error },
     #[error("encoding a record: {0}")]
     Encode(#[from] serde_json::Error),
+    /// redb's lock on the file is held: by another manager process, or this one.
+    #[error(
+        "another manager holds the data directory {dir} (its database {file} is open and locked); \
+         stop that manager or give this one another --data-dir"
+    )]
+    HeldByAnother { dir: String, file: String },
 }
 
 fn redb_err(e: impl Into<redb::Error>) -> DbError {
@@ -142,7 +148,13 @@ pub struct Db {
 impl Db {
     /// Opens (or creates) the database file.
     pub fn open(path: &Path) -> Result<Db, DbError> {
-        let db = Database::create(path).map_err(redb_err)?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => DbError::HeldByAnother {
+                dir: path.parent().unwrap_or(path).display().to_string(),
+                file: path.display().to_string(),
+            },
+            e => redb_err(e),
+        })?;
         // Create every table up front so readers never meet a missing one.
         let tx = db.begin_write().map_err(redb_err)?;
         for t in [SERVERS, SEGMENTS, GROUPS, SITES, REPORTS] {

@@ -10,7 +10,8 @@
 //! [`server`] (the manager: scheduler loop and runs), `api` (its HTTP routes), `runs` and
 //! `discovery` (a run's steps; segments and the GLs' reports), and [`ca`] (the cluster's
 //! certificate authority, `cmover cert`). [`names`]: the one rule for names from outside
-//! (sites, groups, segments, servers).
+//! (sites, groups, segments, servers); [`validate`]: what an operator writes, checked before
+//! it is stored.
 
 mod api;
 pub mod ca;
@@ -24,6 +25,7 @@ mod runs;
 pub mod scheduler;
 pub mod server;
 pub mod tree;
+pub mod validate;
 
 /// Milliseconds since the Unix epoch: the manager's one notion of wall-clock time. Pure logic
 /// takes `now_ms` as an argument; only the IO edges call this.

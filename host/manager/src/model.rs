@@ -117,7 +117,9 @@ pub enum JobKind {
 }
 
 /// Enough live servers for a run: at least `min_servers`, and at least `min_percent` of the group.
+/// A field left out takes its default (100 %, 1 server).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Quorum {
     pub min_percent: u8,
     pub min_servers: u32,
@@ -135,10 +137,20 @@ impl Default for Quorum {
 pub enum OnFailure {
     /// Run again after `delay_ms`, at most `max_attempts` runs in all.
     Retry {
+        #[serde(default = "default_max_attempts")]
         max_attempts: u32,
+        #[serde(default = "default_retry_delay_ms")]
         delay_ms: u64,
     },
     Cancel,
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+
+fn default_retry_delay_ms() -> u64 {
+    30_000
 }
 
 /// What a due job does when it conflicts with a running one (same site, overlapping servers),
@@ -162,7 +174,9 @@ pub enum CommitPolicy {
     Manual,
 }
 
+/// A field left out takes its value from [`JobPolicy::default`] (a partial policy is accepted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct JobPolicy {
     pub quorum: Quorum,
     /// What happens after a run that builds a release reached the quorum.
@@ -182,7 +196,10 @@ impl Default for JobPolicy {
         JobPolicy {
             quorum: Quorum::default(),
             commit: CommitPolicy::Auto,
-            on_failure: OnFailure::Retry { max_attempts: 3, delay_ms: 30_000 },
+            on_failure: OnFailure::Retry {
+                max_attempts: default_max_attempts(),
+                delay_ms: default_retry_delay_ms(),
+            },
             on_conflict: OnBlocked::Queue,
             on_quorum_shortfall: OnBlocked::Queue,
             defer_ms: 30_000,

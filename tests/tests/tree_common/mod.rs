@@ -150,7 +150,8 @@ impl Cluster {
     }
 
     pub fn setup_site(&self, site: &str, servers: Vec<String>) {
-        self.setup_site_from(site, servers, Path::new("unused"));
+        // A staging directory must exist (the manager checks); runs here send files.
+        self.setup_site_from(site, servers, &std::env::temp_dir());
     }
 
     /// Content group `{site}-group` of `servers` and hosted site `site` published from `staging`.

@@ -127,7 +127,13 @@ async fn discovery_loop(shared: Arc<Shared>, addr: SocketAddr, links: LinkWatch)
                 }
                 Err(e) => {
                     failures += 1;
-                    tracing::warn!(segment = %report.segment, "discovery report: {e}");
+                    // Said once, then every 50th retry (~100 s at the longest backoff).
+                    if failures == 1 || failures.is_multiple_of(50) {
+                        tracing::warn!(
+                            "{}; retrying (attempt {failures})",
+                            report_failure(&manager, &report.segment, &e)
+                        );
+                    }
                     tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20))))
                         .await;
                     continue;
@@ -138,6 +144,30 @@ async fn discovery_loop(shared: Arc<Shared>, addr: SocketAddr, links: LinkWatch)
             r = status.changed() => if r.is_err() { return },
             _ = tokio::time::sleep_until(next_periodic) => {}
         }
+    }
+}
+
+/// Why a discovery report did not get through, in words an operator can act on.
+fn report_failure(manager: &str, segment: &str, e: &cm_tree::http::ClientError) -> String {
+    use cm_tree::http::ClientError;
+    match e {
+        ClientError::Transport { source, .. } => {
+            let mut cause: &dyn std::error::Error = source;
+            while let Some(inner) = cause.source() {
+                cause = inner;
+            }
+            format!(
+                "cannot reach the manager at {manager} to report segment {segment}: {cause} \
+                 (is the manager running, and is `[manager] url` or --manager right?)"
+            )
+        }
+        ClientError::Timeout { after, .. } => format!(
+            "the manager at {manager} did not answer segment {segment}'s report within {after:?}"
+        ),
+        ClientError::Status { status, body, .. } => format!(
+            "the manager at {manager} refused segment {segment}'s report ({status}): {body}"
+        ),
+        other => format!("reporting segment {segment} to the manager at {manager}: {other}"),
     }
 }
 

@@ -6,6 +6,10 @@
 //! server's outcome and where its live tree is. Its children are stopped on exit (also on
 //! Ctrl-C: the process guards kill them when dropped). The children log to `<dir>/logs/`, so the
 //! progress bars here are never interleaved with log lines.
+//!
+//! `--serve` keeps the cluster up after the steps: it writes `<dir>/cluster.env` (the manager's
+//! URL and the operator's credentials, for `cmover status`, `cmover publish demo --wait` in
+//! another shell) once everything is ready, and stops every process on Ctrl-C or SIGTERM.
 
 use anyhow::{Context, bail};
 use cm_agent::launch::{self, AgentProcess, AgentSpec, ManagerOptions, ManagerProcess};
@@ -44,7 +48,15 @@ pub struct Args {
     /// Seal every assignment with a secret in <dir>/secrets/seal.key (the agents get it too).
     #[arg(long)]
     pub seal: bool,
+    /// Keep the cluster running after the steps, with <dir>/cluster.env for the operator
+    /// commands, until Ctrl-C or SIGTERM.
+    #[arg(long)]
+    pub serve: bool,
 }
+
+/// The demo's hosted site and its content group (every server).
+const SITE: &str = "demo";
+const GROUP: &str = "all";
 
 const SEGMENT_NAMES: [&str; 6] = ["london", "paris", "boston", "tokyo", "sydney", "lima"];
 const LOCATIONS: [&str; 6] = [
@@ -129,7 +141,7 @@ impl Demo {
         let spec = JobSpec {
             name: title.into(),
             kind,
-            site: "www".into(),
+            site: SITE.into(),
             payload,
             start_at_ms: 0,
             every_ms: None,
@@ -248,14 +260,47 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let dir = a.dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("cmover-demo-{}", std::process::id()))
     });
-    // The cluster lives inside this future: Ctrl-C drops it, and the guards kill every child.
-    tokio::select! {
-        r = demo(a, dir.clone()) => r,
-        _ = tokio::signal::ctrl_c() => {
-            println!("\ninterrupted: stopping the cluster (its files stay in {})", dir.display());
-            Ok(())
-        }
+    // Absolute, so cluster.env works from any directory.
+    let dir = std::path::absolute(&dir).context("the demo directory's path")?;
+    let processes = a.segments * a.servers + 1;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("watching for SIGTERM")?;
+    // The cluster lives inside this future: a signal drops it, and the guards kill every child.
+    let signal = tokio::select! {
+        r = demo(a, dir.clone()) => return r,
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = term.recv() => "terminated",
+    };
+    println!(
+        "\n{signal}: stopped the cluster ({processes} processes: the manager and {} agents); its files stay in {}",
+        processes - 1,
+        dir.display()
+    );
+    Ok(())
+}
+
+/// `<dir>/cluster.env`: shell lines for the operator commands (`source` it, then `cmover
+/// status`). Written last, through a rename, so its presence means the cluster is ready.
+fn write_cluster_env(dir: &Path, manager: &ManagerProcess) -> anyhow::Result<PathBuf> {
+    let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
+    let mut lines = vec![
+        format!("CMOVER_MANAGER={}", manager.url),
+        format!("CMOVER_TOKEN_FILE={}", quote(&dir.join("secrets/operator.token"))),
+    ];
+    let mut names = vec!["CMOVER_MANAGER", "CMOVER_TOKEN_FILE"];
+    if let Some(tls) = &manager.tls {
+        lines.push(format!("CMOVER_CA={}", quote(&tls.operator.ca)));
+        lines.push(format!("CMOVER_CERT={}", quote(&tls.operator.cert)));
+        lines.push(format!("CMOVER_KEY={}", quote(&tls.operator.key)));
+        names.extend(["CMOVER_CA", "CMOVER_CERT", "CMOVER_KEY"]);
     }
+    lines.push(format!("export {}", names.join(" ")));
+    let path = dir.join("cluster.env");
+    let tmp = dir.join(".cluster.env.tmp");
+    std::fs::write(&tmp, lines.join("\n") + "\n")
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
@@ -265,6 +310,7 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
     if dir.join("servers").exists() || dir.join("manager").exists() {
         bail!("{} holds an earlier demo; pass another --dir or remove it", dir.display());
     }
+    let _ = std::fs::remove_file(dir.join("cluster.env"));
     copy_tree(&site_src, &staging)
         .with_context(|| format!("copying {} to the staging tree", site_src.display()))?;
     println!("demo cluster in {} (process logs in {}/logs)", dir.display(), dir.display());
@@ -309,7 +355,7 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
                 data,
                 heartbeat_ms: a.heartbeat_ms,
                 report_wait_ms: 10_000,
-                site_name: "www".into(),
+                site_name: SITE.into(),
                 weight: 0,
                 max_rate_mbps: None,
                 seal: Default::default(),
@@ -328,11 +374,14 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
     demo.wait_for_segments(a.servers).await?;
 
     let all: Vec<String> = demo.agents.iter().map(|a| a.spec.name.clone()).collect();
-    let _: serde_json::Value =
-        demo.op.put(&demo.url("groups/demo"), &serde_json::json!({ "servers": all })).await?;
     let _: serde_json::Value = demo
         .op
-        .put(&demo.url("sites/www"), &serde_json::json!({ "content_group": "demo", "staging": staging.display().to_string() }))
+        .put(&demo.url(&format!("groups/{GROUP}")), &serde_json::json!({ "servers": all }))
+        .await?;
+    let staging_abs = std::path::absolute(&staging).context("the staging directory's path")?;
+    let _: serde_json::Value = demo
+        .op
+        .put(&demo.url(&format!("sites/{SITE}")), &serde_json::json!({ "content_group": GROUP, "staging": staging_abs.display().to_string() }))
         .await?;
 
     demo.step("publish examples/site", JobKind::Publish, Payload::Staging).await?;
@@ -362,11 +411,39 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
         println!("  {:<12} {}  (-> {target})", a.spec.name, live.display());
     }
     let history: Vec<serde_json::Value> = demo.op.get(&demo.url("history")).await?;
+    if !a.serve {
+        println!(
+            "\nthe manager's history log has {} entries; the demo took {:.1} s and is done (stopping {} processes).",
+            history.len(),
+            started.elapsed().as_secs_f64(),
+            demo.agents.len() + 1
+        );
+        return Ok(());
+    }
+    let env = write_cluster_env(&dir, &demo.manager)?;
+    let login = match &demo.manager.tls {
+        Some(t) => format!(
+            "log in with the operator certificate {} (key {})",
+            t.operator.cert.display(),
+            t.operator.key.display()
+        ),
+        None => format!(
+            "log in with the operator token in {}",
+            dir.join("secrets/operator.token").display()
+        ),
+    };
     println!(
-        "\nthe manager's history log has {} entries; the demo took {:.1} s and is done (stopping {} processes).",
-        history.len(),
+        "\nthe demo took {:.1} s; the cluster keeps running ({} processes).",
         started.elapsed().as_secs_f64(),
         demo.agents.len() + 1
     );
+    println!("  console:  {}/  ({login})", demo.manager.url);
+    println!("  in another shell:");
+    println!("    source {}", env.display());
+    println!("    cmover status");
+    println!("    $EDITOR {}/index.html && cmover publish {SITE} --wait", staging.display());
+    println!("  Ctrl-C (or SIGTERM) stops every process.");
+    // Until a signal ends the select in `run`, which drops the cluster with this future.
+    std::future::pending::<()>().await;
     Ok(())
 }

@@ -80,6 +80,12 @@ fn run_blocking(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::List { store } => {
+            // Listing reads only: a store that does not exist has nothing installed, and is not
+            // created by looking.
+            if !store.store.is_dir() {
+                println!("no plugins installed (no store at {})", store.store.display());
+                return Ok(());
+            }
             println!("{:<20} {:<18} {:<12} {:>9}  previous", "name", "world", "version", "bytes");
             for p in open(&store)?.list() {
                 println!(

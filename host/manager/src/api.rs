@@ -85,6 +85,9 @@ pub(crate) async fn handle(m: Arc<Inner>, req: Request<Incoming>) -> Response<Bo
     if path == "/healthz" {
         return http::json(StatusCode::OK, &serde_json::json!({ "manager": true }));
     }
+    if crate::console::owns(&path) {
+        return crate::console::handle(m, req).await;
+    }
     let Some(role) = m.tokens.role(&req) else {
         return http::error(
             StatusCode::UNAUTHORIZED,
@@ -238,6 +241,12 @@ async fn operator(
         }
         (Method::GET, ["api", "v1", "servers"]) => ok_or_fail(m.db.servers().map_err(Into::into)),
         (Method::GET, ["api", "v1", "history"]) => ok_or_fail(m.db.history().map_err(Into::into)),
+        (Method::GET, ["api", "v1", "events"]) => {
+            match crate::events::parse_filter(req.uri().query()) {
+                Ok(f) => crate::events::stream(&m.db, f),
+                Err(e) => http::error(StatusCode::BAD_REQUEST, &e),
+            }
+        }
         _ => http::error(StatusCode::NOT_FOUND, "no such operator endpoint"),
     }
 }

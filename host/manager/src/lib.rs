@@ -10,12 +10,15 @@
 //! [`server`] (the manager: scheduler loop and runs), `api` (its HTTP routes), `runs` and
 //! `discovery` (a run's steps; segments and the GLs' reports), and [`ca`] (the cluster's
 //! certificate authority, `cmover cert`). [`names`]: the one rule for names from outside
-//! (sites, groups, segments, servers).
+//! (sites, groups, segments, servers). [`events`]: the event bus and its Server-Sent Events;
+//! `console`: the browser console on the manager's port.
 
 mod api;
 pub mod ca;
+mod console;
 pub mod db;
 mod discovery;
+pub mod events;
 pub mod model;
 pub mod names;
 pub mod policy;

@@ -7,4 +7,5 @@ pub mod demo;
 pub mod manager;
 pub mod mctp;
 pub mod plugin;
+pub mod run;
 pub mod site;

@@ -40,6 +40,9 @@ enum Command {
     /// The cluster's certificate authority for mutual TLS: create it, issue certificates.
     #[command(subcommand)]
     Cert(cmd::cert::Command),
+    /// Runs on the manager: show one, or follow it live until it ends.
+    #[command(subcommand)]
+    Run(cmd::run::Command),
 }
 
 /// Whether the command runs for a long time and must outlive a closed stdout (the manager, an
@@ -109,5 +112,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Mctp(c) => cmd::mctp::run(c).await,
         Command::Manager(a) => cmd::manager::run(a).await,
         Command::Cert(c) => cmd::cert::run(c).await,
+        Command::Run(c) => cmd::run::run(c).await,
     }
 }

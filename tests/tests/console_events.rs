@@ -1,7 +1,8 @@
 //! The manager's event stream (`GET /api/v1/events`) with a real cluster: a publish shows its
 //! job, runs, every server's report and the site's new live release as they happen; a new
 //! server appears as it registers; a stream filtered on a finished run opens with its state;
-//! no token, a wrong one or the agent's gets nothing.
+//! no token, a wrong one or the agent's gets nothing. `cmover run show --follow` prints the
+//! finished run and exits 0 (4 when the manager does not answer).
 
 use std::time::{Duration, Instant};
 
@@ -140,6 +141,26 @@ async fn a_publish_streams_as_it_happens() -> anyhow::Result<()> {
     }
     let bad = c.op.send(Method::GET, &format!("{events}?run=x"), None, &[]).await;
     assert!(matches!(bad, Err(ClientError::Status { status, .. }) if status == 400));
+
+    // `cmover run show --follow` on the finished run: its outcome, every server, exit 0; a
+    // manager that does not answer: exit 4.
+    let token_file = c.dir.path().join("secrets").join("operator.token");
+    let show = |url: &str| {
+        std::process::Command::new(cm_tests::cmover_bin())
+            .args(["run", "show", &finished[1].to_string(), "--follow", "--manager", url])
+            .arg("--token-file")
+            .arg(&token_file)
+            .output()
+    };
+    let out = show(&c.manager.url)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("succeeded"), "{text}");
+    for a in &c.agents {
+        assert!(text.contains(&a.spec.name), "{text}");
+    }
+    let port = cm_agent::launch::free_port()?;
+    assert_eq!(show(&format!("http://127.0.0.1:{port}"))?.status.code(), Some(4));
 
     // A new server appears on the stream as its GL registers it.
     c.add_agent(0, "seg0-new", 99)?;

@@ -1,7 +1,7 @@
 //! Figures for the console (ignored by default; run by hand):
 //!
 //! ```text
-//! cargo test -p cm-tests --release --test console_load -- --ignored --nocapture
+//! cargo test -p cm-tests --test console_load -- --ignored --nocapture   # add --release for optimized figures
 //! ```
 //!
 //! Fills a manager's store with 1,000 servers in 10 segments, a site on all of them and 10,000

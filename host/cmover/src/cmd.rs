@@ -8,4 +8,5 @@ pub mod manager;
 pub mod mctp;
 pub mod ops;
 pub mod plugin;
+pub mod run;
 pub mod site;

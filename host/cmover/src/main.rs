@@ -63,6 +63,9 @@ enum Command {
     Completions { shell: clap_complete::Shell },
     /// Write man pages (cmover.1 and one per subcommand) into a directory.
     Man { dir: std::path::PathBuf },
+    /// Runs on the manager: show one, or follow it live until it ends.
+    #[command(subcommand)]
+    Run(cmd::run::Command),
 }
 
 /// Whether the command runs for a long time and must outlive a closed stdout (the manager, an
@@ -158,5 +161,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Man { dir } => cmd::ops::man_pages(Cli::command(), &dir),
+        Command::Run(c) => cmd::run::run(c).await,
     }
 }

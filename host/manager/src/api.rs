@@ -103,6 +103,9 @@ pub(crate) async fn handle(m: Arc<Inner>, req: Request<Incoming>) -> Response<Bo
     if path == "/healthz" {
         return http::json(StatusCode::OK, &serde_json::json!({ "manager": true }));
     }
+    if crate::console::owns(&path) {
+        return crate::console::handle(m, req).await;
+    }
     let Some(role) = m.tokens.role(&req) else {
         return http::error(
             StatusCode::UNAUTHORIZED,
@@ -295,6 +298,12 @@ async fn operator(
                         .collect(),
                 )
             }))
+        }
+        (Method::GET, ["api", "v1", "events"]) => {
+            match crate::events::parse_filter(req.uri().query()) {
+                Ok(f) => crate::events::stream(&m.db, f),
+                Err(e) => http::error(StatusCode::BAD_REQUEST, &e),
+            }
         }
         (method, parts) => http::error(
             StatusCode::NOT_FOUND,

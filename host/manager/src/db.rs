@@ -8,6 +8,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use std::path::Path;
 use thiserror::Error;
 
+use crate::events::{Bus, Change, Event};
 use crate::model::{
     ContentGroup, HistoryEntry, HostedSite, Job, JobSpec, JobState, Run, SegmentRecord,
     ServerOutcome, ServerRecord,
@@ -66,9 +67,17 @@ fn report_key(run: u64, server: &str) -> String {
 /// One write transaction; dropped without [`Db::write`] returning Ok, nothing of it is kept.
 pub struct Txn<'a> {
     tx: &'a WriteTransaction,
+    /// What the transaction changed, published once it commits (only while somebody listens).
+    bus: &'a Bus,
+    changes: std::cell::RefCell<Vec<Event>>,
 }
 
 impl Txn<'_> {
+    fn note(&self, c: Change<'_>) {
+        if self.bus.listened() {
+            self.changes.borrow_mut().push(c.event());
+        }
+    }
     fn put_str<T: Serialize>(&self, t: StrTable, key: &str, v: &T) -> Result<(), DbError> {
         let bytes = serde_json::to_vec(v)?;
         self.tx.open_table(t).map_err(redb_err)?.insert(key, bytes.as_slice()).map_err(redb_err)?;
@@ -87,24 +96,30 @@ impl Txn<'_> {
     }
 
     pub fn put_server(&self, s: &ServerRecord) -> Result<(), DbError> {
+        self.note(Change::Server(s));
         self.put_str(SERVERS, &s.name, s)
     }
     pub fn put_segment(&self, s: &SegmentRecord) -> Result<(), DbError> {
+        self.note(Change::Segment(s));
         self.put_str(SEGMENTS, &s.name, s)
     }
     pub fn put_group(&self, g: &ContentGroup) -> Result<(), DbError> {
         self.put_str(GROUPS, &g.name, g)
     }
     pub fn put_site(&self, s: &HostedSite) -> Result<(), DbError> {
+        self.note(Change::Site(s));
         self.put_str(SITES, &s.name, s)
     }
     pub fn put_job(&self, j: &Job) -> Result<(), DbError> {
+        self.note(Change::Job(j));
         self.put_id(JOBS, j.id, j)
     }
     pub fn put_run(&self, r: &Run) -> Result<(), DbError> {
+        self.note(Change::Run(r));
         self.put_id(RUNS, r.id, r)
     }
     pub fn put_report(&self, run: u64, server: &str, o: &ServerOutcome) -> Result<(), DbError> {
+        self.note(Change::Report(run, server, o));
         self.put_str(REPORTS, &report_key(run, server), o)
     }
 
@@ -137,12 +152,15 @@ impl Txn<'_> {
         event: impl Into<String>,
     ) -> Result<(), DbError> {
         let seq = self.next_id("history")?;
-        self.put_id(HISTORY, seq, &HistoryEntry { seq, at_ms, job, run, event: event.into() })
+        let entry = HistoryEntry { seq, at_ms, job, run, event: event.into() };
+        self.note(Change::History(&entry));
+        self.put_id(HISTORY, seq, &entry)
     }
 }
 
 pub struct Db {
     db: Database,
+    events: Bus,
 }
 
 impl Db {
@@ -165,7 +183,7 @@ impl Db {
         }
         tx.open_table(COUNTERS).map_err(redb_err)?;
         tx.commit().map_err(redb_err)?;
-        Ok(Db { db })
+        Ok(Db { db, events: Bus::default() })
     }
 
     /// Runs `f` in one write transaction and commits it if `f` succeeds.
@@ -174,9 +192,19 @@ impl Db {
         f: impl FnOnce(&Txn<'_>) -> Result<R, E>,
     ) -> Result<R, E> {
         let tx = self.db.begin_write().map_err(redb_err)?;
-        let r = f(&Txn { tx: &tx })?;
+        let txn = Txn { tx: &tx, bus: &self.events, changes: Default::default() };
+        let r = f(&txn)?;
+        let changes = txn.changes.take();
         tx.commit().map_err(redb_err)?;
+        for e in changes {
+            self.events.publish(e);
+        }
         Ok(r)
+    }
+
+    /// The event bus every committed write publishes to ([`crate::events`]).
+    pub fn events(&self) -> &Bus {
+        &self.events
     }
 
     fn get_str<T: DeserializeOwned>(
@@ -270,6 +298,31 @@ impl Db {
         self.list_id(HISTORY, "history")
     }
 
+    /// One page of the history, newest first: at most `limit` entries older than `before` (a
+    /// sequence number; `None`: from the newest) that `keep` accepts, and whether older ones
+    /// that `keep` accepts remain.
+    pub fn history_page(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+        keep: impl Fn(&HistoryEntry) -> bool,
+    ) -> Result<(Vec<HistoryEntry>, bool), DbError> {
+        let tx = self.db.begin_read().map_err(redb_err)?;
+        let table = tx.open_table(HISTORY).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for e in table.range(..before.unwrap_or(u64::MAX)).map_err(redb_err)?.rev() {
+            let (k, v) = e.map_err(redb_err)?;
+            let entry: HistoryEntry = decode("history", k.value(), v.value())?;
+            if keep(&entry) {
+                if out.len() == limit {
+                    return Ok((out, true));
+                }
+                out.push(entry);
+            }
+        }
+        Ok((out, false))
+    }
+
     /// Every server's outcome in `run`, by server name.
     pub fn reports(&self, run: u64) -> Result<Vec<(String, ServerOutcome)>, DbError> {
         let tx = self.db.begin_read().map_err(redb_err)?;
@@ -333,7 +386,29 @@ mod tests {
         );
         assert_eq!(db.reports(12).unwrap().len(), 1);
         assert_eq!(db.history().unwrap()[0].event, "created");
+        let (page, more) = db.history_page(None, 10, |_| true).unwrap();
+        assert_eq!((page.len(), more), (1, false));
         let j2 = db.write(|t| t.insert_job(spec.clone(), 5)).unwrap();
         assert_eq!(j2.id, 2, "ids keep counting after a failed transaction and a reopen");
+    }
+
+    #[test]
+    fn history_pages_newest_first_with_a_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("m.redb")).unwrap();
+        db.write(|t| {
+            for i in 0..25u64 {
+                t.log(i, Some(i % 2), None, format!("line {i}"))?;
+            }
+            Ok::<_, DbError>(())
+        })
+        .unwrap();
+        let (first, more) = db.history_page(None, 10, |e| e.job == Some(1)).unwrap();
+        let seqs: Vec<u64> = first.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [24, 22, 20, 18, 16, 14, 12, 10, 8, 6]);
+        assert!(more);
+        let (rest, more) = db.history_page(Some(6), 10, |e| e.job == Some(1)).unwrap();
+        assert_eq!(rest.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 2]);
+        assert!(!more);
     }
 }

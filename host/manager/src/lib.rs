@@ -11,12 +11,15 @@
 //! `discovery` (a run's steps; segments and the GLs' reports), and [`ca`] (the cluster's
 //! certificate authority, `cmover cert`). [`names`]: the one rule for names from outside
 //! (sites, groups, segments, servers); [`validate`]: what an operator writes, checked before
-//! it is stored.
+//! it is stored; [`events`]: the event bus and its Server-Sent Events; `console`: the browser
+//! console on the manager's port.
 
 mod api;
 pub mod ca;
+mod console;
 pub mod db;
 mod discovery;
+pub mod events;
 pub mod model;
 pub mod names;
 pub mod policy;

@@ -140,6 +140,8 @@ pub(crate) struct Inner {
     pub wake: Notify,
     /// Rate limits of discovery reports.
     pub discovery_gate: crate::discovery::DiscoveryGate,
+    /// The browser console's sessions.
+    pub console: crate::console::Console,
 }
 
 /// A running manager.
@@ -177,6 +179,7 @@ impl Manager {
             egress: cfg.egress_bytes_per_sec.map(Egress::new),
             wake: Notify::new(),
             discovery_gate: Default::default(),
+            console: Default::default(),
             db,
             cfg,
         });

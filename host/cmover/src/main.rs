@@ -40,6 +40,8 @@ enum Command {
     /// The cluster's certificate authority for mutual TLS: create it, issue certificates.
     #[command(subcommand)]
     Cert(cmd::cert::Command),
+    /// A site's checkpoints on the manager: create, list, delete, restore.
+    Checkpoint(cmd::checkpoint::Args),
 }
 
 /// Whether the command runs for a long time and must outlive a closed stdout (the manager, an
@@ -109,5 +111,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Mctp(c) => cmd::mctp::run(c).await,
         Command::Manager(a) => cmd::manager::run(a).await,
         Command::Cert(c) => cmd::cert::run(c).await,
+        Command::Checkpoint(a) => cmd::checkpoint::run(a).await,
     }
 }

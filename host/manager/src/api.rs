@@ -73,6 +73,9 @@ struct SiteBody {
     /// Snapshots kept: the last this many committed releases (default 2, or the site's current setting).
     #[serde(default)]
     keep_releases: Option<u32>,
+    /// Checkpoints kept (default 5, or the site's current setting).
+    #[serde(default)]
+    keep_checkpoints: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -162,6 +165,10 @@ async fn operator(
                         .or(old.as_ref().map(|o| o.keep_releases))
                         .unwrap_or_else(default_keep_releases),
                     committed: old.as_ref().map(|o| o.committed.clone()).unwrap_or_default(),
+                    keep_checkpoints: b
+                        .keep_checkpoints
+                        .or(old.as_ref().map(|o| o.keep_checkpoints))
+                        .unwrap_or_else(crate::model::default_keep_checkpoints),
                     holders: old.map(|o| o.holders).unwrap_or_default(),
                 };
                 t.put_site(&s)?;
@@ -172,6 +179,9 @@ async fn operator(
         (Method::POST, ["api", "v1", "jobs"]) => {
             let spec: JobSpec = body!(req);
             name!("site", &spec.site);
+            if let Err(e) = crate::versions_api::check_job(&m, &spec) {
+                return fail(e);
+            }
             match m.db.write(|t| {
                 let j = t.insert_job(spec.clone(), now)?;
                 t.log(
@@ -238,6 +248,9 @@ async fn operator(
         }
         (Method::GET, ["api", "v1", "servers"]) => ok_or_fail(m.db.servers().map_err(Into::into)),
         (Method::GET, ["api", "v1", "history"]) => ok_or_fail(m.db.history().map_err(Into::into)),
+        (method, ["api", "v1", "sites", site, rest @ ..]) if !rest.is_empty() => {
+            crate::versions_api::site_route(m, method, site, rest, req).await
+        }
         _ => http::error(StatusCode::NOT_FOUND, "no such operator endpoint"),
     }
 }

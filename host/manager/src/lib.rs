@@ -8,12 +8,14 @@
 //!
 //! The IO around them: [`db`] (redb), [`prepare`] (payload → assignment file, snapshots),
 //! [`server`] (the manager: scheduler loop and runs), `api` (its HTTP routes), `runs` and
-//! `discovery` (a run's steps; segments and the GLs' reports), and [`ca`] (the cluster's
-//! certificate authority, `cmover cert`). [`names`]: the one rule for names from outside
-//! (sites, groups, segments, servers).
+//! `discovery` (a run's steps; segments and the GLs' reports), [`checkpoint`] (a site's
+//! checkpoints and their restore), `unchanged` (a recurring publish whose staging did not
+//! change makes no release), and [`ca`] (the cluster's certificate authority, `cmover cert`).
+//! [`names`]: the one rule for names from outside (sites, groups, segments, servers).
 
 mod api;
 pub mod ca;
+pub mod checkpoint;
 pub mod db;
 mod discovery;
 pub mod model;
@@ -24,6 +26,8 @@ mod runs;
 pub mod scheduler;
 pub mod server;
 pub mod tree;
+mod unchanged;
+mod versions_api;
 
 /// Milliseconds since the Unix epoch: the manager's one notion of wall-clock time. Pure logic
 /// takes `now_ms` as an argument; only the IO edges call this.

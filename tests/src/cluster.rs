@@ -32,6 +32,16 @@ pub struct TestCluster {
     pub dir: tempfile::TempDir,
 }
 
+/// A policy for tests: quorum 100 %, the release committed automatically, cancelled on failure.
+pub fn auto_commit_policy() -> JobPolicy {
+    JobPolicy {
+        on_failure: OnFailure::Cancel,
+        commit: CommitPolicy::Auto,
+        quorum: Quorum { min_percent: 100, min_servers: 1 },
+        ..JobPolicy::default()
+    }
+}
+
 /// What a test cluster looks like.
 pub struct Layout {
     /// Distinct per test (multicast groups 239.203.<test>.x and ports derived from it).
@@ -360,6 +370,28 @@ impl TestCluster {
             );
         }
         Ok(())
+    }
+
+    /// Sets site `www` again (group `g`, the cluster's staging) with `settings` added, e.g.
+    /// `{"keep_releases": 3}`.
+    pub async fn put_site(&self, settings: Value) -> anyhow::Result<Value> {
+        let mut body = serde_json::json!({ "content_group": "g", "staging": self.staging.display().to_string() });
+        if let (Some(b), Value::Object(extra)) = (body.as_object_mut(), settings) {
+            b.extend(extra);
+        }
+        Ok(self.op.put(&self.url("sites/www"), &body).await?)
+    }
+
+    /// Panics unless every server's live tree is `want` (observed with [`crate::observe`]).
+    pub fn assert_live_everywhere(
+        &self,
+        want: &std::collections::BTreeMap<String, String>,
+        when: &str,
+    ) {
+        for a in &self.agents {
+            let live = crate::observe(&a.site_root.join("current"));
+            assert_eq!(&live, want, "{}: {when}\n{}", a.spec.name, self.logs());
+        }
     }
 
     /// Index of the agent that leads `segment` now.

@@ -70,10 +70,11 @@ async fn operator_commands_against_a_live_cluster() {
     // Serials count every assignment: the first commit took 2, so the second release is 3.
     assert_eq!(site["committed"], serde_json::json!([1, 3]));
 
-    // rollback --to: refused clearly (the manager cannot roll back to a given serial yet).
-    let out = op.expect(1, &["rollback", "www", "--to", "1"]);
-    assert!(out.stderr.contains("payload.to") && out.stderr.contains("not supported"), "{out:?}");
-    op.expect(0, &["rollback", "www", "--wait"]);
+    // rollback --to: a serial that was never committed is refused before a job is stored; the
+    // release committed before live is switched to.
+    let out = op.expect(1, &["rollback", "www", "--to", "2"]);
+    assert!(out.stderr.contains("never committed"), "{out:?}");
+    op.expect(0, &["rollback", "www", "--to", "1", "--wait"]);
     assert!(c.agents.iter().all(|a| observe(&a.site_root.join("current")) == v1));
 
     // job list / show / create / cancel.

@@ -69,6 +69,7 @@ fn fill(db: &Db) -> Result<(), DbError> {
             prepared: None,
             committed: vec![2, 3],
             keep_releases: 2,
+            keep_checkpoints: cm_manager::model::default_keep_checkpoints(),
             holders: all.iter().map(|s| (s.clone(), 3)).collect(),
         })?;
         Ok::<_, DbError>(())

@@ -82,7 +82,7 @@ async fn publish_delta_commit_rollback_reach_every_server() {
         );
     }
 
-    c.run_ok(JobKind::Rollback, Payload::Rollback).await.unwrap();
+    c.run_ok(JobKind::Rollback, Payload::Rollback { to: None }).await.unwrap();
     for a in &c.agents {
         assert_eq!(
             observe(&a.site_root.join("current")),

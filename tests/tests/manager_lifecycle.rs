@@ -125,7 +125,11 @@ fn a_publish_commits_itself_and_every_server_goes_live_then_rolls_back_and_prune
         std::fs::write(stage.join("css/site.css"), css(1)).unwrap(); // what 5 held
         tree_of(&stage)
     };
-    let j = c.submit_spec(&spec(JobKind::Rollback, Payload::Rollback, JobPolicy::default()));
+    let j = c.submit_spec(&spec(
+        JobKind::Rollback,
+        Payload::Rollback { to: None },
+        JobPolicy::default(),
+    ));
     assert_eq!(
         c.wait_finished(j.id, Duration::from_secs(60)).state,
         JobState::Done,

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod assignment;
 pub mod cert;
+pub mod checkpoint;
 pub mod demo;
 pub mod manager;
 pub mod mctp;

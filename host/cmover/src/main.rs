@@ -66,6 +66,8 @@ enum Command {
     /// Runs on the manager: show one, or follow it live until it ends.
     #[command(subcommand)]
     Run(cmd::run::Command),
+    /// A site's checkpoints on the manager: create, list, delete, restore.
+    Checkpoint(cmd::checkpoint::Args),
 }
 
 /// Whether the command runs for a long time and must outlive a closed stdout (the manager, an
@@ -162,5 +164,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Man { dir } => cmd::ops::man_pages(Cli::command(), &dir),
         Command::Run(c) => cmd::run::run(c).await,
+        Command::Checkpoint(a) => cmd::checkpoint::run(a).await,
     }
 }

@@ -91,6 +91,9 @@ struct SiteBody {
     /// Snapshots kept: the last this many committed releases (default 2, or the site's current setting).
     #[serde(default)]
     keep_releases: Option<u32>,
+    /// Checkpoints kept (default 5, or the site's current setting).
+    #[serde(default)]
+    keep_checkpoints: Option<u32>,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -192,6 +195,10 @@ async fn operator(
                         .or(old.as_ref().map(|o| o.keep_releases))
                         .unwrap_or_else(default_keep_releases),
                     committed: old.as_ref().map(|o| o.committed.clone()).unwrap_or_default(),
+                    keep_checkpoints: b
+                        .keep_checkpoints
+                        .or(old.as_ref().map(|o| o.keep_checkpoints))
+                        .unwrap_or_else(crate::model::default_keep_checkpoints),
                     holders: old.map(|o| o.holders).unwrap_or_default(),
                 };
                 t.put_site(&s)?;
@@ -209,6 +216,9 @@ async fn operator(
             name!("site", &spec.site);
             if let Err(e) = validate::job(&spec, &m.db) {
                 return field_error(e);
+            }
+            if let Err(e) = crate::versions_api::check_job(&m, &spec) {
+                return fail(e);
             }
             match m.db.write(|t| {
                 let j = t.insert_job(spec.clone(), now)?;
@@ -304,6 +314,9 @@ async fn operator(
                 Ok(f) => crate::events::stream(&m.db, f),
                 Err(e) => http::error(StatusCode::BAD_REQUEST, &e),
             }
+        }
+        (method, ["api", "v1", "sites", site, rest @ ..]) if !rest.is_empty() => {
+            crate::versions_api::site_route(m, method, site, rest, req).await
         }
         (method, parts) => http::error(
             StatusCode::NOT_FOUND,

@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use crate::events::{Bus, Change, Event};
 use crate::model::{
-    ContentGroup, HistoryEntry, HostedSite, Job, JobSpec, JobState, Run, SegmentRecord,
+    Checkpoint, ContentGroup, HistoryEntry, HostedSite, Job, JobSpec, JobState, Run, SegmentRecord,
     ServerOutcome, ServerRecord,
 };
 
@@ -26,6 +26,8 @@ const REPORTS: StrTable = TableDefinition::new("server_reports");
 const JOBS: IdTable = TableDefinition::new("jobs");
 const RUNS: IdTable = TableDefinition::new("runs");
 const HISTORY: IdTable = TableDefinition::new("history");
+/// Key: `{site}/{id:020}`, so one site's checkpoints are one key range, oldest first.
+const CHECKPOINTS: StrTable = TableDefinition::new("checkpoints");
 const COUNTERS: TableDefinition<'static, &'static str, u64> = TableDefinition::new("counters");
 
 #[derive(Debug, Error)]
@@ -62,6 +64,10 @@ fn decode<T: DeserializeOwned>(
 
 fn report_key(run: u64, server: &str) -> String {
     format!("{run:020}/{server}")
+}
+
+fn checkpoint_key(site: &str, id: u64) -> String {
+    format!("{site}/{id:020}")
 }
 
 /// One write transaction; dropped without [`Db::write`] returning Ok, nothing of it is kept.
@@ -123,6 +129,19 @@ impl Txn<'_> {
         self.put_str(REPORTS, &report_key(run, server), o)
     }
 
+    pub fn put_checkpoint(&self, c: &Checkpoint) -> Result<(), DbError> {
+        self.put_str(CHECKPOINTS, &checkpoint_key(&c.site, c.id), c)
+    }
+    pub fn remove_checkpoint(&self, site: &str, id: u64) -> Result<(), DbError> {
+        let mut t = self.tx.open_table(CHECKPOINTS).map_err(redb_err)?;
+        t.remove(checkpoint_key(site, id).as_str()).map_err(redb_err)?;
+        Ok(())
+    }
+    /// The next checkpoint id of `site` (ids are per site and never reused).
+    pub fn next_checkpoint_id(&self, site: &str) -> Result<u64, DbError> {
+        self.next_id(&format!("checkpoint/{site}"))
+    }
+
     /// A new job, idle, first due at its start time.
     pub fn insert_job(&self, spec: JobSpec, now_ms: u64) -> Result<Job, DbError> {
         let id = self.next_id("job")?;
@@ -175,7 +194,7 @@ impl Db {
         })?;
         // Create every table up front so readers never meet a missing one.
         let tx = db.begin_write().map_err(redb_err)?;
-        for t in [SERVERS, SEGMENTS, GROUPS, SITES, REPORTS] {
+        for t in [SERVERS, SEGMENTS, GROUPS, SITES, REPORTS, CHECKPOINTS] {
             tx.open_table(t).map_err(redb_err)?;
         }
         for t in [JOBS, RUNS, HISTORY] {
@@ -323,17 +342,36 @@ impl Db {
         Ok((out, false))
     }
 
+    pub fn checkpoint(&self, site: &str, id: u64) -> Result<Option<Checkpoint>, DbError> {
+        self.get_str(CHECKPOINTS, "checkpoints", &checkpoint_key(site, id))
+    }
+
+    /// A site's checkpoints, oldest first.
+    pub fn checkpoints(&self, site: &str) -> Result<Vec<Checkpoint>, DbError> {
+        Ok(self.prefixed(CHECKPOINTS, "checkpoints", site)?.into_iter().map(|(_, c)| c).collect())
+    }
+
     /// Every server's outcome in `run`, by server name.
     pub fn reports(&self, run: u64) -> Result<Vec<(String, ServerOutcome)>, DbError> {
+        self.prefixed(REPORTS, "server_reports", &format!("{run:020}"))
+    }
+
+    /// The records whose key is `{prefix}/…`, in key order, with the rest of their key.
+    fn prefixed<T: DeserializeOwned>(
+        &self,
+        t: StrTable,
+        name: &'static str,
+        prefix: &str,
+    ) -> Result<Vec<(String, T)>, DbError> {
         let tx = self.db.begin_read().map_err(redb_err)?;
-        let table = tx.open_table(REPORTS).map_err(redb_err)?;
-        let lo = format!("{run:020}/");
-        let hi = format!("{run:020}0"); // '0' sorts right after '/'
+        let table = tx.open_table(t).map_err(redb_err)?;
+        let lo = format!("{prefix}/");
+        let hi = format!("{prefix}0"); // '0' sorts right after '/'
         let mut out = Vec::new();
         for e in table.range(lo.as_str()..hi.as_str()).map_err(redb_err)? {
             let (k, v) = e.map_err(redb_err)?;
-            let server = k.value()[lo.len()..].to_string();
-            out.push((server.clone(), decode("server_reports", k.value(), v.value())?));
+            let rest = k.value()[lo.len()..].to_string();
+            out.push((rest, decode(name, k.value(), v.value())?));
         }
         Ok(out)
     }

@@ -8,14 +8,16 @@
 //!
 //! The IO around them: [`db`] (redb), [`prepare`] (payload → assignment file, snapshots),
 //! [`server`] (the manager: scheduler loop and runs), `api` (its HTTP routes), `runs` and
-//! `discovery` (a run's steps; segments and the GLs' reports), and [`ca`] (the cluster's
-//! certificate authority, `cmover cert`). [`names`]: the one rule for names from outside
-//! (sites, groups, segments, servers); [`validate`]: what an operator writes, checked before
-//! it is stored; [`events`]: the event bus and its Server-Sent Events; `console`: the browser
-//! console on the manager's port.
+//! `discovery` (a run's steps; segments and the GLs' reports), [`checkpoint`] (a site's
+//! checkpoints and their restore), `unchanged` (a recurring publish whose staging did not
+//! change makes no release), and [`ca`] (the cluster's certificate authority, `cmover cert`).
+//! [`names`]: the one rule for names from outside (sites, groups, segments, servers);
+//! [`validate`]: what an operator writes, checked before it is stored; [`events`]: the event
+//! bus and its Server-Sent Events; `console`: the browser console on the manager's port.
 
 mod api;
 pub mod ca;
+pub mod checkpoint;
 mod console;
 pub mod db;
 mod discovery;
@@ -28,7 +30,9 @@ mod runs;
 pub mod scheduler;
 pub mod server;
 pub mod tree;
+mod unchanged;
 pub mod validate;
+mod versions_api;
 
 /// Milliseconds since the Unix epoch: the manager's one notion of wall-clock time. Pure logic
 /// takes `now_ms` as an argument; only the IO edges call this.

@@ -72,6 +72,44 @@ pub struct HostedSite {
     /// content group without the live release gets a replicate run.
     #[serde(default)]
     pub holders: BTreeMap<String, u64>,
+    /// Checkpoints kept (the oldest are deleted past this many).
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: u32,
+}
+
+pub fn default_keep_checkpoints() -> u32 {
+    5
+}
+
+/// A checkpoint: a complete, compressed copy of a site's live snapshot in the manager's data
+/// directory (`checkpoints/<site>/<id>.cma`), to restore later (`checkpoint.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub site: String,
+    /// Per site, increasing.
+    pub id: u64,
+    /// The live release it copies.
+    pub release: u64,
+    pub created_ms: u64,
+    #[serde(default)]
+    pub note: Option<String>,
+    /// Bytes of the archive.
+    pub size: u64,
+    /// BLAKE3 of the archive (hex), checked before every use.
+    pub blake3: String,
+    /// Entries (files, directories, symlinks) and bytes of files of the content, uncompressed.
+    pub entries: u64,
+    pub content_bytes: u64,
+}
+
+/// A snapshot of the manager (the shadow copy of a release) as the API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub release: u64,
+    /// `live`, `committed`, `prepared` or `building` (newer than live, not committed).
+    pub state: String,
+    /// The newest checkpoint taken of a release at or before this one: the one it follows.
+    pub follows_checkpoint: Option<u64>,
 }
 
 pub fn default_keep_releases() -> u32 {
@@ -95,8 +133,23 @@ pub enum Payload {
     Staging,
     /// Header only: make release `serial` live (`None`: the site's newest prepared release).
     Commit { serial: Option<u64> },
-    /// Header only: switch back to the release committed before the live one.
-    Rollback,
+    /// Header only: switch back to the release committed before the live one, or (`to`) to an
+    /// earlier committed release the servers still keep (the releases after it leave the history).
+    Rollback {
+        #[serde(default)]
+        to: Option<u64>,
+    },
+    /// Header only: make the kept release `serial` live (a committed one still kept, or the
+    /// prepared one); it becomes the newest committed release.
+    Switch { serial: u64 },
+    /// A checkpoint's content, built as a new release against the live snapshot (or whole, when
+    /// that is smaller) and committed like any release: the job kind `restore`.
+    Checkpoint { id: u64 },
+    /// No assignment: a checkpoint of the site's live snapshot (the job kind `checkpoint`).
+    CreateCheckpoint {
+        #[serde(default)]
+        note: Option<String>,
+    },
     /// The site's live release, whole (replicate type, built from empty) from its snapshot, with
     /// the live serial, to `servers` of the content group (empty: all of it): brings servers that
     /// lack it (e.g. one that just joined) up to date.
@@ -114,6 +167,9 @@ pub enum JobKind {
     Synchronize,
     Commit,
     Rollback,
+    Switch,
+    Restore,
+    Checkpoint,
 }
 
 /// Enough live servers for a run: at least `min_servers`, and at least `min_percent` of the group.

@@ -31,6 +31,16 @@ pub enum PrepareError {
     NothingToRollBack { site: String },
     #[error("site {site} has nothing live to replicate")]
     NothingLive { site: String },
+    #[error(
+        "site {site}: release {serial} is no longer kept on the servers (they keep the last {keep} committed releases and the prepared one; keep_releases)"
+    )]
+    NotKept { site: String, serial: u64, keep: u32 },
+    #[error("site {site}: release {serial} was never committed before the live one")]
+    NeverCommitted { site: String, serial: u64 },
+    #[error("site {site}: release {serial} is already live")]
+    AlreadyLive { site: String, serial: u64 },
+    #[error("site {site}: a checkpoint payload makes no assignment here (checkpoint.rs)")]
+    NotAnAssignment { site: String },
     #[error("site {site}: the snapshot of live release {serial} is missing at {path}")]
     SnapshotMissing { site: String, serial: u64, path: String },
 }
@@ -256,44 +266,126 @@ pub fn prepare(
                 .or(site.prepared)
                 .or(site.live())
                 .ok_or_else(|| PrepareError::NothingPrepared { site: name.clone() })?;
-            let meta = Meta {
-                kind: AssignmentType::Commit,
-                serial,
-                job_id,
-                base_serial: 0,
-                target_serial: target,
-            };
-            build_switch(out, meta, seal.cloned(), signer.cloned()).map_err(|source| {
-                PrepareError::Switch { site: name.clone(), what: "commit", source }
-            })?;
-            Ok(Prepared {
-                serial: Some(serial),
-                release: None,
-                summary: format!("commit of release {target} of site {name}"),
-            })
+            let summary = format!("commit of release {target} of site {name}");
+            switching(AssignmentType::Commit, target, serial, job_id, site, ctx, out, summary)
         }
-        Payload::Rollback => {
-            if site.committed.len() < 2 {
-                return Err(PrepareError::NothingToRollBack { site: name });
-            }
-            let meta = Meta {
-                kind: AssignmentType::Rollback,
-                serial,
-                job_id,
-                base_serial: 0,
-                target_serial: 0,
-            };
-            build_switch(out, meta, seal.cloned(), signer.cloned()).map_err(|source| {
-                PrepareError::Switch { site: name.clone(), what: "rollback", source }
-            })?;
-            let back = site.committed[site.committed.len() - 2];
-            Ok(Prepared {
-                serial: Some(serial),
-                release: None,
-                summary: format!("rollback of site {name} to release {back}"),
-            })
+        Payload::Rollback { to } => {
+            let back = rollback_target(site, *to, data_dir)?;
+            let summary = format!("rollback of site {name} to release {back}");
+            // Target 0: the release before live (what servers did before `to` existed).
+            let target = to.map_or(0, |_| back);
+            switching(AssignmentType::Rollback, target, serial, job_id, site, ctx, out, summary)
+        }
+        Payload::Switch { serial: target } => {
+            check_switch(site, *target, data_dir)?;
+            let summary = format!("switch of site {name} to release {target}");
+            switching(AssignmentType::Switch, *target, serial, job_id, site, ctx, out, summary)
+        }
+        // Both are handled before `prepare` (`checkpoint.rs`); reaching here is a caller's bug.
+        Payload::Checkpoint { .. } | Payload::CreateCheckpoint { .. } => {
+            Err(PrepareError::NotAnAssignment { site: name })
         }
     }
+}
+
+/// Writes a header-only assignment (commit, rollback, switch) carrying the site's release depth.
+#[allow(clippy::too_many_arguments)]
+fn switching(
+    kind: AssignmentType,
+    target: u64,
+    serial: u64,
+    job_id: u64,
+    site: &HostedSite,
+    ctx: Context<'_>,
+    out: &Path,
+    summary: String,
+) -> Result<Prepared, PrepareError> {
+    let meta =
+        Meta { kind, serial, job_id, base_serial: release_depth(site), target_serial: target };
+    build_switch(out, meta, ctx.seal.cloned(), ctx.signer.cloned()).map_err(|source| {
+        PrepareError::Switch { site: site.name.clone(), what: kind.name(), source }
+    })?;
+    Ok(Prepared { serial: Some(serial), release: None, summary })
+}
+
+/// The release depth switching assignments carry to the servers (their header's base-serial
+/// field, signed with the rest): the site's `keep_releases`, so servers keep exactly the
+/// releases the manager offers as rollback and switch targets.
+pub fn release_depth(site: &HostedSite) -> u64 {
+    u64::from(site.keep_releases.max(1))
+}
+
+/// The last `keep_releases` distinct committed releases, newest first: what servers keep.
+pub fn kept_committed(site: &HostedSite) -> Vec<u64> {
+    let mut recent: Vec<u64> = Vec::new();
+    for s in site.committed.iter().rev() {
+        if recent.len() >= site.keep_releases.max(1) as usize {
+            break;
+        }
+        if !recent.contains(s) {
+            recent.push(*s);
+        }
+    }
+    recent
+}
+
+/// Whether the servers still keep release `serial`, as far as the manager knows: the manager
+/// prunes its snapshots by the rule the servers prune their releases by, with the same depth
+/// and at the same moments (after each commit, rollback and switch), and never keeps more than
+/// they do; so a release whose snapshot is still here and that the rule keeps is on every
+/// server that followed the runs. (The snapshot is also what the next delta is built against.)
+pub fn release_kept(site: &HostedSite, serial: u64, data_dir: &Path) -> bool {
+    snapshots_kept(site, &[serial]).0.contains(&serial)
+        && snapshot_dir(data_dir, &site.name, serial).is_dir()
+}
+
+pub fn check_rollback(
+    site: &HostedSite,
+    to: Option<u64>,
+    data_dir: &Path,
+) -> Result<u64, PrepareError> {
+    rollback_target(site, to, data_dir)
+}
+
+/// A switch goes only to a release the servers still keep, and not to live.
+pub fn check_switch(site: &HostedSite, serial: u64, data_dir: &Path) -> Result<(), PrepareError> {
+    if site.live() == Some(serial) {
+        return Err(PrepareError::AlreadyLive { site: site.name.clone(), serial });
+    }
+    if !release_kept(site, serial, data_dir) {
+        return Err(PrepareError::NotKept {
+            site: site.name.clone(),
+            serial,
+            keep: site.keep_releases,
+        });
+    }
+    Ok(())
+}
+
+fn rollback_target(
+    site: &HostedSite,
+    to: Option<u64>,
+    data_dir: &Path,
+) -> Result<u64, PrepareError> {
+    let name = site.name.clone();
+    let n = site.committed.len();
+    if n < 2 {
+        return Err(PrepareError::NothingToRollBack { site: name });
+    }
+    let to = match to {
+        None => site.committed[n - 2],
+        Some(to) if site.live() == Some(to) => {
+            return Err(PrepareError::AlreadyLive { site: name, serial: to });
+        }
+        Some(to) if !site.committed[..n - 1].contains(&to) => {
+            return Err(PrepareError::NeverCommitted { site: name, serial: to });
+        }
+        Some(to) => to,
+    };
+    if !kept_committed(site).contains(&to) || !release_kept(site, to, data_dir) {
+        return Err(PrepareError::NotKept { site: name, serial: to, keep: site.keep_releases });
+    }
+    Ok(to)
 }
 
 /// The release an opaque assignment file builds, read from its header; `None` when the file is
@@ -328,14 +420,32 @@ pub fn after_success(
                 }
             }
         }
-        Payload::Rollback => {
-            site.committed.pop();
+        Payload::Rollback { to } => {
+            let n = site.committed.len();
+            let at = match to {
+                Some(t) => site.committed[..n.saturating_sub(1)].iter().rposition(|s| s == t),
+                None => n.checked_sub(2),
+            };
+            site.committed.truncate(at.map_or(n.saturating_sub(1), |a| a + 1));
             if let Some(back) = site.live() {
                 for s in servers {
                     site.holders.insert(s.clone(), back);
                 }
             }
         }
+        Payload::Switch { serial: t } => {
+            if site.live() != Some(*t) {
+                site.committed.push(*t);
+            }
+            if site.prepared == Some(*t) {
+                site.prepared = None;
+            }
+            for s in servers {
+                site.holders.insert(s.clone(), *t);
+            }
+        }
+        Payload::Checkpoint { .. } => site.prepared = serial,
+        Payload::CreateCheckpoint { .. } => {}
     }
 }
 
@@ -343,15 +453,7 @@ pub fn after_success(
 /// rollback returns to, which is then the next delta's base), the prepared one, and every one
 /// newer than live (a publish may be under way). Everything else may go.
 pub fn snapshots_kept(site: &HostedSite, on_disk: &[u64]) -> (Vec<u64>, Vec<u64>) {
-    let mut recent: Vec<u64> = Vec::new();
-    for s in site.committed.iter().rev() {
-        if recent.len() >= site.keep_releases.max(1) as usize {
-            break;
-        }
-        if !recent.contains(s) {
-            recent.push(*s);
-        }
-    }
+    let recent = kept_committed(site);
     let newest_committed = site.committed.iter().max().copied().unwrap_or(0);
     on_disk
         .iter()
@@ -395,6 +497,7 @@ mod tests {
             committed: vec![],
             keep_releases: 2,
             holders: Default::default(),
+            keep_checkpoints: 5,
         }
     }
 
@@ -485,7 +588,7 @@ mod tests {
         // Nothing committed twice yet: no rollback.
         assert!(matches!(
             prepare(
-                &Payload::Rollback,
+                &Payload::Rollback { to: None },
                 JobKind::Rollback,
                 &s,
                 4,

@@ -36,6 +36,13 @@ impl Inner {
     /// Starts the job's next run: its commit run when a release is waiting for one, else a
     /// distribution of its payload.
     pub(crate) fn start_run(self: Arc<Self>, job: Job, now: u64) -> Result<(), ManagerError> {
+        if let Payload::CreateCheckpoint { note } = &job.spec.payload {
+            // No assignment, no servers: the checkpoint is written off the scheduler's thread.
+            return self.clone().checkpoint_job(job.clone(), note.clone(), now);
+        }
+        if job.pending_commit.is_none() && self.staging_unchanged(&job, now)? {
+            return Ok(());
+        }
         let targets = self.targets(&job)?;
         let live = self.live_servers(now)?;
         let live_names: BTreeSet<String> = live.keys().cloned().collect();
@@ -89,8 +96,15 @@ impl Inner {
             seal: self.cfg.seal.as_ref(),
             signer: self.cfg.signer.as_ref(),
         };
-        let mut prepared =
-            prepare::prepare(&payload, kind, &site, site.serial + 1, job.id, ctx, &copy)?;
+        let mut prepared = match &payload {
+            Payload::Checkpoint { id } => {
+                let cp = self.db.checkpoint(&site.name, *id)?.ok_or_else(|| {
+                    ManagerError::NotFound(format!("checkpoint {id} of site {}", site.name))
+                })?;
+                crate::checkpoint::prepare_restore(&cp, &site, site.serial + 1, job.id, ctx, &copy)?
+            }
+            _ => prepare::prepare(&payload, kind, &site, site.serial + 1, job.id, ctx, &copy)?,
+        };
         if let Some(s) = prepared.serial {
             site.serial = site.serial.max(s);
         }
@@ -253,7 +267,10 @@ impl Inner {
             Some(_) => Payload::Commit { serial: run.release },
             None => job.spec.payload.clone(),
         };
-        let builds = !matches!(payload, Payload::Commit { .. } | Payload::Rollback);
+        let builds = !matches!(
+            payload,
+            Payload::Commit { .. } | Payload::Rollback { .. } | Payload::Switch { .. }
+        );
         let commit_next = match (ok, builds, run.release, job.spec.policy.commit) {
             (true, true, Some(release), CommitPolicy::Auto) => {
                 Some(PendingCommit { release, distributed_by: run.id, holders: succeeded.clone() })
@@ -311,6 +328,18 @@ impl Inner {
                 t.put_site(&site)?;
                 site_after = Some(site);
             }
+            if ok
+                && run.commit_of.is_some()
+                && let Payload::Checkpoint { id } = &job.spec.payload
+            {
+                let line = format!(
+                    "restored checkpoint {id} of site {}: release {} live on {} servers",
+                    job.spec.site,
+                    run.release.unwrap_or(0),
+                    succeeded.len()
+                );
+                t.log(now, Some(job.id), Some(run.id), line)?;
+            }
             let also = match (ok, builds, run.release) {
                 (false, true, Some(rel)) => format!("; release {rel} is not committed"),
                 (false, false, _) if run.commit_of.is_some() => {
@@ -330,7 +359,10 @@ impl Inner {
             self.wake.notify_one();
         }
         if let Some(site) = site_after
-            && matches!(payload, Payload::Commit { .. } | Payload::Rollback)
+            && matches!(
+                payload,
+                Payload::Commit { .. } | Payload::Rollback { .. } | Payload::Switch { .. }
+            )
         {
             self.prune_snapshots(&site, now)?;
         }

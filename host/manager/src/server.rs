@@ -104,6 +104,8 @@ pub enum ManagerError {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Prepare(#[from] crate::prepare::PrepareError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]

@@ -12,7 +12,7 @@ use cm_assignment::{AssignmentReader, Command, PayloadReader, StreamedCommand};
 
 use crate::beneath::Tree;
 use crate::verify::{self, Policy};
-use crate::{ApplyReport, Interpreter, InterpreterError, Site, SiteError, clone, layout};
+use crate::{ApplyReport, Interpreter, InterpreterError, Site, SiteError, built, clone, layout};
 
 /// Why building a release failed.
 #[derive(Debug, thiserror::Error)]
@@ -67,9 +67,26 @@ pub(crate) fn build_release(
         serial: h.serial,
         cause,
     };
+    let io_fail = |what: &str| {
+        let what = what.to_string();
+        move |e| fail(ApplyCause::Io { what, source: e })
+    };
+    let id = built::identity(reader).map_err(io_fail("reading the assignment's trailer"))?;
     if site.release_path(h.serial).is_dir() {
-        report.already_applied = true;
-        return Ok(report);
+        // Serials name releases: the same assignment again is a no-op, another one is refused.
+        return match built::built_by(root, h.serial).map_err(io_fail("reading built/"))? {
+            Some(by) if by != id => Err(SiteError::SerialReused {
+                file: reader.path().to_path_buf(),
+                kind: h.kind,
+                serial: h.serial,
+                built_by: by,
+                this: id,
+            }),
+            _ => {
+                report.already_applied = true;
+                Ok(report)
+            }
+        };
     }
     let live = layout::current_serial(root)
         .map_err(|e| fail(ApplyCause::Io { what: "reading `current`".into(), source: e }))?;
@@ -103,6 +120,7 @@ pub(crate) fn build_release(
             );
         }
         layout::sync_filesystem(&staging).map_err(io_cause("syncing the new release"))?;
+        built::record(root, h.serial, &id).map_err(io_cause("recording what built the release"))?;
         fs::rename(&staging, site.release_path(h.serial))
             .map_err(io_cause("naming the new release"))?;
         layout::sync_dir(&root.join(layout::RELEASES)).map_err(io_cause("syncing releases/"))?;

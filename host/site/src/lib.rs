@@ -9,6 +9,7 @@
 
 mod apply;
 mod beneath;
+mod built;
 mod clone;
 mod interpreter;
 pub mod layout;
@@ -78,12 +79,26 @@ pub enum SiteError {
         "assignment {file} ({kind} serial {serial}) is not newer than serial {newest} this site already applied: refusing a replay; live unchanged"
     )]
     Replay { file: PathBuf, kind: AssignmentType, serial: u64, newest: u64 },
+    #[error(
+        "assignment {file} ({kind} serial {serial}): release {serial} was built from a different assignment (blake3 {built_by}, this one is {this}); refused, nothing changed: serials are unique per site (build with the site's next serial)"
+    )]
+    SerialReused {
+        file: PathBuf,
+        kind: AssignmentType,
+        serial: u64,
+        built_by: String,
+        this: String,
+    },
     #[error("site {site}: there is no release {serial}")]
     NoRelease { site: PathBuf, serial: u64 },
     #[error("site {site}: no prepared release to commit")]
     NothingPrepared { site: PathBuf },
     #[error("site {site}: no earlier release to roll back to")]
     NoPrevious { site: PathBuf },
+    #[error(
+        "site {site}: release {serial} was not committed before the live one: no rollback to it"
+    )]
+    NotCommitted { site: PathBuf, serial: u64 },
     #[error(
         "site {site}: the interpreter vetoed {what} of release {serial}: {source}; live unchanged"
     )]
@@ -146,6 +161,14 @@ impl fmt::Display for Status {
     }
 }
 
+/// The release depth a signed switching assignment carries (see `docs/assignment-format.md`:
+/// the base-serial field of rollback, switch and commit): committed releases kept, live
+/// included. `None` (0, or another type): the site's own setting.
+fn release_depth(h: &cm_assignment::Header) -> Option<usize> {
+    (h.kind.is_switch_only() && h.base_serial != 0)
+        .then(|| usize::try_from(h.base_serial.min(u64::from(u32::MAX))).unwrap_or(usize::MAX))
+}
+
 /// One site directory.
 #[derive(Debug)]
 pub struct Site {
@@ -178,6 +201,13 @@ impl Site {
 
     pub fn release_path(&self, serial: u64) -> PathBuf {
         layout::release_dir(&self.root, serial)
+    }
+
+    /// The serial the next assignment built for this site should carry: one past every serial
+    /// it applied, built or committed (serials are unique and increasing per site).
+    pub fn next_serial(&self) -> Result<u64, SiteError> {
+        let newest = replay::newest(&self.root).map_err(self.io("reading the newest serial"))?;
+        Ok(newest + 1)
     }
 
     /// The owner entries are given: the configured one, when this process may give files away.
@@ -293,6 +323,7 @@ impl Site {
         h: &cm_assignment::Header,
         interp: &mut dyn Interpreter,
     ) -> Result<ApplyReport, SiteError> {
+        let keep = release_depth(h);
         let switched = |now_live| ApplyReport {
             kind: h.kind,
             serial: h.serial,
@@ -311,14 +342,19 @@ impl Site {
                         .ok_or_else(|| SiteError::NothingPrepared { site: self.root.clone() })?,
                     t => t,
                 };
-                self.commit_locked(target, interp).map(switched)
+                self.commit_locked(target, keep, interp).map(switched)
             }
-            AssignmentType::Rollback => self.rollback_locked(interp).map(switched),
-            AssignmentType::Switch => self.commit_locked(h.target_serial, interp).map(switched),
+            AssignmentType::Rollback => {
+                let to = (h.target_serial != 0).then_some(h.target_serial);
+                self.rollback_locked(to, keep, interp).map(switched)
+            }
+            AssignmentType::Switch => {
+                self.commit_locked(h.target_serial, keep, interp).map(switched)
+            }
             _ => {
                 let mut report = apply::build_release(self, reader, interp)?;
                 if h.kind == AssignmentType::HotContent && !report.already_applied {
-                    report.now_live = Some(self.commit_locked(h.serial, interp)?);
+                    report.now_live = Some(self.commit_locked(h.serial, None, interp)?);
                 }
                 Ok(report)
             }
@@ -343,16 +379,30 @@ impl Site {
                 .newest_prepared()?
                 .ok_or_else(|| SiteError::NothingPrepared { site: self.root.clone() })?,
         };
-        self.commit_locked(serial, interp)
+        self.commit_locked(serial, None, interp)
     }
 
     /// Switches live back to the release committed before the current one.
     pub fn rollback(&self, interp: &mut dyn Interpreter) -> Result<u64, SiteError> {
         let _lock = self.lock()?;
-        self.rollback_locked(interp)
+        self.rollback_locked(None, None, interp)
     }
 
-    fn commit_locked(&self, serial: u64, interp: &mut dyn Interpreter) -> Result<u64, SiteError> {
+    /// Switches live back to release `to`, committed earlier and still kept: every release
+    /// committed after it leaves the history (as a rollback of several steps at once).
+    pub fn rollback_to(&self, to: u64, interp: &mut dyn Interpreter) -> Result<u64, SiteError> {
+        let _lock = self.lock()?;
+        self.rollback_locked(Some(to), None, interp)
+    }
+
+    /// `keep`: committed releases kept, live included (from a signed assignment's header);
+    /// `None`: the site's own setting.
+    fn commit_locked(
+        &self,
+        serial: u64,
+        keep: Option<usize>,
+        interp: &mut dyn Interpreter,
+    ) -> Result<u64, SiteError> {
         if !self.release_path(serial).is_dir() {
             return Err(SiteError::NoRelease { site: self.root.clone(), serial });
         }
@@ -371,17 +421,30 @@ impl Site {
         // Journal first, then the atomic switch (see `layout`).
         layout::write_history(&self.root, &history).map_err(self.io("writing history"))?;
         layout::switch_current(&self.root, serial).map_err(self.io("switching `current`"))?;
-        self.prune(serial, &history)?;
+        self.prune(serial, &history, keep)?;
         Ok(serial)
     }
 
-    fn rollback_locked(&self, interp: &mut dyn Interpreter) -> Result<u64, SiteError> {
+    fn rollback_locked(
+        &self,
+        to: Option<u64>,
+        keep: Option<usize>,
+        interp: &mut dyn Interpreter,
+    ) -> Result<u64, SiteError> {
         let current = layout::current_serial(&self.root).map_err(self.io("reading `current`"))?;
         let mut history = layout::read_history(&self.root).map_err(self.io("reading history"))?;
         let (Some(cur), true) = (current, history.len() >= 2) else {
             return Err(SiteError::NoPrevious { site: self.root.clone() });
         };
-        let target = history[history.len() - 2];
+        // Where in the history live goes back to: the entry before live, or `to`'s last one.
+        let at = match to {
+            None => history.len() - 2,
+            Some(t) => history[..history.len() - 1]
+                .iter()
+                .rposition(|s| *s == t)
+                .ok_or(SiteError::NotCommitted { site: self.root.clone(), serial: t })?,
+        };
+        let target = history[at];
         if !self.release_path(target).is_dir() {
             return Err(SiteError::NoRelease { site: self.root.clone(), serial: target });
         }
@@ -391,19 +454,21 @@ impl Site {
             serial: cur,
             source,
         })?;
-        history.pop();
+        history.truncate(at + 1);
         layout::write_history(&self.root, &history).map_err(self.io("writing history"))?;
         layout::switch_current(&self.root, target).map_err(self.io("switching `current`"))?;
-        self.prune(target, &history)?;
+        self.prune(target, &history, keep)?;
         Ok(target)
     }
 
-    /// Deletes releases beyond the backup count: keeps live, the last `backups` other
-    /// committed releases, and releases newer than live that are not in the history (prepared).
-    fn prune(&self, live: u64, history: &[u64]) -> Result<(), SiteError> {
+    /// Deletes releases beyond the release depth: keeps live and the last `depth - 1` other
+    /// committed releases (`depth`: the assignment's, else `backups + 1` from the config), and
+    /// releases newer than live that are not in the history (prepared).
+    fn prune(&self, live: u64, history: &[u64], depth: Option<usize>) -> Result<(), SiteError> {
+        let backups = depth.map_or(self.config.backups, |d| d.saturating_sub(1));
         let mut keep = vec![live];
         for s in history.iter().rev() {
-            if keep.len() > self.config.backups {
+            if keep.len() > backups {
                 break;
             }
             if !keep.contains(s) {
@@ -415,6 +480,7 @@ impl Site {
             if !keep.contains(&s) && !prepared {
                 layout::discard(&self.root, &self.release_path(s))
                     .map_err(self.io(format!("removing release {s}")))?;
+                built::forget(&self.root, s).map_err(self.io(format!("forgetting release {s}")))?;
             }
         }
         Ok(())

@@ -53,9 +53,13 @@ pub struct BuildArgs {
     /// publish, replicate, synchronize, restore, remove, rollback, switch, commit, hot-content.
     #[arg(long = "type", default_value = "publish")]
     kind: String,
-    /// Default: the current unix time in seconds.
-    #[arg(long)]
+    /// The assignment's serial: unique and increasing per site (the release it builds is
+    /// `releases/<serial>`). Give it, or `--site`.
+    #[arg(long, required_unless_present = "site")]
     serial: Option<u64>,
+    /// Take the serial from the site at DIR: one past every serial it applied.
+    #[arg(long, value_name = "DIR", conflicts_with = "serial")]
+    site: Option<PathBuf>,
     /// The release live must be for this assignment to apply (0: no check).
     #[arg(long, default_value_t = 0)]
     base_serial: u64,
@@ -259,7 +263,10 @@ fn run_blocking(command: Command) -> anyhow::Result<()> {
                 );
             }
             if r.already_applied {
-                println!("release {} already built; nothing to do", r.serial);
+                println!(
+                    "release {} already built from this very assignment; nothing to do",
+                    r.serial
+                );
             } else if let Some(live) = r.now_live {
                 println!("{} {}: release {live} is live", r.kind, r.serial);
             } else {
@@ -275,11 +282,13 @@ fn run_blocking(command: Command) -> anyhow::Result<()> {
 
 fn build(a: BuildArgs) -> anyhow::Result<()> {
     let kind = parse_kind(&a.kind)?;
-    let serial = a.serial.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_secs())
-    });
+    let serial = match (a.serial, &a.site) {
+        (Some(s), _) => s,
+        (None, Some(dir)) => Site::open(dir, SiteConfig::default())
+            .and_then(|site| site.next_serial())
+            .with_context(|| format!("reading the next serial of the site at {}", dir.display()))?,
+        (None, None) => bail!("give --serial N or --site DIR"),
+    };
     let meta =
         Meta { kind, serial, job_id: a.job, base_serial: a.base_serial, target_serial: a.target };
     let secret = read_secret(&a.secret_file)?;

@@ -401,7 +401,7 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
     demo.step("publish the delta", JobKind::Publish, Payload::Staging).await?;
     demo.step("commit", JobKind::Commit, Payload::Commit { serial: None }).await?;
     demo.check_live("second publish")?;
-    demo.step("rollback", JobKind::Rollback, Payload::Rollback).await?;
+    demo.step("rollback", JobKind::Rollback, Payload::Rollback { to: None }).await?;
     demo.check_live("first publish")?;
 
     println!("\n== where each server's live tree is");

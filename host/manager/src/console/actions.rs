@@ -37,7 +37,12 @@ pub(crate) fn handle(m: &Inner, path: &str, form: &Form) -> (String, String) {
             "/console/jobs",
             new_job(
                 m,
-                one_off(&format!("roll back {site}"), JobKind::Rollback, site, Payload::Rollback),
+                one_off(
+                    &format!("roll back {site}"),
+                    JobKind::Rollback,
+                    site,
+                    Payload::Rollback { to: None },
+                ),
             ),
         ),
         ["console", "jobs"] => ("/console/jobs", job_from_form(form).and_then(|s| new_job(m, s))),
@@ -128,6 +133,7 @@ fn set_site(m: &Inner, form: &Form) -> Result<String, ManagerError> {
                 prepared: None,
                 committed: vec![],
                 keep_releases: 0,
+                keep_checkpoints: crate::model::default_keep_checkpoints(),
                 holders: Default::default(),
             })
         };
@@ -162,7 +168,7 @@ fn job_from_form(form: &Form) -> Result<JobSpec, ManagerError> {
         },
         "replicate" => (JobKind::Replicate, Payload::Live { servers: vec![] }),
         "commit" => (JobKind::Commit, Payload::Commit { serial: None }),
-        "rollback" => (JobKind::Rollback, Payload::Rollback),
+        "rollback" => (JobKind::Rollback, Payload::Rollback { to: None }),
         other => {
             return Err(ManagerError::Invalid(format!(
                 "what `{other}`: one of publish, file, replicate, commit, rollback"

@@ -1,0 +1,139 @@
+//! Has the staging tree changed since a snapshot? A recurring publish asks before it builds
+//! anything, so a period in which nothing changed makes no release (and pushes no rollback
+//! target out). Cheap first: names, types, modes, sizes and symlink targets must match, and a
+//! file with the same size and mtime (to the nanosecond; snapshots keep staging's mtimes) and
+//! mode counts as unchanged without being read. Only a file whose mtime differs is hashed, both
+//! sides, so a touched-but-equal file is still "unchanged".
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::model::{Job, Payload};
+use crate::server::{Inner, ManagerError};
+use crate::{policy, prepare};
+
+impl Inner {
+    /// For a recurring publish of the staging tree: when staging equals the snapshot of the
+    /// newest release (prepared, else live), records "unchanged, nothing to publish", schedules
+    /// the next period and returns true; the job makes no run.
+    pub(crate) fn staging_unchanged(
+        self: &Arc<Self>,
+        job: &Job,
+        now: u64,
+    ) -> Result<bool, ManagerError> {
+        if job.spec.payload != Payload::Staging || job.spec.every_ms.is_none() {
+            return Ok(false);
+        }
+        let Some(site) = self.db.site(&job.spec.site)? else { return Ok(false) };
+        let Some(newest) = site.prepared.or(site.live()) else { return Ok(false) };
+        let snap = prepare::snapshot_dir(&self.cfg.data_dir, &site.name, newest);
+        // Unreadable or missing on either side: not known to be unchanged, so publish.
+        if !snap.is_dir() || !same_tree(Path::new(&site.staging), &snap).unwrap_or(false) {
+            return Ok(false);
+        }
+        let reason = format!(
+            "unchanged, nothing to publish: the staging tree of site {} equals release {newest}",
+            site.name
+        );
+        let next = policy::after_success(job.spec.every_ms, now);
+        self.db.write(|t| {
+            let mut j = job.clone();
+            (j.state, j.next_run_ms, j.attempts) = (next.state.clone(), next.next_run_ms, 0);
+            // One history line per stretch of unchanged periods, not one per period.
+            if j.last_reason.as_deref() != Some(reason.as_str()) {
+                t.log(now, Some(j.id), None, reason.clone())?;
+            }
+            j.last_reason = Some(reason.clone());
+            t.put_job(&j)?;
+            Ok::<_, ManagerError>(())
+        })?;
+        Ok(true)
+    }
+}
+
+/// True when `staging` holds exactly what `snapshot` holds.
+pub fn same_tree(staging: &Path, snapshot: &Path) -> io::Result<bool> {
+    let names = |p: &Path| -> io::Result<Vec<std::ffi::OsString>> {
+        let mut v =
+            fs::read_dir(p)?.map(|e| e.map(|e| e.file_name())).collect::<Result<Vec<_>, _>>()?;
+        v.sort();
+        Ok(v)
+    };
+    let (a, b) = (names(staging)?, names(snapshot)?);
+    if a != b {
+        return Ok(false);
+    }
+    for name in a {
+        let (pa, pb) = (staging.join(&name), snapshot.join(&name));
+        let (ma, mb) = (fs::symlink_metadata(&pa)?, fs::symlink_metadata(&pb)?);
+        if ma.file_type() != mb.file_type() {
+            return Ok(false);
+        }
+        let same = if ma.file_type().is_symlink() {
+            fs::read_link(&pa)? == fs::read_link(&pb)?
+        } else if ma.is_dir() {
+            ma.mode() & 0o7777 == mb.mode() & 0o7777 && same_tree(&pa, &pb)?
+        } else {
+            ma.mode() & 0o7777 == mb.mode() & 0o7777
+                && ma.len() == mb.len()
+                && ((ma.mtime(), ma.mtime_nsec()) == (mb.mtime(), mb.mtime_nsec())
+                    || same_content(&pa, &pb)?)
+        };
+        if !same {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn same_content(a: &Path, b: &Path) -> io::Result<bool> {
+    let hash = |p: &Path| -> io::Result<blake3::Hash> {
+        let mut h = blake3::Hasher::new();
+        h.update_reader(fs::File::open(p)?)?;
+        Ok(h.finalize())
+    };
+    Ok(hash(a)? == hash(b)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prepare::snapshot_tree;
+
+    #[test]
+    fn a_snapshot_equals_its_staging_until_something_really_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let (staging, snap) = (d.path().join("staging"), d.path().join("snap"));
+        fs::create_dir_all(staging.join("css")).unwrap();
+        fs::write(staging.join("index.html"), "hello").unwrap();
+        fs::write(staging.join("css/site.css"), "body{}").unwrap();
+        std::os::unix::fs::symlink("index.html", staging.join("home")).unwrap();
+        snapshot_tree(&staging, None, &snap).unwrap();
+        assert!(same_tree(&staging, &snap).unwrap());
+        // Touched, same bytes: still unchanged (hashed, since the mtime differs).
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        fs::write(staging.join("index.html"), "hello").unwrap();
+        assert!(same_tree(&staging, &snap).unwrap());
+        // Same size, other bytes.
+        fs::write(staging.join("index.html"), "jello").unwrap();
+        assert!(!same_tree(&staging, &snap).unwrap());
+        fs::write(staging.join("index.html"), "hello").unwrap();
+        // A new file, a removed one, a link retargeted, a mode changed: each is a change.
+        fs::write(staging.join("css/new.css"), "").unwrap();
+        assert!(!same_tree(&staging, &snap).unwrap());
+        fs::remove_file(staging.join("css/new.css")).unwrap();
+        assert!(same_tree(&staging, &snap).unwrap());
+        fs::remove_file(staging.join("home")).unwrap();
+        std::os::unix::fs::symlink("css", staging.join("home")).unwrap();
+        assert!(!same_tree(&staging, &snap).unwrap());
+        fs::remove_file(staging.join("home")).unwrap();
+        std::os::unix::fs::symlink("index.html", staging.join("home")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(staging.join("css/site.css"), fs::Permissions::from_mode(0o600))
+            .unwrap();
+        assert!(!same_tree(&staging, &snap).unwrap());
+    }
+}

@@ -29,6 +29,7 @@ pub mod scheduler;
 pub mod server;
 pub mod tree;
 pub mod validate;
+pub mod writes;
 
 /// Milliseconds since the Unix epoch: the manager's one notion of wall-clock time. Pure logic
 /// takes `now_ms` as an argument; only the IO edges call this.

@@ -168,8 +168,8 @@ async fn checkpoint_restore_damage_prune_delete_and_schedule() {
             bad(JobKind::Restore, Payload::Checkpoint { id: 99 }),
             "checkpoint 99 of site www does not exist",
         ),
-        (bad(JobKind::Publish, Payload::Checkpoint { id: cp3.id }), "cannot carry this payload"),
-        (bad(JobKind::Restore, Payload::Staging), "cannot carry this payload"),
+        (bad(JobKind::Publish, Payload::Checkpoint { id: cp3.id }), "cannot carry a `checkpoint`"),
+        (bad(JobKind::Restore, Payload::Staging), "cannot carry a `staging`"),
     ] {
         let e = c.op.post::<_, Value>(&c.url("jobs"), &s).await.unwrap_err().to_string();
         assert!(e.contains("400") && e.contains(want), "{e}");

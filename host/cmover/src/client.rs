@@ -17,7 +17,8 @@ use std::time::Duration;
 use anyhow::Context;
 use cm_tree::http::{ClientError, JsonClient};
 use cm_tree::tls::{Tls, TlsFiles};
-use hyper::Method;
+use hyper::body::Incoming;
+use hyper::{Method, Response};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -268,6 +269,14 @@ impl Client {
         body: &B,
     ) -> Result<T, CliError> {
         self.call(Method::PUT, path, Some(body)).await
+    }
+
+    /// `GET /api/v1/{path}` as a Server-Sent Events stream: the response body, read as it
+    /// comes (`cmover run show --follow`). Only the answer's head is bound by the timeout.
+    pub async fn stream(&self, path: &str) -> Result<Incoming, CliError> {
+        let accept = [("accept", "text/event-stream".to_string())];
+        let resp = self.http.send(Method::GET, &self.url(path), None, &accept).await;
+        resp.map(Response::into_body).map_err(|e| self.typed(e))
     }
 
     /// Whether the manager answers at all (`GET /healthz`, no credentials needed).

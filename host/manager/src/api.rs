@@ -13,12 +13,12 @@ use cm_tree::http::{self, Body, Role};
 use cm_tree::message::{DiscoveryReport, NextChild, SegmentReport, TreeCall};
 use cm_tree::tls::PeerCertificate;
 
-use crate::model::{ContentGroup, HostedSite, JobSpec, JobState, default_keep_releases};
-use crate::names::{NameError, check_name};
+use crate::model::JobSpec;
 use crate::now_ms;
 use crate::server::{Inner, ManagerError};
 use crate::tree::{Next, Node};
 use crate::validate::{self, FieldError};
+use crate::writes::{self, WriteError};
 
 fn fail(e: ManagerError) -> Response<Body> {
     let status = match e {
@@ -36,25 +36,21 @@ fn field_error(e: FieldError) -> Response<Body> {
     http::json(StatusCode::BAD_REQUEST, &e.body())
 }
 
+/// The answer to one of the operator's writes ([`writes`]): the record with `status`, 400 naming
+/// the field, or the failure's status.
+fn written<T: serde::Serialize>(r: Result<T, WriteError>, status: StatusCode) -> Response<Body> {
+    match r {
+        Ok(v) => http::json(status, &v),
+        Err(WriteError::Refused(e)) => field_error(e),
+        Err(WriteError::Failed(e)) => fail(e),
+    }
+}
+
 fn ok_or_fail<T: serde::Serialize>(r: Result<T, ManagerError>) -> Response<Body> {
     match r {
         Ok(v) => http::json(StatusCode::OK, &v),
         Err(e) => fail(e),
     }
-}
-
-/// Checks a name from the request ([`check_name`]) or returns 400 naming the field from the
-/// enclosing handler.
-macro_rules! name {
-    ($field:expr, $value:expr) => {
-        if let Err(e) = check_name($field, $value) {
-            return bad_name(e);
-        }
-    };
-}
-
-fn bad_name(e: NameError) -> Response<Body> {
-    http::error(StatusCode::BAD_REQUEST, &e.to_string())
 }
 
 /// Reads the JSON body or returns the error response from the enclosing handler.
@@ -82,18 +78,6 @@ macro_rules! checked_body {
 #[derive(Deserialize, Serialize)]
 struct GroupBody {
     servers: Vec<String>,
-}
-
-#[derive(Deserialize, Serialize)]
-struct SiteBody {
-    content_group: String,
-    staging: String,
-    /// Snapshots kept: the last this many committed releases (default 2, or the site's current setting).
-    #[serde(default)]
-    keep_releases: Option<u32>,
-    /// Checkpoints kept (default 5, or the site's current setting).
-    #[serde(default)]
-    keep_checkpoints: Option<u32>,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -151,22 +135,11 @@ async fn operator(
     let query = req.uri().query().map(str::to_string);
     match (method, parts) {
         (Method::PUT, ["api", "v1", "groups", name]) => {
-            name!("content group name", name);
             let b = checked_body!(req, GroupBody);
-            for s in &b.servers {
-                name!("server name", s);
-            }
-            let g = ContentGroup { name: name.to_string(), servers: b.servers };
-            ok_or_fail(m.db.write(|t| {
-                t.put_group(&g)?;
-                t.log(
-                    now,
-                    None,
-                    None,
-                    format!("content group {} set: {} servers", g.name, g.servers.len()),
-                )?;
-                Ok::<_, ManagerError>(g.clone())
-            }))
+            written(
+                writes::put_group(&m.db, name, b.servers, now).map(|w| w.record),
+                StatusCode::OK,
+            )
         }
         (Method::GET, ["api", "v1", "groups"]) => ok_or_fail(m.db.groups().map_err(Into::into)),
         (Method::GET, ["api", "v1", "groups", name]) => {
@@ -175,35 +148,9 @@ async fn operator(
             }))
         }
         (Method::PUT, ["api", "v1", "sites", name]) => {
-            name!("site name", name);
-            let b = checked_body!(req, SiteBody);
-            name!("content_group", &b.content_group);
-            if let Err(e) = validate::site(&b.content_group, &b.staging, b.keep_releases, &m.db) {
-                return field_error(e);
-            }
-            ok_or_fail(m.db.write(|t| {
-                // Serials and release history are the manager's; an operator edit keeps them.
-                let old = m.db.site(name)?;
-                let s = HostedSite {
-                    name: name.to_string(),
-                    content_group: b.content_group.clone(),
-                    staging: b.staging.clone(),
-                    serial: old.as_ref().map_or(0, |o| o.serial),
-                    prepared: old.as_ref().and_then(|o| o.prepared),
-                    keep_releases: b
-                        .keep_releases
-                        .or(old.as_ref().map(|o| o.keep_releases))
-                        .unwrap_or_else(default_keep_releases),
-                    committed: old.as_ref().map(|o| o.committed.clone()).unwrap_or_default(),
-                    keep_checkpoints: b
-                        .keep_checkpoints
-                        .or(old.as_ref().map(|o| o.keep_checkpoints))
-                        .unwrap_or_else(crate::model::default_keep_checkpoints),
-                    holders: old.map(|o| o.holders).unwrap_or_default(),
-                };
-                t.put_site(&s)?;
-                Ok::<_, ManagerError>(s.clone())
-            }))
+            let b = checked_body!(req, writes::SiteSettings);
+            let w = writes::put_site(&m.db, name, &b, now);
+            written(w.map(|w| w.record), StatusCode::OK)
         }
         (Method::GET, ["api", "v1", "sites"]) => ok_or_fail(m.db.sites().map_err(Into::into)),
         (Method::GET, ["api", "v1", "sites", name]) => {
@@ -213,29 +160,7 @@ async fn operator(
         }
         (Method::POST, ["api", "v1", "jobs"]) => {
             let spec = checked_body!(req, JobSpec);
-            name!("site", &spec.site);
-            if let Err(e) = validate::job(&spec, &m.db) {
-                return field_error(e);
-            }
-            if let Err(e) = crate::versions_api::check_job(&m, &spec) {
-                return fail(e);
-            }
-            match m.db.write(|t| {
-                let j = t.insert_job(spec.clone(), now)?;
-                t.log(
-                    now,
-                    Some(j.id),
-                    None,
-                    format!(
-                        "job {} created: {:?} of site {}",
-                        j.spec.name, j.spec.kind, j.spec.site
-                    ),
-                )?;
-                Ok::<_, ManagerError>(j)
-            }) {
-                Ok(j) => http::json(StatusCode::CREATED, &j),
-                Err(e) => fail(e),
-            }
+            written(writes::create_job(&m.db, &m.cfg.data_dir, spec, now), StatusCode::CREATED)
         }
         (Method::GET, ["api", "v1", "jobs"]) => ok_or_fail(m.db.jobs().map_err(Into::into)),
         (Method::GET, ["api", "v1", "jobs", job]) => {
@@ -247,21 +172,7 @@ async fn operator(
             )
         }
         (Method::POST, ["api", "v1", "jobs", job, "cancel"]) => {
-            let job = id!(job);
-            ok_or_fail(m.db.write(|t| {
-                let mut j =
-                    m.db.job(job)?
-                        .ok_or_else(|| ManagerError::NotFound(format!("no job {job}")))?;
-                if let JobState::Running { run } = j.state {
-                    return Err(ManagerError::Invalid(format!(
-                        "job {job} is running (run {run}); it can be cancelled when the run ends"
-                    )));
-                }
-                j.state = JobState::Cancelled { reason: "cancelled by an operator".into() };
-                t.put_job(&j)?;
-                t.log(now, Some(job), None, "cancelled by an operator")?;
-                Ok(j)
-            }))
+            written(writes::cancel_job(&m.db, id!(job), now), StatusCode::OK)
         }
         (Method::GET, ["api", "v1", "runs", run]) => {
             let run = id!(run);

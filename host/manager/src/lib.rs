@@ -33,6 +33,7 @@ pub mod tree;
 mod unchanged;
 pub mod validate;
 mod versions_api;
+pub mod writes;
 
 /// Milliseconds since the Unix epoch: the manager's one notion of wall-clock time. Pure logic
 /// takes `now_ms` as an argument; only the IO edges call this.

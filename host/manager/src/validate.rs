@@ -31,6 +31,17 @@ impl FieldError {
     }
 }
 
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "{field}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for FieldError {}
+
 impl From<DbError> for FieldError {
     fn from(e: DbError) -> FieldError {
         FieldError { field: None, message: e.to_string() }

@@ -3,6 +3,7 @@
 //! checkpoint. The routes sit under `/api/v1/sites/{site}/` and take the operator role like
 //! every operator route (checked by `api::handle` before this is reached).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use hyper::body::{Body as _, Incoming};
@@ -11,6 +12,7 @@ use serde::Deserialize;
 
 use cm_tree::http::{self, Body};
 
+use crate::db::Db;
 use crate::model::{JobSpec, Payload};
 use crate::names::check_name;
 use crate::server::{Inner, ManagerError};
@@ -105,18 +107,18 @@ fn refused(e: crate::prepare::PrepareError) -> ManagerError {
 /// Refuses, before a job is stored, what the manager already knows cannot work (after
 /// `validate::job` has matched the payload to the kind): a checkpoint that does not exist, a
 /// rollback or switch to a release the servers no longer keep.
-pub(crate) fn check_job(m: &Inner, spec: &JobSpec) -> Result<(), ManagerError> {
+pub(crate) fn check_job(db: &Db, data_dir: &Path, spec: &JobSpec) -> Result<(), ManagerError> {
     let invalid = |why: String| Err(ManagerError::Invalid(why));
-    let Some(site) = m.db.site(&spec.site)? else { return Ok(()) };
+    let Some(site) = db.site(&spec.site)? else { return Ok(()) };
     match &spec.payload {
-        Payload::Checkpoint { id } if m.db.checkpoint(&site.name, *id)?.is_none() => {
+        Payload::Checkpoint { id } if db.checkpoint(&site.name, *id)?.is_none() => {
             return invalid(format!("checkpoint {id} of site {} does not exist", site.name));
         }
         Payload::Rollback { to: Some(to) } => {
-            crate::prepare::check_rollback(&site, Some(*to), &m.cfg.data_dir).map_err(refused)?;
+            crate::prepare::check_rollback(&site, Some(*to), data_dir).map_err(refused)?;
         }
         Payload::Switch { serial } => {
-            crate::prepare::check_switch(&site, *serial, &m.cfg.data_dir).map_err(refused)?
+            crate::prepare::check_switch(&site, *serial, data_dir).map_err(refused)?
         }
         Payload::CreateCheckpoint { note: Some(n) } if n.len() > MAX_NOTE => {
             return invalid(format!("note: at most {MAX_NOTE} bytes"));

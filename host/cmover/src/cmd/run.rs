@@ -1,25 +1,22 @@
 //! `cmover run show RUN [--follow]`: a run's segments, servers and outcomes; with `--follow`,
 //! progress bars fed by the manager's event stream (`/api/v1/events?run=N`) until the run ends.
 //!
-//! Exit codes: 0 the run succeeded (or, without `--follow`, is still distributing), 1 it
-//! failed, 3 it failed on its quorum, 4 the manager could not be reached (2, usage, is clap's).
-//!
-//! The manager's address and credentials: `--manager` or `CMOVER_MANAGER`, `--token-file` or
-//! `CMOVER_TOKEN_FILE`, or the TLS files. This is a minimal private client until the operator
-//! commands' shared one (`client.rs`) is in; it should then take this one's place.
+//! It talks to the manager through [`crate::client::Client`] like the other operator commands
+//! (same flags, environment and config file) and exits by their codes: 0 the run succeeded (or,
+//! without `--follow`, is still distributing), 1 it failed, 2 usage, 3 it failed on its quorum,
+//! 4 the manager could not be reached.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
-use cm_tree::http::{ClientError, JsonClient};
-use cm_tree::tls::{Tls, TlsFiles};
+use anyhow::Context;
 use http_body_util::BodyExt;
-use hyper::Method;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use super::ops::print_json;
+use crate::client::{CliError, Client, ConnectArgs};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -35,79 +32,10 @@ pub struct ShowArgs {
     #[arg(long)]
     follow: bool,
     #[command(flatten)]
-    manager: ManagerArgs,
+    connect: ConnectArgs,
 }
 
-#[derive(clap::Args)]
-pub struct ManagerArgs {
-    /// The manager's URL (default: $CMOVER_MANAGER, else http://127.0.0.1:7300).
-    #[arg(long)]
-    manager: Option<String>,
-    /// File holding the operator token (default: $CMOVER_TOKEN_FILE).
-    #[arg(long)]
-    token_file: Option<PathBuf>,
-    /// Mutual TLS instead of a token: the cluster CA, an operator certificate and its key.
-    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
-    tls_ca: Option<PathBuf>,
-    #[arg(long)]
-    tls_cert: Option<PathBuf>,
-    #[arg(long)]
-    tls_key: Option<PathBuf>,
-}
-
-const EXIT_FAILED: i32 = 1;
-const EXIT_QUORUM: i32 = 3;
-const EXIT_UNREACHABLE: i32 = 4;
-
-struct Manager {
-    url: String,
-    client: JsonClient,
-}
-
-impl ManagerArgs {
-    fn connect(&self) -> anyhow::Result<Manager> {
-        let url = self
-            .manager
-            .clone()
-            .or_else(|| std::env::var("CMOVER_MANAGER").ok())
-            .unwrap_or_else(|| "http://127.0.0.1:7300".into());
-        let tls = match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
-            (Some(ca), Some(cert), Some(key)) => Some(
-                Tls::load(&TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() })
-                    .context("loading the TLS files")?,
-            ),
-            _ => None,
-        };
-        let token = match (
-            &tls,
-            self.token_file
-                .clone()
-                .or_else(|| std::env::var_os("CMOVER_TOKEN_FILE").map(PathBuf::from)),
-        ) {
-            (Some(_), _) => String::new(),
-            (None, Some(f)) => std::fs::read_to_string(&f)
-                .with_context(|| format!("reading the operator token file {}", f.display()))?
-                .trim()
-                .to_string(),
-            (None, None) => anyhow::bail!(
-                "no credentials: give --token-file (or CMOVER_TOKEN_FILE), or the --tls-* files"
-            ),
-        };
-        let client = JsonClient::with_tls(&token, Duration::from_secs(10), tls.as_ref());
-        Ok(Manager { url: url.trim_end_matches('/').to_string(), client })
-    }
-}
-
-/// A transport failure means the manager is unreachable (exit 4); anything else is an error.
-fn unreachable_or(e: ClientError) -> anyhow::Error {
-    if matches!(e, ClientError::Transport { .. } | ClientError::Timeout { .. }) {
-        eprintln!("error: the manager is unreachable: {e}");
-        std::process::exit(EXIT_UNREACHABLE);
-    }
-    anyhow!(e)
-}
-
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 struct RunView {
     run: Value,
     reports: Vec<(String, Value)>,
@@ -120,19 +48,25 @@ pub async fn run(c: Command) -> anyhow::Result<()> {
 }
 
 async fn show(a: ShowArgs) -> anyhow::Result<()> {
-    let m = a.manager.connect()?;
-    let url = format!("{}/api/v1/runs/{}", m.url, a.run);
-    let mut view: RunView = m.client.get(&url).await.map_err(unreachable_or)?;
+    let c = Client::connect(&a.connect)?;
+    let path = format!("runs/{}", a.run);
+    let mut view: RunView = c.get(&path).await?;
     if a.follow && view.run["phase"] == "distributing" {
-        follow(&m, a.run).await?;
-        view = m.client.get(&url).await.map_err(unreachable_or)?;
+        follow(&c, a.run).await?;
+        view = c.get(&path).await?;
     }
-    print!("{}", describe(&view));
+    if c.json {
+        print_json(&view)?;
+    } else {
+        print!("{}", describe(&view));
+    }
     match (view.run["phase"].as_str(), view.run["reason"].as_str()) {
         (Some("failed"), Some(r)) if r.starts_with("quorum not met") => {
-            std::process::exit(EXIT_QUORUM)
+            Err(CliError::Partial(format!("run {} failed: {r}", a.run)).into())
         }
-        (Some("failed"), _) => std::process::exit(EXIT_FAILED),
+        (Some("failed"), r) => {
+            Err(CliError::Failed(format!("run {} failed: {}", a.run, r.unwrap_or("?"))).into())
+        }
         _ => Ok(()),
     }
 }
@@ -187,7 +121,7 @@ fn parse_event(block: &str) -> Option<(String, Value)> {
 }
 
 /// Bars for the run's servers overall and per segment, moved by its events until it ends.
-async fn follow(m: &Manager, run: u64) -> anyhow::Result<()> {
+async fn follow(c: &Client, run: u64) -> anyhow::Result<()> {
     let bars = MultiProgress::new();
     let style = ProgressStyle::with_template("{prefix:>16} [{bar:30}] {pos}/{len} {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -195,14 +129,9 @@ async fn follow(m: &Manager, run: u64) -> anyhow::Result<()> {
     let total = bars.add(ProgressBar::new(0).with_style(style.clone()).with_prefix("servers"));
     let mut per_segment: BTreeMap<String, (ProgressBar, Vec<String>)> = BTreeMap::new();
     let mut outcomes: BTreeMap<String, String> = BTreeMap::new();
-    let url = format!("{}/api/v1/events?run={run}", m.url);
+    let path = format!("events?run={run}");
     loop {
-        let resp = m
-            .client
-            .send(Method::GET, &url, None, &[("accept", "text/event-stream".into())])
-            .await
-            .map_err(unreachable_or)?;
-        let mut body = resp.into_body();
+        let mut body = c.stream(&path).await?;
         let mut buf = String::new();
         // Keep-alives come every 15 s: a longer silence is a dead connection.
         'stream: while let Ok(Some(frame)) =

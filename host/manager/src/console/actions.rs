@@ -1,17 +1,15 @@
-//! The console's actions (POST forms, CSRF already checked): they change the store as the API's
-//! routes do — one write transaction with its history line — and answer with the page to go back
-//! to and a message for it. Names are checked by the same rule as the API's
-//! ([`crate::names::check_name`]).
+//! The console's actions (POST forms, CSRF already checked): they read the form and make the
+//! same write as the API's route ([`crate::writes`]: the same checks, the same transaction and
+//! history line), and answer with the page to go back to and a message for it.
 
 use std::collections::HashMap;
 
 use crate::model::{
-    CommitPolicy, ContentGroup, HostedSite, JobKind, JobPolicy, JobSpec, JobState, OnFailure,
-    Payload, Quorum, default_keep_releases,
+    CommitPolicy, JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload, Quorum,
 };
-use crate::names::check_name;
 use crate::now_ms;
 use crate::server::{Inner, ManagerError};
+use crate::writes::{self, WriteError};
 
 type Form = HashMap<String, String>;
 
@@ -45,10 +43,12 @@ pub(crate) fn handle(m: &Inner, path: &str, form: &Form) -> (String, String) {
                 ),
             ),
         ),
-        ["console", "jobs"] => ("/console/jobs", job_from_form(form).and_then(|s| new_job(m, s))),
+        ["console", "jobs"] => {
+            ("/console/jobs", job_from_form(form).map_err(Into::into).and_then(|s| new_job(m, s)))
+        }
         ["console", "jobs", id, "cancel"] => ("/console/jobs", cancel(m, id)),
         ["console", "jobs", id, "retry"] => ("/console/jobs", retry(m, id)),
-        _ => ("/console/", Err(ManagerError::NotFound("no such action".into()))),
+        _ => ("/console/", Err(ManagerError::NotFound("no such action".into()).into())),
     };
     let msg = match result {
         Ok(done) => done,
@@ -59,10 +59,6 @@ pub(crate) fn handle(m: &Inner, path: &str, form: &Form) -> (String, String) {
 
 fn field<'a>(form: &'a Form, name: &str) -> &'a str {
     form.get(name).map(|s| s.trim()).unwrap_or("")
-}
-
-fn name(what: &'static str, v: &str) -> Result<(), ManagerError> {
-    check_name(what, v).map_err(|e| ManagerError::Invalid(e.to_string()))
 }
 
 /// `""` → `None`; a number → it; anything else names the field.
@@ -76,72 +72,30 @@ fn number(form: &Form, f: &str) -> Result<Option<u64>, ManagerError> {
     }
 }
 
-fn set_group(m: &Inner, form: &Form) -> Result<String, ManagerError> {
-    let group = field(form, "name");
-    name("content group name", group)?;
+fn set_group(m: &Inner, form: &Form) -> Result<String, WriteError> {
     let servers: Vec<String> = field(form, "servers")
         .split(|c: char| c == ',' || c.is_whitespace())
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect();
-    for s in &servers {
-        name("server name", s)?;
-    }
-    let g = ContentGroup { name: group.to_string(), servers };
-    m.db.write(|t| {
-        t.put_group(&g)?;
-        let line = format!("content group {} set: {} servers", g.name, g.servers.len());
-        t.log(now_ms(), None, None, line.clone())?;
-        Ok::<_, ManagerError>(line)
-    })
+    Ok(writes::put_group(&m.db, field(form, "name"), servers, now_ms())?.history)
 }
 
-fn set_site(m: &Inner, form: &Form) -> Result<String, ManagerError> {
-    let site = field(form, "name");
-    name("site name", site)?;
-    let group = field(form, "content_group");
-    name("content_group", group)?;
-    if m.db.group(group)?.is_none() {
-        return Err(ManagerError::NotFound(format!("content group {group} does not exist")));
-    }
-    let staging = field(form, "staging");
-    if !std::path::Path::new(staging).is_dir() {
-        return Err(ManagerError::Invalid(format!(
-            "staging `{staging}` is not a directory on the manager's machine"
-        )));
-    }
-    let keep = number(form, "keep_releases")?
-        .map(|k| {
-            u32::try_from(k).map_err(|_| ManagerError::Invalid("keep_releases is too large".into()))
-        })
-        .transpose()?;
-    m.db.write(|t| {
-        // Serials and release history are the manager's; an edit keeps them.
-        let old = m.db.site(site)?;
-        let s = HostedSite {
-            name: site.to_string(),
-            content_group: group.to_string(),
-            staging: staging.to_string(),
-            keep_releases: keep
-                .or(old.as_ref().map(|o| o.keep_releases))
-                .unwrap_or_else(default_keep_releases),
-            ..old.unwrap_or(HostedSite {
-                name: String::new(),
-                content_group: String::new(),
-                staging: String::new(),
-                serial: 0,
-                prepared: None,
-                committed: vec![],
-                keep_releases: 0,
-                keep_checkpoints: crate::model::default_keep_checkpoints(),
-                holders: Default::default(),
+fn set_site(m: &Inner, form: &Form) -> Result<String, WriteError> {
+    let count = |f: &str| -> Result<Option<u32>, ManagerError> {
+        number(form, f)?
+            .map(|k| {
+                u32::try_from(k).map_err(|_| ManagerError::Invalid(format!("{f} is too large")))
             })
-        };
-        t.put_site(&s)?;
-        let line = format!("site {} set: content group {}, staging {}", s.name, group, staging);
-        t.log(now_ms(), None, None, line.clone())?;
-        Ok::<_, ManagerError>(line)
-    })
+            .transpose()
+    };
+    let set = writes::SiteSettings {
+        content_group: field(form, "content_group").to_string(),
+        staging: field(form, "staging").to_string(),
+        keep_releases: count("keep_releases")?,
+        keep_checkpoints: count("keep_checkpoints")?,
+    };
+    Ok(writes::put_site(&m.db, field(form, "name"), &set, now_ms())?.history)
 }
 
 fn one_off(job: &str, kind: JobKind, site: &str, payload: Payload) -> JobSpec {
@@ -186,10 +140,9 @@ fn job_from_form(form: &Form) -> Result<JobSpec, ManagerError> {
     spec.policy.commit =
         if field(form, "commit") == "manual" { CommitPolicy::Manual } else { CommitPolicy::Auto };
     if let Some(q) = number(form, "quorum")? {
+        // The range (0 to 100) is `validate::job`'s rule; this only has to fit the field.
         let pct = u8::try_from(q)
-            .ok()
-            .filter(|p| *p <= 100)
-            .ok_or_else(|| ManagerError::Invalid(format!("quorum {q}: a percentage, 0 to 100")))?;
+            .map_err(|_| ManagerError::Invalid(format!("quorum {q} is not a percentage")))?;
         spec.policy.quorum = Quorum { min_percent: pct, ..Quorum::default() };
     }
     if field(form, "on_failure") == "cancel" {
@@ -198,47 +151,27 @@ fn job_from_form(form: &Form) -> Result<JobSpec, ManagerError> {
     Ok(spec)
 }
 
-fn new_job(m: &Inner, spec: JobSpec) -> Result<String, ManagerError> {
-    name("site", &spec.site)?;
-    if m.db.site(&spec.site)?.is_none() {
-        return Err(ManagerError::NotFound(format!("site {} does not exist", spec.site)));
-    }
-    let now = now_ms();
-    m.db.write(|t| {
-        let j = t.insert_job(spec.clone(), now)?;
-        let line =
-            format!("job {} created: {:?} of site {}", j.spec.name, j.spec.kind, j.spec.site);
-        t.log(now, Some(j.id), None, line)?;
-        Ok::<_, ManagerError>(format!("Job {} created: {}.", j.id, j.spec.name))
-    })
+fn new_job(m: &Inner, spec: JobSpec) -> Result<String, WriteError> {
+    let j = writes::create_job(&m.db, &m.cfg.data_dir, spec, now_ms())?;
+    Ok(format!("Job {} created: {}.", j.id, j.spec.name))
 }
 
 fn job_id(id: &str) -> Result<u64, ManagerError> {
     id.parse().map_err(|_| ManagerError::Invalid(format!("`{id}` is not a job id")))
 }
 
-fn cancel(m: &Inner, id: &str) -> Result<String, ManagerError> {
+fn cancel(m: &Inner, id: &str) -> Result<String, WriteError> {
     let id = job_id(id)?;
-    m.db.write(|t| {
-        let mut j = m.db.job(id)?.ok_or_else(|| ManagerError::NotFound(format!("job {id}")))?;
-        if let JobState::Running { run } = j.state {
-            return Err(ManagerError::Invalid(format!(
-                "job {id} is running (run {run}); it can be cancelled when the run ends"
-            )));
-        }
-        j.state = JobState::Cancelled { reason: "cancelled by an operator".into() };
-        t.put_job(&j)?;
-        t.log(now_ms(), Some(id), None, "cancelled by an operator")?;
-        Ok(format!("Job {id} cancelled."))
-    })
+    writes::cancel_job(&m.db, id, now_ms())?;
+    Ok(format!("Job {id} cancelled."))
 }
 
 /// A finished or cancelled job again: a new job with the same spec, due now.
-fn retry(m: &Inner, id: &str) -> Result<String, ManagerError> {
+fn retry(m: &Inner, id: &str) -> Result<String, WriteError> {
     let id = job_id(id)?;
-    let j = m.db.job(id)?.ok_or_else(|| ManagerError::NotFound(format!("job {id}")))?;
+    let j = m.db.job(id)?.ok_or_else(|| ManagerError::NotFound(format!("no job {id}")))?;
     if matches!(j.state, JobState::Idle | JobState::Running { .. }) {
-        return Err(ManagerError::Invalid(format!("job {id} has not ended")));
+        return Err(ManagerError::Invalid(format!("job {id} has not ended")).into());
     }
     new_job(m, JobSpec { start_at_ms: 0, ..j.spec })
 }

@@ -43,7 +43,8 @@ pub(crate) fn sites(m: &Inner, csrf: &str) -> Result<Markup, DbError> {
                 @for g in &groups { option value=(g.name) { (g.name) } }
             }
             label for="site-staging" { "staging directory" } input #site-staging name="staging" required size="50";
-            label for="site-keep" { "snapshots kept" } input #site-keep name="keep_releases" inputmode="numeric" placeholder="2";
+            label for="site-keep" { "releases kept (live included)" } input #site-keep name="keep_releases" inputmode="numeric" placeholder="2";
+            label for="site-keep-cp" { "checkpoints kept" } input #site-keep-cp name="keep_checkpoints" inputmode="numeric" placeholder="5";
             button type="submit" { "Create or edit site" }
         }
         h2 { "Content groups" }

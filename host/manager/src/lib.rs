@@ -9,13 +9,14 @@
 //! The IO around them: [`db`] (redb), [`prepare`] (payload → assignment file, snapshots),
 //! [`server`] (the manager: scheduler loop and runs), `api` (its HTTP routes), `runs` and
 //! `discovery` (a run's steps; segments and the GLs' reports), and [`ca`] (the cluster's
-//! certificate authority, `cmover cert`). [`names`]: the one rule for names from outside
+//! certificate authority, `cmover cert`), [`metrics`] (Prometheus counters). [`names`]: the one rule for names from outside
 //! (sites, groups, segments, servers).
 
 mod api;
 pub mod ca;
 pub mod db;
 mod discovery;
+pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod policy;

@@ -221,3 +221,42 @@ fn ready_is_sent_once_the_api_answers_and_stopping_on_sigterm() {
     // It exited by itself within the grace period, successfully.
     assert!(exit.is_some_and(|e| e.success()), "{exit:?}\n{}", guard.log_tail(20));
 }
+
+/// Figure for the report: `/metrics` scrape time on a manager with 1,000 servers in its store
+/// (10 segments of 100, registered by discovery reports). Prints the median and worst of 200
+/// scrapes. `cargo test -p cm-tests --test ops_service -- --ignored --nocapture scrape`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a figure, not a check"]
+async fn scrape_time_with_a_thousand_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = launch::start_manager(&cmover_bin(), dir.path(), &ManagerOptions::default()).unwrap();
+    let agent = cm_tree::http::JsonClient::new(&m.agent_token, Duration::from_secs(10));
+    for s in 0..10 {
+        let report = serde_json::json!({
+            "segment": format!("seg{s}"), "leader": format!("seg{s}-0"),
+            "address": "127.0.0.1:9", "location": "Etc/UTC", "cpu_power": 1, "free_disk": 1,
+            "connections": 0,
+            "members": (0..100).map(|n| format!("seg{s}-{n}")).collect::<Vec<_>>(),
+        });
+        let _: serde_json::Value =
+            agent.post(&format!("{}/api/v1/discovery", m.url), &report).await.unwrap();
+    }
+    let op = m.operator_client().unwrap();
+    let servers: Vec<serde_json::Value> =
+        op.get(&format!("{}/api/v1/servers", m.url)).await.unwrap();
+    assert_eq!(servers.len(), 1000);
+    let addr = addr_of(&m.url);
+    let mut took: Vec<Duration> = (0..200)
+        .map(|_| {
+            let t = Instant::now();
+            let (status, body) = get(addr, "/metrics", Some(&m.metrics_token));
+            assert_eq!(status, 200, "{body}");
+            t.elapsed()
+        })
+        .collect();
+    took.sort();
+    println!(
+        "/metrics with 1,000 servers: median {:?}, worst {:?} (200 scrapes)",
+        took[100], took[199]
+    );
+}

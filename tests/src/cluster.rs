@@ -161,30 +161,9 @@ impl TestCluster {
     pub fn start_manager_again(&mut self) -> anyhow::Result<()> {
         let m = &self.manager;
         let port = m.url.rsplit(':').next().context("manager URL without a port")?.to_string();
-        let secrets = self.dir.path().join("secrets");
-        let o = ManagerOptions::default();
+        // Its settings file: the same port, tokens, database, keys and options.
         let mut cmd = std::process::Command::new(cmover_bin());
-        cmd.arg("manager")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(self.dir.path().join("manager"))
-            .arg("--operator-token-file")
-            .arg(secrets.join("operator.token"))
-            .arg("--agent-token-file")
-            .arg(&m.agent_token_file)
-            .args(["--tick-ms", &o.tick_ms.to_string(), "--star-max", &o.star_max.to_string()])
-            .args([
-                "--root-fanout",
-                &o.root_fanout.to_string(),
-                "--leader-fanout",
-                &o.leader_fanout.to_string(),
-            ])
-            .args(["--chunk-kib", &o.chunk_kib.to_string()])
-            .arg("--signing-key")
-            .arg(&m.signing_key_file);
-        if let Some(f) = &m.seal_secret_file {
-            cmd.arg("--seal-secret-file").arg(f);
-        }
+        cmd.arg("manager").arg("--config").arg(&m.config_file);
         self.restarts += 1;
         let log = self.dir.path().join("logs").join(format!("manager-{}.log", self.restarts));
         self.manager.guard = launch::ProcessGuard::spawn("manager", cmd, log)?;

@@ -47,21 +47,34 @@ impl ProcessGuard {
     }
 
     /// Asks it to stop (SIGTERM: an agent leaves its segment gracefully), kills it after `grace`.
-    pub fn terminate(&mut self, grace: Duration) {
-        let Some(mut c) = self.child.take() else { return };
-        if let Ok(pid) = i32::try_from(c.id()) {
-            // SAFETY: kill(2) on the pid of a child we have not reaped yet.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
+    /// Returns how it exited when it stopped by itself within `grace`.
+    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        self.signal(&c, libc::SIGTERM);
         let end = Instant::now() + grace;
         while Instant::now() < end {
-            if let Ok(Some(_)) = c.try_wait() {
-                return;
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = c.kill();
         let _ = c.wait();
+        None
+    }
+
+    /// Sends SIGHUP (reload) to the running process.
+    pub fn hangup(&self) {
+        if let Some(c) = &self.child {
+            self.signal(c, libc::SIGHUP);
+        }
+    }
+
+    fn signal(&self, c: &Child, signal: i32) {
+        if let Ok(pid) = i32::try_from(c.id()) {
+            // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+            unsafe { libc::kill(pid, signal) };
+        }
     }
 
     /// The last `lines` lines of its log (for failure messages).
@@ -95,6 +108,11 @@ pub struct ManagerProcess {
     pub operator_token: String,
     pub agent_token: String,
     pub agent_token_file: PathBuf,
+    /// The scrape token `/metrics` takes (the manager's and every agent's), and its file.
+    pub metrics_token: String,
+    pub metrics_token_file: PathBuf,
+    /// Its settings file (`cmover manager --config`).
+    pub config_file: PathBuf,
     /// With mutual TLS: the cluster CA's directory (`cmover cert init`), from which each agent
     /// gets its certificate, and the operator's certificate files.
     pub tls: Option<ClusterTls>,
@@ -208,21 +226,26 @@ pub fn start_manager(bin: &Path, dir: &Path, o: &ManagerOptions) -> io::Result<M
     let (op_file, agent_file) = (secrets.join("operator.token"), secrets.join("agent.token"));
     std::fs::write(&op_file, &operator_token)?;
     std::fs::write(&agent_file, &agent_token)?;
+    let (metrics_token, metrics_token_file) = (token(24), secrets.join("metrics.token"));
+    std::fs::write(&metrics_token_file, &metrics_token)?;
     let port = free_port()?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("manager")
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(dir.join("manager"))
-        .arg("--operator-token-file")
-        .arg(&op_file)
-        .arg("--agent-token-file")
-        .arg(&agent_file)
-        .args(["--tick-ms", &o.tick_ms.to_string()])
-        .args(["--star-max", &o.star_max.to_string()])
-        .args(["--root-fanout", &o.root_fanout.to_string()])
-        .args(["--leader-fanout", &o.leader_fanout.to_string()])
-        .args(["--chunk-kib", &o.chunk_kib.to_string()]);
+    // The manager runs from a settings file (`cmover manager --check-config` accepts it), as an
+    // operator's would; docs/manager.example.toml explains each key.
+    let q = |p: &Path| format!("\"{}\"", p.display());
+    let mut config = format!(
+        "[manager]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {data}\ntick_ms = {tick}\n\n\
+         [auth]\noperator_token_file = {op}\nagent_token_file = {agent}\nmetrics_token_file = {metrics}\n\n\
+         [tree]\nroot_fanout = {rf}\nleader_fanout = {lf}\nstar_max = {sm}\nchunk_kib = {ck}\n\n",
+        data = q(&dir.join("manager")),
+        tick = o.tick_ms,
+        op = q(&op_file),
+        agent = q(&agent_file),
+        metrics = q(&metrics_token_file),
+        rf = o.root_fanout,
+        lf = o.leader_fanout,
+        sm = o.star_max,
+        ck = o.chunk_kib,
+    );
     // Every run is signed: the key is made once (`cmover cert signing-key`) and kept across
     // restarts; agents pin its public half.
     let (signing_key_file, public_key_file) =
@@ -231,13 +254,13 @@ pub fn start_manager(bin: &Path, dir: &Path, o: &ManagerOptions) -> io::Result<M
         let dir = secrets.display().to_string();
         run_cmover(bin, &["cert", "signing-key", "--dir", &dir, "--name", "manager-signing"])?;
     }
-    cmd.arg("--signing-key").arg(&signing_key_file);
+    config += &format!("[signing]\nkey_file = {}\n", q(&signing_key_file));
     let seal_secret_file = if o.seal {
         let f = secrets.join("seal.key");
         if !f.exists() {
             std::fs::write(&f, token(32))?;
         }
-        cmd.arg("--seal-secret-file").arg(&f);
+        config += &format!("seal_secret_file = {}\n", q(&f));
         Some(f)
     } else {
         None
@@ -247,12 +270,17 @@ pub fn start_manager(bin: &Path, dir: &Path, o: &ManagerOptions) -> io::Result<M
         run_cmover(bin, &["cert", "init", "--dir", &ca_dir.display().to_string()])?;
         let certs = dir.join("certs");
         let m = issue_cert(bin, &ca_dir, "manager", "manager", &certs.join("manager"))?;
-        cmd.arg("--tls-ca").arg(&m.ca).arg("--tls-cert").arg(&m.cert).arg("--tls-key").arg(&m.key);
+        config +=
+            &format!("\n[tls]\nca = {}\ncert = {}\nkey = {}\n", q(&m.ca), q(&m.cert), q(&m.key));
         let operator = issue_cert(bin, &ca_dir, "operator", "operator", &certs.join("operator"))?;
         Some(ClusterTls { ca_dir, operator })
     } else {
         None
     };
+    let config_file = dir.join("manager.toml");
+    std::fs::write(&config_file, config)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("manager").arg("--config").arg(&config_file);
     let mut guard = ProcessGuard::spawn("manager", cmd, dir.join("logs/manager.log"))?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let end = Instant::now() + Duration::from_secs(30);
@@ -272,6 +300,9 @@ pub fn start_manager(bin: &Path, dir: &Path, o: &ManagerOptions) -> io::Result<M
         operator_token,
         agent_token,
         agent_token_file: agent_file,
+        metrics_token,
+        metrics_token_file,
+        config_file,
         tls,
         signing_key_file,
         public_key_file,
@@ -320,6 +351,8 @@ pub struct AgentProcess {
     pub spec: AgentSpec,
     pub guard: ProcessGuard,
     pub status: SocketAddr,
+    /// Its `/metrics` (the manager's scrape token opens it).
+    pub metrics: SocketAddr,
     pub dir: PathBuf,
     pub site_root: PathBuf,
 }
@@ -347,6 +380,7 @@ pub fn start_agent(
     let dir = root.join("servers").join(&spec.name);
     std::fs::create_dir_all(&dir)?;
     let status = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
     let site_root = dir.join("site");
     // With TLS, the agent's own certificate (its server name, valid at 127.0.0.1).
     let tls = match &manager.tls {
@@ -377,6 +411,7 @@ pub fn start_agent(
          [segment]\nname = \"{segment}\"\ncontrol_channel = \"{control}\"\ninterface = \"127.0.0.1\"\nloopback = true\nsecret_file = \"{secret}\"\n\n\
          [election]\nheartbeat_ms = {hb}\noperator_weight = {weight}\n\n\
          [status]\nlisten = \"{status}\"\n\n\
+         [metrics]\nlisten = \"{metrics}\"\ntoken_file = \"{metrics_token}\"\n\n\
          [manager]\nurl = \"{url}\"\ntoken_file = \"{token}\"\npublic_key_file = \"{public_key}\"\n\n\
          [site]\nroot = \"{site}\"\nname = \"{site_name}\"\n{seal}\n\
          [plugins]\nstore = \"{plugins}\"\n\n\
@@ -392,6 +427,7 @@ pub fn start_agent(
         weight = spec.weight,
         url = manager.url,
         token = manager.agent_token_file.display(),
+        metrics_token = manager.metrics_token_file.display(),
         public_key = spec.manager_key.as_ref().unwrap_or(&manager.public_key_file).display(),
         site = site_root.display(),
         site_name = spec.site_name,
@@ -410,7 +446,7 @@ pub fn start_agent(
     }
     let guard =
         ProcessGuard::spawn(&spec.name, cmd, root.join("logs").join(format!("{}.log", spec.name)))?;
-    Ok(AgentProcess { spec: spec.clone(), guard, status, dir, site_root })
+    Ok(AgentProcess { spec: spec.clone(), guard, status, metrics, dir, site_root })
 }
 
 /// Writes a fresh cluster secret into `dir/secrets/cluster.key`.

@@ -56,7 +56,9 @@ impl LocalDelivery for MctpDelivery {
             known_hash: blake3::Hash::from_hex(&manifest.blake3).ok().map(|h| *h.as_bytes()),
         };
         Box::pin(async move {
-            match send_file(&assignment, opts).await {
+            let sent = send_file(&assignment, opts).await;
+            crate::metrics::mctp_session(sent.as_ref().ok());
+            match sent {
                 Ok(out) => outcome_of(
                     &names,
                     &out.report.complete,

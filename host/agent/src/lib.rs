@@ -6,5 +6,7 @@ pub mod election;
 pub mod launch;
 pub mod leader;
 pub mod mctp;
+pub mod metrics;
 pub mod node;
 pub mod status;
+pub mod words;

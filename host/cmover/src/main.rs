@@ -1,8 +1,12 @@
 //! `cmover`: the one binary. Each subcommand group lives in its own module under `cmd/`;
-//! this file only parses the command line, sets up logging and dispatches.
+//! this file only parses the command line, sets up logging ([`logging`]) and dispatches. The
+//! manager and the agent set up their logging themselves, once their settings file is read
+//! (its `[log]` section), and run as services ([`service`]: signals, systemd readiness).
 
 mod client;
 mod cmd;
+mod logging;
+mod service;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -13,6 +17,8 @@ use clap::{CommandFactory, Parser, Subcommand};
     about = "Content Mover: publish content to many servers through elected group leaders"
 )]
 struct Cli {
+    #[command(flatten)]
+    log: logging::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,7 +51,7 @@ enum Command {
     Publish(cmd::ops::publish::PublishArgs),
     /// Make a site's prepared release live on its servers.
     Commit(cmd::ops::publish::CommitArgs),
-    /// Switch a site's servers back to the release committed before live.
+    /// Switch a site's servers back to the release committed before live (or --to an earlier one).
     Rollback(cmd::ops::publish::RollbackArgs),
     /// Jobs on the manager: create, list, show, cancel.
     #[command(subcommand)]
@@ -95,7 +101,7 @@ fn stop_quietly_on_closed_stdout() {
 /// serve many connections besides their files, and the common soft default (1,024) is what a
 /// slowloris exhausts first. The HTTP servers cap their own connections below it
 /// (`cm_tree::http::ServeLimits`), so raising it leaves the process room for its own work.
-fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     let (Some(soft), Some(hard)) = (limit.current, limit.maximum) else { return };
@@ -121,7 +127,13 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(run(cli.command)));
+        .and_then(|runtime| {
+            let result = runtime.block_on(run(cli.command, cli.log));
+            // Tasks still running (a manager's runs in flight) are dropped here, which closes
+            // what they hold (the manager's database); blocking work gets a few seconds to end.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+            result
+        });
     match result {
         Ok(()) => std::process::ExitCode::from(client::Exit::Done as u8),
         Err(e) => {
@@ -131,14 +143,20 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if long_running(&command) {
+/// Whether the command installs its logger itself (after reading its settings file).
+fn logs_itself(c: &Command) -> bool {
+    match c {
+        Command::Manager(_) => true,
+        Command::Agent(a) => !a.is_status(),
+        _ => false,
+    }
+}
+
+async fn run(command: Command, log: logging::LogArgs) -> anyhow::Result<()> {
+    if !logs_itself(&command) {
+        logging::init(log.log_format.unwrap_or_default(), log.log_level.as_deref())?;
+    }
+    if long_running(&command) && !logs_itself(&command) {
         raise_fd_limit();
     }
     match command {
@@ -146,9 +164,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Plugin(c) => cmd::plugin::run(c).await,
         Command::Assignment(c) => cmd::assignment::run(c).await,
         Command::Site(c) => cmd::site::run(c).await,
-        Command::Agent(a) => cmd::agent::run(a).await,
+        Command::Agent(a) => cmd::agent::run(a, log).await,
         Command::Mctp(c) => cmd::mctp::run(c).await,
-        Command::Manager(a) => cmd::manager::run(a).await,
+        Command::Manager(a) => cmd::manager::run(a, log).await,
         Command::Cert(c) => cmd::cert::run(c).await,
         Command::Publish(a) => cmd::ops::publish::publish(a).await,
         Command::Commit(a) => cmd::ops::publish::commit(a).await,

@@ -10,10 +10,11 @@
 //! [`server`] (the manager: scheduler loop and runs), `api` (its HTTP routes), `runs` and
 //! `discovery` (a run's steps; segments and the GLs' reports), [`checkpoint`] (a site's
 //! checkpoints and their restore), `unchanged` (a recurring publish whose staging did not
-//! change makes no release), and [`ca`] (the cluster's certificate authority, `cmover cert`).
-//! [`names`]: the one rule for names from outside (sites, groups, segments, servers);
-//! [`validate`]: what an operator writes, checked before it is stored; [`events`]: the event
-//! bus and its Server-Sent Events; `console`: the browser console on the manager's port.
+//! change makes no release), [`ca`] (the cluster's certificate authority, `cmover cert`) and
+//! [`metrics`] (Prometheus counters). [`names`]: the one rule for names from outside (sites,
+//! groups, segments, servers); [`validate`]: what an operator writes, checked before it is
+//! stored; [`writes`]: the operator's writes, shared by the API and the console; [`events`]: the
+//! event bus and its Server-Sent Events; `console`: the browser console on the manager's port.
 
 mod api;
 pub mod ca;
@@ -22,6 +23,7 @@ mod console;
 pub mod db;
 mod discovery;
 pub mod events;
+pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod policy;

@@ -354,6 +354,7 @@ impl Inner {
                 format!("{verdict}{also}; job now {:?}", next.state),
             )
         })?;
+        crate::metrics::run_ended(run, job.spec.kind, ok, now);
         let _ = std::fs::remove_file(self.run_file(run.id));
         if commit_next.is_some() {
             self.wake.notify_one();

@@ -64,6 +64,11 @@ pub struct ManagerConfig {
     /// faster ones are refused (429) and the GL retries.
     pub discovery_burst: u32,
     pub discovery_refill: Duration,
+    /// `/metrics` on the API's port (`None`: not served): the process's registry and the scrape
+    /// token that opens it besides the operator role.
+    pub metrics: Option<cm_tree::metrics::Exposition>,
+    /// On shutdown, how long requests in flight may take to finish.
+    pub shutdown_grace: Duration,
 }
 
 impl ManagerConfig {
@@ -88,6 +93,8 @@ impl ManagerConfig {
             max_segments: 4096,
             discovery_burst: 20,
             discovery_refill: Duration::from_millis(500),
+            metrics: None,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -150,6 +157,11 @@ pub(crate) struct Inner {
 pub struct Manager {
     pub addr: SocketAddr,
     inner: Arc<Inner>,
+    /// `true` stops the API's accept loop ([`Manager::shutdown`]).
+    stop: tokio::sync::watch::Sender<bool>,
+    /// The API's accept loop: `true` once every connection ended within the grace period.
+    serving: tokio::task::JoinHandle<bool>,
+    scheduler: tokio::task::JoinHandle<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -197,12 +209,20 @@ impl Manager {
             }
         }
         let h = inner.clone();
-        tokio::spawn(http::serve_tls(listener, inner.cfg.tls.clone(), move |req| {
-            let h = h.clone();
-            async move { crate::api::handle(h, req).await }
-        }));
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let serving = tokio::spawn(http::serve_until(
+            listener,
+            inner.cfg.tls.clone(),
+            http::ServeLimits::default(),
+            stopping,
+            inner.cfg.shutdown_grace,
+            move |req| {
+                let h = h.clone();
+                async move { crate::metrics::answer(h, req).await }
+            },
+        ));
         let s = inner.clone();
-        tokio::spawn(async move {
+        let scheduler = tokio::spawn(async move {
             loop {
                 if let Err(e) = s.clone().tick(now_ms()) {
                     tracing::error!("scheduler: {e}");
@@ -213,7 +233,24 @@ impl Manager {
                 }
             }
         });
-        Ok(Manager { addr, inner })
+        Ok(Manager { addr, inner, stop, serving, scheduler })
+    }
+
+    /// Stops gracefully: no new connection is accepted and no job started; requests in flight
+    /// get [`ManagerConfig::shutdown_grace`] to finish. Runs in flight stay `Distributing` in
+    /// the database (every step of theirs is already written) and resume at the next start.
+    /// Returns whether every request finished in time.
+    pub async fn shutdown(self) -> bool {
+        self.scheduler.abort();
+        let _ = self.stop.send(true);
+        self.serving.await.unwrap_or(false)
+    }
+
+    /// New bearer tokens (a SIGHUP re-read their files): requests with the old ones are refused
+    /// from now on. The manager's own calls to group leaders keep the agent token it started
+    /// with (changing that one needs a restart).
+    pub fn replace_tokens(&self, operator: &str, agent: &str) {
+        self.inner.tokens.replace(operator, agent);
     }
 
     pub fn url(&self) -> &str {
@@ -582,6 +619,7 @@ impl Inner {
             return Ok(false);
         }
         let orphans = lock(&active.plan).leader_dead(segment);
+        crate::metrics::leader_lost();
         self.set_segment_status(
             run_id,
             segment,

@@ -22,6 +22,7 @@ mod error;
 mod follow;
 mod inspect;
 mod manifest;
+pub mod metrics;
 mod plugin;
 mod quota;
 mod runtime;

@@ -183,6 +183,7 @@ impl LoadedPlugin {
         let outcome = call(&mut store, &instance)
             .map_err(|e| self.failed(failure_cause(&store, self.limits(), &e)));
         store.data_mut().end_call();
+        crate::metrics::call(&outcome);
         outcome
     }
 
@@ -367,6 +368,7 @@ impl InterpreterSession {
             error
         });
         self.store.data_mut().end_call();
+        crate::metrics::call(&outcome);
         outcome
     }
 

@@ -228,6 +228,7 @@ impl Blob {
                             break;
                         }
                         pos += n;
+                        crate::metrics::sent(n);
                     }
                     if hung_up {
                         break; // the child hung up
@@ -251,6 +252,7 @@ impl Blob {
                             break; // the child hung up
                         }
                         pos += n;
+                        crate::metrics::sent(n);
                     }
                     Err(e) => {
                         tx.abort(e);
@@ -366,6 +368,7 @@ impl Blob {
                 Ok(Some(Ok(f))) => f,
             };
             let Ok(mut data) = frame.into_data() else { continue };
+            crate::metrics::received(data.len() as u64);
             while !data.is_empty() {
                 let want = self.manifest.chunk_len(index) - have;
                 let piece = data.split_to(want.min(data.len() as u64) as usize);

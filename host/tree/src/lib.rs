@@ -12,6 +12,7 @@
 //!   report.
 //! - [`http`] (hyper accept loop, JSON client, roles) and [`tls`] (a node's rustls identity and
 //!   the role its certificate names): the plumbing both the manager and a GL need.
+//! - [`metrics`]: the tree's Prometheus counters and the `/metrics` exposition.
 //!
 //! A GL (the agent) depends on this crate and not on the manager's.
 
@@ -25,6 +26,7 @@ pub mod leader;
 pub mod link;
 pub mod manifest;
 pub mod message;
+pub mod metrics;
 pub mod tls;
 
 /// A boxed future, for the tree's object-safe traits (`ChildSource`, `LocalDelivery`).

@@ -41,6 +41,16 @@ pub struct Applied {
     pub interpreter: Option<String>,
 }
 
+/// The assignment type an apply was about, for the metrics' `kind` label.
+fn kind_of(r: &Result<cm_site::ApplyReport, cm_site::SiteError>) -> &'static str {
+    use cm_site::SiteError;
+    match r {
+        Ok(rep) => rep.kind.name(),
+        Err(SiteError::Apply { kind, .. } | SiteError::Replay { kind, .. }) => kind.name(),
+        Err(_) => "unknown",
+    }
+}
+
 /// How many outcomes `cmover agent status` shows.
 const RECENT: usize = 16;
 
@@ -190,6 +200,11 @@ impl Applier {
         self.plugins.store().slot(INTERPRETER).ok().and_then(|s| s.live().ok()).map(|p| p.version())
     }
 
+    /// Re-reads the plugin store now (SIGHUP) instead of at the follower's next poll.
+    pub fn rescan_plugins(&self) -> Vec<cm_plugin_host::StoreEvent> {
+        self.plugins.store().sync_from_disk()
+    }
+
     pub fn site_root(&self) -> &Path {
         self.site.root()
     }
@@ -203,7 +218,10 @@ impl Applier {
         }
         let mut interp = self.interpreter.clone();
         let version = self.interpreter_version();
-        let outcome = match self.site.apply(file, &mut interp) {
+        let started = std::time::Instant::now();
+        let applied = self.site.apply(file, &mut interp);
+        crate::metrics::applied(kind_of(&applied), applied.is_ok(), started.elapsed());
+        let outcome = match applied {
             Ok(rep) => {
                 let what = match (rep.now_live, rep.already_applied) {
                     (Some(l), _) => format!("{} {}: live is now release {l}", rep.kind, rep.serial),

@@ -269,6 +269,12 @@ impl ServerAgent {
         AgentStatusReader(self.shared.clone())
     }
 
+    /// Re-reads the plugin store at once (SIGHUP): what changed is returned (and logged by the
+    /// follower as on its own polls).
+    pub fn rescan_plugins(&self) -> Vec<cm_plugin_host::StoreEvent> {
+        self.shared.applier.rescan_plugins()
+    }
+
     /// Whether the election task or an agent task has ended (the agent cannot go on).
     pub fn is_finished(&self) -> bool {
         self.election.is_finished() || self.tasks.iter().any(|t| t.is_finished())
@@ -355,9 +361,8 @@ async fn role_loop(
         tokio::select! {
             r = status.changed() => if r.is_err() { break },
             ev = events.recv() => match ev {
-                Ok(Event::MemberJoined(m)) => tracing::info!(node = m.node, name = %m.registration.name, "member joined"),
-                Ok(Event::MemberLeft { node, reason }) => tracing::info!(node, ?reason, "member left"),
-                Ok(Event::LeaderChanged { leader }) => tracing::info!(?leader, "leader changed"),
+                // Every event is logged in words (`crate::words`) by the process that owns the
+                // election; here only what the duties follow.
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(n)) => tracing::warn!(missed = n, "election events fell behind"),
                 Err(broadcast::error::RecvError::Closed) => break,

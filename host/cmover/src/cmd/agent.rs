@@ -8,74 +8,13 @@
 //! With neither a manager URL nor a data channel it runs the election only (no agent token,
 //! no site): a segment's election and `cmover agent status`, nothing else.
 //!
-//! Settings come from a TOML file (`--config`) and flags (flags win). The file has one section
-//! per concern (docs/agent.md explains each setting):
-//!
-//! ```toml
-//! [node]
-//! id = 7                          # unique in the cluster
-//! name = "bes-7"                  # default: the host name
-//! address = "10.0.0.7"            # where the leader reaches this server; default: the interface
-//! data_dir = "/var/lib/cmover"    # measured for free disk space
-//!
-//! [segment]
-//! name = "dc1-rack3"
-//! cluster_id = 1                  # default: derived from the segment name
-//! control_channel = "239.192.0.1:7700"
-//! interface = "10.0.0.7"          # IP_MULTICAST_IF; 127.0.0.1 for a loopback cluster
-//! ttl = 1
-//! loopback = true                 # IP_MULTICAST_LOOP, needed for several agents on one host
-//! secret_file = "/etc/cmover/cluster.key"   # or the CM_CLUSTER_SECRET variable
-//!
-//! [election]
-//! heartbeat_ms = 1000
-//! eligible = true
-//! preassigned = [1, 2]
-//! preassigned_only = false
-//! operator_weight = 0
-//! recent_failures = 0
-//! content_lag_secs = 0
-//! content_groups = ["web"]
-//! data_channel_pool = "239.192.1.1:7800"
-//! data_channel_count = 64
-//!
-//! [status]
-//! listen = "127.0.0.1:7710"
-//!
-//! [manager]
-//! url = "http://10.0.0.1:7700"    # the manager's API (a GL reports there)
-//! token_file = "/etc/cmover/agent.token"   # the agents' bearer token (or CMOVER_AGENT_TOKEN)
-//! public_key_file = "/etc/cmover/manager.pub"   # the manager's signing keys (one per line:
-//!                                     # current and next); without it nothing is applied
-//!
-//! [site]
-//! root = "/srv/www"               # releases/<serial> and the `current` link; default data_dir/site
-//! name = "www"                    # the hosted site's name (the interpreter must be granted it)
-//! seal_secret_file = "/etc/cmover/seal.key"  # the manager's --seal-secret-file: only sealed
-//!                                     # assignments are applied, encrypted ones decrypted
-//!
-//! [plugins]
-//! store = "/var/lib/cmover/plugins"   # default data_dir/plugins; the bundled interpreter is
-//!                                     # installed there at first start
-//!
-//! [data]
-//! channel = "239.192.1.1:7800"    # the segment's MCTP data channel
-//! report_port = 7801              # members' MCTP reports to the GL; default channel port + 1
-//! frame_size = 8192               # MCTP payload bytes per frame (1400 on a real LAN)
-//! max_rate_mbps = 1000            # cap on the GL's MCTP sending rate
-//! session_timeout_ms = 10000      # a member abandons a silent session after this
-//!
-//! [tls]                           # mutual TLS (`cmover cert`); then no agent token is needed
-//! ca = "/etc/cmover/ca.pem"
-//! cert = "/etc/cmover/bes-7.pem"  # an agent certificate valid at this server's address
-//! key = "/etc/cmover/bes-7.key"
-//!
-//! [leader]
-//! listen = "10.0.0.7:7720"        # the GL's tree endpoint; default interface:0 (any port)
-//! location = "Europe/London"      # reported to the manager
-//! report_wait_ms = 30000          # how long a GL waits for members' apply reports
-//! discovery_interval_ms = 30000   # periodic discovery re-report
-//! ```
+//! Settings come from a TOML file (`--config`) and flags (flags win); `docs/agent.example.toml`
+//! lists every key with its default, docs/agent.md explains each. `--check-config` checks them
+//! and exits. As a service ([`service`]): `/metrics` on `[metrics] listen` to the scrape token,
+//! SIGTERM leaves the segment gracefully, SIGHUP re-reads the log level and the scrape token
+//! and rescans the plugin store, systemd is told READY=1 once the agent has joined.
+
+mod service;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -85,7 +24,8 @@ use anyhow::{Context, bail};
 use cm_agent::election::{self as driver, DriverConfig};
 use cm_agent::node::{AgentConfig, DataChannel, ServerAgent};
 use cm_agent::status::{self, StatusServer, StatusSource};
-use cm_election::{Config, DataChannelPool, Eligibility, Event, Registration};
+use cm_agent::words::{self, Speaker};
+use cm_election::{Config, DataChannelPool, Eligibility, Registration};
 use cm_tree::tls::{CertRole, TlsFiles};
 use serde::Deserialize;
 use serde_json::Value;
@@ -115,11 +55,21 @@ enum Command {
 }
 
 /// Flags for running an agent; each overrides the same setting in the `--config` file.
-#[derive(clap::Args, Default)]
+#[derive(clap::Args, Default, Clone)]
 struct RunArgs {
-    /// TOML settings file (see `cmover agent --help` and docs/election.md).
+    /// TOML settings file (docs/agent.example.toml lists every key).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Check the settings (file and flags) and exit: 0 when they are good, 1 naming the
+    /// problem's key. Starts nothing.
+    #[arg(long)]
+    check_config: bool,
+    /// Serve Prometheus `/metrics` here [metrics.listen; none: not served].
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// File holding the scrape token `/metrics` requires [metrics.token_file].
+    #[arg(long)]
+    metrics_token_file: Option<PathBuf>,
     #[arg(long)]
     node_id: Option<u64>,
     #[arg(long)]
@@ -210,6 +160,8 @@ struct AgentFile {
     data: DataSection,
     leader: LeaderSection,
     tls: TlsSection,
+    metrics: service::MetricsSection,
+    log: service::LogSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -314,6 +266,10 @@ struct AgentSettings {
     /// `None`: an election-only agent (no manager and no data channel configured): it takes
     /// part in its segment's election and answers `cmover agent status`, and carries no content.
     agent: Option<AgentConfig>,
+    /// This server's name, for the log's sentences.
+    name: String,
+    /// `/metrics`, logging: what a SIGHUP can change.
+    service: service::ServiceSettings,
 }
 
 fn host_name() -> String {
@@ -330,8 +286,9 @@ fn cluster_id_of(segment: &str) -> u64 {
 
 fn load_secret(file: Option<&PathBuf>) -> anyhow::Result<Vec<u8>> {
     let secret = match file {
-        Some(p) => std::fs::read(p)
-            .with_context(|| format!("reading the cluster secret from {}", p.display()))?,
+        Some(p) => std::fs::read(p).with_context(|| {
+            format!("[segment] secret_file: reading the cluster secret from {}", p.display())
+        })?,
         None => match std::env::var("CM_CLUSTER_SECRET") {
             Ok(s) => s.into_bytes(),
             Err(_) => bail!(
@@ -359,17 +316,23 @@ fn token(file: Option<&PathBuf>) -> anyhow::Result<String> {
     Ok(t)
 }
 
+/// Reads `--config` (if any).
+fn read_file(config: Option<&PathBuf>) -> anyhow::Result<AgentFile> {
+    Ok(match config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("parsing agent settings {}", p.display()))?
+        }
+        None => AgentFile::default(),
+    })
+}
+
 impl RunArgs {
     fn resolve(self) -> anyhow::Result<AgentSettings> {
-        let file: AgentFile = match &self.config {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("reading {}", p.display()))?;
-                toml::from_str(&text)
-                    .with_context(|| format!("parsing agent settings {}", p.display()))?
-            }
-            None => AgentFile::default(),
-        };
+        let file = read_file(self.config.as_ref())?;
+        let service = service::ServiceSettings::resolve(&self, &file.metrics, &file.log)?;
         let (n, seg, el) = (file.node, file.segment, file.election);
         let (mf, sf, pf, df, lf) = (file.manager, file.site, file.plugins, file.data, file.leader);
         let tls_files = match (self.tls.files(), file.tls) {
@@ -443,6 +406,8 @@ impl RunArgs {
                     status,
                     state_dir: data_dir.join("state"),
                     agent: None,
+                    name,
+                    service,
                 });
             }
             (None, Some(_)) => bail!(
@@ -490,6 +455,7 @@ impl RunArgs {
             ),
             None => None,
         };
+        let name_for_log = name.clone();
         let agent = AgentConfig {
             manager_keys,
             seal: seal_secret.as_deref().map(cm_assignment::SealKey::derive),
@@ -527,6 +493,8 @@ impl RunArgs {
             status,
             state_dir: data_dir.join("state"),
             agent: Some(agent),
+            name: name_for_log,
+            service,
         })
     }
 }
@@ -538,16 +506,28 @@ impl Args {
     }
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub async fn run(args: Args, log: crate::logging::LogArgs) -> anyhow::Result<()> {
     match args.command {
         Some(Command::Status { status, json }) => show_status(status, json).await,
-        None => run_agent(args.run.resolve()?).await,
+        None if args.run.check_config => service::check(args.run.resolve()),
+        None => {
+            let settings = args.run.clone().resolve()?;
+            service::init_logging(&log, &settings.service)?;
+            crate::raise_fd_limit();
+            run_agent(settings, args.run, log).await
+        }
     }
 }
 
-async fn run_agent(s: AgentSettings) -> anyhow::Result<()> {
+async fn run_agent(
+    s: AgentSettings,
+    args: RunArgs,
+    log: crate::logging::LogArgs,
+) -> anyhow::Result<()> {
     let node = s.election.node;
     let status_port = StatusServer::bind(s.status).await?;
+    let metrics = service::MetricsServer::bind(&s.service).await?;
+    let mut signals = crate::service::Signals::install()?;
     let control = s.election.control_channel;
     // The election's incarnation and replay windows survive restarts (the driver's state file).
     let state = driver::StateFile::in_dir(&s.state_dir);
@@ -569,24 +549,30 @@ async fn run_agent(s: AgentSettings) -> anyhow::Result<()> {
     };
     let source = match &agent {
         Some(a) => StatusSource::Agent(a.status_reader()),
-        None => StatusSource::Election(election_status),
+        None => StatusSource::Election(election_status.clone()),
     };
     let status_task = status_port.spawn(s.segment.clone(), source);
+    let metrics_task = metrics.map(|m| m.spawn());
     tracing::info!(node, segment = %s.segment, %control, status = %s.status, "agent joined the segment");
-    // SIGTERM (a supervisor, `cmover demo`, a test) leaves as gracefully as Ctrl-C.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
+    crate::service::ready(&format!("{} joined segment {}", s.name, s.segment));
+    let me = Speaker { name: s.name.clone(), node, segment: s.segment.clone() };
     let mut check = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             ev = events.recv() => match ev {
-                Ok(ev) => log_event(node, &ev),
+                Ok(ev) => words::log_event(&me, &ev, &election_status.borrow()),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tracing::warn!(node, missed = n, "event log fell behind"),
                 Err(_) => bail!("the election task stopped"),
             },
             _ = check.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            r = signals.next() => match r {
+                crate::service::Request::Stop => break,
+                crate::service::Request::Reload => {
+                    crate::service::reloading();
+                    service::reload(&args, &log, &s.service, agent.as_ref());
+                    crate::service::ready(&format!("{} joined segment {}", s.name, s.segment));
+                }
+            },
         }
         let finished = match (&agent, &election_only) {
             (Some(a), _) => a.is_finished(),
@@ -597,22 +583,18 @@ async fn run_agent(s: AgentSettings) -> anyhow::Result<()> {
             bail!("the agent stopped (election or agent task ended)");
         }
     }
+    crate::service::stopping();
     tracing::info!(node, "leaving the segment");
     status_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     match (agent, election_only) {
         (Some(a), _) => a.leave().await?,
         (None, Some(h)) => h.leave().await?,
         (None, None) => {}
     }
     Ok(())
-}
-
-fn log_event(node: u64, ev: &Event) {
-    match ev {
-        Event::StateChanged { from, to } => tracing::debug!(node, ?from, ?to, "election state"),
-        Event::LeaderPayload { .. } => tracing::debug!(node, "leader heartbeat payload changed"),
-        other => tracing::info!(node, event = ?other, "election"),
-    }
 }
 
 /// `cmover agent status`: the agent's status document, worded (or raw with `--json`).

@@ -1,55 +1,24 @@
-//! `cmover manager`: runs the Content Control Manager (database, HTTP API, scheduler, tree root).
+//! `cmover manager`: runs the Content Control Manager (database, HTTP API, scheduler, tree root)
+//! as a service. Settings come from a TOML file and flags ([`config`]; `--check-config` checks
+//! them and exits). `/metrics` is served on the API's port to the operator role or the scrape
+//! token. SIGTERM (or Ctrl-C) stops gracefully: no new connection or job, requests in flight
+//! finish within the grace period, runs in flight resume at the next start; SIGHUP re-reads
+//! the token files and the log level (`docs/operations.md`). systemd is told READY=1 once the
+//! API serves, RELOADING=1 and STOPPING=1.
+
+mod config;
 
 use anyhow::{Context, bail};
 use cm_manager::server::{Manager, ManagerConfig};
+use cm_tree::metrics::{Exposition, ScrapeToken};
 use cm_tree::tls::{CertRole, Tls, TlsFiles};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::Arc;
 
-#[derive(clap::Args)]
-pub struct Args {
-    /// Address of the HTTP API (operators and group leaders).
-    #[arg(long, default_value = "127.0.0.1:7700")]
-    pub listen: SocketAddr,
-    /// Database, assignments and snapshots live here.
-    #[arg(long)]
-    pub data_dir: PathBuf,
-    /// File holding the operators' bearer token (else $CMOVER_OPERATOR_TOKEN).
-    #[arg(long)]
-    pub operator_token_file: Option<PathBuf>,
-    /// File holding the agents' bearer token (else $CMOVER_AGENT_TOKEN).
-    #[arg(long)]
-    pub agent_token_file: Option<PathBuf>,
-    /// File holding the cluster secret that seals assignments (servers must share it).
-    #[arg(long)]
-    pub seal_secret_file: Option<PathBuf>,
-    /// The manager's Ed25519 signing key (PKCS#8, `cmover cert signing-key`): every assignment
-    /// and notification is signed with it; agents pin its public key and refuse anything else.
-    #[arg(long)]
-    pub signing_key: Option<PathBuf>,
-    /// Children the manager serves at once.
-    #[arg(long, default_value_t = 2)]
-    pub root_fanout: usize,
-    /// Children each group leader serves at once.
-    #[arg(long, default_value_t = 2)]
-    pub leader_fanout: usize,
-    /// Up to this many group leaders the manager serves each itself (a star).
-    #[arg(long, default_value_t = 3)]
-    pub star_max: usize,
-    /// Chunk size of the per-chunk BLAKE3 manifest, KiB.
-    #[arg(long, default_value_t = 1024)]
-    pub chunk_kib: u32,
-    /// Scheduler period, milliseconds.
-    #[arg(long, default_value_t = 500)]
-    pub tick_ms: u64,
-    /// Most members a group leader's discovery report may list (a segment's size); longer
-    /// reports are refused.
-    #[arg(long, default_value_t = 1024)]
-    pub max_segment_members: usize,
-    #[command(flatten)]
-    pub tls: TlsArgs,
-}
+pub use config::Args;
+
+use crate::logging::{self, LogArgs};
+use crate::service::{self, Request, Signals};
 
 /// Mutual TLS (`cmover cert`): all three files, or none for plain HTTP with bearer tokens.
 #[derive(clap::Args, Debug, Default, Clone)]
@@ -90,68 +59,119 @@ pub fn load_tls(files: &TlsFiles, want: CertRole) -> anyhow::Result<Tls> {
     Ok(tls)
 }
 
-/// A token nobody knows (TLS mode without token files).
-fn random_token() -> String {
-    (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
+/// The process's one metrics registry: the manager's, the tree's.
+fn registry() -> Arc<prometheus_client::registry::Registry> {
+    let mut r = prometheus_client::registry::Registry::default();
+    cm_tree::metrics::register(&mut r);
+    cm_manager::metrics::register(&mut r);
+    Arc::new(r)
 }
 
-fn secret(file: Option<&Path>, env: &str, what: &str) -> anyhow::Result<String> {
-    let s = match file {
-        Some(f) => std::fs::read_to_string(f)
-            .with_context(|| format!("reading the {what} from {}", f.display()))?,
-        None => std::env::var(env).with_context(|| {
-            format!("the {what}: pass --{}-file or set ${env}", what.replace(' ', "-"))
-        })?,
+pub async fn run(a: Args, log: LogArgs) -> anyhow::Result<()> {
+    let s = match config::resolve(&a) {
+        Ok(s) => s,
+        Err(problems) if a.check_config => {
+            eprint!("configuration has {} problem(s):\n{problems}", problems.0.len());
+            bail!("configuration refused");
+        }
+        Err(problems) => bail!("cannot start the manager:\n{problems}"),
     };
-    let s = s.trim().to_string();
-    if s.len() < 16 {
-        bail!("the {what} must be at least 16 characters");
+    if a.check_config {
+        println!(
+            "configuration OK: API on {}, data in {}{}",
+            s.listen,
+            s.data_dir.display(),
+            if s.signer.is_none() {
+                " (warning: no signing key: agents refuse every run)"
+            } else {
+                ""
+            }
+        );
+        return Ok(());
     }
-    Ok(s)
-}
-
-pub async fn run(a: Args) -> anyhow::Result<()> {
-    let tls = a.tls.files().map(|f| load_tls(&f, CertRole::Manager)).transpose()?;
-    let token =
-        |file: Option<&Path>, env: &str, what: &str| match (&tls, file, std::env::var_os(env)) {
-            // Over mutual TLS the certificates carry the roles; tokens are not needed (nor consulted).
-            (Some(_), None, None) => Ok(random_token()),
-            _ => secret(file, env, what),
-        };
-    let operator =
-        token(a.operator_token_file.as_deref(), "CMOVER_OPERATOR_TOKEN", "operator token")?;
-    let agent = token(a.agent_token_file.as_deref(), "CMOVER_AGENT_TOKEN", "agent token")?;
-    if operator == agent {
-        bail!("the operator and agent tokens must differ");
+    let level = log.log_level.clone().or(s.log_level.clone());
+    logging::init(log.log_format.unwrap_or(s.log_format), level.as_deref())?;
+    crate::raise_fd_limit();
+    let scrape = ScrapeToken::new(s.metrics_token.as_ref().map(|t| t.value.as_str()));
+    let mut cfg =
+        ManagerConfig::new(s.data_dir.clone(), &s.operator_token.value, &s.agent_token.value);
+    cfg.tls = s.tls.as_ref().map(|t| t.1.clone());
+    cfg.listen = s.listen;
+    cfg.tree.root_fanout = s.root_fanout;
+    cfg.tree.leader_fanout = s.leader_fanout;
+    cfg.tree.star_max = s.star_max;
+    cfg.chunk_size = s.chunk_kib << 10;
+    cfg.tick = s.tick;
+    cfg.max_segment_members = s.max_segment_members;
+    cfg.shutdown_grace = s.shutdown_grace;
+    cfg.metrics = Some(Exposition { registry: registry(), token: scrape.clone() });
+    if let Some((_, secret)) = &s.seal_secret {
+        cfg.seal = Some(cm_manager::prepare::SealKey::derive(secret));
     }
-    let mut cfg = ManagerConfig::new(a.data_dir.clone(), &operator, &agent);
-    cfg.tls = tls;
-    cfg.listen = a.listen;
-    cfg.tree.root_fanout = a.root_fanout;
-    cfg.tree.leader_fanout = a.leader_fanout;
-    cfg.tree.star_max = a.star_max;
-    cfg.chunk_size = a.chunk_kib.clamp(4, 65536) << 10;
-    cfg.tick = Duration::from_millis(a.tick_ms.max(10));
-    cfg.max_segment_members = a.max_segment_members;
-    if let Some(f) = &a.seal_secret_file {
-        let s = std::fs::read(f)
-            .with_context(|| format!("reading the seal secret from {}", f.display()))?;
-        cfg.seal = Some(cm_manager::prepare::SealKey::derive(&s));
-    }
-    match &a.signing_key {
-        Some(f) => {
-            let k = cm_assignment::SigningKey::load(f)
-                .with_context(|| format!("the signing key {}", f.display()))?;
+    match &s.signer {
+        Some((_, k)) => {
             tracing::info!(public_key = %k.public_key().to_hex(), "signing runs");
-            cfg.signer = Some(k);
+            cfg.signer = Some(k.clone());
         }
         None => eprintln!(
             "warning: no --signing-key: runs go out unsigned and every agent will refuse them"
         ),
     }
+    // Installed before the API serves: from here on SIGTERM and SIGHUP are ours.
+    let mut signals = Signals::install()?;
     let m = Manager::start(cfg).await.context("starting the manager")?;
-    tracing::info!(url = m.url(), data = %a.data_dir.display(), "manager running");
-    println!("manager listening on {} (data in {})", m.url(), a.data_dir.display());
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tracing::info!(url = m.url(), data = %s.data_dir.display(), "manager running");
+    println!("manager listening on {} (data in {})", m.url(), s.data_dir.display());
+    service::ready(&format!("serving on {}", m.url()));
+    loop {
+        match signals.next().await {
+            Request::Stop => break,
+            Request::Reload => {
+                service::reloading();
+                reload(&a, &log, &s, &m, &scrape);
+                service::ready(&format!("serving on {}", m.url()));
+            }
+        }
+    }
+    service::stopping();
+    tracing::info!(grace = ?s.shutdown_grace, "stopping: no new connections; finishing requests in flight");
+    let drained = m.shutdown().await;
+    if !drained {
+        tracing::warn!("some requests were still in flight at the end of the grace period");
+    }
+    tracing::info!("manager stopped; runs in flight resume at the next start");
     Ok(())
+}
+
+/// SIGHUP: re-reads the settings; takes the new operator and agent tokens (from their files),
+/// the scrape token and the log level; names every other changed key as needing a restart.
+fn reload(a: &Args, log: &LogArgs, running: &config::Settings, m: &Manager, scrape: &ScrapeToken) {
+    let new = match config::resolve(a) {
+        Ok(s) => s,
+        Err(problems) => {
+            tracing::error!("SIGHUP: the settings have problems; nothing reloaded:\n{problems}");
+            return;
+        }
+    };
+    m.replace_tokens(&new.operator_token.value, &new.agent_token.value);
+    scrape.replace(new.metrics_token.as_ref().map(|t| t.value.as_str()));
+    let mut done = vec![
+        "auth.operator_token_file",
+        "auth.agent_token_file (accepted token)",
+        "auth.metrics_token_file",
+    ];
+    if let Some(level) = log.log_level.clone().or(new.log_level.clone()) {
+        match logging::set_level(&level) {
+            Ok(true) => done.push("log.level"),
+            Ok(false) => tracing::info!("SIGHUP: RUST_LOG is set and wins over log.level"),
+            Err(e) => tracing::error!("SIGHUP: log.level: {e:#}"),
+        }
+    }
+    let before = running.restart_only();
+    for (key, value) in new.restart_only() {
+        if before.iter().any(|(k, v)| *k == key && *v != value) {
+            tracing::warn!("SIGHUP: {key} changed; it takes effect only after a restart");
+        }
+    }
+    tracing::info!(reloaded = %done.join(", "), "SIGHUP: settings reloaded");
 }

@@ -7,7 +7,7 @@ mod client;
 mod serve;
 
 pub use client::{ClientError, JsonClient};
-pub use serve::{ServeLimits, serve, serve_tls, serve_with};
+pub use serve::{ServeLimits, serve, serve_tls, serve_until, serve_with};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
@@ -122,8 +122,15 @@ pub struct PeerRole(pub Option<Role>);
 
 /// The bearer tokens. Only their BLAKE3 hashes are kept; `blake3::Hash` equality is constant
 /// time, so comparing a presented token leaks nothing about the right one through timing.
+/// Clones share the tokens, so [`Tokens::replace`] (a SIGHUP re-reading the token files) takes
+/// effect for every request after it.
 #[derive(Clone)]
 pub struct Tokens {
+    hashes: std::sync::Arc<std::sync::RwLock<TokenHashes>>,
+}
+
+#[derive(Clone, Copy)]
+struct TokenHashes {
     operator: blake3::Hash,
     agent: blake3::Hash,
 }
@@ -131,9 +138,13 @@ pub struct Tokens {
 impl Tokens {
     pub fn new(operator: &str, agent: &str) -> Tokens {
         Tokens {
-            operator: blake3::hash(operator.as_bytes()),
-            agent: blake3::hash(agent.as_bytes()),
+            hashes: std::sync::Arc::new(std::sync::RwLock::new(TokenHashes::of(operator, agent))),
         }
+    }
+
+    /// From now on only these tokens are accepted (the old ones are refused).
+    pub fn replace(&self, operator: &str, agent: &str) {
+        *self.hashes.write().unwrap_or_else(|p| p.into_inner()) = TokenHashes::of(operator, agent);
     }
 
     /// The role a request has: over mutual TLS the one its client certificate names (tokens
@@ -144,8 +155,9 @@ impl Tokens {
         }
         let presented = bearer(req)?;
         let h = blake3::hash(presented.as_bytes());
+        let t = *self.hashes.read().unwrap_or_else(|p| p.into_inner());
         // Both comparisons always run, so timing does not tell which role was close.
-        let (op, ag) = (h == self.operator, h == self.agent);
+        let (op, ag) = (h == t.operator, h == t.agent);
         if op {
             Some(Role::Operator)
         } else if ag {
@@ -156,7 +168,17 @@ impl Tokens {
     }
 }
 
-fn bearer<B>(req: &Request<B>) -> Option<&str> {
+impl TokenHashes {
+    fn of(operator: &str, agent: &str) -> TokenHashes {
+        TokenHashes {
+            operator: blake3::hash(operator.as_bytes()),
+            agent: blake3::hash(agent.as_bytes()),
+        }
+    }
+}
+
+/// The `Authorization: Bearer` token of a request, if any.
+pub fn bearer<B>(req: &Request<B>) -> Option<&str> {
     req.headers().get(AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
 }
 
@@ -184,6 +206,9 @@ mod tests {
         assert_eq!(t.role(&req(Some("Bearer op-secreT"))), None);
         assert_eq!(t.role(&req(Some("op-secret"))), None);
         assert_eq!(t.role(&req(None)), None);
+        t.clone().replace("op-new-secret", "agent-secret");
+        assert_eq!(t.role(&req(Some("Bearer op-secret"))), None, "the old token is refused");
+        assert_eq!(t.role(&req(Some("Bearer op-new-secret"))), Some(Role::Operator));
         assert_eq!(parse_range_start("bytes=1048576-"), Some(1048576));
         assert_eq!(parse_range_start("bytes=0-10"), None);
         assert_eq!(parse_range_start("items=3-"), None);

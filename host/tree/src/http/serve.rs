@@ -10,16 +10,22 @@
 //! spent on it); past the hard limit it is closed unanswered. So the process keeps file
 //! descriptors for its own work, and operators and the manager still get through while a
 //! slowloris holds what it may. An accept error (`EMFILE`) backs off instead of spinning.
+//!
+//! [`serve_until`] stops gracefully: when told to, it stops accepting, lets the requests in
+//! flight finish (idle keep-alive connections are closed) for at most a grace period, and
+//! returns whether every connection ended within it.
 
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 use super::{Body, PeerRole, Role};
 use crate::tls::Tls;
@@ -84,11 +90,38 @@ pub async fn serve_with<F, Fut>(
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
+    // Nobody will ever send on this: the loop runs until its task is aborted.
+    let (_never, stop) = watch::channel(false);
+    serve_until(listener, tls, limits, stop, Duration::ZERO, handler).await;
+}
+
+/// [`serve_with`] until `stop` turns `true`: then the listener is closed (new connections are
+/// refused by the kernel), requests in flight are answered and their connections closed.
+/// Returns `true` when every connection ended within `grace`, `false` when some were still
+/// open at its end (they are abandoned to the caller's exit). A dropped `stop` sender never
+/// stops the loop.
+pub async fn serve_until<F, Fut>(
+    listener: TcpListener,
+    tls: Option<Tls>,
+    limits: ServeLimits,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+    handler: F,
+) -> bool
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
     let acceptor = tls.as_ref().map(Tls::acceptor);
     let connections = Connections::new(limits);
     let mut backoff = AcceptBackoff::default();
+    let graceful = GracefulShutdown::new();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stopped(&mut stop) => break,
+        };
+        let (stream, peer) = match accepted {
             Ok(s) => {
                 backoff.reset();
                 s
@@ -112,10 +145,11 @@ pub async fn serve_with<F, Fut>(
         let _ = stream.set_nodelay(true);
         let h = handler.clone();
         let acceptor = acceptor.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _slot = slot;
             let Some(acceptor) = acceptor else {
-                serve_connection(TokioIo::new(stream), None, limits, h).await;
+                serve_connection(TokioIo::new(stream), None, limits, h, watcher).await;
                 return;
             };
             let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream));
@@ -145,8 +179,21 @@ pub async fn serve_with<F, Fut>(
                 }
                 h(req)
             };
-            serve_connection(TokioIo::new(tls), Some(PeerRole(role)), limits, h).await;
+            serve_connection(TokioIo::new(tls), Some(PeerRole(role)), limits, h, watcher).await;
         });
+    }
+    drop(listener);
+    let open = graceful.count();
+    if open > 0 {
+        tracing::info!(open, "stopped accepting; finishing the requests in flight");
+    }
+    tokio::time::timeout(grace, graceful.shutdown()).await.is_ok()
+}
+
+/// Resolves once `stop` is `true`; never, if its sender is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -249,8 +296,13 @@ impl Connections {
     }
 }
 
-async fn serve_connection<I, F, Fut>(io: I, peer: Option<PeerRole>, limits: ServeLimits, h: F)
-where
+async fn serve_connection<I, F, Fut>(
+    io: I,
+    peer: Option<PeerRole>,
+    limits: ServeLimits,
+    h: F,
+    watcher: Watcher,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
@@ -262,11 +314,11 @@ where
         }
         async move { Ok::<_, std::convert::Infallible>(h(req).await) }
     });
-    let served = hyper::server::conn::http1::Builder::new()
+    let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .serve_connection(io, svc)
-        .await;
+        .serve_connection(io, svc);
+    let served = watcher.watch(connection).await;
     if let Err(e) = served {
         tracing::debug!("connection: {e}");
     }

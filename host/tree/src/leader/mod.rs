@@ -40,6 +40,14 @@ use crate::message::{MemberApplyReport, Notification};
 use drive::ManagerChildSource;
 use links::{LinkMeasure, metered};
 
+/// The GL endpoint's routes, for the `route` label of `cmover_http_requests`.
+const GL_ROUTES: &[&str] = &[
+    "GET /healthz",
+    "POST /notify",
+    "POST /members/report",
+    "GET /dist/{id}/servers",
+    "GET /dist/{id}/blob",
+];
 /// A GL's endpoint and how it fetches.
 #[derive(Debug, Clone)]
 pub struct LeaderConfig {
@@ -157,7 +165,12 @@ impl LeaderNode {
         let h = inner.clone();
         inner.spawn(http::serve_tls(listener, inner.cfg.tls.clone(), move |req| {
             let h = h.clone();
-            async move { h.handle(req).await }
+            let route = crate::metrics::route_label(req.method(), req.uri().path(), GL_ROUTES);
+            async move {
+                let r = h.handle(req).await;
+                crate::metrics::request(route, r.status());
+                r
+            }
         }));
         Ok(LeaderNode { addr, inner })
     }

@@ -258,11 +258,13 @@ async fn a_replayed_old_commit_does_not_roll_back() {
     let runs: Vec<Value> = c.op.get(&c.url("runs")).await.unwrap();
     let run = runs.iter().max_by_key(|r| r["id"].as_u64().unwrap()).unwrap();
     let captured = c.dir.path().join("captured.cma");
+    // A switching assignment's base-serial field carries the site's release depth.
+    let sites: Vec<Value> = c.op.get(&c.url("sites")).await.unwrap();
     let meta = Meta {
         kind: AssignmentType::Commit,
         serial: run["serial"].as_u64().unwrap(),
         job_id: run["job"].as_u64().unwrap(),
-        base_serial: 0,
+        base_serial: sites[0]["keep_releases"].as_u64().unwrap(),
         target_serial: run["release"].as_u64().unwrap(),
     };
     build_switch(&captured, meta, None, Some(manager_key.clone())).unwrap();

@@ -54,8 +54,10 @@ fn a_second_manager_on_a_held_data_directory_names_it() {
     let bin = cm_tests::cmover_bin();
     let first = launch::start_manager(&bin, dir.path(), &ManagerOptions::default()).unwrap();
     let data = dir.path().join("manager");
+    // A free port (port 0 is refused by the settings check, before the data directory is opened).
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let out = std::process::Command::new(&bin)
-        .args(["manager", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["manager", "--listen", &listen.to_string(), "--data-dir"])
         .arg(&data)
         .env("CMOVER_OPERATOR_TOKEN", "operator-token-0123456789")
         .env("CMOVER_AGENT_TOKEN", "agent-token-0123456789")

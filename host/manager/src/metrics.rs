@@ -87,19 +87,9 @@ pub fn register(registry: &mut Registry) {
     );
 }
 
-fn kind_name(kind: JobKind) -> &'static str {
-    match kind {
-        JobKind::Publish => "publish",
-        JobKind::Replicate => "replicate",
-        JobKind::Synchronize => "synchronize",
-        JobKind::Commit => "commit",
-        JobKind::Rollback => "rollback",
-    }
-}
-
 /// A run of a job of `kind` ended (`ok`: it met its quorum) at `now_ms`.
 pub fn run_ended(run: &Run, kind: JobKind, ok: bool, now_ms: u64) {
-    let kind = if run.commit_of.is_some() { "commit" } else { kind_name(kind) };
+    let kind = if run.commit_of.is_some() { "commit" } else { kind.name() };
     let outcome = if ok { "succeeded" } else { "failed" };
     MANAGER.runs.get_or_create(&RunLabels { kind, outcome }).inc();
     let secs = now_ms.saturating_sub(run.started_ms) as f64 / 1000.0;

@@ -172,6 +172,22 @@ pub enum JobKind {
     Checkpoint,
 }
 
+impl JobKind {
+    /// The kind as the API spells it (`"publish"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            JobKind::Publish => "publish",
+            JobKind::Replicate => "replicate",
+            JobKind::Synchronize => "synchronize",
+            JobKind::Commit => "commit",
+            JobKind::Rollback => "rollback",
+            JobKind::Switch => "switch",
+            JobKind::Restore => "restore",
+            JobKind::Checkpoint => "checkpoint",
+        }
+    }
+}
+
 /// Enough live servers for a run: at least `min_servers`, and at least `min_percent` of the group.
 /// A field left out takes its default (100 %, 1 server).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -293,10 +293,11 @@ mod tests {
         use crate::model::JobKind::*;
         for kind in [Publish, Replicate, Synchronize, Commit, Rollback, Switch, Restore, Checkpoint]
         {
-            let name = serde_json::to_value(kind).unwrap();
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.name(), "the API's spelling");
             assert!(
-                KIND_PAYLOADS.iter().any(|(k, _)| name == *k),
-                "{name} has no line in KIND_PAYLOADS"
+                KIND_PAYLOADS.iter().any(|(k, _)| *k == kind.name()),
+                "{} has no line in KIND_PAYLOADS",
+                kind.name()
             );
         }
     }

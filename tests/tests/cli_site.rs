@@ -143,8 +143,21 @@ fn build_show_apply_commit_rollback_with_the_bundled_plugin() {
     // A publish without --staging, an unknown type, a missing component: clear refusals.
     let out = fails(d, &["assignment", "build", "--serial", "9", "-o", "x.cma"]);
     assert!(out.contains("--staging is required"), "{out}");
-    let out =
-        fails(d, &["assignment", "build", "--type", "bogus", "--staging", "v1", "-o", "x.cma"]);
+    let out = fails(
+        d,
+        &[
+            "assignment",
+            "build",
+            "--type",
+            "bogus",
+            "--staging",
+            "v1",
+            "--serial",
+            "9",
+            "-o",
+            "x.cma",
+        ],
+    );
     assert!(out.contains("unknown assignment type"), "{out}");
     let out = fails(
         d,

@@ -262,7 +262,8 @@ async fn a_replayed_old_commit_does_not_roll_back() {
         kind: AssignmentType::Commit,
         serial: run["serial"].as_u64().unwrap(),
         job_id: run["job"].as_u64().unwrap(),
-        base_serial: 0,
+        // Every commit carries the site's release depth (keep_releases, default 2).
+        base_serial: 2,
         target_serial: run["release"].as_u64().unwrap(),
     };
     build_switch(&captured, meta, None, Some(manager_key.clone())).unwrap();

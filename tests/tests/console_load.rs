@@ -71,6 +71,9 @@ fn fill(db: &Db) -> Result<(), DbError> {
             keep_releases: 2,
             keep_checkpoints: cm_manager::model::default_keep_checkpoints(),
             holders: all.iter().map(|s| (s.clone(), 3)).collect(),
+            removed: Default::default(),
+            filter: Default::default(),
+            compression: Default::default(),
         })?;
         Ok::<_, DbError>(())
     })?;

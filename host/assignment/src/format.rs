@@ -50,10 +50,13 @@ pub enum AssignmentType {
     Commit = 8,
     /// Flash content for a few servers: built like publish and switched live at once.
     HotContent = 9,
+    /// Header only: remove the site's content from the server — every release, the live link
+    /// and the history — keeping only the record of the newest serial applied (replays).
+    RemoveSite = 10,
 }
 
 impl AssignmentType {
-    pub const ALL: [AssignmentType; 9] = [
+    pub const ALL: [AssignmentType; 10] = [
         Self::Publish,
         Self::Replicate,
         Self::Synchronize,
@@ -63,6 +66,7 @@ impl AssignmentType {
         Self::Switch,
         Self::Commit,
         Self::HotContent,
+        Self::RemoveSite,
     ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -80,12 +84,14 @@ impl AssignmentType {
             Self::Switch => "switch",
             Self::Commit => "commit",
             Self::HotContent => "hot-content",
+            Self::RemoveSite => "remove-site",
         }
     }
 
-    /// True for the types that carry no body and only move `current` between releases.
+    /// True for the types that carry no body and only move `current` between releases (or,
+    /// remove-site, take it and every release away).
     pub fn is_switch_only(self) -> bool {
-        matches!(self, Self::Rollback | Self::Switch | Self::Commit)
+        matches!(self, Self::Rollback | Self::Switch | Self::Commit | Self::RemoveSite)
     }
 
     /// True when the new release starts empty instead of from live.

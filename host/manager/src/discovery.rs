@@ -25,6 +25,7 @@ use crate::model::{
 use crate::names::check_name;
 use crate::now_ms;
 use crate::server::{Inner, ManagerError, RootSource};
+use crate::sync;
 use crate::tree::{LeaderInfo, TreeConfig};
 
 /// One line on a run's tree shape and where it came from, for the history.
@@ -394,7 +395,7 @@ impl Inner {
                     JobState::Done => false,
                 })
                 .filter_map(|j| match &j.spec.payload {
-                    Payload::Live { servers } => Some(servers),
+                    Payload::Live { servers } | Payload::CatchUp { servers } => Some(servers),
                     _ => None,
                 })
                 .flatten()
@@ -405,21 +406,37 @@ impl Inner {
                     group.servers.contains(m)
                         && site.holders.get(*m) != Some(&live)
                         && !covered.contains(m)
+                        && !site.removed.contains(*m)
                 })
                 .cloned()
                 .collect();
             if lacking.is_empty() {
                 continue;
             }
+            // Servers that hold a release the manager still has the snapshot of catch up by a
+            // delta (synchronize); otherwise the live release goes whole (replicate).
+            let catch_up = sync::plan(&site, &group.servers, &lacking, &self.cfg.data_dir)
+                .iter()
+                .any(|g| g.from.is_some());
+            let (what, kind, payload) = match catch_up {
+                true => (
+                    "synchronize",
+                    JobKind::Synchronize,
+                    Payload::CatchUp { servers: lacking.clone() },
+                ),
+                false => {
+                    ("replicate", JobKind::Replicate, Payload::Live { servers: lacking.clone() })
+                }
+            };
             let spec = JobSpec {
                 name: format!(
-                    "replicate live release {live} of {} to {}",
+                    "{what} live release {live} of {} to {}",
                     site.name,
                     lacking.join(", ")
                 ),
-                kind: JobKind::Replicate,
+                kind,
                 site: site.name.clone(),
-                payload: Payload::Live { servers: lacking.clone() },
+                payload,
                 start_at_ms: 0,
                 every_ms: None,
                 policy: JobPolicy { commit: CommitPolicy::Auto, ..JobPolicy::default() },
@@ -431,7 +448,7 @@ impl Inner {
                     Some(j.id),
                     None,
                     format!(
-                        "servers {} lack live release {live} of site {}: replicate job {} created",
+                        "servers {} lack live release {live} of site {}: {what} job {} created",
                         lacking.join(", "),
                         site.name,
                         j.id

@@ -75,6 +75,60 @@ pub struct HostedSite {
     /// Checkpoints kept (the oldest are deleted past this many).
     #[serde(default = "default_keep_checkpoints")]
     pub keep_checkpoints: u32,
+    /// Servers the site's content was removed from (a `remove` job): the manager does not bring
+    /// them up to date on its own; a replicate or synchronize job naming them does.
+    #[serde(default)]
+    pub removed: std::collections::BTreeSet<String>,
+    /// Which staging paths make a release (`filter.rs`).
+    #[serde(default)]
+    pub filter: ContentFilter,
+    /// How the site's assignments compress payloads.
+    #[serde(default)]
+    pub compression: Compression,
+}
+
+/// Which paths of the staging tree reach the servers: globs over the path relative to the
+/// staging root (`**/*.tmp`, `private/**`). A path any `exclude` glob matches is left out (a
+/// directory with everything below it); when `include` is not empty a file or symlink must
+/// match one of its globs. Directories are kept unless excluded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentFilter {
+    #[serde(default)]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+/// A site's compression policy (cm-assignment's `CompressionPolicy`): the zstd `level` (1 to
+/// 19; 0 stores every payload raw), files smaller than `min_size` bytes stored raw, and the file
+/// types (extensions, without the dot, any case) stored raw: `skip_extensions` (`None`: the
+/// built-in list of formats already compressed — jpg, png, zip, woff2…).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compression {
+    #[serde(default = "default_compression_level")]
+    pub level: i32,
+    #[serde(default = "default_compression_min_size")]
+    pub min_size: u64,
+    #[serde(default)]
+    pub skip_extensions: Option<Vec<String>>,
+}
+
+fn default_compression_level() -> i32 {
+    3
+}
+
+fn default_compression_min_size() -> u64 {
+    128
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression {
+            level: default_compression_level(),
+            min_size: default_compression_min_size(),
+            skip_extensions: None,
+        }
+    }
 }
 
 pub fn default_keep_checkpoints() -> u32 {
@@ -157,6 +211,21 @@ pub enum Payload {
         #[serde(default)]
         servers: Vec<String>,
     },
+    /// Synchronize (the job kind `synchronize`): servers of the content group (or `servers` of
+    /// it) that do not hold the live release catch up, grouped by the release they hold: a delta
+    /// from that release's snapshot to live where the manager still keeps it, else the live
+    /// release whole. One assignment (and run, then its commit) per group (`sync.rs`).
+    CatchUp {
+        #[serde(default)]
+        servers: Vec<String>,
+    },
+    /// Destructive: the site's content (releases, live link, history) removed from `servers` of
+    /// the content group (empty: the whole group) by a header-only `remove-site` assignment; the
+    /// job kind `remove` (`remove.rs`).
+    Remove {
+        #[serde(default)]
+        servers: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +239,7 @@ pub enum JobKind {
     Switch,
     Restore,
     Checkpoint,
+    Remove,
 }
 
 impl JobKind {
@@ -184,6 +254,7 @@ impl JobKind {
             JobKind::Switch => "switch",
             JobKind::Restore => "restore",
             JobKind::Checkpoint => "checkpoint",
+            JobKind::Remove => "remove",
         }
     }
 }

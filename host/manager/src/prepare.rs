@@ -11,6 +11,7 @@ pub use cm_assignment::{SealKey, SigningKey};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
+use crate::filter::{Filter, RuleError, compression_policy};
 use crate::model::{HostedSite, JobKind, Payload};
 
 #[derive(Debug, Error)]
@@ -39,10 +40,12 @@ pub enum PrepareError {
     NeverCommitted { site: String, serial: u64 },
     #[error("site {site}: release {serial} is already live")]
     AlreadyLive { site: String, serial: u64 },
-    #[error("site {site}: a checkpoint payload makes no assignment here (checkpoint.rs)")]
+    #[error("site {site}: this payload makes no assignment here (checkpoint.rs, sync.rs)")]
     NotAnAssignment { site: String },
     #[error("site {site}: the snapshot of live release {serial} is missing at {path}")]
     SnapshotMissing { site: String, serial: u64, path: String },
+    #[error("site {site}: its content rules: {source}")]
+    Rules { site: String, source: RuleError },
 }
 
 /// What was prepared.
@@ -92,6 +95,26 @@ pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 /// cost a link instead of a copy, and the build's size+mtime check sees them unchanged without
 /// reading them: a small change to a large site costs what changed, not the site's size.
 pub fn snapshot_tree(from: &Path, previous: Option<&Path>, to: &Path) -> std::io::Result<()> {
+    snapshot_filtered(from, previous, to, &Filter::all())
+}
+
+/// [`snapshot_tree`] of what the site's `filter` admits: excluded paths are left out.
+pub fn snapshot_filtered(
+    from: &Path,
+    previous: Option<&Path>,
+    to: &Path,
+    filter: &Filter,
+) -> std::io::Result<()> {
+    snapshot_below(from, previous, to, filter, Path::new(""))
+}
+
+fn snapshot_below(
+    from: &Path,
+    previous: Option<&Path>,
+    to: &Path,
+    filter: &Filter,
+    rel: &Path,
+) -> std::io::Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     std::fs::create_dir_all(to)?;
     for e in std::fs::read_dir(from)? {
@@ -99,10 +122,14 @@ pub fn snapshot_tree(from: &Path, previous: Option<&Path>, to: &Path) -> std::io
         let (src, dst) = (e.path(), to.join(e.file_name()));
         let prev = previous.map(|p| p.join(e.file_name()));
         let m = std::fs::symlink_metadata(&src)?;
+        let at = rel.join(e.file_name());
+        if !filter.admits(&at, m.is_dir()) {
+            continue;
+        }
         if m.file_type().is_symlink() {
             std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
         } else if m.is_dir() {
-            snapshot_tree(&src, prev.as_deref().filter(|p| p.is_dir()), &dst)?;
+            snapshot_below(&src, prev.as_deref().filter(|p| p.is_dir()), &dst, filter, &at)?;
             std::fs::set_permissions(
                 &dst,
                 std::fs::Permissions::from_mode(m.permissions().mode()),
@@ -189,10 +216,13 @@ pub fn prepare(
             let replicate = kind == JobKind::Replicate;
             let shadow =
                 site.live().map(|l| snapshot_dir(data_dir, &site.name, l)).filter(|_| !replicate);
-            snapshot_tree(
+            let filter = Filter::of(&site.filter)
+                .map_err(|source| PrepareError::Rules { site: name.clone(), source })?;
+            snapshot_filtered(
                 Path::new(&site.staging),
                 shadow.as_deref().filter(|s| s.is_dir()),
                 &snap,
+                &filter,
             )
             .map_err(snap_err)?;
             let mut opts = BuildOptions::new(
@@ -201,6 +231,7 @@ pub fn prepare(
             );
             opts.meta.job_id = job_id;
             opts.meta.base_serial = if replicate { 0 } else { site.live().unwrap_or(0) };
+            opts.policy = compression_policy(&site.compression);
             opts.seal = seal.cloned();
             opts.signer = signer.cloned();
             let r = build(&snap, shadow.as_deref(), out, &opts)
@@ -241,6 +272,7 @@ pub fn prepare(
             // Same serial as live everywhere else: a server that already has it skips the build.
             let mut opts = BuildOptions::new(AssignmentType::Replicate, live);
             opts.meta.job_id = job_id;
+            opts.policy = compression_policy(&site.compression);
             opts.seal = seal.cloned();
             opts.signer = signer.cloned();
             let r = build(&snap, None, out, &opts)
@@ -281,16 +313,19 @@ pub fn prepare(
             let summary = format!("switch of site {name} to release {target}");
             switching(AssignmentType::Switch, *target, serial, job_id, site, ctx, out, summary)
         }
-        // Both are handled before `prepare` (`checkpoint.rs`); reaching here is a caller's bug.
-        Payload::Checkpoint { .. } | Payload::CreateCheckpoint { .. } => {
+        Payload::Remove { servers } => {
+            crate::remove::prepare_remove(site, servers, serial, job_id, ctx, out)
+        }
+        // Handled before `prepare` (`checkpoint.rs`, `sync.rs`); reaching here is a caller's bug.
+        Payload::Checkpoint { .. } | Payload::CreateCheckpoint { .. } | Payload::CatchUp { .. } => {
             Err(PrepareError::NotAnAssignment { site: name })
         }
     }
 }
 
-/// Writes a header-only assignment (commit, rollback, switch) carrying the site's release depth.
+/// Writes a header-only assignment (commit, rollback, switch, remove-site) carrying the site's release depth.
 #[allow(clippy::too_many_arguments)]
-fn switching(
+pub(crate) fn switching(
     kind: AssignmentType,
     target: u64,
     serial: u64,
@@ -445,8 +480,11 @@ pub fn after_success(
             }
         }
         Payload::Checkpoint { .. } => site.prepared = serial,
-        Payload::CreateCheckpoint { .. } => {}
+        Payload::CreateCheckpoint { .. } | Payload::CatchUp { .. } => {}
+        Payload::Remove { .. } => crate::remove::after_remove(site, servers),
     }
+    // A server that holds a release again is no longer one the content was removed from.
+    site.removed.retain(|s| !site.holders.contains_key(s));
 }
 
 /// The snapshots a site keeps: the last `keep_releases` committed releases (live, and what a
@@ -498,6 +536,9 @@ mod tests {
             keep_releases: 2,
             holders: Default::default(),
             keep_checkpoints: 5,
+            removed: Default::default(),
+            filter: Default::default(),
+            compression: Default::default(),
         }
     }
 

@@ -40,7 +40,9 @@ impl Inner {
             // No assignment, no servers: the checkpoint is written off the scheduler's thread.
             return self.clone().checkpoint_job(job.clone(), note.clone(), now);
         }
-        if job.pending_commit.is_none() && self.staging_unchanged(&job, now)? {
+        if job.pending_commit.is_none()
+            && (self.staging_unchanged(&job, now)? || self.nothing_to_synchronize(&job, now)?)
+        {
             return Ok(());
         }
         let targets = self.targets(&job)?;
@@ -103,6 +105,7 @@ impl Inner {
                 })?;
                 crate::checkpoint::prepare_restore(&cp, &site, site.serial + 1, job.id, ctx, &copy)?
             }
+            Payload::CatchUp { .. } => self.prepare_catch_up(&job, &site, ctx, &copy)?,
             _ => prepare::prepare(&payload, kind, &site, site.serial + 1, job.id, ctx, &copy)?,
         };
         if let Some(s) = prepared.serial {
@@ -277,6 +280,11 @@ impl Inner {
             }
             _ => None,
         };
+        // A catch-up that committed one group goes on with the next (`sync.rs`).
+        let catch_up_next = match ok {
+            true => self.catch_up_next(&job, run, &succeeded, &targets, now)?,
+            false => None,
+        };
         let mut site_after = None;
         self.db.write(|t| {
             for s in &targets {
@@ -311,7 +319,9 @@ impl Inner {
                 }
                 return t.log(now, Some(job.id), Some(run.id), line);
             }
-            let next = if ok {
+            let next = if let Some(next) = catch_up_next.clone() {
+                next
+            } else if ok {
                 policy::after_success(job.spec.every_ms, now)
             } else {
                 policy::after_failure(&job.spec.policy, job.attempts, now, &reason)
@@ -356,7 +366,7 @@ impl Inner {
         })?;
         crate::metrics::run_ended(run, job.spec.kind, ok, now);
         let _ = std::fs::remove_file(self.run_file(run.id));
-        if commit_next.is_some() {
+        if commit_next.is_some() || catch_up_next.is_some() {
             self.wake.notify_one();
         }
         if let Some(site) = site_after

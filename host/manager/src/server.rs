@@ -340,9 +340,10 @@ impl Inner {
             ManagerError::NotFound(format!("content group {} does not exist", site.content_group))
         })?;
         Ok(match &job.spec.payload {
-            Payload::Live { servers } if !servers.is_empty() => {
+            Payload::Live { servers } | Payload::Remove { servers } if !servers.is_empty() => {
                 group.servers.into_iter().filter(|s| servers.contains(s)).collect()
             }
+            Payload::CatchUp { .. } => self.catch_up_targets(job)?,
             _ => group.servers,
         })
     }

@@ -11,6 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::filter::Filter;
 use crate::model::{Job, Payload};
 use crate::server::{Inner, ManagerError};
 use crate::{policy, prepare};
@@ -30,39 +31,64 @@ impl Inner {
         let Some(site) = self.db.site(&job.spec.site)? else { return Ok(false) };
         let Some(newest) = site.prepared.or(site.live()) else { return Ok(false) };
         let snap = prepare::snapshot_dir(&self.cfg.data_dir, &site.name, newest);
+        // Rules that do not compile: the publish says why.
+        let Ok(filter) = Filter::of(&site.filter) else { return Ok(false) };
         // Unreadable or missing on either side: not known to be unchanged, so publish.
-        if !snap.is_dir() || !same_tree(Path::new(&site.staging), &snap).unwrap_or(false) {
+        let staging = Path::new(&site.staging);
+        if !snap.is_dir() || !same_tree_filtered(staging, &snap, &filter).unwrap_or(false) {
             return Ok(false);
         }
         let reason = format!(
             "unchanged, nothing to publish: the staging tree of site {} equals release {newest}",
             site.name
         );
+        self.no_run(job, reason, now)?;
+        Ok(true)
+    }
+
+    /// The job makes no run this time, for `reason`: recorded on the job (with one history line
+    /// per stretch of the same reason, not one per period) and the job moves on as after a
+    /// successful run (done, or due a period later).
+    pub(crate) fn no_run(&self, job: &Job, reason: String, now: u64) -> Result<(), ManagerError> {
         let next = policy::after_success(job.spec.every_ms, now);
         self.db.write(|t| {
             let mut j = job.clone();
             (j.state, j.next_run_ms, j.attempts) = (next.state.clone(), next.next_run_ms, 0);
-            // One history line per stretch of unchanged periods, not one per period.
             if j.last_reason.as_deref() != Some(reason.as_str()) {
                 t.log(now, Some(j.id), None, reason.clone())?;
             }
             j.last_reason = Some(reason.clone());
             t.put_job(&j)?;
             Ok::<_, ManagerError>(())
-        })?;
-        Ok(true)
+        })
     }
 }
 
 /// True when `staging` holds exactly what `snapshot` holds.
+#[cfg(test)]
 pub fn same_tree(staging: &Path, snapshot: &Path) -> io::Result<bool> {
-    let names = |p: &Path| -> io::Result<Vec<std::ffi::OsString>> {
-        let mut v =
-            fs::read_dir(p)?.map(|e| e.map(|e| e.file_name())).collect::<Result<Vec<_>, _>>()?;
-        v.sort();
-        Ok(v)
-    };
-    let (a, b) = (names(staging)?, names(snapshot)?);
+    same_tree_filtered(staging, snapshot, &Filter::all())
+}
+
+/// True when what `filter` admits of `staging` is exactly what `snapshot` holds (a snapshot
+/// holds only what the filter admitted): a change to an excluded path alone is no change.
+pub fn same_tree_filtered(staging: &Path, snapshot: &Path, filter: &Filter) -> io::Result<bool> {
+    same_below(staging, snapshot, filter, Path::new(""))
+}
+
+fn same_below(staging: &Path, snapshot: &Path, filter: &Filter, rel: &Path) -> io::Result<bool> {
+    let mut a = Vec::new();
+    for e in fs::read_dir(staging)? {
+        let e = e?;
+        let is_dir = fs::symlink_metadata(e.path())?.is_dir();
+        if filter.admits(&rel.join(e.file_name()), is_dir) {
+            a.push(e.file_name());
+        }
+    }
+    a.sort();
+    let mut b =
+        fs::read_dir(snapshot)?.map(|e| e.map(|e| e.file_name())).collect::<Result<Vec<_>, _>>()?;
+    b.sort();
     if a != b {
         return Ok(false);
     }
@@ -75,7 +101,8 @@ pub fn same_tree(staging: &Path, snapshot: &Path) -> io::Result<bool> {
         let same = if ma.file_type().is_symlink() {
             fs::read_link(&pa)? == fs::read_link(&pb)?
         } else if ma.is_dir() {
-            ma.mode() & 0o7777 == mb.mode() & 0o7777 && same_tree(&pa, &pb)?
+            ma.mode() & 0o7777 == mb.mode() & 0o7777
+                && same_below(&pa, &pb, filter, &rel.join(&name))?
         } else {
             ma.mode() & 0o7777 == mb.mode() & 0o7777
                 && ma.len() == mb.len()
@@ -135,5 +162,33 @@ mod tests {
         fs::set_permissions(staging.join("css/site.css"), fs::Permissions::from_mode(0o600))
             .unwrap();
         assert!(!same_tree(&staging, &snap).unwrap());
+    }
+
+    #[test]
+    fn excluded_paths_are_in_no_snapshot_and_changing_them_is_no_change() {
+        use crate::filter::Filter;
+        use crate::model::ContentFilter;
+        use crate::prepare::snapshot_filtered;
+        let d = tempfile::tempdir().unwrap();
+        let (staging, snap) = (d.path().join("staging"), d.path().join("snap"));
+        fs::create_dir_all(staging.join("drafts")).unwrap();
+        fs::write(staging.join("index.html"), "hello").unwrap();
+        fs::write(staging.join("notes.tmp"), "scratch").unwrap();
+        fs::write(staging.join("drafts/next.html"), "soon").unwrap();
+        let filter = Filter::of(&ContentFilter {
+            include: vec![],
+            exclude: vec!["**/*.tmp".into(), "drafts".into()],
+        })
+        .unwrap();
+        snapshot_filtered(&staging, None, &snap, &filter).unwrap();
+        assert!(snap.join("index.html").is_file());
+        assert!(!snap.join("notes.tmp").exists() && !snap.join("drafts").exists());
+        assert!(same_tree_filtered(&staging, &snap, &filter).unwrap());
+        assert!(!same_tree(&staging, &snap).unwrap(), "unfiltered, staging has more");
+        fs::write(staging.join("notes.tmp"), "more scratch").unwrap();
+        fs::write(staging.join("drafts/other.html"), "later").unwrap();
+        assert!(same_tree_filtered(&staging, &snap, &filter).unwrap(), "excluded changes only");
+        fs::write(staging.join("index.html"), "hello!").unwrap();
+        assert!(!same_tree_filtered(&staging, &snap, &filter).unwrap());
     }
 }

@@ -101,12 +101,13 @@ fn unknown_field(sent: &Value, kept: &Value, at: &str) -> Option<String> {
 const KIND_PAYLOADS: &[(&str, &[&str])] = &[
     ("publish", &["staging", "file"]),
     ("replicate", &["staging", "live", "file"]),
-    ("synchronize", &["staging", "file"]),
+    ("synchronize", &["catch_up"]),
     ("commit", &["commit"]),
     ("rollback", &["rollback"]),
     ("switch", &["switch"]),
     ("restore", &["checkpoint"]),
     ("checkpoint", &["create_checkpoint"]),
+    ("remove", &["remove"]),
 ];
 
 /// Checks a decoded job spec against the database: its site exists, its kind matches its
@@ -147,11 +148,16 @@ pub fn job(spec: &JobSpec, db: &Db) -> Result<(), FieldError> {
             format!("no assignment file `{path}` on the manager's machine"),
         ));
     }
-    if let Payload::Live { servers } = &spec.payload {
+    if let Payload::Live { servers } | Payload::CatchUp { servers } | Payload::Remove { servers } =
+        &spec.payload
+    {
         for s in servers {
             crate::names::check_name("payload.servers", s)
                 .map_err(|e| FieldError::new("payload.servers", e.to_string()))?;
         }
+    }
+    if let Payload::Remove { servers } = &spec.payload {
+        crate::remove::check(spec, servers, db)?;
     }
     let p = &spec.policy;
     if p.quorum.min_percent > 100 {
@@ -291,7 +297,8 @@ mod tests {
     #[test]
     fn every_job_kind_names_its_payloads() {
         use crate::model::JobKind::*;
-        for kind in [Publish, Replicate, Synchronize, Commit, Rollback, Switch, Restore, Checkpoint]
+        for kind in
+            [Publish, Replicate, Synchronize, Commit, Rollback, Switch, Restore, Checkpoint, Remove]
         {
             assert_eq!(serde_json::to_value(kind).unwrap(), kind.name(), "the API's spelling");
             assert!(

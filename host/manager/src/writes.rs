@@ -11,8 +11,8 @@ use crate::db::{Db, DbError};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    ContentGroup, HostedSite, Job, JobSpec, JobState, default_keep_checkpoints,
-    default_keep_releases,
+    Compression, ContentFilter, ContentGroup, HostedSite, Job, JobSpec, JobState,
+    default_keep_checkpoints, default_keep_releases,
 };
 use crate::names::{NameError, check_name};
 use crate::server::ManagerError;
@@ -85,6 +85,12 @@ pub struct SiteSettings {
     /// Checkpoints kept (default 5, or the site's current setting).
     #[serde(default)]
     pub keep_checkpoints: Option<u32>,
+    /// Include/exclude globs of the staging tree (default none, or the site's current setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<ContentFilter>,
+    /// The compression policy (default level 3, or the site's current setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
 }
 
 /// Creates or edits a hosted site; an edit keeps the manager's serials and release history
@@ -99,6 +105,12 @@ pub fn put_site(
     check_name("site name", name)?;
     check_name("content_group", content_group)?;
     validate::site(content_group, staging, set.keep_releases, db)?;
+    let old = db.site(name)?;
+    let filter = set.filter.clone().or(old.as_ref().map(|o| o.filter.clone())).unwrap_or_default();
+    let compression =
+        set.compression.clone().or(old.as_ref().map(|o| o.compression.clone())).unwrap_or_default();
+    crate::filter::check(&filter, &compression)
+        .map_err(|e| FieldError::new(&e.field, e.why.clone()))?;
     db.write(|t| {
         let old = db.site(name)?;
         let s = HostedSite {
@@ -116,6 +128,9 @@ pub fn put_site(
                 .or(old.as_ref().map(|o| o.keep_checkpoints))
                 .unwrap_or_else(default_keep_checkpoints),
             committed: old.as_ref().map(|o| o.committed.clone()).unwrap_or_default(),
+            removed: old.as_ref().map(|o| o.removed.clone()).unwrap_or_default(),
+            filter: filter.clone(),
+            compression: compression.clone(),
             holders: old.map(|o| o.holders).unwrap_or_default(),
         };
         t.put_site(&s)?;

@@ -68,6 +68,9 @@ fn checkpoint_create_and_restore_figures() {
         keep_releases: 2,
         holders: Default::default(),
         keep_checkpoints: 5,
+        removed: Default::default(),
+        filter: Default::default(),
+        compression: Default::default(),
     };
     snapshot_tree(&staging, None, &snapshot_dir(&data, "www", 1)).unwrap();
 

@@ -14,6 +14,7 @@ mod clone;
 mod interpreter;
 pub mod layout;
 pub mod native;
+mod remove;
 mod replay;
 mod verify;
 
@@ -350,6 +351,10 @@ impl Site {
             }
             AssignmentType::Switch => {
                 self.commit_locked(h.target_serial, keep, interp).map(switched)
+            }
+            AssignmentType::RemoveSite => {
+                remove::remove_content(self)?;
+                Ok(ApplyReport { now_live: None, ..switched(0) })
             }
             _ => {
                 let mut report = apply::build_release(self, reader, interp)?;

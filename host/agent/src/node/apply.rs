@@ -224,6 +224,9 @@ impl Applier {
         let outcome = match applied {
             Ok(rep) => {
                 let what = match (rep.now_live, rep.already_applied) {
+                    _ if rep.kind == cm_assignment::AssignmentType::RemoveSite => {
+                        format!("{} {}: the site's content removed", rep.kind, rep.serial)
+                    }
                     (Some(l), _) => format!("{} {}: live is now release {l}", rep.kind, rep.serial),
                     (None, true) => format!("{} {}: release already built", rep.kind, rep.serial),
                     (None, false) => format!(

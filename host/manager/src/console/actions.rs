@@ -94,6 +94,8 @@ fn set_site(m: &Inner, form: &Form) -> Result<String, WriteError> {
         staging: field(form, "staging").to_string(),
         keep_releases: count("keep_releases")?,
         keep_checkpoints: count("keep_checkpoints")?,
+        filter: None,
+        compression: None,
     };
     Ok(writes::put_site(&m.db, field(form, "name"), &set, now_ms())?.history)
 }

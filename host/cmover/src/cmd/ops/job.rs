@@ -40,6 +40,8 @@ pub enum Kind {
     Synchronize,
     Commit,
     Rollback,
+    /// Destructive: removes the site's content from --servers (default: the whole group).
+    Remove,
 }
 
 #[derive(clap::Args, Debug)]
@@ -47,8 +49,9 @@ pub struct CreateArgs {
     /// The hosted site (ignored with --spec).
     #[arg(required_unless_present = "spec")]
     pub site: Option<String>,
-    /// What the job does; its payload follows from it (publish and synchronize: the staging
-    /// tree; replicate: the live release; commit: the prepared release; rollback).
+    /// What the job does; its payload follows from it (publish: the staging tree; replicate:
+    /// the live release; synchronize: servers that missed runs catch up to live; commit: the
+    /// prepared release; rollback; remove: the site's content off --servers, destructive).
     #[arg(long, value_enum, default_value = "publish")]
     pub kind: Kind,
     /// Send this ready-made assignment file (on the manager's machine) instead.
@@ -57,7 +60,7 @@ pub struct CreateArgs {
     /// commit: the release to make live.
     #[arg(long)]
     pub serial: Option<u64>,
-    /// replicate: only these servers of the group (comma-separated).
+    /// replicate, synchronize, remove: only these servers of the group (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub servers: Vec<String>,
     /// Repeat every this many seconds after a successful run.
@@ -102,7 +105,12 @@ impl CreateArgs {
         let (kind, payload) = match (self.kind, &self.file) {
             (k, Some(path)) => (k, json!({ "type": "file", "path": path })),
             (Kind::Publish, None) => (Kind::Publish, json!({ "type": "staging" })),
-            (Kind::Synchronize, None) => (Kind::Synchronize, json!({ "type": "staging" })),
+            (Kind::Synchronize, None) => {
+                (Kind::Synchronize, json!({ "type": "catch_up", "servers": self.servers }))
+            }
+            (Kind::Remove, None) => {
+                (Kind::Remove, json!({ "type": "remove", "servers": self.servers }))
+            }
             (Kind::Replicate, None) => {
                 (Kind::Replicate, json!({ "type": "live", "servers": self.servers }))
             }

@@ -4,7 +4,8 @@
 //! restored from the page and every server serves the checkpoint's content again; a kept
 //! release is made live with the page's switch button; a refused form says on the page what was
 //! wrong; a checkpoint is deleted; the plugins page lists every server with the interpreter
-//! version its agent reports. Screenshots go to `CARGO_TARGET_TMPDIR/console-screens/`.
+//! version its agent reports, and marks the one server whose plugin was hot-swapped as
+//! differing from the majority (updated in place by the event stream). Screenshots go to `CARGO_TARGET_TMPDIR/console-screens/`.
 
 mod console_common;
 
@@ -13,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cm_manager::model::{Job, JobState, ServerRecord};
-use cm_tests::cluster::{Layout, TestCluster};
+use cm_plugin_host::bundled;
+use cm_tests::cluster::{Layout, TestCluster, cmover_bin};
 use cm_tests::{missing_part, observe};
 use console_common::{browser, click, fill, found, login, shot, start_driver, wait_text};
 use fantoccini::{Client, Locator};
@@ -191,5 +193,29 @@ async fn drive(b: &Client, c: &TestCluster) -> anyhow::Result<()> {
         assert_eq!((p.name.as_str(), &p.version), ("interpreter", &versions[&s.name]));
         assert!(p.blake3.starts_with(&p.version));
     }
+
+    // A hot swap on one server: the page marks it as differing from the majority.
+    let swapped = &c.agents[0];
+    let manifest = c.dir.path().join("interpreter.toml");
+    std::fs::write(&manifest, bundled::interpreter_manifest("interpreter", &["www"]).to_toml())?;
+    let out = std::process::Command::new(cmover_bin())
+        .args(["plugin", "install"])
+        .arg(bundled::dist_dir().join("test-swap-v2.wasm"))
+        .arg("--manifest")
+        .arg(&manifest)
+        .arg("--store")
+        .arg(swapped.dir.join("plugins"))
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let row = format!("#plugin-{}", swapped.spec.name);
+    let marked = wait_text(b, &row, Duration::from_secs(30), |t| t.contains("differs")).await?;
+    assert!(!marked.contains(&versions[&swapped.spec.name]), "a new version: {marked}");
+    let summary = b.find(Locator::Css("#plugin-summary")).await?.text().await?;
+    assert!(summary.contains(&format!("1 differ: {}", swapped.spec.name)), "{summary}");
+    for a in &c.agents[1..] {
+        let t = b.find(Locator::Css(&format!("#plugin-{}", a.spec.name))).await?.text().await?;
+        assert!(!t.contains("differs"), "{t}");
+    }
+    shot(b, "16-plugins-one-differs").await?;
     Ok(())
 }

@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cm_manager::model::{Job, JobState, ServerRecord};
-use cm_plugin_host::bundled;
-use cm_tests::cluster::{Layout, TestCluster, cmover_bin};
+use cm_tests::cluster::{Layout, TestCluster};
 use cm_tests::{missing_part, observe};
 use console_common::{browser, click, fill, found, login, shot, start_driver, wait_text};
 use fantoccini::{Client, Locator};
@@ -196,17 +195,7 @@ async fn drive(b: &Client, c: &TestCluster) -> anyhow::Result<()> {
 
     // A hot swap on one server: the page marks it as differing from the majority.
     let swapped = &c.agents[0];
-    let manifest = c.dir.path().join("interpreter.toml");
-    std::fs::write(&manifest, bundled::interpreter_manifest("interpreter", &["www"]).to_toml())?;
-    let out = std::process::Command::new(cmover_bin())
-        .args(["plugin", "install"])
-        .arg(bundled::dist_dir().join("test-swap-v2.wasm"))
-        .arg("--manifest")
-        .arg(&manifest)
-        .arg("--store")
-        .arg(swapped.dir.join("plugins"))
-        .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.install_interpreter(0, "test-swap-v2.wasm")?;
     let row = format!("#plugin-{}", swapped.spec.name);
     let marked = wait_text(b, &row, Duration::from_secs(30), |t| t.contains("differs")).await?;
     assert!(!marked.contains(&versions[&swapped.spec.name]), "a new version: {marked}");

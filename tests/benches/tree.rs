@@ -129,6 +129,7 @@ fn discovery(seg: &str, addr: String, links: Option<LinkRates>) -> DiscoveryRepo
         connections: 1,
         members: vec![format!("{seg}-gl")],
         links,
+        plugins: Default::default(),
     }
 }
 

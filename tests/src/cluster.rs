@@ -380,4 +380,27 @@ impl TestCluster {
                 && a.status().is_ok_and(|s| s["is_leader"] == Value::Bool(true))
         })
     }
+
+    /// Installs `wasm` (from `plugins/dist/`) as the interpreter of site `www` into agent `i`'s
+    /// plugin store with the real `cmover plugin install`; the running agent hot-swaps to it.
+    pub fn install_interpreter(&self, i: usize, wasm: &str) -> anyhow::Result<()> {
+        use cm_plugin_host::bundled;
+        let manifest = self.dir.path().join("interpreter.toml");
+        std::fs::write(
+            &manifest,
+            bundled::interpreter_manifest("interpreter", &["www"]).to_toml(),
+        )?;
+        let out = std::process::Command::new(cmover_bin())
+            .args(["plugin", "install"])
+            .arg(bundled::dist_dir().join(wasm))
+            .arg("--manifest")
+            .arg(&manifest)
+            .arg("--store")
+            .arg(self.agents[i].dir.join("plugins"))
+            .output()?;
+        if !out.status.success() {
+            bail!("{}: {}", self.agents[i].spec.name, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
 }

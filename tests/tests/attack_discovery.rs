@@ -28,6 +28,7 @@ fn report(segment: &str, members: Vec<String>) -> DiscoveryReport {
         connections: 0,
         members,
         links: None,
+        plugins: Default::default(),
     }
 }
 

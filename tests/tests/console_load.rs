@@ -42,6 +42,7 @@ fn fill(db: &Db) -> Result<(), DbError> {
                     segment: format!("seg{s}"),
                     live: true,
                     last_seen_ms: now,
+                    plugin: None,
                 })?;
             }
             all.extend(members.iter().cloned());

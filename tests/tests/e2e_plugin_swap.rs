@@ -9,8 +9,7 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use cm_manager::model::{JobKind, Payload};
-use cm_plugin_host::bundled;
-use cm_tests::cluster::{Layout, TestCluster, cmover_bin};
+use cm_tests::cluster::{Layout, TestCluster};
 use cm_tests::observe;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,19 +26,9 @@ async fn an_install_into_a_running_agents_store_applies_the_next_run() {
         .collect();
 
     // The operator installs a new interpreter version into each running agent's store.
-    let manifest = c.dir.path().join("interpreter.toml");
-    fs::write(&manifest, bundled::interpreter_manifest("interpreter", &["www"]).to_toml()).unwrap();
-    for a in &c.agents {
-        let out = std::process::Command::new(cmover_bin())
-            .args(["plugin", "install"])
-            .arg(bundled::dist_dir().join("test-swap-v2.wasm"))
-            .arg("--manifest")
-            .arg(&manifest)
-            .arg("--store")
-            .arg(a.dir.join("plugins"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}: {}", a.spec.name, String::from_utf8_lossy(&out.stderr));
+    for (i, a) in c.agents.iter().enumerate() {
+        c.install_interpreter(i, "test-swap-v2.wasm")
+            .unwrap_or_else(|e| panic!("{}: {e}", a.spec.name));
     }
     // Each agent follows its store: the new version is live without a restart.
     let end = Instant::now() + Duration::from_secs(30);

@@ -48,6 +48,7 @@ fn unauthenticated_or_wrong_role_requests_are_refused_on_every_route_and_change_
         connections: 0,
         members: vec!["intruder".into()],
         links: None,
+        plugins: Default::default(),
     };
     let seg_report = serde_json::json!({ "segment": "seg00", "leader": "intruder", "succeeded": ["seg00-s0"], "failed": [], "missing": [] });
     let tree = serde_json::json!({ "segment": "seg00" });
@@ -311,6 +312,7 @@ fn discovery_keeps_segment_names_across_leader_changes_and_tracks_joins_and_leav
         connections: 3,
         members: vec!["b1".into(), "b2".into(), "b3".into()],
         links: None,
+        plugins: Default::default(),
     };
     rt.block_on(report_discovery(&url, AGENT, &r)).unwrap();
     // b1 leaves; b2 takes over; b4 joins.

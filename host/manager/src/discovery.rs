@@ -7,7 +7,9 @@
 //! `max_segment_members` members and `max_segments` segments, reports per segment rate-limited
 //! ([`DiscoveryGate`]), a server another segment's GL reported within the live window is not
 //! taken over, and records and history are written only for what changed (one history line per
-//! report for its joins, one for its leaves).
+//! report for its joins, one for its leaves). The plugins it relays (one per listed member, each
+//! checked by `cm_tree::member_state`) are stored per server; a report with a bad one is refused
+//! whole and counted.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -137,6 +139,27 @@ fn check_report(r: &DiscoveryReport, max_members: usize) -> Result<(), ManagerEr
             )));
         }
     }
+    check_plugins(r, &seen).inspect_err(|_| crate::metrics::plugin_report_refused())
+}
+
+/// The plugins a report relays: one per listed member at most (so no more than the members),
+/// each by the plugin store's name rule, with a whole BLAKE3 and its short version.
+fn check_plugins(r: &DiscoveryReport, members: &BTreeSet<&String>) -> Result<(), ManagerError> {
+    for (server, p) in &r.plugins {
+        if !members.contains(server) {
+            let shown: String = server.escape_debug().take(80).collect();
+            return Err(ManagerError::Invalid(format!(
+                "discovery report for segment {}: plugins name `{shown}`, which is not a listed member",
+                r.segment
+            )));
+        }
+        p.check().map_err(|e| {
+            ManagerError::Invalid(format!(
+                "discovery report for segment {}: plugin of {server}: {e}",
+                r.segment
+            ))
+        })?;
+    }
     Ok(())
 }
 
@@ -265,13 +288,24 @@ impl Inner {
             let mut joined = Vec::new();
             for name in &r.members {
                 let before: Option<ServerRecord> = self.db.server(name)?;
-                if before.as_ref().is_none_or(|b| !b.live || b.segment != r.segment) {
+                let plugin = r.plugins.get(name).cloned();
+                let moved = before.as_ref().is_none_or(|b| !b.live || b.segment != r.segment);
+                // A member that has not reported its plugin (yet) keeps the one known.
+                let plugin = plugin.or_else(|| before.as_ref().and_then(|b| b.plugin.clone()));
+                if moved || before.as_ref().is_some_and(|b| b.plugin != plugin) {
                     t.put_server(&ServerRecord {
                         name: name.clone(),
                         segment: r.segment.clone(),
                         live: true,
-                        last_seen_ms: now,
+                        last_seen_ms: if moved {
+                            now
+                        } else {
+                            before.as_ref().map_or(now, |b| b.last_seen_ms)
+                        },
+                        plugin,
                     })?;
+                }
+                if moved {
                     joined.push(name.clone());
                 }
             }

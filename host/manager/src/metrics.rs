@@ -62,6 +62,7 @@ struct ManagerMetrics {
     runs: Family<RunLabels, Counter>,
     run_seconds: Family<KindLabel, Histogram>,
     leaders_lost: Counter,
+    plugin_reports_refused: Counter,
 }
 
 static MANAGER: LazyLock<ManagerMetrics> = LazyLock::new(|| ManagerMetrics {
@@ -69,6 +70,7 @@ static MANAGER: LazyLock<ManagerMetrics> = LazyLock::new(|| ManagerMetrics {
     // 0.1 s to ~30 min.
     run_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.1, 2.0, 15))),
     leaders_lost: Counter::default(),
+    plugin_reports_refused: Counter::default(),
 });
 
 /// Adds the manager's metrics to the process's registry.
@@ -85,6 +87,11 @@ pub fn register(registry: &mut Registry) {
         "Group leaders found unreachable during a run (their children re-parented: a failover in the tree)",
         m.leaders_lost.clone(),
     );
+    registry.register(
+        "cmover_plugin_reports_refused",
+        "Discovery reports refused because the plugins they relay were malformed or too many",
+        m.plugin_reports_refused.clone(),
+    );
 }
 
 /// A run of a job of `kind` ended (`ok`: it met its quorum) at `now_ms`.
@@ -99,6 +106,16 @@ pub fn run_ended(run: &Run, kind: JobKind, ok: bool, now_ms: u64) {
 /// A run's group leader did not answer and was routed around.
 pub fn leader_lost() {
     MANAGER.leaders_lost.inc();
+}
+
+/// A discovery report's plugins were refused (nothing of the report was stored).
+pub fn plugin_report_refused() {
+    MANAGER.plugin_reports_refused.inc();
+}
+
+/// Plugin reports refused so far (tests read it).
+pub fn plugin_reports_refused() -> u64 {
+    MANAGER.plugin_reports_refused.get()
 }
 
 /// Every API request passes here: `/metrics` is answered (operator role or scrape token), the

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use cm_tree::link::LinkRates;
 use cm_tree::manifest::Manifest;
+pub use cm_tree::member_state::PluginIdentity;
 
 /// A backend server as the manager knows it from its segment's discovery reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,6 +19,9 @@ pub struct ServerRecord {
     pub live: bool,
     /// When its segment or liveness last changed (written only on a change).
     pub last_seen_ms: u64,
+    /// The interpreter plugin it last reported (through its GL's discovery report).
+    #[serde(default)]
+    pub plugin: Option<PluginIdentity>,
 }
 
 /// A segment record. `static_rank` is the operator's override of the tree order.

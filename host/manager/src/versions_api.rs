@@ -20,6 +20,16 @@ use crate::server::{Inner, ManagerError};
 /// Longest checkpoint note kept (bytes).
 const MAX_NOTE: usize = 1024;
 
+/// A checkpoint's note: at most [`MAX_NOTE`] bytes, no control characters (API and console).
+pub(crate) fn check_note(n: &str) -> Result<(), ManagerError> {
+    if n.len() > MAX_NOTE || n.chars().any(char::is_control) {
+        return Err(ManagerError::Invalid(format!(
+            "note: at most {MAX_NOTE} bytes, no control characters"
+        )));
+    }
+    Ok(())
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
@@ -75,13 +85,8 @@ pub(crate) async fn site_route(
                     Err(r) => return r,
                 }
             };
-            if let Some(n) = &b.note
-                && (n.len() > MAX_NOTE || n.chars().any(char::is_control))
-            {
-                return http::error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("note: at most {MAX_NOTE} bytes, no control characters"),
-                );
+            if let Some(Err(e)) = b.note.as_deref().map(check_note) {
+                return http::error(StatusCode::BAD_REQUEST, &e.to_string());
             }
             let r = tokio::task::spawn_blocking(move || m.create_checkpoint(&site, b.note, None))
                 .await

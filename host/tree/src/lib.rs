@@ -25,6 +25,7 @@ pub mod http;
 pub mod leader;
 pub mod link;
 pub mod manifest;
+pub mod member_state;
 pub mod message;
 pub mod metrics;
 pub mod tls;

@@ -7,9 +7,11 @@ use cm_assignment::sign::{
     NOTIFICATION_DOMAIN, Signature, SignatureError, SigningKey, TrustedKeys,
 };
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 use crate::link::LinkRates;
 use crate::manifest::Manifest;
+use crate::member_state::PluginIdentity;
 
 /// What a group leader reports about its segment (seed: discovery). Sent on election, on every
 /// join or leave, and periodically.
@@ -32,6 +34,10 @@ pub struct DiscoveryReport {
     /// The GL's link speeds as measured from its transfers; the manager shapes the tree with them.
     #[serde(default)]
     pub links: Option<LinkRates>,
+    /// The interpreter plugin of each member that reported one to this GL (`member_state`):
+    /// relayed, never acted on; the manager checks and stores it per server.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginIdentity>,
 }
 
 /// A GL's consolidated report for one run (seed: GL Assignment Status Report).

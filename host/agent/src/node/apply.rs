@@ -200,6 +200,16 @@ impl Applier {
         self.plugins.store().slot(INTERPRETER).ok().and_then(|s| s.live().ok()).map(|p| p.version())
     }
 
+    /// The interpreter new applies go to, as the member state reports it (name, version, hash).
+    pub fn plugin_identity(&self) -> Option<cm_tree::member_state::PluginIdentity> {
+        let p = self.plugins.store().slot(INTERPRETER).ok()?.live().ok()?;
+        Some(cm_tree::member_state::PluginIdentity {
+            name: INTERPRETER.to_string(),
+            version: p.version(),
+            blake3: p.hash().to_hex().to_string(),
+        })
+    }
+
     /// Re-reads the plugin store now (SIGHUP) instead of at the follower's next poll.
     pub fn rescan_plugins(&self) -> Vec<cm_plugin_host::StoreEvent> {
         self.plugins.store().sync_from_disk()

@@ -16,6 +16,7 @@ use cm_tree::leader::{
     DeliveryOutcome, LeaderConfig, LeaderError, LeaderNode, LinkWatch, LocalDelivery,
 };
 use cm_tree::manifest::Manifest;
+use cm_tree::member_state::{MemberStates, PluginIdentity};
 use cm_tree::message::{DiscoveryReport, MemberApplyReport};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -44,7 +45,8 @@ impl GlDuty {
         let node = LeaderNode::start(lc, delivery).await?;
         let addr = advertised(node.addr, &shared);
         tracing::info!(segment = %c.segment, %addr, "group leader: tree endpoint up");
-        let discovery = tokio::spawn(discovery_loop(shared.clone(), addr, node.links()));
+        let discovery =
+            tokio::spawn(discovery_loop(shared.clone(), addr, node.links(), node.member_states()));
         Ok(GlDuty { node, discovery })
     }
 
@@ -78,10 +80,17 @@ fn segment_now(shared: &Shared) -> BTreeMap<String, u64> {
     m
 }
 
-fn discovery_report(shared: &Shared, addr: SocketAddr, links: &LinkWatch) -> DiscoveryReport {
+fn discovery_report(
+    shared: &Shared,
+    addr: SocketAddr,
+    links: &LinkWatch,
+    states: &MemberStates,
+) -> DiscoveryReport {
     let c = &shared.cfg;
     let measured = crate::election::measure_priority_inputs(&c.state_dir);
     let members: Vec<String> = segment_now(shared).into_keys().collect();
+    // Only registered members' plugins are relayed (the rest are forgotten).
+    let plugins = states.plugins_of(&members);
     DiscoveryReport {
         segment: c.segment.clone(),
         leader: c.name.clone(),
@@ -95,24 +104,31 @@ fn discovery_report(shared: &Shared, addr: SocketAddr, links: &LinkWatch) -> Dis
         members,
         // Measured from this GL's own transfers (the manager shapes the tree with them).
         links: links.rates(),
+        plugins,
     }
 }
 
-/// Reports the segment to the manager now, again on every join or leave, and every
-/// `discovery_interval` (which also carries the link rates measured meanwhile); a failed report
-/// is retried.
-async fn discovery_loop(shared: Arc<Shared>, addr: SocketAddr, links: LinkWatch) {
+/// Reports the segment to the manager now, again on every join or leave or change of a
+/// member's plugin, and every `discovery_interval` (which also carries the link rates measured
+/// meanwhile); a failed report is retried.
+async fn discovery_loop(
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    links: LinkWatch,
+    states: Arc<MemberStates>,
+) {
     let Some(manager) = shared.cfg.manager_url.clone() else {
         tracing::warn!("no manager URL configured: this GL reports its segment to no one");
         return;
     };
     let mut status = shared.status.clone();
-    let mut last: Option<Vec<String>> = None;
+    let mut last: Option<(Vec<String>, BTreeMap<String, PluginIdentity>)> = None;
     let mut next_periodic = Instant::now();
     let mut failures = 0u32;
     loop {
-        let report = discovery_report(&shared, addr, &links);
-        let due = last.as_ref() != Some(&report.members) || Instant::now() >= next_periodic;
+        let report = discovery_report(&shared, addr, &links, &states);
+        let due = last.as_ref().is_none_or(|(m, p)| *m != report.members || *p != report.plugins)
+            || Instant::now() >= next_periodic;
         if due {
             match shared
                 .client
@@ -121,7 +137,7 @@ async fn discovery_loop(shared: Arc<Shared>, addr: SocketAddr, links: LinkWatch)
             {
                 Ok(_) => {
                     tracing::info!(segment = %report.segment, members = report.members.len(), "discovery report sent");
-                    last = Some(report.members);
+                    last = Some((report.members, report.plugins));
                     next_periodic = Instant::now() + shared.cfg.discovery_interval;
                     failures = 0;
                 }
@@ -142,6 +158,8 @@ async fn discovery_loop(shared: Arc<Shared>, addr: SocketAddr, links: LinkWatch)
         }
         tokio::select! {
             r = status.changed() => if r.is_err() { return },
+            // Members report their plugins at about the same moments: one report for a burst.
+            _ = states.changed() => tokio::time::sleep(Duration::from_millis(200)).await,
             _ = tokio::time::sleep_until(next_periodic) => {}
         }
     }

@@ -7,6 +7,8 @@
 //! - When elected GL it takes up the duties in [`duty`]: the tree endpoint, discovery reports,
 //!   and per run: apply here, MCTP to the members, wait for their apply reports, one
 //!   consolidated report to the manager. When it loses the leadership it stops them.
+//! - It tells its GL which interpreter plugin it runs ([`state`]); the GL relays it to the
+//!   manager in its discovery report.
 //!
 //! One mapping, written down: **MCTP member id = election node id**, and the server name a GL
 //! reports is the member's election registration name. A member learns its GL's HTTP address
@@ -17,6 +19,7 @@ pub mod beacon;
 pub mod duty;
 pub mod member;
 pub mod report;
+pub mod state;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -244,6 +247,7 @@ impl ServerAgent {
         let election = Arc::new(election);
         let tasks = vec![
             tokio::spawn(member::member_loop(shared.clone())),
+            tokio::spawn(state::state_loop(shared.clone())),
             tokio::spawn(role_loop(shared.clone(), election.clone(), events)),
         ];
         Ok(ServerAgent { shared, election, tasks })

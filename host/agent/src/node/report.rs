@@ -63,7 +63,7 @@ impl ReportBoard {
 
 /// Calls the current GL (`gl` holds its base URL, `None` while no GL is known) until a call
 /// succeeds, retrying on failure and following GL changes, for at most `give_up`.
-async fn with_current_gl<T, F, Fut>(
+pub(super) async fn with_current_gl<T, F, Fut>(
     mut gl: watch::Receiver<Option<String>>,
     give_up: Duration,
     what: &str,

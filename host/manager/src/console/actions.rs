@@ -48,6 +48,12 @@ pub(crate) fn handle(m: &Inner, path: &str, form: &Form) -> (String, String) {
         }
         ["console", "jobs", id, "cancel"] => ("/console/jobs", cancel(m, id)),
         ["console", "jobs", id, "retry"] => ("/console/jobs", retry(m, id)),
+        ["console", "sites", site, ref rest @ ..] => {
+            match super::checkpoints::action(m, site, rest, field(form, "note")) {
+                Some(r) => ("/console/checkpoints", r),
+                None => ("/console/", Err(ManagerError::NotFound("no such action".into()).into())),
+            }
+        }
         _ => ("/console/", Err(ManagerError::NotFound("no such action".into()).into())),
     };
     let msg = match result {
@@ -100,7 +106,7 @@ fn set_site(m: &Inner, form: &Form) -> Result<String, WriteError> {
     Ok(writes::put_site(&m.db, field(form, "name"), &set, now_ms())?.history)
 }
 
-fn one_off(job: &str, kind: JobKind, site: &str, payload: Payload) -> JobSpec {
+pub(super) fn one_off(job: &str, kind: JobKind, site: &str, payload: Payload) -> JobSpec {
     JobSpec {
         name: job.to_string(),
         kind,
@@ -153,7 +159,7 @@ fn job_from_form(form: &Form) -> Result<JobSpec, ManagerError> {
     Ok(spec)
 }
 
-fn new_job(m: &Inner, spec: JobSpec) -> Result<String, WriteError> {
+pub(super) fn new_job(m: &Inner, spec: JobSpec) -> Result<String, WriteError> {
     let j = writes::create_job(&m.db, &m.cfg.data_dir, spec, now_ms())?;
     Ok(format!("Job {} created: {}.", j.id, j.spec.name))
 }

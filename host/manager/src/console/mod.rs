@@ -9,13 +9,15 @@
 //! session cookie — [`session`]) or, under mutual TLS, an operator certificate (which opens a
 //! session by itself; tokens are not consulted over TLS, as on the API). No page, fragment or
 //! stream answers without a session; the stylesheet and the script are the only things served
-//! before login. Every POST carries the session's CSRF token. Pages are in [`pages`] and
-//! [`config`], actions in [`actions`].
+//! before login. Every POST carries the session's CSRF token. Pages are in [`pages`],
+//! [`config`], [`checkpoints`] and [`plugins`], actions in [`actions`] (and [`checkpoints`]).
 
 mod actions;
+mod checkpoints;
 mod config;
 mod layout;
 mod pages;
+mod plugins;
 pub mod session;
 
 use std::collections::HashMap;

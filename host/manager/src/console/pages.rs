@@ -1,6 +1,6 @@
 //! The console's read-only pages: overview (segments, servers, runs in flight), runs and one run,
-//! checkpoints, plugins and history. The pages with forms (sites, groups, jobs) are in
-//! [`super::config`]. Sections that change live carry `data-live` and an id: the console's script
+//! and history. The pages with forms are in [`super::config`] (sites, groups, jobs) and
+//! [`super::checkpoints`]; the plugins page is [`super::plugins`]. Sections that change live carry `data-live` and an id: the console's script
 //! swaps them in place when an event arrives.
 
 use std::collections::{BTreeMap, HashMap};
@@ -33,8 +33,8 @@ pub(crate) fn render(
         "/console/sites" => ("Sites and content groups".into(), config::sites(m, csrf)),
         "/console/jobs" => ("Jobs".into(), config::jobs(m, now, csrf)),
         "/console/runs" => ("Runs".into(), runs(m, now)),
-        "/console/checkpoints" => ("Checkpoints".into(), checkpoints(m)),
-        "/console/plugins" => ("Plugins".into(), plugins(m)),
+        "/console/checkpoints" => ("Checkpoints".into(), super::checkpoints::page(m, csrf)),
+        "/console/plugins" => ("Plugins".into(), super::plugins::page(m)),
         "/console/history" => ("History".into(), history(m, q)),
         _ => {
             let id = path.strip_prefix("/console/runs/")?.parse::<u64>().ok()?;
@@ -281,49 +281,6 @@ fn run_page(m: &Inner, id: u64, now: u64) -> Result<Markup, DbError> {
                 tr { th { "time" } th { "event" } }
                 @for l in lines.iter().rev() { tr { td { (time(l.at_ms)) } td { (l.event) } } }
             }
-        }
-    })
-}
-
-/// Checkpoints come with the versioning work (issue 16): until the manager has them, the page
-/// shows each site's committed releases (what a rollback goes back to) and offers the rollback.
-fn checkpoints(m: &Inner) -> Result<Markup, DbError> {
-    let sites = m.db.sites()?;
-    Ok(html! {
-        p.note {
-            "Named checkpoints (create, list, restore) are not in this manager yet: they come with \
-             the versioning work. Until then each site keeps its last committed releases as \
-             snapshots, and a rollback goes back one release."
-        }
-        div #checkpoints data-live {
-            table {
-                tr { th { "site" } th { "live" } th { "committed releases (oldest first)" } th { "prepared" } th { "snapshots kept" } }
-                @for s in &sites {
-                    tr {
-                        td { (s.name) }
-                        td.num { (s.live().map(|v| v.to_string()).unwrap_or("—".into())) }
-                        td { @for r in &s.committed { (r) " " } }
-                        td.num { (s.prepared.map(|v| v.to_string()).unwrap_or("—".into())) }
-                        td.num { (s.keep_releases) }
-                    }
-                }
-            }
-        }
-        p.note { "Roll a site back from " a href="/console/sites" { "Sites and groups" } "." }
-    })
-}
-
-fn plugins(m: &Inner) -> Result<Markup, DbError> {
-    let servers = m.db.servers()?;
-    Ok(html! {
-        p.note {
-            "Agents do not report their interpreter plugins to the manager yet: a GL's discovery \
-             report carries members, links and disk space, not plugin versions. On a server, \
-             " code { "cmover plugin list" } " shows what is installed and which version is active."
-        }
-        table {
-            tr { th { "server" } th { "segment" } th { "interpreter version" } }
-            @for s in &servers { tr { td { (s.name) } td { (s.segment) } td.dim { "not reported" } } }
         }
     })
 }

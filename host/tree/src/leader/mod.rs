@@ -7,7 +7,9 @@
 //! The segment side (MCTP to members, their reports) is behind [`LocalDelivery`]
 //! ([`delivery`]), implemented by the agent; this module never talks to members itself. It only
 //! carries the members' apply reports (`POST /members/report`, `MemberApplyReport`) to the
-//! delivery, because members reach their GL at the same address the tree uses.
+//! delivery, because members reach their GL at the same address the tree uses; and keeps what
+//! members report of themselves between runs (`POST /members/state`, [`crate::member_state`])
+//! for the agent's discovery report.
 //!
 //! Here: the node and its HTTP endpoint. [`drive`]: a run's fetch, the manager's questions and
 //! the report. [`links`]: what the GL measures of its links ([`LinkWatch`]).
@@ -36,6 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::blob::{Blob, Egress, serve_blob};
 use crate::forward::{ChildSource, forward_slot};
 use crate::http::{self, Body, JsonClient, Role, Tokens};
+use crate::member_state::{MemberState, MemberStates};
 use crate::message::{MemberApplyReport, Notification};
 use drive::ManagerChildSource;
 use links::{LinkMeasure, metered};
@@ -45,6 +48,7 @@ const GL_ROUTES: &[&str] = &[
     "GET /healthz",
     "POST /notify",
     "POST /members/report",
+    "POST /members/state",
     "GET /dist/{id}/servers",
     "GET /dist/{id}/blob",
 ];
@@ -113,6 +117,8 @@ struct Inner {
     links: Arc<Mutex<LinkMeasure>>,
     /// Notifications refused because no pinned manager key signed them.
     refused: AtomicU64,
+    /// What members reported of themselves (`POST /members/state`), relayed by discovery.
+    member_states: Arc<MemberStates>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -160,6 +166,7 @@ impl LeaderNode {
             tasks: Mutex::new(Vec::new()),
             links: LinkMeasure::new(),
             refused: AtomicU64::new(0),
+            member_states: Arc::default(),
             cfg,
         });
         let h = inner.clone();
@@ -189,6 +196,11 @@ impl LeaderNode {
     pub fn assignment(&self, run: u64) -> Option<PathBuf> {
         let runs = self.inner.runs.lock().unwrap_or_else(|p| p.into_inner());
         runs.get(&run).filter(|r| r.blob.is_complete()).map(|r| r.blob.path().to_path_buf())
+    }
+
+    /// What the members reported of themselves (their plugins), for the discovery report.
+    pub fn member_states(&self) -> Arc<MemberStates> {
+        self.inner.member_states.clone()
     }
 
     /// What this GL measured of its links so far, readable while it runs.
@@ -246,6 +258,25 @@ impl Inner {
                                 StatusCode::NOT_FOUND,
                                 "this group leader does not collect apply reports",
                             )
+                        }
+                    }
+                    Err(r) => r,
+                }
+            }
+            // A member's state between runs (its plugin): checked, kept, relayed by discovery.
+            (Method::POST, ["members", "state"]) => {
+                match http::read_json::<MemberState>(req).await {
+                    Ok(s) => {
+                        let server = s.server.clone();
+                        match self.member_states.insert(s) {
+                            Ok(_) => http::json(
+                                StatusCode::ACCEPTED,
+                                &serde_json::json!({ "accepted": true }),
+                            ),
+                            Err(e) => {
+                                tracing::debug!(server = %server.escape_debug(), "member state refused: {e}");
+                                http::error(StatusCode::BAD_REQUEST, &format!("member state: {e}"))
+                            }
                         }
                     }
                     Err(r) => r,

@@ -1,5 +1,6 @@
 //! `cmover status` (the cluster at a glance: the manager, segments and their GLs, servers with
-//! their live release, runs in flight) and `cmover servers`.
+//! their live release, runs in flight) and `cmover servers` (each server's releases and the
+//! interpreter plugin it reported).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -51,12 +52,14 @@ fn server_rows(
                 if gl { "GL" } else { "" }.into(),
                 ago(s.last_seen_ms, now),
                 rel.get(&s.name).map_or("-".into(), |r| r.join(" ")),
+                s.plugin.as_ref().map_or("-".into(), |p| format!("{} {}", p.name, p.version)),
             ]
         })
         .collect()
 }
 
-const SERVER_HEADERS: [&str; 6] = ["SERVER", "SEGMENT", "STATE", "ROLE", "CHANGED", "RELEASES"];
+const SERVER_HEADERS: [&str; 7] =
+    ["SERVER", "SEGMENT", "STATE", "ROLE", "CHANGED", "RELEASES", "PLUGIN"];
 
 pub async fn status(a: Args) -> anyhow::Result<()> {
     let c = Client::connect(&a.connect)?;

@@ -94,6 +94,9 @@ fn kind_name(kind: JobKind) -> &'static str {
         JobKind::Synchronize => "synchronize",
         JobKind::Commit => "commit",
         JobKind::Rollback => "rollback",
+        JobKind::Switch => "switch",
+        JobKind::Restore => "restore",
+        JobKind::Checkpoint => "checkpoint",
     }
 }
 

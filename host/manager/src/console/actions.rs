@@ -48,6 +48,7 @@ pub(crate) fn handle(m: &Inner, path: &str, form: &Form) -> (String, String) {
         }
         ["console", "jobs", id, "cancel"] => ("/console/jobs", cancel(m, id)),
         ["console", "jobs", id, "retry"] => ("/console/jobs", retry(m, id)),
+        ["console", "jobs", id, "abort"] => ("/console/jobs", crate::abort::from_console(m, id)),
         _ => ("/console/", Err(ManagerError::NotFound("no such action".into()).into())),
     };
     let msg = match result {

@@ -107,14 +107,13 @@ pub async fn send_to_gl(
     give_up: Duration,
 ) -> Option<serde_json::Value> {
     let what = format!("apply report of run {}", report.run);
-    let sent = with_current_gl(gl, give_up, &what, |url| {
+    with_current_gl(gl, give_up, &what, |url| {
         let (client, report) = (&client, &report);
         async move {
             client.post::<_, serde_json::Value>(&format!("{url}/members/report"), report).await
         }
     })
-    .await;
-    sent
+    .await
 }
 
 /// Member side: whether the current GL says `run` targets this server (`name`): the run's

@@ -27,6 +27,8 @@ use crate::{SealKey, trailer_hasher};
 pub const ASSIGNMENT_DOMAIN: &[u8] = b"contentmover assignment signature v1";
 /// What a notification's signature signs: this prefix, then the notification's JSON.
 pub const NOTIFICATION_DOMAIN: &[u8] = b"contentmover notification signature v1";
+/// What an abort order's signature signs: this prefix, then the order's JSON.
+pub const ABORT_DOMAIN: &[u8] = b"contentmover abort signature v1";
 /// Bytes of a key id.
 pub const KEY_ID_LEN: usize = 8;
 /// Bytes of an Ed25519 signature.

@@ -171,6 +171,9 @@ async fn operator(
                     .and_then(|j| j.ok_or_else(|| ManagerError::NotFound(format!("no job {job}")))),
             )
         }
+        (Method::POST, ["api", "v1", "jobs", job, "abort"]) => {
+            crate::abort::answer(&m, id!(job), &req, now)
+        }
         (Method::POST, ["api", "v1", "jobs", job, "cancel"]) => {
             written(writes::cancel_job(&m.db, id!(job), now), StatusCode::OK)
         }

@@ -423,7 +423,7 @@ impl Inner {
                 .iter()
                 .filter(|j| match &j.state {
                     JobState::Idle | JobState::Running { .. } => true,
-                    JobState::Cancelled { .. } => {
+                    JobState::Cancelled { .. } | JobState::Aborted { .. } => {
                         j.next_run_ms + self.cfg.replicate_backoff.as_millis() as u64 > now
                     }
                     JobState::Done => false,

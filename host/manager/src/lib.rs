@@ -16,6 +16,7 @@
 //! stored; [`writes`]: the operator's writes, shared by the API and the console; [`events`]: the
 //! event bus and its Server-Sent Events; `console`: the browser console on the manager's port.
 
+pub mod abort;
 mod api;
 pub mod ca;
 pub mod checkpoint;

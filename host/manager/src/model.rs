@@ -385,6 +385,13 @@ pub enum JobState {
     Cancelled {
         reason: String,
     },
+    /// An operator stopped its run `run` (`POST /api/v1/jobs/{id}/abort`): nothing of the run
+    /// went live; `by` says who (how they authenticated), `at_ms` when.
+    Aborted {
+        run: u64,
+        by: String,
+        at_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -440,7 +447,14 @@ pub struct SegmentRun {
 pub enum RunPhase {
     Distributing,
     Succeeded,
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
+    /// Stopped by an operator (`by`, at `at_ms`): the servers discard what it prepared.
+    Aborted {
+        by: String,
+        at_ms: u64,
+    },
 }
 
 /// One run of a job: persisted at every step so a manager restart resumes it.

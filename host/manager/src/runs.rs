@@ -286,7 +286,12 @@ impl Inner {
             false => None,
         };
         let mut site_after = None;
-        self.db.write(|t| {
+        let ended = self.db.write(|t| {
+            // Read in the write transaction: an abort committed before it wins, and one after
+            // it finds the run ended ([`crate::abort`]).
+            if self.db.run(run.id)?.is_some_and(|r| r.phase != RunPhase::Distributing) {
+                return Ok::<_, ManagerError>(true);
+            }
             for s in &targets {
                 if !reports.contains_key(s) {
                     t.put_report(run.id, s, &ServerOutcome::Missing)?;
@@ -317,7 +322,8 @@ impl Inner {
                     prepare::after_success(&payload, &mut site, run.serial, &succeeded);
                     t.put_site(&site)?;
                 }
-                return t.log(now, Some(job.id), Some(run.id), line);
+                t.log(now, Some(job.id), Some(run.id), line)?;
+                return Ok(false);
             }
             let next = if let Some(next) = catch_up_next.clone() {
                 next
@@ -362,8 +368,12 @@ impl Inner {
                 Some(job.id),
                 Some(run.id),
                 format!("{verdict}{also}; job now {:?}", next.state),
-            )
+            )?;
+            Ok(false)
         })?;
+        if ended {
+            return Ok(());
+        }
         crate::metrics::run_ended(run, job.spec.kind, ok, now);
         let _ = std::fs::remove_file(self.run_file(run.id));
         if commit_next.is_some() || catch_up_next.is_some() {

@@ -481,6 +481,9 @@ impl Inner {
                 }
             };
             if run.phase != RunPhase::Distributing {
+                if matches!(run.phase, RunPhase::Aborted { .. }) {
+                    self.stop_leaders(&run).await;
+                }
                 return;
             }
             if last_sweep.elapsed() >= self.cfg.probe_interval {
@@ -501,6 +504,12 @@ impl Inner {
                 }
                 lock(&self.runs).remove(&active.id);
                 active.changed.notify_waiters();
+                // Aborted just before it settled: the GLs still discard what it prepared.
+                if let Ok(Some(r)) = self.db.run(active.id)
+                    && matches!(r.phase, RunPhase::Aborted { .. })
+                {
+                    self.stop_leaders(&r).await;
+                }
                 return;
             }
         }
@@ -526,6 +535,11 @@ impl Inner {
 
     pub(crate) fn active(&self, run: u64) -> Option<Arc<ActiveRun>> {
         lock(&self.runs).get(&run).cloned()
+    }
+
+    /// Takes a run out of the running set (it is no longer served, scheduled or waited for).
+    pub(crate) fn forget_run(&self, run: u64) -> Option<Arc<ActiveRun>> {
+        lock(&self.runs).remove(&run)
     }
 
     /// Base URL of a tree node in a run.
@@ -690,6 +704,10 @@ impl Inner {
     ) -> Result<bool, ManagerError> {
         let run =
             self.db.run(run_id)?.ok_or_else(|| ManagerError::NotFound(format!("run {run_id}")))?;
+        if run.phase != RunPhase::Distributing {
+            // Ended (an abort, a deadline): its outcome is decided, a late report changes nothing.
+            return Ok(false);
+        }
         let seg = run.segments.get(&report.segment).ok_or_else(|| {
             ManagerError::Invalid(format!("segment {} is not in run {run_id}", report.segment))
         })?;

@@ -400,6 +400,22 @@ impl Site {
         self.rollback_locked(Some(to), None, interp)
     }
 
+    /// Removes release `serial` if it is prepared (built, never committed): an aborted run's
+    /// release, or one a newer build superseded. Live and committed releases are never touched.
+    /// Returns whether a release was removed.
+    pub fn discard_prepared(&self, serial: u64) -> Result<bool, SiteError> {
+        let _lock = self.lock()?;
+        let st = self.status()?;
+        if !st.releases.iter().any(|(s, state)| *s == serial && *state == ReleaseState::Prepared) {
+            return Ok(false);
+        }
+        layout::discard(&self.root, &self.release_path(serial))
+            .map_err(self.io(format!("removing prepared release {serial}")))?;
+        built::forget(&self.root, serial)
+            .map_err(self.io(format!("forgetting release {serial}")))?;
+        Ok(true)
+    }
+
     /// `keep`: committed releases kept, live included (from a signed assignment's header);
     /// `None`: the site's own setting.
     fn commit_locked(

@@ -19,6 +19,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
+pub mod abort;
 pub mod blob;
 pub mod forward;
 pub mod http;

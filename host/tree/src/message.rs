@@ -96,23 +96,39 @@ pub struct Notification {
     pub signature: Option<String>,
 }
 
+/// The manager's signature of a message: over `domain`, then the JSON of the message without
+/// its signature field (`unsigned`), every other field in declaration order. Hex of key id ‖
+/// Ed25519 signature.
+pub(crate) fn sign_json<T: Serialize>(domain: &[u8], unsigned: &T, key: &SigningKey) -> String {
+    // Serialising plain strings, integers and vectors cannot fail.
+    key.sign(domain, &serde_json::to_vec(unsigned).unwrap_or_default()).to_hex()
+}
+
+/// Checks a [`sign_json`] signature against the pinned keys (`None`: not signed).
+pub(crate) fn verify_json<T: Serialize>(
+    domain: &[u8],
+    unsigned: &T,
+    signature: Option<&str>,
+    keys: &TrustedKeys,
+) -> Result<(), SignatureError> {
+    let sig = signature.ok_or(SignatureError::Malformed("not signed"))?;
+    let bytes = serde_json::to_vec(unsigned).unwrap_or_default();
+    keys.verify(domain, &bytes, &Signature::from_hex(sig)?)
+}
+
 impl Notification {
-    /// The bytes the signature covers: the JSON of every other field, in declaration order.
-    fn signed_bytes(&self) -> Vec<u8> {
-        let unsigned = Notification { signature: None, ..self.clone() };
-        // Serialising plain strings, integers and vectors cannot fail.
-        serde_json::to_vec(&unsigned).unwrap_or_default()
+    fn unsigned(&self) -> Notification {
+        Notification { signature: None, ..self.clone() }
     }
 
     /// Signs (or re-signs) the notification with the manager's key.
     pub fn sign(&mut self, key: &SigningKey) {
-        self.signature = Some(key.sign(NOTIFICATION_DOMAIN, &self.signed_bytes()).to_hex());
+        self.signature = Some(sign_json(NOTIFICATION_DOMAIN, &self.unsigned(), key));
     }
 
     /// Checks the manager's signature against the pinned keys.
     pub fn verify(&self, keys: &TrustedKeys) -> Result<(), SignatureError> {
-        let sig = self.signature.as_deref().ok_or(SignatureError::Malformed("not signed"))?;
-        keys.verify(NOTIFICATION_DOMAIN, &self.signed_bytes(), &Signature::from_hex(sig)?)
+        verify_json(NOTIFICATION_DOMAIN, &self.unsigned(), self.signature.as_deref(), keys)
     }
 }
 

@@ -39,6 +39,9 @@ pub struct Applied {
     /// The interpreter version (short hash) live when the apply started.
     #[serde(default)]
     pub interpreter: Option<String>,
+    /// The release the run built and left prepared (not live), which an abort discards.
+    #[serde(default)]
+    pub prepared: Option<u64>,
 }
 
 /// The assignment type an apply was about, for the metrics' `kind` label.
@@ -66,6 +69,8 @@ pub struct Applier {
     recent: Mutex<VecDeque<Applied>>,
     /// Follows the store on disk; its slots are what the interpreter handle calls into.
     plugins: StoreFollower,
+    /// Runs the manager aborted (signed orders seen): never applied here from now on.
+    aborted: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 fn now_ms() -> u64 {
@@ -139,6 +144,7 @@ impl Applier {
             lock: Mutex::new(()),
             recent: Mutex::new(VecDeque::new()),
             plugins,
+            aborted: Mutex::new(Default::default()),
         };
         applier.load_recent();
         Ok(applier)
@@ -223,6 +229,17 @@ impl Applier {
     /// applied before answers with its journalled outcome and touches nothing.
     pub fn apply(&self, run: u64, file: &Path) -> Applied {
         let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.aborted.lock().unwrap_or_else(|p| p.into_inner()).contains(&run) {
+            return Applied {
+                run,
+                error: Some(format!("run {run} was aborted by the manager; not applied")),
+                live: self.live(),
+                summary: String::new(),
+                at_ms: now_ms(),
+                interpreter: None,
+                prepared: None,
+            };
+        }
         if let Some(done) = self.journalled(run) {
             return done;
         }
@@ -251,6 +268,7 @@ impl Applier {
                     summary: what,
                     at_ms: now_ms(),
                     interpreter: version,
+                    prepared: rep.now_live.is_none().then_some(rep.serial),
                 }
             }
             Err(e) => Applied {
@@ -260,6 +278,7 @@ impl Applier {
                 summary: String::new(),
                 at_ms: now_ms(),
                 interpreter: version,
+                prepared: None,
             },
         };
         if outcome.error.is_none()
@@ -277,6 +296,36 @@ impl Applier {
         }
         self.remember(&outcome);
         outcome
+    }
+
+    /// Whether an abort of `run` was seen already.
+    pub fn knows_aborted(&self, run: u64) -> bool {
+        self.aborted.lock().unwrap_or_else(|p| p.into_inner()).contains(&run)
+    }
+
+    /// The manager aborted `run`: it is never applied here from now on, and the release it
+    /// prepared here (if any) is removed; live is untouched (a committed release is never
+    /// removed: [`cm_site::Site::discard_prepared`]). Blocking (it waits for an apply in
+    /// flight). Returns the release removed.
+    pub fn abort(&self, run: u64) -> Result<Option<u64>, cm_site::SiteError> {
+        self.aborted.lock().unwrap_or_else(|p| p.into_inner()).insert(run);
+        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(done) = self.journalled(run) else { return Ok(None) };
+        let _ = std::fs::remove_file(self.journal_path(run));
+        let Some(serial) = done.prepared else { return Ok(None) };
+        let removed = self.site.discard_prepared(serial)?;
+        let summary = format!("run aborted by the manager: prepared release {serial} discarded");
+        tracing::info!(run, serial, removed, "{summary}");
+        self.remember(&Applied {
+            run,
+            error: Some(summary.clone()),
+            live: self.live(),
+            summary,
+            at_ms: now_ms(),
+            interpreter: done.interpreter,
+            prepared: None,
+        });
+        Ok(removed.then_some(serial))
     }
 
     fn write_journal(&self, a: &Applied) -> std::io::Result<()> {

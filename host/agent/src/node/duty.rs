@@ -233,6 +233,12 @@ impl LocalDelivery for SegmentDelivery {
         self.shared.board.insert(report);
         true
     }
+
+    /// The manager aborted the run (cm-tree checked the order's signature): this GL's own
+    /// prepared release goes; members learn it from this GL's answers.
+    fn abort(&self, order: &cm_tree::abort::AbortOrder) {
+        super::abort::discard(&self.shared, order);
+    }
 }
 
 /// Delivers `run` to the servers of the segment it targets (`servers`; empty: all of them):

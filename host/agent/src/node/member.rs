@@ -84,8 +84,17 @@ pub async fn member_loop(shared: Arc<Shared>) {
                         // The data channel is multicast: every member hears every run, and
                         // applies only those that target it (a replicate names its servers).
                         let targeted = report::is_target(shared.gl_url.subscribe(), &shared.client, run, &shared.cfg.name, TARGETS_GIVE_UP).await;
-                        if targeted != Some(true) {
+                        if let Some(report::Target::Yes { aborted_before }) = &targeted {
+                            for order in aborted_before {
+                                super::abort::follow_now(&shared, order).await;
+                            }
+                        }
+                        if !matches!(targeted, Some(report::Target::Yes { .. })) {
                             match targeted {
+                                Some(report::Target::Aborted(order)) => {
+                                    tracing::info!(run, "the manager aborted the run: not applied");
+                                    super::abort::follow(&shared, &order);
+                                }
                                 Some(_) => tracing::info!(run, "the run targets other servers of the segment: skipped"),
                                 None => tracing::warn!(run, "no group leader said whether the run targets this server within {TARGETS_GIVE_UP:?}: skipped"),
                             }
@@ -94,7 +103,11 @@ pub async fn member_loop(shared: Arc<Shared>) {
                         }
                         let r = apply_report(&shared, run, got.path.clone()).await;
                         let _ = std::fs::remove_file(&got.path);
-                        report::send_to_gl(shared.gl_url.subscribe(), shared.client.clone(), r, REPORT_GIVE_UP).await;
+                        let answer = report::send_to_gl(shared.gl_url.subscribe(), shared.client.clone(), r, REPORT_GIVE_UP).await;
+                        // Aborted while it applied: what it prepared goes.
+                        if let Some(order) = answer.as_ref().and_then(super::abort::order_in) {
+                            super::abort::follow(&shared, &order);
+                        }
                     });
                 }
                 Err(MctpDriverError::Timeout(_)) => {}

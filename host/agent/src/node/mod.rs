@@ -14,6 +14,7 @@
 //! reports is the member's election registration name. A member learns its GL's HTTP address
 //! from the GL's heartbeat payload ([`beacon`], read from `ElectionStatus::leader_payload`).
 
+pub mod abort;
 pub mod apply;
 pub mod beacon;
 pub mod duty;
@@ -143,6 +144,7 @@ async fn apply_report(shared: &Arc<Shared>, run: u64, file: PathBuf) -> MemberAp
                 summary: String::new(),
                 at_ms: 0,
                 interpreter: None,
+                prepared: None,
             }
         });
     MemberApplyReport {

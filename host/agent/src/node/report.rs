@@ -98,41 +98,71 @@ where
 }
 
 /// Member side: sends `report` to the current GL, retrying across GL changes for at most
-/// `give_up`.
+/// `give_up`. Returns the GL's answer (`None`: not sent), which names the run's abort order
+/// when the manager aborted it.
 pub async fn send_to_gl(
     gl: watch::Receiver<Option<String>>,
     client: JsonClient,
     report: MemberApplyReport,
     give_up: Duration,
-) -> bool {
+) -> Option<serde_json::Value> {
     let what = format!("apply report of run {}", report.run);
-    let sent = with_current_gl(gl, give_up, &what, |url| {
+    with_current_gl(gl, give_up, &what, |url| {
         let (client, report) = (&client, &report);
         async move {
             client.post::<_, serde_json::Value>(&format!("{url}/members/report"), report).await
         }
     })
-    .await;
-    sent.is_some()
+    .await
 }
 
 /// Member side: whether the current GL says `run` targets this server (`name`): the run's
-/// `servers` (`GET /dist/{run}/servers`; empty = every member). `None`: no GL said, within `give_up`.
+/// `servers` (`GET /dist/{run}/servers`; empty = every member), or that it was aborted.
+/// `None`: no GL said, within `give_up`.
 pub async fn is_target(
     gl: watch::Receiver<Option<String>>,
     client: &JsonClient,
     run: u64,
     name: &str,
     give_up: Duration,
-) -> Option<bool> {
+) -> Option<Target> {
     let what = format!("targets of run {run}");
     let answer = with_current_gl(gl, give_up, &what, |url| async move {
-        client.get::<serde_json::Value>(&format!("{url}/dist/{run}/servers")).await
+        match client.get::<serde_json::Value>(&format!("{url}/dist/{run}/servers")).await {
+            // An aborted run: the GL's answer carries the manager's order (checked by the caller).
+            Err(cm_tree::http::ClientError::Status { status, body, .. })
+                if status.as_u16() == 410 =>
+            {
+                Ok(serde_json::from_str(&body).unwrap_or_default())
+            }
+            other => other,
+        }
     })
     .await?;
+    if let Some(order) = super::abort::order_in(&answer) {
+        return Some(Target::Aborted(order));
+    }
     let servers: Vec<&str> =
         answer["servers"].as_array()?.iter().filter_map(|s| s.as_str()).collect();
-    Some(servers.is_empty() || servers.contains(&name))
+    if !(servers.is_empty() || servers.contains(&name)) {
+        return Some(Target::No);
+    }
+    let aborted_before = match answer.get("aborted_before") {
+        Some(v) => serde_json::from_value(v.clone()).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    Some(Target::Yes { aborted_before })
+}
+
+/// What a GL said about a run a member received.
+pub enum Target {
+    /// The run targets this server; the GL names the newest runs the manager aborted (orders
+    /// not yet verified), whose prepared releases go before this run is applied.
+    Yes { aborted_before: Vec<cm_tree::abort::AbortOrder> },
+    /// It targets other servers of the segment.
+    No,
+    /// The manager aborted it (the order, not yet verified).
+    Aborted(cm_tree::abort::AbortOrder),
 }
 
 #[cfg(test)]

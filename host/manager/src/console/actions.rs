@@ -54,6 +54,7 @@ pub(crate) fn handle(m: &Inner, path: &str, form: &Form) -> (String, String) {
                 None => ("/console/", Err(ManagerError::NotFound("no such action".into()).into())),
             }
         }
+        ["console", "jobs", id, "abort"] => ("/console/jobs", crate::abort::from_console(m, id)),
         _ => ("/console/", Err(ManagerError::NotFound("no such action".into()).into())),
     };
     let msg = match result {

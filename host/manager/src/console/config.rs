@@ -79,6 +79,9 @@ fn state(s: &JobState) -> Markup {
         }
         JobState::Done => html! { span.ok { "done" } },
         JobState::Cancelled { reason } => html! { span.bad { "cancelled" } ": " (reason) },
+        JobState::Aborted { run, by, .. } => {
+            html! { span.bad { "aborted" } " (run " (run) ", by " (by) ")" }
+        }
     }
 }
 
@@ -102,8 +105,8 @@ pub(crate) fn jobs(m: &Inner, now: u64, csrf: &str) -> Result<Markup, DbError> {
                         td {
                             @match j.state {
                                 JobState::Idle => (button(&format!("/console/jobs/{}/cancel", j.id), csrf, "Cancel")),
-                                JobState::Running { .. } => span.dim title="the manager has no abort yet: a run ends at its deadline" { "runs until it ends" },
-                                JobState::Done | JobState::Cancelled { .. } => (button(&format!("/console/jobs/{}/retry", j.id), csrf, "Run again")),
+                                JobState::Running { .. } => (button(&format!("/console/jobs/{}/abort", j.id), csrf, "Abort")),
+                                JobState::Done | JobState::Cancelled { .. } | JobState::Aborted { .. } => (button(&format!("/console/jobs/{}/retry", j.id), csrf, "Run again")),
                             }
                         }
                     }

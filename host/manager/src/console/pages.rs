@@ -54,6 +54,7 @@ pub(crate) fn phase(p: &RunPhase) -> Markup {
         RunPhase::Distributing => html! { span.warn { "distributing" } },
         RunPhase::Succeeded => html! { span.ok { "succeeded" } },
         RunPhase::Failed { reason } => html! { span.bad title=(reason) { "failed" } ": " (reason) },
+        RunPhase::Aborted { by, .. } => html! { span.bad { "aborted" } " by " (by) },
     }
 }
 

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use crate::BoxFuture;
+use crate::abort::AbortOrder;
 use crate::manifest::Manifest;
 use crate::message::MemberApplyReport;
 
@@ -44,4 +45,8 @@ pub trait LocalDelivery: Send + Sync + 'static {
     fn member_report(&self, _report: MemberApplyReport) -> bool {
         false
     }
+
+    /// The manager aborted `order.run` (signature checked): discard what the run prepared in
+    /// the segment. The delivery itself is already stopped. The default has nothing to discard.
+    fn abort(&self, _order: &AbortOrder) {}
 }

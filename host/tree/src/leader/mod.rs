@@ -12,8 +12,10 @@
 //! for the agent's discovery report.
 //!
 //! Here: the node and its HTTP endpoint. [`drive`]: a run's fetch, the manager's questions and
-//! the report. [`links`]: what the GL measures of its links ([`LinkWatch`]).
+//! the report. [`links`]: what the GL measures of its links ([`LinkWatch`]). [`abort`]: the
+//! manager's signed order to stop a run (`POST /abort`).
 
+mod abort;
 mod delivery;
 mod drive;
 mod links;
@@ -47,6 +49,7 @@ use links::{LinkMeasure, metered};
 const GL_ROUTES: &[&str] = &[
     "GET /healthz",
     "POST /notify",
+    "POST /abort",
     "POST /members/report",
     "POST /members/state",
     "GET /dist/{id}/servers",
@@ -103,6 +106,8 @@ pub enum LeaderError {
 struct RunState {
     blob: Arc<Blob>,
     notification: watch::Sender<Notification>,
+    /// The run's fetch and forwarding slots (an abort stops them).
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 struct Inner {
@@ -119,6 +124,8 @@ struct Inner {
     refused: AtomicU64,
     /// What members reported of themselves (`POST /members/state`), relayed by discovery.
     member_states: Arc<MemberStates>,
+    /// Runs the manager aborted here, with its signed order (the newest [`abort::KEPT`]).
+    aborted: Mutex<std::collections::BTreeMap<u64, crate::abort::AbortOrder>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -167,6 +174,7 @@ impl LeaderNode {
             links: LinkMeasure::new(),
             refused: AtomicU64::new(0),
             member_states: Arc::default(),
+            aborted: Mutex::new(Default::default()),
             cfg,
         });
         let h = inner.clone();
@@ -221,11 +229,25 @@ impl LeaderNode {
 }
 
 impl Inner {
-    fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(&self, f: F) {
+    fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(
+        &self,
+        f: F,
+    ) -> tokio::task::AbortHandle {
         let h = tokio::spawn(f).abort_handle();
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         tasks.retain(|t| !t.is_finished());
-        tasks.push(h);
+        tasks.push(h.clone());
+        h
+    }
+
+    /// Spawns one of `run`'s tasks (an abort of the run stops it).
+    fn spawn_for<F: std::future::Future<Output = ()> + Send + 'static>(
+        &self,
+        run: &RunState,
+        f: F,
+    ) {
+        let h = self.spawn(f);
+        lock(&run.tasks).push(h);
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
@@ -245,13 +267,16 @@ impl Inner {
                 Ok(n) => self.on_notify(n),
                 Err(r) => r,
             },
+            (Method::POST, ["abort"]) => self.on_abort(req).await,
             (Method::POST, ["members", "report"]) => {
                 match http::read_json::<MemberApplyReport>(req).await {
                     Ok(r) => {
+                        // A member reporting on an aborted run learns it here (and discards).
+                        let aborted = self.aborted_order(r.run);
                         if self.delivery.member_report(r) {
                             http::json(
                                 StatusCode::ACCEPTED,
-                                &serde_json::json!({ "accepted": true }),
+                                &serde_json::json!({ "accepted": true, "aborted": aborted }),
                             )
                         } else {
                             http::error(
@@ -287,6 +312,9 @@ impl Inner {
                 let Ok(run) = run.parse::<u64>() else {
                     return http::error(StatusCode::BAD_REQUEST, "bad run id");
                 };
+                if let Some(order) = self.aborted_order(run) {
+                    return abort::gone(&order);
+                }
                 let servers = self
                     .runs
                     .lock()
@@ -294,9 +322,15 @@ impl Inner {
                     .get(&run)
                     .map(|r| r.notification.borrow().servers.clone());
                 match servers {
+                    // With the newest runs aborted here: a member that missed an abort (it was
+                    // unreachable) discards what those prepared before it applies this run.
                     Some(servers) => http::json(
                         StatusCode::OK,
-                        &serde_json::json!({ "run": run, "servers": servers }),
+                        &serde_json::json!({
+                            "run": run,
+                            "servers": servers,
+                            "aborted_before": self.recent_aborts(),
+                        }),
                     ),
                     None => http::error(StatusCode::NOT_FOUND, "no such run here"),
                 }
@@ -343,7 +377,12 @@ impl Inner {
         if let Err(e) = n.manifest.validate() {
             return http::error(StatusCode::BAD_REQUEST, &e.to_string());
         }
+        // Held until the run's tasks are spawned: an abort (which takes this lock) either comes
+        // first and is seen here, or finds the run with every task it has to stop.
         let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(order) = self.aborted_order(n.run) {
+            return abort::gone(&order);
+        }
         if let Some(r) = runs.get(&n.run) {
             if r.blob.manifest() != &n.manifest {
                 return http::error(
@@ -360,20 +399,22 @@ impl Inner {
             Ok(b) => b,
             Err(e) => return http::error(StatusCode::INSUFFICIENT_STORAGE, &e.to_string()),
         };
-        let state = Arc::new(RunState { blob, notification: watch::Sender::new(n.clone()) });
+        let state = Arc::new(RunState {
+            blob,
+            notification: watch::Sender::new(n.clone()),
+            tasks: Mutex::new(Vec::new()),
+        });
         runs.insert(n.run, state.clone());
-        drop(runs);
         for _ in 0..n.slots {
             let source: Arc<dyn ChildSource> =
                 Arc::new(ManagerChildSource { inner: self.clone(), run: state.clone() });
-            self.spawn(forward_slot(
-                state.blob.clone(),
-                self.client.clone(),
-                source,
-                self.cfg.stall,
-            ));
+            self.spawn_for(
+                &state,
+                forward_slot(state.blob.clone(), self.client.clone(), source, self.cfg.stall),
+            );
         }
-        self.spawn(self.clone().drive(state));
+        self.spawn_for(&state, self.clone().drive(state.clone()));
+        drop(runs);
         http::json(StatusCode::ACCEPTED, &serde_json::json!({ "accepted": true }))
     }
 }

@@ -1,5 +1,5 @@
-//! `cmover job create|list|show|cancel`. (`abort` — stopping a run in flight — is not here: the
-//! manager's API has no way to abort a running run yet; `cancel` refuses a running job.)
+//! `cmover job create|list|show|cancel|abort`. `cancel` stops a job that is not running;
+//! `abort` stops a running one (its run ends `aborted`, nothing of it goes live: [`abort`]).
 
 use std::path::PathBuf;
 
@@ -28,6 +28,23 @@ pub enum Command {
     /// Cancel a job that is not running (a running job can be cancelled when its run ends).
     Cancel {
         id: u64,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Abort a running job: its run stops, the servers discard the release it prepared and
+    /// nothing of it goes live. A commit, rollback or switch in progress is not aborted (it
+    /// completes; roll back afterwards). Exit 0 aborted (with --wait: every group leader of
+    /// the run stopped it), 1 refused (not running, a commit in progress), 3 with --wait: some
+    /// group leader was not reached (its servers discard the release with the next run),
+    /// 4 manager unreachable.
+    Abort {
+        id: u64,
+        /// Wait until every group leader of the run answered (or was given up on).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
         #[command(flatten)]
         connect: ConnectArgs,
     },
@@ -145,6 +162,7 @@ pub fn state_text(j: &Job) -> String {
         JobState::Running { run } => format!("running (run {run})"),
         JobState::Done => "done".into(),
         JobState::Cancelled { .. } => "cancelled".into(),
+        JobState::Aborted { run, .. } => format!("aborted (run {run})"),
     }
 }
 
@@ -251,5 +269,66 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             println!("job {id} cancelled");
             Ok(())
         }
+        Command::Abort { id, wait, timeout, connect } => {
+            let c = Client::connect(&connect)?;
+            abort(&c, id, wait.then(|| std::time::Duration::from_secs(timeout))).await
+        }
     }
+}
+
+/// `cmover job abort ID [--wait]`: asks the manager to abort; with `wait`, follows the run's
+/// history until each of its group leaders stopped the run or was given up on.
+async fn abort(c: &Client, id: u64, wait: Option<std::time::Duration>) -> anyhow::Result<()> {
+    use cm_manager::abort::{LEADER_NOT_TOLD, LEADER_STOPPED};
+    let job: Job = c.post(&format!("jobs/{id}/abort"), &json!({})).await?;
+    let JobState::Aborted { run, .. } = job.state else {
+        return Err(
+            CliError::Failed(format!("job {id} is {} after the abort", state_text(&job))).into()
+        );
+    };
+    let Some(limit) = wait else {
+        if c.json {
+            return print_json(&job);
+        }
+        println!("job {id} aborted: {}", job.last_reason.clone().unwrap_or_default());
+        return Ok(());
+    };
+    let detail: Value = c.get(&format!("runs/{run}")).await?;
+    let leaders = detail["run"]["segments"].as_object().map_or(0, |s| s.len());
+    let end = std::time::Instant::now() + limit;
+    let (stopped, not_told) = loop {
+        let lines: Vec<cm_manager::model::HistoryEntry> =
+            c.get(&format!("history?run={run}")).await?;
+        let count = |what: &str| lines.iter().filter(|l| l.event.contains(what)).count();
+        let (stopped, not_told) = (count(LEADER_STOPPED), count(LEADER_NOT_TOLD));
+        if stopped + not_told >= leaders {
+            break (stopped, not_told);
+        }
+        if std::time::Instant::now() > end {
+            return Err(CliError::Partial(format!(
+                "job {id} aborted; after {limit:?} {stopped} of {leaders} group leaders confirmed \
+                 stopping run {run} (`cmover history --run {run}`)"
+            ))
+            .into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    if c.json {
+        print_json(
+            &json!({ "job": job, "leaders": leaders, "stopped": stopped, "not_told": not_told }),
+        )?;
+    } else {
+        println!(
+            "job {id} aborted: run {run} stopped by {stopped} of {leaders} group leaders; \
+             nothing of it goes live"
+        );
+    }
+    if not_told > 0 {
+        return Err(CliError::Partial(format!(
+            "{not_told} group leaders of run {run} were not reached: their servers discard the \
+             release when the next run reaches them"
+        ))
+        .into());
+    }
+    Ok(())
 }

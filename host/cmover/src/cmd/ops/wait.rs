@@ -40,7 +40,7 @@ pub async fn runs_of(c: &Client, job: u64) -> Result<Vec<RunOutcome>, CliError> 
 /// was deferred before starting (quorum short).
 fn settled(j: &Job) -> bool {
     match &j.state {
-        JobState::Done | JobState::Cancelled { .. } => true,
+        JobState::Done | JobState::Cancelled { .. } | JobState::Aborted { .. } => true,
         JobState::Running { .. } => false,
         JobState::Idle => {
             j.pending_commit.is_none()
@@ -110,6 +110,9 @@ impl Finished {
             JobState::Cancelled { reason } => {
                 Err(CliError::Failed(format!("job {} cancelled: {reason}", j.id)))
             }
+            JobState::Aborted { run, by, .. } => {
+                Err(CliError::Failed(format!("job {} aborted by {by} (run {run})", j.id)))
+            }
             _ => {
                 let reason = j.last_reason.clone().unwrap_or_default();
                 let retry = format!(
@@ -144,6 +147,7 @@ impl Finished {
                     RunPhase::Distributing => "running".to_string(),
                     RunPhase::Succeeded => "succeeded".to_string(),
                     RunPhase::Failed { reason } => format!("failed: {reason}"),
+                    RunPhase::Aborted { by, .. } => format!("aborted by {by}"),
                 };
                 vec![r.run.id.to_string(), what, format!("{ok}/{}", r.reports.len()), outcome]
             })

@@ -130,8 +130,11 @@ async fn drive(b: &Client, c: &TestCluster) -> anyhow::Result<()> {
     click(b, "#site-docs form[action$='/publish'] button").await?;
     b.goto(&format!("{base}/console/sites")).await?;
     // Serials count every assignment (the commit took one): the second release is not 2.
-    let second =
-        wait_text(b, "#site-docs .live-release", Duration::from_secs(90), |t| t != "1").await?;
+    // (A live section being replaced reads empty for a moment: wait for a number.)
+    let second = wait_text(b, "#site-docs .live-release", Duration::from_secs(90), |t| {
+        t.parse::<u64>().is_ok_and(|serial| serial > 1)
+    })
+    .await?;
     println!("second release live: {second}");
     click(b, "#site-docs form[action$='/rollback'] button").await?;
     wait_text(b, "#flash", Duration::from_secs(5), |t| t.contains("created")).await?;

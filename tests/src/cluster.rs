@@ -128,7 +128,9 @@ impl TestCluster {
         }
         let op = manager.operator_client()?;
         let c = TestCluster { manager, agents, op, staging, segments, secret, restarts: 0, dir };
-        c.wait_segments(layout.servers, Duration::from_secs(30)).await?;
+        // Registration takes longer the more agents share the machine's cores.
+        let agents = (layout.segments * layout.servers) as u64;
+        c.wait_segments(layout.servers, Duration::from_secs(30 + agents / 2)).await?;
         let all: Vec<String> = c.agents.iter().map(|a| a.spec.name.clone()).collect();
         let _: Value = c.op.put(&c.url("groups/g"), &serde_json::json!({ "servers": all })).await?;
         let _: Value =

@@ -21,6 +21,7 @@ mod endpoint;
 mod error;
 mod follow;
 mod inspect;
+mod kernel_copy;
 mod manifest;
 pub mod metrics;
 mod plugin;

@@ -27,10 +27,13 @@ use cap_std::fs::{Dir, MetadataExt, OpenOptions, Permissions, PermissionsExt};
 use wasmtime::component::Resource;
 
 use crate::bindings::staging::{self, EntryKind, EntryStat, Error, ErrorKind};
+use crate::kernel_copy::{self, KernelCopy};
 use crate::sandbox::{DataSource, HostState};
 
 /// Copy buffer for host-side copies.
 const COPY_CHUNK: usize = 64 * 1024;
+/// Bytes charged to the quotas per step of a copy from a base file.
+const KERNEL_COPY_CHUNK: u64 = 8 << 20;
 /// Largest read a guest may ask `file-reader.read-at` for.
 const MAX_READ_CHUNK: u32 = 1 << 20;
 /// Prefix of temporary files; they live next to their target until renamed into place.
@@ -461,6 +464,9 @@ impl HostState {
         Ok(Ok(()))
     }
 
+    /// Append `len` bytes of `base` from `offset`: inside the kernel where it can
+    /// (`kernel_copy`), through a buffer where it cannot. Charged a chunk at a time, before
+    /// each chunk is written.
     fn copy_base(
         &mut self,
         writer: &Resource<FileWriter>,
@@ -479,21 +485,65 @@ impl HostState {
             );
             return Ok(Err(error(ErrorKind::Payload, message)));
         }
+        let shrank =
+            || error(ErrorKind::Payload, format!("base `{base_path}` shrank while copying"));
+        // Its own descriptor, so the writer can be borrowed from the table beside it; without
+        // one, the buffered copy does it all.
+        let mut in_kernel = self.table.get(base)?.file.try_clone().ok();
+        let mut done = 0;
+        while done < len {
+            let chunk = (len - done).min(KERNEL_COPY_CHUNK);
+            self.charge_write(writer, chunk)?;
+            let mut copied = 0;
+            if let Some(base_file) = &in_kernel {
+                let writer = self.table.get_mut(writer)?;
+                let out = match writer.flushed() {
+                    Ok(out) => out,
+                    Err(e) => return Ok(Err(e)),
+                };
+                match kernel_copy::append(base_file, offset + done, out, chunk) {
+                    Ok(KernelCopy::Done) => copied = chunk,
+                    Ok(KernelCopy::Unsupported { copied: c }) => {
+                        in_kernel = None;
+                        copied = c;
+                    }
+                    Ok(KernelCopy::SourceEnded { .. }) => return Ok(Err(shrank())),
+                    Err(e) => return Ok(Err(io_error("copy", &base_path, e))),
+                }
+                writer.written += copied;
+            }
+            if copied < chunk
+                && let Err(e) =
+                    self.copy_base_buffered(writer, base, offset + done + copied, chunk - copied)?
+            {
+                return Ok(Err(e));
+            }
+            done += chunk;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Append `len` bytes of `base` from `offset` through a buffer (already charged).
+    fn copy_base_buffered(
+        &mut self,
+        writer: &Resource<FileWriter>,
+        base: &Resource<FileReader>,
+        offset: u64,
+        len: u64,
+    ) -> wasmtime::Result<Result<(), Error>> {
         let mut buf = vec![0; COPY_CHUNK.min(len as usize)];
         let mut done = 0;
         while done < len {
             let want = ((len - done) as usize).min(buf.len());
-            let got = match self.table.get(base)?.file.read_at(&mut buf[..want], offset + done) {
+            let base = self.table.get(base)?;
+            let got = match base.file.read_at(&mut buf[..want], offset + done) {
                 Ok(0) => {
-                    return Ok(Err(error(
-                        ErrorKind::Payload,
-                        format!("base `{base_path}` shrank while copying"),
-                    )));
+                    let message = format!("base `{}` shrank while copying", base.path);
+                    return Ok(Err(error(ErrorKind::Payload, message)));
                 }
                 Ok(n) => n,
-                Err(e) => return Ok(Err(io_error("read", &base_path, e))),
+                Err(e) => return Ok(Err(io_error("read", &base.path, e))),
             };
-            self.charge_write(writer, got as u64)?;
             if let Err(e) = self.table.get_mut(writer)?.append(&buf[..got]) {
                 return Ok(Err(e));
             }
@@ -504,6 +554,15 @@ impl HostState {
 }
 
 impl FileWriter {
+    /// The file with everything buffered written out, for a write that bypasses the buffer.
+    fn flushed(&mut self) -> Result<&std::fs::File, Error> {
+        let file = self.file.as_mut().ok_or_else(|| {
+            error(ErrorKind::Io, format!("write `{}`: already finished", self.target))
+        })?;
+        file.flush().map_err(|e| io_error("write", &self.target, e))?;
+        Ok(file.get_ref())
+    }
+
     fn append(&mut self, bytes: &[u8]) -> Result<(), Error> {
         let file = self.file.as_mut().ok_or_else(|| {
             error(ErrorKind::Io, format!("write `{}`: already finished", self.target))

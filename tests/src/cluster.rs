@@ -117,6 +117,7 @@ impl TestCluster {
                     max_rate_mbps: layout.max_rate_mbps,
                     seal: Default::default(),
                     manager_key: None,
+                    more_sites: Vec::new(),
                 };
                 if let Some(t) = &layout.tweak {
                     t(n, &mut spec);
@@ -361,6 +362,38 @@ impl TestCluster {
             b.extend(extra);
         }
         Ok(self.op.put(&self.url("sites/www"), &body).await?)
+    }
+
+    /// Creates (or sets again) hosted site `name` on the cluster's group `g`, its staging tree
+    /// at `staging`: a second site on the same servers.
+    pub async fn put_site_named(
+        &self,
+        name: &str,
+        staging: &std::path::Path,
+    ) -> anyhow::Result<Value> {
+        let body =
+            serde_json::json!({ "content_group": "g", "staging": staging.display().to_string() });
+        Ok(self.op.put(&self.url(&format!("sites/{name}")), &body).await?)
+    }
+
+    /// Submits a job for site `site` with the given policy.
+    pub async fn submit_for(
+        &self,
+        site: &str,
+        kind: JobKind,
+        payload: Payload,
+        policy: JobPolicy,
+    ) -> anyhow::Result<Job> {
+        let spec = JobSpec {
+            name: format!("{kind:?} {site}"),
+            kind,
+            site: site.into(),
+            payload,
+            start_at_ms: 0,
+            every_ms: None,
+            policy,
+        };
+        Ok(self.op.post(&self.url("jobs"), &spec).await?)
     }
 
     /// Panics unless every server's live tree is `want` (observed with [`crate::observe`]).

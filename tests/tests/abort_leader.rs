@@ -52,6 +52,7 @@ fn notification(run: u64) -> Notification {
         manifest: Manifest::of_bytes(&vec![7u8; 100_000], 16 << 10),
         slots: 1,
         servers: vec!["a".into(), "b".into()],
+        site: "www".into(),
         signature: None,
     };
     n.sign(cm_tests::test_signer());
@@ -116,6 +117,7 @@ async fn a_gl_takes_only_the_managers_order_and_passes_it_on() {
         error: None,
         live: Some(1),
         summary: String::new(),
+        site: "www".into(),
     };
     let answer: Value = c.post(&format!("{base}/members/report"), &report).await.unwrap();
     assert_eq!(answer["aborted"]["run"], 5, "{answer}");

@@ -99,6 +99,7 @@ impl Attacker {
             manifest: Manifest::of_file(blob, 64 << 10).unwrap(),
             slots: 0,
             servers: Vec::new(),
+            site: "www".into(),
             signature: None,
         }
     }
@@ -266,6 +267,7 @@ async fn a_replayed_old_commit_does_not_roll_back() {
         job_id: run["job"].as_u64().unwrap(),
         base_serial: sites[0]["keep_releases"].as_u64().unwrap(),
         target_serial: run["release"].as_u64().unwrap(),
+        site: "www".into(),
     };
     build_switch(&captured, meta, None, Some(manager_key.clone())).unwrap();
     assert_eq!(

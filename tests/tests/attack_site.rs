@@ -76,6 +76,7 @@ fn forge(
         body_len: body.len() as u64,
         data_len: data.len() as u64,
         data_hash: *blake3::hash(data).as_bytes(),
+        site: "www".into(),
     };
     let mut f = fs::File::create(out).unwrap();
     let hb = h.encode();

@@ -220,6 +220,7 @@ async fn console_figures() -> anyhow::Result<()> {
             succeeded: servers,
             failed: vec![],
             missing: vec![],
+            site: String::new(),
         };
         let start = Instant::now();
         let (_, resp) = request(

@@ -350,6 +350,7 @@ fn a_new_leader_elected_mid_run_is_notified_and_the_old_leaders_report_is_ignore
         succeeded: vec![],
         failed: members.iter().map(|m| (m.0.clone(), "stale".into())).collect(),
         missing: vec![],
+        site: String::new(),
     };
     let agent = cm_tree::http::JsonClient::new(AGENT, Duration::from_secs(5));
     let ans: serde_json::Value =

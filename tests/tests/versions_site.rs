@@ -20,7 +20,14 @@ fn switch_with_depth(
     let out = dir.join(name);
     cm_assignment::detect::build_switch(
         &out,
-        Meta { kind, serial, job_id: 0, base_serial: depth, target_serial: target },
+        Meta {
+            kind,
+            serial,
+            job_id: 0,
+            base_serial: depth,
+            target_serial: target,
+            site: "www".into(),
+        },
         None,
         None,
     )

@@ -332,6 +332,16 @@ pub struct AgentSpec {
     /// The manager public key file it pins (`None`: the manager's; a test's rogue agent pins
     /// another).
     pub manager_key: Option<PathBuf>,
+    /// Sites it serves besides `site_name` (each at `sites/<name>` in its directory); none: the
+    /// one-site `[site]` form, else `[[site]]` entries.
+    pub more_sites: Vec<ExtraSite>,
+}
+
+/// A further site an agent serves, and the interpreter plugin (its store name) that applies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraSite {
+    pub name: String,
+    pub plugin: String,
 }
 
 /// Which seal secret an agent gets (`[site] seal_secret_file`).
@@ -355,6 +365,18 @@ pub struct AgentProcess {
     pub metrics: SocketAddr,
     pub dir: PathBuf,
     pub site_root: PathBuf,
+    /// The root of each further site (`spec.more_sites`), by name.
+    pub more_roots: std::collections::BTreeMap<String, PathBuf>,
+}
+
+impl AgentProcess {
+    /// The root of its site `name` (`site_root` for `spec.site_name`).
+    pub fn root_of(&self, name: &str) -> Option<&Path> {
+        if name == self.spec.site_name {
+            return Some(&self.site_root);
+        }
+        self.more_roots.get(name).map(PathBuf::as_path)
+    }
 }
 
 impl AgentProcess {
@@ -406,6 +428,27 @@ pub fn start_agent(
     };
     let seal =
         seal.map(|f| format!("seal_secret_file = \"{}\"\n", f.display())).unwrap_or_default();
+    let more_roots: std::collections::BTreeMap<String, PathBuf> =
+        spec.more_sites.iter().map(|s| (s.name.clone(), dir.join("sites").join(&s.name))).collect();
+    // One site: the `[site]` table; several: `[[site]]` entries, the first `site_name` at `site`.
+    let sites = if spec.more_sites.is_empty() {
+        format!("[site]\nroot = \"{}\"\nname = \"{}\"\n{seal}", site_root.display(), spec.site_name)
+    } else {
+        let mut t = format!(
+            "[[site]]\nroot = \"{}\"\nname = \"{}\"\n{seal}",
+            site_root.display(),
+            spec.site_name
+        );
+        for s in &spec.more_sites {
+            t += &format!(
+                "\n[[site]]\nroot = \"{}\"\nname = \"{}\"\nplugin = \"{}\"\n",
+                more_roots[&s.name].display(),
+                s.name,
+                s.plugin
+            );
+        }
+        t
+    };
     let config = format!(
         "[node]\nid = {id}\nname = \"{name}\"\ndata_dir = \"{dir}\"\n\n\
          [segment]\nname = \"{segment}\"\ncontrol_channel = \"{control}\"\ninterface = \"127.0.0.1\"\nloopback = true\nsecret_file = \"{secret}\"\n\n\
@@ -413,7 +456,7 @@ pub fn start_agent(
          [status]\nlisten = \"{status}\"\n\n\
          [metrics]\nlisten = \"{metrics}\"\ntoken_file = \"{metrics_token}\"\n\n\
          [manager]\nurl = \"{url}\"\ntoken_file = \"{token}\"\npublic_key_file = \"{public_key}\"\n\n\
-         [site]\nroot = \"{site}\"\nname = \"{site_name}\"\n{seal}\n\
+         {sites}\n\
          [plugins]\nstore = \"{plugins}\"\n\n\
          [data]\nchannel = \"{data}\"\nframe_size = 8192\nsession_timeout_ms = 5000\n{rate}\n\
          [leader]\nlocation = \"{location}\"\nreport_wait_ms = {wait}\ndiscovery_interval_ms = 5000\n{tls}",
@@ -429,8 +472,6 @@ pub fn start_agent(
         token = manager.agent_token_file.display(),
         metrics_token = manager.metrics_token_file.display(),
         public_key = spec.manager_key.as_ref().unwrap_or(&manager.public_key_file).display(),
-        site = site_root.display(),
-        site_name = spec.site_name,
         plugins = dir.join("plugins").display(),
         data = spec.data,
         location = spec.location,
@@ -446,7 +487,7 @@ pub fn start_agent(
     }
     let guard =
         ProcessGuard::spawn(&spec.name, cmd, root.join("logs").join(format!("{}.log", spec.name)))?;
-    Ok(AgentProcess { spec: spec.clone(), guard, status, metrics, dir, site_root })
+    Ok(AgentProcess { spec: spec.clone(), guard, status, metrics, dir, site_root, more_roots })
 }
 
 /// Writes a fresh cluster secret into `dir/secrets/cluster.key`.

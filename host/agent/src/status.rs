@@ -120,10 +120,11 @@ pub fn status_json(segment: &str, a: &AgentStatus) -> Value {
     v["live"] = json!(a.live);
     v["site_root"] = json!(a.site_root.display().to_string());
     v["interpreter"] = json!(a.interpreter);
+    v["sites"] = json!(a.sites);
     v["applied"] = a
         .recent
         .iter()
-        .map(|r| json!({ "run": r.run, "ok": r.error.is_none(), "error": r.error, "live": r.live, "summary": r.summary, "at_ms": r.at_ms, "interpreter": r.interpreter }))
+        .map(|r| json!({ "run": r.run, "site": r.site, "ok": r.error.is_none(), "error": r.error, "live": r.live, "summary": r.summary, "at_ms": r.at_ms, "interpreter": r.interpreter }))
         .collect();
     v
 }

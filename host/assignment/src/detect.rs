@@ -115,9 +115,18 @@ pub struct BuildOptions {
 }
 
 impl BuildOptions {
+    /// For site [`DEFAULT_SITE`](crate::names::DEFAULT_SITE) (hand tools); the manager names
+    /// the site with [`BuildOptions::for_site`].
     pub fn new(kind: AssignmentType, serial: u64) -> Self {
         BuildOptions {
-            meta: Meta { kind, serial, job_id: 0, base_serial: 0, target_serial: 0 },
+            meta: Meta {
+                kind,
+                serial,
+                job_id: 0,
+                base_serial: 0,
+                target_serial: 0,
+                site: crate::names::DEFAULT_SITE.into(),
+            },
             policy: CompressionPolicy::default(),
             seal: None,
             cipher: None,
@@ -125,6 +134,12 @@ impl BuildOptions {
             delta_min: 256,
             special_bits: SpecialBits::default(),
         }
+    }
+
+    /// The same, for hosted site `site` (the header's site field).
+    pub fn for_site(mut self, site: &str) -> Self {
+        self.meta.site = site.into();
+        self
     }
 }
 
@@ -193,7 +208,8 @@ pub fn build(
     out: &Path,
     opts: &BuildOptions,
 ) -> Result<BuildReport, BuildError> {
-    let mut w = AssignmentWriter::create(out, opts.meta, opts.policy.clone(), opts.seal.clone())?;
+    let mut w =
+        AssignmentWriter::create(out, opts.meta.clone(), opts.policy.clone(), opts.seal.clone())?;
     if let Some(k) = &opts.cipher {
         w.encrypt_with(k.clone());
     }

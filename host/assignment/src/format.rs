@@ -9,10 +9,16 @@ use cm_wire::{DecodeError, EncodeError, Reader, Writer};
 
 /// First eight bytes of every assignment.
 pub const MAGIC: [u8; 8] = *b"CMASSIGN";
-/// The format version this code writes and the only one it reads.
-pub const VERSION: u16 = 1;
+/// The format version this code writes and the only one it reads (2: the header names its site).
+pub const VERSION: u16 = 2;
+/// Longest site name in the header, in bytes: the one name rule's bound
+/// ([`crate::names::MAX_NAME`]).
+pub const MAX_SITE: usize = crate::names::MAX_NAME;
+/// Size of the header's site field: a length byte, then the name, zero-padded to [`MAX_SITE`].
+/// Fixed, so the header stays fixed-size and every offset after it is known before it is read.
+pub const SITE_FIELD: usize = 1 + MAX_SITE;
 /// Size of the fixed header in bytes.
-pub const HEADER_LEN: usize = 8 + 2 + 1 + 1 + 8 * 7 + 32;
+pub const HEADER_LEN: usize = 8 + 2 + 1 + 1 + 8 * 7 + 32 + SITE_FIELD;
 /// Size of the trailer (BLAKE3 of header and body, keyed when sealed).
 pub const TRAILER_LEN: usize = 32;
 /// Longest path or symlink target, in bytes: what one system call takes relative to a
@@ -143,6 +149,11 @@ pub struct Header {
     pub data_len: u64,
     /// BLAKE3 of the data part.
     pub data_hash: [u8; 32],
+    /// The hosted site the assignment is for ([`crate::names::check_name`]): a server serving
+    /// several sites applies it to this one's root, and refuses it when it serves no such site.
+    /// Covered by the trailer, so by the manager's signature: no relay can move a run from one
+    /// site to another.
+    pub site: String,
 }
 
 impl Header {
@@ -163,6 +174,10 @@ impl Header {
         w.bytes(&MAGIC).u16(VERSION).u8(self.kind as u8).u8(self.flags);
         w.u64(self.serial).u64(self.job_id).u64(self.base_serial).u64(self.target_serial);
         w.u64(self.command_count).u64(self.body_len).u64(self.data_len).bytes(&self.data_hash);
+        // The writers check the name first (`write::check_site`); a longer one cannot be
+        // encoded and is cut, which the decoder then refuses.
+        let site = &self.site.as_bytes()[..self.site.len().min(MAX_SITE)];
+        w.u8(site.len() as u8).bytes(site).bytes(&[0u8; MAX_SITE][site.len()..]);
         let mut out = [0u8; HEADER_LEN];
         out.copy_from_slice(w.as_slice());
         out
@@ -196,6 +211,7 @@ impl Header {
             body_len: r.u64()?,
             data_len: r.u64()?,
             data_hash: r.array()?,
+            site: decode_site(r.array::<SITE_FIELD>()?)?,
         };
         if kind.is_switch_only() && (h.body_len != 0 || h.data_len != 0) {
             return Err(DecodeError::malformed("switch-only assignment with a body").into());
@@ -205,6 +221,20 @@ impl Header {
         }
         Ok(h)
     }
+}
+
+/// The header's site field: length byte, name, zero padding (one encoding per name), and the
+/// name rule of [`crate::names`].
+fn decode_site(field: [u8; SITE_FIELD]) -> Result<String, DecodeError> {
+    let len = usize::from(field[0]);
+    let (name, padding) = field[1..].split_at(len);
+    if padding.iter().any(|b| *b != 0) {
+        return Err(DecodeError::malformed("site field padding is not zero"));
+    }
+    let name =
+        std::str::from_utf8(name).map_err(|_| DecodeError::malformed("site name is not UTF-8"))?;
+    crate::names::check_name("site name", name).map_err(|e| DecodeError::malformed(e.why))?;
+    Ok(name.to_owned())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -783,13 +813,62 @@ mod tests {
             body_len: 40,
             data_len: 100,
             data_hash: [9; 32],
+            site: "www".into(),
         };
         let b = h.encode();
         assert_eq!(Header::decode(&b).unwrap(), h);
-        let mut v2 = b;
-        v2[9] = 2;
-        assert_eq!(Header::decode(&v2), Err(HeaderError::Version { found: 2 }));
+        let mut v1 = b;
+        v1[9] = 1;
+        assert_eq!(Header::decode(&v1), Err(HeaderError::Version { found: 1 }));
         assert!(Header::decode(&b[..50]).is_err());
+    }
+
+    #[test]
+    fn the_site_field_is_bounded_padded_and_named_by_the_one_rule() {
+        let h = |site: &str| Header {
+            kind: AssignmentType::Commit,
+            flags: 0,
+            serial: 1,
+            job_id: 0,
+            base_serial: 0,
+            target_serial: 0,
+            command_count: 0,
+            body_len: 0,
+            data_len: 0,
+            data_hash: [0; 32],
+            site: site.into(),
+        };
+        let longest = "s".repeat(MAX_SITE);
+        assert_eq!(Header::decode(&h(&longest).encode()).unwrap().site, longest);
+        // Every prefix of a header, the site field's included, is "incomplete", never valid.
+        let b = h("shop").encode();
+        for cut in 0..HEADER_LEN {
+            let e = Header::decode(&b[..cut]).unwrap_err();
+            assert!(
+                matches!(e, HeaderError::Decode(ref d) if d.is_incomplete())
+                    || e == HeaderError::NotAnAssignment,
+                "{cut}: {e:?}"
+            );
+        }
+        let site_at = HEADER_LEN - SITE_FIELD;
+        let check = |why: &'static str, tamper: &dyn Fn(&mut [u8])| {
+            let mut t = b;
+            tamper(&mut t[site_at..]);
+            assert_eq!(
+                Header::decode(&t),
+                Err(HeaderError::Decode(DecodeError::malformed(why))),
+                "{why}"
+            );
+        };
+        check("site field padding is not zero", &|f| f[SITE_FIELD - 1] = 1);
+        check("site field padding is not zero", &|f| f[0] = 3);
+        check("must not be empty", &|f| f.fill(0));
+        check("must not contain `/` or `\\`", &|f| f[2] = b'/');
+        check("must not be `.` or `..`", &|f| {
+            f.fill(0);
+            f[..3].copy_from_slice(b"\x02..");
+        });
+        check("site name is not UTF-8", &|f| f[1] = 0xff);
     }
 }
 
@@ -886,6 +965,35 @@ mod round_trip {
             for cut in 0..bytes.len() {
                 prop_assert!(Command::decode(&bytes[..cut]).is_err());
             }
+        }
+
+        #[test]
+        fn header_encode_decode(
+            kind in 0usize..AssignmentType::ALL.len(),
+            flags in 0u8..=flags::KNOWN,
+            serial in 1u64..,
+            rest in any::<[u64; 6]>(),
+            data_hash in any::<[u8; 32]>(),
+            site in "[a-zA-Z0-9._-]{1,40}|[a-z]{255}",
+        ) {
+            prop_assume!(crate::names::check_name("site", &site).is_ok());
+            let kind = AssignmentType::ALL[kind];
+            let (body_len, data_len) =
+                if kind.is_switch_only() { (0, 0) } else { (rest[4], rest[5]) };
+            let h = Header {
+                kind,
+                flags,
+                serial,
+                job_id: rest[0],
+                base_serial: rest[1],
+                target_serial: rest[2],
+                command_count: rest[3],
+                body_len,
+                data_len,
+                data_hash,
+                site,
+            };
+            prop_assert_eq!(Header::decode(&h.encode()).unwrap(), h);
         }
 
         #[test]

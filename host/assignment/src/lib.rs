@@ -9,6 +9,8 @@
 //! - [`write`] / [`read`]: streaming writer and reader; no assignment is ever held in memory.
 //! - [`delta`]: the delta engine (prefix/suffix, then rolling hash + BLAKE3 blocks).
 //! - [`detect`]: staging vs shadow → an assignment (with the manifest of the whole tree).
+//! - [`names`]: the one rule for names from outside (the header's site field, the manager's
+//!   sites, groups, segments and servers).
 //! - [`links`]: symlink chains resolved on the whole tree (no two links combine to escape).
 //! - [`policy`]: per-file compression policy.
 //! - [`sign`]: the manager's Ed25519 signatures and the keys servers pin.
@@ -21,6 +23,7 @@ pub mod delta;
 pub mod detect;
 pub mod format;
 pub mod links;
+pub mod names;
 pub mod payload;
 pub mod policy;
 pub mod read;

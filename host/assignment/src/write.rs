@@ -23,13 +23,15 @@ use crate::sign::{ASSIGNMENT_DOMAIN, SIGNATURE_BLOCK_LEN, SigningKey};
 use crate::{SealKey, trailer_hasher};
 
 /// The administrative fields of a new assignment's header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meta {
     pub kind: AssignmentType,
     pub serial: u64,
     pub job_id: u64,
     pub base_serial: u64,
     pub target_serial: u64,
+    /// The hosted site it is for (the one name rule, [`crate::names`]).
+    pub site: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,8 @@ pub enum WriteError {
     Invalid { path: String, why: &'static str },
     #[error("a {kind} assignment carries no commands")]
     SwitchOnly { kind: AssignmentType },
+    #[error(transparent)]
+    Site(#[from] crate::names::NameError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> WriteError {
@@ -113,6 +117,7 @@ impl AssignmentWriter {
         policy: CompressionPolicy,
         seal: Option<SealKey>,
     ) -> Result<Self, WriteError> {
+        crate::names::check_name("site name", &meta.site)?;
         let dir = parent_dir(out);
         let spool = || {
             tempfile::tempfile_in(dir)
@@ -495,6 +500,7 @@ impl AssignmentWriter {
             job_id: self.meta.job_id,
             base_serial: self.meta.base_serial,
             target_serial: self.meta.target_serial,
+            site: self.meta.site.clone(),
             command_count: self.count,
             body_len: self.body_len,
             data_len: stored_len,

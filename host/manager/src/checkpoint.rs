@@ -86,7 +86,7 @@ pub fn create(
     let dir = path.parent().unwrap_or(data_dir);
     std::fs::create_dir_all(dir).map_err(io("creating the checkpoint directory"))?;
     let tmp = dir.join(format!(".{id}.cma.tmp"));
-    let opts = BuildOptions::new(AssignmentType::Restore, live);
+    let opts = BuildOptions::new(AssignmentType::Restore, live).for_site(&name);
     let r = build(&snap, None, &tmp, &opts).map_err(|source| {
         let _ = std::fs::remove_file(&tmp);
         CheckpointError::Build { site: name.clone(), id, source }
@@ -174,7 +174,7 @@ pub fn prepare_restore(
     let live =
         site.live().map(|l| (l, snapshot_dir(ctx.data_dir, &name, l))).filter(|(_, p)| p.is_dir());
     let options = |kind, base| {
-        let mut o = BuildOptions::new(kind, serial);
+        let mut o = BuildOptions::new(kind, serial).for_site(&name);
         o.meta.job_id = job_id;
         o.meta.base_serial = base;
         o.seal = ctx.seal.cloned();

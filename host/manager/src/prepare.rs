@@ -20,6 +20,8 @@ pub enum PrepareError {
     Copy { path: String, source: std::io::Error },
     #[error("signing assignment file {path}: {source}")]
     SignFile { path: String, source: cm_assignment::sign::SignCopyError },
+    #[error("assignment file {path} is for site {found:?} (its header), not the job's site {site}")]
+    FileSite { path: String, site: String, found: String },
     #[error("snapshotting staging tree {from} of site {site}: {source}")]
     Snapshot { site: String, from: String, source: std::io::Error },
     #[error("building the assignment of site {site}: {source}")]
@@ -178,6 +180,15 @@ pub fn prepare(
     let name = site.name.clone();
     match payload {
         Payload::File { path } => {
+            // The header names the site and the signature covers it: a file built for another
+            // site never goes out under this one's name (servers would apply it there).
+            let header = cm_assignment::read::AssignmentReader::open(Path::new(path))
+                .map(|r| r.header().site.clone());
+            if let Ok(found) = header
+                && found != site.name
+            {
+                return Err(PrepareError::FileSite { path: path.clone(), site: name, found });
+            }
             match signer {
                 // Signed with this manager's key already (built with `cmover assignment build
                 // --signing-key`): sent as it is; servers check every byte.
@@ -228,7 +239,8 @@ pub fn prepare(
             let mut opts = BuildOptions::new(
                 if replicate { AssignmentType::Replicate } else { AssignmentType::Publish },
                 serial,
-            );
+            )
+            .for_site(&site.name);
             opts.meta.job_id = job_id;
             opts.meta.base_serial = if replicate { 0 } else { site.live().unwrap_or(0) };
             opts.policy = compression_policy(&site.compression);
@@ -270,7 +282,7 @@ pub fn prepare(
                 });
             }
             // Same serial as live everywhere else: a server that already has it skips the build.
-            let mut opts = BuildOptions::new(AssignmentType::Replicate, live);
+            let mut opts = BuildOptions::new(AssignmentType::Replicate, live).for_site(&site.name);
             opts.meta.job_id = job_id;
             opts.policy = compression_policy(&site.compression);
             opts.seal = seal.cloned();
@@ -335,8 +347,14 @@ pub(crate) fn switching(
     out: &Path,
     summary: String,
 ) -> Result<Prepared, PrepareError> {
-    let meta =
-        Meta { kind, serial, job_id, base_serial: release_depth(site), target_serial: target };
+    let meta = Meta {
+        kind,
+        serial,
+        job_id,
+        base_serial: release_depth(site),
+        target_serial: target,
+        site: site.name.clone(),
+    };
     build_switch(out, meta, ctx.seal.cloned(), ctx.signer.cloned()).map_err(|source| {
         PrepareError::Switch { site: site.name.clone(), what: kind.name(), source }
     })?;

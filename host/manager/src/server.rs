@@ -571,6 +571,7 @@ impl Inner {
                 manifest: run.manifest.clone(),
                 slots,
                 servers: seg.servers.clone(),
+                site: active.site.clone(),
                 signature: None,
             }),
         })
@@ -719,6 +720,18 @@ impl Inner {
             );
             self.db.write(|t| t.log(now_ms(), Some(run.job), Some(run_id), line.clone()))?;
             return Ok(false);
+        }
+        // The GL names the site of the notification it acted on; another site's report is
+        // a confused or lying GL, and its outcomes must not count for this site's holders.
+        let site = lock(&self.runs).get(&run_id).map(|a| a.site.clone());
+        if let Some(site) = site
+            && !report.site.is_empty()
+            && report.site != site
+        {
+            return Err(ManagerError::Invalid(format!(
+                "report of segment {} names site {:?}; run {run_id} is for site {site}",
+                report.segment, report.site
+            )));
         }
         let ours = |s: &String| seg.servers.contains(s);
         let mut outcomes: Vec<(String, ServerOutcome)> = Vec::new();

@@ -98,7 +98,7 @@ pub fn prepare_group(
     }
     // The live serial, so the commit that follows makes the servers' live the site's live; the
     // base serial is checked by every server against its own live release.
-    let mut opts = BuildOptions::new(AssignmentType::Synchronize, live);
+    let mut opts = BuildOptions::new(AssignmentType::Synchronize, live).for_site(&site.name);
     opts.meta.job_id = job_id;
     opts.meta.base_serial = from;
     opts.policy = compression_policy(&site.compression);

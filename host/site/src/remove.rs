@@ -64,7 +64,14 @@ mod tests {
         target: u64,
     ) -> std::path::PathBuf {
         let out = dir.join(format!("{kind}-{serial}"));
-        let meta = Meta { kind, serial, job_id: 1, base_serial: 0, target_serial: target };
+        let meta = Meta {
+            kind,
+            serial,
+            job_id: 1,
+            base_serial: 0,
+            target_serial: target,
+            site: "www".into(),
+        };
         build_switch(&out, meta, None, None).unwrap();
         out
     }

@@ -49,6 +49,10 @@ pub struct SegmentReport {
     /// (server, reason)
     pub failed: Vec<(String, String)>,
     pub missing: Vec<String>,
+    /// The hosted site of the run (from its notification): what the servers that succeeded
+    /// now hold is that site's. Empty from an older GL.
+    #[serde(default)]
+    pub site: String,
 }
 
 /// What a member did with one run's assignment, sent to its current GL: the apply outcome
@@ -67,6 +71,10 @@ pub struct MemberApplyReport {
     /// One line on what the apply did (release built, live switched, already applied).
     #[serde(default)]
     pub summary: String,
+    /// The hosted site the assignment named (its header), whose root the apply went to; `live`
+    /// is that site's. Empty when the header could not be read, or from an older member.
+    #[serde(default)]
+    pub site: String,
 }
 
 /// Seed: the notification message. Tells a GL where to fetch the assignment and how to go on.
@@ -90,6 +98,10 @@ pub struct Notification {
     /// outcomes); empty = every member (older managers).
     #[serde(default)]
     pub servers: Vec<String>,
+    /// The hosted site of the run. Signed with the rest; the assignment's header names the
+    /// same site under the manager's signature, and that is what servers apply by.
+    #[serde(default)]
+    pub site: String,
     /// The manager's signature (hex of key id ‖ Ed25519 signature) of the notification's JSON
     /// without this field, under the domain `contentmover notification signature v1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -171,6 +183,7 @@ mod tests {
             manifest: Manifest::of_bytes(b"abc", 1024),
             slots: 1,
             servers: vec!["a".into()],
+            site: "www".into(),
             signature: None,
         };
         assert!(n.verify(&pinned).is_err());
@@ -184,6 +197,7 @@ mod tests {
             |n: &mut Notification| n.servers.clear(),
             |n: &mut Notification| n.manifest = Manifest::of_bytes(b"evil", 1024),
             |n: &mut Notification| n.run += 1,
+            |n: &mut Notification| n.site = "shop".into(),
         ] {
             let mut t = n.clone();
             tamper(&mut t);

@@ -48,7 +48,7 @@ pub fn switch_assignment(
     let out = dir.join(name);
     cm_assignment::detect::build_switch(
         &out,
-        Meta { kind, serial, job_id: 0, base_serial: 0, target_serial: target },
+        Meta { kind, serial, job_id: 0, base_serial: 0, target_serial: target, site: "www".into() },
         None,
         None,
     )

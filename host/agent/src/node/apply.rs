@@ -1,5 +1,7 @@
-//! A server applies what it received: one assignment per run, through the site's WebAssembly
-//! interpreter plugin (cm-site + cm-plugin-host), exactly once per run.
+//! A server applies what it received: one assignment per run, to the site its header names
+//! ([`super::sites`]), through that site's WebAssembly interpreter plugin (cm-site +
+//! cm-plugin-host), exactly once per run. Applies to one site are serialised; two sites' runs
+//! apply side by side.
 //!
 //! "Exactly once" matters because a run can arrive twice: a new GL elected mid-job delivers the
 //! run again, and a rollback applied twice would roll back twice. So every successful apply is
@@ -18,13 +20,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cm_plugin_host::{FollowConfig, PluginRuntime, PluginStore, RuntimeConfig, StoreFollower};
-use cm_site::{Site, SiteConfig};
+use cm_site::SiteConfig;
 use serde::{Deserialize, Serialize};
 
 use super::AgentError;
+use super::sites::{ServedSite, SiteSpec, open_sites, site_of};
 
-/// The name the agent installs (and looks up) its content interpreter under.
-pub const INTERPRETER: &str = "interpreter";
+/// The name the agent installs (and looks up) its content interpreter under, unless a site
+/// names another.
+pub const INTERPRETER: &str = super::sites::DEFAULT_PLUGIN;
 
 /// What one run did on this server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +46,21 @@ pub struct Applied {
     /// The release the run built and left prepared (not live), which an abort discards.
     #[serde(default)]
     pub prepared: Option<u64>,
+    /// The site the assignment named, whose root it went to (`live` is that site's); empty
+    /// when its header could not be read.
+    #[serde(default)]
+    pub site: String,
+}
+
+/// One served site as `cmover agent status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SiteState {
+    pub name: String,
+    pub root: PathBuf,
+    pub plugin: String,
+    pub live: Option<u64>,
+    /// The plugin's version new applies go to (short hash), if it is installed.
+    pub interpreter: Option<String>,
 }
 
 /// The assignment type an apply was about, for the metrics' `kind` label.
@@ -57,15 +76,15 @@ fn kind_of(r: &Result<cm_site::ApplyReport, cm_site::SiteError>) -> &'static str
 /// How many outcomes `cmover agent status` shows.
 const RECENT: usize = 16;
 
-/// Applies runs to one site, serialised, journalled.
+/// Applies runs to the sites this server serves, each to the site its header names,
+/// serialised per site, journalled.
 pub struct Applier {
-    site: Site,
+    /// In configuration order; the first is what the single-site status fields show.
+    sites: Vec<ServedSite>,
     /// What the site checks (seal, signature, cipher): the GL checks the same before relaying.
     checks: SiteConfig,
-    interpreter: cm_plugin_host::Interpreter,
+    /// One journal for every site: run ids are the manager's, unique across sites.
     journal: PathBuf,
-    /// Serialises applies (the member loop and the GL's own apply may race on one run).
-    lock: Mutex<()>,
     recent: Mutex<VecDeque<Applied>>,
     /// Follows the store on disk; its slots are what the interpreter handle calls into.
     plugins: StoreFollower,
@@ -78,18 +97,16 @@ fn now_ms() -> u64 {
 }
 
 impl Applier {
-    /// Opens the site and the plugin store; installs `default_interpreter` (granted `site_name`)
-    /// when the store has no interpreter yet, so a fresh server needs nothing but the binary.
+    /// Opens the sites (checked with [`super::sites::check_sites`] by the caller) and the
+    /// plugin store; a plugin a site names that the store lacks gets `default_interpreter`
+    /// (granted the sites that name it), so a fresh server needs nothing but the binary.
     pub fn open(
-        site_root: &Path,
-        site_name: &str,
+        sites: &[SiteSpec],
         store_dir: &Path,
         default_interpreter: &[u8],
         state_dir: &Path,
         checks: SiteConfig,
     ) -> Result<Applier, AgentError> {
-        let site =
-            Site::open(site_root, checks.clone()).map_err(|e| AgentError::Site(Box::new(e)))?;
         let runtime = PluginRuntime::new(RuntimeConfig {
             compiled_cache: Some(PluginStore::compiled_cache_dir(store_dir)),
             // One apply at a time: a small pool keeps the address-space reservation small.
@@ -106,24 +123,7 @@ impl Applier {
                 what: format!("plugin store {}", store_dir.display()),
                 source: Box::new(source),
             })?;
-        if store.slot(INTERPRETER).is_err() {
-            let manifest = cm_plugin_host::bundled::interpreter_manifest(INTERPRETER, &[site_name]);
-            store.install(default_interpreter, manifest, "bundled interpreter.wasm").map_err(
-                |source| AgentError::PluginStore {
-                    what: format!(
-                        "installing the bundled interpreter into {}",
-                        store_dir.display()
-                    ),
-                    source: Box::new(source),
-                },
-            )?;
-            tracing::info!(store = %store_dir.display(), site = site_name, "installed the bundled interpreter plugin");
-        }
-        let interpreter =
-            store.interpreter(INTERPRETER, site_name).map_err(|source| AgentError::Plugin {
-                what: format!("interpreter for site {site_name}"),
-                source: Box::new(source),
-            })?;
+        let sites = open_sites(sites, &store, store_dir, default_interpreter, &checks)?;
         let journal = state_dir.join("applied");
         std::fs::create_dir_all(&journal).map_err(|source| AgentError::Io {
             what: format!("creating {}", journal.display()),
@@ -137,11 +137,9 @@ impl Applier {
                 }
             })?;
         let applier = Applier {
-            site,
+            sites,
             checks,
-            interpreter,
             journal,
-            lock: Mutex::new(()),
             recent: Mutex::new(VecDeque::new()),
             plugins,
             aborted: Mutex::new(Default::default()),
@@ -196,21 +194,53 @@ impl Applier {
         r.verify(self.checks.key.as_ref(), self.checks.signers.as_ref())
     }
 
-    /// The site's live release.
+    /// The first site's (the only one's, mostly).
+    fn first(&self) -> &ServedSite {
+        &self.sites[0]
+    }
+
+    fn served(&self, name: &str) -> Option<&ServedSite> {
+        self.sites.iter().find(|s| s.spec.name == name)
+    }
+
+    /// The first site's live release.
     pub fn live(&self) -> Option<u64> {
-        self.site.status().ok().and_then(|s| s.current)
+        Self::live_of(self.first())
     }
 
-    /// The interpreter version new applies go to (short hash), if it is installed.
+    fn live_of(s: &ServedSite) -> Option<u64> {
+        s.site.status().ok().and_then(|s| s.current)
+    }
+
+    /// Every served site: name, root, plugin, live release, interpreter version.
+    pub fn sites(&self) -> Vec<SiteState> {
+        self.sites
+            .iter()
+            .map(|s| SiteState {
+                name: s.spec.name.clone(),
+                root: s.spec.root.clone(),
+                plugin: s.spec.plugin.clone(),
+                live: Self::live_of(s),
+                interpreter: self.version_of(&s.spec.plugin),
+            })
+            .collect()
+    }
+
+    fn version_of(&self, plugin: &str) -> Option<String> {
+        self.plugins.store().slot(plugin).ok().and_then(|s| s.live().ok()).map(|p| p.version())
+    }
+
+    /// The first site's interpreter version new applies go to (short hash), if installed.
     pub fn interpreter_version(&self) -> Option<String> {
-        self.plugins.store().slot(INTERPRETER).ok().and_then(|s| s.live().ok()).map(|p| p.version())
+        self.version_of(&self.first().spec.plugin)
     }
 
-    /// The interpreter new applies go to, as the member state reports it (name, version, hash).
+    /// The first site's interpreter, as the member state reports it (name, version, hash).
     pub fn plugin_identity(&self) -> Option<cm_tree::member_state::PluginIdentity> {
-        let p = self.plugins.store().slot(INTERPRETER).ok()?.live().ok()?;
+        let name = &self.first().spec.plugin;
+        let p = self.plugins.store().slot(name).ok()?.live().ok()?;
         Some(cm_tree::member_state::PluginIdentity {
-            name: INTERPRETER.to_string(),
+            name: name.clone(),
             version: p.version(),
             blake3: p.hash().to_hex().to_string(),
         })
@@ -221,32 +251,63 @@ impl Applier {
         self.plugins.store().sync_from_disk()
     }
 
+    /// The first site's root.
     pub fn site_root(&self) -> &Path {
-        self.site.root()
+        self.first().site.root()
     }
 
-    /// Applies run `run`'s assignment at `file` (blocking: call from a blocking thread). A run
-    /// applied before answers with its journalled outcome and touches nothing.
+    /// Applies run `run`'s assignment at `file` (blocking: call from a blocking thread) to the
+    /// site its header names. A run applied before answers with its journalled outcome and
+    /// touches nothing; an assignment for a site this server does not serve is refused
+    /// (reported, never applied, not journalled).
     pub fn apply(&self, run: u64, file: &Path) -> Applied {
-        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.aborted.lock().unwrap_or_else(|p| p.into_inner()).contains(&run) {
-            return Applied {
+        let refused = |site: String, live, why: String| {
+            tracing::warn!(run, site, "refused: {why}");
+            let a = Applied {
                 run,
-                error: Some(format!("run {run} was aborted by the manager; not applied")),
-                live: self.live(),
+                error: Some(why),
+                live,
                 summary: String::new(),
                 at_ms: now_ms(),
                 interpreter: None,
                 prepared: None,
+                site,
+            };
+            self.remember(&a);
+            a
+        };
+        let name = match site_of(file) {
+            Ok(name) => name,
+            Err(why) => return refused(String::new(), None, why),
+        };
+        let Some(served) = self.served(&name) else {
+            let serving: Vec<&str> = self.sites.iter().map(|s| s.spec.name.as_str()).collect();
+            let why = format!(
+                "the assignment is for site {name}, which this server does not serve (it serves {})",
+                serving.join(", ")
+            );
+            return refused(name, None, why);
+        };
+        let _one = served.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.aborted.lock().unwrap_or_else(|p| p.into_inner()).contains(&run) {
+            return Applied {
+                run,
+                error: Some(format!("run {run} was aborted by the manager; not applied")),
+                live: Self::live_of(served),
+                summary: String::new(),
+                at_ms: now_ms(),
+                interpreter: None,
+                prepared: None,
+                site: name,
             };
         }
         if let Some(done) = self.journalled(run) {
             return done;
         }
-        let mut interp = self.interpreter.clone();
-        let version = self.interpreter_version();
+        let mut interp = served.interpreter.clone();
+        let version = self.version_of(&served.spec.plugin);
         let started = std::time::Instant::now();
-        let applied = self.site.apply(file, &mut interp);
+        let applied = served.site.apply(file, &mut interp);
         crate::metrics::applied(kind_of(&applied), applied.is_ok(), started.elapsed());
         let outcome = match applied {
             Ok(rep) => {
@@ -264,21 +325,23 @@ impl Applier {
                 Applied {
                     run,
                     error: None,
-                    live: self.live(),
+                    live: Self::live_of(served),
                     summary: what,
                     at_ms: now_ms(),
                     interpreter: version,
                     prepared: rep.now_live.is_none().then_some(rep.serial),
+                    site: name.clone(),
                 }
             }
             Err(e) => Applied {
                 run,
                 error: Some(e.to_string()),
-                live: self.live(),
+                live: Self::live_of(served),
                 summary: String::new(),
                 at_ms: now_ms(),
                 interpreter: version,
                 prepared: None,
+                site: name.clone(),
             },
         };
         if outcome.error.is_none()
@@ -290,9 +353,11 @@ impl Applier {
         }
         match &outcome.error {
             None => {
-                tracing::info!(run, summary = %outcome.summary, interpreter = ?outcome.interpreter, "applied")
+                tracing::info!(run, site = %name, summary = %outcome.summary, interpreter = ?outcome.interpreter, "applied")
             }
-            Some(e) => tracing::warn!(run, error = %e, "apply failed; live unchanged"),
+            Some(e) => {
+                tracing::warn!(run, site = %name, error = %e, "apply failed; live unchanged")
+            }
         }
         self.remember(&outcome);
         outcome
@@ -309,21 +374,35 @@ impl Applier {
     /// flight). Returns the release removed.
     pub fn abort(&self, run: u64) -> Result<Option<u64>, cm_site::SiteError> {
         self.aborted.lock().unwrap_or_else(|p| p.into_inner()).insert(run);
-        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(done) = self.journalled(run) else { return Ok(None) };
+        // The journal names the site the run went to; an apply in flight is not journalled
+        // yet, so every site's lock is taken in turn (in one order: no deadlock) until found.
+        let mut done = None;
+        let mut held = None;
+        for (i, served) in self.sites.iter().enumerate() {
+            let one = served.lock.lock().unwrap_or_else(|p| p.into_inner());
+            // Journals written before sites were named are the first (then only) site's.
+            let ours = |d: &Applied| d.site == served.spec.name || (d.site.is_empty() && i == 0);
+            if let Some(d) = self.journalled(run).filter(ours) {
+                done = Some(d);
+                held = Some((served, one));
+                break;
+            }
+        }
+        let (Some(done), Some((served, _one))) = (done, held) else { return Ok(None) };
         let _ = std::fs::remove_file(self.journal_path(run));
         let Some(serial) = done.prepared else { return Ok(None) };
-        let removed = self.site.discard_prepared(serial)?;
+        let removed = served.site.discard_prepared(serial)?;
         let summary = format!("run aborted by the manager: prepared release {serial} discarded");
         tracing::info!(run, serial, removed, "{summary}");
         self.remember(&Applied {
             run,
             error: Some(summary.clone()),
-            live: self.live(),
+            live: Self::live_of(served),
             summary,
             at_ms: now_ms(),
             interpreter: done.interpreter,
             prepared: None,
+            site: done.site,
         });
         Ok(removed.then_some(serial))
     }

@@ -286,6 +286,9 @@ async fn deliver(
     });
     let members: BTreeMap<String, u64> =
         segment.iter().filter(|(n, _)| **n != me).map(|(n, id)| (n.clone(), *id)).collect();
+    // One session at a time on the data channel, until the members that received it have
+    // reported (so none is still lingering in this session when the next one is announced).
+    let channel = if members.is_empty() { None } else { Some(shared.data_channel.lock().await) };
     let mctp = if members.is_empty() {
         DeliveryOutcome::default()
     } else {
@@ -329,6 +332,7 @@ async fn deliver(
     }
     let deadline = Instant::now() + shared.cfg.report_wait;
     let mut reports = shared.board.wait_for(run, &wanted, deadline).await;
+    drop(channel);
     reports.retain(|name, _| servers.is_empty() || servers.contains(name));
     let out = consolidate(&segment, &mctp, &reports, shared.cfg.report_wait);
     tracing::info!(
@@ -384,6 +388,7 @@ mod tests {
             error: error.map(str::to_string),
             live: Some(1),
             summary: String::new(),
+            site: "www".into(),
         }
     }
 

@@ -3,7 +3,9 @@
 //! - It joins its segment's election (the [`election`](crate::election) driver).
 //! - It is always a member ([`member`]): it receives assignments by MCTP on the segment's data
 //!   channel, applies each with cm-site through the WebAssembly interpreter plugin
-//!   ([`apply`]), and reports the outcome to its current GL ([`report`]).
+//!   ([`apply`]) to the hosted site its header names ([`sites`]: one agent serves several
+//!   sites, each with its own root, releases and plugin), and reports the outcome to its
+//!   current GL ([`report`]).
 //! - When elected GL it takes up the duties in [`duty`]: the tree endpoint, discovery reports,
 //!   and per run: apply here, MCTP to the members, wait for their apply reports, one
 //!   consolidated report to the manager. When it loses the leadership it stops them.
@@ -20,6 +22,7 @@ pub mod beacon;
 pub mod duty;
 pub mod member;
 pub mod report;
+pub mod sites;
 pub mod state;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -52,6 +55,8 @@ pub enum AgentError {
     Io { what: String, source: std::io::Error },
     #[error("agent state: opening the site: {0}")]
     Opening(#[from] tokio::task::JoinError),
+    #[error("sites: {0}")]
+    Sites(#[from] sites::SitesError),
     #[error("the election task has stopped")]
     ElectionStopped,
 }
@@ -98,11 +103,11 @@ pub struct AgentConfig {
     pub seal: Option<cm_assignment::SealKey>,
     /// Decrypts encrypted assignments.
     pub cipher: Option<cm_assignment::CipherKey>,
-    pub site_root: PathBuf,
-    /// The site's name (the interpreter plugin must be granted it).
-    pub site_name: String,
+    /// The hosted sites this server serves (at least one; `[site]` or `[[site]]`): each
+    /// assignment goes to the one its header names.
+    pub sites: Vec<sites::SiteSpec>,
     pub plugin_store: PathBuf,
-    /// Installed into an empty plugin store at first start.
+    /// Installed at first start under each plugin name a site uses that the store lacks.
     pub default_interpreter: &'static [u8],
     /// Received assignments, the apply journal, the GL's copies.
     pub state_dir: PathBuf,
@@ -130,6 +135,10 @@ pub struct Shared {
     /// This node's GL endpoint while it leads.
     pub serving: watch::Sender<Option<SocketAddr>>,
     pub client: JsonClient,
+    /// The segment's data channel carries one MCTP session at a time (a member receives one
+    /// session at a time and takes a new announcement for a replacement of the one under way):
+    /// a GL delivering two runs at once — two sites' — sends them in turn.
+    pub data_channel: tokio::sync::Mutex<()>,
 }
 
 /// Applies `run` here (on a blocking thread) and words it as an apply report.
@@ -145,6 +154,7 @@ async fn apply_report(shared: &Arc<Shared>, run: u64, file: PathBuf) -> MemberAp
                 at_ms: 0,
                 interpreter: None,
                 prepared: None,
+                site: String::new(),
             }
         });
     MemberApplyReport {
@@ -154,6 +164,7 @@ async fn apply_report(shared: &Arc<Shared>, run: u64, file: PathBuf) -> MemberAp
         error: a.error,
         live: a.live,
         summary: a.summary,
+        site: a.site,
     }
 }
 
@@ -165,10 +176,13 @@ pub struct AgentStatus {
     pub gl_url: Option<String>,
     /// This node's GL endpoint while it leads.
     pub serving: Option<SocketAddr>,
+    /// The first site's live release, root and interpreter version (the next apply's; it
+    /// follows `cmover plugin install`).
     pub live: Option<u64>,
     pub site_root: PathBuf,
-    /// The interpreter version the next apply goes to (follows `cmover plugin install`).
     pub interpreter: Option<String>,
+    /// Every served site.
+    pub sites: Vec<apply::SiteState>,
     pub recent: Vec<Applied>,
 }
 
@@ -187,6 +201,7 @@ impl AgentStatusReader {
             live: shared.applier.live(),
             site_root: shared.applier.site_root().to_path_buf(),
             interpreter: shared.applier.interpreter_version(),
+            sites: shared.applier.sites(),
             recent: shared.applier.recent(),
             election,
         }
@@ -207,12 +222,12 @@ impl ServerAgent {
         cfg: AgentConfig,
         election: ElectionHandle,
     ) -> Result<ServerAgent, AgentError> {
+        sites::check_sites(&cfg.sites)?;
         let applier = {
             let c = cfg.clone();
             tokio::task::spawn_blocking(move || {
                 Applier::open(
-                    &c.site_root,
-                    &c.site_name,
+                    &c.sites,
                     &c.plugin_store,
                     c.default_interpreter,
                     &c.state_dir,
@@ -244,6 +259,7 @@ impl ServerAgent {
             status: election.watch_status(),
             gl_url: watch::Sender::new(None),
             serving: watch::Sender::new(None),
+            data_channel: tokio::sync::Mutex::new(()),
             cfg,
         });
         let election = Arc::new(election);

@@ -177,6 +177,7 @@ mod tests {
             error: None,
             live: None,
             summary: String::new(),
+            site: "www".into(),
         }
     }
 

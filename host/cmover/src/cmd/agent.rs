@@ -17,14 +17,16 @@
 mod service;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use cm_agent::election::{self as driver, DriverConfig};
+use cm_agent::node::sites::{SiteSpec, check_sites};
 use cm_agent::node::{AgentConfig, DataChannel, ServerAgent};
 use cm_agent::status::{self, StatusServer, StatusSource};
 use cm_agent::words::{self, Speaker};
+use cm_assignment::names::DEFAULT_SITE;
 use cm_election::{Config, DataChannelPool, Eligibility, Registration};
 use cm_tree::tls::{CertRole, TlsFiles};
 use serde::Deserialize;
@@ -119,10 +121,11 @@ struct RunArgs {
     /// assignments are applied, and encrypted ones are decrypted with the key derived from it.
     #[arg(long)]
     seal_secret_file: Option<PathBuf>,
-    /// The site directory (releases and the `current` link).
+    /// The site directory (releases and the `current` link), of the one site (`[site]`).
     #[arg(long)]
     site_root: Option<PathBuf>,
-    /// The hosted site's name.
+    /// The hosted site's name, of the one site (`[site]`); several sites are `[[site]]`
+    /// entries of the settings file.
     #[arg(long)]
     site_name: Option<String>,
     /// The plugin store directory.
@@ -155,7 +158,8 @@ struct AgentFile {
     election: ElectionSection,
     status: StatusSection,
     manager: ManagerSection,
-    site: SiteSection,
+    /// `[site]` (one site) or `[[site]]` (several): see [`sites_of`].
+    site: Option<toml::Value>,
     plugins: PluginsSection,
     data: DataSection,
     leader: LeaderSection,
@@ -185,7 +189,65 @@ struct ManagerSection {
 struct SiteSection {
     root: Option<PathBuf>,
     name: Option<String>,
+    /// The interpreter plugin (its name in the plugin store); default `interpreter`.
+    plugin: Option<String>,
+    /// The cluster's seal secret (one for every site; given once).
     seal_secret_file: Option<PathBuf>,
+}
+
+/// The sites of the settings file: `[site]` is one site (name default `www`, root default
+/// `DATA_DIR/site`, which `--site-name`/`--site-root` override); `[[site]]` entries are several,
+/// each with its name and root. Also returns the seal secret file, given in at most one entry.
+fn sites_of(
+    value: Option<toml::Value>,
+    data_dir: &Path,
+    name_flag: Option<String>,
+    root_flag: Option<PathBuf>,
+) -> anyhow::Result<(Vec<SiteSpec>, Option<PathBuf>)> {
+    let entries: Vec<SiteSection> = match value {
+        None => vec![SiteSection::default()],
+        Some(toml::Value::Array(a)) => {
+            let entries = a
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| v.try_into().with_context(|| format!("[[site]] entry {}", i + 1)))
+                .collect::<anyhow::Result<Vec<SiteSection>>>()?;
+            if entries.is_empty() {
+                bail!("[[site]]: no site given");
+            }
+            if name_flag.is_some() || root_flag.is_some() {
+                bail!(
+                    "--site-name and --site-root set the one site of a [site] table; with [[site]] entries give each its name and root in the file"
+                );
+            }
+            entries
+        }
+        Some(v) => vec![v.try_into().context("[site]")?],
+    };
+    let single = entries.len() == 1;
+    let mut seal = None;
+    let mut sites = Vec::with_capacity(entries.len());
+    for (i, e) in entries.into_iter().enumerate() {
+        if let Some(f) = e.seal_secret_file {
+            if seal.as_ref().is_some_and(|s| *s != f) {
+                bail!("[[site]] entry {}: a second seal_secret_file (the cluster has one)", i + 1);
+            }
+            seal = Some(f);
+        }
+        let spec = if single {
+            let name = name_flag.clone().or(e.name).unwrap_or_else(|| DEFAULT_SITE.into());
+            let root = root_flag.clone().or(e.root).unwrap_or_else(|| data_dir.join("site"));
+            SiteSpec::new(&name, root)
+        } else {
+            let name = e.name.with_context(|| format!("[[site]] entry {}: no name", i + 1))?;
+            let root =
+                e.root.with_context(|| format!("[[site]] entry {} ({name}): no root", i + 1))?;
+            SiteSpec::new(&name, root)
+        };
+        sites.push(SiteSpec { plugin: e.plugin.unwrap_or(spec.plugin.clone()), ..spec });
+    }
+    check_sites(&sites).context("[site]")?;
+    Ok((sites, seal))
 }
 
 #[derive(Deserialize, Default)]
@@ -334,7 +396,7 @@ impl RunArgs {
         let file = read_file(self.config.as_ref())?;
         let service = service::ServiceSettings::resolve(&self, &file.metrics, &file.log)?;
         let (n, seg, el) = (file.node, file.segment, file.election);
-        let (mf, sf, pf, df, lf) = (file.manager, file.site, file.plugins, file.data, file.leader);
+        let (mf, pf, df, lf) = (file.manager, file.plugins, file.data, file.leader);
         let tls_files = match (self.tls.files(), file.tls) {
             (Some(f), _) => Some(f),
             (None, TlsSection { ca: Some(ca), cert: Some(cert), key: Some(key) }) => {
@@ -448,7 +510,8 @@ impl RunArgs {
                 cm_assignment::TrustedKeys::default()
             }
         };
-        let seal_secret = match self.seal_secret_file.as_ref().or(sf.seal_secret_file.as_ref()) {
+        let (sites, site_seal) = sites_of(file.site, &data_dir, self.site_name, self.site_root)?;
+        let seal_secret = match self.seal_secret_file.as_ref().or(site_seal.as_ref()) {
             Some(f) => Some(
                 std::fs::read(f)
                     .with_context(|| format!("reading the seal secret from {}", f.display()))?,
@@ -467,8 +530,7 @@ impl RunArgs {
             agent_token,
             tls,
             secret,
-            site_root: self.site_root.or(sf.root).unwrap_or_else(|| data_dir.join("site")),
-            site_name: self.site_name.or(sf.name).unwrap_or_else(|| "www".into()),
+            sites,
             plugin_store: self
                 .plugin_store
                 .or(pf.store)
@@ -647,13 +709,34 @@ async fn show_status(addr: SocketAddr, raw: bool) -> anyhow::Result<()> {
             dc.iter().map(|(g, a)| format!("{g}={}", a.as_str().unwrap_or("?"))).collect();
         println!("data      {}", list.join(" "));
     }
-    match (v["site_root"].as_str(), v["live"].as_u64()) {
-        (None, _) => println!("site      none: election only (no manager, no data channel)"),
-        (Some(root), Some(l)) => println!("site      {root} (live release {l})"),
-        (Some(root), None) => println!("site      {root} (nothing live yet)"),
-    }
-    if v["site_root"].is_string() {
-        println!("interpreter {}", v["interpreter"].as_str().unwrap_or("not installed"));
+    match v["sites"].as_array().filter(|s| s.len() > 1) {
+        // Several sites: one line each.
+        Some(sites) => {
+            for s in sites {
+                let live = s["live"]
+                    .as_u64()
+                    .map_or("nothing live yet".to_string(), |l| format!("live release {l}"));
+                println!(
+                    "site      {} at {} ({live}; plugin {} {})",
+                    s["name"].as_str().unwrap_or("?"),
+                    s["root"].as_str().unwrap_or("?"),
+                    s["plugin"].as_str().unwrap_or("?"),
+                    s["interpreter"].as_str().unwrap_or("not installed")
+                );
+            }
+        }
+        None => {
+            match (v["site_root"].as_str(), v["live"].as_u64()) {
+                (None, _) => {
+                    println!("site      none: election only (no manager, no data channel)")
+                }
+                (Some(root), Some(l)) => println!("site      {root} (live release {l})"),
+                (Some(root), None) => println!("site      {root} (nothing live yet)"),
+            }
+            if v["site_root"].is_string() {
+                println!("interpreter {}", v["interpreter"].as_str().unwrap_or("not installed"));
+            }
+        }
     }
     if let Some(runs) = v["applied"].as_array().filter(|r| !r.is_empty()) {
         println!("last runs applied");
@@ -666,7 +749,12 @@ async fn show_status(addr: SocketAddr, raw: bool) -> anyhow::Result<()> {
                 .as_str()
                 .map(|v| format!(" (interpreter {v})"))
                 .unwrap_or_default();
-            println!("  run {:>6}  {what}{by}", r["run"]);
+            let site = r["site"]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .map(|s| format!("{s}: "))
+                .unwrap_or_default();
+            println!("  run {:>6}  {site}{what}{by}", r["run"]);
         }
     }
     if let Some(n) = v["save_errors"].as_u64().filter(|n| *n > 0) {

@@ -68,6 +68,10 @@ pub struct BuildArgs {
     target: u64,
     #[arg(long, default_value_t = 0)]
     job: u64,
+    /// The hosted site it is for (the header's site field): an agent applies it to the root of
+    /// the site of this name, and refuses it when it serves none.
+    #[arg(long, value_name = "NAME", default_value = cm_assignment::names::DEFAULT_SITE)]
+    site_name: String,
     /// Seal with the key derived from this secret file.
     #[arg(long)]
     secret_file: Option<PathBuf>,
@@ -289,8 +293,14 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
             .with_context(|| format!("reading the next serial of the site at {}", dir.display()))?,
         (None, None) => bail!("give --serial N or --site DIR"),
     };
-    let meta =
-        Meta { kind, serial, job_id: a.job, base_serial: a.base_serial, target_serial: a.target };
+    let meta = Meta {
+        kind,
+        serial,
+        job_id: a.job,
+        base_serial: a.base_serial,
+        target_serial: a.target,
+        site: a.site_name.clone(),
+    };
     let secret = read_secret(&a.secret_file)?;
     let seal = secret.as_deref().map(SealKey::derive);
     let signer = match &a.signing_key {
@@ -355,8 +365,8 @@ fn show(
     let h = r.header();
     println!("assignment {}", file.display());
     println!(
-        "  type {}  serial {}  job {}  base {}  target {}",
-        h.kind, h.serial, h.job_id, h.base_serial, h.target_serial
+        "  site {}  type {}  serial {}  job {}  base {}  target {}",
+        h.site, h.kind, h.serial, h.job_id, h.base_serial, h.target_serial
     );
     println!(
         "  commands {}  body {} bytes  data {} bytes  flags {:#04x}",

@@ -121,6 +121,7 @@ impl Inner {
             succeeded: outcome.succeeded,
             failed: outcome.failed,
             missing: outcome.missing,
+            site: n.site.clone(),
         };
         let url = format!("{}/api/v1/runs/{}/report", n.manager, n.run);
         // The segment's outcome exists nowhere else: keep trying through a manager restart.

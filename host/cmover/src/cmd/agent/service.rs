@@ -188,9 +188,10 @@ pub(super) fn reload(
 pub(super) fn check(resolved: anyhow::Result<AgentSettings>) -> anyhow::Result<()> {
     let s = resolved.context("configuration refused")?;
     if let Some(agent) = &s.agent {
-        for (key, path) in
-            [("[site] root", &agent.site_root), ("[plugins] store", &agent.plugin_store)]
-        {
+        cm_agent::node::sites::check_sites(&agent.sites)
+            .map_err(|e| anyhow::anyhow!("configuration refused: [site]: {e}"))?;
+        let roots = agent.sites.iter().map(|site| ("[site] root", &site.root));
+        for (key, path) in roots.chain([("[plugins] store", &agent.plugin_store)]) {
             let parent_ok = path.exists()
                 || path.parent().is_some_and(|p| p.as_os_str().is_empty() || p.is_dir());
             if !parent_ok {

@@ -539,6 +539,8 @@ mod tests {
             removed: Default::default(),
             filter: Default::default(),
             compression: Default::default(),
+            golive: None,
+            rotation: Default::default(),
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod loopback;
+pub mod stack;
 
 use std::collections::BTreeMap;
 use std::fs;

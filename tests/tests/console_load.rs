@@ -75,6 +75,8 @@ fn fill(db: &Db) -> Result<(), DbError> {
             removed: Default::default(),
             filter: Default::default(),
             compression: Default::default(),
+            golive: None,
+            rotation: Default::default(),
         })?;
         Ok::<_, DbError>(())
     })?;

@@ -134,6 +134,9 @@ impl Inner {
     /// Aborts job `id`'s running run on behalf of `by` (who and how they authenticated).
     /// Returns the job as it is now; the GLs are told by the run's monitor.
     pub(crate) fn abort_job(&self, id: u64, by: &str, now: u64) -> Result<Job, AbortError> {
+        if let Some(job) = self.abort_roll(id, by, now)? {
+            return Ok(job);
+        }
         let (job, run) = self.db.write(|t| {
             let mut job = self.db.job(id)?.ok_or(AbortError::NoJob(id))?;
             let JobState::Running { run: run_id } = job.state else {

@@ -174,6 +174,9 @@ async fn operator(
         (Method::POST, ["api", "v1", "jobs", job, "abort"]) => {
             crate::abort::answer(&m, id!(job), &req, now)
         }
+        (Method::POST, ["api", "v1", "jobs", job, "approve"]) => {
+            written(crate::golive::approve(&m.db, id!(job), "an operator", now), StatusCode::OK)
+        }
         (Method::POST, ["api", "v1", "jobs", job, "cancel"]) => {
             written(writes::cancel_job(&m.db, id!(job), now), StatusCode::OK)
         }

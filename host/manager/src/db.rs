@@ -153,6 +153,7 @@ impl Txn<'_> {
             attempts: 0,
             last_reason: None,
             pending_commit: None,
+            roll: None,
         };
         self.put_job(&job)?;
         Ok(job)

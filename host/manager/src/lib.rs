@@ -15,6 +15,8 @@
 //! groups, segments, servers); [`validate`]: what an operator writes, checked before it is
 //! stored; [`writes`]: the operator's writes, shared by the API and the console; [`events`]: the
 //! event bus and its Server-Sent Events; `console`: the browser console on the manager's port.
+//! [`golive`]: rolling and canary switches through a load-balancer plugin, health checks, and
+//! rotation following health.
 
 pub mod abort;
 mod api;
@@ -25,6 +27,7 @@ pub mod db;
 mod discovery;
 pub mod events;
 pub mod filter;
+pub mod golive;
 pub mod metrics;
 pub mod model;
 pub mod names;

@@ -89,6 +89,13 @@ pub struct HostedSite {
     /// How the site's assignments compress payloads.
     #[serde(default)]
     pub compression: Compression,
+    /// Go-live: policy, load balancer, server addresses, health check (`golive/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub golive: Option<crate::golive::GoLive>,
+    /// Servers rotation took out of the balancer (behind, failed, silent), and when each
+    /// last changed (`golive/rotation.rs`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rotation: BTreeMap<String, crate::golive::Rotated>,
 }
 
 /// Which paths of the staging tree reach the servers: globs over the path relative to the
@@ -336,6 +343,9 @@ pub struct JobPolicy {
     pub defer_ms: u64,
     /// A run that has not heard from every segment after this long ends; silent servers count as missing.
     pub run_timeout_ms: u64,
+    /// How a release of this job goes live (`None`: the site's `golive.policy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub go_live: Option<crate::golive::GoLivePolicy>,
 }
 
 impl Default for JobPolicy {
@@ -351,6 +361,7 @@ impl Default for JobPolicy {
             on_quorum_shortfall: OnBlocked::Queue,
             defer_ms: 30_000,
             run_timeout_ms: 600_000,
+            go_live: None,
         }
     }
 }
@@ -408,6 +419,9 @@ pub struct Job {
     /// commit run (set when a distribution run met its quorum under `CommitPolicy::Auto`).
     #[serde(default)]
     pub pending_commit: Option<PendingCommit>,
+    /// A rolling or canary switch of this job, in progress or ended (`golive/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roll: Option<crate::golive::Roll>,
 }
 
 /// A distributed release waiting for its commit run.

@@ -557,6 +557,8 @@ mod tests {
             removed: Default::default(),
             filter: Default::default(),
             compression: Default::default(),
+            golive: None,
+            rotation: Default::default(),
         }
     }
 

@@ -18,18 +18,21 @@ use crate::server::{Inner, ManagerError};
 use crate::{now_ms, policy, prepare};
 
 /// What a new run distributes and to whom, before it is written down.
-struct Launch<'a> {
-    job: &'a Job,
-    run_id: u64,
+pub(crate) struct Launch<'a> {
+    pub job: &'a Job,
+    pub run_id: u64,
     /// Servers the run's outcome is counted over (the quorum's total).
-    targets: Vec<String>,
+    pub targets: Vec<String>,
     /// Servers the assignment goes to, if live and their segment has the space.
-    recipients: Vec<String>,
+    pub recipients: Vec<String>,
     /// Outcomes known before the run starts (targets that are not recipients).
-    outcomes: Vec<(String, ServerOutcome)>,
-    prepared: prepare::Prepared,
-    commit_of: Option<u64>,
-    site: crate::model::HostedSite,
+    pub outcomes: Vec<(String, ServerOutcome)>,
+    pub prepared: prepare::Prepared,
+    pub commit_of: Option<u64>,
+    pub site: crate::model::HostedSite,
+    /// The quorum checked once segments short of space are left out (a roll's group run
+    /// checks its whole roll's quorum before, `golive/`).
+    pub quorum: crate::model::Quorum,
 }
 
 impl Inner {
@@ -39,6 +42,10 @@ impl Inner {
         if let Payload::CreateCheckpoint { note } = &job.spec.payload {
             // No assignment, no servers: the checkpoint is written off the scheduler's thread.
             return self.clone().checkpoint_job(job.clone(), note.clone(), now);
+        }
+        // A rolling or canary switch, or another job of a site whose roll is under way.
+        if self.clone().start_roll(&job, now)? {
+            return Ok(());
         }
         if job.pending_commit.is_none()
             && (self.staging_unchanged(&job, now)? || self.nothing_to_synchronize(&job, now)?)
@@ -115,7 +122,17 @@ impl Inner {
             prepared.release = Some(pc.release);
         }
         self.launch(
-            Launch { job: &job, run_id, targets, recipients, outcomes, prepared, commit_of, site },
+            Launch {
+                job: &job,
+                run_id,
+                targets,
+                recipients,
+                outcomes,
+                prepared,
+                commit_of,
+                site,
+                quorum,
+            },
             &live,
             now,
         )
@@ -123,14 +140,23 @@ impl Inner {
 
     /// Groups the recipients by segment (leaving out segments short of disk space), checks the
     /// quorum again, writes the run and starts distributing it.
-    fn launch(
+    pub(crate) fn launch(
         self: Arc<Self>,
         l: Launch<'_>,
         live: &BTreeMap<String, String>,
         now: u64,
     ) -> Result<(), ManagerError> {
-        let Launch { job, run_id, targets, recipients, mut outcomes, prepared, commit_of, site } =
-            l;
+        let Launch {
+            job,
+            run_id,
+            targets,
+            recipients,
+            mut outcomes,
+            prepared,
+            commit_of,
+            site,
+            quorum,
+        } = l;
         let copy = self.run_file(run_id);
         let manifest = Manifest::of_file(&copy, self.cfg.chunk_size)?;
         let disk_needed = manifest.size;
@@ -166,7 +192,7 @@ impl Inner {
         }
         let eligible: BTreeSet<String> =
             segments.values().flat_map(|s| s.servers.iter().cloned()).collect();
-        if let Err(short) = policy::check_quorum(job.spec.policy.quorum, &targets, &eligible) {
+        if let Err(short) = policy::check_quorum(quorum, &targets, &eligible) {
             let _ = std::fs::remove_file(&copy);
             return self.blocked(
                 job,
@@ -253,6 +279,10 @@ impl Inner {
             .db
             .job(run.job)?
             .ok_or_else(|| ManagerError::NotFound(format!("job {}", run.job)))?;
+        // One group's run of a roll: the roll goes on (`golive/`).
+        if job.roll.as_ref().is_some_and(|r| r.waits_for() == Some(run.id)) {
+            return self.roll_run_ended(run, forced, job);
+        }
         let targets = self.targets(&job).unwrap_or_default();
         let reports: BTreeMap<String, ServerOutcome> =
             self.db.reports(run.id)?.into_iter().collect();

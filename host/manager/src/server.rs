@@ -151,6 +151,8 @@ pub(crate) struct Inner {
     pub discovery_gate: crate::discovery::DiscoveryGate,
     /// The browser console's sessions.
     pub console: crate::console::Console,
+    /// Rolls being worked on, rotation's passes (`golive/`).
+    pub golive: crate::golive::GoLiveState,
 }
 
 /// A running manager.
@@ -194,6 +196,7 @@ impl Manager {
             wake: Notify::new(),
             discovery_gate: Default::default(),
             console: Default::default(),
+            golive: Default::default(),
             db,
             cfg,
         });
@@ -226,6 +229,9 @@ impl Manager {
             loop {
                 if let Err(e) = s.clone().tick(now_ms()) {
                     tracing::error!("scheduler: {e}");
+                }
+                if let Err(e) = s.golive_tick() {
+                    tracing::error!("go-live: {e}");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(s.cfg.tick) => {}

@@ -222,6 +222,8 @@ mod tests {
             removed: ["gone".to_string()].into_iter().collect(),
             filter: ContentFilter::default(),
             compression: Compression::default(),
+            golive: None,
+            rotation: Default::default(),
         }
     }
 

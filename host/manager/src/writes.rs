@@ -91,6 +91,9 @@ pub struct SiteSettings {
     /// The compression policy (default level 3, or the site's current setting).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<Compression>,
+    /// Go-live settings (default: none, or the site's current setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub golive: Option<crate::golive::GoLive>,
 }
 
 /// Creates or edits a hosted site; an edit keeps the manager's serials and release history
@@ -111,6 +114,9 @@ pub fn put_site(
         set.compression.clone().or(old.as_ref().map(|o| o.compression.clone())).unwrap_or_default();
     crate::filter::check(&filter, &compression)
         .map_err(|e| FieldError::new(&e.field, e.why.clone()))?;
+    if let Some(g) = &set.golive {
+        crate::golive::check(g).map_err(|(field, why)| FieldError::new(&field, why))?;
+    }
     db.write(|t| {
         let old = db.site(name)?;
         let s = HostedSite {
@@ -131,6 +137,8 @@ pub fn put_site(
             removed: old.as_ref().map(|o| o.removed.clone()).unwrap_or_default(),
             filter: filter.clone(),
             compression: compression.clone(),
+            golive: set.golive.clone().or(old.as_ref().and_then(|o| o.golive.clone())),
+            rotation: old.as_ref().map(|o| o.rotation.clone()).unwrap_or_default(),
             holders: old.map(|o| o.holders).unwrap_or_default(),
         };
         t.put_site(&s)?;

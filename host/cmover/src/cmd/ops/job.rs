@@ -1,5 +1,7 @@
-//! `cmover job create|list|show|cancel|abort`. `cancel` stops a job that is not running;
-//! `abort` stops a running one (its run ends `aborted`, nothing of it goes live: [`abort`]).
+//! `cmover job create|list|show|cancel|abort|approve`. `cancel` stops a job that is not
+//! running; `abort` stops a running one (its run ends `aborted`, nothing of it goes live:
+//! [`abort`]; a rolling switch stops and its switched servers go back); `approve` lets a canary
+//! go on after its pause.
 
 use std::path::PathBuf;
 
@@ -45,6 +47,12 @@ pub enum Command {
         /// With --wait: give up waiting after this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Approve a canary's pause: the rest of the servers go live, group by group.
+    Approve {
+        id: u64,
         #[command(flatten)]
         connect: ConnectArgs,
     },
@@ -269,6 +277,15 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             println!("job {id} cancelled");
             Ok(())
         }
+        Command::Approve { id, connect } => {
+            let c = Client::connect(&connect)?;
+            let job: Job = c.post(&format!("jobs/{id}/approve"), &json!({})).await?;
+            if c.json {
+                return print_json(&job);
+            }
+            println!("job {id}: canary approved, the rest goes live");
+            Ok(())
+        }
         Command::Abort { id, wait, timeout, connect } => {
             let c = Client::connect(&connect)?;
             abort(&c, id, wait.then(|| std::time::Duration::from_secs(timeout))).await
@@ -281,6 +298,15 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
 async fn abort(c: &Client, id: u64, wait: Option<std::time::Duration>) -> anyhow::Result<()> {
     use cm_manager::abort::{LEADER_NOT_TOLD, LEADER_STOPPED};
     let job: Job = c.post(&format!("jobs/{id}/abort"), &json!({})).await?;
+    if let Some(roll) = job.roll.as_ref().filter(|r| r.aborted.is_some()) {
+        if c.json {
+            return print_json(&job);
+        }
+        let back =
+            roll.previous.map_or("the release live before".into(), |p| format!("release {p}"));
+        println!("job {id}: its rolling switch stops; switched servers go back to {back}");
+        return Ok(());
+    }
     let JobState::Aborted { run, .. } = job.state else {
         return Err(
             CliError::Failed(format!("job {id} is {} after the abort", state_text(&job))).into()

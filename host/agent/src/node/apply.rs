@@ -106,6 +106,9 @@ impl Applier {
                 what: format!("plugin store {}", store_dir.display()),
                 source: Box::new(source),
             })?;
+        // A version that drops this site is refused when installed or followed, not at the
+        // next publish.
+        store.require_sites(INTERPRETER, &[site_name]);
         if store.slot(INTERPRETER).is_err() {
             let manifest = cm_plugin_host::bundled::interpreter_manifest(INTERPRETER, &[site_name]);
             store.install(default_interpreter, manifest, "bundled interpreter.wasm").map_err(

@@ -100,21 +100,26 @@ fn message(error: staging::Error) -> String {
     error.message
 }
 
-/// Export a type implementing [`Interpreter`] as the plugin's `content-interpreter`.
+/// Export a type implementing [`Interpreter`] as the plugin's `content-interpreter` (every
+/// call first installs the panic hook).
 #[macro_export]
 macro_rules! interpreter {
     ($plugin:ident) => {
         impl $crate::bindings::exports::contentmover::plugin::content_interpreter::Guest for $plugin {
             fn apply(commands: ::std::vec::Vec<$crate::Command>) -> ::std::vec::Vec<$crate::CommandReport> {
+                $crate::install_panic_hook();
                 $crate::apply_each::<$plugin>(commands)
             }
             fn commit(serial: u64) -> ::std::result::Result<(), ::std::string::String> {
+                $crate::install_panic_hook();
                 <$plugin as $crate::Interpreter>::commit(serial)
             }
             fn rollback(serial: u64) -> ::std::result::Result<(), ::std::string::String> {
+                $crate::install_panic_hook();
                 <$plugin as $crate::Interpreter>::rollback(serial)
             }
             fn self_check() -> ::std::result::Result<(), ::std::string::String> {
+                $crate::install_panic_hook();
                 <$plugin as $crate::Interpreter>::self_check()
             }
         }

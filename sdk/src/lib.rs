@@ -1,7 +1,7 @@
 //! The Content Mover plugin SDK.
 //!
 //! A plugin is a WebAssembly component targeting one world of the `contentmover:plugin` WIT
-//! package (`wit/`): `interpreter` (the default feature), `cache-invalidator` or
+//! package (bundled in this crate's `wit/`): `interpreter` (the default feature), `cache-invalidator` or
 //! `load-balancer`. Enable exactly one of those features.
 //!
 //! The short route, an interpreter that logs every command and then carries it out:
@@ -20,6 +20,11 @@
 //!
 //! cm_plugin_sdk::interpreter!(Audit);
 //! ```
+//!
+//! Every export the SDK's macros make first installs a panic hook ([`install_panic_hook`]) that
+//! writes the panic message through `log` (level `error`) before the trap, so the host's error
+//! says why the plugin stopped. The manifest's `[config]` table is read with [`config::get`] and
+//! [`config::entries`].
 //!
 //! The raw route stays open: the generated bindings are in [`bindings`], and their `export!`
 //! macros (`export_interpreter!`, `export_cache_invalidator!`, `export_load_balancer!`) take a
@@ -72,7 +77,10 @@ pub mod bindings {
     });
 }
 
-pub use bindings::contentmover::plugin::{endpoint, log};
+pub use bindings::contentmover::plugin::{config, endpoint, log};
+
+mod panic;
+pub use panic::install_panic_hook;
 
 #[cfg(feature = "interpreter")]
 mod interpreter;
@@ -87,20 +95,73 @@ pub use bindings::exports::contentmover::plugin::load_balancing::{
     Guest as LoadBalancer, ServerState,
 };
 
-/// Export a type implementing [`CacheInvalidator`] as the plugin's `cache-invalidation`.
+/// Export a type implementing [`CacheInvalidator`] as the plugin's `cache-invalidation`
+/// (every call first installs the panic hook).
 #[cfg(feature = "cache-invalidator")]
 #[macro_export]
 macro_rules! cache_invalidator {
     ($plugin:ident) => {
-        $crate::bindings::export_cache_invalidator!($plugin with_types_in $crate::bindings);
+        const _: () = {
+            use ::std::string::String;
+            use ::std::vec::Vec;
+            use $crate::CacheInvalidator as Guest;
+            struct Exported;
+            impl Guest for Exported {
+                fn invalidate(site: String, paths: Vec<String>) -> Result<(), String> {
+                    $crate::install_panic_hook();
+                    <$plugin as Guest>::invalidate(site, paths)
+                }
+                fn purge_site(site: String) -> Result<(), String> {
+                    $crate::install_panic_hook();
+                    <$plugin as Guest>::purge_site(site)
+                }
+                fn self_check() -> Result<(), String> {
+                    $crate::install_panic_hook();
+                    <$plugin as Guest>::self_check()
+                }
+            }
+            $crate::bindings::export_cache_invalidator!(Exported with_types_in $crate::bindings);
+        };
     };
 }
 
-/// Export a type implementing [`LoadBalancer`] as the plugin's `load-balancing`.
+/// Export a type implementing [`LoadBalancer`] as the plugin's `load-balancing` (every call
+/// first installs the panic hook).
 #[cfg(feature = "load-balancer")]
 #[macro_export]
 macro_rules! load_balancer {
     ($plugin:ident) => {
-        $crate::bindings::export_load_balancer!($plugin with_types_in $crate::bindings);
+        const _: () = {
+            use ::std::string::String;
+            use $crate::LoadBalancer as Guest;
+            struct Exported;
+            impl Guest for Exported {
+                fn drain(server: String) -> Result<(), String> {
+                    $crate::install_panic_hook();
+                    <$plugin as Guest>::drain(server)
+                }
+                fn undrain(server: String) -> Result<(), String> {
+                    $crate::install_panic_hook();
+                    <$plugin as Guest>::undrain(server)
+                }
+                fn add(server: String, address: String) -> Result<(), String> {
+                    $crate::install_panic_hook();
+                    <$plugin as Guest>::add(server, address)
+                }
+                fn remove(server: String) -> Result<(), String> {
+                    $crate::install_panic_hook();
+                    <$plugin as Guest>::remove(server)
+                }
+                fn state(server: String) -> Result<$crate::ServerState, String> {
+                    $crate::install_panic_hook();
+                    <$plugin as Guest>::state(server)
+                }
+                fn self_check() -> Result<(), String> {
+                    $crate::install_panic_hook();
+                    <$plugin as Guest>::self_check()
+                }
+            }
+            $crate::bindings::export_load_balancer!(Exported with_types_in $crate::bindings);
+        };
     };
 }

@@ -107,8 +107,9 @@ fn failing_self_check_keeps_the_old_version_and_rollback_restores_the_previous()
     };
     let good = store.install(&component("haproxy"), lb("haproxy"), "haproxy").unwrap();
     match store.install(&component("haproxy"), lb("elsewhere"), "haproxy") {
-        Err(InstallError::SelfCheck { plugin, source }) => {
+        Err(InstallError::SelfCheck { plugin, kept, source }) => {
             assert_eq!(plugin, "lb");
+            assert_eq!(kept, Some(good.version.clone()), "the live version stays");
             let reason = source.to_string();
             assert!(reason.contains("endpoint `haproxy` is not granted"), "{reason}");
         }

@@ -74,7 +74,8 @@ fn a_memory_hog_is_stopped_at_its_cap() {
         }
         other => panic!("expected the memory limit, got {other:?}"),
     }
-    assert!(message.contains("memory limit of 16777216 bytes"), "{message}");
+    assert!(message.contains("memory limit of 16 MiB (tried to grow to "), "{message}");
+    assert!(message.contains("limits.memory-mib"), "{message}");
     host_still_works(&runtime);
 }
 

@@ -2,9 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
+use cm_plugin_build::{Build, Toolchain, componentize};
 use serde::{Deserialize, Serialize};
 
 /// One component to build: a cargo package of a plugin workspace, with features.
@@ -28,6 +28,7 @@ const PLUGINS: &[Plugin] = &[
     plugin("test-hog", "plugins", "cm-plugin-test-hog", &[]),
     plugin("test-escape", "plugins", "cm-plugin-test-escape", &[]),
     plugin("test-flood", "plugins", "cm-plugin-test-flood", &[]),
+    plugin("test-config", "plugins", "cm-plugin-test-config", &[]),
     Plugin {
         name: "test-swap-v1",
         dir: "plugins/test-swap",
@@ -64,7 +65,7 @@ impl Plugin {
 }
 
 /// Sources every plugin depends on besides its own crate and workspace.
-const SHARED_SOURCES: &[&str] = &["wit", "sdk/Cargo.toml", "sdk/src"];
+const SHARED_SOURCES: &[&str] = &["sdk/wit", "sdk/Cargo.toml", "sdk/src"];
 
 /// `plugins/dist/manifest.toml`.
 #[derive(Serialize, Deserialize, Default)]
@@ -104,11 +105,18 @@ pub fn build_all() -> anyhow::Result<()> {
     std::fs::create_dir_all(dist())?;
     let mut manifest = Manifest::default();
     for plugin in PLUGINS {
-        let core = toolchain.build(&root, plugin)?;
-        let component = wit_component::ComponentEncoder::default()
-            .module(&core)
-            .and_then(|encoder| encoder.validate(true).encode())
-            .with_context(|| format!("componentizing plugin `{}`", plugin.name))?;
+        // All plugins share one target directory, so the standard library is built once.
+        let core = toolchain.build(&Build {
+            workspace: &root.join(plugin.workspace),
+            package: plugin.package,
+            features: plugin.features,
+            target_dir: &root.join("plugins/target"),
+            locked: true,
+            // Reproducible components: no machine paths in panic locations.
+            remap: vec![(root.clone(), "/cm"), (cm_plugin_build::cargo_home(), "/cargo")],
+        })?;
+        let component = componentize(plugin.package, &core)
+            .with_context(|| format!("plugin `{}`", plugin.name))?;
         let file = format!("{}.wasm", plugin.name);
         std::fs::write(dist().join(&file), &component)?;
         eprintln!("  {:<14} {:>7} bytes", plugin.name, component.len());
@@ -213,106 +221,4 @@ fn collect(root: &Path, path: &Path, out: &mut Vec<String>) -> anyhow::Result<()
         out.push(relative.join("/"));
     }
     Ok(())
-}
-
-/// How to compile for `wasm32-unknown-unknown` on this machine.
-enum Toolchain {
-    /// rustup with the `wasm32-unknown-unknown` target installed: plain `cargo build`.
-    Rustup,
-    /// Debian's `rustc-web`/`cargo-web`/`rust-web-src`/`lld-19`: nightly features through
-    /// `RUSTC_BOOTSTRAP`, the standard library built from source.
-    Debian,
-}
-
-impl Toolchain {
-    fn detect() -> anyhow::Result<Self> {
-        let rustup = Command::new("rustup").args(["target", "list", "--installed"]).output();
-        if let Ok(out) = rustup
-            && String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .any(|l| l.trim() == "wasm32-unknown-unknown")
-        {
-            return Ok(Toolchain::Rustup);
-        }
-        let debian = Path::new("/usr/bin/cargo").exists()
-            && Path::new("/usr/bin/wasm-ld-19").exists()
-            && Path::new("/usr/lib/rustlib/src/rust/library").exists();
-        if debian {
-            return Ok(Toolchain::Debian);
-        }
-        bail!(
-            "no wasm32 toolchain: either `rustup target add wasm32-unknown-unknown`, or \
-             `apt-get install rustc-web cargo-web rust-web-src lld-19`"
-        )
-    }
-
-    fn describe(&self) -> &'static str {
-        match self {
-            Toolchain::Rustup => "rustup's wasm32-unknown-unknown target",
-            Toolchain::Debian => "Debian's rustc-web (build-std)",
-        }
-    }
-
-    /// Build `plugin` and return its core module. All plugins share one target directory
-    /// (`plugins/target`), so the standard library is built once.
-    fn build(&self, root: &Path, plugin: &Plugin) -> anyhow::Result<Vec<u8>> {
-        let target_dir = root.join("plugins/target");
-        let mut cargo = match self {
-            Toolchain::Rustup => Command::new("cargo"),
-            Toolchain::Debian => Command::new("/usr/bin/cargo"),
-        };
-        // Run from a clean slate: the variables `cargo xtask` set for itself would point the
-        // inner build at the host toolchain.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            let inherited = (key.starts_with("CARGO") && key != "CARGO_HOME")
-                || key.starts_with("RUST")
-                || key == "RUSTUP_TOOLCHAIN";
-            if inherited {
-                cargo.env_remove(key.as_ref());
-            }
-        }
-        // Reproducible components: no machine paths in panic locations.
-        let home = std::env::var("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
-        });
-        let rustflags = format!(
-            "--remap-path-prefix={}=/cm --remap-path-prefix={}=/cargo",
-            root.display(),
-            home.display()
-        );
-        cargo
-            .current_dir(root.join(plugin.workspace))
-            .args([
-                "build",
-                "--release",
-                "--locked",
-                "--target",
-                "wasm32-unknown-unknown",
-                "-p",
-                plugin.package,
-            ])
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .env("RUSTFLAGS", rustflags);
-        if !plugin.features.is_empty() {
-            cargo.args(["--features", &plugin.features.join(",")]);
-        }
-        if let Toolchain::Debian = self {
-            let path = std::env::var("PATH").unwrap_or_default();
-            cargo
-                .arg("-Zbuild-std=std,panic_abort")
-                .env("PATH", format!("/usr/bin:{path}"))
-                .env("RUSTC_BOOTSTRAP", "1")
-                .env("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER", "wasm-ld-19");
-        }
-        let status = cargo
-            .status()
-            .with_context(|| format!("running cargo for plugin `{}`", plugin.name))?;
-        ensure!(status.success(), "building plugin `{}` failed ({status})", plugin.name);
-        let artifact = target_dir
-            .join("wasm32-unknown-unknown/release")
-            .join(format!("{}.wasm", plugin.package.replace('-', "_")));
-        std::fs::read(&artifact).with_context(|| format!("reading {}", artifact.display()))
-    }
 }

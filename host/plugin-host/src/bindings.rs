@@ -1,11 +1,11 @@
-//! Host-side bindings generated from `wit/` (one module per world). The interfaces the worlds
-//! share (`log`, `payload`, `staging`, `endpoint`) are generated once, in `interpreter`, and
+//! Host-side bindings generated from `sdk/wit/` (one module per world). The interfaces the worlds
+//! share (`log`, `config`, `payload`, `staging`, `endpoint`) are generated once, in `interpreter`, and
 //! reused by the other worlds, so the host implements each of them exactly once.
 
 /// World `interpreter`.
 pub mod interpreter {
     wasmtime::component::bindgen!({
-        path: "../../wit",
+        path: "../../sdk/wit",
         world: "interpreter",
         imports: { default: trappable },
         with: {
@@ -19,11 +19,12 @@ pub mod interpreter {
 /// World `cache-invalidator`.
 pub mod cache_invalidator {
     wasmtime::component::bindgen!({
-        path: "../../wit",
+        path: "../../sdk/wit",
         world: "cache-invalidator",
         imports: { default: trappable },
         with: {
             "contentmover:plugin/log": super::interpreter::contentmover::plugin::log,
+            "contentmover:plugin/config": super::interpreter::contentmover::plugin::config,
             "contentmover:plugin/endpoint": super::interpreter::contentmover::plugin::endpoint,
         },
     });
@@ -32,14 +33,15 @@ pub mod cache_invalidator {
 /// World `load-balancer`.
 pub mod load_balancer {
     wasmtime::component::bindgen!({
-        path: "../../wit",
+        path: "../../sdk/wit",
         world: "load-balancer",
         imports: { default: trappable },
         with: {
             "contentmover:plugin/log": super::interpreter::contentmover::plugin::log,
+            "contentmover:plugin/config": super::interpreter::contentmover::plugin::config,
             "contentmover:plugin/endpoint": super::interpreter::contentmover::plugin::endpoint,
         },
     });
 }
 
-pub use interpreter::contentmover::plugin::{endpoint, log, payload, staging};
+pub use interpreter::contentmover::plugin::{config, endpoint, log, payload, staging};

@@ -52,7 +52,11 @@ pub enum PluginError {
 pub enum FailureCause {
     #[error("exceeded its deadline of {ms} ms (stopped by epoch interruption)")]
     Deadline { ms: u64 },
-    #[error("exceeded its memory limit of {limit_bytes} bytes (tried to grow to {wanted_bytes})")]
+    #[error(
+        "exceeded its memory limit of {} (tried to grow to {}; raise `limits.memory-mib` in its manifest)",
+        mib(*limit_bytes),
+        mib(*wanted_bytes)
+    )]
     MemoryLimit { limit_bytes: u64, wanted_bytes: u64 },
     #[error("trapped: {0}")]
     Trap(String),
@@ -92,11 +96,16 @@ pub enum InstallError {
     #[error("manifest {path}: {reason}")]
     Manifest { path: String, reason: String },
 
-    #[error("plugin `{plugin}`: missing grant: {what}")]
-    MissingGrant { plugin: String, what: String },
+    #[error("manifest {manifest}: plugin `{plugin}`: missing grant: {what}")]
+    MissingGrant { manifest: String, plugin: String, what: String },
 
-    #[error("plugin `{plugin}` failed its self-check, previous version kept: {source}")]
-    SelfCheck { plugin: String, source: PluginError },
+    #[error("plugin `{plugin}` failed its self-check ({}): {source}", kept_or_nothing(kept))]
+    SelfCheck { plugin: String, kept: Option<String>, source: Box<PluginError> },
+
+    #[error(
+        "manifest {manifest}: plugin `{plugin}` must be granted site `{site}` (this server applies that site with it); add it to `grants.sites`"
+    )]
+    SiteRequired { manifest: String, plugin: String, site: String },
 
     #[error("plugin `{plugin}` has no previous version to roll back to")]
     NoPrevious { plugin: String },
@@ -109,4 +118,21 @@ pub enum InstallError {
 
     #[error(transparent)]
     Plugin(#[from] PluginError),
+}
+
+/// What a refused install leaves live.
+fn kept_or_nothing(kept: &Option<String>) -> String {
+    match kept {
+        Some(version) => format!("version {version} kept"),
+        None => "nothing installed".into(),
+    }
+}
+
+/// Bytes as MiB, the unit of the manifest's `limits.memory-mib`.
+fn mib(bytes: u64) -> String {
+    if bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+    }
 }

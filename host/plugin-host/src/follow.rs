@@ -218,9 +218,12 @@ impl PluginStore {
         let version = short(&disk.state.current);
         let loaded =
             self.load_component(name, &disk.state.current, disk.manifest).and_then(|plugin| {
-                plugin
-                    .self_check()
-                    .map_err(|source| InstallError::SelfCheck { plugin: name.into(), source })?;
+                self.check_required_sites(&plugin)?;
+                plugin.self_check().map_err(|source| InstallError::SelfCheck {
+                    plugin: name.into(),
+                    kept: kept.clone(),
+                    source: Box::new(source),
+                })?;
                 Ok(plugin)
             });
         match loaded {

@@ -35,7 +35,10 @@ pub use endpoint::{Endpoint, EndpointAddress};
 pub use error::{FailureCause, InstallError, PluginError};
 pub use follow::{FollowConfig, StoreEvent, StoreFollower};
 pub use inspect::{ComponentInfo, inspect};
-pub use manifest::{EndpointGrant, Grants, Limits, PluginManifest, World};
+pub use manifest::{
+    EndpointGrant, Grants, Limits, MAX_CONFIG_KEYS, MAX_CONFIG_TOTAL, MAX_CONFIG_VALUE,
+    ManifestOrigin, PluginManifest, World,
+};
 pub use plugin::{BalancerAction, InterpreterSession, LoadedPlugin, ServerState};
 pub use quota::{DiskReserve, QuotaExceeded};
 pub use runtime::{PluginRuntime, RuntimeConfig};
@@ -65,6 +68,8 @@ pub mod bundled {
                 sites: sites.iter().map(|s| s.to_string()).collect(),
                 endpoints: Default::default(),
             },
+            config: Default::default(),
+            origin: crate::ManifestOrigin(Some(format!("(bundled manifest of `{name}`)"))),
         }
     }
 }

@@ -22,7 +22,15 @@
 //! http = "127.0.0.1:6081"    # or tcp = "host:port", or unix = "/run/haproxy/admin.sock"
 //! timeout-ms = 2000
 //! max-response-kib = 256
+//!
+//! [config]                   # handed to the plugin (`config.get`, `config.entries`)
+//! batch-size = "64"          # strings only; at most 64 keys, 4 KiB a value, 16 KiB in all
 //! ```
+//!
+//! Checks come in two steps, so an error says the most useful thing first:
+//! [`PluginManifest::parse`] checks the manifest alone (name, world, limits, endpoints,
+//! config); [`PluginManifest::check_grants`] checks the grants the world needs, and runs when
+//! the component is loaded, after its world was compared with the manifest's.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -71,13 +79,16 @@ impl World {
         match self {
             World::Interpreter => &[
                 "contentmover:plugin/log",
+                "contentmover:plugin/config",
                 "contentmover:plugin/payload",
                 "contentmover:plugin/staging",
                 "contentmover:plugin/endpoint",
             ],
-            World::CacheInvalidator | World::LoadBalancer => {
-                &["contentmover:plugin/log", "contentmover:plugin/endpoint"]
-            }
+            World::CacheInvalidator | World::LoadBalancer => &[
+                "contentmover:plugin/log",
+                "contentmover:plugin/config",
+                "contentmover:plugin/endpoint",
+            ],
         }
     }
 }
@@ -100,6 +111,51 @@ pub struct PluginManifest {
     pub limits: Limits,
     #[serde(default)]
     pub grants: Grants,
+    /// The plugin's settings (`config` interface): string keys to string values.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "config_table"
+    )]
+    pub config: BTreeMap<String, String>,
+    /// Where the manifest was read from, for errors (not part of its identity).
+    #[serde(skip)]
+    pub origin: ManifestOrigin,
+}
+
+/// Where a manifest came from (a file's path, or a description); compares equal to every
+/// other origin, so the same manifest read from two places is the same manifest.
+#[derive(Debug, Clone, Default)]
+pub struct ManifestOrigin(pub Option<String>);
+
+impl PartialEq for ManifestOrigin {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// Most keys a `[config]` table may have.
+pub const MAX_CONFIG_KEYS: usize = 64;
+/// Longest value of one `[config]` key, bytes.
+pub const MAX_CONFIG_VALUE: usize = 4 << 10;
+/// Most bytes of keys and values in all.
+pub const MAX_CONFIG_TOTAL: usize = 16 << 10;
+
+/// `[config]`: every value must be a string (a number or a table is refused with the key).
+fn config_table<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, toml::Value>::deserialize(deserializer)?;
+    raw.into_iter()
+        .map(|(key, value)| match value {
+            toml::Value::String(text) => Ok((key, text)),
+            other => Err(serde::de::Error::custom(format!(
+                "config.{key}: values are strings (write {}), found a {}",
+                toml::Value::String(other.to_string()),
+                other.type_str()
+            ))),
+        })
+        .collect()
 }
 
 /// Per-call limits. Besides time and memory, the host's other resources (`quota.rs`): log
@@ -211,11 +267,19 @@ impl EndpointGrant {
 
 impl PluginManifest {
     /// Parse and validate a manifest; `origin` names it in errors.
+    /// Parse and check the manifest alone; the grants are checked when the component is
+    /// loaded ([`PluginManifest::check_grants`]).
     pub fn parse(text: &str, origin: &str) -> Result<Self, InstallError> {
-        let manifest: PluginManifest = toml::from_str(text)
+        let mut manifest: PluginManifest = toml::from_str(text)
             .map_err(|e| InstallError::Manifest { path: origin.into(), reason: e.to_string() })?;
-        manifest.validate(origin)?;
+        manifest.origin = ManifestOrigin(Some(origin.into()));
+        manifest.validate_shape(origin)?;
         Ok(manifest)
+    }
+
+    /// Where this manifest was read from (or `fallback` when it was built in code).
+    pub fn origin_or<'a>(&'a self, fallback: &'a str) -> &'a str {
+        self.origin.0.as_deref().unwrap_or(fallback)
     }
 
     pub fn load(path: &Path) -> Result<Self, InstallError> {
@@ -235,9 +299,16 @@ impl PluginManifest {
         World::from_name(&self.world)
     }
 
-    /// Check everything that does not need the component: a usable name, a known world,
-    /// the grants that world needs, endpoints with exactly one address.
+    /// Check the whole manifest: [`PluginManifest::validate_shape`], then
+    /// [`PluginManifest::check_grants`].
     pub fn validate(&self, origin: &str) -> Result<(), InstallError> {
+        self.validate_shape(origin)?;
+        self.check_grants(origin)
+    }
+
+    /// Check everything that needs neither the component nor the grants: a usable name, a
+    /// known world, positive limits, endpoints with exactly one address, a bounded `[config]`.
+    pub fn validate_shape(&self, origin: &str) -> Result<(), InstallError> {
         let bad = |reason: String| InstallError::Manifest { path: origin.into(), reason };
         let name_ok = !self.name.is_empty()
             && self.name.len() <= 64
@@ -248,7 +319,7 @@ impl PluginManifest {
         if !name_ok {
             return Err(bad(format!("name `{}` must be 1-64 of [a-z0-9_-]", self.name)));
         }
-        let world = self.world().ok_or_else(|| {
+        self.world().ok_or_else(|| {
             bad(format!(
                 "world `{}` is not one of interpreter, cache-invalidator, load-balancer",
                 self.world
@@ -266,7 +337,46 @@ impl PluginManifest {
                 return Err(bad(format!("endpoint `{name}` needs exactly one of http, tcp, unix")));
             }
         }
+        self.validate_config().map_err(bad)
+    }
+
+    fn validate_config(&self) -> Result<(), String> {
+        if self.config.len() > MAX_CONFIG_KEYS {
+            return Err(format!(
+                "[config] has {} keys; at most {MAX_CONFIG_KEYS}",
+                self.config.len()
+            ));
+        }
+        let mut total = 0;
+        for (key, value) in &self.config {
+            let key_ok = !key.is_empty()
+                && key.len() <= 64
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+            if !key_ok {
+                return Err(format!("config key `{key}` must be 1-64 of [a-z0-9_.-]"));
+            }
+            if value.len() > MAX_CONFIG_VALUE {
+                return Err(format!(
+                    "config.{key} is {} bytes; at most {MAX_CONFIG_VALUE}",
+                    value.len()
+                ));
+            }
+            total += key.len() + value.len();
+        }
+        if total > MAX_CONFIG_TOTAL {
+            return Err(format!("[config] is {total} bytes in all; at most {MAX_CONFIG_TOTAL}"));
+        }
+        Ok(())
+    }
+
+    /// Check the grants the manifest's world needs (an interpreter: sites; the others: an
+    /// endpoint). `origin` names the manifest in the error.
+    pub fn check_grants(&self, origin: &str) -> Result<(), InstallError> {
+        let Some(world) = self.world() else { return self.validate_shape(origin) };
         let missing = |what: &str| InstallError::MissingGrant {
+            manifest: origin.into(),
             plugin: self.name.clone(),
             what: what.into(),
         };
@@ -330,12 +440,41 @@ mod tests {
 
     #[test]
     fn refuses_what_is_wrong() {
-        let err = |text: &str| PluginManifest::parse(text, "m.toml").unwrap_err().to_string();
+        let err = |text: &str| match PluginManifest::parse(text, "m.toml") {
+            Ok(parsed) => parsed.validate("m.toml").unwrap_err().to_string(),
+            Err(e) => e.to_string(),
+        };
         assert!(err("name = \"x\"\nworld = \"printer\"\n").contains("world `printer`"));
         assert!(err("name = \"X Y\"\nworld = \"interpreter\"\n").contains("name `X Y`"));
         assert!(err("name = \"x\"\nworld = \"interpreter\"\n").contains("grants.sites"));
         assert!(err("name = \"x\"\nworld = \"cache-invalidator\"\n").contains("grants.endpoints"));
         assert!(err("name = \"x\"\nworld = \"load-balancer\"\n[grants.endpoints.a]\nhttp = \"a:1\"\ntcp = \"a:2\"\n").contains("exactly one"));
         assert!(err("name = \"x\"\nworld = \"interpreter\"\nsurprise = 1\n").contains("surprise"));
+        assert!(err("name = \"x\"\nworld = \"interpreter\"\n").starts_with("manifest m.toml"));
+    }
+
+    #[test]
+    fn config_is_strings_and_bounded() {
+        let base = "name = \"x\"\nworld = \"interpreter\"\n[grants]\nsites = [\"*\"]\n[config]\n";
+        let parse = |config: &str| PluginManifest::parse(&format!("{base}{config}"), "m.toml");
+        let m = parse("batch-size = \"64\"\nurl = \"http://a/b\"\n").unwrap();
+        assert_eq!(m.config.get("batch-size").map(String::as_str), Some("64"));
+        assert_eq!(PluginManifest::parse(&m.to_toml(), "again").unwrap(), m);
+        let err = |config: &str| parse(config).unwrap_err().to_string();
+        let number = err("batch-size = 64\n");
+        assert!(
+            number.contains("config.batch-size: values are strings (write \"64\")"),
+            "{number}"
+        );
+        assert!(number.starts_with("manifest m.toml"), "{number}");
+        assert!(err("nested = { a = \"b\" }\n").contains("config.nested"));
+        assert!(err("\"Bad Key\" = \"v\"\n").contains("config key `Bad Key`"));
+        let long = format!("big = \"{}\"\n", "x".repeat(MAX_CONFIG_VALUE + 1));
+        assert!(err(&long).contains("config.big is 4097 bytes"));
+        let many: String = (0..=MAX_CONFIG_KEYS).map(|i| format!("k{i} = \"v\"\n")).collect();
+        assert!(err(&many).contains("keys; at most 64"));
+        let total: String =
+            (0..5).map(|i| format!("k{i} = \"{}\"\n", "x".repeat(MAX_CONFIG_VALUE))).collect();
+        assert!(err(&total).contains("bytes in all"));
     }
 }

@@ -2,6 +2,7 @@
 //! paths: every call runs in a fresh instance from the `InstancePre` (microseconds with the
 //! pooling allocator), so a trap or a runaway guest can never poison a later call.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -32,6 +33,8 @@ pub struct LoadedPlugin {
     from_cache: bool,
     pre: WorldPre,
     endpoints: Arc<Endpoints>,
+    /// The manifest's `[config]`, shared by every call's sandbox.
+    config: Arc<BTreeMap<String, String>>,
     runtime: PluginRuntime,
 }
 
@@ -51,10 +54,12 @@ impl LoadedPlugin {
         manifest: PluginManifest,
         file: &str,
     ) -> Result<Arc<Self>, InstallError> {
-        manifest.validate(file)?;
+        // The manifest is named by its own file, the component by `file`.
+        let origin = manifest.origin_or(file).to_string();
+        manifest.validate_shape(&origin)?;
         if manifest.limits.memory_mib > runtime.config().max_memory_mib {
             return Err(InstallError::Manifest {
-                path: file.into(),
+                path: origin,
                 reason: format!(
                     "limits.memory-mib = {} exceeds this host's maximum of {} MiB",
                     manifest.limits.memory_mib,
@@ -64,6 +69,7 @@ impl LoadedPlugin {
         }
         let compiled = runtime.compile(bytes, file)?;
         let world = runtime.world_of(&compiled.component, file)?;
+        // The world first: grants are judged against the world the component really has.
         if Some(world) != manifest.world() {
             return Err(InstallError::WorldMismatch {
                 file: file.into(),
@@ -71,6 +77,7 @@ impl LoadedPlugin {
                 component: world.name().into(),
             });
         }
+        manifest.check_grants(&origin)?;
         runtime.check_imports(&compiled.component, world, file)?;
         let wrong_shape = |e: wasmtime::Error| InstallError::InvalidComponent {
             file: file.into(),
@@ -92,6 +99,7 @@ impl LoadedPlugin {
         Ok(Arc::new(LoadedPlugin {
             name: manifest.name.as_str().into(),
             endpoints: Arc::new(manifest.endpoints()),
+            config: Arc::new(manifest.config.clone()),
             manifest,
             world,
             hash: compiled.hash,
@@ -168,6 +176,7 @@ impl LoadedPlugin {
             &self.manifest.limits,
             staging,
             self.endpoints.clone(),
+            self.config.clone(),
         )
     }
 

@@ -7,6 +7,7 @@
 //! target, compiler settings): a restart, or a second process with the same settings, loads
 //! native code instead of compiling again.
 
+use std::collections::BTreeMap;
 use std::hash::Hasher;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -248,6 +249,7 @@ impl PluginRuntime {
         quotas: &Limits,
         staging: Option<&Path>,
         endpoints: Arc<Endpoints>,
+        config: Arc<BTreeMap<String, String>>,
     ) -> Result<Store<HostState>, PluginError> {
         let staging = match staging {
             Some(root) => Some(
@@ -264,6 +266,8 @@ impl PluginRuntime {
             endpoints,
             log_sink: self.inner.config.log_sink.clone(),
             quotas: Quotas::new(quotas.clone(), self.inner.config.disk_reserve),
+            config,
+            panic: None,
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|state| &mut state.memory);
@@ -308,7 +312,11 @@ pub(crate) fn failure_cause(
     if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
         return FailureCause::Deadline { ms: limits.deadline_ms };
     }
-    FailureCause::Trap(format!("{error:?}"))
+    match &store.data().panic {
+        // The SDK's panic hook said why before the trap: that first, then the backtrace.
+        Some(panic) => FailureCause::Trap(format!("{panic}\n{error:?}")),
+        None => FailureCause::Trap(format!("{error:?}")),
+    }
 }
 
 /// "ns:pkg/iface@1.2.3" -> "ns:pkg/iface".

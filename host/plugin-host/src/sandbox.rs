@@ -1,14 +1,15 @@
 //! Per-call sandbox state (the `T` of every `Store<T>`): the resource table, the memory cap,
 //! the quotas (`quota.rs`), the capabilities this call was granted (one staging tree, some
-//! endpoints), and the host side of the small `payload` and `log` interfaces.
+//! endpoints), and the host side of the small `payload`, `log` and `config` interfaces.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::sync::Arc;
 
 use wasmtime::ResourceLimiter;
 use wasmtime::component::{Resource, ResourceTable};
 
-use crate::bindings::{log, payload};
+use crate::bindings::{config, log, payload};
 use crate::endpoint::Endpoints;
 use crate::quota::Quotas;
 use crate::staging::Staging;
@@ -30,6 +31,9 @@ pub enum LogLevel {
 /// Longest log message kept; the rest is cut (a plugin cannot flood the host's log).
 const MAX_LOG_MESSAGE: usize = 4096;
 
+/// How the SDK's panic hook starts its record (`cm-plugin-sdk`'s `panic.rs`).
+const PANIC_PREFIX: &str = "panicked";
+
 /// Largest chunk a guest may ask `data-source.read` for in one call.
 const MAX_READ_CHUNK: u32 = 1 << 20;
 
@@ -43,6 +47,11 @@ pub(crate) struct HostState {
     pub endpoints: Arc<Endpoints>,
     pub log_sink: Option<LogSink>,
     pub quotas: Quotas,
+    /// The manifest's `[config]` table (validated: bounded, strings only).
+    pub config: Arc<BTreeMap<String, String>>,
+    /// The last `panicked at …` record the SDK's panic hook wrote in this call (kept even when
+    /// the log quota drops it), so a trap says why.
+    pub panic: Option<String>,
 }
 
 impl HostState {
@@ -174,6 +183,9 @@ impl log::Host for HostState {
             message.truncate(cut);
             message.push_str(" [truncated]");
         }
+        if matches!(level, log::Level::Error) && message.starts_with(PANIC_PREFIX) {
+            self.panic = Some(message.clone());
+        }
         if !self.quotas.log(message.len()) {
             return Ok(());
         }
@@ -186,5 +198,15 @@ impl log::Host for HostState {
         };
         self.emit(level, &message);
         Ok(())
+    }
+}
+
+impl config::Host for HostState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.config.get(&key).cloned())
+    }
+
+    fn entries(&mut self) -> wasmtime::Result<Vec<(String, String)>> {
+        Ok(self.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
     }
 }

@@ -131,6 +131,8 @@ pub struct PluginStore {
     pub(crate) admin: std::sync::Mutex<()>,
     /// What following the disk refused, per plugin (see `follow.rs`).
     pub(crate) refused: std::sync::Mutex<BTreeMap<String, crate::follow::Refusal>>,
+    /// Sites a plugin's every version must be granted ([`PluginStore::require_sites`]).
+    required_sites: RwLock<BTreeMap<String, Vec<String>>>,
 }
 
 pub(crate) fn store_error(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
@@ -155,6 +157,7 @@ impl PluginStore {
             slots: RwLock::new(BTreeMap::new()),
             admin: Default::default(),
             refused: Default::default(),
+            required_sites: Default::default(),
         };
         for entry in std::fs::read_dir(dir).map_err(store_error(dir))? {
             let entry = entry.map_err(store_error(dir))?;
@@ -174,6 +177,47 @@ impl PluginStore {
             }
         }
         Ok(store)
+    }
+
+    /// Every version of `plugin` installed, rolled back to or followed from now on must be
+    /// granted `sites` (an agent applies those sites with it): one that is not is refused
+    /// then, not at the next publish.
+    pub fn require_sites(&self, plugin: &str, sites: &[&str]) {
+        self.required_sites
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(plugin.into(), sites.iter().map(|s| s.to_string()).collect());
+    }
+
+    /// Refuse a version whose manifest drops a site this store requires of it.
+    pub(crate) fn check_required_sites(&self, plugin: &LoadedPlugin) -> Result<(), InstallError> {
+        let required = self.required_sites.read().unwrap_or_else(|e| e.into_inner());
+        let manifest = plugin.manifest();
+        let missing = required.get(plugin.name()).into_iter().flatten().find(|site| {
+            manifest.world() == Some(World::Interpreter) && !manifest.grants_site(site)
+        });
+        match missing {
+            Some(site) => Err(InstallError::SiteRequired {
+                manifest: manifest.origin_or("its manifest").into(),
+                plugin: plugin.name().into(),
+                site: site.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The live version of `name`, if any (what a refused change keeps).
+    pub(crate) fn live_version(&self, name: &str) -> Option<String> {
+        self.slot(name).ok().map(|slot| slot.current().version())
+    }
+
+    /// Refused installs and rollbacks say what stays live.
+    fn self_check_error(&self, name: &str, source: PluginError) -> InstallError {
+        InstallError::SelfCheck {
+            plugin: name.into(),
+            kept: self.live_version(name),
+            source: Box::new(source),
+        }
     }
 
     /// The default compiled-cache directory of a store in `dir`.
@@ -278,9 +322,8 @@ impl PluginStore {
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let name = manifest.name.clone();
         let plugin = LoadedPlugin::load(&self.runtime, component, manifest.clone(), file)?;
-        plugin
-            .self_check()
-            .map_err(|source| InstallError::SelfCheck { plugin: name.clone(), source })?;
+        self.check_required_sites(&plugin)?;
+        plugin.self_check().map_err(|source| self.self_check_error(&name, source))?;
         let hash = plugin.hash().to_hex().to_string();
         let dir = self.plugin_dir(&name);
         std::fs::create_dir_all(&dir).map_err(store_error(&dir))?;
@@ -333,9 +376,8 @@ impl PluginStore {
         // The previous version comes back with the manifest it was installed with.
         let (manifest, manifest_text) = self.version_manifest(name, &state, &previous)?;
         let plugin = self.load_component(name, &previous, manifest)?;
-        plugin
-            .self_check()
-            .map_err(|source| InstallError::SelfCheck { plugin: name.into(), source })?;
+        self.check_required_sites(&plugin)?;
+        plugin.self_check().map_err(|source| self.self_check_error(name, source))?;
         let replaced = std::mem::replace(&mut state.current, previous);
         write_atomic(&self.plugin_dir(name).join("manifest.toml"), &manifest_text)?;
         state.manifest = blake3::hash(&manifest_text).to_hex().to_string();

@@ -111,11 +111,14 @@ pub(super) fn open_sites(
 ) -> Result<Vec<ServedSite>, AgentError> {
     let plugins: BTreeSet<&str> = specs.iter().map(|s| s.plugin.as_str()).collect();
     for plugin in plugins {
+        let granted: Vec<&str> =
+            specs.iter().filter(|s| s.plugin == plugin).map(|s| s.name.as_str()).collect();
+        // A version that drops one of these sites is refused when installed or followed, not
+        // at the next publish.
+        store.require_sites(plugin, &granted);
         if store.slot(plugin).is_ok() {
             continue;
         }
-        let granted: Vec<&str> =
-            specs.iter().filter(|s| s.plugin == plugin).map(|s| s.name.as_str()).collect();
         let manifest = cm_plugin_host::bundled::interpreter_manifest(plugin, &granted);
         store.install(default_interpreter, manifest, "bundled interpreter.wasm").map_err(
             |source| AgentError::PluginStore {

@@ -378,6 +378,34 @@ fn token(file: Option<&PathBuf>) -> anyhow::Result<String> {
     Ok(t)
 }
 
+/// The plugin store of an agent whose settings do not name one (`cmover plugin` uses the same).
+fn default_store(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("plugins")
+}
+
+/// What `cmover plugin` takes from an agent's settings file: its plugin store, and for each
+/// interpreter plugin the sites it must stay granted.
+pub(crate) struct AgentPlugins {
+    pub store: PathBuf,
+    pub required: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// The plugin store and sites an agent run with `config` (or none) uses, resolved as the agent
+/// resolves them.
+pub(crate) fn agent_plugins(config: Option<&PathBuf>) -> anyhow::Result<AgentPlugins> {
+    let file = read_file(config)?;
+    let data_dir = file.node.data_dir.unwrap_or_else(|| PathBuf::from("."));
+    let (sites, _) = sites_of(file.site, &data_dir, None, None)?;
+    let mut required = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for s in sites {
+        required.entry(s.plugin).or_default().push(s.name);
+    }
+    Ok(AgentPlugins {
+        store: file.plugins.store.unwrap_or_else(|| default_store(&data_dir)),
+        required,
+    })
+}
+
 /// Reads `--config` (if any).
 fn read_file(config: Option<&PathBuf>) -> anyhow::Result<AgentFile> {
     Ok(match config {
@@ -534,7 +562,7 @@ impl RunArgs {
             plugin_store: self
                 .plugin_store
                 .or(pf.store)
-                .unwrap_or_else(|| data_dir.join("plugins")),
+                .unwrap_or_else(|| default_store(&data_dir)),
             default_interpreter: cm_plugin_host::bundled::INTERPRETER,
             state_dir: data_dir.join("state"),
             data,

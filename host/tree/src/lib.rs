@@ -29,6 +29,7 @@ pub mod manifest;
 pub mod member_state;
 pub mod message;
 pub mod metrics;
+pub mod targets;
 pub mod tls;
 
 /// A boxed future, for the tree's object-safe traits (`ChildSource`, `LocalDelivery`).

@@ -183,6 +183,11 @@ impl Applier {
         self.recent.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
     }
 
+    /// The manager keys this server pins (`None`: signatures are not checked).
+    pub fn signers(&self) -> Option<&cm_assignment::TrustedKeys> {
+        self.checks.signers.as_ref()
+    }
+
     /// Checks `file` as the site would before applying it — seal, the manager's signature,
     /// trailer, data hash, every encrypted chunk — without applying anything. A GL runs it
     /// before relaying a run by MCTP, so it never spreads what its members would refuse.

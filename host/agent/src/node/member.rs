@@ -84,7 +84,7 @@ pub async fn member_loop(shared: Arc<Shared>) {
                         // The data channel is multicast: every member hears every run, and
                         // applies only those that target it (a replicate names its servers).
                         let targeted = report::is_target(shared.gl_url.subscribe(), &shared.client, run, &shared.cfg.name, TARGETS_GIVE_UP).await;
-                        if let Some(report::Target::Yes { aborted_before }) = &targeted {
+                        if let Some(report::Target::Yes { aborted_before, .. }) = &targeted {
                             for order in aborted_before {
                                 super::abort::follow_now(&shared, order).await;
                             }
@@ -98,6 +98,14 @@ pub async fn member_loop(shared: Arc<Shared>) {
                                 Some(_) => tracing::info!(run, "the run targets other servers of the segment: skipped"),
                                 None => tracing::warn!(run, "no group leader said whether the run targets this server within {TARGETS_GIVE_UP:?}: skipped"),
                             }
+                            let _ = std::fs::remove_file(&got.path);
+                            return;
+                        }
+                        // The GL's word is checked against the manager's signed notification.
+                        if let Some(report::Target::Yes { notification, .. }) = &targeted
+                            && let Err(why) = confirm_target(&shared, run, &got.path, notification.as_ref()).await
+                        {
+                            tracing::warn!(run, "not applied: {why}");
                             let _ = std::fs::remove_file(&got.path);
                             return;
                         }
@@ -131,4 +139,27 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.run);
     }
+}
+
+/// With pinned manager keys, a run is applied only when the manager's signed notification
+/// (relayed by the GL) names this server and describes the received file
+/// (`cm_tree::targets`): a GL cannot hand a genuine run to members it does not target.
+async fn confirm_target(
+    shared: &Arc<Shared>,
+    run: u64,
+    file: &std::path::Path,
+    notification: Option<&cm_tree::message::Notification>,
+) -> Result<(), String> {
+    let Some(keys) = shared.applier.signers() else { return Ok(()) };
+    let path = file.to_path_buf();
+    let hash = tokio::task::spawn_blocking(move || {
+        let mut h = blake3::Hasher::new();
+        h.update_reader(std::fs::File::open(path)?)?;
+        Ok::<_, std::io::Error>(h.finalize().to_hex().to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("hashing the received assignment: {e}"))?;
+    cm_tree::targets::confirm(notification, keys, run, &hash, &shared.cfg.name)
+        .map_err(|e| e.to_string())
 }

@@ -151,14 +151,20 @@ pub async fn is_target(
         Some(v) => serde_json::from_value(v.clone()).unwrap_or_default(),
         None => Vec::new(),
     };
-    Some(Target::Yes { aborted_before })
+    let notification =
+        answer.get("notification").and_then(|n| serde_json::from_value(n.clone()).ok());
+    Some(Target::Yes { aborted_before, notification })
 }
 
 /// What a GL said about a run a member received.
 pub enum Target {
     /// The run targets this server; the GL names the newest runs the manager aborted (orders
     /// not yet verified), whose prepared releases go before this run is applied.
-    Yes { aborted_before: Vec<cm_tree::abort::AbortOrder> },
+    Yes {
+        aborted_before: Vec<cm_tree::abort::AbortOrder>,
+        /// The run's notification as the GL holds it (the manager signed it; not yet checked).
+        notification: Option<cm_tree::message::Notification>,
+    },
     /// It targets other servers of the segment.
     No,
     /// The manager aborted it (the order, not yet verified).

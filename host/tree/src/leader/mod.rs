@@ -315,21 +315,24 @@ impl Inner {
                 if let Some(order) = self.aborted_order(run) {
                     return abort::gone(&order);
                 }
-                let servers = self
+                let notification = self
                     .runs
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .get(&run)
-                    .map(|r| r.notification.borrow().servers.clone());
-                match servers {
+                    .map(|r| r.notification.borrow().clone());
+                match notification {
                     // With the newest runs aborted here: a member that missed an abort (it was
                     // unreachable) discards what those prepared before it applies this run.
-                    Some(servers) => http::json(
+                    // The manager's signed notification lets the member check the targets
+                    // itself (`crate::targets`).
+                    Some(n) => http::json(
                         StatusCode::OK,
                         &serde_json::json!({
                             "run": run,
-                            "servers": servers,
+                            "servers": n.servers,
                             "aborted_before": self.recent_aborts(),
+                            "notification": n,
                         }),
                     ),
                     None => http::error(StatusCode::NOT_FOUND, "no such run here"),

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod loopback;
+pub mod web;
 
 use std::collections::BTreeMap;
 use std::fs;

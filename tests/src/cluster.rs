@@ -117,6 +117,7 @@ impl TestCluster {
                     max_rate_mbps: layout.max_rate_mbps,
                     seal: Default::default(),
                     manager_key: None,
+                    extra_toml: String::new(),
                 };
                 if let Some(t) = &layout.tweak {
                     t(n, &mut spec);

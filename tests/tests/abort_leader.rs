@@ -52,6 +52,7 @@ fn notification(run: u64) -> Notification {
         manifest: Manifest::of_bytes(&vec![7u8; 100_000], 16 << 10),
         slots: 1,
         servers: vec!["a".into(), "b".into()],
+        cache: None,
         signature: None,
     };
     n.sign(cm_tests::test_signer());

@@ -99,6 +99,7 @@ impl Attacker {
             manifest: Manifest::of_file(blob, 64 << 10).unwrap(),
             slots: 0,
             servers: Vec::new(),
+            cache: None,
             signature: None,
         }
     }
@@ -204,6 +205,7 @@ async fn members_refuse_an_assignment_signed_by_another_key() {
         node_id: 99,
         weight: 255,
         manager_key: Some(rogue_pub),
+        extra_toml: String::new(),
         ..c.agents[0].spec.clone()
     };
     c.agents.push(

@@ -75,6 +75,7 @@ fn fill(db: &Db) -> Result<(), DbError> {
             removed: Default::default(),
             filter: Default::default(),
             compression: Default::default(),
+            refresh: Default::default(),
         })?;
         Ok::<_, DbError>(())
     })?;
@@ -197,6 +198,7 @@ async fn console_figures() -> anyhow::Result<()> {
             serial: None,
             release: None,
             commit_of: None,
+            cache: None,
             manifest: manifest.clone(),
             disk_needed: 1,
             segments: BTreeMap::from([(

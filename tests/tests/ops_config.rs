@@ -190,6 +190,7 @@ fn the_launcher_writes_settings_files_the_check_accepts() {
         max_rate_mbps: None,
         seal: Default::default(),
         manager_key: None,
+        extra_toml: String::new(),
     };
     let a = launch::start_agent(&bin, dir.path(), &m, &secret, &spec).unwrap();
     let (ok, text) = check("agent", &a.dir.join("agent.toml"), &[]);

@@ -332,6 +332,8 @@ pub struct AgentSpec {
     /// The manager public key file it pins (`None`: the manager's; a test's rogue agent pins
     /// another).
     pub manager_key: Option<PathBuf>,
+    /// More settings appended to its config file (e.g. `[[caches]]`); empty: none.
+    pub extra_toml: String,
 }
 
 /// Which seal secret an agent gets (`[site] seal_secret_file`).
@@ -416,7 +418,7 @@ pub fn start_agent(
          [site]\nroot = \"{site}\"\nname = \"{site_name}\"\n{seal}\n\
          [plugins]\nstore = \"{plugins}\"\n\n\
          [data]\nchannel = \"{data}\"\nframe_size = 8192\nsession_timeout_ms = 5000\n{rate}\n\
-         [leader]\nlocation = \"{location}\"\nreport_wait_ms = {wait}\ndiscovery_interval_ms = 5000\n{tls}",
+         [leader]\nlocation = \"{location}\"\nreport_wait_ms = {wait}\ndiscovery_interval_ms = 5000\n{tls}\n{extra}",
         id = spec.node_id,
         name = spec.name,
         dir = dir.display(),
@@ -436,6 +438,7 @@ pub fn start_agent(
         location = spec.location,
         wait = spec.report_wait_ms,
         rate = spec.max_rate_mbps.map(|r| format!("max_rate_mbps = {r}\n")).unwrap_or_default(),
+        extra = spec.extra_toml,
     );
     let config_file = dir.join("agent.toml");
     std::fs::File::create(&config_file)?.write_all(config.as_bytes())?;

@@ -15,16 +15,20 @@
 //! groups, segments, servers); [`validate`]: what an operator writes, checked before it is
 //! stored; [`writes`]: the operator's writes, shared by the API and the console; [`events`]: the
 //! event bus and its Server-Sent Events; `console`: the browser console on the manager's port.
+//! After a commit: [`live_change`] (what changed, the caches' signed order), `cache_report`
+//! (the GLs' cache outcomes into the history) and [`search_refresh`] (IndexNow, sitemap ping).
 
 pub mod abort;
 mod api;
 pub mod ca;
+mod cache_report;
 pub mod checkpoint;
 mod console;
 pub mod db;
 mod discovery;
 pub mod events;
 pub mod filter;
+pub mod live_change;
 pub mod metrics;
 pub mod model;
 pub mod names;
@@ -33,6 +37,7 @@ pub mod prepare;
 mod remove;
 mod runs;
 pub mod scheduler;
+pub mod search_refresh;
 pub mod server;
 pub mod sync;
 pub mod tree;

@@ -89,6 +89,10 @@ pub struct HostedSite {
     /// How the site's assignments compress payloads.
     #[serde(default)]
     pub compression: Compression,
+    /// What follows a commit: the caches' path limit and the search-engine refresh
+    /// (`live_change.rs`, `search_refresh.rs`).
+    #[serde(default)]
+    pub refresh: crate::search_refresh::RefreshSettings,
 }
 
 /// Which paths of the staging tree reach the servers: globs over the path relative to the
@@ -474,6 +478,9 @@ pub struct Run {
     /// Set on a commit run that follows a distribution run automatically: that run's id.
     #[serde(default)]
     pub commit_of: Option<u64>,
+    /// For a run that changes live: what the GLs tell their caches (`live_change.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<cm_tree::cache::CacheOrder>,
     pub manifest: Manifest,
     /// Disk space each server needs for this run.
     pub disk_needed: u64,

@@ -30,6 +30,8 @@ struct Launch<'a> {
     prepared: prepare::Prepared,
     commit_of: Option<u64>,
     site: crate::model::HostedSite,
+    /// What the caches are told once it is committed (`live_change.rs`).
+    cache: Option<cm_tree::cache::CacheOrder>,
 }
 
 impl Inner {
@@ -114,8 +116,20 @@ impl Inner {
         if let Some(pc) = &job.pending_commit {
             prepared.release = Some(pc.release);
         }
+        let cache = crate::live_change::new_live(&payload, &site, &self.cfg.data_dir)
+            .and_then(|to| crate::live_change::cache_order(&self.cfg.data_dir, &site, to));
         self.launch(
-            Launch { job: &job, run_id, targets, recipients, outcomes, prepared, commit_of, site },
+            Launch {
+                job: &job,
+                run_id,
+                targets,
+                recipients,
+                outcomes,
+                prepared,
+                commit_of,
+                site,
+                cache,
+            },
             &live,
             now,
         )
@@ -129,8 +143,17 @@ impl Inner {
         live: &BTreeMap<String, String>,
         now: u64,
     ) -> Result<(), ManagerError> {
-        let Launch { job, run_id, targets, recipients, mut outcomes, prepared, commit_of, site } =
-            l;
+        let Launch {
+            job,
+            run_id,
+            targets,
+            recipients,
+            mut outcomes,
+            prepared,
+            commit_of,
+            site,
+            cache,
+        } = l;
         let copy = self.run_file(run_id);
         let manifest = Manifest::of_file(&copy, self.cfg.chunk_size)?;
         let disk_needed = manifest.size;
@@ -184,6 +207,7 @@ impl Inner {
             serial: prepared.serial,
             release: prepared.release,
             commit_of,
+            cache,
             manifest,
             disk_needed,
             segments,

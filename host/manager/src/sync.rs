@@ -222,6 +222,7 @@ mod tests {
             removed: ["gone".to_string()].into_iter().collect(),
             filter: ContentFilter::default(),
             compression: Compression::default(),
+            refresh: Default::default(),
         }
     }
 

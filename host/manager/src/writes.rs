@@ -91,6 +91,10 @@ pub struct SiteSettings {
     /// The compression policy (default level 3, or the site's current setting).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<Compression>,
+    /// What follows a commit: caches' path limit, search refresh (default: 1 000 paths, no
+    /// search engine; or the site's current setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<crate::search_refresh::RefreshSettings>,
 }
 
 /// Creates or edits a hosted site; an edit keeps the manager's serials and release history
@@ -111,6 +115,9 @@ pub fn put_site(
         set.compression.clone().or(old.as_ref().map(|o| o.compression.clone())).unwrap_or_default();
     crate::filter::check(&filter, &compression)
         .map_err(|e| FieldError::new(&e.field, e.why.clone()))?;
+    let refresh =
+        set.refresh.clone().or(old.as_ref().map(|o| o.refresh.clone())).unwrap_or_default();
+    refresh.check().map_err(|e| FieldError::new(e.field, e.why))?;
     db.write(|t| {
         let old = db.site(name)?;
         let s = HostedSite {
@@ -131,6 +138,7 @@ pub fn put_site(
             removed: old.as_ref().map(|o| o.removed.clone()).unwrap_or_default(),
             filter: filter.clone(),
             compression: compression.clone(),
+            refresh: refresh.clone(),
             holders: old.map(|o| o.holders).unwrap_or_default(),
         };
         t.put_site(&s)?;

@@ -85,6 +85,7 @@ mod tests {
             manifest: Manifest::of_bytes(b"x", 1024),
             slots: 0,
             servers: vec![],
+            cache: None,
             signature: None,
         };
         n.sign(&k);

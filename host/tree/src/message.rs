@@ -90,6 +90,10 @@ pub struct Notification {
     /// outcomes); empty = every member (older managers).
     #[serde(default)]
     pub servers: Vec<String>,
+    /// For a run that changes what is live (commit, rollback, switch): what the GL tells its
+    /// segment's caches once the servers committed (`crate::cache`). Signed with the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::cache::CacheOrder>,
     /// The manager's signature (hex of key id ‖ Ed25519 signature) of the notification's JSON
     /// without this field, under the domain `contentmover notification signature v1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -171,6 +175,7 @@ mod tests {
             manifest: Manifest::of_bytes(b"abc", 1024),
             slots: 1,
             servers: vec!["a".into()],
+            cache: None,
             signature: None,
         };
         assert!(n.verify(&pinned).is_err());
@@ -184,6 +189,15 @@ mod tests {
             |n: &mut Notification| n.servers.clear(),
             |n: &mut Notification| n.manifest = Manifest::of_bytes(b"evil", 1024),
             |n: &mut Notification| n.run += 1,
+            // The cache order is signed too: a relay cannot make a GL purge other paths.
+            |n: &mut Notification| {
+                n.cache = Some(crate::cache::CacheOrder {
+                    site: "www".into(),
+                    from: Some(1),
+                    to: 2,
+                    change: crate::cache::CacheChange::Site { reason: "forged".into() },
+                })
+            },
         ] {
             let mut t = n.clone();
             tamper(&mut t);

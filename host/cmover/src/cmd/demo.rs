@@ -360,6 +360,7 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
                 max_rate_mbps: None,
                 seal: Default::default(),
                 manager_key: None,
+                extra_toml: String::new(),
             };
             agents.push(launch::start_agent(&bin, &dir, &manager, &secret, &spec)?);
         }

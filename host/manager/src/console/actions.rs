@@ -103,6 +103,7 @@ fn set_site(m: &Inner, form: &Form) -> Result<String, WriteError> {
         keep_checkpoints: count("keep_checkpoints")?,
         filter: None,
         compression: None,
+        refresh: None,
     };
     Ok(writes::put_site(&m.db, field(form, "name"), &set, now_ms())?.history)
 }

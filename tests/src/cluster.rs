@@ -118,6 +118,7 @@ impl TestCluster {
                     seal: Default::default(),
                     manager_key: None,
                     more_sites: Vec::new(),
+                    extra_toml: String::new(),
                 };
                 if let Some(t) = &layout.tweak {
                     t(n, &mut spec);

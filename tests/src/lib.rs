@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod loopback;
 pub mod stack;
+pub mod web;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -46,6 +46,7 @@ fn running(m: &Manager, kind: JobKind, payload: Payload, commit_of: Option<u64>)
                 serial: Some(7),
                 release: Some(7),
                 commit_of,
+                cache: None,
                 manifest: Manifest::of_bytes(b"assignment", 1024),
                 disk_needed: 10,
                 segments: BTreeMap::new(),

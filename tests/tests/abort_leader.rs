@@ -53,6 +53,7 @@ fn notification(run: u64) -> Notification {
         slots: 1,
         servers: vec!["a".into(), "b".into()],
         site: "www".into(),
+        cache: None,
         signature: None,
     };
     n.sign(cm_tests::test_signer());

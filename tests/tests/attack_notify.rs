@@ -100,6 +100,7 @@ impl Attacker {
             slots: 0,
             servers: Vec::new(),
             site: "www".into(),
+            cache: None,
             signature: None,
         }
     }
@@ -205,6 +206,7 @@ async fn members_refuse_an_assignment_signed_by_another_key() {
         node_id: 99,
         weight: 255,
         manager_key: Some(rogue_pub),
+        extra_toml: String::new(),
         ..c.agents[0].spec.clone()
     };
     c.agents.push(

@@ -96,6 +96,7 @@ fn an_agent_that_cannot_reach_the_manager_says_so() {
         seal: Default::default(),
         manager_key: None,
         more_sites: Vec::new(),
+        extra_toml: String::new(),
     };
     let agent = launch::start_agent(&bin, dir.path(), &manager, &secret, &spec).unwrap();
     let end = Instant::now() + Duration::from_secs(30);

@@ -77,6 +77,7 @@ fn fill(db: &Db) -> Result<(), DbError> {
             compression: Default::default(),
             golive: None,
             rotation: Default::default(),
+            refresh: Default::default(),
         })?;
         Ok::<_, DbError>(())
     })?;
@@ -199,6 +200,7 @@ async fn console_figures() -> anyhow::Result<()> {
             serial: None,
             release: None,
             commit_of: None,
+            cache: None,
             manifest: manifest.clone(),
             disk_needed: 1,
             segments: BTreeMap::from([(

@@ -191,6 +191,7 @@ fn the_launcher_writes_settings_files_the_check_accepts() {
         seal: Default::default(),
         manager_key: None,
         more_sites: Vec::new(),
+        extra_toml: String::new(),
     };
     let a = launch::start_agent(&bin, dir.path(), &m, &secret, &spec).unwrap();
     let (ok, text) = check("agent", &a.dir.join("agent.toml"), &[]);

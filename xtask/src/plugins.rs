@@ -22,6 +22,7 @@ struct Plugin {
 const PLUGINS: &[Plugin] = &[
     plugin("interpreter", "plugins", "cm-plugin-interpreter", &[]),
     plugin("varnish", "plugins", "cm-plugin-varnish", &[]),
+    plugin("nginx", "plugins", "cm-plugin-nginx", &[]),
     plugin("haproxy", "plugins", "cm-plugin-haproxy", &[]),
     plugin("test-trap", "plugins", "cm-plugin-test-trap", &[]),
     plugin("test-loop", "plugins", "cm-plugin-test-loop", &[]),

@@ -335,6 +335,8 @@ pub struct AgentSpec {
     /// Sites it serves besides `site_name` (each at `sites/<name>` in its directory); none: the
     /// one-site `[site]` form, else `[[site]]` entries.
     pub more_sites: Vec<ExtraSite>,
+    /// More settings appended to its config file (e.g. `[[caches]]`); empty: none.
+    pub extra_toml: String,
 }
 
 /// A further site an agent serves, and the interpreter plugin (its store name) that applies it.
@@ -459,7 +461,7 @@ pub fn start_agent(
          {sites}\n\
          [plugins]\nstore = \"{plugins}\"\n\n\
          [data]\nchannel = \"{data}\"\nframe_size = 8192\nsession_timeout_ms = 5000\n{rate}\n\
-         [leader]\nlocation = \"{location}\"\nreport_wait_ms = {wait}\ndiscovery_interval_ms = 5000\n{tls}",
+         [leader]\nlocation = \"{location}\"\nreport_wait_ms = {wait}\ndiscovery_interval_ms = 5000\n{tls}\n{extra}",
         id = spec.node_id,
         name = spec.name,
         dir = dir.display(),
@@ -477,6 +479,7 @@ pub fn start_agent(
         location = spec.location,
         wait = spec.report_wait_ms,
         rate = spec.max_rate_mbps.map(|r| format!("max_rate_mbps = {r}\n")).unwrap_or_default(),
+        extra = spec.extra_toml,
     );
     let config_file = dir.join("agent.toml");
     std::fs::File::create(&config_file)?.write_all(config.as_bytes())?;

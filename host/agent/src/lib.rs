@@ -2,6 +2,7 @@
 //! (`cmover agent`) with its status port. Everything here is thin: protocol decisions live in the
 //! cores, the distribution tree's group-leader node in `cm-tree`.
 
+pub mod caches;
 pub mod election;
 pub mod launch;
 pub mod leader;

@@ -281,6 +281,14 @@ async fn agent(
                 _ => http::error(StatusCode::NOT_FOUND, "no such tree endpoint"),
             }
         }
+        (Method::POST, ["api", "v1", "runs", run, "caches"]) => {
+            let run = id!(run);
+            let report: cm_tree::cache::CacheReport = body!(req);
+            ok_or_fail(
+                m.cache_report(run, &report)
+                    .map(|accepted| serde_json::json!({ "accepted": accepted })),
+            )
+        }
         (Method::POST, ["api", "v1", "runs", run, "report"]) => {
             let run = id!(run);
             let report: SegmentReport = body!(req);

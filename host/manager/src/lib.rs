@@ -17,10 +17,13 @@
 //! event bus and its Server-Sent Events; `console`: the browser console on the manager's port.
 //! [`golive`]: rolling and canary switches through a load-balancer plugin, health checks, and
 //! rotation following health.
+//! After a commit: [`live_change`] (what changed, the caches' signed order), `cache_report`
+//! (the GLs' cache outcomes into the history) and [`search_refresh`] (IndexNow, sitemap ping).
 
 pub mod abort;
 mod api;
 pub mod ca;
+mod cache_report;
 pub mod checkpoint;
 mod console;
 pub mod db;
@@ -28,6 +31,7 @@ mod discovery;
 pub mod events;
 pub mod filter;
 pub mod golive;
+pub mod live_change;
 pub mod metrics;
 pub mod model;
 pub mod names;
@@ -36,6 +40,7 @@ pub mod prepare;
 mod remove;
 mod runs;
 pub mod scheduler;
+pub mod search_refresh;
 pub mod server;
 pub mod sync;
 pub mod tree;

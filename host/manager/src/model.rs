@@ -96,6 +96,10 @@ pub struct HostedSite {
     /// last changed (`golive/rotation.rs`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rotation: BTreeMap<String, crate::golive::Rotated>,
+    /// What follows a commit: the caches' path limit and the search-engine refresh
+    /// (`live_change.rs`, `search_refresh.rs`).
+    #[serde(default)]
+    pub refresh: crate::search_refresh::RefreshSettings,
 }
 
 /// Which paths of the staging tree reach the servers: globs over the path relative to the
@@ -488,6 +492,9 @@ pub struct Run {
     /// Set on a commit run that follows a distribution run automatically: that run's id.
     #[serde(default)]
     pub commit_of: Option<u64>,
+    /// For a run that changes live: what the GLs tell their caches (`live_change.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<cm_tree::cache::CacheOrder>,
     pub manifest: Manifest,
     /// Disk space each server needs for this run.
     pub disk_needed: u64,

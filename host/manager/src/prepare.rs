@@ -559,6 +559,7 @@ mod tests {
             compression: Default::default(),
             golive: None,
             rotation: Default::default(),
+            refresh: Default::default(),
         }
     }
 

@@ -33,6 +33,8 @@ pub(crate) struct Launch<'a> {
     /// The quorum checked once segments short of space are left out (a roll's group run
     /// checks its whole roll's quorum before, `golive/`).
     pub quorum: crate::model::Quorum,
+    /// What the caches are told once it is committed (`live_change.rs`).
+    pub cache: Option<cm_tree::cache::CacheOrder>,
 }
 
 impl Inner {
@@ -121,6 +123,8 @@ impl Inner {
         if let Some(pc) = &job.pending_commit {
             prepared.release = Some(pc.release);
         }
+        let cache = crate::live_change::new_live(&payload, &site, &self.cfg.data_dir)
+            .and_then(|to| crate::live_change::cache_order(&self.cfg.data_dir, &site, to));
         self.launch(
             Launch {
                 job: &job,
@@ -132,6 +136,7 @@ impl Inner {
                 commit_of,
                 site,
                 quorum,
+                cache,
             },
             &live,
             now,
@@ -156,6 +161,7 @@ impl Inner {
             commit_of,
             site,
             quorum,
+            cache,
         } = l;
         let copy = self.run_file(run_id);
         let manifest = Manifest::of_file(&copy, self.cfg.chunk_size)?;
@@ -210,6 +216,7 @@ impl Inner {
             serial: prepared.serial,
             release: prepared.release,
             commit_of,
+            cache,
             manifest,
             disk_needed,
             segments,

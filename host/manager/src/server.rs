@@ -510,6 +510,7 @@ impl Inner {
                 }
                 lock(&self.runs).remove(&active.id);
                 active.changed.notify_waiters();
+                crate::search_refresh::after_run(self.clone(), active.id);
                 // Aborted just before it settled: the GLs still discard what it prepared.
                 if let Ok(Some(r)) = self.db.run(active.id)
                     && matches!(r.phase, RunPhase::Aborted { .. })
@@ -578,6 +579,7 @@ impl Inner {
                 slots,
                 servers: seg.servers.clone(),
                 site: active.site.clone(),
+                cache: run.cache.clone(),
                 signature: None,
             }),
         })

@@ -224,6 +224,7 @@ mod tests {
             compression: Compression::default(),
             golive: None,
             rotation: Default::default(),
+            refresh: Default::default(),
         }
     }
 

@@ -94,6 +94,10 @@ pub struct SiteSettings {
     /// Go-live settings (default: none, or the site's current setting).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub golive: Option<crate::golive::GoLive>,
+    /// What follows a commit: caches' path limit, search refresh (default: 1 000 paths, no
+    /// search engine; or the site's current setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<crate::search_refresh::RefreshSettings>,
 }
 
 /// Creates or edits a hosted site; an edit keeps the manager's serials and release history
@@ -117,6 +121,9 @@ pub fn put_site(
     if let Some(g) = &set.golive {
         crate::golive::check(g).map_err(|(field, why)| FieldError::new(&field, why))?;
     }
+    let refresh =
+        set.refresh.clone().or(old.as_ref().map(|o| o.refresh.clone())).unwrap_or_default();
+    refresh.check().map_err(|e| FieldError::new(e.field, e.why))?;
     db.write(|t| {
         let old = db.site(name)?;
         let s = HostedSite {
@@ -139,6 +146,7 @@ pub fn put_site(
             compression: compression.clone(),
             golive: set.golive.clone().or(old.as_ref().and_then(|o| o.golive.clone())),
             rotation: old.as_ref().map(|o| o.rotation.clone()).unwrap_or_default(),
+            refresh: refresh.clone(),
             holders: old.map(|o| o.holders).unwrap_or_default(),
         };
         t.put_site(&s)?;

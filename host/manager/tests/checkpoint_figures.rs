@@ -73,6 +73,7 @@ fn checkpoint_create_and_restore_figures() {
         compression: Default::default(),
         golive: None,
         rotation: Default::default(),
+        refresh: Default::default(),
     };
     snapshot_tree(&staging, None, &snapshot_dir(&data, "www", 1)).unwrap();
 

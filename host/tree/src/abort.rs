@@ -86,6 +86,7 @@ mod tests {
             slots: 0,
             servers: vec![],
             site: "www".into(),
+            cache: None,
             signature: None,
         };
         n.sign(&k);

@@ -13,6 +13,8 @@
 //! - [`http`] (hyper accept loop, JSON client, roles) and [`tls`] (a node's rustls identity and
 //!   the role its certificate names): the plumbing both the manager and a GL need.
 //! - [`metrics`]: the tree's Prometheus counters and the `/metrics` exposition.
+//! - [`cache`]: the manager's signed cache order for a run that changes what is live, and the
+//!   GL's report of its segment's cache calls.
 //!
 //! A GL (the agent) depends on this crate and not on the manager's.
 
@@ -21,6 +23,7 @@ use std::pin::Pin;
 
 pub mod abort;
 pub mod blob;
+pub mod cache;
 pub mod forward;
 pub mod http;
 pub mod leader;

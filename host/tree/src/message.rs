@@ -102,6 +102,10 @@ pub struct Notification {
     /// same site under the manager's signature, and that is what servers apply by.
     #[serde(default)]
     pub site: String,
+    /// For a run that changes what is live (commit, rollback, switch): what the GL tells its
+    /// segment's caches once the servers committed (`crate::cache`). Signed with the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::cache::CacheOrder>,
     /// The manager's signature (hex of key id ‖ Ed25519 signature) of the notification's JSON
     /// without this field, under the domain `contentmover notification signature v1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -184,6 +188,7 @@ mod tests {
             slots: 1,
             servers: vec!["a".into()],
             site: "www".into(),
+            cache: None,
             signature: None,
         };
         assert!(n.verify(&pinned).is_err());
@@ -198,6 +203,15 @@ mod tests {
             |n: &mut Notification| n.manifest = Manifest::of_bytes(b"evil", 1024),
             |n: &mut Notification| n.run += 1,
             |n: &mut Notification| n.site = "shop".into(),
+            // The cache order is signed too: a relay cannot make a GL purge other paths.
+            |n: &mut Notification| {
+                n.cache = Some(crate::cache::CacheOrder {
+                    site: "www".into(),
+                    from: Some(1),
+                    to: 2,
+                    change: crate::cache::CacheChange::Site { reason: "forged".into() },
+                })
+            },
         ] {
             let mut t = n.clone();
             tamper(&mut t);

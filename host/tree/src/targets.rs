@@ -76,6 +76,8 @@ mod tests {
             manifest: Manifest { size: 1, chunk_size: 1, blake3: "ab".into(), chunks: vec![] },
             slots: 0,
             servers: servers.iter().map(|s| s.to_string()).collect(),
+            site: "www".into(),
+            cache: None,
             signature: None,
         };
         n.sign(k);

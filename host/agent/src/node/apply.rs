@@ -251,6 +251,14 @@ impl Applier {
         })
     }
 
+    /// A handle on cache-invalidator `name` of this agent's store (`crate::caches`).
+    pub fn cache_invalidator(
+        &self,
+        name: &str,
+    ) -> Result<cm_plugin_host::CacheInvalidator, cm_plugin_host::PluginError> {
+        self.plugins.cache_invalidator(name)
+    }
+
     /// Re-reads the plugin store now (SIGHUP) instead of at the follower's next poll.
     pub fn rescan_plugins(&self) -> Vec<cm_plugin_host::StoreEvent> {
         self.plugins.store().sync_from_disk()

@@ -239,6 +239,15 @@ impl LocalDelivery for SegmentDelivery {
     fn abort(&self, order: &cm_tree::abort::AbortOrder) {
         super::abort::discard(&self.shared, order);
     }
+
+    /// The segment reported a run: a commit's cache order goes to the segment's caches.
+    fn reported(
+        &self,
+        notification: &cm_tree::message::Notification,
+        report: &cm_tree::message::SegmentReport,
+    ) {
+        crate::caches::after_report(self.shared.clone(), notification, report);
+    }
 }
 
 /// Delivers `run` to the servers of the segment it targets (`servers`; empty: all of them):

@@ -122,6 +122,9 @@ pub struct AgentConfig {
     /// register within the election's `registration_spread`, one heartbeat; a run delivered
     /// earlier would miss them). A few heartbeats.
     pub registration_settle: Duration,
+    /// The caches in front of this segment's servers, told what a commit changed while this
+    /// server leads the segment (`crate::caches`).
+    pub caches: Vec<crate::caches::CacheConfig>,
 }
 
 /// What the agent parts share.

@@ -166,6 +166,8 @@ struct AgentFile {
     tls: TlsSection,
     metrics: service::MetricsSection,
     log: service::LogSection,
+    /// The caches in front of this segment (`[[caches]]`, cm-agent's `caches.rs`).
+    caches: Vec<cm_agent::caches::CacheConfig>,
 }
 
 #[derive(Deserialize, Default)]
@@ -422,6 +424,9 @@ fn read_file(config: Option<&PathBuf>) -> anyhow::Result<AgentFile> {
 impl RunArgs {
     fn resolve(self) -> anyhow::Result<AgentSettings> {
         let file = read_file(self.config.as_ref())?;
+        for cache in &file.caches {
+            cache.check().map_err(anyhow::Error::msg)?;
+        }
         let service = service::ServiceSettings::resolve(&self, &file.metrics, &file.log)?;
         let (n, seg, el) = (file.node, file.segment, file.election);
         let (mf, pf, df, lf) = (file.manager, file.plugins, file.data, file.leader);
@@ -575,6 +580,7 @@ impl RunArgs {
             ),
             discovery_interval: Duration::from_millis(lf.discovery_interval_ms.unwrap_or(30_000)),
             registration_settle: heartbeat * 3,
+            caches: file.caches,
         };
         Ok(AgentSettings {
             segment,

@@ -361,6 +361,7 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
                 seal: Default::default(),
                 manager_key: None,
                 more_sites: Vec::new(),
+                extra_toml: String::new(),
             };
             agents.push(launch::start_agent(&bin, &dir, &manager, &secret, &spec)?);
         }

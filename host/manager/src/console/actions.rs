@@ -104,6 +104,7 @@ fn set_site(m: &Inner, form: &Form) -> Result<String, WriteError> {
         filter: None,
         compression: None,
         golive: None,
+        refresh: None,
     };
     Ok(writes::put_site(&m.db, field(form, "name"), &set, now_ms())?.history)
 }

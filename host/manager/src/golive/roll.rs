@@ -439,6 +439,10 @@ impl Inner {
             (Some(pc), false) => Some(pc.distributed_by),
             _ => None,
         };
+        // The group's caches hear what changes between live and the release it switches to.
+        let cache = prepared
+            .release
+            .and_then(|to| crate::live_change::cache_order(&self.cfg.data_dir, &site, to));
         let live = self.live_servers(now)?;
         // Every server of the group counts; the roll's quorum was checked when it started.
         let quorum = crate::model::Quorum { min_percent: 0, min_servers: 0 };
@@ -453,6 +457,7 @@ impl Inner {
                 commit_of,
                 site,
                 quorum,
+                cache,
             },
             &live,
             now,

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use crate::BoxFuture;
 use crate::abort::AbortOrder;
 use crate::manifest::Manifest;
-use crate::message::MemberApplyReport;
+use crate::message::{MemberApplyReport, Notification, SegmentReport};
 
 /// What the segment made of an assignment: the GL's consolidated report, less its names.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -49,4 +49,10 @@ pub trait LocalDelivery: Send + Sync + 'static {
     /// The manager aborted `order.run` (signature checked): discard what the run prepared in
     /// the segment. The delivery itself is already stopped. The default has nothing to discard.
     fn abort(&self, _order: &AbortOrder) {}
+
+    /// The segment's report on `notification`'s run went to the manager (or the GL gave up
+    /// offering it): what follows the run in the segment, e.g. telling its caches what the
+    /// commit changed (`notification.cache`). Must not block: spawn what takes time. The
+    /// default does nothing.
+    fn reported(&self, _notification: &Notification, _report: &SegmentReport) {}
 }

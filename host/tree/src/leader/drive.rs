@@ -128,6 +128,8 @@ impl Inner {
         if !self.tell_manager(&url, &report, REPORT_PATIENCE).await {
             tracing::error!(segment = %self.cfg.segment, run = n.run, "the manager never took the segment's report");
         }
+        // After the report: what follows a commit in the segment (its caches) never delays it.
+        self.delivery.reported(&n, &report);
     }
 }
 

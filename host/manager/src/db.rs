@@ -153,6 +153,7 @@ impl Txn<'_> {
             attempts: 0,
             last_reason: None,
             pending_commit: None,
+            space_wait: None,
         };
         self.put_job(&job)?;
         Ok(job)

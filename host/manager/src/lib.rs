@@ -15,6 +15,8 @@
 //! groups, segments, servers); [`validate`]: what an operator writes, checked before it is
 //! stored; [`writes`]: the operator's writes, shared by the API and the console; [`events`]: the
 //! event bus and its Server-Sent Events; `console`: the browser console on the manager's port.
+//! [`space`]: each server's free space against what a run will write there, checked before it
+//! distributes.
 
 pub mod abort;
 mod api;
@@ -34,6 +36,7 @@ mod remove;
 mod runs;
 pub mod scheduler;
 pub mod server;
+pub mod space;
 pub mod sync;
 pub mod tree;
 mod unchanged;

@@ -539,6 +539,7 @@ mod tests {
             removed: Default::default(),
             filter: Default::default(),
             compression: Default::default(),
+            built: Default::default(),
         }
     }
 

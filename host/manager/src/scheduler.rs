@@ -163,6 +163,7 @@ mod tests {
             attempts: 0,
             last_reason: None,
             pending_commit: None,
+            space_wait: None,
         };
         let jobs = vec![
             job(1, 50, JobState::Idle),

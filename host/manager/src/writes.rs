@@ -131,6 +131,7 @@ pub fn put_site(
             removed: old.as_ref().map(|o| o.removed.clone()).unwrap_or_default(),
             filter: filter.clone(),
             compression: compression.clone(),
+            built: old.as_ref().map(|o| o.built.clone()).unwrap_or_default(),
             holders: old.map(|o| o.holders).unwrap_or_default(),
         };
         t.put_site(&s)?;

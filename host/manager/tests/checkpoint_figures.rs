@@ -71,6 +71,7 @@ fn checkpoint_create_and_restore_figures() {
         removed: Default::default(),
         filter: Default::default(),
         compression: Default::default(),
+        built: Default::default(),
     };
     snapshot_tree(&staging, None, &snapshot_dir(&data, "www", 1)).unwrap();
 

@@ -13,6 +13,7 @@
 //! - [`http`] (hyper accept loop, JSON client, roles) and [`tls`] (a node's rustls identity and
 //!   the role its certificate names): the plumbing both the manager and a GL need.
 //! - [`metrics`]: the tree's Prometheus counters and the `/metrics` exposition.
+//! - [`space`]: a server's free space and inodes, reported with its member state.
 //!
 //! A GL (the agent) depends on this crate and not on the manager's.
 
@@ -29,6 +30,7 @@ pub mod manifest;
 pub mod member_state;
 pub mod message;
 pub mod metrics;
+pub mod space;
 pub mod tls;
 
 /// A boxed future, for the tree's object-safe traits (`ChildSource`, `LocalDelivery`).

@@ -189,6 +189,27 @@ async fn each_space_policy_decides_for_a_server_on_a_small_filesystem() {
         assert!(e.contains("400") && e.contains(field), "{field}: {e}");
     }
 
+    // An agent-token holder's space report is checked before anything is stored.
+    let agent = cm_tree::http::JsonClient::new(&c.manager.agent_token, Duration::from_secs(10));
+    let fs = |free_bytes| {
+        json!({"free_bytes": free_bytes, "total_bytes": 10,
+        "free_inodes": 1, "total_inodes": 2})
+    };
+    for (spaces, says) in [
+        (json!({"rogue-1": fs(1)}), "spaces name `rogue-1`, which is not a listed member"),
+        (json!({"rogue-0": fs(11)}), "space of rogue-0: space report: 11 free bytes of 10"),
+    ] {
+        let report = json!({"segment": "rogue", "leader": "rogue-0", "address": "127.0.0.1:9",
+            "location": "X", "cpu_power": 1, "free_disk": 0, "connections": 0,
+            "members": ["rogue-0"], "spaces": spaces});
+        let e = agent.post::<_, Value>(&c.url("discovery"), &report).await.unwrap_err();
+        assert!(e.to_string().contains("400") && e.to_string().contains(says), "{e}");
+    }
+    let servers: Value = c.op.get(&c.url("servers")).await.unwrap();
+    let segments: Value = c.op.get(&c.url("segments")).await.unwrap();
+    assert!(!servers.to_string().contains("rogue"), "nothing stored: {servers}");
+    assert!(!segments.to_string().contains("rogue"), "nothing stored: {segments}");
+
     // fail, from the CLI: the run fails before distribution, naming need against free.
     let (code, out) = cmover(&["publish", "www", "--space-policy", "fail", "--json"]);
     assert_eq!(code, Some(0), "{out}");

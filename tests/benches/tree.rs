@@ -130,6 +130,7 @@ fn discovery(seg: &str, addr: String, links: Option<LinkRates>) -> DiscoveryRepo
         members: vec![format!("{seg}-gl")],
         links,
         plugins: Default::default(),
+        spaces: Default::default(),
     }
 }
 

@@ -29,6 +29,7 @@ fn report(segment: &str, members: Vec<String>) -> DiscoveryReport {
         members,
         links: None,
         plugins: Default::default(),
+        spaces: Default::default(),
     }
 }
 

@@ -33,6 +33,7 @@ fn report(plugins: BTreeMap<String, PluginIdentity>) -> DiscoveryReport {
         members: vec!["a-0".into(), "a-1".into()],
         links: None,
         plugins,
+        spaces: Default::default(),
     }
 }
 

@@ -43,6 +43,8 @@ fn fill(db: &Db) -> Result<(), DbError> {
                     live: true,
                     last_seen_ms: now,
                     plugin: None,
+                    space: None,
+                    space_ms: 0,
                 })?;
             }
             all.extend(members.iter().cloned());
@@ -78,6 +80,7 @@ fn fill(db: &Db) -> Result<(), DbError> {
             golive: None,
             rotation: Default::default(),
             refresh: Default::default(),
+            built: Default::default(),
         })?;
         Ok::<_, DbError>(())
     })?;

@@ -49,6 +49,7 @@ fn unauthenticated_or_wrong_role_requests_are_refused_on_every_route_and_change_
         members: vec!["intruder".into()],
         links: None,
         plugins: Default::default(),
+        spaces: Default::default(),
     };
     let seg_report = serde_json::json!({ "segment": "seg00", "leader": "intruder", "succeeded": ["seg00-s0"], "failed": [], "missing": [] });
     let tree = serde_json::json!({ "segment": "seg00" });
@@ -313,6 +314,7 @@ fn discovery_keeps_segment_names_across_leader_changes_and_tracks_joins_and_leav
         members: vec!["b1".into(), "b2".into(), "b3".into()],
         links: None,
         plugins: Default::default(),
+        spaces: Default::default(),
     };
     rt.block_on(report_discovery(&url, AGENT, &r)).unwrap();
     // b1 leaves; b2 takes over; b4 joins.

@@ -340,6 +340,7 @@ fn a_new_leader_elected_mid_run_is_notified_and_the_old_leaders_report_is_ignore
         members: members.iter().map(|m| m.0.clone()).collect(),
         links: None,
         plugins: Default::default(),
+        spaces: Default::default(),
     };
     c.rt.block_on(cm_tests::loopback::report_discovery(&c.manager_url, AGENT, &report)).unwrap();
     // The old GL's report (it is still alive and finishes its own copy) must not count; here one

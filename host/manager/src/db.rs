@@ -154,6 +154,7 @@ impl Txn<'_> {
             last_reason: None,
             pending_commit: None,
             roll: None,
+            space_wait: None,
         };
         self.put_job(&job)?;
         Ok(job)

@@ -9,7 +9,8 @@
 //! taken over, and records and history are written only for what changed (one history line per
 //! report for its joins, one for its leaves). The plugins it relays (one per listed member, each
 //! checked by `cm_tree::member_state`) are stored per server; a report with a bad one is refused
-//! whole and counted.
+//! whole and counted. So are the spaces (each member's free space and inodes, free never above
+//! the total); a new space wakes the jobs waiting for space (`space.rs`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -139,23 +140,33 @@ fn check_report(r: &DiscoveryReport, max_members: usize) -> Result<(), ManagerEr
             )));
         }
     }
-    check_plugins(r, &seen).inspect_err(|_| crate::metrics::plugin_report_refused())
+    check_relayed(r, &seen, "plugins", "plugin", &r.plugins, |p| p.check())
+        .inspect_err(|_| crate::metrics::plugin_report_refused())?;
+    check_relayed(r, &seen, "spaces", "space", &r.spaces, |s| s.check())
 }
 
-/// The plugins a report relays: one per listed member at most (so no more than the members),
-/// each by the plugin store's name rule, with a whole BLAKE3 and its short version.
-fn check_plugins(r: &DiscoveryReport, members: &BTreeSet<&String>) -> Result<(), ManagerError> {
-    for (server, p) in &r.plugins {
+/// What a report relays per member (`plugins`: each by the plugin store's name rule, with a
+/// whole BLAKE3 and its short version; `spaces`: free never above the total): one per listed
+/// member at most (so no more than the members), each passing `check`.
+fn check_relayed<T, E: std::fmt::Display>(
+    r: &DiscoveryReport,
+    members: &BTreeSet<&String>,
+    field: &str,
+    what: &str,
+    relayed: &std::collections::BTreeMap<String, T>,
+    check: impl Fn(&T) -> Result<(), E>,
+) -> Result<(), ManagerError> {
+    for (server, item) in relayed {
         if !members.contains(server) {
             let shown: String = server.escape_debug().take(80).collect();
             return Err(ManagerError::Invalid(format!(
-                "discovery report for segment {}: plugins name `{shown}`, which is not a listed member",
+                "discovery report for segment {}: {field} name `{shown}`, which is not a listed member",
                 r.segment
             )));
         }
-        p.check().map_err(|e| {
+        check(item).map_err(|e| {
             ManagerError::Invalid(format!(
-                "discovery report for segment {}: plugin of {server}: {e}",
+                "discovery report for segment {}: {what} of {server}: {e}",
                 r.segment
             ))
         })?;
@@ -258,6 +269,7 @@ impl Inner {
             let names: Vec<String> = refused.iter().map(|(n, _)| n.clone()).collect();
             tracing::warn!(segment = %r.segment, leader = %r.leader, "discovery lists servers live in other segments, not taken over: {}", name_list(&names));
         }
+        let mut spaces_changed = false;
         self.db.write(|t| {
             let mut history = old.as_ref().map(|o| o.leader_history.clone()).unwrap_or_default();
             if old.as_ref().is_none_or(|o| o.leader != r.leader) {
@@ -292,7 +304,17 @@ impl Inner {
                 let moved = before.as_ref().is_none_or(|b| !b.live || b.segment != r.segment);
                 // A member that has not reported its plugin (yet) keeps the one known.
                 let plugin = plugin.or_else(|| before.as_ref().and_then(|b| b.plugin.clone()));
-                if moved || before.as_ref().is_some_and(|b| b.plugin != plugin) {
+                // Likewise its space; a new one is written with its time (members send a new
+                // one only when it moved by 1 %).
+                let reported = r.spaces.get(name).copied();
+                let space_changed =
+                    reported.is_some() && before.as_ref().is_none_or(|b| b.space != reported);
+                spaces_changed |= space_changed;
+                let (space, space_ms) = match space_changed {
+                    true => (reported, now),
+                    false => before.as_ref().map_or((None, 0), |b| (b.space, b.space_ms)),
+                };
+                if moved || space_changed || before.as_ref().is_some_and(|b| b.plugin != plugin) {
                     t.put_server(&ServerRecord {
                         name: name.clone(),
                         segment: r.segment.clone(),
@@ -303,6 +325,8 @@ impl Inner {
                             before.as_ref().map_or(now, |b| b.last_seen_ms)
                         },
                         plugin,
+                        space,
+                        space_ms,
                     })?;
                 }
                 if moved {
@@ -339,6 +363,10 @@ impl Inner {
         })?;
         // Every active run that still waits on the segment hears of its GL (new, moved, or back).
         self.leader_changed(&r.segment, &r.leader, &r.address)?;
+        if spaces_changed {
+            // Jobs waiting for space look again now (`space.rs`).
+            self.space_reported(now)?;
+        }
         let replicates = self.bring_up_to_date(&r.members, now)?;
         Ok(serde_json::json!({
             "segment": r.segment,

@@ -19,6 +19,8 @@
 //! rotation following health.
 //! After a commit: [`live_change`] (what changed, the caches' signed order), `cache_report`
 //! (the GLs' cache outcomes into the history) and [`search_refresh`] (IndexNow, sitemap ping).
+//! [`space`]: each server's free space against what a run will write there, checked before it
+//! distributes.
 
 pub mod abort;
 mod api;
@@ -42,6 +44,7 @@ mod runs;
 pub mod scheduler;
 pub mod search_refresh;
 pub mod server;
+pub mod space;
 pub mod sync;
 pub mod tree;
 mod unchanged;

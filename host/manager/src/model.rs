@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use cm_tree::link::LinkRates;
 use cm_tree::manifest::Manifest;
 pub use cm_tree::member_state::PluginIdentity;
+pub use cm_tree::space::FsSpace;
 
 /// A backend server as the manager knows it from its segment's discovery reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +23,12 @@ pub struct ServerRecord {
     /// The interpreter plugin it last reported (through its GL's discovery report).
     #[serde(default)]
     pub plugin: Option<PluginIdentity>,
+    /// The free space and inodes of its site root's filesystem, as last reported (`space.rs`).
+    #[serde(default)]
+    pub space: Option<FsSpace>,
+    /// When `space` was reported (ms since the epoch; 0: never).
+    #[serde(default)]
+    pub space_ms: u64,
 }
 
 /// A segment record. `static_rank` is the operator's override of the tree order.
@@ -100,6 +107,17 @@ pub struct HostedSite {
     /// (`live_change.rs`, `search_refresh.rs`).
     #[serde(default)]
     pub refresh: crate::search_refresh::RefreshSettings,
+    /// Per server, the newest release it reported built (and the run that built it), committed
+    /// or not: a server that built live but missed its commit gets just the commit (`sync.rs`).
+    #[serde(default)]
+    pub built: BTreeMap<String, BuiltRelease>,
+}
+
+/// A release a server reported built, and the run that built it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuiltRelease {
+    pub release: u64,
+    pub run: u64,
 }
 
 /// Which paths of the staging tree reach the servers: globs over the path relative to the
@@ -350,6 +368,59 @@ pub struct JobPolicy {
     /// How a release of this job goes live (`None`: the site's `golive.policy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub go_live: Option<crate::golive::GoLivePolicy>,
+    /// What a run does with servers short of the space it needs (`space.rs`).
+    #[serde(default)]
+    pub space: SpacePolicy,
+}
+
+/// The space check before a run distributes (`space.rs`): each server's need (what it will
+/// write, plus the reserve) against the free space and inodes it reported. A field left out
+/// takes its default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SpacePolicy {
+    /// What the run does when servers are short.
+    pub on_short: OnSpaceShort,
+    /// How long `wait` waits, from when it first found servers short (then the run fails).
+    pub wait_ms: u64,
+    /// Bytes and inodes every server must keep free beyond what the run writes (by default
+    /// what the agents' interpreter plugins keep free: 64 MiB and 4,096 inodes).
+    pub reserve_bytes: u64,
+    pub reserve_inodes: u64,
+}
+
+impl Default for SpacePolicy {
+    fn default() -> Self {
+        SpacePolicy {
+            on_short: OnSpaceShort::Fail,
+            wait_ms: 600_000,
+            reserve_bytes: 64 << 20,
+            reserve_inodes: 4096,
+        }
+    }
+}
+
+/// What a run does with servers short of space, before it distributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnSpaceShort {
+    /// The run fails before any byte moves (retried or cancelled per `on_failure`).
+    #[default]
+    Fail,
+    /// The run goes on without them; they count against the quorum as failures.
+    Skip,
+    /// The job waits (up to `wait_ms`), re-checked as servers report their space, then fails.
+    Wait,
+}
+
+impl OnSpaceShort {
+    pub fn name(self) -> &'static str {
+        match self {
+            OnSpaceShort::Fail => "fail",
+            OnSpaceShort::Skip => "skip",
+            OnSpaceShort::Wait => "wait",
+        }
+    }
 }
 
 impl Default for JobPolicy {
@@ -366,6 +437,7 @@ impl Default for JobPolicy {
             defer_ms: 30_000,
             run_timeout_ms: 600_000,
             go_live: None,
+            space: SpacePolicy::default(),
         }
     }
 }
@@ -426,6 +498,18 @@ pub struct Job {
     /// A rolling or canary switch of this job, in progress or ended (`golive/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub roll: Option<crate::golive::Roll>,
+    /// Servers were short of space and the policy waits: since when, and who needed what.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub space_wait: Option<SpaceWait>,
+}
+
+/// A job waiting for servers to have the space its run needs (`SpacePolicy::on_short` `wait`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpaceWait {
+    /// When servers were first found short (the wait ends `wait_ms` after it).
+    pub since_ms: u64,
+    /// Each short server's need, bytes and inodes (reserve included), when last checked.
+    pub needs: BTreeMap<String, (u64, u64)>,
 }
 
 /// A distributed release waiting for its commit run.
@@ -496,7 +580,8 @@ pub struct Run {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<cm_tree::cache::CacheOrder>,
     pub manifest: Manifest,
-    /// Disk space each server needs for this run.
+    /// Bytes each server writes for this run (new and changed files' contents, directories),
+    /// before the reserve and the GL's copy of the assignment (`space.rs`).
     pub disk_needed: u64,
     pub segments: BTreeMap<String, SegmentRun>,
 }

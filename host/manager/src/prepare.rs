@@ -560,6 +560,7 @@ mod tests {
             golive: None,
             rotation: Default::default(),
             refresh: Default::default(),
+            built: Default::default(),
         }
     }
 

@@ -36,6 +36,7 @@ pub(crate) fn prepare_remove(
 pub(crate) fn after_remove(site: &mut HostedSite, servers: &[String]) {
     for s in servers {
         site.holders.remove(s);
+        site.built.remove(s);
         site.removed.insert(s.clone());
     }
 }

@@ -15,6 +15,7 @@ use crate::model::{
     SegmentRun, SegmentStatus, ServerOutcome,
 };
 use crate::server::{Inner, ManagerError};
+use crate::space::SpaceGate;
 use crate::{now_ms, policy, prepare};
 
 /// What a new run distributes and to whom, before it is written down.
@@ -40,7 +41,7 @@ pub(crate) struct Launch<'a> {
 impl Inner {
     /// Starts the job's next run: its commit run when a release is waiting for one, else a
     /// distribution of its payload.
-    pub(crate) fn start_run(self: Arc<Self>, job: Job, now: u64) -> Result<(), ManagerError> {
+    pub(crate) fn start_run(self: Arc<Self>, mut job: Job, now: u64) -> Result<(), ManagerError> {
         if let Payload::CreateCheckpoint { note } = &job.spec.payload {
             // No assignment, no servers: the checkpoint is written off the scheduler's thread.
             return self.clone().checkpoint_job(job.clone(), note.clone(), now);
@@ -50,9 +51,14 @@ impl Inner {
             return Ok(());
         }
         if job.pending_commit.is_none()
-            && (self.staging_unchanged(&job, now)? || self.nothing_to_synchronize(&job, now)?)
+            && (self.staging_unchanged(&job, now)?
+                || self.nothing_to_synchronize(&job, now)?
+                || self.still_waiting_for_space(&job, now)?)
         {
             return Ok(());
+        }
+        if matches!(job.spec.payload, Payload::CatchUp { .. }) {
+            self.commit_only(&mut job, now)?;
         }
         let targets = self.targets(&job)?;
         let live = self.live_servers(now)?;
@@ -143,8 +149,9 @@ impl Inner {
         )
     }
 
-    /// Groups the recipients by segment (leaving out segments short of disk space), checks the
-    /// quorum again, writes the run and starts distributing it.
+    /// Groups the recipients by segment, checks their space (`space.rs`: short servers are left
+    /// out, waited for, or fail the run, per the job's policy), checks the quorum again, writes
+    /// the run and starts distributing it.
     pub(crate) fn launch(
         self: Arc<Self>,
         l: Launch<'_>,
@@ -165,7 +172,9 @@ impl Inner {
         } = l;
         let copy = self.run_file(run_id);
         let manifest = Manifest::of_file(&copy, self.cfg.chunk_size)?;
-        let disk_needed = manifest.size;
+        let need = crate::space::need_of(&copy).map_err(|e| {
+            ManagerError::Invalid(format!("run {run_id}: reading its assignment's space need: {e}"))
+        })?;
         let mut segments: BTreeMap<String, SegmentRun> = BTreeMap::new();
         for server in &recipients {
             let Some(seg) = live.get(server) else {
@@ -173,18 +182,6 @@ impl Inner {
                 continue;
             };
             let Some(rec) = self.db.segment(seg)? else { continue };
-            if rec.free_disk < disk_needed {
-                outcomes.push((
-                    server.clone(),
-                    ServerOutcome::Failed {
-                        reason: format!(
-                            "segment {seg} reports {} bytes free, the run needs {disk_needed}",
-                            rec.free_disk
-                        ),
-                    },
-                ));
-                continue;
-            }
             segments
                 .entry(seg.clone())
                 .or_insert_with(|| SegmentRun {
@@ -196,18 +193,7 @@ impl Inner {
                 .servers
                 .push(server.clone());
         }
-        let eligible: BTreeSet<String> =
-            segments.values().flat_map(|s| s.servers.iter().cloned()).collect();
-        if let Err(short) = policy::check_quorum(quorum, &targets, &eligible) {
-            let _ = std::fs::remove_file(&copy);
-            return self.blocked(
-                job,
-                job.spec.policy.on_quorum_shortfall,
-                format!("{short} (after leaving out segments short of disk space)"),
-                now,
-            );
-        }
-        let run = Run {
+        let mut run = Run {
             id: run_id,
             job: job.id,
             started_ms: now,
@@ -218,14 +204,31 @@ impl Inner {
             commit_of,
             cache,
             manifest,
-            disk_needed,
+            disk_needed: need.bytes,
             segments,
         };
+        // Servers short of the space the run needs are named before any byte moves (`space.rs`).
+        if self.check_space(job, &mut run, &mut outcomes, need, now)? == SpaceGate::Stop {
+            let _ = std::fs::remove_file(&copy);
+            return Ok(());
+        }
+        let eligible: BTreeSet<String> =
+            run.segments.values().flat_map(|s| s.servers.iter().cloned()).collect();
+        if let Err(short) = policy::check_quorum(quorum, &targets, &eligible) {
+            let _ = std::fs::remove_file(&copy);
+            return self.blocked(
+                job,
+                job.spec.policy.on_quorum_shortfall,
+                format!("{short} (after leaving out servers short of space)"),
+                now,
+            );
+        }
         self.db.write(|t| {
             let mut j = job.clone();
             j.state = JobState::Running { run: run_id };
             j.attempts += 1;
             j.last_reason = None;
+            j.space_wait = None;
             t.put_job(&j)?;
             t.put_run(&run)?;
             t.put_site(&site)?;
@@ -357,6 +360,7 @@ impl Inner {
                 t.put_job(&j)?;
                 if let Some(mut site) = self.db.site(&job.spec.site)? {
                     prepare::after_success(&payload, &mut site, run.serial, &succeeded);
+                    crate::sync::record_built(&mut site, pc.release, run.id, &succeeded);
                     t.put_site(&site)?;
                 }
                 t.log(now, Some(job.id), Some(run.id), line)?;
@@ -378,6 +382,9 @@ impl Inner {
             t.put_job(&j)?;
             if ok && let Some(mut site) = self.db.site(&job.spec.site)? {
                 prepare::after_success(&payload, &mut site, run.serial, &succeeded);
+                if let (true, Some(release)) = (builds, run.release) {
+                    crate::sync::record_built(&mut site, release, run.id, &succeeded);
+                }
                 t.put_site(&site)?;
                 site_after = Some(site);
             }

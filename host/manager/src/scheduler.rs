@@ -164,6 +164,7 @@ mod tests {
             last_reason: None,
             pending_commit: None,
             roll: None,
+            space_wait: None,
         };
         let jobs = vec![
             job(1, 50, JobState::Idle),

@@ -9,6 +9,13 @@
 //! release has no snapshot any more, or that hold nothing, get the live release whole (the
 //! `live` replicate path). Servers already live are untouched: no run targets them.
 //!
+//! A server that built the live release but missed its commit (down between the distribution
+//! and the commit) holds that release already, verified: any assignment with the live serial
+//! would be refused there (it names a release built from another assignment), and it needs no
+//! byte of content. Such servers form a group of their own, first, that gets just the commit:
+//! the job takes the release as its pending commit (`built`: which run built it where) and its
+//! run is a header-only commit to them.
+//!
 //! One group per run: a run distributes one assignment, then its commit run makes live the
 //! servers' live; when that commit reached every server of the group and others still lag, the
 //! job is due again at once for the next group, else it ends like any job. (A group that did
@@ -20,7 +27,7 @@ use std::path::Path;
 use cm_assignment::{AssignmentType, BuildOptions, build};
 
 use crate::filter::compression_policy;
-use crate::model::{HostedSite, Job, JobKind, JobState, Payload, Run};
+use crate::model::{BuiltRelease, HostedSite, Job, JobKind, JobState, Payload, PendingCommit, Run};
 use crate::policy::NextJobState;
 use crate::prepare::{self, Context, PrepareError, Prepared, snapshot_dir};
 use crate::server::{Inner, ManagerError};
@@ -29,14 +36,15 @@ use crate::server::{Inner, ManagerError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CatchUpGroup {
     /// The release they hold, when its snapshot is still kept (a delta from it); `None`: the
-    /// live release whole.
+    /// live release whole; the live release itself: they built it and missed only its commit.
     pub from: Option<u64>,
     pub servers: Vec<String>,
 }
 
 /// The servers of `group` (those of `named`, when it names any; otherwise all but the ones
 /// the site's content was removed from) that lack the live release, grouped by the release they
-/// hold: deltas oldest base first, the whole-release group last.
+/// hold: those that built live and missed its commit first, then deltas oldest base first,
+/// the whole-release group last.
 pub fn plan(
     site: &HostedSite,
     group: &[String],
@@ -46,6 +54,7 @@ pub fn plan(
     let Some(live) = site.live() else { return Vec::new() };
     let mut by_release: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     let mut whole = Vec::new();
+    let mut commit_only = Vec::new();
     let chosen = group.iter().filter(|s| match named.is_empty() {
         true => !site.removed.contains(*s),
         false => named.contains(s),
@@ -53,16 +62,22 @@ pub fn plan(
     for s in chosen {
         match site.holders.get(s) {
             Some(held) if *held == live => {}
+            _ if site.built.get(s).is_some_and(|b| b.release == live) => {
+                commit_only.push(s.clone())
+            }
             Some(held) if snapshot_dir(data_dir, &site.name, *held).is_dir() => {
                 by_release.entry(*held).or_default().push(s.clone());
             }
             _ => whole.push(s.clone()),
         }
     }
-    let mut out: Vec<CatchUpGroup> = by_release
-        .into_iter()
-        .map(|(from, servers)| CatchUpGroup { from: Some(from), servers })
-        .collect();
+    let mut out: Vec<CatchUpGroup> = Vec::new();
+    if !commit_only.is_empty() {
+        out.push(CatchUpGroup { from: Some(live), servers: commit_only });
+    }
+    out.extend(
+        by_release.into_iter().map(|(from, servers)| CatchUpGroup { from: Some(from), servers }),
+    );
     if !whole.is_empty() {
         out.push(CatchUpGroup { from: None, servers: whole });
     }
@@ -116,7 +131,41 @@ pub fn prepare_group(
     })
 }
 
+/// Records that `servers` built `release` in run `run` (a run that builds one, once it ended).
+pub fn record_built(site: &mut HostedSite, release: u64, run: u64, servers: &[String]) {
+    for s in servers {
+        site.built.insert(s.clone(), BuiltRelease { release, run });
+    }
+}
+
 impl Inner {
+    /// For a catch-up job whose next group built live and missed only its commit: takes the
+    /// release as the job's pending commit to them, so its run is that commit and nothing else.
+    pub(crate) fn commit_only(&self, job: &mut Job, now: u64) -> Result<(), ManagerError> {
+        if job.pending_commit.is_some() {
+            return Ok(());
+        }
+        let Some(first) = self.catch_up_plan(job)?.into_iter().next() else { return Ok(()) };
+        let Some(site) = self.db.site(&job.spec.site)? else { return Ok(()) };
+        let (Some(live), Some(from)) = (site.live(), first.from) else { return Ok(()) };
+        if from != live {
+            return Ok(());
+        }
+        let built_by = first.servers.iter().find_map(|s| site.built.get(s)).map_or(0, |b| b.run);
+        let pc = PendingCommit { release: live, distributed_by: built_by, holders: first.servers };
+        let line = format!(
+            "synchronize of {}: built live release {live} of site {} (run {built_by}) and missed only its commit: sending the commit alone",
+            pc.holders.join(", "),
+            site.name
+        );
+        job.pending_commit = Some(pc);
+        self.db.write(|t| {
+            t.put_job(job)?;
+            t.log(now, Some(job.id), None, line.clone())
+        })?;
+        Ok(())
+    }
+
     fn catch_up_plan(&self, job: &Job) -> Result<Vec<CatchUpGroup>, ManagerError> {
         let Payload::CatchUp { servers } = &job.spec.payload else { return Ok(Vec::new()) };
         let Some(site) = self.db.site(&job.spec.site)? else { return Ok(Vec::new()) };
@@ -225,6 +274,7 @@ mod tests {
             golive: None,
             rotation: Default::default(),
             refresh: Default::default(),
+            built: Default::default(),
         }
     }
 
@@ -251,6 +301,13 @@ mod tests {
         assert_eq!(p.len(), 2);
         assert_eq!(p[0].servers, vec!["d".to_string()]);
         assert_eq!(p[1], CatchUpGroup { from: None, servers: vec!["gone".into()] });
+        // b built live (release 7, run 12) and missed its commit: just the commit, first.
+        let mut missed = site();
+        missed.built.insert("b".into(), BuiltRelease { release: 7, run: 12 });
+        missed.built.insert("c".into(), BuiltRelease { release: 5, run: 9 });
+        let p = plan(&missed, &group, &[], d.path());
+        assert_eq!(p[0], CatchUpGroup { from: Some(7), servers: vec!["b".into()] });
+        assert_eq!(p[1], CatchUpGroup { from: Some(5), servers: vec!["d".into()] });
         let mut nothing = site();
         nothing.committed.clear();
         assert!(plan(&nothing, &group, &[], d.path()).is_empty(), "nothing live");

@@ -96,6 +96,9 @@ fn unknown_field(sent: &Value, kept: &Value, at: &str) -> Option<String> {
     }
 }
 
+/// The longest a job may wait for servers to have space (`policy.space.wait_ms`).
+pub const MAX_SPACE_WAIT_MS: u64 = 7 * 24 * 3_600_000;
+
 /// The payload types each job kind accepts (by their JSON names). A kind not listed accepts
 /// any payload (a kind added later states its own rule here).
 const KIND_PAYLOADS: &[(&str, &[&str])] = &[
@@ -173,6 +176,15 @@ pub fn job(spec: &JobSpec, db: &Db) -> Result<(), FieldError> {
         return Err(FieldError::new(
             "policy.on_failure.max_attempts",
             "must be at least 1 (or use {\"action\": \"cancel\"})",
+        ));
+    }
+    if p.space.wait_ms == 0 || p.space.wait_ms > MAX_SPACE_WAIT_MS {
+        return Err(FieldError::new(
+            "policy.space.wait_ms",
+            format!(
+                "{} is out of range: accepted 1 to {MAX_SPACE_WAIT_MS} (7 days)",
+                p.space.wait_ms
+            ),
         ));
     }
     if spec.every_ms == Some(0) {

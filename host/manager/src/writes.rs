@@ -147,6 +147,7 @@ pub fn put_site(
             golive: set.golive.clone().or(old.as_ref().and_then(|o| o.golive.clone())),
             rotation: old.as_ref().map(|o| o.rotation.clone()).unwrap_or_default(),
             refresh: refresh.clone(),
+            built: old.as_ref().map(|o| o.built.clone()).unwrap_or_default(),
             holders: old.map(|o| o.holders).unwrap_or_default(),
         };
         t.put_site(&s)?;

@@ -74,6 +74,7 @@ fn checkpoint_create_and_restore_figures() {
         golive: None,
         rotation: Default::default(),
         refresh: Default::default(),
+        built: Default::default(),
     };
     snapshot_tree(&staging, None, &snapshot_dir(&data, "www", 1)).unwrap();
 

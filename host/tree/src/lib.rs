@@ -15,6 +15,7 @@
 //! - [`metrics`]: the tree's Prometheus counters and the `/metrics` exposition.
 //! - [`cache`]: the manager's signed cache order for a run that changes what is live, and the
 //!   GL's report of its segment's cache calls.
+//! - [`space`]: a server's free space and inodes, reported with its member state.
 //!
 //! A GL (the agent) depends on this crate and not on the manager's.
 
@@ -32,6 +33,7 @@ pub mod manifest;
 pub mod member_state;
 pub mod message;
 pub mod metrics;
+pub mod space;
 pub mod targets;
 pub mod tls;
 

@@ -1,7 +1,8 @@
 //! What a member tells its GL about itself between runs ([`MemberState`], `POST /members/state`
-//! on the GL's endpoint): today the identity of its site's interpreter plugin. The GL keeps the
-//! latest state of each server ([`MemberStates`], bounded) and relays the plugins of its
-//! registered members in its discovery report (`DiscoveryReport::plugins`) to the manager.
+//! on the GL's endpoint): the identity of its site's interpreter plugin and the free space of
+//! its site root's filesystem ([`crate::space`]). The GL keeps the latest state of each server
+//! ([`MemberStates`], bounded) and relays the plugins and spaces of its registered members in
+//! its discovery report (`DiscoveryReport::plugins`, `spaces`) to the manager.
 //!
 //! It is a report, not a command: nothing acts on it but the operator's eyes. It still comes
 //! from whoever holds the agent token, so both the GL and the manager check it
@@ -14,6 +15,8 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::Notify;
+
+use crate::space::{FsSpace, SpaceError};
 
 /// Servers whose state a GL keeps (a segment has far fewer; the rest are refused).
 pub const MAX_MEMBER_STATES: usize = 4096;
@@ -44,6 +47,9 @@ pub struct MemberState {
     pub server: String,
     /// Its interpreter plugin; `None` while none is installed.
     pub plugin: Option<PluginIdentity>,
+    /// Free space and inodes of its site root's filesystem; `None`: not measured.
+    #[serde(default)]
+    pub space: Option<FsSpace>,
 }
 
 /// Why a plugin or member report was refused.
@@ -63,6 +69,8 @@ pub enum StateError {
     ServerName,
     #[error("the group leader keeps the state of at most {MAX_MEMBER_STATES} servers")]
     TooMany,
+    #[error(transparent)]
+    Space(#[from] SpaceError),
 }
 
 /// At most `n` characters of `s`, escaped, for an error message.
@@ -112,14 +120,18 @@ impl MemberState {
         {
             return Err(StateError::ServerName);
         }
-        self.plugin.as_ref().map_or(Ok(()), PluginIdentity::check)
+        self.plugin.as_ref().map_or(Ok(()), PluginIdentity::check)?;
+        self.space.as_ref().map_or(Ok(()), |s| Ok(s.check()?))
     }
 }
+
+/// What a GL keeps of a member's state: its plugin and its space.
+type Kept = (Option<PluginIdentity>, Option<FsSpace>);
 
 /// A GL's latest [`MemberState`] per server, bounded by [`MAX_MEMBER_STATES`].
 #[derive(Default)]
 pub struct MemberStates {
-    states: Mutex<BTreeMap<String, Option<PluginIdentity>>>,
+    states: Mutex<BTreeMap<String, Kept>>,
     /// Signalled on every change (one waiter: the GL's discovery loop; a permit is kept).
     changed: Notify,
 }
@@ -132,7 +144,8 @@ impl MemberStates {
         if states.len() >= MAX_MEMBER_STATES && !states.contains_key(&s.server) {
             return Err(StateError::TooMany);
         }
-        let changed = states.insert(s.server, s.plugin.clone()).as_ref() != Some(&s.plugin);
+        let kept = (s.plugin, s.space);
+        let changed = states.insert(s.server, kept.clone()).as_ref() != Some(&kept);
         if changed {
             self.changed.notify_one();
         }
@@ -152,7 +165,16 @@ impl MemberStates {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         let members: std::collections::BTreeSet<&String> = members.into_iter().collect();
         states.retain(|name, _| members.contains(name));
-        states.iter().filter_map(|(n, p)| p.clone().map(|p| (n.clone(), p))).collect()
+        states.iter().filter_map(|(n, (p, _))| p.clone().map(|p| (n.clone(), p))).collect()
+    }
+
+    /// The spaces of `members` (those that reported one).
+    pub fn spaces_of<'a>(
+        &self,
+        members: impl IntoIterator<Item = &'a String>,
+    ) -> BTreeMap<String, FsSpace> {
+        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        members.into_iter().filter_map(|m| Some((m.clone(), states.get(m)?.1?))).collect()
     }
 }
 
@@ -188,8 +210,11 @@ mod tests {
     fn keeps_at_most_the_bound_and_forgets_non_members() {
         let h = "ab".repeat(32);
         let states = MemberStates::default();
-        let st =
-            |s: &str| MemberState { server: s.into(), plugin: Some(plugin("i", &h, &h[..12])) };
+        let st = |s: &str| MemberState {
+            server: s.into(),
+            plugin: Some(plugin("i", &h, &h[..12])),
+            space: None,
+        };
         assert_eq!(states.insert(st("a")), Ok(true));
         assert_eq!(states.insert(st("a")), Ok(false));
         assert_eq!(states.insert(st("../x")), Err(StateError::ServerName));
@@ -200,5 +225,20 @@ mod tests {
         let kept = states.plugins_of(&["a".to_string(), "nobody".to_string()]);
         assert_eq!(kept.keys().collect::<Vec<_>>(), ["a"]);
         assert!(states.insert(st("one-too-many")).is_ok());
+    }
+
+    #[test]
+    fn keeps_each_members_space_and_refuses_an_impossible_one() {
+        let states = MemberStates::default();
+        let space = FsSpace { free_bytes: 5, total_bytes: 10, free_inodes: 1, total_inodes: 2 };
+        let st = |space| MemberState { server: "a".into(), plugin: None, space };
+        assert_eq!(states.insert(st(Some(space))), Ok(true));
+        let bad = FsSpace { free_bytes: 11, ..space };
+        assert!(matches!(states.insert(st(Some(bad))), Err(StateError::Space(_))));
+        let members = ["a".to_string(), "b".to_string()];
+        assert_eq!(states.spaces_of(&members), BTreeMap::from([("a".to_string(), space)]));
+        assert!(states.plugins_of(&members).is_empty());
+        let less = FsSpace { free_bytes: 1, ..space };
+        assert_eq!(states.insert(st(Some(less))), Ok(true), "a new space is a change");
     }
 }

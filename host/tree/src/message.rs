@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use crate::link::LinkRates;
 use crate::manifest::Manifest;
 use crate::member_state::PluginIdentity;
+use crate::space::FsSpace;
 
 /// What a group leader reports about its segment (seed: discovery). Sent on election, on every
 /// join or leave, and periodically.
@@ -38,6 +39,10 @@ pub struct DiscoveryReport {
     /// relayed, never acted on; the manager checks and stores it per server.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginIdentity>,
+    /// The free space and inodes of each member's site root filesystem, as it reported them to
+    /// this GL (`member_state`): relayed; the manager checks them against what a run will write.
+    #[serde(default)]
+    pub spaces: BTreeMap<String, FsSpace>,
 }
 
 /// A GL's consolidated report for one run (seed: GL Assignment Status Report).

@@ -129,6 +129,7 @@ impl Cluster {
                 members: members.iter().map(|m| m.0.clone()).collect(),
                 links: None,
                 plugins: Default::default(),
+                spaces: Default::default(),
             };
             rt.block_on(report_discovery(&manager_url, AGENT, &report)).unwrap();
             gls.push(Gl { segment, node, thread, members });
@@ -420,6 +421,7 @@ impl Cluster {
             members: members.iter().map(|m| m.to_string()).collect(),
             links,
             plugins: Default::default(),
+            spaces: Default::default(),
         };
         let agent = JsonClient::new(AGENT, Duration::from_secs(10));
         self.rt.block_on(agent.post(&self.api("discovery"), &report)).unwrap()

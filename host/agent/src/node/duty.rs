@@ -18,6 +18,7 @@ use cm_tree::leader::{
 use cm_tree::manifest::Manifest;
 use cm_tree::member_state::{MemberStates, PluginIdentity};
 use cm_tree::message::{DiscoveryReport, MemberApplyReport};
+use cm_tree::space::FsSpace;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -89,8 +90,9 @@ fn discovery_report(
     let c = &shared.cfg;
     let measured = crate::election::measure_priority_inputs(&c.state_dir);
     let members: Vec<String> = segment_now(shared).into_keys().collect();
-    // Only registered members' plugins are relayed (the rest are forgotten).
+    // Only registered members' plugins and spaces are relayed (the rest are forgotten).
     let plugins = states.plugins_of(&members);
+    let spaces = states.spaces_of(&members);
     DiscoveryReport {
         segment: c.segment.clone(),
         leader: c.name.clone(),
@@ -105,11 +107,12 @@ fn discovery_report(
         // Measured from this GL's own transfers (the manager shapes the tree with them).
         links: links.rates(),
         plugins,
+        spaces,
     }
 }
 
 /// Reports the segment to the manager now, again on every join or leave or change of a
-/// member's plugin, and every `discovery_interval` (which also carries the link rates measured
+/// member's plugin or space, and every `discovery_interval` (which also carries the link rates measured
 /// meanwhile); a failed report is retried.
 async fn discovery_loop(
     shared: Arc<Shared>,
@@ -122,13 +125,16 @@ async fn discovery_loop(
         return;
     };
     let mut status = shared.status.clone();
-    let mut last: Option<(Vec<String>, BTreeMap<String, PluginIdentity>)> = None;
+    type Sent = (Vec<String>, BTreeMap<String, PluginIdentity>, BTreeMap<String, FsSpace>);
+    let mut last: Option<Sent> = None;
     let mut next_periodic = Instant::now();
     let mut failures = 0u32;
     loop {
         let report = discovery_report(&shared, addr, &links, &states);
-        let due = last.as_ref().is_none_or(|(m, p)| *m != report.members || *p != report.plugins)
-            || Instant::now() >= next_periodic;
+        // Members send a new space only when it moved by 1 %, so a change here is worth a report.
+        let due = last.as_ref().is_none_or(|(m, p, s)| {
+            *m != report.members || *p != report.plugins || *s != report.spaces
+        }) || Instant::now() >= next_periodic;
         if due {
             match shared
                 .client
@@ -137,7 +143,7 @@ async fn discovery_loop(
             {
                 Ok(_) => {
                     tracing::info!(segment = %report.segment, members = report.members.len(), "discovery report sent");
-                    last = Some((report.members, report.plugins));
+                    last = Some((report.members, report.plugins, report.spaces));
                     next_periodic = Instant::now() + shared.cfg.discovery_interval;
                     failures = 0;
                 }

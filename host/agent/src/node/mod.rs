@@ -9,8 +9,9 @@
 //! - When elected GL it takes up the duties in [`duty`]: the tree endpoint, discovery reports,
 //!   and per run: apply here, MCTP to the members, wait for their apply reports, one
 //!   consolidated report to the manager. When it loses the leadership it stops them.
-//! - It tells its GL which interpreter plugin it runs ([`state`]); the GL relays it to the
-//!   manager in its discovery report.
+//! - It tells its GL which interpreter plugin it runs and how much space its site root's
+//!   filesystem has ([`state`], [`space`]); the GL relays both to the manager in its discovery
+//!   report.
 //!
 //! One mapping, written down: **MCTP member id = election node id**, and the server name a GL
 //! reports is the member's election registration name. A member learns its GL's HTTP address
@@ -23,6 +24,7 @@ pub mod duty;
 pub mod member;
 pub mod report;
 pub mod sites;
+pub mod space;
 pub mod state;
 
 use std::net::{Ipv4Addr, SocketAddr};

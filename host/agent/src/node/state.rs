@@ -1,13 +1,16 @@
 //! A member's state report to its GL (`POST /members/state`, `cm_tree::member_state`): the
-//! identity of its interpreter plugin, so the manager can show which plugin every server runs.
-//! Sent to each new GL, again when the plugin changes (a hot swap), and every
-//! [`RESEND`] in case the GL restarted at the same address. Every node sends it, the GL to
-//! itself too: one path for every server's plugin.
+//! identity of its interpreter plugin, so the manager can show which plugin every server runs,
+//! and the free space and inodes of its site root's filesystem ([`super::space`]), which the
+//! manager checks runs against. Sent to each new GL, again when the plugin changes (a hot
+//! swap) or the space moves by 1 % ([`FsSpace::moved_from`]), and every [`RESEND`] in case the
+//! GL restarted at the same address. Every node sends it, the GL to itself too: one path for
+//! every server.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use cm_tree::member_state::MemberState;
+use cm_tree::space::FsSpace;
 use tokio::time::Instant;
 
 use super::Shared;
@@ -29,9 +32,11 @@ pub async fn state_loop(shared: Arc<Shared>) {
             let state = MemberState {
                 server: shared.cfg.name.clone(),
                 plugin: shared.applier.plugin_identity(),
+                space: super::space::measure_all(shared.cfg.sites.iter().map(|s| s.root.as_path())),
             };
-            let due = sent.as_ref().is_none_or(|(u, s)| *u != url || *s != state)
-                || sent_at.elapsed() >= RESEND;
+            let due = sent.as_ref().is_none_or(|(u, s)| {
+                *u != url || s.plugin != state.plugin || space_moved(&s.space, &state.space)
+            }) || sent_at.elapsed() >= RESEND;
             if due {
                 let client = &shared.client;
                 let ok = with_current_gl(gl.clone(), GIVE_UP, "member state", |u| {
@@ -50,5 +55,13 @@ pub async fn state_loop(shared: Arc<Shared>) {
             }
         }
         let _ = tokio::time::timeout(LOOK, gl.changed()).await;
+    }
+}
+
+/// Whether the space measured now is worth a report before the periodic one.
+fn space_moved(sent: &Option<FsSpace>, now: &Option<FsSpace>) -> bool {
+    match (sent, now) {
+        (Some(a), Some(b)) => b.moved_from(a),
+        (a, b) => a.is_some() != b.is_some(),
     }
 }

@@ -145,7 +145,7 @@ fn overview(m: &Inner, now: u64) -> Result<Markup, DbError> {
         div #servers data-live {
             p.dim { (servers.len()) " servers known" }
             table {
-                tr { th { "server" } th { "segment" } th { "health" } th { "live release per site" } th { "last report" } }
+                tr { th { "server" } th { "segment" } th { "health" } th { "live release per site" } th { "last report" } th { "space (site root)" } }
                 @for s in &servers {
                     @let seg = fresh.get(s.segment.as_str());
                     tr id=(format!("server-{}", s.name)) {
@@ -169,6 +169,7 @@ fn overview(m: &Inner, now: u64) -> Result<Markup, DbError> {
                             }
                         }
                         td { (ago(seg.map_or(0, |s| s.1), now)) }
+                        td { (s.space.as_ref().map_or("not reported".into(), crate::space::describe_space)) }
                     }
                 }
             }

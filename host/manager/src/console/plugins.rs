@@ -82,6 +82,8 @@ mod tests {
                 let h: String = std::iter::repeat_n(c, 64).collect();
                 PluginIdentity { name: "interpreter".into(), version: h[..12].into(), blake3: h }
             }),
+            space: None,
+            space_ms: 0,
         }
     }
 

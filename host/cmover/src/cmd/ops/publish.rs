@@ -37,6 +37,13 @@ pub struct PublishArgs {
     /// Leave the release prepared instead of committing it (then `cmover commit SITE`).
     #[arg(long)]
     pub manual_commit: bool,
+    /// Servers short of the space the run needs: `fail` the run before it distributes
+    /// (default), `skip` them (they count as failed), or `wait` for them (see --space-wait).
+    #[arg(long, value_parser = ["fail", "skip", "wait"])]
+    pub space_policy: Option<String>,
+    /// With --space-policy wait: how long to wait for space, in seconds (default 600).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub space_wait: Option<u64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -64,6 +71,16 @@ pub async fn publish(a: PublishArgs) -> anyhow::Result<()> {
     }
     if a.manual_commit {
         policy.insert("commit".into(), json!("manual"));
+    }
+    let mut space = serde_json::Map::new();
+    if let Some(on_short) = a.space_policy {
+        space.insert("on_short".into(), json!(on_short));
+    }
+    if let Some(secs) = a.space_wait {
+        space.insert("wait_ms".into(), json!(secs * 1000));
+    }
+    if !space.is_empty() {
+        policy.insert("space".into(), Value::Object(space));
     }
     submit(a.job, "publish", json!({ "type": "staging" }), Value::Object(policy)).await
 }

@@ -53,13 +53,14 @@ fn server_rows(
                 ago(s.last_seen_ms, now),
                 rel.get(&s.name).map_or("-".into(), |r| r.join(" ")),
                 s.plugin.as_ref().map_or("-".into(), |p| format!("{} {}", p.name, p.version)),
+                s.space.as_ref().map_or("-".into(), cm_manager::space::describe_space),
             ]
         })
         .collect()
 }
 
-const SERVER_HEADERS: [&str; 7] =
-    ["SERVER", "SEGMENT", "STATE", "ROLE", "CHANGED", "RELEASES", "PLUGIN"];
+const SERVER_HEADERS: [&str; 8] =
+    ["SERVER", "SEGMENT", "STATE", "ROLE", "CHANGED", "RELEASES", "PLUGIN", "SPACE"];
 
 pub async fn status(a: Args) -> anyhow::Result<()> {
     let c = Client::connect(&a.connect)?;

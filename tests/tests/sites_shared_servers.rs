@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use cm_agent::launch::ExtraSite;
 use cm_manager::model::{Job, JobKind, JobState, Payload, ServerOutcome};
 use cm_tests::cluster::{Layout, TestCluster, auto_commit_policy};
-use cm_tests::observe;
-use site_common::noise;
+use site_common::{noise, observe};
 
 mod site_common;
 

@@ -809,3 +809,51 @@ async fn show_status(addr: SocketAddr, raw: bool) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sites(toml_text: &str) -> anyhow::Result<Vec<SiteSpec>> {
+        let file: AgentFile = toml::from_str(toml_text)?;
+        sites_of(file.site, Path::new("/data"), None, None).map(|(s, _)| s)
+    }
+
+    #[test]
+    fn one_site_table_or_several_site_entries() {
+        // Nothing, or `[site]`: one site, the defaults filling in.
+        assert_eq!(sites("").unwrap(), [SiteSpec::new("www", "/data/site")]);
+        assert_eq!(
+            sites("[site]\nname = \"docs\"\n").unwrap(),
+            [SiteSpec::new("docs", "/data/site")]
+        );
+        let two = sites(
+            "[[site]]\nname = \"www\"\nroot = \"/srv/www\"\n\n\
+             [[site]]\nname = \"shop\"\nroot = \"/srv/shop\"\nplugin = \"shop-interpreter\"\n",
+        )
+        .unwrap();
+        assert_eq!(two[0], SiteSpec::new("www", "/srv/www"));
+        assert_eq!((two[1].name.as_str(), two[1].plugin.as_str()), ("shop", "shop-interpreter"));
+        for (bad, says) in [
+            ("[[site]]\nroot = \"/srv/a\"\n[[site]]\nname = \"b\"\nroot = \"/srv/b\"\n", "no name"),
+            ("[[site]]\nname = \"a\"\n[[site]]\nname = \"b\"\nroot = \"/srv/b\"\n", "no root"),
+            (
+                "[[site]]\nname = \"a\"\nroot = \"/srv/a\"\n[[site]]\nname = \"a\"\nroot = \"/srv/b\"\n",
+                "twice",
+            ),
+            (
+                "[[site]]\nname = \"a\"\nroot = \"/srv\"\n[[site]]\nname = \"b\"\nroot = \"/srv/b\"\n",
+                "inside",
+            ),
+            ("[site]\nname = \"..\"\n", "site name `..`"),
+            ("[site]\nnmae = \"www\"\n", "unknown field"),
+        ] {
+            let e = format!("{:#}", sites(bad).unwrap_err());
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let file: AgentFile =
+            toml::from_str("[[site]]\nname = \"a\"\nroot = \"/srv/a\"\n").unwrap();
+        let e = sites_of(file.site, Path::new("/d"), Some("x".into()), None).unwrap_err();
+        assert!(e.to_string().contains("--site-name"), "{e}");
+    }
+}

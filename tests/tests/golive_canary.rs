@@ -91,3 +91,35 @@ async fn canary_pauses_survives_a_manager_restart_and_goes_on_when_approved() ->
     assert!(roll.approved);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_aborted_canary_switches_back_and_leaves_every_server_on_one_release()
+-> anyhow::Result<()> {
+    let site = tempfile::tempdir()?;
+    std::fs::write(site.path().join("release.txt"), "one\n")?;
+    let c = TestCluster::start(&Layout::new(192, 1, 3), site.path()).await?;
+    c.put_site(json!({ "golive": {
+        "policy": {"policy": "canary", "group": {"servers": 1}, "pause": {"until": "approval"}},
+    }}))
+    .await?;
+    let first = JobPolicy { go_live: Some(Default::default()), ..auto_commit_policy() };
+    let job = c.submit_with(JobKind::Publish, Payload::Staging, first).await?;
+    let (j, _) = c.finish(job.id, Duration::from_secs(60)).await?;
+    assert_eq!(j.state, JobState::Done, "{:?}", j.last_reason);
+
+    std::fs::write(c.staging.join("release.txt"), "two\n")?;
+    let job = c.submit_with(JobKind::Publish, Payload::Staging, auto_commit_policy()).await?;
+    wait_paused(&c, job.id).await?;
+    let j: Job = c.op.post(&c.url(&format!("jobs/{}/abort", job.id)), &json!({})).await?;
+    assert!(j.roll.as_ref().is_some_and(|r| r.aborted.is_some()), "{:?}", j.roll);
+    let (j, _) = c.finish(job.id, Duration::from_secs(60)).await?;
+    assert!(
+        matches!(&j.state, JobState::Cancelled { reason } if reason.contains("aborted by")),
+        "{:?}",
+        j.state
+    );
+    for a in &c.agents {
+        assert_eq!(release_of(a), "one\n", "{} back on the release before", a.spec.name);
+    }
+    Ok(())
+}

@@ -31,12 +31,14 @@ async fn wait_paused(c: &TestCluster, job: u64) -> anyhow::Result<Job> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn canary_pauses_survives_a_manager_restart_and_goes_on_when_approved() -> anyhow::Result<()>
-{
-    let site = tempfile::tempdir()?;
-    std::fs::write(site.path().join("release.txt"), "one\n")?;
-    let mut c = TestCluster::start(&Layout::new(191, 2, 2), site.path()).await?;
+/// A cluster whose release "one" is live everywhere and whose release "two" is rolling out as
+/// a canary (one server a group, approval), paused after its first group; the publish's job.
+async fn paused_canary(
+    layout: &Layout,
+    site: &std::path::Path,
+) -> anyhow::Result<(TestCluster, Job)> {
+    std::fs::write(site.join("release.txt"), "one\n")?;
+    let c = TestCluster::start(layout, site).await?;
     c.put_site(json!({ "golive": {
         "policy": {"policy": "canary", "group": {"servers": 1}, "pause": {"until": "approval"}},
     }}))
@@ -45,10 +47,18 @@ async fn canary_pauses_survives_a_manager_restart_and_goes_on_when_approved() ->
     let job = c.submit_with(JobKind::Publish, Payload::Staging, first).await?;
     let (j, _) = c.finish(job.id, Duration::from_secs(60)).await?;
     assert_eq!(j.state, JobState::Done, "{:?}", j.last_reason);
-
     std::fs::write(c.staging.join("release.txt"), "two\n")?;
     let job = c.submit_with(JobKind::Publish, Payload::Staging, auto_commit_policy()).await?;
     let j = wait_paused(&c, job.id).await?;
+    Ok((c, j))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn canary_pauses_survives_a_manager_restart_and_goes_on_when_approved() -> anyhow::Result<()>
+{
+    let site = tempfile::tempdir()?;
+    let (mut c, j) = paused_canary(&Layout::new(191, 2, 2), site.path()).await?;
+    let job = j.clone();
     let roll = j.roll.clone().unwrap_or_else(|| unreachable!());
     let canary = &roll.groups[0];
     assert_eq!(canary.len(), 1);
@@ -89,5 +99,24 @@ async fn canary_pauses_survives_a_manager_restart_and_goes_on_when_approved() ->
     let roll = j.roll.unwrap_or_else(|| unreachable!());
     assert_eq!(roll.live.len(), 4);
     assert!(roll.approved);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_aborted_canary_switches_back_and_leaves_every_server_on_one_release()
+-> anyhow::Result<()> {
+    let site = tempfile::tempdir()?;
+    let (c, job) = paused_canary(&Layout::new(192, 1, 3), site.path()).await?;
+    let j: Job = c.op.post(&c.url(&format!("jobs/{}/abort", job.id)), &json!({})).await?;
+    assert!(j.roll.as_ref().is_some_and(|r| r.aborted.is_some()), "{:?}", j.roll);
+    let (j, _) = c.finish(job.id, Duration::from_secs(60)).await?;
+    assert!(
+        matches!(&j.state, JobState::Cancelled { reason } if reason.contains("aborted by")),
+        "{:?}",
+        j.state
+    );
+    for a in &c.agents {
+        assert_eq!(release_of(a), "one\n", "{} back on the release before", a.spec.name);
+    }
     Ok(())
 }

@@ -116,6 +116,7 @@ async fn rolling_commit_and_rollback_through_haproxy_lose_no_request() -> anyhow
         "servers": servers,
         "health": {"paths": ["/release.txt"]},
         "drain_grace_ms": 1000,
+        "rotation_interval_ms": 500,
     }}))
     .await?;
 
@@ -203,6 +204,29 @@ async fn rolling_commit_and_rollback_through_haproxy_lose_no_request() -> anyhow
     assert!(
         ours.iter().any(|e| e.contains("health check") && e.contains(&bad_name)),
         "the history reports the failed check: {ours:#?}"
+    );
+
+    // Rotation follows health: once the drained server caught up (it holds the release: a
+    // commit of live, at once, switches it), the manager puts it back into rotation and says
+    // so in the history.
+    nginx[bad].reload("")?;
+    let at_once = JobPolicy { go_live: Some(Default::default()), ..auto_commit_policy() };
+    let j = run_job(&c, JobKind::Commit, Payload::Commit { serial: None }, at_once).await?;
+    assert_eq!(j.state, JobState::Done, "{:?}\n{}", j.last_reason, c.logs());
+    assert_eq!(release_of(&c.agents[bad].site_root), "gen-3\n");
+    let start = Instant::now();
+    while haproxy.admin_state(&bad_name)? & 0x08 != 0 {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("{bad_name} was not put back into rotation\n{}", c.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let history: Vec<HistoryEntry> = c.op.get(&c.url("history")).await?;
+    assert!(
+        history
+            .iter()
+            .any(|h| h.event.starts_with(&format!("rotation: {bad_name} of site www undrained"))),
+        "rotation's change is in the history"
     );
     Ok(())
 }

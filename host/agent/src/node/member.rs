@@ -103,7 +103,7 @@ pub async fn member_loop(shared: Arc<Shared>) {
                         }
                         // The GL's word is checked against the manager's signed notification.
                         if let Some(report::Target::Yes { notification, .. }) = &targeted
-                            && let Err(why) = confirm_target(&shared, run, &got.path, notification.as_ref()).await
+                            && let Err(why) = confirm_target(&shared, run, &got.path, notification.as_deref()).await
                         {
                             tracing::warn!(run, "not applied: {why}");
                             let _ = std::fs::remove_file(&got.path);

@@ -163,7 +163,7 @@ pub enum Target {
     Yes {
         aborted_before: Vec<cm_tree::abort::AbortOrder>,
         /// The run's notification as the GL holds it (the manager signed it; not yet checked).
-        notification: Option<cm_tree::message::Notification>,
+        notification: Option<Box<cm_tree::message::Notification>>,
     },
     /// It targets other servers of the segment.
     No,

@@ -211,7 +211,10 @@ fn a_conflicting_job_waits_for_the_running_one_or_is_cancelled() {
     });
     let c = Cluster::start(o);
     let file = c.dir.path().join("a.bin");
-    random_assignment(&file, 4 << 20, 6);
+    random_assignment_for(&file, 4 << 20, 6, "site");
+    // The other site's own assignment (a header names one site).
+    let other_file = c.dir.path().join("b.bin");
+    random_assignment_for(&other_file, 1000, 7, "other");
     c.setup_site("site", c.all_servers());
     c.setup_site("other", vec![c.all_servers()[0].clone()]);
     let first = c.submit("site", &file, JobPolicy::default());
@@ -223,7 +226,7 @@ fn a_conflicting_job_waits_for_the_running_one_or_is_cancelled() {
         JobPolicy { on_conflict: OnBlocked::Cancel, ..JobPolicy::default() },
     );
     // A different site on the same server is no conflict.
-    let other = c.submit("other", &file, JobPolicy::default());
+    let other = c.submit("other", &other_file, JobPolicy::default());
     let q = c.wait_job(queued.id, Duration::from_secs(10), |j| j.last_reason.is_some());
     assert_eq!(q.state, JobState::Idle);
     assert_eq!(

@@ -232,6 +232,12 @@ impl Cluster {
 /// as it is): hot content (it commits itself, so no automatic commit run follows) carrying one
 /// file of `len` pseudo-random bytes, stored raw. Returns the assignment's length.
 pub fn random_assignment(path: &Path, len: usize, seed: u64) -> u64 {
+    random_assignment_for(path, len, seed, "site")
+}
+
+/// [`random_assignment`] for hosted site `site` (its header names it; the default is `site`,
+/// the site [`Cluster::publish`] sets up).
+pub fn random_assignment_for(path: &Path, len: usize, seed: u64, site: &str) -> u64 {
     let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let mut v = Vec::with_capacity(len);
     while v.len() < len {
@@ -245,7 +251,8 @@ pub fn random_assignment(path: &Path, len: usize, seed: u64) -> u64 {
     // An extension stored raw: random bytes do not compress.
     std::fs::write(staging.path().join("payload.jpg"), v).unwrap();
     let mut opts =
-        cm_assignment::BuildOptions::new(cm_assignment::AssignmentType::HotContent, seed);
+        cm_assignment::BuildOptions::new(cm_assignment::AssignmentType::HotContent, seed)
+            .for_site(site);
     opts.signer = Some(cm_tests::test_signer().clone());
     cm_assignment::build(staging.path(), None, path, &opts).unwrap();
     std::fs::metadata(path).unwrap().len()

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cm_mctp::AnnouncerFilter;
+use cm_tree::message::MemberApplyReport;
 
 use crate::mctp::{AnnouncerMemory, FollowLeader, MctpDriverError, ReceiveOptions, receive};
 
@@ -107,6 +108,17 @@ pub async fn member_loop(shared: Arc<Shared>) {
                         {
                             tracing::warn!(run, "not applied: {why}");
                             let _ = std::fs::remove_file(&got.path);
+                            // Said to the GL, so the run's report names the reason.
+                            let refused = MemberApplyReport {
+                                server: shared.cfg.name.clone(),
+                                node: shared.status.borrow().node,
+                                run,
+                                error: Some(format!("not applied: {why}")),
+                                live: None,
+                                summary: String::new(),
+                                site: String::new(),
+                            };
+                            let _ = report::send_to_gl(shared.gl_url.subscribe(), shared.client.clone(), refused, REPORT_GIVE_UP).await;
                             return;
                         }
                         let r = apply_report(&shared, run, got.path.clone()).await;

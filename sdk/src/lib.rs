@@ -120,7 +120,7 @@ macro_rules! cache_invalidator {
                     <$plugin as Guest>::self_check()
                 }
             }
-            $crate::bindings::export_cache_invalidator!(Exported with_types_in $crate::bindings);
+    $crate::bindings::export_cache_invalidator!(Exported with_types_in $crate::bindings);
         };
     };
 }
@@ -161,7 +161,7 @@ macro_rules! load_balancer {
                     <$plugin as Guest>::self_check()
                 }
             }
-            $crate::bindings::export_load_balancer!(Exported with_types_in $crate::bindings);
+    $crate::bindings::export_load_balancer!(Exported with_types_in $crate::bindings);
         };
     };
 }

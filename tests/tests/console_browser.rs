@@ -49,8 +49,10 @@ async fn drive(b: &Client, c: &TestCluster) -> anyhow::Result<()> {
     assert!(b.current_url().await?.path().ends_with("/console/login"));
     fill(b, "#token", "not-the-token").await?;
     click(b, "button[type=submit]").await?;
+    // A wrong token is answered after a second: wait for the answer, not the form still shown.
+    wait_text(b, "body", Duration::from_secs(15), |t| t.contains("That is not the operator token"))
+        .await?;
     let page = b.source().await?;
-    assert!(page.contains("That is not the operator token"), "{page}");
     for secret in servers.iter().chain([&"seg0".to_string(), &"Runs in flight".to_string()]) {
         assert!(!page.contains(secret.as_str()), "the login page shows {secret}");
     }

@@ -91,8 +91,16 @@ impl Drop for ProcessGuard {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon after).
+/// A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon after). Taken below
+/// the kernel's ephemeral range (32768 and up), where no outgoing connection of another
+/// process can take it before the caller binds it.
 pub fn free_port() -> io::Result<u16> {
+    for _ in 0..1000 {
+        let port = rand::random_range(20_000..32_000);
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
 }
 

@@ -130,6 +130,9 @@ async fn drive(b: &Client, c: &TestCluster) -> anyhow::Result<()> {
     std::fs::write(c.staging.join("index.html"), "version two")?;
     b.goto(&format!("{base}/console/sites")).await?;
     click(b, "#site-docs form[action$='/publish'] button").await?;
+    // The form's answer navigates to the jobs page: wait for it before leaving, or it lands
+    // after the next page was asked for.
+    wait_text(b, "#flash", Duration::from_secs(5), |t| t.contains("created")).await?;
     b.goto(&format!("{base}/console/sites")).await?;
     // Serials count every assignment (the commit took one): the second release is not 2.
     // (A live section being replaced reads empty for a moment: wait for a number.)

@@ -147,9 +147,16 @@ async fn a_recurring_publish_makes_a_release_only_when_staging_changed() {
         }
     };
     let first = wait_committed(1).await;
-    // Several periods with nothing changed (and a touch that keeps the bytes).
-    tokio::time::sleep(Duration::from_millis(2 * period)).await;
-    fs::write(c.staging.join("css/site.css"), "body{}").unwrap();
+    // Several periods with nothing changed, and a touch that keeps the bytes: only the mtime
+    // moves (a rewrite would truncate first, and a check landing in that instant rightly sees
+    // an empty file; the touch comes half a period off the checks' phase).
+    tokio::time::sleep(Duration::from_millis(2 * period + period / 2)).await;
+    fs::File::options()
+        .write(true)
+        .open(c.staging.join("css/site.css"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now())
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(2 * period)).await;
     assert_eq!(committed(&c).await, first, "no release while staging is unchanged");
     // One change: one release.

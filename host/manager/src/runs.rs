@@ -123,6 +123,9 @@ impl Inner {
             Payload::CatchUp { .. } => self.prepare_catch_up(&job, &site, ctx, &copy)?,
             _ => prepare::prepare(&payload, kind, &site, site.serial + 1, job.id, ctx, &copy)?,
         };
+        if self.built_nothing_new(&job, &site, prepared.release, &copy, now)? {
+            return Ok(());
+        }
         if let Some(s) = prepared.serial {
             site.serial = site.serial.max(s);
         }

@@ -4,6 +4,10 @@
 //! file with the same size and mtime (to the nanosecond; snapshots keep staging's mtimes) and
 //! mode counts as unchanged without being read. Only a file whose mtime differs is hashed, both
 //! sides, so a touched-but-equal file is still "unchanged".
+//!
+//! A writer can race the check (a file truncated and written again looks changed for an
+//! instant), so after the build a second guard compares the new snapshot with the newest
+//! release's: equal, and the run is dropped the same way.
 
 use std::fs;
 use std::io;
@@ -12,7 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::filter::Filter;
-use crate::model::{Job, Payload};
+use crate::model::{HostedSite, Job, Payload};
 use crate::server::{Inner, ManagerError};
 use crate::{policy, prepare};
 
@@ -38,11 +42,34 @@ impl Inner {
         if !snap.is_dir() || !same_tree_filtered(staging, &snap, &filter).unwrap_or(false) {
             return Ok(false);
         }
-        let reason = format!(
-            "unchanged, nothing to publish: the staging tree of site {} equals release {newest}",
-            site.name
-        );
-        self.no_run(job, reason, now)?;
+        self.no_run(job, unchanged_reason(&site.name, newest), now)?;
+        Ok(true)
+    }
+
+    /// The second guard, right after a recurring publish's build: when the snapshot it made
+    /// (release `built`) holds exactly what the newest release holds, the snapshot and the run's
+    /// assignment `copy` are dropped and the job makes no run, as in [`Self::staging_unchanged`].
+    pub(crate) fn built_nothing_new(
+        self: &Arc<Self>,
+        job: &Job,
+        site: &HostedSite,
+        built: Option<u64>,
+        copy: &Path,
+        now: u64,
+    ) -> Result<bool, ManagerError> {
+        if job.spec.payload != Payload::Staging
+            || job.spec.every_ms.is_none()
+            || job.pending_commit.is_some()
+        {
+            return Ok(false);
+        }
+        let Some(built) = built else { return Ok(false) };
+        let Some(newest) = snapshot_equals_newest(&self.cfg.data_dir, site, built) else {
+            return Ok(false);
+        };
+        let _ = fs::remove_dir_all(prepare::snapshot_dir(&self.cfg.data_dir, &site.name, built));
+        let _ = fs::remove_file(copy);
+        self.no_run(job, unchanged_reason(&site.name, newest), now)?;
         Ok(true)
     }
 
@@ -64,8 +91,22 @@ impl Inner {
     }
 }
 
+fn unchanged_reason(site: &str, newest: u64) -> String {
+    format!(
+        "unchanged, nothing to publish: the staging tree of site {site} equals release {newest}"
+    )
+}
+
+/// The newest release of `site` (prepared, else live) when its snapshot holds exactly what the
+/// snapshot of release `built` holds.
+pub fn snapshot_equals_newest(data_dir: &Path, site: &HostedSite, built: u64) -> Option<u64> {
+    let newest = site.prepared.or(site.live()).filter(|n| *n != built)?;
+    let old = prepare::snapshot_dir(data_dir, &site.name, newest);
+    let new = prepare::snapshot_dir(data_dir, &site.name, built);
+    (old.is_dir() && same_tree(&new, &old).unwrap_or(false)).then_some(newest)
+}
+
 /// True when `staging` holds exactly what `snapshot` holds.
-#[cfg(test)]
 pub fn same_tree(staging: &Path, snapshot: &Path) -> io::Result<bool> {
     same_tree_filtered(staging, snapshot, &Filter::all())
 }
@@ -162,6 +203,37 @@ mod tests {
         fs::set_permissions(staging.join("css/site.css"), fs::Permissions::from_mode(0o600))
             .unwrap();
         assert!(!same_tree(&staging, &snap).unwrap());
+    }
+
+    #[test]
+    fn a_build_equal_to_the_newest_release_is_found_by_the_second_guard() {
+        let d = tempfile::tempdir().unwrap();
+        let staging = d.path().join("staging");
+        fs::create_dir_all(&staging).unwrap();
+        fs::write(staging.join("index.html"), "hello").unwrap();
+        let snap = |n: u64| prepare::snapshot_dir(d.path(), "www", n);
+        snapshot_tree(&staging, None, &snap(1)).unwrap();
+        let mut site: HostedSite = serde_json::from_value(serde_json::json!({
+            "name": "www", "content_group": "g", "staging": staging, "committed": [1],
+        }))
+        .unwrap();
+        // Rewritten with the same bytes (new mtime): nothing new.
+        fs::write(staging.join("index.html"), "hello").unwrap();
+        snapshot_tree(&staging, Some(&snap(1)), &snap(2)).unwrap();
+        assert_eq!(snapshot_equals_newest(d.path(), &site, 2), Some(1));
+        // Other bytes: a real release.
+        fs::write(staging.join("index.html"), "jello").unwrap();
+        snapshot_tree(&staging, Some(&snap(1)), &snap(3)).unwrap();
+        assert_eq!(snapshot_equals_newest(d.path(), &site, 3), None);
+        // Compared with the prepared release when there is one.
+        site.prepared = Some(3);
+        snapshot_tree(&staging, Some(&snap(3)), &snap(4)).unwrap();
+        assert_eq!(snapshot_equals_newest(d.path(), &site, 4), Some(3));
+        // Nothing released yet, or the newest is the build itself: no guard.
+        assert_eq!(snapshot_equals_newest(d.path(), &site, 3), None);
+        site.prepared = None;
+        site.committed.clear();
+        assert_eq!(snapshot_equals_newest(d.path(), &site, 2), None);
     }
 
     #[test]

@@ -137,8 +137,8 @@ fn hot_content_overlays_live_and_the_next_publish_commit_and_rollback_work_as_wi
         (d.join("v1"), d.join("v2"), d.join("h"), d.join("h2"), d.join("v4"));
     write_tree(&v1, &[("index.html", b"one"), ("sale.html", b"sale 1")], 1000);
     write_tree(&v2, &[("index.html", b"two"), ("sale.html", b"sale 2")], 2000);
-    write_tree(&hot, &[("index.html", b"two"), ("sale.html", b"HOT")], 2000);
-    write_tree(&hot2, &[("index.html", b"two"), ("sale.html", b"HOTTER")], 2000);
+    write_tree(&hot, &[("index.html", b"two"), ("sale.html", b"HOT")], 3000);
+    write_tree(&hot2, &[("index.html", b"two"), ("sale.html", b"HOTTER")], 4000);
     write_tree(&v4, &[("index.html", b"four"), ("sale.html", b"sale 2")], 2000);
     site.apply(&assignment(d, "1.cma", AssignmentType::Replicate, 1, 0, &v1, None), &mut interp)
         .unwrap();

@@ -108,7 +108,11 @@ async fn requests_for_a_hot_path_reach_only_the_servers_that_hold_it() {
     let mut answered = 0;
     for _ in 0..30 {
         let (status, _, body) = get(&haproxy.front, "/flash/sale.html", None).unwrap();
-        assert_eq!((status, body.as_str()), (200, "sale: NOW"), "a hot request reached a non-holder");
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "sale: NOW"),
+            "a hot request reached a non-holder"
+        );
         answered += 1;
     }
     println!("{answered} requests for the hot path, every one answered by a holder");

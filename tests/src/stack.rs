@@ -117,6 +117,16 @@ pub struct Haproxy {
 impl Haproxy {
     /// `None` when HAProxy is not installed.
     pub fn start(servers: &BTreeMap<String, String>) -> anyhow::Result<Option<Haproxy>> {
+        Haproxy::start_with(servers, "", "")
+    }
+
+    /// [`Haproxy::start`] with `rules` added to the frontend (before its default backend) and
+    /// `backends` after backend `app` (e.g. a hot-content pool and the rule that uses it).
+    pub fn start_with(
+        servers: &BTreeMap<String, String>,
+        rules: &str,
+        backends: &str,
+    ) -> anyhow::Result<Option<Haproxy>> {
         let Some(bin) = find(&["/usr/sbin/haproxy", "/usr/bin/haproxy"]) else { return Ok(None) };
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("admin.sock");
@@ -128,8 +138,8 @@ impl Haproxy {
         let config = format!(
             "global\n  stats socket {} mode 600 level admin\n\n\
              defaults\n  mode http\n  option http-keep-alive\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n  retries 3\n  option redispatch\n\n\
-             frontend web\n  bind {front}\n  default_backend app\n\n\
-             backend app\n  balance roundrobin\n  cookie SRV insert indirect nocache\n{lines}",
+             frontend web\n  bind {front}\n{rules}  default_backend app\n\n\
+             backend app\n  balance roundrobin\n  cookie SRV insert indirect nocache\n{lines}\n{backends}",
             socket.display()
         );
         let config_path = dir.path().join("haproxy.cfg");
@@ -151,6 +161,16 @@ impl Haproxy {
         }
         wait_listening(&front, "haproxy")?;
         Ok(Some(Haproxy { child, _dir: dir, socket, front }))
+    }
+
+    /// One runtime-API command's answer.
+    pub fn command(&self, line: &str) -> anyhow::Result<String> {
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket)?;
+        stream.write_all(format!("{line}\n").as_bytes())?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
     }
 
     /// HAProxy's own word on `server`'s admin state (bits: 0x01 maintenance, 0x08 drain).
@@ -184,7 +204,7 @@ impl Drop for Haproxy {
 }
 
 /// One HTTP/1.1 GET on a fresh connection: status, the `SRV` cookie it set, the body.
-fn get(
+pub fn get(
     front: &str,
     path: &str,
     cookie: Option<&str>,

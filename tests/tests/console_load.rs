@@ -81,6 +81,7 @@ fn fill(db: &Db) -> Result<(), DbError> {
             rotation: Default::default(),
             refresh: Default::default(),
             built: Default::default(),
+            hot: Default::default(),
         })?;
         Ok::<_, DbError>(())
     })?;

@@ -127,6 +127,86 @@ fn hot_content_goes_live_at_once() {
 }
 
 #[test]
+fn hot_content_overlays_live_and_the_next_publish_commit_and_rollback_work_as_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = SiteConfig { backups: 1, ..SiteConfig::default() };
+    let site = Site::open(&d.join("site"), cfg.clone()).unwrap();
+    let mut interp = NativeInterpreter;
+    let (v1, v2, hot, hot2, v4) =
+        (d.join("v1"), d.join("v2"), d.join("h"), d.join("h2"), d.join("v4"));
+    write_tree(&v1, &[("index.html", b"one"), ("sale.html", b"sale 1")], 1000);
+    write_tree(&v2, &[("index.html", b"two"), ("sale.html", b"sale 2")], 2000);
+    write_tree(&hot, &[("index.html", b"two"), ("sale.html", b"HOT")], 3000);
+    write_tree(&hot2, &[("index.html", b"two"), ("sale.html", b"HOTTER")], 4000);
+    write_tree(&v4, &[("index.html", b"four"), ("sale.html", b"sale 2")], 2000);
+    site.apply(&assignment(d, "1.cma", AssignmentType::Replicate, 1, 0, &v1, None), &mut interp)
+        .unwrap();
+    site.commit(None, &mut interp).unwrap();
+    site.apply(&assignment(d, "2.cma", AssignmentType::Publish, 2, 1, &v2, Some(&v1)), &mut interp)
+        .unwrap();
+    site.commit(None, &mut interp).unwrap();
+
+    // Hot release 3 on live 2: live at once, the history unchanged (2 is still the committed live).
+    let r = site
+        .apply(
+            &assignment(d, "3.cma", AssignmentType::HotContent, 3, 2, &hot, Some(&v2)),
+            &mut interp,
+        )
+        .unwrap();
+    assert_eq!(r.now_live, Some(3));
+    assert_eq!(observe(&site.live_path()), observe(&hot));
+    let st = site.status().unwrap();
+    assert_eq!((st.current, st.history.clone()), (Some(3), vec![1, 2]));
+    // Reopening (the crash repair) leaves the overlay alone.
+    let site = Site::open(&d.join("site"), cfg).unwrap();
+    assert_eq!(site.status().unwrap(), st);
+
+    // A publish against 2 builds on 2, not on the hot release.
+    site.apply(&assignment(d, "4.cma", AssignmentType::Publish, 4, 2, &v4, Some(&v2)), &mut interp)
+        .unwrap();
+    assert_eq!(observe(&site.release_path(4)), observe(&v4));
+    assert_eq!(observe(&site.live_path()), observe(&hot), "live unchanged before commit");
+
+    // Hot on hot: the hot release before is discarded.
+    site.apply(
+        &assignment(d, "5.cma", AssignmentType::HotContent, 5, 2, &hot2, Some(&v2)),
+        &mut interp,
+    )
+    .unwrap();
+    assert_eq!(observe(&site.live_path()), observe(&hot2));
+    assert!(!site.release_path(3).exists(), "the first hot release is gone");
+
+    // The commit of 4 replaces the overlay; the hot release is discarded, 2 kept for rollback.
+    let r = site
+        .apply(&switch_assignment(d, "c4.cma", AssignmentType::Commit, 6, 4), &mut interp)
+        .unwrap();
+    assert_eq!(r.now_live, Some(4));
+    assert_eq!(observe(&site.live_path()), observe(&v4));
+    let st = site.status().unwrap();
+    assert_eq!(st.history, vec![1, 2, 4]);
+    assert_eq!(st.releases, vec![(2, ReleaseState::Backup), (4, ReleaseState::Live)]);
+    assert_eq!(site.rollback(&mut interp).unwrap(), 2);
+    assert_eq!(observe(&site.live_path()), observe(&v2));
+
+    // Hot again, then a rollback: to the release before the base, as without the overlay.
+    site.apply(
+        &assignment(d, "7.cma", AssignmentType::HotContent, 7, 2, &hot, Some(&v2)),
+        &mut interp,
+    )
+    .unwrap();
+    site.apply(&assignment(d, "8.cma", AssignmentType::Publish, 8, 2, &v4, Some(&v2)), &mut interp)
+        .unwrap();
+    let r = site
+        .apply(&switch_assignment(d, "s2.cma", AssignmentType::Switch, 9, 2), &mut interp)
+        .unwrap();
+    assert_eq!(r.now_live, Some(2), "a switch to the base ends the overlay");
+    assert_eq!(observe(&site.live_path()), observe(&v2));
+    assert!(!site.release_path(7).exists());
+    assert_eq!(site.status().unwrap().history, vec![1, 2], "the base is not committed twice");
+}
+
+#[test]
 fn an_old_switching_assignment_is_refused_as_a_replay() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

@@ -53,6 +53,8 @@ enum Command {
     Commit(cmd::ops::publish::CommitArgs),
     /// Switch a site's servers back to the release committed before live (or --to an earlier one).
     Rollback(cmd::ops::publish::RollbackArgs),
+    /// Hot content: named staging files live at once on N chosen servers (on top of live).
+    Hot(cmd::ops::publish::HotArgs),
     /// Jobs on the manager: create, list, show, cancel.
     #[command(subcommand)]
     Job(cmd::ops::job::Command),
@@ -171,6 +173,7 @@ async fn run(command: Command, log: logging::LogArgs) -> anyhow::Result<()> {
         Command::Publish(a) => cmd::ops::publish::publish(a).await,
         Command::Commit(a) => cmd::ops::publish::commit(a).await,
         Command::Rollback(a) => cmd::ops::publish::rollback(a).await,
+        Command::Hot(a) => cmd::ops::publish::hot(a).await,
         Command::Job(c) => cmd::ops::job::run(c).await,
         Command::Status(a) => cmd::ops::status::status(a).await,
         Command::Servers(a) => cmd::ops::status::servers(a).await,

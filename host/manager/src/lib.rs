@@ -33,6 +33,7 @@ mod discovery;
 pub mod events;
 pub mod filter;
 pub mod golive;
+pub mod hot;
 pub mod live_change;
 pub mod metrics;
 pub mod model;

@@ -111,6 +111,20 @@ pub struct HostedSite {
     /// or not: a server that built live but missed its commit gets just the commit (`sync.rs`).
     #[serde(default)]
     pub built: BTreeMap<String, BuiltRelease>,
+    /// Per server, the hot release it has live over the committed live release (`hot.rs`):
+    /// not out of date, so not caught up; gone with the next commit, rollback or switch there.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hot: BTreeMap<String, HotHolding>,
+}
+
+/// A hot release live on a server: the committed release `base` plus `paths` from staging.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HotHolding {
+    pub release: u64,
+    pub base: u64,
+    pub paths: Vec<String>,
+    /// The run that made it live.
+    pub run: u64,
 }
 
 /// A release a server reported built, and the run that built it.
@@ -259,6 +273,17 @@ pub enum Payload {
         #[serde(default)]
         servers: Vec<String>,
     },
+    /// Hot content (the job kind `hot`): the live release plus `paths` (files of the staging
+    /// tree, relative to it) as one hot-content release, live at once on `servers` of the
+    /// content group, or — `servers` empty — on `count` live, up-to-date servers the manager
+    /// picks, spread over segments (written into `servers` when the job first runs).
+    Hot {
+        paths: Vec<String>,
+        #[serde(default)]
+        servers: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        count: Option<u32>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,6 +298,7 @@ pub enum JobKind {
     Restore,
     Checkpoint,
     Remove,
+    Hot,
 }
 
 impl JobKind {
@@ -288,6 +314,7 @@ impl JobKind {
             JobKind::Restore => "restore",
             JobKind::Checkpoint => "checkpoint",
             JobKind::Remove => "remove",
+            JobKind::Hot => "hot",
         }
     }
 }

@@ -46,6 +46,8 @@ pub enum PrepareError {
     NotAnAssignment { site: String },
     #[error("site {site}: the snapshot of live release {serial} is missing at {path}")]
     SnapshotMissing { site: String, serial: u64, path: String },
+    #[error("site {site}: hot content: {why}")]
+    Hot { site: String, why: String },
     #[error("site {site}: its content rules: {source}")]
     Rules { site: String, source: RuleError },
 }
@@ -328,6 +330,9 @@ pub fn prepare(
         Payload::Remove { servers } => {
             crate::remove::prepare_remove(site, servers, serial, job_id, ctx, out)
         }
+        Payload::Hot { paths, .. } => {
+            crate::hot::prepare_hot(site, paths, serial, job_id, ctx, out)
+        }
         // Handled before `prepare` (`checkpoint.rs`, `sync.rs`); reaching here is a caller's bug.
         Payload::Checkpoint { .. } | Payload::CreateCheckpoint { .. } | Payload::CatchUp { .. } => {
             Err(PrepareError::NotAnAssignment { site: name })
@@ -500,6 +505,20 @@ pub fn after_success(
         Payload::Checkpoint { .. } => site.prepared = serial,
         Payload::CreateCheckpoint { .. } | Payload::CatchUp { .. } => {}
         Payload::Remove { .. } => crate::remove::after_remove(site, servers),
+        // Recorded with its run (`hot::record`).
+        Payload::Hot { .. } => {}
+    }
+    // Live moved on these servers: a hot overlay there has ended (`hot.rs`).
+    if matches!(
+        payload,
+        Payload::Commit { .. }
+            | Payload::Rollback { .. }
+            | Payload::Switch { .. }
+            | Payload::Remove { .. }
+    ) {
+        for s in servers {
+            site.hot.remove(s);
+        }
     }
     // A server that holds a release again is no longer one the content was removed from.
     site.removed.retain(|s| !site.holders.contains_key(s));
@@ -561,6 +580,7 @@ mod tests {
             rotation: Default::default(),
             refresh: Default::default(),
             built: Default::default(),
+            hot: Default::default(),
         }
     }
 

@@ -60,6 +60,15 @@ impl Inner {
         if matches!(job.spec.payload, Payload::CatchUp { .. }) {
             self.commit_only(&mut job, now)?;
         }
+        let hot_count = match &job.spec.payload {
+            Payload::Hot { servers, count: Some(n), .. } if servers.is_empty() => Some(*n),
+            _ => None,
+        };
+        if let Some(n) = hot_count
+            && !self.pick_hot_servers(&mut job, n, now)?
+        {
+            return Ok(());
+        }
         let targets = self.targets(&job)?;
         let live = self.live_servers(now)?;
         let live_names: BTreeSet<String> = live.keys().cloned().collect();
@@ -313,9 +322,13 @@ impl Inner {
             Some(_) => Payload::Commit { serial: run.release },
             None => job.spec.payload.clone(),
         };
+        // Hot content went live as it was applied: nothing to commit.
         let builds = !matches!(
             payload,
-            Payload::Commit { .. } | Payload::Rollback { .. } | Payload::Switch { .. }
+            Payload::Commit { .. }
+                | Payload::Rollback { .. }
+                | Payload::Switch { .. }
+                | Payload::Hot { .. }
         );
         let commit_next = match (ok, builds, run.release, job.spec.policy.commit) {
             (true, true, Some(release), CommitPolicy::Auto) => {
@@ -388,6 +401,19 @@ impl Inner {
                 if let (true, Some(release)) = (builds, run.release) {
                     crate::sync::record_built(&mut site, release, run.id, &succeeded);
                 }
+                if let (Payload::Hot { paths, .. }, Some(release)) = (&payload, run.serial) {
+                    crate::hot::record(&mut site, release, paths, run.id, &succeeded);
+                    t.log(
+                        now,
+                        Some(job.id),
+                        Some(run.id),
+                        format!(
+                            "hot release {release} of site {} live on {}",
+                            site.name,
+                            succeeded.join(", ")
+                        ),
+                    )?;
+                }
                 t.put_site(&site)?;
                 site_after = Some(site);
             }
@@ -426,6 +452,21 @@ impl Inner {
         if commit_next.is_some() || catch_up_next.is_some() {
             self.wake.notify_one();
         }
+        if let Some(site) = &site_after
+            && site.golive.as_ref().is_some_and(|g| g.hot_pool.is_some())
+            && matches!(
+                payload,
+                Payload::Hot { .. }
+                    | Payload::Commit { .. }
+                    | Payload::Rollback { .. }
+                    | Payload::Switch { .. }
+                    | Payload::Remove { .. }
+            )
+        {
+            // Who holds hot content changed: the balancer is told (`golive/hot.rs`).
+            self.golive.hot_changed(&site.name);
+            self.wake.notify_one();
+        }
         if let Some(site) = site_after
             && matches!(
                 payload,
@@ -435,6 +476,40 @@ impl Inner {
             self.prune_snapshots(&site, now)?;
         }
         Ok(())
+    }
+
+    /// Picks `count` servers for a hot job that names none and writes them into it; `false`
+    /// when none qualifies (the job is blocked per its quorum policy).
+    fn pick_hot_servers(&self, job: &mut Job, count: u32, now: u64) -> Result<bool, ManagerError> {
+        let site = self
+            .db
+            .site(&job.spec.site)?
+            .ok_or_else(|| ManagerError::NotFound(format!("hosted site {}", job.spec.site)))?;
+        let group = self.db.group(&site.content_group)?.map(|g| g.servers).unwrap_or_default();
+        let live = self.live_servers(now)?;
+        let picked = crate::hot::pick_servers(&site, &group, &live, count as usize);
+        if picked.is_empty() {
+            let why = "hot content: no live server of the group holds the live release".to_string();
+            self.blocked(job, job.spec.policy.on_quorum_shortfall, why, now)?;
+            return Ok(false);
+        }
+        if let Payload::Hot { servers, .. } = &mut job.spec.payload {
+            *servers = picked.clone();
+        }
+        self.db.write(|t| {
+            t.put_job(job)?;
+            t.log(
+                now,
+                Some(job.id),
+                None,
+                format!(
+                    "hot content: picked {} of {count} servers asked for: {}",
+                    picked.len(),
+                    picked.join(", ")
+                ),
+            )
+        })?;
+        Ok(true)
     }
 
     /// Drops the snapshots the site no longer needs for rollback or deltas, and logs which.

@@ -349,6 +349,9 @@ impl Inner {
             Payload::Live { servers } | Payload::Remove { servers } if !servers.is_empty() => {
                 group.servers.into_iter().filter(|s| servers.contains(s)).collect()
             }
+            Payload::Hot { servers, .. } => {
+                group.servers.into_iter().filter(|s| servers.contains(s)).collect()
+            }
             Payload::CatchUp { .. } => self.catch_up_targets(job)?,
             _ => group.servers,
         })

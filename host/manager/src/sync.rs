@@ -275,6 +275,7 @@ mod tests {
             rotation: Default::default(),
             refresh: Default::default(),
             built: Default::default(),
+            hot: Default::default(),
         }
     }
 

@@ -111,7 +111,58 @@ const KIND_PAYLOADS: &[(&str, &[&str])] = &[
     ("restore", &["checkpoint"]),
     ("checkpoint", &["create_checkpoint"]),
     ("remove", &["remove"]),
+    ("hot", &["hot"]),
 ];
+
+/// A hot job: its paths are files of the staging tree the site admits (`hot::check_paths`),
+/// its servers named (members of the group) or counted, not both; the site has a live release.
+fn hot(
+    spec: &JobSpec,
+    paths: &[String],
+    servers: &[String],
+    count: Option<u32>,
+    db: &Db,
+) -> Result<(), FieldError> {
+    let site = db
+        .site(&spec.site)?
+        .ok_or_else(|| FieldError::new("site", format!("no hosted site `{}`", spec.site)))?;
+    crate::hot::check_paths(&site, paths)
+        .map_err(|e| FieldError::new("payload.paths", e.to_string()))?;
+    if site.live().is_none() {
+        return Err(FieldError::new(
+            "site",
+            format!(
+                "site `{}` has nothing live yet: hot content overlays the live release",
+                site.name
+            ),
+        ));
+    }
+    match (servers.is_empty(), count) {
+        (true, None | Some(0)) => Err(FieldError::new(
+            "payload.count",
+            "name the servers (`servers`) or how many the manager picks (`count` ≥ 1)",
+        )),
+        (false, Some(_)) => Err(FieldError::new(
+            "payload.count",
+            "`servers` and `count` exclude each other: name the servers or count them",
+        )),
+        (false, None) => {
+            let group = db.group(&site.content_group)?.map(|g| g.servers).unwrap_or_default();
+            for s in servers {
+                crate::names::check_name("payload.servers", s)
+                    .map_err(|e| FieldError::new("payload.servers", e.to_string()))?;
+                if !group.contains(s) {
+                    return Err(FieldError::new(
+                        "payload.servers",
+                        format!("`{s}` is not a server of content group `{}`", site.content_group),
+                    ));
+                }
+            }
+            Ok(())
+        }
+        (true, Some(_)) => Ok(()),
+    }
+}
 
 /// Checks a decoded job spec against the database: its site exists, its kind matches its
 /// payload, its policy's values are in range, a file payload names a file.
@@ -161,6 +212,9 @@ pub fn job(spec: &JobSpec, db: &Db) -> Result<(), FieldError> {
     }
     if let Payload::Remove { servers } = &spec.payload {
         crate::remove::check(spec, servers, db)?;
+    }
+    if let Payload::Hot { paths, servers, count } = &spec.payload {
+        hot(spec, paths, servers, *count, db)?;
     }
     let p = &spec.policy;
     if p.quorum.min_percent > 100 {
@@ -309,9 +363,18 @@ mod tests {
     #[test]
     fn every_job_kind_names_its_payloads() {
         use crate::model::JobKind::*;
-        for kind in
-            [Publish, Replicate, Synchronize, Commit, Rollback, Switch, Restore, Checkpoint, Remove]
-        {
+        for kind in [
+            Publish,
+            Replicate,
+            Synchronize,
+            Commit,
+            Rollback,
+            Switch,
+            Restore,
+            Checkpoint,
+            Remove,
+            Hot,
+        ] {
             assert_eq!(serde_json::to_value(kind).unwrap(), kind.name(), "the API's spelling");
             assert!(
                 KIND_PAYLOADS.iter().any(|(k, _)| *k == kind.name()),

@@ -148,6 +148,7 @@ pub fn put_site(
             rotation: old.as_ref().map(|o| o.rotation.clone()).unwrap_or_default(),
             refresh: refresh.clone(),
             built: old.as_ref().map(|o| o.built.clone()).unwrap_or_default(),
+            hot: old.as_ref().map(|o| o.hot.clone()).unwrap_or_default(),
             holders: old.map(|o| o.holders).unwrap_or_default(),
         };
         t.put_site(&s)?;

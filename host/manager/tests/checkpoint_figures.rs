@@ -75,6 +75,7 @@ fn checkpoint_create_and_restore_figures() {
         rotation: Default::default(),
         refresh: Default::default(),
         built: Default::default(),
+        hot: Default::default(),
     };
     snapshot_tree(&staging, None, &snapshot_dir(&data, "www", 1)).unwrap();
 

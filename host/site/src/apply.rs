@@ -88,7 +88,8 @@ pub(crate) fn build_release(
             }
         };
     }
-    let live = layout::current_serial(root)
+    // A hot release live now stands for its base (`hot.rs`).
+    let live = crate::hot::committed_live(root)
         .map_err(|e| fail(ApplyCause::Io { what: "reading `current`".into(), source: e }))?;
     if h.base_serial != 0 && live != Some(h.base_serial) {
         return Err(fail(ApplyCause::WrongBase { base: h.base_serial, live }));

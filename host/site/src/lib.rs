@@ -11,6 +11,7 @@ mod apply;
 mod beneath;
 mod built;
 mod clone;
+mod hot;
 mod interpreter;
 pub mod layout;
 pub mod native;
@@ -245,7 +246,8 @@ impl Site {
                 fs::remove_file(e.path()).map_err(self.io(format!("removing {name}")))?;
             }
         }
-        let current = layout::current_serial(&self.root).map_err(self.io("reading `current`"))?;
+        // A hot release overlays its base, which is what the history ends with (`hot.rs`).
+        let current = hot::committed_live(&self.root).map_err(self.io("reading `current`"))?;
         let mut history = layout::read_history(&self.root).map_err(self.io("reading history"))?;
         let fixed = match current {
             Some(c) if history.last() != Some(&c) => {
@@ -359,7 +361,7 @@ impl Site {
             _ => {
                 let mut report = apply::build_release(self, reader, interp)?;
                 if h.kind == AssignmentType::HotContent && !report.already_applied {
-                    report.now_live = Some(self.commit_locked(h.serial, None, interp)?);
+                    report.now_live = Some(self.go_hot(h.serial, h.base_serial, interp)?);
                 }
                 Ok(report)
             }
@@ -431,6 +433,7 @@ impl Site {
         if current == Some(serial) {
             return Ok(serial);
         }
+        let hot = hot::live_hot(&self.root, current).map_err(self.io("reading `hot`"))?;
         interp.commit(serial).map_err(|source| SiteError::Vetoed {
             site: self.root.clone(),
             what: "commit",
@@ -438,12 +441,61 @@ impl Site {
             source,
         })?;
         let mut history = layout::read_history(&self.root).map_err(self.io("reading history"))?;
-        history.push(serial);
-        // Journal first, then the atomic switch (see `layout`).
-        layout::write_history(&self.root, &history).map_err(self.io("writing history"))?;
+        // Back from a hot overlay to its base: the base is committed already.
+        if !(hot.is_some() && history.last() == Some(&serial)) {
+            history.push(serial);
+            // Journal first, then the atomic switch (see `layout`).
+            layout::write_history(&self.root, &history).map_err(self.io("writing history"))?;
+        }
         layout::switch_current(&self.root, serial).map_err(self.io("switching `current`"))?;
+        self.leave_hot(hot)?;
         self.prune(serial, &history, keep)?;
         Ok(serial)
+    }
+
+    /// Makes the hot release `serial`, built on the committed live release `base`, live at
+    /// once without committing it (`hot.rs`); a hot release live before it is discarded.
+    fn go_hot(
+        &self,
+        serial: u64,
+        base: u64,
+        interp: &mut dyn Interpreter,
+    ) -> Result<u64, SiteError> {
+        if base == 0 {
+            // Nothing live to overlay: the release is simply committed.
+            return self.commit_locked(serial, None, interp);
+        }
+        let current = layout::current_serial(&self.root).map_err(self.io("reading `current`"))?;
+        if current == Some(serial) {
+            return Ok(serial);
+        }
+        let before = hot::live_hot(&self.root, current).map_err(self.io("reading `hot`"))?;
+        interp.commit(serial).map_err(|source| SiteError::Vetoed {
+            site: self.root.clone(),
+            what: "commit",
+            serial,
+            source,
+        })?;
+        hot::record(&self.root, hot::Hot { serial, base })
+            .map_err(self.io("recording the hot release"))?;
+        layout::switch_current(&self.root, serial).map_err(self.io("switching `current`"))?;
+        if let Some(b) = before {
+            self.discard_release(b.serial)?;
+        }
+        Ok(serial)
+    }
+
+    /// After `current` moved off a hot release: forget and discard it.
+    fn leave_hot(&self, hot: Option<hot::Hot>) -> Result<(), SiteError> {
+        let Some(h) = hot else { return Ok(()) };
+        hot::clear(&self.root).map_err(self.io("clearing `hot`"))?;
+        self.discard_release(h.serial)
+    }
+
+    fn discard_release(&self, serial: u64) -> Result<(), SiteError> {
+        layout::discard(&self.root, &self.release_path(serial))
+            .map_err(self.io(format!("removing release {serial}")))?;
+        built::forget(&self.root, serial).map_err(self.io(format!("forgetting release {serial}")))
     }
 
     fn rollback_locked(
@@ -453,6 +505,7 @@ impl Site {
         interp: &mut dyn Interpreter,
     ) -> Result<u64, SiteError> {
         let current = layout::current_serial(&self.root).map_err(self.io("reading `current`"))?;
+        let hot = hot::live_hot(&self.root, current).map_err(self.io("reading `hot`"))?;
         let mut history = layout::read_history(&self.root).map_err(self.io("reading history"))?;
         let (Some(cur), true) = (current, history.len() >= 2) else {
             return Err(SiteError::NoPrevious { site: self.root.clone() });
@@ -478,6 +531,7 @@ impl Site {
         history.truncate(at + 1);
         layout::write_history(&self.root, &history).map_err(self.io("writing history"))?;
         layout::switch_current(&self.root, target).map_err(self.io("switching `current`"))?;
+        self.leave_hot(hot)?;
         self.prune(target, &history, keep)?;
         Ok(target)
     }

@@ -134,9 +134,20 @@ fn job_from_form(form: &Form) -> Result<JobSpec, ManagerError> {
         "replicate" => (JobKind::Replicate, Payload::Live { servers: vec![] }),
         "commit" => (JobKind::Commit, Payload::Commit { serial: None }),
         "rollback" => (JobKind::Rollback, Payload::Rollback { to: None }),
+        "hot" => {
+            let paths: Vec<String> =
+                field(form, "hot_paths").split_whitespace().map(str::to_string).collect();
+            let count = match field(form, "hot_count").trim() {
+                "" => 1,
+                n => n.parse::<u32>().map_err(|_| {
+                    ManagerError::Invalid(format!("hot servers `{n}`: a whole number"))
+                })?,
+            };
+            (JobKind::Hot, Payload::Hot { paths, servers: vec![], count: Some(count) })
+        }
         other => {
             return Err(ManagerError::Invalid(format!(
-                "what `{other}`: one of publish, file, replicate, commit, rollback"
+                "what `{other}`: one of publish, file, replicate, commit, rollback, hot"
             )));
         }
     };

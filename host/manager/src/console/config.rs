@@ -126,8 +126,11 @@ pub(crate) fn jobs(m: &Inner, now: u64, csrf: &str) -> Result<Markup, DbError> {
                 option value="replicate" { "replicate the live release" }
                 option value="commit" { "commit the prepared release" }
                 option value="rollback" { "roll back one release" }
+                option value="hot" { "hot content: staging files to N servers" }
             }
             label for="job-file" { "assignment file (for a file)" } input #job-file name="file" size="50";
+            label for="job-hot-paths" { "hot paths (for hot content; space-separated)" } input #job-hot-paths name="hot_paths" size="50";
+            label for="job-hot-count" { "hot servers: how many (the manager picks)" } input #job-hot-count name="hot_count" inputmode="numeric" placeholder="1";
             label for="job-start" { "start in (seconds)" } input #job-start name="start_in_s" inputmode="numeric" placeholder="0";
             label for="job-every" { "repeat every (seconds; empty: once)" } input #job-every name="every_s" inputmode="numeric";
             label for="job-commit" { "commit" }

@@ -76,6 +76,14 @@ impl Balancer {
         self.lb.undrain(server).map_err(|e| self.call_err("undrain", server, e))
     }
 
+    pub fn add(&self, server: &str, address: &str) -> Result<(), BalancerError> {
+        self.lb.add(server, address).map_err(|e| self.call_err("add", server, e))
+    }
+
+    pub fn remove(&self, server: &str) -> Result<(), BalancerError> {
+        self.lb.remove(server).map_err(|e| self.call_err("remove", server, e))
+    }
+
     pub fn state(&self, server: &str) -> Result<ServerState, BalancerError> {
         self.lb.state(server).map_err(|e| self.call_err("state", server, e))
     }

@@ -10,11 +10,13 @@
 //!   the release it had and stays drained. Every step is written before it is acted on.
 //! - `balancer.rs`: the load-balancer plugin from the manager's own plugin store.
 //! - `health.rs`: the health check (configured paths, BLAKE3 against the release's snapshot).
+//! - `hot.rs`: the site's hot pool holds exactly the servers with hot content live.
 //! - `rotation.rs`: rotation follows health — servers behind, failed or silent are drained,
 //!   and undrained once they caught up, at most once per interval.
 
 mod balancer;
 mod health;
+mod hot;
 mod roll;
 mod rotation;
 mod settings;
@@ -23,6 +25,7 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 pub use balancer::{Balancer, BalancerError, store_dir};
+pub use hot::{HotStep, hot_steps};
 pub use roll::policy_of;
 pub use rotation::Rotated;
 pub use settings::{
@@ -40,6 +43,8 @@ use crate::writes::WriteError;
 pub struct GoLiveState {
     busy: Mutex<BTreeSet<u64>>,
     rotation: Mutex<rotation::Pass>,
+    /// Sites whose hot holders changed: their balancer is told on the next tick (`hot.rs`).
+    hot_due: Mutex<BTreeSet<String>>,
 }
 
 impl GoLiveState {
@@ -50,6 +55,15 @@ impl GoLiveState {
 
     fn release(&self, job: u64) {
         self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&job);
+    }
+
+    /// Marks `site`'s hot holders as changed.
+    pub(crate) fn hot_changed(&self, site: &str) {
+        self.hot_due.lock().unwrap_or_else(|p| p.into_inner()).insert(site.to_string());
+    }
+
+    fn take_hot_due(&self) -> BTreeSet<String> {
+        std::mem::take(&mut *self.hot_due.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 

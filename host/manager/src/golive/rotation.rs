@@ -57,6 +57,9 @@ fn out_because(site: &HostedSite, server: &str, live: &BTreeMap<String, String>)
 impl Inner {
     /// Starts a rotation pass when one is due and none is running.
     pub(super) fn rotation_tick(self: &Arc<Self>) -> Result<(), ManagerError> {
+        for site in self.golive.take_hot_due() {
+            self.tell_balancer_hot(site);
+        }
         {
             let mut pass = self.golive.rotation.lock().unwrap_or_else(|p| p.into_inner());
             if pass.running || pass.last.is_some_and(|l| l.elapsed() < Duration::from_secs(1)) {

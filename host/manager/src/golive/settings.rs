@@ -103,6 +103,11 @@ pub struct GoLive {
     /// The balancer's pool (an HAProxy backend): server `s` is `"<pool>/s"` to the plugin.
     #[serde(default)]
     pub pool: String,
+    /// The pool that serves hot content (an HAProxy backend the balancer's own rules send hot
+    /// paths to): after each change of who holds hot content, exactly the holders are in it
+    /// (added at their address, removed when their overlay ends; `golive/hot.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot_pool: Option<String>,
     /// Each server's HTTP address (`host:port`) for the balancer and the health checks. The
     /// operator's word, never a server's: a server cannot point its health check elsewhere.
     #[serde(default)]
@@ -253,6 +258,14 @@ pub fn check(g: &GoLive) -> Result<(), (String, String)> {
         }
         if g.pool.is_empty() || g.pool.contains(['/', ' ', '\n']) {
             return bad("pool", format!("`{}` is not a pool name (no `/`, no spaces)", g.pool));
+        }
+        if let Some(hp) = &g.hot_pool
+            && (hp.is_empty() || hp.contains(['/', ' ', '\n', '\r', '\t']) || *hp == g.pool)
+        {
+            return bad(
+                "hot_pool",
+                format!("`{hp}` is not a pool name (no `/`, no spaces, not `pool`)"),
+            );
         }
     }
     for (name, address) in &g.servers {

@@ -1,4 +1,5 @@
-//! `cmover publish SITE`, `cmover commit SITE [--serial N]`, `cmover rollback SITE [--to N]`:
+//! `cmover publish SITE`, `cmover commit SITE [--serial N]`, `cmover rollback SITE [--to N]`,
+//! `cmover hot SITE PATH... (--servers A,B | --count N)`:
 //! each submits one job to the manager and, with `--wait`, follows it to its end and exits by
 //! its outcome (see [`super::wait`]).
 
@@ -62,6 +63,36 @@ pub struct RollbackArgs {
     /// The release to go back to (default: the one committed before live).
     #[arg(long)]
     pub to: Option<u64>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct HotArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Files of the staging tree (relative to it) that go to the servers as hot content.
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+    /// The servers that get them (comma-separated; servers of the content group).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "count",
+        required_unless_present = "count"
+    )]
+    pub servers: Vec<String>,
+    /// How many servers get them: the manager picks live, up-to-date ones, spread over segments.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub count: Option<u32>,
+}
+
+pub async fn hot(a: HotArgs) -> anyhow::Result<()> {
+    let mut payload = json!({ "type": "hot", "paths": a.paths });
+    if let Some(n) = a.count {
+        payload["count"] = n.into();
+    } else {
+        payload["servers"] = json!(a.servers);
+    }
+    submit(a.job, "hot", payload, json!({})).await
 }
 
 pub async fn publish(a: PublishArgs) -> anyhow::Result<()> {

@@ -2,8 +2,8 @@
 //! **nginx** per server serving that server's site `current`, **HAProxy** in front of them
 //! (runtime API on a Unix socket, each server named as its agent, cookie persistence), and a
 //! steady **load client** reading sessions of several files through a front address. The
-//! go-live tests (`tests/golive_*.rs`) use it; a cache (Varnish) in front of HAProxy takes
-//! [`Haproxy::front`] as its backend and hands its own address to [`Load::start`].
+//! go-live tests (`tests/golive_*.rs`) use it through [`crate::golive::GoLiveStack`], which
+//! puts a cache (Varnish) in front of HAProxy and hands the load client its address.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -117,19 +117,31 @@ pub struct Haproxy {
 impl Haproxy {
     /// `None` when HAProxy is not installed.
     pub fn start(servers: &BTreeMap<String, String>) -> anyhow::Result<Option<Haproxy>> {
-        let Some(bin) = find(&["/usr/sbin/haproxy", "/usr/bin/haproxy"]) else { return Ok(None) };
-        let dir = tempfile::tempdir()?;
-        let socket = dir.path().join("admin.sock");
-        let front = format!("127.0.0.1:{}", free_port());
+        Self::start_on(&format!("127.0.0.1:{}", free_port()), servers)
+    }
+
+    /// [`Haproxy::start`] with its frontend on `front` (e.g. already named to a cache).
+    pub fn start_on(
+        front: &str,
+        servers: &BTreeMap<String, String>,
+    ) -> anyhow::Result<Option<Haproxy>> {
         let lines: String = servers
             .iter()
             .map(|(name, address)| format!("  server {name} {address} cookie {name}\n"))
             .collect();
+        Self::with_lines(front, &lines)
+    }
+
+    /// HAProxy whose backend `app` holds `server_lines` (HAProxy `server` lines as given).
+    pub fn with_lines(front: &str, server_lines: &str) -> anyhow::Result<Option<Haproxy>> {
+        let Some(bin) = find(&["/usr/sbin/haproxy", "/usr/bin/haproxy"]) else { return Ok(None) };
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("admin.sock");
         let config = format!(
             "global\n  stats socket {} mode 600 level admin\n\n\
              defaults\n  mode http\n  option http-keep-alive\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n  retries 3\n  option redispatch\n\n\
              frontend web\n  bind {front}\n  default_backend app\n\n\
-             backend app\n  balance roundrobin\n  cookie SRV insert indirect nocache\n{lines}",
+             backend app\n  balance roundrobin\n  cookie SRV insert indirect nocache\n{server_lines}",
             socket.display()
         );
         let config_path = dir.path().join("haproxy.cfg");
@@ -149,8 +161,8 @@ impl Haproxy {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        wait_listening(&front, "haproxy")?;
-        Ok(Some(Haproxy { child, _dir: dir, socket, front }))
+        wait_listening(front, "haproxy")?;
+        Ok(Some(Haproxy { child, _dir: dir, socket, front: front.to_string() }))
     }
 
     /// HAProxy's own word on `server`'s admin state (bits: 0x01 maintenance, 0x08 drain).
@@ -217,6 +229,18 @@ pub struct LoadReport {
     pub mixed: Vec<BTreeSet<String>>,
     /// Every release marker seen.
     pub markers: BTreeSet<String>,
+    /// Each answered request's time from connect to the end of the answer, in µs.
+    pub latencies_us: Vec<u32>,
+}
+
+impl LoadReport {
+    /// The `q` quantile (0..=1) of the latencies, in ms.
+    pub fn latency_ms(&self, q: f64) -> f64 {
+        let mut all = self.latencies_us.clone();
+        all.sort_unstable();
+        let i = ((all.len() as f64 - 1.0) * q).round().max(0.0) as usize;
+        all.get(i).map_or(0.0, |us| f64::from(*us) / 1000.0)
+    }
 }
 
 /// A steady load: `clients` threads, each reading sessions of `per_session` files (the first
@@ -252,7 +276,13 @@ impl Load {
                             next = (next + 104_729) % paths.len();
                             let path = &paths[next];
                             r.requests += 1;
-                            match get(&front, path, cookie.as_deref()) {
+                            let asked = Instant::now();
+                            let answer = get(&front, path, cookie.as_deref());
+                            if answer.is_ok() {
+                                let us = asked.elapsed().as_micros();
+                                r.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                            }
+                            match answer {
                                 Ok((200, set, body)) => {
                                     if cookie.is_none() {
                                         cookie = set;
@@ -297,6 +327,7 @@ impl Load {
             all.failures.extend(r.failures);
             all.mixed.extend(r.mixed);
             all.markers.extend(r.markers);
+            all.latencies_us.extend(r.latencies_us);
         }
         all
     }

@@ -148,7 +148,7 @@ async fn rolling_commit_and_rollback_through_varnish_and_haproxy_lose_no_request
 
     // The first release goes live at once (a job's own policy overrides the site's).
     let first = JobPolicy { go_live: Some(Default::default()), ..auto_commit_policy() };
-    let j = run_job(&c, JobKind::Publish, Payload::Staging, first).await?;
+    let j = run_job(c, JobKind::Publish, Payload::Staging, first).await?;
     assert_eq!(j.state, JobState::Done, "{:?}\n{}", j.last_reason, c.logs());
     for a in &c.agents {
         assert_eq!(release_of(&a.site_root), "gen-1\n");
@@ -166,7 +166,7 @@ async fn rolling_commit_and_rollback_through_varnish_and_haproxy_lose_no_request
     // A rolling publish + commit under load.
     write_site(&c.staging, 2)?;
     let t = Instant::now();
-    let j = run_job(&c, JobKind::Publish, Payload::Staging, auto_commit_policy()).await?;
+    let j = run_job(c, JobKind::Publish, Payload::Staging, auto_commit_policy()).await?;
     let publish_s = t.elapsed().as_secs_f64();
     assert_eq!(j.state, JobState::Done, "{:?}\n{}", j.last_reason, c.logs());
     let roll = j.roll.context("the publish rolled")?;
@@ -179,8 +179,8 @@ async fn rolling_commit_and_rollback_through_varnish_and_haproxy_lose_no_request
     assert_fresh("rolling publish", &varnish, &names, &paths, "gen-2");
     // A rolling rollback under the same load.
     let t = Instant::now();
-    let j = run_job(&c, JobKind::Rollback, Payload::Rollback { to: None }, auto_commit_policy())
-        .await?;
+    let j =
+        run_job(c, JobKind::Rollback, Payload::Rollback { to: None }, auto_commit_policy()).await?;
     let rollback_s = t.elapsed().as_secs_f64();
     assert_eq!(j.state, JobState::Done, "{:?}\n{}", j.last_reason, c.logs());
     assert!(j.roll.is_some(), "the rollback rolled");
@@ -212,7 +212,7 @@ async fn rolling_commit_and_rollback_through_varnish_and_haproxy_lose_no_request
     }
     let load = Load::start(&varnish, paths.clone(), 3, 4, Duration::from_millis(5), marker);
     write_site(&c.staging, 3)?;
-    let j = run_job(&c, JobKind::Publish, Payload::Staging, auto_commit_policy()).await?;
+    let j = run_job(c, JobKind::Publish, Payload::Staging, auto_commit_policy()).await?;
     let report = load.stop();
     assert_clean("rolling publish with a failing health check", &report);
     assert_eq!(
@@ -248,7 +248,7 @@ async fn rolling_commit_and_rollback_through_varnish_and_haproxy_lose_no_request
     // so in the history.
     nginx[bad].reload("")?;
     let at_once = JobPolicy { go_live: Some(Default::default()), ..auto_commit_policy() };
-    let j = run_job(&c, JobKind::Commit, Payload::Commit { serial: None }, at_once).await?;
+    let j = run_job(c, JobKind::Commit, Payload::Commit { serial: None }, at_once).await?;
     assert_eq!(j.state, JobState::Done, "{:?}\n{}", j.last_reason, c.logs());
     assert_eq!(release_of(&c.agents[bad].site_root), "gen-3\n");
     let start = Instant::now();

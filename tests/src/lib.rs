@@ -3,6 +3,7 @@
 //! ([`loopback`]) for the manager's and the tree's multi-node tests.
 
 pub mod cluster;
+pub mod golive;
 pub mod loopback;
 pub mod stack;
 pub mod web;

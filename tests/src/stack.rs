@@ -2,8 +2,8 @@
 //! **nginx** per server serving that server's site `current`, **HAProxy** in front of them
 //! (runtime API on a Unix socket, each server named as its agent, cookie persistence), and a
 //! steady **load client** reading sessions of several files through a front address. The
-//! go-live tests (`tests/golive_*.rs`) use it; a cache (Varnish) in front of HAProxy takes
-//! [`Haproxy::front`] as its backend and hands its own address to [`Load::start`].
+//! go-live tests (`tests/golive_*.rs`) use it through [`crate::golive::GoLiveStack`], which
+//! puts a cache (Varnish) in front of HAProxy and hands the load client its address.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -114,10 +114,26 @@ pub struct Haproxy {
     pub front: String,
 }
 
+/// HAProxy `server` lines for `servers` (name → address), each pinned by the `SRV` cookie.
+fn server_lines(servers: &BTreeMap<String, String>) -> String {
+    servers
+        .iter()
+        .map(|(name, address)| format!("  server {name} {address} cookie {name}\n"))
+        .collect()
+}
+
 impl Haproxy {
     /// `None` when HAProxy is not installed.
     pub fn start(servers: &BTreeMap<String, String>) -> anyhow::Result<Option<Haproxy>> {
-        Haproxy::start_with(servers, "", "")
+        Self::start_on(&format!("127.0.0.1:{}", free_port()), servers)
+    }
+
+    /// [`Haproxy::start`] with its frontend on `front` (e.g. already named to a cache).
+    pub fn start_on(
+        front: &str,
+        servers: &BTreeMap<String, String>,
+    ) -> anyhow::Result<Option<Haproxy>> {
+        Self::configured(front, &server_lines(servers), "", "")
     }
 
     /// [`Haproxy::start`] with `rules` added to the frontend (before its default backend) and
@@ -127,19 +143,29 @@ impl Haproxy {
         rules: &str,
         backends: &str,
     ) -> anyhow::Result<Option<Haproxy>> {
+        let front = format!("127.0.0.1:{}", free_port());
+        Self::configured(&front, &server_lines(servers), rules, backends)
+    }
+
+    /// HAProxy whose backend `app` holds `server_lines` (HAProxy `server` lines as given).
+    pub fn with_lines(front: &str, server_lines: &str) -> anyhow::Result<Option<Haproxy>> {
+        Self::configured(front, server_lines, "", "")
+    }
+
+    fn configured(
+        front: &str,
+        server_lines: &str,
+        rules: &str,
+        backends: &str,
+    ) -> anyhow::Result<Option<Haproxy>> {
         let Some(bin) = find(&["/usr/sbin/haproxy", "/usr/bin/haproxy"]) else { return Ok(None) };
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("admin.sock");
-        let front = format!("127.0.0.1:{}", free_port());
-        let lines: String = servers
-            .iter()
-            .map(|(name, address)| format!("  server {name} {address} cookie {name}\n"))
-            .collect();
         let config = format!(
             "global\n  stats socket {} mode 600 level admin\n\n\
              defaults\n  mode http\n  option http-keep-alive\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n  retries 3\n  option redispatch\n\n\
              frontend web\n  bind {front}\n{rules}  default_backend app\n\n\
-             backend app\n  balance roundrobin\n  cookie SRV insert indirect nocache\n{lines}\n{backends}",
+             backend app\n  balance roundrobin\n  cookie SRV insert indirect nocache\n{server_lines}\n{backends}",
             socket.display()
         );
         let config_path = dir.path().join("haproxy.cfg");
@@ -159,8 +185,8 @@ impl Haproxy {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        wait_listening(&front, "haproxy")?;
-        Ok(Some(Haproxy { child, _dir: dir, socket, front }))
+        wait_listening(front, "haproxy")?;
+        Ok(Some(Haproxy { child, _dir: dir, socket, front: front.to_string() }))
     }
 
     /// One runtime-API command's answer.
@@ -237,6 +263,18 @@ pub struct LoadReport {
     pub mixed: Vec<BTreeSet<String>>,
     /// Every release marker seen.
     pub markers: BTreeSet<String>,
+    /// Each answered request's time from connect to the end of the answer, in µs.
+    pub latencies_us: Vec<u32>,
+}
+
+impl LoadReport {
+    /// The `q` quantile (0..=1) of the latencies, in ms.
+    pub fn latency_ms(&self, q: f64) -> f64 {
+        let mut all = self.latencies_us.clone();
+        all.sort_unstable();
+        let i = ((all.len() as f64 - 1.0) * q).round().max(0.0) as usize;
+        all.get(i).map_or(0.0, |us| f64::from(*us) / 1000.0)
+    }
 }
 
 /// A steady load: `clients` threads, each reading sessions of `per_session` files (the first
@@ -272,7 +310,13 @@ impl Load {
                             next = (next + 104_729) % paths.len();
                             let path = &paths[next];
                             r.requests += 1;
-                            match get(&front, path, cookie.as_deref()) {
+                            let asked = Instant::now();
+                            let answer = get(&front, path, cookie.as_deref());
+                            if answer.is_ok() {
+                                let us = asked.elapsed().as_micros();
+                                r.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                            }
+                            match answer {
                                 Ok((200, set, body)) => {
                                     if cookie.is_none() {
                                         cookie = set;
@@ -317,6 +361,7 @@ impl Load {
             all.failures.extend(r.failures);
             all.mixed.extend(r.mixed);
             all.markers.extend(r.markers);
+            all.latencies_us.extend(r.latencies_us);
         }
         all
     }

@@ -153,6 +153,27 @@ pub struct Varnish {
 /// The usual VCL for the Varnish invalidator (`PURGE` a path, `BAN` a site, from loopback
 /// only) in front of `origin` (`host:port`), one hour of TTL, `X-Cache: HIT|MISS` on answers.
 pub fn varnish_vcl(origin: &str) -> String {
+    vcl(origin, "", "")
+}
+
+/// [`varnish_vcl`] in front of a load balancer that pins a session to a server with cookie
+/// `cookie` (HAProxy's `cookie SRV insert`): a session reads one server's release through the
+/// cache too. A session's first request (no cookie yet) goes through uncached, so the
+/// balancer picks its server; later ones are cached per pinned server (`Vary` on it), and a
+/// `PURGE` of a path drops every server's copy.
+pub fn varnish_vcl_pinned(origin: &str, cookie: &str) -> String {
+    let recv = format!(
+        r#"  if (req.method != "GET" && req.method != "HEAD") {{ return (pass); }}
+  if (req.http.Cookie !~ "(^|;\s*){cookie}=") {{ return (pass); }}
+  set req.http.X-CM-Server = regsub(req.http.Cookie, "^(.*;\s*)?{cookie}=([^;]*).*$", "\2");
+  return (hash);
+"#
+    );
+    vcl(origin, &recv, "  set beresp.http.Vary = \"X-CM-Server\";\n")
+}
+
+/// The VCL: purging, then `recv` (the end of `vcl_recv`), a one-hour TTL, then `response`.
+fn vcl(origin: &str, recv: &str, response: &str) -> String {
     let (host, port) = origin.rsplit_once(':').unwrap_or((origin, "80"));
     format!(
         r#"vcl 4.1;
@@ -165,8 +186,10 @@ sub vcl_recv {{
     ban("req.http.host == " + req.http.host);
     return (synth(200, "Ban added"));
   }}
-}}
-sub vcl_backend_response {{ set beresp.ttl = 1h; }}
+{recv}}}
+sub vcl_backend_response {{
+  set beresp.ttl = 1h;
+{response}}}
 sub vcl_deliver {{ if (obj.hits > 0) {{ set resp.http.X-Cache = "HIT"; }} else {{ set resp.http.X-Cache = "MISS"; }} }}
 "#
     )

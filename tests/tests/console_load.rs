@@ -214,6 +214,7 @@ async fn console_figures() -> anyhow::Result<()> {
                     address: "10.0.0.1:7400".into(),
                     status: SegmentStatus::Received,
                     servers: servers.clone(),
+                    caches_reported: false,
                 },
             )]),
         };

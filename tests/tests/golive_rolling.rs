@@ -1,12 +1,13 @@
-//! Go-live with real parts (issue 17 §6, first half): four agents, each server's site
-//! `current` served by its own nginx, HAProxy in front of them (runtime API on a Unix
-//! socket), driven by the manager through the bundled HAProxy load-balancer plugin. A steady
-//! load through HAProxy during a rolling publish + commit of a 1,000-file site and during a
-//! rolling rollback sees no failed request and no session reading two releases; with one
-//! server's health check made to fail, that server stays drained on its old release, the run
-//! reports it, and the other servers go live.
+//! Go-live with real parts (issue 17 §6): four agents, each server's site `current` served by
+//! its own nginx, HAProxy in front of them (runtime API on a Unix socket, driven by the
+//! manager through the bundled HAProxy plugin), Varnish in front of HAProxy (purged by the
+//! GL through the bundled Varnish plugin) — `cm_tests::golive::GoLiveStack`. A steady load
+//! through Varnish during a rolling publish + commit of a 1,000-file site and during a rolling
+//! rollback sees no failed request and no session reading two releases; once each job ended,
+//! Varnish serves no object of the old release for any server's sessions; with one server's
+//! health check made to fail, that server stays drained on its old release, the run reports
+//! it, and the other servers go live.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,8 @@ use anyhow::{Context, bail};
 use cm_manager::golive::RollStep;
 use cm_manager::model::{HistoryEntry, Job, JobKind, JobPolicy, JobState, Payload};
 use cm_tests::cluster::{Layout, TestCluster, auto_commit_policy};
-use cm_tests::stack::{Haproxy, Load, LoadReport, Nginx};
+use cm_tests::golive::{GoLiveStack, HOST};
+use cm_tests::stack::{Load, LoadReport};
 use serde_json::json;
 
 const FILES: usize = 1000;
@@ -72,68 +74,99 @@ fn assert_clean(phase: &str, r: &LoadReport) {
     assert!(r.mixed.is_empty(), "{phase}: sessions saw two releases: {:?}", r.mixed);
 }
 
+/// Reads every path through Varnish as a session pinned to each of `servers` would: the
+/// release markers it got (path → marker, for the first wrong one) and how many were cache hits.
+fn through_cache(
+    varnish: &str,
+    servers: &[String],
+    paths: &[String],
+    want: &str,
+) -> anyhow::Result<(Vec<String>, usize)> {
+    let (mut wrong, mut hits) = (Vec::new(), 0);
+    for s in servers {
+        let cookie = format!("SRV={s}");
+        for p in paths {
+            let (status, headers, body) =
+                cm_tests::web::http(varnish, "GET", HOST, p, &[("Cookie", &cookie)])?;
+            let got = marker(&body).unwrap_or_default();
+            if status != 200 || got != want {
+                wrong.push(format!("{s} {p}: HTTP {status} {got}"));
+            }
+            hits += usize::from(headers.iter().any(|(k, v)| k == "x-cache" && v == "HIT"));
+        }
+    }
+    Ok((wrong, hits))
+}
+
+/// Waits (bounded) for the GL's report of its Varnish calls after job `job`'s commit.
+async fn cache_report_of(c: &TestCluster, job: u64) -> anyhow::Result<String> {
+    let start = Instant::now();
+    loop {
+        let history: Vec<HistoryEntry> = c.op.get(&c.url(&format!("history?job={job}"))).await?;
+        if let Some(h) = history.iter().find(|h| h.event.starts_with("cache varnish on segment")) {
+            return Ok(h.event.clone());
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("no cache report for job {job}\n{}", c.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// After a job ended: no session of `servers` gets anything but release `want` from Varnish.
+fn assert_fresh(phase: &str, varnish: &str, servers: &[String], paths: &[String], want: &str) {
+    let (wrong, hits) = through_cache(varnish, servers, paths, want).expect("Varnish answers");
+    println!(
+        "{phase}: {} reads through Varnish after the job ended ({hits} from its cache), {} not {want}",
+        servers.len() * paths.len(),
+        wrong.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{phase}: Varnish served the old release: {:?}",
+        &wrong[..wrong.len().min(10)]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn rolling_commit_and_rollback_through_haproxy_lose_no_request() -> anyhow::Result<()> {
+async fn rolling_commit_and_rollback_through_varnish_and_haproxy_lose_no_request()
+-> anyhow::Result<()> {
     let site = tempfile::tempdir()?;
     write_site(site.path(), 1)?;
-    let c = TestCluster::start(&Layout::new(190, 1, 4), site.path()).await?;
-    // One nginx per server; HAProxy in front, its servers named as the agents.
-    let mut nginx = Vec::new();
-    for a in &c.agents {
-        let Some(n) = Nginx::start(&a.site_root, "")? else {
-            cm_tests::missing_part("nginx not installed (the go-live test)");
-            return Ok(());
-        };
-        nginx.push(n);
-    }
-    let servers: BTreeMap<String, String> = c
-        .agents
-        .iter()
-        .zip(&nginx)
-        .map(|(a, n)| (a.spec.name.clone(), n.address.clone()))
-        .collect();
-    let Some(haproxy) = Haproxy::start(&servers)? else {
-        cm_tests::missing_part("haproxy not installed (the go-live test)");
+    let Some(stack) = GoLiveStack::start(Layout::new(190, 1, 4), site.path(), true).await? else {
         return Ok(());
     };
-    // The manager's load balancer: the bundled HAProxy plugin in the manager's plugin store,
-    // granted this HAProxy's socket, installed with the real CLI.
-    let manifest = c.dir.path().join("lb.toml");
-    std::fs::write(&manifest, haproxy.plugin_manifest("lb"))?;
-    let out = std::process::Command::new(cm_tests::cmover_bin())
-        .args(["plugin", "install"])
-        .arg(cm_plugin_host::bundled::dist_dir().join("haproxy.wasm"))
-        .arg("--manifest")
-        .arg(&manifest)
-        .arg("--store")
-        .arg(cm_manager::golive::store_dir(&c.dir.path().join("manager")))
-        .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    c.put_site(json!({ "golive": {
-        "policy": {"policy": "rolling", "group": {"servers": 1}, "on_health_failure": "continue"},
-        "load_balancer": "lb",
-        "pool": "app",
-        "servers": servers,
-        "health": {"paths": ["/release.txt"]},
-        "drain_grace_ms": 1000,
-        "rotation_interval_ms": 500,
-    }}))
-    .await?;
+    let (c, nginx, haproxy) = (&stack.cluster, &stack.nginx, &stack.haproxy);
+    let varnish = stack.front().to_string();
+    stack
+        .set_golive(
+            json!({"policy": "rolling", "group": {"servers": 1}, "on_health_failure": "continue"}),
+            1000,
+        )
+        .await?;
+    let names: Vec<String> = stack.servers.keys().cloned().collect();
 
     // The first release goes live at once (a job's own policy overrides the site's).
     let first = JobPolicy { go_live: Some(Default::default()), ..auto_commit_policy() };
-    let j = run_job(&c, JobKind::Publish, Payload::Staging, first).await?;
+    let j = run_job(c, JobKind::Publish, Payload::Staging, first).await?;
     assert_eq!(j.state, JobState::Done, "{:?}\n{}", j.last_reason, c.logs());
     for a in &c.agents {
         assert_eq!(release_of(&a.site_root), "gen-1\n");
     }
 
+    // An all-at-once commit does not wait for the caches: the GL's purge may still be going.
+    cache_report_of(c, j.id).await?;
     let paths: Vec<String> = (0..FILES).map(|i| format!("/f/{i:04}.html")).collect();
-    let load = Load::start(&haproxy.front, paths.clone(), 3, 4, Duration::from_millis(5), marker);
+    // Varnish holds release 1 for every server's sessions: a late purge would show.
+    let (wrong, _) = through_cache(&varnish, &names, &paths, "gen-1")?;
+    assert!(wrong.is_empty(), "{:?}", &wrong[..wrong.len().min(10)]);
+    let (_, hits) = through_cache(&varnish, &names, &paths, "gen-1")?;
+    assert_eq!(hits, names.len() * FILES, "Varnish caches each server's copies");
+    let load = Load::start(&varnish, paths.clone(), 3, 4, Duration::from_millis(5), marker);
     // A rolling publish + commit under load.
     write_site(&c.staging, 2)?;
     let t = Instant::now();
-    let j = run_job(&c, JobKind::Publish, Payload::Staging, auto_commit_policy()).await?;
+    let j = run_job(c, JobKind::Publish, Payload::Staging, auto_commit_policy()).await?;
     let publish_s = t.elapsed().as_secs_f64();
     assert_eq!(j.state, JobState::Done, "{:?}\n{}", j.last_reason, c.logs());
     let roll = j.roll.context("the publish rolled")?;
@@ -143,16 +176,18 @@ async fn rolling_commit_and_rollback_through_haproxy_lose_no_request() -> anyhow
         assert_eq!(release_of(&a.site_root), "gen-2\n");
         assert_eq!(haproxy.admin_state(&a.spec.name)?, 0, "{} back in rotation", a.spec.name);
     }
+    assert_fresh("rolling publish", &varnish, &names, &paths, "gen-2");
     // A rolling rollback under the same load.
     let t = Instant::now();
-    let j = run_job(&c, JobKind::Rollback, Payload::Rollback { to: None }, auto_commit_policy())
-        .await?;
+    let j =
+        run_job(c, JobKind::Rollback, Payload::Rollback { to: None }, auto_commit_policy()).await?;
     let rollback_s = t.elapsed().as_secs_f64();
     assert_eq!(j.state, JobState::Done, "{:?}\n{}", j.last_reason, c.logs());
     assert!(j.roll.is_some(), "the rollback rolled");
     for a in &c.agents {
         assert_eq!(release_of(&a.site_root), "gen-1\n");
     }
+    assert_fresh("rolling rollback", &varnish, &names, &paths, "gen-1");
     let report = load.stop();
     assert_clean("rolling publish + rollback", &report);
     assert!(report.markers.contains("gen-1") && report.markers.contains("gen-2"));
@@ -175,9 +210,9 @@ async fn rolling_commit_and_rollback_through_haproxy_lose_no_request() -> anyhow
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let load = Load::start(&haproxy.front, paths, 3, 4, Duration::from_millis(5), marker);
+    let load = Load::start(&varnish, paths.clone(), 3, 4, Duration::from_millis(5), marker);
     write_site(&c.staging, 3)?;
-    let j = run_job(&c, JobKind::Publish, Payload::Staging, auto_commit_policy()).await?;
+    let j = run_job(c, JobKind::Publish, Payload::Staging, auto_commit_policy()).await?;
     let report = load.stop();
     assert_clean("rolling publish with a failing health check", &report);
     assert_eq!(
@@ -198,6 +233,8 @@ async fn rolling_commit_and_rollback_through_haproxy_lose_no_request() -> anyhow
         assert_eq!(release_of(&a.site_root), want, "{}", a.spec.name);
         assert_eq!(haproxy.admin_state(&a.spec.name)? & 0x08, state, "{} drained?", a.spec.name);
     }
+    let healthy: Vec<String> = names.iter().filter(|n| **n != bad_name).cloned().collect();
+    assert_fresh("rolling publish, one server failing", &varnish, &healthy, &paths, "gen-3");
     let history: Vec<HistoryEntry> = c.op.get(&c.url(&format!("history?job={}", j.id))).await?;
     let ours: Vec<&str> =
         history.iter().filter(|h| h.job == Some(j.id)).map(|h| h.event.as_str()).collect();
@@ -211,7 +248,7 @@ async fn rolling_commit_and_rollback_through_haproxy_lose_no_request() -> anyhow
     // so in the history.
     nginx[bad].reload("")?;
     let at_once = JobPolicy { go_live: Some(Default::default()), ..auto_commit_policy() };
-    let j = run_job(&c, JobKind::Commit, Payload::Commit { serial: None }, at_once).await?;
+    let j = run_job(c, JobKind::Commit, Payload::Commit { serial: None }, at_once).await?;
     assert_eq!(j.state, JobState::Done, "{:?}\n{}", j.last_reason, c.logs());
     assert_eq!(release_of(&c.agents[bad].site_root), "gen-3\n");
     let start = Instant::now();

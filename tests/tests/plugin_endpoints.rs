@@ -5,15 +5,14 @@
 
 mod plugin_support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use cm_plugin_host::{
     LoadedPlugin, PluginError, PluginManifest, PluginSlot, PluginStore, ServerState,
 };
+use cm_tests::stack::Haproxy;
 use plugin_support::*;
 
 /// A one-request-per-connection HTTP server recording "METHOD path host" and answering
@@ -118,66 +117,11 @@ fn varnish_plugin_reports_a_refusing_cache_and_an_unreachable_one() {
     }
 }
 
-/// A real HAProxy with one backend (`app`) and its runtime API on a Unix socket.
-struct Haproxy {
-    child: Child,
-    _dir: tempfile::TempDir,
-    socket: std::path::PathBuf,
-    /// The frontend's address.
-    front: String,
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Start HAProxy with backend `app` holding `servers` (HAProxy `server` lines).
+/// A real HAProxy (`cm_tests::stack`) whose backend `app` holds `servers` (HAProxy `server`
+/// lines); `None` when it is not installed.
 fn start_haproxy(servers: &str) -> Option<Haproxy> {
-    let binary = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())?;
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("admin.sock");
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let config = format!(
-        "global\n  stats socket {} mode 600 level admin\n\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 1s\n  timeout server 1s\n\n\
-         frontend web\n  bind 127.0.0.1:{port}\n  default_backend app\n\n\
-         backend app\n  balance roundrobin\n{servers}",
-        socket.display()
-    );
-    let config_path = dir.path().join("haproxy.cfg");
-    std::fs::write(&config_path, config).unwrap();
-    let child = std::process::Command::new(binary)
-        .arg("-f")
-        .arg(&config_path)
-        .arg("-db")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("haproxy starts");
-    let started = Instant::now();
-    while !socket.exists() {
-        assert!(started.elapsed() < Duration::from_secs(10), "haproxy did not open its socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Some(Haproxy { child, _dir: dir, socket, front: format!("127.0.0.1:{port}") })
-}
-
-/// What HAProxy itself says about a server's admin state (bypassing the plugin).
-fn admin_state(socket: &std::path::Path, server: &str) -> u32 {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    stream.write_all(b"show servers state app\n").unwrap();
-    stream.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let line = answer
-        .lines()
-        .find(|l| l.split_whitespace().nth(3) == Some(server))
-        .unwrap_or_else(|| panic!("{server} in {answer}"));
-    line.split_whitespace().nth(6).unwrap().parse().unwrap()
+    let front = format!("127.0.0.1:{}", cm_tests::stack::free_port());
+    Haproxy::with_lines(&front, servers).expect("haproxy starts")
 }
 
 #[test]
@@ -207,10 +151,10 @@ fn haproxy_plugin_drives_a_real_haproxy() {
     assert_eq!(lb.state("app/s1").unwrap(), ServerState::Maint);
     lb.drain("app/s2").unwrap();
     assert_eq!(lb.state("app/s2").unwrap(), ServerState::Drain);
-    assert_eq!(admin_state(&haproxy.socket, "s2") & 0x08, 0x08, "HAProxy itself has s2 draining");
+    assert_eq!(haproxy.admin_state("s2").unwrap() & 0x08, 0x08, "HAProxy itself has s2 draining");
     lb.undrain("app/s2").unwrap();
     assert_eq!(lb.state("app/s2").unwrap(), ServerState::Ready);
-    assert_eq!(admin_state(&haproxy.socket, "s2"), 0);
+    assert_eq!(haproxy.admin_state("s2").unwrap(), 0);
 
     lb.add("app/s3", "127.0.0.1:9").unwrap();
     assert_eq!(lb.state("app/s3").unwrap(), ServerState::Ready);

@@ -10,7 +10,8 @@
 //!   (`HEAD`, which Varnish and nginx turn into a `GET` of the backend and cache) at most
 //!   `warm_concurrency` at a time.
 //! - None of it delays the commit: it starts after the GL sent its segment's report, in a task
-//!   of its own.
+//!   of its own. The manager hears when it is done (a report even with no cache configured):
+//!   a rolling switch puts the group back into rotation only then.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -89,7 +90,9 @@ impl CacheConfig {
 }
 
 /// The GL's segment reported `notification`'s run: if it carries a cache order and some
-/// server committed, tell the caches (in a task of its own) and report to the manager.
+/// server committed, tell the caches (in a task of its own) and report to the manager — also
+/// with no cache configured (an empty report), since a rolling switch waits for it before
+/// the group goes back into rotation.
 pub fn after_report(shared: Arc<Shared>, notification: &Notification, report: &SegmentReport) {
     let Some(order) = notification.cache.clone() else { return };
     let caches: Vec<CacheConfig> = shared
@@ -99,9 +102,6 @@ pub fn after_report(shared: Arc<Shared>, notification: &Notification, report: &S
         .filter(|c| c.site.as_ref().is_none_or(|s| *s == order.site))
         .cloned()
         .collect();
-    if caches.is_empty() {
-        return;
-    }
     let run = notification.run;
     if report.succeeded.is_empty() {
         tracing::info!(run, "no server of the segment committed: the caches are left alone");

@@ -5,7 +5,8 @@
 //!
 //! An agent's credentials can report, never command: the report only adds history lines, and
 //! only for a run that carried a cache order, from the GL the run went to in that segment,
-//! with bounded, plain names and one-line summaries of bounded length.
+//! with bounded, plain names and one-line summaries of bounded length. A report also lets a
+//! rolling switch's group waiting for it go back into rotation (`golive::CacheWait`).
 
 use cm_tree::cache::{CacheReport, one_line};
 
@@ -41,8 +42,24 @@ impl Inner {
                 );
                 t.log(now, Some(run.job), Some(run_id), line)?;
             }
+            // A rolling switch's group waits for its segments' reports before its undrain: the
+            // run keeps who reported (the report may come before the group's run is ended).
+            if let Some(mut fresh) = self.db.run(run_id)?
+                && let Some(seg) = fresh.segments.get_mut(&report.segment)
+                && !seg.caches_reported
+            {
+                seg.caches_reported = true;
+                t.put_run(&fresh)?;
+            }
+            if let Some(mut job) = self.db.job(run.job)?
+                && let Some(wait) = job.roll.as_mut().and_then(|r| r.caches.as_mut())
+                && wait.reported(run_id, &report.segment)
+            {
+                t.put_job(&job)?;
+            }
             Ok::<_, ManagerError>(())
         })?;
+        self.wake.notify_one();
         Ok(true)
     }
 }

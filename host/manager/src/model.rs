@@ -569,6 +569,9 @@ pub struct SegmentRun {
     pub status: SegmentStatus,
     /// The servers of this segment the run targets.
     pub servers: Vec<String>,
+    /// Its GL reported the run's cache calls (`cache_report.rs`).
+    #[serde(default)]
+    pub caches_reported: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -201,6 +201,7 @@ impl Inner {
                     address: rec.address.clone(),
                     status: SegmentStatus::Pending,
                     servers: vec![],
+                    caches_reported: false,
                 })
                 .servers
                 .push(server.clone());

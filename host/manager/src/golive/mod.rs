@@ -29,8 +29,8 @@ pub use hot::{HotStep, hot_steps};
 pub use roll::policy_of;
 pub use rotation::Rotated;
 pub use settings::{
-    GoLive, GoLivePolicy, GroupSize, HealthCheck, OnHealthFailure, Pause, Roll, RollStep, check,
-    groups,
+    CacheWait, CachesDone, GoLive, GoLivePolicy, GroupSize, HealthCheck, OnHealthFailure, Pause,
+    Roll, RollStep, check, groups,
 };
 
 use crate::model::Job;

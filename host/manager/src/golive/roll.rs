@@ -12,7 +12,9 @@ use std::time::Duration;
 use cm_assignment::AssignmentType;
 
 use super::balancer::Balancer;
-use super::settings::{GoLive, GoLivePolicy, OnHealthFailure, Pause, Roll, RollStep, groups};
+use super::settings::{
+    CacheWait, CachesDone, GoLive, GoLivePolicy, OnHealthFailure, Pause, Roll, RollStep, groups,
+};
 use crate::model::{Job, JobKind, JobState, Payload, Run, RunPhase, ServerOutcome};
 use crate::runs::Launch;
 use crate::server::{Inner, ManagerError};
@@ -104,6 +106,7 @@ impl Inner {
             live: Vec::new(),
             failed: BTreeMap::new(),
             aborted: None,
+            caches: None,
         };
         let line = format!(
             "{} switch to release {release} of site {}: {} groups ({})",
@@ -261,6 +264,19 @@ impl Inner {
                 return self.roll_run(job, roll, servers, true);
             }
             RollStep::Undrain => {
+                // A cache in front of the group must not serve its old release once it is back
+                // in rotation: wait (bounded) for the GLs' reports that the caches heard.
+                if let Some(wait) = roll.caches.take().filter(|_| roll.aborted.is_none()) {
+                    match wait.done(now, settings.cache_wait_ms) {
+                        CachesDone::Yes => {}
+                        CachesDone::Waiting => return Ok(()),
+                        CachesDone::TimedOut(silent) => lines.push(format!(
+                            "{label}: no cache report from segment {} within {} ms; back in rotation anyway",
+                            silent.join(", "),
+                            settings.cache_wait_ms
+                        )),
+                    }
+                }
                 // After an abort every group comes back (they all hold the release live before).
                 let group = if roll.aborted.is_some() { roll.groups.concat() } else { group };
                 let healthy: Vec<String> =
@@ -510,6 +526,7 @@ impl Inner {
             Some(f) => format!("{label} run ended: {f}"),
             None => format!("{label} run ended: {} of {} switched", ok.len(), targets.len()),
         };
+        let switched = matches!(roll.step, RollStep::Switch { .. });
         roll.step = match roll.step {
             RollStep::Switch { .. } => {
                 for (s, why) in &failed_now {
@@ -534,8 +551,26 @@ impl Inner {
             }
         };
         let ended = self.db.write(|t| {
-            if self.db.run(run.id)?.is_some_and(|r| r.phase != RunPhase::Distributing) {
-                return Ok::<_, ManagerError>(true);
+            let Some(fresh) = self.db.run(run.id)? else { return Ok::<_, ManagerError>(true) };
+            if fresh.phase != RunPhase::Distributing {
+                return Ok(true);
+            }
+            let mut roll = roll.clone();
+            if switched {
+                // The segments whose servers switched tell their caches; the group's undrain
+                // waits for the reports not in yet (`cache_report.rs`). Read in this
+                // transaction: a report that came first is on the run.
+                roll.caches = fresh.cache.as_ref().map(|_| CacheWait {
+                    run: run.id,
+                    since_ms: now,
+                    segments: fresh
+                        .segments
+                        .iter()
+                        .filter(|(_, seg)| !seg.caches_reported)
+                        .filter(|(_, seg)| seg.servers.iter().any(|s| ok.contains(s)))
+                        .map(|(name, _)| name.clone())
+                        .collect(),
+                });
             }
             for s in &targets {
                 if let Some(o) = reports.get(s) {
@@ -543,6 +578,9 @@ impl Inner {
                 }
             }
             let mut r = run.clone();
+            for (name, seg) in &mut r.segments {
+                seg.caches_reported |= fresh.segments.get(name).is_some_and(|f| f.caches_reported);
+            }
             r.phase = match (&forced, failed_now.is_empty()) {
                 (None, true) => RunPhase::Succeeded,
                 (Some(f), _) => RunPhase::Failed { reason: f.clone() },

@@ -128,6 +128,11 @@ pub struct GoLive {
     /// A server's rotation changes at most once per this many ms (no flapping).
     #[serde(default = "default_rotation_interval_ms")]
     pub rotation_interval_ms: u64,
+    /// After a group switched, how long its undrain waits for the GLs' reports that the
+    /// caches in front of it were invalidated (a cache never serves the group's old release
+    /// once it is back in rotation).
+    #[serde(default = "default_cache_wait_ms")]
+    pub cache_wait_ms: u64,
 }
 
 fn default_drain_grace_ms() -> u64 {
@@ -141,6 +146,9 @@ fn default_true() -> bool {
 }
 fn default_rotation_interval_ms() -> u64 {
     10_000
+}
+fn default_cache_wait_ms() -> u64 {
+    30_000
 }
 fn default_health_timeout_ms() -> u64 {
     5_000
@@ -190,6 +198,52 @@ pub struct Roll {
     /// returns to rotation, and the roll ends.
     #[serde(default)]
     pub aborted: Option<String>,
+    /// The current group's switch run changed what is live: its segments' GLs still to report
+    /// their cache calls before the group goes back into rotation.
+    #[serde(default)]
+    pub caches: Option<CacheWait>,
+}
+
+/// A group's undrain waiting for the cache reports of its switch run (`cache_report.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheWait {
+    pub run: u64,
+    /// When the run ended: the wait is bounded by `GoLive::cache_wait_ms` from here.
+    pub since_ms: u64,
+    /// Segments with a server that switched whose GL has not reported yet.
+    pub segments: Vec<String>,
+}
+
+/// Whether a group may go back into rotation as far as its caches go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CachesDone {
+    /// Every segment reported (or the run had nothing for the caches).
+    Yes,
+    /// Not yet: reports are missing and there is time left.
+    Waiting,
+    /// The wait is over with these segments silent: the group goes on without them.
+    TimedOut(Vec<String>),
+}
+
+impl CacheWait {
+    /// Segment `segment` reported run `run`'s cache calls; `true` if this wait heard of it.
+    pub fn reported(&mut self, run: u64, segment: &str) -> bool {
+        let before = self.segments.len();
+        if run == self.run {
+            self.segments.retain(|s| s != segment);
+        }
+        self.segments.len() != before
+    }
+
+    pub fn done(&self, now_ms: u64, limit_ms: u64) -> CachesDone {
+        if self.segments.is_empty() {
+            CachesDone::Yes
+        } else if now_ms < self.since_ms.saturating_add(limit_ms) {
+            CachesDone::Waiting
+        } else {
+            CachesDone::TimedOut(self.segments.clone())
+        }
+    }
 }
 
 /// Where a roll is; each step is done by `roll.rs` and then replaced by the next.
@@ -310,6 +364,18 @@ mod tests {
     }
 
     #[test]
+    fn a_group_waits_for_its_segments_cache_reports_within_a_bound() {
+        let mut w = CacheWait { run: 7, since_ms: 1_000, segments: vec!["a".into(), "b".into()] };
+        assert_eq!(w.done(1_500, 30_000), CachesDone::Waiting);
+        assert!(!w.reported(6, "a"), "another run's report counts for nothing");
+        assert!(w.reported(7, "a"));
+        assert!(!w.reported(7, "a"), "a second report of a segment changes nothing");
+        assert_eq!(w.done(31_000, 30_000), CachesDone::TimedOut(vec!["b".into()]));
+        assert!(w.reported(7, "b"));
+        assert_eq!(w.done(1_500, 30_000), CachesDone::Yes);
+    }
+
+    #[test]
     fn settings_parse_and_check() {
         let g: GoLive = serde_json::from_value(serde_json::json!({
             "policy": {"policy": "canary", "group": {"servers": 1}, "pause": {"until": "approval"}},
@@ -320,6 +386,7 @@ mod tests {
         .unwrap();
         assert!(check(&g).is_ok());
         assert_eq!(g.drain_grace_ms, 2_000);
+        assert_eq!(g.cache_wait_ms, 30_000);
         let mut bad = g.clone();
         bad.servers.insert("b".into(), "elsewhere".into());
         assert_eq!(check(&bad).unwrap_err().0, "golive.servers.b");

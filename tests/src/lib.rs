@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod loopback;
+pub mod postgres;
 pub mod stack;
 pub mod web;
 

@@ -62,7 +62,7 @@ impl PgCluster {
             }
         }
         let port = cm_agent::launch::free_port()?;
-        let mut c = PgCluster { bin, data, port, user: "cm".into(), as_nobody, _dir: dir };
+        let c = PgCluster { bin, data, port, user: "cm".into(), as_nobody, _dir: dir };
         let data = c.data.display().to_string();
         c.run("initdb", &["-D", &data, "-U", "cm", "--auth=trust", "-E", "UTF8", "--no-sync"])?;
         let opts = format!(

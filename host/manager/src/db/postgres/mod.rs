@@ -203,9 +203,14 @@ impl Engine for PgEngine {
     }
 }
 
+/// The statements prepared on a connection, by their SQL.
+type Statements = HashMap<String, Statement>;
+
 /// One step of a transaction, run on the writer's thread.
+type Step = Box<dyn FnOnce(&mut Transaction<'_>, &mut Statements) + Send>;
+
 enum TxMsg {
-    Step(Box<dyn FnOnce(&mut Transaction<'_>, &mut HashMap<String, Statement>) + Send>),
+    Step(Step),
     Commit(SyncSender<Result<(), DbError>>),
 }
 

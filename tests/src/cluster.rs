@@ -56,6 +56,8 @@ pub struct Layout {
     pub tls: bool,
     /// The manager seals every assignment (`--seal-secret-file`); agents get the secret.
     pub seal: bool,
+    /// The manager's `manager.store` (`None`: redb in its data directory).
+    pub store: Option<String>,
     /// Changes server `n`'s spec before it starts (its seal secret, weight, pinned key…).
     #[allow(clippy::type_complexity)]
     pub tweak: Option<Box<dyn Fn(usize, &mut AgentSpec)>>,
@@ -72,6 +74,7 @@ impl Layout {
             max_rate_mbps: None,
             tls: false,
             seal: false,
+            store: None,
             tweak: None,
         }
     }
@@ -86,7 +89,12 @@ impl TestCluster {
         let manager = launch::start_manager(
             &bin,
             dir.path(),
-            &ManagerOptions { tls: layout.tls, seal: layout.seal, ..ManagerOptions::default() },
+            &ManagerOptions {
+                tls: layout.tls,
+                seal: layout.seal,
+                store: layout.store.clone(),
+                ..ManagerOptions::default()
+            },
         )?;
         let secret = launch::write_secret(dir.path())?;
         let staging = dir.path().join("staging");

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod golive;
 pub mod loopback;
+pub mod postgres;
 pub mod stack;
 pub mod web;
 

@@ -63,6 +63,20 @@ impl ProcessGuard {
         None
     }
 
+    /// Freezes it (SIGSTOP): alive but silent, like a process stuck or cut off.
+    pub fn pause(&self) {
+        if let Some(c) = &self.child {
+            self.signal(c, libc::SIGSTOP);
+        }
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn unpause(&self) {
+        if let Some(c) = &self.child {
+            self.signal(c, libc::SIGCONT);
+        }
+    }
+
     /// Sends SIGHUP (reload) to the running process.
     pub fn hangup(&self) {
         if let Some(c) = &self.child {
@@ -210,6 +224,10 @@ pub struct ManagerOptions {
     pub tls: bool,
     /// Seal every assignment with a secret in `dir/secrets/seal.key` (agents get it too).
     pub seal: bool,
+    /// `manager.store` (`None`: redb in the data directory).
+    pub store: Option<String>,
+    /// `manager.lease_ttl_ms` (PostgreSQL store).
+    pub lease_ttl_ms: Option<u64>,
 }
 
 impl Default for ManagerOptions {
@@ -222,6 +240,8 @@ impl Default for ManagerOptions {
             chunk_kib: 64,
             tls: false,
             seal: false,
+            store: None,
+            lease_ttl_ms: None,
         }
     }
 }
@@ -254,6 +274,12 @@ pub fn start_manager(bin: &Path, dir: &Path, o: &ManagerOptions) -> io::Result<M
         sm = o.star_max,
         ck = o.chunk_kib,
     );
+    if let Some(store) = &o.store {
+        config = config.replacen("[manager]\n", &format!("[manager]\nstore = \"{store}\"\n"), 1);
+    }
+    if let Some(ttl) = o.lease_ttl_ms {
+        config = config.replacen("[manager]\n", &format!("[manager]\nlease_ttl_ms = {ttl}\n"), 1);
+    }
     // Every run is signed: the key is made once (`cmover cert signing-key`) and kept across
     // restarts; agents pin its public half.
     let (signing_key_file, public_key_file) =
@@ -287,9 +313,30 @@ pub fn start_manager(bin: &Path, dir: &Path, o: &ManagerOptions) -> io::Result<M
     };
     let config_file = dir.join("manager.toml");
     std::fs::write(&config_file, config)?;
+    let guard = spawn_manager(bin, &config_file, port, "manager")?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    Ok(ManagerProcess {
+        guard,
+        url: format!("{scheme}://127.0.0.1:{port}"),
+        operator_token,
+        agent_token,
+        agent_token_file: agent_file,
+        metrics_token,
+        metrics_token_file,
+        config_file,
+        tls,
+        signing_key_file,
+        public_key_file,
+        seal_secret_file,
+    })
+}
+
+/// Runs `cmover manager --config FILE` and waits until it accepts connections on `port`.
+fn spawn_manager(bin: &Path, config: &Path, port: u16, name: &str) -> io::Result<ProcessGuard> {
     let mut cmd = Command::new(bin);
-    cmd.arg("manager").arg("--config").arg(&config_file);
-    let mut guard = ProcessGuard::spawn("manager", cmd, dir.join("logs/manager.log"))?;
+    cmd.arg("manager").arg("--config").arg(config);
+    let log = config.parent().unwrap_or(Path::new(".")).join(format!("logs/{name}.log"));
+    let mut guard = ProcessGuard::spawn(name, cmd, log)?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let end = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
@@ -301,20 +348,37 @@ pub fn start_manager(bin: &Path, dir: &Path, o: &ManagerOptions) -> io::Result<M
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let scheme = if tls.is_some() { "https" } else { "http" };
+    Ok(guard)
+}
+
+/// Another replica of `first` (a manager on a PostgreSQL store): the same settings, tokens,
+/// keys and data directory (the shared directory of assignment files and snapshots), its own
+/// port. Returns it as a [`ManagerProcess`] whose `url` is its own.
+pub fn start_replica(bin: &Path, first: &ManagerProcess, name: &str) -> io::Result<ManagerProcess> {
+    let port = free_port()?;
+    let config = std::fs::read_to_string(&first.config_file)?;
+    let listen = config
+        .lines()
+        .find(|l| l.starts_with("listen = "))
+        .ok_or_else(|| io::Error::other("the first replica's settings have no listen key"))?;
+    let config = config.replacen(listen, &format!("listen = \"127.0.0.1:{port}\""), 1);
+    let config_file = first.config_file.with_file_name(format!("{name}.toml"));
+    std::fs::write(&config_file, config)?;
+    let guard = spawn_manager(bin, &config_file, port, name)?;
+    let scheme = if first.tls.is_some() { "https" } else { "http" };
     Ok(ManagerProcess {
         guard,
-        url: format!("{scheme}://{addr}"),
-        operator_token,
-        agent_token,
-        agent_token_file: agent_file,
-        metrics_token,
-        metrics_token_file,
+        url: format!("{scheme}://127.0.0.1:{port}"),
         config_file,
-        tls,
-        signing_key_file,
-        public_key_file,
-        seal_secret_file,
+        operator_token: first.operator_token.clone(),
+        agent_token: first.agent_token.clone(),
+        agent_token_file: first.agent_token_file.clone(),
+        metrics_token: first.metrics_token.clone(),
+        metrics_token_file: first.metrics_token_file.clone(),
+        tls: first.tls.clone(),
+        signing_key_file: first.signing_key_file.clone(),
+        public_key_file: first.public_key_file.clone(),
+        seal_secret_file: first.seal_secret_file.clone(),
     })
 }
 

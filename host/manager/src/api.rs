@@ -88,7 +88,12 @@ struct RankBody {
 pub(crate) async fn handle(m: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/healthz" {
-        return http::json(StatusCode::OK, &serde_json::json!({ "manager": true }));
+        // `active`: whether this replica is the one that writes (a load balancer may route by it).
+        let active = m.is_active();
+        return http::json(
+            StatusCode::OK,
+            &serde_json::json!({ "manager": true, "active": active }),
+        );
     }
     if crate::console::owns(&path) {
         return crate::console::handle(m, req).await;

@@ -6,7 +6,8 @@
 //! a job) and [`tree`] (the dynamic distribution tree of seed Fig. 7, re-parenting around dead
 //! leaders; its shape from the GLs' measured links).
 //!
-//! The IO around them: [`db`] (redb), [`prepare`] (payload → assignment file, snapshots),
+//! The IO around them: [`db`] (redb or PostgreSQL), [`replica`] (several replicas on
+//! PostgreSQL, one active), [`prepare`] (payload → assignment file, snapshots),
 //! [`server`] (the manager: scheduler loop and runs), `api` (its HTTP routes), `runs` and
 //! `discovery` (a run's steps; segments and the GLs' reports), [`checkpoint`] (a site's
 //! checkpoints and their restore), `unchanged` (a recurring publish whose staging did not
@@ -41,6 +42,7 @@ pub mod names;
 pub mod policy;
 pub mod prepare;
 mod remove;
+pub mod replica;
 mod runs;
 pub mod scheduler;
 pub mod search_refresh;

@@ -123,6 +123,7 @@ pub fn plugin_reports_refused() -> u64 {
 pub(crate) async fn answer(m: Arc<crate::server::Inner>, req: Request<Incoming>) -> Response<Body> {
     let route = cm_tree::metrics::route_label(req.method(), req.uri().path(), ROUTES);
     let r = match (&m.cfg.metrics, route) {
+        _ if crate::replica::redirected(&m, &req) => crate::replica::redirect(&m, &req),
         (Some(e), "GET /metrics") => {
             let operator = m.tokens.role(&req) == Some(Role::Operator);
             e.respond(&req, operator)

@@ -69,7 +69,15 @@ pub struct ManagerConfig {
     pub metrics: Option<cm_tree::metrics::Exposition>,
     /// On shutdown, how long requests in flight may take to finish.
     pub shutdown_grace: Duration,
+    /// Where the records live (`None`: redb, `manager.redb` in the data directory).
+    pub store: Option<crate::db::StoreSpec>,
+    /// This replica among several on a PostgreSQL store (`None` there: its id is made up and
+    /// its URL is the API's own; the lease lasts [`DEFAULT_LEASE_TTL`]).
+    pub replica: Option<crate::replica::ReplicaConfig>,
 }
+
+/// How long a replica's lease lasts unless renewed.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
 impl ManagerConfig {
     pub fn new(data_dir: PathBuf, operator_token: &str, agent_token: &str) -> ManagerConfig {
@@ -95,6 +103,8 @@ impl ManagerConfig {
             discovery_refill: Duration::from_millis(500),
             metrics: None,
             shutdown_grace: Duration::from_secs(10),
+            store: None,
+            replica: None,
         }
     }
 }
@@ -153,6 +163,8 @@ pub(crate) struct Inner {
     pub console: crate::console::Console,
     /// Rolls being worked on, rotation's passes (`golive/`).
     pub golive: crate::golive::GoLiveState,
+    /// Active or standby ([`crate::replica`]).
+    pub role: crate::replica::Role,
 }
 
 /// A running manager.
@@ -164,6 +176,8 @@ pub struct Manager {
     /// The API's accept loop: `true` once every connection ended within the grace period.
     serving: tokio::task::JoinHandle<bool>,
     scheduler: tokio::task::JoinHandle<()>,
+    /// Renews the lease (PostgreSQL stores only).
+    lease: Option<(tokio::task::JoinHandle<()>, crate::replica::ReplicaConfig)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -179,10 +193,14 @@ impl Manager {
         };
         std::fs::create_dir_all(cfg.data_dir.join("runs"))
             .map_err(io("creating the data directory"))?;
-        let db = Db::open(&cfg.data_dir.join("manager.redb"))?;
         let listener =
             TcpListener::bind(cfg.listen).await.map_err(io("binding the API address"))?;
         let addr = listener.local_addr().map_err(io("reading the API address"))?;
+        let store = cfg
+            .store
+            .clone()
+            .unwrap_or_else(|| crate::db::StoreSpec::Redb(cfg.data_dir.join("manager.redb")));
+        let db = Db::open_store(&store)?;
         let inner = Arc::new(Inner {
             tokens: Tokens::new(&cfg.operator_token, &cfg.agent_token),
             client: JsonClient::with_tls(
@@ -197,20 +215,26 @@ impl Manager {
             discovery_gate: Default::default(),
             console: Default::default(),
             golive: Default::default(),
+            role: Default::default(),
             db,
             cfg,
         });
-        for run in inner.db.runs()? {
-            if run.phase == RunPhase::Distributing {
-                tracing::info!(run = run.id, "resuming run after restart");
-                inner.db.write(|t| {
-                    t.log(now_ms(), Some(run.job), Some(run.id), "manager restarted: run resumed")
-                })?;
-                if let Err(e) = inner.clone().resume(run.clone()) {
-                    inner.finish(&run, Some(format!("could not resume after restart: {e}")))?;
-                }
+        let lease = match inner.db.postgres() {
+            None => {
+                inner.take_over()?;
+                None
             }
-        }
+            Some(_) => {
+                let me =
+                    inner.cfg.replica.clone().unwrap_or_else(|| crate::replica::ReplicaConfig {
+                        id: format!("{} {}", inner.url, std::process::id()),
+                        url: inner.url.clone(),
+                        lease_ttl: DEFAULT_LEASE_TTL,
+                    });
+                tracing::info!(replica = me.id, store = %store, "standby until it holds the lease");
+                Some((tokio::spawn(crate::replica::hold_lease(inner.clone(), me.clone())), me))
+            }
+        };
         let h = inner.clone();
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let serving = tokio::spawn(http::serve_until(
@@ -227,11 +251,13 @@ impl Manager {
         let s = inner.clone();
         let scheduler = tokio::spawn(async move {
             loop {
-                if let Err(e) = s.clone().tick(now_ms()) {
-                    tracing::error!("scheduler: {e}");
-                }
-                if let Err(e) = s.golive_tick() {
-                    tracing::error!("go-live: {e}");
+                if s.is_active() {
+                    if let Err(e) = s.clone().tick(now_ms()) {
+                        tracing::error!("scheduler: {e}");
+                    }
+                    if let Err(e) = s.golive_tick() {
+                        tracing::error!("go-live: {e}");
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(s.cfg.tick) => {}
@@ -239,7 +265,7 @@ impl Manager {
                 }
             }
         });
-        Ok(Manager { addr, inner, stop, serving, scheduler })
+        Ok(Manager { addr, inner, stop, serving, scheduler, lease })
     }
 
     /// Stops gracefully: no new connection is accepted and no job started; requests in flight
@@ -248,6 +274,11 @@ impl Manager {
     /// Returns whether every request finished in time.
     pub async fn shutdown(self) -> bool {
         self.scheduler.abort();
+        if let Some((task, me)) = self.lease {
+            task.abort();
+            let inner = self.inner.clone();
+            let _ = tokio::task::spawn_blocking(move || crate::replica::release(&inner, &me)).await;
+        }
         let _ = self.stop.send(true);
         self.serving.await.unwrap_or(false)
     }
@@ -266,9 +297,35 @@ impl Manager {
     pub fn db(&self) -> &Db {
         &self.inner.db
     }
+
+    /// Whether this replica is the active one (always, on a redb store).
+    pub fn is_active(&self) -> bool {
+        self.inner.is_active()
+    }
 }
 
 impl Inner {
+    /// Resumes the runs the database has distributing (after a restart, or a takeover).
+    pub(crate) fn resume_runs(self: &Arc<Self>) -> Result<(), ManagerError> {
+        for run in self.db.runs()? {
+            if run.phase == RunPhase::Distributing {
+                tracing::info!(run = run.id, "resuming run");
+                self.db.write(|t| {
+                    t.log(
+                        now_ms(),
+                        Some(run.job),
+                        Some(run.id),
+                        "manager restarted or took over: run resumed",
+                    )
+                })?;
+                if let Err(e) = self.clone().resume(run.clone()) {
+                    self.finish(&run, Some(format!("could not resume after restart: {e}")))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// One scheduler pass: start due jobs, queue or cancel conflicting ones.
     pub(crate) fn tick(self: Arc<Self>, now: u64) -> Result<(), ManagerError> {
         let jobs = self.db.jobs()?;
@@ -480,6 +537,9 @@ impl Inner {
             tokio::select! {
                 _ = active.changed.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            if !self.is_active() {
+                return; // deposed: the active replica resumed this run
             }
             let run = match self.db.run(active.id) {
                 Ok(Some(r)) => r,

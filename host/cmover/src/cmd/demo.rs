@@ -324,6 +324,7 @@ async fn demo(a: Args, dir: PathBuf) -> anyhow::Result<()> {
         chunk_kib: 64,
         tls: a.tls,
         seal: a.seal,
+        ..ManagerOptions::default()
     };
     let manager = launch::start_manager(&bin, &dir, &opts)?;
     println!(

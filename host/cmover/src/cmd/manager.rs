@@ -104,6 +104,17 @@ pub async fn run(a: Args, log: LogArgs) -> anyhow::Result<()> {
     cfg.tick = s.tick;
     cfg.max_segment_members = s.max_segment_members;
     cfg.shutdown_grace = s.shutdown_grace;
+    cfg.store = s.store.clone();
+    if cfg.store.as_ref().is_some_and(|s| matches!(s, cm_manager::db::StoreSpec::Postgres(_))) {
+        let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+        let url = s.advertise_url.clone().unwrap_or_else(|| format!("{scheme}://{}", s.listen));
+        cfg.replica = Some(cm_manager::replica::ReplicaConfig {
+            // A restarted process is a new replica: the id never outlives the process.
+            id: format!("{url} pid {} {:08x}", std::process::id(), rand::random::<u32>()),
+            url,
+            lease_ttl: s.lease_ttl,
+        });
+    }
     cfg.metrics = Some(Exposition { registry: registry(), token: scrape.clone() });
     if let Some((_, secret)) = &s.seal_secret {
         cfg.seal = Some(cm_manager::prepare::SealKey::derive(secret));

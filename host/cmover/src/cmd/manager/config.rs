@@ -35,6 +35,9 @@ pub struct ManagerFile {
 struct ManagerSection {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    store: Option<String>,
+    advertise_url: Option<String>,
+    lease_ttl_ms: Option<u64>,
     tick_ms: Option<u64>,
     max_segment_members: Option<usize>,
     shutdown_grace_ms: Option<u64>,
@@ -95,6 +98,18 @@ pub struct Args {
     /// Database, assignments and snapshots live here [manager.data_dir; required].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Where the records live: redb:PATH, or postgres://user@host/db for several replicas of
+    /// which one is active [manager.store; redb:<data_dir>/manager.redb].
+    #[arg(long)]
+    pub store: Option<String>,
+    /// The API's URL as clients reach it; standbys redirect writes there (PostgreSQL store)
+    /// [manager.advertise_url; from --listen].
+    #[arg(long)]
+    pub advertise_url: Option<String>,
+    /// A replica's lease lapses this long after its last renewal and a standby takes over,
+    /// milliseconds, at least 1000 [manager.lease_ttl_ms; 10000].
+    #[arg(long)]
+    pub lease_ttl_ms: Option<u64>,
     /// File holding the operators' bearer token, else $CMOVER_OPERATOR_TOKEN
     /// [auth.operator_token_file].
     #[arg(long)]
@@ -146,6 +161,10 @@ pub struct Args {
 pub struct Settings {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// `None`: redb in the data directory.
+    pub store: Option<cm_manager::db::StoreSpec>,
+    pub advertise_url: Option<String>,
+    pub lease_ttl: Duration,
     pub operator_token: Secret,
     pub agent_token: Secret,
     /// `None`: /metrics opens to the operator role only.
@@ -178,6 +197,9 @@ impl Settings {
         vec![
             ("manager.listen", self.listen.to_string()),
             ("manager.data_dir", self.data_dir.display().to_string()),
+            ("manager.store", format!("{:?}", self.store.as_ref().map(|s| s.to_string()))),
+            ("manager.advertise_url", format!("{:?}", self.advertise_url)),
+            ("manager.lease_ttl_ms", self.lease_ttl.as_millis().to_string()),
             ("manager.tick_ms", self.tick.as_millis().to_string()),
             ("manager.max_segment_members", self.max_segment_members.to_string()),
             ("manager.shutdown_grace_ms", self.shutdown_grace.as_millis().to_string()),
@@ -281,6 +303,19 @@ pub fn resolve(a: &Args) -> Result<Settings, Problems> {
         }
         Some(_) => {}
     }
+    let store = a.store.clone().or(m.store).and_then(|spec| {
+        p.take("manager.store", spec.parse::<cm_manager::db::StoreSpec>().map_err(Into::into))
+    });
+    let advertise_url = a.advertise_url.clone().or(m.advertise_url);
+    if let Some(u) = &advertise_url
+        && !(u.starts_with("http://") || u.starts_with("https://"))
+    {
+        p.add("manager.advertise_url", format!("{u:?} is not an http:// or https:// URL"));
+    }
+    let lease_ttl_ms = a.lease_ttl_ms.or(m.lease_ttl_ms).unwrap_or(10_000);
+    if lease_ttl_ms < 1000 {
+        p.add("manager.lease_ttl_ms", format!("{lease_ttl_ms} is below 1000"));
+    }
     let tls_files = match (a.tls.files(), f.tls) {
         (Some(files), _) => Some(files),
         (None, TlsSection { ca: Some(ca), cert: Some(cert), key: Some(key) }) => {
@@ -373,6 +408,9 @@ pub fn resolve(a: &Args) -> Result<Settings, Problems> {
             Ok(Settings {
                 listen,
                 data_dir,
+                store,
+                advertise_url,
+                lease_ttl: Duration::from_millis(lease_ttl_ms),
                 operator_token,
                 agent_token,
                 metrics_token,

@@ -1,11 +1,18 @@
-//! The manager's database (redb). Records are JSON values (serde) in one table per kind; keys are
+//! The manager's database. Records are JSON values (serde) in one table per kind; keys are
 //! names (servers, segments, groups, sites) or ids (jobs, runs, history). Every state change of a
 //! job or run is one write transaction, so a manager killed at any point restarts from a
-//! consistent state. Schema: `docs/manager.md`.
+//! consistent state. Two engines under one typed API ([`engine`]): embedded redb (the default,
+//! one file in the data directory) and PostgreSQL (several replicas, one active:
+//! [`postgres`]). Schema: `docs/manager.md`.
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+pub mod engine;
+pub mod postgres;
+mod redb_engine;
+
 use serde::{Serialize, de::DeserializeOwned};
-use std::path::Path;
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use thiserror::Error;
 
 use crate::events::{Bus, Change, Event};
@@ -13,27 +20,28 @@ use crate::model::{
     Checkpoint, ContentGroup, HistoryEntry, HostedSite, Job, JobSpec, JobState, Run, SegmentRecord,
     ServerOutcome, ServerRecord,
 };
-
-type StrTable = TableDefinition<'static, &'static str, &'static [u8]>;
-type IdTable = TableDefinition<'static, u64, &'static [u8]>;
-
-const SERVERS: StrTable = TableDefinition::new("servers");
-const SEGMENTS: StrTable = TableDefinition::new("segments");
-const GROUPS: StrTable = TableDefinition::new("content_groups");
-const SITES: StrTable = TableDefinition::new("hosted_sites");
-/// Key: `{run:020}/{server}`, so one run's reports are one key range.
-const REPORTS: StrTable = TableDefinition::new("server_reports");
-const JOBS: IdTable = TableDefinition::new("jobs");
-const RUNS: IdTable = TableDefinition::new("runs");
-const HISTORY: IdTable = TableDefinition::new("history");
-/// Key: `{site}/{id:020}`, so one site's checkpoints are one key range, oldest first.
-const CHECKPOINTS: StrTable = TableDefinition::new("checkpoints");
-const COUNTERS: TableDefinition<'static, &'static str, u64> = TableDefinition::new("counters");
+use engine::{Engine, EngineTxn, Key, Span, Table};
+use postgres::PgEngine;
 
 #[derive(Debug, Error)]
 pub enum DbError {
     #[error("database: {0}")]
     Redb(#[from] redb::Error),
+    #[error("database (PostgreSQL): {0}")]
+    Postgres(::postgres::Error),
+    /// The write carried a fencing token the lease no longer has: another replica took over.
+    #[error("this manager is not the active replica any more; the database refused its write: {0}")]
+    Fenced(String),
+    #[error(
+        "database schema version {found} is newer than this manager knows ({known}); upgrade the manager"
+    )]
+    SchemaTooNew { found: usize, known: usize },
+    #[error("database schema migration {version} failed: {source}")]
+    Migration { version: usize, source: ::postgres::Error },
+    #[error("database: {0}")]
+    Thread(String),
+    #[error("database table {table} has no key {key:?} of that kind")]
+    KeyKind { table: &'static str, key: String },
     #[error("database record {table}/{key} does not decode: {source}")]
     Decode { table: &'static str, key: String, source: serde_json::Error },
     #[error("encoding a record: {0}")]
@@ -46,36 +54,84 @@ pub enum DbError {
     HeldByAnother { dir: String, file: String },
 }
 
-fn redb_err(e: impl Into<redb::Error>) -> DbError {
-    DbError::Redb(e.into())
+impl From<::postgres::Error> for DbError {
+    fn from(e: ::postgres::Error) -> DbError {
+        match e.as_db_error() {
+            Some(d) if d.code().code() == postgres::schema::FENCED => {
+                DbError::Fenced(d.message().to_string())
+            }
+            _ => DbError::Postgres(e),
+        }
+    }
 }
 
 fn decode<T: DeserializeOwned>(
-    table: &'static str,
+    table: Table,
     key: impl ToString,
     bytes: &[u8],
 ) -> Result<T, DbError> {
     serde_json::from_slice(bytes).map_err(|source| DbError::Decode {
-        table,
+        table: table.name(),
         key: key.to_string(),
         source,
     })
 }
 
-fn report_key(run: u64, server: &str) -> String {
-    format!("{run:020}/{server}")
+fn report_key(run: u64, server: &str) -> Key {
+    Key::Str(format!("{run:020}/{server}"))
 }
 
-fn checkpoint_key(site: &str, id: u64) -> String {
-    format!("{site}/{id:020}")
+fn checkpoint_key(site: &str, id: u64) -> Key {
+    Key::Str(format!("{site}/{id:020}"))
+}
+
+/// Where the manager keeps its records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// A redb file (`redb:PATH`).
+    Redb(PathBuf),
+    /// A PostgreSQL database, by connection URL (`postgres://…` or `postgresql://…`).
+    Postgres(String),
+}
+
+#[derive(Debug, Error)]
+#[error("store {given:?}: expected redb:PATH, postgres://… or postgresql://…")]
+pub struct BadStoreSpec {
+    pub given: String,
+}
+
+impl std::str::FromStr for StoreSpec {
+    type Err = BadStoreSpec;
+    fn from_str(s: &str) -> Result<StoreSpec, BadStoreSpec> {
+        if let Some(path) = s.strip_prefix("redb:").filter(|p| !p.is_empty()) {
+            Ok(StoreSpec::Redb(path.into()))
+        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(StoreSpec::Postgres(s.to_string()))
+        } else {
+            Err(BadStoreSpec { given: s.to_string() })
+        }
+    }
+}
+
+impl std::fmt::Display for StoreSpec {
+    /// The spec with no password in it (for logs and the console).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSpec::Redb(p) => write!(f, "redb:{}", p.display()),
+            StoreSpec::Postgres(url) => match url.split_once('@') {
+                Some((_, host)) => write!(f, "postgres://…@{host}"),
+                None => f.write_str(url),
+            },
+        }
+    }
 }
 
 /// One write transaction; dropped without [`Db::write`] returning Ok, nothing of it is kept.
 pub struct Txn<'a> {
-    tx: &'a WriteTransaction,
+    tx: RefCell<Box<dyn EngineTxn + 'a>>,
     /// What the transaction changed, published once it commits (only while somebody listens).
     bus: &'a Bus,
-    changes: std::cell::RefCell<Vec<Event>>,
+    changes: RefCell<Vec<Event>>,
 }
 
 impl Txn<'_> {
@@ -84,58 +140,47 @@ impl Txn<'_> {
             self.changes.borrow_mut().push(c.event());
         }
     }
-    fn put_str<T: Serialize>(&self, t: StrTable, key: &str, v: &T) -> Result<(), DbError> {
+    fn put<T: Serialize>(&self, t: Table, key: Key, v: &T) -> Result<(), DbError> {
         let bytes = serde_json::to_vec(v)?;
-        self.tx.open_table(t).map_err(redb_err)?.insert(key, bytes.as_slice()).map_err(redb_err)?;
-        Ok(())
-    }
-    fn put_id<T: Serialize>(&self, t: IdTable, key: u64, v: &T) -> Result<(), DbError> {
-        let bytes = serde_json::to_vec(v)?;
-        self.tx.open_table(t).map_err(redb_err)?.insert(key, bytes.as_slice()).map_err(redb_err)?;
-        Ok(())
+        self.tx.borrow_mut().put(t, &key, &bytes)
     }
     fn next_id(&self, counter: &str) -> Result<u64, DbError> {
-        let mut t = self.tx.open_table(COUNTERS).map_err(redb_err)?;
-        let id = t.get(counter).map_err(redb_err)?.map(|g| g.value()).unwrap_or(0) + 1;
-        t.insert(counter, id).map_err(redb_err)?;
-        Ok(id)
+        self.tx.borrow_mut().next(counter)
     }
 
     pub fn put_server(&self, s: &ServerRecord) -> Result<(), DbError> {
         self.note(Change::Server(s));
-        self.put_str(SERVERS, &s.name, s)
+        self.put(Table::Servers, Key::Str(s.name.clone()), s)
     }
     pub fn put_segment(&self, s: &SegmentRecord) -> Result<(), DbError> {
         self.note(Change::Segment(s));
-        self.put_str(SEGMENTS, &s.name, s)
+        self.put(Table::Segments, Key::Str(s.name.clone()), s)
     }
     pub fn put_group(&self, g: &ContentGroup) -> Result<(), DbError> {
-        self.put_str(GROUPS, &g.name, g)
+        self.put(Table::Groups, Key::Str(g.name.clone()), g)
     }
     pub fn put_site(&self, s: &HostedSite) -> Result<(), DbError> {
         self.note(Change::Site(s));
-        self.put_str(SITES, &s.name, s)
+        self.put(Table::Sites, Key::Str(s.name.clone()), s)
     }
     pub fn put_job(&self, j: &Job) -> Result<(), DbError> {
         self.note(Change::Job(j));
-        self.put_id(JOBS, j.id, j)
+        self.put(Table::Jobs, Key::Id(j.id), j)
     }
     pub fn put_run(&self, r: &Run) -> Result<(), DbError> {
         self.note(Change::Run(r));
-        self.put_id(RUNS, r.id, r)
+        self.put(Table::Runs, Key::Id(r.id), r)
     }
     pub fn put_report(&self, run: u64, server: &str, o: &ServerOutcome) -> Result<(), DbError> {
         self.note(Change::Report(run, server, o));
-        self.put_str(REPORTS, &report_key(run, server), o)
+        self.put(Table::Reports, report_key(run, server), o)
     }
 
     pub fn put_checkpoint(&self, c: &Checkpoint) -> Result<(), DbError> {
-        self.put_str(CHECKPOINTS, &checkpoint_key(&c.site, c.id), c)
+        self.put(Table::Checkpoints, checkpoint_key(&c.site, c.id), c)
     }
     pub fn remove_checkpoint(&self, site: &str, id: u64) -> Result<(), DbError> {
-        let mut t = self.tx.open_table(CHECKPOINTS).map_err(redb_err)?;
-        t.remove(checkpoint_key(site, id).as_str()).map_err(redb_err)?;
-        Ok(())
+        self.tx.borrow_mut().delete(Table::Checkpoints, &checkpoint_key(site, id))
     }
     /// The next checkpoint id of `site` (ids are per site and never reused).
     pub fn next_checkpoint_id(&self, site: &str) -> Result<u64, DbError> {
@@ -175,36 +220,41 @@ impl Txn<'_> {
         let seq = self.next_id("history")?;
         let entry = HistoryEntry { seq, at_ms, job, run, event: event.into() };
         self.note(Change::History(&entry));
-        self.put_id(HISTORY, seq, &entry)
+        self.put(Table::History, Key::Id(seq), &entry)
     }
 }
 
 pub struct Db {
-    db: Database,
+    engine: Arc<dyn Engine>,
+    /// The same engine when it is PostgreSQL: the lease of the active replica lives there.
+    pg: Option<Arc<PgEngine>>,
     events: Bus,
 }
 
 impl Db {
-    /// Opens (or creates) the database file.
+    /// Opens (or creates) a redb database file.
     pub fn open(path: &Path) -> Result<Db, DbError> {
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => DbError::HeldByAnother {
-                dir: path.parent().unwrap_or(path).display().to_string(),
-                file: path.display().to_string(),
-            },
-            e => redb_err(e),
-        })?;
-        // Create every table up front so readers never meet a missing one.
-        let tx = db.begin_write().map_err(redb_err)?;
-        for t in [SERVERS, SEGMENTS, GROUPS, SITES, REPORTS, CHECKPOINTS] {
-            tx.open_table(t).map_err(redb_err)?;
+        let engine = redb_engine::RedbEngine::open(path)?;
+        Ok(Db { engine: Arc::new(engine), pg: None, events: Bus::default() })
+    }
+
+    /// Connects to a PostgreSQL database and brings its schema up to date. Writes need the
+    /// lease ([`PgEngine::hold_lease`]) first.
+    pub fn open_postgres(url: &str) -> Result<Db, DbError> {
+        let pg = Arc::new(PgEngine::open(url)?);
+        Ok(Db { engine: pg.clone(), pg: Some(pg), events: Bus::default() })
+    }
+
+    pub fn open_store(spec: &StoreSpec) -> Result<Db, DbError> {
+        match spec {
+            StoreSpec::Redb(path) => Db::open(path),
+            StoreSpec::Postgres(url) => Db::open_postgres(url),
         }
-        for t in [JOBS, RUNS, HISTORY] {
-            tx.open_table(t).map_err(redb_err)?;
-        }
-        tx.open_table(COUNTERS).map_err(redb_err)?;
-        tx.commit().map_err(redb_err)?;
-        Ok(Db { db, events: Bus::default() })
+    }
+
+    /// The PostgreSQL engine, when the store is one (replicas and their lease).
+    pub fn postgres(&self) -> Option<&PgEngine> {
+        self.pg.as_deref()
     }
 
     /// Runs `f` in one write transaction and commits it if `f` succeeds.
@@ -212,11 +262,14 @@ impl Db {
         &self,
         f: impl FnOnce(&Txn<'_>) -> Result<R, E>,
     ) -> Result<R, E> {
-        let tx = self.db.begin_write().map_err(redb_err)?;
-        let txn = Txn { tx: &tx, bus: &self.events, changes: Default::default() };
+        let txn = Txn {
+            tx: RefCell::new(self.engine.begin()?),
+            bus: &self.events,
+            changes: Default::default(),
+        };
         let r = f(&txn)?;
         let changes = txn.changes.take();
-        tx.commit().map_err(redb_err)?;
+        txn.tx.into_inner().commit()?;
         for e in changes {
             self.events.publish(e);
         }
@@ -228,152 +281,118 @@ impl Db {
         &self.events
     }
 
-    fn get_str<T: DeserializeOwned>(
-        &self,
-        t: StrTable,
-        name: &'static str,
-        key: &str,
-    ) -> Result<Option<T>, DbError> {
-        let tx = self.db.begin_read().map_err(redb_err)?;
-        let table = tx.open_table(t).map_err(redb_err)?;
-        let v = table.get(key).map_err(redb_err)?;
-        v.map(|g| decode(name, key, g.value())).transpose()
+    fn get<T: DeserializeOwned>(&self, t: Table, key: Key) -> Result<Option<T>, DbError> {
+        self.engine.get(t, &key)?.map(|v| decode(t, &key, &v)).transpose()
     }
-    fn get_id<T: DeserializeOwned>(
-        &self,
-        t: IdTable,
-        name: &'static str,
-        key: u64,
-    ) -> Result<Option<T>, DbError> {
-        let tx = self.db.begin_read().map_err(redb_err)?;
-        let table = tx.open_table(t).map_err(redb_err)?;
-        let v = table.get(key).map_err(redb_err)?;
-        v.map(|g| decode(name, key, g.value())).transpose()
-    }
-    fn list_str<T: DeserializeOwned>(
-        &self,
-        t: StrTable,
-        name: &'static str,
-    ) -> Result<Vec<T>, DbError> {
-        let tx = self.db.begin_read().map_err(redb_err)?;
-        let table = tx.open_table(t).map_err(redb_err)?;
-        let mut out = Vec::new();
-        for e in table.iter().map_err(redb_err)? {
-            let (k, v) = e.map_err(redb_err)?;
-            out.push(decode(name, k.value(), v.value())?);
-        }
-        Ok(out)
-    }
-    fn list_id<T: DeserializeOwned>(
-        &self,
-        t: IdTable,
-        name: &'static str,
-    ) -> Result<Vec<T>, DbError> {
-        let tx = self.db.begin_read().map_err(redb_err)?;
-        let table = tx.open_table(t).map_err(redb_err)?;
-        let mut out = Vec::new();
-        for e in table.iter().map_err(redb_err)? {
-            let (k, v) = e.map_err(redb_err)?;
-            out.push(decode(name, k.value(), v.value())?);
-        }
-        Ok(out)
+    fn list<T: DeserializeOwned>(&self, t: Table) -> Result<Vec<T>, DbError> {
+        let rows = self.engine.range(t, &Span::default())?;
+        rows.into_iter().map(|(k, v)| decode(t, &k, &v)).collect()
     }
 
     pub fn server(&self, name: &str) -> Result<Option<ServerRecord>, DbError> {
-        self.get_str(SERVERS, "servers", name)
+        self.get(Table::Servers, Key::Str(name.into()))
     }
     pub fn servers(&self) -> Result<Vec<ServerRecord>, DbError> {
-        self.list_str(SERVERS, "servers")
+        self.list(Table::Servers)
     }
     pub fn segment(&self, name: &str) -> Result<Option<SegmentRecord>, DbError> {
-        self.get_str(SEGMENTS, "segments", name)
+        self.get(Table::Segments, Key::Str(name.into()))
     }
     pub fn segments(&self) -> Result<Vec<SegmentRecord>, DbError> {
-        self.list_str(SEGMENTS, "segments")
+        self.list(Table::Segments)
     }
     pub fn group(&self, name: &str) -> Result<Option<ContentGroup>, DbError> {
-        self.get_str(GROUPS, "content_groups", name)
+        self.get(Table::Groups, Key::Str(name.into()))
     }
     pub fn groups(&self) -> Result<Vec<ContentGroup>, DbError> {
-        self.list_str(GROUPS, "content_groups")
+        self.list(Table::Groups)
     }
     pub fn site(&self, name: &str) -> Result<Option<HostedSite>, DbError> {
-        self.get_str(SITES, "hosted_sites", name)
+        self.get(Table::Sites, Key::Str(name.into()))
     }
     pub fn sites(&self) -> Result<Vec<HostedSite>, DbError> {
-        self.list_str(SITES, "hosted_sites")
+        self.list(Table::Sites)
     }
     pub fn job(&self, id: u64) -> Result<Option<Job>, DbError> {
-        self.get_id(JOBS, "jobs", id)
+        self.get(Table::Jobs, Key::Id(id))
     }
     pub fn jobs(&self) -> Result<Vec<Job>, DbError> {
-        self.list_id(JOBS, "jobs")
+        self.list(Table::Jobs)
     }
     pub fn run(&self, id: u64) -> Result<Option<Run>, DbError> {
-        self.get_id(RUNS, "runs", id)
+        self.get(Table::Runs, Key::Id(id))
     }
     pub fn runs(&self) -> Result<Vec<Run>, DbError> {
-        self.list_id(RUNS, "runs")
+        self.list(Table::Runs)
     }
     pub fn history(&self) -> Result<Vec<HistoryEntry>, DbError> {
-        self.list_id(HISTORY, "history")
+        self.list(Table::History)
     }
 
     /// One page of the history, newest first: at most `limit` entries older than `before` (a
     /// sequence number; `None`: from the newest) that `keep` accepts, and whether older ones
-    /// that `keep` accepts remain.
+    /// that `keep` accepts remain. Reads the log in batches, newest first, until it has enough.
     pub fn history_page(
         &self,
         before: Option<u64>,
         limit: usize,
         keep: impl Fn(&HistoryEntry) -> bool,
     ) -> Result<(Vec<HistoryEntry>, bool), DbError> {
-        let tx = self.db.begin_read().map_err(redb_err)?;
-        let table = tx.open_table(HISTORY).map_err(redb_err)?;
+        const BATCH: usize = 256;
         let mut out = Vec::new();
-        for e in table.range(..before.unwrap_or(u64::MAX)).map_err(redb_err)?.rev() {
-            let (k, v) = e.map_err(redb_err)?;
-            let entry: HistoryEntry = decode("history", k.value(), v.value())?;
-            if keep(&entry) {
-                if out.len() == limit {
-                    return Ok((out, true));
+        let mut hi = before.unwrap_or(u64::MAX);
+        loop {
+            let span =
+                Span { lo: None, hi: Some(Key::Id(hi)), newest_first: true, limit: Some(BATCH) };
+            let rows = self.engine.range(Table::History, &span)?;
+            let exhausted = rows.len() < BATCH;
+            for (k, v) in rows {
+                let entry: HistoryEntry = decode(Table::History, &k, &v)?;
+                hi = entry.seq;
+                if keep(&entry) {
+                    if out.len() == limit {
+                        return Ok((out, true));
+                    }
+                    out.push(entry);
                 }
-                out.push(entry);
+            }
+            if exhausted {
+                return Ok((out, false));
             }
         }
-        Ok((out, false))
     }
 
     pub fn checkpoint(&self, site: &str, id: u64) -> Result<Option<Checkpoint>, DbError> {
-        self.get_str(CHECKPOINTS, "checkpoints", &checkpoint_key(site, id))
+        self.get(Table::Checkpoints, checkpoint_key(site, id))
     }
 
     /// A site's checkpoints, oldest first.
     pub fn checkpoints(&self, site: &str) -> Result<Vec<Checkpoint>, DbError> {
-        Ok(self.prefixed(CHECKPOINTS, "checkpoints", site)?.into_iter().map(|(_, c)| c).collect())
+        Ok(self.prefixed(Table::Checkpoints, site)?.into_iter().map(|(_, c)| c).collect())
     }
 
     /// Every server's outcome in `run`, by server name.
     pub fn reports(&self, run: u64) -> Result<Vec<(String, ServerOutcome)>, DbError> {
-        self.prefixed(REPORTS, "server_reports", &format!("{run:020}"))
+        self.prefixed(Table::Reports, &format!("{run:020}"))
     }
 
     /// The records whose key is `{prefix}/…`, in key order, with the rest of their key.
     fn prefixed<T: DeserializeOwned>(
         &self,
-        t: StrTable,
-        name: &'static str,
+        t: Table,
         prefix: &str,
     ) -> Result<Vec<(String, T)>, DbError> {
-        let tx = self.db.begin_read().map_err(redb_err)?;
-        let table = tx.open_table(t).map_err(redb_err)?;
         let lo = format!("{prefix}/");
         let hi = format!("{prefix}0"); // '0' sorts right after '/'
+        let span =
+            Span { lo: Some(Key::Str(lo.clone())), hi: Some(Key::Str(hi)), ..Span::default() };
         let mut out = Vec::new();
-        for e in table.range(lo.as_str()..hi.as_str()).map_err(redb_err)? {
-            let (k, v) = e.map_err(redb_err)?;
-            let rest = k.value()[lo.len()..].to_string();
-            out.push((rest, decode(name, k.value(), v.value())?));
+        for (k, v) in self.engine.range(t, &span)? {
+            let Key::Str(key) = &k else {
+                return Err(DbError::KeyKind { table: t.name(), key: k.to_string() });
+            };
+            let rest = key.get(lo.len()..).unwrap_or_default().to_string();
+            out.push((rest, decode(t, &k, &v)?));
         }
         Ok(out)
     }

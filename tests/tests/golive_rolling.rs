@@ -258,13 +258,18 @@ async fn rolling_commit_and_rollback_through_varnish_and_haproxy_lose_no_request
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let history: Vec<HistoryEntry> = c.op.get(&c.url("history")).await?;
-    assert!(
-        history
-            .iter()
-            .any(|h| h.event.starts_with(&format!("rotation: {bad_name} of site www undrained"))),
-        "rotation's change is in the history"
-    );
+    // The balancer is told first, the history written right after: wait for it too.
+    let line = format!("rotation: {bad_name} of site www undrained");
+    loop {
+        let history: Vec<HistoryEntry> = c.op.get(&c.url("history")).await?;
+        if history.iter().any(|h| h.event.starts_with(&line)) {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("rotation's change is not in the history: {history:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }
 

@@ -443,5 +443,5 @@ fn a_manager_restarted_during_the_commit_run_finishes_the_commit() {
     }
     assert_eq!(c.runs().len(), 2, "the commit run was resumed, not started again");
     assert_eq!(c.site("www")["committed"], serde_json::json!([1]));
-    assert!(c.history().iter().any(|e| e == "manager restarted: run resumed"));
+    assert!(c.history().iter().any(|e| e == "manager restarted or took over: run resumed"));
 }

@@ -16,7 +16,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use cm_election::NodeId;
-use election_common::processes::{Agent, SECRET, Spy, cmover_bin, ids, only_from};
+use election_common::processes::{Agent, SECRET, Spy, cmover_bin, ids, only_from, only_from_alive};
 use rand::Rng;
 
 /// Two namespaces joined by a bridge; everything deleted on drop.
@@ -125,7 +125,7 @@ async fn agents_in_two_namespaces_elect_and_fail_over_across_the_link() -> Resul
     spy.converged(32, &others(32, &all), only_from(&all)).await.context("first election")?;
     agents[1].kill();
     let survivors = ids(&agents);
-    spy.converged(33, &others(33, &survivors), only_from(&all))
+    spy.converged(33, &others(33, &survivors), only_from_alive(&all, &survivors))
         .await
         .context("after the leader was killed")?;
     agents[1].spawn(&bin)?;

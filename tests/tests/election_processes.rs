@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use cm_election::{NodeId, Timing};
 use election_common::processes::{
-    Agent, HEARTBEAT_MS, PATIENCE, SECRET, Spy, cmover_bin, ids, only_from,
+    Agent, HEARTBEAT_MS, PATIENCE, SECRET, Spy, cmover_bin, ids, only_from, only_from_alive,
 };
 use rand::Rng;
 
@@ -95,7 +95,7 @@ async fn agents_elect_fail_over_rejoin_and_keep_segments_apart() -> Result<()> {
         first_new_la.unwrap_or_default()
     );
     spy_a
-        .converged(14, &others(&survivors, 14), only_from(&all_a))
+        .converged(14, &others(&survivors, 14), only_from_alive(&all_a, &survivors))
         .await
         .context("after the leader was killed")?;
 

@@ -426,20 +426,7 @@ impl Site {
         keep: Option<usize>,
         interp: &mut dyn Interpreter,
     ) -> Result<u64, SiteError> {
-        if !self.release_path(serial).is_dir() {
-            return Err(SiteError::NoRelease { site: self.root.clone(), serial });
-        }
-        let current = layout::current_serial(&self.root).map_err(self.io("reading `current`"))?;
-        if current == Some(serial) {
-            return Ok(serial);
-        }
-        let hot = hot::live_hot(&self.root, current).map_err(self.io("reading `hot`"))?;
-        interp.commit(serial).map_err(|source| SiteError::Vetoed {
-            site: self.root.clone(),
-            what: "commit",
-            serial,
-            source,
-        })?;
+        let Some(Agreed { hot }) = self.agree_switch(serial, interp)? else { return Ok(serial) };
         let mut history = layout::read_history(&self.root).map_err(self.io("reading history"))?;
         // Back from a hot overlay to its base: the base is committed already.
         if !(hot.is_some() && history.last() == Some(&serial)) {
@@ -465,17 +452,9 @@ impl Site {
             // Nothing live to overlay: the release is simply committed.
             return self.commit_locked(serial, None, interp);
         }
-        let current = layout::current_serial(&self.root).map_err(self.io("reading `current`"))?;
-        if current == Some(serial) {
+        let Some(Agreed { hot: before }) = self.agree_switch(serial, interp)? else {
             return Ok(serial);
-        }
-        let before = hot::live_hot(&self.root, current).map_err(self.io("reading `hot`"))?;
-        interp.commit(serial).map_err(|source| SiteError::Vetoed {
-            site: self.root.clone(),
-            what: "commit",
-            serial,
-            source,
-        })?;
+        };
         hot::record(&self.root, hot::Hot { serial, base })
             .map_err(self.io("recording the hot release"))?;
         layout::switch_current(&self.root, serial).map_err(self.io("switching `current`"))?;
@@ -483,6 +462,30 @@ impl Site {
             self.discard_release(b.serial)?;
         }
         Ok(serial)
+    }
+
+    /// What every switch to `serial` does first: `None` when it is live already; otherwise the
+    /// interpreter agreed to it, and the hot release live before it (if any) is known.
+    fn agree_switch(
+        &self,
+        serial: u64,
+        interp: &mut dyn Interpreter,
+    ) -> Result<Option<Agreed>, SiteError> {
+        if !self.release_path(serial).is_dir() {
+            return Err(SiteError::NoRelease { site: self.root.clone(), serial });
+        }
+        let current = layout::current_serial(&self.root).map_err(self.io("reading `current`"))?;
+        if current == Some(serial) {
+            return Ok(None);
+        }
+        let hot = hot::live_hot(&self.root, current).map_err(self.io("reading `hot`"))?;
+        interp.commit(serial).map_err(|source| SiteError::Vetoed {
+            site: self.root.clone(),
+            what: "commit",
+            serial,
+            source,
+        })?;
+        Ok(Some(Agreed { hot }))
     }
 
     /// After `current` moved off a hot release: forget and discard it.
@@ -560,4 +563,9 @@ impl Site {
         }
         Ok(())
     }
+}
+
+/// A switch the interpreter agreed to (`Site::agree_switch`): the hot release live before it.
+struct Agreed {
+    hot: Option<hot::Hot>,
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use cm_manager::golive::RollStep;
-use cm_manager::model::{Job, JobKind, JobPolicy, JobState, Payload};
+use cm_manager::model::{HistoryEntry, Job, JobKind, JobPolicy, JobState, Payload};
 use cm_tests::cluster::{Layout, TestCluster, auto_commit_policy};
 use serde_json::json;
 
@@ -99,6 +99,15 @@ async fn canary_pauses_survives_a_manager_restart_and_goes_on_when_approved() ->
     let roll = j.roll.unwrap_or_else(|| unreachable!());
     assert_eq!(roll.live.len(), 4);
     assert!(roll.approved);
+    // Every GL reports its (empty) cache calls at once: no group waited out the bound, however
+    // its report raced the roll's steps.
+    let history: Vec<HistoryEntry> = c.op.get(&c.url(&format!("history?job={}", job.id))).await?;
+    let waited: Vec<&str> = history
+        .iter()
+        .map(|h| h.event.as_str())
+        .filter(|e| e.contains("no cache report from segment"))
+        .collect();
+    assert!(waited.is_empty(), "{waited:#?}");
     Ok(())
 }
 

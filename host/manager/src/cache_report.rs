@@ -43,19 +43,14 @@ impl Inner {
                 t.log(now, Some(run.job), Some(run_id), line)?;
             }
             // A rolling switch's group waits for its segments' reports before its undrain: the
-            // run keeps who reported (the report may come before the group's run is ended).
+            // run keeps who reported (the report may come before the group's run is ended, or
+            // while a roll step works from an older read of the job).
             if let Some(mut fresh) = self.db.run(run_id)?
                 && let Some(seg) = fresh.segments.get_mut(&report.segment)
                 && !seg.caches_reported
             {
                 seg.caches_reported = true;
                 t.put_run(&fresh)?;
-            }
-            if let Some(mut job) = self.db.job(run.job)?
-                && let Some(wait) = job.roll.as_mut().and_then(|r| r.caches.as_mut())
-                && wait.reported(run_id, &report.segment)
-            {
-                t.put_job(&job)?;
             }
             Ok::<_, ManagerError>(())
         })?;

@@ -616,6 +616,13 @@ pub struct Run {
     pub segments: BTreeMap<String, SegmentRun>,
 }
 
+impl Run {
+    /// The segments whose GL reported this run's cache calls.
+    pub fn caches_reported(&self) -> std::collections::BTreeSet<String> {
+        self.segments.iter().filter(|(_, s)| s.caches_reported).map(|(n, _)| n.clone()).collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "status")]
 pub enum ServerOutcome {

@@ -238,6 +238,12 @@ impl Inner {
         }
         self.db.write(|t| {
             let mut j = job.clone();
+            // A roll's run: an abort or approval made while the assignment was built is kept.
+            if let (Some(roll), Some(stored)) =
+                (j.roll.as_mut(), self.db.job(job.id)?.and_then(|s| s.roll))
+            {
+                roll.keep_operator_inputs(&stored);
+            }
             j.state = JobState::Running { run: run_id };
             j.attempts += 1;
             j.last_reason = None;

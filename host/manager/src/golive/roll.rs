@@ -267,7 +267,11 @@ impl Inner {
                 // A cache in front of the group must not serve its old release once it is back
                 // in rotation: wait (bounded) for the GLs' reports that the caches heard.
                 if let Some(wait) = roll.caches.take().filter(|_| roll.aborted.is_none()) {
-                    match wait.done(now, settings.cache_wait_ms) {
+                    // Who reported is on the run (`cache_report.rs`), the one record a report
+                    // writes: the roll read here may be older than the report.
+                    let reported =
+                        self.db.run(wait.run)?.map(|r| r.caches_reported()).unwrap_or_default();
+                    match wait.done(now, settings.cache_wait_ms, &reported) {
                         CachesDone::Yes => {}
                         CachesDone::Waiting => return Ok(()),
                         CachesDone::TimedOut(silent) => lines.push(format!(
@@ -381,8 +385,7 @@ impl Inner {
             return self.end_roll(job, roll.clone(), stopped.clone(), lines, now);
         }
         self.db.write(|t| {
-            let mut j = job.clone();
-            j.roll = Some(roll.clone());
+            let j = self.with_roll(job, roll.clone())?;
             t.put_job(&j)?;
             for l in &lines {
                 t.log(now, Some(j.id), None, l.clone())?;
@@ -558,15 +561,13 @@ impl Inner {
             let mut roll = roll.clone();
             if switched {
                 // The segments whose servers switched tell their caches; the group's undrain
-                // waits for the reports not in yet (`cache_report.rs`). Read in this
-                // transaction: a report that came first is on the run.
+                // waits for their reports (`cache_report.rs`), which the run records.
                 roll.caches = fresh.cache.as_ref().map(|_| CacheWait {
                     run: run.id,
                     since_ms: now,
                     segments: fresh
                         .segments
                         .iter()
-                        .filter(|(_, seg)| !seg.caches_reported)
                         .filter(|(_, seg)| seg.servers.iter().any(|s| ok.contains(s)))
                         .map(|(name, _)| name.clone())
                         .collect(),
@@ -593,8 +594,7 @@ impl Inner {
                 },
             };
             t.put_run(&r)?;
-            let mut j = job.clone();
-            j.roll = Some(roll.clone());
+            let j = self.with_roll(&job, roll.clone())?;
             t.put_job(&j)?;
             t.log(now, Some(j.id), Some(run.id), verdict.clone())?;
             Ok(false)
@@ -605,6 +605,18 @@ impl Inner {
             self.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// The job as stored now, with `roll` (worked out from an earlier read) in it. Read inside
+    /// the writing transaction: what an operator said meanwhile (an abort, an approval) is kept,
+    /// not overwritten by the step that was under way.
+    fn with_roll(&self, job: &Job, mut roll: Roll) -> Result<Job, ManagerError> {
+        let mut j = self.db.job(job.id)?.unwrap_or_else(|| job.clone());
+        if let Some(stored) = &j.roll {
+            roll.keep_operator_inputs(stored);
+        }
+        j.roll = Some(roll);
+        Ok(j)
     }
 
     /// Ends a roll: one transaction records where every server is, the site's release (when
@@ -641,7 +653,7 @@ impl Inner {
                 super::rotation::left_drained(&mut site, &roll.failed, now);
                 t.put_site(&site)?;
             }
-            let mut j = job.clone();
+            let mut j = self.with_roll(job, roll.clone())?;
             let next = match &stopped {
                 None => policy::after_success(j.spec.every_ms, now),
                 Some(why) => policy::NextJobState {
@@ -653,7 +665,6 @@ impl Inner {
             (j.state, j.next_run_ms, j.attempts) = (next.state, next.next_run_ms, next.attempts);
             j.last_reason = (!roll.failed.is_empty()).then(|| summary.clone());
             j.pending_commit = None;
-            j.roll = Some(roll.clone());
             t.put_job(&j)?;
             lines.push(format!(
                 "{} switch ended{}: {summary}",

@@ -1,7 +1,7 @@
 //! What an operator configures for go-live (site settings `golive`, job policy `go_live`) and
 //! what the manager records of a rolling commit in progress (`Job::roll`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -226,22 +226,17 @@ pub enum CachesDone {
 }
 
 impl CacheWait {
-    /// Segment `segment` reported run `run`'s cache calls; `true` if this wait heard of it.
-    pub fn reported(&mut self, run: u64, segment: &str) -> bool {
-        let before = self.segments.len();
-        if run == self.run {
-            self.segments.retain(|s| s != segment);
-        }
-        self.segments.len() != before
-    }
-
-    pub fn done(&self, now_ms: u64, limit_ms: u64) -> CachesDone {
-        if self.segments.is_empty() {
+    /// Whether the group may go on, given the segments that reported the run's cache calls
+    /// (`Run::caches_reported`).
+    pub fn done(&self, now_ms: u64, limit_ms: u64, reported: &BTreeSet<String>) -> CachesDone {
+        let silent: Vec<String> =
+            self.segments.iter().filter(|s| !reported.contains(*s)).cloned().collect();
+        if silent.is_empty() {
             CachesDone::Yes
         } else if now_ms < self.since_ms.saturating_add(limit_ms) {
             CachesDone::Waiting
         } else {
-            CachesDone::TimedOut(self.segments.clone())
+            CachesDone::TimedOut(silent)
         }
     }
 }
@@ -267,6 +262,15 @@ pub enum RollStep {
 }
 
 impl Roll {
+    /// Keeps what an operator said in `stored` (the roll as the database has it now) while this
+    /// copy was being worked on: an abort, an approval.
+    pub fn keep_operator_inputs(&mut self, stored: &Roll) {
+        self.approved |= stored.approved;
+        if self.aborted.is_none() {
+            self.aborted.clone_from(&stored.aborted);
+        }
+    }
+
     /// The run the roll waits for, if any.
     pub fn waits_for(&self) -> Option<u64> {
         match &self.step {
@@ -365,14 +369,15 @@ mod tests {
 
     #[test]
     fn a_group_waits_for_its_segments_cache_reports_within_a_bound() {
-        let mut w = CacheWait { run: 7, since_ms: 1_000, segments: vec!["a".into(), "b".into()] };
-        assert_eq!(w.done(1_500, 30_000), CachesDone::Waiting);
-        assert!(!w.reported(6, "a"), "another run's report counts for nothing");
-        assert!(w.reported(7, "a"));
-        assert!(!w.reported(7, "a"), "a second report of a segment changes nothing");
-        assert_eq!(w.done(31_000, 30_000), CachesDone::TimedOut(vec!["b".into()]));
-        assert!(w.reported(7, "b"));
-        assert_eq!(w.done(1_500, 30_000), CachesDone::Yes);
+        let w = CacheWait { run: 7, since_ms: 1_000, segments: vec!["a".into(), "b".into()] };
+        let reported = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(w.done(1_500, 30_000, &reported(&[])), CachesDone::Waiting);
+        assert_eq!(w.done(1_500, 30_000, &reported(&["a", "c"])), CachesDone::Waiting);
+        assert_eq!(
+            w.done(31_000, 30_000, &reported(&["a"])),
+            CachesDone::TimedOut(vec!["b".into()])
+        );
+        assert_eq!(w.done(1_500, 30_000, &reported(&["b", "a"])), CachesDone::Yes);
     }
 
     #[test]

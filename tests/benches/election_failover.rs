@@ -2,15 +2,18 @@
 //! message rate. `cargo bench -p cm-tests --bench election_failover`
 //! (`ELECTION_BENCH_SIZES=3,10,50`, `ELECTION_BENCH_RUNS=5` change the sweep).
 //!
-//! Each size runs twice, side by side: nodes without memory (`spawn`) and nodes that store
-//! their restart state in a file after every input (`spawn_persistent`, as `cmover agent`
-//! does), to show what the state file costs.
+//! Each size runs three ways, side by side: a crash of the leader with nodes without memory
+//! (`spawn`), the same with nodes that store their restart state in a file after every input
+//! (`spawn_persistent`, as `cmover agent` does: what the state file costs), and a planned stop
+//! (the leader resigns on the wire, as `cmover agent` does on SIGTERM).
 //!
-//! Failover = from the leader's task being killed (at a random point of its heartbeat cycle)
-//! until every live node reports the same new leader and that node reports itself leader.
-//! VRRP (RFC 5798): master down interval = 3 × interval + (256 − priority)/256 × interval,
-//! counted from the last advertisement; shown for priority 100 (the default backup) and 254
-//! (the best possible backup).
+//! Failover = from the leader's end (a kill, or the resignation, at a random point of its
+//! heartbeat cycle) until every live node reports the same new leader and that node reports
+//! itself leader. VRRP (RFC 5798) is counted from the same event: a crashed master is noticed
+//! after master down interval = 3 × interval + skew, skew = (256 − priority)/256 × interval,
+//! from its last advertisement, i.e. on average half an interval less from a kill at a random
+//! phase; a master that stops cleanly sends priority 0 and the backup takes over after the
+//! skew alone. Shown for priority 100 (the default backup) and 254 (the best possible).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
@@ -37,12 +40,37 @@ fn fresh_channel() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(ip, rng.random_range(40_000..50_000)))
 }
 
-fn vrrp(priority: u32) -> Duration {
-    HEARTBEAT * 3 + HEARTBEAT * (256 - priority) / 256
+/// How the leader ends.
+#[derive(Clone, Copy, PartialEq)]
+enum Ending {
+    /// Killed without a word; `true`: the nodes keep a state file.
+    Crash { state_file: bool },
+    /// Stops cleanly and resigns on the wire.
+    Resign,
+}
+
+impl Ending {
+    fn name(self) -> &'static str {
+        match self {
+            Ending::Crash { state_file: false } => "crash",
+            Ending::Crash { state_file: true } => "crash+file",
+            Ending::Resign => "resign",
+        }
+    }
+
+    /// VRRP's mean takeover time for a backup of `priority`, counted from the same event.
+    fn vrrp(self, priority: u32) -> Duration {
+        let skew = HEARTBEAT * (256 - priority) / 256;
+        match self {
+            Ending::Crash { .. } => HEARTBEAT * 3 + skew - HEARTBEAT / 2,
+            Ending::Resign => skew,
+        }
+    }
 }
 
 struct Cluster {
-    handles: Vec<ElectionHandle>,
+    /// `None` once that node ended.
+    handles: Vec<Option<ElectionHandle>>,
     watches: Vec<watch::Receiver<ElectionStatus>>,
 }
 
@@ -64,9 +92,9 @@ impl Cluster {
                 )?,
                 None => election::spawn(c, DriverConfig::loopback(), id)?,
             };
-            handles.push(handle);
+            handles.push(Some(handle));
         }
-        let watches = handles.iter().map(|h| h.watch_status()).collect();
+        let watches = handles.iter().flatten().map(|h| h.watch_status()).collect();
         Ok(Cluster { handles, watches })
     }
 
@@ -118,7 +146,7 @@ impl Cluster {
 
 struct Row {
     n: usize,
-    persistent: bool,
+    ending: Ending,
     failovers: Vec<Duration>,
     per_node_rate: f64,
     leader_rate: f64,
@@ -126,13 +154,14 @@ struct Row {
     strongest_won: usize,
 }
 
-async fn measure(n: usize, runs: usize, persistent: bool) -> Result<Row> {
+async fn measure(n: usize, runs: usize, ending: Ending) -> Result<Row> {
+    let persistent = ending == Ending::Crash { state_file: true };
     let mut failovers = Vec::new();
     let (mut per_node_rate, mut leader_rate, mut member_rate) = (0.0, 0.0, 0.0);
     let mut strongest_won = 0;
     for run in 0..runs {
         let dir = tempfile::tempdir()?;
-        let cluster = Cluster::start(n, persistent.then_some(dir.path()))?;
+        let mut cluster = Cluster::start(n, persistent.then_some(dir.path()))?;
         let all: Vec<usize> = (0..n).collect();
         // Usually the strongest (node n) leads. Nodes that store their state start one after
         // the other (an fsync each), and a weaker early node may win before the strongest has
@@ -151,12 +180,18 @@ async fn measure(n: usize, runs: usize, persistent: bool) -> Result<Row> {
             leader_rate = (l1 - l0) as f64 / secs;
             member_rate = ((t1 - t0) - (l1 - l0)) as f64 / (n - 1) as f64 / secs;
         }
-        // Kill the leader at a random point of its heartbeat cycle.
+        // End the leader at a random point of its heartbeat cycle.
         let phase =
             Duration::from_micros(rand::rng().random_range(0..HEARTBEAT.as_micros() as u64));
         tokio::time::sleep(phase).await;
         let killed = Instant::now();
-        cluster.handles[leader_index].abort();
+        let leader_handle = cluster.handles[leader_index].take().expect("the leader runs");
+        match ending {
+            Ending::Crash { .. } => leader_handle.abort(),
+            Ending::Resign => {
+                tokio::spawn(leader_handle.leave());
+            }
+        }
         let live: Vec<usize> = (0..n).filter(|&i| i != leader_index).collect();
         let strongest_survivor = live.iter().map(|&i| (i + 1) as NodeId).max().expect("n >= 2");
         let (new, at) = cluster.wait_agreed(&live, false, Duration::from_secs(10)).await?;
@@ -166,13 +201,13 @@ async fn measure(n: usize, runs: usize, persistent: bool) -> Result<Row> {
             strongest_won += 1;
         }
         failovers.push(at - killed);
-        for h in &cluster.handles {
+        for h in cluster.handles.iter().flatten() {
             h.abort();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     failovers.sort();
-    Ok(Row { n, persistent, failovers, per_node_rate, leader_rate, member_rate, strongest_won })
+    Ok(Row { n, ending, failovers, per_node_rate, leader_rate, member_rate, strongest_won })
 }
 
 fn ms(d: Duration) -> String {
@@ -190,9 +225,9 @@ fn main() -> Result<()> {
     );
     println!("documented bound (from the last heartbeat heard): {}", ms(bound));
     println!(
-        "{:>5} | {:>6} | {:>9} | {:>9} | {:>9} | {:>12} | {:>12} | {:>14} | {:>12} | {:>12} | {:>12} | {:>9}",
+        "{:>5} | {:>10} | {:>9} | {:>9} | {:>9} | {:>12} | {:>12} | {:>14} | {:>12} | {:>12} | {:>12} | {:>9}",
         "nodes",
-        "state",
+        "ending",
         "min",
         "median",
         "max",
@@ -204,19 +239,21 @@ fn main() -> Result<()> {
         "member msg/s",
         "strongest"
     );
-    for (n, persistent) in sizes.into_iter().flat_map(|n| [(n, false), (n, true)]) {
-        let row = rt.block_on(measure(n, runs, persistent))?;
+    let endings =
+        [Ending::Crash { state_file: false }, Ending::Crash { state_file: true }, Ending::Resign];
+    for (n, ending) in sizes.into_iter().flat_map(|n| endings.map(|e| (n, e))) {
+        let row = rt.block_on(measure(n, runs, ending))?;
         let median = row.failovers[row.failovers.len() / 2];
         println!(
-            "{:>5} | {:>6} | {:>9} | {:>9} | {:>9} | {:>12} | {:>12} | {:>14.2} | {:>12.2} | {:>12.2} | {:>12.2} | {:>9}",
+            "{:>5} | {:>10} | {:>9} | {:>9} | {:>9} | {:>12} | {:>12} | {:>14.2} | {:>12.2} | {:>12.2} | {:>12.2} | {:>9}",
             row.n,
-            if row.persistent { "file" } else { "memory" },
+            row.ending.name(),
             ms(row.failovers[0]),
             ms(median),
             ms(*row.failovers.last().expect("runs >= 1")),
-            ms(vrrp(100)),
-            ms(vrrp(254)),
-            median.as_secs_f64() / vrrp(100).as_secs_f64(),
+            ms(row.ending.vrrp(100)),
+            ms(row.ending.vrrp(254)),
+            median.as_secs_f64() / row.ending.vrrp(100).as_secs_f64(),
             row.per_node_rate,
             row.leader_rate,
             row.member_rate,

@@ -395,6 +395,7 @@ impl Inner {
             // All at once, live changed: the job ends once the caches are confirmed (bounded;
             // a roll waits per group instead). Read in this transaction: a report that came
             // first is on the run.
+            let mut caches_in = false;
             if ok && job.roll.is_none() && run.cache.is_some() {
                 let fresh = self.db.run(run.id)?.unwrap_or_else(|| run.clone());
                 let segments: Vec<String> = fresh
@@ -404,7 +405,9 @@ impl Inner {
                     .filter(|(_, seg)| seg.servers.iter().any(|s| succeeded.contains(s)))
                     .map(|(name, _)| name.clone())
                     .collect();
-                if !segments.is_empty() {
+                if segments.is_empty() {
+                    caches_in = true;
+                } else {
                     j.state = JobState::Running { run: run.id };
                     j.cache_wait =
                         Some(crate::golive::CacheWait { run: run.id, since_ms: now, segments });
@@ -461,6 +464,9 @@ impl Inner {
                     w.segments.join(", "),
                     crate::golive::cache_wait_ms(self.db.site(&job.spec.site)?.as_ref())
                 ),
+                None if caches_in => {
+                    format!("caches confirmed by every segment's report; job now {:?}", next.state)
+                }
                 None => format!("job now {:?}", next.state),
             };
             t.log(now, Some(job.id), Some(run.id), format!("{verdict}{also}; {then}"))?;

@@ -76,6 +76,9 @@ mod tests {
         let late = wait_outcome(&w, 1_000, 1_000).unwrap();
         assert!(late.contains("no cache report from segment b within 1000 ms"), "{late}");
         w.reported(3, "b");
-        assert_eq!(wait_outcome(&w, 10, 1_000).unwrap(), "caches confirmed by every segment's report");
+        assert_eq!(
+            wait_outcome(&w, 10, 1_000).unwrap(),
+            "caches confirmed by every segment's report"
+        );
     }
 }

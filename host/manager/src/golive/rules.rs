@@ -246,6 +246,9 @@ mod tests {
             check_rules(&[rule("sale", 1, 0, 0, 500)]).unwrap_err().0,
             "golive.hot_rules[0].max_hot_paths"
         );
-        assert_eq!(check_rules(&[rule("a b", 1, 0, 0, 5)]).unwrap_err().0, "golive.hot_rules[0].name");
+        assert_eq!(
+            check_rules(&[rule("a b", 1, 0, 0, 5)]).unwrap_err().0,
+            "golive.hot_rules[0].name"
+        );
     }
 }

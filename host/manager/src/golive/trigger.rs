@@ -1,12 +1,12 @@
 //! The driver of the hot rules (`rules.rs`): every `golive.hot_poll_ms` it asks each site's
 //! load-balancer plugin for its request rates (`path-rates`, e.g. HAProxy `show table`), lets
-//! the site's [`HotTrigger`] decide, and starts each decided path as an ordinary `hot` job
+//! the site's `HotTrigger` decide, and starts each decided path as an ordinary `hot` job
 //! (the same one `POST /api/v1/jobs` creates), once the path passes the site's checks.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use super::{Balancer, HotTrigger, content_path};
+use super::{Balancer, content_path};
 use crate::model::{JobKind, JobPolicy, JobSpec, JobState, OnFailure, Payload};
 use crate::now_ms;
 use crate::server::{Inner, ManagerError};
@@ -23,8 +23,7 @@ impl Inner {
             let (Some(lb), Some(_)) = (g.load_balancer.clone(), g.hot_pool.as_ref()) else {
                 continue;
             };
-            if g.hot_rules.is_empty() || !self.golive.claim_poll(&site.name, now, g.hot_poll_ms)
-            {
+            if g.hot_rules.is_empty() || !self.golive.claim_poll(&site.name, now, g.hot_poll_ms) {
                 continue;
             }
             let me = self.clone();

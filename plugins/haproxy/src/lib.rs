@@ -131,7 +131,9 @@ fn parse_table(answer: &str) -> Vec<PathRate> {
 
 impl LoadBalancer for Haproxy {
     fn route_paths(pool: String, paths: Vec<String>) -> Result<(), String> {
-        if pool.is_empty() || !pool.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) {
+        if pool.is_empty()
+            || !pool.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        {
             return Err(format!("`{pool}` is not a backend name"));
         }
         if paths.len() > MAX_ROUTES {
@@ -145,7 +147,8 @@ impl LoadBalancer for Haproxy {
         if answer.starts_with("Unknown map") {
             return Err(format!("haproxy has no map `{map}`: {answer}"));
         }
-        let now: std::collections::BTreeMap<String, String> = parse_map(&answer).into_iter().collect();
+        let now: std::collections::BTreeMap<String, String> =
+            parse_map(&answer).into_iter().collect();
         // New routes first, then the ones that end: a path never routes nowhere in between.
         for p in &paths {
             match now.get(p) {

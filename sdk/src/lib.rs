@@ -91,9 +91,27 @@ pub use interpreter::*;
 pub use bindings::exports::contentmover::plugin::cache_invalidation::Guest as CacheInvalidator;
 
 #[cfg(feature = "load-balancer")]
-pub use bindings::exports::contentmover::plugin::load_balancing::{
-    Guest as LoadBalancer, ServerState,
-};
+pub use bindings::exports::contentmover::plugin::load_balancing::{PathRate, ServerState};
+
+/// What a load-balancer plugin implements. `route_paths` and `path_rates` came after the first
+/// release: a plugin that does not route requests keeps the default, which answers an error
+/// saying the balancer does not support it.
+#[cfg(feature = "load-balancer")]
+pub trait LoadBalancer {
+    fn drain(server: String) -> Result<(), String>;
+    fn undrain(server: String) -> Result<(), String>;
+    fn add(server: String, address: String) -> Result<(), String>;
+    fn remove(server: String) -> Result<(), String>;
+    fn state(server: String) -> Result<ServerState, String>;
+    fn self_check() -> Result<(), String>;
+    fn route_paths(pool: String, paths: Vec<String>) -> Result<(), String> {
+        let _ = (pool, paths);
+        Err("unsupported: this load-balancer plugin does not route request paths".into())
+    }
+    fn path_rates() -> Result<Vec<PathRate>, String> {
+        Err("unsupported: this load-balancer plugin does not count request rates".into())
+    }
+}
 
 /// Export a type implementing [`CacheInvalidator`] as the plugin's `cache-invalidation`
 /// (every call first installs the panic hook).
@@ -133,32 +151,42 @@ macro_rules! load_balancer {
     ($plugin:ident) => {
         const _: () = {
             use ::std::string::String;
-            use $crate::LoadBalancer as Guest;
+            use ::std::vec::Vec;
+            use $crate::LoadBalancer as Plugin;
+            use $crate::bindings::exports::contentmover::plugin::load_balancing::Guest;
             struct Exported;
             impl Guest for Exported {
                 fn drain(server: String) -> Result<(), String> {
                     $crate::install_panic_hook();
-                    <$plugin as Guest>::drain(server)
+                    <$plugin as Plugin>::drain(server)
                 }
                 fn undrain(server: String) -> Result<(), String> {
                     $crate::install_panic_hook();
-                    <$plugin as Guest>::undrain(server)
+                    <$plugin as Plugin>::undrain(server)
                 }
                 fn add(server: String, address: String) -> Result<(), String> {
                     $crate::install_panic_hook();
-                    <$plugin as Guest>::add(server, address)
+                    <$plugin as Plugin>::add(server, address)
                 }
                 fn remove(server: String) -> Result<(), String> {
                     $crate::install_panic_hook();
-                    <$plugin as Guest>::remove(server)
+                    <$plugin as Plugin>::remove(server)
                 }
                 fn state(server: String) -> Result<$crate::ServerState, String> {
                     $crate::install_panic_hook();
-                    <$plugin as Guest>::state(server)
+                    <$plugin as Plugin>::state(server)
+                }
+                fn route_paths(pool: String, paths: Vec<String>) -> Result<(), String> {
+                    $crate::install_panic_hook();
+                    <$plugin as Plugin>::route_paths(pool, paths)
+                }
+                fn path_rates() -> Result<Vec<$crate::PathRate>, String> {
+                    $crate::install_panic_hook();
+                    <$plugin as Plugin>::path_rates()
                 }
                 fn self_check() -> Result<(), String> {
                     $crate::install_panic_hook();
-                    <$plugin as Guest>::self_check()
+                    <$plugin as Plugin>::self_check()
                 }
             }
     $crate::bindings::export_load_balancer!(Exported with_types_in $crate::bindings);

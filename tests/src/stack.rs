@@ -112,6 +112,8 @@ pub struct Haproxy {
     pub socket: PathBuf,
     /// The frontend's address.
     pub front: String,
+    /// The map file hot paths are routed by ([`Haproxy::start_routed`]), empty at start.
+    pub hot_map: Option<PathBuf>,
 }
 
 /// HAProxy `server` lines for `servers` (name → address), each pinned by the `SRV` cookie.
@@ -147,6 +149,29 @@ impl Haproxy {
         Self::configured(&front, &server_lines(servers), rules, backends)
     }
 
+    /// HAProxy routing hot content as the manager tells it: a path in the map file
+    /// [`Haproxy::hot_map`] goes to backend `hot` (empty at start), and a stick table `rates`
+    /// counts each path's requests per second (`http_req_rate(1s)`).
+    pub fn start_routed(servers: &BTreeMap<String, String>) -> anyhow::Result<Option<Haproxy>> {
+        let front = format!("127.0.0.1:{}", free_port());
+        let dir = tempfile::tempdir()?;
+        let map = dir.path().join("hot.map");
+        std::fs::write(&map, "")?;
+        let rules = format!(
+            "  http-request track-sc0 path table rates
+  use_backend hot if {{ path,map({}) -m found }}
+",
+            map.display()
+        );
+        let backends = "backend hot\n  balance roundrobin\n\n\
+             backend rates\n  stick-table type string len 256 size 10k expire 10s store http_req_rate(1s)\n";
+        let h = Self::configured_in(dir, &front, &server_lines(servers), &rules, backends)?;
+        Ok(h.map(|mut h| {
+            h.hot_map = Some(map);
+            h
+        }))
+    }
+
     /// HAProxy whose backend `app` holds `server_lines` (HAProxy `server` lines as given).
     pub fn with_lines(front: &str, server_lines: &str) -> anyhow::Result<Option<Haproxy>> {
         Self::configured(front, server_lines, "", "")
@@ -158,8 +183,17 @@ impl Haproxy {
         rules: &str,
         backends: &str,
     ) -> anyhow::Result<Option<Haproxy>> {
+        Self::configured_in(tempfile::tempdir()?, front, server_lines, rules, backends)
+    }
+
+    fn configured_in(
+        dir: tempfile::TempDir,
+        front: &str,
+        server_lines: &str,
+        rules: &str,
+        backends: &str,
+    ) -> anyhow::Result<Option<Haproxy>> {
         let Some(bin) = find(&["/usr/sbin/haproxy", "/usr/bin/haproxy"]) else { return Ok(None) };
-        let dir = tempfile::tempdir()?;
         let socket = dir.path().join("admin.sock");
         let config = format!(
             "global\n  stats socket {} mode 600 level admin\n\n\
@@ -186,7 +220,7 @@ impl Haproxy {
             std::thread::sleep(Duration::from_millis(20));
         }
         wait_listening(front, "haproxy")?;
-        Ok(Some(Haproxy { child, _dir: dir, socket, front: front.to_string() }))
+        Ok(Some(Haproxy { child, _dir: dir, socket, front: front.to_string(), hot_map: None }))
     }
 
     /// One runtime-API command's answer.
@@ -215,10 +249,17 @@ impl Haproxy {
 
     /// The manifest granting the HAProxy load-balancer plugin this HAProxy's socket.
     pub fn plugin_manifest(&self, name: &str) -> String {
-        format!(
+        let mut m = format!(
             "name = \"{name}\"\nworld = \"load-balancer\"\n[grants.endpoints.haproxy]\nunix = \"{}\"\n",
             self.socket.display()
-        )
+        );
+        if let Some(map) = &self.hot_map {
+            m.push_str(&format!(
+                "[config]\nhot-map = \"{}\"\nrate-table = \"rates\"\n",
+                map.display()
+            ));
+        }
+        m
     }
 }
 

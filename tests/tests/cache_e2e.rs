@@ -120,6 +120,19 @@ async fn after_each_commit_nginx_and_varnish_never_serve_an_old_body() {
     write(&c.staging, &[("index.html", "index v2"), ("a.html", "a v2"), ("new.html", "new v2")]);
     std::fs::remove_file(c.staging.join("gone.html")).unwrap();
     c.publish_committed_everywhere().await.unwrap();
+    // All at once, the job ends only after its segment's GL reported the cache calls: both
+    // caches' lines are in the history as the job is done, and the run's history says so.
+    let history: Vec<Value> = c.op.get(&c.url("history")).await.unwrap();
+    let events: Vec<&str> = history.iter().filter_map(|e| e["event"].as_str()).collect();
+    for name in ["nginx", "varnish"] {
+        let prefix = format!("cache {name} on segment seg0: ");
+        assert_eq!(events.iter().filter(|e| e.starts_with(&prefix)).count(), 2, "{events:#?}");
+    }
+    assert_eq!(
+        events.iter().filter(|e| e.contains("caches confirmed by every segment's report")).count(),
+        2,
+        "{events:#?}"
+    );
     let line = cache_lines(&c, "nginx", 2).await;
     // index.html (and /), a.html, new.html, gone.html: 5 paths, batches of 2.
     assert!(line.contains("purged 5 paths of www.example.com in 3 batches"), "{line}");

@@ -6,7 +6,8 @@
 //! An agent's credentials can report, never command: the report only adds history lines, and
 //! only for a run that carried a cache order, from the GL the run went to in that segment,
 //! with bounded, plain names and one-line summaries of bounded length. A report also lets a
-//! rolling switch's group waiting for it go back into rotation (`golive::CacheWait`).
+//! rolling switch's group waiting for it go back into rotation, and an all-at-once job end
+//! (`golive::CacheWait`).
 
 use cm_tree::cache::{CacheReport, one_line};
 

@@ -141,7 +141,7 @@ fn same_file(a: &Seen, b: &Seen) -> Result<bool, String> {
 
 /// The URL paths a content path is served at: `/a/b.html`; an `index.html` also at its
 /// directory (`/a/`).
-fn urls(path: &str, out: &mut Vec<String>) {
+pub(crate) fn urls(path: &str, out: &mut Vec<String>) {
     let encoded = utf8_percent_encode(path, PATH).to_string();
     out.push(format!("/{encoded}"));
     if path == "index.html" {

@@ -528,6 +528,10 @@ pub struct Job {
     /// Servers were short of space and the policy waits: since when, and who needed what.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub space_wait: Option<SpaceWait>,
+    /// An all-at-once run changed what is live: the job stays running until its segments'
+    /// GLs report their cache calls, bounded (`golive/caches.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_wait: Option<crate::golive::CacheWait>,
 }
 
 /// A job waiting for servers to have the space its run needs (`SpacePolicy::on_short` `wait`).

@@ -398,6 +398,27 @@ impl Inner {
             };
             (j.state, j.next_run_ms, j.attempts) =
                 (next.state.clone(), next.next_run_ms, next.attempts);
+            // All at once, live changed: the job ends once the caches are confirmed (bounded;
+            // a roll waits per group instead). Read in this transaction: a report that came
+            // first is on the run.
+            let mut caches_in = false;
+            if ok && job.roll.is_none() && run.cache.is_some() {
+                let fresh = self.db.run(run.id)?.unwrap_or_else(|| run.clone());
+                let segments: Vec<String> = fresh
+                    .segments
+                    .iter()
+                    .filter(|(_, seg)| !seg.caches_reported)
+                    .filter(|(_, seg)| seg.servers.iter().any(|s| succeeded.contains(s)))
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                if segments.is_empty() {
+                    caches_in = true;
+                } else {
+                    j.state = JobState::Running { run: run.id };
+                    j.cache_wait =
+                        Some(crate::golive::CacheWait { run: run.id, since_ms: now, segments });
+                }
+            }
             j.last_reason = (!ok).then(|| reason.clone());
             if ok {
                 j.pending_commit = None;
@@ -443,12 +464,18 @@ impl Inner {
                 }
                 _ => String::new(),
             };
-            t.log(
-                now,
-                Some(job.id),
-                Some(run.id),
-                format!("{verdict}{also}; job now {:?}", next.state),
-            )?;
+            let then = match &j.cache_wait {
+                Some(w) => format!(
+                    "job ends once the caches of segment {} report (at most {} ms)",
+                    w.segments.join(", "),
+                    crate::golive::cache_wait_ms(self.db.site(&job.spec.site)?.as_ref())
+                ),
+                None if caches_in => {
+                    format!("caches confirmed by every segment's report; job now {:?}", next.state)
+                }
+                None => format!("job now {:?}", next.state),
+            };
+            t.log(now, Some(job.id), Some(run.id), format!("{verdict}{also}; {then}"))?;
             Ok(false)
         })?;
         if ended {

@@ -165,6 +165,7 @@ mod tests {
             pending_commit: None,
             roll: None,
             space_wait: None,
+            cache_wait: None,
         };
         let jobs = vec![
             job(1, 50, JobState::Idle),

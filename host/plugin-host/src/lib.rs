@@ -39,7 +39,7 @@ pub use manifest::{
     EndpointGrant, Grants, Limits, MAX_CONFIG_KEYS, MAX_CONFIG_TOTAL, MAX_CONFIG_VALUE,
     ManifestOrigin, PluginManifest, World,
 };
-pub use plugin::{BalancerAction, InterpreterSession, LoadedPlugin, ServerState};
+pub use plugin::{BalancerAction, InterpreterSession, LoadedPlugin, PathRate, ServerState};
 pub use quota::{DiskReserve, QuotaExceeded};
 pub use runtime::{PluginRuntime, RuntimeConfig};
 pub use sandbox::{LogLevel, LogSink};

@@ -311,6 +311,41 @@ impl LoadedPlugin {
     }
 }
 
+impl LoadedPlugin {
+    /// `load-balancing.route-paths`: exactly `paths` go to `pool`.
+    pub fn route_paths(&self, pool: &str, paths: &[String]) -> Result<(), PluginError> {
+        let pre = self.balancer_pre()?;
+        self.call(
+            |s| pre.instantiate(s),
+            |s, i| i.contentmover_plugin_load_balancing().call_route_paths(s, pool, paths),
+        )?
+        .map_err(|m| self.vetoed("route-paths", m))
+    }
+
+    /// `load-balancing.path-rates`: the balancer's request counts per URL path.
+    pub fn path_rates(&self) -> Result<Vec<PathRate>, PluginError> {
+        let pre = self.balancer_pre()?;
+        let rates = self
+            .call(
+                |s| pre.instantiate(s),
+                |s, i| i.contentmover_plugin_load_balancing().call_path_rates(s),
+            )?
+            .map_err(|m| self.vetoed("path-rates", m))?;
+        Ok(rates
+            .into_iter()
+            .map(|r| PathRate { path: r.path, requests: r.requests, period_ms: r.period_ms })
+            .collect())
+    }
+}
+
+/// One URL path's request count over `period_ms`, as a load-balancer plugin reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathRate {
+    pub path: String,
+    pub requests: u64,
+    pub period_ms: u64,
+}
+
 /// What to ask a load-balancer plugin.
 #[derive(Debug, Clone, Copy)]
 pub enum BalancerAction<'a> {

@@ -621,4 +621,12 @@ impl LoadBalancer {
         let state = self.slot.live()?.balance(BalancerAction::State(server))?;
         Ok(state.expect("`state` always yields a state"))
     }
+
+    pub fn route_paths(&self, pool: &str, paths: &[String]) -> Result<(), PluginError> {
+        self.slot.live()?.route_paths(pool, paths)
+    }
+
+    pub fn path_rates(&self) -> Result<Vec<crate::PathRate>, PluginError> {
+        self.slot.live()?.path_rates()
+    }
 }

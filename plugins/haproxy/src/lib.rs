@@ -1,8 +1,14 @@
 //! Load-balancer hooks over HAProxy's runtime API. The operator grants one stream endpoint
 //! (usually the `stats socket`, a Unix socket) named `haproxy`; each call sends one command
 //! and reads HAProxy's answer. Servers are named "backend/server".
+//!
+//! Request routing (`route-paths`) edits a map file with `add map`/`set map`/`del map`; the
+//! configuration names it in a rule such as
+//! `use_backend hot if { path,map(/etc/haproxy/hot.map) -m found }`, and the manifest's
+//! `[config]` gives it as `hot-map`. Rates (`path-rates`) come from `show table <rate-table>`,
+//! a stick table keyed by path storing `http_req_rate(<period>)`.
 
-use cm_plugin_sdk::{LoadBalancer, ServerState, endpoint, log};
+use cm_plugin_sdk::{LoadBalancer, PathRate, ServerState, config, endpoint, log};
 
 struct Haproxy;
 
@@ -62,7 +68,112 @@ fn parse_state(answer: &str, name: &str) -> Result<ServerState, String> {
     Ok(ServerState::Absent)
 }
 
+/// Most entries `path-rates` returns (the busiest).
+const MAX_RATES: usize = 256;
+/// Most paths `route-paths` takes, and the longest.
+const MAX_ROUTES: usize = 1_000;
+const MAX_PATH_LEN: usize = 1_024;
+
+fn setting(key: &str) -> Result<String, String> {
+    let v = config::get(key).ok_or_else(|| format!("config `{key}` is not set"))?;
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b'\\') {
+        return Err(format!("config `{key}` = `{v}` is not one word"));
+    }
+    Ok(v)
+}
+
+/// A URL path safe to put in a runtime-API command: absolute, bounded, and only characters
+/// a URL path carries unescaped (no space, `;`, `\` or control byte that the CLI would
+/// read as a separator or escape).
+fn check_url_path(path: &str) -> Result<(), String> {
+    let ok = path.starts_with('/')
+        && path.len() <= MAX_PATH_LEN
+        && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-._~%!$&'()*+,=:@".contains(&b));
+    if ok { Ok(()) } else { Err(format!("`{path}` is not a plain URL path")) }
+}
+
+/// `show map` lines ("0x55d4... <key> <value>") as (key, value).
+fn parse_map(answer: &str) -> Vec<(String, String)> {
+    answer
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_id, key, value) = (f.next()?, f.next()?, f.next()?);
+            Some((key.to_string(), value.to_string()))
+        })
+        .collect()
+}
+
+/// `show table` lines ("0x..: key=/p use=0 exp=29993 http_req_rate(1000)=5") as rates.
+fn parse_table(answer: &str) -> Vec<PathRate> {
+    let mut out = Vec::new();
+    for line in answer.lines().filter(|l| !l.starts_with('#')) {
+        let mut path = None;
+        let mut rate = None;
+        for field in line.split_whitespace() {
+            if let Some(k) = field.strip_prefix("key=") {
+                path = Some(k.to_string());
+            } else if let Some(r) = field.strip_prefix("http_req_rate(")
+                && let Some((period, n)) = r.split_once(")=")
+                && let (Ok(period), Ok(n)) = (period.parse::<u64>(), n.parse::<u64>())
+            {
+                rate = Some((n, period));
+            }
+        }
+        if let (Some(path), Some((requests, period_ms))) = (path, rate) {
+            out.push(PathRate { path, requests, period_ms });
+        }
+    }
+    out.sort_by(|a, b| b.requests.cmp(&a.requests).then_with(|| a.path.cmp(&b.path)));
+    out.truncate(MAX_RATES);
+    out
+}
+
 impl LoadBalancer for Haproxy {
+    fn route_paths(pool: String, paths: Vec<String>) -> Result<(), String> {
+        if pool.is_empty()
+            || !pool.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        {
+            return Err(format!("`{pool}` is not a backend name"));
+        }
+        if paths.len() > MAX_ROUTES {
+            return Err(format!("{} paths: at most {MAX_ROUTES} are routed", paths.len()));
+        }
+        for p in &paths {
+            check_url_path(p)?;
+        }
+        let map = setting("hot-map")?;
+        let answer = command(&format!("show map {map}"))?;
+        if answer.starts_with("Unknown map") {
+            return Err(format!("haproxy has no map `{map}`: {answer}"));
+        }
+        let now: std::collections::BTreeMap<String, String> =
+            parse_map(&answer).into_iter().collect();
+        // New routes first, then the ones that end: a path never routes nowhere in between.
+        for p in &paths {
+            match now.get(p) {
+                Some(v) if *v == pool => {}
+                Some(_) => expect(&format!("set map {map} {p} {pool}"), &[])?,
+                None => expect(&format!("add map {map} {p} {pool}"), &[])?,
+            }
+        }
+        for (key, value) in &now {
+            if *value == pool && !paths.contains(key) {
+                expect(&format!("del map {map} {key}"), &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn path_rates() -> Result<Vec<PathRate>, String> {
+        let table = setting("rate-table")?;
+        let answer = command(&format!("show table {table}"))?;
+        if !answer.starts_with("# table:") {
+            return Err(format!("haproxy refused `show table {table}`: {answer}"));
+        }
+        Ok(parse_table(&answer))
+    }
+
     fn drain(server: String) -> Result<(), String> {
         split(&server)?;
         expect(&format!("set server {server} state drain"), &[])

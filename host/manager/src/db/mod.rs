@@ -200,6 +200,7 @@ impl Txn<'_> {
             pending_commit: None,
             roll: None,
             space_wait: None,
+            cache_wait: None,
         };
         self.put_job(&job)?;
         Ok(job)

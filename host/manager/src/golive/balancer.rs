@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cm_plugin_host::{LoadBalancer, PluginRuntime, PluginStore, RuntimeConfig, ServerState};
+use cm_plugin_host::{
+    LoadBalancer, PathRate, PluginRuntime, PluginStore, RuntimeConfig, ServerState,
+};
 use thiserror::Error;
 
 /// Why a balancer step failed.
@@ -86,6 +88,16 @@ impl Balancer {
 
     pub fn state(&self, server: &str) -> Result<ServerState, BalancerError> {
         self.lb.state(server).map_err(|e| self.call_err("state", server, e))
+    }
+
+    /// Sends exactly `paths` (URL paths) to `pool` (`pool` names the routing, not a server).
+    pub fn route_paths(&self, pool: &str, paths: &[String]) -> Result<(), BalancerError> {
+        self.lb.route_paths(pool, paths).map_err(|e| self.call_err("route-paths", pool, e))
+    }
+
+    /// The balancer's request counts per URL path.
+    pub fn path_rates(&self) -> Result<Vec<PathRate>, BalancerError> {
+        self.lb.path_rates().map_err(|e| self.call_err("path-rates", "", e))
     }
 
     /// Drains `server` and waits (polling `state`, at most `timeout`) until the balancer

@@ -2,10 +2,12 @@
 //! commit, rollback, switch or remove that ends an overlay), the site's `hot_pool` is made to
 //! hold exactly the servers with a hot release live — each added at its configured address
 //! (`golive.servers`), or put back in rotation if it is there drained — and no other server of
-//! the site. The balancer's own configuration sends hot paths to that pool (an HAProxy
-//! `use_backend` rule; see `docs/manager.md`, "Hot content"): the load-balancer world drives
-//! servers, not request routing. Only the manager's signed assignments ever put content on a
-//! server; the balancer learns where it already is.
+//! the site. Then the balancer is told which URL paths are hot (`route-paths`: an HAProxy map
+//! that a `use_backend <hot_pool> if { path,map(..) -m found }` rule reads), so exactly those
+//! paths go to the pool and only there. Order keeps every request answerable: holders join
+//! first, the routes change next, servers leave last (an overlay that ended is unrouted before
+//! its servers leave). Only the manager's signed assignments ever put content on a server; the
+//! balancer learns where it already is.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,6 +25,20 @@ pub enum HotStep {
     Add(String),
     Undrain,
     Remove,
+}
+
+/// The URL paths hot content is served at (each hot file's, and its directory's for an
+/// `index.html`), sorted.
+pub fn hot_routes(site: &HostedSite) -> Vec<String> {
+    let mut out = Vec::new();
+    for h in site.hot.values() {
+        for p in &h.paths {
+            crate::live_change::urls(p, &mut out);
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The steps that bring the pool from `states` (per server of the site's go-live settings,
@@ -81,8 +97,10 @@ impl Inner {
                 states.insert(s.clone(), st);
             }
             let steps = hot_steps(&record, &g.servers, &states);
+            let (leave, join): (Vec<_>, Vec<_>) =
+                steps.into_iter().partition(|(_, st)| *st == HotStep::Remove);
             let mut done = Vec::new();
-            for (s, step) in steps {
+            let mut step = |s: String, step: HotStep| {
                 let n = format!("{pool}/{s}");
                 let r = match &step {
                     HotStep::Add(address) => b.add(&n, address),
@@ -90,13 +108,21 @@ impl Inner {
                     HotStep::Remove => b.remove(&n),
                 };
                 done.push((s, step, r.map_err(|e| e.to_string())));
+            };
+            for (s, st) in join {
+                step(s, st);
             }
-            Ok::<_, String>((pool, done))
+            let routes = hot_routes(&record);
+            let routed = b.route_paths(&pool, &routes).map(|()| routes).map_err(|e| e.to_string());
+            for (s, st) in leave {
+                step(s, st);
+            }
+            Ok::<_, String>((pool, done, routed))
         })
         .await
         .map_err(|e| ManagerError::Invalid(format!("hot pool task: {e}")))?
         .map_err(ManagerError::Invalid)?;
-        let (pool, done) = outcome;
+        let (pool, done, routed) = outcome;
         let holders: Vec<String> = site.hot.keys().cloned().collect();
         let mut line = format!(
             "hot content of site {name}: balancer pool {pool} routes to {}",
@@ -112,6 +138,11 @@ impl Inner {
                 Ok(()) => line.push_str(&format!("; {s} {what}")),
                 Err(e) => line.push_str(&format!("; {s} not {what}: {e}")),
             }
+        }
+        match routed {
+            Ok(r) if r.is_empty() => line.push_str("; no path routed to it"),
+            Ok(r) => line.push_str(&format!("; paths routed to it: {}", r.join(" "))),
+            Err(e) => line.push_str(&format!("; paths not routed: {e}")),
         }
         self.db.write(|t| t.log(now_ms(), None, None, line.clone()))?;
         Ok(())
@@ -136,6 +167,7 @@ mod tests {
             [("b", ServerState::Maint), ("c", ServerState::Ready), ("d", ServerState::Absent)]
                 .map(|(s, st)| (s.to_string(), st))
                 .into();
+        assert_eq!(hot_routes(&site), vec!["/x".to_string()]);
         assert_eq!(
             hot_steps(&site, &addresses, &states),
             vec![

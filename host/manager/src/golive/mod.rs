@@ -8,26 +8,34 @@
 //!   the balancer reports it draining, then the drain grace → switch that group only (a run
 //!   naming its servers) → health check → undrain; a group that fails its check goes back to
 //!   the release it had and stays drained. Every step is written before it is acted on.
+//! - `caches.rs`: an all-at-once job ends once its segments' caches reported (bounded).
 //! - `balancer.rs`: the load-balancer plugin from the manager's own plugin store.
 //! - `health.rs`: the health check (configured paths, BLAKE3 against the release's snapshot).
 //! - `hot.rs`: the site's hot pool holds exactly the servers with hot content live.
+//! - `rules.rs` + `trigger.rs`: rules that start hot content from the balancer's request
+//!   rates (the decision sans-IO, the polling and the job start apart).
 //! - `rotation.rs`: rotation follows health — servers behind, failed or silent are drained,
 //!   and undrained once they caught up, at most once per interval.
 
 mod balancer;
+mod caches;
 mod health;
 mod hot;
 mod roll;
 mod rotation;
+mod rules;
 mod settings;
+mod trigger;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 pub use balancer::{Balancer, BalancerError, store_dir};
-pub use hot::{HotStep, hot_steps};
+pub use caches::{cache_wait_ms, wait_outcome};
+pub use hot::{HotStep, hot_routes, hot_steps};
 pub use roll::policy_of;
 pub use rotation::Rotated;
+pub use rules::{HotRule, HotStart, HotTrigger, check_rules, content_path};
 pub use settings::{
     CacheWait, CachesDone, GoLive, GoLivePolicy, GroupSize, HealthCheck, OnHealthFailure, Pause,
     Roll, RollStep, check, groups,
@@ -45,6 +53,15 @@ pub struct GoLiveState {
     rotation: Mutex<rotation::Pass>,
     /// Sites whose hot holders changed: their balancer is told on the next tick (`hot.rs`).
     hot_due: Mutex<BTreeSet<String>>,
+    /// Per site with hot rules: what the rules remember, and the polls (`trigger.rs`).
+    hot_rules: Mutex<BTreeMap<String, RulesPoll>>,
+}
+
+#[derive(Default)]
+struct RulesPoll {
+    trigger: HotTrigger,
+    last_ms: Option<u64>,
+    running: bool,
 }
 
 impl GoLiveState {
@@ -60,6 +77,30 @@ impl GoLiveState {
     /// Marks `site`'s hot holders as changed.
     pub(crate) fn hot_changed(&self, site: &str) {
         self.hot_due.lock().unwrap_or_else(|p| p.into_inner()).insert(site.to_string());
+    }
+
+    /// Claims `site`'s next poll of its balancer's rates if one is due (none running, the
+    /// last at least `every_ms` ago).
+    fn claim_poll(&self, site: &str, now_ms: u64, every_ms: u64) -> bool {
+        let mut all = self.hot_rules.lock().unwrap_or_else(|p| p.into_inner());
+        let p = all.entry(site.to_string()).or_default();
+        if p.running || p.last_ms.is_some_and(|l| now_ms < l.saturating_add(every_ms)) {
+            return false;
+        }
+        (p.running, p.last_ms) = (true, Some(now_ms));
+        true
+    }
+
+    fn poll_done(&self, site: &str) {
+        let mut all = self.hot_rules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = all.get_mut(site) {
+            p.running = false;
+        }
+    }
+
+    fn with_trigger<R>(&self, site: &str, f: impl FnOnce(&mut HotTrigger) -> R) -> R {
+        let mut all = self.hot_rules.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut all.entry(site.to_string()).or_default().trigger)
     }
 
     fn take_hot_due(&self) -> BTreeSet<String> {

@@ -157,6 +157,8 @@ impl Inner {
                 me.golive.release(job.id);
             });
         }
+        self.hot_rules_tick()?;
+        self.cache_wait_tick()?;
         self.rotation_tick()
     }
 

@@ -133,6 +133,17 @@ pub struct GoLive {
     /// once it is back in rotation).
     #[serde(default = "default_cache_wait_ms")]
     pub cache_wait_ms: u64,
+    /// Rules that start hot content from the balancer's request rates (`rules.rs`); they
+    /// need `load_balancer` and `hot_pool`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hot_rules: Vec<super::HotRule>,
+    /// How often the balancer's rates are read for the rules.
+    #[serde(default = "default_hot_poll_ms")]
+    pub hot_poll_ms: u64,
+}
+
+fn default_hot_poll_ms() -> u64 {
+    1_000
 }
 
 fn default_drain_grace_ms() -> u64 {
@@ -326,6 +337,13 @@ pub fn check(g: &GoLive) -> Result<(), (String, String)> {
             );
         }
     }
+    if !g.hot_rules.is_empty() && (g.load_balancer.is_none() || g.hot_pool.is_none()) {
+        return bad("hot_rules", "rules need `load_balancer` and `hot_pool`".into());
+    }
+    if g.hot_poll_ms < 100 {
+        return bad("hot_poll_ms", "at least 100 ms".into());
+    }
+    super::check_rules(&g.hot_rules)?;
     for (name, address) in &g.servers {
         if address.parse::<std::net::SocketAddr>().is_err() {
             return bad(

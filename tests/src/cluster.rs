@@ -19,7 +19,11 @@ pub use crate::cmover_bin;
 
 /// A manager and segments of agents, all real processes; dropped → all killed, files removed.
 pub struct TestCluster {
+    /// The manager (with replicas: the one the helpers below call; a test that kills the
+    /// active replica swaps the new active one in, [`TestCluster::follow_active`]).
     pub manager: ManagerProcess,
+    /// The other manager replicas (`Layout::replicas`), on the same PostgreSQL store.
+    pub replicas: Vec<ManagerProcess>,
     pub agents: Vec<AgentProcess>,
     pub op: JsonClient,
     pub staging: PathBuf,
@@ -58,6 +62,11 @@ pub struct Layout {
     pub seal: bool,
     /// The manager's `manager.store` (`None`: redb in its data directory).
     pub store: Option<String>,
+    /// Manager replicas besides the first (a PostgreSQL `store`); every agent is configured
+    /// with every replica's URL.
+    pub replicas: usize,
+    /// `manager.lease_ttl_ms` (replicas).
+    pub lease_ttl_ms: Option<u64>,
     /// Changes server `n`'s spec before it starts (its seal secret, weight, pinned key…).
     #[allow(clippy::type_complexity)]
     pub tweak: Option<Box<dyn Fn(usize, &mut AgentSpec)>>,
@@ -75,6 +84,8 @@ impl Layout {
             tls: false,
             seal: false,
             store: None,
+            replicas: 0,
+            lease_ttl_ms: None,
             tweak: None,
         }
     }
@@ -86,16 +97,26 @@ impl TestCluster {
     pub async fn start(layout: &Layout, site: &std::path::Path) -> anyhow::Result<TestCluster> {
         let bin = cmover_bin();
         let dir = tempfile::tempdir()?;
-        let manager = launch::start_manager(
+        let mut manager = launch::start_manager(
             &bin,
             dir.path(),
             &ManagerOptions {
                 tls: layout.tls,
                 seal: layout.seal,
                 store: layout.store.clone(),
+                lease_ttl_ms: layout.lease_ttl_ms,
                 ..ManagerOptions::default()
             },
         )?;
+        let mut replicas = Vec::new();
+        for r in 0..layout.replicas {
+            replicas.push(launch::start_replica(&bin, &manager, &format!("manager-r{}", r + 1))?);
+        }
+        if !replicas.is_empty() {
+            manager.replica_urls = std::iter::once(manager.url.clone())
+                .chain(replicas.iter().map(|r| r.url.clone()))
+                .collect();
+        }
         let secret = launch::write_secret(dir.path())?;
         let staging = dir.path().join("staging");
         cm_manager::prepare::copy_tree(site, &staging)?;
@@ -137,7 +158,21 @@ impl TestCluster {
             segments.push(seg);
         }
         let op = manager.operator_client()?;
-        let c = TestCluster { manager, agents, op, staging, segments, secret, restarts: 0, dir };
+        let mut c = TestCluster {
+            manager,
+            replicas,
+            agents,
+            op,
+            staging,
+            segments,
+            secret,
+            restarts: 0,
+            dir,
+        };
+        if !c.replicas.is_empty() {
+            // The writes below go to whichever replica took the lease.
+            c.follow_active(Duration::from_secs(30)).await?;
+        }
         // Registration takes longer the more agents share the machine's cores.
         let agents = (layout.segments * layout.servers) as u64;
         c.wait_segments(layout.servers, Duration::from_secs(30 + agents / 2)).await?;
@@ -190,6 +225,28 @@ impl TestCluster {
         Ok(())
     }
 
+    /// With replicas: waits (up to `limit`) until a replica other than a dead one says it is
+    /// active (`GET /healthz`) and makes it [`TestCluster::manager`], the one the helpers call.
+    /// Returns when it did.
+    pub async fn follow_active(&mut self, limit: Duration) -> anyhow::Result<Instant> {
+        let end = Instant::now() + limit;
+        loop {
+            for i in 0..self.replicas.len() {
+                if self.replicas[i].guard.is_running() && is_active(&self.replicas[i]).await {
+                    std::mem::swap(&mut self.manager, &mut self.replicas[i]);
+                    return Ok(Instant::now());
+                }
+            }
+            if self.manager.guard.is_running() && is_active(&self.manager).await {
+                return Ok(Instant::now());
+            }
+            if Instant::now() > end {
+                bail!("no replica became active within {limit:?}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Starts one more agent like agent `like` (same segment, channels and settings) named
     /// `name` with node id `node_id`; returns its index.
     pub fn add_agent(&mut self, like: usize, name: &str, node_id: u64) -> anyhow::Result<usize> {
@@ -234,6 +291,9 @@ impl TestCluster {
     /// The tail of every process's log, for failure messages.
     pub fn logs(&self) -> String {
         let mut s = format!("--- manager\n{}\n", self.manager.guard.log_tail(15));
+        for r in &self.replicas {
+            s += &format!("--- replica {}\n{}\n", r.url, r.guard.log_tail(15));
+        }
         for a in &self.agents {
             s += &format!("--- {}\n{}\n", a.spec.name, a.guard.log_tail(15));
         }
@@ -447,4 +507,12 @@ impl TestCluster {
         }
         Ok(())
     }
+}
+
+/// Whether manager `m` says it is the active replica (`GET /healthz`).
+pub async fn is_active(m: &ManagerProcess) -> bool {
+    let Ok(client) = m.operator_client() else { return false };
+    let url = format!("{}/healthz", m.url);
+    let h = client.get::<Value>(&url);
+    matches!(tokio::time::timeout(Duration::from_secs(2), h).await, Ok(Ok(v)) if v["active"] == true)
 }

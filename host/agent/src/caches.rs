@@ -25,6 +25,9 @@ use serde::Deserialize;
 
 use crate::node::Shared;
 
+/// How long a GL offers its report of the cache calls to the manager's replicas.
+const CACHE_PATIENCE: Duration = Duration::from_secs(60);
+
 /// One cache in front of this segment's servers (`[[caches]]` in the agent's settings). Every
 /// agent of the segment that may lead it carries the same list.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -107,7 +110,6 @@ pub fn after_report(shared: Arc<Shared>, notification: &Notification, report: &S
         tracing::info!(run, "no server of the segment committed: the caches are left alone");
         return;
     }
-    let manager = notification.manager.clone();
     let (segment, leader) = (report.segment.clone(), report.leader.clone());
     tokio::spawn(async move {
         let mut outcomes = Vec::new();
@@ -121,17 +123,11 @@ pub fn after_report(shared: Arc<Shared>, notification: &Notification, report: &S
             outcomes.push(outcome);
         }
         let report = CacheReport { segment, leader, caches: outcomes };
-        let url = format!("{manager}/api/v1/runs/{run}/caches");
-        for attempt in 1..=20u64 {
-            match shared.client.post::<_, serde_json::Value>(&url, &report).await {
-                Ok(_) => return,
-                Err(e) => {
-                    tracing::warn!(run, "reporting the cache calls (attempt {attempt}): {e}");
-                    tokio::time::sleep(Duration::from_millis(250 * attempt.min(8))).await;
-                }
-            }
+        let path = format!("/api/v1/runs/{run}/caches");
+        let sent = shared.managers.post::<_, serde_json::Value>(&path, &report, CACHE_PATIENCE);
+        if let Err(e) = sent.await {
+            tracing::error!(run, "the manager never took the report of the cache calls: {e}");
         }
-        tracing::error!(run, "the manager never took the report of the cache calls");
     });
 }
 

@@ -143,6 +143,9 @@ pub struct ManagerProcess {
     pub public_key_file: PathBuf,
     /// The secret the manager seals with (`--seal-secret-file`), when sealing.
     pub seal_secret_file: Option<PathBuf>,
+    /// Every replica's URL, for the agents started after it is set (they follow the active
+    /// one); empty: `url` alone.
+    pub replica_urls: Vec<String>,
 }
 
 /// A cluster's TLS material on disk.
@@ -328,6 +331,7 @@ pub fn start_manager(bin: &Path, dir: &Path, o: &ManagerOptions) -> io::Result<M
         signing_key_file,
         public_key_file,
         seal_secret_file,
+        replica_urls: Vec::new(),
     })
 }
 
@@ -379,6 +383,7 @@ pub fn start_replica(bin: &Path, first: &ManagerProcess, name: &str) -> io::Resu
         signing_key_file: first.signing_key_file.clone(),
         public_key_file: first.public_key_file.clone(),
         seal_secret_file: first.seal_secret_file.clone(),
+        replica_urls: Vec::new(),
     })
 }
 
@@ -529,7 +534,7 @@ pub fn start_agent(
          [election]\nheartbeat_ms = {hb}\noperator_weight = {weight}\n\n\
          [status]\nlisten = \"{status}\"\n\n\
          [metrics]\nlisten = \"{metrics}\"\ntoken_file = \"{metrics_token}\"\n\n\
-         [manager]\nurl = \"{url}\"\ntoken_file = \"{token}\"\npublic_key_file = \"{public_key}\"\n\n\
+         [manager]\nurl = {url}\ntoken_file = \"{token}\"\npublic_key_file = \"{public_key}\"\n\n\
          {sites}\n\
          [plugins]\nstore = \"{plugins}\"\n\n\
          [data]\nchannel = \"{data}\"\nframe_size = 8192\nsession_timeout_ms = 5000\n{rate}\n\
@@ -542,7 +547,11 @@ pub fn start_agent(
         secret = secret_file.display(),
         hb = spec.heartbeat_ms,
         weight = spec.weight,
-        url = manager.url,
+        // One URL in the single form, several (replicas) as a list.
+        url = match manager.replica_urls.as_slice() {
+            [] => format!("{:?}", manager.url),
+            urls => format!("{urls:?}"),
+        },
         token = manager.agent_token_file.display(),
         metrics_token = manager.metrics_token_file.display(),
         public_key = spec.manager_key.as_ref().unwrap_or(&manager.public_key_file).display(),

@@ -16,6 +16,7 @@
 //! - [`cache`]: the manager's signed cache order for a run that changes what is live, and the
 //!   GL's report of its segment's cache calls.
 //! - [`space`]: a server's free space and inodes, reported with its member state.
+//! - [`managers`]: the one follower of the active manager replica every manager call goes through.
 //!
 //! A GL (the agent) depends on this crate and not on the manager's.
 
@@ -29,6 +30,7 @@ pub mod forward;
 pub mod http;
 pub mod leader;
 pub mod link;
+pub mod managers;
 pub mod manifest;
 pub mod member_state;
 pub mod message;

@@ -39,6 +39,7 @@ impl GlDuty {
         lc.listen = c.leader_listen;
         lc.tls = c.tls.clone();
         lc.manager_keys = c.manager_keys.clone();
+        lc.managers = Some(shared.managers.clone());
         let delivery = Arc::new(SegmentDelivery {
             shared: shared.clone(),
             settled: Instant::now() + c.registration_settle,
@@ -111,6 +112,9 @@ fn discovery_report(
     }
 }
 
+/// How long one discovery report follows the manager's replicas before the loop says so.
+const DISCOVERY_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Reports the segment to the manager now, again on every join or leave or change of a
 /// member's plugin or space, and every `discovery_interval` (which also carries the link rates measured
 /// meanwhile); a failed report is retried.
@@ -120,10 +124,10 @@ async fn discovery_loop(
     links: LinkWatch,
     states: Arc<MemberStates>,
 ) {
-    let Some(manager) = shared.cfg.manager_url.clone() else {
+    if shared.managers.is_empty() {
         tracing::warn!("no manager URL configured: this GL reports its segment to no one");
         return;
-    };
+    }
     let mut status = shared.status.clone();
     type Sent = (Vec<String>, BTreeMap<String, PluginIdentity>, BTreeMap<String, FsSpace>);
     let mut last: Option<Sent> = None;
@@ -136,11 +140,13 @@ async fn discovery_loop(
             *m != report.members || *p != report.plugins || *s != report.spaces
         }) || Instant::now() >= next_periodic;
         if due {
-            match shared
-                .client
-                .post::<_, serde_json::Value>(&format!("{manager}/api/v1/discovery"), &report)
-                .await
-            {
+            // The follower moves among the replicas; this loop only paces and logs.
+            let sent = shared.managers.post::<_, serde_json::Value>(
+                "/api/v1/discovery",
+                &report,
+                DISCOVERY_PATIENCE,
+            );
+            match sent.await {
                 Ok(_) => {
                     tracing::info!(segment = %report.segment, members = report.members.len(), "discovery report sent");
                     last = Some((report.members, report.plugins, report.spaces));
@@ -150,10 +156,11 @@ async fn discovery_loop(
                 Err(e) => {
                     failures += 1;
                     // Said once, then every 50th retry (~100 s at the longest backoff).
-                    if failures == 1 || failures.is_multiple_of(50) {
+                    if failures == 1 || failures.is_multiple_of(10) {
+                        let managers = shared.managers.urls().join(", ");
                         tracing::warn!(
                             "{}; retrying (attempt {failures})",
-                            report_failure(&manager, &report.segment, &e)
+                            report_failure(&managers, &report.segment, &e)
                         );
                     }
                     tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20))))

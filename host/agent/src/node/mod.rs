@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use cm_election::Event;
 use cm_tree::http::JsonClient;
+use cm_tree::managers::Managers;
 use cm_tree::message::MemberApplyReport;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
@@ -89,8 +90,9 @@ pub struct AgentConfig {
     pub segment: String,
     /// Location or time zone reported to the manager.
     pub location: String,
-    /// The manager's base URL (`http://host:port`); a GL without one reports to no one.
-    pub manager_url: Option<String>,
+    /// Every manager replica's base URL (`http://host:port`), the first tried first; the
+    /// agent follows the active one (`cm_tree::managers`). Empty: a GL reports to no one.
+    pub manager_urls: Vec<String>,
     /// The agents' bearer token (manager API, GL endpoints, apply reports).
     pub agent_token: String,
     /// Mutual TLS (this server's agent certificate) for the manager's API, the GL endpoints
@@ -140,6 +142,9 @@ pub struct Shared {
     /// This node's GL endpoint while it leads.
     pub serving: watch::Sender<Option<SocketAddr>>,
     pub client: JsonClient,
+    /// Every call to the manager (discovery, the GL's tree calls, cache reports) goes through
+    /// this one follower of the active replica.
+    pub managers: Arc<Managers>,
     /// The segment's data channel carries one MCTP session at a time (a member receives one
     /// session at a time and takes a new announcement for a replacement of the one under way):
     /// a GL delivering two runs at once — two sites' — sends them in turn.
@@ -253,12 +258,11 @@ impl ServerAgent {
             );
         }
         let events = election.subscribe();
+        let client =
+            JsonClient::with_tls(&cfg.agent_token, Duration::from_secs(10), cfg.tls.as_ref());
         let shared = Arc::new(Shared {
-            client: JsonClient::with_tls(
-                &cfg.agent_token,
-                Duration::from_secs(10),
-                cfg.tls.as_ref(),
-            ),
+            managers: Arc::new(Managers::new(client.clone(), &cfg.manager_urls)),
+            client,
             applier: Arc::new(applier),
             board: ReportBoard::default(),
             status: election.watch_status(),

@@ -107,9 +107,10 @@ struct RunArgs {
     /// State directory (default for the site, plugin store, received assignments).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// The manager's base URL, e.g. http://10.0.0.1:7700.
-    #[arg(long)]
-    manager: Option<String>,
+    /// The manager's base URL, e.g. http://10.0.0.1:7700; with replicas, every one's
+    /// (repeat the flag or separate by commas): the agent follows the active one.
+    #[arg(long, value_delimiter = ',')]
+    manager: Vec<String>,
     /// File holding the agents' bearer token (else $CMOVER_AGENT_TOKEN).
     #[arg(long)]
     agent_token_file: Option<PathBuf>,
@@ -181,9 +182,27 @@ struct TlsSection {
 #[derive(Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 struct ManagerSection {
-    url: Option<String>,
+    /// One URL, or every replica's as a list.
+    url: Option<OneOrMany>,
     token_file: Option<PathBuf>,
     public_key_file: Option<PathBuf>,
+}
+
+/// `url = "http://m:7700"` or `url = ["http://m1:7700", "http://m2:7700"]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(u) => vec![u],
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -489,8 +508,24 @@ impl RunArgs {
             .status
             .or(file.status.listen)
             .unwrap_or_else(|| DEFAULT_STATUS.parse().expect("literal"));
-        let manager_url = self.manager.or(mf.url).map(|u| u.trim_end_matches('/').to_string());
-        let channel = match (self.data_channel.or(df.channel), &manager_url) {
+        let manager_urls: Vec<String> = if self.manager.is_empty() {
+            mf.url.map(OneOrMany::into_vec).unwrap_or_default()
+        } else {
+            self.manager
+        };
+        let manager_urls: Vec<String> =
+            manager_urls.iter().map(|u| u.trim().trim_end_matches('/').to_string()).collect();
+        for u in &manager_urls {
+            let uri: hyper::Uri = u
+                .parse()
+                .with_context(|| format!("the manager URL {u:?} ([manager] url or --manager)"))?;
+            if uri.scheme().is_none() || uri.authority().is_none() {
+                bail!(
+                    "the manager URL {u:?} is not http(s)://host:port ([manager] url or --manager)"
+                );
+            }
+        }
+        let channel = match (self.data_channel.or(df.channel), manager_urls.first()) {
             (Some(c), _) => c,
             // Nothing to receive content on and no one to take it from: election only.
             (None, None) => {
@@ -522,8 +557,8 @@ impl RunArgs {
             session_timeout: Duration::from_millis(df.session_timeout_ms.unwrap_or(10_000)),
         };
         let tls = tls_files.map(|f| super::manager::load_tls(&f, CertRole::Agent)).transpose()?;
-        if let (Some(_), Some(url)) = (&tls, &manager_url)
-            && !url.starts_with("https://")
+        if let (Some(_), Some(url)) =
+            (&tls, manager_urls.iter().find(|u| !u.starts_with("https://")))
         {
             bail!("with [tls] the manager's URL must be https:// (it is {url})");
         }
@@ -559,7 +594,7 @@ impl RunArgs {
             name,
             segment: segment.clone(),
             location: self.location.or(lf.location).unwrap_or_else(|| "unknown".into()),
-            manager_url,
+            manager_urls,
             agent_token,
             tls,
             secret,

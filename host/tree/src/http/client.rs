@@ -21,8 +21,16 @@ pub enum ClientError {
     Transport { method: Method, url: String, source: hyper_util::client::legacy::Error },
     #[error("{method} {url}: timed out after {after:?}")]
     Timeout { method: Method, url: String, after: Duration },
+    /// Any answer but a success; `location` is a redirect's `Location` header (unchecked: the
+    /// caller decides whether to go there, `crate::managers` only to a configured manager).
     #[error("{method} {url}: HTTP {status}: {body}")]
-    Status { method: Method, url: String, status: StatusCode, body: String },
+    Status {
+        method: Method,
+        url: String,
+        status: StatusCode,
+        body: String,
+        location: Option<String>,
+    },
     #[error("{method} {url}: reading response: {source}")]
     Body { method: Method, url: String, source: hyper::Error },
     #[error("{method} {url}: response is not the expected JSON: {source}")]
@@ -131,11 +139,16 @@ impl JsonClient {
             })?;
         if !resp.status().is_success() {
             let status = resp.status();
+            let location = resp
+                .headers()
+                .get(hyper::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             let body = match tokio::time::timeout(self.timeout, resp.into_body().collect()).await {
                 Ok(Ok(b)) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
                 _ => String::new(),
             };
-            return Err(ClientError::Status { method, url: url.into(), status, body });
+            return Err(ClientError::Status { method, url: url.into(), status, body, location });
         }
         Ok(resp)
     }

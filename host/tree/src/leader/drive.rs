@@ -15,34 +15,30 @@ use crate::message::{ChildTarget, NextChild, Notification, SegmentReport, TreeCa
 /// How long a GL keeps offering its consolidated report to a manager that does not answer.
 const REPORT_PATIENCE: Duration = Duration::from_secs(600);
 
+/// How long a forwarding slot keeps asking "whom next?" before it ends.
+const NEXT_PATIENCE: Duration = Duration::from_secs(20);
+
 impl Inner {
-    fn manager_url(&self, run: &RunState, what: &str) -> String {
-        let n = run.notification.borrow();
-        format!("{}/api/v1/dist/{}/{what}", n.manager, n.run)
+    /// The path of a tree call about `run` on the manager (`crate::managers` picks the replica).
+    fn manager_path(&self, run: &RunState, what: &str) -> String {
+        format!("/api/v1/dist/{}/{what}", run.notification.borrow().run)
     }
 
-    /// Tells the manager something, retrying with a growing pause (up to a second) for as long
-    /// as `patience` (it may be restarting).
+    /// Tells the manager something, following its replicas for as long as `patience` (it may
+    /// be restarting, or a standby taking over).
     async fn tell_manager<T: serde::Serialize>(
         &self,
-        url: &str,
+        path: &str,
         body: &T,
         patience: Duration,
     ) -> bool {
-        let end = tokio::time::Instant::now() + patience;
-        for attempt in 0u64.. {
-            match self.client.post::<_, serde_json::Value>(url, body).await {
-                Ok(_) => return true,
-                Err(e) => {
-                    tracing::warn!(segment = %self.cfg.segment, "{e}");
-                    if tokio::time::Instant::now() >= end {
-                        return false;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100 * (attempt + 1).min(10))).await;
-                }
+        match self.managers.post::<_, serde_json::Value>(path, body, patience).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(segment = %self.cfg.segment, "{e}");
+                false
             }
         }
-        false
     }
 
     /// Fetch until whole (switching parents as told or when one fails), then report received,
@@ -76,13 +72,11 @@ impl Inner {
                         || matches!(e, BlobError::Corrupt { .. }) && failures >= 2
                     {
                         failures = 0;
-                        let url = self.manager_url(&run, "reparent");
+                        let path = self.manager_path(&run, "reparent");
+                        let call = TreeCall { segment: self.cfg.segment.clone() };
                         match self
-                            .client
-                            .post::<_, Notification>(
-                                &url,
-                                &TreeCall { segment: self.cfg.segment.clone() },
-                            )
+                            .managers
+                            .post::<_, Notification>(&path, &call, Duration::from_secs(15))
                             .await
                         {
                             Ok(new) if self.check_signed(&new, "reparent answer").is_err() => {}
@@ -109,7 +103,7 @@ impl Inner {
         lock(&self.links).fetched(fetched, micros);
         let n = run.notification.borrow().clone();
         let call = TreeCall { segment: self.cfg.segment.clone() };
-        self.tell_manager(&self.manager_url(&run, "received"), &call, Duration::from_secs(15))
+        self.tell_manager(&self.manager_path(&run, "received"), &call, Duration::from_secs(15))
             .await;
         let outcome = self
             .delivery
@@ -123,9 +117,10 @@ impl Inner {
             missing: outcome.missing,
             site: n.site.clone(),
         };
-        let url = format!("{}/api/v1/runs/{}/report", n.manager, n.run);
-        // The segment's outcome exists nowhere else: keep trying through a manager restart.
-        if !self.tell_manager(&url, &report, REPORT_PATIENCE).await {
+        let path = format!("/api/v1/runs/{}/report", n.run);
+        // The segment's outcome exists nowhere else: keep trying through a manager restart or
+        // a takeover by a standby replica.
+        if !self.tell_manager(&path, &report, REPORT_PATIENCE).await {
             tracing::error!(segment = %self.cfg.segment, run = n.run, "the manager never took the segment's report");
         }
         // After the report: what follows a commit in the segment (its caches) never delays it.
@@ -142,27 +137,24 @@ pub(super) struct ManagerChildSource {
 impl ChildSource for ManagerChildSource {
     fn next(&self) -> BoxFuture<'_, Option<ChildTarget>> {
         Box::pin(async move {
-            let url = self.inner.manager_url(&self.run, "next");
+            let path = self.inner.manager_path(&self.run, "next");
             let call = TreeCall { segment: self.inner.cfg.segment.clone() };
-            for attempt in 0..20u64 {
-                match self.inner.client.post::<_, NextChild>(&url, &call).await {
-                    Ok(next) => return next.child,
-                    Err(e) => {
-                        tracing::warn!(segment = %self.inner.cfg.segment, "asking for the next GL: {e}");
-                        tokio::time::sleep(Duration::from_millis(100 * (attempt + 1).min(10)))
-                            .await;
-                    }
+            let asked = self.inner.managers.post::<_, NextChild>(&path, &call, NEXT_PATIENCE);
+            match asked.await {
+                Ok(next) => next.child,
+                Err(e) => {
+                    tracing::warn!(segment = %self.inner.cfg.segment, "asking for the next GL: {e}");
+                    None
                 }
             }
-            None
         })
     }
 
     fn unreachable(&self, child: String) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let url = self.inner.manager_url(&self.run, "dead");
+            let path = self.inner.manager_path(&self.run, "dead");
             self.inner
-                .tell_manager(&url, &TreeCall { segment: child }, Duration::from_secs(15))
+                .tell_manager(&path, &TreeCall { segment: child }, Duration::from_secs(15))
                 .await;
         })
     }

@@ -76,6 +76,10 @@ pub struct LeaderConfig {
     /// The manager's public keys: a notification acts only when one of them signed it
     /// (empty: every notification is refused).
     pub manager_keys: TrustedKeys,
+    /// The manager replicas this GL calls (the agent's one follower, shared with its discovery
+    /// and cache reports); `None`: one of its own that learns the manager from the signed
+    /// notifications.
+    pub managers: Option<Arc<crate::managers::Managers>>,
 }
 
 impl LeaderConfig {
@@ -91,6 +95,7 @@ impl LeaderConfig {
             egress_bytes_per_sec: None,
             tls: None,
             manager_keys: TrustedKeys::default(),
+            managers: None,
         }
     }
 }
@@ -114,6 +119,8 @@ struct Inner {
     cfg: LeaderConfig,
     tokens: Tokens,
     client: JsonClient,
+    /// Every call to the manager goes through it (`crate::managers`).
+    managers: Arc<crate::managers::Managers>,
     runs: Mutex<HashMap<u64, Arc<RunState>>>,
     delivery: Arc<dyn LocalDelivery>,
     egress: Option<Arc<Egress>>,
@@ -160,13 +167,16 @@ impl LeaderNode {
             addr: cfg.listen,
             source,
         })?;
+        let client =
+            JsonClient::with_tls(&cfg.agent_token, Duration::from_secs(10), cfg.tls.as_ref());
+        let managers = cfg
+            .managers
+            .clone()
+            .unwrap_or_else(|| Arc::new(crate::managers::Managers::new(client.clone(), &[])));
         let inner = Arc::new(Inner {
             tokens: Tokens::new("", &cfg.agent_token),
-            client: JsonClient::with_tls(
-                &cfg.agent_token,
-                Duration::from_secs(10),
-                cfg.tls.as_ref(),
-            ),
+            client,
+            managers,
             runs: Mutex::new(HashMap::new()),
             delivery,
             egress: cfg.egress_bytes_per_sec.map(Egress::new),
@@ -359,7 +369,7 @@ impl Inner {
 
     /// Checks a notification's signature; a refusal is logged and counted.
     pub(super) fn check_signed(&self, n: &Notification, from: &str) -> Result<(), String> {
-        n.verify(&self.cfg.manager_keys).map_err(|e| {
+        n.verify(&self.cfg.manager_keys).map(|()| self.managers.prefer(&n.manager)).map_err(|e| {
             let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
             let msg = format!("notification for run {} refused: {e}", n.run);
             tracing::warn!(segment = %self.cfg.segment, from, refused_total = total, "{msg}");

@@ -17,9 +17,16 @@ fn key() -> SigningKey {
 }
 
 /// A plugin run of `wasm` (shipped) granted `sites`, with `serial`, signed by `signer`.
-fn plugin_run(dir: &Path, wasm: &str, sites: &[&str], serial: u64, signer: Option<&SigningKey>) -> std::path::PathBuf {
+fn plugin_run(
+    dir: &Path,
+    wasm: &str,
+    sites: &[&str],
+    serial: u64,
+    signer: Option<&SigningKey>,
+) -> std::path::PathBuf {
     let manifest = dir.join(format!("manifest-{serial}.toml"));
-    std::fs::write(&manifest, bundled::interpreter_manifest("interpreter", sites).to_toml()).unwrap();
+    std::fs::write(&manifest, bundled::interpreter_manifest("interpreter", sites).to_toml())
+        .unwrap();
     let out = dir.join(format!("run-{serial}"));
     let meta = Meta {
         kind: AssignmentType::Plugin,

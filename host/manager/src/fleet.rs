@@ -65,7 +65,8 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> ManagerError {
 
 /// A site of `group`: a plugin run's header names one the servers serve.
 fn site_of_group(db: &Db, group: &str) -> Result<String, ManagerError> {
-    db.group(group)?.ok_or_else(|| ManagerError::NotFound(format!("no content group `{group}`")))?;
+    db.group(group)?
+        .ok_or_else(|| ManagerError::NotFound(format!("no content group `{group}`")))?;
     db.sites()?.into_iter().find(|s| s.content_group == group).map(|s| s.name).ok_or_else(|| {
         ManagerError::Invalid(format!(
             "content group `{group}` has no hosted site: its servers serve nothing a plugin run could name"
@@ -147,9 +148,8 @@ pub fn rollback(
             && matches!(&j.spec.payload, Payload::Plugin { version, .. } if *version != away)
     });
     let Some(prev) = previous else {
-        let line = format!(
-            "plugin {name} on group {group}: {why}; no previous version to roll back to"
-        );
+        let line =
+            format!("plugin {name} on group {group}: {why}; no previous version to roll back to");
         db.write(|t| t.log(now, None, None, line.clone()))?;
         return Ok(None);
     };
@@ -312,8 +312,7 @@ pub(crate) fn content_run_ended(
     for name in names {
         for (server, outcome) in reports {
             let Some(p) = latest_done(&jobs, group, &name, Some(server)) else { continue };
-            let Payload::Plugin { rollback: None, confirmed, version, .. } = &p.spec.payload
-            else {
+            let Payload::Plugin { rollback: None, confirmed, version, .. } = &p.spec.payload else {
                 continue;
             };
             if confirmed.contains(server) {

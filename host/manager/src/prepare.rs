@@ -350,7 +350,11 @@ pub fn prepare(
                 ctx.seal.cloned(),
                 ctx.signer.cloned(),
             )
-            .map_err(|source| PrepareError::Switch { site: name.clone(), what: "plugin", source })?;
+            .map_err(|source| PrepareError::Switch {
+                site: name.clone(),
+                what: "plugin",
+                source,
+            })?;
             let what = if rollback.is_some() { "rollback of plugin" } else { "plugin" };
             let summary = format!("{what} {plugin} {} for group {group}", &version[..12]);
             Ok(Prepared { serial: Some(serial), release: None, summary })

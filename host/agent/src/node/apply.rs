@@ -415,7 +415,9 @@ impl Applier {
                     tracing::error!(run, "journalling the plugin run: {e}");
                 }
             }
-            Some(e) => tracing::warn!(run, error = %e, "plugin run refused; the live version stays"),
+            Some(e) => {
+                tracing::warn!(run, error = %e, "plugin run refused; the live version stays")
+            }
         }
         self.remember(&outcome);
         outcome

@@ -59,10 +59,9 @@ pub(super) fn install(
         ));
     }
     let name = manifest.name.clone();
-    let installed =
-        store.install(&run.component, manifest, &format!("plugin run serial {serial}")).map_err(
-            |e| format!("plugin {name} refused: {e}"),
-        )?;
+    let installed = store
+        .install(&run.component, manifest, &format!("plugin run serial {serial}"))
+        .map_err(|e| format!("plugin {name} refused: {e}"))?;
     write_atomic(serials, serial.to_string().as_bytes())
         .map_err(|e| format!("plugin {name} installed, but recording serial {serial}: {e}"))?;
     Ok(match installed.replaced {

@@ -80,7 +80,9 @@ pub async fn publish(a: PublishArgs) -> anyhow::Result<()> {
             matches!(&j.spec.payload, Payload::Plugin { rollback: Some(_), .. })
                 && matches!(j.state, JobState::Done | JobState::Cancelled { .. })
         }) {
-            let Payload::Plugin { rollback: Some(why), .. } = &r.spec.payload else { unreachable!() };
+            let Payload::Plugin { rollback: Some(why), .. } = &r.spec.payload else {
+                unreachable!()
+            };
             return Err(CliError::Failed(format!(
                 "group {group} rolled back ({:?}): {why}",
                 r.state

@@ -59,10 +59,14 @@ pub enum AssignmentType {
     /// Header only: remove the site's content from the server — every release, the live link
     /// and the history — keeping only the record of the newest serial applied (replays).
     RemoveSite = 10,
+    /// A plugin for the servers' plugin store, not content: exactly two write-file commands,
+    /// `component.wasm` and `manifest.toml` ([`crate::plugin_run`]); builds no release. The
+    /// header's site is one the servers serve (the run reaches them like any of its runs).
+    Plugin = 11,
 }
 
 impl AssignmentType {
-    pub const ALL: [AssignmentType; 10] = [
+    pub const ALL: [AssignmentType; 11] = [
         Self::Publish,
         Self::Replicate,
         Self::Synchronize,
@@ -73,6 +77,7 @@ impl AssignmentType {
         Self::Commit,
         Self::HotContent,
         Self::RemoveSite,
+        Self::Plugin,
     ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -91,6 +96,7 @@ impl AssignmentType {
             Self::Commit => "commit",
             Self::HotContent => "hot-content",
             Self::RemoveSite => "remove-site",
+            Self::Plugin => "plugin",
         }
     }
 

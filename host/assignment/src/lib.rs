@@ -12,6 +12,7 @@
 //! - [`names`]: the one rule for names from outside (the header's site field, the manager's
 //!   sites, groups, segments and servers).
 //! - [`links`]: symlink chains resolved on the whole tree (no two links combine to escape).
+//! - [`plugin_run`]: the plugin assignment (a component and its manifest for the plugin store).
 //! - [`policy`]: per-file compression policy.
 //! - [`sign`]: the manager's Ed25519 signatures and the keys servers pin.
 //! - [`cipher`]: optional ChaCha20-Poly1305 encryption of the data part, chunk by chunk.
@@ -25,6 +26,7 @@ pub mod format;
 pub mod links;
 pub mod names;
 pub mod payload;
+pub mod plugin_run;
 pub mod policy;
 pub mod read;
 pub mod reference;

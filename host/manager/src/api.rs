@@ -53,6 +53,14 @@ fn ok_or_fail<T: serde::Serialize>(r: Result<T, ManagerError>) -> Response<Body>
     }
 }
 
+/// A record an operator's request created (201), or the error's status.
+fn created<T: Serialize>(r: Result<T, ManagerError>) -> Response<Body> {
+    match r {
+        Ok(v) => http::json(StatusCode::CREATED, &v),
+        Err(e) => fail(e),
+    }
+}
+
 /// Reads the JSON body or returns the error response from the enclosing handler.
 macro_rules! body {
     ($req:expr) => {
@@ -166,6 +174,26 @@ async fn operator(
         (Method::POST, ["api", "v1", "jobs"]) => {
             let spec = checked_body!(req, JobSpec);
             written(writes::create_job(&m.db, &m.cfg.data_dir, spec, now), StatusCode::CREATED)
+        }
+        (Method::POST, ["api", "v1", "plugins", "publish"]) => {
+            let b = checked_body!(req, crate::fleet::PublishRequest);
+            let r = crate::fleet::publish(&m.db, &m.cfg.data_dir, b, now);
+            m.wake.notify_one();
+            created(r)
+        }
+        (Method::POST, ["api", "v1", "plugins", "rollback"]) => {
+            let b = checked_body!(req, crate::fleet::RollbackRequest);
+            let r = crate::fleet::rollback(&m.db, &b.group, &b.name, None, "by an operator", now)
+                .and_then(|j| {
+                    j.ok_or_else(|| {
+                        ManagerError::Invalid(format!(
+                            "plugin {} on group {}: no previous version to roll back to",
+                            b.name, b.group
+                        ))
+                    })
+                });
+            m.wake.notify_one();
+            created(r)
         }
         (Method::GET, ["api", "v1", "jobs"]) => ok_or_fail(m.db.jobs().map_err(Into::into)),
         (Method::GET, ["api", "v1", "jobs", job]) => {

@@ -304,6 +304,7 @@ impl Inner {
                 let moved = before.as_ref().is_none_or(|b| !b.live || b.segment != r.segment);
                 // A member that has not reported its plugin (yet) keeps the one known.
                 let plugin = plugin.or_else(|| before.as_ref().and_then(|b| b.plugin.clone()));
+                crate::metrics::server_plugin(name, plugin.as_ref());
                 // Likewise its space; a new one is written with its time (members send a new
                 // one only when it moved by 1 %).
                 let reported = r.spaces.get(name).copied();

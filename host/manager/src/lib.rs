@@ -33,6 +33,7 @@ pub mod db;
 mod discovery;
 pub mod events;
 pub mod filter;
+pub mod fleet;
 pub mod golive;
 pub mod hot;
 pub mod live_change;

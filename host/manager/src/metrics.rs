@@ -12,6 +12,7 @@ use hyper::{Request, Response};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -28,6 +29,8 @@ pub const ROUTES: &[&str] = &[
     "POST /api/v1/jobs",
     "GET /api/v1/jobs",
     "GET /api/v1/jobs/{id}",
+    "POST /api/v1/plugins/publish",
+    "POST /api/v1/plugins/rollback",
     "POST /api/v1/jobs/{id}/cancel",
     "GET /api/v1/runs",
     "GET /api/v1/runs/{id}",
@@ -53,6 +56,16 @@ pub struct RunLabels {
     pub outcome: &'static str,
 }
 
+/// A server's interpreter plugin as it last reported it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    pub server: String,
+    pub plugin: String,
+    /// The short hash `cmover plugin list` shows.
+    pub version: String,
+    pub blake3: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: &'static str,
@@ -63,6 +76,9 @@ struct ManagerMetrics {
     run_seconds: Family<KindLabel, Histogram>,
     leaders_lost: Counter,
     plugin_reports_refused: Counter,
+    server_plugin: Family<PluginLabels, Gauge>,
+    /// Each server's current labels in `server_plugin`, so a swap replaces its series.
+    server_plugin_now: std::sync::Mutex<std::collections::BTreeMap<String, PluginLabels>>,
 }
 
 static MANAGER: LazyLock<ManagerMetrics> = LazyLock::new(|| ManagerMetrics {
@@ -71,6 +87,8 @@ static MANAGER: LazyLock<ManagerMetrics> = LazyLock::new(|| ManagerMetrics {
     run_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.1, 2.0, 15))),
     leaders_lost: Counter::default(),
     plugin_reports_refused: Counter::default(),
+    server_plugin: Family::default(),
+    server_plugin_now: Default::default(),
 });
 
 /// Adds the manager's metrics to the process's registry.
@@ -88,6 +106,11 @@ pub fn register(registry: &mut Registry) {
         m.leaders_lost.clone(),
     );
     registry.register(
+        "cmover_server_plugin",
+        "1 for the interpreter plugin version each server last reported (labels: server, plugin, version, blake3)",
+        m.server_plugin.clone(),
+    );
+    registry.register(
         "cmover_plugin_reports_refused",
         "Discovery reports refused because the plugins they relay were malformed or too many",
         m.plugin_reports_refused.clone(),
@@ -101,6 +124,28 @@ pub fn run_ended(run: &Run, kind: JobKind, ok: bool, now_ms: u64) {
     MANAGER.runs.get_or_create(&RunLabels { kind, outcome }).inc();
     let secs = now_ms.saturating_sub(run.started_ms) as f64 / 1000.0;
     MANAGER.run_seconds.get_or_create(&KindLabel { kind }).observe(secs);
+}
+
+/// Server `server` reported running `plugin` (`None`: nothing reported yet).
+pub fn server_plugin(server: &str, plugin: Option<&crate::model::PluginIdentity>) {
+    let m = &*MANAGER;
+    let mut now = m.server_plugin_now.lock().unwrap_or_else(|p| p.into_inner());
+    let new = plugin.map(|p| PluginLabels {
+        server: server.to_string(),
+        plugin: p.name.clone(),
+        version: p.version.clone(),
+        blake3: p.blake3.clone(),
+    });
+    if now.get(server) == new.as_ref() {
+        return;
+    }
+    if let Some(old) = now.remove(server) {
+        m.server_plugin.remove(&old);
+    }
+    if let Some(l) = new {
+        m.server_plugin.get_or_create(&l).set(1);
+        now.insert(server.to_string(), l);
+    }
 }
 
 /// A run's group leader did not answer and was routed around.

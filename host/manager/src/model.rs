@@ -284,6 +284,26 @@ pub enum Payload {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         count: Option<u32>,
     },
+    /// A plugin for the servers' plugin stores (the job kind `plugin`, `fleet.rs`): the
+    /// component `version` (its BLAKE3) with the manifest `manifest` (the manifest text's
+    /// BLAKE3), both kept by the manager, sent to `servers` of `group` (empty: all of it) as a
+    /// signed plugin run. `then`: the servers published to once this (canary) run succeeded.
+    /// `rollback`: why this run brings a previous version back (`None`: a publish).
+    /// `confirmed`: servers whose first content run with this version succeeded.
+    Plugin {
+        name: String,
+        version: String,
+        manifest: String,
+        group: String,
+        #[serde(default)]
+        servers: Vec<String>,
+        #[serde(default)]
+        then: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rollback: Option<String>,
+        #[serde(default)]
+        confirmed: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -299,6 +319,7 @@ pub enum JobKind {
     Checkpoint,
     Remove,
     Hot,
+    Plugin,
 }
 
 impl JobKind {
@@ -315,6 +336,7 @@ impl JobKind {
             JobKind::Checkpoint => "checkpoint",
             JobKind::Remove => "remove",
             JobKind::Hot => "hot",
+            JobKind::Plugin => "plugin",
         }
     }
 }

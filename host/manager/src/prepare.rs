@@ -333,6 +333,32 @@ pub fn prepare(
         Payload::Hot { paths, .. } => {
             crate::hot::prepare_hot(site, paths, serial, job_id, ctx, out)
         }
+        Payload::Plugin { name: plugin, version, manifest, group, rollback, .. } => {
+            let meta = Meta {
+                kind: AssignmentType::Plugin,
+                serial,
+                job_id,
+                base_serial: 0,
+                target_serial: 0,
+                site: site.name.clone(),
+            };
+            cm_assignment::plugin_run::build_plugin_run(
+                out,
+                meta,
+                &crate::fleet::component_path(data_dir, version),
+                &crate::fleet::manifest_path(data_dir, manifest),
+                ctx.seal.cloned(),
+                ctx.signer.cloned(),
+            )
+            .map_err(|source| PrepareError::Switch {
+                site: name.clone(),
+                what: "plugin",
+                source,
+            })?;
+            let what = if rollback.is_some() { "rollback of plugin" } else { "plugin" };
+            let summary = format!("{what} {plugin} {} for group {group}", &version[..12]);
+            Ok(Prepared { serial: Some(serial), release: None, summary })
+        }
         // Handled before `prepare` (`checkpoint.rs`, `sync.rs`); reaching here is a caller's bug.
         Payload::Checkpoint { .. } | Payload::CreateCheckpoint { .. } | Payload::CatchUp { .. } => {
             Err(PrepareError::NotAnAssignment { site: name })
@@ -507,6 +533,8 @@ pub fn after_success(
         Payload::Remove { .. } => crate::remove::after_remove(site, servers),
         // Recorded with its run (`hot::record`).
         Payload::Hot { .. } => {}
+        // Plugin stores, not content (`fleet.rs`).
+        Payload::Plugin { .. } => {}
     }
     // Live moved on these servers: a hot overlay there has ended (`hot.rs`).
     if matches!(

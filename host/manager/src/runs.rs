@@ -336,6 +336,7 @@ impl Inner {
                 | Payload::Rollback { .. }
                 | Payload::Switch { .. }
                 | Payload::Hot { .. }
+                | Payload::Plugin { .. }
         );
         let commit_next = match (ok, builds, run.release, job.spec.policy.commit) {
             (true, true, Some(release), CommitPolicy::Auto) => {
@@ -482,6 +483,7 @@ impl Inner {
             return Ok(());
         }
         crate::metrics::run_ended(run, job.spec.kind, ok, now);
+        self.fleet_after_run(&job, run.commit_of.is_some(), ok, &targets, &reports, now);
         let _ = std::fs::remove_file(self.run_file(run.id));
         if commit_next.is_some() || catch_up_next.is_some() {
             self.wake.notify_one();
@@ -510,6 +512,43 @@ impl Inner {
             self.prune_snapshots(&site, now)?;
         }
         Ok(())
+    }
+
+    /// A plugin run's canary or rollback follows (`fleet.rs`); a content run confirms, or rolls
+    /// back, the plugin version its servers just installed. Failures here are logged, never
+    /// the run's.
+    fn fleet_after_run(
+        &self,
+        job: &Job,
+        commit: bool,
+        ok: bool,
+        targets: &[String],
+        reports: &BTreeMap<String, ServerOutcome>,
+        now: u64,
+    ) {
+        let reports: Vec<(String, ServerOutcome)> = targets
+            .iter()
+            .map(|s| (s.clone(), reports.get(s).cloned().unwrap_or(ServerOutcome::Missing)))
+            .collect();
+        let done = match &job.spec.payload {
+            Payload::Plugin { .. } => {
+                crate::fleet::plugin_run_ended(&self.db, job, ok, &reports, now).map(|_| true)
+            }
+            // A build is the first apply with a new interpreter; a commit only switches.
+            _ if commit => Ok(false),
+            _ => self.db.site(&job.spec.site).map_err(Into::into).and_then(|site| match site {
+                Some(site) => {
+                    crate::fleet::content_run_ended(&self.db, &site.content_group, &reports, now)
+                        .map(|_| true)
+                }
+                None => Ok(false),
+            }),
+        };
+        match done {
+            Ok(true) => self.wake.notify_one(),
+            Ok(false) => {}
+            Err(e) => tracing::error!(job = job.id, "plugin rollout after run: {e}"),
+        }
     }
 
     /// Picks `count` servers for a hot job that names none and writes them into it; `false`

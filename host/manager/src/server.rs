@@ -409,6 +409,9 @@ impl Inner {
             Payload::Hot { servers, .. } => {
                 group.servers.into_iter().filter(|s| servers.contains(s)).collect()
             }
+            Payload::Plugin { servers, .. } if !servers.is_empty() => {
+                group.servers.into_iter().filter(|s| servers.contains(s)).collect()
+            }
             Payload::CatchUp { .. } => self.catch_up_targets(job)?,
             _ => group.servers,
         })

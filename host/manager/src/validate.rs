@@ -210,6 +210,12 @@ pub fn job(spec: &JobSpec, db: &Db) -> Result<(), FieldError> {
                 .map_err(|e| FieldError::new("payload.servers", e.to_string()))?;
         }
     }
+    if let Payload::Plugin { .. } = &spec.payload {
+        return Err(FieldError::new(
+            "payload",
+            "a plugin is published with POST /api/v1/plugins/publish (`cmover plugin publish`), not as a job",
+        ));
+    }
     if let Payload::Remove { servers } = &spec.payload {
         crate::remove::check(spec, servers, db)?;
     }

@@ -91,6 +91,10 @@ pub enum SiteError {
         built_by: String,
         this: String,
     },
+    #[error(
+        "assignment {file} is a plugin run, not content: it goes to the plugin store, never to a site"
+    )]
+    NotContent { file: PathBuf },
     #[error("site {site}: there is no release {serial}")]
     NoRelease { site: PathBuf, serial: u64 },
     #[error("site {site}: no prepared release to commit")]
@@ -353,6 +357,9 @@ impl Site {
             }
             AssignmentType::Switch => {
                 self.commit_locked(h.target_serial, keep, interp).map(switched)
+            }
+            AssignmentType::Plugin => {
+                Err(SiteError::NotContent { file: reader.path().to_path_buf() })
             }
             AssignmentType::RemoveSite => {
                 remove::remove_content(self)?;

@@ -73,6 +73,13 @@ fn kind_of(r: &Result<cm_site::ApplyReport, cm_site::SiteError>) -> &'static str
     }
 }
 
+/// Whether the assignment at `file` is a plugin run (an unreadable one goes on to the site,
+/// which reports why).
+fn is_plugin_run(file: &Path) -> bool {
+    cm_assignment::AssignmentReader::open(file)
+        .is_ok_and(|r| r.header().kind == cm_assignment::AssignmentType::Plugin)
+}
+
 /// How many outcomes `cmover agent status` shows.
 const RECENT: usize = 16;
 
@@ -317,6 +324,9 @@ impl Applier {
         if let Some(done) = self.journalled(run) {
             return done;
         }
+        if is_plugin_run(file) {
+            return self.install_plugin(run, file, served);
+        }
         let mut interp = served.interpreter.clone();
         let version = self.version_of(&served.spec.plugin);
         let started = std::time::Instant::now();
@@ -370,6 +380,43 @@ impl Applier {
             }
             Some(e) => {
                 tracing::warn!(run, site = %name, error = %e, "apply failed; live unchanged")
+            }
+        }
+        self.remember(&outcome);
+        outcome
+    }
+
+    /// A plugin run ([`super::plugin_run`]): installed into the store, or refused with why;
+    /// journalled like an apply when installed. `live` is the site's, untouched.
+    fn install_plugin(&self, run: u64, file: &Path, served: &ServedSite) -> Applied {
+        let started = std::time::Instant::now();
+        let serials = self.journal.join("newest-plugin-run");
+        let store = self.plugins.store();
+        let result = super::plugin_run::install(file, &self.checks, store, &self.sites, &serials);
+        crate::metrics::applied("plugin", result.is_ok(), started.elapsed());
+        let (summary, error) = match result {
+            Ok(line) => (line, None),
+            Err(why) => (String::new(), Some(why)),
+        };
+        let outcome = Applied {
+            run,
+            error,
+            live: Self::live_of(served),
+            summary,
+            at_ms: now_ms(),
+            interpreter: self.version_of(&served.spec.plugin),
+            prepared: None,
+            site: served.spec.name.clone(),
+        };
+        match &outcome.error {
+            None => {
+                tracing::info!(run, summary = %outcome.summary, "plugin run installed");
+                if let Err(e) = self.write_journal(&outcome) {
+                    tracing::error!(run, "journalling the plugin run: {e}");
+                }
+            }
+            Some(e) => {
+                tracing::warn!(run, error = %e, "plugin run refused; the live version stays")
             }
         }
         self.remember(&outcome);

@@ -22,6 +22,7 @@ pub mod apply;
 pub mod beacon;
 pub mod duty;
 pub mod member;
+mod plugin_run;
 pub mod report;
 pub mod sites;
 pub mod space;

@@ -9,6 +9,7 @@
 //! `interpreter` by default) must be granted that site.
 
 mod build;
+mod fleet;
 mod new;
 mod trial;
 
@@ -111,12 +112,22 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Restore the version installed before the current one.
+    /// Restore the version installed before the current one: in this host's store, or with
+    /// --group on every server of a content group, through the manager.
     Rollback {
         name: String,
+        /// Roll the group back (the manager publishes its previous version of NAME).
+        #[arg(long)]
+        group: Option<String>,
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        connect: crate::client::ConnectArgs,
     },
+    /// Publish a component to every server of a content group through the manager: signed,
+    /// through the tree like content; each server validates and hot-swaps it, or refuses it
+    /// and the group is rolled back to its previous version.
+    Publish(fleet::PublishArgs),
 }
 
 /// Open the store; the agent's interpreters must keep their sites granted.
@@ -137,6 +148,13 @@ fn open(store: &StoreArgs) -> anyhow::Result<PluginStore> {
 }
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Publish(args) => return fleet::publish(args).await,
+        Command::Rollback { name, group: Some(group), connect, .. } => {
+            return fleet::rollback(&connect, &group, &name).await;
+        }
+        _ => {}
+    }
     // Plugin calls compile and run WebAssembly synchronously: keep them off the async threads.
     tokio::task::spawn_blocking(move || run_blocking(command)).await?
 }
@@ -218,7 +236,8 @@ fn run_blocking(command: Command) -> anyhow::Result<()> {
             open(&store)?.remove(&name)?;
             println!("{name}: removed");
         }
-        Command::Rollback { name, store } => {
+        Command::Publish(_) => unreachable!("handled in run"),
+        Command::Rollback { name, store, .. } => {
             let restored = open(&store)?.rollback(&name)?;
             println!(
                 "{}: rolled back to {} (was {})",

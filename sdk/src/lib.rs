@@ -93,8 +93,8 @@ pub use bindings::exports::contentmover::plugin::cache_invalidation::Guest as Ca
 #[cfg(feature = "load-balancer")]
 pub use bindings::exports::contentmover::plugin::load_balancing::{PathRate, ServerState};
 
-/// What a load-balancer plugin implements. `route_paths` and `path_rates` came after the first
-/// release: a plugin that does not route requests keeps the default, which answers an error
+/// What a load-balancer plugin implements. `route_paths`, `path_rates` and `sessions` came
+/// after the first release: a plugin without them keeps the default, which answers an error
 /// saying the balancer does not support it.
 #[cfg(feature = "load-balancer")]
 pub trait LoadBalancer {
@@ -110,6 +110,10 @@ pub trait LoadBalancer {
     }
     fn path_rates() -> Result<Vec<PathRate>, String> {
         Err("unsupported: this load-balancer plugin does not count request rates".into())
+    }
+    fn sessions(server: String) -> Result<u32, String> {
+        let _ = server;
+        Err("unsupported: this load-balancer plugin does not count sessions".into())
     }
 }
 
@@ -183,6 +187,10 @@ macro_rules! load_balancer {
                 fn path_rates() -> Result<Vec<$crate::PathRate>, String> {
                     $crate::install_panic_hook();
                     <$plugin as Plugin>::path_rates()
+                }
+                fn sessions(server: String) -> Result<u32, String> {
+                    $crate::install_panic_hook();
+                    <$plugin as Plugin>::sessions(server)
                 }
                 fn self_check() -> Result<(), String> {
                     $crate::install_panic_hook();

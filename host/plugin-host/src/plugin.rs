@@ -336,6 +336,16 @@ impl LoadedPlugin {
             .map(|r| PathRate { path: r.path, requests: r.requests, period_ms: r.period_ms })
             .collect())
     }
+
+    /// `load-balancing.sessions`: the sessions `server` holds on the balancer now.
+    pub fn sessions(&self, server: &str) -> Result<u32, PluginError> {
+        let pre = self.balancer_pre()?;
+        self.call(
+            |s| pre.instantiate(s),
+            |s, i| i.contentmover_plugin_load_balancing().call_sessions(s, server),
+        )?
+        .map_err(|m| self.vetoed("sessions", m))
+    }
 }
 
 /// One URL path's request count over `period_ms`, as a load-balancer plugin reports it.

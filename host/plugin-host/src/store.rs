@@ -629,4 +629,8 @@ impl LoadBalancer {
     pub fn path_rates(&self) -> Result<Vec<crate::PathRate>, PluginError> {
         self.slot.live()?.path_rates()
     }
+
+    pub fn sessions(&self, server: &str) -> Result<u32, PluginError> {
+        self.slot.live()?.sessions(server)
+    }
 }

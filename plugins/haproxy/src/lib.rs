@@ -6,7 +6,8 @@
 //! configuration names it in a rule such as
 //! `use_backend hot if { path,map(/etc/haproxy/hot.map) -m found }`, and the manifest's
 //! `[config]` gives it as `hot-map`. Rates (`path-rates`) come from `show table <rate-table>`,
-//! a stick table keyed by path storing `http_req_rate(<period>)`.
+//! a stick table keyed by path storing `http_req_rate(<period>)`. A server's open sessions
+//! (`sessions`, what a drain waits for) are the `scur` column of `show stat <backend> 4 -1`.
 
 use cm_plugin_sdk::{LoadBalancer, PathRate, ServerState, config, endpoint, log};
 
@@ -41,6 +42,50 @@ fn split(server: &str) -> Result<(&str, &str), String> {
         }
         _ => Err(format!("server `{server}` is not named backend/server")),
     }
+}
+
+/// A backend or server name safe to put in a runtime-API command: one plain word.
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 256
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if ok { Ok(()) } else { Err(format!("`{name}` is not a plain backend or server name")) }
+}
+
+/// Parse `show stat` CSV ("# pxname,svname,qcur,qmax,scur,...", then one row per proxy or
+/// server) for the `scur` of `backend`/`name`; `None` when no row names that server. The
+/// column is found by its header name, as HAProxy versions add columns.
+fn parse_scur(answer: &str, backend: &str, name: &str) -> Result<Option<u32>, String> {
+    let mut lines = answer.lines();
+    let header = lines
+        .next()
+        .and_then(|h| h.strip_prefix("# "))
+        .ok_or_else(|| format!("unexpected `show stat` answer: {}", first_line(answer)))?;
+    let columns: Vec<&str> = header.split(',').collect();
+    let at = |column: &str| {
+        columns
+            .iter()
+            .position(|c| *c == column)
+            .ok_or_else(|| format!("`show stat` has no `{column}` column"))
+    };
+    let (px, sv, scur) = (at("pxname")?, at("svname")?, at("scur")?);
+    for line in lines {
+        let fields: Vec<&str> = line.split(',').collect();
+        if fields.get(px) != Some(&backend) || fields.get(sv) != Some(&name) {
+            continue;
+        }
+        let value = fields.get(scur).copied().unwrap_or("");
+        return value
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("`show stat` scur `{value}` of {backend}/{name} is not a count"));
+    }
+    Ok(None)
+}
+
+/// The first line of an answer, bounded, for an error message.
+fn first_line(answer: &str) -> String {
+    answer.lines().next().unwrap_or("").chars().take(200).collect()
 }
 
 /// Parse `show servers state <backend>` (format version 1) for `name`'s state.
@@ -172,6 +217,18 @@ impl LoadBalancer for Haproxy {
             return Err(format!("haproxy refused `show table {table}`: {answer}"));
         }
         Ok(parse_table(&answer))
+    }
+
+    fn sessions(server: String) -> Result<u32, String> {
+        let (backend, name) = split(&server)?;
+        check_name(backend)?;
+        check_name(name)?;
+        // Type 4: servers only; -1: every server of the backend.
+        let answer = command(&format!("show stat {backend} 4 -1"))?;
+        match parse_scur(&answer, backend, name)? {
+            Some(n) => Ok(n),
+            None => Err(format!("haproxy knows no server {server}")),
+        }
     }
 
     fn drain(server: String) -> Result<(), String> {

@@ -26,6 +26,48 @@ pub enum BalancerError {
     NotDrained { name: String, server: String, waited_ms: u64, last: ServerState },
 }
 
+/// How often a drain polls the drained servers' sessions.
+const SESSIONS_POLL: Duration = Duration::from_millis(50);
+
+/// How a drain's wait for the drained servers' sessions ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrainWait {
+    /// Every drained server's sessions ended.
+    Ended { after_ms: u64 },
+    /// The grace (`drain_grace_ms`, the upper bound) passed with `open` sessions left.
+    GraceOver { open: u64, grace_ms: u64 },
+    /// The balancer could not count sessions: the whole grace is waited, as before counting.
+    Uncounted { why: String, grace_ms: u64 },
+}
+
+impl std::fmt::Display for DrainWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DrainWait::Ended { after_ms } => write!(f, "sessions ended after {after_ms} ms"),
+            DrainWait::GraceOver { open, grace_ms } => write!(
+                f,
+                "{open} session{} still open after the {grace_ms} ms grace: switching anyway",
+                if *open == 1 { "" } else { "s" }
+            ),
+            DrainWait::Uncounted { why, grace_ms } => {
+                write!(f, "sessions not counted ({why}): waited the {grace_ms} ms grace")
+            }
+        }
+    }
+}
+
+/// The wait decision after one poll that counted `open` sessions `elapsed` after the wait
+/// began: done (how), or `None` to poll again.
+pub fn sessions_wait(open: u64, elapsed: Duration, grace: Duration) -> Option<DrainWait> {
+    if open == 0 {
+        Some(DrainWait::Ended { after_ms: elapsed.as_millis() as u64 })
+    } else if elapsed >= grace {
+        Some(DrainWait::GraceOver { open, grace_ms: grace.as_millis() as u64 })
+    } else {
+        None
+    }
+}
+
 /// The manager's plugin store directory.
 pub fn store_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("plugins")
@@ -100,6 +142,32 @@ impl Balancer {
         self.lb.path_rates().map_err(|e| self.call_err("path-rates", "", e))
     }
 
+    /// The sessions `server` holds on the balancer now.
+    pub fn sessions(&self, server: &str) -> Result<u32, BalancerError> {
+        self.lb.sessions(server).map_err(|e| self.call_err("sessions", server, e))
+    }
+
+    /// Polls `sessions` of every drained server until none holds one or `grace` has passed.
+    /// A balancer that cannot count them (a plugin answering "unsupported", or any error)
+    /// ends the poll at once: the caller then waits out the grace.
+    pub fn wait_sessions(&self, servers: &[String], grace: Duration) -> DrainWait {
+        let start = Instant::now();
+        let grace_ms = grace.as_millis() as u64;
+        loop {
+            let mut open = 0u64;
+            for s in servers {
+                match self.sessions(s) {
+                    Ok(n) => open += u64::from(n),
+                    Err(e) => return DrainWait::Uncounted { why: e.to_string(), grace_ms },
+                }
+            }
+            match sessions_wait(open, start.elapsed(), grace) {
+                Some(done) => return done,
+                None => std::thread::sleep(SESSIONS_POLL.min(grace.saturating_sub(start.elapsed()))),
+            }
+        }
+    }
+
     /// Drains `server` and waits (polling `state`, at most `timeout`) until the balancer
     /// reports it out of rotation for new requests.
     pub fn drain_and_wait(&self, server: &str, timeout: Duration) -> Result<(), BalancerError> {
@@ -120,5 +188,38 @@ impl Balancer {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_millis(2_000);
+
+    #[test]
+    fn no_open_session_ends_the_wait_even_at_once() {
+        assert_eq!(sessions_wait(0, Duration::ZERO, GRACE), Some(DrainWait::Ended { after_ms: 0 }));
+        let ended = sessions_wait(0, Duration::from_millis(340), GRACE).unwrap();
+        assert_eq!(ended.to_string(), "sessions ended after 340 ms");
+    }
+
+    #[test]
+    fn open_sessions_are_waited_for_until_the_grace_and_no_longer() {
+        assert_eq!(sessions_wait(3, Duration::from_millis(1_999), GRACE), None);
+        let over = sessions_wait(2, GRACE, GRACE).unwrap();
+        assert_eq!(over, DrainWait::GraceOver { open: 2, grace_ms: 2_000 });
+        assert_eq!(
+            over.to_string(),
+            "2 sessions still open after the 2000 ms grace: switching anyway"
+        );
+        // Sessions ending at the last poll count as ended, not as a grace overrun.
+        assert!(matches!(sessions_wait(0, GRACE * 2, GRACE), Some(DrainWait::Ended { .. })));
+    }
+
+    #[test]
+    fn a_zero_grace_never_waits() {
+        let done = sessions_wait(1, Duration::ZERO, Duration::ZERO);
+        assert_eq!(done, Some(DrainWait::GraceOver { open: 1, grace_ms: 0 }));
     }
 }

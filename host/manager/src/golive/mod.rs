@@ -30,7 +30,7 @@ mod trigger;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
-pub use balancer::{Balancer, BalancerError, store_dir};
+pub use balancer::{Balancer, BalancerError, DrainWait, sessions_wait, store_dir};
 pub use caches::{cache_wait_ms, wait_outcome};
 pub use hot::{HotStep, hot_routes, hot_steps};
 pub use roll::policy_of;

@@ -7,11 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cm_assignment::AssignmentType;
 
-use super::balancer::Balancer;
+use super::balancer::{Balancer, DrainWait};
 use super::settings::{
     CacheWait, CachesDone, GoLive, GoLivePolicy, OnHealthFailure, Pause, Roll, RollStep, groups,
 };
@@ -214,8 +214,13 @@ impl Inner {
                         group.join(", "),
                         fails(&failures)
                     ));
-                    // Sessions already on the drained servers get their grace to end.
-                    tokio::time::sleep(Duration::from_millis(settings.drain_grace_ms)).await;
+                    // Sessions already on the drained servers end (or their grace passes).
+                    let drained: Vec<String> =
+                        group.iter().filter(|s| !roll.failed.contains_key(*s)).cloned().collect();
+                    if !drained.is_empty() {
+                        let wait = self.drain_wait(&settings, &lb, &drained).await;
+                        lines.push(format!("{label} drained: {wait}"));
+                    }
                 }
                 roll.step = RollStep::Switch { run: None };
             }
@@ -373,6 +378,26 @@ impl Inner {
         })
         .await;
         done.unwrap_or_else(|e| vec![("*".into(), format!("balancer task: {e}"))])
+    }
+
+    /// Waits until the drained `servers` hold no session, at most `drain_grace_ms`; a balancer
+    /// that cannot count sessions gets the whole grace.
+    async fn drain_wait(&self, settings: &GoLive, lb: &str, servers: &[String]) -> DrainWait {
+        let (data, lb) = (self.cfg.data_dir.clone(), lb.to_string());
+        let names: Vec<String> = servers.iter().map(|s| format!("{}/{s}", settings.pool)).collect();
+        let grace = Duration::from_millis(settings.drain_grace_ms);
+        let grace_ms = settings.drain_grace_ms;
+        let start = Instant::now();
+        let wait = tokio::task::spawn_blocking(move || match Balancer::open(&data, &lb) {
+            Ok(b) => b.wait_sessions(&names, grace),
+            Err(e) => DrainWait::Uncounted { why: e.to_string(), grace_ms },
+        })
+        .await
+        .unwrap_or_else(|e| DrainWait::Uncounted { why: format!("balancer task: {e}"), grace_ms });
+        if matches!(wait, DrainWait::Uncounted { .. }) {
+            tokio::time::sleep(grace.saturating_sub(start.elapsed())).await;
+        }
+        wait
     }
 
     /// Writes the roll's next step (ending it when it ended) with its history lines.

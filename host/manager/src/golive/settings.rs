@@ -114,8 +114,9 @@ pub struct GoLive {
     pub servers: BTreeMap<String, String>,
     #[serde(default)]
     pub health: HealthCheck,
-    /// After the balancer reports a server draining, how long its open sessions get to end
-    /// before it switches (the load-balancer world reports states, not connection counts).
+    /// After the balancer reports a group draining, the longest its open sessions get to end
+    /// before it switches: the drain polls the balancer's `sessions` and goes on as soon as
+    /// none is left (a balancer that cannot count them gets the whole grace).
     #[serde(default = "default_drain_grace_ms")]
     pub drain_grace_ms: u64,
     /// How long the balancer may take to report a drained server as draining.

@@ -242,6 +242,16 @@ async fn rolling_commit_and_rollback_through_varnish_and_haproxy_lose_no_request
         ours.iter().any(|e| e.contains("health check") && e.contains(&bad_name)),
         "the history reports the failed check: {ours:#?}"
     );
+    // Each group's drain waited on the sessions HAProxy counted (never the blind grace).
+    let drains: Vec<&&str> = ours.iter().filter(|e| e.contains("/4 drained: ")).collect();
+    assert_eq!(drains.len(), 4, "{ours:#?}");
+    for d in drains {
+        assert!(
+            d.contains("sessions ended after")
+                || d.contains("still open after the 1000 ms grace: switching anyway"),
+            "{d}"
+        );
+    }
 
     // Rotation follows health: once the drained server caught up (it holds the release: a
     // commit of live, at once, switches it), the manager puts it back into rotation and says

@@ -163,7 +163,9 @@ impl Balancer {
             }
             match sessions_wait(open, start.elapsed(), grace) {
                 Some(done) => return done,
-                None => std::thread::sleep(SESSIONS_POLL.min(grace.saturating_sub(start.elapsed()))),
+                None => {
+                    std::thread::sleep(SESSIONS_POLL.min(grace.saturating_sub(start.elapsed())))
+                }
             }
         }
     }

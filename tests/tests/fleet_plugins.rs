@@ -93,9 +93,37 @@ async fn a_canary_publish_reaches_every_server_and_the_next_run_applies_with_it(
         let live = fs::read_to_string(a.site_root.join("current/.answered-by")).unwrap();
         assert_eq!(live, "2", "{}", a.spec.name);
     }
-    // The manager's /metrics shows each server's version.
-    let metrics = op.run(&["status"]);
-    assert!(metrics.stdout.contains(v2), "{metrics:#?}");
+    // `cmover status` and the manager's /metrics show each server's version (as the servers
+    // report it through their GL).
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = op.run(&["status"]).stdout;
+        let metrics = metrics(&c.manager.url, &c.manager.operator_token);
+        let gauge = format!("version=\"{v2}\"");
+        let shown = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("cmover_server_plugin{") && l.contains(&gauge) && l.ends_with(" 1")
+            })
+            .count();
+        if status.matches(v2).count() >= servers && shown == servers {
+            break;
+        }
+        assert!(Instant::now() < end, "{status}\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The manager's `/metrics` text.
+fn metrics(url: &str, token: &str) -> String {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,19 +147,39 @@ async fn a_refused_plugin_rolls_the_group_back_and_history_says_why() {
         "history does not say why: {text:#?}"
     );
 
-    // By hand: the group goes back to the version before v1 is not known (the bundled one was
-    // never published), so the operator's rollback of v1 is refused with the reason.
+    // By hand: the version before v1 is not known (the bundled one was never published), so
+    // the operator's rollback is refused with the reason.
     let out = op.run(&["plugin", "rollback", "interpreter", "--group", "g"]);
     assert_ne!(out.code, 0, "{out:#?}");
     assert!(out.stderr.contains("no previous version"), "{out:#?}");
 
-    // After a good v2, a rollback by hand brings v1 back everywhere.
+    // A good v2 installs; its first content run fails (v2 signs each batch with
+    // `.answered-by`, which this staging does not describe): the group goes back to v1.
     assert_eq!(publish(&op, "test-swap-v2.wasm", &good, &[]).code, 0, "{}", c.logs());
+    let v2 = &blake3_of("test-swap-v2.wasm")[..12];
+    assert!(versions(&c).iter().all(|v| v == v2), "{:?}", versions(&c));
+    fs::write(c.staging.join("index.html"), "<h1>three</h1>").unwrap();
+    let job = c.submit(JobKind::Publish, Payload::Staging, 100).await.unwrap();
+    let (j, _) = c.finish(job.id, Duration::from_secs(60)).await.unwrap();
+    assert!(matches!(j.state, JobState::Cancelled { .. }), "{j:?}");
+    wait_for(&c, v1).await;
+    let history: Vec<Value> = c.op.get(&c.url("history")).await.unwrap();
+    let text: Vec<&str> = history.iter().filter_map(|h| h["event"].as_str()).collect();
+    assert!(
+        text.iter().any(|t| t.contains("the first content run with plugin interpreter")),
+        "history does not say why: {text:#?}"
+    );
+
+    // By hand: back to the version before (v2), everywhere.
     let out = op.run(&["plugin", "rollback", "interpreter", "--group", "g"]);
     assert_eq!(out.code, 0, "{out:#?}");
+    wait_for(&c, v2).await;
+}
+
+async fn wait_for(c: &TestCluster, version: &str) {
     let end = Instant::now() + Duration::from_secs(60);
-    while !versions(&c).iter().all(|v| v == v1) {
-        assert!(Instant::now() < end, "{:?}\n{}", versions(&c), c.logs());
+    while !versions(c).iter().all(|v| v == version) {
+        assert!(Instant::now() < end, "{:?}\n{}", versions(c), c.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

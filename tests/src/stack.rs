@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-/// A free loopback TCP port (bound and released: good enough for a server started next).
+/// A free loopback TCP port for a server started next (`cm_agent::launch::free_port`: never the
+/// same one twice in this process).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_or(0, |a| a.port())
+    cm_agent::launch::free_port().expect("a free loopback port")
 }
 
 fn find(binaries: &[&str]) -> Option<PathBuf> {

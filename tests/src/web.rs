@@ -3,14 +3,15 @@
 //! process killed (and reaped) when its guard drops. A test on a machine without the binary
 //! skips through [`crate::missing_part`] (a failure under `CI=true`).
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free loopback TCP port (bound and released: good enough for a server started next).
+/// A free loopback TCP port for a server started next (`cm_agent::launch::free_port`: never the
+/// same one twice in this process).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+    cm_agent::launch::free_port().expect("a free loopback port")
 }
 
 fn find(candidates: &[&str], what: &str) -> Option<PathBuf> {

@@ -200,7 +200,9 @@ async fn members_refuse_an_assignment_signed_by_another_key() {
     let (rogue_key, rogue_pub) = new_key(work.path(), "rogue");
     let blob = defacement(work.path(), "<h1>defaced</h1>", Some(rogue_key.clone()));
     // A rogue server of the segment that pins the attacker's key takes the GL role: it will
-    // relay whatever the attacker signs, by MCTP, to the honest members.
+    // relay whatever the attacker signs, by MCTP, to the honest members, and report to the
+    // attacker (its configured manager: GLs report to configured manager URLs only).
+    let attacker = Attacker::serve(&blob).await;
     let spec = AgentSpec {
         name: "seg0-rogue".into(),
         node_id: 99,
@@ -209,9 +211,10 @@ async fn members_refuse_an_assignment_signed_by_another_key() {
         extra_toml: String::new(),
         ..c.agents[0].spec.clone()
     };
-    c.agents.push(
-        launch::start_agent(&cmover_bin(), c.dir.path(), &c.manager, &c.secret, &spec).unwrap(),
-    );
+    c.manager.replica_urls = vec![attacker.url.clone()];
+    let started = launch::start_agent(&cmover_bin(), c.dir.path(), &c.manager, &c.secret, &spec);
+    c.manager.replica_urls.clear();
+    c.agents.push(started.unwrap());
     let rogue = c.agents.len() - 1;
     let gl = c.leader_of("seg0").expect("a GL");
     c.agents[gl].guard.kill();
@@ -231,7 +234,6 @@ async fn members_refuse_an_assignment_signed_by_another_key() {
         assert!(Instant::now() < end, "members did not register with the rogue: {st}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let attacker = Attacker::serve(&blob).await;
     let serving = c.agents[rogue].status().unwrap()["serving"].as_str().unwrap().to_string();
     let mut n = attacker.notification(4343, "seg0", &blob);
     n.sign(&rogue_key);

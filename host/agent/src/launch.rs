@@ -5,10 +5,12 @@
 //! Every process is held by a [`ProcessGuard`] that kills it on drop, so a panicking test or an
 //! interrupted demo leaves nothing running. Each process logs to `<dir>/logs/<name>.log`.
 
+use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A child process killed (SIGKILL) when dropped.
@@ -107,15 +109,22 @@ impl Drop for ProcessGuard {
 
 /// A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon after). Taken below
 /// the kernel's ephemeral range (32768 and up), where no outgoing connection of another
-/// process can take it before the caller binds it.
+/// process can take it before the caller binds it, and never handed out twice by this process:
+/// tests running side by side start their processes on ports drawn here, and two draws of one
+/// port before either is bound would otherwise both see it free.
 pub fn free_port() -> io::Result<u16> {
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..1000 {
         let port = rand::random_range(20_000..32_000);
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+        if !handed.contains(&port) && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            handed.insert(port);
             return Ok(port);
         }
     }
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port();
+    handed.insert(port);
+    Ok(port)
 }
 
 /// A random hex token of `bytes` random bytes.

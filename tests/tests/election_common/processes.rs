@@ -65,7 +65,7 @@ impl Agent {
         std::fs::create_dir_all(&data)?;
         let secret = dir.join("cluster.key");
         // A free port for the status listener (the agent binds it right away).
-        let status = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let status = SocketAddr::from(([127, 0, 0, 1], cm_agent::launch::free_port()?));
         let config = data.join("agent.toml");
         // The agent also receives content on its segment's data channel (MCTP); the election
         // tests do not use it, but `cmover agent` requires one: the control group, port + 1000.

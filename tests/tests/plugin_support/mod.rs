@@ -209,9 +209,10 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A free loopback TCP port (bound and released: good enough for a server started next).
+/// A free loopback TCP port for a server started next (`cm_agent::launch::free_port`: never the
+/// same one twice in this process).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    cm_agent::launch::free_port().expect("a free loopback port")
 }
 
 /// The first of `candidates` that exists.

@@ -102,6 +102,9 @@ async fn after_each_commit_nginx_and_varnish_never_serve_an_old_body() {
     install(&c, "nginx", &edge);
     install(&c, "varnish", &varnish.address);
     let both = [("nginx", edge.as_str()), ("varnish", varnish.address.as_str())];
+    // Go-live settings (their defaults: all at once) declare caches in front of the site: a
+    // switch's job ends once the caches reported.
+    c.put_site(serde_json::json!({ "golive": {} })).await.unwrap();
 
     // Release 1 live; both caches fill up with it.
     c.publish_committed_everywhere().await.unwrap();

@@ -403,7 +403,10 @@ impl Inner {
             // a roll waits per group instead). Read in this transaction: a report that came
             // first is on the run.
             let mut caches_in = false;
-            if ok && job.roll.is_none() && run.cache.is_some() {
+            // Only for a site with go-live settings: without them no cache is declared in front
+            // of it, and the switch ends as it always did.
+            let golive = self.db.site(&job.spec.site)?.is_some_and(|s| s.golive.is_some());
+            if ok && job.roll.is_none() && run.cache.is_some() && golive {
                 let fresh = self.db.run(run.id)?.unwrap_or_else(|| run.clone());
                 let segments: Vec<String> = fresh
                     .segments
